@@ -1,0 +1,1 @@
+"""The daemon: owns the VMs of one state directory and serves the REST API."""

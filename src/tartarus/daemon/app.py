@@ -1,0 +1,244 @@
+"""The REST API (/v1) over the sandbox manager.
+
+Errors always come back as `{"error": {"code", "message"}}` with a status that matches the code; a
+streamed exec reports late failures as a final `error` event instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+import tartarus
+from tartarus.daemon.manager import SandboxManager, SandboxRecord
+from tartarus.daemon.models import (
+    CreateSandbox,
+    ErrorBody,
+    ExecEvent,
+    ExecRequest,
+    FileInfoModel,
+    FileList,
+    Health,
+    MkdirRequest,
+    RenameRequest,
+    SandboxInfo,
+    SandboxList,
+    TemplateInfo,
+    TemplateList,
+    WriteResult,
+)
+from tartarus.errors import InvalidArgument, TartarusError
+from tartarus.runtime.agent import Exit, FileInfo, Output
+from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.templates.store import list_templates
+
+log = logging.getLogger(__name__)
+
+PathQuery = Annotated[str, Query(pattern=r"^/", max_length=4095, description="absolute path in the guest")]
+_ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorBody},
+    404: {"model": ErrorBody},
+    502: {"model": ErrorBody},
+}
+
+
+def _info(record: SandboxRecord) -> SandboxInfo:
+    rt = record.runtime
+    vm = rt.vm
+    return SandboxInfo(
+        id=rt.id,
+        template=rt.template.name,
+        state=record.state,  # type: ignore[arg-type]
+        error=record.error,
+        created_at=rt.created_at,
+        vcpus=vm.config.vcpus if vm else rt.template.vcpus,
+        memory_mib=vm.config.memory_mib if vm else rt.template.memory_mib,
+        timings_ms={k: round(v * 1000, 3) for k, v in rt.timings.items()},
+    )
+
+
+def _file_model(info: FileInfo) -> FileInfoModel:
+    return FileInfoModel(**info.__dict__)
+
+
+def _error(exc: TartarusError) -> JSONResponse:
+    body = ErrorBody.model_validate({"error": {"code": exc.code, "message": exc.message}})
+    return JSONResponse(body.model_dump(), status_code=exc.status)
+
+
+def create_app(state_dir: Path) -> FastAPI:
+    manager = SandboxManager(state_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager.open()
+        try:
+            yield
+        finally:
+            await manager.close()
+
+    app = FastAPI(title="Tartarus", version=tartarus.__version__, lifespan=lifespan)
+    app.state.manager = manager
+
+    @app.exception_handler(TartarusError)
+    async def tartarus_error(request: Request, exc: TartarusError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return _error(InvalidArgument("; ".join(parts) or "invalid request"))
+
+    @app.get("/v1/health", response_model=Health)
+    async def health() -> Health:
+        from tartarus.runtime.accel import choose_accel
+
+        accel = None
+        with contextlib.suppress(TartarusError):
+            from tartarus.guest.kernel import kernel_path
+
+            accel = choose_accel(kernel_path())
+        return Health(status="ok", version=tartarus.__version__, accel=accel, sandboxes=len(manager.list()))
+
+    @app.post("/v1/sandboxes", response_model=SandboxInfo, status_code=201, responses=_ERRORS)
+    async def create_sandbox(body: CreateSandbox) -> SandboxInfo:
+        options = SandboxOptions(vcpus=body.vcpus, memory_mib=body.memory_mib, env=body.env)
+        return _info(await manager.create(body.template, options))
+
+    @app.get("/v1/sandboxes", response_model=SandboxList)
+    async def list_sandboxes() -> SandboxList:
+        return SandboxList(sandboxes=[_info(r) for r in manager.list()])
+
+    @app.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxInfo, responses=_ERRORS)
+    async def get_sandbox(sandbox_id: str) -> SandboxInfo:
+        return _info(manager.get(sandbox_id))
+
+    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=_ERRORS)
+    async def delete_sandbox(sandbox_id: str) -> Response:
+        await manager.destroy(sandbox_id)
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/exec",
+        responses={200: {"content": {"application/x-ndjson": {}}}, **_ERRORS},
+        response_class=StreamingResponse,
+    )
+    async def exec_command(sandbox_id: str, body: ExecRequest) -> StreamingResponse:
+        record = manager.get(sandbox_id)
+        rt = record.runtime
+        stdin = b""
+        if body.stdin is not None:
+            try:
+                stdin = base64.b64decode(body.stdin, validate=True)
+            except binascii.Error as e:
+                raise InvalidArgument(f"stdin is not valid base64: {e}") from e
+        process = await rt.agent.exec(
+            body.argv,
+            env={**rt.env, **body.env},
+            cwd=body.cwd or rt.template.workdir,
+            user=body.user,
+            timeout=body.timeout,
+            stdin=body.stdin is not None,
+        )
+
+        async def events() -> AsyncIterator[bytes]:
+            def line(event: ExecEvent) -> bytes:
+                return event.model_dump_json(exclude_none=True).encode() + b"\n"
+
+            yield line(ExecEvent(type="started", pid=process.pid))
+            try:
+                if body.stdin is not None:
+                    await process.write_stdin(stdin)
+                    await process.close_stdin()
+                async for event in process.events():
+                    if isinstance(event, Output):
+                        data = base64.b64encode(event.data).decode()
+                        yield line(ExecEvent(type=event.stream, data=data))  # type: ignore[arg-type]
+                    elif isinstance(event, Exit):
+                        yield line(
+                            ExecEvent(
+                                type="exit",
+                                exit_code=event.exit_code,
+                                signal=event.signal,
+                                timed_out=event.timed_out,
+                            )
+                        )
+            except TartarusError as e:
+                yield line(ExecEvent(type="error", code=e.code, message=e.message))
+            finally:
+                if process.exit is None:  # client went away or the stream failed: kill the command
+                    with contextlib.suppress(Exception):
+                        await process.signal(signal.SIGKILL)
+                    process.abandon()
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}/files",
+        responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
+        response_class=StreamingResponse,
+    )
+    async def read_file(sandbox_id: str, path: PathQuery) -> StreamingResponse:
+        chunks = await manager.get(sandbox_id).runtime.agent.read_file(path)
+        return StreamingResponse(chunks, media_type="application/octet-stream")
+
+    @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=WriteResult, responses=_ERRORS)
+    async def write_file(
+        sandbox_id: str,
+        path: PathQuery,
+        request: Request,
+        mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
+    ) -> WriteResult:
+        agent = manager.get(sandbox_id).runtime.agent
+        size = await agent.write_file(path, request.stream(), mode=mode)
+        return WriteResult(path=path, size=size)
+
+    @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, responses=_ERRORS)
+    async def remove_file(sandbox_id: str, path: PathQuery, recursive: bool = False) -> Response:
+        await manager.get(sandbox_id).runtime.agent.remove(path, recursive=recursive)
+        return Response(status_code=204)
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/list", response_model=FileList, responses=_ERRORS)
+    async def list_files(sandbox_id: str, path: PathQuery) -> FileList:
+        entries = await manager.get(sandbox_id).runtime.agent.list(path)
+        return FileList(entries=[_file_model(e) for e in sorted(entries, key=lambda e: e.name)])
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfoModel, responses=_ERRORS)
+    async def stat_file(sandbox_id: str, path: PathQuery) -> FileInfoModel:
+        return _file_model(await manager.get(sandbox_id).runtime.agent.stat(path))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", status_code=204, responses=_ERRORS)
+    async def make_dir(sandbox_id: str, body: MkdirRequest) -> Response:
+        await manager.get(sandbox_id).runtime.agent.mkdir(body.path, parents=body.parents)
+        return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/rename", status_code=204, responses=_ERRORS)
+    async def rename(sandbox_id: str, body: RenameRequest) -> Response:
+        await manager.get(sandbox_id).runtime.agent.rename(body.path, body.new_path)
+        return Response(status_code=204)
+
+    @app.get("/v1/templates", response_model=TemplateList)
+    async def templates() -> TemplateList:
+        return TemplateList(
+            templates=[
+                TemplateInfo(name=t.name, key=t.key, fstype=t.fstype, vcpus=t.vcpus, memory_mib=t.memory_mib)
+                for t in list_templates()
+            ]
+        )
+
+    return app
+
+
+def dumps_openapi(app: FastAPI) -> str:
+    return json.dumps(app.openapi(), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,117 @@
+"""Request and response bodies of the public REST API (/v1)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tartarus.templates.spec import NAME_PATTERN
+
+_ENV_KEY = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateSandbox(Strict):
+    template: str = Field(pattern=NAME_PATTERN, examples=["python-ds"])
+    vcpus: int | None = Field(None, ge=1, le=16)
+    memory_mib: int | None = Field(None, ge=128, le=65536)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class SandboxInfo(BaseModel):
+    id: str
+    template: str
+    state: Literal["running", "failed", "destroyed"]
+    error: str | None = None
+    created_at: float
+    vcpus: int
+    memory_mib: int
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class SandboxList(BaseModel):
+    sandboxes: list[SandboxInfo]
+
+
+class ExecRequest(Strict):
+    argv: list[str] = Field(min_length=1, max_length=4096, examples=[["python3", "-c", "print(1)"]])
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = Field(None, pattern=r"^/")
+    user: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_-]*\$?$", max_length=32)
+    timeout: float | None = Field(None, gt=0, le=86400, description="seconds; the command is killed after")
+    stdin: str | None = Field(None, description="bytes for the command's stdin, base64-encoded")
+
+
+class ExecEvent(BaseModel):
+    """One line of the exec stream (newline-delimited JSON)."""
+
+    type: Literal["started", "stdout", "stderr", "exit", "error"]
+    pid: int | None = None
+    data: str | None = Field(None, description="base64 output bytes (stdout/stderr)")
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool | None = None
+    code: str | None = None
+    message: str | None = None
+
+
+class FileInfoModel(BaseModel):
+    name: str
+    type: Literal["file", "dir", "symlink", "other"]
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    link: str | None = None
+
+
+class FileList(BaseModel):
+    entries: list[FileInfoModel]
+
+
+class WriteResult(BaseModel):
+    path: str
+    size: int
+
+
+class MkdirRequest(Strict):
+    path: str = Field(pattern=r"^/")
+    parents: bool = True
+
+
+class RenameRequest(Strict):
+    path: str = Field(pattern=r"^/")
+    new_path: str = Field(pattern=r"^/")
+
+
+class TemplateInfo(BaseModel):
+    name: str
+    key: str
+    fstype: str
+    vcpus: int
+    memory_mib: int
+
+
+class TemplateList(BaseModel):
+    templates: list[TemplateInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    accel: str | None
+    sandboxes: int
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

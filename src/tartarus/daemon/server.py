@@ -1,0 +1,71 @@
+"""Run the API with uvicorn: as `tartarus serve`, or embedded in a thread for a one-shot `tartarus run`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from tartarus.daemon.app import create_app
+from tartarus.errors import TartarusError
+
+
+def serve(state_dir: Path, *, host: str | None = None, port: int | None = None, uds: Path | None = None) -> None:
+    app = create_app(state_dir)
+    if uds is not None:
+        uds.parent.mkdir(parents=True, exist_ok=True)
+        uds.unlink(missing_ok=True)
+        config = uvicorn.Config(app, uds=str(uds), log_level="info", timeout_graceful_shutdown=5)
+    else:
+        config = uvicorn.Config(app, host=host or "127.0.0.1", port=port or 8700, log_level="info")
+    uvicorn.Server(config).run()
+
+
+def _reap_embedded(root: Path) -> None:
+    """Remove state dirs of embedded daemons whose process is gone (their VMs died with them)."""
+    if not root.exists():
+        return
+    for child in root.iterdir():
+        with contextlib.suppress(ValueError):
+            pid = int(child.name)
+            if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
+                from tartarus.runtime.sandbox import reap_leftovers
+
+                reap_leftovers(child / "sandboxes")
+                shutil.rmtree(child, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def embedded_daemon(state_root: Path) -> Iterator[Path]:
+    """Start a private daemon in this process (own state dir, own socket); yield its socket path."""
+    embedded_root = state_root / "embedded"
+    _reap_embedded(embedded_root)
+    state_dir = embedded_root / str(os.getpid())
+    sock_dir = Path(tempfile.mkdtemp(prefix="tartarus-"))
+    uds = sock_dir / "api.sock"
+    app = create_app(state_dir)
+    config = uvicorn.Config(app, uds=str(uds), log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="tartarus-embedded", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive():
+                raise TartarusError("embedded daemon failed to start")
+            if time.monotonic() > deadline:
+                raise TartarusError("embedded daemon did not start within 30 s")
+            time.sleep(0.01)
+        yield uds
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        shutil.rmtree(state_dir, ignore_errors=True)

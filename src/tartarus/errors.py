@@ -1,0 +1,88 @@
+"""Exceptions shared by the runtime, the API and the SDK.
+
+Each has a stable `code` that the REST API puts in its error bodies, so the SDK can raise the same class
+on the other side of the wire.
+"""
+
+from __future__ import annotations
+
+
+class TartarusError(Exception):
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(TartarusError):
+    code = "not_found"
+    status = 404
+
+
+class InvalidArgument(TartarusError):
+    code = "invalid_argument"
+    status = 400
+
+
+class Timeout(TartarusError):
+    code = "timeout"
+    status = 504
+
+
+class Conflict(TartarusError):
+    code = "conflict"
+    status = 409
+
+
+class QuotaExceeded(TartarusError):
+    code = "quota_exceeded"
+    status = 429
+
+
+class AuthError(TartarusError):
+    code = "unauthorized"
+    status = 401
+
+
+class SandboxFailed(TartarusError):
+    """The sandbox's VM or guest agent died; the message says why (panic, agent exit, QEMU exit)."""
+
+    code = "sandbox_failed"
+    status = 502
+
+
+class GuestError(TartarusError):
+    """An operation inside the guest failed with an errno (file not found, permission denied...)."""
+
+    code = "guest_error"
+    status = 422
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class SetupRequired(TartarusError):
+    """A kernel, agent or template artefact is missing: run `tartarus setup`."""
+
+    code = "setup_required"
+    status = 503
+
+
+ALL: dict[str, type[TartarusError]] = {
+    cls.code: cls
+    for cls in (
+        TartarusError,
+        NotFound,
+        InvalidArgument,
+        Timeout,
+        Conflict,
+        QuotaExceeded,
+        AuthError,
+        SandboxFailed,
+        GuestError,
+        SetupRequired,
+    )
+}

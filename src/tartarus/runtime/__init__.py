@@ -1,0 +1,1 @@
+"""The sandbox runtime: QEMU microVMs, the guest agent channel, disks."""

@@ -1,0 +1,431 @@
+"""Host side of the guest agent RPC: multiplexes requests over one virtio-serial stream.
+
+One reader task demultiplexes guest frames into per-request queues. When the channel dies (the agent
+exited, the VM crashed, the guest sent garbage) every pending request fails with `SandboxFailed`
+carrying the reason, so callers get a clear error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from tartarus.errors import GuestError, InvalidArgument, SandboxFailed
+from tartarus.runtime.protocol import (
+    MAX_PAYLOAD,
+    Decoder,
+    F,
+    FieldValue,
+    Fields,
+    Frame,
+    ProtocolError,
+    T,
+    encode,
+    encode_request,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+# How much guest output one request may have queued before the reader stops reading from the guest
+# (virtio-serial then throttles the guest); keeps host memory bounded against a chatty guest.
+_QUEUE_FRAMES = 256
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: str  # "stdout" or "stderr"
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Exit:
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    name: str
+    type: str  # "file", "dir", "symlink", "other"
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    link: str | None = None
+
+
+def _file_type(mode_type: int) -> str:
+    import stat
+
+    if stat.S_ISREG(mode_type):
+        return "file"
+    if stat.S_ISDIR(mode_type):
+        return "dir"
+    if stat.S_ISLNK(mode_type):
+        return "symlink"
+    return "other"
+
+
+def _file_info(fields: Fields) -> FileInfo:
+    link = fields.bytes(F.LINK)
+    return FileInfo(
+        name=fields.str(F.NAME),
+        type=_file_type(fields.int(F.TYPE, 0) or 0),
+        mode=(fields.int(F.MODE, 0) or 0) & 0o7777,
+        size=fields.int(F.SIZE, 0) or 0,
+        mtime_ns=fields.int(F.MTIME_NS, 0) or 0,
+        uid=fields.int(F.UID, 0) or 0,
+        gid=fields.int(F.GID, 0) or 0,
+        link=None if link is None else link.decode("utf-8", "replace"),
+    )
+
+
+def _guest_error(frame: Frame) -> GuestError:
+    fields = frame.fields()
+    errno_ = fields.int(F.ERRNO, 0) or 0
+    message = fields.str(F.MESSAGE) or os.strerror(errno_)
+    return GuestError(message, errno_)
+
+
+def _path(path: str) -> bytes:
+    if not path.startswith("/"):
+        raise InvalidArgument(f"guest paths must be absolute: {path!r}")
+    raw = path.encode()
+    if b"\0" in raw or len(raw) >= 4096:
+        raise InvalidArgument("guest path contains NUL or is too long")
+    return raw
+
+
+class AgentClient:
+    """Speaks docs/protocol.md over a connected stream to one guest agent."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._queues: dict[int, asyncio.Queue[Frame | BaseException]] = {}
+        self._hello = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._write_lock = asyncio.Lock()
+        self._task = asyncio.create_task(self._read_loop(), name="agent-reader")
+        self.hellos = 0
+
+    # ---- connection --------------------------------------------------------------------------
+
+    async def wait_hello(self) -> None:
+        """Wait until the agent announces itself (boot, or restart after it died)."""
+        waiter = asyncio.create_task(self._hello.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not self._hello.is_set():
+            raise self._failure or SandboxFailed("guest agent channel closed before it said hello")
+
+    def fail(self, error: BaseException) -> None:
+        """Fail every pending and future request with `error` (the VM died, or the agent did)."""
+        if self._failure is None:
+            self._failure = error
+        for queue in self._queues.values():
+            queue.put_nowait(error)
+
+    def agent_restarted(self, reason: str) -> None:
+        """The agent closed its port: in-flight requests are lost, new ones go to the next agent."""
+        error = SandboxFailed(reason)
+        for queue in self._queues.values():
+            queue.put_nowait(error)
+        self._queues.clear()
+        self._hello.clear()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+    async def _read_loop(self) -> None:
+        decoder = Decoder()
+        try:
+            while True:
+                data = await self._reader.read(CHUNK)
+                if not data:
+                    raise SandboxFailed("guest agent channel closed")
+                for frame in decoder.feed(data):
+                    await self._dispatch(frame)
+        except ProtocolError as e:
+            self.fail(SandboxFailed(f"guest agent broke the protocol: {e}"))
+        except SandboxFailed as e:
+            self.fail(e)
+        except (ConnectionError, OSError) as e:
+            self.fail(SandboxFailed(f"guest agent channel error: {e}"))
+
+    async def _dispatch(self, frame: Frame) -> None:
+        if frame.type == T.HELLO:
+            self.hellos += 1
+            self._hello.set()
+            return
+        queue = self._queues.get(frame.id)
+        if queue is None:
+            return  # a late frame for a request the caller abandoned
+        await queue.put(frame)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def _open(self) -> tuple[int, asyncio.Queue[Frame | BaseException]]:
+        if self._failure is not None:
+            raise self._failure
+        id_ = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        queue: asyncio.Queue[Frame | BaseException] = asyncio.Queue(_QUEUE_FRAMES)
+        self._queues[id_] = queue
+        return id_, queue
+
+    def _done(self, id_: int) -> None:
+        self._queues.pop(id_, None)
+
+    async def _send(self, data: bytes) -> None:
+        if self._failure is not None:
+            raise self._failure
+        async with self._write_lock:
+            self._writer.write(data)
+            await self._writer.drain()
+
+    @staticmethod
+    async def _next(queue: asyncio.Queue[Frame | BaseException]) -> Frame:
+        item = await queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def _call(self, type_: T, items: Sequence[tuple[F, FieldValue]] = ()) -> Fields:
+        id_, queue = self._open()
+        try:
+            await self._send(encode_request(type_, id_, items))
+            frame = await self._next(queue)
+            if frame.type == T.ERROR:
+                raise _guest_error(frame)
+            if frame.type != T.OK:
+                raise SandboxFailed(f"guest agent answered {frame.type.name} to {type_.name}")
+            return frame.fields()
+        finally:
+            self._done(id_)
+
+    async def ping(self) -> int:
+        return (await self._call(T.PING)).int(F.VERSION, 0) or 0
+
+    async def configure(
+        self,
+        *,
+        time_ns: int | None = None,
+        entropy: bytes | None = None,
+        hostname: str | None = None,
+        machine_id: str | None = None,
+    ) -> None:
+        items: list[tuple[F, FieldValue]] = []
+        if time_ns is not None:
+            items.append((F.TIME_NS, time_ns))
+        if entropy:
+            items.append((F.ENTROPY, entropy))
+        if hostname:
+            items.append((F.HOSTNAME, hostname.encode()))
+        if machine_id:
+            items.append((F.MACHINE_ID, machine_id.encode()))
+        await self._call(T.CONFIGURE, items)
+
+    async def stat(self, path: str) -> FileInfo:
+        return _file_info(await self._call(T.STAT, [(F.PATH, _path(path))]))
+
+    async def mkdir(self, path: str, *, parents: bool = True, mode: int = 0o755) -> None:
+        await self._call(T.MKDIR, [(F.PATH, _path(path)), (F.MODE, mode), (F.FLAGS, int(parents))])
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._call(T.REMOVE, [(F.PATH, _path(path)), (F.FLAGS, int(recursive))])
+
+    async def rename(self, path: str, new_path: str) -> None:
+        await self._call(T.RENAME, [(F.PATH, _path(path)), (F.NEWPATH, _path(new_path))])
+
+    async def list(self, path: str) -> list[FileInfo]:
+        id_, queue = self._open()
+        try:
+            await self._send(encode_request(T.LIST, id_, [(F.PATH, _path(path))]))
+            entries: list[FileInfo] = []
+            while True:
+                frame = await self._next(queue)
+                if frame.type == T.ENTRY:
+                    entries.append(_file_info(frame.fields()))
+                elif frame.type == T.END:
+                    return entries
+                elif frame.type == T.ERROR:
+                    raise _guest_error(frame)
+                else:
+                    raise SandboxFailed(f"guest agent answered {frame.type.name} to LIST")
+        finally:
+            self._done(id_)
+
+    async def read_file(self, path: str) -> AsyncIterator[bytes]:
+        """Stream a guest file's content; the first chunk is awaited before returning (errors early)."""
+        id_, queue = self._open()
+        try:
+            await self._send(encode_request(T.READ, id_, [(F.PATH, _path(path))]))
+            first = await self._next(queue)
+        except BaseException:
+            self._done(id_)
+            raise
+        if first.type == T.ERROR:
+            self._done(id_)
+            raise _guest_error(first)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            frame = first
+            try:
+                while True:
+                    if frame.type == T.DATA:
+                        yield frame.payload
+                    elif frame.type == T.END:
+                        return
+                    elif frame.type == T.ERROR:
+                        raise _guest_error(frame)
+                    else:
+                        raise SandboxFailed(f"guest agent answered {frame.type.name} to READ")
+                    frame = await self._next(queue)
+            finally:
+                self._done(id_)
+
+        return chunks()
+
+    async def write_file(
+        self, path: str, data: bytes | AsyncIterable[bytes], *, mode: int = 0o644, append: bool = False
+    ) -> int:
+        id_, queue = self._open()
+        try:
+            await self._send(
+                encode_request(T.WRITE, id_, [(F.PATH, _path(path)), (F.MODE, mode), (F.FLAGS, append << 1)])
+            )
+
+            async def send(chunk: bytes) -> None:
+                for i in range(0, len(chunk), CHUNK):
+                    if not queue.empty():  # the guest already refused: stop sending
+                        return
+                    await self._send(encode(T.WRITE_DATA, id_, chunk[i : i + CHUNK]))
+
+            if isinstance(data, bytes | bytearray | memoryview):
+                await send(bytes(data))
+            else:
+                async for chunk in data:
+                    await send(chunk)
+                    if not queue.empty():
+                        break
+            await self._send(encode(T.WRITE_END, id_))
+            frame = await self._next(queue)
+            if frame.type == T.ERROR:
+                raise _guest_error(frame)
+            if frame.type != T.OK:
+                raise SandboxFailed(f"guest agent answered {frame.type.name} to WRITE")
+            return frame.fields().int(F.SIZE, 0) or 0
+        finally:
+            self._done(id_)
+
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> Process:
+        if not argv:
+            raise InvalidArgument("argv must not be empty")
+        items: list[tuple[F, FieldValue]] = [(F.ARGV, a.encode()) for a in argv]
+        for key, value in (env or {}).items():
+            if not key or "=" in key:
+                raise InvalidArgument(f"invalid environment variable name {key!r}")
+            items.append((F.ENV, f"{key}={value}".encode()))
+        if cwd:
+            items.append((F.CWD, _path(cwd)))
+        if user:
+            items.append((F.USER, user.encode()))
+        if timeout:
+            items.append((F.TIMEOUT_MS, max(1, int(timeout * 1000))))
+        items.append((F.STDIN, int(stdin)))
+        try:
+            request = encode_request(T.EXEC, 0, items)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from e
+        if len(request) > MAX_PAYLOAD:
+            raise InvalidArgument("command line and environment exceed 1 MiB")
+        id_, queue = self._open()
+        try:
+            await self._send(encode_request(T.EXEC, id_, items))
+            frame = await self._next(queue)
+        except BaseException:
+            self._done(id_)
+            raise
+        if frame.type == T.ERROR:
+            self._done(id_)
+            raise _guest_error(frame)
+        if frame.type != T.STARTED:
+            self._done(id_)
+            raise SandboxFailed(f"guest agent answered {frame.type.name} to EXEC")
+        return Process(self, id_, queue, frame.fields().int(F.PID, 0) or 0)
+
+
+class Process:
+    """A command running in the guest: iterate `events()` for output, then its `Exit`."""
+
+    def __init__(
+        self, client: AgentClient, id_: int, queue: asyncio.Queue[Frame | BaseException], pid: int
+    ) -> None:
+        self._client = client
+        self._id = id_
+        self._queue = queue
+        self.pid = pid
+        self.exit: Exit | None = None
+
+    async def events(self) -> AsyncIterator[Output | Exit]:
+        try:
+            while self.exit is None:
+                frame = await self._client._next(self._queue)
+                if frame.type == T.STDOUT:
+                    yield Output("stdout", frame.payload)
+                elif frame.type == T.STDERR:
+                    yield Output("stderr", frame.payload)
+                elif frame.type == T.EXIT:
+                    fields = frame.fields()
+                    self.exit = Exit(
+                        exit_code=fields.int(F.EXIT_CODE),
+                        signal=fields.int(F.SIGNAL),
+                        timed_out=bool(fields.int(F.TIMED_OUT, 0)),
+                    )
+                    yield self.exit
+                elif frame.type == T.ERROR:
+                    raise _guest_error(frame)
+                else:
+                    raise SandboxFailed(f"guest agent sent {frame.type.name} during EXEC")
+        finally:
+            if self.exit is not None:
+                self._client._done(self._id)
+
+    async def write_stdin(self, data: bytes) -> None:
+        for i in range(0, len(data), CHUNK):
+            await self._client._send(encode(T.STDIN, self._id, data[i : i + CHUNK]))
+
+    async def close_stdin(self) -> None:
+        await self._client._send(encode(T.STDIN, self._id))
+
+    async def signal(self, signum: int) -> None:
+        await self._client._send(encode_request(T.SIGNAL, self._id, [(F.SIGNAL, signum)]))
+
+    def abandon(self) -> None:
+        """Stop tracking this command (the caller went away); later frames for it are dropped."""
+        self._client._done(self._id)

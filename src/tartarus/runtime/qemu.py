@@ -1,0 +1,134 @@
+"""QEMU `microvm` command lines.
+
+Pure functions: what a VM looks like to QEMU. The same line runs under KVM in production and TCG on
+hosts without usable hardware virtualisation; only `-accel` and `-cpu` differ.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tartarus.errors import SetupRequired
+
+AGENT_PORT = "org.tartarus.agent.0"
+
+
+def qemu_binary() -> str:
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        raise SetupRequired("qemu-system-x86_64 is not installed: run ./scripts/setup")
+    return path
+
+
+@dataclass(frozen=True)
+class Drive:
+    path: Path
+    read_only: bool
+    format: str = "raw"
+
+
+@dataclass
+class VMConfig:
+    """Everything QEMU needs to start one microVM."""
+
+    kernel: Path
+    initrd: Path
+    drives: list[Drive]
+    accel: str  # "kvm" or "tcg"
+    vcpus: int = 1
+    memory_mib: int = 512
+    kernel_args: list[str] = field(default_factory=list)
+    console_log: Path | None = None
+    # File-backed guest RAM (for snapshots): shared so that a snapshot's RAM is this file.
+    memory_file: Path | None = None
+    memory_share: bool = True
+    incoming: bool = False  # start waiting for migration state (snapshot restore)
+
+
+def kernel_cmdline(config: VMConfig) -> str:
+    base = [
+        "console=ttyS0",
+        "quiet",
+        "panic=-1",  # reboot on panic, which -no-reboot turns into QEMU exiting
+        "reboot=t",
+        "rdinit=/init",
+        "i8042.noaux",
+        "i8042.nokbd",
+        "tsc=reliable",
+        "random.trust_cpu=on",
+    ]
+    return " ".join(base + config.kernel_args)
+
+
+def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
+    """Build argv; QMP and the agent channel arrive as already-connected socket fds (no paths, no races)."""
+    if config.accel == "kvm":
+        accel = ["-accel", "kvm", "-cpu", "host"]
+    elif config.accel == "tcg":
+        accel = ["-accel", "tcg,thread=multi,tb-size=128", "-cpu", "max"]
+    else:
+        raise ValueError(f"unknown accelerator {config.accel!r}")
+    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pcie=off,pic=on,pit=on"
+    argv = [
+        qemu_binary(),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        *accel,
+        "-smp",
+        str(config.vcpus),
+    ]
+    if config.memory_file is not None:
+        share = "on" if config.memory_share else "off"
+        argv += [
+            "-object",
+            f"memory-backend-file,id=ram,size={config.memory_mib}M,mem-path={config.memory_file},share={share}",
+            "-M",
+            f"{machine},memory-backend=ram",
+            "-m",
+            f"{config.memory_mib}M",
+        ]
+    else:
+        argv += ["-M", machine, "-m", f"{config.memory_mib}M"]
+    argv += [
+        "-kernel",
+        str(config.kernel),
+        "-initrd",
+        str(config.initrd),
+        "-append",
+        kernel_cmdline(config),
+        "-chardev",
+        f"socket,id=qmp,fd={qmp_fd}",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-chardev",
+        f"file,id=console,path={config.console_log or '/dev/null'}",
+        "-serial",
+        "chardev:console",
+        "-device",
+        "virtio-rng-device",
+        "-device",
+        "virtio-serial-device,max_ports=2",
+        "-chardev",
+        f"socket,id=agent,fd={agent_fd}",
+        "-device",
+        f"virtserialport,chardev=agent,name={AGENT_PORT},id=agent0",
+    ]
+    for i, drive in enumerate(config.drives):
+        ro = "on" if drive.read_only else "off"
+        argv += [
+            "-blockdev",
+            f"driver=file,filename={drive.path},node-name=file{i},read-only={ro},cache.direct=off",
+            "-blockdev",
+            f"driver={drive.format},file=file{i},node-name=disk{i},read-only={ro}",
+            "-device",
+            f"virtio-blk-device,drive=disk{i},id=vd{i}",
+        ]
+    if config.incoming:
+        argv += ["-incoming", "defer"]
+    return argv

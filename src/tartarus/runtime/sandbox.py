@@ -1,0 +1,137 @@
+"""A sandbox: one microVM booted from a template, with its own writable layer and working directory.
+
+Everything a sandbox owns on the host lives under its directory (`<state>/sandboxes/<id>/`), so destroying
+it — or reconciling after a crash — is "kill the VMM whose pid file is there, then delete the directory".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tartarus.errors import SandboxFailed
+from tartarus.guest.initramfs import initramfs_path
+from tartarus.guest.kernel import kernel_path
+from tartarus.runtime.accel import choose_accel
+from tartarus.runtime.agent import AgentClient
+from tartarus.runtime.disks import create_layer
+from tartarus.runtime.qemu import Drive, VMConfig
+from tartarus.runtime.vm import MicroVM
+from tartarus.templates.store import Template
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT_S = 60.0
+
+
+def new_sandbox_id() -> str:
+    return "sb-" + secrets.token_hex(6)
+
+
+@dataclass
+class SandboxOptions:
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    boot_timeout: float = BOOT_TIMEOUT_S
+
+
+class RuntimeSandbox:
+    """The host-side runtime object for one sandbox (the daemon keeps one per live sandbox)."""
+
+    def __init__(self, id_: str, template: Template, workdir: Path, options: SandboxOptions) -> None:
+        self.id = id_
+        self.template = template
+        self.workdir = workdir
+        self.options = options
+        self.created_at = time.time()
+        self.vm: MicroVM | None = None
+        self.timings: dict[str, float] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**self.template.env, **self.options.env}
+
+    @property
+    def agent(self) -> AgentClient:
+        if self.vm is None or self.vm.agent is None:
+            raise SandboxFailed(f"sandbox {self.id} is not running")
+        if not self.vm.running:
+            raise SandboxFailed(f"sandbox {self.id} has stopped: {self.vm.exit_message}")
+        return self.vm.agent
+
+    @classmethod
+    async def boot(cls, template: Template, root: Path, options: SandboxOptions | None = None) -> RuntimeSandbox:
+        """Cold-boot a sandbox: fresh VM, kernel boot, agent ready. Cleans up everything on failure."""
+        id_ = new_sandbox_id()
+        workdir = root / id_
+        workdir.mkdir(parents=True)
+        sandbox = cls(id_, template, workdir, options or SandboxOptions())
+        try:
+            await sandbox._boot()
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        return sandbox
+
+    async def _boot(self) -> None:
+        t0 = time.perf_counter()
+        layer = create_layer(self.workdir / "rw.ext4")
+        kernel = kernel_path()
+        config = VMConfig(
+            kernel=kernel,
+            initrd=initramfs_path(),
+            drives=[Drive(self.template.rootfs, read_only=True), Drive(layer, read_only=False)],
+            accel=choose_accel(kernel),
+            vcpus=self.options.vcpus or self.template.vcpus,
+            memory_mib=self.options.memory_mib or self.template.memory_mib,
+            kernel_args=[
+                "tartarus.root=/dev/vda",
+                f"tartarus.rootfstype={self.template.fstype}",
+                "tartarus.rw=/dev/vdb",
+                f"tartarus.hostname={self.id}",
+            ],
+            console_log=self.workdir / "console.log",
+        )
+        self.vm = MicroVM(config, self.workdir)
+        await self.vm.start()
+        self.timings["vmm_ready"] = self.vm.timings["vmm_ready"]
+        await self.vm.wait_agent(self.options.boot_timeout)
+        self.timings["agent_ready"] = time.perf_counter() - t0
+
+    async def destroy(self) -> None:
+        """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""
+        if self.vm is not None:
+            await self.vm.kill()
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.workdir)
+
+
+def reap_leftovers(root: Path) -> list[str]:
+    """Clean what a previous daemon left under `root`: kill VMMs still recorded there, delete dirs.
+
+    Returns the ids cleaned. Only processes that are QEMU *and* reference this sandbox's directory are
+    killed, so a recycled pid never hits an unrelated process.
+    """
+    cleaned: list[str] = []
+    if not root.exists():
+        return cleaned
+    for workdir in sorted(root.iterdir()):
+        if not workdir.is_dir():
+            continue
+        pid_file = workdir / "qemu.pid"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"qemu-system" in cmdline and str(workdir).encode() in cmdline:
+                os.kill(pid, 9)
+                log.warning("killed leftover VMM pid %d of %s", pid, workdir.name)
+        shutil.rmtree(workdir, ignore_errors=True)
+        cleaned.append(workdir.name)
+    return cleaned

@@ -1,0 +1,219 @@
+"""One QEMU microVM process: spawn, QMP, agent channel, lifecycle verbs, and why it ended.
+
+The VMM is tied to its owner with PR_SET_PDEATHSIG, so no QEMU outlives the process that started it;
+a daemon that is killed leaves only files, which the next daemon reconciles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from tartarus.errors import SandboxFailed, Timeout
+from tartarus.runtime.agent import AgentClient
+from tartarus.runtime.qemu import AGENT_PORT, VMConfig, command_line
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _tie_to_parent() -> None:
+    """Runs in the child between fork and exec: die with the parent, never outlive it."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent already died before prctl took effect
+        os._exit(1)
+
+
+def console_tail(path: Path | None, lines: int = 20) -> str:
+    if path is None or not path.exists():
+        return ""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 16384))
+        text = f.read().decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def exit_reason(console: str, shutdown: dict[str, Any] | None, returncode: int | None) -> str:
+    """Turn how QEMU ended into a sentence an operator can act on."""
+    for line in console.splitlines():
+        if "Kernel panic" in line:
+            return "guest kernel panicked: " + line.split("Kernel panic", 1)[1].lstrip(" -")
+    agent_lines = [ln for ln in console.splitlines() if "tartarus-agent:" in ln]
+    if shutdown is not None:
+        reason = str(shutdown.get("reason", "unknown"))
+        if reason == "guest-shutdown":
+            detail = f" ({agent_lines[-1].strip()})" if agent_lines else ""
+            return "guest powered off" + detail
+        if reason in ("guest-reset", "guest-panic"):
+            return f"guest {reason.split('-')[1]}"
+        if reason.startswith("host-"):
+            return "VM stopped by the host"
+        return f"VM shut down ({reason})"
+    if returncode is not None and returncode < 0:
+        return f"VMM process killed by signal {signal.Signals(-returncode).name}"
+    return f"VMM process exited with status {returncode}"
+
+
+class MicroVM:
+    """A running (or paused) QEMU microVM with its QMP connection and guest agent client."""
+
+    def __init__(self, config: VMConfig, workdir: Path) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.process: asyncio.subprocess.Process | None = None
+        self.qmp: QMPClient | None = None
+        self.agent: AgentClient | None = None
+        self.exit_message: str | None = None
+        self._shutdown_event: dict[str, Any] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._exited = asyncio.Event()
+        self._shutdown_seen = asyncio.Event()
+        self.on_exit: Callable[[MicroVM], None] | None = None
+        self.timings: dict[str, float] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def start(self) -> None:
+        """Spawn QEMU and connect QMP and the agent channel (the guest may still be booting)."""
+        t0 = time.perf_counter()
+        qmp_host, qmp_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        agent_host, agent_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = command_line(self.config, qmp_fd=qmp_vm.fileno(), agent_fd=agent_vm.fileno())
+        stderr = (self.workdir / "qemu.log").open("ab")
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                pass_fds=(qmp_vm.fileno(), agent_vm.fileno()),
+                preexec_fn=_tie_to_parent,
+            )
+        finally:
+            stderr.close()
+            qmp_vm.close()
+            agent_vm.close()
+        (self.workdir / "qemu.pid").write_text(str(self.process.pid))
+        self._tasks.append(asyncio.create_task(self._watch_process(), name="vmm-watch"))
+        try:
+            self.qmp = QMPClient(f"vm-{self.process.pid}")
+            await self.qmp.connect(qmp_host)
+            self.timings["vmm_ready"] = time.perf_counter() - t0
+            self._tasks.append(asyncio.create_task(self._watch_events(), name="vmm-events"))
+            reader, writer = await asyncio.open_unix_connection(sock=agent_host, limit=1 << 21)
+            self.agent = AgentClient(reader, writer)
+        except BaseException:
+            await self.kill()
+            raise
+
+    async def wait_agent(self, timeout: float) -> None:
+        """Wait for the agent's HELLO; fail fast (with the reason) if the VM dies meanwhile."""
+        assert self.agent is not None
+        try:
+            await asyncio.wait_for(self.agent.wait_hello(), timeout)
+        except TimeoutError:
+            tail = console_tail(self.config.console_log)
+            raise Timeout(f"guest agent did not start within {timeout:.0f} s; console:\n{tail}") from None
+
+    async def qmp_execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        if self.qmp is None or self._exited.is_set():
+            raise SandboxFailed(self.exit_message or "VM is not running")
+        return await self.qmp.execute(cmd, args)
+
+    async def pause(self) -> None:
+        await self.qmp_execute("stop")
+
+    async def resume(self) -> None:
+        await self.qmp_execute("cont")
+
+    async def quit(self, timeout: float = 5.0) -> None:
+        """Ask QEMU to exit; kill it if it does not within `timeout`."""
+        if self.process is None or self._exited.is_set():
+            await self._cleanup()
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.qmp_execute("quit"), timeout)
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        except TimeoutError:
+            await self.kill()
+        await self._cleanup()
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        await self._cleanup()
+
+    async def wait(self) -> None:
+        await self._exited.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and not self._exited.is_set()
+
+    async def _cleanup(self) -> None:
+        if self.agent is not None:
+            await self.agent.close()
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for task in self._tasks:
+            if task is not current:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._tasks.clear()
+        with contextlib.suppress(FileNotFoundError):
+            (self.workdir / "qemu.pid").unlink()
+
+    async def _watch_process(self) -> None:
+        assert self.process is not None
+        returncode = await self.process.wait()
+        # QEMU sends SHUTDOWN just before exiting; give the event reader a moment to deliver it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._shutdown_seen.wait(), 0.2)
+        self.exit_message = exit_reason(
+            console_tail(self.config.console_log, 60), self._shutdown_event, returncode
+        )
+        self._exited.set()
+        if self.agent is not None:
+            self.agent.fail(SandboxFailed(self.exit_message))
+        if self.on_exit is not None:
+            self.on_exit(self)
+
+    async def _watch_events(self) -> None:
+        assert self.qmp is not None
+        with self.qmp.listener() as listener:
+            async for event in listener:
+                name = event["event"]
+                data = event.get("data", {})
+                if name == "SHUTDOWN":
+                    self._shutdown_event = data
+                    self._shutdown_seen.set()
+                elif name == "VSERPORT_CHANGE" and data.get("id") == "agent0" and not data.get("open"):
+                    if self.agent is not None:
+                        log.warning("guest agent closed its port (vm pid %s)", self.pid)
+                        self.agent.agent_restarted("guest agent exited; it is being restarted by init")
+
+
+__all__ = ["AGENT_PORT", "MicroVM", "exit_reason"]

@@ -1,0 +1,168 @@
+"""What the sync and async SDK share: endpoint resolution, request bodies, response decoding, errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tartarus import errors
+from tartarus.paths import default_socket
+
+OutputCallback = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str
+    uds: str | None = None
+    api_key: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def resolve_endpoint(url: str | None = None, api_key: str | None = None) -> Endpoint:
+    """Explicit argument, then TARTARUS_URL / TARTARUS_API_KEY, then the local daemon's socket."""
+    url = url or os.environ.get("TARTARUS_URL")
+    api_key = api_key or os.environ.get("TARTARUS_API_KEY")
+    if not url:
+        return Endpoint("http://tartarus", uds=str(default_socket()), api_key=api_key)
+    if url.startswith("unix://"):
+        return Endpoint("http://tartarus", uds=url.removeprefix("unix://"), api_key=api_key)
+    if not url.startswith(("http://", "https://")):
+        raise errors.InvalidArgument(f"TARTARUS_URL must be http(s):// or unix://, not {url!r}")
+    return Endpoint(url.rstrip("/"), api_key=api_key)
+
+
+def local_daemon_socket() -> Path | None:
+    path = default_socket()
+    return path if path.exists() else None
+
+
+def raise_for_error(status: int, body: bytes) -> None:
+    if status < 400:
+        return
+    try:
+        detail = json.loads(body)["error"]
+        cls = errors.ALL.get(detail["code"], errors.TartarusError)
+        message = str(detail["message"])
+    except (ValueError, KeyError, TypeError):
+        cls, message = errors.TartarusError, f"HTTP {status}: {body[:500]!r}"
+    raise cls(message)
+
+
+def transport_error(exc: httpx.HTTPError, endpoint: Endpoint) -> errors.TartarusError:
+    where = endpoint.uds or endpoint.base_url
+    if isinstance(exc, httpx.TimeoutException):
+        return errors.Timeout(f"request to the Tartarus daemon at {where} timed out")
+    return errors.TartarusError(f"cannot reach the Tartarus daemon at {where}: {exc}")
+
+
+def argv_of(cmd: str | Sequence[str]) -> list[str]:
+    """A string runs through `/bin/sh -c` (like a shell line); a sequence is the exact argv."""
+    if isinstance(cmd, str):
+        return ["/bin/sh", "-c", cmd]
+    argv = list(cmd)
+    if not argv:
+        raise errors.InvalidArgument("command must not be empty")
+    return argv
+
+
+def exec_body(
+    cmd: str | Sequence[str],
+    *,
+    env: dict[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+    stdin: bytes | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"argv": argv_of(cmd), "env": env or {}}
+    if cwd:
+        body["cwd"] = cwd
+    if user:
+        body["user"] = user
+    if timeout:
+        body["timeout"] = timeout
+    if stdin is not None:
+        body["stdin"] = base64.b64encode(stdin).decode()
+    return body
+
+
+@dataclass
+class CommandResult:
+    """The outcome of `commands.run`: decoded text plus the raw bytes."""
+
+    exit_code: int | None
+    signal: int | None = None
+    timed_out: bool = False
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
+    pid: int | None = None
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass
+class ExecCollector:
+    """Feeds exec stream lines into a CommandResult, calling the optional output callbacks."""
+
+    on_stdout: OutputCallback | None = None
+    on_stderr: OutputCallback | None = None
+    _stdout: list[bytes] = field(default_factory=list)
+    _stderr: list[bytes] = field(default_factory=list)
+    result: CommandResult | None = None
+    pid: int | None = None
+
+    def feed(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        event = json.loads(line)
+        kind = event["type"]
+        if kind == "started":
+            self.pid = event.get("pid")
+        elif kind in ("stdout", "stderr"):
+            data = base64.b64decode(event["data"])
+            (self._stdout if kind == "stdout" else self._stderr).append(data)
+            callback = self.on_stdout if kind == "stdout" else self.on_stderr
+            if callback is not None:
+                callback(data)
+        elif kind == "exit":
+            self.result = CommandResult(
+                exit_code=event.get("exit_code"),
+                signal=event.get("signal"),
+                timed_out=bool(event.get("timed_out")),
+                stdout_bytes=b"".join(self._stdout),
+                stderr_bytes=b"".join(self._stderr),
+                pid=self.pid,
+            )
+        elif kind == "error":
+            cls = errors.ALL.get(event.get("code", ""), errors.TartarusError)
+            raise cls(event.get("message", "exec failed"))
+
+    def finish(self) -> CommandResult:
+        if self.result is None:
+            raise errors.SandboxFailed("exec stream ended without an exit status")
+        return self.result
+
+
+def shell_join(argv: Sequence[str]) -> str:
+    return shlex.join(argv)

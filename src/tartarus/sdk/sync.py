@@ -1,0 +1,217 @@
+"""The synchronous SDK: `with Sandbox.create("python-ds") as sb: sb.commands.run("...")`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from tartarus.sdk._core import (
+    CommandResult,
+    Endpoint,
+    ExecCollector,
+    OutputCallback,
+    exec_body,
+    raise_for_error,
+    resolve_endpoint,
+    transport_error,
+)
+
+DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
+
+
+class Client:
+    """A connection to a Tartarus daemon (local socket or remote URL)."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None) -> None:
+        self.endpoint: Endpoint = resolve_endpoint(url, api_key)
+        transport = httpx.HTTPTransport(uds=self.endpoint.uds) if self.endpoint.uds else None
+        self._http = httpx.Client(
+            base_url=self.endpoint.base_url,
+            transport=transport,
+            headers=self.endpoint.headers(),
+            timeout=DEFAULT_TIMEOUT,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            raise transport_error(e, self.endpoint) from e
+        raise_for_error(response.status_code, response.content)
+        return response
+
+    def stream_lines(self, method: str, path: str, **kwargs: Any) -> Iterator[bytes]:
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                if response.status_code >= 400:
+                    raise_for_error(response.status_code, response.read())
+                yield from response.iter_lines()  # type: ignore[misc]
+        except httpx.HTTPError as e:
+            raise transport_error(e, self.endpoint) from e
+
+    def stream_bytes(self, path: str, **kwargs: Any) -> Iterator[bytes]:
+        try:
+            with self._http.stream("GET", path, **kwargs) as response:
+                if response.status_code >= 400:
+                    raise_for_error(response.status_code, response.read())
+                yield from response.iter_bytes()
+        except httpx.HTTPError as e:
+            raise transport_error(e, self.endpoint) from e
+
+
+class Commands:
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult:
+        """Run a command to completion; a string goes through `/bin/sh -c`, a list is the argv."""
+        body = exec_body(cmd, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin)
+        collector = ExecCollector(on_stdout, on_stderr)
+        http_timeout = httpx.Timeout(None if timeout is None else timeout + 60, connect=10.0)
+        for line in self._sb._client.stream_lines(
+            "POST", f"/v1/sandboxes/{self._sb.id}/exec", json=body, timeout=http_timeout
+        ):
+            collector.feed(line.encode() if isinstance(line, str) else line)
+        return collector.finish()
+
+
+class Files:
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sb = sandbox
+
+    @property
+    def _base(self) -> str:
+        return f"/v1/sandboxes/{self._sb.id}/files"
+
+    def write(self, path: str, data: bytes | str | Iterable[bytes], *, mode: int = 0o644) -> int:
+        content = data.encode() if isinstance(data, str) else data
+        response = self._sb._client.request(
+            "PUT", self._base, params={"path": path, "mode": mode}, content=content
+        )
+        return int(response.json()["size"])
+
+    def read(self, path: str) -> bytes:
+        return b"".join(self.read_stream(path))
+
+    def read_text(self, path: str) -> str:
+        return self.read(path).decode()
+
+    def read_stream(self, path: str) -> Iterator[bytes]:
+        return self._sb._client.stream_bytes(self._base, params={"path": path})
+
+    def list(self, path: str) -> list[dict[str, Any]]:
+        response = self._sb._client.request("GET", f"{self._base}/list", params={"path": path})
+        return list(response.json()["entries"])
+
+    def stat(self, path: str) -> dict[str, Any]:
+        return dict(self._sb._client.request("GET", f"{self._base}/stat", params={"path": path}).json())
+
+    def exists(self, path: str) -> bool:
+        from tartarus.errors import GuestError
+
+        try:
+            self.stat(path)
+        except GuestError as e:
+            if e.errno == 2 or "No such file" in e.message:
+                return False
+            raise
+        return True
+
+    def make_dir(self, path: str, *, parents: bool = True) -> None:
+        self._sb._client.request("POST", f"{self._base}/mkdir", json={"path": path, "parents": parents})
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        self._sb._client.request("DELETE", self._base, params={"path": path, "recursive": recursive})
+
+    def rename(self, path: str, new_path: str) -> None:
+        self._sb._client.request("POST", f"{self._base}/rename", json={"path": path, "new_path": new_path})
+
+
+class Sandbox:
+    """A handle on one sandbox. Use `Sandbox.create(...)` as a context manager to destroy it on exit."""
+
+    def __init__(self, info: dict[str, Any], client: Client, *, owns_client: bool = False) -> None:
+        self.info = info
+        self.id: str = info["id"]
+        self._client = client
+        self._owns_client = owns_client
+        self.commands = Commands(self)
+        self.files = Files(self)
+
+    @classmethod
+    def create(
+        cls,
+        template: str = "python-ds",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        env: dict[str, str] | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        client: Client | None = None,
+    ) -> Sandbox:
+        owns = client is None
+        client = client or Client(url, api_key)
+        body: dict[str, Any] = {"template": template, "env": env or {}}
+        if vcpus:
+            body["vcpus"] = vcpus
+        if memory_mib:
+            body["memory_mib"] = memory_mib
+        try:
+            info = client.request("POST", "/v1/sandboxes", json=body).json()
+        except BaseException:
+            if owns:
+                client.close()
+            raise
+        return cls(info, client, owns_client=owns)
+
+    @classmethod
+    def connect(cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None) -> Sandbox:
+        client = Client(url, api_key)
+        return cls(client.request("GET", f"/v1/sandboxes/{sandbox_id}").json(), client, owns_client=True)
+
+    @staticmethod
+    def list(*, url: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
+        client = Client(url, api_key)
+        try:
+            return list(client.request("GET", "/v1/sandboxes").json()["sandboxes"])
+        finally:
+            client.close()
+
+    def refresh(self) -> dict[str, Any]:
+        self.info = self._client.request("GET", f"/v1/sandboxes/{self.id}").json()
+        return self.info
+
+    def kill(self) -> None:
+        from tartarus.errors import NotFound
+
+        try:
+            self._client.request("DELETE", f"/v1/sandboxes/{self.id}")
+        except NotFound:
+            pass
+        finally:
+            if self._owns_client:
+                self._client.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.kill()

@@ -1,0 +1,1 @@
+"""Templates: a named root filesystem plus how to run it (env, workdir, resources)."""

@@ -1,0 +1,93 @@
+"""Build a template's root filesystem from Debian packages with debootstrap.
+
+The mirror is read from apt's configured sources at run time, never written into the repo.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from tartarus.errors import SetupRequired
+from tartarus.guest.cache import cached, digest
+from tartarus.templates.spec import TemplateSpec
+from tartarus.templates.store import Template, set_current
+
+BUILDER_VERSION = "debootstrap-ext4-v1"
+# Removed from the tree before imaging: package caches that only cost space in every sandbox.
+_PRUNE = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/info")
+
+
+def debian_mirror() -> str:
+    """The first Debian mirror apt is configured with (deb822 or one-line format)."""
+    candidates = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
+    for path in candidates:
+        text = path.read_text()
+        for stanza in text.split("\n\n"):
+            if re.search(r"^Suites:.*\bbookworm\b", stanza, re.M) and "security" not in stanza:
+                m = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+                if m:
+                    return m.group(1)
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                m = re.match(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", line)
+                if m and "security" not in line:
+                    return m.group(1)
+    raise SetupRequired("no Debian mirror configured in /etc/apt/sources*")
+
+
+def image_tree(tree: Path, image: Path, label: str) -> None:
+    """Pack a directory into an ext4 image sized to fit (no journal: the base is mounted read-only)."""
+    used = int(subprocess.run(["du", "-sb", str(tree)], capture_output=True, text=True, check=True).stdout.split()[0])
+    inodes = int(subprocess.run(["sh", "-c", f"find {str(tree)!r} -xdev | wc -l"], capture_output=True, text=True, check=True).stdout)
+    size_mib = int(used * 1.25 / 2**20) + 64
+    subprocess.run(
+        [
+            "mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-L", label, "-b", "4096",
+            "-N", str(inodes + 4096), "-d", str(tree), str(image), f"{size_mib}M",
+        ],
+        check=True,
+    )  # fmt: skip
+
+
+def build_debian_template(spec: TemplateSpec, progress: Callable[[str], None] = print) -> Template:
+    mirror = debian_mirror()
+    key = digest([BUILDER_VERSION, spec.model_dump_json()])
+
+    def build(out: Path) -> None:
+        root = out / "tree"
+        progress(f"debootstrap {spec.base.debian} with {', '.join(spec.packages)}")
+        cmd = ["debootstrap", "--variant=minbase"]
+        if spec.packages:
+            cmd.append("--include=" + ",".join(spec.packages))
+        cmd += [spec.base.debian, str(root), mirror]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"debootstrap failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        for rel in _PRUNE:
+            target = root / rel
+            if target.is_dir():
+                shutil.rmtree(target)
+                target.mkdir()
+        progress("packing the root filesystem (ext4)")
+        image_tree(root, out / "rootfs.img", spec.name[:16])
+        shutil.rmtree(root)
+        template = Template(
+            name=spec.name,
+            key=key,
+            rootfs=out / "rootfs.img",
+            fstype="ext4",
+            vcpus=spec.resources.vcpus,
+            memory_mib=spec.resources.memory_mib,
+            env=spec.env,
+            workdir=spec.workdir,
+        )
+        (out / "template.json").write_text(template.to_json())
+
+    path = cached(f"templates/{spec.name}", key, build)
+    set_current(spec.name, key)
+    return Template.from_dir(path)

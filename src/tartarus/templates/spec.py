@@ -1,0 +1,56 @@
+"""Template specs (templates/*.yaml), validated on load with errors that name the file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tartarus.errors import InvalidArgument, NotFound
+from tartarus.paths import REPO_ROOT
+
+SPEC_DIR = REPO_ROOT / "templates"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vcpus: int = Field(1, ge=1, le=16)
+    memory_mib: int = Field(512, ge=128, le=65536)
+
+
+class DebianBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    debian: str = Field(pattern=r"^[a-z]+$")
+
+
+class TemplateSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    base: DebianBase
+    packages: list[str] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str = "/"
+
+    @classmethod
+    def load(cls, path: Path) -> TemplateSpec:
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise InvalidArgument(f"{path}: cannot read template spec: {e}") from e
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            errors = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise InvalidArgument(f"{path}: invalid template spec: {errors}") from e
+
+
+def builtin_spec(name: str) -> TemplateSpec:
+    path = SPEC_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in SPEC_DIR.glob("*.yaml")))
+        raise NotFound(f"no template named {name!r} (known: {known})")
+    return TemplateSpec.load(path)

@@ -1,0 +1,65 @@
+"""Built templates on disk: `<cache>/templates/<name>/<key>/{rootfs.img,template.json}`.
+
+`<name>/current` names the key of the newest build, switched atomically after a build finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tartarus.errors import NotFound, SetupRequired
+from tartarus.paths import cache_dir
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    key: str
+    rootfs: Path
+    fstype: str
+    vcpus: int = 1
+    memory_mib: int = 512
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["rootfs"] = self.rootfs.name
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_dir(cls, path: Path) -> Template:
+        data = json.loads((path / "template.json").read_text())
+        data["rootfs"] = path / data["rootfs"]
+        return cls(**data)
+
+
+def templates_root() -> Path:
+    return cache_dir() / "templates"
+
+
+def set_current(name: str, key: str) -> None:
+    link = templates_root() / name / "current"
+    tmp = link.with_name(".current.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(key)
+    os.replace(tmp, link)
+
+
+def get_template(name: str) -> Template:
+    current = templates_root() / name / "current"
+    if not current.exists():
+        if (Path(__file__).parents[3] / "templates" / f"{name}.yaml").exists():
+            raise SetupRequired(f"template {name!r} is not built: run `tartarus template build {name}`")
+        raise NotFound(f"no template named {name!r}")
+    return Template.from_dir(current.resolve())
+
+
+def list_templates() -> list[Template]:
+    root = templates_root()
+    if not root.exists():
+        return []
+    return [Template.from_dir((d / "current").resolve()) for d in sorted(root.iterdir()) if (d / "current").exists()]

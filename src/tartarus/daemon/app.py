@@ -59,7 +59,7 @@ def _info(record: SandboxRecord) -> SandboxInfo:
     return SandboxInfo(
         id=rt.id,
         template=rt.template.name,
-        state=record.state,  # type: ignore[arg-type]
+        state=record.state,
         error=record.error,
         created_at=rt.created_at,
         vcpus=vm.config.vcpus if vm else rt.template.vcpus,
@@ -164,7 +164,7 @@ def create_app(state_dir: Path) -> FastAPI:
                 async for event in process.events():
                     if isinstance(event, Output):
                         data = base64.b64encode(event.data).decode()
-                        yield line(ExecEvent(type=event.stream, data=data))  # type: ignore[arg-type]
+                        yield line(ExecEvent(type=event.stream, data=data))
                     elif isinstance(event, Exit):
                         yield line(
                             ExecEvent(

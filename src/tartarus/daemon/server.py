@@ -17,7 +17,9 @@ from tartarus.daemon.app import create_app
 from tartarus.errors import TartarusError
 
 
-def serve(state_dir: Path, *, host: str | None = None, port: int | None = None, uds: Path | None = None) -> None:
+def serve(
+    state_dir: Path, *, host: str | None = None, port: int | None = None, uds: Path | None = None
+) -> None:
     app = create_app(state_dir)
     if uds is not None:
         uds.parent.mkdir(parents=True, exist_ok=True)
@@ -43,29 +45,37 @@ def _reap_embedded(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def embedded_daemon(state_root: Path) -> Iterator[Path]:
-    """Start a private daemon in this process (own state dir, own socket); yield its socket path."""
-    embedded_root = state_root / "embedded"
-    _reap_embedded(embedded_root)
-    state_dir = embedded_root / str(os.getpid())
-    sock_dir = Path(tempfile.mkdtemp(prefix="tartarus-"))
-    uds = sock_dir / "api.sock"
-    app = create_app(state_dir)
-    config = uvicorn.Config(app, uds=str(uds), log_level="warning", lifespan="on")
+def daemon_thread(state_dir: Path, uds: Path) -> Iterator[uvicorn.Server]:
+    """Serve the API for `state_dir` on `uds` from a thread of this process until the block ends."""
+    config = uvicorn.Config(create_app(state_dir), uds=str(uds), log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="tartarus-embedded", daemon=True)
+    thread = threading.Thread(target=server.run, name="tartarus-daemon", daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 30
         while not server.started:
             if not thread.is_alive():
-                raise TartarusError("embedded daemon failed to start")
+                raise TartarusError("daemon failed to start (is another daemon using its state dir?)")
             if time.monotonic() > deadline:
-                raise TartarusError("embedded daemon did not start within 30 s")
+                raise TartarusError("daemon did not start within 30 s")
             time.sleep(0.01)
-        yield uds
+        yield server
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def embedded_daemon(state_root: Path) -> Iterator[Path]:
+    """A private daemon for one command (own state dir and socket); yields its socket path."""
+    embedded_root = state_root / "embedded"
+    _reap_embedded(embedded_root)
+    state_dir = embedded_root / str(os.getpid())
+    sock_dir = Path(tempfile.mkdtemp(prefix="tartarus-"))
+    uds = sock_dir / "api.sock"
+    try:
+        with daemon_thread(state_dir, uds):
+            yield uds
+    finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
         shutil.rmtree(state_dir, ignore_errors=True)

@@ -38,7 +38,9 @@ def initramfs_key() -> str:
     return digest(parts)
 
 
-def _newc_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), ino: int = 0) -> bytes:
+def _newc_entry(
+    name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), ino: int = 0
+) -> bytes:
     fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
     header = b"070701" + b"".join(f"{v:08X}".encode() for v in fields)
     out = header + name.encode() + b"\0"

@@ -46,4 +46,3 @@ def kernel_path() -> Path:
     if not path.exists():
         raise SetupRequired("guest kernel is not built: run ./scripts/setup")
     return path
-

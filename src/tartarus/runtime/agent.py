@@ -20,8 +20,8 @@ from tartarus.runtime.protocol import (
     MAX_PAYLOAD,
     Decoder,
     F,
-    FieldValue,
     Fields,
+    FieldValue,
     Frame,
     ProtocolError,
     T,
@@ -75,23 +75,23 @@ def _file_type(mode_type: int) -> str:
 
 
 def _file_info(fields: Fields) -> FileInfo:
-    link = fields.bytes(F.LINK)
+    link = fields.get_bytes(F.LINK)
     return FileInfo(
-        name=fields.str(F.NAME),
-        type=_file_type(fields.int(F.TYPE, 0) or 0),
-        mode=(fields.int(F.MODE, 0) or 0) & 0o7777,
-        size=fields.int(F.SIZE, 0) or 0,
-        mtime_ns=fields.int(F.MTIME_NS, 0) or 0,
-        uid=fields.int(F.UID, 0) or 0,
-        gid=fields.int(F.GID, 0) or 0,
+        name=fields.get_str(F.NAME),
+        type=_file_type(fields.get_int(F.TYPE, 0) or 0),
+        mode=(fields.get_int(F.MODE, 0) or 0) & 0o7777,
+        size=fields.get_int(F.SIZE, 0) or 0,
+        mtime_ns=fields.get_int(F.MTIME_NS, 0) or 0,
+        uid=fields.get_int(F.UID, 0) or 0,
+        gid=fields.get_int(F.GID, 0) or 0,
         link=None if link is None else link.decode("utf-8", "replace"),
     )
 
 
 def _guest_error(frame: Frame) -> GuestError:
     fields = frame.fields()
-    errno_ = fields.int(F.ERRNO, 0) or 0
-    message = fields.str(F.MESSAGE) or os.strerror(errno_)
+    errno_ = fields.get_int(F.ERRNO, 0) or 0
+    message = fields.get_str(F.MESSAGE) or os.strerror(errno_)
     return GuestError(message, errno_)
 
 
@@ -124,7 +124,7 @@ class AgentClient:
         """Wait until the agent announces itself (boot, or restart after it died)."""
         waiter = asyncio.create_task(self._hello.wait())
         try:
-            done, _ = await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
         if not self._hello.is_set():
@@ -220,7 +220,7 @@ class AgentClient:
             self._done(id_)
 
     async def ping(self) -> int:
-        return (await self._call(T.PING)).int(F.VERSION, 0) or 0
+        return (await self._call(T.PING)).get_int(F.VERSION, 0) or 0
 
     async def configure(
         self,
@@ -330,7 +330,7 @@ class AgentClient:
                 raise _guest_error(frame)
             if frame.type != T.OK:
                 raise SandboxFailed(f"guest agent answered {frame.type.name} to WRITE")
-            return frame.fields().int(F.SIZE, 0) or 0
+            return frame.fields().get_int(F.SIZE, 0) or 0
         finally:
             self._done(id_)
 
@@ -377,7 +377,7 @@ class AgentClient:
         if frame.type != T.STARTED:
             self._done(id_)
             raise SandboxFailed(f"guest agent answered {frame.type.name} to EXEC")
-        return Process(self, id_, queue, frame.fields().int(F.PID, 0) or 0)
+        return Process(self, id_, queue, frame.fields().get_int(F.PID, 0) or 0)
 
 
 class Process:
@@ -403,9 +403,9 @@ class Process:
                 elif frame.type == T.EXIT:
                     fields = frame.fields()
                     self.exit = Exit(
-                        exit_code=fields.int(F.EXIT_CODE),
-                        signal=fields.int(F.SIGNAL),
-                        timed_out=bool(fields.int(F.TIMED_OUT, 0)),
+                        exit_code=fields.get_int(F.EXIT_CODE),
+                        signal=fields.get_int(F.SIGNAL),
+                        timed_out=bool(fields.get_int(F.TIMED_OUT, 0)),
                     )
                     yield self.exit
                 elif frame.type == T.ERROR:

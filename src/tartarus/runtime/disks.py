@@ -36,6 +36,7 @@ def empty_layer(size_mib: int = DEFAULT_LAYER_MIB) -> Path:
                 f"{size_mib}M",
             ],
             check=True,
+            capture_output=True,
         )
 
     return cached("layers", digest(["ext4-nojournal-v1", str(size_mib)]), build) / "layer.ext4"

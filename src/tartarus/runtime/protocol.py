@@ -146,23 +146,23 @@ class Fields:
             items.append((tag, value))
         return cls(items)
 
-    def int(self, tag: F, default: int | None = None) -> int | None:
+    def get_int(self, tag: F, default: int | None = None) -> int | None:
         for t, v in self.items:
             if t == tag:
                 return int(_INT.unpack(v)[0])
         return default
 
-    def bytes(self, tag: F) -> bytes | None:
+    def get_bytes(self, tag: F) -> bytes | None:
         for t, v in self.items:
             if t == tag:
                 return v
         return None
 
-    def str(self, tag: F, default: str = "") -> str:
-        value = self.bytes(tag)
+    def get_str(self, tag: F, default: str = "") -> str:
+        value = self.get_bytes(tag)
         return default if value is None else value.decode("utf-8", "replace")
 
-    def all(self, tag: F) -> list[bytes]:
+    def get_all(self, tag: F) -> list[bytes]:
         return [v for t, v in self.items if t == tag]
 
 

@@ -67,7 +67,9 @@ class RuntimeSandbox:
         return self.vm.agent
 
     @classmethod
-    async def boot(cls, template: Template, root: Path, options: SandboxOptions | None = None) -> RuntimeSandbox:
+    async def boot(
+        cls, template: Template, root: Path, options: SandboxOptions | None = None
+    ) -> RuntimeSandbox:
         """Cold-boot a sandbox: fresh VM, kernel boot, agent ready. Cleans up everything on failure."""
         id_ = new_sandbox_id()
         workdir = root / id_

@@ -201,19 +201,23 @@ class MicroVM:
         if self.on_exit is not None:
             self.on_exit(self)
 
+    def _agent_port_closed(self) -> None:
+        if self.agent is not None:
+            log.warning("guest agent closed its port (vm pid %s)", self.pid)
+            self.agent.agent_restarted("guest agent exited; it is being restarted by init")
+
     async def _watch_events(self) -> None:
         assert self.qmp is not None
         with self.qmp.listener() as listener:
             async for event in listener:
                 name = event["event"]
-                data = event.get("data", {})
+                raw = event.get("data")
+                data: dict[str, Any] = raw if isinstance(raw, dict) else {}
                 if name == "SHUTDOWN":
                     self._shutdown_event = data
                     self._shutdown_seen.set()
                 elif name == "VSERPORT_CHANGE" and data.get("id") == "agent0" and not data.get("open"):
-                    if self.agent is not None:
-                        log.warning("guest agent closed its port (vm pid %s)", self.pid)
-                        self.agent.agent_restarted("guest agent exited; it is being restarted by init")
+                    self._agent_port_closed()
 
 
 __all__ = ["AGENT_PORT", "MicroVM", "exit_reason"]

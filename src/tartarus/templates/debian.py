@@ -42,8 +42,14 @@ def debian_mirror() -> str:
 
 def image_tree(tree: Path, image: Path, label: str) -> None:
     """Pack a directory into an ext4 image sized to fit (no journal: the base is mounted read-only)."""
-    used = int(subprocess.run(["du", "-sb", str(tree)], capture_output=True, text=True, check=True).stdout.split()[0])
-    inodes = int(subprocess.run(["sh", "-c", f"find {str(tree)!r} -xdev | wc -l"], capture_output=True, text=True, check=True).stdout)
+    used = int(
+        subprocess.run(["du", "-sb", str(tree)], capture_output=True, text=True, check=True).stdout.split()[0]
+    )
+    inodes = int(
+        subprocess.run(
+            ["sh", "-c", f"find {str(tree)!r} -xdev | wc -l"], capture_output=True, text=True, check=True
+        ).stdout
+    )
     size_mib = int(used * 1.25 / 2**20) + 64
     subprocess.run(
         [

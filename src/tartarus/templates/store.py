@@ -62,4 +62,8 @@ def list_templates() -> list[Template]:
     root = templates_root()
     if not root.exists():
         return []
-    return [Template.from_dir((d / "current").resolve()) for d in sorted(root.iterdir()) if (d / "current").exists()]
+    return [
+        Template.from_dir((d / "current").resolve())
+        for d in sorted(root.iterdir())
+        if (d / "current").exists()
+    ]

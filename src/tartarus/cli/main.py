@@ -1,0 +1,262 @@
+"""The `tartarus` command line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tartarus import errors
+from tartarus.paths import default_socket, state_dir
+
+app = typer.Typer(help="Tartarus: microVM sandboxes for untrusted code.", no_args_is_help=True)
+sandbox_app = typer.Typer(help="Manage sandboxes.", no_args_is_help=True)
+template_app = typer.Typer(help="Manage templates.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(template_app, name="template")
+
+err = Console(stderr=True)
+
+
+def _fail(exc: errors.TartarusError) -> typer.Exit:
+    err.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+    return typer.Exit(2)
+
+
+def _parse_env(pairs: list[str] | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--env")
+        env[key] = value
+    return env
+
+
+def _daemon_answers(sock: Path) -> bool:
+    import httpx
+
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=2) as c:
+            return c.get("http://tartarus/v1/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def _endpoint() -> Iterator[str | None]:
+    """The daemon to talk to: TARTARUS_URL, the local daemon, or an embedded one for this command."""
+    if os.environ.get("TARTARUS_URL"):
+        yield None
+        return
+    sock = default_socket()
+    if sock.exists() and _daemon_answers(sock):
+        yield f"unix://{sock}"
+        return
+    from tartarus.daemon.server import embedded_daemon
+
+    with embedded_daemon(state_dir()) as uds:
+        yield f"unix://{uds}"
+
+
+def _to_stdout(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _to_stderr(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+def _exit_status(result: object) -> int:
+    from tartarus.sdk._core import CommandResult
+
+    assert isinstance(result, CommandResult)
+    if result.timed_out:
+        return 124
+    if result.signal:
+        return 128 + result.signal
+    return result.exit_code or 0
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    command: Annotated[list[str], typer.Argument(help="command and arguments, after --")],
+    template: Annotated[str, typer.Option("--template", "-t")] = "python-ds",
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
+    cwd: Annotated[str | None, typer.Option(help="working directory in the guest")] = None,
+    timeout: Annotated[float | None, typer.Option(help="seconds before the command is killed")] = None,
+) -> None:
+    """Create a sandbox, run COMMAND in it streaming its output, destroy it; exit with its status."""
+    from tartarus.sdk import Sandbox
+
+    env_vars = _parse_env(env)
+    try:
+        with _endpoint() as url:
+            with err.status(f"starting a {template} sandbox"):
+                sb = Sandbox.create(template, url=url)
+            with sb:
+                result = sb.commands.run(
+                    command,
+                    env=env_vars,
+                    cwd=cwd,
+                    timeout=timeout,
+                    on_stdout=_to_stdout,
+                    on_stderr=_to_stderr,
+                )
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+    raise typer.Exit(_exit_status(result))
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="listen on TCP (e.g. 127.0.0.1)")] = None,
+    port: Annotated[int, typer.Option(help="TCP port, with --host")] = 8700,
+    socket: Annotated[Path | None, typer.Option(help="unix socket path (default: the state dir's)")] = None,
+) -> None:
+    """Run the daemon: owns the sandboxes and serves the REST API."""
+    from tartarus.daemon.server import serve as run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if host:
+        run_server(state_dir(), host=host, port=port)
+    else:
+        run_server(state_dir(), uds=socket or default_socket())
+
+
+@app.command()
+def setup(
+    template: Annotated[list[str] | None, typer.Option(help="templates to build")] = None,
+) -> None:
+    """Build the guest kernel, agent and templates (cached: a second run takes seconds)."""
+    from tartarus.provision import provision
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        provision(template if template is not None else ["python-ds"], log=err.print)
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+
+
+# ---- sandbox ---------------------------------------------------------------------------------
+
+
+@sandbox_app.command("create")
+def sandbox_create(
+    template: Annotated[str, typer.Argument()] = "python-ds",
+    env: Annotated[list[str] | None, typer.Option("--env", "-e")] = None,
+) -> None:
+    """Create a sandbox on the running daemon and print its id."""
+    from tartarus.sdk.sync import Client
+
+    try:
+        client = Client()
+        info = client.request("POST", "/v1/sandboxes", json={"template": template, "env": _parse_env(env)})
+        print(info.json()["id"])
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+
+
+@sandbox_app.command("exec", context_settings={"allow_interspersed_args": False})
+def sandbox_exec(
+    sandbox_id: str,
+    command: Annotated[list[str], typer.Argument()],
+    timeout: Annotated[float | None, typer.Option()] = None,
+) -> None:
+    """Run a command in an existing sandbox, streaming its output; exit with its status."""
+    from tartarus.sdk import Sandbox
+
+    try:
+        sb = Sandbox.connect(sandbox_id)
+        result = sb.commands.run(
+            command,
+            timeout=timeout,
+            on_stdout=_to_stdout,
+            on_stderr=_to_stderr,
+        )
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+    raise typer.Exit(_exit_status(result))
+
+
+@sandbox_app.command("ls")
+def sandbox_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List sandboxes."""
+    from tartarus.sdk import Sandbox
+
+    try:
+        sandboxes = Sandbox.list()
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+    if as_json:
+        print(json.dumps(sandboxes, indent=2))
+        return
+    table = Table("ID", "TEMPLATE", "STATE", "VCPUS", "MEMORY")
+    for s in sandboxes:
+        table.add_row(s["id"], s["template"], s["state"], str(s["vcpus"]), f"{s['memory_mib']} MiB")
+    Console().print(table)
+
+
+@sandbox_app.command("kill")
+def sandbox_kill(sandbox_ids: Annotated[list[str], typer.Argument()]) -> None:
+    """Destroy sandboxes (their writable layers are deleted)."""
+    from tartarus.sdk.sync import Client
+
+    try:
+        client = Client()
+        for sandbox_id in sandbox_ids:
+            client.request("DELETE", f"/v1/sandboxes/{sandbox_id}")
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+
+
+# ---- templates -------------------------------------------------------------------------------
+
+
+@template_app.command("build")
+def template_build(name: str) -> None:
+    """Build (or find cached) a template from templates/NAME.yaml or a spec file path."""
+    from tartarus.templates.debian import build_debian_template
+    from tartarus.templates.spec import TemplateSpec, builtin_spec
+
+    try:
+        spec = TemplateSpec.load(Path(name)) if name.endswith((".yaml", ".yml")) else builtin_spec(name)
+        with err.status(f"building template {spec.name}"):
+            template = build_debian_template(spec, err.print)
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+    print(f"{template.name} {template.key}")
+
+
+@template_app.command("ls")
+def template_ls() -> None:
+    """List built templates."""
+    from tartarus.templates.store import list_templates
+
+    table = Table("NAME", "KEY", "FS", "SIZE")
+    for t in list_templates():
+        table.add_row(t.name, t.key, t.fstype, f"{t.rootfs.stat().st_size / 2**20:.0f} MiB")
+    Console().print(table)
+
+
+def _register_bench() -> None:
+    from tartarus.bench.cli import bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_register_bench()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,46 @@
+"""`tartarus setup`: build every artefact a sandbox needs, each cached by the hash of its inputs.
+
+Re-running it when everything is built costs a few hashes and stats.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tartarus.guest.initramfs import build_initramfs
+from tartarus.guest.kernel import build_kernel
+from tartarus.runtime.accel import choose_accel
+from tartarus.runtime.disks import empty_layer
+from tartarus.templates.debian import build_debian_template
+from tartarus.templates.spec import builtin_spec
+
+Step = tuple[str, Callable[[], object]]
+
+
+def steps(templates: list[str], log: Callable[[str], None]) -> list[Step]:
+    out: list[Step] = [
+        ("guest kernel (first build ~5 min)", build_kernel),
+        ("guest agent initramfs", build_initramfs),
+        ("empty writable layer", empty_layer),
+        ("accelerator probe", lambda: log(f"accelerator: {choose_accel(build_kernel())}")),
+    ]
+    for name in templates:
+        spec = builtin_spec(name)
+        build = functools.partial(build_debian_template, spec, log)
+        out.append((f"template {name} (first build ~3 min)", build))
+    return out
+
+
+def provision(templates: list[str], log: Callable[[str], None] = print) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    for title, run in steps(templates, log):
+        t0 = time.perf_counter()
+        log(f"· {title}")
+        result = run()
+        timings[title] = time.perf_counter() - t0
+        if isinstance(result, Path):
+            log(f"  {result}  ({timings[title]:.1f} s)")
+    return timings

@@ -1,0 +1,7 @@
+"""Python SDK: `Sandbox` (sync) and `AsyncSandbox`, speaking the daemon's REST API."""
+
+from tartarus.sdk._core import CommandResult
+from tartarus.sdk.aio import AsyncClient, AsyncSandbox
+from tartarus.sdk.sync import Client, Sandbox
+
+__all__ = ["AsyncClient", "AsyncSandbox", "Client", "CommandResult", "Sandbox"]

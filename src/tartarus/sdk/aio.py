@@ -1,0 +1,207 @@
+"""The asynchronous twin of the SDK: `async with await AsyncSandbox.create("python-ds") as sb: ...`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from tartarus.errors import GuestError, NotFound
+from tartarus.sdk._core import (
+    CommandResult,
+    Endpoint,
+    ExecCollector,
+    OutputCallback,
+    exec_body,
+    raise_for_error,
+    resolve_endpoint,
+    transport_error,
+)
+from tartarus.sdk.sync import DEFAULT_TIMEOUT
+
+
+class AsyncClient:
+    def __init__(self, url: str | None = None, api_key: str | None = None) -> None:
+        self.endpoint: Endpoint = resolve_endpoint(url, api_key)
+        transport = httpx.AsyncHTTPTransport(uds=self.endpoint.uds) if self.endpoint.uds else None
+        self._http = httpx.AsyncClient(
+            base_url=self.endpoint.base_url,
+            transport=transport,
+            headers=self.endpoint.headers(),
+            timeout=DEFAULT_TIMEOUT,
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            raise transport_error(e, self.endpoint) from e
+        raise_for_error(response.status_code, response.content)
+        return response
+
+    async def stream_lines(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[str]:
+        try:
+            async with self._http.stream(method, path, **kwargs) as response:
+                if response.status_code >= 400:
+                    raise_for_error(response.status_code, await response.aread())
+                async for line in response.aiter_lines():
+                    yield line
+        except httpx.HTTPError as e:
+            raise transport_error(e, self.endpoint) from e
+
+    async def stream_bytes(self, path: str, **kwargs: Any) -> AsyncIterator[bytes]:
+        try:
+            async with self._http.stream("GET", path, **kwargs) as response:
+                if response.status_code >= 400:
+                    raise_for_error(response.status_code, await response.aread())
+                async for chunk in response.aiter_bytes():
+                    yield chunk
+        except httpx.HTTPError as e:
+            raise transport_error(e, self.endpoint) from e
+
+
+class AsyncCommands:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult:
+        body = exec_body(cmd, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin)
+        collector = ExecCollector(on_stdout, on_stderr)
+        http_timeout = httpx.Timeout(None if timeout is None else timeout + 60, connect=10.0)
+        async for line in self._sb._client.stream_lines(
+            "POST", f"/v1/sandboxes/{self._sb.id}/exec", json=body, timeout=http_timeout
+        ):
+            collector.feed(line.encode())
+        return collector.finish()
+
+
+class AsyncFiles:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sb = sandbox
+
+    @property
+    def _base(self) -> str:
+        return f"/v1/sandboxes/{self._sb.id}/files"
+
+    async def write(self, path: str, data: bytes | str | AsyncIterable[bytes], *, mode: int = 0o644) -> int:
+        content = data.encode() if isinstance(data, str) else data
+        response = await self._sb._client.request(
+            "PUT", self._base, params={"path": path, "mode": mode}, content=content
+        )
+        return int(response.json()["size"])
+
+    async def read(self, path: str) -> bytes:
+        return b"".join([chunk async for chunk in self.read_stream(path)])
+
+    def read_stream(self, path: str) -> AsyncIterator[bytes]:
+        return self._sb._client.stream_bytes(self._base, params={"path": path})
+
+    async def list(self, path: str) -> list[dict[str, Any]]:
+        response = await self._sb._client.request("GET", f"{self._base}/list", params={"path": path})
+        return list(response.json()["entries"])
+
+    async def stat(self, path: str) -> dict[str, Any]:
+        response = await self._sb._client.request("GET", f"{self._base}/stat", params={"path": path})
+        return dict(response.json())
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.stat(path)
+        except GuestError as e:
+            if e.errno == 2 or "No such file" in e.message:
+                return False
+            raise
+        return True
+
+    async def make_dir(self, path: str, *, parents: bool = True) -> None:
+        await self._sb._client.request("POST", f"{self._base}/mkdir", json={"path": path, "parents": parents})
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._sb._client.request("DELETE", self._base, params={"path": path, "recursive": recursive})
+
+    async def rename(self, path: str, new_path: str) -> None:
+        await self._sb._client.request(
+            "POST", f"{self._base}/rename", json={"path": path, "new_path": new_path}
+        )
+
+
+class AsyncSandbox:
+    def __init__(self, info: dict[str, Any], client: AsyncClient, *, owns_client: bool = False) -> None:
+        self.info = info
+        self.id: str = info["id"]
+        self._client = client
+        self._owns_client = owns_client
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+
+    @classmethod
+    async def create(
+        cls,
+        template: str = "python-ds",
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        env: dict[str, str] | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        client: AsyncClient | None = None,
+    ) -> AsyncSandbox:
+        owns = client is None
+        client = client or AsyncClient(url, api_key)
+        body: dict[str, Any] = {"template": template, "env": env or {}}
+        if vcpus:
+            body["vcpus"] = vcpus
+        if memory_mib:
+            body["memory_mib"] = memory_mib
+        try:
+            info = (await client.request("POST", "/v1/sandboxes", json=body)).json()
+        except BaseException:
+            if owns:
+                await client.close()
+            raise
+        return cls(info, client, owns_client=owns)
+
+    @classmethod
+    async def connect(
+        cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None
+    ) -> AsyncSandbox:
+        client = AsyncClient(url, api_key)
+        info = (await client.request("GET", f"/v1/sandboxes/{sandbox_id}")).json()
+        return cls(info, client, owns_client=True)
+
+    async def refresh(self) -> dict[str, Any]:
+        self.info = (await self._client.request("GET", f"/v1/sandboxes/{self.id}")).json()
+        return self.info
+
+    async def kill(self) -> None:
+        try:
+            await self._client.request("DELETE", f"/v1/sandboxes/{self.id}")
+        except NotFound:
+            pass
+        finally:
+            if self._owns_client:
+                await self._client.close()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.kill()

@@ -1,0 +1,68 @@
+"""Pure pieces of the artefact pipeline: cpio layout, sparse copies, command lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tartarus.guest.initramfs import cpio_archive
+from tartarus.runtime.disks import sparse_copy
+from tartarus.runtime.qemu import Drive, VMConfig, command_line, kernel_cmdline
+
+
+def test_cpio_is_newc_with_init_and_trailer() -> None:
+    archive = cpio_archive(b"\x7fELF-agent")
+    assert archive.startswith(b"070701")
+    assert b"init\0" in archive and b"\x7fELF-agent" in archive
+    assert b"TRAILER!!!\0" in archive
+    assert len(archive) % 4 == 0
+
+
+def test_sparse_copy_keeps_holes_and_content(tmp_path: Path) -> None:
+    src = tmp_path / "src.img"
+    with src.open("wb") as f:
+        f.write(b"head")
+        f.seek(64 << 20)
+        f.write(b"tail")
+    dst = tmp_path / "dst.img"
+    sparse_copy(src, dst)
+    assert dst.stat().st_size == src.stat().st_size
+    assert dst.read_bytes()[:4] == b"head" and dst.read_bytes()[-4:] == b"tail"
+    assert dst.stat().st_blocks * 512 < 1 << 20  # still sparse
+
+
+def test_sparse_copy_refuses_to_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"x")
+    (tmp_path / "b").write_bytes(b"y")
+    with pytest.raises(FileExistsError):
+        sparse_copy(tmp_path / "a", tmp_path / "b")
+
+
+def _config(accel: str) -> VMConfig:
+    return VMConfig(
+        kernel=Path("/k"),
+        initrd=Path("/i"),
+        drives=[Drive(Path("/base"), read_only=True), Drive(Path("/rw"), read_only=False)],
+        accel=accel,
+        kernel_args=["tartarus.hostname=x"],
+    )
+
+
+def test_command_line_differs_only_in_accelerator() -> None:
+    tcg = command_line(_config("tcg"), qmp_fd=3, agent_fd=4)
+    kvm = command_line(_config("kvm"), qmp_fd=3, agent_fd=4)
+    diff = {a for a in tcg if a not in kvm} | {a for a in kvm if a not in tcg}
+    assert diff == {"tcg,thread=multi,tb-size=128", "max", "kvm", "host"}
+    assert "-no-reboot" in tcg and "socket,id=agent,fd=4" in tcg
+    assert any("read-only=on" in a and "/base" in a for a in tcg)
+
+
+def test_unknown_accelerator_refused() -> None:
+    with pytest.raises(ValueError):
+        command_line(_config("hvf"), qmp_fd=3, agent_fd=4)
+
+
+def test_kernel_cmdline_panics_to_exit_and_keeps_extra_args() -> None:
+    line = kernel_cmdline(_config("tcg"))
+    assert "panic=-1" in line and "reboot=t" in line and line.endswith("tartarus.hostname=x")

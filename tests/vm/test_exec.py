@@ -105,7 +105,11 @@ def test_bad_request_is_invalid_argument(sandbox: Sandbox) -> None:
 
 def test_python_ds_stack_imports(sandbox: Sandbox) -> None:
     result = sandbox.commands.run(
-        ["python3", "-c", "import numpy, pandas, sklearn, sys; print(sys.version_info[:2], numpy.ones(3).sum())"]
+        [
+            "python3",
+            "-c",
+            "import numpy, pandas, sklearn, sys; print(sys.version_info[:2], numpy.ones(3).sum())",
+        ]
     )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == "(3, 11) 3.0"

@@ -25,6 +25,7 @@ from tartarus.daemon.manager import SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
     CreateSandbox,
     ErrorBody,
+    ErrorDetail,
     ExecEvent,
     ExecRequest,
     FileInfoModel,
@@ -38,7 +39,7 @@ from tartarus.daemon.models import (
     TemplateList,
     WriteResult,
 )
-from tartarus.errors import InvalidArgument, TartarusError
+from tartarus.errors import GuestError, InvalidArgument, TartarusError
 from tartarus.runtime.agent import Exit, FileInfo, Output
 from tartarus.runtime.sandbox import SandboxOptions
 from tartarus.templates.store import list_templates
@@ -73,8 +74,9 @@ def _file_model(info: FileInfo) -> FileInfoModel:
 
 
 def _error(exc: TartarusError) -> JSONResponse:
-    body = ErrorBody.model_validate({"error": {"code": exc.code, "message": exc.message}})
-    return JSONResponse(body.model_dump(), status_code=exc.status)
+    errno_ = exc.errno if isinstance(exc, GuestError) else None
+    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, errno=errno_))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status)
 
 
 def create_app(state_dir: Path) -> FastAPI:
@@ -146,7 +148,8 @@ def create_app(state_dir: Path) -> FastAPI:
         process = await rt.agent.exec(
             body.argv,
             env={**rt.env, **body.env},
-            cwd=body.cwd or rt.template.workdir,
+            # Another user may not be able to enter the template's workdir: let the agent use "/".
+            cwd=body.cwd or (None if body.user else rt.template.workdir),
             user=body.user,
             timeout=body.timeout,
             stdin=body.stdin is not None,
@@ -175,7 +178,8 @@ def create_app(state_dir: Path) -> FastAPI:
                             )
                         )
             except TartarusError as e:
-                yield line(ExecEvent(type="error", code=e.code, message=e.message))
+                errno_ = e.errno if isinstance(e, GuestError) else None
+                yield line(ExecEvent(type="error", code=e.code, message=e.message, errno=errno_))
             finally:
                 if process.exit is None:  # client went away or the stream failed: kill the command
                     with contextlib.suppress(Exception):

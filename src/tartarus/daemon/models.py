@@ -57,6 +57,7 @@ class ExecEvent(BaseModel):
     timed_out: bool | None = None
     code: str | None = None
     message: str | None = None
+    errno: int | None = None
 
 
 class FileInfoModel(BaseModel):
@@ -111,6 +112,7 @@ class Health(BaseModel):
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    errno: int | None = Field(None, description="Linux errno, for guest_error")
 
 
 class ErrorBody(BaseModel):

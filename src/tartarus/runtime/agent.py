@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from tartarus.errors import GuestError, InvalidArgument, SandboxFailed
@@ -107,8 +107,14 @@ def _path(path: str) -> bytes:
 class AgentClient:
     """Speaks docs/protocol.md over a connected stream to one guest agent."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        eof_reason: Callable[[], Awaitable[str]] | None = None,
+    ) -> None:
         self._reader = reader
+        self._eof_reason = eof_reason
         self._writer = writer
         self._ids = itertools.count(1)
         self._queues: dict[int, asyncio.Queue[Frame | BaseException]] = {}
@@ -159,7 +165,9 @@ class AgentClient:
             while True:
                 data = await self._reader.read(CHUNK)
                 if not data:
-                    raise SandboxFailed("guest agent channel closed")
+                    # The VMM is going away; say why (panic, power-off, kill) rather than just "EOF".
+                    reason = await self._eof_reason() if self._eof_reason else "guest agent channel closed"
+                    raise SandboxFailed(reason)
                 for frame in decoder.feed(data):
                     await self._dispatch(frame)
         except ProtocolError as e:
@@ -172,6 +180,10 @@ class AgentClient:
     async def _dispatch(self, frame: Frame) -> None:
         if frame.type == T.HELLO:
             self.hellos += 1
+            if self.hellos > 1:
+                # A new agent instance: the old one died with whatever it was doing. (QMP's
+                # VSERPORT_CHANGE cannot tell us reliably: QEMU throttles it to one per second.)
+                self.agent_restarted("guest agent died and was restarted; the request was lost")
             self._hello.set()
             return
         queue = self._queues.get(frame.id)

@@ -48,23 +48,21 @@ def console_tail(path: Path | None, lines: int = 20) -> str:
 
 def exit_reason(console: str, shutdown: dict[str, Any] | None, returncode: int | None) -> str:
     """Turn how QEMU ended into a sentence an operator can act on."""
-    for line in console.splitlines():
+    lines = console.splitlines()
+    for line in lines:
         if "Kernel panic" in line:
             return "guest kernel panicked: " + line.split("Kernel panic", 1)[1].lstrip(" -")
-    agent_lines = [ln for ln in console.splitlines() if "tartarus-agent:" in ln]
+    agent_lines = [ln.strip() for ln in lines if "tartarus-agent:" in ln]
+    detail = f" ({agent_lines[-1]})" if agent_lines else ""
     if shutdown is not None:
         reason = str(shutdown.get("reason", "unknown"))
-        if reason == "guest-shutdown":
-            detail = f" ({agent_lines[-1].strip()})" if agent_lines else ""
-            return "guest powered off" + detail
-        if reason in ("guest-reset", "guest-panic"):
-            return f"guest {reason.split('-')[1]}"
         if reason.startswith("host-"):
             return "VM stopped by the host"
-        return f"VM shut down ({reason})"
+        what = {"guest-shutdown": "guest powered off", "guest-reset": "guest rebooted"}.get(reason)
+        return (what or f"VM shut down ({reason})") + detail
     if returncode is not None and returncode < 0:
         return f"VMM process killed by signal {signal.Signals(-returncode).name}"
-    return f"VMM process exited with status {returncode}"
+    return f"VMM process exited with status {returncode}{detail}"
 
 
 class MicroVM:
@@ -116,7 +114,7 @@ class MicroVM:
             self.timings["vmm_ready"] = time.perf_counter() - t0
             self._tasks.append(asyncio.create_task(self._watch_events(), name="vmm-events"))
             reader, writer = await asyncio.open_unix_connection(sock=agent_host, limit=1 << 21)
-            self.agent = AgentClient(reader, writer)
+            self.agent = AgentClient(reader, writer, eof_reason=self._eof_reason)
         except BaseException:
             await self.kill()
             raise
@@ -201,6 +199,11 @@ class MicroVM:
         if self.on_exit is not None:
             self.on_exit(self)
 
+    async def _eof_reason(self) -> str:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), 5)
+        return self.exit_message or "guest agent channel closed while the VMM still runs"
+
     def _agent_port_closed(self) -> None:
         if self.agent is not None:
             log.warning("guest agent closed its port (vm pid %s)", self.pid)
@@ -211,6 +214,7 @@ class MicroVM:
         with self.qmp.listener() as listener:
             async for event in listener:
                 name = event["event"]
+                log.debug("QMP event %s", event)
                 raw = event.get("data")
                 data: dict[str, Any] = raw if isinstance(raw, dict) else {}
                 if name == "SHUTDOWN":

@@ -47,16 +47,25 @@ def local_daemon_socket() -> Path | None:
     return path if path.exists() else None
 
 
+def error_from(detail: dict[str, Any]) -> errors.TartarusError:
+    """Rebuild the server's exception from an error body (or exec error event)."""
+    cls = errors.ALL.get(str(detail.get("code")), errors.TartarusError)
+    message = str(detail.get("message", "unknown error"))
+    if issubclass(cls, errors.GuestError):
+        return cls(message, int(detail.get("errno") or 0))
+    return cls(message)
+
+
 def raise_for_error(status: int, body: bytes) -> None:
     if status < 400:
         return
     try:
         detail = json.loads(body)["error"]
-        cls = errors.ALL.get(detail["code"], errors.TartarusError)
-        message = str(detail["message"])
+        if not isinstance(detail, dict):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
-        cls, message = errors.TartarusError, f"HTTP {status}: {body[:500]!r}"
-    raise cls(message)
+        raise errors.TartarusError(f"HTTP {status}: {body[:500]!r}") from None
+    raise error_from(detail)
 
 
 def transport_error(exc: httpx.HTTPError, endpoint: Endpoint) -> errors.TartarusError:
@@ -155,8 +164,7 @@ class ExecCollector:
                 pid=self.pid,
             )
         elif kind == "error":
-            cls = errors.ALL.get(event.get("code", ""), errors.TartarusError)
-            raise cls(event.get("message", "exec failed"))
+            raise error_from(event)
 
     def finish(self) -> CommandResult:
         if self.result is None:

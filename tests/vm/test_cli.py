@@ -1,0 +1,39 @@
+"""The README's main job, through the real CLI binary (embedded daemon, real VM)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+TARTARUS = Path(sys.executable).parent / "tartarus"
+
+
+def _run(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TARTARUS_STATE_DIR": str(state)}
+    env.pop("TARTARUS_URL", None)
+    return subprocess.run([str(TARTARUS), *args], capture_output=True, text=True, timeout=240, env=env)
+
+
+def test_run_prints_ok_from_a_guest_kernel(tmp_path: Path) -> None:
+    code = "import numpy, pandas, sklearn, os; print('ok'); print(os.uname().release)"
+    proc = _run("run", "--template", "python-ds", "--", "python3", "-c", code, state=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    ok, release = proc.stdout.split()
+    assert ok == "ok" and release != platform.release()
+    # The embedded daemon cleaned up after itself.
+    assert not any((tmp_path / "embedded").iterdir())
+
+
+def test_run_exits_with_the_commands_status_and_streams_stderr(tmp_path: Path) -> None:
+    proc = _run("run", "-t", "python-ds", "--", "sh", "-c", "echo to-err >&2; exit 42", state=tmp_path)
+    assert proc.returncode == 42
+    assert "to-err" in proc.stderr
+
+
+def test_run_unknown_template_is_a_clear_error(tmp_path: Path) -> None:
+    proc = _run("run", "--template", "no-such-template", "--", "true", state=tmp_path)
+    assert proc.returncode == 2
+    assert "no-such-template" in proc.stderr and "Traceback" not in proc.stderr

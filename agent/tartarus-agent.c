@@ -1382,6 +1382,10 @@ static int add_entropy(const uint8_t *d, size_t n)
 	memcpy(rpi->buf, d, n);
 	if (!e && ioctl(fd, RNDADDENTROPY, rpi) != 0)
 		e = errno;
+	/* Adding entropy only feeds the input pool; the CRNG that getrandom() reads keeps its cloned
+	 * state until its next scheduled reseed. Force one now so clones diverge at once. */
+	if (!e && ioctl(fd, RNDRESEEDCRNG) != 0)
+		e = errno;
 	free(rpi);
 	close(fd);
 	return e;

@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 
-def qemu_pids() -> set[int]:
+def qemu_pids(under: Path | None = None) -> set[int]:
+    """QEMU processes, optionally only those whose command line references a path below `under`."""
     out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+    pids = set()
+    for pid in map(int, out.split()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if under is None or str(under).encode() in cmdline:
+            pids.add(pid)
+    return pids
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll a condition that another process makes true (a process exiting); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,16 @@ def steps(templates: list[str], log: Callable[[str], None]) -> list[Step]:
         spec = builtin_spec(name)
         build = functools.partial(build_debian_template, spec, log)
         out.append((f"template {name} (first build ~3 min)", build))
+        if spec.interpreter is not None:
+            out.append((f"snapshot of {name} (first time ~1 min)", functools.partial(_snapshot, name, log)))
     return out
+
+
+def _snapshot(name: str, log: Callable[[str], None]) -> Path:
+    from tartarus.snapshots.build import ensure_snapshot
+    from tartarus.templates.store import get_template
+
+    return ensure_snapshot(get_template(name), log).path
 
 
 def provision(templates: list[str], log: Callable[[str], None] = print) -> dict[str, float]:

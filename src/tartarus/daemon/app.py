@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 import tartarus
 from tartarus.daemon.manager import SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
+    CodeError,
     CreateSandbox,
     ErrorBody,
     ErrorDetail,
@@ -33,6 +34,8 @@ from tartarus.daemon.models import (
     Health,
     MkdirRequest,
     RenameRequest,
+    RunCodeRequest,
+    RunCodeResult,
     SandboxInfo,
     SandboxList,
     TemplateInfo,
@@ -66,6 +69,7 @@ def _info(record: SandboxRecord) -> SandboxInfo:
         vcpus=vm.config.vcpus if vm else rt.template.vcpus,
         memory_mib=vm.config.memory_mib if vm else rt.template.memory_mib,
         timings_ms={k: round(v * 1000, 3) for k, v in rt.timings.items()},
+        restored="state_loaded" in rt.timings,
     )
 
 
@@ -85,6 +89,7 @@ def create_app(state_dir: Path) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager.open()
+        manager.start_pools()
         try:
             yield
         finally:
@@ -111,7 +116,13 @@ def create_app(state_dir: Path) -> FastAPI:
             from tartarus.guest.kernel import kernel_path
 
             accel = choose_accel(kernel_path())
-        return Health(status="ok", version=tartarus.__version__, accel=accel, sandboxes=len(manager.list()))
+        return Health(
+            status="ok",
+            version=tartarus.__version__,
+            accel=accel,
+            sandboxes=len(manager.list()),
+            pooled=manager.pooled,
+        )
 
     @app.post("/v1/sandboxes", response_model=SandboxInfo, status_code=201, responses=_ERRORS)
     async def create_sandbox(body: CreateSandbox) -> SandboxInfo:
@@ -187,6 +198,21 @@ def create_app(state_dir: Path) -> FastAPI:
                     process.abandon()
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    @app.post("/v1/sandboxes/{sandbox_id}/code", response_model=RunCodeResult, responses=_ERRORS)
+    async def run_code(sandbox_id: str, body: RunCodeRequest) -> RunCodeResult:
+        """Run Python in the sandbox's warm interpreter; globals persist between calls."""
+        interpreter = await manager.get(sandbox_id).runtime.code_interpreter()
+        execution = await interpreter.run_code(body.code, body.timeout)
+        error = execution.error
+        return RunCodeResult(
+            stdout=execution.stdout,
+            stderr=execution.stderr,
+            result=execution.result,
+            error=None
+            if error is None
+            else CodeError(name=error.name, value=error.value, traceback=error.traceback),
+        )
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/files",

@@ -18,9 +18,18 @@ from typing import IO
 
 from tartarus.errors import Conflict, NotFound
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers
-from tartarus.templates.store import get_template
+from tartarus.snapshots.pool import VMMPool
+from tartarus.snapshots.restore import compatible, restore
+from tartarus.snapshots.store import find_snapshot
+from tartarus.templates.store import Template, get_template, list_templates
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    # Pre-started VMMs kept per template snapshot; 0 disables the pool (creates only get slower).
+    pool_size: int = int(os.environ.get("TARTARUS_POOL_SIZE", "2"))
 
 
 @dataclass
@@ -31,8 +40,10 @@ class SandboxRecord:
 
 
 class SandboxManager:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, config: DaemonConfig | None = None) -> None:
         self.state_dir = state_dir
+        self.config = config or DaemonConfig()
+        self._pools: dict[str, VMMPool] = {}
         self.sandboxes_dir = state_dir / "sandboxes"
         self._records: dict[str, SandboxRecord] = {}
         self._lock_file: IO[str] | None = None
@@ -58,7 +69,29 @@ class SandboxManager:
         self.sandboxes_dir.mkdir(exist_ok=True)
         return reaped
 
+    def start_pools(self) -> None:
+        """Pre-start VMMs for every template that has a snapshot (call from the event loop)."""
+        for template in list_templates():
+            self._pool_for(template)
+
+    def _pool_for(self, template: Template) -> VMMPool | None:
+        snapshot = find_snapshot(template) if template.preload is not None else None
+        if snapshot is None or self.config.pool_size <= 0:
+            return None
+        pool = self._pools.get(snapshot.key)
+        if pool is None:
+            pool = VMMPool(snapshot, template, self.sandboxes_dir, self.config.pool_size)
+            self._pools[snapshot.key] = pool
+        return pool
+
+    @property
+    def pooled(self) -> int:
+        return sum(len(p) for p in self._pools.values())
+
     async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()
         await asyncio.gather(*(self.destroy(id_) for id_ in list(self._records)), return_exceptions=True)
         if self._lock_file is not None:
             self._lock_file.close()
@@ -66,7 +99,17 @@ class SandboxManager:
 
     async def create(self, template_name: str, options: SandboxOptions) -> SandboxRecord:
         template = get_template(template_name)
-        runtime = await RuntimeSandbox.boot(template, self.sandboxes_dir, options)
+        snapshot = find_snapshot(template) if template.preload is not None else None
+        if snapshot is not None and compatible(snapshot, options):
+            pool = self._pool_for(template)
+            prepared = pool.take() if pool is not None else None
+            try:
+                runtime = await restore(snapshot, template, self.sandboxes_dir, options, prepared)
+            finally:
+                if pool is not None:
+                    pool.refill()
+        else:
+            runtime = await RuntimeSandbox.boot(template, self.sandboxes_dir, options)
         record = SandboxRecord(runtime, "running")
         self._records[runtime.id] = record
         assert runtime.vm is not None

@@ -31,6 +31,7 @@ class SandboxInfo(BaseModel):
     vcpus: int
     memory_mib: int
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    restored: bool = Field(False, description="created by restoring the template's snapshot")
 
 
 class SandboxList(BaseModel):
@@ -58,6 +59,24 @@ class ExecEvent(BaseModel):
     code: str | None = None
     message: str | None = None
     errno: int | None = None
+
+
+class RunCodeRequest(Strict):
+    code: str = Field(max_length=1 << 20, examples=["df.describe()"])
+    timeout: float | None = Field(None, gt=0, le=86400)
+
+
+class CodeError(BaseModel):
+    name: str
+    value: str
+    traceback: str
+
+
+class RunCodeResult(BaseModel):
+    stdout: str
+    stderr: str
+    result: str | None = Field(None, description="repr() of the last expression's value")
+    error: CodeError | None = None
 
 
 class FileInfoModel(BaseModel):
@@ -107,6 +126,7 @@ class Health(BaseModel):
     version: str
     accel: str | None
     sandboxes: int
+    pooled: int
 
 
 class ErrorDetail(BaseModel):

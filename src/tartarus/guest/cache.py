@@ -37,7 +37,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cached(kind: str, key: str, build: Callable[[Path], None]) -> Path:
+def cached(kind: str, key: str, build: Callable[[Path], object]) -> Path:
     """Return the directory of artefact `kind/key`, building it with `build(tmpdir)` if absent.
 
     Concurrent callers (two set-ups, a test run beside a daemon) build it once: the second waits.

@@ -32,6 +32,10 @@ from tartarus.runtime.protocol import (
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+# Ids from here up are chosen by the host for long-lived requests that outlive one client, such as the
+# interpreter started before a snapshot and adopted by every client restored from it.
+RESERVED_IDS = 0xFFFF0000
+INTERPRETER_ID = RESERVED_IDS + 1
 # How much guest output one request may have queued before the reader stops reading from the guest
 # (virtio-serial then throttles the guest); keeps host memory bounded against a chatty guest.
 _QUEUE_FRAMES = 256
@@ -193,10 +197,15 @@ class AgentClient:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def _open(self) -> tuple[int, asyncio.Queue[Frame | BaseException]]:
+    def _open(self, id_: int | None = None) -> tuple[int, asyncio.Queue[Frame | BaseException]]:
         if self._failure is not None:
             raise self._failure
-        id_ = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        if id_ is None:
+            id_ = next(self._ids)
+            if id_ >= RESERVED_IDS:
+                raise SandboxFailed("request ids exhausted")
+        elif id_ in self._queues:
+            raise InvalidArgument(f"request id {id_} is in use")
         queue: asyncio.Queue[Frame | BaseException] = asyncio.Queue(_QUEUE_FRAMES)
         self._queues[id_] = queue
         return id_, queue
@@ -355,6 +364,7 @@ class AgentClient:
         user: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        request_id: int | None = None,
     ) -> Process:
         if not argv:
             raise InvalidArgument("argv must not be empty")
@@ -376,7 +386,7 @@ class AgentClient:
             raise InvalidArgument(str(e)) from e
         if len(request) > MAX_PAYLOAD:
             raise InvalidArgument("command line and environment exceed 1 MiB")
-        id_, queue = self._open()
+        id_, queue = self._open(request_id)
         try:
             await self._send(encode_request(T.EXEC, id_, items))
             frame = await self._next(queue)
@@ -391,6 +401,11 @@ class AgentClient:
             raise SandboxFailed(f"guest agent answered {frame.type.name} to EXEC")
         return Process(self, id_, queue, frame.fields().get_int(F.PID, 0) or 0)
 
+    def adopt(self, request_id: int, pid: int) -> Process:
+        """Take over a command started by an earlier client of the same guest (snapshot restore)."""
+        id_, queue = self._open(request_id)
+        return Process(self, id_, queue, pid)
+
 
 class Process:
     """A command running in the guest: iterate `events()` for output, then its `Exit`."""
@@ -404,29 +419,31 @@ class Process:
         self.pid = pid
         self.exit: Exit | None = None
 
+    async def next_event(self) -> Output | Exit:
+        """The next output chunk or the exit status. Safe to cancel: no frame is lost."""
+        if self.exit is not None:
+            raise StopAsyncIteration
+        frame = await self._client._next(self._queue)
+        if frame.type == T.STDOUT:
+            return Output("stdout", frame.payload)
+        if frame.type == T.STDERR:
+            return Output("stderr", frame.payload)
+        if frame.type == T.EXIT:
+            fields = frame.fields()
+            self.exit = Exit(
+                exit_code=fields.get_int(F.EXIT_CODE),
+                signal=fields.get_int(F.SIGNAL),
+                timed_out=bool(fields.get_int(F.TIMED_OUT, 0)),
+            )
+            self._client._done(self._id)
+            return self.exit
+        if frame.type == T.ERROR:
+            raise _guest_error(frame)
+        raise SandboxFailed(f"guest agent sent {frame.type.name} during EXEC")
+
     async def events(self) -> AsyncIterator[Output | Exit]:
-        try:
-            while self.exit is None:
-                frame = await self._client._next(self._queue)
-                if frame.type == T.STDOUT:
-                    yield Output("stdout", frame.payload)
-                elif frame.type == T.STDERR:
-                    yield Output("stderr", frame.payload)
-                elif frame.type == T.EXIT:
-                    fields = frame.fields()
-                    self.exit = Exit(
-                        exit_code=fields.get_int(F.EXIT_CODE),
-                        signal=fields.get_int(F.SIGNAL),
-                        timed_out=bool(fields.get_int(F.TIMED_OUT, 0)),
-                    )
-                    yield self.exit
-                elif frame.type == T.ERROR:
-                    raise _guest_error(frame)
-                else:
-                    raise SandboxFailed(f"guest agent sent {frame.type.name} during EXEC")
-        finally:
-            if self.exit is not None:
-                self._client._done(self._id)
+        while self.exit is None:
+            yield await self.next_event()
 
     async def write_stdin(self, data: bytes) -> None:
         for i in range(0, len(data), CHUNK):

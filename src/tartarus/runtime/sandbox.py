@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tartarus.errors import SandboxFailed
+from tartarus.errors import InvalidArgument, SandboxFailed
 from tartarus.guest.initramfs import initramfs_path
 from tartarus.guest.kernel import kernel_path
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.disks import create_layer
+from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.qemu import Drive, VMConfig
 from tartarus.runtime.vm import MicroVM
 from tartarus.templates.store import Template
@@ -52,6 +53,7 @@ class RuntimeSandbox:
         self.options = options
         self.created_at = time.time()
         self.vm: MicroVM | None = None
+        self.interpreter: CodeInterpreter | None = None
         self.timings: dict[str, float] = {}
 
     @property
@@ -82,11 +84,10 @@ class RuntimeSandbox:
             raise
         return sandbox
 
-    async def _boot(self) -> None:
-        t0 = time.perf_counter()
-        layer = create_layer(self.workdir / "rw.ext4")
+    def vm_config(self, *, layer: Path, memory_file: Path | None = None, share: bool = True) -> VMConfig:
+        """The VM's shape. A snapshot and its restores must agree on it device for device."""
         kernel = kernel_path()
-        config = VMConfig(
+        return VMConfig(
             kernel=kernel,
             initrd=initramfs_path(),
             drives=[Drive(self.template.rootfs, read_only=True), Drive(layer, read_only=False)],
@@ -100,12 +101,26 @@ class RuntimeSandbox:
                 f"tartarus.hostname={self.id}",
             ],
             console_log=self.workdir / "console.log",
+            memory_file=memory_file,
+            memory_share=share,
         )
-        self.vm = MicroVM(config, self.workdir)
+
+    async def _boot(self) -> None:
+        t0 = time.perf_counter()
+        layer = create_layer(self.workdir / "rw.ext4")
+        self.vm = MicroVM(self.vm_config(layer=layer), self.workdir)
         await self.vm.start()
         self.timings["vmm_ready"] = self.vm.timings["vmm_ready"]
         await self.vm.wait_agent(self.options.boot_timeout)
         self.timings["agent_ready"] = time.perf_counter() - t0
+
+    async def code_interpreter(self) -> CodeInterpreter:
+        """The warm interpreter (adopted from the snapshot), or one started now on a cold-booted VM."""
+        if self.interpreter is None:
+            if self.template.preload is None:
+                raise InvalidArgument(f"template {self.template.name!r} has no code interpreter")
+            self.interpreter = await CodeInterpreter.start(self.agent, self.template.preload)
+        return self.interpreter
 
     async def destroy(self) -> None:
         """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""

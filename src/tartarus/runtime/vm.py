@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 from tartarus.errors import SandboxFailed, Timeout
 from tartarus.runtime.agent import AgentClient
@@ -119,6 +119,11 @@ class MicroVM:
             await self.kill()
             raise
 
+    def agent_client(self) -> AgentClient:
+        if self.agent is None or self._exited.is_set():
+            raise SandboxFailed(self.exit_message or "VM has no agent connection")
+        return self.agent
+
     async def wait_agent(self, timeout: float) -> None:
         """Wait for the agent's HELLO; fail fast (with the reason) if the VM dies meanwhile."""
         assert self.agent is not None
@@ -132,6 +137,51 @@ class MicroVM:
         if self.qmp is None or self._exited.is_set():
             raise SandboxFailed(self.exit_message or "VM is not running")
         return await self.qmp.execute(cmd, args)
+
+    async def _pass_fd(self, path: Path, name: str, flags: int) -> None:
+        """Hand QEMU an open file over the QMP socket (SCM_RIGHTS) instead of a path it must open."""
+        assert self.qmp is not None
+        fd = os.open(path, flags, 0o600)
+        try:
+            self.qmp.send_fd_scm(fd)
+            await self.qmp_execute("getfd", {"fdname": name})
+        finally:
+            os.close(fd)
+
+    async def _migrate(self, command: str, uri: str, what: str, timeout: float) -> None:
+        """Run a migration command and wait for its MIGRATION event to say completed (or failed)."""
+        assert self.qmp is not None
+        caps = [{"capability": c, "state": True} for c in ("x-ignore-shared", "events")]
+        await self.qmp_execute("migrate-set-capabilities", {"capabilities": caps})
+        listener = EventListener(names=["MIGRATION"])
+        with self.qmp.listen(listener):
+            await self.qmp_execute(command, {"uri": uri})
+            try:
+                async with asyncio.timeout(timeout):
+                    while True:
+                        data = (await listener.get())["data"]
+                        status = data.get("status") if isinstance(data, dict) else None
+                        if status == "completed":
+                            return
+                        if status in ("failed", "cancelled"):
+                            break
+            except TimeoutError:
+                raise Timeout(f"{what} did not complete within {timeout:.0f} s") from None
+        info = await self.qmp_execute("query-migrate")
+        detail = info.get("error-desc", "failed") if isinstance(info, dict) else "failed"
+        raise SandboxFailed(f"{what} failed: {detail}")
+
+    async def save_state(self, path: Path, timeout: float = 60.0) -> None:
+        """Pause and write the device state to `path`. Guest RAM is not in it: it stays in the shared
+        memory file (`x-ignore-shared`), which is what makes a snapshot cheap to take and to map."""
+        await self.pause()
+        await self._pass_fd(path, "snapshot", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+        await self._migrate("migrate", "fd:snapshot", "saving VM state", timeout)
+
+    async def load_state(self, path: Path, timeout: float = 60.0) -> None:
+        """Load device state into a VMM started with `incoming=True`; the VM stays paused."""
+        await self._pass_fd(path, "snapshot", os.O_RDONLY | os.O_CLOEXEC)
+        await self._migrate("migrate-incoming", "fd:snapshot", "loading VM state", timeout)
 
     async def pause(self) -> None:
         await self.qmp_execute("stop")

@@ -174,3 +174,39 @@ class ExecCollector:
 
 def shell_join(argv: Sequence[str]) -> str:
     return shlex.join(argv)
+
+
+@dataclass(frozen=True)
+class ExecutionError:
+    name: str
+    value: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Execution:
+    """The outcome of `run_code`: captured output, the last expression's repr, or a structured error."""
+
+    stdout: str
+    stderr: str
+    result: str | None
+    error: ExecutionError | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Execution:
+        error = data.get("error")
+        return cls(
+            stdout=data.get("stdout", ""),
+            stderr=data.get("stderr", ""),
+            result=data.get("result"),
+            error=None
+            if not error
+            else ExecutionError(error["name"], error["value"], error.get("traceback", "")),
+        )
+
+
+def code_body(code: str, timeout: float | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code}
+    if timeout:
+        body["timeout"] = timeout
+    return body

@@ -13,7 +13,9 @@ from tartarus.sdk._core import (
     CommandResult,
     Endpoint,
     ExecCollector,
+    Execution,
     OutputCallback,
+    code_body,
     exec_body,
     raise_for_error,
     resolve_endpoint,
@@ -184,6 +186,14 @@ class AsyncSandbox:
         client = AsyncClient(url, api_key)
         info = (await client.request("GET", f"/v1/sandboxes/{sandbox_id}")).json()
         return cls(info, client, owns_client=True)
+
+    async def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
+        """Run Python in the sandbox's warm interpreter (numpy, pandas preloaded); state persists."""
+        http_timeout = httpx.Timeout(None if timeout is None else timeout + 60, connect=10.0)
+        response = await self._client.request(
+            "POST", f"/v1/sandboxes/{self.id}/code", json=code_body(code, timeout), timeout=http_timeout
+        )
+        return Execution.from_json(response.json())
 
     async def refresh(self) -> dict[str, Any]:
         self.info = (await self._client.request("GET", f"/v1/sandboxes/{self.id}")).json()

@@ -12,7 +12,9 @@ from tartarus.sdk._core import (
     CommandResult,
     Endpoint,
     ExecCollector,
+    Execution,
     OutputCallback,
+    code_body,
     exec_body,
     raise_for_error,
     resolve_endpoint,
@@ -194,6 +196,14 @@ class Sandbox:
             return list(client.request("GET", "/v1/sandboxes").json()["sandboxes"])
         finally:
             client.close()
+
+    def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
+        """Run Python in the sandbox's warm interpreter (numpy, pandas preloaded); state persists."""
+        http_timeout = httpx.Timeout(None if timeout is None else timeout + 60, connect=10.0)
+        response = self._client.request(
+            "POST", f"/v1/sandboxes/{self.id}/code", json=code_body(code, timeout), timeout=http_timeout
+        )
+        return Execution.from_json(response.json())
 
     def refresh(self) -> dict[str, Any]:
         self.info = self._client.request("GET", f"/v1/sandboxes/{self.id}").json()

@@ -57,14 +57,15 @@ def image_tree(tree: Path, image: Path, label: str) -> None:
             "-N", str(inodes + 4096), "-d", str(tree), str(image), f"{size_mib}M",
         ],
         check=True,
+        capture_output=True,
     )  # fmt: skip
 
 
 def build_debian_template(spec: TemplateSpec, progress: Callable[[str], None] = print) -> Template:
     mirror = debian_mirror()
-    key = digest([BUILDER_VERSION, spec.model_dump_json()])
+    rootfs_key = digest([BUILDER_VERSION, spec.base.debian, *sorted(spec.packages)])
 
-    def build(out: Path) -> None:
+    def build_rootfs(out: Path) -> None:
         root = out / "tree"
         progress(f"debootstrap {spec.base.debian} with {', '.join(spec.packages)}")
         cmd = ["debootstrap", "--variant=minbase"]
@@ -82,18 +83,22 @@ def build_debian_template(spec: TemplateSpec, progress: Callable[[str], None] = 
         progress("packing the root filesystem (ext4)")
         image_tree(root, out / "rootfs.img", spec.name[:16])
         shutil.rmtree(root)
-        template = Template(
-            name=spec.name,
-            key=key,
-            rootfs=out / "rootfs.img",
-            fstype="ext4",
-            vcpus=spec.resources.vcpus,
-            memory_mib=spec.resources.memory_mib,
-            env=spec.env,
-            workdir=spec.workdir,
-        )
-        (out / "template.json").write_text(template.to_json())
 
-    path = cached(f"templates/{spec.name}", key, build)
+    rootfs = cached("rootfs", rootfs_key, build_rootfs) / "rootfs.img"
+    key = digest([rootfs_key, spec.model_dump_json()])
+    template = Template(
+        name=spec.name,
+        key=key,
+        rootfs=rootfs,
+        fstype="ext4",
+        vcpus=spec.resources.vcpus,
+        memory_mib=spec.resources.memory_mib,
+        env=spec.env,
+        workdir=spec.workdir,
+        preload=spec.interpreter.preload if spec.interpreter else None,
+    )
+    path = cached(
+        f"templates/{spec.name}", key, lambda out: (out / "template.json").write_text(template.to_json())
+    )
     set_current(spec.name, key)
     return Template.from_dir(path)

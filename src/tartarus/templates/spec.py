@@ -25,15 +25,23 @@ class DebianBase(BaseModel):
     debian: str = Field(pattern=r"^[a-z]+$")
 
 
+class Interpreter(BaseModel):
+    """A warm Python process started before the snapshot, so `run_code` answers at once."""
+
+    model_config = ConfigDict(extra="forbid")
+    preload: list[str] = Field(default_factory=list, description="modules imported before the snapshot")
+
+
 class TemplateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     base: DebianBase
     packages: list[str] = Field(default_factory=list)
-    resources: Resources = Field(default_factory=Resources)
+    resources: Resources = Field(default_factory=lambda: Resources())
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str = "/"
+    interpreter: Interpreter | None = None
 
     @classmethod
     def load(cls, path: Path) -> TemplateSpec:

@@ -1,4 +1,6 @@
-"""Built templates on disk: `<cache>/templates/<name>/<key>/{rootfs.img,template.json}`.
+"""Built templates on disk: `<cache>/templates/<name>/<key>/template.json`, naming a root filesystem
+image cached separately by the hash of what goes into it (so changing a template's env or resources does
+not rebuild its filesystem).
 
 `<name>/current` names the key of the newest build, switched atomically after a build finishes.
 """
@@ -24,16 +26,18 @@ class Template:
     memory_mib: int = 512
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
+    # Modules the warm code interpreter imports before the snapshot; None: no interpreter, no snapshot.
+    preload: list[str] | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
-        data["rootfs"] = self.rootfs.name
+        data["rootfs"] = str(self.rootfs)
         return json.dumps(data, indent=2)
 
     @classmethod
     def from_dir(cls, path: Path) -> Template:
         data = json.loads((path / "template.json").read_text())
-        data["rootfs"] = path / data["rootfs"]
+        data["rootfs"] = Path(data["rootfs"])
         return cls(**data)
 
 

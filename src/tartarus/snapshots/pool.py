@@ -1,0 +1,80 @@
+"""A small, bounded pool of pre-started VMMs per snapshot, refilled in the background.
+
+A pooled VMM is QEMU waiting with `-incoming defer` and its own writable layer: no guest has run in it,
+so taking one keeps a create "cold" while saving process start-up. An empty pool never fails a create;
+the caller just prepares its own VMM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from pathlib import Path
+
+from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.snapshots.restore import prepare
+from tartarus.snapshots.store import Snapshot
+from tartarus.templates.store import Template
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 1.0
+
+
+class VMMPool:
+    def __init__(self, snapshot: Snapshot, template: Template, root: Path, size: int) -> None:
+        self.snapshot = snapshot
+        self.template = template
+        self.root = root
+        self.size = size
+        self._ready: collections.deque[RuntimeSandbox] = collections.deque()
+        self._dead: list[RuntimeSandbox] = []
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._refill(), name=f"pool-{template.name}")
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+    def take(self) -> RuntimeSandbox | None:
+        """A ready VMM, or None if the pool is empty; never waits.
+
+        Does not start the refill: spawning a VMM costs CPU the restore in progress needs, so the
+        caller calls `refill()` once its restore is done.
+        """
+        while self._ready:
+            sandbox = self._ready.popleft()
+            if sandbox.vm is not None and sandbox.vm.running:
+                return sandbox
+            self._dead.append(sandbox)  # its VMM died while waiting; the refill task cleans it
+        return None
+
+    def refill(self) -> None:
+        self._wake.set()
+
+    async def _refill(self) -> None:
+        while True:
+            while self._dead:
+                await self._dead.pop().destroy()
+            while len(self._ready) < self.size:
+                try:
+                    sandbox = await prepare(self.snapshot, self.template, self.root, SandboxOptions())
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("could not pre-start a VMM for %s; retrying", self.template.name)
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                self._ready.append(sandbox)
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for sandbox in [*self._ready, *self._dead]:
+            await sandbox.destroy()
+        self._ready.clear()
+        self._dead.clear()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,7 +23,11 @@ bench_app = typer.Typer(
 err = Console(stderr=True)
 
 
-def _run(name: str, samples: int, template: str, json_path: Path | None) -> None:
+Runner = Callable[[Callable[[int], None]], dict[str, Any]]
+
+
+def _run(name: str, steps: int, json_path: Path | None, runner: Runner) -> None:
+    """Run a benchmark under a progress bar of `steps`, then print and write its result."""
     from tartarus.guest.kernel import kernel_path
     from tartarus.runtime.accel import choose_accel
 
@@ -31,8 +37,8 @@ def _run(name: str, samples: int, template: str, json_path: Path | None) -> None
     with Progress(
         TextColumn(f"bench {name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     ) as bar:
-        task = bar.add_task(name, total=samples)
-        result = run_bench(name, template, samples, lambda n: bar.advance(task, n))
+        task = bar.add_task(name, total=steps)
+        result = runner(lambda n: bar.advance(task, n))
     doc = {"benchmark": name, **result, "accel": accel, "machine": machine_info(accel), "started_at": started}
     err.print(
         f"{name}: n={doc['samples']} p50={doc['p50_ms']:.1f} ms p99={doc['p99_ms']:.1f} ms "
@@ -54,10 +60,30 @@ TemplateOpt = Annotated[str, typer.Option("--template", "-t")]
 @bench_app.command()
 def boot(samples: Samples = 20, template: TemplateOpt = "python-ds", json_out: JsonOut = None) -> None:
     """Cold boot (no snapshot) to the guest agent answering."""
-    _run("boot", samples, template, json_out)
+    _run("boot", samples, json_out, lambda p: run_bench("boot", template, samples, p))
 
 
 @bench_app.command("exec")
 def exec_(samples: Samples = 200, template: TemplateOpt = "python-ds", json_out: JsonOut = None) -> None:
     """Round trip of `true` in a running sandbox."""
-    _run("exec", samples, template, json_out)
+    _run("exec", samples, json_out, lambda p: run_bench("exec", template, samples, p))
+
+
+@bench_app.command("cold-start")
+def cold_start(
+    samples: Samples = 200,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=16)] = 4,
+    api_samples: Annotated[int, typer.Option(help="also through the REST API (0: skip)")] = 50,
+    template: TemplateOpt = "python-ds",
+    json_out: JsonOut = None,
+) -> None:
+    """Create → run_code('1+1') answered, restoring the template snapshot (sequential and concurrent)."""
+    from tartarus.bench.coldstart import bench_cold_start
+
+    steps = samples * (2 if concurrency > 1 else 1)
+    _run(
+        "cold-start",
+        steps,
+        json_out,
+        lambda p: asyncio.run(bench_cold_start(template, samples, concurrency, api_samples, p)),
+    )

@@ -1,0 +1,153 @@
+"""`bench cold-start`: create call → the sandbox answering `run_code("1+1")`, restored from a snapshot.
+
+"Cold" as the issue defines it: no guest of that sandbox ran before the create call. Pre-started VMMs
+waiting for their incoming state are fair and used (the pool is refilled between rounds, as a daemon at a
+sustainable create rate would have it). Also reported: per-phase breakdown, the same path through the
+REST API, and host memory (PSS) per idle sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tartarus.bench.stats import summary_ms
+from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.snapshots.build import ensure_snapshot
+from tartarus.snapshots.pool import VMMPool
+from tartarus.snapshots.restore import restore
+from tartarus.snapshots.store import Snapshot
+from tartarus.templates.store import Template, get_template
+
+PHASES = ("vmm_ready", "state_loaded", "guest_resumed", "first_answer")
+IDLE_SANDBOXES = 8
+
+
+async def _wait_full(pool: VMMPool, timeout: float = 120.0) -> None:
+    async with asyncio.timeout(timeout):
+        while len(pool) < pool.size:
+            await asyncio.sleep(0.01)
+
+
+async def _one(
+    snapshot: Snapshot, template: Template, root: Path, pool: VMMPool
+) -> tuple[float, dict[str, float]]:
+    t0 = time.perf_counter()
+    sandbox = await restore(snapshot, template, root, SandboxOptions(), pool.take())
+    interpreter = await sandbox.code_interpreter()
+    answer = await interpreter.run_code("1+1")
+    total = time.perf_counter() - t0
+    if answer.result != "2":
+        raise RuntimeError(f"run_code('1+1') answered {answer}")
+    phases = dict(sandbox.timings)
+    phases["run_code"] = total
+    await sandbox.destroy()
+    return total, phases
+
+
+async def _rounds(
+    snapshot: Snapshot, template: Template, samples: int, concurrency: int, progress: Callable[[int], None]
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
+        root = Path(tmp)
+        pool = VMMPool(snapshot, template, root, size=concurrency)
+        totals: list[float] = []
+        phases: dict[str, list[float]] = {p: [] for p in (*PHASES, "run_code")}
+        pooled = 0
+        try:
+            while len(totals) < samples:
+                await _wait_full(pool)
+                n = min(concurrency, samples - len(totals))
+                results = await asyncio.gather(*(_one(snapshot, template, root, pool) for _ in range(n)))
+                pool.refill()
+                for total, ph in results:
+                    totals.append(total)
+                    pooled += int(ph.get("pooled", 0))
+                    for name in phases:
+                        phases[name].append(ph[name])
+                progress(n)
+        finally:
+            await pool.close()
+    return {
+        **summary_ms(totals),
+        "concurrency": concurrency,
+        "pooled_fraction": pooled / len(totals),
+        "phases_cumulative": {name: summary_ms(values) for name, values in phases.items()},
+    }
+
+
+def _pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+async def _idle_memory(snapshot: Snapshot, template: Template) -> dict[str, Any]:
+    """PSS of each VMM with IDLE_SANDBOXES restored sandboxes idle (after one run_code each)."""
+    with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
+        sandboxes: list[RuntimeSandbox] = []
+        try:
+            for _ in range(IDLE_SANDBOXES):
+                sb = await restore(snapshot, template, Path(tmp), SandboxOptions())
+                await (await sb.code_interpreter()).run_code("1+1")
+                sandboxes.append(sb)
+            await asyncio.sleep(2)  # let the guests go idle before measuring, as idle sandboxes are
+            pss = [_pss_kib(sb.vm.pid) for sb in sandboxes if sb.vm and sb.vm.pid]
+        finally:
+            await asyncio.gather(*(sb.destroy() for sb in sandboxes))
+    return {
+        "idle_sandboxes": len(pss),
+        "pss_mib_per_sandbox_mean": round(sum(pss) / len(pss) / 1024, 1),
+        "pss_mib_per_sandbox_max": round(max(pss) / 1024, 1),
+        "guest_memory_mib": snapshot.memory_mib,
+    }
+
+
+async def _api(template: Template, samples: int) -> dict[str, Any]:
+    """The same create → run_code through the daemon's REST API on a unix socket (sequential)."""
+    from tartarus.daemon.server import daemon_thread
+    from tartarus.sdk import AsyncClient, AsyncSandbox
+
+    with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
+        uds = Path(tmp) / "api.sock"
+        totals: list[float] = []
+        with daemon_thread(Path(tmp) / "state", uds):
+            client = AsyncClient(f"unix://{uds}")
+            try:
+                for _ in range(samples):
+                    # Wait for the daemon's pool to be full again, as in the runtime rounds.
+                    while (await client.request("GET", "/v1/health")).json()["pooled"] < 2:
+                        await asyncio.sleep(0.01)
+                    t0 = time.perf_counter()
+                    sb = await AsyncSandbox.create(template.name, client=client)
+                    answer = await sb.run_code("1+1")
+                    totals.append(time.perf_counter() - t0)
+                    assert answer.result == "2", answer
+                    await sb.kill()
+            finally:
+                await client.close()
+    return summary_ms(totals)
+
+
+async def bench_cold_start(
+    template_name: str, samples: int, concurrency: int, api_samples: int, progress: Callable[[int], None]
+) -> dict[str, Any]:
+    template = get_template(template_name)
+    snapshot = ensure_snapshot(template)
+    sequential = await _rounds(snapshot, template, samples, 1, progress)
+    result: dict[str, Any] = {**sequential, "template": template_name, "snapshot": snapshot.key}
+    if concurrency > 1:
+        result["concurrent"] = await _rounds(snapshot, template, samples, concurrency, progress)
+    result["memory"] = await _idle_memory(snapshot, template)
+    if api_samples:
+        result["api"] = await _api(template, api_samples)
+    result["what"] = (
+        "restore of the template snapshot into a pre-started VMM (pool refilled between rounds) until "
+        "run_code('1+1') answers; phases are cumulative from the create call"
+    )
+    return result

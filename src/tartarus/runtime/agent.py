@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from tartarus.errors import GuestError, InvalidArgument, SandboxFailed
 from tartarus.runtime.protocol import (
+    DATA_TYPES,
     MAX_PAYLOAD,
     Decoder,
     F,
@@ -182,6 +183,8 @@ class AgentClient:
             self.fail(SandboxFailed(f"guest agent channel error: {e}"))
 
     async def _dispatch(self, frame: Frame) -> None:
+        if frame.type not in DATA_TYPES:
+            frame.fields()  # validate at the boundary: a malformed reply fails the channel, not a caller
         if frame.type == T.HELLO:
             self.hellos += 1
             if self.hellos > 1:

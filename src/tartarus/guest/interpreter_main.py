@@ -23,6 +23,7 @@ import random
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 MAX_OUTPUT = 1 << 20  # per stream per call; the rest is dropped with a marker
@@ -95,15 +96,35 @@ def _run(code: str, namespace: dict[str, Any]) -> dict[str, Any]:
 
 def _reseed(namespace: dict[str, Any]) -> None:
     """After a snapshot restore every clone holds the same PRNG states: draw fresh ones."""
-    random.seed(os.urandom(32))
+    fresh = os.urandom(36)
+    random.seed(int.from_bytes(fresh[:32], "little"))  # an int seed skips hashing a bytes one
     np = sys.modules.get("numpy")
     if np is not None:
-        np.random.seed(int.from_bytes(os.urandom(4), "little"))
+        np.random.seed(int.from_bytes(fresh[32:], "little"))
+
+
+def _lines(fd: int) -> Iterator[bytes]:
+    """Newline-delimited requests read straight from the fd: no text-layer machinery to run."""
+    pending = b""
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            yield line
+
+
+def _send(fd: int, message: dict[str, Any]) -> None:
+    data = json.dumps(message).encode() + b"\n"
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def main() -> None:
     signal.signal(signal.SIGINT, _interrupt)
-    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    channel = os.dup(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.close(devnull)
@@ -119,20 +140,17 @@ def main() -> None:
     # otherwise walk (and dirty) every preloaded object, costing time and copy-on-write memory.
     gc.collect()
     gc.freeze()
-    channel.write(json.dumps({"ready": True, "preloaded": preload}) + "\n")
-    for line in sys.stdin:
+    _send(channel, {"ready": True, "preloaded": preload})
+    for line in _lines(0):
         try:
             request = json.loads(line)
             rid = request["id"]
         except (ValueError, KeyError, TypeError):
-            channel.write(
-                json.dumps({"id": None, "error": {"name": "ProtocolError", "value": line[:200]}}) + "\n"
-            )
+            _send(channel, {"id": None, "error": {"name": "ProtocolError", "value": repr(line[:200])}})
             continue
         if request.get("reseed"):
             _reseed(namespace)
-        response = {"id": rid, **_run(str(request.get("code", "")), namespace)}
-        channel.write(json.dumps(response) + "\n")
+        _send(channel, {"id": rid, **_run(str(request.get("code", "")), namespace)})
 
 
 if __name__ == "__main__":

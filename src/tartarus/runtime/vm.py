@@ -30,11 +30,16 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _tie_to_parent() -> None:
-    """Runs in the child between fork and exec: die with the parent, never outlive it."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the parent already died before prctl took effect
-        os._exit(1)
+def _child_setup(nice: int) -> Callable[[], None]:
+    def setup() -> None:
+        """Runs in the child between fork and exec: die with the parent, never outlive it."""
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:  # the parent already died before prctl took effect
+            os._exit(1)
+        if nice:
+            os.nice(nice)
+
+    return setup
 
 
 def console_tail(path: Path | None, lines: int = 20) -> str:
@@ -86,8 +91,12 @@ class MicroVM:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
-    async def start(self) -> None:
-        """Spawn QEMU and connect QMP and the agent channel (the guest may still be booting)."""
+    async def start(self, *, nice: int = 0) -> None:
+        """Spawn QEMU and connect QMP and the agent channel (the guest may still be booting).
+
+        `nice` > 0 starts it at low priority (a pool's spare VMM must not slow live sandboxes); see
+        `set_priority` for raising it again when the VMM is put to use.
+        """
         t0 = time.perf_counter()
         qmp_host, qmp_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         agent_host, agent_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -100,7 +109,7 @@ class MicroVM:
                 stdout=stderr,
                 stderr=stderr,
                 pass_fds=(qmp_vm.fileno(), agent_vm.fileno()),
-                preexec_fn=_tie_to_parent,
+                preexec_fn=_child_setup(nice),
             )
         finally:
             stderr.close()
@@ -118,6 +127,14 @@ class MicroVM:
         except BaseException:
             await self.kill()
             raise
+
+    def set_priority(self, nice: int = 0) -> None:
+        """Renice every QEMU thread (niceness is per thread on Linux)."""
+        if self.pid is None:
+            return
+        for tid in os.listdir(f"/proc/{self.pid}/task"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
 
     def agent_client(self) -> AgentClient:
         if self.agent is None or self._exited.is_set():

@@ -21,6 +21,8 @@ from tartarus.templates.store import Template
 log = logging.getLogger(__name__)
 
 RETRY_S = 1.0
+# Spare VMMs start at low priority so that spawning them never slows the sandboxes running now.
+SPARE_NICE = 10
 
 
 class VMMPool:
@@ -59,7 +61,9 @@ class VMMPool:
                 await self._dead.pop().destroy()
             while len(self._ready) < self.size:
                 try:
-                    sandbox = await prepare(self.snapshot, self.template, self.root, SandboxOptions())
+                    sandbox = await prepare(
+                        self.snapshot, self.template, self.root, SandboxOptions(), nice=SPARE_NICE
+                    )
                 except asyncio.CancelledError:
                     raise
                 except Exception:

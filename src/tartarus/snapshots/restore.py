@@ -26,7 +26,7 @@ def compatible(snapshot: Snapshot, options: SandboxOptions) -> bool:
 
 
 async def prepare(
-    snapshot: Snapshot, template: Template, root: Path, options: SandboxOptions
+    snapshot: Snapshot, template: Template, root: Path, options: SandboxOptions, *, nice: int = 0
 ) -> RuntimeSandbox:
     sandbox = RuntimeSandbox(new_sandbox_id(), template, root / "pending", options)
     sandbox.workdir = root / sandbox.id
@@ -38,7 +38,7 @@ async def prepare(
         config = sandbox.vm_config(layer=layer, memory_file=snapshot.memory, share=False)
         config.incoming = True
         sandbox.vm = MicroVM(config, sandbox.workdir)
-        await sandbox.vm.start()
+        await sandbox.vm.start(nice=nice)
         sandbox.timings["vmm_ready"] = time.perf_counter() - t0
     except BaseException:
         await sandbox.destroy()
@@ -65,6 +65,8 @@ async def restore(
     vm = sandbox.vm
     assert vm is not None
     try:
+        if prepared is not None:
+            vm.set_priority(0)
         await vm.load_state(snapshot.state)
         sandbox.timings["state_loaded"] = time.perf_counter() - t0
         await vm.resume()

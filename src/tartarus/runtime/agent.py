@@ -141,6 +141,12 @@ class AgentClient:
         if not self._hello.is_set():
             raise self._failure or SandboxFailed("guest agent channel closed before it said hello")
 
+    def assume_running(self) -> None:
+        """The agent was already serving before this client existed (a restored snapshot): no HELLO
+        will come, and the next one means the agent died and was restarted."""
+        self.hellos = max(self.hellos, 1)
+        self._hello.set()
+
     def fail(self, error: BaseException) -> None:
         """Fail every pending and future request with `error` (the VM died, or the agent did)."""
         if self._failure is None:

@@ -72,6 +72,7 @@ async def restore(
         await vm.resume()
         sandbox.timings["guest_resumed"] = time.perf_counter() - t0
         agent = vm.agent_client()
+        agent.assume_running()
         if snapshot.interpreter_pid is not None:
             sandbox.interpreter = CodeInterpreter.adopt(agent, snapshot.interpreter_pid)
         # Clones share the snapshot's clock, RNG pool, hostname and machine-id until told otherwise.

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import tartarus
-from tartarus.daemon.manager import SandboxManager, SandboxRecord
+from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
     CodeError,
     CreateSandbox,
@@ -83,8 +83,8 @@ def _error(exc: TartarusError) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status)
 
 
-def create_app(state_dir: Path) -> FastAPI:
-    manager = SandboxManager(state_dir)
+def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
+    manager = SandboxManager(state_dir, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

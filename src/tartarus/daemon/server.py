@@ -14,6 +14,7 @@ from pathlib import Path
 import uvicorn
 
 from tartarus.daemon.app import create_app
+from tartarus.daemon.manager import DaemonConfig
 from tartarus.errors import TartarusError
 
 
@@ -45,9 +46,12 @@ def _reap_embedded(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def daemon_thread(state_dir: Path, uds: Path) -> Iterator[uvicorn.Server]:
+def daemon_thread(
+    state_dir: Path, uds: Path, daemon_config: DaemonConfig | None = None
+) -> Iterator[uvicorn.Server]:
     """Serve the API for `state_dir` on `uds` from a thread of this process until the block ends."""
-    config = uvicorn.Config(create_app(state_dir), uds=str(uds), log_level="warning", lifespan="on")
+    app = create_app(state_dir, daemon_config)
+    config = uvicorn.Config(app, uds=str(uds), log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="tartarus-daemon", daemon=True)
     thread.start()
@@ -74,7 +78,8 @@ def embedded_daemon(state_root: Path) -> Iterator[Path]:
     sock_dir = Path(tempfile.mkdtemp(prefix="tartarus-"))
     uds = sock_dir / "api.sock"
     try:
-        with daemon_thread(state_dir, uds):
+        # No pool: a one-shot command would pay to pre-start VMMs it never uses.
+        with daemon_thread(state_dir, uds, DaemonConfig(pool_size=0)):
             yield uds
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)

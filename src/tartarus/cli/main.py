@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 
 from tartarus import errors
 from tartarus.paths import default_socket, state_dir
+
+if TYPE_CHECKING:
+    from tartarus.sdk import CommandResult, Sandbox
 
 app = typer.Typer(help="Tartarus: microVM sandboxes for untrusted code.", no_args_is_help=True)
 sandbox_app = typer.Typer(help="Manage sandboxes.", no_args_is_help=True)
@@ -68,6 +71,11 @@ def _endpoint() -> Iterator[str | None]:
         yield f"unix://{uds}"
 
 
+def _stream(sb: Sandbox, command: list[str], **options: Any) -> CommandResult:
+    """Run a command, copying its output to ours as it arrives."""
+    return sb.commands.run(command, on_stdout=_to_stdout, on_stderr=_to_stderr, **options)
+
+
 def _to_stdout(data: bytes) -> None:
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
@@ -78,10 +86,7 @@ def _to_stderr(data: bytes) -> None:
     sys.stderr.buffer.flush()
 
 
-def _exit_status(result: object) -> int:
-    from tartarus.sdk._core import CommandResult
-
-    assert isinstance(result, CommandResult)
+def _exit_status(result: CommandResult) -> int:
     if result.timed_out:
         return 124
     if result.signal:
@@ -106,14 +111,7 @@ def run(
             with err.status(f"starting a {template} sandbox"):
                 sb = Sandbox.create(template, url=url)
             with sb:
-                result = sb.commands.run(
-                    command,
-                    env=env_vars,
-                    cwd=cwd,
-                    timeout=timeout,
-                    on_stdout=_to_stdout,
-                    on_stderr=_to_stderr,
-                )
+                result = _stream(sb, command, env=env_vars, cwd=cwd, timeout=timeout)
     except errors.TartarusError as e:
         raise _fail(e) from e
     raise typer.Exit(_exit_status(result))
@@ -178,13 +176,7 @@ def sandbox_exec(
     from tartarus.sdk import Sandbox
 
     try:
-        sb = Sandbox.connect(sandbox_id)
-        result = sb.commands.run(
-            command,
-            timeout=timeout,
-            on_stdout=_to_stdout,
-            on_stderr=_to_stderr,
-        )
+        result = _stream(Sandbox.connect(sandbox_id), command, timeout=timeout)
     except errors.TartarusError as e:
         raise _fail(e) from e
     raise typer.Exit(_exit_status(result))

@@ -1,6 +1,7 @@
 """Python SDK: `Sandbox` (sync) and `AsyncSandbox`, speaking the daemon's REST API."""
 
-from tartarus.sdk._core import CommandResult, Execution, ExecutionError
+from tartarus.runtime.interpreter import Execution, ExecutionError
+from tartarus.sdk._core import CommandResult
 from tartarus.sdk.aio import AsyncClient, AsyncSandbox
 from tartarus.sdk.sync import Client, Sandbox
 

@@ -15,6 +15,7 @@ import httpx
 
 from tartarus import errors
 from tartarus.paths import default_socket
+from tartarus.runtime.interpreter import Execution, ExecutionError
 
 OutputCallback = Callable[[bytes], None]
 
@@ -176,33 +177,27 @@ def shell_join(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
-@dataclass(frozen=True)
-class ExecutionError:
-    name: str
-    value: str
-    traceback: str
+def execution_from_json(data: dict[str, Any]) -> Execution:
+    error = data.get("error")
+    return Execution(
+        stdout=data.get("stdout", ""),
+        stderr=data.get("stderr", ""),
+        result=data.get("result"),
+        error=None
+        if not error
+        else ExecutionError(error["name"], error["value"], error.get("traceback", "")),
+    )
 
 
-@dataclass(frozen=True)
-class Execution:
-    """The outcome of `run_code`: captured output, the last expression's repr, or a structured error."""
-
-    stdout: str
-    stderr: str
-    result: str | None
-    error: ExecutionError | None
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Execution:
-        error = data.get("error")
-        return cls(
-            stdout=data.get("stdout", ""),
-            stderr=data.get("stderr", ""),
-            result=data.get("result"),
-            error=None
-            if not error
-            else ExecutionError(error["name"], error["value"], error.get("traceback", "")),
-        )
+def create_body(
+    template: str, *, vcpus: int | None, memory_mib: int | None, env: dict[str, str] | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"template": template, "env": env or {}}
+    if vcpus:
+        body["vcpus"] = vcpus
+    if memory_mib:
+        body["memory_mib"] = memory_mib
+    return body
 
 
 def code_body(code: str, timeout: float | None) -> dict[str, Any]:

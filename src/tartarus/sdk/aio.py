@@ -9,14 +9,16 @@ from typing import Any
 import httpx
 
 from tartarus.errors import GuestError, NotFound
+from tartarus.runtime.interpreter import Execution
 from tartarus.sdk._core import (
     CommandResult,
     Endpoint,
     ExecCollector,
-    Execution,
     OutputCallback,
     code_body,
+    create_body,
     exec_body,
+    execution_from_json,
     raise_for_error,
     resolve_endpoint,
     transport_error,
@@ -166,11 +168,7 @@ class AsyncSandbox:
     ) -> AsyncSandbox:
         owns = client is None
         client = client or AsyncClient(url, api_key)
-        body: dict[str, Any] = {"template": template, "env": env or {}}
-        if vcpus:
-            body["vcpus"] = vcpus
-        if memory_mib:
-            body["memory_mib"] = memory_mib
+        body = create_body(template, vcpus=vcpus, memory_mib=memory_mib, env=env)
         try:
             info = (await client.request("POST", "/v1/sandboxes", json=body)).json()
         except BaseException:
@@ -193,7 +191,7 @@ class AsyncSandbox:
         response = await self._client.request(
             "POST", f"/v1/sandboxes/{self.id}/code", json=code_body(code, timeout), timeout=http_timeout
         )
-        return Execution.from_json(response.json())
+        return execution_from_json(response.json())
 
     async def refresh(self) -> dict[str, Any]:
         self.info = (await self._client.request("GET", f"/v1/sandboxes/{self.id}")).json()

@@ -8,14 +8,16 @@ from typing import Any
 
 import httpx
 
+from tartarus.runtime.interpreter import Execution
 from tartarus.sdk._core import (
     CommandResult,
     Endpoint,
     ExecCollector,
-    Execution,
     OutputCallback,
     code_body,
+    create_body,
     exec_body,
+    execution_from_json,
     raise_for_error,
     resolve_endpoint,
     transport_error,
@@ -171,11 +173,7 @@ class Sandbox:
     ) -> Sandbox:
         owns = client is None
         client = client or Client(url, api_key)
-        body: dict[str, Any] = {"template": template, "env": env or {}}
-        if vcpus:
-            body["vcpus"] = vcpus
-        if memory_mib:
-            body["memory_mib"] = memory_mib
+        body = create_body(template, vcpus=vcpus, memory_mib=memory_mib, env=env)
         try:
             info = client.request("POST", "/v1/sandboxes", json=body).json()
         except BaseException:
@@ -203,7 +201,7 @@ class Sandbox:
         response = self._client.request(
             "POST", f"/v1/sandboxes/{self.id}/code", json=code_body(code, timeout), timeout=http_timeout
         )
-        return Execution.from_json(response.json())
+        return execution_from_json(response.json())
 
     def refresh(self) -> dict[str, Any]:
         self.info = self._client.request("GET", f"/v1/sandboxes/{self.id}").json()

@@ -87,3 +87,31 @@ def cold_start(
         json_out,
         lambda p: asyncio.run(bench_cold_start(template, samples, concurrency, api_samples, p)),
     )
+
+
+@bench_app.command("image-convert")
+def image_convert(
+    cold: Annotated[
+        int, typer.Option("--cold", help="cold conversions (each followed by a baseline run)", min=1)
+    ] = 5,
+    warm: Annotated[int, typer.Option("--warm", help="warm pulls", min=1)] = 20,
+    fstype: Annotated[str, typer.Option(help="ext4 or erofs")] = "ext4",
+    json_out: JsonOut = None,
+) -> None:
+    """python:3.11-slim equivalent from a local registry: cold, warm, and a skopeo+umoci+mkfs baseline."""
+    from tartarus.bench.images import bench_image_convert
+
+    logging.basicConfig(level=logging.WARNING)
+    started = time.time()
+    result = bench_image_convert(cold, warm, fstype, lambda message: err.print(f"[dim]{message}[/dim]"))
+    doc = {"benchmark": "image-convert", **result, "machine": machine_info(), "started_at": started}
+    err.print(
+        f"image-convert: cold {doc['cold_s']:.2f} s, warm {doc['warm_ms']:.1f} ms, baseline "
+        f"{doc['baseline_s']:.2f} s, ratio {doc['ratio']:.2f}, peak RSS {doc['peak_rss_mb']:.0f} MB"
+    )
+    text = json.dumps(doc, indent=2)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
+    else:
+        print(text)

@@ -238,7 +238,7 @@ def template_ls() -> None:
 
     table = Table("NAME", "KEY", "FS", "SIZE")
     for t in list_templates():
-        table.add_row(t.name, t.key, t.fstype, f"{t.rootfs.stat().st_size / 2**20:.0f} MiB")
+        table.add_row(t.name, t.key, t.fstype, f"{t.rootfs.stat().st_blocks * 512 / 2**20:.0f} MiB")
     Console().print(table)
 
 
@@ -248,7 +248,14 @@ def _register_bench() -> None:
     app.add_typer(bench_app, name="bench")
 
 
+def _register_image() -> None:
+    from tartarus.images.cli import image_app
+
+    app.add_typer(image_app, name="image")
+
+
 _register_bench()
+_register_image()
 
 if __name__ == "__main__":
     app()

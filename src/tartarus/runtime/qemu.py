@@ -6,7 +6,6 @@ hosts without usable hardware virtualisation; only `-accel` and `-cpu` differ.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +68,10 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
         accel = ["-accel", "kvm", "-cpu", "host"]
     elif config.accel == "tcg":
         # qemu64 rather than max: guest code then takes SSE paths that TCG runs faster than AVX ones
-        # (measured: cold-start P50 89.6 ms vs 97.1 ms, n=60 each).
-        cpu = os.environ.get("TARTARUS_TCG_CPU", "qemu64")
-        accel = ["-accel", "tcg,thread=multi,tb-size=128", "-cpu", cpu]
+        # (cold-start P50 89.6 vs 97.1 ms, n=60 each). One vCPU runs best on single-threaded TCG
+        # (P50 76.6/74.9 vs 82.6/79.5 ms in alternating runs, n=60 each); more need MTTCG.
+        thread = "single" if config.vcpus == 1 else "multi"
+        accel = ["-accel", f"tcg,thread={thread},tb-size=128", "-cpu", "qemu64"]
     else:
         raise ValueError(f"unknown accelerator {config.accel!r}")
     machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pcie=off,pic=on,pit=on"

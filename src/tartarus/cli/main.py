@@ -233,13 +233,27 @@ def template_build(name: str) -> None:
 
 @template_app.command("ls")
 def template_ls() -> None:
-    """List built templates."""
+    """List built templates and whether each has a snapshot to restore sandboxes from."""
+    from tartarus.snapshots.store import find_snapshot
     from tartarus.templates.store import list_templates
 
-    table = Table("NAME", "KEY", "FS", "SIZE")
+    table = Table("NAME", "KEY", "FS", "SIZE", "SNAPSHOT")
     for t in list_templates():
-        table.add_row(t.name, t.key, t.fstype, f"{t.rootfs.stat().st_blocks * 512 / 2**20:.0f} MiB")
+        snapshot = find_snapshot(t) if t.preload is not None else None
+        size = f"{t.rootfs.stat().st_blocks * 512 / 2**20:.0f} MiB"
+        table.add_row(t.name, t.key, t.fstype, size, snapshot.key if snapshot else "-")
     Console().print(table)
+
+
+@template_app.command("rm")
+def template_rm(name: str) -> None:
+    """Forget a built template; its filesystem and snapshots stay cached by content for a rebuild."""
+    from tartarus.templates.store import remove_template
+
+    try:
+        remove_template(name)
+    except errors.TartarusError as e:
+        raise _fail(e) from e
 
 
 def _register_bench() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,3 +72,11 @@ def list_templates() -> list[Template]:
         for d in sorted(root.iterdir())
         if (d / "current").exists()
     ]
+
+
+def remove_template(name: str) -> None:
+    """Delete a template's builds; running sandboxes keep working (their files stay open)."""
+    root = templates_root() / name
+    if not (root / "current").exists():
+        raise NotFound(f"no built template named {name!r}")
+    shutil.rmtree(root)

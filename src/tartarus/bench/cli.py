@@ -23,6 +23,16 @@ bench_app = typer.Typer(
 err = Console(stderr=True)
 
 
+def _emit(doc: dict[str, Any], json_path: Path | None) -> None:
+    """Write a result document to `json_path`, or to stdout when none is given."""
+    text = json.dumps(doc, indent=2)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")
+    else:
+        print(text)
+
+
 Runner = Callable[[Callable[[int], None]], dict[str, Any]]
 
 
@@ -44,12 +54,7 @@ def _run(name: str, steps: int, json_path: Path | None, runner: Runner) -> None:
         f"{name}: n={doc['samples']} p50={doc['p50_ms']:.1f} ms p99={doc['p99_ms']:.1f} ms "
         f"max={doc['max_ms']:.1f} ms (accel {accel})"
     )
-    text = json.dumps(doc, indent=2)
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(text + "\n")
-    else:
-        print(text)
+    _emit(doc, json_path)
 
 
 Samples = Annotated[int, typer.Option("--samples", "-n", min=1)]
@@ -109,9 +114,4 @@ def image_convert(
         f"image-convert: cold {doc['cold_s']:.2f} s, warm {doc['warm_ms']:.1f} ms, baseline "
         f"{doc['baseline_s']:.2f} s, ratio {doc['ratio']:.2f}, peak RSS {doc['peak_rss_mb']:.0f} MB"
     )
-    text = json.dumps(doc, indent=2)
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(text + "\n")
-    else:
-        print(text)
+    _emit(doc, json_out)

@@ -127,10 +127,13 @@ def serve(
     from tartarus.daemon.server import serve as run_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if host:
-        run_server(state_dir(), host=host, port=port)
-    else:
-        run_server(state_dir(), uds=socket or default_socket())
+    try:
+        if host:
+            run_server(state_dir(), host=host, port=port)
+        else:
+            run_server(state_dir(), uds=socket or default_socket())
+    except errors.TartarusError as e:
+        raise _fail(e) from e
 
 
 @app.command()

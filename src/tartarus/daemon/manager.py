@@ -12,11 +12,11 @@ import fcntl
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from tartarus.errors import Conflict, NotFound
+from tartarus.errors import Conflict, InvalidArgument, NotFound
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.restore import compatible, restore
@@ -26,10 +26,21 @@ from tartarus.templates.store import Template, get_template, list_templates
 log = logging.getLogger(__name__)
 
 
+def _pool_size_from_env() -> int:
+    raw = os.environ.get("TARTARUS_POOL_SIZE", "2")
+    try:
+        size = int(raw)
+    except ValueError:
+        size = -1
+    if not 0 <= size <= 64:
+        raise InvalidArgument(f"TARTARUS_POOL_SIZE must be an integer from 0 to 64, not {raw!r}")
+    return size
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     # Pre-started VMMs kept per template snapshot; 0 disables the pool (creates only get slower).
-    pool_size: int = int(os.environ.get("TARTARUS_POOL_SIZE", "2"))
+    pool_size: int = field(default_factory=_pool_size_from_env)
 
 
 @dataclass

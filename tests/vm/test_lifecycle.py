@@ -111,3 +111,16 @@ def test_runtime_boot_failure_cleans_up(python_ds: Template, tmp_path: Path) -> 
         asyncio.run(boot())
     assert list(tmp_path.iterdir()) == []
     assert not qemu_pids(tmp_path)
+
+
+def test_vmm_that_cannot_start_is_a_clear_error(python_ds: Template, tmp_path: Path) -> None:
+    """QEMU refusing its configuration (here: a missing base image) surfaces QEMU's own words."""
+    missing = Template(**{**python_ds.__dict__, "rootfs": tmp_path / "no-such-rootfs.img"})
+
+    async def boot() -> None:
+        await RuntimeSandbox.boot(missing, tmp_path / "sandboxes")
+
+    with pytest.raises(SandboxFailed, match=r"(?s)VMM failed to start.*no-such-rootfs"):
+        asyncio.run(boot())
+    assert not qemu_pids(tmp_path)
+    assert not list((tmp_path / "sandboxes").iterdir())

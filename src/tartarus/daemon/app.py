@@ -102,6 +102,12 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     async def tartarus_error(request: Request, exc: TartarusError) -> JSONResponse:
         return _error(exc)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a client error: log it whole, answer with the documented body shape.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]

@@ -124,6 +124,10 @@ class MicroVM:
             self._tasks.append(asyncio.create_task(self._watch_events(), name="vmm-events"))
             reader, writer = await asyncio.open_unix_connection(sock=agent_host, limit=1 << 21)
             self.agent = AgentClient(reader, writer, eof_reason=self._eof_reason)
+        except Exception as e:
+            await self.kill()
+            detail = (self.workdir / "qemu.log").read_text(errors="replace").strip()[-2000:]
+            raise SandboxFailed(f"VMM failed to start: {detail or e}") from e
         except BaseException:
             await self.kill()
             raise

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,14 @@ app = typer.Typer(help="Tartarus: microVM sandboxes for untrusted code.", no_arg
 sandbox_app = typer.Typer(help="Manage sandboxes.", no_args_is_help=True)
 template_app = typer.Typer(help="Manage templates.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
+
+
+@app.callback()
+def _main() -> None:
+    """Turn SIGTERM into SystemExit so cleanup (VMs, writable layers, temp dirs) runs as on Ctrl-C."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 app.add_typer(template_app, name="template")
 
 err = Console(stderr=True)

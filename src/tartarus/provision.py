@@ -14,7 +14,7 @@ from tartarus.guest.initramfs import build_initramfs
 from tartarus.guest.kernel import build_kernel
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.disks import empty_layer
-from tartarus.templates.debian import build_debian_template
+from tartarus.templates.build import build_template
 from tartarus.templates.spec import builtin_spec
 
 Step = tuple[str, Callable[[], object]]
@@ -29,7 +29,7 @@ def steps(templates: list[str], log: Callable[[str], None]) -> list[Step]:
     ]
     for name in templates:
         spec = builtin_spec(name)
-        build = functools.partial(build_debian_template, spec, log)
+        build = functools.partial(build_template, spec, log)
         out.append((f"template {name} (first build ~3 min)", build))
         if spec.interpreter is not None:
             out.append((f"snapshot of {name} (first time ~1 min)", functools.partial(_snapshot, name, log)))

@@ -230,14 +230,17 @@ def sandbox_kill(sandbox_ids: Annotated[list[str], typer.Argument()]) -> None:
 
 @template_app.command("build")
 def template_build(name: str) -> None:
-    """Build (or find cached) a template from templates/NAME.yaml or a spec file path."""
-    from tartarus.templates.debian import build_debian_template
+    """Build (or find cached) a template from templates/NAME.yaml or a spec file, and its snapshot."""
+    from tartarus.snapshots.build import ensure_snapshot
+    from tartarus.templates.build import build_template
     from tartarus.templates.spec import TemplateSpec, builtin_spec
 
     try:
         spec = TemplateSpec.load(Path(name)) if name.endswith((".yaml", ".yml")) else builtin_spec(name)
         with err.status(f"building template {spec.name}"):
-            template = build_debian_template(spec, err.print)
+            template = build_template(spec, err.print)
+            if template.preload is not None:
+                ensure_snapshot(template, err.print)
     except errors.TartarusError as e:
         raise _fail(e) from e
     print(f"{template.name} {template.key}")

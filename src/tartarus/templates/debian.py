@@ -11,10 +11,10 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tartarus.errors import SetupRequired
+from tartarus.errors import InvalidArgument, SetupRequired
 from tartarus.guest.cache import cached, digest
-from tartarus.templates.spec import TemplateSpec
-from tartarus.templates.store import Template, set_current
+from tartarus.templates.spec import DebianBase, TemplateSpec
+from tartarus.templates.store import Template, register_template
 
 BUILDER_VERSION = "debootstrap-ext4-v1"
 # Removed from the tree before imaging: package caches that only cost space in every sandbox.
@@ -62,16 +62,19 @@ def image_tree(tree: Path, image: Path, label: str) -> None:
 
 
 def build_debian_template(spec: TemplateSpec, progress: Callable[[str], None] = print) -> Template:
+    base = spec.base
+    if not isinstance(base, DebianBase):
+        raise InvalidArgument(f"template {spec.name!r} is not built from Debian packages")
     mirror = debian_mirror()
-    rootfs_key = digest([BUILDER_VERSION, spec.base.debian, *sorted(spec.packages)])
+    rootfs_key = digest([BUILDER_VERSION, base.debian, *sorted(spec.packages)])
 
     def build_rootfs(out: Path) -> None:
         root = out / "tree"
-        progress(f"debootstrap {spec.base.debian} with {', '.join(spec.packages)}")
+        progress(f"debootstrap {base.debian} with {', '.join(spec.packages)}")
         cmd = ["debootstrap", "--variant=minbase"]
         if spec.packages:
             cmd.append("--include=" + ",".join(spec.packages))
-        cmd += [spec.base.debian, str(root), mirror]
+        cmd += [base.debian, str(root), mirror]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"debootstrap failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -85,20 +88,15 @@ def build_debian_template(spec: TemplateSpec, progress: Callable[[str], None] = 
         shutil.rmtree(root)
 
     rootfs = cached("rootfs", rootfs_key, build_rootfs) / "rootfs.img"
-    key = digest([rootfs_key, spec.model_dump_json()])
     template = Template(
         name=spec.name,
-        key=key,
+        key=digest([rootfs_key, spec.model_dump_json()]),
         rootfs=rootfs,
         fstype="ext4",
         vcpus=spec.resources.vcpus,
         memory_mib=spec.resources.memory_mib,
         env=spec.env,
-        workdir=spec.workdir,
+        workdir=spec.workdir or "/",
         preload=spec.interpreter.preload if spec.interpreter else None,
     )
-    path = cached(
-        f"templates/{spec.name}", key, lambda out: (out / "template.json").write_text(template.to_json())
-    )
-    set_current(spec.name, key)
-    return Template.from_dir(path)
+    return register_template(template)

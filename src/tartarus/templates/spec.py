@@ -32,15 +32,23 @@ class Interpreter(BaseModel):
     preload: list[str] = Field(default_factory=list, description="modules imported before the snapshot")
 
 
+class ImageBase(BaseModel):
+    """An OCI or Docker image (registry reference, `oci:DIR[:TAG]` or `docker-archive:FILE`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(min_length=1, max_length=1024)
+    insecure: bool = Field(False, description="allow plain HTTP to a registry that is not on loopback")
+
+
 class TemplateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
-    base: DebianBase
+    base: DebianBase | ImageBase
     packages: list[str] = Field(default_factory=list)
     resources: Resources = Field(default_factory=lambda: Resources())
     env: dict[str, str] = Field(default_factory=dict)
-    workdir: str = "/"
+    workdir: str | None = Field(None, description="default: the image's, or / for a Debian base")
     interpreter: Interpreter | None = None
 
     @classmethod

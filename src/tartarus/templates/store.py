@@ -80,3 +80,16 @@ def remove_template(name: str) -> None:
     if not (root / "current").exists():
         raise NotFound(f"no built template named {name!r}")
     shutil.rmtree(root)
+
+
+def register_template(template: Template) -> Template:
+    """Record a built template under its key and make it the name's current build."""
+    from tartarus.guest.cache import cached
+
+    path = cached(
+        f"templates/{template.name}",
+        template.key,
+        lambda out: (out / "template.json").write_text(template.to_json()),
+    )
+    set_current(template.name, template.key)
+    return Template.from_dir(path)

@@ -76,6 +76,11 @@ def transport_error(exc: httpx.HTTPError, endpoint: Endpoint) -> errors.Tartarus
     return errors.TartarusError(f"cannot reach the Tartarus daemon at {where}: {exc}")
 
 
+def call_timeout(timeout: float | None) -> httpx.Timeout:
+    """HTTP timeout for a call that may itself run for `timeout` seconds in the guest (None: unbounded)."""
+    return httpx.Timeout(None if timeout is None else timeout + 60, connect=10.0)
+
+
 def argv_of(cmd: str | Sequence[str]) -> list[str]:
     """A string runs through `/bin/sh -c` (like a shell line); a sequence is the exact argv."""
     if isinstance(cmd, str):

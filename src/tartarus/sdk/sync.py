@@ -14,6 +14,7 @@ from tartarus.sdk._core import (
     Endpoint,
     ExecCollector,
     OutputCallback,
+    call_timeout,
     code_body,
     create_body,
     exec_body,
@@ -88,7 +89,7 @@ class Commands:
         """Run a command to completion; a string goes through `/bin/sh -c`, a list is the argv."""
         body = exec_body(cmd, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin)
         collector = ExecCollector(on_stdout, on_stderr)
-        http_timeout = httpx.Timeout(None if timeout is None else timeout + 60, connect=10.0)
+        http_timeout = call_timeout(timeout)
         for line in self._sb._client.stream_lines(
             "POST", f"/v1/sandboxes/{self._sb.id}/exec", json=body, timeout=http_timeout
         ):
@@ -197,7 +198,7 @@ class Sandbox:
 
     def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
         """Run Python in the sandbox's warm interpreter (numpy, pandas preloaded); state persists."""
-        http_timeout = httpx.Timeout(None if timeout is None else timeout + 60, connect=10.0)
+        http_timeout = call_timeout(timeout)
         response = self._client.request(
             "POST", f"/v1/sandboxes/{self.id}/code", json=code_body(code, timeout), timeout=http_timeout
         )

@@ -20,7 +20,10 @@
 #include <grp.h>
 #include <limits.h>
 #include <linux/random.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -1764,7 +1767,7 @@ static void setup_stdio(void)
 }
 
 struct params {
-	char root[256], fstype[32], rw[256], hostname[HOST_NAME_MAX + 1];
+	char root[256], fstype[32], rw[256], hostname[HOST_NAME_MAX + 1], net[64];
 };
 
 static void read_cmdline(struct params *pr)
@@ -1774,6 +1777,7 @@ static void read_cmdline(struct params *pr)
 		{ "tartarus.rootfstype=", offsetof(struct params, fstype), sizeof pr->fstype },
 		{ "tartarus.rw=", offsetof(struct params, rw), sizeof pr->rw },
 		{ "tartarus.hostname=", offsetof(struct params, hostname), sizeof pr->hostname },
+		{ "tartarus.net=", offsetof(struct params, net), sizeof pr->net },
 	};
 	char buf[4096];
 	ssize_t n = -1;
@@ -1783,6 +1787,7 @@ static void read_cmdline(struct params *pr)
 	strcpy(pr->fstype, "ext4");
 	strcpy(pr->rw, "/dev/vdb");
 	strcpy(pr->hostname, "sandbox");
+	pr->net[0] = 0;
 	if (fd >= 0) {
 		n = read(fd, buf, sizeof buf - 1);
 		close(fd);
@@ -1825,6 +1830,48 @@ static void loopback_up(void)
 	close(s);
 }
 
+/* tartarus.net=ADDR/PREFIX,GATEWAY: bring eth0 up with a static address and a default route. Only
+ * template build VMs get a NIC (QEMU user networking); sandboxes' networking is the host's business. */
+static void net_up(const char *spec)
+{
+	char addr[32], gw[32];
+	unsigned prefix;
+	struct ifreq ifr;
+	struct rtentry rt;
+	struct sockaddr_in *sin;
+	int s;
+
+	if (sscanf(spec, "%31[0-9.]/%u,%31[0-9.]", addr, &prefix, gw) != 3 || prefix > 32) {
+		logmsg("bad tartarus.net=%s (want ADDR/PREFIX,GATEWAY)", spec);
+		return;
+	}
+	s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0) {
+		logmsg("socket: %s (eth0 left down)", strerror(errno));
+		return;
+	}
+	memset(&ifr, 0, sizeof ifr);
+	strcpy(ifr.ifr_name, "eth0");
+	sin = (struct sockaddr_in *)&ifr.ifr_addr;
+	sin->sin_family = AF_INET;
+	if (inet_pton(AF_INET, addr, &sin->sin_addr) != 1 || ioctl(s, SIOCSIFADDR, &ifr) != 0)
+		logmsg("eth0 address %s: %s", addr, strerror(errno));
+	sin->sin_addr.s_addr = prefix ? htonl(~0u << (32 - prefix)) : 0;
+	if (ioctl(s, SIOCSIFNETMASK, &ifr) != 0)
+		logmsg("eth0 netmask /%u: %s", prefix, strerror(errno));
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) != 0 || (ifr.ifr_flags |= IFF_UP, ioctl(s, SIOCSIFFLAGS, &ifr)) != 0)
+		logmsg("bringing eth0 up: %s", strerror(errno));
+	memset(&rt, 0, sizeof rt);
+	((struct sockaddr_in *)&rt.rt_dst)->sin_family = AF_INET;
+	((struct sockaddr_in *)&rt.rt_genmask)->sin_family = AF_INET;
+	sin = (struct sockaddr_in *)&rt.rt_gateway;
+	sin->sin_family = AF_INET;
+	rt.rt_flags = RTF_UP | RTF_GATEWAY;
+	if (inet_pton(AF_INET, gw, &sin->sin_addr) != 1 || ioctl(s, SIOCADDRT, &rt) != 0)
+		logmsg("default route via %s: %s", gw, strerror(errno));
+	close(s);
+}
+
 /* Mounts an API filesystem inside the new root, creating the mount point. */
 static void mount_api(const char *src, const char *dst, const char *type, unsigned long flags, const char *data)
 {
@@ -1853,15 +1900,22 @@ static void setup_root(void)
 	try_mkdir("/mnt/rw", 0755);
 	try_mkdir("/newroot", 0755);
 	wait_for_device(pr.root);
-	wait_for_device(pr.rw);
-	do_mount(pr.root, "/mnt/base", pr.fstype, MS_RDONLY, NULL);
-	/* noinit_itable: the layer is a sparse file whose unwritten inode tables already read as zeros;
-	 * without it ext4lazyinit spends guest CPU after boot (and after every restore) zeroing them. */
-	do_mount(pr.rw, "/mnt/rw", "ext4", MS_NOATIME, "noinit_itable");
-	try_mkdir("/mnt/rw/upper", 0755);
-	try_mkdir("/mnt/rw/work", 0755);
-	do_mount("overlay", "/newroot", "overlay", 0,
-		 "lowerdir=/mnt/base,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work");
+	int building = strcmp(pr.rw, "none") == 0;
+	if (building) {
+		/* A template build: the root is a private copy of the base, changed in place by the build
+		 * steps and kept afterwards as the template's new base image. */
+		do_mount(pr.root, "/newroot", pr.fstype, MS_NOATIME, NULL);
+	} else {
+		wait_for_device(pr.rw);
+		do_mount(pr.root, "/mnt/base", pr.fstype, MS_RDONLY, NULL);
+		/* noinit_itable: the layer is a sparse file whose unwritten inode tables read as zeros;
+		 * without it ext4lazyinit spends guest CPU after boot (and every restore) zeroing them. */
+		do_mount(pr.rw, "/mnt/rw", "ext4", MS_NOATIME, "noinit_itable");
+		try_mkdir("/mnt/rw/upper", 0755);
+		try_mkdir("/mnt/rw/work", 0755);
+		do_mount("overlay", "/newroot", "overlay", 0,
+			 "lowerdir=/mnt/base,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work");
+	}
 
 	/* The initramfs copies of /proc and /sys are not needed any more. */
 	umount2("/proc", MNT_DETACH);
@@ -1885,7 +1939,10 @@ static void setup_root(void)
 	if (sethostname(pr.hostname, strlen(pr.hostname)) != 0)
 		logmsg("sethostname %s: %s", pr.hostname, strerror(errno));
 	loopback_up();
-	bind_machine_id();
+	if (pr.net[0])
+		net_up(pr.net);
+	if (!building)
+		bind_machine_id(); /* a build must not leave the bind's placeholder file in the image */
 }
 
 /* Put /etc/machine-id on tmpfs (see machine_id_bound), keeping the image's id until CONFIGURE. */

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tartarus.errors import InvalidArgument
-from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.runtime.agent import Output
+from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.restore import restore
 from tartarus.templates.build import build_template
 from tartarus.templates.spec import TemplateSpec
+from tartarus.templates.steps import BuildStepFailed
 from tartarus.templates.store import get_template, remove_template
 from tests.conftest import qemu_pids
 
@@ -53,4 +59,74 @@ def test_image_template_snapshot_and_restore(python_ref: str, tmp_path: Path) ->
 def test_image_template_refuses_debian_packages(python_ref: str) -> None:
     spec = TemplateSpec.model_validate({"name": "bad", "base": {"image": python_ref}, "packages": ["curl"]})
     with pytest.raises(InvalidArgument, match="packages"):
+        build_template(spec, lambda message: None)
+
+
+@pytest.fixture
+def host_http() -> Iterator[tuple[int, bytes]]:
+    """A loopback HTTP server; QEMU user networking shows the host's loopback to a guest as 10.0.2.2."""
+    payload = b"payload-" + os.urandom(4).hex().encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], payload
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_build_steps_run_with_network_and_are_kept(
+    python_ref: str, tmp_path: Path, host_http: tuple[int, bytes]
+) -> None:
+    port, payload = host_http
+    fetch = f"import urllib.request as u; open('/opt/fetched', 'wb').write(u.urlopen('http://10.0.2.2:{port}/').read())"
+    spec = TemplateSpec.model_validate(
+        {
+            "name": "steps-test",
+            "base": {"image": python_ref},
+            "steps": ["echo built-by-step > /opt/marker", f'python3 -c "{fetch}"'],
+        }
+    )
+    template = build_template(spec, lambda message: None)
+    try:
+
+        async def main() -> bytes:
+            sb = await RuntimeSandbox.boot(template, tmp_path / "sandboxes")
+            try:
+                process = await sb.agent.exec(
+                    ["sh", "-c", "cat /opt/marker /opt/fetched; echo; cat /etc/resolv.conf"]
+                )
+                out = b""
+                async for event in process.events():
+                    if isinstance(event, Output):
+                        out += event.data
+                return out
+            finally:
+                await sb.destroy()
+
+        out = asyncio.run(main())
+        assert out.startswith(b"built-by-step\n" + payload)
+        assert b"10.0.2.3" not in out  # the build's resolver was put back
+        assert not qemu_pids(tmp_path)
+    finally:
+        remove_template("steps-test")
+
+
+def test_a_failing_step_is_a_clear_error(python_ref: str) -> None:
+    spec = TemplateSpec.model_validate(
+        {"name": "failing-steps", "base": {"image": python_ref}, "steps": ["echo about to fail; exit 3"]}
+    )
+    with pytest.raises(BuildStepFailed, match=r"(?s)step 1 .*exit status 3.*about to fail"):
         build_template(spec, lambda message: None)

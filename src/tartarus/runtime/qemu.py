@@ -45,6 +45,8 @@ class VMConfig:
     memory_file: Path | None = None
     memory_share: bool = True
     incoming: bool = False  # start waiting for migration state (snapshot restore)
+    # QEMU user networking (NAT through the host), for template build VMs only; sandboxes have no NIC.
+    user_net: bool = False
 
 
 def kernel_cmdline(config: VMConfig) -> str:
@@ -133,6 +135,8 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
             "-device",
             f"virtio-blk-device,drive=disk{i},id=vd{i}",
         ]
+    if config.user_net:
+        argv += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
     if config.incoming:
         argv += ["-incoming", "defer"]
     return argv

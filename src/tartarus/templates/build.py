@@ -1,48 +1,67 @@
-"""`tartarus template build`: a template from Debian packages or from an OCI image.
+"""`tartarus template build`: a template from Debian packages or an OCI image, plus optional build steps.
 
-An image template is the converted image (see tartarus.images) plus the spec's resources, env and
-interpreter; its key is the image's manifest digest and the spec, so a new image digest or a changed
-spec makes a new template (and, through its key, a new snapshot).
+The base comes first (a cached Debian root filesystem, or the converted image); if the spec has `steps`,
+they run in a build VM on a copy of it and their result is cached as a new root filesystem. A template's
+key covers its base's identity, its steps and the whole spec, so changing any of them makes a new
+template (and, through the key, a new snapshot).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 from tartarus.errors import InvalidArgument
-from tartarus.guest.cache import digest
-from tartarus.templates.debian import build_debian_template
+from tartarus.guest.cache import cached, digest
+from tartarus.templates.debian import build_debian_rootfs
 from tartarus.templates.spec import ImageBase, TemplateSpec
+from tartarus.templates.steps import apply_steps
 from tartarus.templates.store import Template, register_template
 
 IMAGE_BUILDER_VERSION = "oci-image-v1"
+STEPS_VERSION = "build-vm-steps-v1"
 
 
 def build_template(spec: TemplateSpec, progress: Callable[[str], None] = print) -> Template:
     if isinstance(spec.base, ImageBase):
-        return build_image_template(spec, spec.base, progress)
-    return build_debian_template(spec, progress)
+        base, identity = _image_base(spec, spec.base, progress)
+    else:
+        rootfs, rootfs_key = build_debian_rootfs(spec, progress)
+        base = Template(name=spec.name, key=rootfs_key, rootfs=rootfs, fstype="ext4")
+        identity = [rootfs_key]
+    if spec.steps:
+        steps_key = digest([STEPS_VERSION, *identity, *spec.steps])
+        base = replace(base, env={**base.env, **spec.env}, workdir=spec.workdir or base.workdir)
+
+        def build(out: Path) -> None:
+            apply_steps(base, spec.steps, out, progress)
+
+        base = replace(base, rootfs=cached("rootfs", steps_key, build) / "rootfs.img", fstype="ext4")
+        identity = [steps_key]
+    template = Template(
+        name=spec.name,
+        key=digest([*identity, spec.model_dump_json()]),
+        rootfs=base.rootfs,
+        fstype=base.fstype,
+        vcpus=spec.resources.vcpus,
+        memory_mib=spec.resources.memory_mib,
+        env={**base.env, **spec.env},
+        workdir=spec.workdir or base.workdir,
+        preload=spec.interpreter.preload if spec.interpreter else None,
+    )
+    return register_template(template)
 
 
-def build_image_template(spec: TemplateSpec, base: ImageBase, progress: Callable[[str], None]) -> Template:
+def _image_base(
+    spec: TemplateSpec, base: ImageBase, progress: Callable[[str], None]
+) -> tuple[Template, list[str]]:
     from tartarus import images
 
     if spec.packages:
         raise InvalidArgument(
-            f"template {spec.name!r}: `packages` needs a Debian base; an image template has its image's"
+            f"template {spec.name!r}: `packages` needs a Debian base; use `steps` to install into an image"
         )
     progress(f"pulling {base.image}")
     build = images.pull(base.image, insecure=base.insecure)
-    image = images.to_template(build, spec.name)
-    template = Template(
-        name=spec.name,
-        key=digest([IMAGE_BUILDER_VERSION, build.manifest_digest, build.fstype, spec.model_dump_json()]),
-        rootfs=build.rootfs,
-        fstype=build.fstype,
-        vcpus=spec.resources.vcpus,
-        memory_mib=spec.resources.memory_mib,
-        env={**image.env, **spec.env},
-        workdir=spec.workdir or image.workdir,
-        preload=spec.interpreter.preload if spec.interpreter else None,
-    )
-    return register_template(template)
+    return images.to_template(build, spec.name), [IMAGE_BUILDER_VERSION, build.manifest_digest, build.fstype]

@@ -14,7 +14,6 @@ from pathlib import Path
 from tartarus.errors import InvalidArgument, SetupRequired
 from tartarus.guest.cache import cached, digest
 from tartarus.templates.spec import DebianBase, TemplateSpec
-from tartarus.templates.store import Template, register_template
 
 BUILDER_VERSION = "debootstrap-ext4-v1"
 # Removed from the tree before imaging: package caches that only cost space in every sandbox.
@@ -61,7 +60,8 @@ def image_tree(tree: Path, image: Path, label: str) -> None:
     )  # fmt: skip
 
 
-def build_debian_template(spec: TemplateSpec, progress: Callable[[str], None] = print) -> Template:
+def build_debian_rootfs(spec: TemplateSpec, progress: Callable[[str], None] = print) -> tuple[Path, str]:
+    """The spec's Debian root filesystem image and the key it is cached under."""
     base = spec.base
     if not isinstance(base, DebianBase):
         raise InvalidArgument(f"template {spec.name!r} is not built from Debian packages")
@@ -87,16 +87,4 @@ def build_debian_template(spec: TemplateSpec, progress: Callable[[str], None] = 
         image_tree(root, out / "rootfs.img", spec.name[:16])
         shutil.rmtree(root)
 
-    rootfs = cached("rootfs", rootfs_key, build_rootfs) / "rootfs.img"
-    template = Template(
-        name=spec.name,
-        key=digest([rootfs_key, spec.model_dump_json()]),
-        rootfs=rootfs,
-        fstype="ext4",
-        vcpus=spec.resources.vcpus,
-        memory_mib=spec.resources.memory_mib,
-        env=spec.env,
-        workdir=spec.workdir or "/",
-        preload=spec.interpreter.preload if spec.interpreter else None,
-    )
-    return register_template(template)
+    return cached("rootfs", rootfs_key, build_rootfs) / "rootfs.img", rootfs_key

@@ -46,6 +46,9 @@ class TemplateSpec(BaseModel):
     description: str = ""
     base: DebianBase | ImageBase
     packages: list[str] = Field(default_factory=list)
+    steps: list[str] = Field(
+        default_factory=list, description="shell commands run in a build VM with network, in order"
+    )
     resources: Resources = Field(default_factory=lambda: Resources())
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = Field(None, description="default: the image's, or / for a Debian base")

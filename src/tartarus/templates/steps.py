@@ -1,0 +1,131 @@
+"""Run a template's build steps in a build VM and keep what they did as a new base image.
+
+The build VM boots a private, grown copy of the base image as its root, read-write and without the
+overlay (`tartarus.rw=none`), with QEMU user networking (`tartarus.net=`) so steps can download
+packages. Whatever the steps leave is the new image: no layer capture or merge is needed. Only the
+template author's steps run here, never sandbox code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from tartarus.errors import GuestError, InvalidArgument
+from tartarus.runtime.agent import Output
+from tartarus.runtime.disks import sparse_copy
+from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.runtime.vm import MicroVM
+from tartarus.templates.store import Template
+
+GUEST_NET = "10.0.2.15/24,10.0.2.2"  # QEMU user networking's defaults
+GUEST_DNS = b"nameserver 10.0.2.3\n"
+RESOLV = "/etc/resolv.conf"
+HEADROOM_MIB = 4096
+STEP_TIMEOUT_S = 3600.0
+
+
+class BuildStepFailed(InvalidArgument):
+    """A build step exited non-zero; the message carries its output's tail."""
+
+
+def grow_ext4(image: Path, extra_mib: int) -> None:
+    size = image.stat().st_size + extra_mib * 2**20
+    os.truncate(image, size)
+    subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True)  # resize2fs wants a checked fs
+    result = subprocess.run(["resize2fs", str(image)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise InvalidArgument(f"cannot grow {image.name} for the build steps: {result.stderr.strip()}")
+
+
+async def _step(sb: RuntimeSandbox, number: int, step: str, progress: Callable[[str], None]) -> None:
+    progress(f"  step {number}: {step}")
+    process = await sb.agent.exec(
+        ["/bin/sh", "-c", step], env=sb.env, cwd=sb.template.workdir, timeout=STEP_TIMEOUT_S
+    )
+    tail = b""
+    async for event in process.events():
+        if isinstance(event, Output):
+            tail = (tail + event.data)[-4000:]
+    exit_ = process.exit
+    assert exit_ is not None
+    if exit_.exit_code != 0:
+        how = f"exit status {exit_.exit_code}" if exit_.signal is None else f"signal {exit_.signal}"
+        raise BuildStepFailed(
+            f"build step {number} ({step!r}) failed with {how}:\n{tail.decode(errors='replace')}"
+        )
+
+
+async def _swap_resolver(sb: RuntimeSandbox) -> Callable[[], Awaitable[None]]:
+    """Point the image's resolver at QEMU's DNS for the steps; return how to put the original back."""
+    agent = sb.agent
+    try:
+        info = await agent.stat(RESOLV)
+    except GuestError:
+        info = None
+    original = None
+    if info is not None and info.type == "file":
+        original = b"".join([chunk async for chunk in await agent.read_file(RESOLV)])
+    await agent.write_file(RESOLV, GUEST_DNS)  # replaces a symlink rather than writing through it
+
+    async def restore() -> None:
+        if info is None:
+            await agent.remove(RESOLV)
+        elif original is not None:
+            await agent.write_file(RESOLV, original, mode=info.mode)
+        elif info.link is not None:
+            await agent.remove(RESOLV)
+            await _check(sb, ["ln", "-s", info.link, RESOLV])
+
+    return restore
+
+
+async def _check(sb: RuntimeSandbox, argv: list[str]) -> None:
+    process = await sb.agent.exec(argv)
+    async for _ in process.events():
+        pass
+    if process.exit is None or process.exit.exit_code != 0:
+        raise InvalidArgument(f"{' '.join(argv)} failed in the build VM: {process.exit}")
+
+
+async def _run(
+    base: Template, steps: list[str], image: Path, workdir: Path, progress: Callable[[str], None]
+) -> None:
+    sb = RuntimeSandbox("build", base, workdir, SandboxOptions())
+    config = sb.vm_config(layer=image)
+    config.drives = config.drives[1:]  # the copy is the root: no separate base, no writable layer
+    config.kernel_args = [a for a in config.kernel_args if not a.startswith("tartarus.rw=")]
+    config.kernel_args += ["tartarus.rw=none", f"tartarus.net={GUEST_NET}", "tartarus.hostname=build"]
+    config.user_net = True
+    sb.vm = MicroVM(config, workdir)
+    try:
+        t0 = time.perf_counter()
+        await sb.vm.start()
+        await sb.vm.wait_agent(sb.options.boot_timeout)
+        progress(f"  build VM up in {time.perf_counter() - t0:.1f} s")
+        restore = await _swap_resolver(sb)
+        for number, step in enumerate(steps, 1):
+            await _step(sb, number, step, progress)
+        await restore()
+        await _check(sb, ["sync"])
+    finally:
+        await sb.vm.quit()
+
+
+def apply_steps(base: Template, steps: list[str], out: Path, progress: Callable[[str], None]) -> Path:
+    """Write into `out` (a new directory) the image that `steps` make of `base`; return its path."""
+    if base.fstype != "ext4":
+        raise InvalidArgument(f"build steps need an ext4 base image, not {base.fstype}")
+    image = out / "rootfs.img"
+    progress("copying the base image for the build VM")
+    sparse_copy(base.rootfs, image)
+    grow_ext4(image, HEADROOM_MIB)
+    workdir = out / "build-vm"
+    workdir.mkdir()
+    asyncio.run(_run(base, steps, image, workdir, progress))
+    subprocess.run(["rm", "-rf", str(workdir)], check=True)
+    return image

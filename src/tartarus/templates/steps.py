@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -127,5 +128,5 @@ def apply_steps(base: Template, steps: list[str], out: Path, progress: Callable[
     workdir = out / "build-vm"
     workdir.mkdir()
     asyncio.run(_run(base, steps, image, workdir, progress))
-    subprocess.run(["rm", "-rf", str(workdir)], check=True)
+    shutil.rmtree(workdir)
     return image

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tartarus.errors import InvalidArgument
+from tartarus.errors import InvalidArgument, Timeout
 from tartarus.runtime.agent import Output
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
 from tartarus.snapshots.build import ensure_snapshot
@@ -130,3 +130,66 @@ def test_a_failing_step_is_a_clear_error(python_ref: str) -> None:
     )
     with pytest.raises(BuildStepFailed, match=r"(?s)step 1 .*exit status 3.*about to fail"):
         build_template(spec, lambda message: None)
+
+
+def test_start_command_is_running_in_every_restored_sandbox(python_ref: str, tmp_path: Path) -> None:
+    probe = "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/', timeout=2).read()"
+    spec = TemplateSpec.model_validate(
+        {
+            "name": "service-test",
+            "base": {"image": python_ref},
+            "start": {
+                "command": [
+                    "python3",
+                    "-m",
+                    "http.server",
+                    "8000",
+                    "--bind",
+                    "127.0.0.1",
+                    "--directory",
+                    "/etc",
+                ],
+                "ready": ["python3", "-c", probe],
+                "ready_timeout": 120,
+            },
+        }
+    )
+    template = build_template(spec, lambda message: None)
+    try:
+        snapshot = ensure_snapshot(template, lambda message: None)
+        assert snapshot.interpreter_pid is None
+
+        async def main() -> list[int | None]:
+            codes = []
+            for _ in range(2):
+                sb = await restore(snapshot, template, tmp_path, SandboxOptions())
+                try:
+                    # The server was started before the snapshot: it answers at once, no start-up.
+                    check = await sb.agent.exec(["python3", "-c", probe], timeout=30)
+                    async for _ in check.events():
+                        pass
+                    codes.append(check.exit.exit_code if check.exit else None)
+                finally:
+                    await sb.destroy()
+            return codes
+
+        assert asyncio.run(main()) == [0, 0]
+        assert not qemu_pids(tmp_path)
+    finally:
+        remove_template("service-test")
+
+
+def test_a_ready_check_that_never_passes_times_out(python_ref: str) -> None:
+    spec = TemplateSpec.model_validate(
+        {
+            "name": "never-ready",
+            "base": {"image": python_ref},
+            "start": {"command": ["sleep", "600"], "ready": ["false"], "ready_timeout": 2},
+        }
+    )
+    template = build_template(spec, lambda message: None)
+    try:
+        with pytest.raises(Timeout, match="ready check"):
+            ensure_snapshot(template, lambda message: None)
+    finally:
+        remove_template("never-ready")

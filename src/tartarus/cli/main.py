@@ -239,7 +239,7 @@ def template_build(name: str) -> None:
         spec = TemplateSpec.load(Path(name)) if name.endswith((".yaml", ".yml")) else builtin_spec(name)
         with err.status(f"building template {spec.name}"):
             template = build_template(spec, err.print)
-            if template.preload is not None:
+            if template.snapshotted:
                 ensure_snapshot(template, err.print)
     except errors.TartarusError as e:
         raise _fail(e) from e
@@ -254,7 +254,7 @@ def template_ls() -> None:
 
     table = Table("NAME", "KEY", "FS", "SIZE", "SNAPSHOT")
     for t in list_templates():
-        snapshot = find_snapshot(t) if t.preload is not None else None
+        snapshot = find_snapshot(t) if t.snapshotted else None
         size = f"{t.rootfs.stat().st_blocks * 512 / 2**20:.0f} MiB"
         table.add_row(t.name, t.key, t.fstype, size, snapshot.key if snapshot else "-")
     Console().print(table)

@@ -86,7 +86,7 @@ class SandboxManager:
             self._pool_for(template)
 
     def _pool_for(self, template: Template) -> VMMPool | None:
-        snapshot = find_snapshot(template) if template.preload is not None else None
+        snapshot = find_snapshot(template) if template.snapshotted else None
         if snapshot is None or self.config.pool_size <= 0:
             return None
         pool = self._pools.get(snapshot.key)
@@ -110,7 +110,7 @@ class SandboxManager:
 
     async def create(self, template_name: str, options: SandboxOptions) -> SandboxRecord:
         template = get_template(template_name)
-        snapshot = find_snapshot(template) if template.preload is not None else None
+        snapshot = find_snapshot(template) if template.snapshotted else None
         if snapshot is not None and compatible(snapshot, options):
             pool = self._pool_for(template)
             prepared = pool.take() if pool is not None else None

@@ -37,6 +37,7 @@ CHUNK = 256 * 1024
 # interpreter started before a snapshot and adopted by every client restored from it.
 RESERVED_IDS = 0xFFFF0000
 INTERPRETER_ID = RESERVED_IDS + 1
+START_ID = RESERVED_IDS + 2  # a template's start command, running in every restored sandbox
 # How much guest output one request may have queued before the reader stops reading from the guest
 # (virtio-serial then throttles the guest); keeps host memory bounded against a chatty guest.
 _QUEUE_FRAMES = 256

@@ -9,8 +9,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tartarus.errors import InvalidArgument
+from tartarus.errors import InvalidArgument, Timeout
 from tartarus.guest.cache import cached
+from tartarus.runtime.agent import START_ID
 from tartarus.runtime.disks import create_layer
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
@@ -19,6 +20,7 @@ from tartarus.snapshots.store import Snapshot, snapshot_key
 from tartarus.templates.store import Template
 
 READY_TIMEOUT_S = 900.0
+READY_POLL_S = 0.2
 
 
 async def _take(template: Template, key: str, out: Path, progress: Callable[[str], None]) -> None:
@@ -31,14 +33,19 @@ async def _take(template: Template, key: str, out: Path, progress: Callable[[str
         t0 = time.perf_counter()
         await vm.start()
         await vm.wait_agent(sandbox.options.boot_timeout)
-        progress(f"  booted in {time.perf_counter() - t0:.1f} s; starting the interpreter")
-        preload = template.preload or []
-        interpreter = await CodeInterpreter.start(vm.agent_client(), preload, READY_TIMEOUT_S)
-        # Exercise the run_code path once so the guest has every page it needs resident.
-        warm = await interpreter.run_code("1+1")
-        if warm.result != "2":
-            raise RuntimeError(f"interpreter warm-up returned {warm}")
-        progress(f"  interpreter ready with {', '.join(preload) or 'nothing'} imported; saving state")
+        progress(f"  booted in {time.perf_counter() - t0:.1f} s")
+        agent = vm.agent_client()
+        if template.start is not None:
+            await _start_service(sandbox, template, progress)
+        interpreter = None
+        if template.preload is not None:
+            interpreter = await CodeInterpreter.start(agent, template.preload, READY_TIMEOUT_S)
+            # Exercise the run_code path once so the guest has every page it needs resident.
+            warm = await interpreter.run_code("1+1")
+            if warm.result != "2":
+                raise RuntimeError(f"interpreter warm-up returned {warm}")
+            progress(f"  interpreter ready with {', '.join(template.preload) or 'nothing'} imported")
+        progress("  saving state")
         await vm.save_state(out / "state")
         snapshot = Snapshot(
             key=key,
@@ -47,7 +54,7 @@ async def _take(template: Template, key: str, out: Path, progress: Callable[[str
             accel=vm.config.accel,
             vcpus=vm.config.vcpus,
             memory_mib=vm.config.memory_mib,
-            interpreter_pid=interpreter.pid,
+            interpreter_pid=interpreter.pid if interpreter else None,
         )
     finally:
         await vm.kill()  # never resume: with shared RAM a running guest would rewrite the snapshot
@@ -56,10 +63,38 @@ async def _take(template: Template, key: str, out: Path, progress: Callable[[str
         shutil.rmtree(sandbox.workdir)
 
 
+async def _start_service(
+    sandbox: RuntimeSandbox, template: Template, progress: Callable[[str], None]
+) -> None:
+    """Start the template's process and poll its ready command until it exits 0."""
+    assert template.start is not None
+    agent = sandbox.agent
+    service = await agent.exec(template.start, env=sandbox.env, cwd=template.workdir, request_id=START_ID)
+    service.abandon()  # its output is nobody's: drop it rather than let it fill a queue
+    progress(f"  started {' '.join(template.start)} (pid {service.pid})")
+    if template.ready is None:
+        return
+    deadline = time.monotonic() + template.ready_timeout
+    while True:
+        check = await agent.exec(template.ready, env=sandbox.env, cwd=template.workdir)
+        async for _ in check.events():
+            pass
+        if check.exit is not None and check.exit.exit_code == 0:
+            progress("  ready check passed")
+            return
+        if time.monotonic() > deadline:
+            raise Timeout(
+                f"template {template.name!r}: ready check still failing after {template.ready_timeout:.0f} s"
+            )
+        await asyncio.sleep(READY_POLL_S)  # the service is starting in the guest; ask again shortly
+
+
 def ensure_snapshot(template: Template, progress: Callable[[str], None] = print) -> Snapshot:
     """The template's snapshot, taken now if it does not exist (cached by every input's hash)."""
-    if template.preload is None:
-        raise InvalidArgument(f"template {template.name!r} declares no interpreter to snapshot")
+    if not template.snapshotted:
+        raise InvalidArgument(
+            f"template {template.name!r} declares no interpreter or start command to snapshot"
+        )
     key = snapshot_key(template)
     path = cached("snapshots", key, lambda out: asyncio.run(_take(template, key, out, progress)))
     return Snapshot.load(path)

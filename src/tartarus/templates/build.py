@@ -49,6 +49,9 @@ def build_template(spec: TemplateSpec, progress: Callable[[str], None] = print) 
         env={**base.env, **spec.env},
         workdir=spec.workdir or base.workdir,
         preload=spec.interpreter.preload if spec.interpreter else None,
+        start=spec.start.command if spec.start else None,
+        ready=spec.start.ready if spec.start else None,
+        ready_timeout=spec.start.ready_timeout if spec.start else 300.0,
     )
     return register_template(template)
 

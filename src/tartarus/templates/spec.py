@@ -32,6 +32,15 @@ class Interpreter(BaseModel):
     preload: list[str] = Field(default_factory=list, description="modules imported before the snapshot")
 
 
+class Start(BaseModel):
+    """A process started before the snapshot (a server, a kernel), so every sandbox has it running."""
+
+    model_config = ConfigDict(extra="forbid")
+    command: list[str] = Field(min_length=1)
+    ready: list[str] | None = Field(None, description="polled until it exits 0; then the snapshot is taken")
+    ready_timeout: float = Field(300.0, gt=0, le=3600)
+
+
 class ImageBase(BaseModel):
     """An OCI or Docker image (registry reference, `oci:DIR[:TAG]` or `docker-archive:FILE`)."""
 
@@ -53,6 +62,7 @@ class TemplateSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = Field(None, description="default: the image's, or / for a Debian base")
     interpreter: Interpreter | None = None
+    start: Start | None = None
 
     @classmethod
     def load(cls, path: Path) -> TemplateSpec:

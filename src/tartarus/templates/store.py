@@ -29,6 +29,15 @@ class Template:
     workdir: str = "/"
     # Modules the warm code interpreter imports before the snapshot; None: no interpreter, no snapshot.
     preload: list[str] | None = None
+    # A process started before the snapshot, and the command that says it is ready.
+    start: list[str] | None = None
+    ready: list[str] | None = None
+    ready_timeout: float = 300.0
+
+    @property
+    def snapshotted(self) -> bool:
+        """Whether sandboxes of this template are restored from a snapshot rather than booted."""
+        return self.preload is not None or self.start is not None
 
     def to_json(self) -> str:
         data = asdict(self)

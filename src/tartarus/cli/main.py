@@ -146,6 +146,18 @@ def serve(
 
 
 @app.command()
+def openapi(output: Annotated[Path | None, typer.Option("--output", "-o")] = None) -> None:
+    """Print (or write) the REST API's OpenAPI document; docs/openapi.json is this, committed."""
+    from tartarus.daemon.app import create_app, dumps_openapi
+
+    text = dumps_openapi(create_app(state_dir()))
+    if output:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
 def setup(
     template: Annotated[list[str] | None, typer.Option(help="templates to build")] = None,
 ) -> None:

@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -58,7 +57,6 @@ class SandboxManager:
         self.sandboxes_dir = state_dir / "sandboxes"
         self._records: dict[str, SandboxRecord] = {}
         self._lock_file: IO[str] | None = None
-        self.started_at = time.time()
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""

@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,11 +39,6 @@ def resolve_endpoint(url: str | None = None, api_key: str | None = None) -> Endp
     if not url.startswith(("http://", "https://")):
         raise errors.InvalidArgument(f"TARTARUS_URL must be http(s):// or unix://, not {url!r}")
     return Endpoint(url.rstrip("/"), api_key=api_key)
-
-
-def local_daemon_socket() -> Path | None:
-    path = default_socket()
-    return path if path.exists() else None
 
 
 def error_from(detail: dict[str, Any]) -> errors.TartarusError:
@@ -176,10 +169,6 @@ class ExecCollector:
         if self.result is None:
             raise errors.SandboxFailed("exec stream ended without an exit status")
         return self.result
-
-
-def shell_join(argv: Sequence[str]) -> str:
-    return shlex.join(argv)
 
 
 def execution_from_json(data: dict[str, Any]) -> Execution:

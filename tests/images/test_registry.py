@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,16 +130,26 @@ def test_a_blob_that_keeps_ending_early_is_truncated(
     assert_nothing_left(store)
 
 
+def _pushed_first_layer(
+    registry: t.LocalRegistry, workspace: Path, tag: str
+) -> tuple[str, dict[str, Any], Path]:
+    """Push a fresh image; return its reference, its first layer's descriptor, and that blob's file in
+    the registry's storage (for a test to damage)."""
+    layout = workspace / f"{tag}-layout"
+    unique_image(layout, tag)
+    ref = f"{registry.address}/corrupt/{tag}:1"
+    t.skopeo_copy(f"oci:{layout}:{tag}", f"docker://{ref}")
+    manifest = json.loads((layout / "index.json").read_text())["manifests"][0]
+    layer: dict[str, Any] = json.loads((layout / "blobs/sha256" / manifest["digest"][7:]).read_bytes())[
+        "layers"
+    ][0]
+    return ref, layer, registry.blob_data(layer["digest"])
+
+
 def test_corrupted_blob_in_the_registry_is_a_digest_mismatch(
     registry: t.LocalRegistry, workspace: Path, store: ImageStore, no_credentials: Path
 ) -> None:
-    layout = workspace / "corrupt-layout"
-    unique_image(layout, "digest")
-    ref = f"{registry.address}/corrupt/digest:1"
-    t.skopeo_copy(f"oci:{layout}:digest", f"docker://{ref}")
-    manifest = json.loads((layout / "index.json").read_text())["manifests"][0]
-    layer = json.loads((layout / "blobs/sha256" / manifest["digest"][7:]).read_bytes())["layers"][0]
-    data = registry.blob_data(layer["digest"])
+    ref, layer, data = _pushed_first_layer(registry, workspace, "digest")
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
@@ -151,13 +162,7 @@ def test_corrupted_blob_in_the_registry_is_a_digest_mismatch(
 def test_truncated_blob_in_the_registry(
     registry: t.LocalRegistry, workspace: Path, store: ImageStore, no_credentials: Path
 ) -> None:
-    layout = workspace / "truncated-layout"
-    unique_image(layout, "truncated")
-    ref = f"{registry.address}/corrupt/truncated:1"
-    t.skopeo_copy(f"oci:{layout}:truncated", f"docker://{ref}")
-    manifest = json.loads((layout / "index.json").read_text())["manifests"][0]
-    layer = json.loads((layout / "blobs/sha256" / manifest["digest"][7:]).read_bytes())["layers"][0]
-    data = registry.blob_data(layer["digest"])
+    ref, layer, data = _pushed_first_layer(registry, workspace, "truncated")
     data.write_bytes(data.read_bytes()[:100])
     with pytest.raises(TruncatedBlob, match=f"ended after 100 of {layer['size']} bytes"):
         pull(ref, store=store)

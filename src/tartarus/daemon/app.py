@@ -23,7 +23,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 import tartarus
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
+    CheckpointInfo,
+    CheckpointList,
     CodeError,
+    CreateCheckpoint,
+    CreateFromCheckpoint,
     CreateSandbox,
     ErrorBody,
     ErrorDetail,
@@ -31,6 +35,8 @@ from tartarus.daemon.models import (
     ExecRequest,
     FileInfoModel,
     FileList,
+    ForkRequest,
+    GcResult,
     Health,
     MkdirRequest,
     RenameRequest,
@@ -43,6 +49,7 @@ from tartarus.daemon.models import (
     WriteResult,
 )
 from tartarus.errors import GuestError, InvalidArgument, TartarusError
+from tartarus.hibernation.image import Image
 from tartarus.runtime.agent import Exit, FileInfo, Output
 from tartarus.runtime.sandbox import SandboxOptions
 from tartarus.templates.store import list_templates
@@ -58,18 +65,31 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def _info(record: SandboxRecord) -> SandboxInfo:
-    rt = record.runtime
-    vm = rt.vm
+    vm = record.runtime.vm if record.runtime else None
+    image = record.image
     return SandboxInfo(
-        id=rt.id,
-        template=rt.template.name,
+        id=record.id,
+        template=record.template.name,
         state=record.state,
         error=record.error,
-        created_at=rt.created_at,
-        vcpus=vm.config.vcpus if vm else rt.template.vcpus,
-        memory_mib=vm.config.memory_mib if vm else rt.template.memory_mib,
-        timings_ms={k: round(v * 1000, 3) for k, v in rt.timings.items()},
-        restored="state_loaded" in rt.timings,
+        created_at=record.runtime.created_at if record.runtime else record.created_at,
+        idle_timeout_s=record.idle_timeout,
+        disk_bytes=image.disk_bytes if image else None,
+        vcpus=vm.config.vcpus if vm else image.vcpus if image else record.template.vcpus,
+        memory_mib=vm.config.memory_mib if vm else image.memory_mib if image else record.template.memory_mib,
+        timings_ms={k: round(v * 1000, 3) for k, v in record.timings.items()},
+        restored="state_loaded" in record.timings,
+    )
+
+
+def _checkpoint(image: Image) -> CheckpointInfo:
+    return CheckpointInfo(
+        id=image.id,
+        sandbox_id=image.sandbox_id,
+        template=image.template.name,
+        captured_at=image.captured_at,
+        disk_bytes=image.disk_bytes,
+        ttl_s=image.ttl_s,
     )
 
 
@@ -133,7 +153,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     @app.post("/v1/sandboxes", response_model=SandboxInfo, status_code=201, responses=_ERRORS)
     async def create_sandbox(body: CreateSandbox) -> SandboxInfo:
         options = SandboxOptions(vcpus=body.vcpus, memory_mib=body.memory_mib, env=body.env)
-        return _info(await manager.create(body.template, options))
+        return _info(await manager.create(body.template, options, body.idle_timeout_s))
 
     @app.get("/v1/sandboxes", response_model=SandboxList)
     async def list_sandboxes() -> SandboxList:
@@ -148,29 +168,85 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         await manager.destroy(sandbox_id)
         return Response(status_code=204)
 
+    @app.post("/v1/sandboxes/{sandbox_id}/hibernate", response_model=SandboxInfo, responses=_ERRORS)
+    async def hibernate(sandbox_id: str) -> SandboxInfo:
+        """Put the sandbox to disk: no process, no RAM; any later call wakes it as it was."""
+        return _info(await manager.hibernate(sandbox_id))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/wake", response_model=SandboxInfo, responses=_ERRORS)
+    async def wake(sandbox_id: str) -> SandboxInfo:
+        return _info(await manager.wake(sandbox_id))
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/checkpoints",
+        response_model=CheckpointInfo,
+        status_code=201,
+        responses=_ERRORS,
+    )
+    async def create_checkpoint(sandbox_id: str, body: CreateCheckpoint) -> CheckpointInfo:
+        """Capture the running sandbox (it runs on) as a checkpoint new sandboxes can start from."""
+        return _checkpoint(await manager.checkpoint(sandbox_id, body.ttl_s))
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/fork", response_model=SandboxList, status_code=201, responses=_ERRORS
+    )
+    async def fork(sandbox_id: str, body: ForkRequest) -> SandboxList:
+        return SandboxList(sandboxes=[_info(r) for r in await manager.fork(sandbox_id, body.count)])
+
+    @app.get("/v1/checkpoints", response_model=CheckpointList)
+    async def list_checkpoints() -> CheckpointList:
+        return CheckpointList(checkpoints=[_checkpoint(i) for i in manager.checkpoints()])
+
+    @app.get("/v1/checkpoints/{checkpoint_id}", response_model=CheckpointInfo, responses=_ERRORS)
+    async def get_checkpoint(checkpoint_id: str) -> CheckpointInfo:
+        return _checkpoint(manager.get_checkpoint(checkpoint_id))
+
+    @app.delete("/v1/checkpoints/{checkpoint_id}", status_code=204, responses=_ERRORS)
+    async def delete_checkpoint(checkpoint_id: str) -> Response:
+        manager.delete_checkpoint(checkpoint_id)
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/checkpoints/{checkpoint_id}/sandboxes",
+        response_model=SandboxInfo,
+        status_code=201,
+        responses=_ERRORS,
+    )
+    async def create_from_checkpoint(checkpoint_id: str, body: CreateFromCheckpoint) -> SandboxInfo:
+        options = SandboxOptions(env=body.env)
+        return _info(await manager.create_from_checkpoint(checkpoint_id, options, body.idle_timeout_s))
+
+    @app.post("/v1/gc", response_model=GcResult)
+    async def gc() -> GcResult:
+        """Delete expired checkpoints and unused snapshot pins."""
+        return GcResult(**manager.gc())
+
     @app.post(
         "/v1/sandboxes/{sandbox_id}/exec",
         responses={200: {"content": {"application/x-ndjson": {}}}, **_ERRORS},
         response_class=StreamingResponse,
     )
     async def exec_command(sandbox_id: str, body: ExecRequest) -> StreamingResponse:
-        record = manager.get(sandbox_id)
-        rt = record.runtime
         stdin = b""
         if body.stdin is not None:
             try:
                 stdin = base64.b64decode(body.stdin, validate=True)
             except binascii.Error as e:
                 raise InvalidArgument(f"stdin is not valid base64: {e}") from e
-        process = await rt.agent.exec(
-            body.argv,
-            env={**rt.env, **body.env},
-            # Another user may not be able to enter the template's workdir: let the agent use "/".
-            cwd=body.cwd or (None if body.user else rt.template.workdir),
-            user=body.user,
-            timeout=body.timeout,
-            stdin=body.stdin is not None,
-        )
+        rt = await manager.acquire(sandbox_id)
+        try:
+            process = await rt.agent.exec(
+                body.argv,
+                env={**rt.env, **body.env},
+                # Another user may not be able to enter the template's workdir: let the agent use "/".
+                cwd=body.cwd or (None if body.user else rt.template.workdir),
+                user=body.user,
+                timeout=body.timeout,
+                stdin=body.stdin is not None,
+            )
+        except BaseException:
+            manager.release(sandbox_id)
+            raise
 
         async def events() -> AsyncIterator[bytes]:
             def line(event: ExecEvent) -> bytes:
@@ -202,14 +278,16 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                     with contextlib.suppress(Exception):
                         await process.signal(signal.SIGKILL)
                     process.abandon()
+                manager.release(sandbox_id)
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
     @app.post("/v1/sandboxes/{sandbox_id}/code", response_model=RunCodeResult, responses=_ERRORS)
     async def run_code(sandbox_id: str, body: RunCodeRequest) -> RunCodeResult:
         """Run Python in the sandbox's warm interpreter; globals persist between calls."""
-        interpreter = await manager.get(sandbox_id).runtime.code_interpreter()
-        execution = await interpreter.run_code(body.code, body.timeout)
+        async with manager.use(sandbox_id) as rt:
+            interpreter = await rt.code_interpreter()
+            execution = await interpreter.run_code(body.code, body.timeout)
         error = execution.error
         return RunCodeResult(
             stdout=execution.stdout,
@@ -226,8 +304,21 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         response_class=StreamingResponse,
     )
     async def read_file(sandbox_id: str, path: PathQuery) -> StreamingResponse:
-        chunks = await manager.get(sandbox_id).runtime.agent.read_file(path)
-        return StreamingResponse(chunks, media_type="application/octet-stream")
+        rt = await manager.acquire(sandbox_id)
+        try:
+            chunks = await rt.agent.read_file(path)
+        except BaseException:
+            manager.release(sandbox_id)
+            raise
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                manager.release(sandbox_id)
+
+        return StreamingResponse(stream(), media_type="application/octet-stream")
 
     @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=WriteResult, responses=_ERRORS)
     async def write_file(
@@ -236,32 +327,37 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         request: Request,
         mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
     ) -> WriteResult:
-        agent = manager.get(sandbox_id).runtime.agent
-        size = await agent.write_file(path, request.stream(), mode=mode)
+        async with manager.use(sandbox_id) as rt:
+            size = await rt.agent.write_file(path, request.stream(), mode=mode)
         return WriteResult(path=path, size=size)
 
     @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, responses=_ERRORS)
     async def remove_file(sandbox_id: str, path: PathQuery, recursive: bool = False) -> Response:
-        await manager.get(sandbox_id).runtime.agent.remove(path, recursive=recursive)
+        async with manager.use(sandbox_id) as rt:
+            await rt.agent.remove(path, recursive=recursive)
         return Response(status_code=204)
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/list", response_model=FileList, responses=_ERRORS)
     async def list_files(sandbox_id: str, path: PathQuery) -> FileList:
-        entries = await manager.get(sandbox_id).runtime.agent.list(path)
+        async with manager.use(sandbox_id) as rt:
+            entries = await rt.agent.list(path)
         return FileList(entries=[_file_model(e) for e in sorted(entries, key=lambda e: e.name)])
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfoModel, responses=_ERRORS)
     async def stat_file(sandbox_id: str, path: PathQuery) -> FileInfoModel:
-        return _file_model(await manager.get(sandbox_id).runtime.agent.stat(path))
+        async with manager.use(sandbox_id) as rt:
+            return _file_model(await rt.agent.stat(path))
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", status_code=204, responses=_ERRORS)
     async def make_dir(sandbox_id: str, body: MkdirRequest) -> Response:
-        await manager.get(sandbox_id).runtime.agent.mkdir(body.path, parents=body.parents)
+        async with manager.use(sandbox_id) as rt:
+            await rt.agent.mkdir(body.path, parents=body.parents)
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/rename", status_code=204, responses=_ERRORS)
     async def rename(sandbox_id: str, body: RenameRequest) -> Response:
-        await manager.get(sandbox_id).runtime.agent.rename(body.path, body.new_path)
+        async with manager.use(sandbox_id) as rt:
+            await rt.agent.rename(body.path, body.new_path)
         return Response(status_code=204)
 
     @app.get("/v1/templates", response_model=TemplateList)

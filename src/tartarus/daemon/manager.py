@@ -7,19 +7,26 @@ on start it reaps whatever a previous owner of the directory left behind.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import fcntl
 import logging
 import os
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from tartarus.errors import Conflict, InvalidArgument, NotFound
+from tartarus.hibernation import ops
+from tartarus.hibernation.image import Image, list_images, remove_image, unpin_unused
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.restore import compatible, restore
-from tartarus.snapshots.store import find_snapshot
+from tartarus.snapshots.store import Snapshot, find_snapshot
 from tartarus.templates.store import Template, get_template, list_templates
 
 log = logging.getLogger(__name__)
@@ -36,17 +43,48 @@ def _pool_size_from_env() -> int:
     return size
 
 
+def _quota_from_env() -> int | None:
+    raw = os.environ.get("TARTARUS_HIBERNATE_QUOTA_MIB")
+    if not raw:
+        return None
+    try:
+        mib = int(raw)
+    except ValueError:
+        mib = -1
+    if mib < 0:
+        raise InvalidArgument(f"TARTARUS_HIBERNATE_QUOTA_MIB must be a number of MiB, not {raw!r}")
+    return mib * 2**20
+
+
+IDLE_CHECK_S = 1.0
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     # Pre-started VMMs kept per template snapshot; 0 disables the pool (creates only get slower).
     pool_size: int = field(default_factory=_pool_size_from_env)
+    # Disk that hibernated sandboxes and checkpoints may use together; None: no limit but the disk's.
+    hibernate_quota_bytes: int | None = field(default_factory=_quota_from_env)
 
 
 @dataclass
 class SandboxRecord:
-    runtime: RuntimeSandbox
-    state: str  # "running" | "failed"
+    id: str
+    template: Template
+    runtime: RuntimeSandbox | None  # None while hibernated
+    state: str  # "running" | "hibernated" | "failed"
+    snapshot: Snapshot | None = None  # the snapshot it was restored from: what hibernation needs
+    image: Image | None = None  # while hibernated
     error: str | None = None
+    idle_timeout: float | None = None  # hibernate after this many idle seconds
+    created_at: float = field(default_factory=time.time)
+    last_active: float = field(default_factory=time.monotonic)
+    busy: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.runtime.timings if self.runtime else {}
 
 
 class SandboxManager:
@@ -54,9 +92,11 @@ class SandboxManager:
         self.state_dir = state_dir
         self.config = config or DaemonConfig()
         self._pools: dict[str, VMMPool] = {}
-        self.sandboxes_dir = state_dir / "sandboxes"
+        self.layout = ops.Layout(state_dir)
+        self.sandboxes_dir = self.layout.sandboxes
         self._records: dict[str, SandboxRecord] = {}
         self._lock_file: IO[str] | None = None
+        self._idle_task: asyncio.Task[None] | None = None
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
@@ -76,12 +116,20 @@ class SandboxManager:
         if reaped:
             log.warning("reaped %d sandboxes left by a previous daemon: %s", len(reaped), ", ".join(reaped))
         self.sandboxes_dir.mkdir(exist_ok=True)
+        for staging in self.layout.checkpoints.glob(".*.staging"):
+            shutil.rmtree(staging, ignore_errors=True)
+        for image in list_images(self.layout.hibernated):
+            self._records[image.id] = SandboxRecord(
+                image.id, image.template, None, "hibernated", image=image, created_at=image.created_at
+            )
         return reaped
 
     def start_pools(self) -> None:
-        """Pre-start VMMs for every template that has a snapshot (call from the event loop)."""
+        """Pre-start VMMs for every template that has a snapshot, and watch for idle sandboxes (call
+        from the event loop)."""
         for template in list_templates():
             self._pool_for(template)
+        self._idle_task = asyncio.create_task(self._hibernate_idle(), name="idle-hibernation")
 
     def _pool_for(self, template: Template) -> VMMPool | None:
         snapshot = find_snapshot(template) if template.snapshotted else None
@@ -98,15 +146,23 @@ class SandboxManager:
         return sum(len(p) for p in self._pools.values())
 
     async def close(self) -> None:
+        """Stop every running sandbox; hibernated ones stay on disk for the next daemon."""
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._idle_task
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
-        await asyncio.gather(*(self.destroy(id_) for id_ in list(self._records)), return_exceptions=True)
+        running = [r.id for r in self._records.values() if r.state != "hibernated"]
+        await asyncio.gather(*(self.destroy(id_) for id_ in running), return_exceptions=True)
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
 
-    async def create(self, template_name: str, options: SandboxOptions) -> SandboxRecord:
+    async def create(
+        self, template_name: str, options: SandboxOptions, idle_timeout: float | None = None
+    ) -> SandboxRecord:
         template = get_template(template_name)
         snapshot = find_snapshot(template) if template.snapshotted else None
         if snapshot is not None and compatible(snapshot, options):
@@ -118,19 +174,30 @@ class SandboxManager:
                 if pool is not None:
                     pool.refill()
         else:
+            snapshot = None
             runtime = await RuntimeSandbox.boot(template, self.sandboxes_dir, options)
-        record = SandboxRecord(runtime, "running")
+        return self._add(runtime, snapshot, idle_timeout)
+
+    def _add(
+        self, runtime: RuntimeSandbox, snapshot: Snapshot | None, idle_timeout: float | None
+    ) -> SandboxRecord:
+        record = SandboxRecord(
+            runtime.id, runtime.template, runtime, "running", snapshot, idle_timeout=idle_timeout
+        )
         self._records[runtime.id] = record
-        assert runtime.vm is not None
-        runtime.vm.on_exit = lambda vm: self._vm_exited(record)
+        self._watch(record)
         return record
 
+    def _watch(self, record: SandboxRecord) -> None:
+        assert record.runtime is not None and record.runtime.vm is not None
+        record.runtime.vm.on_exit = lambda vm: self._vm_exited(record)
+
     def _vm_exited(self, record: SandboxRecord) -> None:
-        if record.runtime.id in self._records and record.state == "running":
+        if record.id in self._records and record.state == "running" and not record.lock.locked():
             record.state = "failed"
-            vm = record.runtime.vm
+            vm = record.runtime.vm if record.runtime else None
             record.error = vm.exit_message if vm else "VM exited"
-            log.warning("sandbox %s failed: %s", record.runtime.id, record.error)
+            log.warning("sandbox %s failed: %s", record.id, record.error)
 
     def get(self, id_: str) -> SandboxRecord:
         record = self._records.get(id_)
@@ -141,10 +208,157 @@ class SandboxManager:
     def list(self) -> list[SandboxRecord]:
         return list(self._records.values())
 
+    async def acquire(self, id_: str) -> RuntimeSandbox:
+        """The running sandbox for a call, woken first if it is hibernated. Until `release`, it is
+        not hibernated (streamed calls hold it for as long as their stream lasts)."""
+        record = self.get(id_)
+        record.busy += 1
+        try:
+            return await self._running(record)
+        except BaseException:
+            self.release(record)
+            raise
+
+    def release(self, record_or_id: SandboxRecord | str) -> None:
+        record = record_or_id if isinstance(record_or_id, SandboxRecord) else self._records.get(record_or_id)
+        if record is not None:
+            record.busy -= 1
+            record.last_active = time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def use(self, id_: str) -> AsyncIterator[RuntimeSandbox]:
+        runtime = await self.acquire(id_)
+        try:
+            yield runtime
+        finally:
+            self.release(id_)
+
+    async def _running(self, record: SandboxRecord) -> RuntimeSandbox:
+        if record.state == "hibernated" or record.lock.locked():
+            await self.wake(record.id)
+        if record.runtime is None:
+            raise Conflict(f"sandbox {record.id} is {record.state}")
+        return record.runtime
+
+    async def hibernate(self, id_: str, *, idle: bool = False) -> SandboxRecord:
+        record = self.get(id_)
+        async with record.lock:
+            if record.state == "hibernated":
+                return record
+            if record.state != "running" or record.runtime is None:
+                raise Conflict(f"sandbox {id_} is {record.state}; only a running sandbox hibernates")
+            if record.busy:
+                raise Conflict(f"sandbox {id_} has calls in progress; hibernate it when they finish")
+            try:
+                image = await ops.hibernate(
+                    record.runtime, record.snapshot, self.layout, self.config.hibernate_quota_bytes
+                )
+            except BaseException:
+                vm = record.runtime.vm
+                if vm is None or not vm.running:
+                    record.state, record.error = "failed", vm.exit_message if vm else "VM exited"
+                raise
+            record.runtime, record.image, record.state = None, image, "hibernated"
+            log.info("hibernated %s (%d bytes on disk)", id_, image.disk_bytes)
+            return record
+
+    async def wake(self, id_: str) -> SandboxRecord:
+        record = self.get(id_)
+        async with record.lock:
+            if record.state != "hibernated":
+                return record
+            assert record.image is not None
+            runtime, snapshot = await ops.start_from(record.image, self.layout, SandboxOptions(), wake=True)
+            record.runtime, record.snapshot, record.image, record.state = runtime, snapshot, None, "running"
+            record.last_active = time.monotonic()
+            self._watch(record)
+            return record
+
+    async def _hibernate_idle(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_CHECK_S)  # a periodic scan, not a wait for work
+            now = time.monotonic()
+            for record in list(self._records.values()):
+                timeout = record.idle_timeout
+                if (
+                    timeout is not None
+                    and record.state == "running"
+                    and record.busy == 0
+                    and not record.lock.locked()
+                    and now - record.last_active > timeout
+                ):
+                    try:
+                        await self.hibernate(record.id, idle=True)
+                    except Exception as e:  # it keeps running; try again after the next idle period
+                        record.last_active = time.monotonic()
+                        log.warning("could not hibernate idle sandbox %s: %s", record.id, e)
+
+    async def checkpoint(self, id_: str, ttl: float | None = None) -> Image:
+        async with self.use(id_) as runtime:
+            record = self.get(id_)
+            cid = "ck-" + secrets.token_hex(6)
+            image = await ops.checkpoint(
+                runtime, record.snapshot, self.layout, cid, ttl, self.config.hibernate_quota_bytes
+            )
+            return image
+
+    def checkpoints(self) -> builtins.list[Image]:
+        return list_images(self.layout.checkpoints)
+
+    def get_checkpoint(self, cid: str) -> Image:
+        for image in self.checkpoints():
+            if image.id == cid:
+                return image
+        raise NotFound(f"no checkpoint {cid!r}")
+
+    def delete_checkpoint(self, cid: str) -> None:
+        remove_image(self.get_checkpoint(cid).path)
+
+    async def create_from_checkpoint(
+        self, cid: str, options: SandboxOptions, idle_timeout: float | None = None
+    ) -> SandboxRecord:
+        image = self.get_checkpoint(cid)
+        ops.touch(image)
+        runtime, snapshot = await ops.start_from(image, self.layout, options, wake=False)
+        return self._add(runtime, snapshot, idle_timeout)
+
+    async def fork(self, id_: str, count: int) -> builtins.list[SandboxRecord]:
+        """`count` running copies of a sandbox, through a checkpoint deleted once they run."""
+        if not 1 <= count <= 16:
+            raise InvalidArgument(f"fork count must be from 1 to 16, not {count}")
+        image = await self.checkpoint(id_)
+        try:
+            results = await asyncio.gather(
+                *(ops.start_from(image, self.layout, SandboxOptions(), wake=False) for _ in range(count)),
+                return_exceptions=True,
+            )
+        finally:
+            remove_image(image.path)
+        started = [r for r in results if isinstance(r, tuple)]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await asyncio.gather(*(r.destroy() for r, _ in started), return_exceptions=True)
+            raise failures[0]
+        return [self._add(runtime, snapshot, None) for runtime, snapshot in started]
+
+    def gc(self) -> dict[str, builtins.list[str]]:
+        """Delete expired checkpoints and pins that no hibernated sandbox or checkpoint needs."""
+        expired = [image.id for image in self.checkpoints() if ops.expired(image)]
+        for cid in expired:
+            self.delete_checkpoint(cid)
+        used = {image.snapshot_key for image in self.checkpoints()}
+        used |= {r.image.snapshot_key for r in self._records.values() if r.image is not None}
+        used |= {r.snapshot.key for r in self._records.values() if r.snapshot is not None}
+        return {"checkpoints": expired, "pins": unpin_unused(self.layout.pins, used)}
+
     async def destroy(self, id_: str) -> None:
         record = self._records.pop(id_, None)
         if record is None:
             raise NotFound(f"no sandbox {id_!r}")
-        record.state = "destroyed"
-        with contextlib.suppress(Exception):
-            await record.runtime.destroy()
+        async with record.lock:
+            record.state = "destroyed"
+            if record.image is not None:
+                remove_image(record.image.path)
+            if record.runtime is not None:
+                with contextlib.suppress(Exception):
+                    await record.runtime.destroy()

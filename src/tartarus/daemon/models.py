@@ -15,19 +15,64 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_IDLE = Field(
+    None, gt=0, le=7 * 86400, description="hibernate the sandbox after this many seconds without a call"
+)
+
+
 class CreateSandbox(Strict):
     template: str = Field(pattern=NAME_PATTERN, examples=["python-ds"])
     vcpus: int | None = Field(None, ge=1, le=16)
     memory_mib: int | None = Field(None, ge=128, le=65536)
     env: dict[str, str] = Field(default_factory=dict)
+    idle_timeout_s: float | None = _IDLE
+
+
+class CreateFromCheckpoint(Strict):
+    """A new sandbox from a checkpoint: its memory, processes and files, with its own identity."""
+
+    env: dict[str, str] = Field(default_factory=dict)
+    idle_timeout_s: float | None = _IDLE
+
+
+class CreateCheckpoint(Strict):
+    ttl_s: float | None = Field(
+        None, gt=0, description="delete the checkpoint (tartarus gc) this long after its last use"
+    )
+
+
+class ForkRequest(Strict):
+    count: int = Field(1, ge=1, le=16)
+
+
+class CheckpointInfo(BaseModel):
+    id: str
+    sandbox_id: str = Field(description="the sandbox it was captured from")
+    template: str
+    captured_at: float
+    disk_bytes: int = Field(description="memory state plus writable layer, as allocated on disk")
+    ttl_s: float | None = None
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointInfo]
+
+
+class GcResult(BaseModel):
+    checkpoints: list[str] = Field(description="expired checkpoints deleted")
+    pins: list[str] = Field(description="snapshot pins no image needed any more, deleted")
 
 
 class SandboxInfo(BaseModel):
     id: str
     template: str
-    state: Literal["running", "failed", "destroyed"]
+    state: Literal["running", "hibernated", "failed", "destroyed"]
     error: str | None = None
     created_at: float
+    idle_timeout_s: float | None = None
+    disk_bytes: int | None = Field(
+        None, description="while hibernated: what it costs on disk (its changes relative to its template)"
+    )
     vcpus: int
     memory_mib: int
     timings_ms: dict[str, float] = Field(default_factory=dict)

@@ -13,6 +13,8 @@ from pathlib import Path
 from tartarus.errors import SetupRequired
 
 AGENT_PORT = "org.tartarus.agent.0"
+# The guest RAM backend's id, which is also its RAM block's name in migration streams.
+RAM_BLOCK = "ram"
 
 
 def qemu_binary() -> str:
@@ -93,9 +95,9 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
         share = "on" if config.memory_share else "off"
         argv += [
             "-object",
-            f"memory-backend-file,id=ram,size={config.memory_mib}M,mem-path={config.memory_file},share={share}",
+            f"memory-backend-file,id={RAM_BLOCK},size={config.memory_mib}M,mem-path={config.memory_file},share={share}",
             "-M",
-            f"{machine},memory-backend=ram",
+            f"{machine},memory-backend={RAM_BLOCK}",
             "-m",
             f"{config.memory_mib}M",
         ]

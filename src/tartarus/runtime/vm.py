@@ -193,9 +193,12 @@ class MicroVM:
         raise SandboxFailed(f"{what} failed: {detail}")
 
     async def save_state(self, path: Path, timeout: float = 60.0) -> None:
-        """Pause and write the device state to `path`. Guest RAM is not in it: it stays in the shared
-        memory file (`x-ignore-shared`), which is what makes a snapshot cheap to take and to map."""
+        """Pause and write the device state to `path`. Guest RAM in a shared memory file is not in it
+        (`x-ignore-shared`), which is what makes a snapshot cheap to take and to map; RAM mapped
+        privately is, page by page (hibernation filters it, see tartarus.hibernation.stream)."""
         await self.pause()
+        # The default cap (128 MiB/s) is for live migration over a network, not for a local file.
+        await self.qmp_execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
         await self._pass_fd(path, "snapshot", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
         await self._migrate("migrate", "fd:snapshot", "saving VM state", timeout)
 

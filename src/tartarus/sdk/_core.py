@@ -183,15 +183,29 @@ def execution_from_json(data: dict[str, Any]) -> Execution:
     )
 
 
-def create_body(
-    template: str, *, vcpus: int | None, memory_mib: int | None, env: dict[str, str] | None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {"template": template, "env": env or {}}
+def create_request(
+    template: str,
+    *,
+    from_snapshot: str | None,
+    vcpus: int | None,
+    memory_mib: int | None,
+    env: dict[str, str] | None,
+    idle_timeout: float | None,
+) -> tuple[str, dict[str, Any]]:
+    """The path and body that create a sandbox from a template or (from_snapshot) a checkpoint."""
+    body: dict[str, Any] = {"env": env or {}}
+    if idle_timeout:
+        body["idle_timeout_s"] = idle_timeout
+    if from_snapshot is not None:
+        if vcpus or memory_mib:
+            raise errors.InvalidArgument("a sandbox from a checkpoint has the checkpoint's vCPUs and memory")
+        return f"/v1/checkpoints/{from_snapshot}/sandboxes", body
+    body["template"] = template
     if vcpus:
         body["vcpus"] = vcpus
     if memory_mib:
         body["memory_mib"] = memory_mib
-    return body
+    return "/v1/sandboxes", body
 
 
 def code_body(code: str, timeout: float | None) -> dict[str, Any]:

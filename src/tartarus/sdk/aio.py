@@ -17,7 +17,7 @@ from tartarus.sdk._core import (
     OutputCallback,
     call_timeout,
     code_body,
-    create_body,
+    create_request,
     exec_body,
     execution_from_json,
     raise_for_error,
@@ -40,6 +40,12 @@ class AsyncClient:
 
     async def close(self) -> None:
         await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -163,15 +169,24 @@ class AsyncSandbox:
         vcpus: int | None = None,
         memory_mib: int | None = None,
         env: dict[str, str] | None = None,
+        from_snapshot: str | None = None,
+        idle_timeout: float | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: AsyncClient | None = None,
     ) -> AsyncSandbox:
         owns = client is None
         client = client or AsyncClient(url, api_key)
-        body = create_body(template, vcpus=vcpus, memory_mib=memory_mib, env=env)
+        path, body = create_request(
+            template,
+            from_snapshot=from_snapshot,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            env=env,
+            idle_timeout=idle_timeout,
+        )
         try:
-            info = (await client.request("POST", "/v1/sandboxes", json=body)).json()
+            info = (await client.request("POST", path, json=body)).json()
         except BaseException:
             if owns:
                 await client.close()
@@ -193,6 +208,27 @@ class AsyncSandbox:
             "POST", f"/v1/sandboxes/{self.id}/code", json=code_body(code, timeout), timeout=http_timeout
         )
         return execution_from_json(response.json())
+
+    async def hibernate(self) -> dict[str, Any]:
+        """Put the sandbox to disk (no process, no RAM); any later call wakes it as it was."""
+        self.info = (await self._client.request("POST", f"/v1/sandboxes/{self.id}/hibernate")).json()
+        return self.info
+
+    async def wake(self) -> dict[str, Any]:
+        self.info = (await self._client.request("POST", f"/v1/sandboxes/{self.id}/wake")).json()
+        return self.info
+
+    async def snapshot(self, *, ttl: float | None = None) -> dict[str, Any]:
+        """A checkpoint of the running sandbox; `AsyncSandbox.create(from_snapshot=checkpoint["id"])`."""
+        body = {"ttl_s": ttl} if ttl else {}
+        path = f"/v1/sandboxes/{self.id}/checkpoints"
+        return dict((await self._client.request("POST", path, json=body)).json())
+
+    async def fork(self, count: int = 1) -> list[AsyncSandbox]:
+        """`count` running copies of this sandbox: memory, processes and files as they are now."""
+        path = f"/v1/sandboxes/{self.id}/fork"
+        infos = (await self._client.request("POST", path, json={"count": count})).json()["sandboxes"]
+        return [AsyncSandbox(info, self._client) for info in infos]
 
     async def refresh(self) -> dict[str, Any]:
         self.info = (await self._client.request("GET", f"/v1/sandboxes/{self.id}")).json()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -16,7 +17,7 @@ from tartarus.sdk._core import (
     OutputCallback,
     call_timeout,
     code_body,
-    create_body,
+    create_request,
     exec_body,
     execution_from_json,
     raise_for_error,
@@ -42,6 +43,12 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -168,15 +175,24 @@ class Sandbox:
         vcpus: int | None = None,
         memory_mib: int | None = None,
         env: dict[str, str] | None = None,
+        from_snapshot: str | None = None,
+        idle_timeout: float | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: Client | None = None,
     ) -> Sandbox:
         owns = client is None
         client = client or Client(url, api_key)
-        body = create_body(template, vcpus=vcpus, memory_mib=memory_mib, env=env)
+        path, body = create_request(
+            template,
+            from_snapshot=from_snapshot,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            env=env,
+            idle_timeout=idle_timeout,
+        )
         try:
-            info = client.request("POST", "/v1/sandboxes", json=body).json()
+            info = client.request("POST", path, json=body).json()
         except BaseException:
             if owns:
                 client.close()
@@ -203,6 +219,27 @@ class Sandbox:
             "POST", f"/v1/sandboxes/{self.id}/code", json=code_body(code, timeout), timeout=http_timeout
         )
         return execution_from_json(response.json())
+
+    def hibernate(self) -> dict[str, Any]:
+        """Put the sandbox to disk (no process, no RAM); any later call wakes it as it was."""
+        self.info = (self._client.request("POST", f"/v1/sandboxes/{self.id}/hibernate")).json()
+        return self.info
+
+    def wake(self) -> dict[str, Any]:
+        self.info = (self._client.request("POST", f"/v1/sandboxes/{self.id}/wake")).json()
+        return self.info
+
+    def snapshot(self, *, ttl: float | None = None) -> dict[str, Any]:
+        """A checkpoint of the running sandbox; `Sandbox.create(from_snapshot=checkpoint["id"])`."""
+        body = {"ttl_s": ttl} if ttl else {}
+        path = f"/v1/sandboxes/{self.id}/checkpoints"
+        return dict((self._client.request("POST", path, json=body)).json())
+
+    def fork(self, count: int = 1) -> builtins.list[Sandbox]:
+        """`count` running copies of this sandbox: memory, processes and files as they are now."""
+        path = f"/v1/sandboxes/{self.id}/fork"
+        infos = (self._client.request("POST", path, json={"count": count})).json()["sandboxes"]
+        return [Sandbox(info, self._client) for info in infos]
 
     def refresh(self) -> dict[str, Any]:
         self.info = self._client.request("GET", f"/v1/sandboxes/{self.id}").json()

@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from tartarus import failpoints
 from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, new_sandbox_id
@@ -25,16 +28,37 @@ def compatible(snapshot: Snapshot, options: SandboxOptions) -> bool:
     return options.vcpus in (None, snapshot.vcpus) and options.memory_mib in (None, snapshot.memory_mib)
 
 
+@dataclass(frozen=True)
+class GuestState:
+    """What a prepared VMM loads over the snapshot's memory: the snapshot's own state (a new clone), or
+    a captured sandbox's (tartarus.hibernation: the same sandbox waking, or a fork of a checkpoint)."""
+
+    path: Path
+    interpreter_pid: int | None
+    new_identity: bool = True  # a clone gets its own hostname and machine-id; a woken sandbox keeps its
+
+
 async def prepare(
-    snapshot: Snapshot, template: Template, root: Path, options: SandboxOptions, *, nice: int = 0
+    snapshot: Snapshot,
+    template: Template,
+    root: Path,
+    options: SandboxOptions,
+    *,
+    nice: int = 0,
+    sandbox_id: str | None = None,
+    layer_source: Path | None = None,
+    layer: Path | None = None,
 ) -> RuntimeSandbox:
-    sandbox = RuntimeSandbox(new_sandbox_id(), template, root / "pending", options)
+    """A VMM waiting for incoming state. Its writable layer is a sparse copy of `layer_source` (default:
+    the snapshot's), or the existing file `layer` used in place (a hibernated sandbox's)."""
+    sandbox = RuntimeSandbox(sandbox_id or new_sandbox_id(), template, root / "pending", options)
     sandbox.workdir = root / sandbox.id
     sandbox.workdir.mkdir(parents=True)
     try:
         t0 = time.perf_counter()
-        layer = sandbox.workdir / "rw.ext4"
-        sparse_copy(snapshot.layer, layer)
+        if layer is None:
+            layer = sandbox.workdir / "rw.ext4"
+            sparse_copy(layer_source or snapshot.layer, layer)
         config = sandbox.vm_config(layer=layer, memory_file=snapshot.memory, share=False)
         config.incoming = True
         sandbox.vm = MicroVM(config, sandbox.workdir)
@@ -52,9 +76,12 @@ async def restore(
     root: Path,
     options: SandboxOptions,
     prepared: RuntimeSandbox | None = None,
+    state: GuestState | None = None,
+    on_loaded: Callable[[], None] | None = None,
 ) -> RuntimeSandbox:
-    """Bring a (possibly pre-started) VMM to a running, distinct clone of the snapshot."""
+    """Bring a (possibly pre-started) VMM to a running, distinct clone of the snapshot (or to `state`)."""
     t0 = time.perf_counter()
+    state = state or GuestState(snapshot.state, snapshot.interpreter_pid)
     sandbox = prepared or await prepare(snapshot, template, root, options)
     sandbox.options = options  # a pooled VMM was prepared before this request's options were known
     sandbox.created_at = time.time()
@@ -67,20 +94,24 @@ async def restore(
     try:
         if prepared is not None:
             vm.set_priority(0)
-        await vm.load_state(snapshot.state)
+        await vm.load_state(state.path)
+        failpoints.hit("restore.loaded")
+        if on_loaded is not None:
+            on_loaded()  # the last moment at which no guest has run: a wake commits here
         sandbox.timings["state_loaded"] = time.perf_counter() - t0
         await vm.resume()
         sandbox.timings["guest_resumed"] = time.perf_counter() - t0
         agent = vm.agent_client()
         agent.assume_running()
-        if snapshot.interpreter_pid is not None:
-            sandbox.interpreter = CodeInterpreter.adopt(agent, snapshot.interpreter_pid)
-        # Clones share the snapshot's clock, RNG pool, hostname and machine-id until told otherwise.
+        if state.interpreter_pid is not None:
+            sandbox.interpreter = CodeInterpreter.adopt(agent, state.interpreter_pid)
+        # Clones share the snapshot's clock, RNG pool, hostname and machine-id until told otherwise; a
+        # woken sandbox keeps its names but its clock stopped and its entropy was seen on disk.
         await agent.configure(
             time_ns=time.time_ns(),
             entropy=os.urandom(64),
-            hostname=sandbox.id,
-            machine_id=uuid.uuid4().hex,
+            hostname=sandbox.id if state.new_identity else None,
+            machine_id=uuid.uuid4().hex if state.new_identity else None,
         )
         sandbox.timings["first_answer"] = time.perf_counter() - t0
     except BaseException:

@@ -1,0 +1,150 @@
+"""Captured sandboxes on disk: hibernated sandboxes and checkpoints share one format.
+
+`<dir>/image.json` (what it is and what it was captured from), `<dir>/memory.state` (device state plus
+the guest pages the sandbox wrote) and `<dir>/layer.ext4` (its writable layer). An image is written in a
+staging directory and published by one rename after everything in it is fsynced, so a crash leaves
+either no image or a whole one.
+
+An image is only meaningful over the template snapshot it was captured from, so it *pins* that
+snapshot: hard links to its memory file and root filesystem under `<state>/pins/<snapshot key>/`. The
+cache may then be cleaned or the template rebuilt without stranding a hibernated sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tartarus.hibernation.capture import fsync_path
+from tartarus.snapshots.store import Snapshot
+from tartarus.templates.store import Template
+
+META = "image.json"
+
+
+@dataclass(frozen=True)
+class Image:
+    path: Path
+    kind: str  # "hibernation" | "checkpoint"
+    id: str  # the sandbox id (hibernation) or the checkpoint id
+    sandbox_id: str  # the sandbox it was captured from
+    template: Template  # with rootfs pointing into the pin
+    snapshot_key: str
+    interpreter_pid: int | None
+    vcpus: int
+    memory_mib: int
+    env: dict[str, str]
+    created_at: float  # of the sandbox
+    captured_at: float
+    state_bytes: int
+    layer_bytes: int  # allocated, not apparent: what the layer really costs on disk
+    ttl_s: float | None = None  # checkpoints: deleted by gc this long after their last use
+
+    @property
+    def state(self) -> Path:
+        return self.path / "memory.state"
+
+    @property
+    def layer(self) -> Path:
+        return self.path / "layer.ext4"
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.state_bytes + self.layer_bytes
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        del data["path"]
+        data["template"] = json.loads(self.template.to_json())
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def load(cls, path: Path) -> Image:
+        data: dict[str, Any] = json.loads((path / META).read_text())
+        tdata = data.pop("template")
+        tdata["rootfs"] = Path(tdata["rootfs"])
+        return cls(path=path, template=Template(**tdata), **data)
+
+
+def allocated_bytes(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_path(path)
+
+
+def publish(image: Image, final: Path) -> Image:
+    """Write the metadata, fsync the staging directory and rename it to `final`: the commit point."""
+    staging = image.path
+    tmp = staging / (META + ".tmp")
+    tmp.write_text(image.to_json())
+    fsync_path(tmp)
+    tmp.rename(staging / META)
+    for name in ("memory.state", "layer.ext4"):
+        fsync_path(staging / name)
+    fsync_dir(staging)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(final)
+    fsync_dir(final.parent)
+    return dataclasses.replace(image, path=final)
+
+
+def list_images(root: Path) -> list[Image]:
+    """Published images under `root`; directories without metadata are crash leftovers and skipped."""
+    if not root.exists():
+        return []
+    images = []
+    for path in sorted(root.iterdir()):
+        if (path / META).exists():
+            images.append(Image.load(path))
+    return images
+
+
+def remove_image(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # another filesystem: a copy costs space but keeps the image whole
+        shutil.copyfile(src, tmp)
+    tmp.rename(dst)
+
+
+def pin(snapshot: Snapshot, template: Template, pins_root: Path) -> tuple[Snapshot, Template]:
+    """The snapshot and template as seen through their pin (created if missing; idempotent)."""
+    path = pins_root / snapshot.key
+    path.mkdir(parents=True, exist_ok=True)
+    _link(snapshot.memory, path / "memory")
+    _link(template.rootfs, path / "rootfs")
+    if not (path / "snapshot.json").exists():
+        snapshot.write_meta(path)
+    return Snapshot.load(path), dataclasses.replace(template, rootfs=path / "rootfs")
+
+
+def pinned(pins_root: Path, key: str) -> Snapshot:
+    return Snapshot.load(pins_root / key)
+
+
+def unpin_unused(pins_root: Path, used: set[str]) -> list[str]:
+    """Remove pins no image refers to any more. Returns the keys removed."""
+    removed = []
+    if pins_root.exists():
+        for path in pins_root.iterdir():
+            if path.name not in used:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+    return removed

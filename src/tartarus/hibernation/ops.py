@@ -1,0 +1,241 @@
+"""Hibernate, wake, checkpoint and fork: each a few steps with one commit point, so a failure at any
+step leaves the sandbox running (rolled back) or cleanly captured (rolled forward), never half.
+
+Hibernation commits when its image directory is renamed into `<state>/hibernated/`; a wake commits
+when that directory is renamed into the sandbox's working directory, after its state is loaded and
+before the guest runs again, so an image is never reused once its guest has moved on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tartarus import failpoints
+from tartarus.errors import InvalidArgument, QuotaExceeded, SandboxFailed
+from tartarus.hibernation.capture import capture, fsync_path
+from tartarus.hibernation.image import Image, allocated_bytes, fsync_dir, pin, pinned, publish
+from tartarus.runtime.disks import sparse_copy
+from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, new_sandbox_id
+from tartarus.snapshots.restore import GuestState, prepare, restore
+from tartarus.snapshots.store import Snapshot
+
+log = logging.getLogger(__name__)
+
+LAYER = "rw.ext4"  # a running sandbox's writable layer, in its working directory
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a daemon keeps sandboxes in each state, all on one filesystem so moves are renames."""
+
+    state_dir: Path
+
+    @property
+    def sandboxes(self) -> Path:
+        return self.state_dir / "sandboxes"
+
+    @property
+    def hibernated(self) -> Path:
+        return self.state_dir / "hibernated"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+    @property
+    def pins(self) -> Path:
+        return self.state_dir / "pins"
+
+
+def _capturable(sandbox: RuntimeSandbox, snapshot: Snapshot | None) -> Snapshot:
+    vm = sandbox.vm
+    if snapshot is None or vm is None or vm.config.memory_file is None:
+        raise InvalidArgument(
+            f"sandbox {sandbox.id} was booted, not restored from a template snapshot: "
+            "only snapshot-restored sandboxes can be hibernated or checkpointed"
+        )
+    if not vm.running:
+        raise SandboxFailed(f"sandbox {sandbox.id} has stopped: {vm.exit_message}")
+    return snapshot
+
+
+def _image(sandbox: RuntimeSandbox, snapshot: Snapshot, path: Path, kind: str, id_: str) -> Image:
+    """The image's metadata; the template is the pinned one so the image outlives cache clean-ups."""
+    return Image(
+        path=path,
+        kind=kind,
+        id=id_,
+        sandbox_id=sandbox.id,
+        template=sandbox.template,
+        snapshot_key=snapshot.key,
+        interpreter_pid=sandbox.interpreter.pid if sandbox.interpreter else None,
+        vcpus=snapshot.vcpus,
+        memory_mib=snapshot.memory_mib,
+        env=dict(sandbox.options.env),
+        created_at=sandbox.created_at,
+        captured_at=time.time(),
+        state_bytes=allocated_bytes(path / "memory.state"),
+        layer_bytes=allocated_bytes(path / "layer.ext4"),
+    )
+
+
+def _check_quota(layout: Layout, quota_bytes: int | None, vm_memory_mib: int) -> None:
+    """Refuse before writing when the images already use the quota (an image costs at most its RAM)."""
+    if quota_bytes is None:
+        return
+    used = sum(
+        allocated_bytes(f)
+        for root in (layout.hibernated, layout.checkpoints)
+        if root.exists()
+        for f in root.rglob("*")
+        if f.is_file()
+    )
+    if used + vm_memory_mib * 2**20 > quota_bytes:
+        raise QuotaExceeded(
+            f"hibernation storage quota: {used / 2**20:.0f} MiB of {quota_bytes / 2**20:.0f} MiB used, "
+            f"and a capture may need up to {vm_memory_mib} MiB more; the sandbox keeps running"
+        )
+
+
+async def hibernate(
+    sandbox: RuntimeSandbox, snapshot: Snapshot | None, layout: Layout, quota_bytes: int | None = None
+) -> Image:
+    """Capture the sandbox to `<state>/hibernated/<id>` and stop its VMM."""
+    snapshot = _capturable(sandbox, snapshot)
+    vm = sandbox.vm
+    assert vm is not None and vm.config.memory_file is not None
+    _check_quota(layout, quota_bytes, snapshot.memory_mib)
+    staging = sandbox.workdir / "hibernating"
+    layer = sandbox.workdir / LAYER
+    moved = False
+    try:
+        staging.mkdir()
+        _, template = pin(snapshot, sandbox.template, layout.pins)
+        failpoints.hit("hibernate.pinned")
+        await capture(vm, vm.config.memory_file, staging / "memory.state")
+        failpoints.hit("hibernate.captured")
+        fsync_path(layer)  # QEMU flushed its writes when it stopped; make them ours on disk
+        os.rename(layer, staging / "layer.ext4")
+        moved = True
+        failpoints.hit("hibernate.layer_moved")
+        image = _image(sandbox, snapshot, staging, "hibernation", sandbox.id)
+        image = publish(dataclasses.replace(image, template=template), layout.hibernated / sandbox.id)
+    except BaseException:
+        if moved:
+            os.rename(staging / "layer.ext4", layer)
+        shutil.rmtree(staging, ignore_errors=True)
+        if vm.running:
+            with contextlib.suppress(Exception):
+                await vm.resume()
+        raise
+    failpoints.hit("hibernate.committed")
+    await sandbox.destroy()
+    return image
+
+
+async def start_from(
+    image: Image,
+    layout: Layout,
+    options: SandboxOptions,
+    *,
+    wake: bool,
+) -> tuple[RuntimeSandbox, Snapshot]:
+    """A running sandbox from `image`: the same sandbox (wake) or a new one (fork of a checkpoint),
+    with the (pinned) snapshot under it, which a later capture of it needs."""
+    try:
+        snapshot = pinned(layout.pins, image.snapshot_key)
+    except FileNotFoundError:
+        raise SandboxFailed(
+            f"{image.kind} {image.id}: the snapshot it was captured from ({image.snapshot_key}) is gone"
+        ) from None
+    options = dataclasses.replace(
+        options, vcpus=image.vcpus, memory_mib=image.memory_mib, env={**image.env, **options.env}
+    )
+    sandbox_id = image.id if wake else new_sandbox_id()
+    workdir = layout.sandboxes / sandbox_id
+    if wake and workdir.exists():  # what a failed earlier wake left; the image itself is intact
+        shutil.rmtree(workdir)
+    committed = False
+
+    def commit() -> None:
+        nonlocal committed
+        if wake:
+            os.rename(image.path, workdir / "image")
+            fsync_dir(image.path.parent)
+            committed = True
+
+    t0 = time.perf_counter()
+    if wake:
+        prepared = await prepare(
+            snapshot, image.template, layout.sandboxes, options, sandbox_id=sandbox_id, layer=image.layer
+        )
+    else:
+        prepared = await prepare(
+            snapshot,
+            image.template,
+            layout.sandboxes,
+            options,
+            sandbox_id=sandbox_id,
+            layer_source=image.layer,
+        )
+    vmm_ready = time.perf_counter() - t0
+    state = GuestState(image.state, image.interpreter_pid, new_identity=not wake)
+    sandbox = await restore(snapshot, image.template, layout.sandboxes, options, prepared, state, commit)
+    sandbox.timings = {k: v + vmm_ready for k, v in sandbox.timings.items() if k != "pooled"}
+    sandbox.timings["vmm_ready"] = vmm_ready
+    if wake:
+        assert committed
+        sandbox.created_at = image.created_at
+        os.rename(workdir / "image" / "layer.ext4", workdir / LAYER)
+        shutil.rmtree(workdir / "image", ignore_errors=True)
+    return sandbox, snapshot
+
+
+def touch(image: Image) -> None:
+    """Mark a checkpoint used now: its time-to-live counts from its last use."""
+    os.utime(image.path)
+
+
+def expired(image: Image, now: float | None = None) -> bool:
+    if image.ttl_s is None:
+        return False
+    return (now or time.time()) - image.path.stat().st_mtime > image.ttl_s
+
+
+async def checkpoint(
+    sandbox: RuntimeSandbox,
+    snapshot: Snapshot | None,
+    layout: Layout,
+    checkpoint_id: str,
+    ttl_s: float | None = None,
+    quota_bytes: int | None = None,
+) -> Image:
+    """Capture a running sandbox to `<state>/checkpoints/<id>` and let it run on."""
+    snapshot = _capturable(sandbox, snapshot)
+    vm = sandbox.vm
+    assert vm is not None and vm.config.memory_file is not None
+    _check_quota(layout, quota_bytes, snapshot.memory_mib)
+    layout.checkpoints.mkdir(parents=True, exist_ok=True)
+    staging = layout.checkpoints / f".{checkpoint_id}.staging"
+    try:
+        staging.mkdir()
+        _, template = pin(snapshot, sandbox.template, layout.pins)
+        try:
+            await capture(vm, vm.config.memory_file, staging / "memory.state")
+            sparse_copy(sandbox.workdir / LAYER, staging / "layer.ext4")  # paused: consistent with RAM
+        finally:
+            if vm.running:
+                await vm.resume()
+        image = _image(sandbox, snapshot, staging, "checkpoint", checkpoint_id)
+        image = dataclasses.replace(image, template=template, ttl_s=ttl_s)
+        return publish(image, layout.checkpoints / checkpoint_id)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -122,11 +122,17 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     async def tartarus_error(request: Request, exc: TartarusError) -> JSONResponse:
         return _error(exc)
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        # A bug, not a client error: log it whole, answer with the documented body shape.
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))
+    @app.middleware("http")
+    async def unexpected_error(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        # A bug, not a client error: log it whole, answer with the documented body shape. (Starlette's
+        # own catch-all re-raises after answering, and the server then resets the connection.)
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            return _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -22,7 +22,7 @@ from typing import IO
 
 from tartarus.errors import Conflict, InvalidArgument, NotFound
 from tartarus.hibernation import ops
-from tartarus.hibernation.image import Image, list_images, remove_image, unpin_unused
+from tartarus.hibernation.image import META, Image, list_images, remove_image, unpin_unused
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.restore import compatible, restore
@@ -254,10 +254,14 @@ class SandboxManager:
                     record.runtime, record.snapshot, self.layout, self.config.hibernate_quota_bytes
                 )
             except BaseException:
-                vm = record.runtime.vm
-                if vm is None or not vm.running:
-                    record.state, record.error = "failed", vm.exit_message if vm else "VM exited"
-                raise
+                committed = self.layout.hibernated / id_
+                if (committed / META).exists():  # failed after its commit point: roll forward
+                    image = Image.load(committed)
+                else:
+                    vm = record.runtime.vm
+                    if vm is None or not vm.running:
+                        record.state, record.error = "failed", vm.exit_message if vm else "VM exited"
+                    raise
             record.runtime, record.image, record.state = None, image, "hibernated"
             log.info("hibernated %s (%d bytes on disk)", id_, image.disk_bytes)
             return record

@@ -135,8 +135,10 @@ async def hibernate(
             with contextlib.suppress(Exception):
                 await vm.resume()
         raise
-    failpoints.hit("hibernate.committed")
-    await sandbox.destroy()
+    try:
+        failpoints.hit("hibernate.committed")
+    finally:  # committed: whatever happens now, the image is the sandbox
+        await sandbox.destroy()
     return image
 
 
@@ -162,39 +164,46 @@ async def start_from(
     workdir = layout.sandboxes / sandbox_id
     if wake and workdir.exists():  # what a failed earlier wake left; the image itself is intact
         shutil.rmtree(workdir)
+    # A waking image moves here when it commits: out of hibernated/, so a crash from then on forgets it
+    # (the guest may have run), yet outside the working directory a failed restore deletes.
+    waking = layout.sandboxes / f".{sandbox_id}.waking"
     committed = False
 
     def commit() -> None:
         nonlocal committed
         if wake:
-            os.rename(image.path, workdir / "image")
+            os.rename(image.path, waking)
             fsync_dir(image.path.parent)
             committed = True
+            failpoints.hit("wake.committed")
 
     t0 = time.perf_counter()
-    if wake:
-        prepared = await prepare(
-            snapshot, image.template, layout.sandboxes, options, sandbox_id=sandbox_id, layer=image.layer
-        )
-    else:
-        prepared = await prepare(
-            snapshot,
-            image.template,
-            layout.sandboxes,
-            options,
-            sandbox_id=sandbox_id,
-            layer_source=image.layer,
-        )
+    prepared = await prepare(
+        snapshot,
+        image.template,
+        layout.sandboxes,
+        options,
+        sandbox_id=sandbox_id,
+        layer=image.layer if wake else None,
+        layer_source=None if wake else image.layer,
+    )
     vmm_ready = time.perf_counter() - t0
     state = GuestState(image.state, image.interpreter_pid, new_identity=not wake)
-    sandbox = await restore(snapshot, image.template, layout.sandboxes, options, prepared, state, commit)
+    try:
+        sandbox = await restore(snapshot, image.template, layout.sandboxes, options, prepared, state, commit)
+    except BaseException:
+        if committed and "guest_resumed" not in prepared.timings:  # the guest never ran: undo
+            os.rename(waking, image.path)
+        elif committed:
+            shutil.rmtree(waking, ignore_errors=True)
+            log.error("sandbox %s failed while waking, after its guest resumed: it is lost", sandbox_id)
+        raise
     sandbox.timings = {k: v + vmm_ready for k, v in sandbox.timings.items() if k != "pooled"}
     sandbox.timings["vmm_ready"] = vmm_ready
     if wake:
-        assert committed
         sandbox.created_at = image.created_at
-        os.rename(workdir / "image" / "layer.ext4", workdir / LAYER)
-        shutil.rmtree(workdir / "image", ignore_errors=True)
+        os.rename(waking / "layer.ext4", workdir / LAYER)
+        shutil.rmtree(waking, ignore_errors=True)
     return sandbox, snapshot
 
 

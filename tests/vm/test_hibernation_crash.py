@@ -1,0 +1,140 @@
+"""Hibernation and wake are never half done: a failure at each step, a daemon killed at each step, and a
+daemon restart leave every sandbox running or cleanly hibernated, with its state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tartarus import failpoints
+from tartarus.daemon.server import daemon_thread
+from tartarus.errors import TartarusError
+from tartarus.sdk import Sandbox
+from tests.conftest import qemu_pids, wait_until
+from tests.vm.test_hibernation import _check_state, _give_state
+
+HIBERNATE_STEPS = ["hibernate.pinned", "hibernate.captured", "hibernate.layer_moved"]
+
+
+@pytest.fixture
+def disarmed() -> Iterator[None]:
+    yield
+    failpoints.disarm()
+
+
+@pytest.mark.parametrize("step", HIBERNATE_STEPS)
+def test_failed_hibernation_leaves_it_running(daemon_url: str, step: str, disarmed: None) -> None:
+    with Sandbox.create("python-ds", url=daemon_url) as sb:
+        _give_state(sb)
+        failpoints.arm(step)
+        with pytest.raises(TartarusError, match=f"failpoint {step}"):
+            sb.hibernate()
+        failpoints.disarm()
+        assert sb.refresh()["state"] == "running"
+        _check_state(sb)
+        assert sb.hibernate()["state"] == "hibernated"  # and it can still hibernate
+        _check_state(sb)
+
+
+def test_failure_after_the_commit_point_rolls_forward(daemon_url: str, disarmed: None) -> None:
+    with Sandbox.create("python-ds", url=daemon_url) as sb:
+        _give_state(sb)
+        failpoints.arm("hibernate.committed")
+        assert sb.hibernate()["state"] == "hibernated"
+        failpoints.disarm()
+        _check_state(sb)
+
+
+@pytest.mark.parametrize("step", ["restore.loaded", "wake.committed"])
+def test_failed_wake_leaves_it_hibernated(daemon_url: str, step: str, disarmed: None) -> None:
+    with Sandbox.create("python-ds", url=daemon_url) as sb:
+        _give_state(sb)
+        sb.hibernate()
+        failpoints.arm(step)
+        with pytest.raises(TartarusError, match=f"failpoint {step}"):
+            sb.wake()
+        failpoints.disarm()
+        assert sb.refresh()["state"] == "hibernated"
+        _check_state(sb)
+
+
+def test_hibernated_sandboxes_survive_a_daemon_restart(tmp_path: Path) -> None:
+    state, sock = tmp_path / "state", tmp_path / "api.sock"
+    with daemon_thread(state, sock):
+        sb = Sandbox.create("python-ds", url=f"unix://{sock}")
+        _give_state(sb)
+        sb.hibernate()
+        running = Sandbox.create("python-ds", url=f"unix://{sock}")
+    assert not qemu_pids(state)
+    with daemon_thread(state, sock):
+        listed = {s["id"]: s["state"] for s in Sandbox.list(url=f"unix://{sock}")}
+        assert listed == {sb.id: "hibernated"}, "running sandboxes end with their daemon"
+        assert running.id not in listed
+        again = Sandbox.connect(sb.id, url=f"unix://{sock}")
+        _check_state(again)
+        again.kill()
+    assert not qemu_pids(state)
+
+
+def _daemon_dies_at(tmp_path: Path, step: str, hibernate_first: bool) -> str:
+    """Run a daemon that exits abruptly (like kill -9) at `step`; returns the sandbox id it had."""
+    state, sock = tmp_path / "state", tmp_path / "a.sock"
+    script = f"""
+import os
+from pathlib import Path
+from tartarus import failpoints
+from tartarus.daemon.server import daemon_thread
+from tartarus.sdk import Sandbox
+from tests.vm.test_hibernation import _give_state
+with daemon_thread(Path({str(state)!r}), Path({str(sock)!r})):
+    sb = Sandbox.create("python-ds", url="unix://{sock}")
+    _give_state(sb)
+    if {hibernate_first!r}:
+        sb.hibernate()
+    print(sb.id, flush=True)
+    failpoints.arm({step!r}, "exit")
+    sb.wake() if {hibernate_first!r} else sb.hibernate()
+    print("survived", flush=True)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=Path.cwd()
+    )
+    assert proc.returncode == 137, proc.stderr
+    sandbox_id = proc.stdout.split()[0]
+    assert wait_until(lambda: not qemu_pids(state), 5.0)  # VMMs die with their daemon
+    return sandbox_id
+
+
+@pytest.mark.parametrize("step", ["hibernate.captured", "hibernate.layer_moved"])
+def test_daemon_killed_before_hibernation_commits(tmp_path: Path, step: str) -> None:
+    """Before the commit point the sandbox is a running one, and running sandboxes die with their daemon
+    (their VMMs carry a parent-death signal): the next daemon must find no trace of it, not half of it."""
+    sandbox_id = _daemon_dies_at(tmp_path, step, hibernate_first=False)
+    state, sock = tmp_path / "state", tmp_path / "b.sock"
+    with daemon_thread(state, sock):
+        assert Sandbox.list(url=f"unix://{sock}") == []
+        assert not list((state / "sandboxes").glob(f"*{sandbox_id}*"))  # pooled VMMs' dirs aside
+        assert not (state / "hibernated" / sandbox_id).exists()
+
+
+@pytest.mark.parametrize(
+    ("step", "hibernate_first"),
+    [("hibernate.committed", False), ("restore.loaded", True)],
+)
+def test_daemon_killed_after_commit_or_before_wake_commits(
+    tmp_path: Path, step: str, hibernate_first: bool
+) -> None:
+    sandbox_id = _daemon_dies_at(tmp_path, step, hibernate_first)
+    state, sock = tmp_path / "state", tmp_path / "b.sock"
+    with daemon_thread(state, sock):
+        listed = {s["id"]: s["state"] for s in Sandbox.list(url=f"unix://{sock}")}
+        assert listed == {sandbox_id: "hibernated"}
+        sb = Sandbox.connect(sandbox_id, url=f"unix://{sock}")
+        _check_state(sb)
+        sb.kill()
+        assert not list((state / "sandboxes").glob(f"*{sandbox_id}*"))
+        assert not (state / "hibernated" / sandbox_id).exists()

@@ -62,7 +62,7 @@ async def capture(vm: MicroVM, memory_file: Path, dest: Path) -> Capture:
     try:
         await vm.save_state(raw)
         t1 = time.perf_counter()
-        keep: PageMaps = {}
+        keep: dict[str, bytes] = {}
         try:
             assert vm.pid is not None
             keep[RAM_BLOCK] = own_pages(vm.pid, memory_file)

@@ -12,7 +12,7 @@ device sections after them are copied byte for byte. Anything unexpected is an e
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 MAGIC = b"QEVM"
@@ -51,8 +51,8 @@ class FilterStats:
     bytes_out: int = 0
 
 
-# Per RAM block, one byte per page: nonzero to keep that page's record. Blocks not named keep all pages.
-PageMaps = dict[str, bytes]
+# Per RAM block, one entry per page: nonzero to keep that page's record. Blocks not named keep all pages.
+PageMaps = Mapping[str, Sequence[int]]
 
 
 class _Reader:

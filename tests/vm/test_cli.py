@@ -37,3 +37,32 @@ def test_run_unknown_template_is_a_clear_error(tmp_path: Path) -> None:
     proc = _run("run", "--template", "no-such-template", "--", "true", state=tmp_path)
     assert proc.returncode == 2
     assert "no-such-template" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _cli(*args: str, url: str) -> str:
+    env = {**os.environ, "TARTARUS_URL": url}
+    proc = subprocess.run([str(TARTARUS), *args], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_hibernate_wake_snapshot_and_fork_from_the_cli(daemon_url: str) -> None:
+    sandbox_id = _cli("sandbox", "create", "python-ds", url=daemon_url).strip()
+    try:
+        _cli("sandbox", "exec", sandbox_id, "--", "sh", "-c", "echo kept > /root/f", url=daemon_url)
+        assert "hibernated (" in _cli("sandbox", "hibernate", sandbox_id, url=daemon_url)
+        assert f"{sandbox_id}" in _cli("sandbox", "ls", url=daemon_url)
+        assert _cli("sandbox", "wake", sandbox_id, url=daemon_url).split() == [sandbox_id, "running"]
+        checkpoint = _cli("sandbox", "snapshot", sandbox_id, "--ttl", "60", url=daemon_url).strip()
+        assert checkpoint in _cli("checkpoint", "ls", url=daemon_url)
+        forks = _cli("sandbox", "fork", sandbox_id, "-n", "2", url=daemon_url).split()
+        assert len(forks) == 2
+        for fork in forks:
+            out = _cli("sandbox", "exec", fork, "--", "cat", "/root/f", url=daemon_url)
+            assert out == "kept\n"
+        _cli("sandbox", "kill", *forks, url=daemon_url)
+        _cli("checkpoint", "rm", checkpoint, url=daemon_url)
+        assert checkpoint not in _cli("checkpoint", "ls", url=daemon_url)
+        assert _cli("gc", url=daemon_url).startswith("removed ")
+    finally:
+        _cli("sandbox", "kill", sandbox_id, url=daemon_url)

@@ -26,6 +26,8 @@ app = typer.Typer(help="Tartarus: microVM sandboxes for untrusted code.", no_arg
 sandbox_app = typer.Typer(help="Manage sandboxes.", no_args_is_help=True)
 template_app = typer.Typer(help="Manage templates.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
+checkpoint_app = typer.Typer(help="Manage checkpoints (sandbox snapshots).", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
 
 
 @app.callback()
@@ -199,6 +201,9 @@ def sandbox_exec(
     """Run a command in an existing sandbox, streaming its output; exit with its status."""
     from tartarus.sdk import Sandbox
 
+    if command[:1] == ["--"]:  # click stops parsing options after the id and keeps the separator
+        command = command[1:]
+
     try:
         result = _stream(Sandbox.connect(sandbox_id), command, timeout=timeout)
     except errors.TartarusError as e:
@@ -235,6 +240,110 @@ def sandbox_kill(sandbox_ids: Annotated[list[str], typer.Argument()]) -> None:
             client.request("DELETE", f"/v1/sandboxes/{sandbox_id}")
     except errors.TartarusError as e:
         raise _fail(e) from e
+
+
+@sandbox_app.command("hibernate")
+def sandbox_hibernate(sandbox_ids: Annotated[list[str], typer.Argument()]) -> None:
+    """Put sandboxes to disk: no process, no RAM. Any later call (or `wake`) brings them back as they were."""
+    from tartarus.sdk.sync import Client
+
+    try:
+        client = Client()
+        for sandbox_id in sandbox_ids:
+            info = client.request("POST", f"/v1/sandboxes/{sandbox_id}/hibernate").json()
+            print(f"{sandbox_id} hibernated ({info['disk_bytes'] / 2**20:.1f} MiB on disk)")
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+
+
+@sandbox_app.command("wake")
+def sandbox_wake(sandbox_ids: Annotated[list[str], typer.Argument()]) -> None:
+    """Wake hibernated sandboxes."""
+    from tartarus.sdk.sync import Client
+
+    try:
+        client = Client()
+        for sandbox_id in sandbox_ids:
+            info = client.request("POST", f"/v1/sandboxes/{sandbox_id}/wake").json()
+            print(f"{sandbox_id} {info['state']}")
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+
+
+@sandbox_app.command("snapshot")
+def sandbox_snapshot(
+    sandbox_id: str,
+    ttl: Annotated[float | None, typer.Option(help="seconds after its last use until gc deletes it")] = None,
+) -> None:
+    """Checkpoint a running sandbox (it runs on) and print the checkpoint's id."""
+    from tartarus.sdk import Sandbox
+
+    try:
+        print(Sandbox.connect(sandbox_id).snapshot(ttl=ttl)["id"])
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+
+
+@sandbox_app.command("fork")
+def sandbox_fork(
+    sandbox_id: str, count: Annotated[int, typer.Option("--count", "-n", min=1, max=16)] = 1
+) -> None:
+    """Make running copies of a sandbox and print their ids."""
+    from tartarus.sdk import Sandbox
+
+    try:
+        for copy in Sandbox.connect(sandbox_id).fork(count):
+            print(copy.id)
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+@checkpoint_app.command("ls")
+def checkpoint_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List checkpoints."""
+    from tartarus.sdk.sync import Client
+
+    try:
+        checkpoints = Client().request("GET", "/v1/checkpoints").json()["checkpoints"]
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+    if as_json:
+        print(json.dumps(checkpoints, indent=2))
+        return
+    table = Table("ID", "FROM SANDBOX", "TEMPLATE", "DISK", "TTL")
+    for c in checkpoints:
+        ttl = "-" if c["ttl_s"] is None else f"{c['ttl_s']:g} s"
+        size = f"{c['disk_bytes'] / 2**20:.1f} MiB"
+        table.add_row(c["id"], c["sandbox_id"], c["template"], size, ttl)
+    Console().print(table)
+
+
+@checkpoint_app.command("rm")
+def checkpoint_rm(checkpoint_ids: Annotated[list[str], typer.Argument()]) -> None:
+    """Delete checkpoints (sandboxes started from them are not affected)."""
+    from tartarus.sdk.sync import Client
+
+    try:
+        client = Client()
+        for checkpoint_id in checkpoint_ids:
+            client.request("DELETE", f"/v1/checkpoints/{checkpoint_id}")
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+
+
+@app.command("gc")
+def gc() -> None:
+    """Delete expired checkpoints and the snapshot pins nothing needs any more."""
+    from tartarus.sdk.sync import Client
+
+    try:
+        removed = Client().request("POST", "/v1/gc").json()
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+    print(f"removed {len(removed['checkpoints'])} checkpoints, {len(removed['pins'])} pins")
 
 
 # ---- templates -------------------------------------------------------------------------------

@@ -41,6 +41,13 @@ class QuotaExceeded(TartarusError):
     status = 429
 
 
+class InsufficientStorage(TartarusError):
+    """The host's disk is too full for the operation; nothing was lost (the sandbox keeps running)."""
+
+    code = "insufficient_storage"
+    status = 507
+
+
 class AuthError(TartarusError):
     code = "unauthorized"
     status = 401
@@ -80,6 +87,7 @@ ALL: dict[str, type[TartarusError]] = {
         Timeout,
         Conflict,
         QuotaExceeded,
+        InsufficientStorage,
         AuthError,
         SandboxFailed,
         GuestError,

@@ -3,6 +3,7 @@ daemon restart leave every sandbox running or cleanly hibernated, with its state
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 
 from tartarus import failpoints
 from tartarus.daemon.server import daemon_thread
-from tartarus.errors import TartarusError
+from tartarus.errors import InsufficientStorage, TartarusError
 from tartarus.sdk import Sandbox
 from tests.conftest import qemu_pids, wait_until
 from tests.vm.test_hibernation import _check_state, _give_state
@@ -138,3 +139,57 @@ def test_daemon_killed_after_commit_or_before_wake_commits(
         sb.kill()
         assert not list((state / "sandboxes").glob(f"*{sandbox_id}*"))
         assert not (state / "hibernated" / sandbox_id).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 GiB ext4 filesystem of its own, for a state directory that can really fill up."""
+    image, mount = tmp_path / "disk.img", tmp_path / "mnt"
+    subprocess.run(["truncate", "-s", "4G", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mount.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_full_disk_is_a_clear_error_and_loses_nothing(small_disk: Path) -> None:
+    from tartarus.daemon.manager import DaemonConfig
+
+    state, sock = small_disk / "state", small_disk / "api.sock"
+    with daemon_thread(state, sock, DaemonConfig(pool_size=0)):
+        sb = Sandbox.create("python-ds", url=f"unix://{sock}")
+        _give_state(sb)
+        sb.run_code("import os\nballast = os.urandom(64 << 20)")  # a capture needs > 64 MiB
+        sb.snapshot()  # pins the template snapshot on this disk (copied: another filesystem)
+        filler = small_disk / "filler"
+        free = shutil.disk_usage(small_disk).free
+        subprocess.run(["fallocate", "-l", str(free - (16 << 20)), str(filler)], check=True)
+        with pytest.raises(InsufficientStorage, match="keeps running"):
+            sb.hibernate()
+        assert sb.refresh()["state"] == "running"
+        assert not (state / "sandboxes" / sb.id / "hibernating").exists()
+        _check_state(sb)
+        filler.unlink()
+        assert sb.hibernate()["state"] == "hibernated"
+        _check_state(sb)
+        sb.kill()
+
+
+def test_storage_quota_refuses_before_writing(tmp_path: Path) -> None:
+    from tartarus.daemon.manager import DaemonConfig
+    from tartarus.errors import QuotaExceeded
+
+    state, sock = tmp_path / "state", tmp_path / "api.sock"
+    config = DaemonConfig(pool_size=0, hibernate_quota_bytes=256 << 20)  # less than the guest's RAM
+    with daemon_thread(state, sock, config), Sandbox.create("python-ds", url=f"unix://{sock}") as sb:
+        sb.run_code("x = 'still here'")
+        with pytest.raises(QuotaExceeded, match="keeps running"):
+            sb.hibernate()
+        with pytest.raises(QuotaExceeded):
+            sb.snapshot()
+        assert sb.run_code("x").result == "'still here'"
+        assert sb.refresh()["state"] == "running"
+        assert not list(state.glob("hibernated/*")) and not list(state.glob("checkpoints/*"))

@@ -94,6 +94,54 @@ def cold_start(
     )
 
 
+DirtyOpt = Annotated[int, typer.Option("--dirty-mib", help="memory the sandbox owns (MiB)", min=0)]
+Concurrency = Annotated[int, typer.Option("--concurrency", "-c", min=1, max=16)]
+Baseline = Annotated[int, typer.Option(help="cycles with the unfiltered QEMU stream (0: skip)", min=0)]
+
+
+def _sleep(
+    primary: str, samples: int, concurrency: int, dirty_mib: int, baseline: int, template: str
+) -> Runner:
+    """Hibernate/wake cycles; `primary` ("wake" or "hibernate") is the headline figure."""
+    from tartarus.bench.hibernation import bench_sleep
+
+    def run(progress: Callable[[int], None]) -> dict[str, Any]:
+        result = asyncio.run(bench_sleep(template, samples, concurrency, dirty_mib, baseline, progress))
+        return {**result["sequential"][primary], **result}
+
+    return run
+
+
+@bench_app.command()
+def wake(
+    samples: Samples = 200,
+    concurrency: Concurrency = 4,
+    dirty_mib: DirtyOpt = 50,
+    baseline: Baseline = 20,
+    template: TemplateOpt = "python-ds",
+    json_out: JsonOut = None,
+) -> None:
+    """Wake call (no process held) → run_code answered with the sandbox's memory intact."""
+    steps = samples * (2 if concurrency > 1 else 1) + baseline
+    _run("wake", steps, json_out, _sleep("wake", samples, concurrency, dirty_mib, baseline, template))
+
+
+@bench_app.command()
+def hibernate(
+    samples: Samples = 200,
+    concurrency: Concurrency = 4,
+    dirty_mib: DirtyOpt = 50,
+    baseline: Baseline = 20,
+    template: TemplateOpt = "python-ds",
+    json_out: JsonOut = None,
+) -> None:
+    """Hibernate call → the sandbox on disk and its VMM process gone; bytes written per hibernation."""
+    steps = samples * (2 if concurrency > 1 else 1) + baseline
+    _run(
+        "hibernate", steps, json_out, _sleep("hibernate", samples, concurrency, dirty_mib, baseline, template)
+    )
+
+
 @bench_app.command("image-convert")
 def image_convert(
     cold: Annotated[

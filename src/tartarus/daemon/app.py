@@ -58,9 +58,7 @@ log = logging.getLogger(__name__)
 
 PathQuery = Annotated[str, Query(pattern=r"^/", max_length=4095, description="absolute path in the guest")]
 _ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorBody},
-    404: {"model": ErrorBody},
-    502: {"model": ErrorBody},
+    status: {"model": ErrorBody} for status in (400, 404, 409, 429, 502, 507)
 }
 
 

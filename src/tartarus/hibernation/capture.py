@@ -50,7 +50,7 @@ def _filter_to(raw: Path, keep: PageMaps, dest: Path) -> FilterStats:
     return stats
 
 
-async def capture(vm: MicroVM, memory_file: Path, dest: Path) -> Capture:
+async def capture(vm: MicroVM, memory_file: Path, dest: Path, *, own_pages_only: bool = True) -> Capture:
     """Pause `vm` (it stays paused) and write to `dest` what restoring it over `memory_file` needs.
 
     QEMU writes the full stream to a scratch file next to `dest`; the pages the guest never wrote are
@@ -65,7 +65,8 @@ async def capture(vm: MicroVM, memory_file: Path, dest: Path) -> Capture:
         keep: dict[str, bytes] = {}
         try:
             assert vm.pid is not None
-            keep[RAM_BLOCK] = own_pages(vm.pid, memory_file)
+            if own_pages_only:  # (False: the plain QEMU stream, which the benchmarks compare against)
+                keep[RAM_BLOCK] = own_pages(vm.pid, memory_file)
         except (OSError, LookupError) as e:
             log.warning("keeping every guest page: cannot read the VMM's page table: %s", e)
         stats = await asyncio.to_thread(_filter_to, raw, keep, dest)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tartarus.hibernation.capture import fsync_path
+from tartarus.runtime.disks import sparse_copy
 from tartarus.snapshots.store import Snapshot
 from tartarus.templates.store import Template
 
@@ -120,7 +121,7 @@ def _link(src: Path, dst: Path) -> None:
     try:
         os.link(src, tmp)
     except OSError:  # another filesystem: a copy costs space but keeps the image whole
-        shutil.copyfile(src, tmp)
+        sparse_copy(src, tmp)
     tmp.rename(dst)
 
 

@@ -56,14 +56,24 @@ def sparse_copy(src: Path, dst: Path) -> None:
                     break
                 raise
             end = os.lseek(ifd, start, os.SEEK_HOLE)
-            offset = start
-            while offset < end:
-                n = os.copy_file_range(ifd, ofd, end - offset, offset, offset)
-                if n == 0:
-                    break
-                offset += n
+            _copy_range(ifd, ofd, start, end)
             pos = end
         os.ftruncate(ofd, size)
+
+
+def _copy_range(ifd: int, ofd: int, start: int, end: int) -> None:
+    """In-kernel copy where the filesystems allow it; read and write where not (across filesystems)."""
+    offset = start
+    while offset < end:
+        try:
+            n = os.copy_file_range(ifd, ofd, end - offset, offset, offset)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            n = os.pwrite(ofd, os.pread(ifd, min(end - offset, 1 << 20), offset), offset)
+        if n == 0:
+            break
+        offset += n
 
 
 def create_layer(dst: Path, size_mib: int = DEFAULT_LAYER_MIB) -> Path:

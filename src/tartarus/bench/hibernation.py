@@ -1,0 +1,143 @@
+"""`bench wake` and `bench hibernate`: a python-ds sandbox put to disk and woken, over and over.
+
+Each cycle hibernates a sandbox that holds `dirty_mib` of its own memory (random bytes in its warm
+interpreter) and wakes it; the wake clock runs from the wake call, with the sandbox holding no process,
+to its interpreter answering a `run_code` that proves its memory came back (a counter it increments).
+The alternative a user would otherwise have — QEMU's own stream of every guest page, unfiltered — is
+measured in the same run for comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tartarus.bench.stats import summary_ms
+from tartarus.hibernation import ops
+from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.snapshots.build import ensure_snapshot
+from tartarus.snapshots.restore import restore
+from tartarus.snapshots.store import Snapshot
+from tartarus.templates.store import get_template
+
+WAKE_PHASES = ("vmm_ready", "state_loaded", "guest_resumed", "first_answer", "run_code")
+HIBERNATE_PHASES = ("saved", "filtered", "committed", "vmm_gone")
+
+
+class _Cycler:
+    """One sandbox going to sleep and waking, recording both."""
+
+    def __init__(self, sandbox: RuntimeSandbox, snapshot: Snapshot, layout: ops.Layout) -> None:
+        self.sandbox, self.snapshot, self.layout = sandbox, snapshot, layout
+        self.count = 0
+
+    async def cycle(self, own_pages_only: bool) -> dict[str, Any]:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        image = await ops.hibernate(
+            self.sandbox, self.snapshot, self.layout, timings=timings, own_pages_only=own_pages_only
+        )
+        hibernate_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.sandbox, self.snapshot = await ops.start_from(image, self.layout, SandboxOptions(), wake=True)
+        answer = await (await self.sandbox.code_interpreter()).run_code("n += 1; n")
+        wake_s = time.perf_counter() - t1
+        self.count += 1
+        if answer.result != str(self.count):
+            raise RuntimeError(
+                f"woken sandbox lost its memory: counter {answer.result}, expected {self.count}"
+            )
+        wake = dict(self.sandbox.timings)
+        wake["run_code"] = wake_s
+        return {
+            "hibernate_s": hibernate_s,
+            "wake_s": wake_s,
+            "state_bytes": image.state_bytes,
+            "layer_bytes": image.layer_bytes,
+            "hibernate_phases": timings,
+            "wake_phases": wake,
+        }
+
+
+async def _start(snapshot: Snapshot, layout: ops.Layout, dirty_mib: int) -> _Cycler:
+    template = get_template(snapshot.template)
+    sandbox = await restore(snapshot, template, layout.sandboxes, SandboxOptions())
+    setup = f"import os\nballast = os.urandom({dirty_mib} << 20)\nn = 0"
+    await (await sandbox.code_interpreter()).run_code(setup)
+    return _Cycler(sandbox, snapshot, layout)
+
+
+def _summarise(cycles: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    return {
+        "concurrency": concurrency,
+        "wake": {
+            **summary_ms([c["wake_s"] for c in cycles]),
+            "phases_cumulative": {p: summary_ms([c["wake_phases"][p] for c in cycles]) for p in WAKE_PHASES},
+        },
+        "hibernate": {
+            **summary_ms([c["hibernate_s"] for c in cycles]),
+            "phases_cumulative": {
+                p: summary_ms([c["hibernate_phases"][p] for c in cycles]) for p in HIBERNATE_PHASES
+            },
+            "state_bytes_mean": round(sum(c["state_bytes"] for c in cycles) / len(cycles)),
+            "layer_bytes_mean": round(sum(c["layer_bytes"] for c in cycles) / len(cycles)),
+        },
+    }
+
+
+async def _rounds(
+    snapshot: Snapshot,
+    samples: int,
+    concurrency: int,
+    dirty_mib: int,
+    own_pages_only: bool,
+    progress: Callable[[int], None],
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
+        layout = ops.Layout(Path(tmp))
+        layout.sandboxes.mkdir()
+        cyclers = await asyncio.gather(*(_start(snapshot, layout, dirty_mib) for _ in range(concurrency)))
+        cycles: list[dict[str, Any]] = []
+        try:
+            while len(cycles) < samples:
+                n = min(concurrency, samples - len(cycles))
+                cycles += await asyncio.gather(*(c.cycle(own_pages_only) for c in cyclers[:n]))
+                progress(n)
+        finally:
+            await asyncio.gather(*(c.sandbox.destroy() for c in cyclers), return_exceptions=True)
+    return _summarise(cycles, concurrency)
+
+
+async def bench_sleep(
+    template_name: str,
+    samples: int,
+    concurrency: int,
+    dirty_mib: int,
+    baseline_samples: int,
+    progress: Callable[[int], None],
+) -> dict[str, Any]:
+    """Hibernate + wake cycles: sequential, at `concurrency`, and the unfiltered-stream baseline."""
+    snapshot = ensure_snapshot(get_template(template_name))
+    sequential = await _rounds(snapshot, samples, 1, dirty_mib, True, progress)
+    result: dict[str, Any] = {
+        "template": template_name,
+        "dirty_mib": dirty_mib,
+        "sequential": sequential,
+    }
+    if concurrency > 1:
+        result["concurrent"] = await _rounds(snapshot, samples, concurrency, dirty_mib, True, progress)
+    if baseline_samples:
+        result["baseline_full_stream"] = await _rounds(
+            snapshot, baseline_samples, 1, dirty_mib, False, progress
+        )
+    result["what"] = (
+        "a restored python-ds sandbox holding dirty_mib of its own memory, hibernated (pause → QEMU stream "
+        "→ pages it does not own dropped → fsync → commit → VMM gone) and woken (new VMM, filtered stream "
+        "loaded over the pinned template memory, resumed) until run_code answers with its counter; "
+        "baseline_full_stream keeps every guest page (plain QEMU save/restore to a file)"
+    )
+    return result

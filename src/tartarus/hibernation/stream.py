@@ -179,7 +179,7 @@ def _filter_pages(
     blocks: _Blocks,
 ) -> None:
     # The hot loop of a hibernation (one pass per guest page): plain locals, no helper calls.
-    pos, size, from_bytes = r.pos, len(data), int.from_bytes
+    pos, size, unpack = r.pos, len(data), struct.Struct(">Q").unpack_from
     block = blocks.read
     pagemap = keep.get(block)
     kept = dropped = 0
@@ -188,7 +188,7 @@ def _filter_pages(
             start = pos
             if pos + 8 > size:
                 raise StreamError(f"stream ends inside a record at byte {pos}")
-            word = from_bytes(data[pos : pos + 8], "big")
+            (word,) = unpack(data, pos)
             pos += 8
             flags = word & FLAG_MASK
             if flags & FLAG_EOS:

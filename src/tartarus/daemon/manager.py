@@ -272,7 +272,7 @@ class SandboxManager:
             if record.state != "hibernated":
                 return record
             assert record.image is not None
-            runtime, snapshot = await ops.start_from(record.image, self.layout, SandboxOptions(), wake=True)
+            runtime, snapshot = await self._start_from(record.image, SandboxOptions(), wake=True)
             record.runtime, record.snapshot, record.image, record.state = runtime, snapshot, None, "running"
             record.last_active = time.monotonic()
             self._watch(record)
@@ -323,8 +323,20 @@ class SandboxManager:
     ) -> SandboxRecord:
         image = self.get_checkpoint(cid)
         ops.touch(image)
-        runtime, snapshot = await ops.start_from(image, self.layout, options, wake=False)
+        runtime, snapshot = await self._start_from(image, options, wake=False)
         return self._add(runtime, snapshot, idle_timeout)
+
+    async def _start_from(
+        self, image: Image, options: SandboxOptions, *, wake: bool
+    ) -> tuple[RuntimeSandbox, Snapshot]:
+        """Start a sandbox from an image, in a pooled VMM of its snapshot when one is waiting."""
+        pool = self._pools.get(image.snapshot_key)
+        prepared = pool.take() if pool is not None else None
+        try:
+            return await ops.start_from(image, self.layout, options, wake=wake, prepared=prepared)
+        finally:
+            if pool is not None:
+                pool.refill()
 
     async def fork(self, id_: str, count: int) -> builtins.list[SandboxRecord]:
         """`count` running copies of a sandbox, through a checkpoint deleted once they run."""
@@ -333,7 +345,7 @@ class SandboxManager:
         image = await self.checkpoint(id_)
         try:
             results = await asyncio.gather(
-                *(ops.start_from(image, self.layout, SandboxOptions(), wake=False) for _ in range(count)),
+                *(self._start_from(image, SandboxOptions(), wake=False) for _ in range(count)),
                 return_exceptions=True,
             )
         finally:

@@ -23,7 +23,7 @@ from tartarus.errors import InsufficientStorage, InvalidArgument, QuotaExceeded,
 from tartarus.hibernation.capture import capture, fsync_path
 from tartarus.hibernation.image import Image, allocated_bytes, fsync_dir, pin, pinned, publish
 from tartarus.runtime.disks import sparse_copy
-from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, new_sandbox_id
+from tartarus.runtime.sandbox import LAYER_DRIVE, RuntimeSandbox, SandboxOptions, new_sandbox_id
 from tartarus.snapshots.restore import GuestState, prepare, restore
 from tartarus.snapshots.store import Snapshot
 
@@ -181,9 +181,11 @@ async def start_from(
     options: SandboxOptions,
     *,
     wake: bool,
+    prepared: RuntimeSandbox | None = None,
 ) -> tuple[RuntimeSandbox, Snapshot]:
     """A running sandbox from `image`: the same sandbox (wake) or a new one (fork of a checkpoint),
-    with the (pinned) snapshot under it, which a later capture of it needs."""
+    with the (pinned) snapshot under it, which a later capture of it needs. `prepared` is a pooled VMM
+    of the same snapshot, waiting for incoming state; without one, a VMM is started."""
     try:
         snapshot = pinned(layout.pins, image.snapshot_key)
     except FileNotFoundError:
@@ -195,8 +197,8 @@ async def start_from(
     )
     sandbox_id = image.id if wake else new_sandbox_id()
     workdir = layout.sandboxes / sandbox_id
-    if wake and workdir.exists():  # what a failed earlier wake left; the image itself is intact
-        shutil.rmtree(workdir)
+    if wake and workdir.exists() and (prepared is None or prepared.workdir != workdir):
+        shutil.rmtree(workdir)  # what a failed earlier wake left; the image itself is intact
     # A waking image moves here when it commits: out of hibernated/, so a crash from then on forgets it
     # (the guest may have run), yet outside the working directory a failed restore deletes.
     waking = layout.sandboxes / f".{sandbox_id}.waking"
@@ -211,15 +213,22 @@ async def start_from(
             failpoints.hit("wake.committed")
 
     t0 = time.perf_counter()
-    prepared = await prepare(
-        snapshot,
-        image.template,
-        layout.sandboxes,
-        options,
-        sandbox_id=sandbox_id,
-        layer=image.layer if wake else None,
-        layer_source=None if wake else image.layer,
-    )
+    if prepared is None:
+        prepared = await prepare(
+            snapshot,
+            image.template,
+            layout.sandboxes,
+            options,
+            sandbox_id=sandbox_id,
+            layer=image.layer if wake else None,
+            layer_source=None if wake else image.layer,
+        )
+    else:
+        try:
+            await _take_over(prepared, image, sandbox_id, wake)
+        except BaseException:
+            await prepared.destroy()
+            raise
     vmm_ready = time.perf_counter() - t0
     state = GuestState(image.state, image.interpreter_pid, new_identity=not wake)
     try:
@@ -235,9 +244,34 @@ async def start_from(
     sandbox.timings["vmm_ready"] = vmm_ready
     if wake:
         sandbox.created_at = image.created_at
-        os.rename(waking / "layer.ext4", workdir / LAYER)
+        _relocate_layer(sandbox, waking / "layer.ext4")
         shutil.rmtree(waking, ignore_errors=True)
     return sandbox, snapshot
+
+
+def _relocate_layer(sandbox: RuntimeSandbox, path: Path) -> None:
+    """Move the layer QEMU has open (at `path`) to its place in the working directory."""
+    assert sandbox.vm is not None
+    drives = sandbox.vm.config.drives
+    os.rename(path, sandbox.workdir / LAYER)
+    drives[LAYER_DRIVE] = dataclasses.replace(drives[LAYER_DRIVE], path=sandbox.workdir / LAYER)
+
+
+async def _take_over(prepared: RuntimeSandbox, image: Image, sandbox_id: str, wake: bool) -> None:
+    """Give a pooled VMM (waiting with a fresh layer of its own) the image's layer: the hibernated
+    sandbox's own file for a wake, a copy of the checkpoint's for a fork."""
+    assert prepared.vm is not None
+    fresh = prepared.workdir / LAYER
+    if wake:
+        layer = image.layer
+    else:
+        layer = prepared.workdir / "incoming.ext4"
+        sparse_copy(image.layer, layer)
+    await prepared.vm.replace_drive(LAYER_DRIVE, layer)
+    fresh.unlink()
+    if not wake:
+        _relocate_layer(prepared, layer)
+    prepared.id = sandbox_id
 
 
 def touch(image: Image) -> None:

@@ -31,6 +31,16 @@ class Drive:
     format: str = "raw"
 
 
+def file_node(index: int) -> str:
+    """The block node of drive `index`'s file (what `MicroVM.replace_drive` swaps)."""
+    return f"file{index}"
+
+
+def disk_node(index: int) -> str:
+    """The format node of drive `index`, which the guest's virtio-blk device is attached to."""
+    return f"disk{index}"
+
+
 @dataclass
 class VMConfig:
     """Everything QEMU needs to start one microVM."""
@@ -131,11 +141,11 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
         ro = "on" if drive.read_only else "off"
         argv += [
             "-blockdev",
-            f"driver=file,filename={drive.path},node-name=file{i},read-only={ro},cache.direct=off",
+            f"driver=file,filename={drive.path},node-name={file_node(i)},read-only={ro},cache.direct=off",
             "-blockdev",
-            f"driver={drive.format},file=file{i},node-name=disk{i},read-only={ro}",
+            f"driver={drive.format},file={file_node(i)},node-name={disk_node(i)},read-only={ro}",
             "-device",
-            f"virtio-blk-device,drive=disk{i},id=vd{i}",
+            f"virtio-blk-device,drive={disk_node(i)},id=vd{i}",
         ]
     if config.user_net:
         argv += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]

@@ -29,6 +29,7 @@ from tartarus.templates.store import Template
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT_S = 60.0
+LAYER_DRIVE = 1  # vm_config's drives: the template's read-only root, then the sandbox's writable layer
 
 
 def new_sandbox_id() -> str:

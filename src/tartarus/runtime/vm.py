@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ from qemu.qmp import EventListener, QMPClient
 
 from tartarus.errors import SandboxFailed, Timeout
 from tartarus.runtime.agent import AgentClient
-from tartarus.runtime.qemu import AGENT_PORT, VMConfig, command_line
+from tartarus.runtime.qemu import AGENT_PORT, VMConfig, command_line, disk_node, file_node
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class MicroVM:
         self._shutdown_seen = asyncio.Event()
         self.on_exit: Callable[[MicroVM], None] | None = None
         self.timings: dict[str, float] = {}
+        self._drive_nodes: dict[int, str] = {}  # drives whose file was replaced: their new node
 
     @property
     def pid(self) -> int | None:
@@ -206,6 +208,40 @@ class MicroVM:
         """Load device state into a VMM started with `incoming=True`; the VM stays paused."""
         await self._pass_fd(path, "snapshot", os.O_RDONLY | os.O_CLOEXEC)
         await self._migrate("migrate-incoming", "fd:snapshot", "loading VM state", timeout)
+
+    async def replace_drive(self, index: int, path: Path) -> None:
+        """Point drive `index` at another file before the guest runs, e.g. a pre-started VMM (waiting
+        for incoming state) taking on a hibernated sandbox's writable layer. QEMU opens the new file,
+        switches the device's format node to it, and closes the old one."""
+        drive = self.config.drives[index]
+        node = f"{file_node(index)}-{path.stat().st_ino}"
+        old = self._drive_nodes.get(index, file_node(index))
+        await self.qmp_execute(
+            "blockdev-add",
+            {
+                "driver": "file",
+                "node-name": node,
+                "filename": str(path),
+                "read-only": drive.read_only,
+                "cache": {"direct": False},
+            },
+        )
+        await self.qmp_execute(
+            "blockdev-reopen",
+            {
+                "options": [
+                    {
+                        "driver": drive.format,
+                        "node-name": disk_node(index),
+                        "file": node,
+                        "read-only": drive.read_only,
+                    }
+                ]
+            },
+        )
+        await self.qmp_execute("blockdev-del", {"node-name": old})
+        self._drive_nodes[index] = node
+        self.config.drives[index] = dataclasses.replace(drive, path=path)
 
     async def pause(self) -> None:
         await self.qmp_execute("stop")

@@ -27,7 +27,7 @@ PHASES = ("vmm_ready", "state_loaded", "guest_resumed", "first_answer")
 IDLE_SANDBOXES = 8
 
 
-async def _wait_full(pool: VMMPool, timeout: float = 120.0) -> None:
+async def wait_full(pool: VMMPool, timeout: float = 120.0) -> None:
     async with asyncio.timeout(timeout):
         while len(pool) < pool.size:
             await asyncio.sleep(0.01)
@@ -60,7 +60,7 @@ async def _rounds(
         pooled = 0
         try:
             while len(totals) < samples:
-                await _wait_full(pool)
+                await wait_full(pool)
                 n = min(concurrency, samples - len(totals))
                 results = await asyncio.gather(*(_one(snapshot, template, root, pool) for _ in range(n)))
                 pool.refill()

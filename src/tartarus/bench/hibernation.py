@@ -2,7 +2,8 @@
 
 Each cycle hibernates a sandbox that holds `dirty_mib` of its own memory (random bytes in its warm
 interpreter) and wakes it; the wake clock runs from the wake call, with the sandbox holding no process,
-to its interpreter answering a `run_code` that proves its memory came back (a counter it increments).
+to its interpreter answering a `run_code` that proves its memory came back (a counter it increments). As for
+cold starts, pre-started VMMs waiting for incoming state are used (refilled between rounds).
 The alternative a user would otherwise have — QEMU's own stream of every guest page, unfiltered — is
 measured in the same run for comparison.
 """
@@ -16,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tartarus.bench.coldstart import wait_full
 from tartarus.bench.stats import summary_ms
 from tartarus.hibernation import ops
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
 from tartarus.snapshots.build import ensure_snapshot
+from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.restore import restore
 from tartarus.snapshots.store import Snapshot
 from tartarus.templates.store import get_template
@@ -35,7 +38,7 @@ class _Cycler:
         self.sandbox, self.snapshot, self.layout = sandbox, snapshot, layout
         self.count = 0
 
-    async def cycle(self, own_pages_only: bool) -> dict[str, Any]:
+    async def cycle(self, own_pages_only: bool, pool: VMMPool) -> dict[str, Any]:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         image = await ops.hibernate(
@@ -43,7 +46,9 @@ class _Cycler:
         )
         hibernate_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        self.sandbox, self.snapshot = await ops.start_from(image, self.layout, SandboxOptions(), wake=True)
+        self.sandbox, self.snapshot = await ops.start_from(
+            image, self.layout, SandboxOptions(), wake=True, prepared=pool.take()
+        )
         answer = await (await self.sandbox.code_interpreter()).run_code("n += 1; n")
         wake_s = time.perf_counter() - t1
         self.count += 1
@@ -101,13 +106,17 @@ async def _rounds(
         layout = ops.Layout(Path(tmp))
         layout.sandboxes.mkdir()
         cyclers = await asyncio.gather(*(_start(snapshot, layout, dirty_mib) for _ in range(concurrency)))
+        pool = VMMPool(snapshot, get_template(snapshot.template), layout.sandboxes, size=concurrency)
         cycles: list[dict[str, Any]] = []
         try:
             while len(cycles) < samples:
+                await wait_full(pool)
                 n = min(concurrency, samples - len(cycles))
-                cycles += await asyncio.gather(*(c.cycle(own_pages_only) for c in cyclers[:n]))
+                cycles += await asyncio.gather(*(c.cycle(own_pages_only, pool) for c in cyclers[:n]))
+                pool.refill()
                 progress(n)
         finally:
+            await pool.close()
             await asyncio.gather(*(c.sandbox.destroy() for c in cyclers), return_exceptions=True)
     return _summarise(cycles, concurrency)
 

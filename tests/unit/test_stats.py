@@ -28,3 +28,8 @@ def test_rejects_empty_and_out_of_range() -> None:
 def test_summary_in_milliseconds() -> None:
     s = summary_ms([0.001] * 10)
     assert s["samples"] == 10 and s["p50_ms"] == 1.0 and s["max_ms"] == 1.0
+
+
+def test_summary_keeps_every_sample_in_order() -> None:
+    s = summary_ms([0.003, 0.001, 0.002])
+    assert s["values_ms"] == [3.0, 1.0, 2.0] and s["p50_ms"] == 2.0

@@ -18,7 +18,7 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
-def summary_ms(seconds: Sequence[float]) -> dict[str, float | int]:
+def summary_ms(seconds: Sequence[float]) -> dict[str, float | int | list[float]]:
     ms = [s * 1000 for s in seconds]
     return {
         "samples": len(ms),
@@ -28,4 +28,5 @@ def summary_ms(seconds: Sequence[float]) -> dict[str, float | int]:
         "min_ms": round(min(ms), 3),
         "max_ms": round(max(ms), 3),
         "mean_ms": round(sum(ms) / len(ms), 3),
+        "values_ms": [round(v, 3) for v in ms],  # every sample, in order: for CDFs and comparisons
     }

@@ -36,8 +36,8 @@ def _emit(doc: dict[str, Any], json_path: Path | None) -> None:
 Runner = Callable[[Callable[[int], None]], dict[str, Any]]
 
 
-def _run(name: str, steps: int, json_path: Path | None, runner: Runner) -> None:
-    """Run a benchmark under a progress bar of `steps`, then print and write its result."""
+def _measure(name: str, steps: int, runner: Runner) -> dict[str, Any]:
+    """Run a benchmark under a progress bar of `steps`; its result with machine, accelerator, revision."""
     from tartarus.guest.kernel import kernel_path
     from tartarus.runtime.accel import choose_accel
 
@@ -50,11 +50,17 @@ def _run(name: str, steps: int, json_path: Path | None, runner: Runner) -> None:
         task = bar.add_task(name, total=steps)
         result = runner(lambda n: bar.advance(task, n))
     doc = {"benchmark": name, **result, "accel": accel, "machine": machine_info(accel), "started_at": started}
-    err.print(
-        f"{name}: n={doc['samples']} p50={doc['p50_ms']:.1f} ms p99={doc['p99_ms']:.1f} ms "
-        f"max={doc['max_ms']:.1f} ms (accel {accel})"
-    )
-    _emit(doc, json_path)
+    if "p50_ms" in doc:
+        err.print(
+            f"{name}: n={doc['samples']} p50={doc['p50_ms']:.1f} ms p99={doc['p99_ms']:.1f} ms "
+            f"max={doc['max_ms']:.1f} ms (accel {accel})"
+        )
+    return doc
+
+
+def _run(name: str, steps: int, json_path: Path | None, runner: Runner) -> None:
+    """Run a benchmark, print its summary, and write its result."""
+    _emit(_measure(name, steps, runner), json_path)
 
 
 Samples = Annotated[int, typer.Option("--samples", "-n", min=1)]
@@ -83,15 +89,14 @@ def cold_start(
     json_out: JsonOut = None,
 ) -> None:
     """Create → run_code('1+1') answered, restoring the template snapshot (sequential and concurrent)."""
+    steps = samples * (2 if concurrency > 1 else 1)
+    _run("cold-start", steps, json_out, _cold_start(template, samples, concurrency, api_samples))
+
+
+def _cold_start(template: str, samples: int, concurrency: int, api_samples: int) -> Runner:
     from tartarus.bench.coldstart import bench_cold_start
 
-    steps = samples * (2 if concurrency > 1 else 1)
-    _run(
-        "cold-start",
-        steps,
-        json_out,
-        lambda p: asyncio.run(bench_cold_start(template, samples, concurrency, api_samples, p)),
-    )
+    return lambda p: asyncio.run(bench_cold_start(template, samples, concurrency, api_samples, p))
 
 
 DirtyOpt = Annotated[int, typer.Option("--dirty-mib", help="memory the sandbox owns (MiB)", min=0)]
@@ -152,6 +157,10 @@ def image_convert(
     json_out: JsonOut = None,
 ) -> None:
     """python:3.11-slim equivalent from a local registry: cold, warm, and a skopeo+umoci+mkfs baseline."""
+    _emit(_image_convert(cold, warm, fstype), json_out)
+
+
+def _image_convert(cold: int, warm: int, fstype: str) -> dict[str, Any]:
     from tartarus.bench.images import bench_image_convert
 
     logging.basicConfig(level=logging.WARNING)
@@ -162,4 +171,75 @@ def image_convert(
         f"image-convert: cold {doc['cold_s']:.2f} s, warm {doc['warm_ms']:.1f} ms, baseline "
         f"{doc['baseline_s']:.2f} s, ratio {doc['ratio']:.2f}, peak RSS {doc['peak_rss_mb']:.0f} MB"
     )
-    _emit(doc, json_out)
+    return doc
+
+
+def _density(template: str, max_sandboxes: int) -> Runner:
+    from tartarus.bench.density import bench_density
+
+    return lambda p: asyncio.run(bench_density(template, max_sandboxes, p))
+
+
+def _throughput(template: str, seconds: float) -> Runner:
+    from tartarus.bench.throughput import bench_throughput
+
+    return lambda p: asyncio.run(bench_throughput(template, LEVELS, seconds, p))
+
+
+LEVELS = [1, 2, 4]
+
+
+@bench_app.command()
+def density(
+    max_sandboxes: Annotated[int, typer.Option("--max", min=1, max=512)] = 32,
+    template: TemplateOpt = "python-ds",
+    json_out: JsonOut = None,
+) -> None:
+    """Idle sandboxes this machine holds: host memory (PSS) and idle CPU per sandbox, as a curve."""
+    _run("density", max_sandboxes, json_out, _density(template, max_sandboxes))
+
+
+@bench_app.command()
+def throughput(
+    seconds: Annotated[float, typer.Option(help="per concurrency level", min=1)] = 20,
+    template: TemplateOpt = "python-ds",
+    json_out: JsonOut = None,
+) -> None:
+    """Sandboxes created (and answering) per second through the API at concurrency 1, 2 and 4."""
+    _run("throughput", len(LEVELS), json_out, _throughput(template, seconds))
+
+
+@bench_app.command("all")
+def all_(
+    json_dir: Annotated[Path, typer.Option("--json-dir", help="one JSON file per benchmark goes here")],
+    smoke: Annotated[
+        bool, typer.Option(help="a few samples each: proves every benchmark runs, measures nothing")
+    ] = False,
+    template: TemplateOpt = "python-ds",
+) -> None:
+    """Every benchmark, one JSON each (machine, accelerator, git revision and sample counts in each)."""
+    from tartarus.bench.runtime import run_bench
+
+    n, c = (3, 2) if smoke else (200, 4)
+
+    def few(small: int, full: int) -> int:
+        return small if smoke else full
+
+    # image-convert first: it reports the peak memory of its conversion processes, which nothing else
+    # this process started may have inflated.
+    docs = [_image_convert(few(1, 5), few(2, 20), "ext4")]
+    sleep = _measure("wake", n * 2 + few(1, 20), _sleep("wake", n, c, 50, few(1, 20), template))
+    docs += [
+        _measure("cold-start", n * 2, _cold_start(template, n, c, few(2, 50))),
+        sleep,
+        {**sleep, **sleep["sequential"]["hibernate"], "benchmark": "hibernate"},
+        _measure("boot", few(1, 30), lambda p: run_bench("boot", template, few(1, 30), p)),
+        _measure("exec", few(5, 200), lambda p: run_bench("exec", template, few(5, 200), p)),
+        _measure("density", few(2, 32), _density(template, few(2, 32))),
+        _measure("throughput", len(LEVELS), _throughput(template, few(2, 20))),
+    ]
+    for doc in docs:
+        if smoke:
+            doc["smoke"] = True
+        _emit(doc, json_dir / f"{doc['benchmark']}.json")
+    err.print(f"wrote {len(docs)} results to {json_dir}")

@@ -80,7 +80,7 @@ async def _rounds(
     }
 
 
-def _pss_kib(pid: int) -> int:
+def pss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss:"):
             return int(line.split()[1])
@@ -97,7 +97,7 @@ async def _idle_memory(snapshot: Snapshot, template: Template) -> dict[str, Any]
                 await (await sb.code_interpreter()).run_code("1+1")
                 sandboxes.append(sb)
             await asyncio.sleep(2)  # let the guests go idle before measuring, as idle sandboxes are
-            pss = [_pss_kib(sb.vm.pid) for sb in sandboxes if sb.vm and sb.vm.pid]
+            pss = [pss_kib(sb.vm.pid) for sb in sandboxes if sb.vm and sb.vm.pid]
         finally:
             await asyncio.gather(*(sb.destroy() for sb in sandboxes))
     return {

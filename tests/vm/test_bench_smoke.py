@@ -1,0 +1,55 @@
+"""Every benchmark runs and writes a well-formed result (`tartarus bench all --smoke`): none may rot.
+This checks shapes, never timings: a few samples on a shared CI machine measure nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.vm.test_cli import TARTARUS
+
+LATENCY = ["cold-start", "wake", "hibernate", "boot", "exec"]
+
+
+def _latency_ok(doc: dict[str, object]) -> None:
+    samples, p50, p99, top = doc["samples"], doc["p50_ms"], doc["p99_ms"], doc["max_ms"]
+    assert isinstance(samples, int) and samples > 0
+    assert isinstance(p50, float | int) and isinstance(p99, float | int) and isinstance(top, float | int)
+    assert 0 < p50 <= p99 <= top
+    values = doc["values_ms"]
+    assert isinstance(values, list) and len(values) == samples
+
+
+@pytest.mark.timeout(900)  # eight benchmarks, each booting or restoring VMs
+def test_bench_all_smoke(tmp_path: Path) -> None:
+    env = {**os.environ, "TARTARUS_STATE_DIR": str(tmp_path / "state")}
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [str(TARTARUS), "bench", "all", "--smoke", "--json-dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    docs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(docs) == {*LATENCY, "density", "throughput", "image-convert"}
+    for name, doc in docs.items():
+        assert doc["benchmark"] == name and doc["smoke"] is True
+        assert doc["machine"]["git_rev"] and doc["machine"]["cores"] > 0
+    for name in LATENCY:
+        _latency_ok(docs[name])
+    for mode in ("sequential", "concurrent", "baseline_full_stream"):
+        _latency_ok(docs["wake"][mode]["wake"])
+        assert docs["wake"][mode]["hibernate"]["state_bytes_mean"] > 0
+    assert docs["cold-start"]["accel"] in ("tcg", "kvm")
+    density = docs["density"]
+    assert len(density["curve"]) == density["samples"] == 2 and density["pss_mib_per_sandbox"] > 0
+    rates = docs["throughput"]["by_concurrency"]
+    assert set(rates) == {"1", "2", "4"} and all(r["sandboxes_per_s"] > 0 for r in rates.values())
+    convert = docs["image-convert"]
+    assert convert["cold_s"] > 0 and convert["baseline_s"] > 0 and convert["warm_ms"] > 0

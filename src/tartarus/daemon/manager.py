@@ -240,7 +240,7 @@ class SandboxManager:
             raise Conflict(f"sandbox {record.id} is {record.state}")
         return record.runtime
 
-    async def hibernate(self, id_: str, *, idle: bool = False) -> SandboxRecord:
+    async def hibernate(self, id_: str) -> SandboxRecord:
         record = self.get(id_)
         async with record.lock:
             if record.state == "hibernated":
@@ -292,7 +292,7 @@ class SandboxManager:
                     and now - record.last_active > timeout
                 ):
                     try:
-                        await self.hibernate(record.id, idle=True)
+                        await self.hibernate(record.id)
                     except Exception as e:  # it keeps running; try again after the next idle period
                         record.last_active = time.monotonic()
                         log.warning("could not hibernate idle sandbox %s: %s", record.id, e)

@@ -3,6 +3,8 @@ real ones: every hibernation test loads a filtered stream into a real VMM)."""
 
 from __future__ import annotations
 
+import io
+import random
 import struct
 from collections.abc import Sequence
 
@@ -77,14 +79,21 @@ def _records(data: bytes) -> list[tuple[str, int]]:
     """(block, page index) of every page record in a stream, CONTINUE resolved."""
     seen: list[tuple[str, int]] = []
     keep = {block: _Recorder(block, seen) for block in ("ram", "pc.bios")}
-    s.filter_ram(memoryview(data), keep, lambda chunk: None)
+    s.filter_ram(io.BytesIO(data).read, keep, lambda chunk: None)
     return seen
 
 
-def _filter(data: bytes, keep: s.PageMaps) -> tuple[bytes, s.FilterStats]:
+def _filter(data: bytes, keep: s.PageMaps, read: s.Read | None = None) -> tuple[bytes, s.FilterStats]:
     out: list[bytes] = []
-    stats = s.filter_ram(memoryview(data), keep, lambda chunk: out.append(bytes(chunk)))
+    stats = s.filter_ram(read or io.BytesIO(data).read, keep, out.append)
     return b"".join(out), stats
+
+
+def _trickle(data: bytes, seed: int) -> s.Read:
+    """A pipe that hands out the stream in uneven pieces, so records straddle every read."""
+    rng = random.Random(seed)
+    source = io.BytesIO(data)
+    return lambda n: source.read(min(n, rng.randint(1, 3 * s.PAGE_SIZE)))
 
 
 def test_unfiltered_stream_is_copied_byte_for_byte() -> None:
@@ -112,6 +121,14 @@ def test_continue_across_sections_keeps_its_block() -> None:
     out, _ = _filter(data, {"ram": bytes([0, 1, 0, 0])})
     assert _records(out) == [("pc.bios", 0), ("ram", 1)]
     assert _filter(out, {})[0] == out  # and the result is itself a well-formed stream
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_stream_may_arrive_in_any_pieces(seed: int) -> None:
+    pages = [_page("ram", 0, 1)] + [_page(None, i, None if i % 3 else i) for i in range(1, 4)]
+    data = _stream(_part(pages), _part([_page("pc.bios", 0, 9)], kind=s.SECTION_END))
+    keep = {"ram": bytes([1, 0, 1, 1])}
+    assert _filter(data, keep, _trickle(data, seed)) == _filter(data, keep)
 
 
 @pytest.mark.parametrize(

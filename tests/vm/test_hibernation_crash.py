@@ -146,7 +146,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 GiB ext4 filesystem of its own, for a state directory that can really fill up."""
     image, mount = tmp_path / "disk.img", tmp_path / "mnt"
     subprocess.run(["truncate", "-s", "4G", str(image)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)  # no blocks kept for root
     mount.mkdir()
     subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
     try:

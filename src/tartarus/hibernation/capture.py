@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
-import mmap
 import os
+import select
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tartarus.hibernation.dirty import own_pages
-from tartarus.hibernation.stream import FilterStats, PageMaps, filter_ram
+from tartarus.hibernation.stream import FilterStats, PageMaps, StreamError, filter_ram
 from tartarus.runtime.qemu import RAM_BLOCK
 from tartarus.runtime.vm import MicroVM
 
 log = logging.getLogger(__name__)
 
 WRITE_BUFFER = 1 << 20
+PIPE_SIZE = 1 << 20
+POLL_MS = 100
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,8 @@ class Capture:
     bytes: int
     pages_kept: int
     pages_dropped: int
-    seconds_save: float
-    seconds_filter: float
+    seconds_save: float  # pause until QEMU finished writing its stream
+    seconds_total: float  # until the kept part is on disk
 
 
 def fsync_path(path: Path) -> None:
@@ -37,39 +42,78 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _filter_to(raw: Path, keep: PageMaps, dest: Path) -> FilterStats:
-    with raw.open("rb") as src, dest.open("xb", buffering=WRITE_BUFFER) as out:
-        with mmap.mmap(src.fileno(), 0, prot=mmap.PROT_READ) as mm:
-            view = memoryview(mm)
-            try:
-                stats = filter_ram(view, keep, out.write)
-            finally:
-                view.release()
-        out.flush()
-        os.fsync(out.fileno())
-    return stats
+class _Pipe:
+    """The read end of QEMU's stream. Reads wait in short polls so that `stop()` can end a reader whose
+    writer will never write or close (a migration that hangs)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.stopped = threading.Event()
+
+    def read(self, n: int) -> bytes:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN | select.POLLHUP)
+        while not poller.poll(POLL_MS):
+            if self.stopped.is_set():
+                raise StreamError("the migration stream stopped arriving")
+        return os.read(self.fd, n)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def _filter_to(pipe: _Pipe, keep: PageMaps, dest: Path) -> FilterStats:
+    """Read QEMU's stream from the pipe as it is written, keep what `keep` says, fsync the result."""
+    try:
+        with dest.open("xb", buffering=WRITE_BUFFER) as out:
+            stats = filter_ram(pipe.read, keep, out.write)
+            out.flush()
+            os.fsync(out.fileno())
+        return stats
+    finally:
+        os.close(pipe.fd)  # a filter that failed early makes QEMU's writes fail instead of blocking
 
 
 async def capture(vm: MicroVM, memory_file: Path, dest: Path, *, own_pages_only: bool = True) -> Capture:
     """Pause `vm` (it stays paused) and write to `dest` what restoring it over `memory_file` needs.
 
-    QEMU writes the full stream to a scratch file next to `dest`; the pages the guest never wrote are
-    then dropped (they are in `memory_file` already). If the page tables cannot be read, every page is
+    QEMU writes its full stream into a pipe; a thread drops, as the stream goes by, the pages the guest
+    never wrote (they are in `memory_file` already). If the page tables cannot be read, every page is
     kept: bigger, never wrong.
     """
-    raw = dest.with_name(dest.name + ".raw")
     t0 = time.perf_counter()
+    await vm.pause()
+    keep: dict[str, bytes] = {}
     try:
-        await vm.save_state(raw)
-        t1 = time.perf_counter()
-        keep: dict[str, bytes] = {}
+        assert vm.pid is not None
+        if own_pages_only:  # (False: the plain QEMU stream, which the benchmarks compare against)
+            keep[RAM_BLOCK] = own_pages(vm.pid, memory_file)
+    except (OSError, LookupError) as e:
+        log.warning("keeping every guest page: cannot read the VMM's page table: %s", e)
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    pipe = _Pipe(rfd)
+    reader = asyncio.ensure_future(asyncio.to_thread(_filter_to, pipe, keep, dest))
+    try:
         try:
-            assert vm.pid is not None
-            if own_pages_only:  # (False: the plain QEMU stream, which the benchmarks compare against)
-                keep[RAM_BLOCK] = own_pages(vm.pid, memory_file)
-        except (OSError, LookupError) as e:
-            log.warning("keeping every guest page: cannot read the VMM's page table: %s", e)
-        stats = await asyncio.to_thread(_filter_to, raw, keep, dest)
-    finally:
-        raw.unlink(missing_ok=True)
-    return Capture(stats.bytes_out, stats.pages_kept, stats.pages_dropped, t1 - t0, time.perf_counter() - t1)
+            await vm.save_state_to(wfd)
+        finally:
+            os.close(wfd)  # QEMU has its own copy until the migration ends; the reader then sees EOF
+        saved = time.perf_counter() - t0
+        stats = await reader
+    except BaseException as error:
+        stopped = not reader.done()
+        if stopped:  # QEMU failed (or we gave up on it) first: end its stream, then the reader
+            with contextlib.suppress(Exception):
+                await vm.qmp_execute("migrate_cancel")
+            pipe.stop()
+        try:
+            await reader
+        except Exception as cause:
+            if not (stopped and isinstance(cause, StreamError)):
+                raise cause from error  # the reader failed first (a full disk): why QEMU's writes failed
+        finally:
+            dest.unlink(missing_ok=True)
+        raise
+    return Capture(stats.bytes_out, stats.pages_kept, stats.pages_dropped, saved, time.perf_counter() - t0)

@@ -53,20 +53,57 @@ class FilterStats:
 
 # Per RAM block, one entry per page: nonzero to keep that page's record. Blocks not named keep all pages.
 PageMaps = Mapping[str, Sequence[int]]
+Read = Callable[[int], bytes]  # like os.read on a pipe: up to n bytes, b"" at the end
+Write = Callable[[bytes], object]
+
+CHUNK = 1 << 20
+# The longest page record: header, block name (1 + up to 255 bytes), a page.
+MAX_RECORD = 8 + 256 + PAGE_SIZE
 
 
-class _Reader:
-    def __init__(self, data: memoryview) -> None:
-        self.data = data
+class _Source:
+    """The stream as it arrives (from a pipe: QEMU writes while this reads), held from `mark` on.
+
+    `pos` is the read position in `buf`; bytes before `mark` may be dropped when more is read, so a
+    parser marks where the bytes it will copy out begin.
+    """
+
+    def __init__(self, read: Read) -> None:
+        self.read = read
+        self.buf = bytearray()
         self.pos = 0
+        self.mark = 0
+        self.eof = False
+        self.offset = 0  # of buf[0] in the stream, for error messages
+        self.total = 0
 
-    def take(self, n: int) -> memoryview:
-        end = self.pos + n
-        if end > len(self.data):
-            raise StreamError(f"stream ends inside a record at byte {self.pos}")
-        chunk = self.data[self.pos : end]
-        self.pos = end
+    def fill(self, n: int) -> bool:
+        """Make `n` bytes available at `pos` if the stream has them."""
+        if self.pos + n <= len(self.buf):
+            return True
+        if self.mark:
+            del self.buf[: self.mark]
+            self.offset += self.mark
+            self.pos -= self.mark
+            self.mark = 0
+        while self.pos + n > len(self.buf) and not self.eof:
+            chunk = self.read(CHUNK)
+            self.total += len(chunk)
+            if chunk:
+                self.buf += chunk
+            else:
+                self.eof = True
+        return self.pos + n <= len(self.buf)
+
+    def take(self, n: int) -> bytes:
+        if not self.fill(n):
+            raise StreamError(f"stream ends inside a record at byte {self.offset + self.pos}")
+        chunk = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
         return chunk
+
+    def peek(self) -> int | None:
+        return self.buf[self.pos] if self.fill(1) else None
 
     def u8(self) -> int:
         return self.take(1)[0]
@@ -78,12 +115,27 @@ class _Reader:
         return int.from_bytes(self.take(8), "big")
 
     def name(self) -> str:
-        return bytes(self.take(self.u8())).decode("ascii", "replace")
+        return self.take(self.u8()).decode("ascii", "replace")
+
+    def marked(self) -> bytes:
+        """The bytes from the mark to here; the mark moves here."""
+        chunk = bytes(self.buf[self.mark : self.pos])
+        self.mark = self.pos
+        return chunk
+
+    def rest(self, emit: Callable[[bytes], None]) -> None:
+        """Everything left in the stream, as it is."""
+        emit(bytes(self.buf[self.mark :]))
+        self.buf.clear()
+        self.pos = self.mark = 0
+        while chunk := self.read(CHUNK):
+            self.total += len(chunk)
+            emit(chunk)
 
 
-def _skip_configuration(r: _Reader) -> None:
+def _skip_configuration(r: _Source) -> None:
     r.take(r.be32())  # machine type name
-    while r.pos < len(r.data) and r.data[r.pos] == SUBSECTION:
+    while r.peek() == SUBSECTION:
         r.u8()
         name = r.name()
         r.be32()  # version
@@ -96,25 +148,25 @@ def _skip_configuration(r: _Reader) -> None:
             raise StreamError(f"unknown configuration subsection {name!r}")
 
 
-def filter_ram(data: memoryview, keep: PageMaps, out: Callable[[bytes | memoryview], object]) -> FilterStats:
-    """Write `data` to `out` without the RAM page records that `keep` marks 0."""
-    r = _Reader(data)
-    stats = FilterStats(bytes_in=len(data))
+def filter_ram(read: Read, keep: PageMaps, out: Write) -> FilterStats:
+    """Copy the stream from `read` to `out` without the RAM page records that `keep` marks 0."""
+    r = _Source(read)
+    stats = FilterStats()
 
-    def emit(chunk: bytes | memoryview) -> None:
+    def emit(chunk: bytes) -> None:
         stats.bytes_out += len(chunk)
         out(chunk)
 
-    if bytes(r.take(4)) != MAGIC or r.be32() != VERSION:
+    if r.take(4) != MAGIC or r.be32() != VERSION:
         raise StreamError("not a QEMU migration stream (version 3)")
-    if r.data[r.pos] == CONFIGURATION:
+    if r.peek() == CONFIGURATION:
         r.u8()
         _skip_configuration(r)
-    emit(data[: r.pos])
+    emit(r.marked())
     ram_section: int | None = None
     blocks = _Blocks()
     while True:
-        start = r.pos
+        start = r.offset + r.pos
         kind = r.u8()
         if kind in (SECTION_START, SECTION_FULL):
             section = r.be32()
@@ -122,28 +174,29 @@ def filter_ram(data: memoryview, keep: PageMaps, out: Callable[[bytes | memoryvi
             r.be32()  # instance
             r.be32()  # version
             if kind == SECTION_FULL:
-                emit(data[start:])  # device state: copied as it is, to the end
-                return stats
+                break  # device state from here on: copied as it is, to the end
             if idstr != "ram":
                 raise StreamError(f"unsupported iterative section {idstr!r}")
             ram_section = section
-            emit(data[start : r.pos])
-            _copy_setup(r, data, emit)
+            _skip_setup(r)
+            emit(r.marked())
         elif kind in (SECTION_PART, SECTION_END):
             if r.be32() != ram_section:
                 raise StreamError(f"section part at byte {start} is not the RAM section")
-            emit(data[start : r.pos])
-            _filter_pages(r, data, keep, emit, stats, blocks)
+            emit(r.marked())
+            _filter_pages(r, keep, emit, stats, blocks)
         elif kind == EOF_:
-            emit(data[start:])
-            return stats
+            break
         else:
             raise StreamError(f"unexpected section type 0x{kind:02x} at byte {start}")
-        footer = r.pos
+        footer = r.offset + r.pos
         if r.u8() != SECTION_FOOTER:
             raise StreamError(f"missing section footer at byte {footer}")
         r.be32()
-        emit(data[footer : r.pos])
+        emit(r.marked())
+    r.rest(emit)
+    stats.bytes_in = r.total
+    return stats
 
 
 @dataclass
@@ -154,9 +207,8 @@ class _Blocks:
     written: str = ""  # block the loader last saw named: a kept record after dropped ones may rename it
 
 
-def _copy_setup(r: _Reader, data: memoryview, emit: Callable[[memoryview], None]) -> None:
+def _skip_setup(r: _Source) -> None:
     """The RAM setup record: block names and sizes (and addresses, with x-ignore-shared)."""
-    start = r.pos
     header = r.be64()
     if not header & FLAG_MEM_SIZE:
         raise StreamError("RAM section does not start with the block list")
@@ -167,36 +219,38 @@ def _copy_setup(r: _Reader, data: memoryview, emit: Callable[[memoryview], None]
         r.be64()  # guest address: present because save and load both set x-ignore-shared
     if r.be64() != FLAG_EOS:
         raise StreamError("RAM block list not terminated")
-    emit(data[start : r.pos])
 
 
 def _filter_pages(
-    r: _Reader,
-    data: memoryview,
-    keep: PageMaps,
-    emit: Callable[[bytes | memoryview], None],
-    stats: FilterStats,
-    blocks: _Blocks,
+    r: _Source, keep: PageMaps, emit: Callable[[bytes], None], stats: FilterStats, blocks: _Blocks
 ) -> None:
-    # The hot loop of a hibernation (one pass per guest page): plain locals, no helper calls.
-    pos, size, unpack = r.pos, len(data), struct.Struct(">Q").unpack_from
+    # The hot loop of a hibernation (one pass per guest page): plain locals, no helper calls; the
+    # buffer is refilled only when a whole record might not be in it.
+    unpack = struct.Struct(">Q").unpack_from
+    buf, pos, size = r.buf, r.pos, len(r.buf)
     block = blocks.read
     pagemap = keep.get(block)
     kept = dropped = 0
     try:
         while True:
+            if pos + MAX_RECORD > size and not r.eof:
+                r.pos = r.mark = pos
+                r.fill(MAX_RECORD)
+                buf, pos, size = r.buf, r.pos, len(r.buf)
             start = pos
             if pos + 8 > size:
-                raise StreamError(f"stream ends inside a record at byte {pos}")
-            (word,) = unpack(data, pos)
+                raise StreamError(f"stream ends inside a record at byte {r.offset + pos}")
+            (word,) = unpack(buf, pos)
             pos += 8
             flags = word & FLAG_MASK
             if flags & FLAG_EOS:
-                emit(data[start:pos])
+                emit(bytes(buf[start:pos]))
                 return
             if not flags & FLAG_CONTINUE:
-                n = data[pos]
-                blocks.read = bytes(data[pos + 1 : pos + 1 + n]).decode("ascii", "replace")
+                if pos >= size or pos + 1 + buf[pos] > size:
+                    raise StreamError(f"stream ends inside a record at byte {r.offset + start}")
+                n = buf[pos]
+                blocks.read = bytes(buf[pos + 1 : pos + 1 + n]).decode("ascii", "replace")
                 pos += 1 + n
                 block = blocks.read
                 pagemap = keep.get(block)
@@ -205,9 +259,9 @@ def _filter_pages(
             elif flags & FLAG_PAGE:
                 end = pos + PAGE_SIZE
             else:
-                raise StreamError(f"unsupported RAM record flags 0x{flags:x} at byte {start}")
+                raise StreamError(f"unsupported RAM record flags 0x{flags:x} at byte {r.offset + start}")
             if end > size:
-                raise StreamError(f"stream ends inside a record at byte {start}")
+                raise StreamError(f"stream ends inside a record at byte {r.offset + start}")
             offset = word & ~FLAG_MASK
             if pagemap is not None and not pagemap[offset >> PAGE_SHIFT]:
                 dropped += 1
@@ -219,9 +273,9 @@ def _filter_pages(
                     name = block.encode()
                     emit(struct.pack(">QB", offset | (flags & ~FLAG_CONTINUE), len(name)) + name)
                     blocks.written = block
-                emit(data[pos:end])
+                emit(bytes(buf[pos:end]))
             pos = end
     finally:
-        r.pos = pos
+        r.pos = r.mark = pos
         stats.pages_kept += kept
         stats.pages_dropped += dropped

@@ -161,15 +161,11 @@ class MicroVM:
             raise SandboxFailed(self.exit_message or "VM is not running")
         return await self.qmp.execute(cmd, args)
 
-    async def _pass_fd(self, path: Path, name: str, flags: int) -> None:
-        """Hand QEMU an open file over the QMP socket (SCM_RIGHTS) instead of a path it must open."""
+    async def _give_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file or pipe over the QMP socket (SCM_RIGHTS) instead of a path it opens."""
         assert self.qmp is not None
-        fd = os.open(path, flags, 0o600)
-        try:
-            self.qmp.send_fd_scm(fd)
-            await self.qmp_execute("getfd", {"fdname": name})
-        finally:
-            os.close(fd)
+        self.qmp.send_fd_scm(fd)
+        await self.qmp_execute("getfd", {"fdname": name})
 
     async def _migrate(self, command: str, uri: str, what: str, timeout: float) -> None:
         """Run a migration command and wait for its MIGRATION event to say completed (or failed)."""
@@ -198,15 +194,27 @@ class MicroVM:
         """Pause and write the device state to `path`. Guest RAM in a shared memory file is not in it
         (`x-ignore-shared`), which is what makes a snapshot cheap to take and to map; RAM mapped
         privately is, page by page (hibernation filters it, see tartarus.hibernation.stream)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await self.save_state_to(fd, timeout)
+        finally:
+            os.close(fd)
+
+    async def save_state_to(self, fd: int, timeout: float = 60.0) -> None:
+        """Pause and write the migration stream to `fd`: a file, or a pipe someone is reading."""
         await self.pause()
         # The default cap (128 MiB/s) is for live migration over a network, not for a local file.
         await self.qmp_execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-        await self._pass_fd(path, "snapshot", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+        await self._give_fd(fd, "snapshot")
         await self._migrate("migrate", "fd:snapshot", "saving VM state", timeout)
 
     async def load_state(self, path: Path, timeout: float = 60.0) -> None:
         """Load device state into a VMM started with `incoming=True`; the VM stays paused."""
-        await self._pass_fd(path, "snapshot", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await self._give_fd(fd, "snapshot")
+        finally:
+            os.close(fd)
         await self._migrate("migrate-incoming", "fd:snapshot", "loading VM state", timeout)
 
     async def replace_drive(self, index: int, path: Path) -> None:

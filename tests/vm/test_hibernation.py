@@ -51,8 +51,11 @@ def test_hibernate_and_wake_keep_memory_processes_and_files(sb: Sandbox, daemon_
     # On disk it costs what it changed, not the guest's RAM (512 MiB) and not the template's pages.
     assert 0 < info["disk_bytes"] < 200 * 2**20
     assert sb.refresh()["state"] == "hibernated"
+    time.sleep(3)  # time passing while it sleeps is the condition under test: its clock must catch up
     assert sb.wake()["state"] == "running"
     _check_state(sb)
+    guest_time = float(sb.commands.run("date +%s.%N").stdout)
+    assert abs(guest_time - time.time()) < 1.0
 
 
 def test_any_call_wakes_a_hibernated_sandbox(sb: Sandbox) -> None:

@@ -185,3 +185,12 @@ def test_missing_directory_or_results_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=r"wake\.json"):
         write_report(tmp_path, tmp_path / "B.md")
     assert not (tmp_path / "B.md").exists()
+
+
+def test_smoke_results_are_labelled_as_such(tmp_path: Path) -> None:
+    doc = {"benchmark": "exec", **_summary(30, 3), "smoke": True, "accel": "kvm", "machine": MACHINE}
+    (tmp_path / "exec.json").write_text(json.dumps(doc))
+    write_report(tmp_path, tmp_path / "B.md")
+    text = (tmp_path / "B.md").read_text()
+    assert "**Smoke run**" in text and "smoke: too few samples" in text
+    assert "**KVM**: hardware virtualisation" in text

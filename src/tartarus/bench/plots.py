@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 
 from matplotlib import rc_context
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 
 def _style() -> AbstractContextManager[None]:
@@ -44,6 +44,9 @@ def cdf(curves: Mapping[str, Sequence[float]], title: str, path: Path) -> Path:
             lo, hi = min(lo, ordered[0]), max(hi, ordered[-1])
         if lo > 0 and hi / lo > 10:
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         for q in (0.5, 0.99):
             ax.axhline(q, color="0.8", linewidth=0.6, zorder=0)
         ax.set(xlabel="latency (ms)", ylabel="fraction of samples ≤ x", ylim=(0, 1.02), title=title)

@@ -17,6 +17,8 @@ class Ours:
     field: str
     label: str
     unit: str = "ms"  # "ms", "s", "MiB", "/s", or "" (a plain number)
+    per_core: bool = False  # divided by the machine's cores (for rates published per core)
+    context: tuple[str, str] | None = None  # (top-level field, text with {}) the figure depends on
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,14 @@ PUBLISHED = (
         "minimal kernel, 1 vCPU, 128 MiB",
         FIRECRACKER_DESIGN,
         "Firecracker docs: design",
-        Ours("throughput", (), "peak_sandboxes_per_s", "peak sandboxes/s, whole machine", "/s"),
+        Ours(
+            "throughput",
+            (),
+            "peak_sandboxes_per_s",
+            "peak sandboxes per second per core",
+            "/s",
+            per_core=True,
+        ),
     ),
     Published(
         "E2B",
@@ -151,7 +160,13 @@ PUBLISHED = (
         "hosted service, persistence beta",
         E2B_PERSISTENCE,
         "E2B documentation: sandbox persistence",
-        Ours("wake", ("sequential", "wake"), "p50_ms", "wake P50, sequential"),
+        Ours(
+            "wake",
+            ("sequential", "wake"),
+            "p50_ms",
+            "wake P50, sequential",
+            context=("dirty_mib", "the sandbox owning {} MiB"),
+        ),
     ),
     Published(
         "E2B",
@@ -160,6 +175,12 @@ PUBLISHED = (
         "hosted service, persistence beta",
         E2B_PERSISTENCE,
         "E2B documentation: sandbox persistence",
-        Ours("hibernate", ("sequential", "hibernate"), "p50_ms", "hibernate P50, sequential"),
+        Ours(
+            "hibernate",
+            ("sequential", "hibernate"),
+            "p50_ms",
+            "hibernate P50, sequential",
+            context=("dirty_mib", "the sandbox owning {} MiB"),
+        ),
     ),
 )

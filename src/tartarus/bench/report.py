@@ -231,13 +231,23 @@ def figures_section(results: dict[str, Doc]) -> str:
 
 
 def ours(results: dict[str, Doc], where: Ours | None) -> str:
+    """Our figure that a claimed or published one is set against, read from the results."""
     if where is None:
         return "—"
     value = value_at(results, where.benchmark, where.path, where.field)
     if value is None:
         return f"not in these results ({where.label})"
-    shown = ms(value) + " ms" if where.unit == "ms" else number(value, where.unit)
-    return f"{shown} ({where.label})"
+    label = where.label
+    doc = results[where.benchmark]
+    if where.per_core:
+        cores = value_at(results, where.benchmark, ("machine",), "cores")
+        if not cores:
+            return f"not in these results ({where.label}: cores unrecorded)"
+        value, label = value / cores, f"{label}, {cores:g} cores"
+    if where.context and where.context[0] in doc:
+        label = f"{label}, {where.context[1].format(doc[where.context[0]])}"
+    shown = ms(value) + " ms" if where.unit == "ms" else number(round(value, 3), where.unit)
+    return f"{shown} ({label})"
 
 
 def claims_section(results: dict[str, Doc]) -> str:
@@ -269,7 +279,8 @@ def claims_section(results: dict[str, Doc]) -> str:
             claims,
             "",
             "Published figures of comparable systems, as their authors state them (on bare-metal KVM hosts; "
-            f"the figures here ran under {accels}). What is measured differs row by row: read the columns.",
+            f"the figures here ran under {accels}). What is measured differs row by row: read the columns. "
+            "Only figures with a primary source are listed (none was found for gVisor or Kata Containers).",
             "",
             published,
         ]

@@ -91,7 +91,8 @@ def run_once(tree: Path, commit: str, benchmark: str, samples: int, extra: Seque
     out.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "tartarus.cli.main", "bench", benchmark, "--samples", str(samples)]
     argv += [*extra, "--json", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "src"), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(tree / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     rc = _wait(subprocess.Popen(argv, cwd=tree, env=env))
     if rc != 0 or not out.is_file():
         raise CompareFailed(f"bench {benchmark} at {commit[:12]} failed (exit status {rc})")

@@ -19,6 +19,7 @@ from tartarus.bench.results import (
     Summary,
     figures,
     load_results,
+    number_or_none,
     series,
     summaries,
     value_at,
@@ -165,13 +166,13 @@ def phase_section(results: dict[str, Doc], plot_dir: Path, link: str) -> tuple[s
         svg = plots.phase_bars(bars, f"{title}: phases (P50, ms)", plot_dir / f"phases-{name}.svg")
         written.append(svg)
         parts += ["", f"![{title} phases]({link}/{svg.name})"]
-    return "\n".join(parts), written
+    return ("\n".join(parts) if written else ""), written
 
 
 def _p50_p99(summary: Doc | None) -> str:
     if summary is None:
         return "—"
-    return f"{ms(float(summary['p50_ms']))} / {ms(float(summary['p99_ms']))}"
+    return f"{ms(number_or_none(summary.get('p50_ms')))} / {ms(number_or_none(summary.get('p99_ms')))}"
 
 
 def cdf_section(rows: list[Summary], plot_dir: Path, link: str) -> tuple[str, list[Path]]:

@@ -111,7 +111,7 @@ def _mode(benchmark: str, path: tuple[str, ...], node: Doc, parent: Doc | None) 
     return label
 
 
-def _number(value: object) -> float | None:
+def number_or_none(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
@@ -123,8 +123,8 @@ def _summary(benchmark: str, mode: str, node: Doc) -> Summary:
         mode=mode,
         samples=int(node["samples"]),
         p50_ms=float(node["p50_ms"]),
-        p90_ms=_number(node.get("p90_ms")),
-        p99_ms=_number(node.get("p99_ms")),
+        p90_ms=number_or_none(node.get("p90_ms")),
+        p99_ms=number_or_none(node.get("p99_ms")),
         values_ms=tuple(float(v) for v in values) if isinstance(values, list) else None,
         phases={k: v for k, v in phases.items() if is_summary(v)} if isinstance(phases, dict) else {},
     )
@@ -153,7 +153,7 @@ def figures(
         if key in skip:
             continue
         name = f"{prefix}{key}"
-        number = _number(value)
+        number = number_or_none(value)
         if number is not None:
             found.append((name, number))
         elif isinstance(value, dict) and depth > 1:
@@ -166,7 +166,7 @@ def value_at(results: dict[str, Doc], benchmark: str, path: tuple[str, ...], key
     node: object = results.get(benchmark)
     for part in path:
         node = node.get(part) if isinstance(node, dict) else None
-    return _number(node.get(key)) if isinstance(node, dict) else None
+    return number_or_none(node.get(key)) if isinstance(node, dict) else None
 
 
 def series(doc: Doc) -> list[Doc]:

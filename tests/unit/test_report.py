@@ -22,6 +22,8 @@ MACHINE = {
     "os": "Debian GNU/Linux 12 (bookworm)",
     "qemu": "QEMU emulator version 7.2.0",
     "accel": "tcg",
+    "accel_reason": "probe VM exited under KVM: Assertion `ret == n' failed.",
+    "kvm_device": True,
     "git_rev": "abc1234",
 }
 
@@ -139,6 +141,8 @@ def test_phases_machine_and_accelerator(report: tuple[str, Path, dict[str, dict[
     text, _, docs = report
     assert "Test CPU, 2 cores, 23.5 GiB" in text and "QEMU emulator version 7.2.0" in text
     assert "**TCG**, QEMU's software emulation" in text
+    assert "`/dev/kvm` exists on this machine" in text
+    assert "```text\nprobe VM exited under KVM: Assertion `ret == n' failed.\n```" in text
     create = text.split("### create (`cold-start`)", 1)[1].split("###", 1)[0]
     guest_resumed = docs["cold-start"]["phases_cumulative"]["guest_resumed"]
     row = next(line for line in create.splitlines() if line.startswith("| sequential"))

@@ -92,10 +92,27 @@ def machine_section(results: dict[str, Doc]) -> str:
         lines.append("The results do not record the accelerator.")
     for accel in accels:
         lines.append(f"Accelerator: {ACCEL.get(accel, f'**{accel}**')}")
+        lines += _accel_evidence(accel, machines)
     if len(accels) > 1:
         lines.append("")
         lines.append("**The results mix accelerators**: compare figures only within one accelerator.")
     return "\n".join(lines)
+
+
+def _accel_evidence(accel: str, machines: list[Doc]) -> list[str]:
+    """What the machines recorded about the choice: /dev/kvm present or not, and the probe's verdict."""
+    lines = []
+    for m in machines:
+        if m.get("accel") != accel:
+            continue
+        if accel == "tcg" and isinstance(m.get("kvm_device"), bool):
+            lines.append(f"`/dev/kvm` {'exists' if m['kvm_device'] else 'does not exist'} on this machine.")
+        if m.get("accel_reason"):
+            reason = str(m["accel_reason"]).replace("```", "'''")  # cannot close the block early
+            lines += ["The accelerator probe recorded:", "", "```text", reason, "```"]
+        if lines:
+            return ["", *lines]
+    return []
 
 
 def runs_section(results: dict[str, Doc]) -> str:

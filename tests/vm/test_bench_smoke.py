@@ -53,3 +53,15 @@ def test_bench_all_smoke(tmp_path: Path) -> None:
     assert set(rates) == {"1", "2", "4"} and all(r["sandboxes_per_s"] > 0 for r in rates.values())
     convert = docs["image-convert"]
     assert convert["cold_s"] > 0 and convert["baseline_s"] > 0 and convert["warm_ms"] > 0
+    # The report must keep up with the results' shapes.
+    report = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [str(TARTARUS), "bench", "report", "--json-dir", str(out), "--output", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text()
+    assert all(f"`{name}`" in text or name in text for name in docs)
+    assert list((tmp_path / "BENCHMARKS-plots").glob("*.svg"))

@@ -243,3 +243,60 @@ def all_(
             doc["smoke"] = True
         _emit(doc, json_dir / f"{doc['benchmark']}.json")
     err.print(f"wrote {len(docs)} results to {json_dir}")
+
+
+@bench_app.command()
+def report(
+    json_dir: Annotated[Path, typer.Option("--json-dir", help="the JSON results of `bench all`")],
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("BENCHMARKS.md"),
+) -> None:
+    """BENCHMARKS.md from JSON results: tables, SVG plots, claimed and published figures side by side."""
+    from tartarus.errors import TartarusError
+
+    try:
+        from tartarus.bench.report import write_report
+    except ModuleNotFoundError as e:
+        err.print(
+            f"[red]error[/red]: {e.name} is missing; install the report extra: pip install 'tartarus[report]'"
+        )
+        raise typer.Exit(2) from e
+    try:
+        written = write_report(json_dir, output)
+    except TartarusError as e:
+        err.print(f"[red]error[/red] ({e.code}): {e.message}")
+        raise typer.Exit(2) from e
+    err.print(f"wrote {output} and {len(written)} plots")
+
+
+@bench_app.command()
+def compare(
+    rev_a: Annotated[str, typer.Argument(help="baseline revision (A)")],
+    rev_b: Annotated[str, typer.Argument(help="candidate revision (B)")],
+    benchmark: Annotated[
+        str, typer.Option("--benchmark", "-b", help="boot, exec, cold-start, wake, hibernate")
+    ],
+    rounds: Annotated[int, typer.Option("--rounds", "-r", min=1)] = 5,
+    samples: Samples = 20,
+    bench_args: Annotated[
+        list[str] | None, typer.Option("--arg", help="passed to the benchmark, e.g. --arg=--concurrency=1")
+    ] = None,
+    json_out: JsonOut = None,
+) -> None:
+    """Ratio B/A of one benchmark run alternately on two git revisions, with a bootstrap 95% interval."""
+    from tartarus.bench.compare import compare as run_compare
+    from tartarus.errors import TartarusError
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        doc = run_compare(rev_a, rev_b, benchmark, rounds, samples, bench_args or [], err.print)
+    except TartarusError as e:
+        err.print(f"[red]error[/red] ({e.code}): {e.message}")
+        raise typer.Exit(2) from e
+    for key in ("median", "p99"):
+        r = doc["ratio_b_over_a"][key]
+        if r:
+            err.print(
+                f"{benchmark} {key} B/A = {r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}] "
+                f"(95%, {r['runs_a']}+{r['runs_b']} runs, n={r['n_a']}+{r['n_b']}): {r['verdict']}"
+            )
+    _emit(doc, json_out)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 from typing import Any
 
-from tartarus.paths import REPO_ROOT
+from tartarus.paths import REPO_ROOT, cache_dir
 
 
 def _cpu_model() -> str:
@@ -44,6 +45,19 @@ def _qemu_version() -> str:
         return "unknown"
 
 
+def _accel_reason(accel: str | None) -> str | None:
+    """Why this accelerator: the override, or what the KVM probe saw (recorded by `choose_accel`)."""
+    if os.environ.get("TARTARUS_ACCEL"):
+        return "set by TARTARUS_ACCEL"
+    try:
+        probe = json.loads((cache_dir() / "accel.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(probe, dict) or probe.get("accel") != accel or not probe.get("why"):
+        return None
+    return str(probe["why"])
+
+
 def machine_info(accel: str | None = None) -> dict[str, Any]:
     mem_kib = 0
     try:
@@ -63,5 +77,7 @@ def machine_info(accel: str | None = None) -> dict[str, Any]:
         else "unknown",
         "qemu": _qemu_version(),
         "accel": accel,
+        "accel_reason": _accel_reason(accel) if accel else None,
+        "kvm_device": os.path.exists("/dev/kvm"),
         "git_rev": _git_rev(),
     }

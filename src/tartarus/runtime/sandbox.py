@@ -18,6 +18,12 @@ from pathlib import Path
 from tartarus.errors import InvalidArgument, SandboxFailed
 from tartarus.guest.initramfs import initramfs_path
 from tartarus.guest.kernel import kernel_path
+from tartarus.limits import Limits, SandboxCgroup
+from tartarus.limits.cgroups import reap as reap_cgroup
+from tartarus.network import NetworkPolicy, SandboxNetwork
+from tartarus.network import sandbox as network_records
+from tartarus.network.nft import TAP
+from tartarus.network.sandbox import GUEST_KERNEL_ARG, GUEST_MAC
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.disks import create_layer
@@ -41,6 +47,8 @@ class SandboxOptions:
     memory_mib: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     boot_timeout: float = BOOT_TIMEOUT_S
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    limits: Limits | None = None  # resolved by the manager (template + request, capped by policy)
 
 
 class RuntimeSandbox:
@@ -55,6 +63,8 @@ class RuntimeSandbox:
         self.vm: MicroVM | None = None
         self.interpreter: CodeInterpreter | None = None
         self.timings: dict[str, float] = {}
+        self.network: SandboxNetwork | None = None
+        self.cgroup: SandboxCgroup | None = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -84,10 +94,23 @@ class RuntimeSandbox:
             raise
         return sandbox
 
+    def attach_network(self, name: str | None = None) -> None:
+        """Give the sandbox its namespace, TAP and uplink (policy `none`) before its VMM starts."""
+        self.network = SandboxNetwork.create(self.workdir, name or self.id)
+
+    def attach_cgroup(self) -> None:
+        """Put the VMM (to be started, or already running) in cgroups sized by the sandbox's limits."""
+        if self.options.limits is None:
+            return
+        if self.cgroup is None:
+            self.cgroup = SandboxCgroup.create(self.id, self.options.limits)
+        if self.vm is not None and self.vm.pid is not None:
+            self.cgroup.add(self.vm.pid)
+
     def vm_config(self, *, layer: Path, memory_file: Path | None = None, share: bool = True) -> VMConfig:
         """The VM's shape. A snapshot and its restores must agree on it device for device."""
         kernel = kernel_path()
-        return VMConfig(
+        config = VMConfig(
             kernel=kernel,
             initrd=initramfs_path(),
             drives=[Drive(self.template.rootfs, read_only=True), Drive(layer, read_only=False)],
@@ -104,9 +127,19 @@ class RuntimeSandbox:
             memory_file=memory_file,
             memory_share=share,
         )
+        if self.network is not None:
+            config.tap = TAP
+            config.guest_mac = GUEST_MAC
+            config.netns = self.network.netns_path
+            config.kernel_args.append(GUEST_KERNEL_ARG)
+        if self.cgroup is not None:
+            config.cgroups = self.cgroup.paths
+        return config
 
     async def _boot(self) -> None:
         t0 = time.perf_counter()
+        self.attach_network()
+        self.attach_cgroup()
         layer = create_layer(self.workdir / "rw.ext4")
         self.vm = MicroVM(self.vm_config(layer=layer), self.workdir)
         await self.vm.start()
@@ -126,8 +159,27 @@ class RuntimeSandbox:
         """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""
         if self.vm is not None:
             await self.vm.kill()
+        if self.network is not None:
+            self.network.destroy()
+            self.network = None
+        if self.cgroup is not None:
+            self.cgroup.destroy()
+            self.cgroup = None
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.workdir)
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> None:
+    """A SIGKILLed VMM still holds its TAP and cgroup until the kernel has finished with it."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state == "Z":  # a zombie holds nothing; its parent (the dead daemon) is gone or will reap it
+            return
+        time.sleep(0.01)
 
 
 def reap_leftovers(root: Path) -> list[str]:
@@ -149,6 +201,9 @@ def reap_leftovers(root: Path) -> list[str]:
             if b"qemu-system" in cmdline and str(workdir).encode() in cmdline:
                 os.kill(pid, 9)
                 log.warning("killed leftover VMM pid %d of %s", pid, workdir.name)
+                _wait_gone(pid)
+        network_records.reap(workdir)
+        reap_cgroup(workdir.name)
         shutil.rmtree(workdir, ignore_errors=True)
         cleaned.append(workdir.name)
     return cleaned

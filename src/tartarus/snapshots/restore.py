@@ -35,6 +35,8 @@ async def prepare(
         t0 = time.perf_counter()
         layer = sandbox.workdir / "rw.ext4"
         sparse_copy(snapshot.layer, layer)
+        sandbox.attach_network()
+        sandbox.attach_cgroup()
         config = sandbox.vm_config(layer=layer, memory_file=snapshot.memory, share=False)
         config.incoming = True
         sandbox.vm = MicroVM(config, sandbox.workdir)
@@ -67,6 +69,7 @@ async def restore(
     try:
         if prepared is not None:
             vm.set_priority(0)
+            sandbox.attach_cgroup()  # a pooled VMM was started before this request's limits were known
         await vm.load_state(snapshot.state)
         sandbox.timings["state_loaded"] = time.perf_counter() - t0
         await vm.resume()

@@ -1,0 +1,101 @@
+"""nftables rulesets, as text for `nft -f`: pure functions, so they are unit-tested without a kernel.
+
+Two tables. In each sandbox's namespace, `inet tartarus` drops everything by default; its `egress` chain
+holds the sandbox's policy and is the only thing a policy change or a quarantine rewrites (one atomic
+transaction, so established flows of a cut sandbox lose their next packet). In the root namespace, one
+shared `inet tartarus` table keeps uplinks away from the host, from each other and from link-local
+addresses, whatever a namespace's rules say, and NATs their egress.
+"""
+
+from __future__ import annotations
+
+from tartarus.network.policy import DENIED_RANGES, PinnedPolicy
+
+TABLE = "tartarus"
+TAP = "tap0"  # the guest's NIC, inside the namespace
+UPLINK = "up0"  # the namespace's end of the veth pair
+HOST_PREFIX = "trt"  # root-namespace ends of the veth pairs: trt<slot>
+UPLINK_POOL = "198.19.0.0/16"  # /30 per uplink; guests themselves sit in 198.18.0.0/30
+
+
+def _egress(policy: PinnedPolicy) -> list[str]:
+    """The rules of the `egress` chain (after it, the forward chain's policy drops)."""
+    rules: list[str] = []
+    if policy.mode == "none":
+        return rules
+    rules.append(f'iifname "{UPLINK}" oifname "{TAP}" ct state established,related accept')
+    rules.append(f'iifname "{TAP}" oifname "{UPLINK}" ct state established,related accept')
+    out = f'iifname "{TAP}" oifname "{UPLINK}" ct state new'
+    if policy.mode == "full":
+        rules.append(f"{out} ip daddr @denied drop")
+        rules.append(f"{out} accept")
+        return rules
+    for rule in policy.rules:
+        if rule.ports:
+            ports = ", ".join(str(p) for p in rule.ports)
+            rules.append(f"{out} ip daddr {rule.network} {rule.protocol} dport {{ {ports} }} accept")
+        else:
+            rules.append(f"{out} ip daddr {rule.network} meta l4proto {rule.protocol} accept")
+    return rules
+
+
+def namespace_ruleset(policy: PinnedPolicy) -> str:
+    """The whole table of a sandbox's namespace (replaces any previous one atomically)."""
+    denied = ", ".join(DENIED_RANGES)
+    egress = "\n".join(f"    {r}" for r in _egress(policy))
+    return f"""add table inet {TABLE}
+delete table inet {TABLE}
+table inet {TABLE} {{
+  set denied {{ type ipv4_addr; flags interval; elements = {{ {denied} }} }}
+  counter refused {{ }}
+  chain input {{
+    type filter hook input priority filter; policy drop;
+    iifname "lo" accept
+    counter name "refused" drop
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    jump egress
+    iifname "{TAP}" counter name "refused" drop
+  }}
+  chain egress {{
+{egress}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "{UPLINK}" masquerade
+  }}
+}}
+"""
+
+
+def egress_update(policy: PinnedPolicy) -> str:
+    """Swap only the policy (quarantine, or a pooled sandbox getting its request's policy)."""
+    lines = [f"flush chain inet {TABLE} egress"]
+    lines += [f"add rule inet {TABLE} egress {r}" for r in _egress(policy)]
+    return "\n".join(lines) + "\n"
+
+
+def host_ruleset() -> str:
+    """The root namespace's shared table: the same for every sandbox, so it is never per-sandbox state."""
+    up = f'"{HOST_PREFIX}*"'
+    return f"""add table inet {TABLE}
+delete table inet {TABLE}
+table inet {TABLE} {{
+  chain input {{
+    type filter hook input priority filter - 10; policy accept;
+    iifname {up} drop
+  }}
+  chain forward {{
+    type filter hook forward priority filter - 10; policy accept;
+    iifname {up} oifname {up} drop
+    iifname {up} ip daddr 169.254.0.0/16 drop
+    oifname {up} ct state established,related accept
+    oifname {up} drop
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {UPLINK_POOL} oifname != {up} masquerade
+  }}
+}}
+"""

@@ -33,6 +33,7 @@ from tartarus.daemon.models import (
     FileList,
     Health,
     MkdirRequest,
+    QuarantineRequest,
     RenameRequest,
     RunCodeRequest,
     RunCodeResult,
@@ -43,6 +44,7 @@ from tartarus.daemon.models import (
     WriteResult,
 )
 from tartarus.errors import GuestError, InvalidArgument, TartarusError
+from tartarus.quarantine.info import containment_info
 from tartarus.runtime.agent import Exit, FileInfo, Output
 from tartarus.runtime.sandbox import SandboxOptions
 from tartarus.templates.store import list_templates
@@ -52,7 +54,9 @@ log = logging.getLogger(__name__)
 PathQuery = Annotated[str, Query(pattern=r"^/", max_length=4095, description="absolute path in the guest")]
 _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorBody},
+    403: {"model": ErrorBody},
     404: {"model": ErrorBody},
+    409: {"model": ErrorBody},
     502: {"model": ErrorBody},
 }
 
@@ -70,6 +74,7 @@ def _info(record: SandboxRecord) -> SandboxInfo:
         memory_mib=vm.config.memory_mib if vm else rt.template.memory_mib,
         timings_ms={k: round(v * 1000, 3) for k, v in rt.timings.items()},
         restored="state_loaded" in rt.timings,
+        **containment_info(rt),
     )
 
 
@@ -132,8 +137,15 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
 
     @app.post("/v1/sandboxes", response_model=SandboxInfo, status_code=201, responses=_ERRORS)
     async def create_sandbox(body: CreateSandbox) -> SandboxInfo:
-        options = SandboxOptions(vcpus=body.vcpus, memory_mib=body.memory_mib, env=body.env)
-        return _info(await manager.create(body.template, options))
+        options = SandboxOptions(
+            vcpus=body.vcpus,
+            memory_mib=body.memory_mib,
+            env=body.env,
+            network=body.network,
+            max_processes=body.max_processes,
+            ttl_s=body.ttl_s,
+        )
+        return _info(await manager.create(body.template, options, labels=body.labels))
 
     @app.get("/v1/sandboxes", response_model=SandboxList)
     async def list_sandboxes() -> SandboxList:
@@ -147,6 +159,16 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     async def delete_sandbox(sandbox_id: str) -> Response:
         await manager.destroy(sandbox_id)
         return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/quarantine", response_model=SandboxInfo, responses=_ERRORS)
+    async def quarantine_sandbox(sandbox_id: str, body: QuarantineRequest) -> SandboxInfo:
+        """Operator action: cut the sandbox's network now and clamp its CPU and memory, live."""
+        return _info(await manager.quarantine(sandbox_id, body.reason, by="operator"))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/release", response_model=SandboxInfo, responses=_ERRORS)
+    async def release_sandbox(sandbox_id: str) -> SandboxInfo:
+        """Operator action: end a quarantine; the requested network and limits come back."""
+        return _info(await manager.release(sandbox_id, by="operator"))
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/exec",

@@ -11,11 +11,17 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from tartarus import audit
 from tartarus.errors import Conflict, InvalidArgument, NotFound
+from tartarus.limits.ttl import Deadlines
+from tartarus.policy import Policy, PolicyEngine, load_policy
+from tartarus.policy.admission import admit, contain, create_request
+from tartarus.quarantine import actions as quarantine_actions
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.restore import compatible, restore
@@ -36,10 +42,17 @@ def _pool_size_from_env() -> int:
     return size
 
 
+def _policy_from_env() -> Policy:
+    path = os.environ.get("TARTARUS_POLICY")
+    return load_policy(Path(path)) if path else Policy()
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     # Pre-started VMMs kept per template snapshot; 0 disables the pool (creates only get slower).
     pool_size: int = field(default_factory=_pool_size_from_env)
+    # Admission rules, limit caps, quarantine settings (TARTARUS_POLICY=FILE; default: admit all).
+    policy: Policy = field(default_factory=_policy_from_env)
 
 
 @dataclass
@@ -57,6 +70,9 @@ class SandboxManager:
         self.sandboxes_dir = state_dir / "sandboxes"
         self._records: dict[str, SandboxRecord] = {}
         self._lock_file: IO[str] | None = None
+        self.policy = PolicyEngine(self.config.policy)
+        self._deadlines = Deadlines()
+        self._ended: dict[str, str] = {}  # why recently ended sandboxes ended (TTL), for a clear 404
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
@@ -98,6 +114,7 @@ class SandboxManager:
         return sum(len(p) for p in self._pools.values())
 
     async def close(self) -> None:
+        self._deadlines.cancel_all()
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
@@ -106,8 +123,17 @@ class SandboxManager:
             self._lock_file.close()
             self._lock_file = None
 
-    async def create(self, template_name: str, options: SandboxOptions) -> SandboxRecord:
+    async def create(
+        self,
+        template_name: str,
+        options: SandboxOptions,
+        *,
+        tenant: str = "default",
+        labels: Mapping[str, str] | None = None,
+    ) -> SandboxRecord:
         template = get_template(template_name)
+        admission = await admit(self.policy, create_request(template, options, tenant, labels))
+        options.limits = admission.limits
         snapshot = find_snapshot(template) if template.snapshotted else None
         if snapshot is not None and compatible(snapshot, options):
             pool = self._pool_for(template)
@@ -119,6 +145,13 @@ class SandboxManager:
                     pool.refill()
         else:
             runtime = await RuntimeSandbox.boot(template, self.sandboxes_dir, options)
+        try:
+            await contain(runtime, admission, self.policy.policy.quarantine, self.state_dir)
+        except BaseException:
+            await runtime.destroy()
+            raise
+        if admission.limits.ttl_s is not None:
+            self._deadlines.schedule(runtime.id, admission.limits.ttl_s, lambda: self._expire(runtime.id))
         record = SandboxRecord(runtime, "running")
         self._records[runtime.id] = record
         assert runtime.vm is not None
@@ -135,7 +168,34 @@ class SandboxManager:
     def get(self, id_: str) -> SandboxRecord:
         record = self._records.get(id_)
         if record is None:
-            raise NotFound(f"no sandbox {id_!r}")
+            ended = self._ended.get(id_)
+            raise NotFound(f"sandbox {id_!r} {ended}" if ended else f"no sandbox {id_!r}")
+        return record
+
+    async def _expire(self, id_: str) -> None:
+        record = self._records.get(id_)
+        if record is None:
+            return
+        ttl = record.runtime.options.limits.ttl_s if record.runtime.options.limits else None
+        why = f"was destroyed: its TTL of {ttl:g} s expired"
+        audit.record(self.state_dir, "sandbox.expired", sandbox=id_, ttl_s=ttl)
+        log.info("sandbox %s %s", id_, why)
+        self._ended[id_] = why
+        while len(self._ended) > 1000:
+            del self._ended[next(iter(self._ended))]
+        with contextlib.suppress(NotFound):
+            await self.destroy(id_)
+
+    async def quarantine(self, id_: str, reason: str, by: str) -> SandboxRecord:
+        """Live quarantine (operator or runtime trigger): network cut now, resources clamped."""
+        record = self.get(id_)
+        settings = self.policy.policy.quarantine
+        await quarantine_actions.confine(record.runtime, settings, self.state_dir, reason=reason, by=by)
+        return record
+
+    async def release(self, id_: str, by: str) -> SandboxRecord:
+        record = self.get(id_)
+        await quarantine_actions.release(record.runtime, self.state_dir, by=by)
         return record
 
     def list(self) -> list[SandboxRecord]:
@@ -146,5 +206,8 @@ class SandboxManager:
         if record is None:
             raise NotFound(f"no sandbox {id_!r}")
         record.state = "destroyed"
+        self._deadlines.cancel(id_)
+        if record.runtime.quarantine is not None:
+            audit.record(self.state_dir, "sandbox.destroy", sandbox=id_, quarantined=True)
         with contextlib.suppress(Exception):
             await record.runtime.destroy()

@@ -49,8 +49,12 @@ class Rule(Strict):
     reason: str = Field("", max_length=1024)
 
 
+def _all_modes() -> list[NetworkMode]:
+    return ["none", "allow", "full"]
+
+
 class NetworkRules(Strict):
-    modes: list[NetworkMode] = Field(default_factory=lambda: ["none", "allow", "full"], min_length=1)
+    modes: list[NetworkMode] = Field(default_factory=_all_modes, min_length=1)
 
 
 class QuarantineSettings(Strict):

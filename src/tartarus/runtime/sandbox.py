@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tartarus.errors import InvalidArgument, SandboxFailed
 from tartarus.guest.initramfs import initramfs_path
@@ -32,6 +33,9 @@ from tartarus.runtime.qemu import Drive, VMConfig
 from tartarus.runtime.vm import MicroVM
 from tartarus.templates.store import Template
 
+if TYPE_CHECKING:
+    from tartarus.quarantine.actions import QuarantineState
+
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT_S = 60.0
@@ -48,7 +52,9 @@ class SandboxOptions:
     env: dict[str, str] = field(default_factory=dict)
     boot_timeout: float = BOOT_TIMEOUT_S
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
-    limits: Limits | None = None  # resolved by the manager (template + request, capped by policy)
+    max_processes: int | None = None  # requested; checked against the policy's caps by admission
+    ttl_s: float | None = None  # requested lifetime
+    limits: Limits | None = None  # resolved by admission (template + request, capped by policy)
 
 
 class RuntimeSandbox:
@@ -65,6 +71,7 @@ class RuntimeSandbox:
         self.timings: dict[str, float] = {}
         self.network: SandboxNetwork | None = None
         self.cgroup: SandboxCgroup | None = None
+        self.quarantine: QuarantineState | None = None  # set by tartarus.quarantine, never by the guest
 
     @property
     def env(self) -> dict[str, str]:

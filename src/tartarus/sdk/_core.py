@@ -184,13 +184,30 @@ def execution_from_json(data: dict[str, Any]) -> Execution:
 
 
 def create_body(
-    template: str, *, vcpus: int | None, memory_mib: int | None, env: dict[str, str] | None
+    template: str,
+    *,
+    vcpus: int | None,
+    memory_mib: int | None,
+    env: dict[str, str] | None,
+    network: str | dict[str, Any] | None = None,
+    ttl_s: float | None = None,
+    max_processes: int | None = None,
+    labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"template": template, "env": env or {}}
     if vcpus:
         body["vcpus"] = vcpus
     if memory_mib:
         body["memory_mib"] = memory_mib
+    if network is not None:
+        # "full" / "none", or {"mode": "allow", "allow": [{"host": "pypi.org", "ports": [443]}]}
+        body["network"] = {"mode": network} if isinstance(network, str) else network
+    if ttl_s is not None:
+        body["ttl_s"] = ttl_s
+    if max_processes is not None:
+        body["max_processes"] = max_processes
+    if labels:
+        body["labels"] = labels
     return body
 
 

@@ -163,13 +163,26 @@ class AsyncSandbox:
         vcpus: int | None = None,
         memory_mib: int | None = None,
         env: dict[str, str] | None = None,
+        network: str | dict[str, Any] | None = None,
+        ttl_s: float | None = None,
+        max_processes: int | None = None,
+        labels: dict[str, str] | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: AsyncClient | None = None,
     ) -> AsyncSandbox:
         owns = client is None
         client = client or AsyncClient(url, api_key)
-        body = create_body(template, vcpus=vcpus, memory_mib=memory_mib, env=env)
+        body = create_body(
+            template,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            env=env,
+            network=network,
+            ttl_s=ttl_s,
+            max_processes=max_processes,
+            labels=labels,
+        )
         try:
             info = (await client.request("POST", "/v1/sandboxes", json=body)).json()
         except BaseException:
@@ -196,6 +209,17 @@ class AsyncSandbox:
 
     async def refresh(self) -> dict[str, Any]:
         self.info = (await self._client.request("GET", f"/v1/sandboxes/{self.id}")).json()
+        return self.info
+
+    async def quarantine(self, reason: str) -> dict[str, Any]:
+        """Operator action: cut this sandbox's network now and clamp its CPU and memory (no restart)."""
+        path = f"/v1/sandboxes/{self.id}/quarantine"
+        self.info = (await self._client.request("POST", path, json={"reason": reason})).json()
+        return self.info
+
+    async def release(self) -> dict[str, Any]:
+        """Operator action: end the quarantine."""
+        self.info = (await self._client.request("POST", f"/v1/sandboxes/{self.id}/release")).json()
         return self.info
 
     async def kill(self) -> None:

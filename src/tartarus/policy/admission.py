@@ -1,0 +1,120 @@
+"""Admission of one create request: the policy verdict, the sandbox's limits and its pinned network.
+
+Everything here happens before a VMM is touched, so a rejected request costs nothing and a bad one
+(limits over the caps, an unresolvable name) gets a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from tartarus.errors import PolicyDenied, TartarusError
+from tartarus.limits.guest import set_max_processes
+from tartarus.limits.spec import Limits, resolve_limits
+from tartarus.network.policy import NONE, NetworkPolicy, PinnedPolicy, resolve
+from tartarus.policy.engine import AdmissionRequest, Decision, PolicyEngine
+from tartarus.policy.model import QuarantineSettings
+from tartarus.quarantine.actions import confine
+from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.templates.spec import ImageBase, builtin_spec
+from tartarus.templates.store import Template
+
+
+@dataclass(frozen=True)
+class Admission:
+    decision: Decision
+    limits: Limits
+    network: PinnedPolicy  # what the sandbox gets now (none while quarantined)
+    requested_network: PinnedPolicy  # what it asked for (restored on release)
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    tenant: str
+    template: str
+    template_vcpus: int
+    template_memory_mib: int
+    network: NetworkPolicy
+    image: str | None = None
+    labels: Mapping[str, str] | None = None
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    disk_mib: int | None = None
+    max_processes: int | None = None
+    ttl_s: float | None = None
+
+
+async def admit(engine: PolicyEngine, req: CreateRequest) -> Admission:
+    decision = engine.admit(
+        AdmissionRequest(req.tenant, req.template, req.network.mode, req.image, req.labels or {})
+    )
+    if decision.verdict == "reject":
+        raise PolicyDenied(f"sandbox refused by policy: {decision.reason}")
+    limits = resolve_limits(
+        template_vcpus=req.template_vcpus,
+        template_memory_mib=req.template_memory_mib,
+        vcpus=req.vcpus,
+        memory_mib=req.memory_mib,
+        disk_mib=req.disk_mib,
+        max_processes=req.max_processes,
+        ttl_s=req.ttl_s,
+        caps=engine.policy.limits,
+    )
+    requested = NONE
+    if req.network.mode != "none":
+        # Names resolve on the host, once, off the event loop; the addresses are pinned for life.
+        requested = (
+            await asyncio.to_thread(resolve, req.network) if req.network.names() else resolve(req.network)
+        )
+    network = NONE if decision.quarantined else requested
+    return Admission(decision, limits, network, requested)
+
+
+def create_request(
+    template: Template, options: SandboxOptions, tenant: str, labels: Mapping[str, str] | None
+) -> CreateRequest:
+    return CreateRequest(
+        tenant=tenant,
+        template=template.name,
+        template_vcpus=template.vcpus,
+        template_memory_mib=template.memory_mib,
+        network=options.network,
+        image=template_image(template),
+        labels=labels,
+        vcpus=options.vcpus,
+        memory_mib=options.memory_mib,
+        max_processes=options.max_processes,
+        ttl_s=options.ttl_s,
+    )
+
+
+def template_image(template: Template) -> str | None:
+    """The OCI image a template was built from, for `image:` rules (None for a Debian base)."""
+    try:
+        spec = builtin_spec(template.name)
+    except TartarusError:
+        return None
+    return spec.base.image if isinstance(spec.base, ImageBase) else None
+
+
+async def contain(
+    sandbox: RuntimeSandbox, admission: Admission, settings: QuarantineSettings, state_dir: Path
+) -> None:
+    """Apply what admission decided to a sandbox that now runs: its egress, the guest process cap,
+    and quarantine if that was the verdict (before any request of the tenant reaches it)."""
+    if admission.network.mode != "none" and sandbox.network is not None:
+        await sandbox.network.apply(admission.network)
+    if admission.limits.max_processes is not None:
+        await set_max_processes(sandbox.agent, admission.limits.max_processes)
+    if admission.decision.quarantined:
+        await confine(
+            sandbox,
+            settings,
+            state_dir,
+            reason=admission.decision.reason,
+            by="admission" + (f":{admission.decision.rule}" if admission.decision.rule else ""),
+            requested_network=admission.requested_network,
+        )

@@ -1,5 +1,5 @@
 """Per-sandbox cgroups on the VMM process: v2 where the host has a unified hierarchy with the
-controllers, v1 (cpu, memory, pids) otherwise.
+controllers, v1 (cpu, memory, pids, and cpuacct for accounting) otherwise.
 
 The VMM joins them between fork and exec (runtime/vm.py), so not one guest instruction runs outside.
 Memory is the guest's RAM plus the VMM's own overhead (the TCG translation cache on hosts without KVM);
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path("/sys/fs/cgroup")
 GROUP = "tartarus"
-V1_CONTROLLERS = ("cpu", "memory", "pids")
+V1_CONTROLLERS = ("cpu", "memory", "pids", "cpuacct")  # cpuacct: accounting only
 PERIOD_US = 100_000
 VMM_THREADS = 64  # QEMU's own threads: vCPUs, I/O, RCU, workers
 _MIB = 1 << 20
@@ -100,6 +100,13 @@ class SandboxCgroup:
 
     def _set_pids(self, n: int) -> None:
         _write(self._path("pids") / "pids.max", str(n))
+
+    def cpu_seconds(self) -> float:
+        """CPU time the VMM has used (for metrics and runtime triggers)."""
+        if self.v2:
+            stat = (self._path("cpu") / "cpu.stat").read_text()
+            return int(stat.split("usage_usec", 1)[1].split()[0]) / 1e6
+        return int((self._path("cpuacct") / "cpuacct.usage").read_text()) / 1e9
 
     def memory_usage(self) -> int:
         name = "memory.current" if self.v2 else "memory.usage_in_bytes"

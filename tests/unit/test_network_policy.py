@@ -52,6 +52,14 @@ def test_unresolvable_name_is_a_clear_error() -> None:
 
 def test_none_has_an_empty_egress_chain() -> None:
     assert nft.egress_update(NONE) == "flush chain inet tartarus egress\n"
+    assert nft.egress_update(NONE, empty=True) == "\n"
+
+
+def test_from_an_empty_chain_a_policy_only_adds() -> None:
+    """Deletions wait for an RCU grace period in the kernel; the create path must not delete."""
+    text = nft.egress_update(PinnedPolicy("full"), empty=True)
+    assert text.strip() and all(line.startswith("add rule ") for line in text.strip().splitlines())
+    assert nft.close_gate().startswith("add rule inet tartarus gate")
 
 
 def test_allow_rules_name_address_protocol_and_ports() -> None:
@@ -73,9 +81,10 @@ def test_full_denies_private_and_link_local_first() -> None:
     "policy", [NONE, PinnedPolicy("full"), PinnedPolicy("allow", (PinnedRule("192.0.2.1/32", (80,), "tcp"),))]
 )
 def test_rulesets_parse(policy: PinnedPolicy) -> None:
-    """nft itself accepts every ruleset we generate (-c: check only, nothing is loaded)."""
+    """nft itself accepts every ruleset we generate (-c: check only, in an empty namespace)."""
     for text in (nft.namespace_ruleset(policy), nft.host_ruleset()):
-        result = subprocess.run(["nft", "-c", "-f", "-"], input=text, capture_output=True, text=True)
+        argv = ["unshare", "--net", "nft", "-c", "-f", "-"]
+        result = subprocess.run(argv, input=text, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
 
 

@@ -1,19 +1,12 @@
-"""Network namespaces, veth uplinks and the commands run inside them (iproute2 and nft, as root).
-
-Commands run inside a namespace by `setns` in the child between fork and exec rather than through
-`ip netns exec`, which also builds a mount namespace and costs milliseconds we spend on a create.
-"""
+"""Network namespaces, veth uplinks (iproute2, as root) and the host-wide allocation of uplink slots."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
 import ipaddress
 import os
 import random
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 from tartarus.errors import SandboxFailed, SetupRequired
@@ -22,64 +15,20 @@ NETNS_DIR = Path("/run/netns")
 SLOTS_DIR = Path("/run/tartarus/net/slots")
 SLOTS = 16384  # /30 uplinks in UPLINK_POOL
 NETNS_PREFIX = "tartarus-"
-CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def netns_path(name: str) -> Path:
     return NETNS_DIR / name
 
 
-def enter_netns(fd: int) -> Callable[[], None]:
-    """A preexec_fn that moves the child into the namespace open as `fd`."""
-
-    def enter() -> None:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            os._exit(126)
-
-    return enter
-
-
-def run(argv: list[str], stdin: str | None = None, netns: str | None = None) -> None:
-    """Run a command (in `netns` if given); raise with its stderr if it fails."""
-    fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC) if netns else -1
+def run(argv: list[str], stdin: str | None = None) -> None:
+    """Run a command; raise with its stderr if it fails."""
     try:
-        result = subprocess.run(
-            argv,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            pass_fds=(fd,) if fd >= 0 else (),
-            preexec_fn=enter_netns(fd) if fd >= 0 else None,
-        )
+        result = subprocess.run(argv, input=stdin, capture_output=True, text=True)
     except FileNotFoundError as e:
         raise SetupRequired(f"{argv[0]} is not installed: run ./scripts/setup") from e
-    finally:
-        if fd >= 0:
-            os.close(fd)
     if result.returncode != 0:
         raise SandboxFailed(f"{' '.join(argv)} failed: {result.stderr.strip() or result.returncode}")
-
-
-async def arun(argv: list[str], stdin: str | None = None, netns: str | None = None) -> None:
-    """`run` without blocking the event loop (used on the create path)."""
-    fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC) if netns else -1
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            pass_fds=(fd,) if fd >= 0 else (),
-            preexec_fn=enter_netns(fd) if fd >= 0 else None,
-        )
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    _, err = await process.communicate(stdin.encode() if stdin else None)
-    if process.returncode != 0:
-        raise SandboxFailed(f"{' '.join(argv)} failed: {err.decode(errors='replace').strip()}")
 
 
 def uplink_addresses(slot: int) -> tuple[str, str]:

@@ -15,10 +15,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from tartarus.network import nft
+from tartarus.network import libnft, nft
 from tartarus.network.netns import (
     NETNS_PREFIX,
-    arun,
     claim_slot,
     link_exists,
     netns_path,
@@ -45,7 +44,8 @@ def ensure_host() -> None:
     if _host_ready:
         return
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-    run(["nft", "-f", "-"], stdin=nft.host_ruleset())
+    if f"table inet {nft.TABLE}" not in libnft.nft("list tables"):
+        libnft.nft(nft.host_ruleset())
     _host_ready = True
 
 
@@ -54,6 +54,7 @@ class SandboxNetwork:
     netns: str
     slot: int
     policy: PinnedPolicy = NONE
+    cut_off: bool = False
 
     @property
     def host_link(self) -> str:
@@ -92,17 +93,28 @@ class SandboxNetwork:
                 f"link set {nft.UPLINK} up\n"
                 f"route add default via {host_addr.split('/')[0]}\n",
             )
-            run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], netns=netns)
-            run(["nft", "-f", "-"], stdin=nft.namespace_ruleset(NONE), netns=netns)
+            libnft.write_sysctl(network.netns_path, "net.ipv4.ip_forward", "1")
+            libnft.nft(nft.namespace_ruleset(NONE), network.netns_path)
         except BaseException:
             network.destroy()
             raise
         return network
 
     async def apply(self, policy: PinnedPolicy) -> None:
-        """Replace the egress policy atomically; takes effect on the next packet, flows included."""
-        await arun(["nft", "-f", "-"], stdin=nft.egress_update(policy), netns=self.netns)
+        """Replace the egress policy atomically; takes effect on the next packet, flows included.
+        From `none` (every pooled sandbox) this only adds rules: the fast path of a create."""
+        empty = self.policy.mode == "none"
+        await libnft.anft(nft.egress_update(policy, empty=empty), self.netns_path)
         self.policy = policy
+
+    async def cut(self) -> None:
+        """Drop every forwarded packet from now on, whatever the policy (quarantine)."""
+        await libnft.anft(nft.close_gate(), self.netns_path)
+        self.cut_off = True
+
+    async def reconnect(self) -> None:
+        await libnft.anft(nft.open_gate(), self.netns_path)
+        self.cut_off = False
 
     def destroy(self) -> None:
         """Remove the uplink (both veth ends), the namespace (TAP and its nft table with it), the slot."""

@@ -27,8 +27,7 @@ from tartarus.templates.store import Template
 class Admission:
     decision: Decision
     limits: Limits
-    network: PinnedPolicy  # what the sandbox gets now (none while quarantined)
-    requested_network: PinnedPolicy  # what it asked for (restored on release)
+    network: PinnedPolicy  # what it asked for (behind a closed gate while quarantined)
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,7 @@ async def admit(engine: PolicyEngine, req: CreateRequest) -> Admission:
         requested = (
             await asyncio.to_thread(resolve, req.network) if req.network.names() else resolve(req.network)
         )
-    network = NONE if decision.quarantined else requested
-    return Admission(decision, limits, network, requested)
+    return Admission(decision, limits, requested)
 
 
 def create_request(
@@ -103,12 +101,8 @@ def template_image(template: Template) -> str | None:
 async def contain(
     sandbox: RuntimeSandbox, admission: Admission, settings: QuarantineSettings, state_dir: Path
 ) -> None:
-    """Apply what admission decided to a sandbox that now runs: its egress, the guest process cap,
-    and quarantine if that was the verdict (before any request of the tenant reaches it)."""
-    if admission.network.mode != "none" and sandbox.network is not None:
-        await sandbox.network.apply(admission.network)
-    if admission.limits.max_processes is not None:
-        await set_max_processes(sandbox.agent, admission.limits.max_processes)
+    """Apply what admission decided to a sandbox that now runs: quarantine if that was the verdict
+    (the gate closes before its egress rules exist), its egress, the guest process cap."""
     if admission.decision.quarantined:
         await confine(
             sandbox,
@@ -116,5 +110,8 @@ async def contain(
             state_dir,
             reason=admission.decision.reason,
             by="admission" + (f":{admission.decision.rule}" if admission.decision.rule else ""),
-            requested_network=admission.requested_network,
         )
+    if admission.network.mode != "none" and sandbox.network is not None:
+        await sandbox.network.apply(admission.network)
+    if admission.limits.max_processes is not None:
+        await set_max_processes(sandbox.agent, admission.limits.max_processes)

@@ -9,7 +9,6 @@ from pathlib import Path
 from tartarus import audit
 from tartarus.errors import Conflict
 from tartarus.limits.spec import Limits
-from tartarus.network.policy import NONE, PinnedPolicy
 from tartarus.policy.model import QuarantineSettings
 from tartarus.runtime.sandbox import RuntimeSandbox
 
@@ -18,9 +17,8 @@ from tartarus.runtime.sandbox import RuntimeSandbox
 class QuarantineState:
     since: float
     reason: str
-    by: str  # "admission", "operator:<who>", "trigger:<what>"
-    requested_network: PinnedPolicy  # restored on release
-    limits: Limits | None
+    by: str  # "admission[:rule]", "operator", "trigger:<what>"
+    limits: Limits | None  # restored on release
 
 
 async def confine(
@@ -30,19 +28,18 @@ async def confine(
     *,
     reason: str,
     by: str,
-    requested_network: PinnedPolicy | None = None,
 ) -> QuarantineState:
-    """Cut the network first (the urgent part), then clamp CPU and memory, then record it."""
+    """Cut the network first (the urgent part), then clamp CPU and memory, then record it.
+    The sandbox's own policy stays in place behind the closed gate, for a release to reopen."""
     if sandbox.quarantine is not None:
         raise Conflict(f"sandbox {sandbox.id} is already quarantined ({sandbox.quarantine.reason})")
     t0 = time.perf_counter()
-    original = requested_network or (sandbox.network.policy if sandbox.network else NONE)
     if sandbox.network is not None:
-        await sandbox.network.apply(NONE)
+        await sandbox.network.cut()
     cut_ms = (time.perf_counter() - t0) * 1000
     if sandbox.cgroup is not None:
         sandbox.cgroup.clamp(settings.cpu_fraction, settings.memory_mib)
-    state = QuarantineState(time.time(), reason, by, original, sandbox.options.limits)
+    state = QuarantineState(time.time(), reason, by, sandbox.options.limits)
     sandbox.quarantine = state
     audit.record(
         state_dir,
@@ -66,7 +63,7 @@ async def release(sandbox: RuntimeSandbox, state_dir: Path, *, by: str) -> None:
     if sandbox.cgroup is not None and state.limits is not None:
         sandbox.cgroup.release(state.limits)
     if sandbox.network is not None:
-        await sandbox.network.apply(state.requested_network)
+        await sandbox.network.reconnect()
     sandbox.quarantine = None
     audit.record(
         state_dir,

@@ -11,7 +11,7 @@ def containment_info(sandbox: RuntimeSandbox) -> dict[str, Any]:
     limits = sandbox.options.limits
     q = sandbox.quarantine
     return {
-        "network": sandbox.network.policy.mode if sandbox.network else "none",
+        "network": "none" if not sandbox.network or sandbox.network.cut_off else sandbox.network.policy.mode,
         "quarantined": q is not None,
         "quarantine_reason": q.reason if q else None,
         "expires_at": sandbox.created_at + limits.ttl_s if limits and limits.ttl_s else None,

@@ -94,6 +94,46 @@ def cold_start(
     )
 
 
+@bench_app.command()
+def quarantine(
+    admission_samples: Annotated[int, typer.Option("--admission-samples", min=1)] = 10000,
+    samples: Annotated[int, typer.Option("--samples", "-n", min=1, help="creates per variant")] = 200,
+    live_samples: Annotated[int, typer.Option("--live-samples", min=1)] = 30,
+    template: TemplateOpt = "python-ds",
+    json_out: JsonOut = None,
+) -> None:
+    """Admission decision overhead, create with/without a quarantine verdict, live quarantine time."""
+    from tartarus.bench.quarantine import bench_quarantine
+    from tartarus.guest.kernel import kernel_path
+    from tartarus.runtime.accel import choose_accel
+
+    logging.basicConfig(level=logging.WARNING)
+    accel = choose_accel(kernel_path())
+    started = time.time()
+    steps = admission_samples + 3 * samples + live_samples
+    with Progress(
+        TextColumn("bench quarantine"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    ) as bar:
+        task = bar.add_task("quarantine", total=steps)
+        result = asyncio.run(
+            bench_quarantine(
+                template, admission_samples, samples, live_samples, lambda n: bar.advance(task, n)
+            )
+        )
+    doc = {"benchmark": "quarantine", **result, "accel": accel, "machine": machine_info(accel)}
+    doc["started_at"] = started
+    create = result["create"]
+    err.print(
+        f"quarantine: admission n={result['admission']['samples']} p99={result['overhead_p99_ms']:.4f} ms; "
+        f"create p50/p99 admitted {create['admitted']['p50_ms']:.1f}/{create['admitted']['p99_ms']:.1f} ms, "
+        f"quarantined {create['quarantined']['p50_ms']:.1f}/{create['quarantined']['p99_ms']:.1f} ms "
+        f"(n={create['admitted']['samples']} each); containment p99 allow "
+        f"{create['admitted_allow']['containment']['p99_ms']:.2f} ms; live quarantine "
+        f"p99={result['live_quarantine_ms']:.1f} ms (n={result['live_quarantine']['samples']})"
+    )
+    _emit(doc, json_out)
+
+
 @bench_app.command("image-convert")
 def image_convert(
     cold: Annotated[

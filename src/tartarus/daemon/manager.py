@@ -20,7 +20,7 @@ from tartarus import audit
 from tartarus.errors import Conflict, InvalidArgument, NotFound
 from tartarus.limits.ttl import Deadlines
 from tartarus.policy import Policy, PolicyEngine, load_policy
-from tartarus.policy.admission import admit, contain, create_request
+from tartarus.policy.admission import Admission, admit, contain, create_request
 from tartarus.quarantine import actions as quarantine_actions
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers
 from tartarus.snapshots.pool import VMMPool
@@ -140,16 +140,13 @@ class SandboxManager:
             prepared = pool.take() if pool is not None else None
             try:
                 runtime = await restore(snapshot, template, self.sandboxes_dir, options, prepared)
+                await self._contain(runtime, admission)  # before the refill competes for the CPU
             finally:
                 if pool is not None:
                     pool.refill()
         else:
             runtime = await RuntimeSandbox.boot(template, self.sandboxes_dir, options)
-        try:
-            await contain(runtime, admission, self.policy.policy.quarantine, self.state_dir)
-        except BaseException:
-            await runtime.destroy()
-            raise
+            await self._contain(runtime, admission)
         if admission.limits.ttl_s is not None:
             self._deadlines.schedule(runtime.id, admission.limits.ttl_s, lambda: self._expire(runtime.id))
         record = SandboxRecord(runtime, "running")
@@ -157,6 +154,15 @@ class SandboxManager:
         assert runtime.vm is not None
         runtime.vm.on_exit = lambda vm: self._vm_exited(record)
         return record
+
+    async def _contain(self, runtime: RuntimeSandbox, admission: Admission) -> None:
+        """Network policy, quarantine verdict, guest limits; a sandbox that cannot be contained is
+        destroyed, never handed out."""
+        try:
+            await contain(runtime, admission, self.policy.policy.quarantine, self.state_dir)
+        except BaseException:
+            await runtime.destroy()
+            raise
 
     def _vm_exited(self, record: SandboxRecord) -> None:
         if record.runtime.id in self._records and record.state == "running":

@@ -1,10 +1,14 @@
 """nftables through libnftables, in process, inside a sandbox's namespace.
 
 `nft -f` as a subprocess costs 10-25 ms on a busy host (fork of a large daemon, exec, library start);
-the same transaction through libnftables takes well under a millisecond, which is what keeps a policy
-swap (a create asking for network, a quarantine) inside its budget. Namespaces are per thread on
-Linux, so each call runs on a short-lived thread of its own that enters the namespace first: no
-other code ever runs in a namespace it did not ask for.
+an addition through a libnftables context that already exists takes 0.05-0.2 ms, which is what keeps
+a policy swap (a create asking for network, a quarantine) inside its budget.
+
+A context's netlink socket belongs to the namespace it was opened in, so each sandbox gets one
+`NftContext`, opened once (off the create's clock) on a short-lived thread that enters the namespace
+first — namespaces are per thread on Linux, so no other code ever runs in a namespace it did not ask
+for — and used from any thread afterwards. The socket keeps the namespace alive: close the context
+before deleting the namespace.
 """
 
 from __future__ import annotations
@@ -49,26 +53,62 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def _nft(commands: str) -> str:
-    """Run an nft script in the calling thread's namespace; return its output."""
+def _new_ctx() -> int:
+    """A libnftables context whose netlink socket is in the calling thread's namespace."""
     lib = _lib()
     ctx = lib.nft_ctx_new(0)
     if not ctx:
         raise SandboxFailed("libnftables: cannot create a context")
+    lib.nft_ctx_buffer_output(ctx)
+    lib.nft_ctx_buffer_error(ctx)
+    return int(ctx)
+
+
+def _run(ctx: int, commands: str) -> str:
+    lib = _lib()
+    rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
+    out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+    if rc != 0:
+        err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace").strip()
+        raise SandboxFailed(f"nft failed: {err or rc}")
+    return out
+
+
+def _nft(commands: str) -> str:
+    """Run an nft script in the calling thread's namespace with a context of its own."""
+    ctx = _new_ctx()
     try:
-        lib.nft_ctx_buffer_output(ctx)
-        lib.nft_ctx_buffer_error(ctx)
-        rc = lib.nft_run_cmd_from_buffer(ctx, commands.encode())
-        out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
-        if rc != 0:
-            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace").strip()
-            raise SandboxFailed(f"nft failed: {err or rc}")
-        return out
+        return _run(ctx, commands)
     finally:
-        lib.nft_ctx_free(ctx)
+        _lib().nft_ctx_free(ctx)
 
 
-def _in_netns(netns: Path | None, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+class NftContext:
+    """A libnftables context bound to one namespace; calls are serialised (contexts are not
+    thread-safe). `run` blocks for as long as the kernel commits: call it inline only for additions
+    (sub-millisecond), and through `arun` (a worker thread) for anything that deletes."""
+
+    def __init__(self, netns: Path) -> None:
+        self._ctx: int | None = in_netns(netns, _new_ctx).result()
+        self._lock = threading.Lock()
+
+    def run(self, commands: str) -> str:
+        with self._lock:
+            if self._ctx is None:
+                raise SandboxFailed("nft context is closed")
+            return _run(self._ctx, commands)
+
+    async def arun(self, commands: str) -> str:
+        return await asyncio.to_thread(self.run, commands)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctx is not None:
+                _lib().nft_ctx_free(self._ctx)
+                self._ctx = None
+
+
+def in_netns(netns: Path | None, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
     """Run `fn` on a new thread that first enters `netns` (None: stay in ours)."""
     future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
@@ -91,14 +131,11 @@ def _in_netns(netns: Path | None, fn: Callable[[], T]) -> concurrent.futures.Fut
 
 
 def nft(commands: str, netns: Path | None = None) -> str:
-    return _in_netns(netns, lambda: _nft(commands)).result()
-
-
-async def anft(commands: str, netns: Path | None = None) -> str:
-    return await asyncio.wrap_future(_in_netns(netns, lambda: _nft(commands)))
+    """One-off: a fresh context in `netns` (None: ours) for a single script."""
+    return in_netns(netns, lambda: _nft(commands)).result()
 
 
 def write_sysctl(netns: Path | None, name: str, value: str) -> None:
     """Write a net.* sysctl of `netns` (/proc/sys/net is resolved by the opening thread's namespace)."""
     path = Path("/proc/sys") / name.replace(".", "/")
-    _in_netns(netns, lambda: path.write_text(value + "\n")).result()
+    in_netns(netns, lambda: path.write_text(value + "\n")).result()

@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from tartarus.errors import SandboxFailed
 from tartarus.network import libnft, nft
 from tartarus.network.netns import (
     NETNS_PREFIX,
@@ -55,6 +56,7 @@ class SandboxNetwork:
     slot: int
     policy: PinnedPolicy = NONE
     cut_off: bool = False
+    nft: libnft.NftContext | None = None
 
     @property
     def host_link(self) -> str:
@@ -94,30 +96,47 @@ class SandboxNetwork:
                 f"route add default via {host_addr.split('/')[0]}\n",
             )
             libnft.write_sysctl(network.netns_path, "net.ipv4.ip_forward", "1")
-            libnft.nft(nft.namespace_ruleset(NONE), network.netns_path)
+            network.nft = libnft.NftContext(network.netns_path)
+            network.nft.run(nft.namespace_ruleset(NONE))
         except BaseException:
             network.destroy()
             raise
         return network
 
+    def _ctx(self) -> libnft.NftContext:
+        if self.nft is None:
+            raise SandboxFailed(f"network of {self.netns} is gone")
+        return self.nft
+
     async def apply(self, policy: PinnedPolicy) -> None:
         """Replace the egress policy atomically; takes effect on the next packet, flows included.
-        From `none` (every pooled sandbox) this only adds rules: the fast path of a create."""
-        empty = self.policy.mode == "none"
-        await libnft.anft(nft.egress_update(policy, empty=empty), self.netns_path)
+        From `none` (every pooled sandbox) this only adds rules, inline: the fast path of a create."""
+        if self.policy.mode == "none":
+            self._ctx().run(nft.egress_update(policy, empty=True))
+        else:
+            await self._ctx().arun(nft.egress_update(policy))
         self.policy = policy
 
-    async def cut(self) -> None:
-        """Drop every forwarded packet from now on, whatever the policy (quarantine)."""
-        await libnft.anft(nft.close_gate(), self.netns_path)
+    def cut(self) -> None:
+        """Drop every forwarded packet from the next one on, whatever the policy (quarantine).
+        One rule added, inline: nothing can run between the call and the cut."""
+        self._ctx().run(nft.close_gate())
         self.cut_off = True
 
     async def reconnect(self) -> None:
-        await libnft.anft(nft.open_gate(), self.netns_path)
+        await self._ctx().arun(nft.open_gate())
         self.cut_off = False
+
+    def refused(self) -> int:
+        """Packets from the guest that the namespace dropped (for the port-scan trigger)."""
+        out = self._ctx().run(f"list counter inet {nft.TABLE} refused")
+        return int(out.split("packets", 1)[1].split()[0]) if "packets" in out else 0
 
     def destroy(self) -> None:
         """Remove the uplink (both veth ends), the namespace (TAP and its nft table with it), the slot."""
+        if self.nft is not None:
+            self.nft.close()  # its socket would keep the namespace alive
+            self.nft = None
         _remove(self.netns, self.slot)
 
 

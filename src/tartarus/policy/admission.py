@@ -7,6 +7,7 @@ Everything here happens before a VMM is touched, so a rejected request costs not
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,9 @@ async def contain(
     sandbox: RuntimeSandbox, admission: Admission, settings: QuarantineSettings, state_dir: Path
 ) -> None:
     """Apply what admission decided to a sandbox that now runs: quarantine if that was the verdict
-    (the gate closes before its egress rules exist), its egress, the guest process cap."""
+    (the gate closes before its egress rules exist), its egress, the guest process cap.
+    Records how long that took as the `containment` timing (a duration, not cumulative)."""
+    t0 = time.perf_counter()
     if admission.decision.quarantined:
         await confine(
             sandbox,
@@ -115,3 +118,4 @@ async def contain(
         await sandbox.network.apply(admission.network)
     if admission.limits.max_processes is not None:
         await set_max_processes(sandbox.agent, admission.limits.max_processes)
+    sandbox.timings["containment"] = time.perf_counter() - t0

@@ -35,7 +35,7 @@ async def confine(
         raise Conflict(f"sandbox {sandbox.id} is already quarantined ({sandbox.quarantine.reason})")
     t0 = time.perf_counter()
     if sandbox.network is not None:
-        await sandbox.network.cut()
+        sandbox.network.cut()
     cut_ms = (time.perf_counter() - t0) * 1000
     if sandbox.cgroup is not None:
         sandbox.cgroup.clamp(settings.cpu_fraction, settings.memory_mib)

@@ -6,6 +6,7 @@ it — or reconciling after a crash — is "kill the VMM whose pid file is there
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -101,9 +102,23 @@ class RuntimeSandbox:
             raise
         return sandbox
 
-    def attach_network(self, name: str | None = None) -> None:
-        """Give the sandbox its namespace, TAP and uplink (policy `none`) before its VMM starts."""
-        self.network = SandboxNetwork.create(self.workdir, name or self.id)
+    async def attach_network(self, name: str | None = None) -> None:
+        """Give the sandbox its namespace, TAP and uplink (policy `none`) before its VMM starts.
+
+        Runs on a thread (tens of ms of iproute2 that must not stall other sandboxes' creates); if
+        the caller is cancelled meanwhile, it still waits for the thread so `destroy` can undo it."""
+        task = asyncio.ensure_future(asyncio.to_thread(SandboxNetwork.create, self.workdir, name or self.id))
+        try:
+            self.network = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                self.network = await task
+            raise
+
+    async def destroy_network(self) -> None:
+        if self.network is not None:
+            network, self.network = self.network, None
+            await asyncio.to_thread(network.destroy)
 
     def attach_cgroup(self) -> None:
         """Put the VMM (to be started, or already running) in cgroups sized by the sandbox's limits."""
@@ -145,7 +160,7 @@ class RuntimeSandbox:
 
     async def _boot(self) -> None:
         t0 = time.perf_counter()
-        self.attach_network()
+        await self.attach_network()
         self.attach_cgroup()
         layer = create_layer(self.workdir / "rw.ext4")
         self.vm = MicroVM(self.vm_config(layer=layer), self.workdir)
@@ -166,9 +181,7 @@ class RuntimeSandbox:
         """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""
         if self.vm is not None:
             await self.vm.kill()
-        if self.network is not None:
-            self.network.destroy()
-            self.network = None
+        await self.destroy_network()
         if self.cgroup is not None:
             self.cgroup.destroy()
             self.cgroup = None

@@ -30,7 +30,23 @@ async def _take(template: Template, key: str, out: Path, progress: Callable[[str
     layer = create_layer(out / "layer.ext4")
     # The snapshot VM has the sandboxes' NIC (its own namespace, policy none: the template's start
     # command gets no network either), so every restore finds the same device with the same address.
-    sandbox.attach_network(secrets.token_hex(6))
+    await sandbox.attach_network(secrets.token_hex(6))
+    try:
+        await _boot_and_save(sandbox, template, key, out, layer, progress)
+    finally:
+        await sandbox.destroy_network()
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(sandbox.workdir)
+
+
+async def _boot_and_save(
+    sandbox: RuntimeSandbox,
+    template: Template,
+    key: str,
+    out: Path,
+    layer: Path,
+    progress: Callable[[str], None],
+) -> None:
     vm = MicroVM(sandbox.vm_config(layer=layer, memory_file=out / "memory", share=True), sandbox.workdir)
     sandbox.vm = vm
     try:
@@ -62,11 +78,7 @@ async def _take(template: Template, key: str, out: Path, progress: Callable[[str
         )
     finally:
         await vm.kill()  # never resume: with shared RAM a running guest would rewrite the snapshot
-        if sandbox.network is not None:
-            sandbox.network.destroy()
     snapshot.write_meta(out)
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(sandbox.workdir)
 
 
 async def _start_service(

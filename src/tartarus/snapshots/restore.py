@@ -35,7 +35,7 @@ async def prepare(
         t0 = time.perf_counter()
         layer = sandbox.workdir / "rw.ext4"
         sparse_copy(snapshot.layer, layer)
-        sandbox.attach_network()
+        await sandbox.attach_network()
         sandbox.attach_cgroup()
         config = sandbox.vm_config(layer=layer, memory_file=snapshot.memory, share=False)
         config.incoming = True

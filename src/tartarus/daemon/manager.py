@@ -22,6 +22,7 @@ from tartarus.limits.ttl import Deadlines
 from tartarus.policy import Policy, PolicyEngine, load_policy
 from tartarus.policy.admission import Admission, admit, contain, create_request
 from tartarus.quarantine import actions as quarantine_actions
+from tartarus.quarantine.triggers import RefusedPacketsTrigger
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.restore import compatible, restore
@@ -73,6 +74,7 @@ class SandboxManager:
         self.policy = PolicyEngine(self.config.policy)
         self._deadlines = Deadlines()
         self._ended: dict[str, str] = {}  # why recently ended sandboxes ended (TTL), for a clear 404
+        self._trigger_task: asyncio.Task[None] | None = None
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
@@ -98,6 +100,18 @@ class SandboxManager:
         """Pre-start VMMs for every template that has a snapshot (call from the event loop)."""
         for template in list_templates():
             self._pool_for(template)
+        self._start_triggers()
+
+    def _start_triggers(self) -> None:
+        """Runtime quarantine triggers (policy `quarantine.refused_packets`)."""
+        settings = self.policy.policy.quarantine
+        if settings.refused_packets is None or self._trigger_task is not None:
+            return
+        trigger = RefusedPacketsTrigger(settings.refused_packets, settings.window_s, self.quarantine)
+        self._trigger_task = asyncio.create_task(trigger.run(self._running), name="quarantine-triggers")
+
+    def _running(self) -> list[RuntimeSandbox]:
+        return [r.runtime for r in self._records.values() if r.state == "running"]
 
     def _pool_for(self, template: Template) -> VMMPool | None:
         snapshot = find_snapshot(template) if template.snapshotted else None
@@ -115,6 +129,11 @@ class SandboxManager:
 
     async def close(self) -> None:
         self._deadlines.cancel_all()
+        if self._trigger_task is not None:
+            self._trigger_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._trigger_task
+            self._trigger_task = None
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
@@ -192,7 +211,7 @@ class SandboxManager:
         with contextlib.suppress(NotFound):
             await self.destroy(id_)
 
-    async def quarantine(self, id_: str, reason: str, by: str) -> SandboxRecord:
+    async def quarantine(self, id_: str, reason: str, by: str = "operator") -> SandboxRecord:
         """Live quarantine (operator or runtime trigger): network cut now, resources clamped."""
         record = self.get(id_)
         settings = self.policy.policy.quarantine

@@ -8,7 +8,7 @@ rules:                                     # first match wins; no match: admit
     match: {tenant: ["free-*"], network: [full]}
     verdict: quarantine
     reason: free-tier sandboxes with full egress are confined
-quarantine: {cpu_fraction: 0.1, memory_mib: 256}
+quarantine: {cpu_fraction: 0.1, memory_mib: 256, refused_packets: 500, window_s: 5}
 placement:
   nodes: [{name: local, labels: [general, quarantine]}]
 ```
@@ -60,6 +60,10 @@ class NetworkRules(Strict):
 class QuarantineSettings(Strict):
     cpu_fraction: float = Field(0.1, gt=0, le=64, description="of one CPU")
     memory_mib: int = Field(256, ge=64, description="memory may not grow past max(this, current use)")
+    refused_packets: int | None = Field(
+        500, ge=1, description="quarantine a sandbox whose policy drops this many packets (None: off)"
+    )
+    window_s: float = Field(5.0, gt=0, le=3600, description="...within this many seconds")
 
 
 class Node(Strict):

@@ -116,3 +116,12 @@ def test_destroy_leaves_no_namespace_link_rule_or_cgroup(net_daemon: tuple[str, 
     sb.kill()
     assert leftovers(sandbox_id) == []
     assert link not in uplinks()
+
+
+def test_allowed_names_are_pinned_in_the_guest(net_daemon: tuple[str, Path]) -> None:
+    """The guest has no resolver: a name the policy allows is in its /etc/hosts, as the host resolved it."""
+    url, _ = net_daemon
+    policy = {"mode": "allow", "allow": [{"host": "localhost", "ports": [9]}]}
+    with Sandbox.create("python-ds", url=url, network=policy) as sb:
+        hosts = sb.files.read("/etc/hosts").decode()
+    assert "# pinned by the sandbox's network policy\n127.0.0.1 localhost\n" in hosts

@@ -15,6 +15,7 @@ from pathlib import Path
 from tartarus.errors import PolicyDenied, TartarusError
 from tartarus.limits.guest import set_max_processes
 from tartarus.limits.spec import Limits, resolve_limits
+from tartarus.network.guest import pin_names
 from tartarus.network.policy import NONE, NetworkPolicy, PinnedPolicy, resolve
 from tartarus.policy.engine import AdmissionRequest, Decision, PolicyEngine
 from tartarus.policy.model import QuarantineSettings
@@ -116,6 +117,8 @@ async def contain(
         )
     if admission.network.mode != "none" and sandbox.network is not None:
         await sandbox.network.apply(admission.network)
+        if admission.network.hosts:
+            await pin_names(sandbox.agent, admission.network.hosts)
     if admission.limits.max_processes is not None:
         await set_max_processes(sandbox.agent, admission.limits.max_processes)
     sandbox.timings["containment"] = time.perf_counter() - t0

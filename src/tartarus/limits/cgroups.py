@@ -56,6 +56,7 @@ class SandboxCgroup:
     name: str
     v2: bool
     paths: list[Path]
+    limits: Limits | None = None
 
     @classmethod
     def create(cls, name: str, limits: Limits) -> SandboxCgroup:
@@ -72,12 +73,23 @@ class SandboxCgroup:
             for path in paths:
                 path.mkdir(parents=True, exist_ok=True)
                 group.paths.append(path)
-            group.set(limits.vcpus * PERIOD_US, limits.memory_mib + vmm_overhead_mib())
-            group._set_pids(VMM_THREADS + limits.vcpus)
+            group.resize(limits)
         except BaseException:
             group.destroy()
             raise
         return group
+
+    def resize(self, limits: Limits) -> None:
+        """Apply `limits` (a pooled VMM's group was made with the template's; most creates match)."""
+        if self.limits is not None and (self.limits.vcpus, self.limits.memory_mib) == (
+            limits.vcpus,
+            limits.memory_mib,
+        ):
+            self.limits = limits
+            return
+        self.set(limits.vcpus * PERIOD_US, limits.memory_mib + vmm_overhead_mib())
+        self._set_pids(VMM_THREADS + limits.vcpus)
+        self.limits = limits
 
     def add(self, pid: int) -> None:
         """Move a running process (all its threads) into the group."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from tartarus.errors import InvalidArgument
+from tartarus.templates.store import Template
 
 DEFAULT_DISK_MIB = 4096  # the size of every writable layer (runtime/disks.py); a restore keeps it
 
@@ -71,3 +72,8 @@ def resolve_limits(
             "other sizes are not supported"
         )
     return limits
+
+
+def template_limits(template: Template) -> Limits:
+    """A template's own limits, uncapped (what a pooled VMM is prepared with)."""
+    return Limits(template.vcpus, template.memory_mib, DEFAULT_DISK_MIB, None, None)

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 GUEST_ADDR = "198.18.0.2/30"
 GATEWAY = "198.18.0.1"
 GUEST_MAC = "52:54:00:00:00:02"  # every clone of a snapshot has it; harmless behind its own namespace
+# The gateway (tap0) has one MAC everywhere too, so an ARP entry a clone inherits is never stale.
+GATEWAY_MAC = "52:54:00:00:00:01"
 GUEST_KERNEL_ARG = f"tartarus.net={GUEST_ADDR},{GATEWAY}"
 RECORD = "net.json"
 
@@ -89,6 +91,7 @@ class SandboxNetwork:
                 ["ip", "-n", netns, "-batch", "-"],
                 stdin=f"link set lo up\n"
                 f"tuntap add dev {nft.TAP} mode tap\n"
+                f"link set {nft.TAP} address {GATEWAY_MAC}\n"
                 f"addr add {GATEWAY}/30 dev {nft.TAP}\n"
                 f"link set {nft.TAP} up\n"
                 f"addr add {ns_addr} dev {nft.UPLINK}\n"

@@ -121,11 +121,14 @@ class RuntimeSandbox:
             await asyncio.to_thread(network.destroy)
 
     def attach_cgroup(self) -> None:
-        """Put the VMM (to be started, or already running) in cgroups sized by the sandbox's limits."""
+        """Put the VMM (to be started, or already running) in cgroups sized by the sandbox's limits.
+        A pooled VMM is already in a group made with its template's limits: only a resize, if any."""
         if self.options.limits is None:
             return
-        if self.cgroup is None:
-            self.cgroup = SandboxCgroup.create(self.id, self.options.limits)
+        if self.cgroup is not None:
+            self.cgroup.resize(self.options.limits)
+            return
+        self.cgroup = SandboxCgroup.create(self.id, self.options.limits)
         if self.vm is not None and self.vm.pid is not None:
             self.cgroup.add(self.vm.pid)
 

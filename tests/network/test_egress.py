@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 from tartarus.sdk import Sandbox
 from tests.network.conftest import (
@@ -125,3 +130,35 @@ def test_allowed_names_are_pinned_in_the_guest(net_daemon: tuple[str, Path]) -> 
     with Sandbox.create("python-ds", url=url, network=policy) as sb:
         hosts = sb.files.read("/etc/hosts").decode()
     assert "# pinned by the sandbox's network policy\n127.0.0.1 localhost\n" in hosts
+
+
+def test_exposed_port_reaches_the_guest_until_quarantine_or_destroy(net_daemon: tuple[str, Path]) -> None:
+    url, _ = net_daemon
+    with Sandbox.create("python-ds", url=url) as sb:  # network none: inbound exposure only
+        sb.files.make_dir("/tmp/www")
+        sb.files.write("/tmp/www/index.html", b"hello from the guest")
+        server = sb.run_code(
+            "import subprocess\n"
+            "_srv = subprocess.Popen(['python3', '-m', 'http.server', '8000', '--directory', '/tmp/www'],"
+            " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)"
+        )
+        assert server.error is None
+        address = sb.get_host(8000)
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1"
+        assert sb.get_host(8000) == address  # one forward per port
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://{address}/index.html", timeout=5).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the guest's server never answered"
+                time.sleep(0.2)  # the server in the guest is starting under TCG
+        assert body == b"hello from the guest"
+        assert probe(sb, [(HOST_ADDR, 18080)]) == {(HOST_ADDR, 18080): "TimeoutError"}  # still no egress
+        sb.quarantine("test")
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://{address}/index.html", timeout=2).read()
+    with pytest.raises(OSError):
+        socket.create_connection((host, int(port)), timeout=2).close()

@@ -29,6 +29,8 @@ from tartarus.daemon.models import (
     ErrorDetail,
     ExecEvent,
     ExecRequest,
+    ExposedPort,
+    ExposeRequest,
     FileInfoModel,
     FileList,
     Health,
@@ -159,6 +161,12 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     async def delete_sandbox(sandbox_id: str) -> Response:
         await manager.destroy(sandbox_id)
         return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/ports", response_model=ExposedPort, responses=_ERRORS)
+    async def expose_port(sandbox_id: str, body: ExposeRequest) -> ExposedPort:
+        """A host address forwarding TCP to a port of the guest (the guest still cannot connect out)."""
+        host, host_port = await manager.expose(sandbox_id, body.port)
+        return ExposedPort(port=body.port, host=host, host_port=host_port)
 
     @app.post("/v1/sandboxes/{sandbox_id}/quarantine", response_model=SandboxInfo, responses=_ERRORS)
     async def quarantine_sandbox(sandbox_id: str, body: QuarantineRequest) -> SandboxInfo:

@@ -218,6 +218,15 @@ class SandboxManager:
         await quarantine_actions.confine(record.runtime, settings, self.state_dir, reason=reason, by=by)
         return record
 
+    async def expose(self, id_: str, port: int) -> tuple[str, int]:
+        """A host address that forwards to `port` of the guest (refused while quarantined)."""
+        runtime = self.get(id_).runtime
+        if runtime.quarantine is not None:
+            raise Conflict(f"sandbox {id_} is quarantined: no port can be exposed")
+        if runtime.network is None:
+            raise Conflict(f"sandbox {id_} has no network namespace")
+        return await runtime.network.expose(port)
+
     async def release(self, id_: str, by: str) -> SandboxRecord:
         record = self.get(id_)
         await quarantine_actions.release(record.runtime, self.state_dir, by=by)

@@ -29,6 +29,16 @@ class CreateSandbox(Strict):
     labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="for policy rules")
 
 
+class ExposeRequest(Strict):
+    port: int = Field(ge=1, le=65535, description="a TCP port the guest listens on")
+
+
+class ExposedPort(BaseModel):
+    port: int
+    host: str = Field(description="host address forwarding to the guest port")
+    host_port: int
+
+
 class QuarantineRequest(Strict):
     reason: str = Field(min_length=1, max_length=1024)
 

@@ -3,9 +3,10 @@
 Two tables. In each sandbox's namespace, `inet tartarus` drops everything by default. Its `egress`
 chain holds the sandbox's policy; its `gate` chain, jumped to first, is empty unless the sandbox is
 cut off (quarantine), when it holds one `drop`: every forwarded packet, of established flows too, is
-dropped from the next one on. In the root namespace, one shared `inet tartarus` table keeps uplinks
-away from the host, from each other and from link-local addresses, whatever a namespace's rules say,
-and NATs their egress.
+dropped from the next one on, and so are the guest's replies to exposed ports (the namespace's
+`input` accepts from the guest only replies to connections the namespace itself opened). In the root
+namespace, one shared `inet tartarus` table keeps uplinks away from the host, from each other and from
+link-local addresses, whatever a namespace's rules say, and NATs their egress.
 
 Why a gate rather than rewriting `egress`: the kernel commits rule *additions* in well under a
 millisecond but waits for an RCU grace period on any deletion (8-16 ms measured here). So the hot
@@ -52,12 +53,14 @@ def namespace_ruleset(policy: PinnedPolicy) -> str:
     return f"""table inet {TABLE} {{
   set denied {{ type ipv4_addr; flags interval; elements = {{ {denied} }} }}
   counter refused {{ }}
+  chain gate {{
+  }}
   chain input {{
     type filter hook input priority filter; policy drop;
     iifname "lo" accept
+    jump gate
+    iifname "{TAP}" ct state established,related accept
     counter name "refused" drop
-  }}
-  chain gate {{
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;

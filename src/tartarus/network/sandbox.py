@@ -12,11 +12,12 @@ import contextlib
 import json
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tartarus.errors import SandboxFailed
 from tartarus.network import libnft, nft
+from tartarus.network.expose import PortForward
 from tartarus.network.netns import (
     NETNS_PREFIX,
     claim_slot,
@@ -59,6 +60,7 @@ class SandboxNetwork:
     policy: PinnedPolicy = NONE
     cut_off: bool = False
     nft: libnft.NftContext | None = None
+    forwards: dict[int, PortForward] = field(default_factory=dict)
 
     @property
     def host_link(self) -> str:
@@ -129,6 +131,20 @@ class SandboxNetwork:
     async def reconnect(self) -> None:
         await self._ctx().arun(nft.open_gate())
         self.cut_off = False
+
+    async def expose(self, guest_port: int) -> tuple[str, int]:
+        """A host address forwarding to `guest_port` of the guest (one per port, made on first ask)."""
+        forward = self.forwards.get(guest_port)
+        if forward is None:
+            forward = PortForward(self.netns_path, GUEST_ADDR.split("/")[0], guest_port)
+            await forward.start()
+            self.forwards[guest_port] = forward
+        return forward.address
+
+    async def close_forwards(self) -> None:
+        forwards, self.forwards = self.forwards, {}
+        for forward in forwards.values():
+            await forward.close()
 
     def refused(self) -> int:
         """Packets from the guest that the namespace dropped (for the port-scan trigger)."""

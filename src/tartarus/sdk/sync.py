@@ -221,6 +221,11 @@ class Sandbox:
         self.info = self._client.request("GET", f"/v1/sandboxes/{self.id}").json()
         return self.info
 
+    def get_host(self, port: int) -> str:
+        """`host:port` on the daemon's host that forwards TCP to `port` in the guest."""
+        exposed = self._client.request("POST", f"/v1/sandboxes/{self.id}/ports", json={"port": port}).json()
+        return f"{exposed['host']}:{exposed['host_port']}"
+
     def quarantine(self, reason: str) -> dict[str, Any]:
         """Operator action: cut this sandbox's network now and clamp its CPU and memory (no restart)."""
         path = f"/v1/sandboxes/{self.id}/quarantine"

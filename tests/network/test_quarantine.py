@@ -27,6 +27,14 @@ threading.Thread(target=_send, daemon=True).start()
 """
 
 
+def cpu_quota_us(sandbox_id: str) -> int:
+    """The CFS quota of a sandbox's VMM cgroup (per 100 ms period), v1 or v2."""
+    v1 = Path(f"/sys/fs/cgroup/cpu/tartarus/{sandbox_id}/cpu.cfs_quota_us")
+    if v1.exists():
+        return int(v1.read_text())
+    return int(Path(f"/sys/fs/cgroup/tartarus/{sandbox_id}/cpu.max").read_text().split()[0])
+
+
 def start_sender(sb: Sandbox, port: int) -> None:
     """A thread of the guest's interpreter that keeps sending a byte every 2 ms."""
     result = sb.run_code(SENDER.format(host=HOST_ADDR, port=port))
@@ -44,9 +52,11 @@ def test_live_quarantine_cuts_a_sending_connection_at_once(
         start = time.time()
         start_sender(sb, port)
         assert wait_for(lambda: len([t for t in listener.data_times(port) if t > start]) > 20, 30)
+        assert cpu_quota_us(sb.id) == 100_000  # one vCPU: one CPU
         t_call = time.time()
         info = sb.quarantine("test: live cut")
         t_done = time.time()
+        assert cpu_quota_us(sb.id) == 10_000  # clamped to the policy's cpu_fraction (0.1)
         assert info["quarantined"] and info["network"] == "none"
         assert info["quarantine_reason"] == "test: live cut"
         time.sleep(1.0)  # the window in which a leak would show: the guest keeps sending meanwhile
@@ -61,6 +71,7 @@ def test_live_quarantine_cuts_a_sending_connection_at_once(
             sb.quarantine("again")
         info = sb.release()
         assert not info["quarantined"] and info["network"] == "allow"
+        assert cpu_quota_us(sb.id) == 100_000
         assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "open"}
         sandbox_id = sb.id
     actions = [(r["action"], r.get("by")) for r in audit.read(state) if r.get("sandbox") == sandbox_id]
@@ -90,6 +101,7 @@ def test_admission_verdicts(policy_daemon: tuple[str, Path], net_host: NetHost) 
     port = net_host.ports[0]
     with pytest.raises(PolicyDenied, match="no miners"):
         Sandbox.create("python-ds", url=url, labels={"job": "miner"})
+    assert audit.read(state)[-1]["action"] == "sandbox.rejected"
     policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [port]}]}
     with Sandbox.create("python-ds", url=url, network=policy, labels={"risk": "high"}) as sb:
         assert sb.info["quarantined"] and sb.info["quarantine_reason"] == "high risk"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from tartarus import audit
-from tartarus.errors import Conflict, InvalidArgument, NotFound
+from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 from tartarus.limits.ttl import Deadlines
 from tartarus.policy import Policy, PolicyEngine, load_policy
 from tartarus.policy.admission import Admission, admit, contain, create_request
@@ -151,7 +151,14 @@ class SandboxManager:
         labels: Mapping[str, str] | None = None,
     ) -> SandboxRecord:
         template = get_template(template_name)
-        admission = await admit(self.policy, create_request(template, options, tenant, labels))
+        request = create_request(template, options, tenant, labels)
+        try:
+            admission = await admit(self.policy, request)
+        except PolicyDenied as e:
+            audit.record(
+                self.state_dir, "sandbox.rejected", tenant=tenant, template=template_name, reason=e.message
+            )
+            raise
         options.limits = admission.limits
         snapshot = find_snapshot(template) if template.snapshotted else None
         if snapshot is not None and compatible(snapshot, options):

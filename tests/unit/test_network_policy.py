@@ -51,7 +51,7 @@ def test_unresolvable_name_is_a_clear_error() -> None:
 
 
 def test_none_has_an_empty_egress_chain() -> None:
-    assert nft.egress_update(NONE) == "flush chain inet tartarus egress\n"
+    assert nft.egress_update(NONE) == "flush chain inet tartarus egress\nflush chain inet tartarus services\n"
     assert nft.egress_update(NONE, empty=True) == "\n"
 
 
@@ -75,6 +75,10 @@ def test_allow_rules_name_address_protocol_and_ports() -> None:
 def test_full_denies_private_and_link_local_first() -> None:
     text = nft.egress_update(PinnedPolicy("full"))
     assert text.index("@denied drop") < text.index("ct state new accept")
+    assert 'services iifname "tap0" udp dport 53 accept' in text  # the DNS relay, for full only
+    assert "udp dport 53" not in nft.egress_update(
+        PinnedPolicy("allow", (PinnedRule("192.0.2.1/32", (), "tcp"),))
+    )
 
 
 @pytest.mark.parametrize(

@@ -50,16 +50,21 @@ def namespace_ruleset(policy: PinnedPolicy) -> str:
     """The whole table of a new sandbox namespace."""
     denied = ", ".join(DENIED_RANGES)
     egress = "\n".join(f"    {r}" for r in _egress(policy))
+    services = "\n".join(f"    {r}" for r in _services(policy))
     return f"""table inet {TABLE} {{
   set denied {{ type ipv4_addr; flags interval; elements = {{ {denied} }} }}
   counter refused {{ }}
   chain gate {{
+  }}
+  chain services {{
+{services}
   }}
   chain input {{
     type filter hook input priority filter; policy drop;
     iifname "lo" accept
     jump gate
     iifname "{TAP}" ct state established,related accept
+    jump services
     counter name "refused" drop
   }}
   chain forward {{
@@ -79,10 +84,18 @@ def namespace_ruleset(policy: PinnedPolicy) -> str:
 """
 
 
+def _services(policy: PinnedPolicy) -> list[str]:
+    """What the guest may ask of its gateway itself: DNS (the relay), under `full` only."""
+    if policy.mode != "full":
+        return []
+    return [f'iifname "{TAP}" udp dport 53 accept']
+
+
 def egress_update(policy: PinnedPolicy, *, empty: bool = False) -> str:
-    """Replace the policy atomically; `empty`: the chain is known empty, so only add (fast)."""
-    lines = [] if empty else [f"flush chain inet {TABLE} egress"]
+    """Replace the policy atomically; `empty`: the chains are known empty, so only add (fast)."""
+    lines = [] if empty else [f"flush chain inet {TABLE} egress", f"flush chain inet {TABLE} services"]
     lines += [f"add rule inet {TABLE} egress {r}" for r in _egress(policy)]
+    lines += [f"add rule inet {TABLE} services {r}" for r in _services(policy)]
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tartarus.errors import SandboxFailed
 from tartarus.network import libnft, nft
+from tartarus.network.dns import DnsRelay
 from tartarus.network.expose import PortForward
 from tartarus.network.netns import (
     NETNS_PREFIX,
@@ -61,6 +62,7 @@ class SandboxNetwork:
     cut_off: bool = False
     nft: libnft.NftContext | None = None
     forwards: dict[int, PortForward] = field(default_factory=dict)
+    dns: DnsRelay | None = None
 
     @property
     def host_link(self) -> str:
@@ -116,6 +118,9 @@ class SandboxNetwork:
     async def apply(self, policy: PinnedPolicy) -> None:
         """Replace the egress policy atomically; takes effect on the next packet, flows included.
         From `none` (every pooled sandbox) this only adds rules, inline: the fast path of a create."""
+        if policy.mode == "full" and self.dns is None:
+            self.dns = DnsRelay(self.netns_path, GATEWAY)
+            await self.dns.start()
         if self.policy.mode == "none":
             self._ctx().run(nft.egress_update(policy, empty=True))
         else:
@@ -141,10 +146,14 @@ class SandboxNetwork:
             self.forwards[guest_port] = forward
         return forward.address
 
-    async def close_forwards(self) -> None:
+    async def close_services(self) -> None:
+        """Stop what the daemon serves into the namespace (port forwards, the DNS relay)."""
         forwards, self.forwards = self.forwards, {}
         for forward in forwards.values():
             await forward.close()
+        if self.dns is not None:
+            await self.dns.close()
+            self.dns = None
 
     def refused(self) -> int:
         """Packets from the guest that the namespace dropped (for the port-scan trigger)."""

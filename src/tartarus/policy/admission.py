@@ -15,8 +15,9 @@ from pathlib import Path
 from tartarus.errors import PolicyDenied, TartarusError
 from tartarus.limits.guest import set_max_processes
 from tartarus.limits.spec import Limits, resolve_limits
-from tartarus.network.guest import pin_names
+from tartarus.network.guest import pin_names, use_relay
 from tartarus.network.policy import NONE, NetworkPolicy, PinnedPolicy, resolve
+from tartarus.network.sandbox import GATEWAY
 from tartarus.policy.engine import AdmissionRequest, Decision, PolicyEngine
 from tartarus.policy.model import QuarantineSettings
 from tartarus.quarantine.actions import confine
@@ -119,6 +120,8 @@ async def contain(
         await sandbox.network.apply(admission.network)
         if admission.network.hosts:
             await pin_names(sandbox.agent, admission.network.hosts)
+        if admission.network.mode == "full":
+            await use_relay(sandbox.agent, GATEWAY)
     if admission.limits.max_processes is not None:
         await set_max_processes(sandbox.agent, admission.limits.max_processes)
     sandbox.timings["containment"] = time.perf_counter() - t0

@@ -118,7 +118,7 @@ class RuntimeSandbox:
     async def destroy_network(self) -> None:
         if self.network is not None:
             network, self.network = self.network, None
-            await network.close_forwards()
+            await network.close_services()
             await asyncio.to_thread(network.destroy)
 
     def attach_cgroup(self) -> None:

@@ -1,11 +1,13 @@
 """A destination for network benchmarks: a namespace the benchmark creates, with a TCP sink that
-timestamps every chunk it receives (perf_counter, so it compares with the caller's clock)."""
+records when every chunk arrived — the kernel's receive timestamp (SO_TIMESTAMPNS, wall clock), not
+when a Python thread got round to reading it, so a busy interpreter does not inflate the figures."""
 
 from __future__ import annotations
 
 import contextlib
 import secrets
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -17,6 +19,7 @@ from tartarus.network.libnft import in_netns
 
 ADDR = "203.0.113.2"  # TEST-NET-3: no policy denies it, nothing on a real network uses it
 ROOT_ADDR = "203.0.113.1"
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 @dataclass
@@ -36,17 +39,24 @@ class Sink:
             threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
 
     def _drain(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         with conn:
             while True:
                 try:
-                    data = conn.recv(65536)
+                    data, ancillary, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(16))
                 except OSError:
                     return
                 if not data:
                     return
-                self.received.append(time.perf_counter())
+                stamp = time.time()
+                for level, kind, payload in ancillary:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= 16:
+                        seconds, nanos = struct.unpack("qq", payload[:16])
+                        stamp = seconds + nanos / 1e9
+                self.received.append(stamp)
 
     def last(self) -> float:
+        """Wall-clock arrival of the newest chunk (compare with time.time())."""
         return self.received[-1] if self.received else 0.0
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
-from tartarus.errors import InvalidArgument
+from tartarus.errors import InvalidArgument, PolicyDenied
+from tartarus.network.policy import NetworkPolicy
 from tartarus.policy import AdmissionRequest, PolicyEngine, load_policy
+from tartarus.policy.admission import CreateRequest, admit
 from tartarus.policy.model import Match, Node, Placement, Policy, Rule
 
 POLICY = """
@@ -109,3 +112,31 @@ def test_empty_file_is_the_default_policy(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text("")
     assert load_policy(path) == Policy()
+
+
+def test_this_node_is_preferred_when_it_qualifies() -> None:
+    policy = Policy(
+        placement=Placement(
+            local="b", nodes=[Node(name="a", labels=["general"]), Node(name="b", labels=["general"])]
+        )
+    )
+    assert PolicyEngine(policy).admit(request()).node == "b"
+
+
+def test_quarantine_is_refused_on_a_node_without_quarantine_capacity() -> None:
+    policy = Policy(
+        rules=[Rule(name="bad", match=Match(tenant=["bad"]), verdict="quarantine", reason="bad tenant")],
+        placement=Placement(
+            local="a", nodes=[Node(name="a", labels=["general"]), Node(name="q", labels=["quarantine"])]
+        ),
+    )
+    engine = PolicyEngine(policy)
+    req = CreateRequest(
+        tenant="bad", template="python-ds", template_vcpus=1, template_memory_mib=512, network=NetworkPolicy()
+    )
+    with pytest.raises(
+        PolicyDenied, match=r"needs quarantine capacity, which this node \('a'\) does not have"
+    ):
+        asyncio.run(admit(engine, req))
+    ok = asyncio.run(admit(engine, CreateRequest(**{**req.__dict__, "tenant": "good"})))
+    assert ok.decision.verdict == "admit" and ok.decision.node == "a"

@@ -55,6 +55,13 @@ async def admit(engine: PolicyEngine, req: CreateRequest) -> Admission:
     )
     if decision.verdict == "reject":
         raise PolicyDenied(f"sandbox refused by policy: {decision.reason}")
+    local = engine.policy.placement.local
+    if decision.node != local:
+        kind = "quarantine" if decision.quarantined else "general"
+        raise PolicyDenied(
+            f"sandbox refused here: {decision.reason}; it needs {kind} capacity, which this node "
+            f"({local!r}) does not have (policy places it on {decision.node!r})"
+        )
     limits = resolve_limits(
         template_vcpus=req.template_vcpus,
         template_memory_mib=req.template_memory_mib,

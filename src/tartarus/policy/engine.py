@@ -106,4 +106,5 @@ class PolicyEngine:
         if not nodes:
             label = "quarantine" if verdict == "quarantine" else "general"
             return Decision("reject", f"{reason}; and no {label} capacity is configured", rule_name)
-        return Decision(verdict, reason, rule_name, nodes[0])
+        local = self.policy.placement.local
+        return Decision(verdict, reason, rule_name, local if local in nodes else nodes[0])

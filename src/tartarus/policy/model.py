@@ -72,6 +72,11 @@ class Node(Strict):
 
 
 class Placement(Strict):
+    """Capacity: quarantined sandboxes go only to nodes with `quarantine_label`, others to nodes with
+    `general_label`. `local` names this daemon's node: a decision that places a sandbox elsewhere is
+    refused here (a control plane routes it to that node instead)."""
+
+    local: str = "local"
     general_label: str = "general"
     quarantine_label: str = "quarantine"
     nodes: list[Node] = Field(

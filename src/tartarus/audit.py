@@ -20,8 +20,11 @@ def record(state_dir: Path, action: str, **fields: Any) -> None:
     line = json.dumps({"ts": time.time(), "action": action, **fields}, default=str, sort_keys=False)
     data = (line.replace("\n", " ") + "\n").encode()
     state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / AUDIT_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(state_dir / AUDIT_LOG, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data  # the last write was torn by a crash: never glue a record onto it
         os.write(fd, data)
         os.fsync(fd)
     finally:
@@ -29,8 +32,17 @@ def record(state_dir: Path, action: str, **fields: Any) -> None:
 
 
 def read(state_dir: Path) -> list[dict[str, Any]]:
-    """Every record, oldest first (for tests and `tartarus audit`)."""
+    """Every record, oldest first (for tests and `tartarus audit`). A line that is not a JSON object
+    (a write torn by a crash of the host) is skipped, never fatal to reading the rest."""
     path = state_dir / AUDIT_LOG
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

@@ -49,3 +49,11 @@ def test_audit_lines_are_whole_json_records(tmp_path: Path) -> None:
     assert all(isinstance(r["ts"], float) for r in records)
     assert audit.read(tmp_path) == records
     assert os.stat(tmp_path / "audit.log").st_mode & 0o777 == 0o600
+
+
+def test_audit_read_skips_a_torn_line(tmp_path: Path) -> None:
+    audit.record(tmp_path, "a")
+    with (tmp_path / "audit.log").open("a") as f:
+        f.write('{"ts": 1, "act')  # a write cut short by a crash
+    audit.record(tmp_path, "b")
+    assert [r["action"] for r in audit.read(tmp_path)] == ["a", "b"]

@@ -103,6 +103,30 @@ def _exit_status(result: CommandResult) -> int:
     return result.exit_code or 0
 
 
+@app.command()
+def audit(
+    last: Annotated[int, typer.Option("--last", "-n", min=1, help="the newest N records")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON record per line")] = False,
+) -> None:
+    """Show the audit log of the local daemon's state directory (quarantine, release, expiry...)."""
+    from tartarus import audit as audit_log
+
+    records = audit_log.read(state_dir())[-last:]
+    if as_json:
+        for record in records:
+            print(json.dumps(record))
+        return
+    import datetime
+
+    table = Table("TIME (UTC)", "ACTION", "SANDBOX", "BY", "DETAIL")
+    for r in records:
+        when = datetime.datetime.fromtimestamp(r["ts"], datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        rest = {k: v for k, v in r.items() if k not in ("ts", "action", "sandbox", "by")}
+        detail = ", ".join(f"{k}={v}" for k, v in rest.items())
+        table.add_row(when, r["action"], r.get("sandbox", ""), r.get("by", ""), detail)
+    Console().print(table)
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
     command: Annotated[list[str], typer.Argument(help="command and arguments, after --")],

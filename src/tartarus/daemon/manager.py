@@ -228,6 +228,8 @@ class SandboxManager:
     async def expose(self, id_: str, port: int) -> tuple[str, int]:
         """A host address that forwards to `port` of the guest (refused while quarantined)."""
         runtime = self.get(id_).runtime
+        if not self.policy.policy.network.expose:
+            raise PolicyDenied("exposing guest ports is disabled by this host's policy (network.expose)")
         if runtime.quarantine is not None:
             raise Conflict(f"sandbox {id_} is quarantined: no port can be exposed")
         if runtime.network is None:

@@ -55,6 +55,7 @@ def _all_modes() -> list[NetworkMode]:
 
 class NetworkRules(Strict):
     modes: list[NetworkMode] = Field(default_factory=_all_modes, min_length=1)
+    expose: bool = Field(True, description="whether guest ports may be exposed on the host (get_host)")
 
 
 class QuarantineSettings(Strict):

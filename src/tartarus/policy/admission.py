@@ -7,6 +7,7 @@ Everything here happens before a VMM is touched, so a rejected request costs not
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def create_request(
         template_vcpus=template.vcpus,
         template_memory_mib=template.memory_mib,
         network=options.network,
-        image=template_image(template),
+        image=template_image(template.name, template.key),
         labels=labels,
         vcpus=options.vcpus,
         memory_mib=options.memory_mib,
@@ -99,10 +100,12 @@ def create_request(
     )
 
 
-def template_image(template: Template) -> str | None:
-    """The OCI image a template was built from, for `image:` rules (None for a Debian base)."""
+@functools.lru_cache(maxsize=256)
+def template_image(name: str, key: str) -> str | None:
+    """The OCI image a template was built from, for `image:` rules (None for a Debian base, or a
+    template whose spec is not in templates/). Read once per build (`key`): not YAML on every create."""
     try:
-        spec = builtin_spec(template.name)
+        spec = builtin_spec(name)
     except TartarusError:
         return None
     return spec.base.image if isinstance(spec.base, ImageBase) else None

@@ -57,6 +57,12 @@ def test_live_quarantine_cuts_a_sending_connection_at_once(
         info = sb.quarantine("test: live cut")
         t_done = time.time()
         assert cpu_quota_us(sb.id) == 10_000  # clamped to the policy's cpu_fraction (0.1)
+        memory = Path(f"/sys/fs/cgroup/memory/tartarus/{sb.id}")
+        if memory.exists():  # v1: growth stops at max(current use, 256 MiB), and waits rather than dies
+            assert "oom_kill_disable 1" in (memory / "memory.oom_control").read_text()
+            limit = int((memory / "memory.limit_in_bytes").read_text())
+            assert limit < (512 + 320) << 20
+            assert limit >= int((memory / "memory.usage_in_bytes").read_text())
         assert info["quarantined"] and info["network"] == "none"
         assert info["quarantine_reason"] == "test: live cut"
         time.sleep(1.0)  # the window in which a leak would show: the guest keeps sending meanwhile
@@ -72,6 +78,9 @@ def test_live_quarantine_cuts_a_sending_connection_at_once(
         info = sb.release()
         assert not info["quarantined"] and info["network"] == "allow"
         assert cpu_quota_us(sb.id) == 100_000
+        if memory.exists():
+            assert int((memory / "memory.limit_in_bytes").read_text()) == (512 + 320) << 20
+            assert "oom_kill_disable 0" in (memory / "memory.oom_control").read_text()
         assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "open"}
         sandbox_id = sb.id
     actions = [(r["action"], r.get("by")) for r in audit.read(state) if r.get("sandbox") == sandbox_id]

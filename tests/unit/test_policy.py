@@ -140,3 +140,18 @@ def test_quarantine_is_refused_on_a_node_without_quarantine_capacity() -> None:
         asyncio.run(admit(engine, req))
     ok = asyncio.run(admit(engine, CreateRequest(**{**req.__dict__, "tenant": "good"})))
     assert ok.decision.verdict == "admit" and ok.decision.node == "a"
+
+
+def test_the_documented_policy_file_is_valid(tmp_path: Path) -> None:
+    """docs/security.md shows a policy file: it must stay one that loads."""
+    import re
+
+    from tartarus.paths import REPO_ROOT
+
+    text = (REPO_ROOT / "docs" / "security.md").read_text()
+    match = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert match is not None
+    path = tmp_path / "policy.yaml"
+    path.write_text(match.group(1))
+    policy = load_policy(path)
+    assert [r.verdict for r in policy.rules] == ["reject", "quarantine", "quarantine"]

@@ -9,8 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tartarus.sdk import Sandbox
 from tests.network.conftest import leftovers, uplinks, wait_for
+
+pytestmark = pytest.mark.vm
 
 
 def _serve(state: Path, sock: Path) -> subprocess.Popen[bytes]:

@@ -13,6 +13,8 @@ import pytest
 from tartarus.sdk import Sandbox
 from tests.network.conftest import HOST_ADDR, NetHost
 
+pytestmark = pytest.mark.vm
+
 RESOLVE = """
 import socket
 try:

@@ -22,6 +22,8 @@ from tests.network.conftest import (
     uplinks,
 )
 
+pytestmark = pytest.mark.vm
+
 
 def test_none_reaches_nothing(net_daemon: tuple[str, Path], net_host: NetHost) -> None:
     url, _ = net_daemon

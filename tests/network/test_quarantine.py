@@ -16,6 +16,8 @@ from tartarus.policy.model import Match, Policy, Rule
 from tartarus.sdk import Sandbox
 from tests.network.conftest import HOST_ADDR, NetHost, probe, wait_for
 
+pytestmark = pytest.mark.vm
+
 SENDER = """
 import socket, threading, time
 def _send():

@@ -6,12 +6,16 @@ import asyncio
 import threading
 from pathlib import Path
 
+import pytest
+
 from tartarus.limits.spec import resolve_limits
 from tartarus.runtime.sandbox import SandboxOptions, reap_leftovers
 from tartarus.snapshots.restore import restore
 from tartarus.snapshots.store import find_snapshot
 from tartarus.templates.store import get_template
 from tests.network.conftest import leftovers, uplinks
+
+pytestmark = pytest.mark.vm
 
 
 def test_reaping_removes_a_dead_daemons_network_and_cgroups(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from tartarus.policy.model import Policy, QuarantineSettings
 from tartarus.sdk import Sandbox
 from tests.network.conftest import HOST_ADDR, NetHost, probe
 
+pytestmark = pytest.mark.vm
+
 SCAN = """
 import socket, concurrent.futures as cf
 def _try(port):

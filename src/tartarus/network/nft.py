@@ -65,7 +65,7 @@ def namespace_ruleset(policy: PinnedPolicy) -> str:
     jump gate
     iifname "{TAP}" ct state established,related accept
     jump services
-    counter name "refused" drop
+    iifname "{TAP}" counter name "refused" drop
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;

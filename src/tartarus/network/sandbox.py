@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tartarus.errors import SandboxFailed
+from tartarus.errors import SandboxFailed, SetupRequired
 from tartarus.network import libnft, nft
 from tartarus.network.dns import DnsRelay
 from tartarus.network.expose import PortForward
@@ -48,7 +48,12 @@ def ensure_host() -> None:
     global _host_ready
     if _host_ready:
         return
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    try:
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    except PermissionError:
+        raise SetupRequired(
+            "sandbox networking needs root (network namespaces, TAPs, nftables): run the daemon as root"
+        ) from None
     if f"table inet {nft.TABLE}" not in libnft.nft("list tables"):
         libnft.nft(nft.host_ruleset())
     _host_ready = True

@@ -53,6 +53,13 @@ class AuthError(TartarusError):
     status = 401
 
 
+class PolicyDenied(TartarusError):
+    """The admission policy refused the request; the message says which rule and why."""
+
+    code = "policy_denied"
+    status = 403
+
+
 class SandboxFailed(TartarusError):
     """The sandbox's VM or guest agent died; the message says why (panic, agent exit, QEMU exit)."""
 
@@ -89,6 +96,7 @@ ALL: dict[str, type[TartarusError]] = {
         QuotaExceeded,
         InsufficientStorage,
         AuthError,
+        PolicyDenied,
         SandboxFailed,
         GuestError,
         SetupRequired,

@@ -37,7 +37,7 @@ def test_bench_all_smoke(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
-    assert set(docs) == {*LATENCY, "density", "throughput", "image-convert"}
+    assert set(docs) == {*LATENCY, "density", "throughput", "image-convert", "quarantine"}
     for name, doc in docs.items():
         assert doc["benchmark"] == name and doc["smoke"] is True
         assert doc["machine"]["git_rev"] and doc["machine"]["cores"] > 0
@@ -51,6 +51,8 @@ def test_bench_all_smoke(tmp_path: Path) -> None:
     assert len(density["curve"]) == density["samples"] == 2 and density["pss_mib_per_sandbox"] > 0
     rates = docs["throughput"]["by_concurrency"]
     assert set(rates) == {"1", "2", "4"} and all(r["sandboxes_per_s"] > 0 for r in rates.values())
+    quarantine = docs["quarantine"]
+    assert quarantine["admission"]["samples"] == 1000 and quarantine["overhead_p99_ms"] > 0
     convert = docs["image-convert"]
     assert convert["cold_s"] > 0 and convert["baseline_s"] > 0 and convert["warm_ms"] > 0
     # The report must keep up with the results' shapes.

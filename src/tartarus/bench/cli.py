@@ -147,6 +147,35 @@ def hibernate(
     )
 
 
+def _quarantine(template: str, admission_samples: int, samples: int, live_samples: int) -> Runner:
+    from tartarus.bench.quarantine import bench_quarantine
+
+    return lambda p: asyncio.run(bench_quarantine(template, admission_samples, samples, live_samples, p))
+
+
+@bench_app.command()
+def quarantine(
+    admission_samples: Annotated[int, typer.Option("--admission-samples", min=1)] = 10000,
+    samples: Annotated[int, typer.Option("--samples", "-n", min=1, help="creates per variant")] = 200,
+    live_samples: Annotated[int, typer.Option("--live-samples", min=1)] = 30,
+    template: TemplateOpt = "python-ds",
+    json_out: JsonOut = None,
+) -> None:
+    """Admission decision overhead, create with/without a quarantine verdict, live quarantine time."""
+    steps = admission_samples + 3 * samples + live_samples
+    result = _measure("quarantine", steps, _quarantine(template, admission_samples, samples, live_samples))
+    create = result["create"]
+    err.print(
+        f"quarantine: admission n={result['admission']['samples']} p99={result['overhead_p99_ms']:.4f} ms; "
+        f"create p50/p99 admitted {create['admitted']['p50_ms']:.1f}/{create['admitted']['p99_ms']:.1f} ms, "
+        f"quarantined {create['quarantined']['p50_ms']:.1f}/{create['quarantined']['p99_ms']:.1f} ms "
+        f"(n={create['admitted']['samples']} each); containment p99 allow "
+        f"{create['admitted_allow']['containment']['p99_ms']:.2f} ms; live quarantine "
+        f"p99={result['live_quarantine_ms']:.1f} ms (n={result['live_quarantine']['samples']})"
+    )
+    _emit(result, json_out)
+
+
 @bench_app.command("image-convert")
 def image_convert(
     cold: Annotated[
@@ -237,6 +266,11 @@ def all_(
         _measure("exec", few(5, 200), lambda p: run_bench("exec", template, few(5, 200), p)),
         _measure("density", few(2, 32), _density(template, few(2, 32))),
         _measure("throughput", len(LEVELS), _throughput(template, few(2, 20))),
+        _measure(
+            "quarantine",
+            few(1000 + 3 * 2 + 2, 10000 + 3 * 200 + 30),
+            _quarantine(template, few(1000, 10000), few(2, 200), few(2, 30)),
+        ),
     ]
     for doc in docs:
         if smoke:

@@ -46,12 +46,12 @@ def _fail(exc: errors.TartarusError) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _parse_env(pairs: list[str] | None) -> dict[str, str]:
+def _parse_env(pairs: list[str] | None, option: str = "--env") -> dict[str, str]:
     env: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--env")
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=option)
         env[key] = value
     return env
 
@@ -103,6 +103,30 @@ def _exit_status(result: CommandResult) -> int:
     if result.signal:
         return 128 + result.signal
     return result.exit_code or 0
+
+
+@app.command()
+def audit(
+    last: Annotated[int, typer.Option("--last", "-n", min=1, help="the newest N records")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON record per line")] = False,
+) -> None:
+    """Show the audit log of the local daemon's state directory (quarantine, release, expiry...)."""
+    from tartarus import audit as audit_log
+
+    records = audit_log.read(state_dir())[-last:]
+    if as_json:
+        for record in records:
+            print(json.dumps(record))
+        return
+    import datetime
+
+    table = Table("TIME (UTC)", "ACTION", "SANDBOX", "BY", "DETAIL")
+    for r in records:
+        when = datetime.datetime.fromtimestamp(r["ts"], datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        rest = {k: v for k, v in r.items() if k not in ("ts", "action", "sandbox", "by")}
+        detail = ", ".join(f"{k}={v}" for k, v in rest.items())
+        table.add_row(when, r["action"], r.get("sandbox", ""), r.get("by", ""), detail)
+    Console().print(table)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -180,13 +204,37 @@ def setup(
 def sandbox_create(
     template: Annotated[str, typer.Argument()] = "python-ds",
     env: Annotated[list[str] | None, typer.Option("--env", "-e")] = None,
+    network: Annotated[str, typer.Option(help="none, full, or allow")] = "none",
+    allow: Annotated[
+        list[str] | None, typer.Option("--allow", help="HOST[:PORT,...] (a CIDR or DNS name); implies allow")
+    ] = None,
+    ttl: Annotated[float | None, typer.Option(help="destroy after this many seconds")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, for policy rules")
+    ] = None,
 ) -> None:
     """Create a sandbox on the running daemon and print its id."""
+    from tartarus.sdk._core import create_request
     from tartarus.sdk.sync import Client
 
+    rules = [_allow_rule(a) for a in allow or []]
+    policy: dict[str, object] = {"mode": "allow" if rules else network}
+    if rules:
+        policy["allow"] = rules
+    path, body = create_request(
+        template,
+        from_snapshot=None,
+        vcpus=None,
+        memory_mib=None,
+        env=_parse_env(env),
+        idle_timeout=None,
+        network=policy,
+        ttl_s=ttl,
+        labels=_parse_env(label, "--label"),
+    )
     try:
         client = Client()
-        info = client.request("POST", "/v1/sandboxes", json={"template": template, "env": _parse_env(env)})
+        info = client.request("POST", path, json=body)
         print(info.json()["id"])
     except errors.TartarusError as e:
         raise _fail(e) from e
@@ -227,6 +275,38 @@ def sandbox_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
     for s in sandboxes:
         table.add_row(s["id"], s["template"], s["state"], str(s["vcpus"]), f"{s['memory_mib']} MiB")
     Console().print(table)
+
+
+def _allow_rule(text: str) -> dict[str, object]:
+    host, _, ports = text.rpartition(":") if ":" in text else (text, "", "")
+    try:
+        return {"host": host, "ports": [int(p) for p in ports.split(",") if p]}
+    except ValueError:
+        raise typer.BadParameter(f"--allow {text!r}: want HOST or HOST:PORT[,PORT...]") from None
+
+
+@sandbox_app.command("quarantine")
+def sandbox_quarantine(
+    sandbox_id: str, reason: Annotated[str, typer.Option("--reason", "-r")] = "operator"
+) -> None:
+    """Operator: cut a sandbox's network and clamp its CPU and memory, live (audited)."""
+    from tartarus.sdk.sync import Client
+
+    try:
+        Client().request("POST", f"/v1/sandboxes/{sandbox_id}/quarantine", json={"reason": reason})
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+
+
+@sandbox_app.command("release")
+def sandbox_release(sandbox_id: str) -> None:
+    """Operator: end a sandbox's quarantine (audited)."""
+    from tartarus.sdk.sync import Client
+
+    try:
+        Client().request("POST", f"/v1/sandboxes/{sandbox_id}/release")
+    except errors.TartarusError as e:
+        raise _fail(e) from e
 
 
 @sandbox_app.command("kill")

@@ -33,12 +33,15 @@ from tartarus.daemon.models import (
     ErrorDetail,
     ExecEvent,
     ExecRequest,
+    ExposedPort,
+    ExposeRequest,
     FileInfoModel,
     FileList,
     ForkRequest,
     GcResult,
     Health,
     MkdirRequest,
+    QuarantineRequest,
     RenameRequest,
     RunCodeRequest,
     RunCodeResult,
@@ -50,6 +53,7 @@ from tartarus.daemon.models import (
 )
 from tartarus.errors import GuestError, InvalidArgument, TartarusError
 from tartarus.hibernation.image import Image
+from tartarus.quarantine.info import containment_info
 from tartarus.runtime.agent import Exit, FileInfo, Output
 from tartarus.runtime.sandbox import SandboxOptions
 from tartarus.templates.store import list_templates
@@ -58,7 +62,7 @@ log = logging.getLogger(__name__)
 
 PathQuery = Annotated[str, Query(pattern=r"^/", max_length=4095, description="absolute path in the guest")]
 _ERRORS: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody} for status in (400, 404, 409, 429, 502, 507)
+    status: {"model": ErrorBody} for status in (400, 403, 404, 409, 429, 502, 507)
 }
 
 
@@ -77,6 +81,7 @@ def _info(record: SandboxRecord) -> SandboxInfo:
         memory_mib=vm.config.memory_mib if vm else image.memory_mib if image else record.template.memory_mib,
         timings_ms={k: round(v * 1000, 3) for k, v in record.timings.items()},
         restored="state_loaded" in record.timings,
+        **(containment_info(record.runtime) if record.runtime else {}),
     )
 
 
@@ -156,8 +161,15 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
 
     @app.post("/v1/sandboxes", response_model=SandboxInfo, status_code=201, responses=_ERRORS)
     async def create_sandbox(body: CreateSandbox) -> SandboxInfo:
-        options = SandboxOptions(vcpus=body.vcpus, memory_mib=body.memory_mib, env=body.env)
-        return _info(await manager.create(body.template, options, body.idle_timeout_s))
+        options = SandboxOptions(
+            vcpus=body.vcpus,
+            memory_mib=body.memory_mib,
+            env=body.env,
+            network=body.network,
+            max_processes=body.max_processes,
+            ttl_s=body.ttl_s,
+        )
+        return _info(await manager.create(body.template, options, body.idle_timeout_s, labels=body.labels))
 
     @app.get("/v1/sandboxes", response_model=SandboxList)
     async def list_sandboxes() -> SandboxList:
@@ -225,6 +237,22 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         """Delete expired checkpoints and unused snapshot pins."""
         return GcResult(**manager.gc())
 
+    @app.post("/v1/sandboxes/{sandbox_id}/ports", response_model=ExposedPort, responses=_ERRORS)
+    async def expose_port(sandbox_id: str, body: ExposeRequest) -> ExposedPort:
+        """A host address forwarding TCP to a port of the guest (the guest still cannot connect out)."""
+        host, host_port = await manager.expose(sandbox_id, body.port)
+        return ExposedPort(port=body.port, host=host, host_port=host_port)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/quarantine", response_model=SandboxInfo, responses=_ERRORS)
+    async def quarantine_sandbox(sandbox_id: str, body: QuarantineRequest) -> SandboxInfo:
+        """Operator action: cut the sandbox's network now and clamp its CPU and memory, live."""
+        return _info(await manager.quarantine(sandbox_id, body.reason, by="operator"))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/release", response_model=SandboxInfo, responses=_ERRORS)
+    async def release_sandbox(sandbox_id: str) -> SandboxInfo:
+        """Operator action: end a quarantine; the requested network and limits come back."""
+        return _info(await manager.release(sandbox_id, by="operator"))
+
     @app.post(
         "/v1/sandboxes/{sandbox_id}/exec",
         responses={200: {"content": {"application/x-ndjson": {}}}, **_ERRORS},
@@ -237,7 +265,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                 stdin = base64.b64decode(body.stdin, validate=True)
             except binascii.Error as e:
                 raise InvalidArgument(f"stdin is not valid base64: {e}") from e
-        rt = await manager.acquire(sandbox_id)
+        rt = await manager.begin_call(sandbox_id)
         try:
             process = await rt.agent.exec(
                 body.argv,
@@ -249,7 +277,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                 stdin=body.stdin is not None,
             )
         except BaseException:
-            manager.release(sandbox_id)
+            manager.end_call(sandbox_id)
             raise
 
         async def events() -> AsyncIterator[bytes]:
@@ -282,7 +310,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                     with contextlib.suppress(Exception):
                         await process.signal(signal.SIGKILL)
                     process.abandon()
-                manager.release(sandbox_id)
+                manager.end_call(sandbox_id)
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
@@ -308,11 +336,11 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         response_class=StreamingResponse,
     )
     async def read_file(sandbox_id: str, path: PathQuery) -> StreamingResponse:
-        rt = await manager.acquire(sandbox_id)
+        rt = await manager.begin_call(sandbox_id)
         try:
             chunks = await rt.agent.read_file(path)
         except BaseException:
-            manager.release(sandbox_id)
+            manager.end_call(sandbox_id)
             raise
 
         async def stream() -> AsyncIterator[bytes]:
@@ -320,7 +348,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                 async for chunk in chunks:
                     yield chunk
             finally:
-                manager.release(sandbox_id)
+                manager.end_call(sandbox_id)
 
         return StreamingResponse(stream(), media_type="application/octet-stream")
 

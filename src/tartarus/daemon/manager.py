@@ -15,14 +15,21 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from tartarus.errors import Conflict, InvalidArgument, NotFound
+from tartarus import audit
+from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
 from tartarus.hibernation import ops
 from tartarus.hibernation.image import META, Image, list_images, remove_image, unpin_unused
+from tartarus.limits.ttl import Deadlines
+from tartarus.network.policy import NetworkPolicy
+from tartarus.policy import Policy, PolicyEngine, load_policy
+from tartarus.policy.admission import Admission, admit, contain, create_request
+from tartarus.quarantine import actions as quarantine_actions
+from tartarus.quarantine.triggers import RefusedPacketsTrigger
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.restore import compatible, restore
@@ -59,12 +66,19 @@ def _quota_from_env() -> int | None:
 IDLE_CHECK_S = 1.0
 
 
+def _policy_from_env() -> Policy:
+    path = os.environ.get("TARTARUS_POLICY")
+    return load_policy(Path(path)) if path else Policy()
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     # Pre-started VMMs kept per template snapshot; 0 disables the pool (creates only get slower).
     pool_size: int = field(default_factory=_pool_size_from_env)
     # Disk that hibernated sandboxes and checkpoints may use together; None: no limit but the disk's.
     hibernate_quota_bytes: int | None = field(default_factory=_quota_from_env)
+    # Admission rules, limit caps, quarantine settings (TARTARUS_POLICY=FILE; default: admit all).
+    policy: Policy = field(default_factory=_policy_from_env)
 
 
 @dataclass
@@ -81,6 +95,8 @@ class SandboxRecord:
     last_active: float = field(default_factory=time.monotonic)
     busy: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tenant: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def timings(self) -> dict[str, float]:
@@ -97,6 +113,10 @@ class SandboxManager:
         self._records: dict[str, SandboxRecord] = {}
         self._lock_file: IO[str] | None = None
         self._idle_task: asyncio.Task[None] | None = None
+        self.policy = PolicyEngine(self.config.policy)
+        self._deadlines = Deadlines()
+        self._ended: dict[str, str] = {}  # why recently ended sandboxes ended (TTL), for a clear 404
+        self._trigger_task: asyncio.Task[None] | None = None
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
@@ -120,7 +140,14 @@ class SandboxManager:
             shutil.rmtree(staging, ignore_errors=True)
         for image in list_images(self.layout.hibernated):
             self._records[image.id] = SandboxRecord(
-                image.id, image.template, None, "hibernated", image=image, created_at=image.created_at
+                image.id,
+                image.template,
+                None,
+                "hibernated",
+                image=image,
+                created_at=image.created_at,
+                tenant=image.request.get("tenant", "default"),
+                labels=dict(image.request.get("labels") or {}),
             )
         return reaped
 
@@ -130,6 +157,18 @@ class SandboxManager:
         for template in list_templates():
             self._pool_for(template)
         self._idle_task = asyncio.create_task(self._hibernate_idle(), name="idle-hibernation")
+        self._start_triggers()
+
+    def _start_triggers(self) -> None:
+        """Runtime quarantine triggers (policy `quarantine.refused_packets`)."""
+        settings = self.policy.policy.quarantine
+        if settings.refused_packets is None or self._trigger_task is not None:
+            return
+        trigger = RefusedPacketsTrigger(settings.refused_packets, settings.window_s, self.quarantine)
+        self._trigger_task = asyncio.create_task(trigger.run(self._live), name="quarantine-triggers")
+
+    def _live(self) -> builtins.list[RuntimeSandbox]:
+        return [r.runtime for r in self._records.values() if r.state == "running" and r.runtime]
 
     def _pool_for(self, template: Template) -> VMMPool | None:
         snapshot = find_snapshot(template) if template.snapshotted else None
@@ -147,10 +186,13 @@ class SandboxManager:
 
     async def close(self) -> None:
         """Stop every running sandbox; hibernated ones stay on disk for the next daemon."""
-        if self._idle_task is not None:
-            self._idle_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._idle_task
+        self._deadlines.cancel_all()
+        for task in (self._idle_task, self._trigger_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._idle_task = self._trigger_task = None
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
@@ -161,31 +203,78 @@ class SandboxManager:
             self._lock_file = None
 
     async def create(
-        self, template_name: str, options: SandboxOptions, idle_timeout: float | None = None
+        self,
+        template_name: str,
+        options: SandboxOptions,
+        idle_timeout: float | None = None,
+        *,
+        tenant: str = "default",
+        labels: Mapping[str, str] | None = None,
     ) -> SandboxRecord:
         template = get_template(template_name)
+        admission = await self._admit(template, options, tenant, labels)
         snapshot = find_snapshot(template) if template.snapshotted else None
         if snapshot is not None and compatible(snapshot, options):
             pool = self._pool_for(template)
             prepared = pool.take() if pool is not None else None
             try:
                 runtime = await restore(snapshot, template, self.sandboxes_dir, options, prepared)
+                await self._contain(runtime, admission)  # before the refill competes for the CPU
             finally:
                 if pool is not None:
                     pool.refill()
         else:
             snapshot = None
             runtime = await RuntimeSandbox.boot(template, self.sandboxes_dir, options)
-        return self._add(runtime, snapshot, idle_timeout)
+            await self._contain(runtime, admission)
+        return self._add(runtime, snapshot, idle_timeout, admission, tenant, labels)
+
+    async def _admit(
+        self, template: Template, options: SandboxOptions, tenant: str, labels: Mapping[str, str] | None
+    ) -> Admission:
+        """The policy's verdict and the sandbox's limits (set on `options`), before any VMM is touched."""
+        try:
+            admission = await admit(self.policy, create_request(template, options, tenant, labels))
+        except PolicyDenied as e:
+            audit.record(
+                self.state_dir, "sandbox.rejected", tenant=tenant, template=template.name, reason=e.message
+            )
+            raise
+        options.limits = admission.limits
+        return admission
+
+    async def _contain(self, runtime: RuntimeSandbox, admission: Admission) -> None:
+        """Network policy, quarantine verdict, guest limits; a sandbox that cannot be contained is
+        destroyed, never handed out."""
+        try:
+            await contain(runtime, admission, self.policy.policy.quarantine, self.state_dir)
+        except BaseException:
+            await runtime.destroy()
+            raise
 
     def _add(
-        self, runtime: RuntimeSandbox, snapshot: Snapshot | None, idle_timeout: float | None
+        self,
+        runtime: RuntimeSandbox,
+        snapshot: Snapshot | None,
+        idle_timeout: float | None,
+        admission: Admission,
+        tenant: str,
+        labels: Mapping[str, str] | None,
     ) -> SandboxRecord:
         record = SandboxRecord(
-            runtime.id, runtime.template, runtime, "running", snapshot, idle_timeout=idle_timeout
+            runtime.id,
+            runtime.template,
+            runtime,
+            "running",
+            snapshot,
+            idle_timeout=idle_timeout,
+            tenant=tenant,
+            labels=dict(labels or {}),
         )
         self._records[runtime.id] = record
         self._watch(record)
+        if admission.limits.ttl_s is not None:
+            self._deadlines.schedule(runtime.id, admission.limits.ttl_s, lambda: self._expire(runtime.id))
         return record
 
     def _watch(self, record: SandboxRecord) -> None:
@@ -202,13 +291,53 @@ class SandboxManager:
     def get(self, id_: str) -> SandboxRecord:
         record = self._records.get(id_)
         if record is None:
-            raise NotFound(f"no sandbox {id_!r}")
+            ended = self._ended.get(id_)
+            raise NotFound(f"sandbox {id_!r} {ended}" if ended else f"no sandbox {id_!r}")
         return record
+
+    async def _expire(self, id_: str) -> None:
+        record = self._records.get(id_)
+        if record is None:
+            return
+        options = record.runtime.options if record.runtime else None
+        ttl = options.limits.ttl_s if options and options.limits else None
+        why = f"was destroyed: its TTL of {ttl:g} s expired" if ttl else "was destroyed: its TTL expired"
+        audit.record(self.state_dir, "sandbox.expired", sandbox=id_, ttl_s=ttl)
+        log.info("sandbox %s %s", id_, why)
+        self._ended[id_] = why
+        while len(self._ended) > 1000:
+            del self._ended[next(iter(self._ended))]
+        with contextlib.suppress(NotFound):
+            await self.destroy(id_)
+
+    async def quarantine(self, id_: str, reason: str, by: str = "operator") -> SandboxRecord:
+        """Live quarantine (operator or runtime trigger): network cut now, resources clamped. A
+        hibernated sandbox is woken for it, so that it is confined before it can run again."""
+        async with self.use(id_) as runtime:
+            settings = self.policy.policy.quarantine
+            await quarantine_actions.confine(runtime, settings, self.state_dir, reason=reason, by=by)
+        return self.get(id_)
+
+    async def expose(self, id_: str, port: int) -> tuple[str, int]:
+        """A host address that forwards to `port` of the guest (refused while quarantined)."""
+        if not self.policy.policy.network.expose:
+            raise PolicyDenied("exposing guest ports is disabled by this host's policy (network.expose)")
+        async with self.use(id_) as runtime:
+            if runtime.quarantine is not None:
+                raise Conflict(f"sandbox {id_} is quarantined: no port can be exposed")
+            if runtime.network is None:
+                raise Conflict(f"sandbox {id_} has no network namespace")
+            return await runtime.network.expose(port)
+
+    async def release(self, id_: str, by: str) -> SandboxRecord:
+        async with self.use(id_) as runtime:
+            await quarantine_actions.release(runtime, self.state_dir, by=by)
+        return self.get(id_)
 
     def list(self) -> list[SandboxRecord]:
         return list(self._records.values())
 
-    async def acquire(self, id_: str) -> RuntimeSandbox:
+    async def begin_call(self, id_: str) -> RuntimeSandbox:
         """The running sandbox for a call, woken first if it is hibernated. Until `release`, it is
         not hibernated (streamed calls hold it for as long as their stream lasts)."""
         record = self.get(id_)
@@ -216,10 +345,10 @@ class SandboxManager:
         try:
             return await self._running(record)
         except BaseException:
-            self.release(record)
+            self.end_call(record)
             raise
 
-    def release(self, record_or_id: SandboxRecord | str) -> None:
+    def end_call(self, record_or_id: SandboxRecord | str) -> None:
         record = record_or_id if isinstance(record_or_id, SandboxRecord) else self._records.get(record_or_id)
         if record is not None:
             record.busy -= 1
@@ -227,11 +356,11 @@ class SandboxManager:
 
     @contextlib.asynccontextmanager
     async def use(self, id_: str) -> AsyncIterator[RuntimeSandbox]:
-        runtime = await self.acquire(id_)
+        runtime = await self.begin_call(id_)
         try:
             yield runtime
         finally:
-            self.release(id_)
+            self.end_call(id_)
 
     async def _running(self, record: SandboxRecord) -> RuntimeSandbox:
         if record.state == "hibernated" or record.lock.locked():
@@ -249,9 +378,14 @@ class SandboxManager:
                 raise Conflict(f"sandbox {id_} is {record.state}; only a running sandbox hibernates")
             if record.busy:
                 raise Conflict(f"sandbox {id_} has calls in progress; hibernate it when they finish")
+            _not_quarantined(record.runtime, "hibernated")
             try:
                 image = await ops.hibernate(
-                    record.runtime, record.snapshot, self.layout, self.config.hibernate_quota_bytes
+                    record.runtime,
+                    record.snapshot,
+                    self.layout,
+                    self.config.hibernate_quota_bytes,
+                    request=_request(record),
                 )
             except BaseException:
                 committed = self.layout.hibernated / id_
@@ -272,11 +406,30 @@ class SandboxManager:
             if record.state != "hibernated":
                 return record
             assert record.image is not None
-            runtime, snapshot = await self._start_from(record.image, SandboxOptions(), wake=True)
+            # Admitted again under the policy in force now: its network and limits are re-applied.
+            options, admission = await self._readmit(record.image)
+            runtime, snapshot = await self._start_from(record.image, options, wake=True)
+            await self._contain(runtime, admission)
             record.runtime, record.snapshot, record.image, record.state = runtime, snapshot, None, "running"
             record.last_active = time.monotonic()
             self._watch(record)
             return record
+
+    async def _readmit(self, image: Image) -> tuple[SandboxOptions, Admission]:
+        """The create request an image was captured with, through admission again."""
+        req = image.request
+        options = SandboxOptions(
+            vcpus=image.vcpus,
+            memory_mib=image.memory_mib,
+            env=dict(image.env),
+            network=NetworkPolicy.model_validate(req.get("network") or {}),
+            max_processes=req.get("max_processes"),
+            ttl_s=req.get("ttl_s"),
+        )
+        admission = await self._admit(
+            image.template, options, req.get("tenant", "default"), req.get("labels")
+        )
+        return options, admission
 
     async def _hibernate_idle(self) -> None:
         while True:
@@ -300,11 +453,17 @@ class SandboxManager:
     async def checkpoint(self, id_: str, ttl: float | None = None) -> Image:
         async with self.use(id_) as runtime:
             record = self.get(id_)
+            _not_quarantined(runtime, "checkpointed or forked")
             cid = "ck-" + secrets.token_hex(6)
-            image = await ops.checkpoint(
-                runtime, record.snapshot, self.layout, cid, ttl, self.config.hibernate_quota_bytes
+            return await ops.checkpoint(
+                runtime,
+                record.snapshot,
+                self.layout,
+                cid,
+                ttl,
+                self.config.hibernate_quota_bytes,
+                request=_request(record),
             )
-            return image
 
     def checkpoints(self) -> builtins.list[Image]:
         return list_images(self.layout.checkpoints)
@@ -323,8 +482,19 @@ class SandboxManager:
     ) -> SandboxRecord:
         image = self.get_checkpoint(cid)
         ops.touch(image)
+        return await self._copy(image, options.env, idle_timeout)
+
+    async def _copy(self, image: Image, env: Mapping[str, str], idle_timeout: float | None) -> SandboxRecord:
+        """A new sandbox from a checkpoint, admitted and contained like any create, owned by the
+        tenant that captured it."""
+        options, admission = await self._readmit(image)
+        options.env.update(env)
         runtime, snapshot = await self._start_from(image, options, wake=False)
-        return self._add(runtime, snapshot, idle_timeout)
+        await self._contain(runtime, admission)
+        req = image.request
+        return self._add(
+            runtime, snapshot, idle_timeout, admission, req.get("tenant", "default"), req.get("labels")
+        )
 
     async def _start_from(
         self, image: Image, options: SandboxOptions, *, wake: bool
@@ -345,17 +515,16 @@ class SandboxManager:
         image = await self.checkpoint(id_)
         try:
             results = await asyncio.gather(
-                *(self._start_from(image, SandboxOptions(), wake=False) for _ in range(count)),
-                return_exceptions=True,
+                *(self._copy(image, {}, None) for _ in range(count)), return_exceptions=True
             )
         finally:
             remove_image(image.path)
-        started = [r for r in results if isinstance(r, tuple)]
+        copies = [r for r in results if isinstance(r, SandboxRecord)]
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            await asyncio.gather(*(r.destroy() for r, _ in started), return_exceptions=True)
+            await asyncio.gather(*(self.destroy(r.id) for r in copies), return_exceptions=True)
             raise failures[0]
-        return [self._add(runtime, snapshot, None) for runtime, snapshot in started]
+        return copies
 
     def gc(self) -> dict[str, builtins.list[str]]:
         """Delete expired checkpoints and pins that no hibernated sandbox or checkpoint needs."""
@@ -371,10 +540,32 @@ class SandboxManager:
         record = self._records.pop(id_, None)
         if record is None:
             raise NotFound(f"no sandbox {id_!r}")
+        self._deadlines.cancel(id_)
         async with record.lock:
             record.state = "destroyed"
             if record.image is not None:
                 remove_image(record.image.path)
             if record.runtime is not None:
+                if record.runtime.quarantine is not None:
+                    audit.record(self.state_dir, "sandbox.destroy", sandbox=id_, quarantined=True)
                 with contextlib.suppress(Exception):
                     await record.runtime.destroy()
+
+
+def _not_quarantined(runtime: RuntimeSandbox, what: str) -> None:
+    """A quarantined sandbox stays where its operator can see it until released."""
+    if runtime.quarantine is not None:
+        raise Conflict(f"sandbox {runtime.id} is quarantined and cannot be {what} until it is released")
+
+
+def _request(record: SandboxRecord) -> dict[str, Any]:
+    """What a capture must remember to admit the sandbox (or its copies) again: owner and request."""
+    assert record.runtime is not None
+    options = record.runtime.options
+    return {
+        "tenant": record.tenant,
+        "labels": record.labels,
+        "network": options.network.model_dump(mode="json"),
+        "max_processes": options.max_processes,
+        "ttl_s": options.ttl_s,
+    }

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tartarus.network.policy import NetworkPolicy
 from tartarus.templates.spec import NAME_PATTERN
 
 _ENV_KEY = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -26,6 +27,12 @@ class CreateSandbox(Strict):
     memory_mib: int | None = Field(None, ge=128, le=65536)
     env: dict[str, str] = Field(default_factory=dict)
     idle_timeout_s: float | None = _IDLE
+    network: NetworkPolicy = Field(
+        default_factory=NetworkPolicy, description="egress: none (default), allow (listed), full (NAT)"
+    )
+    max_processes: int | None = Field(None, ge=20, le=1 << 22, description="tasks inside the guest")
+    ttl_s: float | None = Field(None, gt=0, description="destroyed after this many seconds")
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="for policy rules")
 
 
 class CreateFromCheckpoint(Strict):
@@ -63,6 +70,20 @@ class GcResult(BaseModel):
     pins: list[str] = Field(description="snapshot pins no image needed any more, deleted")
 
 
+class ExposeRequest(Strict):
+    port: int = Field(ge=1, le=65535, description="a TCP port the guest listens on")
+
+
+class ExposedPort(BaseModel):
+    port: int
+    host: str = Field(description="host address forwarding to the guest port")
+    host_port: int
+
+
+class QuarantineRequest(Strict):
+    reason: str = Field(min_length=1, max_length=1024)
+
+
 class SandboxInfo(BaseModel):
     id: str
     template: str
@@ -77,6 +98,10 @@ class SandboxInfo(BaseModel):
     memory_mib: int
     timings_ms: dict[str, float] = Field(default_factory=dict)
     restored: bool = Field(False, description="created by restoring the template's snapshot")
+    network: Literal["none", "allow", "full"] = Field("none", description="egress in force now")
+    quarantined: bool = False
+    quarantine_reason: str | None = None
+    expires_at: float | None = Field(None, description="when the TTL destroys it (epoch seconds)")
 
 
 class SandboxList(BaseModel):

@@ -46,6 +46,8 @@ class Image:
     state_bytes: int
     layer_bytes: int  # allocated, not apparent: what the layer really costs on disk
     ttl_s: float | None = None  # checkpoints: deleted by gc this long after their last use
+    # The daemon's record of how the sandbox was asked for (owner, network, limits), to admit it again.
+    request: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def state(self) -> Path:

@@ -17,13 +17,20 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tartarus import failpoints
 from tartarus.errors import InsufficientStorage, InvalidArgument, QuotaExceeded, SandboxFailed
 from tartarus.hibernation.capture import capture, fsync_path
 from tartarus.hibernation.image import Image, allocated_bytes, fsync_dir, pin, pinned, publish
 from tartarus.runtime.disks import sparse_copy
-from tartarus.runtime.sandbox import LAYER_DRIVE, RuntimeSandbox, SandboxOptions, new_sandbox_id
+from tartarus.runtime.sandbox import (
+    LAYER_DRIVE,
+    RuntimeSandbox,
+    SandboxOptions,
+    new_sandbox_id,
+    reap_workdir,
+)
 from tartarus.snapshots.restore import GuestState, prepare, restore
 from tartarus.snapshots.store import Snapshot
 
@@ -127,6 +134,7 @@ async def hibernate(
     *,
     timings: dict[str, float] | None = None,
     own_pages_only: bool = True,
+    request: dict[str, Any] | None = None,
 ) -> Image:
     """Capture the sandbox to `<state>/hibernated/<id>` and stop its VMM. `timings`, if given, gets
     the cumulative seconds of each phase."""
@@ -155,7 +163,8 @@ async def hibernate(
         moved = True
         failpoints.hit("hibernate.layer_moved")
         image = _image(sandbox, snapshot, staging, "hibernation", sandbox.id)
-        image = publish(dataclasses.replace(image, template=template), layout.hibernated / sandbox.id)
+        image = dataclasses.replace(image, template=template, request=request or {})
+        image = publish(image, layout.hibernated / sandbox.id)
         timings["committed"] = time.perf_counter() - t0
     except BaseException as error:
         if moved:
@@ -198,7 +207,7 @@ async def start_from(
     sandbox_id = image.id if wake else new_sandbox_id()
     workdir = layout.sandboxes / sandbox_id
     if wake and workdir.exists() and (prepared is None or prepared.workdir != workdir):
-        shutil.rmtree(workdir)  # what a failed earlier wake left; the image itself is intact
+        reap_workdir(workdir)  # what a failed earlier wake left; the image itself is intact
     # A waking image moves here when it commits: out of hibernated/, so a crash from then on forgets it
     # (the guest may have run), yet outside the working directory a failed restore deletes.
     waking = layout.sandboxes / f".{sandbox_id}.waking"
@@ -292,6 +301,8 @@ async def checkpoint(
     checkpoint_id: str,
     ttl_s: float | None = None,
     quota_bytes: int | None = None,
+    *,
+    request: dict[str, Any] | None = None,
 ) -> Image:
     """Capture a running sandbox to `<state>/checkpoints/<id>` and let it run on."""
     snapshot = _capturable(sandbox, snapshot)
@@ -310,7 +321,7 @@ async def checkpoint(
             if vm.running:
                 await vm.resume()
         image = _image(sandbox, snapshot, staging, "checkpoint", checkpoint_id)
-        image = dataclasses.replace(image, template=template, ttl_s=ttl_s)
+        image = dataclasses.replace(image, template=template, ttl_s=ttl_s, request=request or {})
         return publish(image, layout.checkpoints / checkpoint_id)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)

@@ -57,8 +57,13 @@ class VMConfig:
     memory_file: Path | None = None
     memory_share: bool = True
     incoming: bool = False  # start waiting for migration state (snapshot restore)
-    # QEMU user networking (NAT through the host), for template build VMs only; sandboxes have no NIC.
+    # QEMU user networking (NAT through the host), for template build VMs only.
     user_net: bool = False
+    # A sandbox's NIC: a TAP (by name) inside the network namespace the VMM is started in.
+    tap: str | None = None
+    guest_mac: str = "52:54:00:00:00:02"
+    netns: Path | None = None  # started inside this namespace (not part of the command line)
+    cgroups: list[Path] = field(default_factory=list)  # joined before exec (not part of the command line)
 
 
 def kernel_cmdline(config: VMConfig) -> str:
@@ -149,6 +154,13 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
         ]
     if config.user_net:
         argv += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
+    if config.tap is not None:
+        argv += [
+            "-netdev",
+            f"tap,id=net1,ifname={config.tap},script=no,downscript=no,vhost=off",
+            "-device",
+            f"virtio-net-device,netdev=net1,mac={config.guest_mac}",
+        ]
     if config.incoming:
         argv += ["-incoming", "defer"]
     return argv

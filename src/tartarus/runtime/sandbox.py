@@ -6,6 +6,7 @@ it — or reconciling after a crash — is "kill the VMM whose pid file is there
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -14,10 +15,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tartarus.errors import InvalidArgument, SandboxFailed
 from tartarus.guest.initramfs import initramfs_path
 from tartarus.guest.kernel import kernel_path
+from tartarus.limits import Limits, SandboxCgroup
+from tartarus.limits.cgroups import reap as reap_cgroup
+from tartarus.network import NetworkPolicy, SandboxNetwork
+from tartarus.network import sandbox as network_records
+from tartarus.network.nft import TAP
+from tartarus.network.sandbox import GUEST_KERNEL_ARG, GUEST_MAC
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.disks import create_layer
@@ -25,6 +33,9 @@ from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.qemu import Drive, VMConfig
 from tartarus.runtime.vm import MicroVM
 from tartarus.templates.store import Template
+
+if TYPE_CHECKING:
+    from tartarus.quarantine.actions import QuarantineState
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,10 @@ class SandboxOptions:
     memory_mib: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     boot_timeout: float = BOOT_TIMEOUT_S
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    max_processes: int | None = None  # requested; checked against the policy's caps by admission
+    ttl_s: float | None = None  # requested lifetime
+    limits: Limits | None = None  # resolved by admission (template + request, capped by policy)
 
 
 class RuntimeSandbox:
@@ -56,6 +71,9 @@ class RuntimeSandbox:
         self.vm: MicroVM | None = None
         self.interpreter: CodeInterpreter | None = None
         self.timings: dict[str, float] = {}
+        self.network: SandboxNetwork | None = None
+        self.cgroup: SandboxCgroup | None = None
+        self.quarantine: QuarantineState | None = None  # set by tartarus.quarantine, never by the guest
 
     @property
     def env(self) -> dict[str, str]:
@@ -85,10 +103,41 @@ class RuntimeSandbox:
             raise
         return sandbox
 
+    async def attach_network(self, name: str | None = None) -> None:
+        """Give the sandbox its namespace, TAP and uplink (policy `none`) before its VMM starts.
+
+        Runs on a thread (tens of ms of iproute2 that must not stall other sandboxes' creates); if
+        the caller is cancelled meanwhile, it still waits for the thread so `destroy` can undo it."""
+        task = asyncio.ensure_future(asyncio.to_thread(SandboxNetwork.create, self.workdir, name or self.id))
+        try:
+            self.network = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                self.network = await task
+            raise
+
+    async def destroy_network(self) -> None:
+        if self.network is not None:
+            network, self.network = self.network, None
+            await network.close_services()
+            await asyncio.to_thread(network.destroy)
+
+    def attach_cgroup(self) -> None:
+        """Put the VMM (to be started, or already running) in cgroups sized by the sandbox's limits.
+        A pooled VMM is already in a group made with its template's limits: only a resize, if any."""
+        if self.options.limits is None:
+            return
+        if self.cgroup is not None:
+            self.cgroup.resize(self.options.limits)
+            return
+        self.cgroup = SandboxCgroup.create(self.id, self.options.limits)
+        if self.vm is not None and self.vm.pid is not None:
+            self.cgroup.add(self.vm.pid)
+
     def vm_config(self, *, layer: Path, memory_file: Path | None = None, share: bool = True) -> VMConfig:
         """The VM's shape. A snapshot and its restores must agree on it device for device."""
         kernel = kernel_path()
-        return VMConfig(
+        config = VMConfig(
             kernel=kernel,
             initrd=initramfs_path(),
             drives=[Drive(self.template.rootfs, read_only=True), Drive(layer, read_only=False)],
@@ -105,9 +154,19 @@ class RuntimeSandbox:
             memory_file=memory_file,
             memory_share=share,
         )
+        if self.network is not None:
+            config.tap = TAP
+            config.guest_mac = GUEST_MAC
+            config.netns = self.network.netns_path
+            config.kernel_args.append(GUEST_KERNEL_ARG)
+        if self.cgroup is not None:
+            config.cgroups = self.cgroup.paths
+        return config
 
     async def _boot(self) -> None:
         t0 = time.perf_counter()
+        await self.attach_network()
+        self.attach_cgroup()
         layer = create_layer(self.workdir / "rw.ext4")
         self.vm = MicroVM(self.vm_config(layer=layer), self.workdir)
         await self.vm.start()
@@ -127,8 +186,25 @@ class RuntimeSandbox:
         """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""
         if self.vm is not None:
             await self.vm.kill()
+        await self.destroy_network()
+        if self.cgroup is not None:
+            self.cgroup.destroy()
+            self.cgroup = None
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.workdir)
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> None:
+    """A SIGKILLed VMM still holds its TAP and cgroup until the kernel has finished with it."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state == "Z":  # a zombie holds nothing; its parent (the dead daemon) is gone or will reap it
+            return
+        time.sleep(0.01)
 
 
 def reap_leftovers(root: Path) -> list[str]:
@@ -141,15 +217,22 @@ def reap_leftovers(root: Path) -> list[str]:
     if not root.exists():
         return cleaned
     for workdir in sorted(root.iterdir()):
-        if not workdir.is_dir():
-            continue
-        pid_file = workdir / "qemu.pid"
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(pid_file.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"qemu-system" in cmdline and str(workdir).encode() in cmdline:
-                os.kill(pid, 9)
-                log.warning("killed leftover VMM pid %d of %s", pid, workdir.name)
-        shutil.rmtree(workdir, ignore_errors=True)
-        cleaned.append(workdir.name)
+        if workdir.is_dir():
+            reap_workdir(workdir)
+            cleaned.append(workdir.name)
     return cleaned
+
+
+def reap_workdir(workdir: Path) -> None:
+    """Everything one sandbox directory stands for: its VMM, network namespace, cgroups, files."""
+    pid_file = workdir / "qemu.pid"
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"qemu-system" in cmdline and str(workdir).encode() in cmdline:
+            os.kill(pid, 9)
+            log.warning("killed leftover VMM pid %d of %s", pid, workdir.name)
+            _wait_gone(pid)
+    network_records.reap(workdir)
+    reap_cgroup(workdir.name)
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -28,17 +28,24 @@ from tartarus.runtime.qemu import AGENT_PORT, VMConfig, command_line, disk_node,
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _child_setup(nice: int) -> Callable[[], None]:
+def _child_setup(nice: int, netns_fd: int = -1, cgroups: tuple[str, ...] = ()) -> Callable[[], None]:
     def setup() -> None:
-        """Runs in the child between fork and exec: die with the parent, never outlive it."""
+        """Runs in the child between fork and exec: die with the parent, never outlive it; join the
+        sandbox's network namespace and cgroups before QEMU runs a single instruction."""
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() == 1:  # the parent already died before prctl took effect
             os._exit(1)
         if nice:
             os.nice(nice)
+        if netns_fd >= 0 and _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+            os._exit(126)
+        for procs in cgroups:
+            with open(procs, "w") as f:
+                f.write("0")
 
     return setup
 
@@ -104,16 +111,22 @@ class MicroVM:
         agent_host, agent_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = command_line(self.config, qmp_fd=qmp_vm.fileno(), agent_fd=agent_vm.fileno())
         stderr = (self.workdir / "qemu.log").open("ab")
+        netns_fd = -1
         try:
+            if self.config.netns is not None:
+                netns_fd = os.open(self.config.netns, os.O_RDONLY | os.O_CLOEXEC)
+            cgroups = tuple(str(c / "cgroup.procs") for c in self.config.cgroups)
             self.process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
                 pass_fds=(qmp_vm.fileno(), agent_vm.fileno()),
-                preexec_fn=_child_setup(nice),
+                preexec_fn=_child_setup(nice, netns_fd, cgroups),
             )
         finally:
+            if netns_fd >= 0:
+                os.close(netns_fd)
             stderr.close()
             qmp_vm.close()
             agent_vm.close()

@@ -191,20 +191,35 @@ def create_request(
     memory_mib: int | None,
     env: dict[str, str] | None,
     idle_timeout: float | None,
+    network: str | dict[str, Any] | None = None,
+    ttl_s: float | None = None,
+    max_processes: int | None = None,
+    labels: dict[str, str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The path and body that create a sandbox from a template or (from_snapshot) a checkpoint."""
     body: dict[str, Any] = {"env": env or {}}
     if idle_timeout:
         body["idle_timeout_s"] = idle_timeout
     if from_snapshot is not None:
-        if vcpus or memory_mib:
-            raise errors.InvalidArgument("a sandbox from a checkpoint has the checkpoint's vCPUs and memory")
+        if vcpus or memory_mib or network is not None or ttl_s or max_processes or labels:
+            raise errors.InvalidArgument(
+                "a sandbox from a checkpoint takes only env and idle_timeout; the rest is the checkpoint's"
+            )
         return f"/v1/checkpoints/{from_snapshot}/sandboxes", body
     body["template"] = template
     if vcpus:
         body["vcpus"] = vcpus
     if memory_mib:
         body["memory_mib"] = memory_mib
+    if network is not None:
+        # "full" / "none", or {"mode": "allow", "allow": [{"host": "pypi.org", "ports": [443]}]}
+        body["network"] = {"mode": network} if isinstance(network, str) else network
+    if ttl_s is not None:
+        body["ttl_s"] = ttl_s
+    if max_processes is not None:
+        body["max_processes"] = max_processes
+    if labels:
+        body["labels"] = labels
     return "/v1/sandboxes", body
 
 

@@ -169,6 +169,10 @@ class AsyncSandbox:
         vcpus: int | None = None,
         memory_mib: int | None = None,
         env: dict[str, str] | None = None,
+        network: str | dict[str, Any] | None = None,
+        ttl_s: float | None = None,
+        max_processes: int | None = None,
+        labels: dict[str, str] | None = None,
         from_snapshot: str | None = None,
         idle_timeout: float | None = None,
         url: str | None = None,
@@ -184,6 +188,10 @@ class AsyncSandbox:
             memory_mib=memory_mib,
             env=env,
             idle_timeout=idle_timeout,
+            network=network,
+            ttl_s=ttl_s,
+            max_processes=max_processes,
+            labels=labels,
         )
         try:
             info = (await client.request("POST", path, json=body)).json()
@@ -232,6 +240,24 @@ class AsyncSandbox:
 
     async def refresh(self) -> dict[str, Any]:
         self.info = (await self._client.request("GET", f"/v1/sandboxes/{self.id}")).json()
+        return self.info
+
+    async def get_host(self, port: int) -> str:
+        """`host:port` on the daemon's host that forwards TCP to `port` in the guest."""
+        exposed = (
+            await self._client.request("POST", f"/v1/sandboxes/{self.id}/ports", json={"port": port})
+        ).json()
+        return f"{exposed['host']}:{exposed['host_port']}"
+
+    async def quarantine(self, reason: str) -> dict[str, Any]:
+        """Operator action: cut this sandbox's network now and clamp its CPU and memory (no restart)."""
+        path = f"/v1/sandboxes/{self.id}/quarantine"
+        self.info = (await self._client.request("POST", path, json={"reason": reason})).json()
+        return self.info
+
+    async def release(self) -> dict[str, Any]:
+        """Operator action: end the quarantine."""
+        self.info = (await self._client.request("POST", f"/v1/sandboxes/{self.id}/release")).json()
         return self.info
 
     async def kill(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +28,25 @@ async def _take(template: Template, key: str, out: Path, progress: Callable[[str
     sandbox = RuntimeSandbox("template", template, out / "run", SandboxOptions())
     sandbox.workdir.mkdir()
     layer = create_layer(out / "layer.ext4")
+    # The snapshot VM has the sandboxes' NIC (its own namespace, policy none: the template's start
+    # command gets no network either), so every restore finds the same device with the same address.
+    await sandbox.attach_network(secrets.token_hex(6))
+    try:
+        await _boot_and_save(sandbox, template, key, out, layer, progress)
+    finally:
+        await sandbox.destroy_network()
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(sandbox.workdir)
+
+
+async def _boot_and_save(
+    sandbox: RuntimeSandbox,
+    template: Template,
+    key: str,
+    out: Path,
+    layer: Path,
+    progress: Callable[[str], None],
+) -> None:
     vm = MicroVM(sandbox.vm_config(layer=layer, memory_file=out / "memory", share=True), sandbox.workdir)
     sandbox.vm = vm
     try:
@@ -59,8 +79,6 @@ async def _take(template: Template, key: str, out: Path, progress: Callable[[str
     finally:
         await vm.kill()  # never resume: with shared RAM a running guest would rewrite the snapshot
     snapshot.write_meta(out)
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(sandbox.workdir)
 
 
 async def _start_service(

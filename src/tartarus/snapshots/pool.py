@@ -13,6 +13,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from tartarus.limits.spec import template_limits
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
 from tartarus.snapshots.restore import prepare
 from tartarus.snapshots.store import Snapshot
@@ -60,10 +61,10 @@ class VMMPool:
             while self._dead:
                 await self._dead.pop().destroy()
             while len(self._ready) < self.size:
+                # Made with the template's limits, so its cgroups exist before the create call.
+                options = SandboxOptions(limits=template_limits(self.template))
                 try:
-                    sandbox = await prepare(
-                        self.snapshot, self.template, self.root, SandboxOptions(), nice=SPARE_NICE
-                    )
+                    sandbox = await prepare(self.snapshot, self.template, self.root, options, nice=SPARE_NICE)
                 except asyncio.CancelledError:
                     raise
                 except Exception:

@@ -59,6 +59,8 @@ async def prepare(
         if layer is None:
             layer = sandbox.workdir / "rw.ext4"
             sparse_copy(layer_source or snapshot.layer, layer)
+        await sandbox.attach_network()
+        sandbox.attach_cgroup()
         config = sandbox.vm_config(layer=layer, memory_file=snapshot.memory, share=False)
         config.incoming = True
         sandbox.vm = MicroVM(config, sandbox.workdir)
@@ -94,6 +96,7 @@ async def restore(
     try:
         if prepared is not None:
             vm.set_priority(0)
+            sandbox.attach_cgroup()  # a pooled VMM was started before this request's limits were known
         await vm.load_state(state.path)
         failpoints.hit("restore.loaded")
         if on_loaded is not None:

@@ -64,6 +64,8 @@ def _qemu_version() -> str:
 
 def _vm_shape(template: Template) -> str:
     """The QEMU command line a snapshot's VM has, with paths blanked: devices, CPU model, machine."""
+    from tartarus.network.nft import TAP
+    from tartarus.network.sandbox import GUEST_MAC
     from tartarus.runtime.qemu import Drive, VMConfig, command_line
 
     config = VMConfig(
@@ -74,6 +76,8 @@ def _vm_shape(template: Template) -> str:
         vcpus=template.vcpus,
         memory_mib=template.memory_mib,
         memory_file=Path("M"),
+        tap=TAP,  # the NIC is part of the saved device state
+        guest_mac=GUEST_MAC,
     )
     return " ".join(command_line(config, qmp_fd=0, agent_fd=0)[1:])
 

@@ -1,0 +1,79 @@
+"""A sandbox's limits: the template's defaults, overridden by the request, capped by policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tartarus.errors import InvalidArgument
+from tartarus.templates.store import Template
+
+DEFAULT_DISK_MIB = 4096  # the size of every writable layer (runtime/disks.py); a restore keeps it
+
+
+class LimitCaps(BaseModel):
+    """The most a request may ask for (policy file `limits:`); requests above are refused, not cut."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_vcpus: int = Field(8, ge=1, le=64)
+    max_memory_mib: int = Field(16384, ge=128)
+    max_disk_mib: int = Field(DEFAULT_DISK_MIB, ge=64)
+    max_processes: int = Field(4096, ge=20, description="guest tasks (kernel.threads-max)")
+    max_ttl_s: float = Field(24 * 3600, gt=0)
+    default_ttl_s: float | None = Field(
+        None, gt=0, description="TTL of a sandbox whose request names none (None: no TTL)"
+    )
+
+
+@dataclass(frozen=True)
+class Limits:
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    max_processes: int | None  # None: the guest kernel's own default
+    ttl_s: float | None
+
+
+def resolve_limits(
+    *,
+    template_vcpus: int,
+    template_memory_mib: int,
+    vcpus: int | None = None,
+    memory_mib: int | None = None,
+    disk_mib: int | None = None,
+    max_processes: int | None = None,
+    ttl_s: float | None = None,
+    caps: LimitCaps | None = None,
+) -> Limits:
+    """Merge and check; a clear InvalidArgument names the first limit over its cap."""
+    caps = caps or LimitCaps()
+    limits = Limits(
+        vcpus=vcpus or template_vcpus,
+        memory_mib=memory_mib or template_memory_mib,
+        disk_mib=disk_mib or DEFAULT_DISK_MIB,
+        max_processes=max_processes,
+        ttl_s=ttl_s if ttl_s is not None else caps.default_ttl_s,
+    )
+    checks = [
+        ("vcpus", limits.vcpus, caps.max_vcpus),
+        ("memory_mib", limits.memory_mib, caps.max_memory_mib),
+        ("disk_mib", limits.disk_mib, caps.max_disk_mib),
+        ("max_processes", limits.max_processes, caps.max_processes),
+        ("ttl_s", limits.ttl_s, caps.max_ttl_s),
+    ]
+    for name, value, cap in checks:
+        if value is not None and value > cap:
+            raise InvalidArgument(f"{name}={value:g} is over this host's policy limit of {cap:g}")
+    if limits.disk_mib != DEFAULT_DISK_MIB:
+        raise InvalidArgument(
+            f"disk_mib: writable layers are {DEFAULT_DISK_MIB} MiB on this host; "
+            f"disk_mib: writable layers are {DEFAULT_DISK_MIB} MiB on this host; "
+            "other sizes are not supported"
+        )
+    return limits
+
+
+def template_limits(template: Template) -> Limits:
+    """A template's own limits, uncapped (what a pooled VMM is prepared with)."""
+    return Limits(template.vcpus, template.memory_mib, DEFAULT_DISK_MIB, None, None)

@@ -1,0 +1,91 @@
+"""Inbound port exposure (`sb.get_host(port)`): a host address that forwards to a port of the guest.
+
+A TCP proxy in the daemon rather than DNAT rules: the listener is on the host (127.0.0.1 unless
+TARTARUS_EXPOSE_HOST says otherwise); each accepted connection gets a socket created *inside the
+sandbox's namespace* (sockets keep the namespace they were made in), which connects to the guest
+through its TAP. So nothing per-sandbox is added to the root namespace's rules, nothing outlives the
+daemon, and the guest still cannot open any connection itself: the namespace only accepts the guest's
+replies to connections the namespace opened, and a quarantine's closed gate drops those too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tartarus.network.libnft import in_netns
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+CHUNK = 1 << 16
+
+
+def expose_host() -> str:
+    return os.environ.get("TARTARUS_EXPOSE_HOST", "127.0.0.1")
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (ConnectionError, OSError):
+        pass
+
+
+@dataclass
+class PortForward:
+    netns: Path
+    guest_addr: str
+    guest_port: int
+    server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.server is not None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, expose_host(), 0)
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        guest_w: asyncio.StreamWriter | None = None
+        try:
+            sock = await asyncio.wrap_future(in_netns(self.netns, socket.socket))
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await loop.sock_connect(sock, (self.guest_addr, self.guest_port))
+            except (OSError, TimeoutError):
+                sock.close()
+                return
+            guest_r, guest_w = await asyncio.open_connection(sock=sock)
+            await asyncio.gather(_pipe(client_r, guest_w), _pipe(guest_r, client_w))
+        finally:
+            for w in (client_w, guest_w):
+                if w is not None:
+                    w.close()
+            self._tasks.discard(task)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+            self.server = None

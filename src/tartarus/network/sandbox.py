@@ -1,0 +1,202 @@
+"""One sandbox's network: its namespace, TAP, uplink and current egress policy, and their removal.
+
+Everything is set up when a VMM is prepared (for pooled VMMs, ahead of the create call) with the
+policy `none`; a create that asks for more only swaps the namespace's `egress` chain, one `nft`
+transaction. What exists is recorded in `<workdir>/net.json` *before* it is created, so a daemon that
+dies at any point leaves enough for the next one to remove it (`reap`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tartarus.errors import SandboxFailed, SetupRequired
+from tartarus.network import libnft, nft
+from tartarus.network.dns import DnsRelay
+from tartarus.network.expose import PortForward
+from tartarus.network.netns import (
+    NETNS_PREFIX,
+    claim_slot,
+    link_exists,
+    netns_path,
+    release_slot,
+    run,
+    uplink_addresses,
+)
+from tartarus.network.policy import NONE, PinnedPolicy
+
+log = logging.getLogger(__name__)
+
+GUEST_ADDR = "198.18.0.2/30"
+GATEWAY = "198.18.0.1"
+GUEST_MAC = "52:54:00:00:00:02"  # every clone of a snapshot has it; harmless behind its own namespace
+# The gateway (tap0) has one MAC everywhere too, so an ARP entry a clone inherits is never stale.
+GATEWAY_MAC = "52:54:00:00:00:01"
+GUEST_KERNEL_ARG = f"tartarus.net={GUEST_ADDR},{GATEWAY}"
+RECORD = "net.json"
+
+_host_ready = False
+
+
+def ensure_host() -> None:
+    """Root-namespace part shared by all sandboxes: forwarding on, the shared nft table present."""
+    global _host_ready
+    if _host_ready:
+        return
+    try:
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    except PermissionError:
+        raise SetupRequired(
+            "sandbox networking needs root (network namespaces, TAPs, nftables): run the daemon as root"
+        ) from None
+    if f"table inet {nft.TABLE}" not in libnft.nft("list tables"):
+        libnft.nft(nft.host_ruleset())
+    _host_ready = True
+
+
+@dataclass
+class SandboxNetwork:
+    netns: str
+    slot: int
+    policy: PinnedPolicy = NONE
+    cut_off: bool = False
+    nft: libnft.NftContext | None = None
+    forwards: dict[int, PortForward] = field(default_factory=dict)
+    dns: DnsRelay | None = None
+
+    @property
+    def host_link(self) -> str:
+        return f"{nft.HOST_PREFIX}{self.slot}"
+
+    @property
+    def netns_path(self) -> Path:
+        return netns_path(self.netns)
+
+    @classmethod
+    def create(cls, workdir: Path, name: str | None = None) -> SandboxNetwork:
+        """Namespace + TAP + uplink with the `none` policy. Removes what it made if any step fails."""
+        ensure_host()
+        netns = NETNS_PREFIX + (name or secrets.token_hex(6))
+        record = workdir / RECORD
+        record.write_text(json.dumps({"netns": netns, "slot": None}))
+        run(["ip", "netns", "add", netns])
+        network = cls(netns, -1)
+        try:
+            network.slot = claim_slot(netns)
+            record.write_text(json.dumps({"netns": netns, "slot": network.slot}))
+            host_addr, ns_addr = uplink_addresses(network.slot)
+            link = network.host_link
+            run(
+                ["ip", "-batch", "-"],
+                stdin=f"link add {link} type veth peer name {nft.UPLINK} netns {netns}\n"
+                f"addr add {host_addr} dev {link}\nlink set {link} up\n",
+            )
+            run(
+                ["ip", "-n", netns, "-batch", "-"],
+                stdin=f"link set lo up\n"
+                f"tuntap add dev {nft.TAP} mode tap\n"
+                f"link set {nft.TAP} address {GATEWAY_MAC}\n"
+                f"addr add {GATEWAY}/30 dev {nft.TAP}\n"
+                f"link set {nft.TAP} up\n"
+                f"addr add {ns_addr} dev {nft.UPLINK}\n"
+                f"link set {nft.UPLINK} up\n"
+                f"route add default via {host_addr.split('/')[0]}\n",
+            )
+            libnft.write_sysctl(network.netns_path, "net.ipv4.ip_forward", "1")
+            network.nft = libnft.NftContext(network.netns_path)
+            network.nft.run(nft.namespace_ruleset(NONE))
+        except BaseException:
+            network.destroy()
+            raise
+        return network
+
+    def _ctx(self) -> libnft.NftContext:
+        if self.nft is None:
+            raise SandboxFailed(f"network of {self.netns} is gone")
+        return self.nft
+
+    async def apply(self, policy: PinnedPolicy) -> None:
+        """Replace the egress policy atomically; takes effect on the next packet, flows included.
+        From `none` (every pooled sandbox) this only adds rules, inline: the fast path of a create."""
+        if policy.mode == "full" and self.dns is None:
+            self.dns = DnsRelay(self.netns_path, GATEWAY)
+            await self.dns.start()
+        if self.policy.mode == "none":
+            self._ctx().run(nft.egress_update(policy, empty=True))
+        else:
+            await self._ctx().arun(nft.egress_update(policy))
+        self.policy = policy
+
+    def cut(self) -> None:
+        """Drop every forwarded packet from the next one on, whatever the policy (quarantine).
+        One rule added, inline: nothing can run between the call and the cut."""
+        self._ctx().run(nft.close_gate())
+        self.cut_off = True
+
+    async def reconnect(self) -> None:
+        await self._ctx().arun(nft.open_gate())
+        self.cut_off = False
+
+    async def expose(self, guest_port: int) -> tuple[str, int]:
+        """A host address forwarding to `guest_port` of the guest (one per port, made on first ask)."""
+        forward = self.forwards.get(guest_port)
+        if forward is None:
+            forward = PortForward(self.netns_path, GUEST_ADDR.split("/")[0], guest_port)
+            await forward.start()
+            self.forwards[guest_port] = forward
+        return forward.address
+
+    async def close_services(self) -> None:
+        """Stop what the daemon serves into the namespace (port forwards, the DNS relay)."""
+        forwards, self.forwards = self.forwards, {}
+        for forward in forwards.values():
+            await forward.close()
+        if self.dns is not None:
+            await self.dns.close()
+            self.dns = None
+
+    def refused(self) -> int:
+        """Packets from the guest that the namespace dropped (for the port-scan trigger)."""
+        out = self._ctx().run(f"list counter inet {nft.TABLE} refused")
+        return int(out.split("packets", 1)[1].split()[0]) if "packets" in out else 0
+
+    def destroy(self) -> None:
+        """Remove the uplink (both veth ends), the namespace (TAP and its nft table with it), the slot."""
+        if self.nft is not None:
+            self.nft.close()  # its socket would keep the namespace alive
+            self.nft = None
+        _remove(self.netns, self.slot)
+
+
+def _remove(netns: str, slot: int | None) -> None:
+    if slot is not None and slot >= 0:
+        link = f"{nft.HOST_PREFIX}{slot}"
+        if link_exists(link):
+            with contextlib.suppress(Exception):
+                run(["ip", "link", "del", link])
+    if netns_path(netns).exists():
+        try:
+            run(["ip", "netns", "del", netns])
+        except Exception:
+            log.exception("could not delete network namespace %s", netns)
+    if slot is not None and slot >= 0:
+        release_slot(slot, netns)
+
+
+def reap(workdir: Path) -> bool:
+    """Remove a dead sandbox's network from its record; True if it had one."""
+    try:
+        data = json.loads((workdir / RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    netns = data.get("netns")
+    if not isinstance(netns, str) or not netns.startswith(NETNS_PREFIX):
+        return False
+    slot = data.get("slot")
+    _remove(netns, slot if isinstance(slot, int) else None)
+    return True

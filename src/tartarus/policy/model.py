@@ -1,0 +1,115 @@
+"""The policy file (YAML), validated by pydantic: unknown keys and bad values are errors naming the field.
+
+```yaml
+limits: {max_vcpus: 4, max_memory_mib: 8192, max_ttl_s: 3600, default_ttl_s: 900}
+network: {modes: [none, allow]}            # modes a request may ask for
+rules:                                     # first match wins; no match: admit
+  - name: free-tier-full-network
+    match: {tenant: ["free-*"], network: [full]}
+    verdict: quarantine
+    reason: free-tier sandboxes with full egress are confined
+quarantine: {cpu_fraction: 0.1, memory_mib: 256, refused_packets: 500, window_s: 5}
+placement:
+  nodes: [{name: local, labels: [general, quarantine]}]
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tartarus.errors import InvalidArgument
+from tartarus.limits.spec import LimitCaps
+
+NetworkMode = Literal["none", "allow", "full"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Match(Strict):
+    """All given fields must match (AND); a list matches if any entry does (OR). Globs (`*`, `?`)."""
+
+    tenant: list[str] | None = None
+    template: list[str] | None = None
+    image: list[str] | None = None
+    network: list[NetworkMode] | None = None
+    labels: dict[str, str] = Field(default_factory=dict, description="each key must have this value")
+
+
+class Rule(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    match: Match = Field(default_factory=Match)
+    verdict: Literal["admit", "reject", "quarantine"]
+    reason: str = Field("", max_length=1024)
+
+
+def _all_modes() -> list[NetworkMode]:
+    return ["none", "allow", "full"]
+
+
+class NetworkRules(Strict):
+    modes: list[NetworkMode] = Field(default_factory=_all_modes, min_length=1)
+    expose: bool = Field(True, description="whether guest ports may be exposed on the host (get_host)")
+
+
+class QuarantineSettings(Strict):
+    cpu_fraction: float = Field(0.1, gt=0, le=64, description="of one CPU")
+    memory_mib: int = Field(256, ge=64, description="memory may not grow past max(this, current use)")
+    refused_packets: int | None = Field(
+        500, ge=1, description="quarantine a sandbox whose policy drops this many packets (None: off)"
+    )
+    window_s: float = Field(5.0, gt=0, le=3600, description="...within this many seconds")
+
+
+class Node(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    labels: list[str] = Field(default_factory=list)
+
+
+class Placement(Strict):
+    """Capacity: quarantined sandboxes go only to nodes with `quarantine_label`, others to nodes with
+    `general_label`. `local` names this daemon's node: a decision that places a sandbox elsewhere is
+    refused here (a control plane routes it to that node instead)."""
+
+    local: str = "local"
+    general_label: str = "general"
+    quarantine_label: str = "quarantine"
+    nodes: list[Node] = Field(
+        default_factory=lambda: [Node(name="local", labels=["general", "quarantine"])], min_length=1
+    )
+
+
+class Policy(Strict):
+    limits: LimitCaps = Field(default_factory=LimitCaps)
+    network: NetworkRules = Field(default_factory=NetworkRules)
+    rules: list[Rule] = Field(default_factory=list)
+    quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
+    placement: Placement = Field(default_factory=Placement)
+
+    @model_validator(mode="after")
+    def _unique_rules(self) -> Policy:
+        seen: set[str] = set()
+        for rule in self.rules:
+            if rule.name in seen:
+                raise ValueError(f"rule name {rule.name!r} is used twice")
+            seen.add(rule.name)
+        return self
+
+
+def load_policy(path: Path) -> Policy:
+    """Read and validate a policy file; InvalidArgument names the file and each bad field."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise InvalidArgument(f"{path}: cannot read policy: {e}") from e
+    try:
+        return Policy.model_validate(raw or {})
+    except ValidationError as e:
+        errors = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors())
+        raise InvalidArgument(f"{path}: invalid policy: {errors}") from e

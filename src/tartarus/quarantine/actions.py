@@ -1,0 +1,75 @@
+"""Entering and leaving quarantine for one running sandbox."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tartarus import audit
+from tartarus.errors import Conflict
+from tartarus.limits.spec import Limits
+from tartarus.policy.model import QuarantineSettings
+from tartarus.runtime.sandbox import RuntimeSandbox
+
+
+@dataclass
+class QuarantineState:
+    since: float
+    reason: str
+    by: str  # "admission[:rule]", "operator", "trigger:<what>"
+    limits: Limits | None  # restored on release
+
+
+async def confine(
+    sandbox: RuntimeSandbox,
+    settings: QuarantineSettings,
+    state_dir: Path,
+    *,
+    reason: str,
+    by: str,
+) -> QuarantineState:
+    """Cut the network first (the urgent part), then clamp CPU and memory, then record it.
+    The sandbox's own policy stays in place behind the closed gate, for a release to reopen."""
+    if sandbox.quarantine is not None:
+        raise Conflict(f"sandbox {sandbox.id} is already quarantined ({sandbox.quarantine.reason})")
+    t0 = time.perf_counter()
+    if sandbox.network is not None:
+        sandbox.network.cut()
+    cut_ms = (time.perf_counter() - t0) * 1000
+    if sandbox.cgroup is not None:
+        sandbox.cgroup.clamp(settings.cpu_fraction, settings.memory_mib)
+    state = QuarantineState(time.time(), reason, by, sandbox.options.limits)
+    sandbox.quarantine = state
+    audit.record(
+        state_dir,
+        "sandbox.quarantine",
+        sandbox=sandbox.id,
+        template=sandbox.template.name,
+        reason=reason,
+        by=by,
+        network_cut_ms=round(cut_ms, 3),
+        cpu_fraction=settings.cpu_fraction,
+        memory_mib=settings.memory_mib,
+    )
+    return state
+
+
+async def release(sandbox: RuntimeSandbox, state_dir: Path, *, by: str) -> None:
+    """Operator release: the requested network and the sandbox's own limits come back."""
+    state = sandbox.quarantine
+    if state is None:
+        raise Conflict(f"sandbox {sandbox.id} is not quarantined")
+    if sandbox.cgroup is not None and state.limits is not None:
+        sandbox.cgroup.release(state.limits)
+    if sandbox.network is not None:
+        await sandbox.network.reconnect()
+    sandbox.quarantine = None
+    audit.record(
+        state_dir,
+        "sandbox.release",
+        sandbox=sandbox.id,
+        by=by,
+        quarantined_for_s=round(time.time() - state.since, 3),
+        reason=state.reason,
+    )

@@ -1,0 +1,126 @@
+"""Quarantine: live (a connection that keeps sending is cut at once), at admission, and its audit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tartarus import audit
+from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.server import daemon_thread
+from tartarus.errors import Conflict, PolicyDenied
+from tartarus.policy.model import Match, Policy, Rule
+from tartarus.sdk import Sandbox
+from tests.network.conftest import HOST_ADDR, NetHost, probe, wait_for
+
+pytestmark = pytest.mark.vm
+
+SENDER = """
+import socket, threading, time
+def _send():
+    s = socket.create_connection(({host!r}, {port}), timeout=10)
+    while True:
+        s.send(b"x")
+        time.sleep(0.002)
+threading.Thread(target=_send, daemon=True).start()
+"""
+
+
+def cpu_quota_us(sandbox_id: str) -> int:
+    """The CFS quota of a sandbox's VMM cgroup (per 100 ms period), v1 or v2."""
+    v1 = Path(f"/sys/fs/cgroup/cpu/tartarus/{sandbox_id}/cpu.cfs_quota_us")
+    if v1.exists():
+        return int(v1.read_text())
+    return int(Path(f"/sys/fs/cgroup/tartarus/{sandbox_id}/cpu.max").read_text().split()[0])
+
+
+def start_sender(sb: Sandbox, port: int) -> None:
+    """A thread of the guest's interpreter that keeps sending a byte every 2 ms."""
+    result = sb.run_code(SENDER.format(host=HOST_ADDR, port=port))
+    assert result.error is None, result.error
+
+
+def test_live_quarantine_cuts_a_sending_connection_at_once(
+    net_daemon: tuple[str, Path], net_host: NetHost
+) -> None:
+    url, state = net_daemon
+    port = net_host.ports[0]
+    listener = net_host.listener
+    policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [port]}]}
+    with Sandbox.create("python-ds", url=url, network=policy) as sb:
+        start = time.time()
+        start_sender(sb, port)
+        assert wait_for(lambda: len([t for t in listener.data_times(port) if t > start]) > 20, 30)
+        assert cpu_quota_us(sb.id) == 100_000  # one vCPU: one CPU
+        t_call = time.time()
+        info = sb.quarantine("test: live cut")
+        t_done = time.time()
+        assert cpu_quota_us(sb.id) == 10_000  # clamped to the policy's cpu_fraction (0.1)
+        memory = Path(f"/sys/fs/cgroup/memory/tartarus/{sb.id}")
+        if memory.exists():  # v1: growth stops at max(current use, 256 MiB), and waits rather than dies
+            assert "oom_kill_disable 1" in (memory / "memory.oom_control").read_text()
+            limit = int((memory / "memory.limit_in_bytes").read_text())
+            assert limit < (512 + 320) << 20
+            assert limit >= int((memory / "memory.usage_in_bytes").read_text())
+        assert info["quarantined"] and info["network"] == "none"
+        assert info["quarantine_reason"] == "test: live cut"
+        time.sleep(1.0)  # the window in which a leak would show: the guest keeps sending meanwhile
+        received = [t for t in listener.data_times(port) if t > start]
+        assert max(received) > t_call - 0.5, "the connection was not sending right before the call"
+        late = [t for t in received if t > t_done + 0.005]
+        assert late == [], f"{len(late)} chunks arrived after quarantine returned"
+        # Still running (no restart), still answering its owner, still cut off.
+        assert sb.run_code("1+1").result == "2"
+        assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "TimeoutError"}
+        with pytest.raises(Conflict):
+            sb.quarantine("again")
+        info = sb.release()
+        assert not info["quarantined"] and info["network"] == "allow"
+        assert cpu_quota_us(sb.id) == 100_000
+        if memory.exists():
+            assert int((memory / "memory.limit_in_bytes").read_text()) == (512 + 320) << 20
+            assert "oom_kill_disable 0" in (memory / "memory.oom_control").read_text()
+        assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "open"}
+        sandbox_id = sb.id
+    actions = [(r["action"], r.get("by")) for r in audit.read(state) if r.get("sandbox") == sandbox_id]
+    assert actions == [("sandbox.quarantine", "operator"), ("sandbox.release", "operator")]
+
+
+@pytest.fixture(scope="module")
+def policy_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    policy = Policy(
+        rules=[
+            Rule(
+                name="no-crypto", match=Match(labels={"job": "miner"}), verdict="reject", reason="no miners"
+            ),
+            Rule(
+                name="risky", match=Match(labels={"risk": "high"}), verdict="quarantine", reason="high risk"
+            ),
+        ]
+    )
+    state = tmp_path_factory.mktemp("policy-state")
+    uds = state / "api.sock"
+    with daemon_thread(state, uds, DaemonConfig(pool_size=0, policy=policy)):
+        yield f"unix://{uds}", state
+
+
+def test_admission_verdicts(policy_daemon: tuple[str, Path], net_host: NetHost) -> None:
+    url, state = policy_daemon
+    port = net_host.ports[0]
+    with pytest.raises(PolicyDenied, match="no miners"):
+        Sandbox.create("python-ds", url=url, labels={"job": "miner"})
+    assert audit.read(state)[-1]["action"] == "sandbox.rejected"
+    policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [port]}]}
+    with Sandbox.create("python-ds", url=url, network=policy, labels={"risk": "high"}) as sb:
+        assert sb.info["quarantined"] and sb.info["quarantine_reason"] == "high risk"
+        assert sb.info["network"] == "none"
+        assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "TimeoutError"}
+        assert sb.release()["network"] == "allow"  # what it asked for, only after an operator release
+        assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "open"}
+        sandbox_id = sb.id
+    records = [r for r in audit.read(state) if r.get("sandbox") == sandbox_id]
+    assert [r["action"] for r in records] == ["sandbox.quarantine", "sandbox.release"]
+    assert records[0]["by"] == "admission:risky"

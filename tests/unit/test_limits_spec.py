@@ -1,0 +1,59 @@
+"""Limits: template defaults, request overrides, policy caps; and the audit log's format."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from tartarus import audit
+from tartarus.errors import InvalidArgument
+from tartarus.limits.spec import LimitCaps, resolve_limits
+
+
+def test_request_overrides_template() -> None:
+    limits = resolve_limits(template_vcpus=1, template_memory_mib=512, memory_mib=1024, ttl_s=60)
+    assert (limits.vcpus, limits.memory_mib, limits.ttl_s) == (1, 1024, 60)
+
+
+def test_caps_refuse_rather_than_cut() -> None:
+    caps = LimitCaps(max_vcpus=2, max_ttl_s=300)
+    with pytest.raises(InvalidArgument, match="vcpus=4 is over this host's policy limit of 2"):
+        resolve_limits(template_vcpus=1, template_memory_mib=512, vcpus=4, caps=caps)
+    with pytest.raises(InvalidArgument, match="ttl_s=301"):
+        resolve_limits(template_vcpus=1, template_memory_mib=512, ttl_s=301, caps=caps)
+
+
+def test_default_ttl_from_policy() -> None:
+    caps = LimitCaps(default_ttl_s=900)
+    assert resolve_limits(template_vcpus=1, template_memory_mib=512, caps=caps).ttl_s == 900
+
+
+def test_audit_lines_are_whole_json_records(tmp_path: Path) -> None:
+    def writer(n: int) -> None:
+        for i in range(50):
+            audit.record(tmp_path, "test.action", writer=n, i=i, note="multi\nline")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = (tmp_path / "audit.log").read_text().splitlines()
+    assert len(lines) == 200
+    records = [json.loads(line) for line in lines]
+    assert {r["action"] for r in records} == {"test.action"}
+    assert all(isinstance(r["ts"], float) for r in records)
+    assert audit.read(tmp_path) == records
+    assert os.stat(tmp_path / "audit.log").st_mode & 0o777 == 0o600
+
+
+def test_audit_read_skips_a_torn_line(tmp_path: Path) -> None:
+    audit.record(tmp_path, "a")
+    with (tmp_path / "audit.log").open("a") as f:
+        f.write('{"ts": 1, "act')  # a write cut short by a crash
+    audit.record(tmp_path, "b")
+    assert [r["action"] for r in audit.read(tmp_path)] == ["a", "b"]

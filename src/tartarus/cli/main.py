@@ -131,11 +131,15 @@ def serve(
     host: Annotated[str | None, typer.Option(help="listen on TCP (e.g. 127.0.0.1)")] = None,
     port: Annotated[int, typer.Option(help="TCP port, with --host")] = 8700,
     socket: Annotated[Path | None, typer.Option(help="unix socket path (default: the state dir's)")] = None,
+    log_format: Annotated[str, typer.Option(help="json (one object per line) or text")] = "json",
 ) -> None:
     """Run the daemon: owns the sandboxes and serves the REST API."""
+    from tartarus.daemon import logs
     from tartarus.daemon.server import serve as run_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_format not in ("json", "text"):
+        raise typer.BadParameter("must be json or text", param_hint="--log-format")
+    logs.configure(log_format)
     try:
         if host:
             run_server(state_dir(), host=host, port=port)
@@ -289,6 +293,13 @@ def _register_bench() -> None:
     app.add_typer(bench_app, name="bench")
 
 
+def _register_keys() -> None:
+    from tartarus.cli.keys import keys_app, tenants_app
+
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(tenants_app, name="tenants")
+
+
 def _register_image() -> None:
     from tartarus.images.cli import image_app
 
@@ -297,6 +308,7 @@ def _register_image() -> None:
 
 _register_bench()
 _register_image()
+_register_keys()
 
 if __name__ == "__main__":
     app()

@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import tartarus
+from tartarus.daemon import control_api
+from tartarus.daemon.control import ControlPlane, parse_labels, principal_of
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
     CodeError,
@@ -38,13 +40,16 @@ from tartarus.daemon.models import (
     RunCodeResult,
     SandboxInfo,
     SandboxList,
+    SetTimeout,
     TemplateInfo,
     TemplateList,
     WriteResult,
 )
+from tartarus.daemon.requests import RequestMiddleware
 from tartarus.errors import GuestError, InvalidArgument, TartarusError
 from tartarus.runtime.agent import Exit, FileInfo, Output
 from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.store import SandboxRow
 from tartarus.templates.store import list_templates
 
 log = logging.getLogger(__name__)
@@ -52,15 +57,28 @@ log = logging.getLogger(__name__)
 PathQuery = Annotated[str, Query(pattern=r"^/", max_length=4095, description="absolute path in the guest")]
 _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorBody},
+    401: {"model": ErrorBody},
     404: {"model": ErrorBody},
     502: {"model": ErrorBody},
 }
 
 
-def _info(record: SandboxRecord) -> SandboxInfo:
+def _info(record: SandboxRecord, owner: SandboxRow | None = None) -> SandboxInfo:
+    """A live sandbox as the API shows it; `owner` adds the control plane's record (tenant, labels...)."""
     rt = record.runtime
     vm = rt.vm
+    extra = (
+        {
+            "tenant": owner.tenant,
+            "labels": owner.labels,
+            "timeout": owner.timeout_s,
+            "expires_at": owner.expires_at,
+        }
+        if owner
+        else {}
+    )
     return SandboxInfo(
+        **extra,
         id=rt.id,
         template=rt.template.name,
         state=record.state,
@@ -70,6 +88,23 @@ def _info(record: SandboxRecord) -> SandboxInfo:
         memory_mib=vm.config.memory_mib if vm else rt.template.memory_mib,
         timings_ms={k: round(v * 1000, 3) for k, v in rt.timings.items()},
         restored="state_loaded" in rt.timings,
+    )
+
+
+def _ended_info(row: SandboxRow) -> SandboxInfo:
+    """A sandbox that no longer runs, from its stored record."""
+    return SandboxInfo(
+        id=row.id,
+        template=row.template,
+        state=row.state if row.state in ("destroyed", "failed", "lost") else "destroyed",
+        error=row.error,
+        created_at=row.created_at,
+        vcpus=row.vcpus,
+        memory_mib=row.memory_mib,
+        tenant=row.tenant,
+        labels=row.labels,
+        timeout=row.timeout_s,
+        ended_at=row.ended_at,
     )
 
 
@@ -85,18 +120,31 @@ def _error(exc: TartarusError) -> JSONResponse:
 
 def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     manager = SandboxManager(state_dir, config)
+    control = ControlPlane(state_dir, manager)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager.open()
-        manager.start_pools()
         try:
+            control.open()
+            manager.start_pools()
+            control.start()
             yield
         finally:
             await manager.close()
+            await control.close()
 
-    app = FastAPI(title="Tartarus", version=tartarus.__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="Tartarus",
+        version=tartarus.__version__,
+        lifespan=lifespan,
+        # Every route needs an API key (bar health); it also hides other tenants' sandboxes.
+        dependencies=[Depends(control.authorize)],
+    )
     app.state.manager = manager
+    app.state.control = control
+    app.add_middleware(RequestMiddleware, control=control)
+    app.include_router(control_api.router(control))
 
     @app.exception_handler(TartarusError)
     async def tartarus_error(request: Request, exc: TartarusError) -> JSONResponse:
@@ -113,7 +161,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return _error(InvalidArgument("; ".join(parts) or "invalid request"))
 
-    @app.get("/v1/health", response_model=Health)
+    @app.get("/v1/health", response_model=Health, openapi_extra={"security": []})
     async def health() -> Health:
         from tartarus.runtime.accel import choose_accel
 
@@ -131,17 +179,41 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         )
 
     @app.post("/v1/sandboxes", response_model=SandboxInfo, status_code=201, responses=_ERRORS)
-    async def create_sandbox(body: CreateSandbox) -> SandboxInfo:
+    async def create_sandbox(body: CreateSandbox, request: Request) -> SandboxInfo:
+        """Create a sandbox owned by the caller's tenant, within its quota (429 quota_exceeded)."""
         options = SandboxOptions(vcpus=body.vcpus, memory_mib=body.memory_mib, env=body.env)
-        return _info(await manager.create(body.template, options))
+        record = await control.create(
+            request, body.template, options, labels=body.labels, timeout=body.timeout, spawn=manager.create
+        )
+        return _info(record, control.owners.get(record.runtime.id))
 
-    @app.get("/v1/sandboxes", response_model=SandboxList)
-    async def list_sandboxes() -> SandboxList:
-        return SandboxList(sandboxes=[_info(r) for r in manager.list()])
+    @app.get("/v1/sandboxes", response_model=SandboxList, responses=_ERRORS)
+    async def list_sandboxes(
+        request: Request,
+        label: Annotated[list[str], Query(description="key=value; repeat to require several")] = [],  # noqa: B006
+        tenant: Annotated[str | None, Query(description="admins: only this tenant's")] = None,
+        include_ended: Annotated[bool, Query(description="also destroyed, failed and lost ones")] = False,
+    ) -> SandboxList:
+        """The caller's sandboxes (an admin's: everyone's), optionally filtered by labels."""
+        principal = principal_of(request)
+        labels = parse_labels(label)
+        shown = control.visible(principal, manager.list(), labels=labels, tenant=tenant)
+        sandboxes = [_info(r, control.owners.get(r.runtime.id)) for r in shown]
+        if include_ended:
+            live = {s.id for s in sandboxes}
+            ended = await control.ended(principal, labels=labels, tenant=tenant)
+            sandboxes += [_ended_info(row) for row in ended if row.id not in live]
+        return SandboxList(sandboxes=sandboxes)
 
     @app.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxInfo, responses=_ERRORS)
     async def get_sandbox(sandbox_id: str) -> SandboxInfo:
-        return _info(manager.get(sandbox_id))
+        return _info(manager.get(sandbox_id), control.owners.get(sandbox_id))
+
+    @app.put("/v1/sandboxes/{sandbox_id}/timeout", response_model=SandboxInfo, responses=_ERRORS)
+    async def set_timeout(sandbox_id: str, body: SetTimeout) -> SandboxInfo:
+        """Destroy the sandbox `timeout` seconds from now (null: keep it until deleted)."""
+        owner = await control.set_timeout(sandbox_id, body.timeout)
+        return _info(manager.get(sandbox_id), owner)
 
     @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=_ERRORS)
     async def delete_sandbox(sandbox_id: str) -> Response:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from tartarus.templates.spec import NAME_PATTERN
 
 _ENV_KEY = r"^[A-Za-z_][A-Za-z0-9_]*$"
+LABEL_KEY = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
+MAX_TIMEOUT_S = 30 * 86400
+Labels = dict[
+    Annotated[str, StringConstraints(pattern=LABEL_KEY)], Annotated[str, StringConstraints(max_length=256)]
+]
 
 
 class Strict(BaseModel):
@@ -20,18 +25,33 @@ class CreateSandbox(Strict):
     vcpus: int | None = Field(None, ge=1, le=16)
     memory_mib: int | None = Field(None, ge=128, le=65536)
     env: dict[str, str] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict, max_length=64, examples=[{"team": "ml"}])
+    timeout: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, description="seconds until the sandbox is destroyed (none: never)"
+    )
+
+
+class SetTimeout(Strict):
+    timeout: float | None = Field(
+        gt=0, le=MAX_TIMEOUT_S, description="seconds from now until the sandbox is destroyed (null: never)"
+    )
 
 
 class SandboxInfo(BaseModel):
     id: str
     template: str
-    state: Literal["running", "failed", "destroyed"]
+    state: Literal["running", "failed", "destroyed", "lost"]
     error: str | None = None
     created_at: float
     vcpus: int
     memory_mib: int
     timings_ms: dict[str, float] = Field(default_factory=dict)
     restored: bool = Field(False, description="created by restoring the template's snapshot")
+    tenant: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    timeout: float | None = Field(None, description="seconds the sandbox was given when its timeout was set")
+    expires_at: float | None = Field(None, description="when the sandbox will be destroyed (unix time)")
+    ended_at: float | None = None
 
 
 class SandboxList(BaseModel):

@@ -14,20 +14,27 @@ from pathlib import Path
 import uvicorn
 
 from tartarus.daemon.app import create_app
+from tartarus.daemon.auth import write_key_file
 from tartarus.daemon.manager import DaemonConfig
 from tartarus.errors import TartarusError
+from tartarus.paths import LOCAL_KEY_FILE
 
 
 def serve(
     state_dir: Path, *, host: str | None = None, port: int | None = None, uds: Path | None = None
 ) -> None:
     app = create_app(state_dir)
+    # Logging is configured by the caller (JSON lines); the access log is ours, with request IDs.
     if uds is not None:
         uds.parent.mkdir(parents=True, exist_ok=True)
         uds.unlink(missing_ok=True)
-        config = uvicorn.Config(app, uds=str(uds), log_level="info", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, uds=str(uds), timeout_graceful_shutdown=5, log_config=None, access_log=False
+        )
     else:
-        config = uvicorn.Config(app, host=host or "127.0.0.1", port=port or 8700, log_level="info")
+        config = uvicorn.Config(
+            app, host=host or "127.0.0.1", port=port or 8700, log_config=None, access_log=False
+        )
     uvicorn.Server(config).run()
 
 
@@ -51,7 +58,7 @@ def daemon_thread(
 ) -> Iterator[uvicorn.Server]:
     """Serve the API for `state_dir` on `uds` from a thread of this process until the block ends."""
     app = create_app(state_dir, daemon_config)
-    config = uvicorn.Config(app, uds=str(uds), log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, uds=str(uds), log_level="warning", lifespan="on", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="tartarus-daemon", daemon=True)
     thread.start()
@@ -80,6 +87,9 @@ def embedded_daemon(state_root: Path) -> Iterator[Path]:
     try:
         # No pool: a one-shot command would pay to pre-start VMMs it never uses.
         with daemon_thread(state_dir, uds, DaemonConfig(pool_size=0)):
+            # Clients find a local daemon's admin key beside its socket (sdk/_core.py local_key).
+            key = (state_dir / LOCAL_KEY_FILE).read_text()
+            write_key_file(sock_dir / LOCAL_KEY_FILE, key.strip())
             yield uds
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)

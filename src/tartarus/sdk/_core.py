@@ -7,12 +7,13 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tartarus import errors
-from tartarus.paths import default_socket
+from tartarus.paths import LOCAL_KEY_FILE, default_socket
 from tartarus.runtime.interpreter import Execution, ExecutionError
 
 OutputCallback = Callable[[bytes], None]
@@ -28,14 +29,24 @@ class Endpoint:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
+def local_key(uds: str) -> str | None:
+    """The admin key a local daemon keeps beside its socket, if this user may read it (root may)."""
+    try:
+        return (Path(uds).parent / LOCAL_KEY_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def resolve_endpoint(url: str | None = None, api_key: str | None = None) -> Endpoint:
-    """Explicit argument, then TARTARUS_URL / TARTARUS_API_KEY, then the local daemon's socket."""
+    """Explicit argument, then TARTARUS_URL / TARTARUS_API_KEY, then the local daemon's socket.
+
+    On a unix socket with no key given, the daemon's local admin key file is used if readable.
+    """
     url = url or os.environ.get("TARTARUS_URL")
     api_key = api_key or os.environ.get("TARTARUS_API_KEY")
-    if not url:
-        return Endpoint("http://tartarus", uds=str(default_socket()), api_key=api_key)
-    if url.startswith("unix://"):
-        return Endpoint("http://tartarus", uds=url.removeprefix("unix://"), api_key=api_key)
+    if not url or url.startswith("unix://"):
+        uds = url.removeprefix("unix://") if url else str(default_socket())
+        return Endpoint("http://tartarus", uds=uds, api_key=api_key or local_key(uds))
     if not url.startswith(("http://", "https://")):
         raise errors.InvalidArgument(f"TARTARUS_URL must be http(s):// or unix://, not {url!r}")
     return Endpoint(url.rstrip("/"), api_key=api_key)
@@ -184,14 +195,31 @@ def execution_from_json(data: dict[str, Any]) -> Execution:
 
 
 def create_body(
-    template: str, *, vcpus: int | None, memory_mib: int | None, env: dict[str, str] | None
+    template: str,
+    *,
+    vcpus: int | None,
+    memory_mib: int | None,
+    env: dict[str, str] | None,
+    labels: dict[str, str] | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"template": template, "env": env or {}}
     if vcpus:
         body["vcpus"] = vcpus
     if memory_mib:
         body["memory_mib"] = memory_mib
+    if labels:
+        body["labels"] = labels
+    if timeout:
+        body["timeout"] = timeout
     return body
+
+
+def list_params(labels: dict[str, str] | None, include_ended: bool) -> list[tuple[str, str]]:
+    params = [("label", f"{k}={v}") for k, v in (labels or {}).items()]
+    if include_ended:
+        params.append(("include_ended", "true"))
+    return params
 
 
 def code_body(code: str, timeout: float | None) -> dict[str, Any]:

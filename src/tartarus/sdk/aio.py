@@ -20,6 +20,7 @@ from tartarus.sdk._core import (
     create_body,
     exec_body,
     execution_from_json,
+    list_params,
     raise_for_error,
     resolve_endpoint,
     transport_error,
@@ -163,13 +164,18 @@ class AsyncSandbox:
         vcpus: int | None = None,
         memory_mib: int | None = None,
         env: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        timeout: float | None = None,
         url: str | None = None,
         api_key: str | None = None,
         client: AsyncClient | None = None,
     ) -> AsyncSandbox:
+        """Create a sandbox; `timeout` (seconds) destroys it then unless extended with `set_timeout`."""
         owns = client is None
         client = client or AsyncClient(url, api_key)
-        body = create_body(template, vcpus=vcpus, memory_mib=memory_mib, env=env)
+        body = create_body(
+            template, vcpus=vcpus, memory_mib=memory_mib, env=env, labels=labels, timeout=timeout
+        )
         try:
             info = (await client.request("POST", "/v1/sandboxes", json=body)).json()
         except BaseException:
@@ -185,6 +191,29 @@ class AsyncSandbox:
         client = AsyncClient(url, api_key)
         info = (await client.request("GET", f"/v1/sandboxes/{sandbox_id}")).json()
         return cls(info, client, owns_client=True)
+
+    @staticmethod
+    async def list(
+        *,
+        labels: dict[str, str] | None = None,
+        include_ended: bool = False,
+        url: str | None = None,
+        api_key: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Your sandboxes (all of them, for an admin key), those with all of `labels` if given."""
+        client = AsyncClient(url, api_key)
+        try:
+            params = list_params(labels, include_ended)
+            response = await client.request("GET", "/v1/sandboxes", params=params)
+            return list(response.json()["sandboxes"])
+        finally:
+            await client.close()
+
+    async def set_timeout(self, timeout: float | None) -> dict[str, Any]:
+        """Destroy the sandbox `timeout` seconds from now (None: never)."""
+        path = f"/v1/sandboxes/{self.id}/timeout"
+        self.info = (await self._client.request("PUT", path, json={"timeout": timeout})).json()
+        return self.info
 
     async def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
         """Run Python in the sandbox's warm interpreter (numpy, pandas preloaded); state persists."""

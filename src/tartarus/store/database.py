@@ -49,7 +49,9 @@ class Database:
                 # isolation_level=None: we issue BEGIN/COMMIT ourselves.
                 conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
+                # NORMAL in WAL mode: a commit survives the process being killed (-9), only a power loss
+                # can drop the last transactions; FULL would add an fsync to every API call.
+                conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
                 path.chmod(0o600)
                 self._conn = conn

@@ -1,0 +1,372 @@
+"""The control plane around the sandbox manager: who may call, who owns which sandbox, quotas, timeouts,
+durable records and the audit trail.
+
+The manager stays a plain runtime table; this layer wraps it. Every database call runs on one worker
+thread (the store's connection is single-threaded), so the event loop never waits on disk or network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials
+
+from tartarus import audit
+from tartarus.daemon import quotas
+from tartarus.daemon.auth import Principal, bearer, ensure_local_admin_key, invalid_key, missing_key
+from tartarus.daemon.manager import SandboxManager, SandboxRecord
+from tartarus.daemon.metrics import Metrics
+from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
+from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.store import SandboxRow, Store, open_store
+from tartarus.templates.store import get_template
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+PUBLIC_ROUTES = {"/v1/health"}
+WATCH_INTERVAL_S = 0.5
+Spawn = Callable[[str, SandboxOptions], Awaitable[SandboxRecord]]
+
+
+def node_id(state_dir: Path) -> str:
+    """This daemon's stable name in a shared database: sandboxes it reconciles on restart are its own."""
+    path = state_dir / "node-id"
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text().strip()
+    node = f"{os.uname().nodename}-{secrets.token_hex(4)}"
+    path.write_text(node + "\n")
+    return node
+
+
+def principal_of(request: Request) -> Principal:
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):
+        raise missing_key()
+    return principal
+
+
+def parse_labels(selectors: Iterable[str]) -> dict[str, str]:
+    """`key=value` label selectors (all must match)."""
+    wanted: dict[str, str] = {}
+    for selector in selectors:
+        key, sep, value = selector.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"label filter must be key=value, not {selector!r}")
+        wanted[key] = value
+    return wanted
+
+
+class ControlPlane:
+    def __init__(self, state_dir: Path, manager: SandboxManager) -> None:
+        self.state_dir = state_dir
+        self.manager = manager
+        self.metrics = Metrics(
+            states=lambda: (r.state for r in manager.list()), pooled=lambda: manager.pooled
+        )
+        self.owners: dict[str, SandboxRow] = {}  # live sandboxes of this daemon, by id
+        self.node = ""
+        self._store: Store | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._reservations = quotas.Reservations()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise TartarusError("the control plane's store is not open")
+        return self._store
+
+    def open(self) -> None:
+        """Open the store, make the local admin key, and mark sandboxes a previous daemon lost.
+
+        Call after the manager has taken the state dir and reaped what the dead daemon left: every VMM
+        died with it (parent-death signal), so each record still live in the store is lost.
+        """
+        self.node = node_id(self.state_dir)
+        self._store = open_store(self.state_dir)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-store")
+        ensure_local_admin_key(self.state_dir, self.store, self.node)
+        live = {r.runtime.id for r in self.manager.list()}
+        lost = self.store.mark_lost(self.node, keep=live, reason="its VM died with the previous daemon")
+        if lost:
+            log.warning("marked %d sandboxes of the previous daemon lost: %s", len(lost), ", ".join(lost))
+            audit.record(self.state_dir, "sandbox.lost", actor="daemon", node=self.node, sandboxes=lost)
+
+    def start(self) -> None:
+        """Start the watcher (timeouts, state changes); call from the event loop."""
+        self._watcher = asyncio.create_task(self._watch(), name="tartarus-control-watch")
+
+    async def close(self) -> None:
+        """After the manager closed: record the end of every sandbox it destroyed, then close the store."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                await self.sync_all(ended_reason="the daemon shut down")
+            await self.db(self.store.close)
+            self._store = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a store call on the store's thread."""
+        if self._executor is None:
+            raise TartarusError("the control plane's store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    # ---- authentication and tenancy -------------------------------------------------------------
+
+    async def authorize(
+        self,
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    ) -> None:
+        """Every route's dependency: resolve the key, and hide other tenants' sandboxes (404, not 403)."""
+        route = request.scope.get("route")
+        if getattr(route, "path", None) in PUBLIC_ROUTES:
+            return
+        if credentials is None:
+            raise missing_key()
+        key = await self.db(self.store.authenticate, credentials.credentials)
+        if key is None:
+            raise invalid_key()
+        principal = Principal.of(key)
+        request.state.principal = principal
+        sandbox_id = request.path_params.get("sandbox_id")
+        if sandbox_id is not None and not self.may_touch(principal, sandbox_id):
+            raise NotFound(f"no sandbox {sandbox_id!r}")
+
+    def may_touch(self, principal: Principal, sandbox_id: str) -> bool:
+        if principal.admin:
+            return True
+        owner = self.owners.get(sandbox_id)
+        return owner is not None and owner.tenant == principal.tenant
+
+    def visible(
+        self,
+        principal: Principal,
+        records: Iterable[SandboxRecord],
+        *,
+        labels: dict[str, str],
+        tenant: str | None = None,
+    ) -> list[SandboxRecord]:
+        """The live sandboxes this caller may see, filtered by tenant (admins) and labels."""
+        if not principal.admin:
+            tenant = principal.tenant
+        shown = []
+        for record in records:
+            owner = self.owners.get(record.runtime.id)
+            if tenant is not None and (owner is None or owner.tenant != tenant):
+                continue
+            have = owner.labels if owner else {}
+            if all(have.get(k) == v for k, v in labels.items()):
+                shown.append(record)
+        return shown
+
+    async def ended(
+        self, principal: Principal, *, labels: dict[str, str], tenant: str | None = None
+    ) -> list[SandboxRow]:
+        """Records of sandboxes that no longer run (destroyed, failed, lost), newest last."""
+        if not principal.admin:
+            tenant = principal.tenant
+        rows = await self.db(self.store.list_sandboxes, tenant=tenant, live=False)
+        return [r for r in rows if all(r.labels.get(k) == v for k, v in labels.items())]
+
+    # ---- admission ------------------------------------------------------------------------------
+
+    def usage(self, tenant: str) -> quotas.Usage:
+        """What a tenant's sandboxes on this daemon hold now (failed ones hold no CPU or memory)."""
+        live = {r.runtime.id: r for r in self.manager.list()}
+        used = quotas.Usage()
+        for id_, owner in self.owners.items():
+            record = live.get(id_)
+            if owner.tenant == tenant and record is not None and record.state != "failed":
+                used = used + quotas.Usage(1, owner.vcpus, owner.memory_mib)
+        return used
+
+    async def create(
+        self,
+        request: Request,
+        template_name: str,
+        options: SandboxOptions,
+        *,
+        labels: dict[str, str],
+        timeout: float | None,
+        spawn: Spawn,
+    ) -> SandboxRecord:
+        """Admit a create against the tenant's quota, run it, and record who owns the new sandbox."""
+        principal = principal_of(request)
+        template = get_template(template_name)
+        wanted = quotas.Usage(1, options.vcpus or template.vcpus, options.memory_mib or template.memory_mib)
+        tenant = await self.db(self.store.get_tenant, principal.tenant)
+        limits = (
+            quotas.Limits(tenant.max_sandboxes, tenant.max_vcpus, tenant.max_memory_mib)
+            if tenant
+            else quotas.Limits()
+        )
+        # No await between the check and the reservation: concurrent creates see each other.
+        try:
+            in_use = self.usage(principal.tenant) + self._reservations.pending(principal.tenant)
+            quotas.check(principal.tenant, limits, in_use, wanted)
+        except QuotaExceeded:
+            self.metrics.quota_rejections.labels(principal.tenant).inc()
+            raise
+        with self._reservations.hold(principal.tenant, wanted):
+            started = time.perf_counter()
+            record = await spawn(template_name, options)
+            rt = record.runtime
+            method = "restore" if "state_loaded" in rt.timings else "boot"
+            self.metrics.create_seconds.labels(method).observe(time.perf_counter() - started)
+            vm = rt.vm
+            now = time.time()
+            owner = SandboxRow(
+                id=rt.id,
+                tenant=principal.tenant,
+                node=self.node,
+                template=rt.template.name,
+                state=record.state,
+                vcpus=vm.config.vcpus if vm else wanted.vcpus,
+                memory_mib=vm.config.memory_mib if vm else wanted.memory_mib,
+                created_at=rt.created_at,
+                labels=dict(labels),
+                timeout_s=timeout,
+                expires_at=now + timeout if timeout else None,
+            )
+            self.owners[rt.id] = owner
+        request.state.audit_target = rt.id
+        request.state.audit_detail = {"template": template_name, "labels": labels, "method": method}
+        try:
+            await self.db(self.store.insert_sandbox, owner)
+        except BaseException:
+            # A sandbox nobody can find again must not keep running.
+            self.owners.pop(rt.id, None)
+            with contextlib.suppress(Exception):
+                await self.manager.destroy(rt.id)
+            raise
+        return record
+
+    async def set_timeout(self, sandbox_id: str, timeout: float | None) -> SandboxRow:
+        """Destroy the sandbox `timeout` seconds from now (None: never)."""
+        self.manager.get(sandbox_id)
+        owner = self.owners.get(sandbox_id)
+        if owner is None:
+            raise NotFound(f"no sandbox {sandbox_id!r}")
+        owner.timeout_s = timeout
+        owner.expires_at = time.time() + timeout if timeout else None
+        await self.db(
+            self.store.update_sandbox, sandbox_id, timeout_s=owner.timeout_s, expires_at=owner.expires_at
+        )
+        return owner
+
+    # ---- keeping the records true ---------------------------------------------------------------
+
+    async def sync(self, sandbox_id: str, *, ended_reason: str | None = None) -> None:
+        """Bring one sandbox's stored record in line with the manager (state change, or gone)."""
+        owner = self.owners.get(sandbox_id)
+        if owner is None:
+            return
+        try:
+            record: SandboxRecord | None = self.manager.get(sandbox_id)
+        except NotFound:
+            record = None
+        if record is None:
+            del self.owners[sandbox_id]
+            owner.state = "destroyed"
+            owner.ended_at = time.time()
+            owner.error = owner.error or ended_reason
+            await self.db(
+                self.store.update_sandbox,
+                sandbox_id,
+                state="destroyed",
+                ended_at=owner.ended_at,
+                error=owner.error,
+            )
+        elif record.state != owner.state or record.error != owner.error:
+            owner.state, owner.error = record.state, record.error
+            await self.db(self.store.update_sandbox, sandbox_id, state=owner.state, error=owner.error)
+
+    async def sync_all(self, *, ended_reason: str | None = None) -> None:
+        for sandbox_id in list(self.owners):
+            await self.sync(sandbox_id, ended_reason=ended_reason)
+
+    async def _expire(self) -> None:
+        now = time.time()
+        for sandbox_id, owner in list(self.owners.items()):
+            if owner.expires_at is None or owner.expires_at > now:
+                continue
+            with contextlib.suppress(NotFound):
+                await self.manager.destroy(sandbox_id)
+            owner.error = f"timeout: destroyed {owner.timeout_s:g} s after its timeout was set"
+            self.metrics.expired.inc()
+            log.info("sandbox %s expired", sandbox_id, extra={"sandbox": sandbox_id, "tenant": owner.tenant})
+            await self.record("sandbox.expire", tenant=owner.tenant, actor="daemon", target=sandbox_id)
+            await self.sync(sandbox_id)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                await self._expire()
+                await self.sync_all()
+            except Exception:
+                log.exception("control plane watcher")
+
+    # ---- audit ----------------------------------------------------------------------------------
+
+    async def record(
+        self,
+        action: str,
+        *,
+        tenant: str | None = None,
+        actor: str | None = None,
+        target: str | None = None,
+        status: int | None = None,
+        request_id: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """Append to the audit log file (fsynced) and the audit table."""
+
+        def write() -> None:
+            fields = {
+                "tenant": tenant,
+                "actor": actor,
+                "target": target,
+                "status": status,
+                "request_id": request_id,
+            }
+            audit.record(
+                self.state_dir, action, **{k: v for k, v in fields.items() if v is not None}, **detail
+            )
+            self.store.add_audit(
+                action,
+                ts=time.time(),
+                tenant=tenant,
+                actor=actor,
+                target=target,
+                status=status,
+                request_id=request_id,
+                detail=detail,
+            )
+
+        await self.db(write)

@@ -19,6 +19,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tartarus
 from tartarus.daemon import control_api
@@ -155,6 +156,15 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         # A bug, not a client error: log it whole, answer with the documented body shape.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Routing errors (unknown path, wrong method) keep the documented body shape too.
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        detail = ErrorDetail(code=codes.get(exc.status_code, "http_error"), message=str(exc.detail))
+        return JSONResponse(
+            ErrorBody(error=detail).model_dump(exclude_none=True), exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -54,7 +54,7 @@ class Quota(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_sandboxes: int | None = Field(None, ge=0, le=1_000_000, description="None: unlimited")
     max_vcpus: int | None = Field(None, ge=0, le=1_000_000)
-    max_memory_mib: int | None = Field(None, ge=0, le=1 << 40)
+    max_memory_mib: int | None = Field(None, ge=0, le=1 << 30)
 
 
 class TenantUsage(BaseModel):

@@ -19,6 +19,7 @@ from tartarus.store.migrations import migrate
 
 TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 ROLES = ("admin", "user")
+MAX_LIMIT = 1 << 30  # quota columns are 32-bit integers
 # States after which a sandbox holds nothing on the host.
 ENDED_STATES = ("destroyed", "failed", "lost")
 
@@ -136,8 +137,8 @@ class Store:
             ("max_vcpus", max_vcpus),
             ("max_memory_mib", max_memory_mib),
         ):
-            if value is not None and value < 0:
-                raise InvalidArgument(f"{what} must be >= 0, not {value}")
+            if value is not None and not 0 <= value <= MAX_LIMIT:
+                raise InvalidArgument(f"{what} must be from 0 to {MAX_LIMIT}, not {value}")
         with self.db.transaction():
             self.ensure_tenant(name)
             self.db.execute(

@@ -3,6 +3,8 @@ no input makes it answer 5xx or crash. Bounded (examples per operation) to stay 
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 import schemathesis
@@ -37,7 +39,7 @@ def bounded(api: Api) -> Api:
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_no_input_makes_the_api_fail(case: schemathesis.Case, bounded: Api) -> None:
+def test_no_input_makes_the_api_fail(case: schemathesis.Case[Any], bounded: Api) -> None:
     auth = {"Authorization": f"Bearer {bounded.admin_key}"}
     response = case.call(base_url=bounded.url, headers=auth, timeout=120)
     case.validate_response(response, checks=[not_a_server_error])

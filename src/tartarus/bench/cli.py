@@ -36,8 +36,8 @@ def _emit(doc: dict[str, Any], json_path: Path | None) -> None:
 Runner = Callable[[Callable[[int], None]], dict[str, Any]]
 
 
-def _run(name: str, steps: int, json_path: Path | None, runner: Runner) -> None:
-    """Run a benchmark under a progress bar of `steps`, then print and write its result."""
+def _run(name: str, steps: int | None, json_path: Path | None, runner: Runner) -> None:
+    """Run a benchmark under a progress bar of `steps` (None: open-ended), then print and write its result."""
     from tartarus.guest.kernel import kernel_path
     from tartarus.runtime.accel import choose_accel
 
@@ -92,6 +92,28 @@ def cold_start(
         json_out,
         lambda p: asyncio.run(bench_cold_start(template, samples, concurrency, api_samples, p)),
     )
+
+
+@bench_app.command()
+def load(
+    clients: Annotated[int, typer.Option("--clients", "-c", min=1, max=256)] = 32,
+    duration: Annotated[float, typer.Option("--duration", "-d", min=1, help="seconds")] = 180,
+    template: TemplateOpt = "python-ds",
+    json_out: JsonOut = None,
+) -> None:
+    """Concurrent clients create, exec in and destroy sandboxes on a private daemon: errors, leaks, memory."""
+    from tartarus.bench.load import run_load
+
+    def run(progress: Callable[[int], None]) -> dict[str, Any]:
+        result = run_load(clients, duration, template, progress=progress)
+        err.print(
+            f"load: {result['cycles']} cycles, {result['errors']} errors, "
+            f"{result['sandboxes_left']} sandboxes and {result['vms_left_after_exit']} VMs left, "
+            f"daemon RSS {result['daemon_rss_mib']}"
+        )
+        return result
+
+    _run("load", None, json_out, run)
 
 
 @bench_app.command("image-convert")

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from tartarus import errors
 from tartarus.paths import state_dir
@@ -74,7 +74,8 @@ def keys_ls(
     if as_json:
         print(json.dumps([k.__dict__ for k in keys], indent=2))
         return
-    table = Table("ID", "TENANT", "ROLE", "CREATED", "REVOKED", "DESCRIPTION")
+    table = Table("TENANT", "ROLE", "CREATED", "REVOKED", "DESCRIPTION")
+    table.columns.insert(0, Column("ID", no_wrap=True, min_width=16))
     for k in keys:
         table.add_row(k.id, k.tenant, k.role, _when(k.created_at), _when(k.revoked_at), k.description)
     Console().print(table)

@@ -14,7 +14,12 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("tartaru
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # LogRecord attributes that are not user-supplied `extra` fields.
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# (uvicorn adds `color_message`, an ANSI-coloured copy of the message.)
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 def new_request_id(offered: str | None) -> str:

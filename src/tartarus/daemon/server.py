@@ -52,6 +52,16 @@ def _reap_embedded(root: Path) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
+def _publish_local_key(state_dir: Path, uds: Path) -> Path | None:
+    """Clients find a local daemon's admin key beside its socket (sdk/_core.py local_key): copy it there
+    when the socket lives outside the state dir. Returns the copy, to remove when the daemon stops."""
+    if uds.parent.resolve() == state_dir.resolve():
+        return None
+    copy = uds.parent / LOCAL_KEY_FILE
+    write_key_file(copy, (state_dir / LOCAL_KEY_FILE).read_text().strip())
+    return copy
+
+
 @contextlib.contextmanager
 def daemon_thread(
     state_dir: Path, uds: Path, daemon_config: DaemonConfig | None = None
@@ -70,7 +80,12 @@ def daemon_thread(
             if time.monotonic() > deadline:
                 raise TartarusError("daemon did not start within 30 s")
             time.sleep(0.01)
-        yield server
+        published = _publish_local_key(state_dir, uds)
+        try:
+            yield server
+        finally:
+            if published is not None:
+                published.unlink(missing_ok=True)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -87,9 +102,6 @@ def embedded_daemon(state_root: Path) -> Iterator[Path]:
     try:
         # No pool: a one-shot command would pay to pre-start VMMs it never uses.
         with daemon_thread(state_dir, uds, DaemonConfig(pool_size=0)):
-            # Clients find a local daemon's admin key beside its socket (sdk/_core.py local_key).
-            key = (state_dir / LOCAL_KEY_FILE).read_text()
-            write_key_file(sock_dir / LOCAL_KEY_FILE, key.strip())
             yield uds
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)

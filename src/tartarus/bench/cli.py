@@ -116,6 +116,16 @@ def load(
     _run("load", None, json_out, run)
 
 
+@bench_app.command("api-overhead")
+def api_overhead(
+    samples: Samples = 200, template: TemplateOpt = "python-ds", json_out: JsonOut = None
+) -> None:
+    """Sequential creates through the REST API: the control plane's time on top of the runtime's."""
+    from tartarus.bench.load import run_api_overhead
+
+    _run("api-overhead", samples, json_out, lambda p: run_api_overhead(samples, template, p))
+
+
 @bench_app.command("image-convert")
 def image_convert(
     cold: Annotated[

@@ -32,8 +32,18 @@ class _Tally:
     create: list[float] = field(default_factory=list)
     exec: list[float] = field(default_factory=list)
     destroy: list[float] = field(default_factory=list)
+    overhead: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     cycles: int = 0
+
+
+def api_overhead(server_timing: str) -> list[float]:
+    """The `api` duration (seconds) of a Server-Timing header, if present."""
+    for part in server_timing.split(","):
+        name, _, params = part.strip().partition(";")
+        if name == "api" and params.startswith("dur="):
+            return [float(params.removeprefix("dur=")) / 1000]
+    return []
 
 
 def _rss_mib(pid: int) -> float:
@@ -98,8 +108,11 @@ async def _client(
         while time.monotonic() < until:
             try:
                 t0 = time.perf_counter()
-                sb = await AsyncSandbox.create(template, client=client, labels={"bench": "load"})
+                body = {"template": template, "labels": {"bench": "load"}}
+                response = await client.request("POST", "/v1/sandboxes", json=body)
                 t1 = time.perf_counter()
+                sb = AsyncSandbox(response.json(), client)
+                tally.overhead.extend(api_overhead(response.headers.get("server-timing", "")))
                 result = await sb.commands.run(["/bin/echo", sb.id])
                 t2 = time.perf_counter()
                 if result.exit_code != 0 or result.stdout.strip() != sb.id:
@@ -199,9 +212,55 @@ def run_load(
         "create": summary_ms(tally.create) if tally.create else None,
         "exec": summary_ms(tally.exec) if tally.exec else None,
         "destroy": summary_ms(tally.destroy) if tally.destroy else None,
+        "create_api_overhead": summary_ms(tally.overhead) if tally.overhead else None,
         **(
             summary_ms(tally.create)
             if tally.create
             else {"samples": 0, "p50_ms": 0, "p99_ms": 0, "max_ms": 0}
         ),
     }
+
+
+async def _sequential_creates(
+    url: str, key: str, template: str, samples: int, progress: Callable[[int], None]
+) -> dict[str, Any]:
+    client = AsyncClient(url, key)
+    overhead: list[float] = []
+    total: list[float] = []
+    runtime: list[float] = []
+    try:
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            response = await client.request("POST", "/v1/sandboxes", json={"template": template})
+            total.append(time.perf_counter() - t0)
+            timing = response.headers.get("server-timing", "")
+            overhead.extend(api_overhead(timing))
+            runtime.extend(float(p.split("dur=")[1]) / 1000 for p in timing.split(",") if "runtime;" in p)
+            await client.request("DELETE", f"/v1/sandboxes/{response.json()['id']}")
+            progress(1)
+    finally:
+        await client.close()
+    client_side = [t - r for t, r in zip(total, runtime, strict=True)]
+    return {
+        **summary_ms(overhead),
+        "server_overhead": summary_ms(overhead),
+        "client_observed_overhead": summary_ms(client_side),
+        "create_total": summary_ms(total),
+    }
+
+
+def run_api_overhead(
+    samples: int, template: str = "python-ds", progress: Callable[[int], None] = _no_progress
+) -> dict[str, Any]:
+    """Sequential creates through the REST API: what the control plane adds on top of the runtime.
+
+    `server_overhead`: the daemon's own time beyond the runtime's (auth, quota, store, audit fsync), from
+    its Server-Timing header; `client_observed_overhead`: the client's create time minus the runtime's
+    (adds HTTP on the unix socket and JSON)."""
+    state = Path(tempfile.mkdtemp(prefix="tartarus-api-"))
+    try:
+        with _daemon(state, pool_size=2) as (_, uds):
+            key = (state / "admin.key").read_text().strip()
+            return asyncio.run(_sequential_creates(f"unix://{uds}", key, template, samples, progress))
+    finally:
+        shutil.rmtree(state, ignore_errors=True)

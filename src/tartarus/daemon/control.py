@@ -237,7 +237,9 @@ class ControlPlane:
             record = await spawn(template_name, options)
             rt = record.runtime
             method = "restore" if "state_loaded" in rt.timings else "boot"
-            self.metrics.create_seconds.labels(method).observe(time.perf_counter() - started)
+            runtime_seconds = time.perf_counter() - started
+            self.metrics.create_seconds.labels(method).observe(runtime_seconds)
+            request.state.runtime_seconds = runtime_seconds
             vm = rt.vm
             now = time.time()
             owner = SandboxRow(

@@ -19,6 +19,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Sandbox operations under TCG take from milliseconds (exec) to a minute (cold boot).
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 # States reported even when no sandbox is in them, so dashboards see a 0 rather than a gap.
 BASE_STATES = ("running", "failed")
 
@@ -50,6 +51,12 @@ class Metrics:
             "Create request admitted to sandbox ready, by how it was made",
             ["method"],
             buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.overhead_seconds = Histogram(
+            "tartarus_sandbox_create_api_overhead_seconds",
+            "Server time of a create request beyond the runtime's own (auth, quota, store, audit)",
+            buckets=_OVERHEAD_BUCKETS,
             registry=self.registry,
         )
         self.exec_seconds = Histogram(

@@ -50,9 +50,18 @@ class RequestMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
                 if method in MUTATING:
                     await self._audit(scope, method, status, rid)
+                headers = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                runtime = scope.get("state", {}).get("runtime_seconds")
+                if runtime is not None:
+                    # What the control plane added on top of the runtime's own work (auth, quota,
+                    # store, audit), up to the response headers.
+                    overhead = time.perf_counter() - started - runtime
+                    self.control.metrics.overhead_seconds.observe(overhead)
+                    timing = f"runtime;dur={runtime * 1000:.3f}, api;dur={overhead * 1000:.3f}"
+                    headers.append((b"server-timing", timing.encode()))
+                message["headers"] = headers
             await send(message)
 
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -88,3 +89,18 @@ def test_create_and_exec_latency_reach_the_metrics(api: Api) -> None:
     assert 'tartarus_sandboxes{state="running"}' in text
     assert "tartarus_sandbox_create_seconds_count" in text and "tartarus_exec_seconds_count" in text
     assert "tartarus_pool_vmms" in text
+
+
+def test_exec_streams_server_sent_events_on_request(api: Api) -> None:
+    key = api.new_key("sse")
+    with Sandbox.create("python-ds", url=api.url, api_key=key) as sb, api.client(key) as c:
+        body = {"argv": ["/bin/sh", "-c", "echo one; echo two >&2; exit 3"]}
+        headers = {"Accept": "text/event-stream"}
+        with c.stream("POST", f"/v1/sandboxes/{sb.id}/exec", json=body, headers=headers) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            text = response.read().decode()
+    events = [block.splitlines() for block in text.strip().split("\n\n")]
+    names = [lines[0].removeprefix("event: ") for lines in events]
+    assert names[0] == "started" and names[-1] == "exit" and {"stdout", "stderr"} <= set(names)
+    last = json.loads(events[-1][1].removeprefix("data: "))
+    assert last == {"type": "exit", "exit_code": 3, "timed_out": False}

@@ -232,10 +232,13 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/exec",
-        responses={200: {"content": {"application/x-ndjson": {}}}, **_ERRORS},
+        responses={200: {"content": {"application/x-ndjson": {}, "text/event-stream": {}}}, **_ERRORS},
         response_class=StreamingResponse,
     )
-    async def exec_command(sandbox_id: str, body: ExecRequest) -> StreamingResponse:
+    async def exec_command(sandbox_id: str, body: ExecRequest, request: Request) -> StreamingResponse:
+        """Run a command, streaming ExecEvents as NDJSON, or as server-sent events with
+        `Accept: text/event-stream` (event name = the event's type)."""
+        sse = "text/event-stream" in request.headers.get("accept", "")
         record = manager.get(sandbox_id)
         rt = record.runtime
         stdin = b""
@@ -256,7 +259,10 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
 
         async def events() -> AsyncIterator[bytes]:
             def line(event: ExecEvent) -> bytes:
-                return event.model_dump_json(exclude_none=True).encode() + b"\n"
+                data = event.model_dump_json(exclude_none=True).encode()
+                return (
+                    b"event: " + event.type.encode() + b"\ndata: " + data + b"\n\n" if sse else data + b"\n"
+                )
 
             yield line(ExecEvent(type="started", pid=process.pid))
             try:
@@ -285,7 +291,8 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                         await process.signal(signal.SIGKILL)
                     process.abandon()
 
-        return StreamingResponse(events(), media_type="application/x-ndjson")
+        media_type = "text/event-stream" if sse else "application/x-ndjson"
+        return StreamingResponse(events(), media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/sandboxes/{sandbox_id}/code", response_model=RunCodeResult, responses=_ERRORS)
     async def run_code(sandbox_id: str, body: RunCodeRequest) -> RunCodeResult:

@@ -81,6 +81,29 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def restart(server_url: str) -> None:
+    """Restart the server behind `server_url` (fast shutdown: connected clients are dropped)."""
+    root = Path(server_url.split("host=")[1].split("&")[0])
+    subprocess.run(
+        _as_postgres(
+            [
+                str(_bindir() / "pg_ctl"),
+                "-D",
+                str(root / "data"),
+                "-l",
+                str(root / "log"),
+                "-m",
+                "fast",
+                "-w",
+                "restart",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
 def fresh_database(server_url: str, name: str) -> str:
     """Create an empty database on the server; returns its URL."""
     import psycopg

@@ -121,3 +121,17 @@ def test_audit_rows_round_trip(database_url: str) -> None:
         assert only["detail"] == {"why": "test"}
     finally:
         store.close()
+
+
+def test_store_reconnects_after_the_postgresql_server_restarts() -> None:
+    from tests.pg import fresh_database, postgres_server, restart
+
+    with postgres_server() as server:
+        url = fresh_database(server, "reconnect")
+        store = Store.open(url)
+        try:
+            store.ensure_tenant("acme")
+            restart(server)
+            assert store.get_tenant("acme") is not None  # one retry on a fresh connection
+        finally:
+            store.close()

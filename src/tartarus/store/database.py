@@ -7,6 +7,7 @@ single thread at a time (the daemon funnels it through one worker thread), so on
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 from tartarus.errors import InvalidArgument, TartarusError
 
 Row = tuple[Any, ...]
+log = logging.getLogger(__name__)
 
 
 class DatabaseError(TartarusError):
@@ -70,14 +72,31 @@ class Database:
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.dialect == "postgresql" else sql
 
+    def _run(self, sql: str, params: Sequence[Any]) -> Any:
+        """Execute, reconnecting once if a PostgreSQL server dropped us between transactions."""
+        try:
+            return self._conn.execute(self._sql(sql), tuple(params))
+        except Exception as e:
+            if not self._lost(e) or self._depth:
+                raise
+            log.warning("lost the database connection (%s); reconnecting", e)
+            self.close()
+            self._connect()
+            return self._conn.execute(self._sql(sql), tuple(params))
+
+    def _lost(self, exc: Exception) -> bool:
+        if self.dialect != "postgresql":
+            return False
+        import psycopg
+
+        return isinstance(exc, psycopg.OperationalError) and bool(self._conn.closed)
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement; returns the number of rows it changed."""
-        cur = self._conn.execute(self._sql(sql), tuple(params))
-        return int(cur.rowcount)
+        return int(self._run(sql, params).rowcount)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        cur = self._conn.execute(self._sql(sql), tuple(params))
-        return [tuple(r) for r in cur.fetchall()]
+        return [tuple(r) for r in self._run(sql, params).fetchall()]
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         rows = self.query(sql, params)
@@ -94,7 +113,7 @@ class Database:
                 self._depth -= 1
             return
         # IMMEDIATE: take SQLite's write lock up front so read-then-write never hits SQLITE_BUSY midway.
-        self._conn.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
+        self._run("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN", ())
         self._depth = 1
         try:
             yield

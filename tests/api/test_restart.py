@@ -106,6 +106,7 @@ def test_kill_9_then_restart_keeps_every_record(
         assert c.get("/v1/tenants/survivor").json()["quota"]["max_sandboxes"] == 5
         actions = [e["action"] for e in c.get("/v1/audit", params={"limit": 50}).json()["entries"]]
     assert "POST /v1/sandboxes" in actions and "DELETE /v1/sandboxes/{sandbox_id}" in actions
+    assert "sandbox.lost" in actions
     # And it serves new sandboxes for the same tenant.
     with Sandbox.create("python-ds", url=second.url, api_key=tenant_key) as sb:
         assert sb.commands.run("echo back").stdout == "back\n"

@@ -44,12 +44,12 @@ def _fail(exc: errors.TartarusError) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _parse_env(pairs: list[str] | None) -> dict[str, str]:
+def _parse_env(pairs: list[str] | None, hint: str = "--env") -> dict[str, str]:
     env: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--env")
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=hint)
         env[key] = value
     return env
 
@@ -182,13 +182,24 @@ def setup(
 def sandbox_create(
     template: Annotated[str, typer.Argument()] = "python-ds",
     env: Annotated[list[str] | None, typer.Option("--env", "-e")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")] = None,
+    timeout: Annotated[float | None, typer.Option(help="seconds until it is destroyed")] = None,
 ) -> None:
     """Create a sandbox on the running daemon and print its id."""
+    from tartarus.sdk._core import create_body
     from tartarus.sdk.sync import Client
 
+    body = create_body(
+        template,
+        vcpus=None,
+        memory_mib=None,
+        env=_parse_env(env),
+        labels=_parse_env(label, "--label"),
+        timeout=timeout,
+    )
     try:
         client = Client()
-        info = client.request("POST", "/v1/sandboxes", json={"template": template, "env": _parse_env(env)})
+        info = client.request("POST", "/v1/sandboxes", json=body)
         print(info.json()["id"])
     except errors.TartarusError as e:
         raise _fail(e) from e
@@ -204,27 +215,44 @@ def sandbox_exec(
     from tartarus.sdk import Sandbox
 
     try:
-        result = _stream(Sandbox.connect(sandbox_id), command, timeout=timeout)
+        # After the id, click passes a literal "--" through as the first word of the command.
+        argv = command[1:] if command[:1] == ["--"] else command
+        result = _stream(Sandbox.connect(sandbox_id), argv, timeout=timeout)
     except errors.TartarusError as e:
         raise _fail(e) from e
     raise typer.Exit(_exit_status(result))
 
 
 @sandbox_app.command("ls")
-def sandbox_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List sandboxes."""
+def sandbox_ls(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, all must match")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="also destroyed, failed and lost ones")] = False,
+) -> None:
+    """List sandboxes (yours; an admin key's: everyone's)."""
     from tartarus.sdk import Sandbox
 
     try:
-        sandboxes = Sandbox.list()
+        sandboxes = Sandbox.list(labels=_parse_env(label, "--label"), include_ended=all_)
     except errors.TartarusError as e:
         raise _fail(e) from e
     if as_json:
         print(json.dumps(sandboxes, indent=2))
         return
-    table = Table("ID", "TEMPLATE", "STATE", "VCPUS", "MEMORY")
+    table = Table("ID", "TENANT", "TEMPLATE", "STATE", "VCPUS", "MEMORY", "LABELS")
     for s in sandboxes:
-        table.add_row(s["id"], s["template"], s["state"], str(s["vcpus"]), f"{s['memory_mib']} MiB")
+        labels = ",".join(f"{k}={v}" for k, v in s.get("labels", {}).items())
+        table.add_row(
+            s["id"],
+            s.get("tenant") or "-",
+            s["template"],
+            s["state"],
+            str(s["vcpus"]),
+            f"{s['memory_mib']} MiB",
+            labels,
+        )
     Console().print(table)
 
 

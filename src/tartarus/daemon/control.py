@@ -107,6 +107,9 @@ class ControlPlane:
         if lost:
             log.warning("marked %d sandboxes of the previous daemon lost: %s", len(lost), ", ".join(lost))
             audit.record(self.state_dir, "sandbox.lost", actor="daemon", node=self.node, sandboxes=lost)
+            self.store.add_audit(
+                "sandbox.lost", ts=time.time(), actor="daemon", detail={"node": self.node, "sandboxes": lost}
+            )
 
     def start(self) -> None:
         """Start the watcher (timeouts, state changes); call from the event loop."""

@@ -29,7 +29,7 @@ from tartarus.daemon.manager import SandboxManager, SandboxRecord
 from tartarus.daemon.metrics import Metrics
 from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
 from tartarus.runtime.sandbox import SandboxOptions
-from tartarus.store import SandboxRow, Store, open_store
+from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
 from tartarus.templates.store import get_template
 
 log = logging.getLogger(__name__)
@@ -154,14 +154,19 @@ class ControlPlane:
             return
         if credentials is None:
             raise missing_key()
-        key = await self.db(self.store.authenticate, credentials.credentials)
+        key, tenant = await self.db(self._lookup, credentials.credentials)
         if key is None:
             raise invalid_key()
         principal = Principal.of(key)
         request.state.principal = principal
+        request.state.tenant = tenant  # its quota, read in the same trip to the store
         sandbox_id = request.path_params.get("sandbox_id")
         if sandbox_id is not None and not self.may_touch(principal, sandbox_id):
             raise NotFound(f"no sandbox {sandbox_id!r}")
+
+    def _lookup(self, secret: str) -> tuple[ApiKey | None, Tenant | None]:
+        key = self.store.authenticate(secret)
+        return key, self.store.get_tenant(key.tenant) if key else None
 
     def may_touch(self, principal: Principal, sandbox_id: str) -> bool:
         if principal.admin:
@@ -225,7 +230,7 @@ class ControlPlane:
         principal = principal_of(request)
         template = get_template(template_name)
         wanted = quotas.Usage(1, options.vcpus or template.vcpus, options.memory_mib or template.memory_mib)
-        tenant = await self.db(self.store.get_tenant, principal.tenant)
+        tenant: Tenant | None = getattr(request.state, "tenant", None)
         limits = (
             quotas.Limits(tenant.max_sandboxes, tenant.max_vcpus, tenant.max_memory_mib)
             if tenant

@@ -215,9 +215,7 @@ def sandbox_exec(
     from tartarus.sdk import Sandbox
 
     try:
-        # After the id, click passes a literal "--" through as the first word of the command.
-        argv = command[1:] if command[:1] == ["--"] else command
-        result = _stream(Sandbox.connect(sandbox_id), argv, timeout=timeout)
+        result = _stream(Sandbox.connect(sandbox_id), command, timeout=timeout)
     except errors.TartarusError as e:
         raise _fail(e) from e
     raise typer.Exit(_exit_status(result))

@@ -2,7 +2,8 @@
 durable records and the audit trail.
 
 The manager stays a plain runtime table; this layer wraps it. Every database call runs on one worker
-thread (the store's connection is single-threaded), so the event loop never waits on disk or network.
+thread (the store's connection is single-threaded) and audit-file flushes on another, so the event loop
+never waits on a database or an fsync.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class ControlPlane:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-store")
         self._audit_executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-audit")
         ensure_local_admin_key(self.state_dir, self.store, self.node)
-        live = {r.runtime.id for r in self.manager.list()}
+        live = {r.id for r in self.manager.list()}
         lost = self.store.mark_lost(self.node, keep=live, reason="its VM died with the previous daemon")
         if lost:
             log.warning("marked %d sandboxes of the previous daemon lost: %s", len(lost), ", ".join(lost))
@@ -187,7 +188,7 @@ class ControlPlane:
             tenant = principal.tenant
         shown = []
         for record in records:
-            owner = self.owners.get(record.runtime.id)
+            owner = self.owners.get(record.id)
             if tenant is not None and (owner is None or owner.tenant != tenant):
                 continue
             have = owner.labels if owner else {}
@@ -207,13 +208,16 @@ class ControlPlane:
     # ---- admission ------------------------------------------------------------------------------
 
     def usage(self, tenant: str) -> quotas.Usage:
-        """What a tenant's sandboxes on this daemon hold now (failed ones hold no CPU or memory)."""
-        live = {r.runtime.id: r for r in self.manager.list()}
+        """What a tenant's sandboxes on this daemon hold now: a failed one nothing, one without a VM
+        (hibernated) its place among the tenant's sandboxes but no vCPUs or memory."""
+        live = {r.id: r for r in self.manager.list()}
         used = quotas.Usage()
         for id_, owner in self.owners.items():
             record = live.get(id_)
-            if owner.tenant == tenant and record is not None and record.state != "failed":
-                used = used + quotas.Usage(1, owner.vcpus, owner.memory_mib)
+            if owner.tenant != tenant or record is None or record.state == "failed":
+                continue
+            running = record.runtime is not None and record.state == "running"
+            used = used + quotas.Usage(1, owner.vcpus if running else 0, owner.memory_mib if running else 0)
         return used
 
     async def create(
@@ -246,36 +250,35 @@ class ControlPlane:
         with self._reservations.hold(principal.tenant, wanted):
             started = time.perf_counter()
             record = await spawn(template_name, options)
-            rt = record.runtime
-            method = "restore" if "state_loaded" in rt.timings else "boot"
+            method = "restore" if "state_loaded" in record.timings else "boot"
             runtime_seconds = time.perf_counter() - started
             self.metrics.create_seconds.labels(method).observe(runtime_seconds)
             request.state.runtime_seconds = runtime_seconds
-            vm = rt.vm
+            vm = record.runtime.vm if record.runtime else None
             now = time.time()
             owner = SandboxRow(
-                id=rt.id,
+                id=record.id,
                 tenant=principal.tenant,
                 node=self.node,
-                template=rt.template.name,
+                template=record.template.name,
                 state=record.state,
                 vcpus=vm.config.vcpus if vm else wanted.vcpus,
                 memory_mib=vm.config.memory_mib if vm else wanted.memory_mib,
-                created_at=rt.created_at,
+                created_at=record.created_at,
                 labels=dict(labels),
                 timeout_s=timeout,
                 expires_at=now + timeout if timeout else None,
             )
-            self.owners[rt.id] = owner
-        request.state.audit_target = rt.id
+            self.owners[record.id] = owner
+        request.state.audit_target = record.id
         request.state.audit_detail = {"template": template_name, "labels": labels, "method": method}
         try:
             await self.db(self.store.insert_sandbox, owner)
         except BaseException:
             # A sandbox nobody can find again must not keep running.
-            self.owners.pop(rt.id, None)
+            self.owners.pop(record.id, None)
             with contextlib.suppress(Exception):
-                await self.manager.destroy(rt.id)
+                await self.manager.destroy(record.id)
             raise
         return record
 

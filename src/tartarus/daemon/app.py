@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tartarus
 from tartarus.daemon import control_api
-from tartarus.daemon.control import ControlPlane, parse_labels, principal_of
+from tartarus.daemon.control import ControlPlane, parse_labels, principal_of, record_id
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
     CodeError,
@@ -195,7 +195,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         record = await control.create(
             request, body.template, options, labels=body.labels, timeout=body.timeout, spawn=manager.create
         )
-        return _info(record, control.owners.get(record.id))
+        return _info(record, control.owners.get(record_id(record)))
 
     @app.get("/v1/sandboxes", response_model=SandboxList, responses=_ERRORS)
     async def list_sandboxes(
@@ -208,7 +208,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         principal = principal_of(request)
         labels = parse_labels(label)
         shown = control.visible(principal, manager.list(), labels=labels, tenant=tenant)
-        sandboxes = [_info(r, control.owners.get(r.id)) for r in shown]
+        sandboxes = [_info(r, control.owners.get(record_id(r))) for r in shown]
         if include_ended:
             live = {s.id for s in sandboxes}
             ended = await control.ended(principal, labels=labels, tenant=tenant)

@@ -53,6 +53,26 @@ def node_id(state_dir: Path) -> str:
     return node
 
 
+# Records are read through these rather than `record.runtime`: once sandboxes can hibernate, a record keeps
+# its id, template, creation time and timings while it has no runtime.
+def record_id(record: SandboxRecord) -> str:
+    return str(getattr(record, "id", None) or record.runtime.id)
+
+
+def record_template(record: SandboxRecord) -> str:
+    template = getattr(record, "template", None) or record.runtime.template
+    return str(template.name)
+
+
+def record_created_at(record: SandboxRecord) -> float:
+    return float(getattr(record, "created_at", None) or record.runtime.created_at)
+
+
+def record_timings(record: SandboxRecord) -> dict[str, float]:
+    runtime = record.runtime
+    return dict(runtime.timings) if runtime is not None else {}
+
+
 def principal_of(request: Request) -> Principal:
     principal = getattr(request.state, "principal", None)
     if not isinstance(principal, Principal):
@@ -105,7 +125,7 @@ class ControlPlane:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-store")
         self._audit_executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-audit")
         ensure_local_admin_key(self.state_dir, self.store, self.node)
-        live = {r.id for r in self.manager.list()}
+        live = {record_id(r) for r in self.manager.list()}
         lost = self.store.mark_lost(self.node, keep=live, reason="its VM died with the previous daemon")
         if lost:
             log.warning("marked %d sandboxes of the previous daemon lost: %s", len(lost), ", ".join(lost))
@@ -188,7 +208,7 @@ class ControlPlane:
             tenant = principal.tenant
         shown = []
         for record in records:
-            owner = self.owners.get(record.id)
+            owner = self.owners.get(record_id(record))
             if tenant is not None and (owner is None or owner.tenant != tenant):
                 continue
             have = owner.labels if owner else {}
@@ -210,7 +230,7 @@ class ControlPlane:
     def usage(self, tenant: str) -> quotas.Usage:
         """What a tenant's sandboxes on this daemon hold now: a failed one nothing, one without a VM
         (hibernated) its place among the tenant's sandboxes but no vCPUs or memory."""
-        live = {r.id: r for r in self.manager.list()}
+        live = {record_id(r): r for r in self.manager.list()}
         used = quotas.Usage()
         for id_, owner in self.owners.items():
             record = live.get(id_)
@@ -250,35 +270,36 @@ class ControlPlane:
         with self._reservations.hold(principal.tenant, wanted):
             started = time.perf_counter()
             record = await spawn(template_name, options)
-            method = "restore" if "state_loaded" in record.timings else "boot"
+            method = "restore" if "state_loaded" in record_timings(record) else "boot"
             runtime_seconds = time.perf_counter() - started
             self.metrics.create_seconds.labels(method).observe(runtime_seconds)
             request.state.runtime_seconds = runtime_seconds
             vm = record.runtime.vm if record.runtime else None
             now = time.time()
+            new_id = record_id(record)
             owner = SandboxRow(
-                id=record.id,
+                id=new_id,
                 tenant=principal.tenant,
                 node=self.node,
-                template=record.template.name,
+                template=record_template(record),
                 state=record.state,
                 vcpus=vm.config.vcpus if vm else wanted.vcpus,
                 memory_mib=vm.config.memory_mib if vm else wanted.memory_mib,
-                created_at=record.created_at,
+                created_at=record_created_at(record),
                 labels=dict(labels),
                 timeout_s=timeout,
                 expires_at=now + timeout if timeout else None,
             )
-            self.owners[record.id] = owner
-        request.state.audit_target = record.id
+            self.owners[new_id] = owner
+        request.state.audit_target = new_id
         request.state.audit_detail = {"template": template_name, "labels": labels, "method": method}
         try:
             await self.db(self.store.insert_sandbox, owner)
         except BaseException:
             # A sandbox nobody can find again must not keep running.
-            self.owners.pop(record.id, None)
+            self.owners.pop(new_id, None)
             with contextlib.suppress(Exception):
-                await self.manager.destroy(record.id)
+                await self.manager.destroy(new_id)
             raise
         return record
 

@@ -48,23 +48,6 @@ class SandboxRecord:
     state: str  # "running" | "failed"
     error: str | None = None
 
-    # Accessors the control plane reads (fields of the record once sandboxes can be without a runtime).
-    @property
-    def id(self) -> str:
-        return self.runtime.id
-
-    @property
-    def template(self) -> Template:
-        return self.runtime.template
-
-    @property
-    def created_at(self) -> float:
-        return self.runtime.created_at
-
-    @property
-    def timings(self) -> dict[str, float]:
-        return self.runtime.timings
-
 
 class SandboxManager:
     def __init__(self, state_dir: Path, config: DaemonConfig | None = None) -> None:

@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -31,7 +31,7 @@ from tartarus.daemon.metrics import Metrics
 from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
 from tartarus.runtime.sandbox import SandboxOptions
 from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
-from tartarus.templates.store import get_template
+from tartarus.templates.store import Template, get_template
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ def record_id(record: SandboxRecord) -> str:
     return str(getattr(record, "id", None) or record.runtime.id)
 
 
-def record_template(record: SandboxRecord) -> str:
-    template = getattr(record, "template", None) or record.runtime.template
-    return str(template.name)
+def record_template(record: SandboxRecord) -> Template:
+    template: Template = getattr(record, "template", None) or record.runtime.template
+    return template
 
 
 def record_created_at(record: SandboxRecord) -> float:
@@ -240,20 +240,11 @@ class ControlPlane:
             used = used + quotas.Usage(1, owner.vcpus if running else 0, owner.memory_mib if running else 0)
         return used
 
-    async def create(
-        self,
-        request: Request,
-        template_name: str,
-        options: SandboxOptions,
-        *,
-        labels: dict[str, str],
-        timeout: float | None,
-        spawn: Spawn,
-    ) -> SandboxRecord:
-        """Admit a create against the tenant's quota, run it, and record who owns the new sandbox."""
+    @contextlib.contextmanager
+    def admission(self, request: Request, wanted: quotas.Usage) -> Iterator[None]:
+        """Check `wanted` against the caller's tenant quota and hold it until the block ends (by then the
+        new sandboxes are adopted and counted as usage). Raises QuotaExceeded."""
         principal = principal_of(request)
-        template = get_template(template_name)
-        wanted = quotas.Usage(1, options.vcpus or template.vcpus, options.memory_mib or template.memory_mib)
         tenant: Tenant | None = getattr(request.state, "tenant", None)
         limits = (
             quotas.Limits(tenant.max_sandboxes, tenant.max_vcpus, tenant.max_memory_mib)
@@ -268,39 +259,72 @@ class ControlPlane:
             self.metrics.quota_rejections.labels(principal.tenant).inc()
             raise
         with self._reservations.hold(principal.tenant, wanted):
+            yield
+
+    def adopt(
+        self, request: Request, record: SandboxRecord, *, labels: dict[str, str], timeout: float | None
+    ) -> SandboxRow:
+        """Make a new sandbox the caller's tenant's (in memory; `persist` stores it). Call it before the
+        next await after the sandbox appears, so no request sees it unowned."""
+        vm = record.runtime.vm if record.runtime else None
+        template = record_template(record)
+        new_id = record_id(record)
+        owner = SandboxRow(
+            id=new_id,
+            tenant=principal_of(request).tenant,
+            node=self.node,
+            template=template.name,
+            state=record.state,
+            vcpus=vm.config.vcpus if vm else template.vcpus,
+            memory_mib=vm.config.memory_mib if vm else template.memory_mib,
+            created_at=record_created_at(record),
+            labels=dict(labels),
+            timeout_s=timeout,
+            expires_at=time.time() + timeout if timeout else None,
+        )
+        self.owners[new_id] = owner
+        return owner
+
+    async def persist(self, owners: Iterable[SandboxRow]) -> None:
+        """Store adopted sandboxes; if that fails, destroy them (one nobody can find must not run on)."""
+        owners = list(owners)
+        try:
+            for owner in owners:
+                await self.db(self.store.insert_sandbox, owner)
+        except BaseException:
+            for owner in owners:
+                self.owners.pop(owner.id, None)
+                with contextlib.suppress(Exception):
+                    await self.manager.destroy(owner.id)
+            raise
+
+    async def create(
+        self,
+        request: Request,
+        template_name: str,
+        options: SandboxOptions,
+        *,
+        labels: dict[str, str],
+        timeout: float | None,
+        spawn: Spawn,
+    ) -> SandboxRecord:
+        """Admit a create against the tenant's quota, run it, and record who owns the new sandbox.
+
+        Other ways to make sandboxes (fork, from a checkpoint) use the same three steps: `admission`
+        around the runtime call, `adopt` right after it, `persist` after the block."""
+        template = get_template(template_name)
+        wanted = quotas.Usage(1, options.vcpus or template.vcpus, options.memory_mib or template.memory_mib)
+        with self.admission(request, wanted):
             started = time.perf_counter()
             record = await spawn(template_name, options)
-            method = "restore" if "state_loaded" in record_timings(record) else "boot"
             runtime_seconds = time.perf_counter() - started
-            self.metrics.create_seconds.labels(method).observe(runtime_seconds)
-            request.state.runtime_seconds = runtime_seconds
-            vm = record.runtime.vm if record.runtime else None
-            now = time.time()
-            new_id = record_id(record)
-            owner = SandboxRow(
-                id=new_id,
-                tenant=principal.tenant,
-                node=self.node,
-                template=record_template(record),
-                state=record.state,
-                vcpus=vm.config.vcpus if vm else wanted.vcpus,
-                memory_mib=vm.config.memory_mib if vm else wanted.memory_mib,
-                created_at=record_created_at(record),
-                labels=dict(labels),
-                timeout_s=timeout,
-                expires_at=now + timeout if timeout else None,
-            )
-            self.owners[new_id] = owner
-        request.state.audit_target = new_id
+            owner = self.adopt(request, record, labels=labels, timeout=timeout)
+        method = "restore" if "state_loaded" in record_timings(record) else "boot"
+        self.metrics.create_seconds.labels(method).observe(runtime_seconds)
+        request.state.runtime_seconds = runtime_seconds
+        request.state.audit_target = owner.id
         request.state.audit_detail = {"template": template_name, "labels": labels, "method": method}
-        try:
-            await self.db(self.store.insert_sandbox, owner)
-        except BaseException:
-            # A sandbox nobody can find again must not keep running.
-            self.owners.pop(new_id, None)
-            with contextlib.suppress(Exception):
-                await self.manager.destroy(new_id)
-            raise
+        await self.persist([owner])
         return record
 
     async def set_timeout(self, sandbox_id: str, timeout: float | None) -> SandboxRow:

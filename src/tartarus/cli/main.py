@@ -214,6 +214,9 @@ def sandbox_exec(
     """Run a command in an existing sandbox, streaming its output; exit with its status."""
     from tartarus.sdk import Sandbox
 
+    if command[:1] == ["--"]:  # click stops parsing options after the id and keeps the separator
+        command = command[1:]
+
     try:
         result = _stream(Sandbox.connect(sandbox_id), command, timeout=timeout)
     except errors.TartarusError as e:

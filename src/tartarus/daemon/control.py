@@ -126,6 +126,10 @@ class ControlPlane:
         self._audit_executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-audit")
         ensure_local_admin_key(self.state_dir, self.store, self.node)
         live = {record_id(r) for r in self.manager.list()}
+        # What the manager found again (hibernated sandboxes survive a restart) keeps its owner.
+        for row in self.store.list_sandboxes(node=self.node, live=True):
+            if row.id in live:
+                self.owners[row.id] = row
         lost = self.store.mark_lost(self.node, keep=live, reason="its VM died with the previous daemon")
         if lost:
             log.warning("marked %d sandboxes of the previous daemon lost: %s", len(lost), ", ".join(lost))
@@ -188,6 +192,11 @@ class ControlPlane:
     def _lookup(self, secret: str) -> tuple[ApiKey | None, Tenant | None]:
         key = self.store.authenticate(secret)
         return key, self.store.get_tenant(key.tenant) if key else None
+
+    @staticmethod
+    def require_admin(request: Request) -> None:
+        """A route dependency: `dependencies=[Depends(control.require_admin)]` makes a route admin-only."""
+        principal_of(request).require_admin()
 
     def may_touch(self, principal: Principal, sandbox_id: str) -> bool:
         if principal.admin:

@@ -26,5 +26,6 @@ __all__ = [
     "Store",
     "Tenant",
     "database_url",
+    "default_url",
     "open_store",
 ]

@@ -186,17 +186,13 @@ def sandbox_create(
     timeout: Annotated[float | None, typer.Option(help="seconds until it is destroyed")] = None,
 ) -> None:
     """Create a sandbox on the running daemon and print its id."""
-    from tartarus.sdk._core import create_body
     from tartarus.sdk.sync import Client
 
-    body = create_body(
-        template,
-        vcpus=None,
-        memory_mib=None,
-        env=_parse_env(env),
-        labels=_parse_env(label, "--label"),
-        timeout=timeout,
-    )
+    body: dict[str, object] = {"template": template, "env": _parse_env(env)}
+    if label:
+        body["labels"] = _parse_env(label, "--label")
+    if timeout:
+        body["timeout"] = timeout
     try:
         client = Client()
         info = client.request("POST", "/v1/sandboxes", json=body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,9 @@ def test_keys_are_stored_as_hashes_and_revocation_sticks(database_url: str) -> N
         assert secret.startswith("tartarus_") and len(secret) > 40
         stored = store.db.query("SELECT key_hash FROM api_keys")
         assert secret not in repr(stored)  # only the digest is kept
+        if database_url.startswith("sqlite://"):
+            for f in Path(database_url.removeprefix("sqlite://")).parent.glob("tartarus.db*"):
+                assert f.stat().st_mode & 0o077 == 0, f"{f} is readable by others"
         found = store.authenticate(secret)
         assert found is not None and found.id == key.id and found.admin and found.tenant == "acme"
         assert store.authenticate(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None

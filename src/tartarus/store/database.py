@@ -48,6 +48,9 @@ class Database:
             if self.dialect == "sqlite":
                 path = Path(self.url.removeprefix("sqlite://"))
                 path.parent.mkdir(parents=True, exist_ok=True)
+                # Owner-only before SQLite opens it: its -wal and -shm files take the database's mode.
+                path.touch(mode=0o600, exist_ok=True)
+                path.chmod(0o600)
                 # isolation_level=None: we issue BEGIN/COMMIT ourselves.
                 conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -55,7 +58,6 @@ class Database:
                 # can drop the last transactions; FULL would add an fsync to every API call.
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
-                path.chmod(0o600)
                 self._conn = conn
             else:
                 import psycopg

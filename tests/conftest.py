@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -47,3 +48,23 @@ def daemon_url(daemon_state: Path) -> Iterator[str]:
     uds = daemon_state / "api.sock"
     with daemon_thread(daemon_state, uds):
         yield f"unix://{uds}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A private PostgreSQL server for the whole session (see tests/pg.py)."""
+    from tests.pg import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each kind the store supports."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path / 'tartarus.db'}"
+    from tests.pg import fresh_database
+
+    server: str = request.getfixturevalue("postgres_server_url")
+    return fresh_database(server, "t_" + secrets.token_hex(8))

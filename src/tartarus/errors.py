@@ -60,6 +60,20 @@ class PolicyDenied(TartarusError):
     status = 403
 
 
+class PermissionDenied(TartarusError):
+    """The key is valid but its role may not do this (tenant keys on admin endpoints)."""
+
+    code = "forbidden"
+    status = 403
+
+
+class Quarantined(TartarusError):
+    """The sandbox is quarantined: the operation is refused until an admin releases it."""
+
+    code = "quarantined"
+    status = 423
+
+
 class SandboxFailed(TartarusError):
     """The sandbox's VM or guest agent died; the message says why (panic, agent exit, QEMU exit)."""
 
@@ -97,6 +111,8 @@ ALL: dict[str, type[TartarusError]] = {
         InsufficientStorage,
         AuthError,
         PolicyDenied,
+        PermissionDenied,
+        Quarantined,
         SandboxFailed,
         GuestError,
         SetupRequired,

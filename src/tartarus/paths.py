@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The daemon's local admin key, in its state dir (and beside its socket): see daemon/auth.py.
+LOCAL_KEY_FILE = "admin.key"
 
 
 def cache_dir() -> Path:

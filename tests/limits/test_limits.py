@@ -50,7 +50,7 @@ while True:
 
 
 def test_ttl_destroys_on_time_and_says_why(daemon_url: str, daemon_state: Path) -> None:
-    sb = Sandbox.create("python-ds", url=daemon_url, ttl_s=2)
+    sb = Sandbox.create("python-ds", url=daemon_url, timeout=2)
     created = sb.info["created_at"]
     assert sb.info["expires_at"] == pytest.approx(created + 2)
     while True:
@@ -58,7 +58,7 @@ def test_ttl_destroys_on_time_and_says_why(daemon_url: str, daemon_state: Path) 
             sb.refresh()
         except NotFound as e:
             gone = time.time()
-            assert "TTL of 2 s expired" in str(e)
+            assert "timeout of 2 s expired" in str(e)
             break
         assert time.time() - created < 10, "TTL did not fire"
         time.sleep(0.05)  # polling the API for the daemon's timer; nothing to wait on

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tartarus.paths import LOCAL_KEY_FILE
 from tartarus.sdk import Sandbox
 from tests.network.conftest import leftovers, uplinks, wait_for
 
@@ -31,7 +32,8 @@ def test_next_daemon_reaps_what_a_killed_one_left(tmp_path: Path) -> None:
     before = uplinks()
     daemon = _serve(state, sock)
     try:
-        sb = Sandbox.create("python-ds", url=f"unix://{sock}", network="full", ttl_s=600)
+        key = (state / LOCAL_KEY_FILE).read_text().strip()  # the socket is not beside the state dir
+        sb = Sandbox.create("python-ds", url=f"unix://{sock}", api_key=key, network="full", timeout=600)
         assert "netns" in leftovers(sb.id)
         pooled = [p.name for p in (state / "sandboxes").iterdir() if p.name != sb.id]
     finally:

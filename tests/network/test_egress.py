@@ -115,7 +115,7 @@ def _host_addresses() -> list[str]:
 
 def test_destroy_leaves_no_namespace_link_rule_or_cgroup(net_daemon: tuple[str, Path]) -> None:
     url, _ = net_daemon
-    sb = Sandbox.create("python-ds", url=url, network="full", ttl_s=600)
+    sb = Sandbox.create("python-ds", url=url, network="full", timeout=600)
     sandbox_id = sb.id
     (link,) = _uplink_of(sandbox_id)
     assert "netns" in leftovers(sandbox_id)

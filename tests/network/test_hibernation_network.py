@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tartarus.errors import Conflict
+from tartarus.errors import Quarantined
 from tartarus.sdk import Sandbox
 from tests.network.conftest import HOST_ADDR, NetHost, leftovers, probe
 
@@ -42,9 +42,9 @@ def test_a_quarantined_sandbox_is_not_hibernated_or_forked(net_daemon: tuple[str
     url, _ = net_daemon
     with Sandbox.create("python-ds", url=url, network="full") as sb:
         sb.quarantine("under investigation")
-        with pytest.raises(Conflict, match="quarantined"):
+        with pytest.raises(Quarantined, match="quarantined"):
             sb.hibernate()
-        with pytest.raises(Conflict, match="quarantined"):
+        with pytest.raises(Quarantined, match="quarantined"):
             sb.fork(1)
         sb.release()
         assert sb.hibernate()["state"] == "hibernated"

@@ -112,7 +112,10 @@ def test_admission_verdicts(policy_daemon: tuple[str, Path], net_host: NetHost) 
     port = net_host.ports[0]
     with pytest.raises(PolicyDenied, match="no miners"):
         Sandbox.create("python-ds", url=url, labels={"job": "miner"})
-    assert audit.read(state)[-1]["action"] == "sandbox.rejected"
+    # The last sandbox event (the API also records each call, as "POST /v1/sandboxes").
+    assert [r for r in audit.read(state) if r["action"].startswith("sandbox.")][-1]["action"] == (
+        "sandbox.rejected"
+    )
     policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [port]}]}
     with Sandbox.create("python-ds", url=url, network=policy, labels={"risk": "high"}) as sb:
         assert sb.info["quarantined"] and sb.info["quarantine_reason"] == "high risk"

@@ -36,8 +36,9 @@ def _emit(doc: dict[str, Any], json_path: Path | None) -> None:
 Runner = Callable[[Callable[[int], None]], dict[str, Any]]
 
 
-def _measure(name: str, steps: int, runner: Runner) -> dict[str, Any]:
-    """Run a benchmark under a progress bar of `steps`; its result with machine, accelerator, revision."""
+def _measure(name: str, steps: int | None, runner: Runner) -> dict[str, Any]:
+    """Run a benchmark under a progress bar of `steps` (None: open-ended); its result with machine,
+    accelerator, revision."""
     from tartarus.guest.kernel import kernel_path
     from tartarus.runtime.accel import choose_accel
 
@@ -58,7 +59,7 @@ def _measure(name: str, steps: int, runner: Runner) -> dict[str, Any]:
     return doc
 
 
-def _run(name: str, steps: int, json_path: Path | None, runner: Runner) -> None:
+def _run(name: str, steps: int | None, json_path: Path | None, runner: Runner) -> None:
     """Run a benchmark, print its summary, and write its result."""
     _emit(_measure(name, steps, runner), json_path)
 
@@ -174,6 +175,38 @@ def quarantine(
         f"p99={result['live_quarantine_ms']:.1f} ms (n={result['live_quarantine']['samples']})"
     )
     _emit(result, json_out)
+
+
+@bench_app.command()
+def load(
+    clients: Annotated[int, typer.Option("--clients", "-c", min=1, max=256)] = 32,
+    duration: Annotated[float, typer.Option("--duration", "-d", min=1, help="seconds")] = 180,
+    template: TemplateOpt = "python-ds",
+    json_out: JsonOut = None,
+) -> None:
+    """Concurrent clients create, exec in and destroy sandboxes on a private daemon: errors, leaks, memory."""
+    from tartarus.bench.load import run_load
+
+    def run(progress: Callable[[int], None]) -> dict[str, Any]:
+        result = run_load(clients, duration, template, progress=progress)
+        err.print(
+            f"load: {result['cycles']} cycles, {result['errors']} errors, "
+            f"{result['sandboxes_left']} sandboxes and {result['vms_left_after_exit']} VMs left, "
+            f"daemon RSS {result['daemon_rss_mib']}"
+        )
+        return result
+
+    _run("load", None, json_out, run)
+
+
+@bench_app.command("api-overhead")
+def api_overhead(
+    samples: Samples = 200, template: TemplateOpt = "python-ds", json_out: JsonOut = None
+) -> None:
+    """Sequential creates through the REST API: the control plane's time on top of the runtime's."""
+    from tartarus.bench.load import run_api_overhead
+
+    _run("api-overhead", samples, json_out, lambda p: run_api_overhead(samples, template, p))
 
 
 @bench_app.command("image-convert")

@@ -157,11 +157,15 @@ def serve(
     host: Annotated[str | None, typer.Option(help="listen on TCP (e.g. 127.0.0.1)")] = None,
     port: Annotated[int, typer.Option(help="TCP port, with --host")] = 8700,
     socket: Annotated[Path | None, typer.Option(help="unix socket path (default: the state dir's)")] = None,
+    log_format: Annotated[str, typer.Option(help="json (one object per line) or text")] = "json",
 ) -> None:
     """Run the daemon: owns the sandboxes and serves the REST API."""
+    from tartarus.daemon import logs
     from tartarus.daemon.server import serve as run_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_format not in ("json", "text"):
+        raise typer.BadParameter("must be json or text", param_hint="--log-format")
+    logs.configure(log_format)
     try:
         if host:
             run_server(state_dir(), host=host, port=port)
@@ -208,9 +212,9 @@ def sandbox_create(
     allow: Annotated[
         list[str] | None, typer.Option("--allow", help="HOST[:PORT,...] (a CIDR or DNS name); implies allow")
     ] = None,
-    ttl: Annotated[float | None, typer.Option(help="destroy after this many seconds")] = None,
+    timeout: Annotated[float | None, typer.Option(help="seconds until it is destroyed")] = None,
     label: Annotated[
-        list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, for policy rules")
+        list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, for list filters and policy rules")
     ] = None,
 ) -> None:
     """Create a sandbox on the running daemon and print its id."""
@@ -229,7 +233,7 @@ def sandbox_create(
         env=_parse_env(env),
         idle_timeout=None,
         network=policy,
-        ttl_s=ttl,
+        timeout=timeout,
         labels=_parse_env(label, "--label"),
     )
     try:
@@ -260,20 +264,35 @@ def sandbox_exec(
 
 
 @sandbox_app.command("ls")
-def sandbox_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List sandboxes."""
+def sandbox_ls(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, all must match")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="also destroyed, failed and lost ones")] = False,
+) -> None:
+    """List sandboxes (yours; an admin key's: everyone's)."""
     from tartarus.sdk import Sandbox
 
     try:
-        sandboxes = Sandbox.list()
+        sandboxes = Sandbox.list(labels=_parse_env(label, "--label"), include_ended=all_)
     except errors.TartarusError as e:
         raise _fail(e) from e
     if as_json:
         print(json.dumps(sandboxes, indent=2))
         return
-    table = Table("ID", "TEMPLATE", "STATE", "VCPUS", "MEMORY")
+    table = Table("ID", "TENANT", "TEMPLATE", "STATE", "VCPUS", "MEMORY", "LABELS")
     for s in sandboxes:
-        table.add_row(s["id"], s["template"], s["state"], str(s["vcpus"]), f"{s['memory_mib']} MiB")
+        labels = ",".join(f"{k}={v}" for k, v in s.get("labels", {}).items())
+        table.add_row(
+            s["id"],
+            s.get("tenant") or "-",
+            s["template"],
+            s["state"],
+            str(s["vcpus"]),
+            f"{s['memory_mib']} MiB",
+            labels,
+        )
     Console().print(table)
 
 
@@ -478,6 +497,13 @@ def _register_bench() -> None:
     app.add_typer(bench_app, name="bench")
 
 
+def _register_keys() -> None:
+    from tartarus.cli.keys import keys_app, tenants_app
+
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(tenants_app, name="tenants")
+
+
 def _register_image() -> None:
     from tartarus.images.cli import image_app
 
@@ -486,6 +512,7 @@ def _register_image() -> None:
 
 _register_bench()
 _register_image()
+_register_keys()
 
 if __name__ == "__main__":
     app()

@@ -7,7 +7,6 @@ streamed exec reports late failures as a final `error` event instead.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -16,11 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tartarus
+from tartarus.daemon import control_api, quotas
+from tartarus.daemon.control import ControlPlane, parse_labels, principal_of, record_id
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
     CheckpointInfo,
@@ -47,29 +49,44 @@ from tartarus.daemon.models import (
     RunCodeResult,
     SandboxInfo,
     SandboxList,
+    SetTimeout,
     TemplateInfo,
     TemplateList,
     WriteResult,
 )
-from tartarus.errors import GuestError, InvalidArgument, TartarusError
+from tartarus.daemon.requests import RequestMiddleware
+from tartarus.errors import GuestError, InvalidArgument, NotFound, TartarusError
 from tartarus.hibernation.image import Image
 from tartarus.quarantine.info import containment_info
 from tartarus.runtime.agent import Exit, FileInfo, Output
 from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.store import SandboxRow
 from tartarus.templates.store import list_templates
 
 log = logging.getLogger(__name__)
 
 PathQuery = Annotated[str, Query(pattern=r"^/", max_length=4095, description="absolute path in the guest")]
 _ERRORS: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody} for status in (400, 403, 404, 409, 429, 502, 507)
+    status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 423, 429, 502, 507)
 }
 
 
-def _info(record: SandboxRecord) -> SandboxInfo:
+def _info(record: SandboxRecord, owner: SandboxRow | None = None) -> SandboxInfo:
+    """A sandbox as the API shows it; `owner` adds the control plane's record (tenant, labels...)."""
     vm = record.runtime.vm if record.runtime else None
     image = record.image
+    extra = (
+        {
+            "tenant": owner.tenant,
+            "labels": owner.labels,
+            "timeout": owner.timeout_s,
+            "expires_at": owner.expires_at,
+        }
+        if owner
+        else {}
+    )
     return SandboxInfo(
+        **{**(containment_info(record.runtime) if record.runtime else {}), **extra},
         id=record.id,
         template=record.template.name,
         state=record.state,
@@ -81,7 +98,6 @@ def _info(record: SandboxRecord) -> SandboxInfo:
         memory_mib=vm.config.memory_mib if vm else image.memory_mib if image else record.template.memory_mib,
         timings_ms={k: round(v * 1000, 3) for k, v in record.timings.items()},
         restored="state_loaded" in record.timings,
-        **(containment_info(record.runtime) if record.runtime else {}),
     )
 
 
@@ -93,6 +109,23 @@ def _checkpoint(image: Image) -> CheckpointInfo:
         captured_at=image.captured_at,
         disk_bytes=image.disk_bytes,
         ttl_s=image.ttl_s,
+    )
+
+
+def _ended_info(row: SandboxRow) -> SandboxInfo:
+    """A sandbox that no longer runs, from its stored record."""
+    return SandboxInfo(
+        id=row.id,
+        template=row.template,
+        state=row.state if row.state in ("destroyed", "failed", "lost") else "destroyed",
+        error=row.error,
+        created_at=row.created_at,
+        vcpus=row.vcpus,
+        memory_mib=row.memory_mib,
+        tenant=row.tenant,
+        labels=row.labels,
+        timeout=row.timeout_s,
+        ended_at=row.ended_at,
     )
 
 
@@ -108,18 +141,31 @@ def _error(exc: TartarusError) -> JSONResponse:
 
 def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     manager = SandboxManager(state_dir, config)
+    control = ControlPlane(state_dir, manager)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager.open()
-        manager.start_pools()
         try:
+            control.open()
+            manager.start_pools()
+            control.start()
             yield
         finally:
             await manager.close()
+            await control.close()
 
-    app = FastAPI(title="Tartarus", version=tartarus.__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="Tartarus",
+        version=tartarus.__version__,
+        lifespan=lifespan,
+        # Every route needs an API key (bar health); it also hides other tenants' sandboxes.
+        dependencies=[Depends(control.authorize)],
+    )
     app.state.manager = manager
+    app.state.control = control
+    app.add_middleware(RequestMiddleware, control=control)
+    app.include_router(control_api.router(control))
 
     @app.exception_handler(TartarusError)
     async def tartarus_error(request: Request, exc: TartarusError) -> JSONResponse:
@@ -137,12 +183,21 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             return _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Routing errors (unknown path, wrong method) keep the documented body shape too.
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        detail = ErrorDetail(code=codes.get(exc.status_code, "http_error"), message=str(exc.detail))
+        return JSONResponse(
+            ErrorBody(error=detail).model_dump(exclude_none=True), exc.status_code, headers=exc.headers
+        )
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return _error(InvalidArgument("; ".join(parts) or "invalid request"))
 
-    @app.get("/v1/health", response_model=Health)
+    @app.get("/v1/health", response_model=Health, openapi_extra={"security": []})
     async def health() -> Health:
         from tartarus.runtime.accel import choose_accel
 
@@ -160,24 +215,56 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         )
 
     @app.post("/v1/sandboxes", response_model=SandboxInfo, status_code=201, responses=_ERRORS)
-    async def create_sandbox(body: CreateSandbox) -> SandboxInfo:
+    async def create_sandbox(body: CreateSandbox, request: Request) -> SandboxInfo:
+        """Create a sandbox owned by the caller's tenant, within its quota (429 quota_exceeded) and the
+        host's policy (403 policy_denied, or admitted into quarantine)."""
         options = SandboxOptions(
             vcpus=body.vcpus,
             memory_mib=body.memory_mib,
             env=body.env,
             network=body.network,
             max_processes=body.max_processes,
-            ttl_s=body.ttl_s,
+            ttl_s=body.timeout,  # capped by the policy; the control plane keeps it durable and settable
         )
-        return _info(await manager.create(body.template, options, body.idle_timeout_s, labels=body.labels))
 
-    @app.get("/v1/sandboxes", response_model=SandboxList)
-    async def list_sandboxes() -> SandboxList:
-        return SandboxList(sandboxes=[_info(r) for r in manager.list()])
+        async def spawn(template: str, options: SandboxOptions) -> SandboxRecord:
+            tenant = principal_of(request).tenant
+            return await manager.create(
+                template, options, body.idle_timeout_s, tenant=tenant, labels=body.labels
+            )
+
+        record = await control.create(
+            request, body.template, options, labels=body.labels, timeout=body.timeout, spawn=spawn
+        )
+        return _info(record, control.owners.get(record_id(record)))
+
+    @app.get("/v1/sandboxes", response_model=SandboxList, responses=_ERRORS)
+    async def list_sandboxes(
+        request: Request,
+        label: Annotated[list[str], Query(description="key=value; repeat to require several")] = [],  # noqa: B006
+        tenant: Annotated[str | None, Query(description="admins: only this tenant's")] = None,
+        include_ended: Annotated[bool, Query(description="also destroyed, failed and lost ones")] = False,
+    ) -> SandboxList:
+        """The caller's sandboxes (an admin's: everyone's), optionally filtered by labels."""
+        principal = principal_of(request)
+        labels = parse_labels(label)
+        shown = control.visible(principal, manager.list(), labels=labels, tenant=tenant)
+        sandboxes = [_info(r, control.owners.get(record_id(r))) for r in shown]
+        if include_ended:
+            live = {s.id for s in sandboxes}
+            ended = await control.ended(principal, labels=labels, tenant=tenant)
+            sandboxes += [_ended_info(row) for row in ended if row.id not in live]
+        return SandboxList(sandboxes=sandboxes)
 
     @app.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxInfo, responses=_ERRORS)
     async def get_sandbox(sandbox_id: str) -> SandboxInfo:
-        return _info(manager.get(sandbox_id))
+        return _info(manager.get(sandbox_id), control.owners.get(sandbox_id))
+
+    @app.put("/v1/sandboxes/{sandbox_id}/timeout", response_model=SandboxInfo, responses=_ERRORS)
+    async def set_timeout(sandbox_id: str, body: SetTimeout) -> SandboxInfo:
+        """Destroy the sandbox `timeout` seconds from now (null: keep it until deleted)."""
+        owner = await control.set_timeout(sandbox_id, body.timeout)
+        return _info(manager.get(sandbox_id), owner)
 
     @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=_ERRORS)
     async def delete_sandbox(sandbox_id: str) -> Response:
@@ -187,11 +274,11 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     @app.post("/v1/sandboxes/{sandbox_id}/hibernate", response_model=SandboxInfo, responses=_ERRORS)
     async def hibernate(sandbox_id: str) -> SandboxInfo:
         """Put the sandbox to disk: no process, no RAM; any later call wakes it as it was."""
-        return _info(await manager.hibernate(sandbox_id))
+        return _info(await manager.hibernate(sandbox_id), control.owners.get(sandbox_id))
 
     @app.post("/v1/sandboxes/{sandbox_id}/wake", response_model=SandboxInfo, responses=_ERRORS)
     async def wake(sandbox_id: str) -> SandboxInfo:
-        return _info(await manager.wake(sandbox_id))
+        return _info(await manager.wake(sandbox_id), control.owners.get(sandbox_id))
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/checkpoints",
@@ -206,20 +293,39 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     @app.post(
         "/v1/sandboxes/{sandbox_id}/fork", response_model=SandboxList, status_code=201, responses=_ERRORS
     )
-    async def fork(sandbox_id: str, body: ForkRequest) -> SandboxList:
-        return SandboxList(sandboxes=[_info(r) for r in await manager.fork(sandbox_id, body.count)])
+    async def fork(sandbox_id: str, body: ForkRequest, request: Request) -> SandboxList:
+        """Running copies of the sandbox, owned by the caller's tenant and counted against its quota."""
+        source = control.owners.get(sandbox_id)
+        vcpus, memory = (source.vcpus, source.memory_mib) if source else (0, 0)
+        with control.admission(request, quotas.Usage(body.count, body.count * vcpus, body.count * memory)):
+            copies = await manager.fork(sandbox_id, body.count)
+            owners = [control.adopt(request, r, labels=r.labels, timeout=None) for r in copies]
+        await control.persist(owners)
+        return SandboxList(sandboxes=[_info(r, o) for r, o in zip(copies, owners, strict=True)])
+
+    def _own_checkpoint(request: Request, checkpoint_id: str) -> Image:
+        """A checkpoint the caller may use: its tenant's (an admin's: any); others' answer 404."""
+        image = manager.get_checkpoint(checkpoint_id)
+        principal = principal_of(request)
+        if not principal.admin and image.request.get("tenant") != principal.tenant:
+            raise NotFound(f"no checkpoint {checkpoint_id!r}")
+        return image
 
     @app.get("/v1/checkpoints", response_model=CheckpointList)
-    async def list_checkpoints() -> CheckpointList:
-        return CheckpointList(checkpoints=[_checkpoint(i) for i in manager.checkpoints()])
+    async def list_checkpoints(request: Request) -> CheckpointList:
+        principal = principal_of(request)
+        mine = [
+            i for i in manager.checkpoints() if principal.admin or i.request.get("tenant") == principal.tenant
+        ]
+        return CheckpointList(checkpoints=[_checkpoint(i) for i in mine])
 
     @app.get("/v1/checkpoints/{checkpoint_id}", response_model=CheckpointInfo, responses=_ERRORS)
-    async def get_checkpoint(checkpoint_id: str) -> CheckpointInfo:
-        return _checkpoint(manager.get_checkpoint(checkpoint_id))
+    async def get_checkpoint(checkpoint_id: str, request: Request) -> CheckpointInfo:
+        return _checkpoint(_own_checkpoint(request, checkpoint_id))
 
     @app.delete("/v1/checkpoints/{checkpoint_id}", status_code=204, responses=_ERRORS)
-    async def delete_checkpoint(checkpoint_id: str) -> Response:
-        manager.delete_checkpoint(checkpoint_id)
+    async def delete_checkpoint(checkpoint_id: str, request: Request) -> Response:
+        manager.delete_checkpoint(_own_checkpoint(request, checkpoint_id).id)
         return Response(status_code=204)
 
     @app.post(
@@ -228,11 +334,19 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         status_code=201,
         responses=_ERRORS,
     )
-    async def create_from_checkpoint(checkpoint_id: str, body: CreateFromCheckpoint) -> SandboxInfo:
-        options = SandboxOptions(env=body.env)
-        return _info(await manager.create_from_checkpoint(checkpoint_id, options, body.idle_timeout_s))
+    async def create_from_checkpoint(
+        checkpoint_id: str, body: CreateFromCheckpoint, request: Request
+    ) -> SandboxInfo:
+        image = _own_checkpoint(request, checkpoint_id)
+        with control.admission(request, quotas.Usage(1, image.vcpus, image.memory_mib)):
+            record = await manager.create_from_checkpoint(
+                image.id, SandboxOptions(env=body.env), body.idle_timeout_s
+            )
+            owner = control.adopt(request, record, labels=record.labels, timeout=None)
+        await control.persist([owner])
+        return _info(record, owner)
 
-    @app.post("/v1/gc", response_model=GcResult)
+    @app.post("/v1/gc", response_model=GcResult, dependencies=[Depends(control.require_admin)])
     async def gc() -> GcResult:
         """Delete expired checkpoints and unused snapshot pins."""
         return GcResult(**manager.gc())
@@ -255,15 +369,18 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/exec",
-        responses={200: {"content": {"application/x-ndjson": {}}}, **_ERRORS},
+        responses={200: {"content": {"application/x-ndjson": {}, "text/event-stream": {}}}, **_ERRORS},
         response_class=StreamingResponse,
     )
-    async def exec_command(sandbox_id: str, body: ExecRequest) -> StreamingResponse:
+    async def exec_command(sandbox_id: str, body: ExecRequest, request: Request) -> StreamingResponse:
+        """Run a command, streaming ExecEvents as NDJSON, or as server-sent events with
+        `Accept: text/event-stream` (event name = the event's type)."""
+        sse = "text/event-stream" in request.headers.get("accept", "")
         stdin = b""
         if body.stdin is not None:
             try:
                 stdin = base64.b64decode(body.stdin, validate=True)
-            except binascii.Error as e:
+            except ValueError as e:  # binascii.Error, or characters that are not ASCII at all
                 raise InvalidArgument(f"stdin is not valid base64: {e}") from e
         rt = await manager.begin_call(sandbox_id)
         try:
@@ -282,7 +399,10 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
 
         async def events() -> AsyncIterator[bytes]:
             def line(event: ExecEvent) -> bytes:
-                return event.model_dump_json(exclude_none=True).encode() + b"\n"
+                data = event.model_dump_json(exclude_none=True).encode()
+                return (
+                    b"event: " + event.type.encode() + b"\ndata: " + data + b"\n\n" if sse else data + b"\n"
+                )
 
             yield line(ExecEvent(type="started", pid=process.pid))
             try:
@@ -312,7 +432,8 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                     process.abandon()
                 manager.end_call(sandbox_id)
 
-        return StreamingResponse(events(), media_type="application/x-ndjson")
+        media_type = "text/event-stream" if sse else "application/x-ndjson"
+        return StreamingResponse(events(), media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/sandboxes/{sandbox_id}/code", response_model=RunCodeResult, responses=_ERRORS)
     async def run_code(sandbox_id: str, body: RunCodeRequest) -> RunCodeResult:

@@ -15,13 +15,13 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from tartarus import audit
-from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied
+from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied, Quarantined
 from tartarus.hibernation import ops
 from tartarus.hibernation.image import META, Image, list_images, remove_image, unpin_unused
 from tartarus.limits.ttl import Deadlines
@@ -115,8 +115,11 @@ class SandboxManager:
         self._idle_task: asyncio.Task[None] | None = None
         self.policy = PolicyEngine(self.config.policy)
         self._deadlines = Deadlines()
+        self._ttl_s: dict[str, float] = {}  # the timeout each deadline was set with, for the record
         self._ended: dict[str, str] = {}  # why recently ended sandboxes ended (TTL), for a clear 404
         self._trigger_task: asyncio.Task[None] | None = None
+        # Told (id, why) after a sandbox's timeout destroyed it (the control plane stores the end).
+        self.on_expired: Callable[[str, str], Awaitable[None]] | None = None
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
@@ -274,7 +277,7 @@ class SandboxManager:
         self._records[runtime.id] = record
         self._watch(record)
         if admission.limits.ttl_s is not None:
-            self._deadlines.schedule(runtime.id, admission.limits.ttl_s, lambda: self._expire(runtime.id))
+            self.set_ttl(runtime.id, admission.limits.ttl_s)
         return record
 
     def _watch(self, record: SandboxRecord) -> None:
@@ -295,13 +298,26 @@ class SandboxManager:
             raise NotFound(f"sandbox {id_!r} {ended}" if ended else f"no sandbox {id_!r}")
         return record
 
+    def set_ttl(self, id_: str, seconds: float | None) -> None:
+        """Destroy the sandbox `seconds` from now (None: never), replacing its TTL."""
+        self.get(id_)
+        if seconds is None:
+            self._deadlines.cancel(id_)
+            self._ttl_s.pop(id_, None)
+        else:
+            self._deadlines.schedule(id_, seconds, lambda: self._expire(id_))
+            self._ttl_s[id_] = seconds
+
     async def _expire(self, id_: str) -> None:
         record = self._records.get(id_)
         if record is None:
             return
-        options = record.runtime.options if record.runtime else None
-        ttl = options.limits.ttl_s if options and options.limits else None
-        why = f"was destroyed: its TTL of {ttl:g} s expired" if ttl else "was destroyed: its TTL expired"
+        ttl = self._ttl_s.pop(id_, None)
+        why = (
+            f"was destroyed: its timeout of {ttl:g} s expired"
+            if ttl
+            else "was destroyed: its timeout expired"
+        )
         audit.record(self.state_dir, "sandbox.expired", sandbox=id_, ttl_s=ttl)
         log.info("sandbox %s %s", id_, why)
         self._ended[id_] = why
@@ -309,6 +325,8 @@ class SandboxManager:
             del self._ended[next(iter(self._ended))]
         with contextlib.suppress(NotFound):
             await self.destroy(id_)
+        if self.on_expired is not None:
+            await self.on_expired(id_, why)
 
     async def quarantine(self, id_: str, reason: str, by: str = "operator") -> SandboxRecord:
         """Live quarantine (operator or runtime trigger): network cut now, resources clamped. A
@@ -541,6 +559,7 @@ class SandboxManager:
         if record is None:
             raise NotFound(f"no sandbox {id_!r}")
         self._deadlines.cancel(id_)
+        self._ttl_s.pop(id_, None)
         async with record.lock:
             record.state = "destroyed"
             if record.image is not None:
@@ -555,7 +574,7 @@ class SandboxManager:
 def _not_quarantined(runtime: RuntimeSandbox, what: str) -> None:
     """A quarantined sandbox stays where its operator can see it until released."""
     if runtime.quarantine is not None:
-        raise Conflict(f"sandbox {runtime.id} is quarantined and cannot be {what} until it is released")
+        raise Quarantined(f"sandbox {runtime.id} is quarantined and cannot be {what} until it is released")
 
 
 def _request(record: SandboxRecord) -> dict[str, Any]:

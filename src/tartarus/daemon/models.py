@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from tartarus.network.policy import NetworkPolicy
 from tartarus.templates.spec import NAME_PATTERN
 
 _ENV_KEY = r"^[A-Za-z_][A-Za-z0-9_]*$"
+LABEL_KEY = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
+MAX_TIMEOUT_S = 30 * 86400
+Labels = dict[
+    Annotated[str, StringConstraints(pattern=LABEL_KEY)], Annotated[str, StringConstraints(max_length=256)]
+]
 
 
 class Strict(BaseModel):
@@ -31,8 +36,19 @@ class CreateSandbox(Strict):
         default_factory=NetworkPolicy, description="egress: none (default), allow (listed), full (NAT)"
     )
     max_processes: int | None = Field(None, ge=20, le=1 << 22, description="tasks inside the guest")
-    ttl_s: float | None = Field(None, gt=0, description="destroyed after this many seconds")
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="for policy rules")
+    labels: Labels = Field(
+        default_factory=dict,
+        max_length=64,
+        examples=[{"team": "ml"}],
+        description="for list filters and policy rules",
+    )
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="seconds until the sandbox is destroyed (none: never, or the policy's default); "
+        "capped by the policy",
+    )
 
 
 class CreateFromCheckpoint(Strict):
@@ -84,10 +100,16 @@ class QuarantineRequest(Strict):
     reason: str = Field(min_length=1, max_length=1024)
 
 
+class SetTimeout(Strict):
+    timeout: float | None = Field(
+        gt=0, le=MAX_TIMEOUT_S, description="seconds from now until the sandbox is destroyed (null: never)"
+    )
+
+
 class SandboxInfo(BaseModel):
     id: str
     template: str
-    state: Literal["running", "hibernated", "failed", "destroyed"]
+    state: Literal["running", "hibernated", "failed", "destroyed", "lost"]
     error: str | None = None
     created_at: float
     idle_timeout_s: float | None = None
@@ -101,7 +123,11 @@ class SandboxInfo(BaseModel):
     network: Literal["none", "allow", "full"] = Field("none", description="egress in force now")
     quarantined: bool = False
     quarantine_reason: str | None = None
-    expires_at: float | None = Field(None, description="when the TTL destroys it (epoch seconds)")
+    tenant: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    timeout: float | None = Field(None, description="seconds the sandbox was given when its timeout was set")
+    expires_at: float | None = Field(None, description="when the sandbox will be destroyed (unix time)")
+    ended_at: float | None = None
 
 
 class SandboxList(BaseModel):

@@ -14,20 +14,27 @@ from pathlib import Path
 import uvicorn
 
 from tartarus.daemon.app import create_app
+from tartarus.daemon.auth import write_key_file
 from tartarus.daemon.manager import DaemonConfig
 from tartarus.errors import TartarusError
+from tartarus.paths import LOCAL_KEY_FILE
 
 
 def serve(
     state_dir: Path, *, host: str | None = None, port: int | None = None, uds: Path | None = None
 ) -> None:
     app = create_app(state_dir)
+    # Logging is configured by the caller (JSON lines); the access log is ours, with request IDs.
     if uds is not None:
         uds.parent.mkdir(parents=True, exist_ok=True)
         uds.unlink(missing_ok=True)
-        config = uvicorn.Config(app, uds=str(uds), log_level="info", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, uds=str(uds), timeout_graceful_shutdown=5, log_config=None, access_log=False
+        )
     else:
-        config = uvicorn.Config(app, host=host or "127.0.0.1", port=port or 8700, log_level="info")
+        config = uvicorn.Config(
+            app, host=host or "127.0.0.1", port=port or 8700, log_config=None, access_log=False
+        )
     uvicorn.Server(config).run()
 
 
@@ -45,13 +52,23 @@ def _reap_embedded(root: Path) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
+def _publish_local_key(state_dir: Path, uds: Path) -> Path | None:
+    """Clients find a local daemon's admin key beside its socket (sdk/_core.py local_key): copy it there
+    when the socket lives outside the state dir. Returns the copy, to remove when the daemon stops."""
+    if uds.parent.resolve() == state_dir.resolve():
+        return None
+    copy = uds.parent / LOCAL_KEY_FILE
+    write_key_file(copy, (state_dir / LOCAL_KEY_FILE).read_text().strip())
+    return copy
+
+
 @contextlib.contextmanager
 def daemon_thread(
     state_dir: Path, uds: Path, daemon_config: DaemonConfig | None = None
 ) -> Iterator[uvicorn.Server]:
     """Serve the API for `state_dir` on `uds` from a thread of this process until the block ends."""
     app = create_app(state_dir, daemon_config)
-    config = uvicorn.Config(app, uds=str(uds), log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, uds=str(uds), log_level="warning", lifespan="on", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="tartarus-daemon", daemon=True)
     thread.start()
@@ -63,7 +80,12 @@ def daemon_thread(
             if time.monotonic() > deadline:
                 raise TartarusError("daemon did not start within 30 s")
             time.sleep(0.01)
-        yield server
+        published = _publish_local_key(state_dir, uds)
+        try:
+            yield server
+        finally:
+            if published is not None:
+                published.unlink(missing_ok=True)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

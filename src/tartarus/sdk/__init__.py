@@ -1,8 +1,36 @@
 """Python SDK: `Sandbox` (sync) and `AsyncSandbox`, speaking the daemon's REST API."""
 
+from tartarus.errors import (
+    AuthError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Quarantined,
+    QuotaExceeded,
+    SandboxFailed,
+    TartarusError,
+    Timeout,
+)
 from tartarus.runtime.interpreter import Execution, ExecutionError
 from tartarus.sdk._core import CommandResult
 from tartarus.sdk.aio import AsyncClient, AsyncSandbox
 from tartarus.sdk.sync import Client, Sandbox
 
-__all__ = ["AsyncClient", "AsyncSandbox", "Client", "CommandResult", "Execution", "ExecutionError", "Sandbox"]
+__all__ = [
+    "AsyncClient",
+    "AsyncSandbox",
+    "AuthError",
+    "Client",
+    "CommandResult",
+    "Execution",
+    "ExecutionError",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "Quarantined",
+    "QuotaExceeded",
+    "Sandbox",
+    "SandboxFailed",
+    "TartarusError",
+    "Timeout",
+]

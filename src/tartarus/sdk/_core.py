@@ -7,12 +7,13 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tartarus import errors
-from tartarus.paths import default_socket
+from tartarus.paths import LOCAL_KEY_FILE, default_socket
 from tartarus.runtime.interpreter import Execution, ExecutionError
 
 OutputCallback = Callable[[bytes], None]
@@ -28,14 +29,24 @@ class Endpoint:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
+def local_key(uds: str) -> str | None:
+    """The admin key a local daemon keeps beside its socket, if this user may read it (root may)."""
+    try:
+        return (Path(uds).parent / LOCAL_KEY_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def resolve_endpoint(url: str | None = None, api_key: str | None = None) -> Endpoint:
-    """Explicit argument, then TARTARUS_URL / TARTARUS_API_KEY, then the local daemon's socket."""
+    """Explicit argument, then TARTARUS_URL / TARTARUS_API_KEY, then the local daemon's socket.
+
+    On a unix socket with no key given, the daemon's local admin key file is used if readable.
+    """
     url = url or os.environ.get("TARTARUS_URL")
     api_key = api_key or os.environ.get("TARTARUS_API_KEY")
-    if not url:
-        return Endpoint("http://tartarus", uds=str(default_socket()), api_key=api_key)
-    if url.startswith("unix://"):
-        return Endpoint("http://tartarus", uds=url.removeprefix("unix://"), api_key=api_key)
+    if not url or url.startswith("unix://"):
+        uds = url.removeprefix("unix://") if url else str(default_socket())
+        return Endpoint("http://tartarus", uds=uds, api_key=api_key or local_key(uds))
     if not url.startswith(("http://", "https://")):
         raise errors.InvalidArgument(f"TARTARUS_URL must be http(s):// or unix://, not {url!r}")
     return Endpoint(url.rstrip("/"), api_key=api_key)
@@ -192,7 +203,7 @@ def create_request(
     env: dict[str, str] | None,
     idle_timeout: float | None,
     network: str | dict[str, Any] | None = None,
-    ttl_s: float | None = None,
+    timeout: float | None = None,
     max_processes: int | None = None,
     labels: dict[str, str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
@@ -201,7 +212,7 @@ def create_request(
     if idle_timeout:
         body["idle_timeout_s"] = idle_timeout
     if from_snapshot is not None:
-        if vcpus or memory_mib or network is not None or ttl_s or max_processes or labels:
+        if vcpus or memory_mib or network is not None or timeout or max_processes or labels:
             raise errors.InvalidArgument(
                 "a sandbox from a checkpoint takes only env and idle_timeout; the rest is the checkpoint's"
             )
@@ -214,13 +225,20 @@ def create_request(
     if network is not None:
         # "full" / "none", or {"mode": "allow", "allow": [{"host": "pypi.org", "ports": [443]}]}
         body["network"] = {"mode": network} if isinstance(network, str) else network
-    if ttl_s is not None:
-        body["ttl_s"] = ttl_s
+    if timeout:
+        body["timeout"] = timeout
     if max_processes is not None:
         body["max_processes"] = max_processes
     if labels:
         body["labels"] = labels
     return "/v1/sandboxes", body
+
+
+def list_params(labels: dict[str, str] | None, include_ended: bool) -> list[tuple[str, str]]:
+    params = [("label", f"{k}={v}") for k, v in (labels or {}).items()]
+    if include_ended:
+        params.append(("include_ended", "true"))
+    return params
 
 
 def code_body(code: str, timeout: float | None) -> dict[str, Any]:

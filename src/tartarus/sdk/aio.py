@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -20,6 +21,7 @@ from tartarus.sdk._core import (
     create_request,
     exec_body,
     execution_from_json,
+    list_params,
     raise_for_error,
     resolve_endpoint,
     transport_error,
@@ -170,7 +172,7 @@ class AsyncSandbox:
         memory_mib: int | None = None,
         env: dict[str, str] | None = None,
         network: str | dict[str, Any] | None = None,
-        ttl_s: float | None = None,
+        timeout: float | None = None,
         max_processes: int | None = None,
         labels: dict[str, str] | None = None,
         from_snapshot: str | None = None,
@@ -179,6 +181,7 @@ class AsyncSandbox:
         api_key: str | None = None,
         client: AsyncClient | None = None,
     ) -> AsyncSandbox:
+        """Create a sandbox; `timeout` (seconds) destroys it then unless extended with `set_timeout`."""
         owns = client is None
         client = client or AsyncClient(url, api_key)
         path, body = create_request(
@@ -189,7 +192,7 @@ class AsyncSandbox:
             env=env,
             idle_timeout=idle_timeout,
             network=network,
-            ttl_s=ttl_s,
+            timeout=timeout,
             max_processes=max_processes,
             labels=labels,
         )
@@ -208,6 +211,29 @@ class AsyncSandbox:
         client = AsyncClient(url, api_key)
         info = (await client.request("GET", f"/v1/sandboxes/{sandbox_id}")).json()
         return cls(info, client, owns_client=True)
+
+    @staticmethod
+    async def list(
+        *,
+        labels: dict[str, str] | None = None,
+        include_ended: bool = False,
+        url: str | None = None,
+        api_key: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Your sandboxes (all of them, for an admin key), those with all of `labels` if given."""
+        client = AsyncClient(url, api_key)
+        try:
+            params = list_params(labels, include_ended)
+            response = await client.request("GET", "/v1/sandboxes", params=params)
+            return list(response.json()["sandboxes"])
+        finally:
+            await client.close()
+
+    async def set_timeout(self, timeout: float | None) -> dict[str, Any]:
+        """Destroy the sandbox `timeout` seconds from now (None: never)."""
+        path = f"/v1/sandboxes/{self.id}/timeout"
+        self.info = (await self._client.request("PUT", path, json={"timeout": timeout})).json()
+        return self.info
 
     async def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
         """Run Python in the sandbox's warm interpreter (numpy, pandas preloaded); state persists."""
@@ -232,7 +258,7 @@ class AsyncSandbox:
         path = f"/v1/sandboxes/{self.id}/checkpoints"
         return dict((await self._client.request("POST", path, json=body)).json())
 
-    async def fork(self, count: int = 1) -> list[AsyncSandbox]:
+    async def fork(self, count: int = 1) -> builtins.list[AsyncSandbox]:
         """`count` running copies of this sandbox: memory, processes and files as they are now."""
         path = f"/v1/sandboxes/{self.id}/fork"
         infos = (await self._client.request("POST", path, json={"count": count})).json()["sandboxes"]

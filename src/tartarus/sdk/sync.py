@@ -20,6 +20,7 @@ from tartarus.sdk._core import (
     create_request,
     exec_body,
     execution_from_json,
+    list_params,
     raise_for_error,
     resolve_endpoint,
     transport_error,
@@ -176,7 +177,7 @@ class Sandbox:
         memory_mib: int | None = None,
         env: dict[str, str] | None = None,
         network: str | dict[str, Any] | None = None,
-        ttl_s: float | None = None,
+        timeout: float | None = None,
         max_processes: int | None = None,
         labels: dict[str, str] | None = None,
         from_snapshot: str | None = None,
@@ -185,6 +186,7 @@ class Sandbox:
         api_key: str | None = None,
         client: Client | None = None,
     ) -> Sandbox:
+        """Create a sandbox; `timeout` (seconds) destroys it then unless extended with `set_timeout`."""
         owns = client is None
         client = client or Client(url, api_key)
         path, body = create_request(
@@ -195,7 +197,7 @@ class Sandbox:
             env=env,
             idle_timeout=idle_timeout,
             network=network,
-            ttl_s=ttl_s,
+            timeout=timeout,
             max_processes=max_processes,
             labels=labels,
         )
@@ -213,12 +215,26 @@ class Sandbox:
         return cls(client.request("GET", f"/v1/sandboxes/{sandbox_id}").json(), client, owns_client=True)
 
     @staticmethod
-    def list(*, url: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
+    def list(
+        *,
+        labels: dict[str, str] | None = None,
+        include_ended: bool = False,
+        url: str | None = None,
+        api_key: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Your sandboxes (all of them, for an admin key), those with all of `labels` if given."""
         client = Client(url, api_key)
         try:
-            return list(client.request("GET", "/v1/sandboxes").json()["sandboxes"])
+            params = list_params(labels, include_ended)
+            return list(client.request("GET", "/v1/sandboxes", params=params).json()["sandboxes"])
         finally:
             client.close()
+
+    def set_timeout(self, timeout: float | None) -> dict[str, Any]:
+        """Destroy the sandbox `timeout` seconds from now (None: never)."""
+        path = f"/v1/sandboxes/{self.id}/timeout"
+        self.info = self._client.request("PUT", path, json={"timeout": timeout}).json()
+        return self.info
 
     def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
         """Run Python in the sandbox's warm interpreter (numpy, pandas preloaded); state persists."""

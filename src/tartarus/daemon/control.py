@@ -1,0 +1,451 @@
+"""The control plane around the sandbox manager: who may call, who owns which sandbox, quotas, timeouts,
+durable records and the audit trail.
+
+The manager stays a plain runtime table; this layer wraps it. Every database call runs on one worker
+thread (the store's connection is single-threaded) and audit-file flushes on another, so the event loop
+never waits on a database or an fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials
+
+from tartarus import audit
+from tartarus.daemon import quotas
+from tartarus.daemon.auth import Principal, bearer, ensure_local_admin_key, invalid_key, missing_key
+from tartarus.daemon.manager import SandboxManager, SandboxRecord
+from tartarus.daemon.metrics import Metrics
+from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
+from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
+from tartarus.templates.store import Template, get_template
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+PUBLIC_ROUTES = {"/v1/health"}
+WATCH_INTERVAL_S = 0.5
+Spawn = Callable[[str, SandboxOptions], Awaitable[SandboxRecord]]
+
+
+def node_id(state_dir: Path) -> str:
+    """This daemon's stable name in a shared database: sandboxes it reconciles on restart are its own."""
+    path = state_dir / "node-id"
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text().strip()
+    node = f"{os.uname().nodename}-{secrets.token_hex(4)}"
+    path.write_text(node + "\n")
+    return node
+
+
+# Records are read through these rather than `record.runtime`: a hibernated sandbox's record keeps its id,
+# template, creation time and timings while it has no runtime.
+def record_id(record: SandboxRecord) -> str:
+    return record.id
+
+
+def record_template(record: SandboxRecord) -> Template:
+    return record.template
+
+
+def record_created_at(record: SandboxRecord) -> float:
+    return record.runtime.created_at if record.runtime else record.created_at
+
+
+def record_timings(record: SandboxRecord) -> dict[str, float]:
+    runtime = record.runtime
+    return dict(runtime.timings) if runtime is not None else {}
+
+
+def principal_of(request: Request) -> Principal:
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):
+        raise missing_key()
+    return principal
+
+
+def parse_labels(selectors: Iterable[str]) -> dict[str, str]:
+    """`key=value` label selectors (all must match)."""
+    wanted: dict[str, str] = {}
+    for selector in selectors:
+        key, sep, value = selector.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"label filter must be key=value, not {selector!r}")
+        wanted[key] = value
+    return wanted
+
+
+class ControlPlane:
+    def __init__(self, state_dir: Path, manager: SandboxManager) -> None:
+        self.state_dir = state_dir
+        self.manager = manager
+        self.metrics = Metrics(
+            states=lambda: (r.state for r in manager.list()), pooled=lambda: manager.pooled
+        )
+        self.owners: dict[str, SandboxRow] = {}  # live sandboxes of this daemon, by id
+        self.node = ""
+        self._store: Store | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._audit_executor: ThreadPoolExecutor | None = None
+        self._reservations = quotas.Reservations()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise TartarusError("the control plane's store is not open")
+        return self._store
+
+    def open(self) -> None:
+        """Open the store, make the local admin key, and mark sandboxes a previous daemon lost.
+
+        Call after the manager has taken the state dir and reaped what the dead daemon left: every VMM
+        died with it (parent-death signal), so each record still live in the store is lost.
+        """
+        self.node = node_id(self.state_dir)
+        self._store = open_store(self.state_dir)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-store")
+        self._audit_executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-audit")
+        ensure_local_admin_key(self.state_dir, self.store, self.node)
+        live = {record_id(r) for r in self.manager.list()}
+        # What the manager found again (hibernated sandboxes survive a restart) keeps its owner.
+        for row in self.store.list_sandboxes(node=self.node, live=True):
+            if row.id in live:
+                self.owners[row.id] = row
+        lost = self.store.mark_lost(self.node, keep=live, reason="its VM died with the previous daemon")
+        if lost:
+            log.warning("marked %d sandboxes of the previous daemon lost: %s", len(lost), ", ".join(lost))
+            audit.record(self.state_dir, "sandbox.lost", actor="daemon", node=self.node, sandboxes=lost)
+            self.store.add_audit(
+                "sandbox.lost", ts=time.time(), actor="daemon", detail={"node": self.node, "sandboxes": lost}
+            )
+
+    def start(self) -> None:
+        """Start the watcher (state changes) and hand the manager the stored timeouts, which it enforces
+        (a restarted daemon's included); call from the event loop."""
+        self.manager.on_expired = self._expired
+        now = time.time()
+        for sandbox_id, owner in self.owners.items():
+            if owner.expires_at is not None:
+                self.manager.set_ttl(sandbox_id, max(0.0, owner.expires_at - now))
+        self._watcher = asyncio.create_task(self._watch(), name="tartarus-control-watch")
+
+    async def close(self) -> None:
+        """After the manager closed: record the end of every sandbox it destroyed, then close the store."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                await self.sync_all(ended_reason="the daemon shut down")
+            await self.db(self.store.close)
+            self._store = None
+        for executor in (self._executor, self._audit_executor):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._executor = self._audit_executor = None
+
+    async def db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a store call on the store's thread."""
+        if self._executor is None:
+            raise TartarusError("the control plane's store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    # ---- authentication and tenancy -------------------------------------------------------------
+
+    async def authorize(
+        self,
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    ) -> None:
+        """Every route's dependency: resolve the key, and hide other tenants' sandboxes (404, not 403)."""
+        route = request.scope.get("route")
+        if getattr(route, "path", None) in PUBLIC_ROUTES:
+            return
+        if credentials is None:
+            raise missing_key()
+        key, tenant = await self.db(self._lookup, credentials.credentials)
+        if key is None:
+            raise invalid_key()
+        principal = Principal.of(key)
+        request.state.principal = principal
+        request.state.tenant = tenant  # its quota, read in the same trip to the store
+        sandbox_id = request.path_params.get("sandbox_id")
+        if sandbox_id is not None and not self.may_touch(principal, sandbox_id):
+            raise NotFound(f"no sandbox {sandbox_id!r}")
+
+    def _lookup(self, secret: str) -> tuple[ApiKey | None, Tenant | None]:
+        key = self.store.authenticate(secret)
+        return key, self.store.get_tenant(key.tenant) if key else None
+
+    @staticmethod
+    def require_admin(request: Request) -> None:
+        """A route dependency: `dependencies=[Depends(control.require_admin)]` makes a route admin-only."""
+        principal_of(request).require_admin()
+
+    def may_touch(self, principal: Principal, sandbox_id: str) -> bool:
+        if principal.admin:
+            return True
+        owner = self.owners.get(sandbox_id)
+        return owner is not None and owner.tenant == principal.tenant
+
+    def visible(
+        self,
+        principal: Principal,
+        records: Iterable[SandboxRecord],
+        *,
+        labels: dict[str, str],
+        tenant: str | None = None,
+    ) -> list[SandboxRecord]:
+        """The live sandboxes this caller may see, filtered by tenant (admins) and labels."""
+        if not principal.admin:
+            tenant = principal.tenant
+        shown = []
+        for record in records:
+            owner = self.owners.get(record_id(record))
+            if tenant is not None and (owner is None or owner.tenant != tenant):
+                continue
+            have = owner.labels if owner else {}
+            if all(have.get(k) == v for k, v in labels.items()):
+                shown.append(record)
+        return shown
+
+    async def ended(
+        self, principal: Principal, *, labels: dict[str, str], tenant: str | None = None
+    ) -> list[SandboxRow]:
+        """Records of sandboxes that no longer run (destroyed, failed, lost), newest last."""
+        if not principal.admin:
+            tenant = principal.tenant
+        rows = await self.db(self.store.list_sandboxes, tenant=tenant, live=False)
+        return [r for r in rows if all(r.labels.get(k) == v for k, v in labels.items())]
+
+    # ---- admission ------------------------------------------------------------------------------
+
+    def usage(self, tenant: str) -> quotas.Usage:
+        """What a tenant's sandboxes on this daemon hold now: a failed one nothing, one without a VM
+        (hibernated) its place among the tenant's sandboxes but no vCPUs or memory."""
+        live = {record_id(r): r for r in self.manager.list()}
+        used = quotas.Usage()
+        for id_, owner in self.owners.items():
+            record = live.get(id_)
+            if owner.tenant != tenant or record is None or record.state == "failed":
+                continue
+            running = record.runtime is not None and record.state == "running"
+            used = used + quotas.Usage(1, owner.vcpus if running else 0, owner.memory_mib if running else 0)
+        return used
+
+    @contextlib.contextmanager
+    def admission(self, request: Request, wanted: quotas.Usage) -> Iterator[None]:
+        """Check `wanted` against the caller's tenant quota and hold it until the block ends (by then the
+        new sandboxes are adopted and counted as usage). Raises QuotaExceeded."""
+        principal = principal_of(request)
+        tenant: Tenant | None = getattr(request.state, "tenant", None)
+        limits = (
+            quotas.Limits(tenant.max_sandboxes, tenant.max_vcpus, tenant.max_memory_mib)
+            if tenant
+            else quotas.Limits()
+        )
+        # No await between the check and the reservation: concurrent creates see each other.
+        try:
+            in_use = self.usage(principal.tenant) + self._reservations.pending(principal.tenant)
+            quotas.check(principal.tenant, limits, in_use, wanted)
+        except QuotaExceeded:
+            self.metrics.quota_rejections.labels(principal.tenant).inc()
+            raise
+        with self._reservations.hold(principal.tenant, wanted):
+            yield
+
+    def adopt(
+        self, request: Request, record: SandboxRecord, *, labels: dict[str, str], timeout: float | None
+    ) -> SandboxRow:
+        """Make a new sandbox the caller's tenant's (in memory; `persist` stores it). Call it before the
+        next await after the sandbox appears, so no request sees it unowned."""
+        vm = record.runtime.vm if record.runtime else None
+        template = record_template(record)
+        new_id = record_id(record)
+        owner = SandboxRow(
+            id=new_id,
+            tenant=principal_of(request).tenant,
+            node=self.node,
+            template=template.name,
+            state=record.state,
+            vcpus=vm.config.vcpus if vm else template.vcpus,
+            memory_mib=vm.config.memory_mib if vm else template.memory_mib,
+            created_at=record_created_at(record),
+            labels=dict(labels),
+            timeout_s=timeout,
+            expires_at=time.time() + timeout if timeout else None,
+        )
+        self.owners[new_id] = owner
+        return owner
+
+    async def persist(self, owners: Iterable[SandboxRow]) -> None:
+        """Store adopted sandboxes; if that fails, destroy them (one nobody can find must not run on)."""
+        owners = list(owners)
+        try:
+            for owner in owners:
+                await self.db(self.store.insert_sandbox, owner)
+        except BaseException:
+            for owner in owners:
+                self.owners.pop(owner.id, None)
+                with contextlib.suppress(Exception):
+                    await self.manager.destroy(owner.id)
+            raise
+
+    async def create(
+        self,
+        request: Request,
+        template_name: str,
+        options: SandboxOptions,
+        *,
+        labels: dict[str, str],
+        timeout: float | None,
+        spawn: Spawn,
+    ) -> SandboxRecord:
+        """Admit a create against the tenant's quota, run it, and record who owns the new sandbox.
+
+        Other ways to make sandboxes (fork, from a checkpoint) use the same three steps: `admission`
+        around the runtime call, `adopt` right after it, `persist` after the block."""
+        template = get_template(template_name)
+        wanted = quotas.Usage(1, options.vcpus or template.vcpus, options.memory_mib or template.memory_mib)
+        with self.admission(request, wanted):
+            started = time.perf_counter()
+            record = await spawn(template_name, options)
+            runtime_seconds = time.perf_counter() - started
+            if timeout is None and options.limits is not None:  # the policy's default lifetime
+                timeout = options.limits.ttl_s
+            owner = self.adopt(request, record, labels=labels, timeout=timeout)
+        method = "restore" if "state_loaded" in record_timings(record) else "boot"
+        self.metrics.create_seconds.labels(method).observe(runtime_seconds)
+        request.state.runtime_seconds = runtime_seconds
+        request.state.audit_target = owner.id
+        request.state.audit_detail = {"template": template_name, "labels": labels, "method": method}
+        await self.persist([owner])
+        return record
+
+    async def set_timeout(self, sandbox_id: str, timeout: float | None) -> SandboxRow:
+        """Destroy the sandbox `timeout` seconds from now (None: never)."""
+        self.manager.get(sandbox_id)
+        owner = self.owners.get(sandbox_id)
+        if owner is None:
+            raise NotFound(f"no sandbox {sandbox_id!r}")
+        self.manager.set_ttl(sandbox_id, timeout)
+        owner.timeout_s = timeout
+        owner.expires_at = time.time() + timeout if timeout else None
+        await self.db(
+            self.store.update_sandbox, sandbox_id, timeout_s=owner.timeout_s, expires_at=owner.expires_at
+        )
+        return owner
+
+    # ---- keeping the records true ---------------------------------------------------------------
+
+    async def sync(self, sandbox_id: str, *, ended_reason: str | None = None) -> None:
+        """Bring one sandbox's stored record in line with the manager (state change, or gone)."""
+        owner = self.owners.get(sandbox_id)
+        if owner is None:
+            return
+        try:
+            record: SandboxRecord | None = self.manager.get(sandbox_id)
+        except NotFound:
+            record = None
+        if record is None:
+            del self.owners[sandbox_id]
+            owner.state = "destroyed"
+            owner.ended_at = time.time()
+            owner.error = owner.error or ended_reason
+            await self.db(
+                self.store.update_sandbox,
+                sandbox_id,
+                state="destroyed",
+                ended_at=owner.ended_at,
+                error=owner.error,
+            )
+        elif record.state != owner.state or record.error != owner.error:
+            owner.state, owner.error = record.state, record.error
+            await self.db(self.store.update_sandbox, sandbox_id, state=owner.state, error=owner.error)
+
+    async def sync_all(self, *, ended_reason: str | None = None) -> None:
+        for sandbox_id in list(self.owners):
+            await self.sync(sandbox_id, ended_reason=ended_reason)
+
+    async def _expired(self, sandbox_id: str, why: str) -> None:
+        """The manager destroyed a sandbox whose timeout passed: store the end and why, now."""
+        owner = self.owners.get(sandbox_id)
+        if owner is None:
+            return
+        owner.error = why
+        self.metrics.expired.inc()
+        log.info("sandbox %s expired", sandbox_id, extra={"sandbox": sandbox_id, "tenant": owner.tenant})
+        await self.sync(sandbox_id)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                await self.sync_all()
+            except Exception:
+                log.exception("control plane watcher")
+
+    # ---- audit ----------------------------------------------------------------------------------
+
+    async def record(
+        self,
+        action: str,
+        *,
+        tenant: str | None = None,
+        actor: str | None = None,
+        target: str | None = None,
+        status: int | None = None,
+        request_id: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """Append to the audit log file (fsynced) and the audit table, both before returning.
+
+        The file's fsync runs on its own thread (one, so lines keep their order), so key lookups on the
+        store's thread never queue behind a slow disk flush."""
+        fields = {
+            "tenant": tenant,
+            "actor": actor,
+            "target": target,
+            "status": status,
+            "request_id": request_id,
+        }
+        present = {k: v for k, v in fields.items() if v is not None}
+        if self._audit_executor is None:
+            raise TartarusError("the control plane's store is not open")
+        loop = asyncio.get_running_loop()
+        to_file = functools.partial(audit.record, self.state_dir, action, **present, **detail)
+        await asyncio.gather(
+            loop.run_in_executor(self._audit_executor, to_file),
+            self.db(
+                self.store.add_audit,
+                action,
+                ts=time.time(),
+                tenant=tenant,
+                actor=actor,
+                target=target,
+                status=status,
+                request_id=request_id,
+                detail=detail,
+            ),
+        )

@@ -1,0 +1,92 @@
+"""Prometheus metrics of one daemon: latency histograms and gauges read from the manager at scrape time.
+
+Names are stable and documented in docs/metrics.md. Each app has its own registry, so several daemons (or
+test apps) in one process never collide.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# `*_created` timestamp series only double the output; Prometheus does not need them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Sandbox operations under TCG take from milliseconds (exec) to a minute (cold boot).
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+# States reported even when no sandbox is in them, so dashboards see a 0 rather than a gap.
+BASE_STATES = ("running", "failed")
+
+
+class _SandboxGauges(Collector):
+    def __init__(self, states: Callable[[], Iterable[str]], pooled: Callable[[], int]) -> None:
+        self._states = states
+        self._pooled = pooled
+
+    def collect(self) -> Iterator[Metric]:
+        counts = Counter({state: 0 for state in BASE_STATES})
+        counts.update(self._states())
+        sandboxes = GaugeMetricFamily(
+            "tartarus_sandboxes", "Sandboxes this daemon holds, by state", labels=["state"]
+        )
+        for state, n in sorted(counts.items()):
+            sandboxes.add_metric([state], n)
+        yield sandboxes
+        yield GaugeMetricFamily(
+            "tartarus_pool_vmms", "Pre-started VMMs waiting in the restore pools", value=self._pooled()
+        )
+
+
+class Metrics:
+    def __init__(self, states: Callable[[], Iterable[str]], pooled: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.create_seconds = Histogram(
+            "tartarus_sandbox_create_seconds",
+            "Create request admitted to sandbox ready, by how it was made",
+            ["method"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.overhead_seconds = Histogram(
+            "tartarus_sandbox_create_api_overhead_seconds",
+            "Server time of a create request beyond the runtime's own (auth, quota, store, audit)",
+            buckets=_OVERHEAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.exec_seconds = Histogram(
+            "tartarus_exec_seconds",
+            "Exec request to the command's exit (the whole streamed response)",
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "tartarus_http_request_duration_seconds",
+            "REST API request latency to the end of the response, by route",
+            ["method", "route"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = PromCounter(
+            "tartarus_http_requests",
+            "REST API requests answered, by route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.quota_rejections = PromCounter(
+            "tartarus_quota_rejections",
+            "Creates refused because a tenant quota would be exceeded",
+            ["tenant"],
+            registry=self.registry,
+        )
+        self.expired = PromCounter(
+            "tartarus_sandboxes_expired",
+            "Sandboxes destroyed because their timeout passed",
+            registry=self.registry,
+        )
+        self.registry.register(_SandboxGauges(states, pooled))

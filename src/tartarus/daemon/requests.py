@@ -1,0 +1,119 @@
+"""Per-request bookkeeping as plain ASGI middleware: request IDs, access logs, metrics, the audit trail.
+
+Plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched. A state-changing call
+is audited when its response starts, before the client learns the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tartarus.daemon.auth import Principal
+from tartarus.daemon.logs import new_request_id, request_id
+
+if TYPE_CHECKING:
+    from tartarus.daemon.control import ControlPlane
+
+log = logging.getLogger("tartarus.access")
+
+MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+EXEC_ROUTE = "/v1/sandboxes/{sandbox_id}/exec"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, control: ControlPlane) -> None:
+        self.app = app
+        self.control = control
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = new_request_id(_header(scope, b"x-request-id"))
+        token = request_id.set(rid)
+        method: str = scope["method"]
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                if method in MUTATING:
+                    await self._audit(scope, method, status, rid)
+                headers = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                runtime = scope.get("state", {}).get("runtime_seconds")
+                if runtime is not None:
+                    # What the control plane added on top of the runtime's own work (auth, quota,
+                    # store, audit), up to the response headers.
+                    overhead = time.perf_counter() - started - runtime
+                    self.control.metrics.overhead_seconds.observe(overhead)
+                    timing = f"runtime;dur={runtime * 1000:.3f}, api;dur={overhead * 1000:.3f}"
+                    headers.append((b"server-timing", timing.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics = self.control.metrics
+            metrics.requests.labels(method, route, str(status)).inc()
+            metrics.request_seconds.labels(method, route).observe(elapsed)
+            if route == EXEC_ROUTE and status == 200:
+                metrics.exec_seconds.observe(elapsed)
+            principal = _principal(scope)
+            log.info(
+                "%s %s %d",
+                method,
+                scope.get("path", ""),
+                status,
+                extra={
+                    "method": method,
+                    "path": scope.get("path", ""),
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "tenant": principal.tenant if principal else None,
+                    "key_id": principal.key_id if principal else None,
+                },
+            )
+            sandbox_id = scope.get("path_params", {}).get("sandbox_id")
+            if method in MUTATING and sandbox_id is not None:
+                try:
+                    await self.control.sync(sandbox_id)
+                except Exception:
+                    log.exception("recording the state of %s", sandbox_id)
+            request_id.reset(token)
+
+    async def _audit(self, scope: Scope, method: str, status: int, rid: str) -> None:
+        principal = _principal(scope)
+        state: dict[str, Any] = scope.get("state", {})
+        route = getattr(scope.get("route"), "path", scope.get("path", ""))
+        target = state.get("audit_target") or scope.get("path_params", {}).get("sandbox_id")
+        await self.control.record(
+            f"{method} {route}",
+            tenant=principal.tenant if principal else None,
+            actor=principal.key_id if principal else "anonymous",
+            target=target,
+            status=status,
+            request_id=rid,
+            **state.get("audit_detail", {}),
+        )
+
+
+def _principal(scope: Scope) -> Principal | None:
+    principal = scope.get("state", {}).get("principal")
+    return principal if isinstance(principal, Principal) else None

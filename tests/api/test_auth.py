@@ -1,0 +1,130 @@
+"""Keys and roles: nothing but health answers without a valid key; tenant keys cannot administer."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from tartarus.daemon.app import create_app
+from tests.api.conftest import Api
+
+TARTARUS = os.path.join(os.path.dirname(sys.executable), "tartarus")
+
+
+def _operations(api: Api) -> list[tuple[str, str]]:
+    doc = create_app(api.state).openapi()
+    ops = []
+    for path, methods in doc["paths"].items():
+        concrete = re.sub(r"\{[^}]+\}", "sb-000000000000", path)
+        ops += [(method.upper(), concrete) for method in methods]
+    return ops
+
+
+def test_only_health_answers_without_a_key(api: Api) -> None:
+    with api.client(None) as c:
+        assert c.get("/v1/health").status_code == 200
+        for method, path in _operations(api):
+            if path == "/v1/health":
+                continue
+            response = c.request(method, path, params={"path": "/tmp"})
+            assert response.status_code == 401, f"{method} {path} answered {response.status_code}"
+            assert response.json()["error"]["code"] == "unauthorized"
+
+
+def test_a_wrong_or_malformed_key_is_refused(api: Api) -> None:
+    for key in ("tartarus_" + "A" * 43, "nonsense", "x" * 5000):
+        with api.client(key) as c:
+            response = c.get("/v1/sandboxes")
+            assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+
+
+def test_tenant_keys_cannot_administer(api: Api) -> None:
+    key = api.new_key("acme")
+    with api.client(key) as c:
+        assert c.get("/v1/sandboxes").json() == {"sandboxes": []}
+        for method, path, body in (
+            ("POST", "/v1/keys", {"tenant": "acme", "admin": True}),
+            ("GET", "/v1/keys", None),
+            ("GET", "/v1/tenants", None),
+            ("PUT", "/v1/tenants/acme/quota", {"max_sandboxes": 100}),
+            ("GET", "/v1/audit", None),
+            ("GET", "/metrics", None),
+        ):
+            response = c.request(method, path, json=body)
+            assert response.status_code == 403, (method, path, response.text)
+            assert response.json()["error"]["code"] == "forbidden"
+        # A tenant sees its own quota, and no other tenant's (not even whether it exists).
+        assert c.get("/v1/tenants/acme").json()["name"] == "acme"
+        assert c.get("/v1/tenants/local").status_code == 404
+
+
+def test_revoked_key_stops_working_at_once(api: Api) -> None:
+    key = api.new_key("acme")
+    with api.client(api.admin_key) as admin:
+        (listed,) = [
+            k for k in admin.get("/v1/keys", params={"tenant": "acme"}).json()["keys"] if not k["revoked_at"]
+        ][-1:]
+        assert "key" not in listed  # listings never show secrets
+        with api.client(key) as c:
+            assert c.get("/v1/sandboxes").status_code == 200
+            assert admin.delete(f"/v1/keys/{listed['id']}").status_code == 204
+            assert c.get("/v1/sandboxes").status_code == 401
+
+
+def test_cli_creates_lists_and_revokes_keys_on_the_daemons_store(api: Api) -> None:
+    env = {**os.environ, "TARTARUS_STATE_DIR": str(api.state)}
+    if api.database_url:
+        env["TARTARUS_DATABASE_URL"] = api.database_url
+    proc = subprocess.run(
+        [TARTARUS, "keys", "create", "--tenant", "cli-made"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    key = proc.stdout.strip().splitlines()[-1]
+    assert key.startswith("tartarus_") and " " not in key
+    with api.client(key) as c:
+        assert c.get("/v1/sandboxes").status_code == 200  # the running daemon accepts it at once
+    listing = subprocess.run(
+        [TARTARUS, "keys", "ls", "--tenant", "cli-made", "--json"], capture_output=True, text=True, env=env
+    )
+    (entry,) = json.loads(listing.stdout)
+    assert entry["tenant"] == "cli-made" and entry["role"] == "user" and key not in listing.stdout
+    revoke = subprocess.run(
+        [TARTARUS, "keys", "revoke", entry["id"]], capture_output=True, text=True, env=env
+    )
+    assert revoke.returncode == 0, revoke.stderr
+    with api.client(key) as c:
+        assert c.get("/v1/sandboxes").status_code == 401
+    bad = subprocess.run(
+        [TARTARUS, "keys", "create", "--tenant", "Not Valid"], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2 and "tenant name" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_request_ids_are_echoed_or_made(api: Api) -> None:
+    with api.client(api.admin_key) as c:
+        assert (
+            c.get("/v1/sandboxes", headers={"X-Request-ID": "trace-42"}).headers["x-request-id"] == "trace-42"
+        )
+        made = c.get("/v1/sandboxes", headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{16}", made)
+
+
+def test_state_changing_calls_are_audited(api: Api) -> None:
+    with api.client(api.admin_key) as c:
+        response = c.put(
+            "/v1/tenants/audited/quota", json={"max_sandboxes": 3}, headers={"X-Request-ID": "aud-1"}
+        )
+        assert response.status_code == 200
+        entries = c.get("/v1/audit", params={"limit": 5}).json()["entries"]
+    (entry,) = [e for e in entries if e["request_id"] == "aud-1"]
+    assert entry["action"] == "PUT /v1/tenants/{tenant}/quota" and entry["target"] == "audited"
+    assert entry["tenant"] == "local" and entry["status"] == 200
+    lines = [json.loads(line) for line in (api.state / "audit.log").read_text().splitlines()]
+    assert any(e.get("request_id") == "aud-1" and e["max_sandboxes"] == 3 for e in lines)

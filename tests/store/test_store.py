@@ -1,0 +1,141 @@
+"""The durable store against both databases it supports: a SQLite file and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tartarus.errors import InvalidArgument, NotFound
+from tartarus.store import DatabaseError, SandboxRow, Store
+from tartarus.store.database import Database
+from tartarus.store.migrations import LATEST, migrate
+
+
+def _row(id_: str, tenant: str = "acme", node: str = "n1", state: str = "running") -> SandboxRow:
+    return SandboxRow(id_, tenant, node, "python-ds", state, 2, 512, time.time(), labels={"team": "ml"})
+
+
+def test_migrations_run_once_and_are_recorded(database_url: str) -> None:
+    db = Database(database_url)
+    try:
+        assert migrate(db) == [1]
+        assert migrate(db) == []
+        assert db.query("SELECT version FROM schema_migrations") == [(LATEST,)]
+    finally:
+        db.close()
+
+
+def test_a_schema_newer_than_the_code_is_refused(database_url: str) -> None:
+    Store.open(database_url).close()
+    db = Database(database_url)
+    db.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (999, 'future', 0)")
+    db.close()
+    with pytest.raises(DatabaseError, match="newer"):
+        Store.open(database_url)
+
+
+def test_keys_are_stored_as_hashes_and_revocation_sticks(database_url: str) -> None:
+    store = Store.open(database_url)
+    try:
+        key, secret = store.create_key("acme", role="admin", description="ops")
+        assert secret.startswith("tartarus_") and len(secret) > 40
+        stored = store.db.query("SELECT key_hash FROM api_keys")
+        assert secret not in repr(stored)  # only the digest is kept
+        if database_url.startswith("sqlite://"):
+            for f in Path(database_url.removeprefix("sqlite://")).parent.glob("tartarus.db*"):
+                assert f.stat().st_mode & 0o077 == 0, f"{f} is readable by others"
+        found = store.authenticate(secret)
+        assert found is not None and found.id == key.id and found.admin and found.tenant == "acme"
+        assert store.authenticate(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
+        assert store.authenticate("not-a-key") is None
+        assert store.revoke_key(key.id).revoked_at is not None
+        assert store.authenticate(secret) is None
+        with pytest.raises(NotFound):
+            store.revoke_key("key-missing")
+    finally:
+        store.close()
+
+
+def test_records_survive_reopening(database_url: str) -> None:
+    store = Store.open(database_url)
+    store.create_key("acme")
+    store.insert_sandbox(_row("sb-1"))
+    store.close()
+    store = Store.open(database_url)
+    try:
+        row = store.get_sandbox("sb-1")
+        assert row is not None and row.labels == {"team": "ml"} and row.state == "running"
+        assert [k.tenant for k in store.list_keys()] == ["acme"]
+    finally:
+        store.close()
+
+
+def test_mark_lost_touches_only_this_nodes_live_sandboxes(database_url: str) -> None:
+    store = Store.open(database_url)
+    try:
+        store.ensure_tenant("acme")
+        for row in (_row("sb-1"), _row("sb-2"), _row("sb-3", node="n2"), _row("sb-4", state="destroyed")):
+            store.insert_sandbox(row)
+        assert store.mark_lost("n1", keep={"sb-2"}, reason="daemon restarted") == ["sb-1"]
+        lost = store.get_sandbox("sb-1")
+        assert (
+            lost is not None and lost.state == "lost" and lost.ended_at and lost.error == "daemon restarted"
+        )
+        assert [r.id for r in store.list_sandboxes(live=True)] == ["sb-2", "sb-3"]
+        assert [r.id for r in store.list_sandboxes(tenant="acme", node="n1", live=False)] == ["sb-1", "sb-4"]
+    finally:
+        store.close()
+
+
+def test_quotas_and_tenant_names_are_validated(database_url: str) -> None:
+    store = Store.open(database_url)
+    try:
+        tenant = store.set_quota("acme", max_sandboxes=3, max_vcpus=None, max_memory_mib=4096)
+        assert (tenant.max_sandboxes, tenant.max_vcpus, tenant.max_memory_mib) == (3, None, 4096)
+        with pytest.raises(InvalidArgument):
+            store.set_quota("acme", max_sandboxes=-1, max_vcpus=None, max_memory_mib=None)
+        with pytest.raises(InvalidArgument, match="tenant name"):
+            store.ensure_tenant("Bad Name")
+        with pytest.raises(InvalidArgument, match="role"):
+            store.create_key("acme", role="root")
+    finally:
+        store.close()
+
+
+def test_a_failed_transaction_leaves_nothing(database_url: str) -> None:
+    store = Store.open(database_url)
+    try:
+        with pytest.raises(RuntimeError), store.db.transaction():
+            store.ensure_tenant("acme")
+            raise RuntimeError("boom")
+        assert store.get_tenant("acme") is None
+    finally:
+        store.close()
+
+
+def test_audit_rows_round_trip(database_url: str) -> None:
+    store = Store.open(database_url)
+    try:
+        store.add_audit("sandbox.create", ts=1.0, tenant="acme", actor="key-1", target="sb-1", status=201)
+        store.add_audit("sandbox.delete", ts=2.0, tenant="other", detail={"why": "test"})
+        assert [a["action"] for a in store.list_audit()] == ["sandbox.delete", "sandbox.create"]
+        (only,) = store.list_audit(tenant="other")
+        assert only["detail"] == {"why": "test"}
+    finally:
+        store.close()
+
+
+def test_store_reconnects_after_the_postgresql_server_restarts() -> None:
+    from tests.pg import fresh_database, postgres_server, restart
+
+    with postgres_server() as server:
+        url = fresh_database(server, "reconnect")
+        store = Store.open(url)
+        try:
+            store.ensure_tenant("acme")
+            restart(server)
+            assert store.get_tenant("acme") is not None  # one retry on a fresh connection
+        finally:
+            store.close()

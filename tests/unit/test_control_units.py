@@ -1,0 +1,62 @@
+"""Pure logic of the control plane: quota arithmetic and reservations, JSON log lines, request IDs, audit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from tartarus import audit
+from tartarus.daemon import quotas
+from tartarus.daemon.logs import JsonFormatter, new_request_id, request_id
+from tartarus.errors import QuotaExceeded
+
+
+def test_quota_names_the_limit_that_breaks() -> None:
+    limits = quotas.Limits(max_sandboxes=3, max_vcpus=4, max_memory_mib=None)
+    quotas.check("t", limits, quotas.Usage(2, 2, 10_000), quotas.Usage(1, 2, 512))  # exactly at the limits
+    with pytest.raises(QuotaExceeded, match=r"max_vcpus=4 exceeded: 2 vCPUs in use \+ 3 requested"):
+        quotas.check("t", limits, quotas.Usage(2, 2, 0), quotas.Usage(1, 3, 512))
+    with pytest.raises(QuotaExceeded, match="max_sandboxes=3"):
+        quotas.check("t", limits, quotas.Usage(3, 0, 0), quotas.Usage(1, 1, 1))
+    quotas.check("t", quotas.Limits(), quotas.Usage(10**6, 10**6, 10**9), quotas.Usage(1, 64, 65536))
+
+
+def test_reservations_count_until_released_even_on_error() -> None:
+    book = quotas.Reservations()
+    with book.hold("a", quotas.Usage(1, 2, 512)):
+        with book.hold("a", quotas.Usage(1, 1, 256)):
+            assert book.pending("a") == quotas.Usage(2, 3, 768)
+        assert book.pending("b") == quotas.Usage()
+    with pytest.raises(RuntimeError), book.hold("a", quotas.Usage(1, 1, 1)):
+        raise RuntimeError("create failed")
+    assert book.pending("a") == quotas.Usage()
+
+
+def test_json_log_lines_carry_the_request_id_and_extra_fields() -> None:
+    record = logging.LogRecord("tartarus.x", logging.INFO, __file__, 1, "hello %s", ("world",), None)
+    record.tenant = "acme"
+    token = request_id.set("req-1")
+    try:
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        request_id.reset(token)
+    assert line["msg"] == "hello world" and line["level"] == "info" and line["request_id"] == "req-1"
+    assert line["tenant"] == "acme" and line["time"].endswith("Z")
+
+
+def test_request_ids_accept_sane_tokens_only() -> None:
+    assert new_request_id("abc-123:x.y_z") == "abc-123:x.y_z"
+    for hostile in ("has space", "new\nline", "x" * 129, "", None):
+        made = new_request_id(hostile)
+        assert made != hostile and len(made) == 16
+
+
+def test_audit_lines_are_appended_whole(tmp_path: Path) -> None:
+    audit.record(tmp_path, "sandbox.create", tenant="a", target="sb-1")
+    audit.record(tmp_path, "sandbox.destroy", tenant="a", target="sb-1", note="line\nbreak")
+    lines = (tmp_path / "audit.log").read_text().splitlines()
+    assert [json.loads(line)["action"] for line in lines] == ["sandbox.create", "sandbox.destroy"]
+    assert (tmp_path / "audit.log").stat().st_mode & 0o777 == 0o600

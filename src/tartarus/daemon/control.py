@@ -95,7 +95,9 @@ class ControlPlane:
         self.state_dir = state_dir
         self.manager = manager
         self.metrics = Metrics(
-            states=lambda: (r.state for r in manager.list()), pooled=lambda: manager.pooled
+            states=lambda: (r.state for r in manager.list()),
+            pooled=lambda: manager.pooled,
+            quarantined=lambda: sum(1 for r in manager.list() if r.runtime and r.runtime.quarantine),
         )
         self.owners: dict[str, SandboxRow] = {}  # live sandboxes of this daemon, by id
         self.node = ""
@@ -141,6 +143,7 @@ class ControlPlane:
         """Start the watcher (state changes) and hand the manager the stored timeouts, which it enforces
         (a restarted daemon's included); call from the event loop."""
         self.manager.on_expired = self._expired
+        self.manager.observe = self.metrics.observe
         now = time.time()
         for sandbox_id, owner in self.owners.items():
             if owner.expires_at is not None:

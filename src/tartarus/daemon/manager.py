@@ -120,6 +120,8 @@ class SandboxManager:
         self._trigger_task: asyncio.Task[None] | None = None
         # Told (id, why) after a sandbox's timeout destroyed it (the control plane stores the end).
         self.on_expired: Callable[[str, str], Awaitable[None]] | None = None
+        # Told (operation, seconds) of each wake, hibernation and admission decision (metrics).
+        self.observe: Callable[[str, float], None] = lambda operation, seconds: None
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
@@ -236,6 +238,7 @@ class SandboxManager:
         self, template: Template, options: SandboxOptions, tenant: str, labels: Mapping[str, str] | None
     ) -> Admission:
         """The policy's verdict and the sandbox's limits (set on `options`), before any VMM is touched."""
+        t0 = time.perf_counter()
         try:
             admission = await admit(self.policy, create_request(template, options, tenant, labels))
         except PolicyDenied as e:
@@ -243,6 +246,8 @@ class SandboxManager:
                 self.state_dir, "sandbox.rejected", tenant=tenant, template=template.name, reason=e.message
             )
             raise
+        finally:
+            self.observe("admission", time.perf_counter() - t0)
         options.limits = admission.limits
         return admission
 
@@ -397,6 +402,7 @@ class SandboxManager:
             if record.busy:
                 raise Conflict(f"sandbox {id_} has calls in progress; hibernate it when they finish")
             _not_quarantined(record.runtime, "hibernated")
+            t0 = time.perf_counter()
             try:
                 image = await ops.hibernate(
                     record.runtime,
@@ -415,6 +421,7 @@ class SandboxManager:
                         record.state, record.error = "failed", vm.exit_message if vm else "VM exited"
                     raise
             record.runtime, record.image, record.state = None, image, "hibernated"
+            self.observe("hibernate", time.perf_counter() - t0)
             log.info("hibernated %s (%d bytes on disk)", id_, image.disk_bytes)
             return record
 
@@ -425,12 +432,14 @@ class SandboxManager:
                 return record
             assert record.image is not None
             # Admitted again under the policy in force now: its network and limits are re-applied.
+            t0 = time.perf_counter()
             options, admission = await self._readmit(record.image)
             runtime, snapshot = await self._start_from(record.image, options, wake=True)
             await self._contain(runtime, admission)
             record.runtime, record.snapshot, record.image, record.state = runtime, snapshot, None, "running"
             record.last_active = time.monotonic()
             self._watch(record)
+            self.observe("wake", time.perf_counter() - t0)
             return record
 
     async def _readmit(self, image: Image) -> tuple[SandboxOptions, Admission]:

@@ -20,14 +20,22 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 # Sandbox operations under TCG take from milliseconds (exec) to a minute (cold boot).
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+# The admission decision (policy rules + quarantine verdict + placement) takes microseconds.
+_ADMISSION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01)
 # States reported even when no sandbox is in them, so dashboards see a 0 rather than a gap.
 BASE_STATES = ("running", "failed")
 
 
 class _SandboxGauges(Collector):
-    def __init__(self, states: Callable[[], Iterable[str]], pooled: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        states: Callable[[], Iterable[str]],
+        pooled: Callable[[], int],
+        quarantined: Callable[[], int],
+    ) -> None:
         self._states = states
         self._pooled = pooled
+        self._quarantined = quarantined
 
     def collect(self) -> Iterator[Metric]:
         counts = Counter({state: 0 for state in BASE_STATES})
@@ -41,10 +49,18 @@ class _SandboxGauges(Collector):
         yield GaugeMetricFamily(
             "tartarus_pool_vmms", "Pre-started VMMs waiting in the restore pools", value=self._pooled()
         )
+        yield GaugeMetricFamily(
+            "tartarus_sandboxes_quarantined", "Running sandboxes under quarantine", value=self._quarantined()
+        )
 
 
 class Metrics:
-    def __init__(self, states: Callable[[], Iterable[str]], pooled: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        states: Callable[[], Iterable[str]],
+        pooled: Callable[[], int],
+        quarantined: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.create_seconds = Histogram(
             "tartarus_sandbox_create_seconds",
@@ -89,4 +105,28 @@ class Metrics:
             "Sandboxes destroyed because their timeout passed",
             registry=self.registry,
         )
-        self.registry.register(_SandboxGauges(states, pooled))
+        # The runtime's own operations, reported by the manager through `observe`.
+        self.operation_seconds = {
+            "wake": Histogram(
+                "tartarus_wake_seconds",
+                "Wake of a hibernated sandbox: no process held to its guest answering",
+                buckets=_BUCKETS,
+                registry=self.registry,
+            ),
+            "hibernate": Histogram(
+                "tartarus_hibernate_seconds",
+                "Hibernation: pause to the sandbox on disk and its VMM process gone",
+                buckets=_BUCKETS,
+                registry=self.registry,
+            ),
+            "admission": Histogram(
+                "tartarus_admission_seconds",
+                "Admission decision: policy rules, quarantine verdict and placement (in process)",
+                buckets=_ADMISSION_BUCKETS,
+                registry=self.registry,
+            ),
+        }
+        self.registry.register(_SandboxGauges(states, pooled, quarantined))
+
+    def observe(self, operation: str, seconds: float) -> None:
+        self.operation_seconds[operation].observe(seconds)

@@ -66,3 +66,17 @@ def test_unknown_accelerator_refused() -> None:
 def test_kernel_cmdline_panics_to_exit_and_keeps_extra_args() -> None:
     line = kernel_cmdline(_config("tcg"))
     assert "panic=-1" in line and "reboot=t" in line and line.endswith("tartarus.hostname=x")
+
+
+def test_snapshot_key_covers_the_guest_cpu_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot saved with one CPU model must not be restored into another (its code paths chose on it)."""
+    from tartarus.runtime import qemu
+    from tartarus.snapshots import store
+    from tartarus.templates.store import Template
+
+    monkeypatch.setattr(store, "choose_accel", lambda kernel: "tcg")
+    monkeypatch.setattr(store, "kernel_path", lambda: Path("/k"))
+    template = Template(name="t", key="k", rootfs=Path("/r"), fstype="ext4")
+    key = store._snapshot_key(template)
+    monkeypatch.setattr(qemu, "TCG_CPU", "qemu64")
+    assert store._snapshot_key(template) != key

@@ -50,6 +50,5 @@ def provision(templates: list[str], log: Callable[[str], None] = print) -> dict[
         log(f"· {title}")
         result = run()
         timings[title] = time.perf_counter() - t0
-        if isinstance(result, Path):
-            log(f"  {result}  ({timings[title]:.1f} s)")
+        log(f"  {result if isinstance(result, Path) else 'done'}  ({timings[title]:.1f} s)")
     return timings

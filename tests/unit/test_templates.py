@@ -2,19 +2,50 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 
 from tartarus.errors import InvalidArgument, NotFound
+from tartarus.images.local import RECIPES
+from tartarus.templates.build import build_template
 from tartarus.templates.debian import debian_mirror
-from tartarus.templates.spec import TemplateSpec, builtin_spec
+from tartarus.templates.spec import LocalImageBase, TemplateSpec, builtin_spec
 
 
 def test_python_ds_spec_loads() -> None:
     spec = builtin_spec("python-ds")
     assert spec.interpreter is not None and "pandas" in spec.interpreter.preload
-    assert {"python3-numpy", "python3-pandas", "python3-sklearn"} <= set(spec.packages)
+    assert isinstance(spec.base, LocalImageBase) and spec.base.local_image in RECIPES
+    assert not spec.packages
+
+
+def test_python_ds_pins_every_pip_requirement() -> None:
+    """An unpinned requirement would make the build depend on the day it ran, under the same cache key."""
+    requirements = [
+        word
+        for step in builtin_spec("python-ds").steps
+        for word in shlex.split(step)
+        if not word.startswith("-") and word not in ("pip", "install")
+    ]
+    assert {r.split("==")[0] for r in requirements} >= {"numpy", "pandas", "scikit-learn"}
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[0-9][0-9A-Za-z.]*", r) for r in requirements), requirements
+
+
+def test_local_image_base_names_a_recipe() -> None:
+    spec = TemplateSpec.model_validate({"name": "x", "base": {"local_image": "python:2.7-fat"}})
+    with pytest.raises(NotFound, match=r"python:3\.11-slim"):
+        build_template(spec, lambda message: None)
+
+
+def test_packages_need_a_debian_base() -> None:
+    spec = TemplateSpec.model_validate(
+        {"name": "x", "base": {"local_image": "python:3.11-slim"}, "packages": ["curl"]}
+    )
+    with pytest.raises(InvalidArgument, match="packages"):
+        build_template(spec, lambda message: None)
 
 
 @pytest.mark.parametrize(

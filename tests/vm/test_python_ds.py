@@ -11,6 +11,7 @@ import pytest
 from tartarus.runtime.qemu import TCG_CPU, qemu_binary
 from tartarus.sdk import Sandbox
 from tartarus.templates.spec import builtin_spec
+from tartarus.templates.steps import GUEST_CA
 
 pytestmark = pytest.mark.vm
 
@@ -32,6 +33,20 @@ def test_pinned_wheels_are_installed_by_pip(sandbox: Sandbox) -> None:
     assert versions == pins
     # From PyPI into the image's /usr/local, not Debian's python3-numpy.
     assert numpy_file.startswith("/usr/local/lib/python3.11/dist-packages/numpy/")
+
+
+def test_base_is_the_python_slim_equivalent(sandbox: Sandbox) -> None:
+    """pip works as in the official image (no Debian EXTERNALLY-MANAGED marker), and nothing of the build
+    host (its resolver, its hostname, the CA bundle lent to the build steps) is left in the image."""
+    paths = [
+        "/usr/bin/pip",
+        "/usr/lib/python3.11/EXTERNALLY-MANAGED",
+        "/etc/resolv.conf",
+        "/etc/hostname",
+        GUEST_CA,
+    ]
+    out = sandbox.run_code(f"import os; [os.path.exists(p) for p in {paths!r}]")
+    assert out.result == "[True, False, False, False, False]"
 
 
 def test_numpy_pandas_sklearn_compute(sandbox: Sandbox) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from tartarus.errors import InvalidArgument, NotFound
+from tartarus.errors import InvalidArgument, NotFound, TartarusError
 from tartarus.images.local import RECIPES
+from tartarus.templates import debian
 from tartarus.templates.build import build_template
 from tartarus.templates.debian import debian_mirror
 from tartarus.templates.spec import LocalImageBase, TemplateSpec, builtin_spec
@@ -79,3 +81,36 @@ def test_unknown_builtin() -> None:
 
 def test_mirror_comes_from_apt_sources() -> None:
     assert debian_mirror().startswith(("http://", "https://"))
+
+
+def _fake_debootstrap(tmp_path: Path, failures: int) -> Path:
+    """A `debootstrap` on PATH that fails like an unreachable mirror `failures` times, then succeeds."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "debootstrap"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {tmp_path}/count 2>/dev/null || echo 0); echo $((n + 1)) > {tmp_path}/count\n"
+        'eval tree=\\${$(($# - 1))}; mkdir -p "$tree"\n'  # debootstrap ARGS TREE MIRROR: it makes TREE
+        f'[ "$n" -ge {failures} ] && exit 0\n'
+        'echo "E: Failed getting release file" >&2; exit 1\n'
+    )
+    script.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize(("failures", "ok"), [(2, True), (4, False)])
+def test_debootstrap_is_retried_then_fails_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failures: int, ok: bool
+) -> None:
+    monkeypatch.setenv("PATH", f"{_fake_debootstrap(tmp_path, failures)}:{os.environ['PATH']}")
+    monkeypatch.setattr(debian, "RETRY_PAUSE_S", 0.0)
+    tree = tmp_path / "tree"
+    if ok:
+        debian.debootstrap(["bookworm"], tree, "http://mirror.invalid/debian")
+        assert tree.is_dir()
+    else:
+        with pytest.raises(TartarusError, match=r"failed 4 times.*Failed getting release file"):
+            debian.debootstrap(["bookworm"], tree, "http://mirror.invalid/debian")
+        assert not tree.exists()  # no partial tree left behind
+    assert (tmp_path / "count").read_text().strip() == str(min(failures + 1, 4))

@@ -9,6 +9,7 @@ import logging
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tartarus.templates.spec import DebianBase, TemplateSpec
 log = logging.getLogger(__name__)
 
 BUILDER_VERSION = "debootstrap-ext4-v1"
+RETRY_PAUSE_S = 10.0
 # Removed from the tree before imaging: package caches that only cost space in every sandbox.
 PRUNE = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/info")
 
@@ -42,9 +44,9 @@ def debian_mirror() -> str:
     raise SetupRequired("no Debian mirror configured in /etc/apt/sources*")
 
 
-def debootstrap(args: list[str], tree: Path, mirror: str, attempts: int = 3) -> None:
-    """`debootstrap ARGS TREE MIRROR`, retried from scratch: it has no retries of its own, and a mirror
-    that drops one download fails the whole run."""
+def debootstrap(args: list[str], tree: Path, mirror: str, attempts: int = 4) -> None:
+    """`debootstrap ARGS TREE MIRROR`, retried from scratch after a growing pause: it has no retries of
+    its own, and a mirror that drops one download, or is unreachable for a few seconds, fails the run."""
     for attempt in range(1, attempts + 1):
         result = subprocess.run(["debootstrap", *args, str(tree), mirror], capture_output=True, text=True)
         if result.returncode == 0:
@@ -55,6 +57,7 @@ def debootstrap(args: list[str], tree: Path, mirror: str, attempts: int = 3) -> 
         if attempt == attempts:
             raise TartarusError(f"debootstrap failed {attempts} times; the last time: {why}")
         log.warning("debootstrap failed (attempt %d of %d): %s", attempt, attempts, why)
+        time.sleep(RETRY_PAUSE_S * attempt)  # give the mirror time to come back
 
 
 def image_tree(tree: Path, image: Path, label: str) -> None:

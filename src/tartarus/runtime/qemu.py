@@ -13,10 +13,6 @@ from pathlib import Path
 from tartarus.errors import SetupRequired
 
 AGENT_PORT = "org.tartarus.agent.0"
-# The TCG guest CPU: qemu64 raised to x86-64-v2 (qemu64 has CX16, LAHF and SSE3 already), the baseline of
-# current PyPI wheels (numpy 2 refuses to import without SSSE3/SSE4.1/SSE4.2/POPCNT). QEMU 7.2's TCG
-# implements all four; it stays below AVX, whose paths TCG runs slower than SSE ones (see below).
-TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt"
 
 
 def qemu_binary() -> str:
@@ -66,6 +62,12 @@ def kernel_cmdline(config: VMConfig) -> str:
         "random.trust_cpu=on",
     ]
     return " ".join(base + config.kernel_args)
+
+
+# The TCG guest CPU: qemu64 raised to x86-64-v2 (qemu64 has CX16, LAHF and SSE3 already), the baseline of
+# current PyPI wheels (numpy 2.4 dies of SIGILL without SSSE3/SSE4.1/SSE4.2/POPCNT). QEMU 7.2's TCG
+# implements all four; it stays below AVX, whose paths TCG runs slower than SSE ones (see below).
+TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt"
 
 
 def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:

@@ -29,6 +29,7 @@ def test_python_ds_pins_every_pip_requirement() -> None:
     requirements = [
         word
         for step in builtin_spec("python-ds").steps
+        if step.startswith("pip install")
         for word in shlex.split(step)
         if not word.startswith("-") and word not in ("pip", "install")
     ]

@@ -36,17 +36,19 @@ def test_pinned_wheels_are_installed_by_pip(sandbox: Sandbox) -> None:
 
 
 def test_base_is_the_python_slim_equivalent(sandbox: Sandbox) -> None:
-    """pip works as in the official image (no Debian EXTERNALLY-MANAGED marker), and nothing of the build
-    host (its resolver, its hostname, the CA bundle lent to the build steps) is left in the image."""
+    """pip works as in the official image (no Debian EXTERNALLY-MANAGED marker), the template's apt step
+    added procps, and nothing of the build host (its resolver, its hostname, the CA bundle lent to the
+    build steps) is left in the image."""
     paths = [
         "/usr/bin/pip",
+        "/usr/bin/pgrep",
         "/usr/lib/python3.11/EXTERNALLY-MANAGED",
         "/etc/resolv.conf",
         "/etc/hostname",
         GUEST_CA,
     ]
     out = sandbox.run_code(f"import os; [os.path.exists(p) for p in {paths!r}]")
-    assert out.result == "[True, False, False, False, False]"
+    assert out.result == "[True, True, False, False, False, False]"
 
 
 def test_numpy_pandas_sklearn_compute(sandbox: Sandbox) -> None:

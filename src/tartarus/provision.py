@@ -30,9 +30,9 @@ def steps(templates: list[str], log: Callable[[str], None]) -> list[Step]:
     for name in templates:
         spec = builtin_spec(name)
         build = functools.partial(build_template, spec, log)
-        out.append((f"template {name} (first build ~3 min)", build))
+        out.append((f"template {name} (first build ~3-5 min)", build))
         if spec.interpreter is not None or spec.start is not None:
-            out.append((f"snapshot of {name} (first time ~1 min)", functools.partial(_snapshot, name, log)))
+            out.append((f"snapshot of {name} (first time ~30 s)", functools.partial(_snapshot, name, log)))
     return out
 
 
@@ -50,6 +50,5 @@ def provision(templates: list[str], log: Callable[[str], None] = print) -> dict[
         log(f"· {title}")
         result = run()
         timings[title] = time.perf_counter() - t0
-        if isinstance(result, Path):
-            log(f"  {result}  ({timings[title]:.1f} s)")
+        log(f"  {result if isinstance(result, Path) else 'done'}  ({timings[title]:.1f} s)")
     return timings

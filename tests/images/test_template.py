@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.server
 import os
 import threading
@@ -18,7 +19,7 @@ from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.restore import restore
 from tartarus.templates.build import build_template
 from tartarus.templates.spec import TemplateSpec
-from tartarus.templates.steps import BuildStepFailed
+from tartarus.templates.steps import GUEST_CA, BuildStepFailed, host_ca_bundle
 from tartarus.templates.store import get_template, remove_template
 from tests.conftest import qemu_pids
 
@@ -96,18 +97,21 @@ def test_build_steps_run_with_network_and_are_kept(
         {
             "name": "steps-test",
             "base": {"image": python_ref},
-            "steps": ["echo built-by-step > /opt/marker", f'python3 -c "{fetch}"'],
+            "steps": [
+                "echo built-by-step > /opt/marker",
+                f'python3 -c "{fetch}"',
+                'test "$PIP_CERT" = "$SSL_CERT_FILE" && sha256sum < "$SSL_CERT_FILE" > /opt/ca-sum',
+            ],
         }
     )
     template = build_template(spec, lambda message: None)
     try:
+        checks = f"cat /etc/resolv.conf /opt/ca-sum; test -e {GUEST_CA} || echo no-ca-bundle"
 
         async def main() -> bytes:
             sb = await RuntimeSandbox.boot(template, tmp_path / "sandboxes")
             try:
-                process = await sb.agent.exec(
-                    ["sh", "-c", "cat /opt/marker /opt/fetched; echo; cat /etc/resolv.conf"]
-                )
+                process = await sb.agent.exec(["sh", "-c", f"cat /opt/marker /opt/fetched; echo; {checks}"])
                 out = b""
                 async for event in process.events():
                     if isinstance(event, Output):
@@ -119,6 +123,9 @@ def test_build_steps_run_with_network_and_are_kept(
         out = asyncio.run(main())
         assert out.startswith(b"built-by-step\n" + payload)
         assert b"10.0.2.3" not in out  # the build's resolver was put back
+        assert b"no-ca-bundle" in out  # and the host's CA bundle removed
+        host_ca = host_ca_bundle()  # which the steps' TLS clients trusted
+        assert host_ca is not None and hashlib.sha256(host_ca).hexdigest().encode() in out
         assert not qemu_pids(tmp_path)
     finally:
         remove_template("steps-test")

@@ -8,7 +8,7 @@ import pytest
 
 from tartarus.guest.initramfs import cpio_archive
 from tartarus.runtime.disks import sparse_copy
-from tartarus.runtime.qemu import Drive, VMConfig, command_line, kernel_cmdline
+from tartarus.runtime.qemu import TCG_CPU, Drive, VMConfig, command_line, kernel_cmdline
 
 
 def test_cpio_is_newc_with_init_and_trailer() -> None:
@@ -53,7 +53,7 @@ def test_command_line_differs_only_in_accelerator() -> None:
     tcg = command_line(_config("tcg"), qmp_fd=3, agent_fd=4)
     kvm = command_line(_config("kvm"), qmp_fd=3, agent_fd=4)
     diff = {a for a in tcg if a not in kvm} | {a for a in kvm if a not in tcg}
-    assert diff == {"tcg,thread=single,tb-size=128", "qemu64", "kvm", "host"}
+    assert diff == {"tcg,thread=single,tb-size=128", TCG_CPU, "kvm", "host"}
     assert "-no-reboot" in tcg and "socket,id=agent,fd=4" in tcg
     assert any("read-only=on" in a and "/base" in a for a in tcg)
 
@@ -66,3 +66,17 @@ def test_unknown_accelerator_refused() -> None:
 def test_kernel_cmdline_panics_to_exit_and_keeps_extra_args() -> None:
     line = kernel_cmdline(_config("tcg"))
     assert "panic=-1" in line and "reboot=t" in line and line.endswith("tartarus.hostname=x")
+
+
+def test_snapshot_key_covers_the_guest_cpu_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot saved with one CPU model must not be restored into another (its code paths chose on it)."""
+    from tartarus.runtime import qemu
+    from tartarus.snapshots import store
+    from tartarus.templates.store import Template
+
+    monkeypatch.setattr(store, "choose_accel", lambda kernel: "tcg")
+    monkeypatch.setattr(store, "kernel_path", lambda: Path("/k"))
+    template = Template(name="t", key="k", rootfs=Path("/r"), fstype="ext4")
+    key = store._snapshot_key(template)
+    monkeypatch.setattr(qemu, "TCG_CPU", "qemu64")
+    assert store._snapshot_key(template) != key

@@ -34,7 +34,7 @@ def test_run_code_keeps_state_and_captures_output(sandbox: Sandbox) -> None:
     described = sandbox.run_code("print('hello'); import sys; print('warn', file=sys.stderr)\ndf.describe()")
     assert described.stdout == "hello\n" and described.stderr == "warn\n"
     assert described.result is not None and "mean" in described.result and "2.5" in described.result
-    assert sandbox.run_code("df['x'].sum()").result == "10"
+    assert sandbox.run_code("int(df['x'].sum())").result == "10"  # numpy 2 reprs np.int64(10)
     assert sandbox.run_code("y = 1").result is None
 
 

@@ -1,6 +1,7 @@
 """`tartarus template build`: a template from Debian packages or an OCI image, plus optional build steps.
 
-The base comes first (a cached Debian root filesystem, or the converted image); if the spec has `steps`,
+The base comes first (a cached Debian root filesystem, or the converted image: from a registry, a layout,
+or a local image built here by `tartarus.images.local`); if the spec has `steps`,
 they run in a build VM on a copy of it and their result is cached as a new root filesystem. A template's
 key covers its base's identity, its steps and the whole spec, so changing any of them makes a new
 template (and, through the key, a new snapshot).
@@ -15,7 +16,7 @@ from pathlib import Path
 from tartarus.errors import InvalidArgument
 from tartarus.guest.cache import cached, digest
 from tartarus.templates.debian import build_debian_rootfs
-from tartarus.templates.spec import ImageBase, TemplateSpec
+from tartarus.templates.spec import DebianBase, ImageBase, LocalImageBase, TemplateSpec
 from tartarus.templates.steps import apply_steps
 from tartarus.templates.store import Template, register_template
 
@@ -24,8 +25,17 @@ STEPS_VERSION = "build-vm-steps-v1"
 
 
 def build_template(spec: TemplateSpec, progress: Callable[[str], None] = print) -> Template:
+    if spec.packages and not isinstance(spec.base, DebianBase):
+        raise InvalidArgument(
+            f"template {spec.name!r}: `packages` needs a Debian base; use `steps` to install into an image"
+        )
     if isinstance(spec.base, ImageBase):
         base, identity = _image_base(spec, spec.base, progress)
+    elif isinstance(spec.base, LocalImageBase):
+        from tartarus.images.local import local_image
+
+        ref = local_image(spec.base.local_image, progress)
+        base, identity = _image_base(spec, ImageBase(image=ref), progress)
     else:
         rootfs, rootfs_key = build_debian_rootfs(spec, progress)
         base = Template(name=spec.name, key=rootfs_key, rootfs=rootfs, fstype="ext4")
@@ -61,10 +71,6 @@ def _image_base(
 ) -> tuple[Template, list[str]]:
     from tartarus import images
 
-    if spec.packages:
-        raise InvalidArgument(
-            f"template {spec.name!r}: `packages` needs a Debian base; use `steps` to install into an image"
-        )
     progress(f"pulling {base.image}")
     build = images.pull(base.image, insecure=base.insecure)
     return images.to_template(build, spec.name), [IMAGE_BUILDER_VERSION, build.manifest_digest, build.fstype]

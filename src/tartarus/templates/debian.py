@@ -5,19 +5,24 @@ The mirror is read from apt's configured sources at run time, never written into
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tartarus.errors import InvalidArgument, SetupRequired
+from tartarus.errors import InvalidArgument, SetupRequired, TartarusError
 from tartarus.guest.cache import cached, digest
 from tartarus.templates.spec import DebianBase, TemplateSpec
 
+log = logging.getLogger(__name__)
+
 BUILDER_VERSION = "debootstrap-ext4-v1"
+RETRY_PAUSE_S = 10.0
 # Removed from the tree before imaging: package caches that only cost space in every sandbox.
-_PRUNE = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/info")
+PRUNE = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/info")
 
 
 def debian_mirror() -> str:
@@ -37,6 +42,22 @@ def debian_mirror() -> str:
                 if m and "security" not in line:
                     return m.group(1)
     raise SetupRequired("no Debian mirror configured in /etc/apt/sources*")
+
+
+def debootstrap(args: list[str], tree: Path, mirror: str, attempts: int = 4) -> None:
+    """`debootstrap ARGS TREE MIRROR`, retried from scratch after a growing pause: it has no retries of
+    its own, and a mirror that drops one download, or is unreachable for a few seconds, fails the run."""
+    for attempt in range(1, attempts + 1):
+        result = subprocess.run(["debootstrap", *args, str(tree), mirror], capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        shutil.rmtree(tree, ignore_errors=True)
+        output = (result.stdout + result.stderr).splitlines()
+        why = "; ".join([line for line in output if line.startswith(("E:", "W:"))][-5:] or output[-5:])
+        if attempt == attempts:
+            raise TartarusError(f"debootstrap failed {attempts} times; the last time: {why}")
+        log.warning("debootstrap failed (attempt %d of %d): %s", attempt, attempts, why)
+        time.sleep(RETRY_PAUSE_S * attempt)  # give the mirror time to come back
 
 
 def image_tree(tree: Path, image: Path, label: str) -> None:
@@ -71,14 +92,11 @@ def build_debian_rootfs(spec: TemplateSpec, progress: Callable[[str], None] = pr
     def build_rootfs(out: Path) -> None:
         root = out / "tree"
         progress(f"debootstrap {base.debian} with {', '.join(spec.packages)}")
-        cmd = ["debootstrap", "--variant=minbase"]
+        args = ["--variant=minbase"]
         if spec.packages:
-            cmd.append("--include=" + ",".join(spec.packages))
-        cmd += [base.debian, str(root), mirror]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"debootstrap failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        for rel in _PRUNE:
+            args.append("--include=" + ",".join(spec.packages))
+        debootstrap([*args, base.debian], root, mirror)
+        for rel in PRUNE:
             target = root / rel
             if target.is_dir():
                 shutil.rmtree(target)

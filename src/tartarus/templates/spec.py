@@ -49,11 +49,19 @@ class ImageBase(BaseModel):
     insecure: bool = Field(False, description="allow plain HTTP to a registry that is not on loopback")
 
 
+class LocalImageBase(BaseModel):
+    """A public image that Tartarus builds on this host from Debian packages (`tartarus.images.local`),
+    for hosts that reach no image registry; converted like any other image."""
+
+    model_config = ConfigDict(extra="forbid")
+    local_image: str = Field(min_length=1, max_length=128)
+
+
 class TemplateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
-    base: DebianBase | ImageBase
+    base: DebianBase | ImageBase | LocalImageBase
     packages: list[str] = Field(default_factory=list)
     steps: list[str] = Field(
         default_factory=list, description="shell commands run in a build VM with network, in order"

@@ -2,8 +2,10 @@
 
 The build VM boots a private, grown copy of the base image as its root, read-write and without the
 overlay (`tartarus.rw=none`), with QEMU user networking (`tartarus.net=`) so steps can download
-packages. Whatever the steps leave is the new image: no layer capture or merge is needed. Only the
-template author's steps run here, never sandbox code.
+packages. The steps' TLS clients trust the host's CA certificates for the build (a host behind an
+intercepting egress proxy, as this project's machines are, re-signs PyPI with its own CA), through a
+bundle copied in and removed afterwards. Whatever the steps leave is the new image: no layer capture or
+merge is needed. Only the template author's steps run here, never sandbox code.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +30,9 @@ GUEST_NET = "10.0.2.15/24,10.0.2.2"  # QEMU user networking's defaults
 GUEST_DNS = b"nameserver 10.0.2.3\n"
 RESOLV = "/etc/resolv.conf"
 HEADROOM_MIB = 4096
+GUEST_CA = "/.tartarus-build-ca.pem"
+# Where OpenSSL-based tools, pip, requests and node look for extra trust; a template's own env wins.
+CA_ENV = ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
 STEP_TIMEOUT_S = 3600.0
 
 
@@ -43,10 +49,22 @@ def grow_ext4(image: Path, extra_mib: int) -> None:
         raise InvalidArgument(f"cannot grow {image.name} for the build steps: {result.stderr.strip()}")
 
 
-async def _step(sb: RuntimeSandbox, number: int, step: str, progress: Callable[[str], None]) -> None:
+def host_ca_bundle() -> bytes | None:
+    """The CA certificates the host's OpenSSL trusts (honouring SSL_CERT_FILE), or None if it has none."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate).read_bytes()
+    return None
+
+
+async def _step(
+    sb: RuntimeSandbox, number: int, step: str, env: dict[str, str], progress: Callable[[str], None]
+) -> None:
     progress(f"  step {number}: {step}")
+    t0 = time.perf_counter()
     process = await sb.agent.exec(
-        ["/bin/sh", "-c", step], env=sb.env, cwd=sb.template.workdir, timeout=STEP_TIMEOUT_S
+        ["/bin/sh", "-c", step], env=env, cwd=sb.template.workdir, timeout=STEP_TIMEOUT_S
     )
     tail = b""
     async for event in process.events():
@@ -59,6 +77,7 @@ async def _step(sb: RuntimeSandbox, number: int, step: str, progress: Callable[[
         raise BuildStepFailed(
             f"build step {number} ({step!r}) failed with {how}:\n{tail.decode(errors='replace')}"
         )
+    progress(f"  step {number} done in {time.perf_counter() - t0:.0f} s")
 
 
 async def _swap_resolver(sb: RuntimeSandbox) -> Callable[[], Awaitable[None]]:
@@ -109,8 +128,15 @@ async def _run(
         await sb.vm.wait_agent(sb.options.boot_timeout)
         progress(f"  build VM up in {time.perf_counter() - t0:.1f} s")
         restore = await _swap_resolver(sb)
+        env = sb.env
+        bundle = host_ca_bundle()
+        if bundle is not None:
+            await sb.agent.write_file(GUEST_CA, bundle)
+            env = {**dict.fromkeys(CA_ENV, GUEST_CA), **env}
         for number, step in enumerate(steps, 1):
-            await _step(sb, number, step, progress)
+            await _step(sb, number, step, env, progress)
+        if bundle is not None:
+            await sb.agent.remove(GUEST_CA)
         await restore()
         await _check(sb, ["sync"])
     finally:

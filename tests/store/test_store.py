@@ -139,3 +139,13 @@ def test_store_reconnects_after_the_postgresql_server_restarts() -> None:
             assert store.get_tenant("acme") is not None  # one retry on a fresh connection
         finally:
             store.close()
+
+
+def test_text_with_nul_is_refused_alike_on_both_stores(database_url: str) -> None:
+    store = Store.open(database_url)
+    try:
+        with pytest.raises(InvalidArgument, match="NUL"):
+            store.create_key("acme", description="bad\x00description")
+        assert store.list_keys() == []  # nothing half-written
+    finally:
+        store.close()

@@ -251,6 +251,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         shown = control.visible(principal, manager.list(), labels=labels, tenant=tenant)
         sandboxes = [_info(r, control.owners.get(record_id(r))) for r in shown]
         if include_ended:
+            await control.sync_all()  # sandboxes that ended since the watcher last looked
             live = {s.id for s in sandboxes}
             ended = await control.ended(principal, labels=labels, tenant=tenant)
             sandboxes += [_ended_info(row) for row in ended if row.id not in live]

@@ -375,7 +375,7 @@ class ControlPlane:
             del self.owners[sandbox_id]
             owner.state = "destroyed"
             owner.ended_at = time.time()
-            owner.error = owner.error or ended_reason
+            owner.error = owner.error or ended_reason or self.manager.why_ended(sandbox_id)
             await self.db(
                 self.store.update_sandbox,
                 sandbox_id,
@@ -393,11 +393,11 @@ class ControlPlane:
 
     async def _expired(self, sandbox_id: str, why: str) -> None:
         """The manager destroyed a sandbox whose timeout passed: store the end and why, now."""
+        self.metrics.expired.inc()
         owner = self.owners.get(sandbox_id)
-        if owner is None:
+        if owner is None:  # the watcher recorded the end first (with the manager's reason)
             return
         owner.error = why
-        self.metrics.expired.inc()
         log.info("sandbox %s expired", sandbox_id, extra={"sandbox": sandbox_id, "tenant": owner.tenant})
         await self.sync(sandbox_id)
 

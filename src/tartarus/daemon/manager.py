@@ -303,6 +303,10 @@ class SandboxManager:
             raise NotFound(f"sandbox {id_!r} {ended}" if ended else f"no sandbox {id_!r}")
         return record
 
+    def why_ended(self, id_: str) -> str | None:
+        """Why a recently ended sandbox ended, if the daemon ended it (its timeout)."""
+        return self._ended.get(id_)
+
     def set_ttl(self, id_: str, seconds: float | None) -> None:
         """Destroy the sandbox `seconds` from now (None: never), replacing its TTL."""
         self.get(id_)

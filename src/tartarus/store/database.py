@@ -76,6 +76,9 @@ class Database:
 
     def _run(self, sql: str, params: Sequence[Any]) -> Any:
         """Execute, reconnecting once if a PostgreSQL server dropped us between transactions."""
+        if any(isinstance(p, str) and "\x00" in p for p in params):
+            # PostgreSQL cannot store NUL in text; refuse it the same way on both stores.
+            raise InvalidArgument("text containing NUL (\\x00) characters cannot be stored")
         try:
             return self._conn.execute(self._sql(sql), tuple(params))
         except Exception as e:

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -328,45 +328,43 @@ def sandbox_release(sandbox_id: str) -> None:
         raise _fail(e) from e
 
 
-@sandbox_app.command("kill")
-def sandbox_kill(sandbox_ids: Annotated[list[str], typer.Argument()]) -> None:
-    """Destroy sandboxes (their writable layers are deleted)."""
+def _call_each(
+    method: str, path: str, ids: list[str], say: Callable[[str, dict[str, Any]], str] | None = None
+) -> None:
+    """One API call per id (`{id}` in `path`), printing `say(id, answer)`; stops at the first error."""
     from tartarus.sdk.sync import Client
 
     try:
         client = Client()
-        for sandbox_id in sandbox_ids:
-            client.request("DELETE", f"/v1/sandboxes/{sandbox_id}")
+        for id_ in ids:
+            response = client.request(method, path.format(id=id_))
+            if say is not None:
+                print(say(id_, response.json()))
     except errors.TartarusError as e:
         raise _fail(e) from e
+
+
+@sandbox_app.command("kill")
+def sandbox_kill(sandbox_ids: Annotated[list[str], typer.Argument()]) -> None:
+    """Destroy sandboxes (their writable layers are deleted)."""
+    _call_each("DELETE", "/v1/sandboxes/{id}", sandbox_ids)
 
 
 @sandbox_app.command("hibernate")
 def sandbox_hibernate(sandbox_ids: Annotated[list[str], typer.Argument()]) -> None:
     """Put sandboxes to disk: no process, no RAM. Any later call (or `wake`) brings them back as they were."""
-    from tartarus.sdk.sync import Client
-
-    try:
-        client = Client()
-        for sandbox_id in sandbox_ids:
-            info = client.request("POST", f"/v1/sandboxes/{sandbox_id}/hibernate").json()
-            print(f"{sandbox_id} hibernated ({info['disk_bytes'] / 2**20:.1f} MiB on disk)")
-    except errors.TartarusError as e:
-        raise _fail(e) from e
+    _call_each(
+        "POST",
+        "/v1/sandboxes/{id}/hibernate",
+        sandbox_ids,
+        lambda id_, info: f"{id_} hibernated ({info['disk_bytes'] / 2**20:.1f} MiB on disk)",
+    )
 
 
 @sandbox_app.command("wake")
 def sandbox_wake(sandbox_ids: Annotated[list[str], typer.Argument()]) -> None:
     """Wake hibernated sandboxes."""
-    from tartarus.sdk.sync import Client
-
-    try:
-        client = Client()
-        for sandbox_id in sandbox_ids:
-            info = client.request("POST", f"/v1/sandboxes/{sandbox_id}/wake").json()
-            print(f"{sandbox_id} {info['state']}")
-    except errors.TartarusError as e:
-        raise _fail(e) from e
+    _call_each("POST", "/v1/sandboxes/{id}/wake", sandbox_ids, lambda id_, info: f"{id_} {info['state']}")
 
 
 @sandbox_app.command("snapshot")
@@ -423,14 +421,7 @@ def checkpoint_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
 @checkpoint_app.command("rm")
 def checkpoint_rm(checkpoint_ids: Annotated[list[str], typer.Argument()]) -> None:
     """Delete checkpoints (sandboxes started from them are not affected)."""
-    from tartarus.sdk.sync import Client
-
-    try:
-        client = Client()
-        for checkpoint_id in checkpoint_ids:
-            client.request("DELETE", f"/v1/checkpoints/{checkpoint_id}")
-    except errors.TartarusError as e:
-        raise _fail(e) from e
+    _call_each("DELETE", "/v1/checkpoints/{id}", checkpoint_ids)
 
 
 @app.command("gc")

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tartarus
 from tartarus.daemon import control_api, quotas
-from tartarus.daemon.control import ControlPlane, parse_labels, principal_of, record_id
+from tartarus.daemon.control import ControlPlane, parse_labels, principal_of
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
     CheckpointInfo,
@@ -236,7 +236,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         record = await control.create(
             request, body.template, options, labels=body.labels, timeout=body.timeout, spawn=spawn
         )
-        return _info(record, control.owners.get(record_id(record)))
+        return _info(record, control.owners.get(record.id))
 
     @app.get("/v1/sandboxes", response_model=SandboxList, responses=_ERRORS)
     async def list_sandboxes(
@@ -249,7 +249,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         principal = principal_of(request)
         labels = parse_labels(label)
         shown = control.visible(principal, manager.list(), labels=labels, tenant=tenant)
-        sandboxes = [_info(r, control.owners.get(record_id(r))) for r in shown]
+        sandboxes = [_info(r, control.owners.get(r.id)) for r in shown]
         if include_ended:
             await control.sync_all()  # sandboxes that ended since the watcher last looked
             live = {s.id for s in sandboxes}

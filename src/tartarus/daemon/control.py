@@ -31,7 +31,7 @@ from tartarus.daemon.metrics import Metrics
 from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
 from tartarus.runtime.sandbox import SandboxOptions
 from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
-from tartarus.templates.store import Template, get_template
+from tartarus.templates.store import get_template
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +53,9 @@ def node_id(state_dir: Path) -> str:
     return node
 
 
-# Records are read through these rather than `record.runtime`: a hibernated sandbox's record keeps its id,
-# template, creation time and timings while it has no runtime.
-def record_id(record: SandboxRecord) -> str:
-    return record.id
-
-
-def record_template(record: SandboxRecord) -> Template:
-    return record.template
-
-
 def record_created_at(record: SandboxRecord) -> float:
+    """When the sandbox was made: its runtime's clock while it runs, the record's while it hibernates."""
     return record.runtime.created_at if record.runtime else record.created_at
-
-
-def record_timings(record: SandboxRecord) -> dict[str, float]:
-    runtime = record.runtime
-    return dict(runtime.timings) if runtime is not None else {}
 
 
 def principal_of(request: Request) -> Principal:
@@ -126,7 +112,7 @@ class ControlPlane:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-store")
         self._audit_executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-audit")
         ensure_local_admin_key(self.state_dir, self.store, self.node)
-        live = {record_id(r) for r in self.manager.list()}
+        live = {r.id for r in self.manager.list()}
         # What the manager found again (hibernated sandboxes survive a restart) keeps its owner.
         for row in self.store.list_sandboxes(node=self.node, live=True):
             if row.id in live:
@@ -225,7 +211,7 @@ class ControlPlane:
             tenant = principal.tenant
         shown = []
         for record in records:
-            owner = self.owners.get(record_id(record))
+            owner = self.owners.get(record.id)
             if tenant is not None and (owner is None or owner.tenant != tenant):
                 continue
             have = owner.labels if owner else {}
@@ -247,7 +233,7 @@ class ControlPlane:
     def usage(self, tenant: str) -> quotas.Usage:
         """What a tenant's sandboxes on this daemon hold now: a failed one nothing, one without a VM
         (hibernated) its place among the tenant's sandboxes but no vCPUs or memory."""
-        live = {record_id(r): r for r in self.manager.list()}
+        live = {r.id: r for r in self.manager.list()}
         used = quotas.Usage()
         for id_, owner in self.owners.items():
             record = live.get(id_)
@@ -284,8 +270,8 @@ class ControlPlane:
         """Make a new sandbox the caller's tenant's (in memory; `persist` stores it). Call it before the
         next await after the sandbox appears, so no request sees it unowned."""
         vm = record.runtime.vm if record.runtime else None
-        template = record_template(record)
-        new_id = record_id(record)
+        template = record.template
+        new_id = record.id
         owner = SandboxRow(
             id=new_id,
             tenant=principal_of(request).tenant,
@@ -338,7 +324,7 @@ class ControlPlane:
             if timeout is None and options.limits is not None:  # the policy's default lifetime
                 timeout = options.limits.ttl_s
             owner = self.adopt(request, record, labels=labels, timeout=timeout)
-        method = "restore" if "state_loaded" in record_timings(record) else "boot"
+        method = "restore" if "state_loaded" in record.timings else "boot"
         self.metrics.create_seconds.labels(method).observe(runtime_seconds)
         request.state.runtime_seconds = runtime_seconds
         request.state.audit_target = owner.id

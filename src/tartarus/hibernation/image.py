@@ -79,10 +79,6 @@ def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def fsync_dir(path: Path) -> None:
-    fsync_path(path)
-
-
 def publish(image: Image, final: Path) -> Image:
     """Write the metadata, fsync the staging directory and rename it to `final`: the commit point."""
     staging = image.path
@@ -92,10 +88,10 @@ def publish(image: Image, final: Path) -> Image:
     tmp.rename(staging / META)
     for name in ("memory.state", "layer.ext4"):
         fsync_path(staging / name)
-    fsync_dir(staging)
+    fsync_path(staging)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
     return dataclasses.replace(image, path=final)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from tartarus import failpoints
 from tartarus.errors import InsufficientStorage, InvalidArgument, QuotaExceeded, SandboxFailed
 from tartarus.hibernation.capture import capture, fsync_path
-from tartarus.hibernation.image import Image, allocated_bytes, fsync_dir, pin, pinned, publish
+from tartarus.hibernation.image import Image, allocated_bytes, pin, pinned, publish
 from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.sandbox import (
     LAYER_DRIVE,
@@ -217,7 +217,7 @@ async def start_from(
         nonlocal committed
         if wake:
             os.rename(image.path, waking)
-            fsync_dir(image.path.parent)
+            fsync_path(image.path.parent)
             committed = True
             failpoints.hit("wake.committed")
 

@@ -1,11 +1,13 @@
 """The audit log: one JSON line per security-relevant action in `<state_dir>/audit.log`.
 
-Appends with O_APPEND (one write per line, so concurrent writers never interleave within a line) and
+Appends with O_APPEND under an exclusive flock (one write per line; the lock also makes the torn-line
+check below see only whole writes, since a concurrent write can be visible half-done in st_size) and
 fsync (a recorded action survives a crash of the daemon or the host right after it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -22,6 +24,7 @@ def record(state_dir: Path, action: str, **fields: Any) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(state_dir / AUDIT_LOG, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data  # the last write was torn by a crash: never glue a record onto it

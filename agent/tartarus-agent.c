@@ -57,7 +57,8 @@
 #define PIPE_CHUNK (64 * 1024)
 #define DATA_CHUNK (256 * 1024)
 #define STDIN_MAX (16u << 20)
-#define DRAIN_MS 100              /* pipe draining after the command was reaped */
+#define DRAIN_MS 100
+#define HOST_POLL_MS 20           /* how often a closed port is checked for a returning host */              /* pipe draining after the command was reaped */
 #define RM_MAX_DEPTH 256          /* recursive REMOVE holds one fd per level */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -228,6 +229,14 @@ struct req {
 
 static struct req reqs[MAX_REQS];
 static int port_fd = -1;
+/*
+ * Serving the virtio port, a closed host side is a daemon restarting: the
+ * agent waits for the next host instead of exiting (see host_left()).
+ */
+static bool reconnectable;
+static bool host_present = true;
+/* Requests with ids from here up are the sandbox's own processes (interpreter, start command). */
+#define RESERVED_IDS 0xFFFF0000u
 static struct rlimit orig_nofile;
 
 static struct req *find_req(uint32_t id, int kind)
@@ -1535,12 +1544,56 @@ static void dispatch(uint32_t id, uint8_t type, const uint8_t *p, uint32_t len)
 static uint8_t inbuf[HDR_LEN + MAX_PAYLOAD];
 static size_t inlen;
 
+/*
+ * The host closed its side (its daemon stopped or died).  What it asked for
+ * dies with it, as when an API client goes away: commands are killed and
+ * forgotten (no frame about them reaches the next host, whose request ids
+ * start afresh), reads and writes are dropped, a half-received frame is
+ * discarded.  The sandbox's own
+ * processes (reserved ids: the warm interpreter, the start command) keep
+ * running for the next host to adopt.  Until it connects, frames we write
+ * block in the port, and the port is polled for its return (serve()).
+ */
+static void read_port(void);
+
+static void host_left(void)
+{
+	logmsg("host closed the port; waiting for it to reconnect");
+	host_present = false;
+	inlen = 0;
+	for (int i = 0; i < MAX_REQS; i++) {
+		struct req *r = &reqs[i];
+		if (r->kind == R_FREE || (r->kind == R_EXEC && r->id >= RESERVED_IDS))
+			continue;
+		if (r->kind == R_EXEC && !r->reaped)
+			kill(-r->pid, SIGKILL); /* reaped unseen: reap_children() finds no request */
+		free_req(r);
+	}
+}
+
+/* While the host is away the port polls as POLLHUP; it is back once it does not. */
+static void check_host_back(void)
+{
+	struct pollfd p = { .fd = port_fd, .events = POLLIN };
+
+	if (poll(&p, 1, 0) < 0 || (p.revents & POLLHUP))
+		return;
+	logmsg("host reconnected");
+	host_present = true;
+	if (p.revents & POLLIN)
+		read_port();
+}
+
 /* Reads what the port has and handles every complete frame in it. */
 static void read_port(void)
 {
 	ssize_t n = read(port_fd, inbuf + inlen, sizeof inbuf - inlen);
 
 	if (n == 0) {
+		if (reconnectable) {
+			host_left();
+			return;
+		}
 		logmsg("port closed by the host");
 		shutdown_agent(0);
 	}
@@ -1630,7 +1683,8 @@ static void __attribute__((noreturn)) serve(int fd)
 		nfds_t n = 0;
 		int64_t now = now_ms(), wake = -1;
 
-		pfds[n++] = (struct pollfd){ .fd = port_fd, .events = POLLIN };
+		/* A negative fd is skipped by poll(): a closed host side would report POLLHUP in a loop. */
+		pfds[n++] = (struct pollfd){ .fd = host_present ? port_fd : -1, .events = POLLIN };
 		pfds[n++] = (struct pollfd){ .fd = sig_fd, .events = POLLIN };
 		for (int i = 0; i < MAX_REQS; i++) {
 			int64_t t = reqs[i].kind == R_READ ? now /* more to send */
@@ -1639,6 +1693,8 @@ static void __attribute__((noreturn)) serve(int fd)
 				wake = t;
 		}
 		int timeout = wake < 0 ? -1 : wake <= now ? 0 : (int)(wake - now > 60000 ? 60000 : wake - now);
+		if (!host_present && (timeout < 0 || timeout > HOST_POLL_MS))
+			timeout = HOST_POLL_MS;
 		if (poll(pfds, n, timeout) < 0) {
 			if (errno == EINTR)
 				continue;
@@ -1668,6 +1724,8 @@ static void __attribute__((noreturn)) serve(int fd)
 				pump_read(&reqs[i]);
 		if (pfds[0].revents)
 			read_port();
+		else if (!host_present)
+			check_host_back();
 		now = now_ms();
 		for (int i = 0; i < MAX_REQS; i++)
 			if (reqs[i].kind == R_EXEC)
@@ -1981,6 +2039,7 @@ static pid_t spawn_agent(void)
 
 	if (pid == 0) {
 		/* serve() sets the signal mask it needs. */
+		reconnectable = true;
 		serve(open_port());
 	}
 	if (pid < 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,34 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+@pytest.fixture(autouse=True)
+def no_vmm_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A served daemon's VMMs outlive it by design; one a test leaves behind under its tmp_path (a test
+    that failed half-way, or a leak) is reaped with its namespace and cgroup, and a leak is an error."""
+    tmp: Path | None = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if tmp is None or not qemu_pids(tmp):
+        return
+    from tartarus.runtime.sandbox import reap_leftovers
+
+    leaked = [str(p.parent) for p in tmp.glob("**/sandboxes/*/qemu.pid")]
+    for sandboxes in {p.parent.parent for p in tmp.glob("**/sandboxes/*/qemu.pid")}:
+        reap_leftovers(sandboxes)
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.passed:
+        pytest.fail(f"VMMs left running after the test: {leaked}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each phase's report on the item (for fixtures that act on the test's outcome)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
 
 
 @pytest.fixture(scope="session")

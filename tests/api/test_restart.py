@@ -1,13 +1,17 @@
-"""A daemon killed with -9 and started again: its records, keys and tenants are all there, the sandboxes
-whose VMs died with it are marked lost, and nothing of them is left on the host."""
+"""A daemon killed with -9 and started again: its records, keys and tenants are all there, it takes over
+the sandboxes still running (memory, files and processes intact), and those whose VM died meanwhile are
+marked lost with nothing of them left on the host."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +39,7 @@ def _free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, state: Path, database_url: str | None) -> None:
+    def __init__(self, state: Path, database_url: str | None, *args: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "TARTARUS_STATE_DIR": str(state), "TARTARUS_POOL_SIZE": "0"}
@@ -44,7 +48,7 @@ class Daemon:
             env["TARTARUS_DATABASE_URL"] = database_url
         self.log = (state.parent / f"daemon-{self.port}.log").open("w")
         self.proc = subprocess.Popen(
-            [str(TARTARUS), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [str(TARTARUS), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -73,7 +77,7 @@ def daemons(tmp_path: Path) -> Iterator[list[Daemon]]:
         d.stop(signal.SIGKILL)
 
 
-def test_kill_9_then_restart_keeps_every_record(
+def test_kill_9_then_restart_takes_over_running_sandboxes(
     tmp_path: Path, database_url_or_none: str | None, daemons: list[Daemon]
 ) -> None:
     state = tmp_path / "state"
@@ -84,31 +88,97 @@ def test_kill_9_then_restart_keeps_every_record(
         tenant_key = c.post("/v1/keys", json={"tenant": "survivor"}).json()["key"]
         c.put("/v1/tenants/survivor/quota", json={"max_sandboxes": 5}).raise_for_status()
     running = Sandbox.create("python-ds", url=first.url, api_key=tenant_key, labels={"keep": "me"})
+    doomed = Sandbox.create("python-ds", url=first.url, api_key=tenant_key)
     gone = Sandbox.create("python-ds", url=first.url, api_key=tenant_key)
     gone.kill()
-    vm_dir = state / "sandboxes" / running.id
-    assert qemu_pids(vm_dir)
+    # State of every kind the guest has: a Python variable, a file, a process.
+    running.run_code("survivor = 6 * 7")
+    running.files.write("/root/note.txt", b"written before the crash")
+    running.commands.run("setsid sleep 1000 >/dev/null 2>&1 < /dev/null &")
+    sleeper = running.commands.run("pgrep -x sleep").stdout.split()
+    assert sleeper
+    # A command in flight when the daemon dies dies with its caller's request (as when a client goes).
+    in_flight = threading.Thread(target=_run_ignoring_errors, args=(running, "sleep 777"), daemon=True)
+    in_flight.start()
+    assert wait_until(lambda: "777" in running.commands.run("pgrep -a sleep").stdout, timeout=10)
+    vm_dir = state / "sandboxes"
+    vmms = qemu_pids(vm_dir)
+    assert len(vmms) == 2
 
     first.stop(signal.SIGKILL)
-    # The VMM dies with its daemon (parent-death signal), never outliving it.
-    assert wait_until(lambda: not qemu_pids(vm_dir), timeout=30)
+    # The VMMs outlive their daemon; one of them dies while no daemon runs.
+    assert qemu_pids(vm_dir) == vmms
+    doomed_dir = _workdir_of(state, doomed.id)
+    assert doomed_dir is not None
+    doomed_pid = next(iter(qemu_pids(doomed_dir)))
+    os.kill(doomed_pid, signal.SIGKILL)
+    assert wait_until(lambda: len(qemu_pids(vm_dir)) == 1, timeout=10)
 
     second = Daemon(state, database_url_or_none)
     daemons.append(second)
     assert (state / "admin.key").read_text().strip() == admin_key  # the local key still works
-    ended = {s["id"]: s for s in Sandbox.list(url=second.url, api_key=tenant_key, include_ended=True)}
-    assert ended[running.id]["state"] == "lost" and "previous daemon" in ended[running.id]["error"]
-    assert ended[running.id]["labels"] == {"keep": "me"}
-    assert ended[gone.id]["state"] == "destroyed"
-    assert Sandbox.list(url=second.url, api_key=tenant_key) == []  # nothing claims to run
-    assert not vm_dir.exists()
+    listed = {s["id"]: s for s in Sandbox.list(url=second.url, api_key=tenant_key, include_ended=True)}
+    assert listed[running.id]["state"] == "running" and listed[running.id]["labels"] == {"keep": "me"}
+    assert listed[doomed.id]["state"] == "lost" and "previous daemon" in listed[doomed.id]["error"]
+    assert listed[gone.id]["state"] == "destroyed"
+    # The same VM, taken over: its memory, files and processes are all there.
+    again = Sandbox.connect(running.id, url=second.url, api_key=tenant_key)
+    assert again.run_code("survivor").result == "42"
+    assert again.files.read("/root/note.txt") == b"written before the crash"
+    assert again.commands.run("pgrep -x sleep").stdout.split() == sleeper  # not `sleep 777`
+    assert again.commands.run("echo back").stdout == "back\n"
+    assert qemu_pids(vm_dir) == vmms - {doomed_pid}
+    assert not _workdir_of(state, doomed.id, missing_ok=True)  # reaped with its network and cgroup
     with httpx.Client(base_url=second.url, headers={"Authorization": f"Bearer {admin_key}"}) as c:
         assert c.get("/v1/tenants/survivor").json()["quota"]["max_sandboxes"] == 5
         actions = [e["action"] for e in c.get("/v1/audit", params={"limit": 50}).json()["entries"]]
     assert "POST /v1/sandboxes" in actions and "DELETE /v1/sandboxes/{sandbox_id}" in actions
     assert "sandbox.lost" in actions
-    # And it serves new sandboxes for the same tenant.
+    # It is managed like any other: it can hibernate, wake and be destroyed, and new ones are served.
+    assert again.hibernate()["state"] == "hibernated"
+    assert again.run_code("survivor").result == "42"
     with Sandbox.create("python-ds", url=second.url, api_key=tenant_key) as sb:
-        assert sb.commands.run("echo back").stdout == "back\n"
+        assert sb.commands.run("echo new").stdout == "new\n"
+    again.kill()
     second.stop(signal.SIGTERM)
     assert second.proc.returncode is not None
+    assert not qemu_pids(vm_dir)  # a graceful stop ends what it runs
+
+
+def test_clean_stop_with_keep_sandboxes_hands_them_to_the_next_daemon(
+    tmp_path: Path, database_url_or_none: str | None, daemons: list[Daemon]
+) -> None:
+    state = tmp_path / "state"
+    first = Daemon(state, database_url_or_none, "--keep-sandboxes")
+    daemons.append(first)
+    key = (state / "admin.key").read_text().strip()
+    sb = Sandbox.create("python-ds", url=first.url, api_key=key)
+    sb.run_code("kept = [1, 2, 3]")
+    vmms = qemu_pids(state / "sandboxes")
+    first.stop(signal.SIGTERM)
+    assert first.proc.returncode is not None
+    assert qemu_pids(state / "sandboxes") & vmms  # the sandbox's VMM (pooled ones are not kept)
+
+    second = Daemon(state, database_url_or_none)
+    daemons.append(second)
+    (info,) = Sandbox.list(url=second.url, api_key=key)
+    assert (info["id"], info["state"]) == (sb.id, "running")
+    again = Sandbox.connect(sb.id, url=second.url, api_key=key)
+    assert again.run_code("kept").result == "[1, 2, 3]"
+    second.stop(signal.SIGTERM)  # without the flag: its sandboxes end with it
+    assert not qemu_pids(state / "sandboxes")
+
+
+def _run_ignoring_errors(sb: Sandbox, command: str) -> None:
+    with contextlib.suppress(Exception):
+        sb.commands.run(command, timeout=600)
+
+
+def _workdir_of(state: Path, sandbox_id: str, *, missing_ok: bool = False) -> Path | None:
+    """The working directory of a sandbox (a pooled VMM's keeps its own name), by its descriptor."""
+    for workdir in (state / "sandboxes").iterdir():
+        desc = workdir / "sandbox.json"
+        if desc.exists() and json.loads(desc.read_text())["id"] == sandbox_id:
+            return workdir
+    assert missing_ok, f"no working directory for {sandbox_id}"
+    return None

@@ -1,7 +1,10 @@
-"""A daemon killed with SIGKILL leaves namespaces, uplinks and cgroups; the next daemon removes them."""
+"""A served daemon killed with SIGKILL leaves its VMMs running with their namespaces, uplinks and cgroups;
+the next daemon takes over the sandboxes still alive, as they were (quarantine included), and removes the
+rest."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +16,9 @@ import pytest
 
 from tartarus.paths import LOCAL_KEY_FILE
 from tartarus.sdk import Sandbox
-from tests.network.conftest import leftovers, uplinks, wait_for
+from tests.conftest import qemu_pids
+from tests.network.conftest import HOST_ADDR, NetHost, leftovers, probe, uplinks, wait_for
+from tests.network.test_quarantine import cpu_quota_us
 
 pytestmark = pytest.mark.vm
 
@@ -27,34 +32,64 @@ def _serve(state: Path, sock: Path) -> subprocess.Popen[bytes]:
     return process
 
 
-def test_next_daemon_reaps_what_a_killed_one_left(tmp_path: Path) -> None:
+def _workdirs(state: Path) -> dict[str, str]:
+    """Sandbox id -> its working directory's name (which names its namespace and cgroup: a pooled
+    VMM's directory keeps the pool's name), from the descriptors a served daemon writes."""
+    found = {}
+    for workdir in (state / "sandboxes").iterdir():
+        desc = workdir / "sandbox.json"
+        if desc.exists():
+            found[json.loads(desc.read_text())["id"]] = workdir.name
+    return found
+
+
+def test_next_daemon_takes_over_live_sandboxes_and_reaps_the_rest(tmp_path: Path, net_host: NetHost) -> None:
     state, sock = tmp_path / "state", tmp_path / "api.sock"
     before = uplinks()
+    port = net_host.ports[0]
     daemon = _serve(state, sock)
     try:
         key = (state / LOCAL_KEY_FILE).read_text().strip()  # the socket is not beside the state dir
-        sb = Sandbox.create("python-ds", url=f"unix://{sock}", api_key=key, network="full", timeout=600)
-        assert "netns" in leftovers(sb.id)
-        pooled = [p.name for p in (state / "sandboxes").iterdir() if p.name != sb.id]
+        url = f"unix://{sock}"
+        policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [port]}]}
+        kept = Sandbox.create("python-ds", url=url, api_key=key, network=policy, timeout=600)
+        dead = Sandbox.create("python-ds", url=url, api_key=key, network="full", timeout=600)
+        assert probe(kept, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "open"}
+        kept.quarantine("test: confined before the crash")
+        names = _workdirs(state)
+        assert wait_for(lambda: len(list((state / "sandboxes").glob("*/qemu.pid"))) == 3, 60), "no pooled VMM"
+        pooled = [p.name for p in (state / "sandboxes").iterdir() if p.name not in names.values()]
     finally:
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()
-    # The VMMs died with their parent (PR_SET_PDEATHSIG); their namespaces, uplinks and cgroups did not.
-    assert "netns" in leftovers(sb.id)
-    assert uplinks() - before
+    # The VMMs outlive their daemon (pooled ones too); one dies while no daemon runs.
+    assert all(qemu_pids(state / "sandboxes" / name) for name in [*names.values(), *pooled])
+    for pid in qemu_pids(state / "sandboxes" / names[dead.id]):
+        os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not qemu_pids(state / "sandboxes" / names[dead.id]), 10)
     sock.unlink(missing_ok=True)
     daemon = _serve(state, sock)
     try:
-        # Reaping happens before the socket is served, so by now the old sandbox is gone.
-        assert leftovers(sb.id) == []
-        for name in pooled:
-            assert leftovers(name) == []
-        new = {p.name for p in (state / "sandboxes").iterdir()}
-        assert sb.id not in new
+        # Reaping happens before the socket is served: what no sandbox can use any more is gone.
+        for name in [names[dead.id], *pooled]:
+            assert leftovers(name) == [], name
+            assert not qemu_pids(state / "sandboxes" / name)
+        # The survivor is taken over still quarantined: its gate stays shut until an operator opens it.
+        assert "netns" in leftovers(names[kept.id])
+        again = Sandbox.connect(kept.id, url=url, api_key=key)
+        assert again.info["quarantined"] and again.info["network"] == "none"
+        assert probe(again, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "TimeoutError"}
+        assert cpu_quota_us(names[kept.id]) == 10_000
+        info = again.release()
+        assert not info["quarantined"] and info["network"] == "allow"
+        assert probe(again, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "open"}
+        assert cpu_quota_us(names[kept.id]) == 100_000
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(60)
     deadline = time.monotonic() + 10
     while uplinks() - before and time.monotonic() < deadline:
-        time.sleep(0.05)  # the last daemon's own pool is torn down on SIGTERM
+        time.sleep(0.05)  # the last daemon's sandboxes and pool are torn down on SIGTERM
     assert uplinks() - before == set()
+    assert leftovers(names[kept.id]) == []
+    assert not qemu_pids(state)

@@ -54,7 +54,7 @@ def test_command_line_differs_only_in_accelerator() -> None:
     kvm = command_line(_config("kvm"), qmp_fd=3, agent_fd=4)
     diff = {a for a in tcg if a not in kvm} | {a for a in kvm if a not in tcg}
     assert diff == {"tcg,thread=single,tb-size=128", TCG_CPU, "kvm", "host"}
-    assert "-no-reboot" in tcg and "socket,id=agent,fd=4" in tcg
+    assert "-no-reboot" in tcg and "socket,id=agent,fd=4,server=on,wait=off" in tcg
     assert any("read-only=on" in a and "/base" in a for a in tcg)
 
 

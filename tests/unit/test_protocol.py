@@ -17,6 +17,7 @@ from tartarus.runtime.protocol import (
     encode,
     encode_fields,
     encode_request,
+    find_reply,
 )
 
 
@@ -90,3 +91,23 @@ def test_entropy_may_contain_nul() -> None:
 def test_unknown_tags_are_ignored() -> None:
     payload = struct.pack(">BI", 200, 3) + b"xyz" + encode_fields([(F.PID, 5)])
     assert Fields.decode(payload).get_int(F.PID) == 5
+
+
+def test_find_reply_skips_a_torn_stream_to_the_answer() -> None:
+    """A restarted daemon joins the guest's stream mid-frame; it finds the answer to its own request."""
+    torn = encode(T.STDOUT, 7, b"x" * 100)[40:]  # the tail of a frame the dead daemon half-read
+    late = encode(T.EXIT, 7, encode_fields([(F.EXIT_CODE, 0)]))
+    answer = encode(T.OK, 0xABCDEF, encode_fields([(F.VERSION, 1)]))
+    stream = torn + late + answer + encode(T.STDOUT, 9, b"next")
+    at = find_reply(stream, 0xABCDEF)
+    assert at == len(torn) + len(late)
+    frames = Decoder().feed(stream[at:])
+    assert [(f.type, f.id) for f in frames] == [(T.OK, 0xABCDEF), (T.STDOUT, 9)]
+    assert find_reply(stream, 0xABCDEE) == -1
+    assert find_reply(answer[:11], 0xABCDEF) == -1  # not yet whole: wait for more
+
+
+def test_find_reply_ignores_a_lookalike_with_an_impossible_length() -> None:
+    fake = struct.pack(">IIBBH", 0xFFFFFFFF, 0x1234, T.OK, 0, 0)
+    real = encode(T.OK, 0x1234)
+    assert find_reply(fake + real, 0x1234) == len(fake)

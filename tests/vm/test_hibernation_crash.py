@@ -81,17 +81,20 @@ def test_hibernated_sandboxes_survive_a_daemon_restart(tmp_path: Path) -> None:
     assert not qemu_pids(state)
 
 
-def _daemon_dies_at(tmp_path: Path, step: str, hibernate_first: bool) -> str:
-    """Run a daemon that exits abruptly (like kill -9) at `step`; returns the sandbox id it had."""
+def _daemon_dies_at(tmp_path: Path, step: str, hibernate_first: bool, *, live_restore: bool = False) -> str:
+    """Run a daemon that exits abruptly (like kill -9) at `step`; returns the sandbox id it had.
+    With `live_restore` (as `tartarus serve` runs) its VMMs outlive it."""
     state, sock = tmp_path / "state", tmp_path / "a.sock"
     script = f"""
 import os
 from pathlib import Path
 from tartarus import failpoints
 from tartarus.daemon.server import daemon_thread
+from tartarus.daemon.manager import DaemonConfig
 from tartarus.sdk import Sandbox
 from tests.vm.test_hibernation import _give_state
-with daemon_thread(Path({str(state)!r}), Path({str(sock)!r})):
+config = DaemonConfig(live_restore={live_restore!r})
+with daemon_thread(Path({str(state)!r}), Path({str(sock)!r}), config):
     sb = Sandbox.create("python-ds", url="unix://{sock}")
     _give_state(sb)
     if {hibernate_first!r}:
@@ -106,13 +109,14 @@ with daemon_thread(Path({str(state)!r}), Path({str(sock)!r})):
     )
     assert proc.returncode == 137, proc.stderr
     sandbox_id = proc.stdout.split()[0]
-    assert wait_until(lambda: not qemu_pids(state), 5.0)  # VMMs die with their daemon
+    if not live_restore:
+        assert wait_until(lambda: not qemu_pids(state), 5.0)  # VMMs die with their daemon
     return sandbox_id
 
 
 @pytest.mark.parametrize("step", ["hibernate.captured", "hibernate.layer_moved"])
 def test_daemon_killed_before_hibernation_commits(tmp_path: Path, step: str) -> None:
-    """Before the commit point the sandbox is a running one, and running sandboxes die with their daemon
+    """Before the commit point the sandbox is a running one, and an embedded daemon's sandboxes die with it
     (their VMMs carry a parent-death signal): the next daemon must find no trace of it, not half of it."""
     sandbox_id = _daemon_dies_at(tmp_path, step, hibernate_first=False)
     state, sock = tmp_path / "state", tmp_path / "b.sock"
@@ -120,6 +124,27 @@ def test_daemon_killed_before_hibernation_commits(tmp_path: Path, step: str) -> 
         assert Sandbox.list(url=f"unix://{sock}") == []
         assert not list((state / "sandboxes").glob(f"*{sandbox_id}*"))  # pooled VMMs' dirs aside
         assert not (state / "hibernated" / sandbox_id).exists()
+
+
+@pytest.mark.parametrize("step", ["hibernate.captured", "hibernate.layer_moved"])
+def test_served_daemon_killed_before_hibernation_commits_leaves_it_running(tmp_path: Path, step: str) -> None:
+    """A served daemon's VMM outlives it, paused mid-capture: the next daemon puts the layer back,
+    resumes the guest and takes the sandbox over, state intact."""
+    from tartarus.daemon.manager import DaemonConfig
+
+    sandbox_id = _daemon_dies_at(tmp_path, step, hibernate_first=False, live_restore=True)
+    state, sock = tmp_path / "state", tmp_path / "b.sock"
+    assert qemu_pids(state)
+    with daemon_thread(state, sock, DaemonConfig(live_restore=True)):
+        listed = {s["id"]: s["state"] for s in Sandbox.list(url=f"unix://{sock}")}
+        assert listed == {sandbox_id: "running"}
+        assert not (state / "hibernated" / sandbox_id).exists()
+        sb = Sandbox.connect(sandbox_id, url=f"unix://{sock}")
+        _check_state(sb)
+        assert sb.hibernate()["state"] == "hibernated"  # and it can hibernate after all
+        _check_state(sb)
+        sb.kill()
+    assert not qemu_pids(state)
 
 
 @pytest.mark.parametrize(

@@ -158,8 +158,15 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port, with --host")] = 8700,
     socket: Annotated[Path | None, typer.Option(help="unix socket path (default: the state dir's)")] = None,
     log_format: Annotated[str, typer.Option(help="json (one object per line) or text")] = "json",
+    keep_sandboxes: Annotated[
+        bool,
+        typer.Option(help="on SIGTERM leave running sandboxes running, for the next daemon to take over"),
+    ] = False,
 ) -> None:
-    """Run the daemon: owns the sandboxes and serves the REST API."""
+    """Run the daemon: owns the sandboxes and serves the REST API.
+
+    Its sandboxes outlive a crash (the next daemon takes them over); a clean stop destroys them, unless
+    --keep-sandboxes (an upgrade or restart without disturbing them)."""
     from tartarus.daemon import logs
     from tartarus.daemon.server import serve as run_server
 
@@ -168,9 +175,9 @@ def serve(
     logs.configure(log_format)
     try:
         if host:
-            run_server(state_dir(), host=host, port=port)
+            run_server(state_dir(), host=host, port=port, keep_sandboxes=keep_sandboxes)
         else:
-            run_server(state_dir(), uds=socket or default_socket())
+            run_server(state_dir(), uds=socket or default_socket(), keep_sandboxes=keep_sandboxes)
     except errors.TartarusError as e:
         raise _fail(e) from e
 

@@ -147,6 +147,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager.open()
         try:
+            await manager.adopt_running()
             control.open()
             manager.start_pools()
             control.start()

@@ -104,8 +104,8 @@ class ControlPlane:
     def open(self) -> None:
         """Open the store, make the local admin key, and mark sandboxes a previous daemon lost.
 
-        Call after the manager has taken the state dir and reaped what the dead daemon left: every VMM
-        died with it (parent-death signal), so each record still live in the store is lost.
+        Call after the manager has taken the state dir, taken over the sandboxes still running and
+        reaped the rest: each record still live in the store that the manager does not have is lost.
         """
         self.node = node_id(self.state_dir)
         self._store = open_store(self.state_dir)
@@ -117,7 +117,7 @@ class ControlPlane:
         for row in self.store.list_sandboxes(node=self.node, live=True):
             if row.id in live:
                 self.owners[row.id] = row
-        lost = self.store.mark_lost(self.node, keep=live, reason="its VM died with the previous daemon")
+        lost = self.store.mark_lost(self.node, keep=live, reason="its VM did not outlive the previous daemon")
         if lost:
             log.warning("marked %d sandboxes of the previous daemon lost: %s", len(lost), ", ".join(lost))
             audit.record(self.state_dir, "sandbox.lost", actor="daemon", node=self.node, sandboxes=lost)

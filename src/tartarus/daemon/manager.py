@@ -30,7 +30,9 @@ from tartarus.policy import Policy, PolicyEngine, load_policy
 from tartarus.policy.admission import Admission, admit, contain, create_request
 from tartarus.quarantine import actions as quarantine_actions
 from tartarus.quarantine.triggers import RefusedPacketsTrigger
-from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers
+from tartarus.runtime import descriptor
+from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers, reap_workdir
+from tartarus.runtime.vm import is_our_vmm, set_outlive_owner
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.restore import compatible, restore
 from tartarus.snapshots.store import Snapshot, find_snapshot
@@ -79,6 +81,11 @@ class DaemonConfig:
     hibernate_quota_bytes: int | None = field(default_factory=_quota_from_env)
     # Admission rules, limit caps, quarantine settings (TARTARUS_POLICY=FILE; default: admit all).
     policy: Policy = field(default_factory=_policy_from_env)
+    # VMMs outlive the daemon, and a restarted daemon takes over the sandboxes it finds running
+    # (`tartarus serve`). Off for embedded runs, whose VMMs die with them (parent-death signal).
+    live_restore: bool = False
+    # With live_restore: a clean stop leaves running sandboxes running too (restarts, upgrades).
+    keep_on_stop: bool = False
 
 
 @dataclass
@@ -112,6 +119,7 @@ class SandboxManager:
         self.sandboxes_dir = self.layout.sandboxes
         self._records: dict[str, SandboxRecord] = {}
         self._lock_file: IO[str] | None = None
+        self._adoptable: dict[Path, dict[str, Any]] = {}
         self._idle_task: asyncio.Task[None] | None = None
         self.policy = PolicyEngine(self.config.policy)
         self._deadlines = Deadlines()
@@ -137,13 +145,16 @@ class SandboxManager:
         lock.write(str(os.getpid()))
         lock.flush()
         self._lock_file = lock
-        reaped = reap_leftovers(self.sandboxes_dir)
+        set_outlive_owner(self.config.live_restore)
+        hibernated = list_images(self.layout.hibernated)
+        self._adoptable = self._find_adoptable({image.id for image in hibernated})
+        reaped = reap_leftovers(self.sandboxes_dir, keep=set(self._adoptable))
         if reaped:
             log.warning("reaped %d sandboxes left by a previous daemon: %s", len(reaped), ", ".join(reaped))
         self.sandboxes_dir.mkdir(exist_ok=True)
         for staging in self.layout.checkpoints.glob(".*.staging"):
             shutil.rmtree(staging, ignore_errors=True)
-        for image in list_images(self.layout.hibernated):
+        for image in hibernated:
             self._records[image.id] = SandboxRecord(
                 image.id,
                 image.template,
@@ -155,6 +166,72 @@ class SandboxManager:
                 labels=dict(image.request.get("labels") or {}),
             )
         return reaped
+
+    def _find_adoptable(self, hibernated: set[str]) -> dict[Path, dict[str, Any]]:
+        """Working directories of sandboxes whose VMM outlived the previous daemon, by descriptor.
+        One that hibernated (committed) meanwhile is not: its image is the sandbox now."""
+        found: dict[Path, dict[str, Any]] = {}
+        if not self.config.live_restore or not self.sandboxes_dir.exists():
+            return found
+        for workdir in self.sandboxes_dir.iterdir():
+            data = descriptor.read(workdir) if workdir.is_dir() else None
+            if data is None or data["id"] in hibernated:
+                continue
+            if is_our_vmm(descriptor.vmm_pid(data), workdir):
+                ops.undo_staging(workdir)  # it died mid-hibernation, before the commit point
+                found[workdir] = data
+        return found
+
+    async def adopt_running(self) -> list[str]:
+        """Take over the sandboxes `open` found running (call from the event loop, before serving).
+        One that cannot be reconnected to is reaped. Returns the ids taken over."""
+        adopted: list[str] = []
+        adoptable, self._adoptable = self._adoptable, {}
+        for workdir, data in adoptable.items():
+            rec = data.get("record") or {}
+            try:
+                template = get_template(str(data["template"]))
+                runtime = await descriptor.attach(data, template, workdir)
+            except Exception as e:
+                log.warning("could not take over sandbox %s (%s): reaping it", data.get("id"), e)
+                reap_workdir(workdir)
+                continue
+            snapshot_path = rec.get("snapshot")
+            snapshot = None
+            if snapshot_path and (Path(snapshot_path) / "snapshot.json").exists():
+                snapshot = Snapshot.load(Path(snapshot_path))
+            record = SandboxRecord(
+                runtime.id,
+                template,
+                runtime,
+                "running",
+                snapshot,
+                idle_timeout=rec.get("idle_timeout"),
+                created_at=runtime.created_at,
+                tenant=str(rec.get("tenant", "default")),
+                labels=dict(rec.get("labels") or {}),
+            )
+            self._records[runtime.id] = record
+            self._watch(record)
+            adopted.append(runtime.id)
+        if adopted:
+            log.warning("took over %d running sandboxes: %s", len(adopted), ", ".join(adopted))
+            audit.record(self.state_dir, "sandbox.adopted", sandboxes=adopted)
+        return adopted
+
+    def save(self, record: SandboxRecord) -> None:
+        """Write down a running sandbox for the next daemon (`tartarus.runtime.descriptor`)."""
+        if not self.config.live_restore or record.runtime is None or record.state != "running":
+            return
+        descriptor.write(
+            record.runtime,
+            {
+                "tenant": record.tenant,
+                "labels": record.labels,
+                "idle_timeout": record.idle_timeout,
+                "snapshot": str(record.snapshot.path) if record.snapshot else None,
+            },
+        )
 
     def start_pools(self) -> None:
         """Pre-start VMMs for every template that has a snapshot, and watch for idle sandboxes (call
@@ -190,7 +267,8 @@ class SandboxManager:
         return sum(len(p) for p in self._pools.values())
 
     async def close(self) -> None:
-        """Stop every running sandbox; hibernated ones stay on disk for the next daemon."""
+        """Stop every running sandbox (or, with `keep_on_stop`, let go of them for the next daemon);
+        hibernated ones stay on disk for the next daemon."""
         self._deadlines.cancel_all()
         for task in (self._idle_task, self._trigger_task):
             if task is not None:
@@ -201,11 +279,30 @@ class SandboxManager:
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
-        running = [r.id for r in self._records.values() if r.state != "hibernated"]
+        kept = await self._let_go() if self.config.live_restore and self.config.keep_on_stop else set()
+        running = [r.id for r in self._records.values() if r.state != "hibernated" and r.id not in kept]
         await asyncio.gather(*(self.destroy(id_) for id_ in running), return_exceptions=True)
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+    async def _let_go(self) -> set[str]:
+        """Leave the running sandboxes running, described for the next daemon; returns their ids (their
+        records stay, still `running`, so the store keeps them so)."""
+        kept: set[str] = set()
+        for record in list(self._records.values()):
+            if record.state != "running" or record.runtime is None or record.lock.locked():
+                continue  # one mid-operation is destroyed: it cannot be described consistently
+            try:
+                self.save(record)
+                await record.runtime.detach()
+            except Exception:
+                log.exception("could not leave sandbox %s running; destroying it", record.id)
+                continue
+            kept.add(record.id)
+        if kept:
+            log.info("left %d sandboxes running for the next daemon", len(kept))
+        return kept
 
     async def create(
         self,
@@ -281,6 +378,7 @@ class SandboxManager:
         )
         self._records[runtime.id] = record
         self._watch(record)
+        self.save(record)
         if admission.limits.ttl_s is not None:
             self.set_ttl(runtime.id, admission.limits.ttl_s)
         return record
@@ -343,6 +441,7 @@ class SandboxManager:
         async with self.use(id_) as runtime:
             settings = self.policy.policy.quarantine
             await quarantine_actions.confine(runtime, settings, self.state_dir, reason=reason, by=by)
+            self.save(self.get(id_))
         return self.get(id_)
 
     async def expose(self, id_: str, port: int) -> tuple[str, int]:
@@ -354,11 +453,14 @@ class SandboxManager:
                 raise Conflict(f"sandbox {id_} is quarantined: no port can be exposed")
             if runtime.network is None:
                 raise Conflict(f"sandbox {id_} has no network namespace")
-            return await runtime.network.expose(port)
+            address = await runtime.network.expose(port)
+            self.save(self.get(id_))
+            return address
 
     async def release(self, id_: str, by: str) -> SandboxRecord:
         async with self.use(id_) as runtime:
             await quarantine_actions.release(runtime, self.state_dir, by=by)
+            self.save(self.get(id_))
         return self.get(id_)
 
     def list(self) -> list[SandboxRecord]:
@@ -443,6 +545,7 @@ class SandboxManager:
             record.runtime, record.snapshot, record.image, record.state = runtime, snapshot, None, "running"
             record.last_active = time.monotonic()
             self._watch(record)
+            self.save(record)
             self.observe("wake", time.perf_counter() - t0)
             return record
 

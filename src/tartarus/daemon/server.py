@@ -21,9 +21,15 @@ from tartarus.paths import LOCAL_KEY_FILE
 
 
 def serve(
-    state_dir: Path, *, host: str | None = None, port: int | None = None, uds: Path | None = None
+    state_dir: Path,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    uds: Path | None = None,
+    keep_sandboxes: bool = False,
 ) -> None:
-    app = create_app(state_dir)
+    # A served daemon's sandboxes outlive its crash, for the next one to take over (docs/control-plane.md).
+    app = create_app(state_dir, DaemonConfig(live_restore=True, keep_on_stop=keep_sandboxes))
     # Logging is configured by the caller (JSON lines); the access log is ours, with request IDs.
     if uds is not None:
         uds.parent.mkdir(parents=True, exist_ok=True)

@@ -184,6 +184,17 @@ async def hibernate(
     return image
 
 
+def undo_staging(workdir: Path) -> None:
+    """What a daemon that died mid-hibernation (before the commit point) left in a sandbox's directory,
+    undone as the failure path of `hibernate` would: the layer back in place, the staging gone."""
+    staging = workdir / "hibernating"
+    if not staging.exists():
+        return
+    if (staging / "layer.ext4").exists() and not (workdir / LAYER).exists():
+        os.rename(staging / "layer.ext4", workdir / LAYER)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 async def start_from(
     image: Image,
     layout: Layout,

@@ -79,6 +79,15 @@ class SandboxCgroup:
             raise
         return group
 
+    @classmethod
+    def existing(cls, name: str, limits: Limits | None) -> SandboxCgroup:
+        """The group an earlier daemon made (taking over a running sandbox); `limits` are its own."""
+        v2 = is_v2()
+        paths = [ROOT / GROUP / name] if v2 else [ROOT / c / GROUP / name for c in V1_CONTROLLERS]
+        if not all(p.is_dir() for p in paths):
+            raise SandboxFailed(f"the cgroup of {name} is gone")
+        return cls(name, v2, paths, limits)
+
     def resize(self, limits: Limits) -> None:
         """Apply `limits` (a pooled VMM's group was made with the template's; most creates match)."""
         if self.limits is not None and (self.limits.vcpus, self.limits.memory_mib) == (

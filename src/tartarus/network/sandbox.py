@@ -115,6 +115,25 @@ class SandboxNetwork:
             raise
         return network
 
+    @classmethod
+    def existing(cls, workdir: Path, policy: PinnedPolicy, *, cut_off: bool) -> SandboxNetwork:
+        """The network an earlier daemon made for the sandbox in `workdir` (taking over a running
+        sandbox); its rules are in the namespace already, `policy` and `cut_off` say what they are."""
+        data = json.loads((workdir / RECORD).read_text())
+        netns, slot = data.get("netns"), data.get("slot")
+        if not isinstance(netns, str) or not isinstance(slot, int) or not netns_path(netns).exists():
+            raise SandboxFailed(f"the network namespace of {workdir.name} is gone")
+        ensure_host()
+        network = cls(netns, slot, policy, cut_off)
+        network.nft = libnft.NftContext(network.netns_path)
+        return network
+
+    async def resume_services(self) -> None:
+        """Start again what the daemon serves into the namespace (the DNS relay of `full`)."""
+        if self.policy.mode == "full" and self.dns is None:
+            self.dns = DnsRelay(self.netns_path, GATEWAY)
+            await self.dns.start()
+
     def _ctx(self) -> libnft.NftContext:
         if self.nft is None:
             raise SandboxFailed(f"network of {self.netns} is gone")

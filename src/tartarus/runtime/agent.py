@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from tartarus.runtime.protocol import (
     T,
     encode,
     encode_request,
+    find_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -118,11 +120,17 @@ class AgentClient:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         eof_reason: Callable[[], Awaitable[str]] | None = None,
+        *,
+        resync: bool = False,
     ) -> None:
         self._reader = reader
         self._eof_reason = eof_reason
         self._writer = writer
-        self._ids = itertools.count(1)
+        # Joining a stream another client used (`resync`): ids start at a random point, so a late frame
+        # about one of its requests cannot be taken for an answer to ours.
+        self._ids = itertools.count(1 + secrets.randbelow(1 << 30) if resync else 1)
+        self._sync_id = 1 + secrets.randbelow(RESERVED_IDS - 1) if resync else None
+        self._synced = asyncio.Event()
         self._queues: dict[int, asyncio.Queue[Frame | BaseException]] = {}
         self._hello = asyncio.Event()
         self._failure: BaseException | None = None
@@ -171,8 +179,23 @@ class AgentClient:
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
 
+    async def resync(self, timeout: float) -> None:
+        """Find a frame boundary in a stream another client left mid-way (see `find_reply`)."""
+        assert self._sync_id is not None, "not made with resync=True"
+        id_, queue = self._open(self._sync_id)
+        try:
+            await self._send(encode_request(T.PING, id_))
+            async with asyncio.timeout(timeout):
+                await self._next(queue)
+        except TimeoutError:
+            raise SandboxFailed(f"guest agent did not answer within {timeout:.0f} s") from None
+        finally:
+            self._done(id_)
+        self.assume_running()
+
     async def _read_loop(self) -> None:
         decoder = Decoder()
+        skipped = bytearray()
         try:
             while True:
                 data = await self._reader.read(CHUNK)
@@ -180,6 +203,14 @@ class AgentClient:
                     # The VMM is going away; say why (panic, power-off, kill) rather than just "EOF".
                     reason = await self._eof_reason() if self._eof_reason else "guest agent channel closed"
                     raise SandboxFailed(reason)
+                if self._sync_id is not None and not self._synced.is_set():
+                    skipped += data
+                    at = find_reply(skipped, self._sync_id)
+                    if at < 0:
+                        del skipped[: max(0, len(skipped) - 16)]  # a header may straddle two reads
+                        continue
+                    data, skipped = bytes(skipped[at:]), bytearray()
+                    self._synced.set()
                 for frame in decoder.feed(data):
                     await self._dispatch(frame)
         except ProtocolError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,15 @@ class Execution:
 class CodeInterpreter:
     """Talks to one guest interpreter; calls are serialised (one notebook kernel, one cell at a time)."""
 
-    def __init__(self, process: Process, *, reseed_first: bool = False) -> None:
+    def __init__(
+        self, process: Process, *, reseed_first: bool = False, first_id: int = 1, lenient: bool = False
+    ) -> None:
         self._process = process
         self._buffer = bytearray()
         self._lock = asyncio.Lock()
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_id)
         self._reseed = reseed_first
+        self._lenient = lenient  # skip lines that are not JSON (the tail of one a dead client half-read)
 
     @classmethod
     async def start(cls, agent: AgentClient, preload: list[str], timeout: float = 600.0) -> CodeInterpreter:
@@ -69,6 +73,12 @@ class CodeInterpreter:
     def adopt(cls, agent: AgentClient, pid: int) -> CodeInterpreter:
         """The interpreter of a restored snapshot: its PRNG state is shared by every clone, so reseed."""
         return cls(agent.adopt(INTERPRETER_ID, pid), reseed_first=True)
+
+    @classmethod
+    def reattach(cls, agent: AgentClient, pid: int) -> CodeInterpreter:
+        """The interpreter of a sandbox an earlier daemon ran: it may still answer that daemon's last
+        call, so our ids start elsewhere and a torn line is skipped."""
+        return cls(agent.adopt(INTERPRETER_ID, pid), first_id=1 + secrets.randbelow(1 << 40), lenient=True)
 
     @property
     def pid(self) -> int:
@@ -120,6 +130,8 @@ class CodeInterpreter:
         try:
             message = json.loads(line)
         except ValueError:
+            if self._lenient:
+                return {}
             raise SandboxFailed(f"interpreter sent invalid JSON: {line[:200]!r}") from None
         if not isinstance(message, dict):
             raise SandboxFailed("interpreter sent a non-object message")

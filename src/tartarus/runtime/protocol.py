@@ -190,6 +190,26 @@ def encode_request(type_: T, id_: int, items: Iterable[tuple[F, FieldValue]] = (
     return encode(type_, id_, encode_fields(items))
 
 
+def find_reply(buf: bytes | bytearray, id_: int, type_: T = T.OK) -> int:
+    """Offset of the first plausible header of a `type_` frame for request `id_` in `buf`, or -1.
+
+    How a client joining a stream mid-way (a restarted daemon) finds a frame boundary: it sends a
+    request with an id nobody used and skips what comes before the answer. The id is random, so text
+    that merely looks like that header is vanishingly unlikely."""
+    marker = _ID_TYPE.pack(id_, type_, 0, 0)
+    start = 4
+    while True:
+        at = buf.find(marker, start)
+        if at < 0:
+            return -1
+        if HEADER.unpack_from(buf, at - 4)[0] <= MAX_PAYLOAD:
+            return at - 4
+        start = at + 1
+
+
+_ID_TYPE = struct.Struct(">IBBH")
+
+
 class Decoder:
     """Incremental frame decoder for a byte stream coming from a guest."""
 

@@ -88,7 +88,9 @@ TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt"
 
 
 def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
-    """Build argv; QMP and the agent channel arrive as already-connected socket fds (no paths, no races)."""
+    """Build argv; QMP and the agent channel arrive as listening unix sockets (fds the caller bound
+    and already connected to, so no race with QEMU's start-up). QEMU listens again when its client
+    goes, which is what lets a restarted daemon reconnect to a VM it did not start."""
     if config.accel == "kvm":
         accel = ["-accel", "kvm", "-cpu", "host"]
     elif config.accel == "tcg":
@@ -132,7 +134,7 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
         "-append",
         kernel_cmdline(config),
         "-chardev",
-        f"socket,id=qmp,fd={qmp_fd}",
+        f"socket,id=qmp,fd={qmp_fd},server=on,wait=off",
         "-mon",
         "chardev=qmp,mode=control",
         "-chardev",
@@ -144,7 +146,7 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
         "-device",
         "virtio-serial-device,max_ports=2",
         "-chardev",
-        f"socket,id=agent,fd={agent_fd}",
+        f"socket,id=agent,fd={agent_fd},server=on,wait=off",
         "-device",
         f"virtserialport,chardev=agent,name={AGENT_PORT},id=agent0",
     ]

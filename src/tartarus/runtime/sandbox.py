@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.disks import create_layer
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.qemu import Drive, VMConfig
-from tartarus.runtime.vm import MicroVM
+from tartarus.runtime.vm import PID_FILE, MicroVM, is_our_vmm
 from tartarus.templates.store import Template
 
 if TYPE_CHECKING:
@@ -182,6 +183,17 @@ class RuntimeSandbox:
             self.interpreter = await CodeInterpreter.start(self.agent, self.template.preload)
         return self.interpreter
 
+    async def detach(self) -> None:
+        """Let go of a sandbox that keeps running (a daemon stopping for the next one to take it over):
+        what the daemon serves into it stops; the VM, its namespace and its cgroup stay."""
+        if self.network is not None:
+            await self.network.close_services()
+            if self.network.nft is not None:
+                self.network.nft.close()
+                self.network.nft = None
+        if self.vm is not None:
+            await self.vm.detach()
+
     async def destroy(self) -> None:
         """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""
         if self.vm is not None:
@@ -207,8 +219,9 @@ def _wait_gone(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def reap_leftovers(root: Path) -> list[str]:
-    """Clean what a previous daemon left under `root`: kill VMMs still recorded there, delete dirs.
+def reap_leftovers(root: Path, keep: Collection[Path] = ()) -> list[str]:
+    """Clean what a previous daemon left under `root` (bar the directories in `keep`, sandboxes to be
+    taken over): kill VMMs still recorded there, delete dirs.
 
     Returns the ids cleaned. Only processes that are QEMU *and* reference this sandbox's directory are
     killed, so a recycled pid never hits an unrelated process.
@@ -217,7 +230,7 @@ def reap_leftovers(root: Path) -> list[str]:
     if not root.exists():
         return cleaned
     for workdir in sorted(root.iterdir()):
-        if workdir.is_dir():
+        if workdir.is_dir() and workdir not in keep:
             reap_workdir(workdir)
             cleaned.append(workdir.name)
     return cleaned
@@ -225,11 +238,10 @@ def reap_leftovers(root: Path) -> list[str]:
 
 def reap_workdir(workdir: Path) -> None:
     """Everything one sandbox directory stands for: its VMM, network namespace, cgroups, files."""
-    pid_file = workdir / "qemu.pid"
+    pid_file = workdir / PID_FILE
     with contextlib.suppress(OSError, ValueError):
         pid = int(pid_file.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if b"qemu-system" in cmdline and str(workdir).encode() in cmdline:
+        if is_our_vmm(pid, workdir):
             os.kill(pid, 9)
             log.warning("killed leftover VMM pid %d of %s", pid, workdir.name)
             _wait_gone(pid)

@@ -1,7 +1,9 @@
 """One QEMU microVM process: spawn, QMP, agent channel, lifecycle verbs, and why it ended.
 
-The VMM is tied to its owner with PR_SET_PDEATHSIG, so no QEMU outlives the process that started it;
-a daemon that is killed leaves only files, which the next daemon reconciles.
+QMP and the agent channel are unix sockets in the VM's directory that QEMU listens on. An embedded
+run ties its VMMs to itself with PR_SET_PDEATHSIG, so none outlives it. A daemon's VMMs outlive the
+daemon instead (`set_outlive_owner`): a daemon that is killed or restarted leaves its sandboxes
+running, and the next one reconnects to them (`MicroVM.attach`) or reaps them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,33 @@ _PR_SET_PDEATHSIG = 1
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
+QMP_SOCKET = "qmp.sock"
+AGENT_SOCKET = "agent.sock"
+PID_FILE = "qemu.pid"
 
-def _child_setup(nice: int, netns_fd: int = -1, cgroups: tuple[str, ...] = ()) -> Callable[[], None]:
+_outlive_owner = False
+
+
+def set_outlive_owner(enabled: bool) -> None:
+    """Whether VMMs started from now on survive this process (a daemon: the next daemon adopts or
+    reaps them) or die with it (an embedded run: nothing would ever clean up after it)."""
+    global _outlive_owner
+    _outlive_owner = enabled
+
+
+def _child_setup(
+    nice: int, netns_fd: int = -1, cgroups: tuple[str, ...] = (), *, tied: bool = True
+) -> Callable[[], None]:
     def setup() -> None:
-        """Runs in the child between fork and exec: die with the parent, never outlive it; join the
-        sandbox's network namespace and cgroups before QEMU runs a single instruction."""
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() == 1:  # the parent already died before prctl took effect
-            os._exit(1)
+        """Runs in the child between fork and exec: die with the parent (unless it outlives its owner:
+        then it leaves the owner's session, so a ^C to the daemon's terminal does not reach it); join
+        the sandbox's network namespace and cgroups before QEMU runs a single instruction."""
+        if tied:
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() == 1:  # the parent already died before prctl took effect
+                os._exit(1)
+        else:
+            os.setsid()
         if nice:
             os.nice(nice)
         if netns_fd >= 0 and _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
@@ -48,6 +69,86 @@ def _child_setup(nice: int, netns_fd: int = -1, cgroups: tuple[str, ...] = ()) -
                 f.write("0")
 
     return setup
+
+
+@contextlib.contextmanager
+def _socket_path(path: Path) -> Iterator[str]:
+    """A unix socket address holds 107 bytes; a deep state directory is reached via /proc/self/fd."""
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def _listen(path: Path) -> socket.socket:
+    """A listening socket at `path`, for QEMU to inherit; only root may connect."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _socket_path(path) as address:
+            sock.bind(address)
+        os.chmod(path, 0o600)
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _socket_path(path) as address:
+            sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def is_our_vmm(pid: int, workdir: Path) -> bool:
+    """True if `pid` is a QEMU started for `workdir` (a recycled pid never matches)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    inside = os.fsencode(workdir) + b"/"
+    return bool(argv) and b"qemu-system" in argv[0] and any(inside in a for a in argv)
+
+
+class _Adopted:
+    """A VMM an earlier daemon started: not our child, so watched and signalled through a pidfd
+    (which, unlike a pid, cannot come to mean another process). Its exit status is not ours to see."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._fd: int | None = os.pidfd_open(pid)
+        self._gone = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._exited)
+
+    def _exited(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        self._gone.set()
+
+    def kill(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._fd, signal.SIGKILL)
+
+    async def wait(self) -> int | None:
+        await self._gone.wait()
+        return None
 
 
 def console_tail(path: Path | None, lines: int = 20) -> str:
@@ -75,6 +176,8 @@ def exit_reason(console: str, shutdown: dict[str, Any] | None, returncode: int |
         return (what or f"VM shut down ({reason})") + detail
     if returncode is not None and returncode < 0:
         return f"VMM process killed by signal {signal.Signals(-returncode).name}"
+    if returncode is None:  # a VMM adopted from an earlier daemon: its status went to init
+        return f"VMM process exited{detail}"
     return f"VMM process exited with status {returncode}{detail}"
 
 
@@ -84,7 +187,7 @@ class MicroVM:
     def __init__(self, config: VMConfig, workdir: Path) -> None:
         self.config = config
         self.workdir = workdir
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: asyncio.subprocess.Process | _Adopted | None = None
         self.qmp: QMPClient | None = None
         self.agent: AgentClient | None = None
         self.exit_message: str | None = None
@@ -107,12 +210,16 @@ class MicroVM:
         `set_priority` for raising it again when the VMM is put to use.
         """
         t0 = time.perf_counter()
-        qmp_host, qmp_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        agent_host, agent_vm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = command_line(self.config, qmp_fd=qmp_vm.fileno(), agent_fd=agent_vm.fileno())
+        qmp_vm = _listen(self.workdir / QMP_SOCKET)
+        agent_vm = _listen(self.workdir / AGENT_SOCKET)
+        qmp_host = agent_host = None
         stderr = (self.workdir / "qemu.log").open("ab")
         netns_fd = -1
         try:
+            # Connected before QEMU starts: the backlog holds them until it accepts.
+            qmp_host = _connect(self.workdir / QMP_SOCKET)
+            agent_host = _connect(self.workdir / AGENT_SOCKET)
+            argv = command_line(self.config, qmp_fd=qmp_vm.fileno(), agent_fd=agent_vm.fileno())
             if self.config.netns is not None:
                 netns_fd = os.open(self.config.netns, os.O_RDONLY | os.O_CLOEXEC)
             cgroups = tuple(str(c / "cgroup.procs") for c in self.config.cgroups)
@@ -122,15 +229,21 @@ class MicroVM:
                 stdout=stderr,
                 stderr=stderr,
                 pass_fds=(qmp_vm.fileno(), agent_vm.fileno()),
-                preexec_fn=_child_setup(nice, netns_fd, cgroups),
+                preexec_fn=_child_setup(nice, netns_fd, cgroups, tied=not _outlive_owner),
             )
+        except BaseException:
+            for sock in (qmp_host, agent_host):
+                if sock is not None:
+                    sock.close()
+            raise
         finally:
             if netns_fd >= 0:
                 os.close(netns_fd)
             stderr.close()
             qmp_vm.close()
             agent_vm.close()
-        (self.workdir / "qemu.pid").write_text(str(self.process.pid))
+        assert qmp_host is not None and agent_host is not None
+        (self.workdir / PID_FILE).write_text(str(self.process.pid))
         self._tasks.append(asyncio.create_task(self._watch_process(), name="vmm-watch"))
         try:
             self.qmp = QMPClient(f"vm-{self.process.pid}")
@@ -146,6 +259,45 @@ class MicroVM:
         except BaseException:
             await self.kill()
             raise
+
+    @classmethod
+    async def attach(
+        cls, config: VMConfig, workdir: Path, pid: int, *, drive_nodes: dict[int, str] | None = None
+    ) -> MicroVM:
+        """Reconnect to a VMM that an earlier daemon started and that outlived it.
+
+        The agent channel is resynchronised (`AgentClient.resync`): what the dead daemon left half-read
+        is skipped, and requests it had in flight are gone (the agent killed their commands)."""
+        if not is_our_vmm(pid, workdir):
+            raise SandboxFailed(f"no VMM of {workdir.name} runs as pid {pid}")
+        vm = cls(config, workdir)
+        vm._drive_nodes = dict(drive_nodes or {})
+        vm.process = _Adopted(pid)
+        vm._tasks.append(asyncio.create_task(vm._watch_process(), name="vmm-watch"))
+        try:
+            vm.qmp = QMPClient(f"vm-{pid}")
+            await asyncio.wait_for(vm.qmp.connect(_connect(workdir / QMP_SOCKET)), 10)
+            vm._tasks.append(asyncio.create_task(vm._watch_events(), name="vmm-events"))
+            status = await vm.qmp_execute("query-status")
+            state = status.get("status") if isinstance(status, dict) else None
+            if state in ("paused", "postmigrate"):
+                await vm.resume()  # the daemon died between a pause and its resume (hibernate, fork)
+            elif state != "running":
+                raise SandboxFailed(f"VMM of {workdir.name} is in state {state!r}")
+            reader, writer = await asyncio.open_unix_connection(
+                sock=_connect(workdir / AGENT_SOCKET), limit=1 << 21
+            )
+            vm.agent = AgentClient(reader, writer, eof_reason=vm._eof_reason, resync=True)
+            await vm.agent.resync(timeout=10)
+        except BaseException:
+            await vm._cleanup(keep_pid_file=True)
+            raise
+        return vm
+
+    @property
+    def drive_nodes(self) -> dict[int, str]:
+        """Drives whose file was replaced (`replace_drive`), by index: their current block node."""
+        return dict(self._drive_nodes)
 
     def set_priority(self, nice: int = 0) -> None:
         """Renice every QEMU thread (niceness is per thread on Linux)."""
@@ -290,6 +442,10 @@ class MicroVM:
             await self.process.wait()
         await self._cleanup()
 
+    async def detach(self) -> None:
+        """Let go of a VMM that outlives us (a daemon shutting down and leaving it to the next one)."""
+        await self._cleanup(keep_pid_file=True)
+
     async def wait(self) -> None:
         await self._exited.wait()
 
@@ -297,7 +453,7 @@ class MicroVM:
     def running(self) -> bool:
         return self.process is not None and not self._exited.is_set()
 
-    async def _cleanup(self) -> None:
+    async def _cleanup(self, *, keep_pid_file: bool = False) -> None:
         if self.agent is not None:
             await self.agent.close()
         if self.qmp is not None:
@@ -312,8 +468,9 @@ class MicroVM:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._tasks.clear()
-        with contextlib.suppress(FileNotFoundError):
-            (self.workdir / "qemu.pid").unlink()
+        if not keep_pid_file:
+            with contextlib.suppress(FileNotFoundError):
+                (self.workdir / PID_FILE).unlink()
 
     async def _watch_process(self) -> None:
         assert self.process is not None

@@ -1,0 +1,62 @@
+"""A running sandbox's descriptor survives the JSON round trip a restarted daemon reads it through."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from tartarus.limits.spec import Limits
+from tartarus.network import NetworkPolicy
+from tartarus.network.policy import PinnedPolicy, PinnedRule
+from tartarus.runtime.descriptor import _load_config, _load_options, _load_policy, _options
+from tartarus.runtime.qemu import Drive, VMConfig
+from tartarus.runtime.sandbox import SandboxOptions
+
+
+def _through_json(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+def test_vm_config_round_trips() -> None:
+    config = VMConfig(
+        kernel=Path("/k/vmlinux"),
+        initrd=Path("/k/initrd"),
+        drives=[Drive(Path("/i/root.erofs"), True, "raw"), Drive(Path("/s/rw.ext4"), False)],
+        accel="tcg",
+        vcpus=2,
+        memory_mib=768,
+        kernel_args=["tartarus.rw=/dev/vdb"],
+        console_log=Path("/s/console.log"),
+        memory_file=Path("/snap/memory"),
+        memory_share=False,
+        incoming=True,
+        tap="tap0",
+        netns=Path("/run/netns/tartarus-x"),
+        cgroups=[Path("/sys/fs/cgroup/cpu/tartarus/x")],
+    )
+    assert _load_config(_through_json(dataclasses.asdict(config))) == config
+
+
+def test_options_round_trip() -> None:
+    options = SandboxOptions(
+        vcpus=1,
+        memory_mib=512,
+        env={"A": "b"},
+        network=NetworkPolicy.model_validate(
+            {"mode": "allow", "allow": [{"host": "10.0.0.0/8", "ports": [443]}]}
+        ),
+        max_processes=64,
+        ttl_s=30.0,
+        limits=Limits(vcpus=1, memory_mib=512, disk_mib=4096, max_processes=64, ttl_s=30.0),
+    )
+    assert _load_options(_through_json(_options(options))) == options
+    assert _load_options(_through_json(_options(SandboxOptions()))) == SandboxOptions()
+
+
+def test_pinned_policy_round_trips() -> None:
+    policy = PinnedPolicy(
+        "allow", (PinnedRule("203.0.113.2/32", (80, 443), "tcp"),), (("example.test", "203.0.113.2"),)
+    )
+    assert _load_policy(_through_json(dataclasses.asdict(policy))) == policy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 from pathlib import Path
 
@@ -48,3 +49,32 @@ def test_reaping_removes_a_dead_daemons_network_and_cgroups(tmp_path: Path) -> N
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def test_namespaces_whose_directory_vanished_are_removed_host_wide(tmp_path: Path) -> None:
+    """A state dir deleted under a crashed daemon (or a test's temporary dir) leaves its namespaces with
+    nothing pointing at them; any daemon's start or `gc` removes them, and only them."""
+    from tartarus.limits import SandboxCgroup
+    from tartarus.network import SandboxNetwork
+    from tartarus.network.sandbox import reap_orphans
+
+    gone, kept = tmp_path / "gone" / "sb-orphan00001", tmp_path / "kept" / "sb-orphan00002"
+    for workdir in (gone, kept):
+        workdir.mkdir(parents=True)
+    limits = resolve_limits(template_vcpus=1, template_memory_mib=256)
+    orphan = SandboxNetwork.create(gone, gone.name)
+    SandboxCgroup.create(gone.name, limits)
+    live = SandboxNetwork.create(kept, kept.name)
+    try:
+        assert orphan.nft is not None
+        orphan.nft.close()  # the daemon that held it is gone
+        shutil.rmtree(gone.parent)
+        assert "netns" in leftovers(gone.name)
+        assert orphan.netns in reap_orphans()  # (with any other host-wide orphan)
+        assert leftovers(gone.name) == []
+        assert orphan.host_link not in uplinks() and live.host_link in uplinks()
+        assert "netns" in leftovers(kept.name)
+        assert live.netns not in reap_orphans()
+    finally:
+        live.destroy()
+    assert live.host_link not in uplinks()

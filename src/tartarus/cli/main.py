@@ -433,14 +433,18 @@ def checkpoint_rm(checkpoint_ids: Annotated[list[str], typer.Argument()]) -> Non
 
 @app.command("gc")
 def gc() -> None:
-    """Delete expired checkpoints and the snapshot pins nothing needs any more."""
+    """Delete expired checkpoints and the snapshot pins nothing needs any more, and remove network
+    namespaces whose sandbox directory is gone (a crashed daemon's, a deleted state dir's)."""
     from tartarus.sdk.sync import Client
 
     try:
         removed = Client().request("POST", "/v1/gc").json()
     except errors.TartarusError as e:
         raise _fail(e) from e
-    print(f"removed {len(removed['checkpoints'])} checkpoints, {len(removed['pins'])} pins")
+    print(
+        f"removed {len(removed['checkpoints'])} checkpoints, {len(removed['pins'])} pins, "
+        f"{len(removed.get('namespaces', []))} orphaned network namespaces"
+    )
 
 
 # ---- templates -------------------------------------------------------------------------------

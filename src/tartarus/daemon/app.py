@@ -350,7 +350,8 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
 
     @app.post("/v1/gc", response_model=GcResult, dependencies=[Depends(control.require_admin)])
     async def gc() -> GcResult:
-        """Delete expired checkpoints and unused snapshot pins."""
+        """Delete expired checkpoints and unused snapshot pins; remove network namespaces (and their
+        uplinks and cgroups) whose sandbox directory is gone, whichever daemon on this host made them."""
         return GcResult(**manager.gc())
 
     @app.post("/v1/sandboxes/{sandbox_id}/ports", response_model=ExposedPort, responses=_ERRORS)

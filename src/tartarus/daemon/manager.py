@@ -26,6 +26,7 @@ from tartarus.hibernation import ops
 from tartarus.hibernation.image import META, Image, list_images, remove_image, unpin_unused
 from tartarus.limits.ttl import Deadlines
 from tartarus.network.policy import NetworkPolicy
+from tartarus.network.sandbox import reap_orphans
 from tartarus.policy import Policy, PolicyEngine, load_policy
 from tartarus.policy.admission import Admission, admit, contain, create_request
 from tartarus.quarantine import actions as quarantine_actions
@@ -152,6 +153,7 @@ class SandboxManager:
         if reaped:
             log.warning("reaped %d sandboxes left by a previous daemon: %s", len(reaped), ", ".join(reaped))
         self.sandboxes_dir.mkdir(exist_ok=True)
+        _reap_orphan_namespaces()
         for staging in self.layout.checkpoints.glob(".*.staging"):
             shutil.rmtree(staging, ignore_errors=True)
         for image in hibernated:
@@ -668,7 +670,11 @@ class SandboxManager:
         used = {image.snapshot_key for image in self.checkpoints()}
         used |= {r.image.snapshot_key for r in self._records.values() if r.image is not None}
         used |= {r.snapshot.key for r in self._records.values() if r.snapshot is not None}
-        return {"checkpoints": expired, "pins": unpin_unused(self.layout.pins, used)}
+        return {
+            "checkpoints": expired,
+            "pins": unpin_unused(self.layout.pins, used),
+            "namespaces": _reap_orphan_namespaces(),
+        }
 
     async def destroy(self, id_: str) -> None:
         record = self._records.pop(id_, None)
@@ -685,6 +691,15 @@ class SandboxManager:
                     audit.record(self.state_dir, "sandbox.destroy", sandbox=id_, quarantined=True)
                 with contextlib.suppress(Exception):
                     await record.runtime.destroy()
+
+
+def _reap_orphan_namespaces() -> builtins.list[str]:
+    """Host-wide: what crashed daemons or removed state dirs left (`network.sandbox.reap_orphans`)."""
+    try:
+        return reap_orphans()
+    except Exception as e:  # never a reason not to start: no root (no networking at all), a busy netns
+        log.warning("could not look for orphaned sandbox namespaces: %s", e)
+        return []
 
 
 def _not_quarantined(runtime: RuntimeSandbox, what: str) -> None:

@@ -84,6 +84,10 @@ class CheckpointList(BaseModel):
 class GcResult(BaseModel):
     checkpoints: list[str] = Field(description="expired checkpoints deleted")
     pins: list[str] = Field(description="snapshot pins no image needed any more, deleted")
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="sandbox network namespaces whose sandbox directory was gone, removed",
+    )
 
 
 class ExposeRequest(Strict):

@@ -13,6 +13,7 @@ from tartarus.errors import SandboxFailed, SetupRequired
 
 NETNS_DIR = Path("/run/netns")
 SLOTS_DIR = Path("/run/tartarus/net/slots")
+OWNERS_DIR = Path("/run/tartarus/net/owners")  # <netns> -> the sandbox directory it belongs to
 SLOTS = 16384  # /30 uplinks in UPLINK_POOL
 NETNS_PREFIX = "tartarus-"
 

@@ -21,6 +21,8 @@ from tartarus.network.dns import DnsRelay
 from tartarus.network.expose import PortForward
 from tartarus.network.netns import (
     NETNS_PREFIX,
+    OWNERS_DIR,
+    SLOTS_DIR,
     claim_slot,
     link_exists,
     netns_path,
@@ -84,6 +86,7 @@ class SandboxNetwork:
         netns = NETNS_PREFIX + (name or secrets.token_hex(6))
         record = workdir / RECORD
         record.write_text(json.dumps({"netns": netns, "slot": None}))
+        _register_owner(netns, workdir)
         run(["ip", "netns", "add", netns])
         network = cls(netns, -1)
         try:
@@ -192,6 +195,45 @@ class SandboxNetwork:
         _remove(self.netns, self.slot)
 
 
+def _register_owner(netns: str, workdir: Path) -> None:
+    """Host-wide: which directory a namespace belongs to, so that one whose directory vanished (its
+    daemon crashed and the directory was deleted, a test's temporary dir) can be found and removed."""
+    OWNERS_DIR.mkdir(parents=True, exist_ok=True)
+    (OWNERS_DIR / netns).write_text(str(workdir.resolve()))
+
+
+def reap_orphans() -> list[str]:
+    """Remove every sandbox namespace (with its uplink, slot and cgroups) whose owning directory is gone,
+    whichever daemon or state dir made it. Returns the namespaces removed."""
+    from tartarus.limits.cgroups import reap as reap_cgroup
+
+    removed: list[str] = []
+    if not OWNERS_DIR.exists():
+        return removed
+    for owner in OWNERS_DIR.iterdir():
+        try:
+            workdir = Path(owner.read_text().strip())
+        except OSError:
+            continue
+        if workdir.exists() or not owner.name.startswith(NETNS_PREFIX):
+            continue
+        _remove(owner.name, _slot_of(owner.name))
+        reap_cgroup(workdir.name)
+        owner.unlink(missing_ok=True)
+        removed.append(owner.name)
+    if removed:
+        log.warning("removed %d namespaces whose sandbox directory is gone: %s", len(removed), removed)
+    return removed
+
+
+def _slot_of(netns: str) -> int | None:
+    for path in SLOTS_DIR.glob("*") if SLOTS_DIR.exists() else []:
+        with contextlib.suppress(OSError, ValueError):
+            if path.read_text().strip() == netns:
+                return int(path.name)
+    return None
+
+
 def _remove(netns: str, slot: int | None) -> None:
     if slot is not None and slot >= 0:
         link = f"{nft.HOST_PREFIX}{slot}"
@@ -205,6 +247,8 @@ def _remove(netns: str, slot: int | None) -> None:
             log.exception("could not delete network namespace %s", netns)
     if slot is not None and slot >= 0:
         release_slot(slot, netns)
+    with contextlib.suppress(OSError):
+        (OWNERS_DIR / netns).unlink()
 
 
 def reap(workdir: Path) -> bool:

@@ -222,9 +222,17 @@ class SandboxManager:
         return adopted
 
     def save(self, record: SandboxRecord) -> None:
-        """Write down a running sandbox for the next daemon (`tartarus.runtime.descriptor`)."""
+        """Write down a running sandbox for the next daemon (`tartarus.runtime.descriptor`). Failing to
+        is not the caller's failure: the sandbox runs on, and a daemon that crashes would reap it."""
         if not self.config.live_restore or record.runtime is None or record.state != "running":
             return
+        try:
+            self._write_descriptor(record)
+        except OSError as e:
+            log.warning("could not describe sandbox %s for a restarted daemon: %s", record.id, e)
+
+    def _write_descriptor(self, record: SandboxRecord) -> None:
+        assert record.runtime is not None
         descriptor.write(
             record.runtime,
             {
@@ -296,7 +304,7 @@ class SandboxManager:
             if record.state != "running" or record.runtime is None or record.lock.locked():
                 continue  # one mid-operation is destroyed: it cannot be described consistently
             try:
-                self.save(record)
+                self._write_descriptor(record)
                 await record.runtime.detach()
             except Exception:
                 log.exception("could not leave sandbox %s running; destroying it", record.id)

@@ -66,7 +66,7 @@ def test_failed_wake_leaves_it_hibernated(daemon_url: str, step: str, disarmed: 
 def test_hibernated_sandboxes_survive_a_daemon_restart(tmp_path: Path) -> None:
     state, sock = tmp_path / "state", tmp_path / "api.sock"
     with daemon_thread(state, sock):
-        sb = Sandbox.create("python-ds", url=f"unix://{sock}")
+        sb = Sandbox.create("python-ds", url=f"unix://{sock}", idle_timeout=3600)
         _give_state(sb)
         sb.hibernate()
         running = Sandbox.create("python-ds", url=f"unix://{sock}")
@@ -76,6 +76,7 @@ def test_hibernated_sandboxes_survive_a_daemon_restart(tmp_path: Path) -> None:
         assert listed == {sb.id: "hibernated"}, "running sandboxes end with their daemon"
         assert running.id not in listed
         again = Sandbox.connect(sb.id, url=f"unix://{sock}")
+        assert again.info["idle_timeout_s"] == 3600  # it will hibernate again when idle
         _check_state(again)
         again.kill()
     assert not qemu_pids(state)

@@ -164,6 +164,7 @@ class SandboxManager:
                 "hibernated",
                 image=image,
                 created_at=image.created_at,
+                idle_timeout=image.request.get("idle_timeout"),
                 tenant=image.request.get("tenant", "default"),
                 labels=dict(image.request.get("labels") or {}),
             )
@@ -525,7 +526,8 @@ class SandboxManager:
                     record.snapshot,
                     self.layout,
                     self.config.hibernate_quota_bytes,
-                    request=_request(record),
+                    # Its idle timeout too, so that a restarted daemon hibernates it again once woken.
+                    request={**_request(record), "idle_timeout": record.idle_timeout},
                 )
             except BaseException:
                 committed = self.layout.hibernated / id_

@@ -24,6 +24,7 @@ import httpx
 
 from tartarus.bench.stats import summary_ms
 from tartarus.errors import TartarusError
+from tartarus.runtime.sandbox import reap_leftovers
 from tartarus.sdk import AsyncClient, AsyncSandbox
 
 
@@ -98,6 +99,8 @@ def _daemon(state: Path, pool_size: int) -> Iterator[tuple[subprocess.Popen[byte
                 proc.kill()
                 proc.wait()
         log.close()
+        # A served daemon's VMMs outlive it: one that did not stop cleanly leaves them to reap.
+        reap_leftovers(state / "sandboxes")
 
 
 async def _client(

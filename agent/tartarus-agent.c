@@ -260,12 +260,18 @@ static void free_req(struct req *r)
 	r->kind = R_FREE;
 }
 
+static void kill_session(pid_t sid, int sig);
+
 /* Kills what we started and leaves; init restarts us. */
 static void __attribute__((noreturn)) shutdown_agent(int code)
 {
 	for (int i = 0; i < MAX_REQS; i++) {
-		if (reqs[i].kind == R_EXEC && !reqs[i].reaped)
-			kill(-reqs[i].pid, SIGKILL);
+		if (reqs[i].kind == R_EXEC && !reqs[i].reaped) {
+			if (reqs[i].pty)
+				kill_session(reqs[i].pid, SIGKILL);
+			else
+				kill(-reqs[i].pid, SIGKILL);
+		}
 		free_req(&reqs[i]);
 	}
 	exit(code);
@@ -1016,6 +1022,29 @@ static void finish_pipe(struct req *r, int *fd, uint8_t type)
 	xclose(fd);
 }
 
+/*
+ * Signals a PTY exec's whole session: the shell and every job it started, in the foreground or not,
+ * as a terminal hangup would reach them (a shell killed outright cannot pass the hangup on).  Only
+ * processes that left the session (setsid) escape, as they do on any terminal.
+ */
+static void kill_session(pid_t sid, int sig)
+{
+	DIR *d = opendir("/proc");
+	struct dirent *de;
+
+	kill(-sid, sig); /* the leader's group first: it stops forking new jobs */
+	while (d && (de = readdir(d))) {
+		char *end;
+		long pid = strtol(de->d_name, &end, 10);
+		if (*end || pid <= 1 || pid == sid)
+			continue;
+		if (getsid((pid_t)pid) == sid)
+			kill((pid_t)pid, sig);
+	}
+	if (d)
+		closedir(d);
+}
+
 static void h_signal(uint32_t id, struct msg *m)
 {
 	struct req *r = find_req(id, R_EXEC);
@@ -1023,11 +1052,10 @@ static void h_signal(uint32_t id, struct msg *m)
 	/* After the reap the pgid may be recycled: signal only live commands. */
 	if (!r || r->reaped || !m->has[F_SIGNAL] || m->num[F_SIGNAL] < 1 || m->num[F_SIGNAL] >= NSIG)
 		return;
-	kill(-r->pid, (int)m->num[F_SIGNAL]);
-	/* On a terminal the job in the foreground (a shell's child) is what a user means too. */
-	pid_t fg = r->pty && r->out_fd >= 0 ? tcgetpgrp(r->out_fd) : -1;
-	if (fg > 0 && fg != r->pid)
-		kill(-fg, (int)m->num[F_SIGNAL]);
+	if (r->pty)
+		kill_session(r->pid, (int)m->num[F_SIGNAL]);
+	else
+		kill(-r->pid, (int)m->num[F_SIGNAL]);
 }
 
 /* Sets a PTY exec's terminal size; the kernel sends SIGWINCH to its foreground job. */
@@ -1067,7 +1095,10 @@ static void reap_children(void)
 static void check_exec(struct req *r, int64_t now)
 {
 	if (!r->reaped && r->deadline && !r->timed_out && now >= r->deadline) {
-		kill(-r->pid, SIGKILL);
+		if (r->pty)
+			kill_session(r->pid, SIGKILL);
+		else
+			kill(-r->pid, SIGKILL);
 		r->timed_out = true;
 	}
 	/* A background grandchild may hold the pipes open forever: stop waiting. */

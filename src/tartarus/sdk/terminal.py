@@ -115,6 +115,7 @@ class Pty(_Session):
                     additional_headers=request.headers,
                     open_timeout=OPEN_TIMEOUT,
                     close_timeout=CLOSE_TIMEOUT,
+                    legacy=True,  # a connection this object owns, not a `with` block
                 )
             else:
                 self._ws = sync_client.connect(
@@ -122,6 +123,7 @@ class Pty(_Session):
                     additional_headers=request.headers,
                     open_timeout=OPEN_TIMEOUT,
                     close_timeout=CLOSE_TIMEOUT,
+                    legacy=True,
                 )
         except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
             raise _refused(e, where) from e

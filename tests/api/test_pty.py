@@ -12,7 +12,7 @@ import pytest
 import websockets
 from websockets.sync.client import connect
 
-from tartarus.errors import AuthError, GuestError, InvalidArgument, NotFound
+from tartarus.errors import AuthError, GuestError, InvalidArgument, NotFound, SandboxFailed
 from tartarus.sdk import AsyncClient, AsyncSandbox, Client, Pty, Sandbox
 from tests.api.conftest import Api, tcp_daemon
 
@@ -209,3 +209,15 @@ def test_unix_socket_terminal(daemon_url: str) -> None:
     with Sandbox.create("python-ds", url=daemon_url) as sb, sb.pty.create(cmd="echo over-$((40+2))") as pty:
         assert b"over-42\r\n" in b"".join(pty)
         assert pty.exit_code == 0
+
+
+def test_destroying_the_sandbox_ends_its_terminal_with_an_error(api: Api, alice: str) -> None:
+    sb = Sandbox.create("python-ds", url=api.url, api_key=alice)
+    pty = sb.pty.create(cmd=["/bin/sh"])
+    pty.send(b"echo up-$((1+1))\n")
+    expect(pty, rb"up-2", bytearray())
+    sb.kill()
+    with pytest.raises(SandboxFailed):
+        while pty.recv(timeout=DEADLINE):
+            pass
+    pty.close()

@@ -118,6 +118,16 @@ def _guest_error(frame: Frame) -> GuestError:
     return GuestError(message, errno_)
 
 
+def _put_error(queue: asyncio.Queue[Frame | BaseException], error: BaseException) -> None:
+    """Queue `error` behind what the caller has not read yet; a full queue (the guest was throttled)
+    loses its oldest frame: the request is failing anyway, and the error must get through."""
+    try:
+        queue.put_nowait(error)
+    except asyncio.QueueFull:
+        queue.get_nowait()
+        queue.put_nowait(error)
+
+
 def _path(path: str) -> bytes:
     if not path.startswith("/"):
         raise InvalidArgument(f"guest paths must be absolute: {path!r}")
@@ -171,14 +181,14 @@ class AgentClient:
         if self._failure is None:
             self._failure = error
         for queue in self._queues.values():
-            queue.put_nowait(error)
+            _put_error(queue, error)
 
     def agent_restarted(self, reason: str) -> None:
         """The agent closed its port: in-flight requests are lost, new ones go to the next agent."""
         self._version = None
         error = SandboxFailed(reason)
         for queue in self._queues.values():
-            queue.put_nowait(error)
+            _put_error(queue, error)
         self._queues.clear()
         self._hello.clear()
 
@@ -186,6 +196,8 @@ class AgentClient:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
+        # Whoever still waits on a reply (a streamed exec, a terminal) hears why, instead of hanging.
+        self.fail(SandboxFailed("the sandbox was stopped while the request ran"))
         self._writer.close()
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()

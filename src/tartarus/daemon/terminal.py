@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 CLOSE_NORMAL = 1000
 CLOSE_INTERNAL = 1011  # the sandbox failed under the session
 MAX_CONTROL = 4096  # bytes of one JSON control message
+# What sending to or receiving from a client that already left raises (Starlette: RuntimeError once the
+# socket is closed; the server: OSError on a broken connection).
+_GONE = (WebSocketDisconnect, RuntimeError, OSError)
 
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
@@ -88,21 +91,24 @@ async def bridge(websocket: WebSocket, process: Process) -> Exit | None:
     try:
         done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         if writer in done:
-            exit_ = writer.result()  # raises what failed the process (the sandbox died...)
+            try:
+                exit_ = writer.result()  # raises what failed the process (the sandbox died...)
+            except _GONE:
+                return None  # the client left while output was on its way
             body = {"type": "exit", "exit_code": exit_.exit_code, "signal": exit_.signal}
-            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            with contextlib.suppress(*_GONE):
                 await websocket.send_text(json.dumps(body))
                 await websocket.close(CLOSE_NORMAL)
             return exit_
         reader.result()  # the client went away (or sending to the guest failed: raise that)
         return None
+    except _GONE:
+        return None
     except TartarusError as e:
         log.warning("terminal session ended: %s", e.message)
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        with contextlib.suppress(*_GONE):
             await websocket.send_text(_error_message(e))
             await websocket.close(CLOSE_INTERNAL, e.message[:120])
-        return None
-    except WebSocketDisconnect:
         return None
     finally:
         for task in (reader, writer):

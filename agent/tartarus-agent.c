@@ -42,11 +42,12 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
 #define AGENT_VERSION "0.1.0"
-#define PROTO_VERSION 1
+#define PROTO_VERSION 2
 #define PORT_NAME "org.tartarus.agent.0"
 
 #define HDR_LEN 12
@@ -60,12 +61,15 @@
 #define DRAIN_MS 100
 #define HOST_POLL_MS 20           /* how often a closed port is checked for a returning host */              /* pipe draining after the command was reaped */
 #define RM_MAX_DEPTH 256          /* recursive REMOVE holds one fd per level */
+#define PTY_MAX_SIZE 1000         /* rows and columns of a terminal */
+#define DEFAULT_TERM "TERM=xterm-256color"
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 /* Frame types. */
 enum {
 	T_PING = 0x01, T_EXEC, T_STDIN, T_SIGNAL, T_READ, T_WRITE, T_WRITE_DATA,
 	T_WRITE_END, T_LIST, T_STAT, T_MKDIR, T_REMOVE, T_RENAME, T_CONFIGURE,
+	T_RESIZE,
 	T_HELLO = 0x80, T_OK, T_STARTED, T_STDOUT, T_STDERR, T_EXIT, T_DATA,
 	T_END, T_ENTRY, T_ERROR = 0x8F,
 };
@@ -76,7 +80,7 @@ enum {
 	F_NEWPATH, F_MODE, F_FLAGS, F_PID, F_EXIT_CODE, F_SIGNAL, F_TIMED_OUT,
 	F_ERRNO, F_MESSAGE, F_SIZE, F_NAME, F_TYPE, F_MTIME_NS, F_LINK,
 	F_VERSION, F_TIME_NS, F_ENTROPY, F_HOSTNAME, F_USER, F_MACHINE_ID,
-	F_MAX
+	F_ROWS, F_COLS, F_MAX
 };
 
 /* Field kinds: K_BYTES is like a string but may hold NUL (ENTROPY). */
@@ -96,6 +100,7 @@ static const struct { unsigned char kind; const char *name; } fields[F_MAX] = {
 	[F_VERSION] = { K_INT, "VERSION" }, [F_TIME_NS] = { K_INT, "TIME_NS" },
 	[F_ENTROPY] = { K_BYTES, "ENTROPY" }, [F_HOSTNAME] = { K_STR, "HOSTNAME" },
 	[F_USER] = { K_STR, "USER" }, [F_MACHINE_ID] = { K_STR, "MACHINE_ID" },
+	[F_ROWS] = { K_INT, "ROWS" }, [F_COLS] = { K_INT, "COLS" },
 };
 
 #define FLAG_RECURSIVE 1 /* also "parents" for MKDIR */
@@ -212,7 +217,8 @@ struct req {
 	uint32_t id;
 	/* R_EXEC */
 	pid_t pid;
-	int out_fd, err_fd, in_fd;   /* -1 once closed */
+	int out_fd, err_fd, in_fd;   /* -1 once closed; a PTY exec: out_fd is the master, in_fd a dup */
+	bool pty;
 	uint8_t *in_buf;             /* pending stdin is in_buf[in_off, in_len) */
 	size_t in_off, in_len, in_cap;
 	bool in_eof;                 /* host asked to close stdin once drained */
@@ -263,12 +269,18 @@ static void free_req(struct req *r)
 	r->kind = R_FREE;
 }
 
+static void kill_session(pid_t sid, int sig);
+
 /* Kills what we started and leaves; init restarts us. */
 static void __attribute__((noreturn)) shutdown_agent(int code)
 {
 	for (int i = 0; i < MAX_REQS; i++) {
-		if (reqs[i].kind == R_EXEC && !reqs[i].reaped)
-			kill(-reqs[i].pid, SIGKILL);
+		if (reqs[i].kind == R_EXEC && !reqs[i].reaped) {
+			if (reqs[i].pty)
+				kill_session(reqs[i].pid, SIGKILL);
+			else
+				kill(-reqs[i].pid, SIGKILL);
+		}
 		free_req(&reqs[i]);
 	}
 	exit(code);
@@ -545,7 +557,7 @@ static int64_t get_flags(struct msg *m)
 /* EXEC                                                                */
 
 /* What the exec child tells the parent through the CLOEXEC error pipe. */
-enum { ST_DEVNULL, ST_DUP, ST_SETGROUPS, ST_SETGID, ST_SETUID, ST_CHDIR, ST_EXEC };
+enum { ST_DEVNULL, ST_DUP, ST_TTY, ST_SETGROUPS, ST_SETGID, ST_SETUID, ST_CHDIR, ST_EXEC };
 struct child_err { int stage, err; };
 
 struct spec {
@@ -557,10 +569,13 @@ struct spec {
 	char **envp;
 	const char *path;       /* PATH used for the executable search */
 	const char *cwd;
+	bool pty;
+	struct winsize ws;      /* initial terminal size of a PTY exec */
 };
 
 static struct spec S;
 static char default_path_env[] = "PATH=" DEFAULT_PATH;
+static char default_term_env[] = DEFAULT_TERM;
 
 /*
  * Looks up a user by name (name != NULL) or by uid in /etc/passwd.  Parsed by
@@ -642,11 +657,11 @@ static bool resolve_cred(uint32_t id, struct msg *m, struct spec *s)
 /* The environment is exactly ENV, plus PATH and HOME when ENV lacks them. */
 static bool build_env(uint32_t id, struct msg *m, struct spec *s)
 {
-	bool have_home = false;
+	bool have_home = false, have_term = false;
 	size_t n = 0;
 
 	s->path = NULL;
-	s->envp = xrealloc(NULL, (m->envc + 3) * sizeof *s->envp);
+	s->envp = xrealloc(NULL, (m->envc + 4) * sizeof *s->envp);
 	for (size_t i = 0; i < m->envc; i++) {
 		char *e = m->env[i], *eq = strchr(e, '=');
 		if (!eq || eq == e) {
@@ -659,6 +674,8 @@ static bool build_env(uint32_t id, struct msg *m, struct spec *s)
 			s->path = e + 5;
 		if (strncmp(e, "HOME=", 5) == 0)
 			have_home = true;
+		if (strncmp(e, "TERM=", 5) == 0)
+			have_term = true;
 		s->envp[n++] = e;
 	}
 	if (!s->path) {
@@ -669,6 +686,8 @@ static bool build_env(uint32_t id, struct msg *m, struct spec *s)
 		snprintf(s->home_env, sizeof s->home_env, "HOME=%s", s->home);
 		s->envp[n++] = s->home_env;
 	}
+	if (s->pty && !have_term)
+		s->envp[n++] = default_term_env;
 	s->envp[n] = NULL;
 	return true;
 }
@@ -709,12 +728,16 @@ static void exec_search(char *const argv[], char *const envp[], const char *path
 	errno = eacces ? EACCES : ENOENT;
 }
 
-/* Runs in the forked child; never returns. p[] = stdin r/w, stdout r/w, stderr r/w, errpipe r/w. */
-static void __attribute__((noreturn)) exec_child(struct msg *m, struct spec *s, const int p[8])
+/*
+ * Runs in the forked child; never returns.  fd[] = stdin (-1: /dev/null),
+ * stdout, stderr, controlling terminal (-1: none), error pipe.  A PTY exec
+ * passes the terminal's slave as all of the first four.
+ */
+static void __attribute__((noreturn)) exec_child(struct msg *m, struct spec *s, const int fd[5])
 {
 	sigset_t none;
 	struct child_err ce;
-	int in = p[0];
+	int in = fd[0];
 
 	/* Ignored dispositions and the blocked mask survive exec: reset them. */
 	for (int sig = 1; sig < NSIG; sig++)
@@ -730,8 +753,17 @@ static void __attribute__((noreturn)) exec_child(struct msg *m, struct spec *s, 
 		goto fail;
 	ce.stage = ST_DUP;
 	/* fds 0-2 of the agent are always open, so none of these is already 0-2. */
-	if (dup2(in, 0) < 0 || dup2(p[3], 1) < 0 || dup2(p[5], 2) < 0)
+	if (dup2(in, 0) < 0 || dup2(fd[1], 1) < 0 || dup2(fd[2], 2) < 0)
 		goto fail;
+	if (fd[3] >= 0) {
+		/* The session leader takes the terminal: ^C, ^Z and job control work, and /dev/tty opens. */
+		ce.stage = ST_TTY;
+		if (ioctl(fd[3], TIOCSCTTY, 0) != 0)
+			goto fail;
+		/* Like login: the user owns its terminal (programs reopen it by name). */
+		if (s->set_cred && fchown(fd[3], s->uid, (gid_t)-1) != 0)
+			goto fail;
+	}
 	if (s->set_cred) {
 		ce.stage = ST_SETGROUPS;
 		if (geteuid() == 0 && setgroups(0, NULL) != 0)
@@ -751,15 +783,47 @@ static void __attribute__((noreturn)) exec_child(struct msg *m, struct spec *s, 
 	exec_search(m->argv, s->envp, s->path);
 fail:
 	ce.err = errno;
-	if (write(p[7], &ce, sizeof ce) < 0)
+	if (write(fd[4], &ce, sizeof ce) < 0)
 		_exit(126);
 	_exit(127);
+}
+
+/* ROWS and COLS of an EXEC or RESIZE: both present, each 1..PTY_MAX_SIZE. */
+static bool get_winsize(struct msg *m, struct winsize *ws)
+{
+	if (!m->has[F_ROWS] || !m->has[F_COLS] || m->num[F_ROWS] < 1 || m->num[F_ROWS] > PTY_MAX_SIZE ||
+	    m->num[F_COLS] < 1 || m->num[F_COLS] > PTY_MAX_SIZE)
+		return false;
+	memset(ws, 0, sizeof *ws);
+	ws->ws_row = (unsigned short)m->num[F_ROWS];
+	ws->ws_col = (unsigned short)m->num[F_COLS];
+	return true;
+}
+
+/* A pseudo-terminal of the given size: the master (non-blocking) and its slave, or errno. */
+static int open_pty(const struct winsize *ws, int *master, int *slave)
+{
+	*slave = -1;
+	*master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (*master < 0)
+		return errno;
+	/* TIOCGPTPEER opens this master's own slave: no path lookup another process could race. */
+	if (unlockpt(*master) != 0 || ioctl(*master, TIOCSWINSZ, ws) != 0 ||
+	    (*slave = ioctl(*master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) {
+		int e = errno;
+		xclose(master);
+		return e;
+	}
+	set_nonblock(*master);
+	return 0;
 }
 
 static void h_exec(uint32_t id, struct msg *m)
 {
 	struct spec *s = &S;
+	/* stdin r/w, stdout r/w, stderr r/w, errpipe r/w; a PTY exec uses only the error pipe. */
 	int p[8] = { -1, -1, -1, -1, -1, -1, -1, -1 };
+	int master = -1, slave = -1;
 
 	if (m->argc == 0 || !m->argv[0][0]) {
 		send_error(id, EINVAL, "EXEC needs a non-empty ARGV");
@@ -771,6 +835,11 @@ static void h_exec(uint32_t id, struct msg *m)
 		send_error(id, EINVAL, "bad TIMEOUT_MS or STDIN value");
 		return;
 	}
+	s->pty = m->has[F_ROWS] || m->has[F_COLS];
+	if (s->pty && !get_winsize(m, &s->ws)) {
+		send_error(id, EINVAL, "ROWS and COLS must be given together, each 1-%d", PTY_MAX_SIZE);
+		return;
+	}
 	s->cwd = m->has[F_CWD] ? m->str[F_CWD] : "/";
 	if (!resolve_cred(id, m, s) || !build_env(id, m, s))
 		return;
@@ -779,21 +848,32 @@ static void h_exec(uint32_t id, struct msg *m)
 		goto out;
 
 	pid_t pid = -1;
-	if ((!want_stdin || pipe2(p, O_CLOEXEC) == 0) && pipe2(p + 2, O_CLOEXEC) == 0 &&
-	    pipe2(p + 4, O_CLOEXEC) == 0 && pipe2(p + 6, O_CLOEXEC) == 0)
+	int e = 0;
+	if (s->pty) {
+		e = open_pty(&s->ws, &master, &slave);
+		if (!e && pipe2(p + 6, O_CLOEXEC) == 0)
+			pid = fork();
+	} else if ((!want_stdin || pipe2(p, O_CLOEXEC) == 0) && pipe2(p + 2, O_CLOEXEC) == 0 &&
+		   pipe2(p + 4, O_CLOEXEC) == 0 && pipe2(p + 6, O_CLOEXEC) == 0) {
 		pid = fork();
-	if (pid == 0)
-		exec_child(m, s, p);
-	int e = errno;
+	}
+	if (pid == 0) {
+		const int fd[5] = { s->pty ? slave : p[0], s->pty ? slave : p[3], s->pty ? slave : p[5],
+				    slave, p[7] };
+		exec_child(m, s, fd);
+	}
+	e = e ? e : errno;
 	xclose(&p[0]);
 	xclose(&p[3]);
 	xclose(&p[5]);
 	xclose(&p[7]);
+	xclose(&slave); /* the child holds it now: the master sees EIO once the last holder is gone */
 	if (pid < 0) {
 		xclose(&p[1]);
 		xclose(&p[2]);
 		xclose(&p[4]);
 		xclose(&p[6]);
+		xclose(&master);
 		free_req(r);
 		send_error(id, e, "cannot start %s: %s", m->argv[0], strerror(e));
 		goto out;
@@ -811,11 +891,13 @@ static void h_exec(uint32_t id, struct msg *m)
 		xclose(&p[1]);
 		xclose(&p[2]);
 		xclose(&p[4]);
+		xclose(&master);
 		free_req(r);
 		const char *err = strerror(ce.err);
 		switch (ce.stage) {
 		case ST_DEVNULL: send_syserr(id, ce.err, "open", "/dev/null"); break;
 		case ST_DUP: send_error(id, ce.err, "dup2: %s", err); break;
+		case ST_TTY: send_error(id, ce.err, "taking the terminal: %s", err); break;
 		case ST_SETGROUPS: send_error(id, ce.err, "setgroups: %s", err); break;
 		case ST_SETGID: send_error(id, ce.err, "setgid %u: %s", (unsigned)s->gid, err); break;
 		case ST_SETUID: send_error(id, ce.err, "setuid %u: %s", (unsigned)s->uid, err); break;
@@ -826,13 +908,22 @@ static void h_exec(uint32_t id, struct msg *m)
 	}
 
 	r->pid = pid;
-	r->in_fd = p[1];
-	r->out_fd = p[2];
-	r->err_fd = p[4];
-	if (r->in_fd >= 0)
-		set_nonblock(r->in_fd);
-	set_nonblock(r->out_fd);
-	set_nonblock(r->err_fd);
+	if (s->pty) {
+		/* Output and input share the master; separate fds so either can be closed alone. */
+		r->pty = true;
+		r->out_fd = master;
+		r->in_fd = fcntl(master, F_DUPFD_CLOEXEC, 3);
+		if (r->in_fd < 0)
+			logmsg("request %u: dup of the terminal: %s (no input)", id, strerror(errno));
+	} else {
+		r->in_fd = p[1];
+		r->out_fd = p[2];
+		r->err_fd = p[4];
+		if (r->in_fd >= 0)
+			set_nonblock(r->in_fd);
+		set_nonblock(r->out_fd);
+		set_nonblock(r->err_fd);
+	}
 	if (timeout > 0)
 		r->deadline = now_ms() + (timeout > INT64_MAX / 4 ? INT64_MAX / 4 : timeout);
 	ob_begin();
@@ -854,10 +945,18 @@ static void close_stdin(struct req *r)
 static void h_stdin(uint32_t id, const uint8_t *d, uint32_t n)
 {
 	struct req *r = find_req(id, R_EXEC);
+	struct termios tio;
+	uint8_t veof;
 
 	if (!r || r->in_fd < 0 || r->in_eof)
 		return;
 	size_t pending = r->in_len - r->in_off;
+	if (n == 0 && r->pty) {
+		/* A terminal has no end of input to close: type its EOF character (^D) instead. */
+		veof = tcgetattr(r->in_fd, &tio) == 0 && tio.c_cc[VEOF] != _POSIX_VDISABLE ? tio.c_cc[VEOF] : 4;
+		d = &veof;
+		n = 1;
+	}
 	if (n == 0) {
 		r->in_eof = true;
 		if (pending == 0)
@@ -932,6 +1031,29 @@ static void finish_pipe(struct req *r, int *fd, uint8_t type)
 	xclose(fd);
 }
 
+/*
+ * Signals a PTY exec's whole session: the shell and every job it started, in the foreground or not,
+ * as a terminal hangup would reach them (a shell killed outright cannot pass the hangup on).  Only
+ * processes that left the session (setsid) escape, as they do on any terminal.
+ */
+static void kill_session(pid_t sid, int sig)
+{
+	DIR *d = opendir("/proc");
+	struct dirent *de;
+
+	kill(-sid, sig); /* the leader's group first: it stops forking new jobs */
+	while (d && (de = readdir(d))) {
+		char *end;
+		long pid = strtol(de->d_name, &end, 10);
+		if (*end || pid <= 1 || pid == sid)
+			continue;
+		if (getsid((pid_t)pid) == sid)
+			kill((pid_t)pid, sig);
+	}
+	if (d)
+		closedir(d);
+}
+
 static void h_signal(uint32_t id, struct msg *m)
 {
 	struct req *r = find_req(id, R_EXEC);
@@ -939,7 +1061,26 @@ static void h_signal(uint32_t id, struct msg *m)
 	/* After the reap the pgid may be recycled: signal only live commands. */
 	if (!r || r->reaped || !m->has[F_SIGNAL] || m->num[F_SIGNAL] < 1 || m->num[F_SIGNAL] >= NSIG)
 		return;
-	kill(-r->pid, (int)m->num[F_SIGNAL]);
+	if (r->pty)
+		kill_session(r->pid, (int)m->num[F_SIGNAL]);
+	else
+		kill(-r->pid, (int)m->num[F_SIGNAL]);
+}
+
+/* Sets a PTY exec's terminal size; the kernel sends SIGWINCH to its foreground job. */
+static void h_resize(uint32_t id, struct msg *m)
+{
+	struct req *r = find_req(id, R_EXEC);
+	struct winsize ws;
+
+	if (!r || !r->pty || r->out_fd < 0)
+		return;
+	if (!get_winsize(m, &ws)) {
+		logmsg("request %u: ignoring RESIZE: ROWS and COLS must be given, each 1-%d", id, PTY_MAX_SIZE);
+		return;
+	}
+	if (ioctl(r->out_fd, TIOCSWINSZ, &ws) != 0)
+		logmsg("request %u: TIOCSWINSZ: %s", id, strerror(errno));
 }
 
 static void reap_children(void)
@@ -963,7 +1104,10 @@ static void reap_children(void)
 static void check_exec(struct req *r, int64_t now)
 {
 	if (!r->reaped && r->deadline && !r->timed_out && now >= r->deadline) {
-		kill(-r->pid, SIGKILL);
+		if (r->pty)
+			kill_session(r->pid, SIGKILL);
+		else
+			kill(-r->pid, SIGKILL);
 		r->timed_out = true;
 	}
 	/* A background grandchild may hold the pipes open forever: stop waiting. */
@@ -1506,17 +1650,19 @@ static void dispatch(uint32_t id, uint8_t type, const uint8_t *p, uint32_t len)
 	case T_WRITE_DATA: h_write_data(id, p, len); return;
 	case T_WRITE_END: h_write_end(id); return;
 	}
-	if (type < T_PING || type > T_CONFIGURE) {
+	if (type < T_PING || type > T_RESIZE) {
 		send_error(id, ENOSYS, "unknown frame type 0x%02x", type);
 		return;
 	}
 	if (parse_fields(p, len, &M) != 0)
 		protocol_error("field runs past the end of the payload");
-	if (type == T_SIGNAL) { /* no reply is defined: a bad SIGNAL is dropped */
+	if (type == T_SIGNAL || type == T_RESIZE) { /* no reply is defined: a bad one is dropped */
 		if (M.err)
-			logmsg("request %u: ignoring SIGNAL: %s", id, M.errmsg);
-		else
+			logmsg("request %u: ignoring %s: %s", id, type == T_SIGNAL ? "SIGNAL" : "RESIZE", M.errmsg);
+		else if (type == T_SIGNAL)
 			h_signal(id, &M);
+		else
+			h_resize(id, &M);
 		return;
 	}
 	if (M.err) {
@@ -1565,8 +1711,13 @@ static void host_left(void)
 		struct req *r = &reqs[i];
 		if (r->kind == R_FREE || (r->kind == R_EXEC && r->id >= RESERVED_IDS))
 			continue;
-		if (r->kind == R_EXEC && !r->reaped)
-			kill(-r->pid, SIGKILL); /* reaped unseen: reap_children() finds no request */
+		/* Reaped unseen: reap_children() finds no request. */
+		if (r->kind == R_EXEC && !r->reaped) {
+			if (r->pty)
+				kill_session(r->pid, SIGKILL); /* a terminal's jobs are other groups */
+			else
+				kill(-r->pid, SIGKILL);
+		}
 		free_req(r);
 	}
 }

@@ -111,3 +111,23 @@ def test_find_reply_ignores_a_lookalike_with_an_impossible_length() -> None:
     fake = struct.pack(">IIBBH", 0xFFFFFFFF, 0x1234, T.OK, 0, 0)
     real = encode(T.OK, 0x1234)
     assert find_reply(fake + real, 0x1234) == len(fake)
+
+
+def test_terminal_size_fields_round_trip() -> None:
+    """EXEC's ROWS/COLS and the RESIZE frame (host → guest) are plain integer fields."""
+    frame = encode_request(T.RESIZE, 5, [(F.ROWS, 50), (F.COLS, 132)])
+    length, id_, type_, flags, reserved = HEADER.unpack_from(frame)
+    assert (type_, id_, flags, reserved, length) == (0x0F, 5, 0, 0, len(frame) - HEADER.size)
+    fields = Fields.decode(frame[HEADER.size :])
+    assert (fields.get_int(F.ROWS), fields.get_int(F.COLS)) == (50, 132)
+    assert (F.ROWS, F.COLS) == (29, 30)
+
+
+def test_terminal_size_field_of_wrong_width_rejected() -> None:
+    with pytest.raises(ProtocolError, match="integer field 29"):
+        Fields.decode(struct.pack(">BI", F.ROWS, 2) + b"\x00\x18")
+
+
+def test_resize_is_not_a_guest_frame() -> None:
+    with pytest.raises(ProtocolError, match="unknown frame type 0x0f"):
+        Decoder().feed(encode(T.RESIZE, 1))

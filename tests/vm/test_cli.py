@@ -66,3 +66,54 @@ def test_hibernate_wake_snapshot_and_fork_from_the_cli(daemon_url: str) -> None:
         assert _cli("gc", url=daemon_url).startswith("removed ")
     finally:
         _cli("sandbox", "kill", sandbox_id, url=daemon_url)
+
+
+def test_shell_is_an_interactive_terminal_that_follows_the_local_one(daemon_url: str) -> None:
+    """`sandbox shell` on a local pseudo-terminal: raw keys, the local size, SIGWINCH, exit status,
+    and the local terminal's settings restored afterwards."""
+    import fcntl
+    import re
+    import select
+    import signal
+    import struct
+    import termios
+    import time
+
+    def set_size(fd: int, rows: int, cols: int) -> None:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    sandbox_id = _cli("sandbox", "create", "python-ds", url=daemon_url).strip()
+    master, slave = os.openpty()
+    try:
+        set_size(slave, 33, 99)
+        before = termios.tcgetattr(slave)
+        env = {**os.environ, "TARTARUS_URL": daemon_url}
+        proc = subprocess.Popen(
+            [str(TARTARUS), "sandbox", "shell", sandbox_id], stdin=slave, stdout=slave, stderr=slave, env=env
+        )
+        seen = b""
+
+        def expect(pattern: bytes) -> None:
+            nonlocal seen
+            deadline = time.monotonic() + 120
+            while not re.search(pattern, seen):
+                assert time.monotonic() < deadline, f"no {pattern!r} in {seen!r}"
+                if select.select([master], [], [], 1)[0]:
+                    seen += os.read(master, 65536)
+
+        os.write(master, b"stty size; echo mark-$((1+1))\n")
+        expect(rb"33 99\r\n(\r\n)?mark-2")
+        set_size(slave, 41, 121)
+        proc.send_signal(signal.SIGWINCH)
+        os.write(master, b"stty size; echo mark-$((2+2))\n")
+        expect(rb"41 121\r\n(\r\n)?mark-4")
+        os.write(master, b"sh -c 'echo slept-$((1+2)); exec sleep 1000'\n")  # far beyond the waits
+        expect(rb"slept-3")
+        os.write(master, b"\x03")  # raw mode: ^C goes to the sandbox, not to the CLI
+        os.write(master, b"exit 3\n")
+        assert proc.wait(timeout=120) == 3, seen
+        assert termios.tcgetattr(slave) == before  # raw mode undone
+    finally:
+        os.close(master)
+        os.close(slave)
+        _cli("sandbox", "kill", sandbox_id, url=daemon_url)

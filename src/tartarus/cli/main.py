@@ -270,6 +270,34 @@ def sandbox_exec(
     raise typer.Exit(_exit_status(result))
 
 
+@sandbox_app.command("shell", context_settings={"allow_interspersed_args": False})
+def sandbox_shell(
+    sandbox_id: str,
+    command: Annotated[list[str] | None, typer.Argument(help="default: bash, else sh")] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
+    cwd: Annotated[str | None, typer.Option(help="working directory in the guest")] = None,
+    user: Annotated[str | None, typer.Option(help="run as this guest user")] = None,
+) -> None:
+    """Open an interactive terminal in a sandbox (^C, job control and resizing work); exit with the
+    command's status. `tartarus sandbox shell ID -- python3` runs another program on it."""
+    from tartarus.cli.shell import interact, local_size
+    from tartarus.sdk import Sandbox
+
+    command = command or []
+    if command[:1] == ["--"]:  # click stops parsing options after the id and keeps the separator
+        command = command[1:]
+    rows, cols = local_size(sys.stdout.fileno())
+    try:
+        sb = Sandbox.connect(sandbox_id)
+        pty = sb.pty.create(
+            rows=rows, cols=cols, cmd=command or None, env=_parse_env(env), cwd=cwd, user=user
+        )
+        status = interact(pty)
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+    raise typer.Exit(status)
+
+
 @sandbox_app.command("ls")
 def sandbox_ls(
     as_json: Annotated[bool, typer.Option("--json")] = False,

@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, Query, Request, WebSocket
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tartarus
-from tartarus.daemon import control_api, quotas
+from tartarus.daemon import control_api, quotas, terminal
 from tartarus.daemon.control import ControlPlane, parse_labels, principal_of
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
@@ -58,7 +58,8 @@ from tartarus.daemon.requests import RequestMiddleware
 from tartarus.errors import GuestError, InvalidArgument, NotFound, TartarusError
 from tartarus.hibernation.image import Image
 from tartarus.quarantine.info import containment_info
-from tartarus.runtime.agent import Exit, FileInfo, Output
+from tartarus.runtime.agent import Exit, FileInfo, Output, PtySize
+from tartarus.runtime.protocol import PTY_MAX_SIZE
 from tartarus.runtime.sandbox import SandboxOptions
 from tartarus.store import SandboxRow
 from tartarus.templates.store import list_templates
@@ -194,7 +195,11 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    @app.exception_handler(WebSocketRequestValidationError)
+    async def validation_error(
+        request: Request, exc: RequestValidationError | WebSocketRequestValidationError
+    ) -> JSONResponse:
+        # A WebSocket handshake gets the same body, as an HTTP response refusing the upgrade.
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return _error(InvalidArgument("; ".join(parts) or "invalid request"))
 
@@ -395,6 +400,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                 user=body.user,
                 timeout=body.timeout,
                 stdin=body.stdin is not None,
+                pty=PtySize(body.pty.rows, body.pty.cols) if body.pty else None,
             )
         except BaseException:
             manager.end_call(sandbox_id)
@@ -437,6 +443,45 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
 
         media_type = "text/event-stream" if sse else "application/x-ndjson"
         return StreamingResponse(events(), media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    @app.websocket("/v1/sandboxes/{sandbox_id}/pty")
+    async def pty_session(
+        websocket: WebSocket,
+        sandbox_id: str,
+        argv: Annotated[list[str], Query(max_length=4096)] = [],  # noqa: B006
+        rows: Annotated[int, Query(ge=1, le=PTY_MAX_SIZE)] = 24,
+        cols: Annotated[int, Query(ge=1, le=PTY_MAX_SIZE)] = 80,
+        env: Annotated[list[str], Query(max_length=4096)] = [],  # noqa: B006
+        cwd: Annotated[str | None, Query(pattern=r"^/", max_length=4095)] = None,
+        user: Annotated[str | None, Query(pattern=r"^[a-z_][a-z0-9_-]*\$?$", max_length=32)] = None,
+    ) -> None:
+        """An interactive terminal (docs/control-plane.md): `argv` (default: bash, else sh) on a
+        pseudo-terminal; the command is killed when the socket closes. Refusals (auth, unknown
+        sandbox, a command that cannot start) are HTTP error responses to the handshake."""
+        variables = terminal.parse_env(env)
+        rt = await manager.begin_call(sandbox_id)  # held for the whole session: no idle hibernation
+        try:
+            if not argv:
+                try:
+                    await rt.agent.stat("/bin/bash")
+                    argv = ["/bin/bash"]
+                except GuestError:
+                    argv = ["/bin/sh"]
+            websocket.state.audit_detail = {"argv": argv, "rows": rows, "cols": cols}
+            process = await rt.agent.exec(
+                argv,
+                env={**rt.env, **variables},
+                cwd=cwd or (None if user else rt.template.workdir),
+                user=user,
+                pty=PtySize(rows, cols),
+            )
+            try:
+                await websocket.accept()
+                await terminal.bridge(websocket, process)
+            finally:
+                await terminal.end(websocket, process)
+        finally:
+            manager.end_call(sandbox_id)
 
     @app.post("/v1/sandboxes/{sandbox_id}/code", response_model=RunCodeResult, responses=_ERRORS)
     async def run_code(sandbox_id: str, body: RunCodeRequest) -> RunCodeResult:

@@ -22,6 +22,7 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials
+from starlette.requests import HTTPConnection
 
 from tartarus import audit
 from tartarus.daemon import quotas
@@ -164,7 +165,7 @@ class ControlPlane:
 
     async def authorize(
         self,
-        request: Request,
+        request: HTTPConnection,  # a WebSocket handshake too: it carries the same header
         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     ) -> None:
         """Every route's dependency: resolve the key, and hide other tenants' sandboxes (404, not 403)."""

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from tartarus.network.policy import NetworkPolicy
+from tartarus.runtime.protocol import PTY_MAX_SIZE
 from tartarus.templates.spec import NAME_PATTERN
 
 _ENV_KEY = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -138,6 +139,11 @@ class SandboxList(BaseModel):
     sandboxes: list[SandboxInfo]
 
 
+class TerminalSize(Strict):
+    rows: int = Field(24, ge=1, le=PTY_MAX_SIZE)
+    cols: int = Field(80, ge=1, le=PTY_MAX_SIZE)
+
+
 class ExecRequest(Strict):
     argv: list[str] = Field(min_length=1, max_length=4096, examples=[["python3", "-c", "print(1)"]])
     env: dict[str, str] = Field(default_factory=dict)
@@ -145,6 +151,13 @@ class ExecRequest(Strict):
     user: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_-]*\$?$", max_length=32)
     timeout: float | None = Field(None, gt=0, le=86400, description="seconds; the command is killed after")
     stdin: str | None = Field(None, description="bytes for the command's stdin, base64-encoded")
+    pty: TerminalSize | None = Field(
+        None,
+        description="run on a pseudo-terminal of this size (for programs that need a tty): stdout and"
+        " stderr arrive merged as stdout, with the terminal's \\r\\n line ends; stdin, if given, is"
+        " typed into it and followed by its EOF character (^D). For an interactive terminal use the"
+        " WebSocket endpoint GET /v1/sandboxes/{id}/pty (docs/control-plane.md).",
+    )
 
 
 class ExecEvent(BaseModel):

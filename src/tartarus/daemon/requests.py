@@ -1,7 +1,9 @@
 """Per-request bookkeeping as plain ASGI middleware: request IDs, access logs, metrics, the audit trail.
 
 Plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched. A state-changing call
-is audited when its response starts, before the client learns the outcome.
+is audited when its response starts, before the client learns the outcome. A WebSocket session (an
+interactive terminal) counts as one: it is audited when the handshake is accepted (status 101) or
+refused (the refusal's HTTP status), and logged when it ends.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tartarus.access")
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+WEBSOCKET = "WEBSOCKET"  # the "method" of a WebSocket session in logs, metrics and the audit trail
 EXEC_ROUTE = "/v1/sandboxes/{sandbox_id}/exec"
 
 
@@ -37,6 +40,9 @@ class RequestMiddleware:
         self.control = control
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -69,34 +75,67 @@ class RequestMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
-            metrics = self.control.metrics
-            metrics.requests.labels(method, route, str(status)).inc()
-            metrics.request_seconds.labels(method, route).observe(elapsed)
             if route == EXEC_ROUTE and status == 200:
-                metrics.exec_seconds.observe(elapsed)
-            principal = _principal(scope)
-            log.info(
-                "%s %s %d",
-                method,
-                scope.get("path", ""),
-                status,
-                extra={
-                    "method": method,
-                    "path": scope.get("path", ""),
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "tenant": principal.tenant if principal else None,
-                    "key_id": principal.key_id if principal else None,
-                },
-            )
-            sandbox_id = scope.get("path_params", {}).get("sandbox_id")
-            if method in MUTATING and sandbox_id is not None:
-                try:
-                    await self.control.sync(sandbox_id)
-                except Exception:
-                    log.exception("recording the state of %s", sandbox_id)
+                self.control.metrics.exec_seconds.observe(elapsed)
+            await self._finish(scope, method, route, status, elapsed)
             request_id.reset(token)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rid = new_request_id(_header(scope, b"x-request-id"))
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = 0  # until the handshake is answered; 101 once accepted
+
+        async def send_with_audit(message: Message) -> None:
+            nonlocal status
+            kind = message["type"]
+            if status == 0 and kind in (
+                "websocket.accept",
+                "websocket.http.response.start",
+                "websocket.close",
+            ):
+                # A close before accepting is a refusal the server answers with 403.
+                status = {"websocket.accept": 101, "websocket.close": 403}.get(kind) or int(message["status"])
+                await self._audit(scope, WEBSOCKET, status, rid)
+                if kind != "websocket.close":
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_audit)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            await self._finish(scope, WEBSOCKET, route, status or 500, time.perf_counter() - started)
+            request_id.reset(token)
+
+    async def _finish(self, scope: Scope, method: str, route: str, status: int, elapsed: float) -> None:
+        """Metrics and the access log line; then the sandbox's stored record, if the call may have
+        changed it."""
+        metrics = self.control.metrics
+        metrics.requests.labels(method, route, str(status)).inc()
+        metrics.request_seconds.labels(method, route).observe(elapsed)
+        principal = _principal(scope)
+        log.info(
+            "%s %s %d",
+            method,
+            scope.get("path", ""),
+            status,
+            extra={
+                "method": method,
+                "path": scope.get("path", ""),
+                "route": route,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 3),
+                "tenant": principal.tenant if principal else None,
+                "key_id": principal.key_id if principal else None,
+            },
+        )
+        sandbox_id = scope.get("path_params", {}).get("sandbox_id")
+        if (method in MUTATING or method == WEBSOCKET) and sandbox_id is not None:
+            try:
+                await self.control.sync(sandbox_id)
+            except Exception:
+                log.exception("recording the state of %s", sandbox_id)
 
     async def _audit(self, scope: Scope, method: str, status: int, rid: str) -> None:
         principal = _principal(scope)

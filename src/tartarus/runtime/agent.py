@@ -16,10 +16,11 @@ import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from tartarus.errors import GuestError, InvalidArgument, SandboxFailed
+from tartarus.errors import Conflict, GuestError, InvalidArgument, SandboxFailed
 from tartarus.runtime.protocol import (
     DATA_TYPES,
     MAX_PAYLOAD,
+    PTY_MAX_SIZE,
     Decoder,
     F,
     Fields,
@@ -43,6 +44,9 @@ START_ID = RESERVED_IDS + 2  # a template's start command, running in every rest
 # How much guest output one request may have queued before the reader stops reading from the guest
 # (virtio-serial then throttles the guest); keeps host memory bounded against a chatty guest.
 _QUEUE_FRAMES = 256
+# The first protocol version whose agent runs commands on a pseudo-terminal (EXEC ROWS/COLS, RESIZE).
+# An older agent would ignore the fields and run the command without one, so the client asks first.
+PTY_PROTOCOL = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,19 @@ class Exit:
     exit_code: int | None
     signal: int | None
     timed_out: bool
+
+
+@dataclass(frozen=True)
+class PtySize:
+    """A terminal's size in character cells."""
+
+    rows: int = 24
+    cols: int = 80
+
+    def __post_init__(self) -> None:
+        for name, value in (("rows", self.rows), ("cols", self.cols)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= PTY_MAX_SIZE:
+                raise InvalidArgument(f"terminal {name} must be 1-{PTY_MAX_SIZE}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,16 @@ def _guest_error(frame: Frame) -> GuestError:
     return GuestError(message, errno_)
 
 
+def _put_error(queue: asyncio.Queue[Frame | BaseException], error: BaseException) -> None:
+    """Queue `error` behind what the caller has not read yet; a full queue (the guest was throttled)
+    loses its oldest frame: the request is failing anyway, and the error must get through."""
+    try:
+        queue.put_nowait(error)
+    except asyncio.QueueFull:
+        queue.get_nowait()
+        queue.put_nowait(error)
+
+
 def _path(path: str) -> bytes:
     if not path.startswith("/"):
         raise InvalidArgument(f"guest paths must be absolute: {path!r}")
@@ -136,6 +163,7 @@ class AgentClient:
         self._failure: BaseException | None = None
         self._write_lock = asyncio.Lock()
         self._task = asyncio.create_task(self._read_loop(), name="agent-reader")
+        self._version: int | None = None
         self.hellos = 0
 
     # ---- connection --------------------------------------------------------------------------
@@ -161,13 +189,14 @@ class AgentClient:
         if self._failure is None:
             self._failure = error
         for queue in self._queues.values():
-            queue.put_nowait(error)
+            _put_error(queue, error)
 
     def agent_restarted(self, reason: str) -> None:
         """The agent closed its port: in-flight requests are lost, new ones go to the next agent."""
+        self._version = None
         error = SandboxFailed(reason)
         for queue in self._queues.values():
-            queue.put_nowait(error)
+            _put_error(queue, error)
         self._queues.clear()
         self._hello.clear()
 
@@ -175,6 +204,8 @@ class AgentClient:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
+        # Whoever still waits on a reply (a streamed exec, a terminal) hears why, instead of hanging.
+        self.fail(SandboxFailed("the sandbox was stopped while the request ran"))
         self._writer.close()
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
@@ -283,6 +314,13 @@ class AgentClient:
 
     async def ping(self) -> int:
         return (await self._call(T.PING)).get_int(F.VERSION, 0) or 0
+
+    async def version(self) -> int:
+        """The agent's protocol version, asked once: a sandbox woken from an old hibernation image
+        runs the agent it was captured with, which may predate features this host asks for."""
+        if self._version is None:
+            self._version = await self.ping()
+        return self._version
 
     async def configure(
         self,
@@ -405,8 +443,12 @@ class AgentClient:
         user: str | None = None,
         timeout: float | None = None,
         stdin: bool = False,
+        pty: PtySize | None = None,
         request_id: int | None = None,
     ) -> Process:
+        """Start a command. With `pty` it runs on a new pseudo-terminal of that size as its
+        controlling terminal: stdout and stderr arrive merged as "stdout", stdin is always open, and
+        closing stdin types the terminal's EOF character."""
         if not argv:
             raise InvalidArgument("argv must not be empty")
         items: list[tuple[F, FieldValue]] = [(F.ARGV, a.encode()) for a in argv]
@@ -420,7 +462,15 @@ class AgentClient:
             items.append((F.USER, user.encode()))
         if timeout:
             items.append((F.TIMEOUT_MS, max(1, int(timeout * 1000))))
-        items.append((F.STDIN, int(stdin)))
+        items.append((F.STDIN, int(stdin or pty is not None)))
+        if pty is not None:
+            version = await self.version()
+            if version < PTY_PROTOCOL:
+                raise Conflict(
+                    f"this sandbox's guest agent speaks protocol {version}; a terminal needs {PTY_PROTOCOL}"
+                    " (the sandbox was made by an older Tartarus: create a new one)"
+                )
+            items += [(F.ROWS, pty.rows), (F.COLS, pty.cols)]
         try:
             request = encode_request(T.EXEC, 0, items)
         except ValueError as e:
@@ -494,7 +544,15 @@ class Process:
         await self._client._send(encode(T.STDIN, self._id))
 
     async def signal(self, signum: int) -> None:
+        """Signal the command's process group (and, on a terminal, its foreground job)."""
         await self._client._send(encode_request(T.SIGNAL, self._id, [(F.SIGNAL, signum)]))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal size of a command started with `pty` (its foreground job gets SIGWINCH)."""
+        size = PtySize(rows, cols)
+        await self._client._send(
+            encode_request(T.RESIZE, self._id, [(F.ROWS, size.rows), (F.COLS, size.cols)])
+        )
 
     def abandon(self) -> None:
         """Stop tracking this command (the caller went away); later frames for it are dropped."""

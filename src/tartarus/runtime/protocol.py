@@ -11,7 +11,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-VERSION = 1
+VERSION = 2
 MAX_PAYLOAD = 1 << 20
 HEADER = struct.Struct(">IIBBH")
 HEADER_SIZE = HEADER.size
@@ -40,6 +40,7 @@ class T(enum.IntEnum):
     REMOVE = 0x0C
     RENAME = 0x0D
     CONFIGURE = 0x0E
+    RESIZE = 0x0F
 
     HELLO = 0x80
     OK = 0x81
@@ -84,6 +85,8 @@ class F(enum.IntEnum):
     HOSTNAME = 26
     USER = 27
     MACHINE_ID = 28
+    ROWS = 29
+    COLS = 30
 
 
 INT_FIELDS = frozenset(
@@ -104,8 +107,11 @@ INT_FIELDS = frozenset(
         F.MTIME_NS,
         F.VERSION,
         F.TIME_NS,
+        F.ROWS,
+        F.COLS,
     }
 )
+PTY_MAX_SIZE = 1000  # rows and columns of a terminal, as the agent checks them
 DATA_TYPES = frozenset({T.STDIN, T.WRITE_DATA, T.STDOUT, T.STDERR, T.DATA})
 GUEST_TYPES = frozenset(t for t in T if t >= 0x80)
 

@@ -15,9 +15,11 @@ from tartarus.runtime.interpreter import Execution, ExecutionError
 from tartarus.sdk._core import CommandResult
 from tartarus.sdk.aio import AsyncClient, AsyncSandbox
 from tartarus.sdk.sync import Client, Sandbox
+from tartarus.sdk.terminal import AsyncPty, Pty
 
 __all__ = [
     "AsyncClient",
+    "AsyncPty",
     "AsyncSandbox",
     "AuthError",
     "Client",
@@ -27,6 +29,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "Pty",
     "Quarantined",
     "QuotaExceeded",
     "Sandbox",

@@ -27,6 +27,7 @@ from tartarus.sdk._core import (
     transport_error,
 )
 from tartarus.sdk.sync import DEFAULT_TIMEOUT
+from tartarus.sdk.terminal import AsyncTerminals
 
 
 class AsyncClient:
@@ -162,6 +163,7 @@ class AsyncSandbox:
         self._owns_client = owns_client
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
+        self.pty = AsyncTerminals(self)
 
     @classmethod
     async def create(

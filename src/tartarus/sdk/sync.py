@@ -25,6 +25,7 @@ from tartarus.sdk._core import (
     resolve_endpoint,
     transport_error,
 )
+from tartarus.sdk.terminal import Terminals
 
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 
@@ -167,6 +168,7 @@ class Sandbox:
         self._owns_client = owns_client
         self.commands = Commands(self)
         self.files = Files(self)
+        self.pty = Terminals(self)
 
     @classmethod
     def create(

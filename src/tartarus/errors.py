@@ -99,6 +99,17 @@ class SetupRequired(TartarusError):
     status = 503
 
 
+class NotReady(TartarusError):
+    """A readiness check failed (`/v1/health?ready=true`): this daemon cannot serve creates now."""
+
+    code = "not_ready"
+    status = 503
+
+    def __init__(self, message: str, checks: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        self.checks = checks or []
+
+
 ALL: dict[str, type[TartarusError]] = {
     cls.code: cls
     for cls in (
@@ -116,5 +127,6 @@ ALL: dict[str, type[TartarusError]] = {
         SandboxFailed,
         GuestError,
         SetupRequired,
+        NotReady,
     )
 }

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tartarus
-from tartarus.daemon import control_api, quotas
+from tartarus.daemon import control_api, quotas, readiness
 from tartarus.daemon.control import ControlPlane, parse_labels, principal_of
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
@@ -44,6 +44,7 @@ from tartarus.daemon.models import (
     Health,
     MkdirRequest,
     QuarantineRequest,
+    ReadyCheck,
     RenameRequest,
     RunCodeRequest,
     RunCodeResult,
@@ -55,7 +56,7 @@ from tartarus.daemon.models import (
     WriteResult,
 )
 from tartarus.daemon.requests import RequestMiddleware
-from tartarus.errors import GuestError, InvalidArgument, NotFound, TartarusError
+from tartarus.errors import GuestError, InvalidArgument, NotFound, NotReady, TartarusError
 from tartarus.hibernation.image import Image
 from tartarus.quarantine.info import containment_info
 from tartarus.runtime.agent import Exit, FileInfo, Output
@@ -135,7 +136,8 @@ def _file_model(info: FileInfo) -> FileInfoModel:
 
 def _error(exc: TartarusError) -> JSONResponse:
     errno_ = exc.errno if isinstance(exc, GuestError) else None
-    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, errno=errno_))
+    checks = [ReadyCheck.model_validate(c) for c in exc.checks] if isinstance(exc, NotReady) else None
+    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, errno=errno_, checks=checks))
     return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status)
 
 
@@ -197,9 +199,31 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return _error(InvalidArgument("; ".join(parts) or "invalid request"))
 
-    @app.get("/v1/health", response_model=Health, openapi_extra={"security": []})
-    async def health() -> Health:
+    @app.get(
+        "/v1/health",
+        response_model=Health,
+        response_model_exclude_none=True,
+        responses={503: {"model": ErrorBody, "description": "not ready (with ready=true)"}},
+        openapi_extra={"security": []},
+    )
+    async def health(
+        ready: Annotated[
+            bool,
+            Query(description="also run the readiness checks: 503 not_ready, naming each failed check"),
+        ] = False,
+    ) -> Health:
+        """Liveness, and with `ready=true` readiness: store, state dir, guest kernel, a template
+        snapshot. No key needed (load balancers probe it); it reveals no tenant's data."""
         from tartarus.runtime.accel import choose_accel
+
+        checks = None
+        if ready:
+            found = await readiness.check(state_dir, control.ping)
+            failed = [c for c in found if not c.ok]
+            if failed:
+                message = "not ready: " + "; ".join(f"{c.name}: {c.message}" for c in failed)
+                raise NotReady(message, [c.__dict__ for c in found])
+            checks = [ReadyCheck(name=c.name, ok=c.ok, message=c.message) for c in found]
 
         accel = None
         with contextlib.suppress(TartarusError):
@@ -212,6 +236,8 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
             accel=accel,
             sandboxes=len(manager.list()),
             pooled=manager.pooled,
+            ready=True if ready else None,
+            checks=checks,
         )
 
     @app.post("/v1/sandboxes", response_model=SandboxInfo, status_code=201, responses=_ERRORS)

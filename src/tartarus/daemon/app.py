@@ -163,6 +163,11 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         lifespan=lifespan,
         # Every route needs an API key (bar health); it also hides other tenants' sandboxes.
         dependencies=[Depends(control.authorize)],
+        # FastAPI's own /openapi.json and docs pages would bypass that: the document is served below,
+        # behind the same key, and `tartarus openapi` writes it from the app object.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.manager = manager
     app.state.control = control
@@ -539,6 +544,11 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         async with manager.use(sandbox_id) as rt:
             await rt.agent.rename(body.path, body.new_path)
         return Response(status_code=204)
+
+    @app.get("/v1/openapi.json", include_in_schema=False)
+    async def openapi_document() -> JSONResponse:
+        """This API's OpenAPI document (committed as docs/openapi.json); needs a key like the rest."""
+        return JSONResponse(app.openapi())
 
     @app.get("/v1/templates", response_model=TemplateList)
     async def templates() -> TemplateList:

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tartarus
-from tartarus.daemon import control_api, quotas, readiness
+from tartarus.daemon import control_api, images_api, quotas, readiness
 from tartarus.daemon.control import ControlPlane, parse_labels, principal_of
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
@@ -58,6 +58,7 @@ from tartarus.daemon.models import (
 from tartarus.daemon.requests import RequestMiddleware
 from tartarus.errors import GuestError, InvalidArgument, NotFound, NotReady, TartarusError
 from tartarus.hibernation.image import Image
+from tartarus.images.store import ImageStore
 from tartarus.quarantine.info import containment_info
 from tartarus.runtime.agent import Exit, FileInfo, Output
 from tartarus.runtime.sandbox import SandboxOptions
@@ -173,6 +174,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     app.state.control = control
     app.add_middleware(RequestMiddleware, control=control)
     app.include_router(control_api.router(control))
+    app.include_router(images_api.router(control, ImageStore(manager.config.image_root)))
 
     @app.exception_handler(TartarusError)
     async def tartarus_error(request: Request, exc: TartarusError) -> JSONResponse:

@@ -79,6 +79,8 @@ class DaemonConfig:
     hibernate_quota_bytes: int | None = field(default_factory=_quota_from_env)
     # Admission rules, limit caps, quarantine settings (TARTARUS_POLICY=FILE; default: admit all).
     policy: Policy = field(default_factory=_policy_from_env)
+    # The converted-image cache the images API uses; None: `<cache>/images`, shared with the CLI.
+    image_root: Path | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tartarus.daemon.auth import Principal
 from tartarus.daemon.logs import new_request_id, request_id
+from tartarus.snapshots.pool import refills_deferred
 
 if TYPE_CHECKING:
     from tartarus.daemon.control import ControlPlane
@@ -65,7 +66,8 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            with refills_deferred():  # a create answers before its pooled VMM is replaced
+                await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")

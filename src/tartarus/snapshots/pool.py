@@ -11,6 +11,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 from tartarus.limits.spec import template_limits
@@ -24,6 +26,28 @@ log = logging.getLogger(__name__)
 RETRY_S = 1.0
 # Spare VMMs start at low priority so that spawning them never slows the sandboxes running now.
 SPARE_NICE = 10
+
+# Refills asked for inside `refills_deferred()`: run when the block ends (see there).
+_deferred: ContextVar[list[Callable[[], None]] | None] = ContextVar("deferred_refills", default=None)
+
+
+@contextlib.contextmanager
+def refills_deferred() -> Iterator[None]:
+    """Within the block, refills wait for its end.
+
+    The daemon wraps each request in this: a create that took a pooled VMM stores its record, audits
+    the call and answers before the replacement VMM is spawned, whose set-up (a sparse copy, cgroups,
+    fork/exec of QEMU) would otherwise run on the event loop in between and add milliseconds to the
+    create's answer. The refill still starts right after, failed requests included.
+    """
+    pending: list[Callable[[], None]] = []
+    token = _deferred.set(pending)
+    try:
+        yield
+    finally:
+        _deferred.reset(token)
+        for refill in pending:
+            refill()
 
 
 class VMMPool:
@@ -54,7 +78,11 @@ class VMMPool:
         return None
 
     def refill(self) -> None:
-        self._wake.set()
+        pending = _deferred.get()
+        if pending is None:
+            self._wake.set()
+        elif self._wake.set not in pending:
+            pending.append(self._wake.set)
 
     async def _refill(self) -> None:
         while True:

@@ -1,0 +1,50 @@
+"""A pool refill asked for during a request waits for the request's end (pure logic: size-0 pool)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tartarus.snapshots.pool import VMMPool, refills_deferred
+
+
+async def _pool() -> VMMPool:
+    # Size 0: the refill task never starts a VMM, it only waits to be woken.
+    template: Any = SimpleNamespace(name="t")
+    return VMMPool(template, template, Path("/nonexistent"), size=0)
+
+
+def test_refills_inside_the_block_wait_for_its_end() -> None:
+    async def scenario() -> None:
+        pool = await _pool()
+        try:
+            with refills_deferred():
+                pool.refill()
+                pool.refill()  # asked twice: one wake
+                assert not pool._wake.is_set()
+            assert pool._wake.is_set()
+            pool._wake.clear()
+            pool.refill()  # outside any block: at once
+            assert pool._wake.is_set()
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_block_still_refills() -> None:
+    async def scenario() -> None:
+        pool = await _pool()
+        try:
+            with pytest.raises(RuntimeError), refills_deferred():
+                pool.refill()
+                raise RuntimeError("the request failed")
+            assert pool._wake.is_set()
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())

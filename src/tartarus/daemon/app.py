@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tartarus
 from tartarus.daemon import control_api, images_api, quotas, readiness
@@ -142,6 +143,35 @@ def _error(exc: TartarusError) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status)
 
 
+class UnexpectedErrors:
+    """A bug, not a client error: log it whole and answer with the documented body shape. (Starlette's
+    own catch-all re-raises after answering, and the server then resets the connection.) Plain ASGI:
+    `@app.middleware("http")` would pass every response, streamed ones too, through an extra task and
+    memory streams."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope["method"], scope.get("path", ""))
+            if started:
+                raise  # too late for an error body: the server closes the connection
+            await _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))(scope, receive, send)
+
+
 def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     manager = SandboxManager(state_dir, config)
     control = ControlPlane(state_dir, manager)
@@ -173,24 +203,13 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     app.state.manager = manager
     app.state.control = control
     app.add_middleware(RequestMiddleware, control=control)
+    app.add_middleware(UnexpectedErrors)  # outside RequestMiddleware: catches what escapes it too
     app.include_router(control_api.router(control))
     app.include_router(images_api.router(control, ImageStore(manager.config.image_root)))
 
     @app.exception_handler(TartarusError)
     async def tartarus_error(request: Request, exc: TartarusError) -> JSONResponse:
         return _error(exc)
-
-    @app.middleware("http")
-    async def unexpected_error(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        # A bug, not a client error: log it whole, answer with the documented body shape. (Starlette's
-        # own catch-all re-raises after answering, and the server then resets the connection.)
-        try:
-            return await call_next(request)
-        except Exception as exc:
-            log.exception("unhandled error on %s %s", request.method, request.url.path)
-            return _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

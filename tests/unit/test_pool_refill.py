@@ -1,4 +1,4 @@
-"""A pool refill asked for during a request waits for the request's end (pure logic: size-0 pool)."""
+"""A pool refill asked for during a request waits for its response to start (pure logic: size-0 pool)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,26 @@ def test_a_failing_block_still_refills() -> None:
                 pool.refill()
                 raise RuntimeError("the request failed")
             assert pool._wake.is_set()
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_release_runs_held_refills_and_later_ones_run_at_once() -> None:
+    """The daemon releases at the response's start; a task the request left behind (its context
+    copied) that refills afterwards must not be held by a block nobody will release again."""
+
+    async def scenario() -> None:
+        pool = await _pool()
+        try:
+            with refills_deferred() as held:
+                pool.refill()
+                held.release()  # the response started
+                assert pool._wake.is_set()
+                pool._wake.clear()
+                pool.refill()
+                assert pool._wake.is_set()
         finally:
             await pool.close()
 

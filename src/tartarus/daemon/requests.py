@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tartarus.daemon.auth import Principal
 from tartarus.daemon.logs import new_request_id, request_id
-from tartarus.snapshots.pool import refills_deferred
+from tartarus.snapshots.pool import DeferredRefills, refills_deferred
 
 if TYPE_CHECKING:
     from tartarus.daemon.control import ControlPlane
@@ -64,9 +64,12 @@ class RequestMiddleware:
                     headers.append((b"server-timing", timing.encode()))
                 message["headers"] = headers
             await send(message)
+            if message["type"] == "http.response.start" and refills is not None:
+                refills.release()  # answered (and audited): the pools may spawn replacements now
 
+        refills: DeferredRefills | None = None
         try:
-            with refills_deferred():  # a create answers before its pooled VMM is replaced
+            with refills_deferred() as refills:  # a create answers before its pooled VMM is replaced
                 await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started

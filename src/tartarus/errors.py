@@ -99,6 +99,32 @@ class SetupRequired(TartarusError):
     status = 503
 
 
+class RegistryUnavailable(TartarusError):
+    """An image registry could not be used: unreachable, refusing access, or answering nonsense."""
+
+    code = "registry_error"
+    status = 502
+
+
+class InvalidImage(TartarusError):
+    """The image cannot become a root filesystem: corrupt or truncated blobs, unsupported media types,
+    unsafe layer entries, or a filesystem its contents cannot be packed into."""
+
+    code = "invalid_image"
+    status = 422
+
+
+class NotReady(TartarusError):
+    """A readiness check failed (`/v1/health?ready=true`): this daemon cannot serve creates now."""
+
+    code = "not_ready"
+    status = 503
+
+    def __init__(self, message: str, checks: list[dict[str, object]] | None = None) -> None:
+        super().__init__(message)
+        self.checks = checks or []
+
+
 ALL: dict[str, type[TartarusError]] = {
     cls.code: cls
     for cls in (
@@ -116,5 +142,8 @@ ALL: dict[str, type[TartarusError]] = {
         SandboxFailed,
         GuestError,
         SetupRequired,
+        RegistryUnavailable,
+        InvalidImage,
+        NotReady,
     )
 }

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from tartarus.daemon.app import create_app
 from tartarus.daemon.manager import DaemonConfig
@@ -59,12 +60,13 @@ def env(**values: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tcp_daemon(state: Path, database_url: str | None) -> Iterator[str]:
-    """The daemon's app under uvicorn on 127.0.0.1 (a free port), from a thread; yields its base URL."""
+def tcp_daemon(state: Path, database_url: str | None, app: FastAPI | None = None) -> Iterator[str]:
+    """The daemon's app (default: a new one for `state`) under uvicorn on 127.0.0.1 (a free port), from
+    a thread; yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(state, DaemonConfig(pool_size=0))
+    app = app or create_app(state, DaemonConfig(pool_size=0))
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="tartarus-test-daemon", daemon=True)

@@ -23,8 +23,10 @@ def test_run_prints_ok_from_a_guest_kernel(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     ok, release = proc.stdout.split()
     assert ok == "ok" and release != platform.release()
-    # The embedded daemon cleaned up after itself.
-    assert not any((tmp_path / "embedded").iterdir())
+    # The embedded daemon cleaned up after itself; its state dir stays for the next run (node, key).
+    slot = tmp_path / "embedded" / "slot-0"
+    assert not any((slot / "sandboxes").iterdir())
+    assert (slot / "node-id").exists() and (slot / "admin.key").exists()
 
 
 def test_run_exits_with_the_commands_status_and_streams_stderr(tmp_path: Path) -> None:

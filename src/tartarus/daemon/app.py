@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
@@ -19,9 +19,10 @@ from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tartarus
-from tartarus.daemon import control_api, quotas, terminal
+from tartarus.daemon import control_api, images_api, quotas, readiness, terminal
 from tartarus.daemon.control import ControlPlane, parse_labels, principal_of
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
@@ -44,6 +45,7 @@ from tartarus.daemon.models import (
     Health,
     MkdirRequest,
     QuarantineRequest,
+    ReadyCheck,
     RenameRequest,
     RunCodeRequest,
     RunCodeResult,
@@ -55,8 +57,9 @@ from tartarus.daemon.models import (
     WriteResult,
 )
 from tartarus.daemon.requests import RequestMiddleware
-from tartarus.errors import GuestError, InvalidArgument, NotFound, TartarusError
+from tartarus.errors import GuestError, InvalidArgument, NotFound, NotReady, TartarusError
 from tartarus.hibernation.image import Image
+from tartarus.images.store import ImageStore
 from tartarus.quarantine.info import containment_info
 from tartarus.runtime.agent import Exit, FileInfo, Output, PtySize
 from tartarus.runtime.protocol import PTY_MAX_SIZE
@@ -136,8 +139,38 @@ def _file_model(info: FileInfo) -> FileInfoModel:
 
 def _error(exc: TartarusError) -> JSONResponse:
     errno_ = exc.errno if isinstance(exc, GuestError) else None
-    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, errno=errno_))
+    checks = [ReadyCheck.model_validate(c) for c in exc.checks] if isinstance(exc, NotReady) else None
+    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, errno=errno_, checks=checks))
     return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status)
+
+
+class UnexpectedErrors:
+    """A bug, not a client error: log it whole and answer with the documented body shape. (Starlette's
+    own catch-all re-raises after answering, and the server then resets the connection.) Plain ASGI:
+    `@app.middleware("http")` would pass every response, streamed ones too, through an extra task and
+    memory streams."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", scope["method"], scope.get("path", ""))
+            if started:
+                raise  # too late for an error body: the server closes the connection
+            await _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))(scope, receive, send)
 
 
 def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
@@ -163,27 +196,22 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         lifespan=lifespan,
         # Every route needs an API key (bar health); it also hides other tenants' sandboxes.
         dependencies=[Depends(control.authorize)],
+        # FastAPI's own /openapi.json and docs pages would bypass that: the document is served below,
+        # behind the same key, and `tartarus openapi` writes it from the app object.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.manager = manager
     app.state.control = control
     app.add_middleware(RequestMiddleware, control=control)
+    app.add_middleware(UnexpectedErrors)  # outside RequestMiddleware: catches what escapes it too
     app.include_router(control_api.router(control))
+    app.include_router(images_api.router(control, ImageStore(manager.config.image_root)))
 
     @app.exception_handler(TartarusError)
     async def tartarus_error(request: Request, exc: TartarusError) -> JSONResponse:
         return _error(exc)
-
-    @app.middleware("http")
-    async def unexpected_error(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        # A bug, not a client error: log it whole, answer with the documented body shape. (Starlette's
-        # own catch-all re-raises after answering, and the server then resets the connection.)
-        try:
-            return await call_next(request)
-        except Exception as exc:
-            log.exception("unhandled error on %s %s", request.method, request.url.path)
-            return _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -203,9 +231,31 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return _error(InvalidArgument("; ".join(parts) or "invalid request"))
 
-    @app.get("/v1/health", response_model=Health, openapi_extra={"security": []})
-    async def health() -> Health:
+    @app.get(
+        "/v1/health",
+        response_model=Health,
+        response_model_exclude_none=True,
+        responses={503: {"model": ErrorBody, "description": "not ready (with ready=true)"}},
+        openapi_extra={"security": []},
+    )
+    async def health(
+        ready: Annotated[
+            bool,
+            Query(description="also run the readiness checks: 503 not_ready, naming each failed check"),
+        ] = False,
+    ) -> Health:
+        """Liveness, and with `ready=true` readiness: store, state dir, guest kernel, a template
+        snapshot. No key needed (load balancers probe it); it reveals no tenant's data."""
         from tartarus.runtime.accel import choose_accel
+
+        checks = None
+        if ready:
+            found = await readiness.check(state_dir, control.ping)
+            failed = [c for c in found if not c.ok]
+            if failed:
+                message = "not ready: " + "; ".join(f"{c.name}: {c.message}" for c in failed)
+                raise NotReady(message, [c.__dict__ for c in found])
+            checks = [ReadyCheck(name=c.name, ok=c.ok, message=c.message) for c in found]
 
         accel = None
         with contextlib.suppress(TartarusError):
@@ -218,6 +268,8 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
             accel=accel,
             sandboxes=len(manager.list()),
             pooled=manager.pooled,
+            ready=True if ready else None,
+            checks=checks,
         )
 
     @app.post("/v1/sandboxes", response_model=SandboxInfo, status_code=201, responses=_ERRORS)
@@ -560,6 +612,11 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         async with manager.use(sandbox_id) as rt:
             await rt.agent.rename(body.path, body.new_path)
         return Response(status_code=204)
+
+    @app.get("/v1/openapi.json", include_in_schema=False)
+    async def openapi_document() -> JSONResponse:
+        """This API's OpenAPI document (committed as docs/openapi.json); needs a key like the rest."""
+        return JSONResponse(app.openapi())
 
     @app.get("/v1/templates", response_model=TemplateList)
     async def templates() -> TemplateList:

@@ -70,12 +70,19 @@ def write_key_file(path: Path, secret: str) -> None:
 
 
 def ensure_local_admin_key(state_dir: Path, store: Store, node: str) -> Path:
-    """Make sure `<state>/admin.key` holds a live admin key (created, or replaced if revoked)."""
+    """Make sure `<state>/admin.key` holds a live admin key: the one there if it still works, else a new
+    one, and then this node's earlier local keys are revoked (the file that held them is gone or they
+    are revoked already), so a node has one live local key however often it starts."""
     path = state_dir / LOCAL_KEY_FILE
     current = read_key_file(path)
     if current is not None and store.authenticate(current) is not None:
         return path
-    key, secret = store.create_key(LOCAL_TENANT, role="admin", description=f"local admin key of {node}")
+    description = f"local admin key of {node}"
+    key, secret = store.create_key(LOCAL_TENANT, role="admin", description=description)
     write_key_file(path, secret)
     log.info("wrote the local admin key %s to %s", key.id, path)
+    for old in store.list_keys(LOCAL_TENANT):
+        if old.id != key.id and old.description == description and old.revoked_at is None:
+            store.revoke_key(old.id)
+            log.info("revoked %s, an earlier local admin key of this node", old.id)
     return path

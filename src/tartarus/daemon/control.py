@@ -161,6 +161,10 @@ class ControlPlane:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
+    async def ping(self) -> None:
+        """Readiness: the store answers a trivial query on its own thread (so a wedged thread shows)."""
+        await self.db(self.store.ping)
+
     # ---- authentication and tenancy -------------------------------------------------------------
 
     async def authorize(

@@ -87,6 +87,8 @@ class DaemonConfig:
     live_restore: bool = False
     # With live_restore: a clean stop leaves running sandboxes running too (restarts, upgrades).
     keep_on_stop: bool = False
+    # The converted-image cache the images API uses; None: `<cache>/images`, shared with the CLI.
+    image_root: Path | None = None
 
 
 @dataclass

@@ -22,6 +22,8 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 _OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 # The admission decision (policy rules + quarantine verdict + placement) takes microseconds.
 _ADMISSION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 0.001, 0.0025, 0.005, 0.01)
+# A cached image answers in milliseconds (one manifest request); a conversion takes seconds to minutes.
+_CONVERT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 # States reported even when no sandbox is in them, so dashboards see a 0 rather than a gap.
 BASE_STATES = ("running", "failed")
 
@@ -105,6 +107,15 @@ class Metrics:
             "Sandboxes destroyed because their timeout passed",
             registry=self.registry,
         )
+        self.image_convert_seconds = Histogram(
+            "tartarus_image_convert_seconds",
+            "POST /v1/images: OCI reference to a bootable root filesystem, by whether it was cached",
+            ["cache"],
+            buckets=_CONVERT_BUCKETS,
+            registry=self.registry,
+        )
+        for cache in ("hit", "miss"):  # both series from the start: a dashboard sees 0, not a gap
+            self.image_convert_seconds.labels(cache)
         # The runtime's own operations, reported by the manager through `observe`.
         self.operation_seconds = {
             "wake": Histogram(

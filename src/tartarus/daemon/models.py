@@ -234,18 +234,27 @@ class TemplateList(BaseModel):
     templates: list[TemplateInfo]
 
 
+class ReadyCheck(BaseModel):
+    name: str = Field(description="store, state_dir, guest or snapshot")
+    ok: bool
+    message: str = ""
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     version: str
     accel: str | None
     sandboxes: int
     pooled: int
+    ready: bool | None = Field(None, description="with ?ready=true: every readiness check passed")
+    checks: list[ReadyCheck] | None = Field(None, description="with ?ready=true: each readiness check")
 
 
 class ErrorDetail(BaseModel):
     code: str
     message: str
     errno: int | None = Field(None, description="Linux errno, for guest_error")
+    checks: list[ReadyCheck] | None = Field(None, description="for not_ready: each readiness check")
 
 
 class ErrorBody(BaseModel):

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tartarus.daemon.auth import Principal
 from tartarus.daemon.logs import new_request_id, request_id
+from tartarus.snapshots.pool import DeferredRefills, refills_deferred
 
 if TYPE_CHECKING:
     from tartarus.daemon.control import ControlPlane
@@ -69,9 +70,13 @@ class RequestMiddleware:
                     headers.append((b"server-timing", timing.encode()))
                 message["headers"] = headers
             await send(message)
+            if message["type"] == "http.response.start" and refills is not None:
+                refills.release()  # answered (and audited): the pools may spawn replacements now
 
+        refills: DeferredRefills | None = None
         try:
-            await self.app(scope, receive, send_with_id)
+            with refills_deferred() as refills:  # a create answers before its pooled VMM is replaced
+                await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -45,7 +46,8 @@ def serve(
 
 
 def _reap_embedded(root: Path) -> None:
-    """Remove state dirs of embedded daemons whose process is gone (their VMs died with them)."""
+    """Remove per-process state dirs that embedded daemons of earlier versions left (`embedded/<pid>`)
+    once their process is gone (their VMs died with them)."""
     if not root.exists():
         return
     for child in root.iterdir():
@@ -98,17 +100,43 @@ def daemon_thread(
 
 
 @contextlib.contextmanager
+def _embedded_slot(root: Path) -> Iterator[Path]:
+    """The first state dir `root/slot-N` no other embedded daemon holds, locked for the block.
+
+    Slots outlive the command: the next run reuses the slot's node id and local admin key, so a shared
+    database (TARTARUS_DATABASE_URL) gains no node and no key per `tartarus run`. Concurrent runs take
+    different slots, so no two live daemons share a node id (each reconciles its node's sandboxes).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        lock = (root / f"slot-{n}.lock").open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            n += 1
+            continue
+        try:
+            yield root / f"slot-{n}"
+        finally:
+            lock.close()
+        return
+
+
+@contextlib.contextmanager
 def embedded_daemon(state_root: Path) -> Iterator[Path]:
-    """A private daemon for one command (own state dir and socket); yields its socket path."""
+    """A private daemon for one command (a reusable state dir, its own socket); yields its socket path."""
     embedded_root = state_root / "embedded"
     _reap_embedded(embedded_root)
-    state_dir = embedded_root / str(os.getpid())
     sock_dir = Path(tempfile.mkdtemp(prefix="tartarus-"))
     uds = sock_dir / "api.sock"
     try:
         # No pool: a one-shot command would pay to pre-start VMMs it never uses.
-        with daemon_thread(state_dir, uds, DaemonConfig(pool_size=0)):
+        with (
+            _embedded_slot(embedded_root) as state_dir,
+            daemon_thread(state_dir, uds, DaemonConfig(pool_size=0)),
+        ):
             yield uds
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
-        shutil.rmtree(state_dir, ignore_errors=True)

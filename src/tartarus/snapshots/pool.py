@@ -11,6 +11,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 from tartarus.limits.spec import template_limits
@@ -24,6 +26,48 @@ log = logging.getLogger(__name__)
 RETRY_S = 1.0
 # Spare VMMs start at low priority so that spawning them never slows the sandboxes running now.
 SPARE_NICE = 10
+
+
+class DeferredRefills:
+    """Refills asked for while held; `release()` runs them, and any asked for later run at once."""
+
+    def __init__(self) -> None:
+        self._pending: list[Callable[[], None]] | None = []
+
+    def add(self, refill: Callable[[], None]) -> bool:
+        """Hold `refill` for `release()`; False if already released (the caller runs it now)."""
+        if self._pending is None:
+            return False
+        if refill not in self._pending:
+            self._pending.append(refill)
+        return True
+
+    def release(self) -> None:
+        pending, self._pending = self._pending, None
+        for refill in pending or ():
+            refill()
+
+
+_deferred: ContextVar[DeferredRefills | None] = ContextVar("deferred_refills", default=None)
+
+
+@contextlib.contextmanager
+def refills_deferred() -> Iterator[DeferredRefills]:
+    """Within the block, refills wait for `release()` (at the latest, the block's end).
+
+    The daemon holds them for each request until its response starts: a create that took a pooled
+    VMM stores its record, audits the call and answers before the replacement VMM is spawned, whose
+    set-up (a sparse copy, cgroups, fork/exec of QEMU) would otherwise run on the event loop in
+    between and add milliseconds to the create's answer. Failed requests release them too; tasks a
+    request started that refill after it answered refill at once.
+    """
+    held = DeferredRefills()
+    token = _deferred.set(held)
+    try:
+        yield held
+    finally:
+        _deferred.reset(token)
+        held.release()
 
 
 class VMMPool:
@@ -54,7 +98,9 @@ class VMMPool:
         return None
 
     def refill(self) -> None:
-        self._wake.set()
+        held = _deferred.get()
+        if held is None or not held.add(self._wake.set):
+            self._wake.set()
 
     async def _refill(self) -> None:
         while True:

@@ -7,6 +7,8 @@ make the clone distinct). Only `restore` is on the create call's clock.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -38,6 +40,19 @@ class GuestState:
     new_identity: bool = True  # a clone gets its own hostname and machine-id; a woken sandbox keeps its
 
 
+async def _copy_off_loop(source: Path, layer: Path) -> None:
+    """`sparse_copy` on a worker thread: usually under a millisecond, but several on a busy disk, and a
+    pool refill runs it while the daemon answers requests. A cancelled caller still waits for the copy
+    to end, so the clean-up that follows never races a file being written."""
+    copy = asyncio.ensure_future(asyncio.to_thread(sparse_copy, source, layer))
+    try:
+        await asyncio.shield(copy)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await copy
+        raise
+
+
 async def prepare(
     snapshot: Snapshot,
     template: Template,
@@ -58,7 +73,7 @@ async def prepare(
         t0 = time.perf_counter()
         if layer is None:
             layer = sandbox.workdir / "rw.ext4"
-            sparse_copy(layer_source or snapshot.layer, layer)
+            await _copy_off_loop(layer_source or snapshot.layer, layer)
         await sandbox.attach_network()
         sandbox.attach_cgroup()
         config = sandbox.vm_config(layer=layer, memory_file=snapshot.memory, share=False)

@@ -108,6 +108,10 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def ping(self) -> None:
+        """A trivial query: raises if the database does not answer (readiness)."""
+        self.db.one("SELECT 1")
+
     # ---- tenants ----------------------------------------------------------------------------
 
     def ensure_tenant(self, name: str) -> Tenant:

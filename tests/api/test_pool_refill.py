@@ -1,0 +1,33 @@
+"""Through the API, a create that takes the pool's pre-started VMM gets it replaced once it has answered
+(refills are held only until the response starts; see snapshots/pool.py `refills_deferred`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tartarus.daemon.app import create_app
+from tartarus.daemon.manager import DaemonConfig
+from tests.api.conftest import tcp_daemon
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.vm
+
+
+def test_a_create_from_the_pool_is_followed_by_a_refill(tmp_path: Path) -> None:
+    app = create_app(tmp_path, DaemonConfig(pool_size=1))
+    with tcp_daemon(tmp_path, None, app) as url:
+        key = (tmp_path / "admin.key").read_text().strip()
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+
+            def pooled() -> int:
+                return int(c.get("/v1/health").json()["pooled"])
+
+            assert wait_until(lambda: pooled() == 1, timeout=120), "the pool never filled"
+            created = c.post("/v1/sandboxes", json={"template": "python-ds"})
+            assert created.status_code == 201, created.text
+            assert created.json()["timings_ms"]["pooled"] > 0  # it took the pre-started VMM
+            assert wait_until(lambda: pooled() == 1, timeout=120), "the pool was not refilled"
+            assert c.delete(f"/v1/sandboxes/{created.json()['id']}").status_code == 204

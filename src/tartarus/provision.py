@@ -14,6 +14,7 @@ from tartarus.guest.initramfs import build_initramfs
 from tartarus.guest.kernel import build_kernel
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.disks import empty_layer
+from tartarus.runtime.launcher import build_launcher
 from tartarus.templates.build import build_template
 from tartarus.templates.spec import builtin_spec
 
@@ -24,6 +25,7 @@ def steps(templates: list[str], log: Callable[[str], None]) -> list[Step]:
     out: list[Step] = [
         ("guest kernel (first build ~5 min)", build_kernel),
         ("guest agent initramfs", build_initramfs),
+        ("VMM launcher", build_launcher),
         ("empty writable layer", empty_layer),
         ("accelerator probe", lambda: log(f"accelerator: {choose_accel(build_kernel())}")),
     ]

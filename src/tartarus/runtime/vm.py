@@ -1,16 +1,15 @@
 """One QEMU microVM process: spawn, QMP, agent channel, lifecycle verbs, and why it ended.
 
-QMP and the agent channel are unix sockets in the VM's directory that QEMU listens on. An embedded
-run ties its VMMs to itself with PR_SET_PDEATHSIG, so none outlives it. A daemon's VMMs outlive the
-daemon instead (`set_outlive_owner`): a daemon that is killed or restarted leaves its sandboxes
-running, and the next one reconnects to them (`MicroVM.attach`) or reaps them.
+QMP and the agent channel are unix sockets in the VM's directory that QEMU listens on. An embedded run
+ties its VMMs to itself with PR_SET_PDEATHSIG (see `launcher`), so none outlives it. A daemon's VMMs
+outlive the daemon instead (`set_outlive_owner`): a daemon that is killed or restarted leaves its
+sandboxes running, and the next one reconnects to them (`MicroVM.attach`) or reaps them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -25,13 +24,10 @@ from qemu.qmp import EventListener, QMPClient
 
 from tartarus.errors import SandboxFailed, Timeout
 from tartarus.runtime.agent import AgentClient
+from tartarus.runtime.launcher import launch_argv
 from tartarus.runtime.qemu import AGENT_PORT, VMConfig, command_line, disk_node, file_node
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
@@ -45,30 +41,6 @@ def set_outlive_owner(enabled: bool) -> None:
     reaps them) or die with it (an embedded run: nothing would ever clean up after it)."""
     global _outlive_owner
     _outlive_owner = enabled
-
-
-def _child_setup(
-    nice: int, netns_fd: int = -1, cgroups: tuple[str, ...] = (), *, tied: bool = True
-) -> Callable[[], None]:
-    def setup() -> None:
-        """Runs in the child between fork and exec: die with the parent (unless it outlives its owner:
-        then it leaves the owner's session, so a ^C to the daemon's terminal does not reach it); join
-        the sandbox's network namespace and cgroups before QEMU runs a single instruction."""
-        if tied:
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() == 1:  # the parent already died before prctl took effect
-                os._exit(1)
-        else:
-            os.setsid()
-        if nice:
-            os.nice(nice)
-        if netns_fd >= 0 and _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
-            os._exit(126)
-        for procs in cgroups:
-            with open(procs, "w") as f:
-                f.write("0")
-
-    return setup
 
 
 @contextlib.contextmanager
@@ -222,14 +194,16 @@ class MicroVM:
             argv = command_line(self.config, qmp_fd=qmp_vm.fileno(), agent_fd=agent_vm.fileno())
             if self.config.netns is not None:
                 netns_fd = os.open(self.config.netns, os.O_RDONLY | os.O_CLOEXEC)
-            cgroups = tuple(str(c / "cgroup.procs") for c in self.config.cgroups)
+            argv = launch_argv(
+                argv,
+                tie_to=None if _outlive_owner else os.getpid(),
+                nice=nice,
+                netns_fd=netns_fd if netns_fd >= 0 else None,
+                cgroup_procs=tuple(str(c / "cgroup.procs") for c in self.config.cgroups),
+            )
+            fds = (qmp_vm.fileno(), agent_vm.fileno(), *([netns_fd] if netns_fd >= 0 else []))
             self.process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-                pass_fds=(qmp_vm.fileno(), agent_vm.fileno()),
-                preexec_fn=_child_setup(nice, netns_fd, cgroups, tied=not _outlive_owner),
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=stderr, stderr=stderr, pass_fds=fds
             )
         except BaseException:
             for sock in (qmp_host, agent_host):

@@ -1,0 +1,74 @@
+"""The VMM launcher puts a process in its place before exec: niceness, session, tie, cgroups."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tartarus.runtime.launcher import launch_argv, launcher_path
+from tests.conftest import wait_until
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def test_nice_session_and_cgroup_file_then_exec(tmp_path: Path) -> None:
+    procs = tmp_path / "cgroup.procs"  # a stand-in: the launcher writes "0" (itself) into it
+    procs.write_text("")
+    script = "import os; print(os.getpriority(os.PRIO_PROCESS, 0), os.getsid(0) == os.getpid())"
+    argv = launch_argv([sys.executable, "-c", script], tie_to=None, nice=7, cgroup_procs=(str(procs),))
+    out = _run(argv)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(os.getpriority(os.PRIO_PROCESS, 0) + 7), "True"]
+    assert procs.read_text() == "0"
+
+
+def test_a_tied_process_dies_with_its_parent(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    # A parent that starts a tied sleeper and is then killed: the sleeper must not outlive it.
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys, time\n"
+            f"argv = {launch_argv(['/bin/sleep', '600'], tie_to=0)!r}\n"
+            "argv[argv.index('--tie') + 1] = str(os.getpid())\n"
+            f"p = subprocess.Popen(argv)\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\ntime.sleep(600)\n",
+        ]
+    )
+    try:
+        assert wait_until(lambda: pid_file.exists() and pid_file.read_text() != "", 10)
+        sleeper = int(pid_file.read_text())
+        assert wait_until(lambda: b"sleep" in Path(f"/proc/{sleeper}/cmdline").read_bytes(), 10)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    assert wait_until(lambda: not _alive(sleeper), 10), "the tied process outlived its parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_failures_exit_126_and_say_why(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "cgroup.procs"
+    out = _run(launch_argv(["/bin/true"], tie_to=None, cgroup_procs=(str(missing),)))
+    assert out.returncode == 126 and "joining cgroup" in out.stderr and str(missing) in out.stderr
+    out = _run(launch_argv([str(tmp_path / "qemu-nowhere")], tie_to=None))
+    assert out.returncode == 126 and "exec" in out.stderr
+    out = _run([str(launcher_path()), "--nice", "x", "--", "/bin/true"])
+    assert out.returncode == 126 and "usage" in out.stderr
+    out = _run([str(launcher_path()), "--setsid"])  # no command
+    assert out.returncode == 126
+    started = time.monotonic()
+    out = _run(launch_argv(["/bin/true"], tie_to=1))  # "tied" to a parent it does not have
+    assert out.returncode == 126 and time.monotonic() - started < 10

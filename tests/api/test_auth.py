@@ -7,9 +7,13 @@ import os
 import re
 import subprocess
 import sys
+from typing import Any
 
-from fastapi.routing import APIRoute, iter_route_contexts
+import pytest
+import websockets
+from fastapi.routing import APIRoute, APIWebSocketRoute, iter_route_contexts
 from starlette.routing import Route
+from websockets.sync.client import connect
 
 from tartarus.daemon.app import create_app
 from tests.api.conftest import Api
@@ -19,25 +23,44 @@ TARTARUS = os.path.join(os.path.dirname(sys.executable), "tartarus")
 
 def _operations(api: Api) -> list[tuple[str, str]]:
     """Every (method, path) the app routes, from its route table (not the OpenAPI document, which
-    leaves some out), with path parameters filled in: a new route is covered without editing this."""
+    leaves some out), with path parameters filled in: a new route is covered without editing this.
+    A WebSocket route's method is "WEBSOCKET"."""
     ops = []
     for route in iter_route_contexts(create_app(api.state).routes):  # included routers' too
         kind = type(route.original_route).__name__
-        assert isinstance(route.original_route, APIRoute | Route), f"teach this test to call a {kind}"
-        assert route.path and route.methods, route
+        assert route.path, route
         concrete = re.sub(r"\{[^}]+\}", "sb-000000000000", route.path)
+        if isinstance(route.original_route, APIWebSocketRoute):
+            ops.append(("WEBSOCKET", concrete))
+            continue
+        assert isinstance(route.original_route, APIRoute | Route), f"teach this test to call a {kind}"
+        assert route.methods, route
         ops += [(method, concrete) for method in sorted(route.methods) if method != "HEAD"]
     return ops
+
+
+def _refused_handshake(api: Api, path: str) -> tuple[int, dict[str, Any]]:
+    """Open a WebSocket without a key; return the HTTP status and error body it was refused with."""
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        connect(api.url.replace("http://", "ws://") + path, open_timeout=30)
+    response = refused.value.response
+    return response.status_code, json.loads(response.body or b"{}")
 
 
 def test_only_health_answers_without_a_key(api: Api) -> None:
     ops = _operations(api)
     assert ("GET", "/v1/openapi.json") in ops and ("GET", "/metrics") in ops
+    assert ("WEBSOCKET", "/v1/sandboxes/sb-000000000000/pty") in ops
     with api.client(None) as c:
         assert c.get("/v1/health").status_code == 200
         assert c.get("/v1/health", params={"ready": "true"}).status_code == 200
         for method, path in ops:
             if path == "/v1/health":
+                continue
+            if method == "WEBSOCKET":
+                status, body = _refused_handshake(api, path)
+                assert status == 401, f"WEBSOCKET {path} answered {status}"
+                assert body["error"]["code"] == "unauthorized"
                 continue
             response = c.request(method, path, params={"path": "/tmp"})
             assert response.status_code == 401, f"{method} {path} answered {response.status_code}"

@@ -282,7 +282,7 @@ class SandboxManager:
     async def close(self) -> None:
         """Stop every running sandbox (or, with `keep_on_stop`, let go of them for the next daemon);
         hibernated ones stay on disk for the next daemon."""
-        self._deadlines.cancel_all()
+        await self._deadlines.close()
         for task in (self._idle_task, self._trigger_task):
             if task is not None:
                 task.cancel()

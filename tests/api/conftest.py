@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from tartarus.daemon.app import create_app
 from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.server import GRACE_S
 
 
 @dataclass
@@ -67,7 +68,14 @@ def tcp_daemon(state: Path, database_url: str | None, app: FastAPI | None = None
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = app or create_app(state, DaemonConfig(pool_size=0))
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=GRACE_S,  # a fuzzed create still booting must not hold the stop
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="tartarus-test-daemon", daemon=True)
     with env(TARTARUS_DATABASE_URL=database_url):
@@ -82,6 +90,7 @@ def tcp_daemon(state: Path, database_url: str | None, app: FastAPI | None = None
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+        assert not thread.is_alive(), "the daemon did not stop (its sandboxes would be left behind)"
 
 
 def backend_url(request: pytest.FixtureRequest) -> str | None:

@@ -20,6 +20,10 @@ from tartarus.daemon.manager import DaemonConfig
 from tartarus.errors import TartarusError
 from tartarus.paths import LOCAL_KEY_FILE
 
+# How long a stopping daemon lets requests in flight finish before cancelling them (a cancelled create
+# destroys what it made); only then do its sandboxes stop. Without it, one slow cold boot held the stop.
+GRACE_S = 5
+
 
 def serve(
     state_dir: Path,
@@ -36,11 +40,16 @@ def serve(
         uds.parent.mkdir(parents=True, exist_ok=True)
         uds.unlink(missing_ok=True)
         config = uvicorn.Config(
-            app, uds=str(uds), timeout_graceful_shutdown=5, log_config=None, access_log=False
+            app, uds=str(uds), timeout_graceful_shutdown=GRACE_S, log_config=None, access_log=False
         )
     else:
         config = uvicorn.Config(
-            app, host=host or "127.0.0.1", port=port or 8700, log_config=None, access_log=False
+            app,
+            host=host or "127.0.0.1",
+            port=port or 8700,
+            timeout_graceful_shutdown=GRACE_S,
+            log_config=None,
+            access_log=False,
         )
     uvicorn.Server(config).run()
 
@@ -76,7 +85,14 @@ def daemon_thread(
 ) -> Iterator[uvicorn.Server]:
     """Serve the API for `state_dir` on `uds` from a thread of this process until the block ends."""
     app = create_app(state_dir, daemon_config)
-    config = uvicorn.Config(app, uds=str(uds), log_level="warning", lifespan="on", access_log=False)
+    config = uvicorn.Config(
+        app,
+        uds=str(uds),
+        log_level="warning",
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=GRACE_S,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="tartarus-daemon", daemon=True)
     thread.start()
@@ -96,7 +112,7 @@ def daemon_thread(
                 published.unlink(missing_ok=True)
     finally:
         server.should_exit = True
-        thread.join(timeout=30)
+        thread.join(timeout=60)
 
 
 @contextlib.contextmanager

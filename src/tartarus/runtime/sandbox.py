@@ -199,11 +199,17 @@ class RuntimeSandbox:
         if self.vm is not None:
             await self.vm.kill()
         await self.destroy_network()
-        if self.cgroup is not None:
-            self.cgroup.destroy()
-            self.cgroup = None
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.workdir)
+        cgroup, self.cgroup = self.cgroup, None
+        # On a thread: the kernel refuses to remove the cgroup (EBUSY) until the dead VMM's memory is torn
+        # down, which the removal waits for (tens of ms for a large guest), and the files are GBs sparse.
+        await asyncio.to_thread(_remove_leftovers, cgroup, self.workdir)
+
+
+def _remove_leftovers(cgroup: SandboxCgroup | None, workdir: Path) -> None:
+    if cgroup is not None:
+        cgroup.destroy()
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(workdir)
 
 
 def _wait_gone(pid: int, timeout: float = 5.0) -> None:

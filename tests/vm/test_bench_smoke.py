@@ -66,4 +66,7 @@ def test_bench_all_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = report.read_text()
     assert all(f"`{name}`" in text or name in text for name in docs)
+    # Every one of the original design's four claims finds its measured figure in a full set of results.
+    claims = text.split("| original design claimed |", 1)[1].split("\n\n", 1)[0]
+    assert claims.count("\n|") == 5 and "not in these results" not in claims, claims
     assert list((tmp_path / "BENCHMARKS-plots").glob("*.svg"))

@@ -66,15 +66,20 @@ def principal_of(request: Request) -> Principal:
     return principal
 
 
+def parse_pairs(pairs: Iterable[str], what: str) -> dict[str, str]:
+    """`key=value` query parameters (label selectors, environment variables); `what` names them."""
+    parsed: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"{what} must be key=value, not {pair!r}")
+        parsed[key] = value
+    return parsed
+
+
 def parse_labels(selectors: Iterable[str]) -> dict[str, str]:
     """`key=value` label selectors (all must match)."""
-    wanted: dict[str, str] = {}
-    for selector in selectors:
-        key, sep, value = selector.partition("=")
-        if not sep or not key:
-            raise InvalidArgument(f"label filter must be key=value, not {selector!r}")
-        wanted[key] = value
-    return wanted
+    return parse_pairs(selectors, "label filter")
 
 
 class ControlPlane:

@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from tartarus.daemon.control import parse_pairs
 from tartarus.errors import GuestError, InvalidArgument, TartarusError
 from tartarus.runtime.agent import Exit, Process, PtySize
 
@@ -30,13 +31,7 @@ _GONE = (WebSocketDisconnect, RuntimeError, OSError)
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
     """`KEY=VALUE` query parameters."""
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidArgument(f"env must be KEY=VALUE, not {pair!r}")
-        env[key] = value
-    return env
+    return parse_pairs(pairs, "env")
 
 
 def parse_control(text: str) -> PtySize:

@@ -23,7 +23,8 @@ def _sources() -> list[Path]:
     return sorted(p for p in AGENT_SRC.iterdir() if p.suffix in (".c", ".h") or p.name == "Makefile")
 
 
-def _gcc_version() -> str:
+def gcc_version() -> str:
+    """The compiler's identity, part of the key of everything built with it."""
     try:
         return subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
@@ -32,7 +33,7 @@ def _gcc_version() -> str:
 
 @functools.cache
 def initramfs_key() -> str:
-    parts: list[bytes | str] = [_gcc_version()]
+    parts: list[bytes | str] = [gcc_version()]
     for path in _sources():
         parts += [path.name, path.read_bytes()]
     return digest(parts)

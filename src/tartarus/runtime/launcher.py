@@ -12,22 +12,16 @@ from pathlib import Path
 
 from tartarus.errors import SetupRequired
 from tartarus.guest.cache import cached, digest
+from tartarus.guest.initramfs import gcc_version
 from tartarus.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("launcher.c")
 NAME = "tartarus-launch"
 
 
-def _gcc_version() -> str:
-    try:
-        return subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise SetupRequired("gcc is not installed: run ./scripts/setup") from e
-
-
 @functools.cache
 def launcher_key() -> str:
-    return digest([_gcc_version(), SOURCE.read_bytes()])
+    return digest([gcc_version(), SOURCE.read_bytes()])
 
 
 def build_launcher() -> Path:

@@ -180,9 +180,7 @@ class SandboxManager:
             return found
         for workdir in self.sandboxes_dir.iterdir():
             data = descriptor.read(workdir) if workdir.is_dir() else None
-            if data is None or data["id"] in hibernated:
-                continue
-            if is_our_vmm(descriptor.vmm_pid(data), workdir):
+            if data is not None and _still_running(data, workdir, hibernated):
                 ops.undo_staging(workdir)  # it died mid-hibernation, before the commit point
                 found[workdir] = data
         return found
@@ -703,6 +701,15 @@ class SandboxManager:
                     audit.record(self.state_dir, "sandbox.destroy", sandbox=id_, quarantined=True)
                 with contextlib.suppress(Exception):
                     await record.runtime.destroy()
+
+
+def _still_running(data: dict[str, Any], workdir: Path, hibernated: set[str]) -> bool:
+    """The described sandbox's VMM runs, and its hibernation (if any) did not commit. A damaged
+    descriptor counts as none: the directory is reaped."""
+    try:
+        return data["id"] not in hibernated and is_our_vmm(descriptor.vmm_pid(data), workdir)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _reap_orphan_namespaces() -> builtins.list[str]:

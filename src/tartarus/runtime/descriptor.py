@@ -81,8 +81,18 @@ def vmm_pid(data: dict[str, Any]) -> int:
 
 
 async def attach(data: dict[str, Any], template: Template, workdir: Path) -> RuntimeSandbox:
-    """Reconnect to the sandbox `data` describes. On failure the caller reaps `workdir`."""
+    """Reconnect to the sandbox `data` describes. On failure the caller reaps `workdir` (VMM, namespace,
+    cgroup, files); what this process had opened for it (relay, forwards, connections) is closed here."""
     sandbox = RuntimeSandbox(str(data["id"]), template, workdir, _load_options(data["options"]))
+    try:
+        await _attach(sandbox, data, workdir)
+    except BaseException:
+        await sandbox.detach()
+        raise
+    return sandbox
+
+
+async def _attach(sandbox: RuntimeSandbox, data: dict[str, Any], workdir: Path) -> None:
     sandbox.created_at = float(data["created_at"])
     net = data.get("network")
     if net is not None:
@@ -107,7 +117,6 @@ async def attach(data: dict[str, Any], template: Template, workdir: Path) -> Run
         sandbox.interpreter = CodeInterpreter.reattach(
             sandbox.vm.agent_client(), int(data["interpreter_pid"])
         )
-    return sandbox
 
 
 def _options(options: SandboxOptions) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from tartarus.quarantine import actions as quarantine_actions
 from tartarus.quarantine.triggers import RefusedPacketsTrigger
 from tartarus.runtime import descriptor
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, reap_leftovers, reap_workdir
-from tartarus.runtime.vm import is_our_vmm, set_outlive_owner
+from tartarus.runtime.vm import is_our_vmm
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.restore import compatible, restore
 from tartarus.snapshots.store import Snapshot, find_snapshot
@@ -148,7 +148,6 @@ class SandboxManager:
         lock.write(str(os.getpid()))
         lock.flush()
         self._lock_file = lock
-        set_outlive_owner(self.config.live_restore)
         hibernated = list_images(self.layout.hibernated)
         self._adoptable = self._find_adoptable({image.id for image in hibernated})
         reaped = reap_leftovers(self.sandboxes_dir, keep=set(self._adoptable))
@@ -269,7 +268,13 @@ class SandboxManager:
             return None
         pool = self._pools.get(snapshot.key)
         if pool is None:
-            pool = VMMPool(snapshot, template, self.sandboxes_dir, self.config.pool_size)
+            pool = VMMPool(
+                snapshot,
+                template,
+                self.sandboxes_dir,
+                self.config.pool_size,
+                outlive_owner=self.config.live_restore,
+            )
             self._pools[snapshot.key] = pool
         return pool
 
@@ -357,6 +362,7 @@ class SandboxManager:
         finally:
             self.observe("admission", time.perf_counter() - t0)
         options.limits = admission.limits
+        options.outlive_owner = self.config.live_restore
         return admission
 
     async def _contain(self, runtime: RuntimeSandbox, admission: Admission) -> None:

@@ -1,6 +1,6 @@
 """A running sandbox written down (`<workdir>/sandbox.json`), so that a restarted daemon can take it over.
 
-A daemon's VMMs outlive it (`tartarus.runtime.vm.set_outlive_owner`). What the next daemon needs to
+A daemon's VMMs outlive it (`VMConfig.outlive_owner`). What the next daemon needs to
 reconnect is what only the dead daemon knew: the VM's shape and pid, the network namespace and its
 egress policy, the cgroup, the quarantine, the warm interpreter's pid, and (under `record`) what the
 daemon keeps about the sandbox. Written atomically whenever one of those changes; a directory without
@@ -129,6 +129,7 @@ def _options(options: SandboxOptions) -> dict[str, Any]:
         "max_processes": options.max_processes,
         "ttl_s": options.ttl_s,
         "limits": dataclasses.asdict(options.limits) if options.limits else None,
+        "outlive_owner": options.outlive_owner,
     }
 
 
@@ -142,6 +143,7 @@ def _load_options(data: dict[str, Any]) -> SandboxOptions:
         max_processes=data["max_processes"],
         ttl_s=data["ttl_s"],
         limits=_load_limits(data["limits"]),
+        outlive_owner=bool(data.get("outlive_owner", True)),
     )
 
 

@@ -64,6 +64,9 @@ class VMConfig:
     guest_mac: str = "52:54:00:00:00:02"
     netns: Path | None = None  # started inside this namespace (not part of the command line)
     cgroups: list[Path] = field(default_factory=list)  # joined before exec (not part of the command line)
+    # The VMM survives the process that starts it (a daemon's: the next daemon takes it over) instead of
+    # dying with it (not part of the command line).
+    outlive_owner: bool = False
 
 
 def kernel_cmdline(config: VMConfig) -> str:

@@ -58,6 +58,7 @@ class SandboxOptions:
     max_processes: int | None = None  # requested; checked against the policy's caps by admission
     ttl_s: float | None = None  # requested lifetime
     limits: Limits | None = None  # resolved by admission (template + request, capped by policy)
+    outlive_owner: bool = False  # set by a daemon that hands its sandboxes to the next (live restore)
 
 
 class RuntimeSandbox:
@@ -162,6 +163,7 @@ class RuntimeSandbox:
             config.kernel_args.append(GUEST_KERNEL_ARG)
         if self.cgroup is not None:
             config.cgroups = self.cgroup.paths
+        config.outlive_owner = self.options.outlive_owner
         return config
 
     async def _boot(self) -> None:

@@ -2,7 +2,7 @@
 
 QMP and the agent channel are unix sockets in the VM's directory that QEMU listens on. An embedded run
 ties its VMMs to itself with PR_SET_PDEATHSIG (see `launcher`), so none outlives it. A daemon's VMMs
-outlive the daemon instead (`set_outlive_owner`): a daemon that is killed or restarted leaves its
+outlive the daemon instead (`VMConfig.outlive_owner`): a daemon that is killed or restarted leaves its
 sandboxes running, and the next one reconnects to them (`MicroVM.attach`) or reaps them.
 """
 
@@ -32,15 +32,6 @@ log = logging.getLogger(__name__)
 QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
 PID_FILE = "qemu.pid"
-
-_outlive_owner = False
-
-
-def set_outlive_owner(enabled: bool) -> None:
-    """Whether VMMs started from now on survive this process (a daemon: the next daemon adopts or
-    reaps them) or die with it (an embedded run: nothing would ever clean up after it)."""
-    global _outlive_owner
-    _outlive_owner = enabled
 
 
 @contextlib.contextmanager
@@ -196,7 +187,7 @@ class MicroVM:
                 netns_fd = os.open(self.config.netns, os.O_RDONLY | os.O_CLOEXEC)
             argv = launch_argv(
                 argv,
-                tie_to=None if _outlive_owner else os.getpid(),
+                tie_to=None if self.config.outlive_owner else os.getpid(),
                 nice=nice,
                 netns_fd=netns_fd if netns_fd >= 0 else None,
                 cgroup_procs=tuple(str(c / "cgroup.procs") for c in self.config.cgroups),

@@ -71,11 +71,14 @@ def refills_deferred() -> Iterator[DeferredRefills]:
 
 
 class VMMPool:
-    def __init__(self, snapshot: Snapshot, template: Template, root: Path, size: int) -> None:
+    def __init__(
+        self, snapshot: Snapshot, template: Template, root: Path, size: int, *, outlive_owner: bool = False
+    ) -> None:
         self.snapshot = snapshot
         self.template = template
         self.root = root
         self.size = size
+        self.outlive_owner = outlive_owner
         self._ready: collections.deque[RuntimeSandbox] = collections.deque()
         self._dead: list[RuntimeSandbox] = []
         self._wake = asyncio.Event()
@@ -108,7 +111,9 @@ class VMMPool:
                 await self._dead.pop().destroy()
             while len(self._ready) < self.size:
                 # Made with the template's limits, so its cgroups exist before the create call.
-                options = SandboxOptions(limits=template_limits(self.template))
+                options = SandboxOptions(
+                    limits=template_limits(self.template), outlive_owner=self.outlive_owner
+                )
                 try:
                     sandbox = await prepare(self.snapshot, self.template, self.root, options, nice=SPARE_NICE)
                 except asyncio.CancelledError:

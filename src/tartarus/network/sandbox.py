@@ -122,14 +122,21 @@ class SandboxNetwork:
     def existing(cls, workdir: Path, policy: PinnedPolicy, *, cut_off: bool) -> SandboxNetwork:
         """The network an earlier daemon made for the sandbox in `workdir` (taking over a running
         sandbox); its rules are in the namespace already, `policy` and `cut_off` say what they are."""
-        data = json.loads((workdir / RECORD).read_text())
-        netns, slot = data.get("netns"), data.get("slot")
-        if not isinstance(netns, str) or not isinstance(slot, int) or not netns_path(netns).exists():
+        netns, slot = _read_record(workdir) or ("", None)
+        if slot is None or not netns_path(netns).exists():
             raise SandboxFailed(f"the network namespace of {workdir.name} is gone")
         ensure_host()
         network = cls(netns, slot, policy, cut_off)
         network.nft = libnft.NftContext(network.netns_path)
         return network
+
+    async def release(self) -> None:
+        """Let go of the namespace without removing it (its sandbox runs on for the next daemon): stop
+        what the daemon serves into it and drop the context whose socket keeps it open."""
+        await self.close_services()
+        if self.nft is not None:
+            self.nft.close()
+            self.nft = None
 
     async def resume_services(self) -> None:
         """Start again what the daemon serves into the namespace (the DNS relay of `full`)."""
@@ -251,15 +258,23 @@ def _remove(netns: str, slot: int | None) -> None:
         (OWNERS_DIR / netns).unlink()
 
 
-def reap(workdir: Path) -> bool:
-    """Remove a dead sandbox's network from its record; True if it had one."""
+def _read_record(workdir: Path) -> tuple[str, int | None] | None:
+    """(namespace, slot or None if not claimed yet) from a sandbox's record; None without a valid one."""
     try:
         data = json.loads((workdir / RECORD).read_text())
     except (OSError, ValueError):
-        return False
-    netns = data.get("netns")
+        return None
+    netns = data.get("netns") if isinstance(data, dict) else None
     if not isinstance(netns, str) or not netns.startswith(NETNS_PREFIX):
-        return False
+        return None
     slot = data.get("slot")
-    _remove(netns, slot if isinstance(slot, int) else None)
+    return netns, slot if isinstance(slot, int) else None
+
+
+def reap(workdir: Path) -> bool:
+    """Remove a dead sandbox's network from its record; True if it had one."""
+    record = _read_record(workdir)
+    if record is None:
+        return False
+    _remove(*record)
     return True

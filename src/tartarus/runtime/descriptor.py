@@ -112,7 +112,7 @@ async def _attach(sandbox: RuntimeSandbox, data: dict[str, Any], workdir: Path) 
     vm_data = data["vm"]
     config = _load_config(vm_data["config"])
     nodes = {int(k): str(v) for k, v in vm_data.get("drive_nodes", {}).items()}
-    sandbox.vm = await MicroVM.attach(config, workdir, int(vm_data["pid"]), drive_nodes=nodes)
+    sandbox.vm = await MicroVM.attach(config, workdir, vmm_pid(data), drive_nodes=nodes)
     if data.get("interpreter_pid") is not None:
         sandbox.interpreter = CodeInterpreter.reattach(
             sandbox.vm.agent_client(), int(data["interpreter_pid"])

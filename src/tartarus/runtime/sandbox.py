@@ -189,10 +189,7 @@ class RuntimeSandbox:
         """Let go of a sandbox that keeps running (a daemon stopping for the next one to take it over):
         what the daemon serves into it stops; the VM, its namespace and its cgroup stay."""
         if self.network is not None:
-            await self.network.close_services()
-            if self.network.nft is not None:
-                self.network.nft.close()
-                self.network.nft = None
+            await self.network.release()
         if self.vm is not None:
             await self.vm.detach()
 

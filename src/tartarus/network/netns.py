@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import random
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from tartarus.errors import SandboxFailed, SetupRequired
 
 NETNS_DIR = Path("/run/netns")
 SLOTS_DIR = Path("/run/tartarus/net/slots")
+SLOTS_LOCK = Path("/run/tartarus/net/slots.lock")
 OWNERS_DIR = Path("/run/tartarus/net/owners")  # <netns> -> the sandbox directory it belongs to
 SLOTS = 16384  # /30 uplinks in UPLINK_POOL
 NETNS_PREFIX = "tartarus-"
@@ -40,6 +43,38 @@ def uplink_addresses(slot: int) -> tuple[str, str]:
     return f"{base + 1}/30", f"{base + 2}/30"
 
 
+@contextlib.contextmanager
+def _slots_locked() -> Iterator[None]:
+    """Serialise stale-slot takeovers and releases host-wide: each is a read followed by an unlink, and
+    two of them interleaving would unlink a claim another daemon has just made."""
+    SLOTS_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(SLOTS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _create_claim(path: Path, netns: str) -> bool:
+    """Claim path with O_EXCL; False if someone holds it. The name is written after the create, so a
+    reader may see an empty claim: that is a live one being made, never a stale one."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(netns)
+    return True
+
+
+def _owner(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 def claim_slot(netns: str) -> int:
     """Claim a free uplink slot host-wide (a file created O_EXCL; other daemons see it too).
 
@@ -51,26 +86,27 @@ def claim_slot(netns: str) -> int:
     for i in range(SLOTS):
         slot = (start + i) % SLOTS
         path = SLOTS_DIR / str(slot)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            with contextlib.suppress(OSError):
-                owner = path.read_text().strip()
-                if owner and not netns_path(owner).exists():
-                    path.unlink()
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                else:
-                    continue
-        with os.fdopen(fd, "w") as f:
-            f.write(netns)
-        return slot
+        if _create_claim(path, netns):
+            return slot
+        owner = _owner(path)
+        if owner is None:  # released since: try it again
+            if _create_claim(path, netns):
+                return slot
+            continue
+        if not owner or netns_path(owner).exists():
+            continue
+        with _slots_locked():
+            if _owner(path) == owner:
+                path.unlink()
+            if _create_claim(path, netns):
+                return slot
     raise SandboxFailed("no free network uplink slot (16384 sandboxes with network on this host)")
 
 
 def release_slot(slot: int, netns: str) -> None:
     path = SLOTS_DIR / str(slot)
-    with contextlib.suppress(OSError):
-        if path.read_text().strip() == netns:
+    with _slots_locked(), contextlib.suppress(OSError):
+        if _owner(path) == netns:
             path.unlink()
 
 

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +102,10 @@ def test_kill_9_then_restart_takes_over_running_sandboxes(
     in_flight = threading.Thread(target=_run_ignoring_errors, args=(running, "sleep 777"), daemon=True)
     in_flight.start()
     assert wait_until(lambda: "777" in running.commands.run("pgrep -a sleep").stdout, timeout=10)
+    # A guest port exposed on the host: clients hold its address across the restart.
+    running.commands.run("setsid python3 -m http.server 8000 --directory /root >/dev/null 2>&1 < /dev/null &")
+    address = running.get_host(8000)
+    assert _fetch(address, "/note.txt") == b"written before the crash"
     vm_dir = state / "sandboxes"
     vmms = qemu_pids(vm_dir)
     assert len(vmms) == 2
@@ -127,6 +132,8 @@ def test_kill_9_then_restart_takes_over_running_sandboxes(
     assert again.files.read("/root/note.txt") == b"written before the crash"
     assert again.commands.run("pgrep -x sleep").stdout.split() == sleeper  # not `sleep 777`
     assert again.commands.run("echo back").stdout == "back\n"
+    assert _fetch(address, "/note.txt") == b"written before the crash"  # the same address again
+    assert again.get_host(8000) == address
     assert qemu_pids(vm_dir) == vmms - {doomed_pid}
     assert not _workdir_of(state, doomed.id, missing_ok=True)  # reaped with its network and cgroup
     with httpx.Client(base_url=second.url, headers={"Authorization": f"Bearer {admin_key}"}) as c:
@@ -137,6 +144,7 @@ def test_kill_9_then_restart_takes_over_running_sandboxes(
     # It is managed like any other: it can hibernate, wake and be destroyed, and new ones are served.
     assert again.hibernate()["state"] == "hibernated"
     assert again.run_code("survivor").result == "42"
+    assert _fetch(address, "/note.txt") == b"written before the crash"  # and after a wake
     with Sandbox.create("python-ds", url=second.url, api_key=tenant_key) as sb:
         assert sb.commands.run("echo new").stdout == "new\n"
     again.kill()
@@ -167,6 +175,17 @@ def test_clean_stop_with_keep_sandboxes_hands_them_to_the_next_daemon(
     assert again.run_code("kept").result == "[1, 2, 3]"
     second.stop(signal.SIGTERM)  # without the flag: its sandboxes end with it
     assert not qemu_pids(state / "sandboxes")
+
+
+def _fetch(address: str, path: str, timeout: float = 30) -> bytes:
+    """GET from a guest's server through its exposed address (it may still be starting under TCG)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(f"http://{address}{path}", timeout=5).raise_for_status().content
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, f"nothing answered on {address}"
+            time.sleep(0.2)
 
 
 def _run_ignoring_errors(sb: Sandbox, command: str) -> None:

@@ -532,8 +532,13 @@ class SandboxManager:
                     record.snapshot,
                     self.layout,
                     self.config.hibernate_quota_bytes,
-                    # Its idle timeout too, so that a restarted daemon hibernates it again once woken.
-                    request={**_request(record), "idle_timeout": record.idle_timeout},
+                    # Its idle timeout too, so that a restarted daemon hibernates it again once woken,
+                    # and its exposed ports, so that the addresses its clients hold work again.
+                    request={
+                        **_request(record),
+                        "idle_timeout": record.idle_timeout,
+                        "exposed": _exposed(record),
+                    },
                 )
             except BaseException:
                 committed = self.layout.hibernated / id_
@@ -560,12 +565,26 @@ class SandboxManager:
             options, admission = await self._readmit(record.image)
             runtime, snapshot = await self._start_from(record.image, options, wake=True)
             await self._contain(runtime, admission)
+            await self._expose_again(runtime, record.image.request.get("exposed"))
             record.runtime, record.snapshot, record.image, record.state = runtime, snapshot, None, "running"
             record.last_active = time.monotonic()
             self._watch(record)
             self.save(record)
             self.observe("wake", time.perf_counter() - t0)
             return record
+
+    async def _expose_again(self, runtime: RuntimeSandbox, exposed: object) -> None:
+        """A woken sandbox's forwards, where the policy in force now still allows them; one that cannot
+        be made is logged, not a reason to fail the wake (the client can ask for the port again)."""
+        ports = descriptor.load_exposed(exposed)
+        if not ports or runtime.network is None or runtime.quarantine is not None:
+            return
+        if not self.policy.policy.network.expose:
+            return
+        try:
+            await runtime.network.expose_again(ports)
+        except Exception:
+            log.exception("could not expose the ports of %s again", runtime.id)
 
     async def _readmit(self, image: Image) -> tuple[SandboxOptions, Admission]:
         """The create request an image was captured with, through admission again."""
@@ -731,6 +750,11 @@ def _not_quarantined(runtime: RuntimeSandbox, what: str) -> None:
     """A quarantined sandbox stays where its operator can see it until released."""
     if runtime.quarantine is not None:
         raise Quarantined(f"sandbox {runtime.id} is quarantined and cannot be {what} until it is released")
+
+
+def _exposed(record: SandboxRecord) -> dict[str, int]:
+    network = record.runtime.network if record.runtime else None
+    return {str(guest): host for guest, host in network.exposed().items()} if network else {}
 
 
 def _request(record: SandboxRecord) -> dict[str, Any]:

@@ -55,7 +55,17 @@ class PortForward:
         host, port = self.server.sockets[0].getsockname()[:2]
         return str(host), int(port)
 
-    async def start(self) -> None:
+    async def start(self, host_port: int = 0) -> None:
+        """Listen on `host_port` if given (the address a client was handed before a daemon restart or a
+        hibernation), on a free port if it is 0 or someone else has taken it meanwhile."""
+        if host_port:
+            try:
+                self.server = await asyncio.start_server(self._accept, expose_host(), host_port)
+                return
+            except OSError as e:
+                log.warning(
+                    "port %d for guest port %d is taken (%s): using another", host_port, self.guest_port, e
+                )
         self.server = await asyncio.start_server(self._accept, expose_host(), 0)
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:

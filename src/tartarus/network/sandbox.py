@@ -171,14 +171,25 @@ class SandboxNetwork:
         await self._ctx().arun(nft.open_gate())
         self.cut_off = False
 
-    async def expose(self, guest_port: int) -> tuple[str, int]:
-        """A host address forwarding to `guest_port` of the guest (one per port, made on first ask)."""
+    async def expose(self, guest_port: int, host_port: int = 0) -> tuple[str, int]:
+        """A host address forwarding to `guest_port` of the guest (one per port, made on first ask;
+        on `host_port` if it is free, to keep an address a client already has)."""
         forward = self.forwards.get(guest_port)
         if forward is None:
             forward = PortForward(self.netns_path, GUEST_ADDR.split("/")[0], guest_port)
-            await forward.start()
+            await forward.start(host_port)
             self.forwards[guest_port] = forward
         return forward.address
+
+    def exposed(self) -> dict[int, int]:
+        """Guest port -> the host port forwarding to it."""
+        return {guest: forward.address[1] for guest, forward in self.forwards.items()}
+
+    async def expose_again(self, exposed: dict[int, int]) -> None:
+        """Restore the forwards a sandbox had (after a takeover or a wake), on the same host ports
+        where they are still free."""
+        for guest, host in sorted(exposed.items()):
+            await self.expose(guest, host)
 
     async def close_services(self) -> None:
         """Stop what the daemon serves into the namespace (port forwards, the DNS relay)."""

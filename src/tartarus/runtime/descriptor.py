@@ -55,7 +55,7 @@ def write(sandbox: RuntimeSandbox, record: dict[str, Any]) -> None:
         else {
             "policy": dataclasses.asdict(network.policy),
             "cut_off": network.cut_off,
-            "exposed": sorted(network.forwards),
+            "exposed": {str(guest): host for guest, host in network.exposed().items()},
         },
         "cgroup": sandbox.cgroup.name if sandbox.cgroup else None,
         "quarantine": dataclasses.asdict(sandbox.quarantine) if sandbox.quarantine else None,
@@ -74,6 +74,16 @@ def read(workdir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and data.get("version") == VERSION else None
+
+
+def load_exposed(value: object) -> dict[int, int]:
+    """Guest port -> host port as written down; a bare list of guest ports (older descriptors) gets
+    new host ports."""
+    if isinstance(value, dict):
+        return {int(guest): int(host) for guest, host in value.items()}
+    if isinstance(value, list):
+        return {int(guest): 0 for guest in value}
+    return {}
 
 
 def vmm_pid(data: dict[str, Any]) -> int:
@@ -100,8 +110,7 @@ async def _attach(sandbox: RuntimeSandbox, data: dict[str, Any], workdir: Path) 
             workdir, _load_policy(net["policy"]), cut_off=bool(net["cut_off"])
         )
         await sandbox.network.resume_services()
-        for port in net.get("exposed", []):
-            await sandbox.network.expose(int(port))  # on a new host port: the old listener died
+        await sandbox.network.expose_again(load_exposed(net.get("exposed")))
     if data.get("cgroup"):
         sandbox.cgroup = SandboxCgroup.existing(str(data["cgroup"]), sandbox.options.limits)
     if data.get("quarantine"):

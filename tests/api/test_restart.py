@@ -142,9 +142,11 @@ def test_kill_9_then_restart_takes_over_running_sandboxes(
     assert "POST /v1/sandboxes" in actions and "DELETE /v1/sandboxes/{sandbox_id}" in actions
     assert "sandbox.lost" in actions
     # It is managed like any other: it can hibernate, wake and be destroyed, and new ones are served.
+    # A connection to its exposed address wakes it, as any call does.
     assert again.hibernate()["state"] == "hibernated"
+    assert _fetch(address, "/note.txt") == b"written before the crash"
+    assert again.refresh()["state"] == "running"
     assert again.run_code("survivor").result == "42"
-    assert _fetch(address, "/note.txt") == b"written before the crash"  # and after a wake
     with Sandbox.create("python-ds", url=second.url, api_key=tenant_key) as sb:
         assert sb.commands.run("echo new").stdout == "new\n"
     again.kill()
@@ -162,6 +164,13 @@ def test_clean_stop_with_keep_sandboxes_hands_them_to_the_next_daemon(
     key = (state / "admin.key").read_text().strip()
     sb = Sandbox.create("python-ds", url=first.url, api_key=key)
     sb.run_code("kept = [1, 2, 3]")
+    # And a hibernated one with an exposed port: the next daemon listens on it again.
+    sleeper = Sandbox.create("python-ds", url=first.url, api_key=key)
+    sleeper.files.write("/root/hello.txt", b"hello")
+    sleeper.commands.run("setsid python3 -m http.server 8000 --directory /root >/dev/null 2>&1 < /dev/null &")
+    address = sleeper.get_host(8000)
+    assert _fetch(address, "/hello.txt") == b"hello"
+    sleeper.hibernate()
     vmms = qemu_pids(state / "sandboxes")
     first.stop(signal.SIGTERM)
     assert first.proc.returncode is not None
@@ -169,10 +178,11 @@ def test_clean_stop_with_keep_sandboxes_hands_them_to_the_next_daemon(
 
     second = Daemon(state, database_url_or_none)
     daemons.append(second)
-    (info,) = Sandbox.list(url=second.url, api_key=key)
-    assert (info["id"], info["state"]) == (sb.id, "running")
+    states = {info["id"]: info["state"] for info in Sandbox.list(url=second.url, api_key=key)}
+    assert states == {sb.id: "running", sleeper.id: "hibernated"}
     again = Sandbox.connect(sb.id, url=second.url, api_key=key)
     assert again.run_code("kept").result == "[1, 2, 3]"
+    assert _fetch(address, "/hello.txt") == b"hello"  # woken by the connection
     second.stop(signal.SIGTERM)  # without the flag: its sandboxes end with it
     assert not qemu_pids(state / "sandboxes")
 

@@ -20,6 +20,7 @@ from tests.network.conftest import (
     probe,
     refused_packets,
     uplinks,
+    wait_for,
 )
 
 pytestmark = pytest.mark.vm
@@ -164,3 +165,46 @@ def test_exposed_port_reaches_the_guest_until_quarantine_or_destroy(net_daemon: 
             urllib.request.urlopen(f"http://{address}/index.html", timeout=2).read()
     with pytest.raises(OSError):
         socket.create_connection((host, int(port)), timeout=2).close()
+
+
+ECHO_SERVER = """
+import socket, threading
+_echo_l = socket.socket()
+_echo_l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+_echo_l.bind(("0.0.0.0", 7000))
+_echo_l.listen()
+def _echo(c):
+    with c:
+        while data := c.recv(65536):
+            c.sendall(data)
+def _serve():
+    while True:
+        threading.Thread(target=_echo, args=(_echo_l.accept()[0],), daemon=True).start()
+threading.Thread(target=_serve, daemon=True).start()
+"""
+
+
+def _echoed(conn: socket.socket, data: bytes) -> bytes:
+    conn.sendall(data)
+    got = b""
+    while len(got) < len(data) and (chunk := conn.recv(len(data) - len(got))):
+        got += chunk
+    return got
+
+
+def test_exposed_connections_keep_a_sandbox_awake_and_wake_it(net_daemon: tuple[str, Path]) -> None:
+    """A connection through an exposed port counts as a call: it keeps the sandbox from idling into
+    hibernation while it lasts, and one to a hibernated sandbox wakes it."""
+    url, _ = net_daemon
+    with Sandbox.create("python-ds", url=url, idle_timeout=1) as sb:
+        assert sb.run_code(ECHO_SERVER).error is None
+        host, port = sb.get_host(7000).rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            assert _echoed(conn, b"ping") == b"ping"
+            time.sleep(3.5)  # the idle period under test: three idle checks with no API call
+            assert sb.refresh()["state"] == "running"
+            assert _echoed(conn, b"pong") == b"pong"
+        assert wait_for(lambda: sb.refresh()["state"] == "hibernated", 15), "it never idled"
+        with socket.create_connection((host, int(port)), timeout=60) as conn:
+            assert _echoed(conn, b"again") == b"again"  # the same server, woken with its memory
+            assert sb.refresh()["state"] == "running"

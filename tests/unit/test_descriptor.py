@@ -62,7 +62,6 @@ def test_pinned_policy_round_trips() -> None:
     assert _load_policy(_through_json(dataclasses.asdict(policy))) == policy
 
 
-def test_exposed_ports_read_back_as_written_and_from_older_descriptors() -> None:
+def test_exposed_ports_read_back_as_written() -> None:
     assert load_exposed(_through_json({"8000": 41234, "22": 40001})) == {8000: 41234, 22: 40001}
-    assert load_exposed([8000]) == {8000: 0}  # a version that kept no host ports: new ones
-    assert load_exposed(None) == {}
+    assert load_exposed(None) == {}  # a record from before ports were written down

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tartarus import audit
+from tartarus.daemon.ports import ExposedPorts
 from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied, Quarantined
 from tartarus.hibernation import ops
 from tartarus.hibernation.image import META, Image, list_images, remove_image, unpin_unused
@@ -104,6 +105,7 @@ class SandboxRecord:
     created_at: float = field(default_factory=time.time)
     last_active: float = field(default_factory=time.monotonic)
     busy: int = 0
+    connections: int = 0  # open through exposed ports: keep it from idling, not from an explicit hibernate
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tenant: str = "default"
     labels: dict[str, str] = field(default_factory=dict)
@@ -133,6 +135,7 @@ class SandboxManager:
         self.on_expired: Callable[[str, str], Awaitable[None]] | None = None
         # Told (operation, seconds) of each wake, hibernation and admission decision (metrics).
         self.observe: Callable[[str, float], None] = lambda operation, seconds: None
+        self.ports = ExposedPorts(self._into)
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
@@ -186,7 +189,8 @@ class SandboxManager:
 
     async def adopt_running(self) -> list[str]:
         """Take over the sandboxes `open` found running (call from the event loop, before serving).
-        One that cannot be reconnected to is reaped. Returns the ids taken over."""
+        One that cannot be reconnected to is reaped. Listens again on the exposed ports of those and
+        of the hibernated ones. Returns the ids taken over."""
         adopted: list[str] = []
         adoptable, self._adoptable = self._adoptable, {}
         for workdir, data in adoptable.items():
@@ -215,11 +219,19 @@ class SandboxManager:
             )
             self._records[runtime.id] = record
             self._watch(record)
+            await self._listen_again(runtime.id, rec.get("exposed"))
             adopted.append(runtime.id)
         if adopted:
             log.warning("took over %d running sandboxes: %s", len(adopted), ", ".join(adopted))
             audit.record(self.state_dir, "sandbox.adopted", sandboxes=adopted)
+        for record in list(self._records.values()):
+            if record.image is not None:
+                await self._listen_again(record.id, record.image.request.get("exposed"))
         return adopted
+
+    async def _listen_again(self, id_: str, exposed: object) -> None:
+        if self.policy.policy.network.expose:
+            await self.ports.listen_again(id_, descriptor.load_exposed(exposed))
 
     def save(self, record: SandboxRecord) -> None:
         """Write down a running sandbox for the next daemon (`tartarus.runtime.descriptor`). Failing to
@@ -240,6 +252,7 @@ class SandboxManager:
                 "labels": record.labels,
                 "idle_timeout": record.idle_timeout,
                 "snapshot": str(record.snapshot.path) if record.snapshot else None,
+                "exposed": self._exposed(record.id),
             },
         )
 
@@ -298,6 +311,7 @@ class SandboxManager:
         kept = await self._let_go() if self.config.live_restore and self.config.keep_on_stop else set()
         running = [r.id for r in self._records.values() if r.state != "hibernated" and r.id not in kept]
         await asyncio.gather(*(self.destroy(id_) for id_ in running), return_exceptions=True)
+        await self.ports.close_all()  # those of kept and hibernated sandboxes: the next daemon listens
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -470,9 +484,29 @@ class SandboxManager:
                 raise Conflict(f"sandbox {id_} is quarantined: no port can be exposed")
             if runtime.network is None:
                 raise Conflict(f"sandbox {id_} has no network namespace")
-            address = await runtime.network.expose(port)
+            address = await self.ports.listen(id_, port)
             self.save(self.get(id_))
             return address
+
+    @contextlib.asynccontextmanager
+    async def _into(self, id_: str) -> AsyncIterator[Path]:
+        """Where a connection to an exposed port goes: the sandbox's namespace, the sandbox woken
+        first if it is hibernated and kept from idling into hibernation while the connection lasts."""
+        record = self.get(id_)
+        runtime = await self._running(record)
+        if runtime.quarantine is not None:
+            raise Quarantined(f"sandbox {id_} is quarantined")
+        if runtime.network is None:
+            raise Conflict(f"sandbox {id_} has no network namespace")
+        record.connections += 1
+        try:
+            yield runtime.network.netns_path
+        finally:
+            record.connections -= 1
+            record.last_active = time.monotonic()
+
+    def _exposed(self, id_: str) -> dict[str, int]:
+        return {str(guest): host for guest, host in self.ports.of(id_).items()}
 
     async def release(self, id_: str, by: str) -> SandboxRecord:
         async with self.use(id_) as runtime:
@@ -524,6 +558,7 @@ class SandboxManager:
                 raise Conflict(f"sandbox {id_} is {record.state}; only a running sandbox hibernates")
             if record.busy:
                 raise Conflict(f"sandbox {id_} has calls in progress; hibernate it when they finish")
+            self.ports.cut(id_)  # connections through exposed ports end; the next one wakes it
             _not_quarantined(record.runtime, "hibernated")
             t0 = time.perf_counter()
             try:
@@ -537,7 +572,7 @@ class SandboxManager:
                     request={
                         **_request(record),
                         "idle_timeout": record.idle_timeout,
-                        "exposed": _exposed(record),
+                        "exposed": self._exposed(id_),
                     },
                 )
             except BaseException:
@@ -565,26 +600,12 @@ class SandboxManager:
             options, admission = await self._readmit(record.image)
             runtime, snapshot = await self._start_from(record.image, options, wake=True)
             await self._contain(runtime, admission)
-            await self._expose_again(runtime, record.image.request.get("exposed"))
             record.runtime, record.snapshot, record.image, record.state = runtime, snapshot, None, "running"
             record.last_active = time.monotonic()
             self._watch(record)
             self.save(record)
             self.observe("wake", time.perf_counter() - t0)
             return record
-
-    async def _expose_again(self, runtime: RuntimeSandbox, exposed: object) -> None:
-        """A woken sandbox's forwards, where the policy in force now still allows them; one that cannot
-        be made is logged, not a reason to fail the wake (the client can ask for the port again)."""
-        ports = descriptor.load_exposed(exposed)
-        if not ports or runtime.network is None or runtime.quarantine is not None:
-            return
-        if not self.policy.policy.network.expose:
-            return
-        try:
-            await runtime.network.expose_again(ports)
-        except Exception:
-            log.exception("could not expose the ports of %s again", runtime.id)
 
     async def _readmit(self, image: Image) -> tuple[SandboxOptions, Admission]:
         """The create request an image was captured with, through admission again."""
@@ -612,6 +633,7 @@ class SandboxManager:
                     timeout is not None
                     and record.state == "running"
                     and record.busy == 0
+                    and record.connections == 0
                     and not record.lock.locked()
                     and now - record.last_active > timeout
                 ):
@@ -717,6 +739,7 @@ class SandboxManager:
             raise NotFound(f"no sandbox {id_!r}")
         self._deadlines.cancel(id_)
         self._ttl_s.pop(id_, None)
+        await self.ports.close(id_)
         async with record.lock:
             record.state = "destroyed"
             if record.image is not None:
@@ -750,11 +773,6 @@ def _not_quarantined(runtime: RuntimeSandbox, what: str) -> None:
     """A quarantined sandbox stays where its operator can see it until released."""
     if runtime.quarantine is not None:
         raise Quarantined(f"sandbox {runtime.id} is quarantined and cannot be {what} until it is released")
-
-
-def _exposed(record: SandboxRecord) -> dict[str, int]:
-    network = record.runtime.network if record.runtime else None
-    return {str(guest): host for guest, host in network.exposed().items()} if network else {}
 
 
 def _request(record: SandboxRecord) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 A TCP proxy in the daemon rather than DNAT rules: the listener is on the host (127.0.0.1 unless
 TARTARUS_EXPOSE_HOST says otherwise); each accepted connection gets a socket created *inside the
 sandbox's namespace* (sockets keep the namespace they were made in), which connects to the guest
-through its TAP. So nothing per-sandbox is added to the root namespace's rules, nothing outlives the
-daemon, and the guest still cannot open any connection itself: the namespace only accepts the guest's
-replies to connections the namespace opened, and a quarantine's closed gate drops those too.
+through its TAP. So nothing per-sandbox is added to the root namespace's rules, and the guest still
+cannot open any connection itself: the namespace only accepts the guest's replies to connections the
+namespace opened, and a quarantine's closed gate drops those too. Which namespace a connection goes to
+is asked per connection (`target`), so a listener outlives its sandbox's VMM: a hibernated sandbox is
+woken by a connection, as by any other call.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +44,13 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         pass
 
 
+# Per connection: the namespace to connect from, held (the sandbox kept running) while the connection lasts.
+Target = Callable[[], contextlib.AbstractAsyncContextManager[Path]]
+
+
 @dataclass
 class PortForward:
-    netns: Path
+    target: Target
     guest_addr: str
     guest_port: int
     server: asyncio.Server | None = None
@@ -56,8 +63,8 @@ class PortForward:
         return str(host), int(port)
 
     async def start(self, host_port: int = 0) -> None:
-        """Listen on `host_port` if given (the address a client was handed before a daemon restart or a
-        hibernation), on a free port if it is 0 or someone else has taken it meanwhile."""
+        """Listen on `host_port` if given (the address a client was handed before a daemon restart), on
+        a free port if it is 0 or someone else has taken it meanwhile."""
         if host_port:
             try:
                 self.server = await asyncio.start_server(self._accept, expose_host(), host_port)
@@ -74,28 +81,35 @@ class PortForward:
         self._tasks.add(task)
         guest_w: asyncio.StreamWriter | None = None
         try:
-            sock = await asyncio.wrap_future(in_netns(self.netns, socket.socket))
-            sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    await loop.sock_connect(sock, (self.guest_addr, self.guest_port))
-            except (OSError, TimeoutError):
-                sock.close()
-                return
-            guest_r, guest_w = await asyncio.open_connection(sock=sock)
-            await asyncio.gather(_pipe(client_r, guest_w), _pipe(guest_r, client_w))
+            async with self.target() as netns:
+                sock = await asyncio.wrap_future(in_netns(netns, socket.socket))
+                sock.setblocking(False)
+                loop = asyncio.get_running_loop()
+                try:
+                    async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                        await loop.sock_connect(sock, (self.guest_addr, self.guest_port))
+                except (OSError, TimeoutError):
+                    sock.close()
+                    return
+                guest_r, guest_w = await asyncio.open_connection(sock=sock)
+                await asyncio.gather(_pipe(client_r, guest_w), _pipe(guest_r, client_w))
+        except Exception as e:  # the sandbox could not be woken, has ended, is quarantined: refused
+            log.info("connection to guest port %d refused: %s", self.guest_port, e)
         finally:
             for w in (client_w, guest_w):
                 if w is not None:
                     w.close()
             self._tasks.discard(task)
 
+    def cut(self) -> None:
+        """End every connection in progress; the listener stays."""
+        for task in list(self._tasks):
+            task.cancel()
+
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
-            for task in list(self._tasks):
-                task.cancel()
+            self.cut()
             with contextlib.suppress(Exception):
                 await self.server.wait_closed()
             self.server = None

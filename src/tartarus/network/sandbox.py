@@ -12,13 +12,12 @@ import contextlib
 import json
 import logging
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tartarus.errors import SandboxFailed, SetupRequired
 from tartarus.network import libnft, nft
 from tartarus.network.dns import DnsRelay
-from tartarus.network.expose import PortForward
 from tartarus.network.netns import (
     NETNS_PREFIX,
     OWNERS_DIR,
@@ -68,7 +67,6 @@ class SandboxNetwork:
     policy: PinnedPolicy = NONE
     cut_off: bool = False
     nft: libnft.NftContext | None = None
-    forwards: dict[int, PortForward] = field(default_factory=dict)
     dns: DnsRelay | None = None
 
     @property
@@ -171,31 +169,8 @@ class SandboxNetwork:
         await self._ctx().arun(nft.open_gate())
         self.cut_off = False
 
-    async def expose(self, guest_port: int, host_port: int = 0) -> tuple[str, int]:
-        """A host address forwarding to `guest_port` of the guest (one per port, made on first ask;
-        on `host_port` if it is free, to keep an address a client already has)."""
-        forward = self.forwards.get(guest_port)
-        if forward is None:
-            forward = PortForward(self.netns_path, GUEST_ADDR.split("/")[0], guest_port)
-            await forward.start(host_port)
-            self.forwards[guest_port] = forward
-        return forward.address
-
-    def exposed(self) -> dict[int, int]:
-        """Guest port -> the host port forwarding to it."""
-        return {guest: forward.address[1] for guest, forward in self.forwards.items()}
-
-    async def expose_again(self, exposed: dict[int, int]) -> None:
-        """Restore the forwards a sandbox had (after a takeover or a wake), on the same host ports
-        where they are still free."""
-        for guest, host in sorted(exposed.items()):
-            await self.expose(guest, host)
-
     async def close_services(self) -> None:
-        """Stop what the daemon serves into the namespace (port forwards, the DNS relay)."""
-        forwards, self.forwards = self.forwards, {}
-        for forward in forwards.values():
-            await forward.close()
+        """Stop what the daemon serves into the namespace (the DNS relay)."""
         if self.dns is not None:
             await self.dns.close()
             self.dns = None

@@ -55,7 +55,6 @@ def write(sandbox: RuntimeSandbox, record: dict[str, Any]) -> None:
         else {
             "policy": dataclasses.asdict(network.policy),
             "cut_off": network.cut_off,
-            "exposed": {str(guest): host for guest, host in network.exposed().items()},
         },
         "cgroup": sandbox.cgroup.name if sandbox.cgroup else None,
         "quarantine": dataclasses.asdict(sandbox.quarantine) if sandbox.quarantine else None,
@@ -77,12 +76,9 @@ def read(workdir: Path) -> dict[str, Any] | None:
 
 
 def load_exposed(value: object) -> dict[int, int]:
-    """Guest port -> host port as written down; a bare list of guest ports (older descriptors) gets
-    new host ports."""
+    """Guest port -> host port as written down (`record["exposed"]`, a hibernation's request)."""
     if isinstance(value, dict):
         return {int(guest): int(host) for guest, host in value.items()}
-    if isinstance(value, list):
-        return {int(guest): 0 for guest in value}
     return {}
 
 
@@ -92,7 +88,7 @@ def vmm_pid(data: dict[str, Any]) -> int:
 
 async def attach(data: dict[str, Any], template: Template, workdir: Path) -> RuntimeSandbox:
     """Reconnect to the sandbox `data` describes. On failure the caller reaps `workdir` (VMM, namespace,
-    cgroup, files); what this process had opened for it (relay, forwards, connections) is closed here."""
+    cgroup, files); what this process had opened for it (relay, connections) is closed here."""
     sandbox = RuntimeSandbox(str(data["id"]), template, workdir, _load_options(data["options"]))
     try:
         await _attach(sandbox, data, workdir)
@@ -110,7 +106,6 @@ async def _attach(sandbox: RuntimeSandbox, data: dict[str, Any], workdir: Path) 
             workdir, _load_policy(net["policy"]), cut_off=bool(net["cut_off"])
         )
         await sandbox.network.resume_services()
-        await sandbox.network.expose_again(load_exposed(net.get("exposed")))
     if data.get("cgroup"):
         sandbox.cgroup = SandboxCgroup.existing(str(data["cgroup"]), sandbox.options.limits)
     if data.get("quarantine"):

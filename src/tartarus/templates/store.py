@@ -7,6 +7,7 @@ not rebuild its filesystem).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -65,11 +66,22 @@ def set_current(name: str, key: str) -> None:
 
 def get_template(name: str) -> Template:
     current = templates_root() / name / "current"
-    if not current.exists():
+    try:
+        key = os.readlink(current)
+    except FileNotFoundError:
         if (Path(__file__).parents[3] / "templates" / f"{name}.yaml").exists():
-            raise SetupRequired(f"template {name!r} is not built: run `tartarus template build {name}`")
-        raise NotFound(f"no template named {name!r}")
-    return Template.from_dir(current.resolve())
+            raise SetupRequired(
+                f"template {name!r} is not built: run `tartarus template build {name}`"
+            ) from None
+        raise NotFound(f"no template named {name!r}") from None
+    return _load(current.parent / key)
+
+
+@functools.lru_cache(maxsize=256)
+def _load(build: Path) -> Template:
+    """A build's directory never changes once `current` names it (a rebuild gets a new key), so it
+    is read once: every create asks for its template."""
+    return Template.from_dir(build)
 
 
 def list_templates() -> list[Template]:

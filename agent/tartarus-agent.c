@@ -40,6 +40,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -1575,11 +1576,61 @@ static int add_entropy(const uint8_t *d, size_t n)
 	return e;
 }
 
+/* The writable layer's filesystem, held from before switch_root (after it no path reaches the mount),
+ * and its device: CONFIGURE SIZE grows the filesystem online once the host has grown the disk. */
+static int rw_fd = -1;
+static char rw_dev[256];
+
+#define EXT4_IOC_RESIZE_FS _IOW('f', 16, uint64_t) /* fs/ext4/ext4.h; not in the uapi headers */
+#define GROW_WAIT_MS 5000
+
+/* The host resized the disk just before asking; the guest learns of it from a config interrupt,
+ * handled asynchronously, so wait (briefly) for the kernel to see the new size first. */
+static int grow_rw(uint64_t bytes, const char **what)
+{
+	uint64_t size = 0;
+	struct statfs sf;
+
+	*what = "the writable layer";
+	if (rw_fd < 0)
+		return ENODEV;
+	int dev = open(rw_dev, O_RDONLY | O_CLOEXEC);
+	if (dev < 0)
+		return errno;
+	int64_t deadline = now_ms() + GROW_WAIT_MS;
+	for (;;) {
+		if (ioctl(dev, BLKGETSIZE64, &size) != 0) {
+			int e = errno;
+			close(dev);
+			return e;
+		}
+		if (size >= bytes || now_ms() >= deadline)
+			break;
+		struct timespec ts = { 0, 2 * 1000000 };
+		nanosleep(&ts, NULL);
+	}
+	close(dev);
+	if (size < bytes) {
+		*what = "the writable layer's disk (it did not grow)";
+		return EAGAIN;
+	}
+	if (fstatfs(rw_fd, &sf) != 0)
+		return errno;
+	uint64_t blocks = bytes / (uint64_t)sf.f_bsize;
+	if (ioctl(rw_fd, EXT4_IOC_RESIZE_FS, &blocks) != 0)
+		return errno;
+	return 0;
+}
+
 static void h_configure(uint32_t id, struct msg *m)
 {
 	/* Validate everything first, so a bad request changes nothing. */
 	if (m->has[F_TIME_NS] && m->num[F_TIME_NS] < 0) {
 		send_error(id, EINVAL, "TIME_NS must not be negative");
+		return;
+	}
+	if (m->has[F_SIZE] && m->num[F_SIZE] <= 0) {
+		send_error(id, EINVAL, "SIZE must be positive");
 		return;
 	}
 	if (m->has[F_HOSTNAME] && (m->slen[F_HOSTNAME] == 0 || m->slen[F_HOSTNAME] > HOST_NAME_MAX)) {
@@ -1620,6 +1671,14 @@ static void h_configure(uint32_t id, struct msg *m)
 				: replace_file("/etc/machine-id", "/etc/.tartarus-machine-id-XXXXXX", line, sizeof line, 0444);
 		if (e) {
 			send_syserr(id, e, "write", "/etc/machine-id");
+			return;
+		}
+	}
+	if (m->has[F_SIZE]) {
+		const char *what;
+		int e = grow_rw((uint64_t)m->num[F_SIZE], &what);
+		if (e) {
+			send_error(id, e, "growing %s to %lld bytes: %s", what, (long long)m->num[F_SIZE], strerror(e));
 			return;
 		}
 	}
@@ -2120,6 +2179,8 @@ static void setup_root(void)
 		/* noinit_itable: the layer is a sparse file whose unwritten inode tables read as zeros;
 		 * without it ext4lazyinit spends guest CPU after boot (and every restore) zeroing them. */
 		do_mount(pr.rw, "/mnt/rw", "ext4", MS_NOATIME, "noinit_itable");
+		rw_fd = open("/mnt/rw", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		snprintf(rw_dev, sizeof rw_dev, "%s", pr.rw);
 		try_mkdir("/mnt/rw/upper", 0755);
 		try_mkdir("/mnt/rw/work", 0755);
 		do_mount("overlay", "/newroot", "overlay", 0,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tartarus import audit
-from tartarus.errors import NotFound
+from tartarus.errors import InvalidArgument, NotFound
 from tartarus.sdk import Sandbox
 
 pytestmark = pytest.mark.vm
@@ -122,3 +122,39 @@ def test_fork_bomb_and_memory_hog_leave_the_neighbour_answering(daemon_url: str)
         thread.join(90)
         print(f"neighbour run_code median: {baseline * 1000:.1f} ms before, {during * 1000:.1f} ms during")
         assert during < max(4 * baseline, baseline + 0.5)
+
+
+FILL = """
+import os
+def _fill(path, size):
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)  # blocks allocated for real, without writing them
+        return "ok"
+    except OSError as e:
+        return os.strerror(e.errno)
+    finally:
+        os.close(fd)
+"""
+
+
+def _disk_mib(sb: Sandbox) -> int:
+    return int(sb.run_code("import os; _s = os.statvfs('/'); _s.f_blocks * _s.f_frsize >> 20").result or 0)
+
+
+def test_disk_size_is_what_was_asked_and_survives_hibernation(daemon_url: str) -> None:
+    """A bigger disk holds more than the default one can (5 GiB allocated in a 4 GiB layer fails), and
+    keeps its size and contents through a hibernation."""
+    with Sandbox.create("python-ds", url=daemon_url) as small:
+        assert 3900 < _disk_mib(small) <= 4096
+        small.run_code(FILL)
+        assert small.run_code("_fill('/root/big', 5 << 30)").result == "'No space left on device'"
+    with pytest.raises(InvalidArgument, match="disk_mib=32768 is over this host's policy limit of 16384"):
+        Sandbox.create("python-ds", url=daemon_url, disk_mib=32768)
+    with Sandbox.create("python-ds", url=daemon_url, disk_mib=8192) as big:
+        assert 7900 < _disk_mib(big) <= 8192
+        big.run_code(FILL)
+        assert big.run_code("_fill('/root/big', 5 << 30)").result == "'ok'"
+        assert big.hibernate()["state"] == "hibernated"
+        assert 7900 < _disk_mib(big) <= 8192
+        assert big.run_code("os.path.getsize('/root/big') >> 30").result == "5"

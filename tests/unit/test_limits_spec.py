@@ -27,6 +27,19 @@ def test_caps_refuse_rather_than_cut() -> None:
         resolve_limits(template_vcpus=1, template_memory_mib=512, ttl_s=301, caps=caps)
 
 
+def test_disks_grow_from_the_template_layer_up_to_the_cap() -> None:
+    assert resolve_limits(template_vcpus=1, template_memory_mib=512).disk_mib == 4096
+    assert resolve_limits(template_vcpus=1, template_memory_mib=512, disk_mib=8192).disk_mib == 8192
+    with pytest.raises(InvalidArgument, match=r"disk_mib=2048 is below 4096.*never shrunk"):
+        resolve_limits(template_vcpus=1, template_memory_mib=512, disk_mib=2048)
+    with pytest.raises(InvalidArgument, match="disk_mib=16385 is over this host's policy limit of 16384"):
+        resolve_limits(template_vcpus=1, template_memory_mib=512, disk_mib=16385)
+    with pytest.raises(InvalidArgument, match="disk_mib=8192 is over"):
+        resolve_limits(
+            template_vcpus=1, template_memory_mib=512, disk_mib=8192, caps=LimitCaps(max_disk_mib=4096)
+        )
+
+
 def test_default_ttl_from_policy() -> None:
     caps = LimitCaps(default_ttl_s=900)
     assert resolve_limits(template_vcpus=1, template_memory_mib=512, caps=caps).ttl_s == 900

@@ -220,6 +220,9 @@ def sandbox_create(
         list[str] | None, typer.Option("--allow", help="HOST[:PORT,...] (a CIDR or DNS name); implies allow")
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="seconds until it is destroyed")] = None,
+    disk_mib: Annotated[
+        int | None, typer.Option("--disk-mib", help="writable disk size in MiB (default: the template's)")
+    ] = None,
     label: Annotated[
         list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, for list filters and policy rules")
     ] = None,
@@ -242,6 +245,7 @@ def sandbox_create(
         network=policy,
         timeout=timeout,
         labels=_parse_env(label, "--label"),
+        disk_mib=disk_mib,
     )
     try:
         client = Client()

@@ -282,6 +282,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
             env=body.env,
             network=body.network,
             max_processes=body.max_processes,
+            disk_mib=body.disk_mib,
             ttl_s=body.timeout,  # capped by the policy; the control plane keeps it durable and settable
         )
 

@@ -616,6 +616,7 @@ class SandboxManager:
             env=dict(image.env),
             network=NetworkPolicy.model_validate(req.get("network") or {}),
             max_processes=req.get("max_processes"),
+            disk_mib=req.get("disk_mib"),
             ttl_s=req.get("ttl_s"),
         )
         admission = await self._admit(
@@ -784,5 +785,6 @@ def _request(record: SandboxRecord) -> dict[str, Any]:
         "labels": record.labels,
         "network": options.network.model_dump(mode="json"),
         "max_processes": options.max_processes,
+        "disk_mib": options.disk_mib,
         "ttl_s": options.ttl_s,
     }

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from tartarus.limits.spec import DEFAULT_DISK_MIB
 from tartarus.network.policy import NetworkPolicy
 from tartarus.runtime.protocol import PTY_MAX_SIZE
 from tartarus.templates.spec import NAME_PATTERN
@@ -37,6 +38,12 @@ class CreateSandbox(Strict):
         default_factory=NetworkPolicy, description="egress: none (default), allow (listed), full (NAT)"
     )
     max_processes: int | None = Field(None, ge=20, le=1 << 22, description="tasks inside the guest")
+    disk_mib: int | None = Field(
+        None,
+        ge=DEFAULT_DISK_MIB,
+        le=1 << 20,
+        description=f"writable disk in MiB (default and least {DEFAULT_DISK_MIB}); capped by the policy",
+    )
     labels: Labels = Field(
         default_factory=dict,
         max_length=64,

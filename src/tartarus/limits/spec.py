@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tartarus.errors import InvalidArgument
 from tartarus.templates.store import Template
 
-DEFAULT_DISK_MIB = 4096  # the size of every writable layer (runtime/disks.py); a restore keeps it
+DEFAULT_DISK_MIB = 4096  # the size of a template's writable layer (runtime/disks.py): the smallest disk
 
 
 class LimitCaps(BaseModel):
@@ -18,7 +18,11 @@ class LimitCaps(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_vcpus: int = Field(8, ge=1, le=64)
     max_memory_mib: int = Field(16384, ge=128)
-    max_disk_mib: int = Field(DEFAULT_DISK_MIB, ge=64)
+    max_disk_mib: int = Field(
+        16384,
+        ge=DEFAULT_DISK_MIB,
+        description="writable disk per sandbox (sparse: what it writes is what it costs)",
+    )
     max_processes: int = Field(4096, ge=20, description="guest tasks (kernel.threads-max)")
     max_ttl_s: float = Field(24 * 3600, gt=0)
     default_ttl_s: float | None = Field(
@@ -65,11 +69,10 @@ def resolve_limits(
     for name, value, cap in checks:
         if value is not None and value > cap:
             raise InvalidArgument(f"{name}={value:g} is over this host's policy limit of {cap:g}")
-    if limits.disk_mib != DEFAULT_DISK_MIB:
+    if limits.disk_mib < DEFAULT_DISK_MIB:
         raise InvalidArgument(
-            f"disk_mib: writable layers are {DEFAULT_DISK_MIB} MiB on this host; "
-            f"disk_mib: writable layers are {DEFAULT_DISK_MIB} MiB on this host; "
-            "other sizes are not supported"
+            f"disk_mib={limits.disk_mib} is below {DEFAULT_DISK_MIB}, the size of a template's writable "
+            "layer: disks grow, they are never shrunk"
         )
     return limits
 

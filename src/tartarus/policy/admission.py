@@ -96,6 +96,7 @@ def create_request(
         vcpus=options.vcpus,
         memory_mib=options.memory_mib,
         max_processes=options.max_processes,
+        disk_mib=options.disk_mib,
         ttl_s=options.ttl_s,
     )
 
@@ -115,7 +116,7 @@ async def contain(
     sandbox: RuntimeSandbox, admission: Admission, settings: QuarantineSettings, state_dir: Path
 ) -> None:
     """Apply what admission decided to a sandbox that now runs: quarantine if that was the verdict
-    (the gate closes before its egress rules exist), its egress, the guest process cap.
+    (the gate closes before its egress rules exist), its egress, the guest process cap, its disk size.
     Records how long that took as the `containment` timing (a duration, not cumulative)."""
     t0 = time.perf_counter()
     if admission.decision.quarantined:
@@ -134,4 +135,5 @@ async def contain(
             await use_relay(sandbox.agent, GATEWAY)
     if admission.limits.max_processes is not None:
         await set_max_processes(sandbox.agent, admission.limits.max_processes)
+    await sandbox.grow_disk(admission.limits.disk_mib)
     sandbox.timings["containment"] = time.perf_counter() - t0

@@ -329,7 +329,10 @@ class AgentClient:
         entropy: bytes | None = None,
         hostname: str | None = None,
         machine_id: str | None = None,
+        disk_bytes: int | None = None,
     ) -> None:
+        """Set what makes a restored clone distinct; `disk_bytes`: grow the writable layer's filesystem
+        to that size (its disk must have grown first: `RuntimeSandbox.grow_disk`)."""
         items: list[tuple[F, FieldValue]] = []
         if time_ns is not None:
             items.append((F.TIME_NS, time_ns))
@@ -339,6 +342,8 @@ class AgentClient:
             items.append((F.HOSTNAME, hostname.encode()))
         if machine_id:
             items.append((F.MACHINE_ID, machine_id.encode()))
+        if disk_bytes is not None:
+            items.append((F.SIZE, disk_bytes))
         await self._call(T.CONFIGURE, items)
 
     async def stat(self, path: str) -> FileInfo:

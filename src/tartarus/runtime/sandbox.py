@@ -31,7 +31,7 @@ from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.disks import create_layer
 from tartarus.runtime.interpreter import CodeInterpreter
-from tartarus.runtime.qemu import Drive, VMConfig
+from tartarus.runtime.qemu import Drive, VMConfig, disk_node
 from tartarus.runtime.vm import PID_FILE, MicroVM, is_our_vmm
 from tartarus.templates.store import Template
 
@@ -56,6 +56,7 @@ class SandboxOptions:
     boot_timeout: float = BOOT_TIMEOUT_S
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     max_processes: int | None = None  # requested; checked against the policy's caps by admission
+    disk_mib: int | None = None  # requested writable-layer size; None: the template's layer as it is
     ttl_s: float | None = None  # requested lifetime
     limits: Limits | None = None  # resolved by admission (template + request, capped by policy)
     outlive_owner: bool = False  # set by a daemon that hands its sandboxes to the next (live restore)
@@ -135,6 +136,18 @@ class RuntimeSandbox:
         self.cgroup = SandboxCgroup.create(self.id, self.options.limits)
         if self.vm is not None and self.vm.pid is not None:
             self.cgroup.add(self.vm.pid)
+
+    async def grow_disk(self, mib: int) -> None:
+        """Grow the writable layer to `mib` MiB, live (never shrinks): QEMU grows the file and tells the
+        guest, whose agent then grows the filesystem online."""
+        vm = self.vm
+        if vm is None:
+            raise SandboxFailed(f"sandbox {self.id} is not running")
+        size = mib << 20
+        if vm.config.drives[LAYER_DRIVE].path.stat().st_size >= size:
+            return
+        await vm.qmp_execute("block_resize", {"node-name": disk_node(LAYER_DRIVE), "size": size})
+        await self.agent.configure(disk_bytes=size)
 
     def vm_config(self, *, layer: Path, memory_file: Path | None = None, share: bool = True) -> VMConfig:
         """The VM's shape. A snapshot and its restores must agree on it device for device."""

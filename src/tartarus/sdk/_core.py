@@ -206,13 +206,14 @@ def create_request(
     timeout: float | None = None,
     max_processes: int | None = None,
     labels: dict[str, str] | None = None,
+    disk_mib: int | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The path and body that create a sandbox from a template or (from_snapshot) a checkpoint."""
     body: dict[str, Any] = {"env": env or {}}
     if idle_timeout:
         body["idle_timeout_s"] = idle_timeout
     if from_snapshot is not None:
-        if vcpus or memory_mib or network is not None or timeout or max_processes or labels:
+        if vcpus or memory_mib or network is not None or timeout or max_processes or disk_mib or labels:
             raise errors.InvalidArgument(
                 "a sandbox from a checkpoint takes only env and idle_timeout; the rest is the checkpoint's"
             )
@@ -229,6 +230,8 @@ def create_request(
         body["timeout"] = timeout
     if max_processes is not None:
         body["max_processes"] = max_processes
+    if disk_mib is not None:
+        body["disk_mib"] = disk_mib
     if labels:
         body["labels"] = labels
     return "/v1/sandboxes", body

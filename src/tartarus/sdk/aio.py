@@ -176,6 +176,7 @@ class AsyncSandbox:
         network: str | dict[str, Any] | None = None,
         timeout: float | None = None,
         max_processes: int | None = None,
+        disk_mib: int | None = None,
         labels: dict[str, str] | None = None,
         from_snapshot: str | None = None,
         idle_timeout: float | None = None,
@@ -196,6 +197,7 @@ class AsyncSandbox:
             network=network,
             timeout=timeout,
             max_processes=max_processes,
+            disk_mib=disk_mib,
             labels=labels,
         )
         try:

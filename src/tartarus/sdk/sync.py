@@ -181,6 +181,7 @@ class Sandbox:
         network: str | dict[str, Any] | None = None,
         timeout: float | None = None,
         max_processes: int | None = None,
+        disk_mib: int | None = None,
         labels: dict[str, str] | None = None,
         from_snapshot: str | None = None,
         idle_timeout: float | None = None,
@@ -201,6 +202,7 @@ class Sandbox:
             network=network,
             timeout=timeout,
             max_processes=max_processes,
+            disk_mib=disk_mib,
             labels=labels,
         )
         try:

@@ -558,8 +558,8 @@ class SandboxManager:
                 raise Conflict(f"sandbox {id_} is {record.state}; only a running sandbox hibernates")
             if record.busy:
                 raise Conflict(f"sandbox {id_} has calls in progress; hibernate it when they finish")
-            self.ports.cut(id_)  # connections through exposed ports end; the next one wakes it
             _not_quarantined(record.runtime, "hibernated")
+            self.ports.cut(id_)  # connections through exposed ports end; the next one wakes it
             t0 = time.perf_counter()
             try:
                 image = await ops.hibernate(

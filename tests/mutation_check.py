@@ -1,0 +1,198 @@
+"""Guard-mutation check: break each security guard on purpose and prove some test fails.
+
+A security guard nobody tests can be deleted by a refactor with the suite staying green. For every guard
+listed in `MUTATIONS` this copies the working tree to a scratch directory, replaces one exact snippet of the
+guard with a broken version, runs the tests named for it against the scratch copy and expects them to FAIL
+(pytest exit status 1). A mutation the tests survive is reported and the check exits non-zero. The same
+tests are first run unmutated and must pass, so a failure is the mutation's doing.
+
+    ./scripts/mutation-check            # every mutation
+    ./scripts/mutation-check --list     # names only
+    ./scripts/mutation-check auth.missing-key quarantine.release-admin   # a few, by name
+
+Hostile-image tests run the converter inside a throwaway mount namespace with the real root read-only
+(tests/images), so a broken path guard in the scratch copy cannot write the machine's files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", "results", "build"
+)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    guard: str  # what the guard protects, for the report
+    path: str  # relative to the repository root
+    find: str  # must occur exactly once in the file
+    replace: str
+    tests: tuple[str, ...]  # pytest node ids or paths; at least one must fail
+
+
+API = "src/tartarus/daemon/app.py"
+CONTROL = "src/tartarus/daemon/control.py"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    Mutation(
+        "tenancy.may-touch",
+        "a tenant reaches only its own sandboxes (404 for others')",
+        CONTROL,
+        "return owner is not None and owner.tenant == principal.tenant",
+        "return True",
+        ("tests/api/test_tenancy.py::test_a_tenant_sees_and_touches_only_its_own_sandboxes",),
+    ),
+    Mutation(
+        "tenancy.list",
+        "a tenant lists only its own live sandboxes",
+        CONTROL,
+        "if not principal.admin:\n            tenant = principal.tenant\n        shown = []",
+        "shown = []",
+        ("tests/api/test_tenancy.py::test_a_tenant_sees_and_touches_only_its_own_sandboxes",),
+    ),
+    Mutation(
+        "admin.gc",
+        "gc is an admin route",
+        API,
+        '"/v1/gc", response_model=GcResult, dependencies=[Depends(control.require_admin)]',
+        '"/v1/gc", response_model=GcResult',
+        ("tests/api/test_auth.py::test_tenant_keys_cannot_administer",),
+    ),
+    Mutation(
+        "admin.role",
+        "a tenant key is not an admin key",
+        "src/tartarus/daemon/auth.py",
+        "if not self.admin:\n            raise PermissionDenied",
+        "if False:\n            raise PermissionDenied",
+        ("tests/api/test_auth.py::test_tenant_keys_cannot_administer",),
+    ),
+    Mutation(
+        "quota.check",
+        "a create beyond a tenant's quota is refused",
+        "src/tartarus/daemon/quotas.py",
+        "if limit is not None and used + wanted > limit:",
+        "if False:",
+        ("tests/api/test_tenancy.py::test_quota_refuses_creates_beyond_the_limit_with_a_clear_error",),
+    ),
+    Mutation(
+        "quota.fork",
+        "a fork is admitted against the quota for all its copies",
+        API,
+        "quotas.Usage(body.count, body.count * vcpus, body.count * memory)",
+        "quotas.Usage()",
+        ("tests/api/test_fork_quota.py::test_a_fork_beyond_the_sandbox_quota_is_refused_and_makes_nothing",),
+    ),
+    Mutation(
+        "quota.from-checkpoint",
+        "a start from a checkpoint is admitted against the quota",
+        API,
+        "quotas.Usage(1, image.vcpus, image.memory_mib)",
+        "quotas.Usage()",
+        ("tests/api/test_fork_quota.py::test_a_start_from_a_checkpoint_beyond_the_quota_is_refused",),
+    ),
+)
+
+
+@dataclass
+class Outcome:
+    name: str
+    guard: str
+    caught: bool
+    status: int
+    seconds: float
+    failed: list[str]
+
+
+def _pytest(scratch: Path, tests: tuple[str, ...], log: Path) -> tuple[int, list[str]]:
+    env = {**os.environ, "PYTHONPATH": str(scratch / "src")}
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "-rf", *tests]
+    with log.open("w") as out:
+        status = subprocess.run(cmd, cwd=scratch, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    failed = [line for line in log.read_text().splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return status, failed
+
+
+def mutate(scratch: Path, mutation: Mutation) -> str:
+    """Apply `mutation` in `scratch`; returns the original text to restore."""
+    path = scratch / mutation.path
+    original = path.read_text()
+    count = original.count(mutation.find)
+    if count != 1:
+        raise SystemExit(f"{mutation.name}: the snippet occurs {count} times in {mutation.path}, not once")
+    path.write_text(original.replace(mutation.find, mutation.replace))
+    return original
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--json", type=Path, help="write the outcomes here")
+    args = parser.parse_args(argv)
+
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
+    if unknown:
+        parser.error(f"no such mutation: {', '.join(sorted(unknown))}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:36} {m.guard}")
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="tartarus-mutation-") as tmp:
+        scratch = Path(tmp) / "repo"
+        shutil.copytree(REPO, scratch, ignore=COPY_IGNORE, symlinks=True)
+        logs = Path(tmp) / "logs"
+        logs.mkdir()
+        for m in chosen:  # every snippet is present before anything runs: a stale list fails fast
+            (scratch / m.path).write_text(mutate(scratch, m))
+
+        baseline = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        print(f"baseline: {len(baseline)} test targets, unmutated", flush=True)
+        status, failed = _pytest(scratch, baseline, logs / "baseline.log")
+        if status != 0:
+            print((logs / "baseline.log").read_text()[-4000:])
+            print("the tests fail without any mutation: fix them first", file=sys.stderr)
+            return 2
+
+        outcomes = []
+        for m in chosen:
+            original = mutate(scratch, m)
+            started = time.monotonic()
+            try:
+                status, failed = _pytest(scratch, m.tests, logs / f"{m.name}.log")
+            finally:
+                (scratch / m.path).write_text(original)
+            # 1: tests failed. 2-5 (interrupted, internal error, usage, nothing collected) prove nothing.
+            outcome = Outcome(m.name, m.guard, status == 1, status, time.monotonic() - started, failed)
+            outcomes.append(outcome)
+            mark = "caught  " if outcome.caught else "SURVIVED"
+            print(f"{mark} {m.name:36} {outcome.seconds:6.1f} s  {(failed or [''])[0][:90]}", flush=True)
+            if not outcome.caught:
+                print((logs / f"{m.name}.log").read_text()[-3000:])
+
+    if args.json:
+        args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")
+    survived = [o.name for o in outcomes if not o.caught]
+    print(f"{len(outcomes) - len(survived)}/{len(outcomes)} guards caught")
+    if survived:
+        print("survived: " + ", ".join(survived), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tartarus.daemon.ports import Bounds, ExposedPorts, Exposure, load_exposed
+from tartarus.daemon.ports import ExposedPorts, Exposure, Rules, load_exposed
 from tartarus.errors import QuotaExceeded
 from tartarus.network.expose import PortForward
 from tartarus.network.traffic import E2B_TOKEN_HEADER, TOKEN_HEADER
@@ -139,7 +139,7 @@ def test_an_open_port_forwards_without_a_token() -> None:
 
 def test_ports_are_bounded_per_sandbox_and_per_tenant() -> None:
     async def test() -> None:
-        ports = ExposedPorts(_nowhere, Bounds(ports_per_sandbox=2, ports_per_tenant=3))
+        ports = ExposedPorts(_nowhere, Rules(ports_per_sandbox=2, ports_per_tenant=3))
         await ports.listen("sb-a", 1, tenant="t")
         await ports.listen("sb-a", 2, tenant="t")
         await ports.listen("sb-a", 2, tenant="t")  # asked again: no new port
@@ -162,7 +162,7 @@ def test_connections_past_the_bounds_are_closed_at_once() -> None:
     closed at once (no slot, no further descriptor); a slot freed lets the next one in."""
 
     async def test() -> None:
-        ports = ExposedPorts(_nowhere, Bounds(connections_per_sandbox=2, connections_per_tenant=3))
+        ports = ExposedPorts(_nowhere, Rules(connections_per_sandbox=2, connections_per_tenant=3))
         a = (await ports.listen("sb-a", 80, tenant="t", protect=True)).host_port
         b = (await ports.listen("sb-b", 80, tenant="t", protect=True)).host_port
         held = [await asyncio.open_connection("127.0.0.1", a) for _ in range(2)]
@@ -204,6 +204,9 @@ def test_protection_is_added_never_dropped_and_survives_a_restart() -> None:
         assert (await ports.listen("sb-a", 80, tenant="t")).token == protected.token
         other = await ports.listen("sb-a", 81, tenant="t", protect=True)
         assert other.token == protected.token  # one token per sandbox
+        required = ExposedPorts(_nowhere, Rules(require_token=True))
+        assert (await required.listen("sb-a", 80, tenant="t")).token  # the policy's requirement
+        await required.close_all()
         await ports.listen("sb-a", 82, tenant="t")
         written = ports.written("sb-a")
         await ports.close_all()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tartarus import audit
-from tartarus.daemon.ports import Bounds, ExposedPorts, Exposure, load_exposed
+from tartarus.daemon.ports import ExposedPorts, Exposure, Rules, load_exposed
 from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied, Quarantined
 from tartarus.hibernation import ops
 from tartarus.hibernation.image import META, Image, list_images, remove_image, unpin_unused
@@ -135,7 +135,7 @@ class SandboxManager:
         self.on_expired: Callable[[str, str], Awaitable[None]] | None = None
         # Told (operation, seconds) of each wake, hibernation and admission decision (metrics).
         self.observe: Callable[[str, float], None] = lambda operation, seconds: None
-        self.ports = ExposedPorts(self._into, _port_bounds(self.policy.policy))
+        self.ports = ExposedPorts(self._into, _port_rules(self.policy.policy))
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
@@ -478,8 +478,7 @@ class SandboxManager:
     async def expose(self, id_: str, port: int, protect: bool = False) -> Exposure:
         """A host address that forwards to `port` of the guest (refused while quarantined), protected by
         the sandbox's traffic token if asked or if the policy requires it."""
-        rules = self.policy.policy.network
-        if not rules.expose:
+        if not self.policy.policy.network.expose:
             raise PolicyDenied("exposing guest ports is disabled by this host's policy (network.expose)")
         async with self.use(id_) as runtime:
             if runtime.quarantine is not None:
@@ -487,7 +486,6 @@ class SandboxManager:
             if runtime.network is None:
                 raise Conflict(f"sandbox {id_} has no network namespace")
             record = self.get(id_)
-            protect = protect or rules.expose_requires_token
             exposure = await self.ports.listen(id_, port, tenant=record.tenant, protect=protect)
             self.save(record)
             return exposure
@@ -788,13 +786,14 @@ def _not_quarantined(runtime: RuntimeSandbox, what: str) -> None:
         raise Quarantined(f"sandbox {runtime.id} is quarantined and cannot be {what} until it is released")
 
 
-def _port_bounds(policy: Policy) -> Bounds:
+def _port_rules(policy: Policy) -> Rules:
     n = policy.network
-    return Bounds(
-        n.max_exposed_ports_per_sandbox,
-        n.max_exposed_ports_per_tenant,
-        n.max_exposed_connections_per_sandbox,
-        n.max_exposed_connections_per_tenant,
+    return Rules(
+        require_token=n.expose_requires_token,
+        ports_per_sandbox=n.max_exposed_ports_per_sandbox,
+        ports_per_tenant=n.max_exposed_ports_per_tenant,
+        connections_per_sandbox=n.max_exposed_connections_per_sandbox,
+        connections_per_tenant=n.max_exposed_connections_per_tenant,
     )
 
 

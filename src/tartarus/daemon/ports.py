@@ -6,7 +6,7 @@ port wakes it (unless the port is protected and the connection has no token). Th
 port map, with the token of protected ports, is written down (descriptor, hibernation record) so a
 restarted daemon listens again on the same host ports with the same protection.
 
-Every listener and every connection costs the daemon file descriptors, so both are bounded (`Bounds`,
+Every listener and every connection costs the daemon file descriptors, so both are bounded (`Rules`,
 from the policy): ports per sandbox and per tenant (429 quota_exceeded past them), connections in
 progress per sandbox and per tenant (one past them is closed at once).
 """
@@ -31,7 +31,10 @@ GUEST_IP = GUEST_ADDR.split("/")[0]
 
 
 @dataclass(frozen=True)
-class Bounds:
+class Rules:
+    """The policy's `network` rules for exposed ports."""
+
+    require_token: bool = False  # every port is protected, whatever the request says
     ports_per_sandbox: int = 16
     ports_per_tenant: int = 64
     connections_per_sandbox: int = 64
@@ -66,11 +69,11 @@ class ExposedPorts:
     def __init__(
         self,
         into: Callable[[str], contextlib.AbstractAsyncContextManager[Path]],
-        bounds: Bounds | None = None,
+        rules: Rules | None = None,
     ) -> None:
         """`into(sandbox_id)`: the sandbox's namespace for one connection, held while it lasts."""
         self._into = into
-        self.bounds = bounds or Bounds()
+        self.rules = rules or Rules()
         self._forwards: dict[str, dict[int, PortForward]] = {}
         self._tenants: dict[str, str] = {}  # sandbox -> tenant, of sandboxes with forwards
         self._tokens: dict[str, str] = {}  # sandbox -> its traffic token, once one was asked for
@@ -80,8 +83,9 @@ class ExposedPorts:
         self, sandbox_id: str, guest_port: int, *, tenant: str, protect: bool = False
     ) -> Exposure:
         """The host address forwarding to `guest_port` (made on first ask, within the bounds). With
-        `protect`, connections must present the sandbox's traffic token; an open port asked again with
-        `protect` becomes protected (never the other way)."""
+        `protect` (or the rules' `require_token`), connections must present the sandbox's traffic
+        token; an open port asked again with `protect` becomes protected (never the other way)."""
+        protect = protect or self.rules.require_token
         forward = self._forwards.get(sandbox_id, {}).get(guest_port)
         if forward is None:
             self._check_room(sandbox_id, tenant)
@@ -93,7 +97,7 @@ class ExposedPorts:
         return self._exposure(guest_port, forward)
 
     def _check_room(self, sandbox_id: str, tenant: str) -> None:
-        b = self.bounds
+        b = self.rules
         have = len(self._forwards.get(sandbox_id, {}))
         if have >= b.ports_per_sandbox:
             raise QuotaExceeded(
@@ -129,7 +133,7 @@ class ExposedPorts:
     def _slot(self, sandbox_id: str) -> Callable[[], None] | None:
         """A connection's slot in its sandbox's and its tenant's bounds, or None when either is full."""
         keys = (sandbox_id, "tenant:" + self._tenants.get(sandbox_id, ""))
-        limits = (self.bounds.connections_per_sandbox, self.bounds.connections_per_tenant)
+        limits = (self.rules.connections_per_sandbox, self.rules.connections_per_tenant)
         if any(self._connections[k] >= limit for k, limit in zip(keys, limits, strict=True)):
             log.warning("connection to an exposed port of %s refused: too many in progress", sandbox_id)
             return None

@@ -181,12 +181,18 @@ def test_connections_past_the_bounds_are_closed_at_once() -> None:
         assert await closed_at_once(a)  # the sandbox's bound
         assert await closed_at_once(b)  # the tenant's bound
         r, w = held.pop(0)
-        w.write(b"GET / HTTP/1.1\r\n\r\n")  # no token: refused, and its slot is free again
+        w.write(b"GET / HTTP/1.1\r\n\r\n")  # no token: refused, and its slot is free once it closes
         assert (await r.read()).startswith(b"HTTP/1.1 403")
         w.close()
-        r, w = await asyncio.open_connection("127.0.0.1", a)
-        w.write(b"GET / HTTP/1.1\r\n\r\n")
-        assert (await r.read()).startswith(b"HTTP/1.1 403")  # served by the gate, not closed
+        async with asyncio.timeout(10):
+            while True:  # until the daemon has seen that close (no more than one loop turn or two)
+                r, w = await asyncio.open_connection("127.0.0.1", a)
+                w.write(b"GET / HTTP/1.1\r\n\r\n")
+                answer = await r.read()
+                w.close()
+                if answer:
+                    break
+        assert answer.startswith(b"HTTP/1.1 403")  # served by the gate, not closed
         for _, w in held:
             w.close()
         await ports.close_all()
@@ -225,3 +231,25 @@ def test_exposed_ports_read_back_as_written_old_and_new() -> None:
     assert load_exposed({"8000": 41234, "22": 40001}) == {8000: (41234, None), 22: (40001, None)}
     assert load_exposed({"80": {"host_port": 4, "token": "tt_x"}}) == {80: (4, "tt_x")}
     assert load_exposed(None) == {}  # a record from before ports were written down
+
+
+def test_a_refused_request_with_a_body_still_gets_its_403() -> None:
+    """Closing with the body unread would reset the connection before the client read the answer."""
+
+    async def test() -> None:
+        forward = PortForward(_counting_target([]), "127.0.0.1", 9, token=TOKEN)
+        await forward.start()
+        r, w = await asyncio.open_connection("127.0.0.1", forward.address[1])
+        body = b"x" * (1 << 19)
+        w.write(b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body))
+        async with asyncio.timeout(10):
+            answer = await r.readuntil(b"\r\n\r\n")
+            w.write(body)  # sent after the refusal came, as a client that did not wait for 100 would
+            await w.drain()
+            w.write_eof()
+            rest = await r.read()
+        assert answer.startswith(b"HTTP/1.1 403") and b"forbidden" in rest
+        w.close()
+        await forward.close()
+
+    _run(test)

@@ -78,6 +78,7 @@ class ExposedPorts:
         self._tenants: dict[str, str] = {}  # sandbox -> tenant, of sandboxes with forwards
         self._tokens: dict[str, str] = {}  # sandbox -> its traffic token, once one was asked for
         self._connections: Counter[str] = Counter()  # in progress, by sandbox and by "tenant:" + name
+        self._full: set[str] = set()  # sandboxes whose connections were refused since a slot was freed
 
     async def listen(
         self, sandbox_id: str, guest_port: int, *, tenant: str, protect: bool = False
@@ -135,12 +136,15 @@ class ExposedPorts:
         keys = (sandbox_id, "tenant:" + self._tenants.get(sandbox_id, ""))
         limits = (self.rules.connections_per_sandbox, self.rules.connections_per_tenant)
         if any(self._connections[k] >= limit for k, limit in zip(keys, limits, strict=True)):
-            log.warning("connection to an exposed port of %s refused: too many in progress", sandbox_id)
+            if sandbox_id not in self._full:  # once per flood, not once per connection
+                self._full.add(sandbox_id)
+                log.warning("connections to exposed ports of %s refused: too many in progress", sandbox_id)
             return None
         self._connections.update(keys)
 
         def give_back() -> None:
             self._connections.subtract(keys)
+            self._full.discard(sandbox_id)
 
         return give_back
 

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
 CHUNK = 1 << 16
+LINGER_S, LINGER_BYTES = 2.0, 1 << 20  # after a refusal: how long, and how much, the client is heard
 
 
 def expose_host() -> str:
@@ -86,9 +87,17 @@ async def _gate(token: str, client_r: asyncio.StreamReader, client_w: asyncio.St
         if traffic.token_ok(head, token):
             return head.without_tokens() + rest
         status, message = 403, traffic.FORBIDDEN
-    with contextlib.suppress(ConnectionError, OSError):
+    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
         client_w.write(traffic.refusal(status, message))
         await client_w.drain()
+        # Read what the client still sends (a body) for a moment: closing with unread data would
+        # reset the connection, and the client might lose the answer.
+        if client_w.can_write_eof():
+            client_w.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            drained = 0
+            while drained < LINGER_BYTES and (chunk := await client_r.read(CHUNK)):
+                drained += len(chunk)
     return None
 
 

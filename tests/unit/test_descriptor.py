@@ -10,7 +10,7 @@ from typing import Any
 from tartarus.limits.spec import Limits
 from tartarus.network import NetworkPolicy
 from tartarus.network.policy import PinnedPolicy, PinnedRule
-from tartarus.runtime.descriptor import _load_config, _load_options, _load_policy, _options, load_exposed
+from tartarus.runtime.descriptor import _load_config, _load_options, _load_policy, _options
 from tartarus.runtime.qemu import Drive, VMConfig
 from tartarus.runtime.sandbox import SandboxOptions
 
@@ -60,8 +60,3 @@ def test_pinned_policy_round_trips() -> None:
         "allow", (PinnedRule("203.0.113.2/32", (80, 443), "tcp"),), (("example.test", "203.0.113.2"),)
     )
     assert _load_policy(_through_json(dataclasses.asdict(policy))) == policy
-
-
-def test_exposed_ports_read_back_as_written() -> None:
-    assert load_exposed(_through_json({"8000": 41234, "22": 40001})) == {8000: 41234, 22: 40001}
-    assert load_exposed(None) == {}  # a record from before ports were written down

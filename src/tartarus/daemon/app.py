@@ -414,9 +414,17 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
 
     @app.post("/v1/sandboxes/{sandbox_id}/ports", response_model=ExposedPort, responses=_ERRORS)
     async def expose_port(sandbox_id: str, body: ExposeRequest) -> ExposedPort:
-        """A host address forwarding TCP to a port of the guest (the guest still cannot connect out)."""
-        host, host_port = await manager.expose(sandbox_id, body.port)
-        return ExposedPort(port=body.port, host=host, host_port=host_port)
+        """A host address forwarding TCP to a port of the guest (the guest still cannot connect out);
+        with `secure`, only for connections that present the traffic token. 429 quota_exceeded past the
+        policy's bounds on exposed ports per sandbox and per tenant."""
+        e = await manager.expose(sandbox_id, body.port, body.secure)
+        return ExposedPort(port=e.guest_port, host=e.host, host_port=e.host_port, traffic_token=e.token)
+
+    @app.delete("/v1/sandboxes/{sandbox_id}/ports/{port}", status_code=204, responses=_ERRORS)
+    async def unexpose_port(sandbox_id: str, port: int) -> Response:
+        """Stop forwarding a guest port (its connections end), freeing its place in the bounds."""
+        await manager.unexpose(sandbox_id, port)
+        return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/quarantine", response_model=SandboxInfo, responses=_ERRORS)
     async def quarantine_sandbox(sandbox_id: str, body: QuarantineRequest) -> SandboxInfo:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tartarus import audit
-from tartarus.daemon.ports import ExposedPorts
+from tartarus.daemon.ports import ExposedPorts, Exposure, Rules, load_exposed
 from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied, Quarantined
 from tartarus.hibernation import ops
 from tartarus.hibernation.image import META, Image, list_images, remove_image, unpin_unused
@@ -135,7 +135,7 @@ class SandboxManager:
         self.on_expired: Callable[[str, str], Awaitable[None]] | None = None
         # Told (operation, seconds) of each wake, hibernation and admission decision (metrics).
         self.observe: Callable[[str, float], None] = lambda operation, seconds: None
-        self.ports = ExposedPorts(self._into)
+        self.ports = ExposedPorts(self._into, _port_rules(self.policy.policy))
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
@@ -219,19 +219,19 @@ class SandboxManager:
             )
             self._records[runtime.id] = record
             self._watch(record)
-            await self._listen_again(runtime.id, rec.get("exposed"))
+            await self._listen_again(runtime.id, rec.get("exposed"), record.tenant)
             adopted.append(runtime.id)
         if adopted:
             log.warning("took over %d running sandboxes: %s", len(adopted), ", ".join(adopted))
             audit.record(self.state_dir, "sandbox.adopted", sandboxes=adopted)
         for record in list(self._records.values()):
             if record.image is not None:
-                await self._listen_again(record.id, record.image.request.get("exposed"))
+                await self._listen_again(record.id, record.image.request.get("exposed"), record.tenant)
         return adopted
 
-    async def _listen_again(self, id_: str, exposed: object) -> None:
+    async def _listen_again(self, id_: str, exposed: object, tenant: str) -> None:
         if self.policy.policy.network.expose:
-            await self.ports.listen_again(id_, descriptor.load_exposed(exposed))
+            await self.ports.listen_again(id_, load_exposed(exposed), tenant)
 
     def save(self, record: SandboxRecord) -> None:
         """Write down a running sandbox for the next daemon (`tartarus.runtime.descriptor`). Failing to
@@ -475,8 +475,9 @@ class SandboxManager:
             self.save(self.get(id_))
         return self.get(id_)
 
-    async def expose(self, id_: str, port: int) -> tuple[str, int]:
-        """A host address that forwards to `port` of the guest (refused while quarantined)."""
+    async def expose(self, id_: str, port: int, protect: bool = False) -> Exposure:
+        """A host address that forwards to `port` of the guest (refused while quarantined), protected by
+        the sandbox's traffic token if asked or if the policy requires it."""
         if not self.policy.policy.network.expose:
             raise PolicyDenied("exposing guest ports is disabled by this host's policy (network.expose)")
         async with self.use(id_) as runtime:
@@ -484,9 +485,18 @@ class SandboxManager:
                 raise Conflict(f"sandbox {id_} is quarantined: no port can be exposed")
             if runtime.network is None:
                 raise Conflict(f"sandbox {id_} has no network namespace")
-            address = await self.ports.listen(id_, port)
+            record = self.get(id_)
+            exposure = await self.ports.listen(id_, port, tenant=record.tenant, protect=protect)
+            self.save(record)
+            return exposure
+
+    async def unexpose(self, id_: str, port: int) -> None:
+        """Stop forwarding `port` (its connections end), freeing its place in the bounds. A hibernated
+        sandbox is woken for it, as for `expose`, so that what is written down stays what is served."""
+        async with self.use(id_):
+            if not await self.ports.unlisten(id_, port):
+                raise NotFound(f"port {port} of sandbox {id_} is not exposed")
             self.save(self.get(id_))
-            return address
 
     @contextlib.asynccontextmanager
     async def _into(self, id_: str) -> AsyncIterator[Path]:
@@ -505,8 +515,8 @@ class SandboxManager:
             record.connections -= 1
             record.last_active = time.monotonic()
 
-    def _exposed(self, id_: str) -> dict[str, int]:
-        return {str(guest): host for guest, host in self.ports.of(id_).items()}
+    def _exposed(self, id_: str) -> dict[str, object]:
+        return self.ports.written(id_)
 
     async def release(self, id_: str, by: str) -> SandboxRecord:
         async with self.use(id_) as runtime:
@@ -774,6 +784,17 @@ def _not_quarantined(runtime: RuntimeSandbox, what: str) -> None:
     """A quarantined sandbox stays where its operator can see it until released."""
     if runtime.quarantine is not None:
         raise Quarantined(f"sandbox {runtime.id} is quarantined and cannot be {what} until it is released")
+
+
+def _port_rules(policy: Policy) -> Rules:
+    n = policy.network
+    return Rules(
+        require_token=n.expose_requires_token,
+        ports_per_sandbox=n.max_exposed_ports_per_sandbox,
+        ports_per_tenant=n.max_exposed_ports_per_tenant,
+        connections_per_sandbox=n.max_exposed_connections_per_sandbox,
+        connections_per_tenant=n.max_exposed_connections_per_tenant,
+    )
 
 
 def _request(record: SandboxRecord) -> dict[str, Any]:

@@ -100,12 +100,21 @@ class GcResult(BaseModel):
 
 class ExposeRequest(Strict):
     port: int = Field(ge=1, le=65535, description="a TCP port the guest listens on")
+    secure: bool = Field(
+        False,
+        description="connections must present the sandbox's traffic token (header X-Tartarus-Traffic-Token "
+        "or e2b-traffic-access-token) on their first HTTP/1.x request, else 403; an open port asked "
+        "again with secure=true becomes protected",
+    )
 
 
 class ExposedPort(BaseModel):
     port: int
     host: str = Field(description="host address forwarding to the guest port")
     host_port: int
+    traffic_token: str | None = Field(
+        None, description="the sandbox's traffic token, if this port needs it (the same for all its ports)"
+    )
 
 
 class QuarantineRequest(Strict):

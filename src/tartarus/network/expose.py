@@ -8,6 +8,12 @@ cannot open any connection itself: the namespace only accepts the guest's replie
 namespace opened, and a quarantine's closed gate drops those too. Which namespace a connection goes to
 is asked per connection (`target`), so a listener outlives its sandbox's VMM: a hibernated sandbox is
 woken by a connection, as by any other call.
+
+A port with a traffic token (`tartarus.network.traffic`) reads each connection's first HTTP request head
+and checks the token *before* it asks for the target, so a connection without it reaches nothing and
+wakes nothing. Each connection takes a slot first (`slot`: the daemon's per-sandbox and per-tenant
+bounds); one that gets none is closed at once, so a flood of connections cannot use up the daemon's
+file descriptors.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tartarus.network import traffic
 from tartarus.network.libnft import in_netns
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
 CHUNK = 1 << 16
+LINGER_S, LINGER_BYTES = 2.0, 1 << 20  # after a refusal: how long, and how much, the client is heard
 
 
 def expose_host() -> str:
@@ -46,6 +54,51 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 # Per connection: the namespace to connect from, held (the sandbox kept running) while the connection lasts.
 Target = Callable[[], contextlib.AbstractAsyncContextManager[Path]]
+# Per connection, before anything else: a function that gives the slot back, or None when none is free.
+Slot = Callable[[], Callable[[], None] | None]
+
+
+def _unbounded() -> Callable[[], None]:
+    return lambda: None
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[traffic.RequestHead, bytes]:
+    """The first request head and whatever came after it; BadHead if it is not one, or too large."""
+    buffer = b""
+    while (length := traffic.head_length(buffer)) is None:
+        chunk = await reader.read(traffic.MAX_HEAD + 4 - len(buffer))
+        if not chunk:
+            raise traffic.BadHead(400, "the connection closed before its request head")
+        buffer += chunk
+    return traffic.parse_head(buffer[:length]), buffer[length:]
+
+
+async def _gate(token: str, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> bytes | None:
+    """The bytes to send the guest first (the head without its token), or None: the client was answered
+    with a refusal and nothing may reach the guest."""
+    try:
+        async with asyncio.timeout(traffic.HEAD_TIMEOUT_S):
+            head, rest = await _read_head(client_r)
+    except TimeoutError:
+        status, message = 408, "no request head in time"
+    except traffic.BadHead as e:
+        status, message = e.status, e.message
+    else:
+        if traffic.token_ok(head, token):
+            return head.without_tokens() + rest
+        status, message = 403, traffic.FORBIDDEN
+    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+        client_w.write(traffic.refusal(status, message))
+        await client_w.drain()
+        # Read what the client still sends (a body) for a moment: closing with unread data would
+        # reset the connection, and the client might lose the answer.
+        if client_w.can_write_eof():
+            client_w.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            drained = 0
+            while drained < LINGER_BYTES and (chunk := await client_r.read(CHUNK)):
+                drained += len(chunk)
+    return None
 
 
 @dataclass
@@ -53,6 +106,8 @@ class PortForward:
     target: Target
     guest_addr: str
     guest_port: int
+    token: str | None = None  # the traffic token each connection must present (None: open port)
+    slot: Slot = _unbounded
     server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -78,9 +133,19 @@ class PortForward:
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        give_back = self.slot()
+        if give_back is None:  # over its bounds: refused before it costs more than this socket
+            client_w.close()
+            return
         self._tasks.add(task)
         guest_w: asyncio.StreamWriter | None = None
         try:
+            first = b""
+            if self.token is not None:
+                gated = await _gate(self.token, client_r, client_w)
+                if gated is None:
+                    return
+                first = gated
             async with self.target() as netns:
                 sock = await asyncio.wrap_future(in_netns(netns, socket.socket))
                 sock.setblocking(False)
@@ -92,6 +157,8 @@ class PortForward:
                     sock.close()
                     return
                 guest_r, guest_w = await asyncio.open_connection(sock=sock)
+                if first:
+                    guest_w.write(first)
                 await asyncio.gather(_pipe(client_r, guest_w), _pipe(guest_r, client_w))
         except Exception as e:  # the sandbox could not be woken, has ended, is quarantined: refused
             log.info("connection to guest port %d refused: %s", self.guest_port, e)
@@ -100,6 +167,7 @@ class PortForward:
                 if w is not None:
                     w.close()
             self._tasks.discard(task)
+            give_back()
 
     def cut(self) -> None:
         """End every connection in progress; the listener stays."""

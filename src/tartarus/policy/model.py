@@ -56,6 +56,15 @@ def _all_modes() -> list[NetworkMode]:
 class NetworkRules(Strict):
     modes: list[NetworkMode] = Field(default_factory=_all_modes, min_length=1)
     expose: bool = Field(True, description="whether guest ports may be exposed on the host (get_host)")
+    expose_requires_token: bool = Field(
+        False, description="every exposed port needs the sandbox's traffic token (HTTP/1.x only)"
+    )
+    # Each exposed port is a listener and each connection two sockets of the daemon: bounded, so that no
+    # tenant can use up the daemon's file descriptors.
+    max_exposed_ports_per_sandbox: int = Field(16, ge=0)
+    max_exposed_ports_per_tenant: int = Field(64, ge=0)
+    max_exposed_connections_per_sandbox: int = Field(64, ge=1, description="in progress at once")
+    max_exposed_connections_per_tenant: int = Field(256, ge=1, description="in progress at once")
 
 
 class QuarantineSettings(Strict):

@@ -75,13 +75,6 @@ def read(workdir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("version") == VERSION else None
 
 
-def load_exposed(value: object) -> dict[int, int]:
-    """Guest port -> host port as written down (`record["exposed"]`, a hibernation's request)."""
-    if isinstance(value, dict):
-        return {int(guest): int(host) for guest, host in value.items()}
-    return {}
-
-
 def vmm_pid(data: dict[str, Any]) -> int:
     return int(data["vm"]["pid"])
 

@@ -164,6 +164,7 @@ class AsyncSandbox:
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self.pty = AsyncTerminals(self)
+        self.traffic_token: str | None = None  # set by `expose(secure=True)`
 
     @classmethod
     async def create(
@@ -272,12 +273,23 @@ class AsyncSandbox:
         self.info = (await self._client.request("GET", f"/v1/sandboxes/{self.id}")).json()
         return self.info
 
-    async def get_host(self, port: int) -> str:
-        """`host:port` on the daemon's host that forwards TCP to `port` in the guest."""
-        exposed = (
-            await self._client.request("POST", f"/v1/sandboxes/{self.id}/ports", json={"port": port})
-        ).json()
+    async def expose(self, port: int, *, secure: bool = False) -> dict[str, Any]:
+        """Expose `port` of the guest on the daemon's host (see `Sandbox.expose`)."""
+        body = {"port": port, "secure": secure}
+        path = f"/v1/sandboxes/{self.id}/ports"
+        exposed: dict[str, Any] = (await self._client.request("POST", path, json=body)).json()
+        if exposed.get("traffic_token"):
+            self.traffic_token = exposed["traffic_token"]
+        return exposed
+
+    async def get_host(self, port: int, *, secure: bool = False) -> str:
+        """`host:port` on the daemon's host that forwards TCP to `port` in the guest (see `expose`)."""
+        exposed = await self.expose(port, secure=secure)
         return f"{exposed['host']}:{exposed['host_port']}"
+
+    async def unexpose(self, port: int) -> None:
+        """Stop forwarding `port` (its connections end)."""
+        await self._client.request("DELETE", f"/v1/sandboxes/{self.id}/ports/{port}")
 
     async def quarantine(self, reason: str) -> dict[str, Any]:
         """Operator action: cut this sandbox's network now and clamp its CPU and memory (no restart)."""

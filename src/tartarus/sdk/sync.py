@@ -169,6 +169,7 @@ class Sandbox:
         self.commands = Commands(self)
         self.files = Files(self)
         self.pty = Terminals(self)
+        self.traffic_token: str | None = None  # set by `expose(secure=True)`
 
     @classmethod
     def create(
@@ -273,10 +274,26 @@ class Sandbox:
         self.info = self._client.request("GET", f"/v1/sandboxes/{self.id}").json()
         return self.info
 
-    def get_host(self, port: int) -> str:
-        """`host:port` on the daemon's host that forwards TCP to `port` in the guest."""
-        exposed = self._client.request("POST", f"/v1/sandboxes/{self.id}/ports", json={"port": port}).json()
+    def expose(self, port: int, *, secure: bool = False) -> dict[str, Any]:
+        """Expose `port` of the guest on the daemon's host: `{port, host, host_port, traffic_token}`.
+        With `secure`, connections must send `traffic_token` in the `X-Tartarus-Traffic-Token` header of
+        their first HTTP/1.x request (else 403); it is also kept in `self.traffic_token`."""
+        body = {"port": port, "secure": secure}
+        exposed: dict[str, Any] = self._client.request(
+            "POST", f"/v1/sandboxes/{self.id}/ports", json=body
+        ).json()
+        if exposed.get("traffic_token"):
+            self.traffic_token = exposed["traffic_token"]
+        return exposed
+
+    def get_host(self, port: int, *, secure: bool = False) -> str:
+        """`host:port` on the daemon's host that forwards TCP to `port` in the guest (see `expose`)."""
+        exposed = self.expose(port, secure=secure)
         return f"{exposed['host']}:{exposed['host_port']}"
+
+    def unexpose(self, port: int) -> None:
+        """Stop forwarding `port` (its connections end)."""
+        self._client.request("DELETE", f"/v1/sandboxes/{self.id}/ports/{port}")
 
     def quarantine(self, reason: str) -> dict[str, Any]:
         """Operator action: cut this sandbox's network now and clamp its CPU and memory (no restart)."""

@@ -45,6 +45,7 @@ class Mutation:
 
 API = "src/tartarus/daemon/app.py"
 CONTROL = "src/tartarus/daemon/control.py"
+PORTS_VM = "tests/network/test_exposed_ports.py::"
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
@@ -102,6 +103,46 @@ MUTATIONS: tuple[Mutation, ...] = (
         "quotas.Usage(1, image.vcpus, image.memory_mib)",
         "quotas.Usage()",
         ("tests/api/test_fork_quota.py::test_a_start_from_a_checkpoint_beyond_the_quota_is_refused",),
+    ),
+    Mutation(
+        "ports.token",
+        "a secure exposed port refuses a connection without the traffic token",
+        "src/tartarus/network/expose.py",
+        "if traffic.token_ok(head, token):",
+        "if True:",
+        (PORTS_VM + "test_a_secure_port_answers_403_without_the_token_and_never_wakes_the_sandbox",),
+    ),
+    Mutation(
+        "ports.no-wake-before-token",
+        "an unauthenticated connection never reaches (wakes) the guest",
+        "src/tartarus/network/expose.py",
+        'first = b""\n',
+        'first = b""\n            async with self.target():\n                pass\n',
+        (PORTS_VM + "test_a_secure_port_answers_403_without_the_token_and_never_wakes_the_sandbox",),
+    ),
+    Mutation(
+        "ports.cap-sandbox",
+        "exposed ports per sandbox are capped",
+        "src/tartarus/daemon/ports.py",
+        "if have >= b.ports_per_sandbox:",
+        "if False:",
+        (PORTS_VM + "test_exposed_ports_are_capped_per_sandbox_and_per_tenant_and_creates_still_work",),
+    ),
+    Mutation(
+        "ports.cap-tenant",
+        "exposed ports per tenant are capped",
+        "src/tartarus/daemon/ports.py",
+        "if tenant_has >= b.ports_per_tenant:",
+        "if False:",
+        (PORTS_VM + "test_exposed_ports_are_capped_per_sandbox_and_per_tenant_and_creates_still_work",),
+    ),
+    Mutation(
+        "ports.connections",
+        "connections in progress to exposed ports are bounded (no fd exhaustion)",
+        "src/tartarus/daemon/ports.py",
+        "if any(self._connections[k] >= limit",
+        "if False and any(self._connections[k] >= limit",
+        ("tests/unit/test_expose.py",),
     ),
 )
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tartarus import audit
+from tartarus import audit, private
 from tartarus.daemon.ports import ExposedPorts
 from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied, Quarantined
 from tartarus.hibernation import ops
@@ -30,6 +30,7 @@ from tartarus.network.policy import NetworkPolicy
 from tartarus.network.sandbox import reap_orphans
 from tartarus.policy import Policy, PolicyEngine, load_policy
 from tartarus.policy.admission import Admission, admit, contain, create_request
+from tartarus.private import make_private
 from tartarus.quarantine import actions as quarantine_actions
 from tartarus.quarantine.triggers import RefusedPacketsTrigger
 from tartarus.runtime import descriptor
@@ -139,8 +140,8 @@ class SandboxManager:
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        lock = (self.state_dir / "daemon.lock").open("a+")
+        make_private(self.state_dir)  # before anything is written in it: tenants' data only we may read
+        lock = open(self.state_dir / "daemon.lock", "a+", opener=private.opener)  # noqa: SIM115
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -156,7 +157,7 @@ class SandboxManager:
         reaped = reap_leftovers(self.sandboxes_dir, keep=set(self._adoptable))
         if reaped:
             log.warning("reaped %d sandboxes left by a previous daemon: %s", len(reaped), ", ".join(reaped))
-        self.sandboxes_dir.mkdir(exist_ok=True)
+        self.sandboxes_dir.mkdir(mode=private.PRIVATE_DIR, exist_ok=True)
         _reap_orphan_namespaces()
         for staging in self.layout.checkpoints.glob(".*.staging"):
             shutil.rmtree(staging, ignore_errors=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tartarus.hibernation.capture import fsync_path
+from tartarus.private import PRIVATE_DIR, PRIVATE_FILE, write_private
 from tartarus.runtime.disks import sparse_copy
 from tartarus.snapshots.store import Snapshot
 from tartarus.templates.store import Template
@@ -83,13 +84,13 @@ def publish(image: Image, final: Path) -> Image:
     """Write the metadata, fsync the staging directory and rename it to `final`: the commit point."""
     staging = image.path
     tmp = staging / (META + ".tmp")
-    tmp.write_text(image.to_json())
+    write_private(tmp, image.to_json())
     fsync_path(tmp)
     tmp.rename(staging / META)
     for name in ("memory.state", "layer.ext4"):
         fsync_path(staging / name)
     fsync_path(staging)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     staging.rename(final)
     fsync_path(final.parent)
     return dataclasses.replace(image, path=final)
@@ -120,17 +121,23 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:  # another filesystem: a copy costs space but keeps the image whole
         sparse_copy(src, tmp)
+    # Template data, not a tenant's, and its directory hides it; but everything here is private, and the
+    # cache file it links is the daemon's user's too (its own cache dir is 0700, see guest/cache.py).
+    with contextlib.suppress(PermissionError):
+        os.chmod(tmp, PRIVATE_FILE)
     tmp.rename(dst)
 
 
 def pin(snapshot: Snapshot, template: Template, pins_root: Path) -> tuple[Snapshot, Template]:
     """The snapshot and template as seen through their pin (created if missing; idempotent)."""
     path = pins_root / snapshot.key
-    path.mkdir(parents=True, exist_ok=True)
+    pins_root.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    path.mkdir(mode=PRIVATE_DIR, exist_ok=True)
     _link(snapshot.memory, path / "memory")
     _link(template.rootfs, path / "rootfs")
     if not (path / "snapshot.json").exists():
         snapshot.write_meta(path)
+        os.chmod(path / "snapshot.json", PRIVATE_FILE)
     return Snapshot.load(path), dataclasses.replace(template, rootfs=path / "rootfs")
 
 

@@ -23,6 +23,7 @@ from tartarus import failpoints
 from tartarus.errors import InsufficientStorage, InvalidArgument, QuotaExceeded, SandboxFailed
 from tartarus.hibernation.capture import capture, fsync_path
 from tartarus.hibernation.image import Image, allocated_bytes, pin, pinned, publish
+from tartarus.private import PRIVATE_DIR
 from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.sandbox import (
     LAYER_DRIVE,
@@ -148,7 +149,7 @@ async def hibernate(
     layer = sandbox.workdir / LAYER
     moved = False
     try:
-        staging.mkdir()
+        staging.mkdir(mode=PRIVATE_DIR)
         _, template = pin(snapshot, sandbox.template, layout.pins)
         failpoints.hit("hibernate.pinned")
         before = time.perf_counter() - t0
@@ -320,10 +321,10 @@ async def checkpoint(
     vm = sandbox.vm
     assert vm is not None and vm.config.memory_file is not None
     _check_quota(layout, quota_bytes, snapshot.memory_mib)
-    layout.checkpoints.mkdir(parents=True, exist_ok=True)
+    layout.checkpoints.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     staging = layout.checkpoints / f".{checkpoint_id}.staging"
     try:
-        staging.mkdir()
+        staging.mkdir(mode=PRIVATE_DIR)
         _, template = pin(snapshot, sandbox.template, layout.pins)
         try:
             await capture(vm, vm.config.memory_file, staging / "memory.state")

@@ -20,6 +20,7 @@ from tartarus.limits import SandboxCgroup
 from tartarus.limits.spec import Limits
 from tartarus.network import NetworkPolicy, SandboxNetwork
 from tartarus.network.policy import PinnedPolicy, PinnedRule
+from tartarus.private import write_private
 from tartarus.quarantine.actions import QuarantineState
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.qemu import Drive, VMConfig
@@ -62,7 +63,7 @@ def write(sandbox: RuntimeSandbox, record: dict[str, Any]) -> None:
     }
     path = sandbox.workdir / DESCRIPTOR
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, default=str))
+    write_private(tmp, json.dumps(data, default=str))
     os.replace(tmp, path)
 
 

@@ -152,7 +152,7 @@ class SandboxManager:
         lock.write(str(os.getpid()))
         lock.flush()
         self._lock_file = lock
-        hibernated = list_images(self.layout.hibernated)
+        hibernated = list_images(self.layout.hibernated, self.layout.seal)
         self._adoptable = self._find_adoptable({image.id for image in hibernated})
         reaped = reap_leftovers(self.sandboxes_dir, keep=set(self._adoptable))
         if reaped:
@@ -182,7 +182,7 @@ class SandboxManager:
         if not self.config.live_restore or not self.sandboxes_dir.exists():
             return found
         for workdir in self.sandboxes_dir.iterdir():
-            data = descriptor.read(workdir) if workdir.is_dir() else None
+            data = descriptor.read(workdir, self.layout.seal) if workdir.is_dir() else None
             if data is not None and _still_running(data, workdir, hibernated):
                 ops.undo_staging(workdir)  # it died mid-hibernation, before the commit point
                 found[workdir] = data
@@ -255,6 +255,7 @@ class SandboxManager:
                 "snapshot": str(record.snapshot.path) if record.snapshot else None,
                 "exposed": self._exposed(record.id),
             },
+            self.layout.seal,
         )
 
     def start_pools(self) -> None:
@@ -579,7 +580,7 @@ class SandboxManager:
             except BaseException:
                 committed = self.layout.hibernated / id_
                 if (committed / META).exists():  # failed after its commit point: roll forward
-                    image = Image.load(committed)
+                    image = Image.load(committed, self.layout.seal)
                 else:
                     vm = record.runtime.vm
                     if vm is None or not vm.running:
@@ -661,7 +662,7 @@ class SandboxManager:
             )
 
     def checkpoints(self) -> builtins.list[Image]:
-        return list_images(self.layout.checkpoints)
+        return list_images(self.layout.checkpoints, self.layout.seal)
 
     def get_checkpoint(self, cid: str) -> Image:
         for image in self.checkpoints():

@@ -24,6 +24,7 @@ from typing import Any
 from tartarus.hibernation.capture import fsync_path
 from tartarus.private import PRIVATE_DIR, PRIVATE_FILE, write_private
 from tartarus.runtime.disks import sparse_copy
+from tartarus.sealing import EnvSeal
 from tartarus.snapshots.store import Snapshot
 from tartarus.templates.store import Template
 
@@ -62,15 +63,17 @@ class Image:
     def disk_bytes(self) -> int:
         return self.state_bytes + self.layer_bytes
 
-    def to_json(self) -> str:
+    def to_json(self, seal: EnvSeal) -> str:
         data = dataclasses.asdict(self)
         del data["path"]
         data["template"] = json.loads(self.template.to_json())
+        data["env"] = seal.seal(self.env, self.sandbox_id)
         return json.dumps(data, indent=2)
 
     @classmethod
-    def load(cls, path: Path) -> Image:
+    def load(cls, path: Path, seal: EnvSeal) -> Image:
         data: dict[str, Any] = json.loads((path / META).read_text())
+        data["env"] = seal.open(data["env"], data["sandbox_id"])  # an older, plain env opens too
         tdata = data.pop("template")
         tdata["rootfs"] = Path(tdata["rootfs"])
         return cls(path=path, template=Template(**tdata), **data)
@@ -80,11 +83,11 @@ def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def publish(image: Image, final: Path) -> Image:
+def publish(image: Image, final: Path, seal: EnvSeal) -> Image:
     """Write the metadata, fsync the staging directory and rename it to `final`: the commit point."""
     staging = image.path
     tmp = staging / (META + ".tmp")
-    write_private(tmp, image.to_json())
+    write_private(tmp, image.to_json(seal))
     fsync_path(tmp)
     tmp.rename(staging / META)
     for name in ("memory.state", "layer.ext4"):
@@ -96,14 +99,14 @@ def publish(image: Image, final: Path) -> Image:
     return dataclasses.replace(image, path=final)
 
 
-def list_images(root: Path) -> list[Image]:
+def list_images(root: Path, seal: EnvSeal) -> list[Image]:
     """Published images under `root`; directories without metadata are crash leftovers and skipped."""
     if not root.exists():
         return []
     images = []
     for path in sorted(root.iterdir()):
         if (path / META).exists():
-            images.append(Image.load(path))
+            images.append(Image.load(path, seal))
     return images
 
 

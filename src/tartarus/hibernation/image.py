@@ -124,8 +124,9 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:  # another filesystem: a copy costs space but keeps the image whole
         sparse_copy(src, tmp)
-    # Template data, not a tenant's, and its directory hides it; but everything here is private, and the
-    # cache file it links is the daemon's user's too (its own cache dir is 0700, see guest/cache.py).
+    # Template data, not a tenant's, but everything in the state dir is 0600. A link shares its inode with
+    # the cache's file, which this makes 0600 too: harmless, the daemon's user owns it and its artefact
+    # directory is 0700 already (guest/cache.py makes them with mkdtemp).
     with contextlib.suppress(PermissionError):
         os.chmod(tmp, PRIVATE_FILE)
     tmp.rename(dst)

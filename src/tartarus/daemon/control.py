@@ -30,6 +30,7 @@ from tartarus.daemon.auth import Principal, bearer, ensure_local_admin_key, inva
 from tartarus.daemon.manager import SandboxManager, SandboxRecord
 from tartarus.daemon.metrics import Metrics
 from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
+from tartarus.private import write_private
 from tartarus.runtime.sandbox import SandboxOptions
 from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
 from tartarus.templates.store import get_template
@@ -50,7 +51,7 @@ def node_id(state_dir: Path) -> str:
     with contextlib.suppress(FileNotFoundError):
         return path.read_text().strip()
     node = f"{os.uname().nodename}-{secrets.token_hex(4)}"
-    path.write_text(node + "\n")
+    write_private(path, node + "\n")
     return node
 
 

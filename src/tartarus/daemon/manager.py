@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tartarus import audit
+from tartarus import audit, private
 from tartarus.daemon.ports import ExposedPorts, Exposure, Rules, load_exposed
 from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied, Quarantined
 from tartarus.hibernation import ops
@@ -30,6 +30,7 @@ from tartarus.network.policy import NetworkPolicy
 from tartarus.network.sandbox import reap_orphans
 from tartarus.policy import Policy, PolicyEngine, load_policy
 from tartarus.policy.admission import Admission, admit, contain, create_request
+from tartarus.private import make_private
 from tartarus.quarantine import actions as quarantine_actions
 from tartarus.quarantine.triggers import RefusedPacketsTrigger
 from tartarus.runtime import descriptor
@@ -139,8 +140,8 @@ class SandboxManager:
 
     def open(self) -> list[str]:
         """Take ownership of the state directory and reap leftovers. Returns the ids reaped."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        lock = (self.state_dir / "daemon.lock").open("a+")
+        make_private(self.state_dir)  # before anything is written in it: tenants' data only we may read
+        lock = open(self.state_dir / "daemon.lock", "a+", opener=private.opener)  # noqa: SIM115
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -151,12 +152,12 @@ class SandboxManager:
         lock.write(str(os.getpid()))
         lock.flush()
         self._lock_file = lock
-        hibernated = list_images(self.layout.hibernated)
+        hibernated = list_images(self.layout.hibernated, self.layout.seal)
         self._adoptable = self._find_adoptable({image.id for image in hibernated})
         reaped = reap_leftovers(self.sandboxes_dir, keep=set(self._adoptable))
         if reaped:
             log.warning("reaped %d sandboxes left by a previous daemon: %s", len(reaped), ", ".join(reaped))
-        self.sandboxes_dir.mkdir(exist_ok=True)
+        self.sandboxes_dir.mkdir(mode=private.PRIVATE_DIR, exist_ok=True)
         _reap_orphan_namespaces()
         for staging in self.layout.checkpoints.glob(".*.staging"):
             shutil.rmtree(staging, ignore_errors=True)
@@ -181,7 +182,7 @@ class SandboxManager:
         if not self.config.live_restore or not self.sandboxes_dir.exists():
             return found
         for workdir in self.sandboxes_dir.iterdir():
-            data = descriptor.read(workdir) if workdir.is_dir() else None
+            data = descriptor.read(workdir, self.layout.seal) if workdir.is_dir() else None
             if data is not None and _still_running(data, workdir, hibernated):
                 ops.undo_staging(workdir)  # it died mid-hibernation, before the commit point
                 found[workdir] = data
@@ -254,6 +255,7 @@ class SandboxManager:
                 "snapshot": str(record.snapshot.path) if record.snapshot else None,
                 "exposed": self._exposed(record.id),
             },
+            self.layout.seal,
         )
 
     def start_pools(self) -> None:
@@ -588,7 +590,7 @@ class SandboxManager:
             except BaseException:
                 committed = self.layout.hibernated / id_
                 if (committed / META).exists():  # failed after its commit point: roll forward
-                    image = Image.load(committed)
+                    image = Image.load(committed, self.layout.seal)
                 else:
                     vm = record.runtime.vm
                     if vm is None or not vm.running:
@@ -670,7 +672,7 @@ class SandboxManager:
             )
 
     def checkpoints(self) -> builtins.list[Image]:
-        return list_images(self.layout.checkpoints)
+        return list_images(self.layout.checkpoints, self.layout.seal)
 
     def get_checkpoint(self, cid: str) -> Image:
         for image in self.checkpoints():

@@ -19,6 +19,7 @@ from tartarus.daemon.auth import write_key_file
 from tartarus.daemon.manager import DaemonConfig
 from tartarus.errors import TartarusError
 from tartarus.paths import LOCAL_KEY_FILE
+from tartarus.private import make_private, opener
 
 # How long a stopping daemon lets requests in flight finish before cancelling them (a cancelled create
 # destroys what it made); only then do its sandboxes stop. Without it, one slow cold boot held the stop.
@@ -123,10 +124,10 @@ def _embedded_slot(root: Path) -> Iterator[Path]:
     database (TARTARUS_DATABASE_URL) gains no node and no key per `tartarus run`. Concurrent runs take
     different slots, so no two live daemons share a node id (each reconciles its node's sandboxes).
     """
-    root.mkdir(parents=True, exist_ok=True)
+    make_private(root)  # the slots are state dirs: the daemon's alone
     n = 0
     while True:
-        lock = (root / f"slot-{n}.lock").open("a")
+        lock = open(root / f"slot-{n}.lock", "a", opener=opener)  # noqa: SIM115
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

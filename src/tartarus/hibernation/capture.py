@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tartarus.hibernation.dirty import own_pages
 from tartarus.hibernation.stream import FilterStats, PageMaps, StreamError, filter_ram
+from tartarus.private import opener
 from tartarus.runtime.qemu import RAM_BLOCK
 from tartarus.runtime.vm import MicroVM
 
@@ -65,7 +66,7 @@ class _Pipe:
 def _filter_to(pipe: _Pipe, keep: PageMaps, dest: Path) -> FilterStats:
     """Read QEMU's stream from the pipe as it is written, keep what `keep` says, fsync the result."""
     try:
-        with dest.open("xb", buffering=WRITE_BUFFER) as out:
+        with open(dest, "xb", buffering=WRITE_BUFFER, opener=opener) as out:
             stats = filter_ram(pipe.read, keep, out.write)
             out.flush()
             os.fsync(out.fileno())

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from tartarus.hibernation.capture import fsync_path
+from tartarus.private import PRIVATE_DIR, PRIVATE_FILE, write_private
 from tartarus.runtime.disks import sparse_copy
+from tartarus.sealing import EnvSeal
 from tartarus.snapshots.store import Snapshot
 from tartarus.templates.store import Template
 
@@ -61,15 +63,17 @@ class Image:
     def disk_bytes(self) -> int:
         return self.state_bytes + self.layer_bytes
 
-    def to_json(self) -> str:
+    def to_json(self, seal: EnvSeal) -> str:
         data = dataclasses.asdict(self)
         del data["path"]
         data["template"] = json.loads(self.template.to_json())
+        data["env"] = seal.seal(self.env, self.sandbox_id)
         return json.dumps(data, indent=2)
 
     @classmethod
-    def load(cls, path: Path) -> Image:
+    def load(cls, path: Path, seal: EnvSeal) -> Image:
         data: dict[str, Any] = json.loads((path / META).read_text())
+        data["env"] = seal.open(data["env"], data["sandbox_id"])  # an older, plain env opens too
         tdata = data.pop("template")
         tdata["rootfs"] = Path(tdata["rootfs"])
         return cls(path=path, template=Template(**tdata), **data)
@@ -79,30 +83,30 @@ def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def publish(image: Image, final: Path) -> Image:
+def publish(image: Image, final: Path, seal: EnvSeal) -> Image:
     """Write the metadata, fsync the staging directory and rename it to `final`: the commit point."""
     staging = image.path
     tmp = staging / (META + ".tmp")
-    tmp.write_text(image.to_json())
+    write_private(tmp, image.to_json(seal))
     fsync_path(tmp)
     tmp.rename(staging / META)
     for name in ("memory.state", "layer.ext4"):
         fsync_path(staging / name)
     fsync_path(staging)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     staging.rename(final)
     fsync_path(final.parent)
     return dataclasses.replace(image, path=final)
 
 
-def list_images(root: Path) -> list[Image]:
+def list_images(root: Path, seal: EnvSeal) -> list[Image]:
     """Published images under `root`; directories without metadata are crash leftovers and skipped."""
     if not root.exists():
         return []
     images = []
     for path in sorted(root.iterdir()):
         if (path / META).exists():
-            images.append(Image.load(path))
+            images.append(Image.load(path, seal))
     return images
 
 
@@ -120,17 +124,24 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, tmp)
     except OSError:  # another filesystem: a copy costs space but keeps the image whole
         sparse_copy(src, tmp)
+    # Template data, not a tenant's, but everything in the state dir is 0600. A link shares its inode with
+    # the cache's file, which this makes 0600 too: harmless, the daemon's user owns it and its artefact
+    # directory is 0700 already (guest/cache.py makes them with mkdtemp).
+    with contextlib.suppress(PermissionError):
+        os.chmod(tmp, PRIVATE_FILE)
     tmp.rename(dst)
 
 
 def pin(snapshot: Snapshot, template: Template, pins_root: Path) -> tuple[Snapshot, Template]:
     """The snapshot and template as seen through their pin (created if missing; idempotent)."""
     path = pins_root / snapshot.key
-    path.mkdir(parents=True, exist_ok=True)
+    pins_root.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    path.mkdir(mode=PRIVATE_DIR, exist_ok=True)
     _link(snapshot.memory, path / "memory")
     _link(template.rootfs, path / "rootfs")
     if not (path / "snapshot.json").exists():
         snapshot.write_meta(path)
+        os.chmod(path / "snapshot.json", PRIVATE_FILE)
     return Snapshot.load(path), dataclasses.replace(template, rootfs=path / "rootfs")
 
 

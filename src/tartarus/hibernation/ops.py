@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ from tartarus import failpoints
 from tartarus.errors import InsufficientStorage, InvalidArgument, QuotaExceeded, SandboxFailed
 from tartarus.hibernation.capture import capture, fsync_path
 from tartarus.hibernation.image import Image, allocated_bytes, pin, pinned, publish
+from tartarus.private import PRIVATE_DIR
 from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.sandbox import (
     LAYER_DRIVE,
@@ -31,6 +33,7 @@ from tartarus.runtime.sandbox import (
     new_sandbox_id,
     reap_workdir,
 )
+from tartarus.sealing import EnvSeal
 from tartarus.snapshots.restore import GuestState, prepare, restore
 from tartarus.snapshots.store import Snapshot
 
@@ -60,6 +63,11 @@ class Layout:
     @property
     def pins(self) -> Path:
         return self.state_dir / "pins"
+
+    @functools.cached_property
+    def seal(self) -> EnvSeal:
+        """What seals the env in image records (and sandbox descriptors): the state dir's key."""
+        return EnvSeal.for_state_dir(self.state_dir)
 
 
 def _capturable(sandbox: RuntimeSandbox, snapshot: Snapshot | None) -> Snapshot:
@@ -148,7 +156,7 @@ async def hibernate(
     layer = sandbox.workdir / LAYER
     moved = False
     try:
-        staging.mkdir()
+        staging.mkdir(mode=PRIVATE_DIR)
         _, template = pin(snapshot, sandbox.template, layout.pins)
         failpoints.hit("hibernate.pinned")
         before = time.perf_counter() - t0
@@ -164,7 +172,7 @@ async def hibernate(
         failpoints.hit("hibernate.layer_moved")
         image = _image(sandbox, snapshot, staging, "hibernation", sandbox.id)
         image = dataclasses.replace(image, template=template, request=request or {})
-        image = publish(image, layout.hibernated / sandbox.id)
+        image = publish(image, layout.hibernated / sandbox.id, layout.seal)
         timings["committed"] = time.perf_counter() - t0
     except BaseException as error:
         if moved:
@@ -320,10 +328,10 @@ async def checkpoint(
     vm = sandbox.vm
     assert vm is not None and vm.config.memory_file is not None
     _check_quota(layout, quota_bytes, snapshot.memory_mib)
-    layout.checkpoints.mkdir(parents=True, exist_ok=True)
+    layout.checkpoints.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     staging = layout.checkpoints / f".{checkpoint_id}.staging"
     try:
-        staging.mkdir()
+        staging.mkdir(mode=PRIVATE_DIR)
         _, template = pin(snapshot, sandbox.template, layout.pins)
         try:
             await capture(vm, vm.config.memory_file, staging / "memory.state")
@@ -333,7 +341,7 @@ async def checkpoint(
                 await vm.resume()
         image = _image(sandbox, snapshot, staging, "checkpoint", checkpoint_id)
         image = dataclasses.replace(image, template=template, ttl_s=ttl_s, request=request or {})
-        return publish(image, layout.checkpoints / checkpoint_id)
+        return publish(image, layout.checkpoints / checkpoint_id, layout.seal)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if _disk_full(error):

@@ -30,6 +30,7 @@ from tartarus.network.netns import (
     uplink_addresses,
 )
 from tartarus.network.policy import NONE, PinnedPolicy
+from tartarus.private import write_private
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,13 @@ class SandboxNetwork:
         ensure_host()
         netns = NETNS_PREFIX + (name or secrets.token_hex(6))
         record = workdir / RECORD
-        record.write_text(json.dumps({"netns": netns, "slot": None}))
+        write_private(record, json.dumps({"netns": netns, "slot": None}))
         _register_owner(netns, workdir)
         run(["ip", "netns", "add", netns])
         network = cls(netns, -1)
         try:
             network.slot = claim_slot(netns)
-            record.write_text(json.dumps({"netns": netns, "slot": network.slot}))
+            write_private(record, json.dumps({"netns": netns, "slot": network.slot}))
             host_addr, ns_addr = uplink_addresses(network.slot)
             link = network.host_link
             run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,20 +21,25 @@ from tartarus.limits import SandboxCgroup
 from tartarus.limits.spec import Limits
 from tartarus.network import NetworkPolicy, SandboxNetwork
 from tartarus.network.policy import PinnedPolicy, PinnedRule
+from tartarus.private import write_private
 from tartarus.quarantine.actions import QuarantineState
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.qemu import Drive, VMConfig
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
 from tartarus.runtime.vm import MicroVM
+from tartarus.sealing import EnvSeal, SealError
 from tartarus.templates.store import Template
+
+log = logging.getLogger(__name__)
 
 DESCRIPTOR = "sandbox.json"
 VERSION = 1
 _PATHS = ("kernel", "initrd", "console_log", "memory_file", "netns")
 
 
-def write(sandbox: RuntimeSandbox, record: dict[str, Any]) -> None:
-    """Describe `sandbox` (running) in its directory; `record` is the daemon's own part."""
+def write(sandbox: RuntimeSandbox, record: dict[str, Any], seal: EnvSeal) -> None:
+    """Describe `sandbox` (running) in its directory; `record` is the daemon's own part. Its env is
+    sealed (`tartarus.sealing`): the descriptor is on disk as long as the sandbox runs."""
     vm = sandbox.vm
     if vm is None or vm.pid is None:
         raise SandboxFailed(f"sandbox {sandbox.id} has no VMM to describe")
@@ -43,7 +49,7 @@ def write(sandbox: RuntimeSandbox, record: dict[str, Any]) -> None:
         "id": sandbox.id,
         "template": sandbox.template.name,
         "created_at": sandbox.created_at,
-        "options": _options(sandbox.options),
+        "options": {**_options(sandbox.options), "env": seal.seal(sandbox.options.env, sandbox.id)},
         "vm": {
             "pid": vm.pid,
             "config": dataclasses.asdict(vm.config),
@@ -62,17 +68,24 @@ def write(sandbox: RuntimeSandbox, record: dict[str, Any]) -> None:
     }
     path = sandbox.workdir / DESCRIPTOR
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, default=str))
+    write_private(tmp, json.dumps(data, default=str))
     os.replace(tmp, path)
 
 
-def read(workdir: Path) -> dict[str, Any] | None:
-    """The descriptor in `workdir`, or None if there is none (or it is not one this version reads)."""
+def read(workdir: Path, seal: EnvSeal) -> dict[str, Any] | None:
+    """The descriptor in `workdir` with its env opened, or None if there is none (or it is not one this
+    version reads, or its env does not open with `seal`)."""
     try:
         data = json.loads((workdir / DESCRIPTOR).read_text())
-    except (OSError, ValueError):
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            return None
+        data["options"]["env"] = seal.open(data["options"]["env"], str(data["id"]))
+    except SealError as e:
+        log.error("%s: %s", workdir / DESCRIPTOR, e)
         return None
-    return data if isinstance(data, dict) and data.get("version") == VERSION else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data
 
 
 def vmm_pid(data: dict[str, Any]) -> int:

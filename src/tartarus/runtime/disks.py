@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from tartarus.guest.cache import cached, digest
+from tartarus.private import opener
 
 DEFAULT_LAYER_MIB = 4096
 
@@ -44,7 +45,7 @@ def empty_layer(size_mib: int = DEFAULT_LAYER_MIB) -> Path:
 
 def sparse_copy(src: Path, dst: Path) -> None:
     """Copy only the allocated extents of `src` (SEEK_DATA/SEEK_HOLE) into a new sparse `dst`."""
-    with src.open("rb") as fin, dst.open("xb") as fout:
+    with src.open("rb") as fin, open(dst, "xb", opener=opener) as fout:  # guest data: 0600
         size = os.fstat(fin.fileno()).st_size
         ifd, ofd = fin.fileno(), fout.fileno()
         pos = 0

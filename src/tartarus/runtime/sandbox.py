@@ -27,6 +27,7 @@ from tartarus.network import NetworkPolicy, SandboxNetwork
 from tartarus.network import sandbox as network_records
 from tartarus.network.nft import TAP
 from tartarus.network.sandbox import GUEST_KERNEL_ARG, GUEST_MAC
+from tartarus.private import PRIVATE_DIR
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.disks import create_layer
@@ -97,7 +98,7 @@ class RuntimeSandbox:
         """Cold-boot a sandbox: fresh VM, kernel boot, agent ready. Cleans up everything on failure."""
         id_ = new_sandbox_id()
         workdir = root / id_
-        workdir.mkdir(parents=True)
+        workdir.mkdir(mode=PRIVATE_DIR, parents=True)
         sandbox = cls(id_, template, workdir, options or SandboxOptions())
         try:
             await sandbox._boot()

@@ -22,6 +22,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, Message, QMPClient
 
+from tartarus import private
 from tartarus.errors import SandboxFailed, Timeout
 from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.launcher import launch_argv
@@ -193,7 +194,7 @@ class MicroVM:
         qmp_vm = _listen(self.workdir / QMP_SOCKET)
         agent_vm = _listen(self.workdir / AGENT_SOCKET)
         qmp_host = agent_host = None
-        stderr = (self.workdir / "qemu.log").open("ab")
+        stderr = open(self.workdir / "qemu.log", "ab", opener=private.opener)  # noqa: SIM115
         netns_fd = -1
         try:
             # Connected before QEMU starts: the backlog holds them until it accepts.
@@ -211,7 +212,12 @@ class MicroVM:
             )
             fds = (qmp_vm.fileno(), agent_vm.fileno(), *([netns_fd] if netns_fd >= 0 else []))
             self.process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=stderr, stderr=stderr, pass_fds=fds
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                pass_fds=fds,
+                umask=private.QEMU_UMASK,  # what QEMU makes in the sandbox's directory is private
             )
         except BaseException:
             for sock in (qmp_host, agent_host):
@@ -225,7 +231,7 @@ class MicroVM:
             qmp_vm.close()
             agent_vm.close()
         assert qmp_host is not None and agent_host is not None
-        (self.workdir / PID_FILE).write_text(str(self.process.pid))
+        private.write_private(self.workdir / PID_FILE, str(self.process.pid))
         self._tasks.append(asyncio.create_task(self._watch_process(), name="vmm-watch"))
         try:
             self.qmp = _QMP()

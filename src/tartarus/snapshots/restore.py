@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tartarus import failpoints
+from tartarus.private import PRIVATE_DIR
 from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions, new_sandbox_id
@@ -68,7 +69,7 @@ async def prepare(
     the snapshot's), or the existing file `layer` used in place (a hibernated sandbox's)."""
     sandbox = RuntimeSandbox(sandbox_id or new_sandbox_id(), template, root / "pending", options)
     sandbox.workdir = root / sandbox.id
-    sandbox.workdir.mkdir(parents=True)
+    sandbox.workdir.mkdir(mode=PRIVATE_DIR, parents=True)
     try:
         t0 = time.perf_counter()
         if layer is None:

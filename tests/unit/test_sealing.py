@@ -1,0 +1,117 @@
+"""Issue 14, defect 3, without a VM: the env seal's round trip, records from before sealing still load,
+and the key file is private and kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tartarus.hibernation.image import META, Image, list_images
+from tartarus.private import write_private
+from tartarus.runtime import descriptor
+from tartarus.sealing import KEY_FILE, EnvSeal, SealError
+from tartarus.templates.store import Template
+
+ENV = {"API_TOKEN": "tok-123-secret", "EMPTY": "", "UNICODE": "héllo ✓"}
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_env_round_trips_sealed(tmp_path: Path) -> None:
+    seal = EnvSeal.for_state_dir(tmp_path)
+    sealed = seal.seal(ENV, "sb-1")
+    assert isinstance(sealed, str) and "tok-123-secret" not in sealed and "API_TOKEN" not in sealed
+    assert seal.open(sealed, "sb-1") == ENV
+    assert seal.seal(ENV, "sb-1") != sealed  # a fresh nonce each time
+
+
+def test_a_sealed_env_opens_only_for_its_sandbox_and_key(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    seal = EnvSeal.for_state_dir(tmp_path / "a")
+    sealed = seal.seal(ENV, "sb-1")
+    with pytest.raises(SealError):
+        seal.open(sealed, "sb-2")  # moved into another sandbox's record
+    with pytest.raises(SealError):
+        EnvSeal.for_state_dir(tmp_path / "b").open(sealed, "sb-1")  # another daemon's key
+    tampered = sealed[:-4] + ("AAAA" if not sealed.endswith("AAAA") else "BBBB")
+    with pytest.raises(SealError):
+        seal.open(tampered, "sb-1")
+
+
+def test_the_key_file_is_private_and_kept(tmp_path: Path) -> None:
+    old = os.umask(0)  # whatever the process's umask, the key is 0600
+    try:
+        seal = EnvSeal.for_state_dir(tmp_path)
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / KEY_FILE) == 0o600
+    sealed = seal.seal(ENV, "sb-1")
+    assert EnvSeal.for_state_dir(tmp_path).open(sealed, "sb-1") == ENV  # read back, not replaced
+    assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE]  # no temporary left
+
+
+def _template() -> Template:
+    return Template("python-ds", "k1", Path("/pins/k/rootfs"), "ext4", preload=["numpy"])
+
+
+def _image(path: Path, env: dict[str, str]) -> Image:
+    return Image(
+        path=path,
+        kind="hibernation",
+        id="sb-1",
+        sandbox_id="sb-1",
+        template=_template(),
+        snapshot_key="k",
+        interpreter_pid=7,
+        vcpus=1,
+        memory_mib=512,
+        env=env,
+        created_at=1.0,
+        captured_at=2.0,
+        state_bytes=3,
+        layer_bytes=4,
+    )
+
+
+def test_an_image_record_is_sealed_and_reads_back(tmp_path: Path) -> None:
+    seal = EnvSeal.for_state_dir(tmp_path)
+    image = _image(tmp_path / "hibernated" / "sb-1", ENV)
+    image.path.mkdir(parents=True)
+    write_private(image.path / META, image.to_json(seal))
+    assert b"tok-123-secret" not in (image.path / META).read_bytes()
+    assert list_images(tmp_path / "hibernated", seal) == [image]
+
+
+def test_an_image_record_from_before_sealing_still_loads(tmp_path: Path) -> None:
+    image = _image(tmp_path / "sb-1", ENV)
+    image.path.mkdir()
+    data = json.loads(image.to_json(EnvSeal.for_state_dir(tmp_path)))
+    data["env"] = ENV  # as rev 822c959 wrote it
+    (image.path / META).write_text(json.dumps(data))
+    assert Image.load(image.path, EnvSeal.for_state_dir(tmp_path)) == image
+
+
+def test_a_descriptor_from_before_sealing_still_loads(tmp_path: Path) -> None:
+    workdir = tmp_path / "sb-1"
+    workdir.mkdir()
+    old = {"version": descriptor.VERSION, "id": "sb-1", "options": {"env": ENV, "vcpus": 1}}
+    (workdir / descriptor.DESCRIPTOR).write_text(json.dumps(old))
+    data = descriptor.read(workdir, EnvSeal.for_state_dir(tmp_path))
+    assert data is not None and data["options"]["env"] == ENV
+
+
+def test_a_descriptor_whose_env_does_not_open_is_not_read(tmp_path: Path) -> None:
+    workdir = tmp_path / "sb-1"
+    workdir.mkdir()
+    (tmp_path / "other").mkdir()
+    sealed = EnvSeal.for_state_dir(tmp_path / "other").seal(ENV, "sb-1")
+    data = {"version": descriptor.VERSION, "id": "sb-1", "options": {"env": sealed}}
+    (workdir / descriptor.DESCRIPTOR).write_text(json.dumps(data))
+    assert descriptor.read(workdir, EnvSeal.for_state_dir(tmp_path)) is None

@@ -46,6 +46,7 @@ class Mutation:
 API = "src/tartarus/daemon/app.py"
 CONTROL = "src/tartarus/daemon/control.py"
 PORTS_VM = "tests/network/test_exposed_ports.py::"
+STATE_VM = "tests/api/test_state_private.py::test_state_dir_is_private_and_env_is_sealed"
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
@@ -143,6 +144,54 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if any(self._connections[k] >= limit",
         "if False and any(self._connections[k] >= limit",
         ("tests/unit/test_expose.py",),
+    ),
+    Mutation(
+        "state.private-root",
+        "the state dir is made 0700 and an older tree tightened on start",
+        "src/tartarus/daemon/manager.py",
+        "make_private(self.state_dir)  #",
+        "self.state_dir.mkdir(parents=True, exist_ok=True)  #",
+        (STATE_VM,),
+    ),
+    Mutation(
+        "state.private-files",
+        "files the daemon writes in the state dir are 0600",
+        "src/tartarus/private.py",
+        "return os.open(path, flags | os.O_CLOEXEC, PRIVATE_FILE)",
+        "return os.open(path, flags | os.O_CLOEXEC, 0o644)",
+        (STATE_VM,),
+    ),
+    Mutation(
+        "state.qemu-umask",
+        "what QEMU creates in a sandbox's directory is private",
+        "src/tartarus/runtime/vm.py",
+        "umask=private.QEMU_UMASK,",
+        "",
+        (STATE_VM,),
+    ),
+    Mutation(
+        "state.layer-private",
+        "a sandbox's writable layer (guest data) is 0600",
+        "src/tartarus/runtime/disks.py",
+        'open(dst, "xb", opener=opener)',
+        'open(dst, "xb")',
+        (STATE_VM,),
+    ),
+    Mutation(
+        "state.env-sealed-descriptor",
+        "sandbox.json keeps the env sealed, not in plaintext",
+        "src/tartarus/runtime/descriptor.py",
+        '"env": seal.seal(sandbox.options.env, sandbox.id)',
+        '"env": sandbox.options.env',
+        (STATE_VM,),
+    ),
+    Mutation(
+        "state.env-sealed-image",
+        "hibernation and checkpoint records keep the env sealed",
+        "src/tartarus/hibernation/image.py",
+        'data["env"] = seal.seal(self.env, self.sandbox_id)',
+        "pass",
+        (STATE_VM,),
     ),
 )
 

@@ -130,7 +130,7 @@ with daemon_thread(Path({str(state)!r}), Path({str(sock)!r}), config):
     return sandbox_id
 
 
-@pytest.mark.parametrize("step", ["hibernate.captured", "hibernate.layer_moved"])
+@pytest.mark.parametrize("step", HIBERNATE_STEPS)
 def test_daemon_killed_before_hibernation_commits(tmp_path: Path, step: str) -> None:
     """Before the commit point the sandbox is a running one, and an embedded daemon's sandboxes die with it
     (their VMMs carry a parent-death signal): the next daemon must find no trace of it, not half of it."""
@@ -142,7 +142,7 @@ def test_daemon_killed_before_hibernation_commits(tmp_path: Path, step: str) -> 
         assert not (state / "hibernated" / sandbox_id).exists()
 
 
-@pytest.mark.parametrize("step", ["hibernate.captured", "hibernate.layer_moved"])
+@pytest.mark.parametrize("step", HIBERNATE_STEPS)
 def test_served_daemon_killed_before_hibernation_commits_leaves_it_running(tmp_path: Path, step: str) -> None:
     """A served daemon's VMM outlives it, paused mid-capture: the next daemon puts the layer back,
     resumes the guest and takes the sandbox over, state intact."""

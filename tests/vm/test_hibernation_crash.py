@@ -82,24 +82,39 @@ def test_hibernated_sandboxes_survive_a_daemon_restart(tmp_path: Path) -> None:
     assert not qemu_pids(state)
 
 
-def _daemon_dies_at(tmp_path: Path, step: str, hibernate_first: bool, *, live_restore: bool = False) -> str:
+def _daemon_dies_at(
+    tmp_path: Path,
+    step: str,
+    hibernate_first: bool,
+    *,
+    live_restore: bool = False,
+    pool_size: int | None = None,
+) -> str:
     """Run a daemon that exits abruptly (like kill -9) at `step`; returns the sandbox id it had.
-    With `live_restore` (as `tartarus serve` runs) its VMMs outlive it."""
+    With `live_restore` (as `tartarus serve` runs) its VMMs outlive it. Given a `pool_size`, the
+    fatal operation waits for the pool to fill, so that a wake takes a pooled VMM (and swaps its layer
+    in) if there is a pool, and starts its own if there is none."""
+    pool = {} if pool_size is None else {"pool_size": pool_size}
     state, sock = tmp_path / "state", tmp_path / "a.sock"
     script = f"""
 import os
 from pathlib import Path
+import httpx
 from tartarus import failpoints
 from tartarus.daemon.server import daemon_thread
 from tartarus.daemon.manager import DaemonConfig
 from tartarus.sdk import Sandbox
+from tests.conftest import wait_until
 from tests.vm.test_hibernation import _give_state
-config = DaemonConfig(live_restore={live_restore!r})
+config = DaemonConfig(live_restore={live_restore!r}, **{pool!r})
+health = httpx.Client(transport=httpx.HTTPTransport(uds={str(sock)!r}), base_url="http://daemon")
 with daemon_thread(Path({str(state)!r}), Path({str(sock)!r}), config):
     sb = Sandbox.create("python-ds", url="unix://{sock}")
     _give_state(sb)
     if {hibernate_first!r}:
         sb.hibernate()
+    pooled = lambda: health.get("/v1/health").json()["pooled"] >= config.pool_size
+    assert {pool_size is None!r} or wait_until(pooled, 120), "the pool never filled"
     print(sb.id, flush=True)
     failpoints.arm({step!r}, "exit")
     sb.wake() if {hibernate_first!r} else sb.hibernate()
@@ -115,7 +130,7 @@ with daemon_thread(Path({str(state)!r}), Path({str(sock)!r}), config):
     return sandbox_id
 
 
-@pytest.mark.parametrize("step", ["hibernate.captured", "hibernate.layer_moved"])
+@pytest.mark.parametrize("step", HIBERNATE_STEPS)
 def test_daemon_killed_before_hibernation_commits(tmp_path: Path, step: str) -> None:
     """Before the commit point the sandbox is a running one, and an embedded daemon's sandboxes die with it
     (their VMMs carry a parent-death signal): the next daemon must find no trace of it, not half of it."""
@@ -127,7 +142,7 @@ def test_daemon_killed_before_hibernation_commits(tmp_path: Path, step: str) -> 
         assert not (state / "hibernated" / sandbox_id).exists()
 
 
-@pytest.mark.parametrize("step", ["hibernate.captured", "hibernate.layer_moved"])
+@pytest.mark.parametrize("step", HIBERNATE_STEPS)
 def test_served_daemon_killed_before_hibernation_commits_leaves_it_running(tmp_path: Path, step: str) -> None:
     """A served daemon's VMM outlives it, paused mid-capture: the next daemon puts the layer back,
     resumes the guest and takes the sandbox over, state intact."""
@@ -165,6 +180,49 @@ def test_daemon_killed_after_commit_or_before_wake_commits(
         sb.kill()
         assert not list((state / "sandboxes").glob(f"*{sandbox_id}*"))
         assert not (state / "hibernated" / sandbox_id).exists()
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["own-vmm", "pooled-vmm"])
+def test_daemon_killed_when_wake_commits_leaves_it_hibernated(tmp_path: Path, pooled: bool) -> None:
+    """Killed at its commit point, a wake has moved the image out of `hibernated/` (to `.<id>.waking`,
+    where the VMM's layer is) but its guest has not run: that image is still the whole sandbox, which
+    the next daemon puts back, where the old one reaped it with the leftovers (the sandbox was gone).
+    Both ways a wake starts: its own VMM on the image's layer, or a pooled one given that layer."""
+    from tartarus.daemon.manager import DaemonConfig
+
+    sandbox_id = _daemon_dies_at(tmp_path, "wake.committed", True, pool_size=2 if pooled else 0)
+    state, sock = tmp_path / "state", tmp_path / "b.sock"
+    sandboxes = state / "sandboxes"
+    assert (sandboxes / f".{sandbox_id}.waking" / "layer.ext4").exists()
+    assert not (state / "hibernated" / sandbox_id).exists()
+    assert (sandboxes / sandbox_id).exists() is not pooled  # a pooled VMM's directory keeps its name
+    with daemon_thread(state, sock, DaemonConfig(pool_size=0)):
+        assert not list(sandboxes.iterdir())  # no .waking, no VMM directory
+        listed = {s["id"]: s["state"] for s in Sandbox.list(url=f"unix://{sock}")}
+        assert listed == {sandbox_id: "hibernated"}
+        sb = Sandbox.connect(sandbox_id, url=f"unix://{sock}")
+        _check_state(sb)  # woken: memory, files and process as they were hibernated
+        sb.kill()
+        assert not list(sandboxes.iterdir())
+        assert not (state / "hibernated" / sandbox_id).exists()
+    assert not qemu_pids(state)
+
+
+def test_daemon_killed_after_the_woken_guest_ran_loses_it_cleanly(tmp_path: Path) -> None:
+    """Once its guest has run, a waking sandbox's memory is only in its VMM (the image's is older than
+    its layer now), which dies with an embedded daemon: the next daemon must not publish that image
+    again (a disk changed under the guest's page cache), and leaves nothing of it."""
+    from tartarus.daemon.manager import DaemonConfig
+
+    sandbox_id = _daemon_dies_at(tmp_path, "wake.resumed", True, pool_size=0)
+    state, sock = tmp_path / "state", tmp_path / "b.sock"
+    sandboxes = state / "sandboxes"
+    assert (sandboxes / f".{sandbox_id}.waking" / "layer.ext4").exists()
+    with daemon_thread(state, sock, DaemonConfig(pool_size=0)):
+        assert Sandbox.list(url=f"unix://{sock}") == []
+        assert not list(sandboxes.iterdir())
+        assert not (state / "hibernated" / sandbox_id).exists()
+    assert not qemu_pids(state)
 
 
 @pytest.fixture

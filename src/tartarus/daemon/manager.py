@@ -152,6 +152,16 @@ class SandboxManager:
         lock.write(str(os.getpid()))
         lock.flush()
         self._lock_file = lock
+        # Before the leftovers are reaped: a wake cut short may have left the only copy of a sandbox.
+        restored, lost = ops.recover_wakes(self.layout)
+        if restored:
+            log.warning(
+                "put back %d sandboxes whose wake a previous daemon left: %s",
+                len(restored),
+                ", ".join(restored),
+            )
+        if lost:
+            log.error("lost %d sandboxes that a previous daemon died waking: %s", len(lost), ", ".join(lost))
         hibernated = list_images(self.layout.hibernated, self.layout.seal)
         self._adoptable = self._find_adoptable({image.id for image in hibernated})
         reaped = reap_leftovers(self.sandboxes_dir, keep=set(self._adoptable))

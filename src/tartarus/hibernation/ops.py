@@ -2,8 +2,10 @@
 step leaves the sandbox running (rolled back) or cleanly captured (rolled forward), never half.
 
 Hibernation commits when its image directory is renamed into `<state>/hibernated/`; a wake commits
-when that directory is renamed into the sandbox's working directory, after its state is loaded and
-before the guest runs again, so an image is never reused once its guest has moved on.
+when that directory is renamed to `<state>/sandboxes/.<id>.waking`, after its state is loaded and
+before the guest runs again, so an image is never reused once its guest has moved on. Just before the
+guest resumes, the waking directory is marked `resumed`: a daemon that dies between the two leaves an
+image that is still exactly the sandbox, which the next daemon puts back (`recover_wakes`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Any
 from tartarus import failpoints
 from tartarus.errors import InsufficientStorage, InvalidArgument, QuotaExceeded, SandboxFailed
 from tartarus.hibernation.capture import capture, fsync_path
-from tartarus.hibernation.image import Image, allocated_bytes, pin, pinned, publish
-from tartarus.private import PRIVATE_DIR
+from tartarus.hibernation.image import META, Image, allocated_bytes, pin, pinned, publish
+from tartarus.private import PRIVATE_DIR, PRIVATE_FILE
 from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.sandbox import (
     LAYER_DRIVE,
@@ -40,6 +42,7 @@ from tartarus.snapshots.store import Snapshot
 log = logging.getLogger(__name__)
 
 LAYER = "rw.ext4"  # a running sandbox's writable layer, in its working directory
+RESUMED = "resumed"  # in a waking image: its guest may have run since, so the image is stale
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,33 @@ def undo_staging(workdir: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def recover_wakes(layout: Layout) -> tuple[list[str], list[str]]:
+    """What a daemon that died mid-wake, after its commit point, left: `.<id>.waking` directories.
+    Returns the ids put back to hibernation and the ids lost.
+
+    One not marked `resumed` is still the whole sandbox (its guest never ran; the VMM that loaded it is
+    reaped with the other leftovers), so it goes back to `hibernated/`: deleting it, as reaping the
+    sandboxes directory would, destroyed a sandbox nothing had touched. One marked `resumed` had its
+    memory only in that VMM, which cannot be taken over (it was never described), so it is lost."""
+    restored: list[str] = []
+    lost: list[str] = []
+    if not layout.sandboxes.exists():
+        return restored, lost
+    for waking in sorted(layout.sandboxes.glob(".*.waking")):
+        sandbox_id = waking.name[1 : -len(".waking")]
+        whole = all((waking / name).exists() for name in (META, "memory.state", "layer.ext4"))
+        target = layout.hibernated / sandbox_id
+        if whole and not (waking / RESUMED).exists() and not target.exists():
+            target.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+            os.rename(waking, target)
+            fsync_path(target.parent)
+            restored.append(sandbox_id)
+        else:
+            shutil.rmtree(waking, ignore_errors=True)
+            lost.append(sandbox_id)
+    return restored, lost
+
+
 async def start_from(
     image: Image,
     layout: Layout,
@@ -227,8 +257,8 @@ async def start_from(
     workdir = layout.sandboxes / sandbox_id
     if wake and workdir.exists() and (prepared is None or prepared.workdir != workdir):
         reap_workdir(workdir)  # what a failed earlier wake left; the image itself is intact
-    # A waking image moves here when it commits: out of hibernated/, so a crash from then on forgets it
-    # (the guest may have run), yet outside the working directory a failed restore deletes.
+    # A waking image moves here when it commits: out of hibernated/, so no one reuses it once its guest
+    # may have run, yet outside the working directory a failed restore deletes (see `recover_wakes`).
     waking = layout.sandboxes / f".{sandbox_id}.waking"
     committed = False
 
@@ -239,6 +269,8 @@ async def start_from(
             fsync_path(image.path.parent)
             committed = True
             failpoints.hit("wake.committed")
+            (waking / RESUMED).touch(mode=PRIVATE_FILE)  # from here a crash cannot tell whether the guest ran
+            fsync_path(waking)
 
     t0 = time.perf_counter()
     if prepared is None:
@@ -261,10 +293,14 @@ async def start_from(
     state = GuestState(image.state, image.interpreter_pid, new_identity=not wake)
     try:
         sandbox = await restore(snapshot, image.template, layout.sandboxes, options, prepared, state, commit)
+        failpoints.hit("wake.resumed")  # its guest runs; its layer is still in the waking image
     except BaseException:
         if committed and "guest_resumed" not in prepared.timings:  # the guest never ran: undo
+            (waking / RESUMED).unlink(missing_ok=True)
             os.rename(waking, image.path)
         elif committed:
+            with contextlib.suppress(Exception):
+                await prepared.destroy()  # idempotent: a failed restore destroyed it already
             shutil.rmtree(waking, ignore_errors=True)
             log.error("sandbox %s failed while waking, after its guest resumed: it is lost", sandbox_id)
         raise

@@ -53,6 +53,20 @@ def no_vmm_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
         pytest.fail(f"VMMs left running after the test: {leaked}")
 
 
+# Fixtures that boot or restore real VMs: a test that uses one is a VM test wherever it lives.
+VM_FIXTURES = frozenset({"daemon_url", "sandbox", "python_ds", "net_daemon", "net_host", "policy_daemon"})
+VM_DIR = Path(__file__).parent / "vm"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark VM tests so `-m "not vm"` deselects them: pytest ignores `pytestmark` in a conftest, so
+    tests/vm's own marker never applied; a module's `pytestmark` still adds it for its tests."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(VM_DIR) or fixtures & VM_FIXTURES:
+            item.add_marker(pytest.mark.vm)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]

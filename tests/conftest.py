@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import leaks
+
 
 def qemu_pids(under: Path | None = None) -> set[int]:
     """QEMU processes, optionally only those whose command line references a path below `under`."""
@@ -35,22 +37,61 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-@pytest.fixture(autouse=True)
-def no_vmm_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A served daemon's VMMs outlive it by design; one a test leaves behind under its tmp_path (a test
-    that failed half-way, or a leak) is reaped with its namespace and cgroup, and a leak is an error."""
-    tmp: Path | None = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
-    yield
-    if tmp is None or not qemu_pids(tmp):
-        return
-    from tartarus.runtime.sandbox import reap_leftovers
+leaks.track_pools()
+# In-process daemons that serve many tests: (URL, state dir). Their sandboxes' directories count as
+# traces, and a leak is destroyed through them first.
+SHARED_DAEMONS: list[tuple[str, Path]] = []
 
-    leaked = [str(p.parent) for p in tmp.glob("**/sandboxes/*/qemu.pid")]
-    for sandboxes in {p.parent.parent for p in tmp.glob("**/sandboxes/*/qemu.pid")}:
-        reap_leftovers(sandboxes)
+
+def _check_leaks(request: pytest.FixtureRequest, base: Path, before: set[leaks.Trace], what: str) -> None:
+    dirs = [state / "sandboxes" for _, state in SHARED_DAEMONS]
+    leaked = leaks.new_traces(before, base, dirs)
+    if not leaked:
+        return
+    leaks.reap(leaked, [url for url, _ in SHARED_DAEMONS])
     report = getattr(request.node, "rep_call", None)
-    if report is not None and report.passed:
-        pytest.fail(f"VMMs left running after the test: {leaked}")
+    if report is None or report.passed:  # a failed test's leftovers are its failure's, reaped quietly
+        names = sorted(f"{t.kind} {t.name}" for t in leaked)
+        pytest.fail(f"{what} left sandboxes behind (reaped now): {names}")
+
+
+@pytest.fixture(autouse=True)
+def no_sandbox_outlives_its_test(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Every test leaves the host as it found it: no new VMM, network namespace, uplink or cgroup of
+    this session's sandboxes, and no sandbox left on a shared daemon. Set up after every wider fixture
+    (pytest orders by scope), so sandboxes a module's fixture holds are in `before`; a pool's spares
+    are not counted. A leak is reaped, and fails the test that left it."""
+    base = tmp_path_factory.getbasetemp()
+    before = leaks.traces(base, [state / "sandboxes" for _, state in SHARED_DAEMONS])
+    yield
+    _check_leaks(request, base, before, "the test")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_sandbox_outlives_its_module(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """The same at module boundaries: what the module's fixtures held must be gone after them."""
+    base = tmp_path_factory.getbasetemp()
+    before = leaks.traces(base, [state / "sandboxes" for _, state in SHARED_DAEMONS])
+    yield
+    _check_leaks(request, base, before, f"module {request.module.__name__}")
+
+
+# Fixtures that boot or restore real VMs: a test that uses one is a VM test wherever it lives.
+VM_FIXTURES = frozenset({"daemon_url", "sandbox", "python_ds", "net_daemon", "net_host", "policy_daemon"})
+VM_DIR = Path(__file__).parent / "vm"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark VM tests so `-m "not vm"` deselects them: pytest ignores `pytestmark` in a conftest, so
+    tests/vm's own marker never applied; a module's `pytestmark` still adds it for its tests."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(VM_DIR) or fixtures & VM_FIXTURES:
+            item.add_marker(pytest.mark.vm)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -75,7 +116,11 @@ def daemon_url(daemon_state: Path) -> Iterator[str]:
 
     uds = daemon_state / "api.sock"
     with daemon_thread(daemon_state, uds):
-        yield f"unix://{uds}"
+        SHARED_DAEMONS.append((f"unix://{uds}", daemon_state))
+        try:
+            yield f"unix://{uds}"
+        finally:
+            SHARED_DAEMONS.remove((f"unix://{uds}", daemon_state))
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import yaml
 
 from tartarus.paths import REPO_ROOT
@@ -75,6 +76,7 @@ def _observations(metrics_text: str, name: str) -> float:
     return 0.0
 
 
+@pytest.mark.vm
 def test_slo_histograms_fill_from_real_work(api: Api) -> None:
     from tartarus.sdk import Sandbox
 

@@ -4,6 +4,7 @@ operation): about 20 s per store and key here."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -29,14 +30,18 @@ schema = schemathesis.openapi.from_path(REPO_ROOT / "docs" / "openapi.json").exc
 
 
 @pytest.fixture(params=["admin", "tenant"])
-def fuzz_key(request: pytest.FixtureRequest, api: Api) -> str:
-    """An admin key (reaches every operation) and a tenant key (exercises the refusals)."""
+def fuzz_key(request: pytest.FixtureRequest, api: Api) -> Iterator[str]:
+    """An admin key (reaches every operation) and a tenant key (exercises the refusals); the sandboxes
+    the fuzzed creates started are destroyed after each test (the leak check holds every test to it)."""
     # Fuzzed creates run as a tenant with a small quota, which bounds the VMs they can start.
     tenant = "local" if request.param == "admin" else "fuzzed"
     with api.client(api.admin_key) as c:
         quota = {"max_sandboxes": 2, "max_vcpus": 2, "max_memory_mib": 1024}
         c.put(f"/v1/tenants/{tenant}/quota", json=quota).raise_for_status()
-    return api.admin_key if request.param == "admin" else api.new_key(tenant)
+    yield api.admin_key if request.param == "admin" else api.new_key(tenant)
+    with api.client(api.admin_key) as c:
+        for sandbox in c.get("/v1/sandboxes").json()["sandboxes"]:
+            c.delete(f"/v1/sandboxes/{sandbox['id']}")
 
 
 @schema.parametrize()

@@ -1,7 +1,10 @@
 """Layer application: OCI semantics, and hostile archives that must never touch anything outside the root.
 
 Each hostile case checks both halves of the contract: the violation is neutralised (with a warning naming
-the entry) or fails with an error naming the entry, and a sentinel tree beside the root is unchanged.
+the entry) or fails with an error naming the entry, and the canaries beside the root are unchanged. The
+archives aim at canaries this test makes, never at the machine's files, and every layer is applied in a
+jail (tests/images/jail.py) where only the test's work area is writable: with the escape guard broken,
+the tests fail and the machine is untouched.
 """
 
 from __future__ import annotations
@@ -17,30 +20,55 @@ import pytest
 from tartarus.images import testing as t
 from tartarus.images.errors import ImageError, UnsafeLayer
 from tartarus.images.layers import ApplyReport, LayerApplier, Limits
+from tests.images.jail import jailed
 from tests.images.treecmp import Snapshot, snapshot
 
 
 @pytest.fixture
-def outside(tmp_path: Path) -> Path:
-    """A tree next to the root that no layer may modify: tmp/outside/{file,dir/}."""
-    out = tmp_path / "outside"
+def work(tmp_path: Path) -> Path:
+    """The jail's only writable directory: the root and the `outside` canaries live here."""
+    w = tmp_path / "work"
+    w.mkdir()
+    return w
+
+
+@pytest.fixture
+def outside(work: Path) -> Path:
+    """A tree next to the root, writable in the jail, that no layer may modify: work/outside/{file,dir/}."""
+    out = work / "outside"
     (out / "dir").mkdir(parents=True)
     (out / "file").write_text("precious\n")
     return out
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    r = tmp_path / "deep" / "er" / "root"
+def sealed(tmp_path: Path) -> Path:
+    """Canaries outside the jail's writable area (stand-ins for the machine's files): a broken guard
+    reaching them fails with EROFS instead of changing them."""
+    out = tmp_path / "sealed"
+    (out / "dir").mkdir(parents=True)
+    (out / "passwd").write_text("root:x:0:0:sealed\n")
+    return out
+
+
+@pytest.fixture
+def root(work: Path) -> Path:
+    r = work / "deep" / "er" / "root"
     r.mkdir(parents=True)
     return r
 
 
-def apply(root: Path, *layers: list[t.Entry], limits: Limits | None = None) -> ApplyReport:
+def apply_archives(root: Path, archives: list[bytes], limits: Limits | None) -> ApplyReport:
     with LayerApplier(root, limits) as applier:
-        for i, entries in enumerate(layers):
-            applier.apply(io.BytesIO(t.tar_bytes(entries)), f"layer {i}")
+        for i, archive in enumerate(archives):
+            applier.apply(io.BytesIO(archive), f"layer {i}")
         return applier.finish()
+
+
+def apply(root: Path, *layers: list[t.Entry], limits: Limits | None = None) -> ApplyReport:
+    """Apply `layers` to `root` in the jail, whose writable area is the `work` directory above it."""
+    archives = [t.tar_bytes(entries) for entries in layers]
+    return jailed([root.parents[2]], apply_archives, root, archives, limits)
 
 
 def everything_but(tmp_path: Path, root: Path) -> Snapshot:
@@ -50,7 +78,7 @@ def everything_but(tmp_path: Path, root: Path) -> Snapshot:
 
 
 def test_dotdot_and_absolute_paths_are_clamped_inside_the_root(
-    tmp_path: Path, root: Path, outside: Path
+    tmp_path: Path, root: Path, outside: Path, sealed: Path
 ) -> None:
     before = everything_but(tmp_path, root)
     report = apply(
@@ -60,6 +88,8 @@ def test_dotdot_and_absolute_paths_are_clamped_inside_the_root(
             t.file("/abs-escape", b"2"),
             t.file("a/../../../b", b"3"),
             t.file(f"{outside}/file", b"4"),
+            t.file(f"{sealed}/passwd", b"5"),
+            t.file("../" * 15 + str(sealed / "dir" / "new").lstrip("/"), b"6"),
         ],
     )
     assert everything_but(tmp_path, root) == before
@@ -67,12 +97,14 @@ def test_dotdot_and_absolute_paths_are_clamped_inside_the_root(
     assert (root / "abs-escape").read_bytes() == b"2"
     assert (root / "b").read_bytes() == b"3"
     assert (root / str(outside).lstrip("/") / "file").read_bytes() == b"4"
+    assert (root / str(sealed).lstrip("/") / "passwd").read_bytes() == b"5"
+    assert (root / str(sealed).lstrip("/") / "dir" / "new").read_bytes() == b"6"
     assert any("'../../../escape-dotdot'" in w and "outside" in w for w in report.warnings)
     assert any("'/abs-escape'" in w for w in report.warnings)
 
 
 def test_writing_through_a_symlink_that_points_outside_stays_inside(
-    tmp_path: Path, root: Path, outside: Path
+    tmp_path: Path, root: Path, outside: Path, sealed: Path
 ) -> None:
     before = everything_but(tmp_path, root)
     apply(
@@ -80,14 +112,18 @@ def test_writing_through_a_symlink_that_points_outside_stays_inside(
         [
             t.symlink("abs", str(outside)),
             t.symlink("rel", "../../../../../../../../" + str(outside).lstrip("/")),
+            t.symlink("rel-odd", "../../../../../../../../../" + str(outside).lstrip("/")),
             t.symlink("rootlink", "/"),
             t.symlink("chain", "abs"),
+            t.symlink("sealed-abs", str(sealed)),
         ],
         [
             t.file("abs/file", b"overwritten?"),
             t.file("rel/dir/new", b"created?"),
-            t.file("rootlink/etc/passwd", b"root::0:0::/:/bin/sh\n"),
+            t.file("rel-odd/dir/odd", b"odd?"),
+            t.file("rootlink" + str(sealed / "passwd"), b"root::0:0::/:/bin/sh\n"),
             t.file("chain/dir/chained", b"x"),
+            t.file("sealed-abs/dir/new", b"sealed?"),
         ],
     )
     assert everything_but(tmp_path, root) == before
@@ -95,19 +131,27 @@ def test_writing_through_a_symlink_that_points_outside_stays_inside(
     assert (inside / "file").read_bytes() == b"overwritten?"
     assert (inside / "dir" / "new").read_bytes() == b"created?"
     assert (inside / "dir" / "chained").read_bytes() == b"x"
-    assert (root / "etc" / "passwd").read_bytes().startswith(b"root::")
+    assert (inside / "dir" / "odd").read_bytes() == b"odd?"
+    inside_sealed = root / str(sealed).lstrip("/")
+    assert (inside_sealed / "passwd").read_bytes().startswith(b"root::")
+    assert (inside_sealed / "dir" / "new").read_bytes() == b"sealed?"
     assert os.readlink(root / "abs") == str(outside)  # the symlink itself is kept as the image says
 
 
 def test_an_existing_symlink_is_replaced_never_written_through(
-    tmp_path: Path, root: Path, outside: Path
+    tmp_path: Path, root: Path, outside: Path, sealed: Path
 ) -> None:
     before = everything_but(tmp_path, root)
     apply(
         root,
-        [t.symlink("victim", str(outside / "file")), t.symlink("victim-dir", str(outside / "dir"))],
+        [
+            t.symlink("victim", str(outside / "file")),
+            t.symlink("victim-dir", str(outside / "dir")),
+            t.symlink("sealed-victim", str(sealed / "passwd")),
+        ],
         [
             t.file("victim", b"new content"),
+            t.file("sealed-victim", b"new content"),
             t.directory("victim-dir", 0o700),
             t.symlink("same-layer", str(outside / "file")),
             t.file("same-layer", b"dup"),
@@ -116,23 +160,47 @@ def test_an_existing_symlink_is_replaced_never_written_through(
     assert everything_but(tmp_path, root) == before
     assert (outside / "file").read_text() == "precious\n"
     assert not (root / "victim").is_symlink() and (root / "victim").read_bytes() == b"new content"
+    assert not (root / "sealed-victim").is_symlink()
     assert (root / "victim-dir").is_dir() and not (root / "victim-dir").is_symlink()
     assert (root / "same-layer").read_bytes() == b"dup"
 
 
-def test_hard_links_out_of_the_root_fail_with_the_entry_named(tmp_path: Path, root: Path) -> None:
-    host = Path("/etc/passwd")
-    links_before = host.stat().st_nlink
-    with pytest.raises(UnsafeLayer, match=r"'hl'.*'\.\./\.\./\.\./\.\./etc/passwd' does not exist"):
-        apply(root, [t.hardlink("hl", "../../../../etc/passwd")])
+def test_hard_links_out_of_the_root_fail_with_the_entry_named(
+    tmp_path: Path, root: Path, outside: Path, sealed: Path
+) -> None:
+    before = everything_but(tmp_path, root)
+    up = "../" * 3  # root -> er -> deep -> work (odd: a guard that lets one `..` out is caught too)
+    with pytest.raises(UnsafeLayer, match=r"'hl'.*'\.\./\.\./\.\./outside/file' does not exist"):
+        apply(root, [t.hardlink("hl", up + "outside/file")])
     with pytest.raises(UnsafeLayer, match=r"'hl2'.*does not exist"):
-        apply(root, [t.symlink("sl", "/etc"), t.hardlink("hl2", "sl/passwd")])
+        apply(root, [t.symlink("sl", str(outside)), t.hardlink("hl2", "sl/file")])
     with pytest.raises(UnsafeLayer, match=r"'hl3'.*does not exist"):
-        apply(root, [t.hardlink("hl3", str(host))])
-    assert host.stat().st_nlink == links_before
+        apply(root, [t.hardlink("hl3", str(sealed / "passwd"))])
+    with pytest.raises(UnsafeLayer, match=r"'hl4'.*does not exist"):
+        apply(root, [t.symlink("up", ".."), t.hardlink("hl4", "up/root/../../../outside/file")])
+    assert everything_but(tmp_path, root) == before
+    assert (outside / "file").stat().st_nlink == 1 and (sealed / "passwd").stat().st_nlink == 1
     # With the target present *inside* the root, the clamped link is made to it.
-    apply(root, [t.directory("etc"), t.file("etc/passwd", b"inside\n"), t.hardlink("hl4", "/../etc/passwd")])
-    assert (root / "hl4").stat().st_ino == (root / "etc/passwd").stat().st_ino
+    apply(root, [t.directory("etc"), t.file("etc/passwd", b"inside\n"), t.hardlink("hl5", "/../etc/passwd")])
+    assert (root / "hl5").stat().st_ino == (root / "etc/passwd").stat().st_ino
+
+
+def test_dotdot_at_the_root_stays_at_the_root_whatever_the_number_of_levels(
+    tmp_path: Path, root: Path, outside: Path
+) -> None:
+    """An odd number of levels above the root is what catches a `..` that opens the root's parent: an
+    even one would climb out and back in."""
+    before = everything_but(tmp_path, root)
+    links = [t.symlink(f"up{n}", "/".join([".."] * n)) for n in range(1, 6)]
+    links += [t.symlink("abs-up", "/.."), t.directory("d"), t.symlink("d/up", "../../..")]
+    writes = [t.file(f"up{n}/escape{n}", b"x") for n in range(1, 6)]
+    writes += [t.file("abs-up/escape-abs", b"x"), t.file("d/up/escape-d", b"x")]
+    writes += [t.file("up1/er/root/../../../outside/file", b"through the parent?")]
+    apply(root, links, writes)
+    assert everything_but(tmp_path, root) == before
+    assert (outside / "file").read_text() == "precious\n"
+    for name in [*(f"escape{n}" for n in range(1, 6)), "escape-abs", "escape-d"]:
+        assert (root / name).read_bytes() == b"x", name
 
 
 def test_hard_links_to_missing_targets_and_directories_fail(root: Path) -> None:
@@ -207,9 +275,11 @@ def test_duplicate_entries_last_one_wins(root: Path) -> None:
     ) == 0o700
 
 
-def test_the_root_cannot_become_a_symlink(root: Path, outside: Path) -> None:
+def test_the_root_cannot_become_a_symlink(root: Path, outside: Path, sealed: Path) -> None:
     with pytest.raises(UnsafeLayer, match="replace the root"):
         apply(root, [t.symlink("./", str(outside))])
+    with pytest.raises(UnsafeLayer, match="replace the root"):
+        apply(root, [t.symlink("./", str(sealed)), t.file("passwd", b"x")])
     assert root.is_dir() and not root.is_symlink()
 
 

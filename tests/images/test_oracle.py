@@ -15,6 +15,7 @@ from tartarus.images import testing as t
 from tartarus.images.api import pull
 from tartarus.images.store import ImageBuild, ImageStore
 from tests.images.conftest import Images
+from tests.images.jail import jailed
 from tests.images.treecmp import differences, mounted, snapshot, umoci_rootfs
 
 
@@ -116,20 +117,29 @@ def test_without_loop_devices_a_directory_is_packed(images: Images, store: Image
 
 
 def test_hostile_archive_is_neutralised_as_umoci_does(
-    registry: t.LocalRegistry, workspace: Path, store: ImageStore
+    registry: t.LocalRegistry, workspace: Path, store: ImageStore, tmp_path: Path
 ) -> None:
-    """`..`, absolute paths, writes through symlinks leading out, duplicates: clamped inside, like umoci."""
+    """`..`, absolute paths, writes through symlinks leading out, duplicates: clamped inside, like umoci.
+
+    The archive aims at canaries, not the machine's files, and the pull runs in a jail where only the
+    store and the `drop` canary are writable: `sealed` stands for the machine's /etc."""
+    drop, sealed = tmp_path / "drop", tmp_path / "sealed"
+    drop.mkdir()
+    sealed.mkdir()
+    (sealed / "passwd").write_text("root:x:0:0:sealed\n")
     layout = workspace / "hostile-layout"
     writer = t.LayoutWriter(layout)
     lower = t.tar_bytes(
         [
             t.directory("./"),  # every directory has an entry, so mtimes are defined (not "now")
-            t.directory("tmp", 0o1777),
             t.directory("etc"),
             t.file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
-            t.symlink("escape", "../../../../../../tmp"),
-            t.symlink("abs", "/etc"),
-            t.symlink("victim", "/etc/passwd"),
+            # The canary's path exists in the image too: a hard link to it must find the image's copy.
+            *(t.directory(str(d).lstrip("/")) for d in [*reversed(sealed.parents[:-1]), sealed, drop]),
+            t.file(str(sealed / "passwd").lstrip("/"), b"the image's\n"),
+            t.symlink("escape", "../../../../../../../../../.." + str(drop)),
+            t.symlink("abs", str(sealed)),
+            t.symlink("victim", str(sealed / "passwd")),
         ]
     )
     upper = t.tar_bytes(
@@ -141,20 +151,23 @@ def test_hostile_archive_is_neutralised_as_umoci_does(
             t.file("victim", b"replaced, not written through"),
             t.file("dup", b"one"),
             t.file("dup", b"two"),
-            t.hardlink("hl", "/../../etc/passwd"),
+            t.hardlink("hl", "/../../" + str(sealed / "passwd")),
         ]
     )
     writer.image([writer.layer(lower), writer.layer(upper)], tag="hostile")
     ref = f"{registry.address}/test/hostile:1"
     t.skopeo_copy(f"oci:{layout}:hostile", f"docker://{ref}")
-    build = pull(ref, store=store)
+    build = jailed([store.root.parent, drop], pull, ref, store=store)
     assert any("outside-dotdot" in w for w in build.warnings)
     assert_same_tree(build, layout, "hostile")
     with mounted(build.rootfs, build.fstype) as mnt:
-        assert (mnt / "tmp/through-symlink").read_bytes() == b"through"
+        assert (mnt / str(drop).lstrip("/") / "through-symlink").read_bytes() == b"through"
+        assert (mnt / str(sealed).lstrip("/") / "shadow").read_bytes() == b"shadow"
         assert (mnt / "etc/passwd").read_bytes().startswith(b"root:x")
         assert (mnt / "victim").read_bytes().startswith(b"replaced")
-    assert not Path("/tmp/through-symlink").exists() and not Path("/outside-dotdot").exists()
+        assert (mnt / "hl").read_bytes() == b"the image's\n"
+    assert list(drop.iterdir()) == [] and sorted(p.name for p in sealed.iterdir()) == ["passwd"]
+    assert (sealed / "passwd").read_text() == "root:x:0:0:sealed\n"
 
 
 def test_python_slim_equivalent(python_build: ImageBuild) -> None:

@@ -50,6 +50,8 @@ while True:
 
 
 def test_ttl_destroys_on_time_and_says_why(daemon_url: str, daemon_state: Path) -> None:
+    """Expiry happens, and never before its time; how late it may be is generous here (a slow machine
+    must not fail it)."""
     sb = Sandbox.create("python-ds", url=daemon_url, timeout=2)
     created = sb.info["created_at"]
     assert sb.info["expires_at"] == pytest.approx(created + 2)
@@ -57,14 +59,14 @@ def test_ttl_destroys_on_time_and_says_why(daemon_url: str, daemon_state: Path) 
         try:
             sb.refresh()
         except NotFound as e:
-            gone = time.time()
             assert "timeout of 2 s expired" in str(e)
             break
-        assert time.time() - created < 10, "TTL did not fire"
+        assert time.time() - created < 60, "TTL did not fire"
         time.sleep(0.05)  # polling the API for the daemon's timer; nothing to wait on
-    assert 2.0 <= gone - created < 3.0
-    expired = [r for r in audit.read(daemon_state) if r["action"] == "sandbox.expired"]
-    assert any(r["sandbox"] == sb.id for r in expired)
+    (expired,) = [
+        r for r in audit.read(daemon_state) if r["action"] == "sandbox.expired" and r["sandbox"] == sb.id
+    ]
+    assert expired["ts"] >= created + 2.0, f"expired {expired['ts'] - created:.3f} s after creation"
 
 
 def test_guest_process_cap_stops_a_fork_bomb(daemon_url: str) -> None:

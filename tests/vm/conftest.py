@@ -7,8 +7,6 @@ import pytest
 from tartarus.sdk import Sandbox
 from tartarus.templates.store import Template, get_template
 
-pytestmark = pytest.mark.vm
-
 
 @pytest.fixture(scope="session")
 def python_ds() -> Template:

@@ -46,6 +46,8 @@ class Mutation:
 API = "src/tartarus/daemon/app.py"
 CONTROL = "src/tartarus/daemon/control.py"
 PORTS_VM = "tests/network/test_exposed_ports.py::"
+DOTDOT_TAIL = "                        os.close(fds.pop())"
+RESOURCES = "tests/api/test_resource_tenancy.py::"
 STATE_VM = "tests/api/test_state_private.py::test_state_dir_is_private_and_env_is_sealed"
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -192,6 +194,83 @@ MUTATIONS: tuple[Mutation, ...] = (
         'data["env"] = seal.seal(self.env, self.sandbox_id)',
         "pass",
         (STATE_VM,),
+    ),
+    Mutation(
+        "tenancy.checkpoint-get",
+        "a tenant gets, restores and deletes only its own checkpoints",
+        API,
+        'if not principal.admin and image.request.get("tenant") != principal.tenant:',
+        "if False:",
+        (RESOURCES + "test_a_tenant_uses_only_its_own_checkpoints",),
+    ),
+    Mutation(
+        "tenancy.checkpoint-list",
+        "a tenant lists only its own checkpoints",
+        API,
+        'i for i in manager.checkpoints() if principal.admin or i.request.get("tenant") == principal.tenant',
+        "i for i in manager.checkpoints()",
+        (RESOURCES + "test_a_tenant_uses_only_its_own_checkpoints",),
+    ),
+    Mutation(
+        "tenancy.ended",
+        "a tenant sees only its own ended sandboxes",
+        CONTROL,
+        "        if not principal.admin:\n            tenant = principal.tenant\n"
+        "        rows = await self.db(self.store.list_sandboxes, tenant=tenant, live=False)",
+        "        rows = await self.db(self.store.list_sandboxes, tenant=tenant, live=False)",
+        (RESOURCES + "test_ended_sandboxes_are_listed_only_to_their_tenant",),
+    ),
+    Mutation(
+        "images.dotdot-at-root",
+        "a hostile layer's .. at the image root stays at the root",
+        "src/tartarus/images/layers.py",
+        '                if part == "..":\n                    if fds:\n' + DOTDOT_TAIL,
+        '                if part == ".." and fds:\n                    if fds:\n' + DOTDOT_TAIL,
+        (
+            "tests/images/test_layers.py::"
+            "test_dotdot_at_the_root_stays_at_the_root_whatever_the_number_of_levels",
+            "tests/images/test_layers.py::test_writing_through_a_symlink_that_points_outside_stays_inside",
+        ),
+    ),
+    Mutation(
+        "guest.seed",
+        "every restore sends the guest a fresh random seed",
+        "src/tartarus/snapshots/restore.py",
+        "entropy=os.urandom(64),",
+        "entropy=bytes(64),",
+        ("tests/vm/test_entropy.py",),
+    ),
+    Mutation(
+        "quarantine.cut",
+        "a quarantine cuts the sandbox's traffic at once",
+        "src/tartarus/network/sandbox.py",
+        "        self._ctx().run(nft.close_gate())",
+        "        pass",
+        ("tests/network/test_quarantine.py::test_live_quarantine_cuts_a_sending_connection_at_once",),
+    ),
+    Mutation(
+        "limits.ttl",
+        "a sandbox lives no shorter than its TTL",
+        "src/tartarus/daemon/manager.py",
+        "self._deadlines.schedule(id_, seconds, lambda: self._expire(id_))",
+        "self._deadlines.schedule(id_, seconds * 0.5, lambda: self._expire(id_))",
+        ("tests/limits/test_limits.py::test_ttl_destroys_on_time_and_says_why",),
+    ),
+    Mutation(
+        "crash.wake-recovery",
+        "a daemon killed as a wake commits leaves the sandbox hibernated, not deleted",
+        "src/tartarus/daemon/manager.py",
+        "restored, lost = ops.recover_wakes(self.layout)",
+        "restored, lost = [], []",
+        ("tests/vm/test_hibernation_crash.py::test_daemon_killed_when_wake_commits_leaves_it_hibernated",),
+    ),
+    Mutation(
+        "crash.resumed-marker",
+        "a wake whose guest may have run is never rolled back to its stale image",
+        "src/tartarus/hibernation/ops.py",
+        "if whole and not (waking / RESUMED).exists() and not target.exists():",
+        "if whole and not target.exists():",
+        ("tests/unit/test_wake_recovery.py",),
     ),
 )
 

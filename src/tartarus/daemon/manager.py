@@ -135,6 +135,11 @@ class SandboxManager:
         self.on_expired: Callable[[str, str], Awaitable[None]] | None = None
         # Told (operation, seconds) of each wake, hibernation and admission decision (metrics).
         self.observe: Callable[[str, float], None] = lambda operation, seconds: None
+        # Held around each wake: the control plane admits it against the owner's quota (QuotaExceeded).
+        self.admit_wake: Callable[[SandboxRecord], contextlib.AbstractAsyncContextManager[object]] = (
+            lambda record: contextlib.nullcontext()
+        )
+        self._sweep_task: asyncio.Task[None] | None = None
         self.ports = ExposedPorts(self._into)
 
     def open(self) -> list[str]:
@@ -595,12 +600,15 @@ class SandboxManager:
             if record.state != "hibernated":
                 return record
             assert record.image is not None
-            # Admitted again under the policy in force now: its network and limits are re-applied.
+            # Admitted again under the policy in force now: its network and limits are re-applied; and
+            # under its tenant's quota, held until it runs (then it counts as usage).
             t0 = time.perf_counter()
-            options, admission = await self._readmit(record.image)
-            runtime, snapshot = await self._start_from(record.image, options, wake=True)
-            await self._contain(runtime, admission)
-            record.runtime, record.snapshot, record.image, record.state = runtime, snapshot, None, "running"
+            async with self.admit_wake(record):
+                options, admission = await self._readmit(record.image)
+                runtime, snapshot = await self._start_from(record.image, options, wake=True)
+                await self._contain(runtime, admission)
+                record.runtime, record.snapshot, record.image = runtime, snapshot, None
+                record.state = "running"
             record.last_active = time.monotonic()
             self._watch(record)
             self.save(record)

@@ -11,7 +11,7 @@ import pytest
 
 from tartarus import audit
 from tartarus.errors import InvalidArgument
-from tartarus.limits.spec import LimitCaps, resolve_limits
+from tartarus.limits.spec import LimitCaps, capped_timeout, resolve_limits
 
 
 def test_request_overrides_template() -> None:
@@ -43,6 +43,15 @@ def test_disks_grow_from_the_template_layer_up_to_the_cap() -> None:
 def test_default_ttl_from_policy() -> None:
     caps = LimitCaps(default_ttl_s=900)
     assert resolve_limits(template_vcpus=1, template_memory_mib=512, caps=caps).ttl_s == 900
+
+
+def test_a_new_timeout_is_capped_like_a_create_and_never_unlimited() -> None:
+    caps = LimitCaps(max_ttl_s=172_800 / 2)
+    assert capped_timeout(86_400, caps) == 86_400
+    with pytest.raises(InvalidArgument, match="ttl_s=172800 is over this host's policy limit of 86400"):
+        capped_timeout(172_800, caps)
+    with pytest.raises(InvalidArgument, match=r"a timeout is required.*null, never, is over that limit"):
+        capped_timeout(None, caps)
 
 
 def test_audit_lines_are_whole_json_records(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from tartarus.daemon.auth import Principal, bearer, ensure_local_admin_key, inva
 from tartarus.daemon.manager import SandboxManager, SandboxRecord
 from tartarus.daemon.metrics import Metrics
 from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
+from tartarus.limits.spec import capped_timeout
 from tartarus.runtime.sandbox import SandboxOptions
 from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
 from tartarus.templates.store import get_template
@@ -372,11 +373,13 @@ class ControlPlane:
         return record
 
     async def set_timeout(self, sandbox_id: str, timeout: float | None) -> SandboxRow:
-        """Destroy the sandbox `timeout` seconds from now (None: never)."""
+        """Destroy the sandbox `timeout` seconds from now, within the policy's `max_ttl_s` as a create's
+        timeout is (InvalidArgument over it, and for None: never)."""
         self.manager.get(sandbox_id)
         owner = self.owners.get(sandbox_id)
         if owner is None:
             raise NotFound(f"no sandbox {sandbox_id!r}")
+        timeout = capped_timeout(timeout, self.manager.policy.policy.limits)
         self.manager.set_ttl(sandbox_id, timeout)
         owner.timeout_s = timeout
         owner.expires_at = time.time() + timeout if timeout else None

@@ -114,7 +114,10 @@ class QuarantineRequest(Strict):
 
 class SetTimeout(Strict):
     timeout: float | None = Field(
-        gt=0, le=MAX_TIMEOUT_S, description="seconds from now until the sandbox is destroyed (null: never)"
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="seconds from now until the sandbox is destroyed, up to the policy's max_ttl_s "
+        "(null, never, is refused: it is over any cap)",
     )
 
 

@@ -77,6 +77,19 @@ def resolve_limits(
     return limits
 
 
+def capped_timeout(timeout: float | None, caps: LimitCaps) -> float:
+    """A new timeout for a running sandbox, under the cap a create's is (`max_ttl_s`): a longer one is
+    refused with the error a create gets, and so is none (null: never), which no cap admits."""
+    if timeout is None:
+        raise InvalidArgument(
+            f"a timeout is required: this host's policy keeps a sandbox at most {caps.max_ttl_s:g} s "
+            "from now (null, never, is over that limit)"
+        )
+    if timeout > caps.max_ttl_s:
+        raise InvalidArgument(f"ttl_s={timeout:g} is over this host's policy limit of {caps.max_ttl_s:g}")
+    return timeout
+
+
 def template_limits(template: Template) -> Limits:
     """A template's own limits, uncapped (what a pooled VMM is prepared with)."""
     return Limits(template.vcpus, template.memory_mib, DEFAULT_DISK_MIB, None, None)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tartarus import audit
+from tartarus.daemon.manager import DEFAULT_HIBERNATE_QUOTA_MIB, DaemonConfig
 from tartarus.errors import InvalidArgument
 from tartarus.limits.spec import LimitCaps, capped_timeout, resolve_limits
 
@@ -52,6 +53,18 @@ def test_a_new_timeout_is_capped_like_a_create_and_never_unlimited() -> None:
         capped_timeout(172_800, caps)
     with pytest.raises(InvalidArgument, match=r"a timeout is required.*null, never, is over that limit"):
         capped_timeout(None, caps)
+
+
+def test_hibernation_disk_quota_is_on_unless_set_unlimited(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TARTARUS_HIBERNATE_QUOTA_MIB", raising=False)
+    assert DaemonConfig().hibernate_quota_bytes == DEFAULT_HIBERNATE_QUOTA_MIB << 20 == 20 << 30
+    monkeypatch.setenv("TARTARUS_HIBERNATE_QUOTA_MIB", "512")
+    assert DaemonConfig().hibernate_quota_bytes == 512 << 20
+    monkeypatch.setenv("TARTARUS_HIBERNATE_QUOTA_MIB", "unlimited")
+    assert DaemonConfig().hibernate_quota_bytes is None
+    monkeypatch.setenv("TARTARUS_HIBERNATE_QUOTA_MIB", "lots")
+    with pytest.raises(InvalidArgument, match="number of MiB or 'unlimited'"):
+        DaemonConfig()
 
 
 def test_audit_lines_are_whole_json_records(tmp_path: Path) -> None:

@@ -54,16 +54,25 @@ def _pool_size_from_env() -> int:
     return size
 
 
+# Disk for hibernated sandboxes and checkpoints together when TARTARUS_HIBERNATE_QUOTA_MIB is not set:
+# about 20 captures of a 1 GiB guest. On by default, so that captures cannot fill the state disk.
+DEFAULT_HIBERNATE_QUOTA_MIB = 20 * 1024
+
+
 def _quota_from_env() -> int | None:
     raw = os.environ.get("TARTARUS_HIBERNATE_QUOTA_MIB")
     if not raw:
+        return DEFAULT_HIBERNATE_QUOTA_MIB * 2**20
+    if raw == "unlimited":
         return None
     try:
         mib = int(raw)
     except ValueError:
         mib = -1
     if mib < 0:
-        raise InvalidArgument(f"TARTARUS_HIBERNATE_QUOTA_MIB must be a number of MiB, not {raw!r}")
+        raise InvalidArgument(
+            f"TARTARUS_HIBERNATE_QUOTA_MIB must be a number of MiB or 'unlimited', not {raw!r}"
+        )
     return mib * 2**20
 
 
@@ -80,6 +89,7 @@ class DaemonConfig:
     # Pre-started VMMs kept per template snapshot; 0 disables the pool (creates only get slower).
     pool_size: int = field(default_factory=_pool_size_from_env)
     # Disk that hibernated sandboxes and checkpoints may use together; None: no limit but the disk's.
+    # TARTARUS_HIBERNATE_QUOTA_MIB=N|unlimited; unset: DEFAULT_HIBERNATE_QUOTA_MIB.
     hibernate_quota_bytes: int | None = field(default_factory=_quota_from_env)
     # Admission rules, limit caps, quarantine settings (TARTARUS_POLICY=FILE; default: admit all).
     policy: Policy = field(default_factory=_policy_from_env)

@@ -12,7 +12,7 @@ import pytest
 from tartarus import audit
 from tartarus.daemon.manager import DEFAULT_HIBERNATE_QUOTA_MIB, DaemonConfig
 from tartarus.errors import InvalidArgument
-from tartarus.limits.spec import LimitCaps, capped_timeout, resolve_limits
+from tartarus.limits.spec import LimitCaps, capped_timeout, checkpoint_ttl, resolve_limits
 
 
 def test_request_overrides_template() -> None:
@@ -53,6 +53,16 @@ def test_a_new_timeout_is_capped_like_a_create_and_never_unlimited() -> None:
         capped_timeout(172_800, caps)
     with pytest.raises(InvalidArgument, match=r"a timeout is required.*null, never, is over that limit"):
         capped_timeout(None, caps)
+
+
+def test_checkpoints_get_the_policy_ttl_and_cannot_ask_past_its_cap() -> None:
+    assert checkpoint_ttl(None, LimitCaps()) == 7 * 24 * 3600
+    caps = LimitCaps(default_checkpoint_ttl_s=60, max_checkpoint_ttl_s=3600)
+    assert (checkpoint_ttl(None, caps), checkpoint_ttl(120, caps)) == (60, 120)
+    with pytest.raises(InvalidArgument, match="checkpoint ttl_s=3601 is over"):
+        checkpoint_ttl(3601, caps)
+    with pytest.raises(ValueError, match="default_checkpoint_ttl_s is over max_checkpoint_ttl_s"):
+        LimitCaps(default_checkpoint_ttl_s=3601, max_checkpoint_ttl_s=3600)
 
 
 def test_hibernation_disk_quota_is_on_unless_set_unlimited(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ from tartarus.daemon.ports import ExposedPorts
 from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied, Quarantined
 from tartarus.hibernation import ops
 from tartarus.hibernation.image import META, Image, list_images, remove_image, unpin_unused
+from tartarus.limits.spec import checkpoint_ttl
 from tartarus.limits.ttl import Deadlines
 from tartarus.network.policy import NetworkPolicy
 from tartarus.network.sandbox import reap_orphans
@@ -77,6 +78,7 @@ def _quota_from_env() -> int | None:
 
 
 IDLE_CHECK_S = 1.0
+CHECKPOINT_SWEEP_S = 60.0  # how often expired checkpoints are deleted (their TTLs are hours to days)
 
 
 def _policy_from_env() -> Policy:
@@ -277,6 +279,7 @@ class SandboxManager:
         for template in list_templates():
             self._pool_for(template)
         self._idle_task = asyncio.create_task(self._hibernate_idle(), name="idle-hibernation")
+        self._sweep_task = asyncio.create_task(self._sweep_checkpoints(), name="checkpoint-expiry")
         self._start_triggers()
 
     def _start_triggers(self) -> None:
@@ -314,12 +317,12 @@ class SandboxManager:
         """Stop every running sandbox (or, with `keep_on_stop`, let go of them for the next daemon);
         hibernated ones stay on disk for the next daemon."""
         await self._deadlines.close()
-        for task in (self._idle_task, self._trigger_task):
+        for task in (self._idle_task, self._trigger_task, self._sweep_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._idle_task = self._trigger_task = None
+        self._idle_task = self._trigger_task = self._sweep_task = None
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
@@ -663,6 +666,9 @@ class SandboxManager:
                         log.warning("could not hibernate idle sandbox %s: %s", record.id, e)
 
     async def checkpoint(self, id_: str, ttl: float | None = None) -> Image:
+        """Capture a running sandbox; it is deleted `ttl` seconds after its last use (None: the
+        policy's default; over the policy's cap: InvalidArgument)."""
+        ttl = checkpoint_ttl(ttl, self.policy.policy.limits)
         async with self.use(id_) as runtime:
             record = self.get(id_)
             _not_quarantined(runtime, "checkpointed or forked")
@@ -738,11 +744,27 @@ class SandboxManager:
             raise failures[0]
         return copies
 
+    async def _sweep_checkpoints(self) -> None:
+        """Delete checkpoints whose TTL has passed (`gc` does too, on demand)."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_SWEEP_S)  # a periodic scan, not a wait for work
+            try:  # on the loop: a restore from a checkpoint touches it (its last use) on the loop too
+                removed = self._delete_expired_checkpoints()
+            except Exception:
+                log.exception("could not delete expired checkpoints")
+                continue
+            if removed:
+                log.info("deleted %d expired checkpoints: %s", len(removed), ", ".join(removed))
+
+    def _delete_expired_checkpoints(self) -> builtins.list[str]:
+        expired = [image for image in self.checkpoints() if ops.expired(image)]
+        for image in expired:
+            remove_image(image.path)
+        return [image.id for image in expired]
+
     def gc(self) -> dict[str, builtins.list[str]]:
         """Delete expired checkpoints and pins that no hibernated sandbox or checkpoint needs."""
-        expired = [image.id for image in self.checkpoints() if ops.expired(image)]
-        for cid in expired:
-            self.delete_checkpoint(cid)
+        expired = self._delete_expired_checkpoints()
         used = {image.snapshot_key for image in self.checkpoints()}
         used |= {r.image.snapshot_key for r in self._records.values() if r.image is not None}
         used |= {r.snapshot.key for r in self._records.values() if r.snapshot is not None}

@@ -68,7 +68,10 @@ class CreateFromCheckpoint(Strict):
 
 class CreateCheckpoint(Strict):
     ttl_s: float | None = Field(
-        None, gt=0, description="delete the checkpoint (tartarus gc) this long after its last use"
+        None,
+        gt=0,
+        description="delete the checkpoint this long after its last use (default and cap: the policy's "
+        "default_checkpoint_ttl_s, 7 days, and max_checkpoint_ttl_s, 30 days)",
     )
 
 

@@ -57,6 +57,7 @@ def test_quota_refuses_creates_beyond_the_limit_with_a_clear_error(api: Api) -> 
                 "sandboxes": 1,
                 "vcpus": first.info["vcpus"],
                 "memory_mib": first.info["memory_mib"],
+                "checkpoints": 0,
             }
     # Freed by the delete: the next create is admitted; a request above the vCPU limit is not.
     with Sandbox.create("python-ds", url=api.url, api_key=key):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tartarus.errors import InvalidArgument, NotFound
-from tartarus.store import DatabaseError, SandboxRow, Store
+from tartarus.store import DatabaseError, SandboxRow, Store, migrations
 from tartarus.store.database import Database
 from tartarus.store.migrations import LATEST, migrate
 
@@ -20,11 +20,32 @@ def _row(id_: str, tenant: str = "acme", node: str = "n1", state: str = "running
 def test_migrations_run_once_and_are_recorded(database_url: str) -> None:
     db = Database(database_url)
     try:
-        assert migrate(db) == [1]
+        assert migrate(db) == [1, 2]
         assert migrate(db) == []
-        assert db.query("SELECT version FROM schema_migrations") == [(LATEST,)]
+        assert db.query("SELECT version FROM schema_migrations ORDER BY version") == [(1,), (LATEST,)]
     finally:
         db.close()
+
+
+def test_a_version_1_database_gains_the_checkpoint_quota_and_keeps_its_tenants(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = Database(database_url)
+    try:
+        with monkeypatch.context() as m:  # the code as it shipped with schema version 1
+            m.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:1])
+            m.setattr(migrations, "LATEST", 1)
+            assert migrate(db) == [1]
+        db.execute("INSERT INTO tenants (name, created_at, max_sandboxes) VALUES ('old', 1.0, 4)")
+        assert migrate(db) == [2]
+    finally:
+        db.close()
+    store = Store.open(database_url)
+    try:
+        old = store.get_tenant("old")
+        assert old is not None and old.max_sandboxes == 4 and old.max_checkpoints is None
+    finally:
+        store.close()
 
 
 def test_a_schema_newer_than_the_code_is_refused(database_url: str) -> None:
@@ -94,8 +115,17 @@ def test_quotas_and_tenant_names_are_validated(database_url: str) -> None:
     try:
         tenant = store.set_quota("acme", max_sandboxes=3, max_vcpus=None, max_memory_mib=4096)
         assert (tenant.max_sandboxes, tenant.max_vcpus, tenant.max_memory_mib) == (3, None, 4096)
+        assert tenant.max_checkpoints is None
+        tenant = store.set_quota(
+            "acme", max_sandboxes=None, max_vcpus=None, max_memory_mib=None, max_checkpoints=5
+        )
+        assert store.get_tenant("acme") == tenant and tenant.max_checkpoints == 5
         with pytest.raises(InvalidArgument):
             store.set_quota("acme", max_sandboxes=-1, max_vcpus=None, max_memory_mib=None)
+        with pytest.raises(InvalidArgument, match="max_checkpoints"):
+            store.set_quota(
+                "acme", max_sandboxes=None, max_vcpus=None, max_memory_mib=None, max_checkpoints=-1
+            )
         with pytest.raises(InvalidArgument, match="tenant name"):
             store.ensure_tenant("Bad Name")
         with pytest.raises(InvalidArgument, match="role"):

@@ -24,6 +24,22 @@ def test_quota_names_the_limit_that_breaks() -> None:
     quotas.check("t", quotas.Limits(), quotas.Usage(10**6, 10**6, 10**9), quotas.Usage(1, 64, 65536))
 
 
+def test_a_wake_and_a_checkpoint_are_checked_only_on_what_they_add() -> None:
+    limits = quotas.Limits(max_sandboxes=1, max_vcpus=2, max_checkpoints=1)
+    wake = quotas.Usage(0, 2, 512)
+    quotas.check("t", limits, quotas.Usage(1, 0, 0), wake)  # its place is already counted
+    quotas.check("t", limits, quotas.Usage(3, 0, 0), wake)  # even over a lowered max_sandboxes
+    with pytest.raises(QuotaExceeded, match=r"max_vcpus=2 exceeded: 1 vCPUs in use \+ 2 requested"):
+        quotas.check("t", limits, quotas.Usage(1, 1, 0), wake)
+    quotas.check("t", limits, quotas.Usage(5, 2, 0), quotas.Usage(checkpoints=1))
+    with pytest.raises(QuotaExceeded, match="max_checkpoints=1 exceeded: 1 checkpoints in use"):
+        quotas.check("t", limits, quotas.Usage(checkpoints=1), quotas.Usage(checkpoints=1))
+    book = quotas.Reservations()
+    with book.hold("a", quotas.Usage(checkpoints=1)):
+        assert book.pending("a") == quotas.Usage(checkpoints=1)
+    assert book.pending("a") == quotas.Usage()
+
+
 def test_reservations_count_until_released_even_on_error() -> None:
     book = quotas.Reservations()
     with book.hold("a", quotas.Usage(1, 2, 512)):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from tartarus import audit
+from tartarus.daemon.manager import DEFAULT_HIBERNATE_QUOTA_MIB, DaemonConfig
 from tartarus.errors import InvalidArgument
-from tartarus.limits.spec import LimitCaps, resolve_limits
+from tartarus.limits.spec import LimitCaps, capped_timeout, checkpoint_ttl, resolve_limits
 
 
 def test_request_overrides_template() -> None:
@@ -43,6 +44,37 @@ def test_disks_grow_from_the_template_layer_up_to_the_cap() -> None:
 def test_default_ttl_from_policy() -> None:
     caps = LimitCaps(default_ttl_s=900)
     assert resolve_limits(template_vcpus=1, template_memory_mib=512, caps=caps).ttl_s == 900
+
+
+def test_a_new_timeout_is_capped_like_a_create_and_never_unlimited() -> None:
+    caps = LimitCaps(max_ttl_s=172_800 / 2)
+    assert capped_timeout(86_400, caps) == 86_400
+    with pytest.raises(InvalidArgument, match="ttl_s=172800 is over this host's policy limit of 86400"):
+        capped_timeout(172_800, caps)
+    with pytest.raises(InvalidArgument, match=r"a timeout is required.*null, never, is over that limit"):
+        capped_timeout(None, caps)
+
+
+def test_checkpoints_get_the_policy_ttl_and_cannot_ask_past_its_cap() -> None:
+    assert checkpoint_ttl(None, LimitCaps()) == 7 * 24 * 3600
+    caps = LimitCaps(default_checkpoint_ttl_s=60, max_checkpoint_ttl_s=3600)
+    assert (checkpoint_ttl(None, caps), checkpoint_ttl(120, caps)) == (60, 120)
+    with pytest.raises(InvalidArgument, match="checkpoint ttl_s=3601 is over"):
+        checkpoint_ttl(3601, caps)
+    with pytest.raises(ValueError, match="default_checkpoint_ttl_s is over max_checkpoint_ttl_s"):
+        LimitCaps(default_checkpoint_ttl_s=3601, max_checkpoint_ttl_s=3600)
+
+
+def test_hibernation_disk_quota_is_on_unless_set_unlimited(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TARTARUS_HIBERNATE_QUOTA_MIB", raising=False)
+    assert DaemonConfig().hibernate_quota_bytes == DEFAULT_HIBERNATE_QUOTA_MIB << 20 == 20 << 30
+    monkeypatch.setenv("TARTARUS_HIBERNATE_QUOTA_MIB", "512")
+    assert DaemonConfig().hibernate_quota_bytes == 512 << 20
+    monkeypatch.setenv("TARTARUS_HIBERNATE_QUOTA_MIB", "unlimited")
+    assert DaemonConfig().hibernate_quota_bytes is None
+    monkeypatch.setenv("TARTARUS_HIBERNATE_QUOTA_MIB", "lots")
+    with pytest.raises(InvalidArgument, match="number of MiB or 'unlimited'"):
+        DaemonConfig()
 
 
 def test_audit_lines_are_whole_json_records(tmp_path: Path) -> None:

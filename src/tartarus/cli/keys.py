@@ -95,14 +95,19 @@ def tenants_ls() -> None:
     """List tenants and their quotas."""
     with _store() as store:
         tenants = store.list_tenants()
-    table = Table("TENANT", "CREATED", "MAX SANDBOXES", "MAX VCPUS", "MAX MEMORY")
+    table = Table("TENANT", "CREATED", "MAX SANDBOXES", "MAX VCPUS", "MAX MEMORY", "MAX CHECKPOINTS")
     for t in tenants:
 
         def fmt(v: int | None, unit: str = "") -> str:
             return "unlimited" if v is None else f"{v}{unit}"
 
         table.add_row(
-            t.name, _when(t.created_at), fmt(t.max_sandboxes), fmt(t.max_vcpus), fmt(t.max_memory_mib, " MiB")
+            t.name,
+            _when(t.created_at),
+            fmt(t.max_sandboxes),
+            fmt(t.max_vcpus),
+            fmt(t.max_memory_mib, " MiB"),
+            fmt(t.max_checkpoints),
         )
     Console().print(table)
 
@@ -115,12 +120,19 @@ def tenants_quota(
     max_memory_mib: Annotated[
         int | None, typer.Option(min=0, help="guest memory of all its sandboxes")
     ] = None,
+    max_checkpoints: Annotated[int | None, typer.Option(min=0, help="checkpoints it keeps")] = None,
 ) -> None:
-    """Set a tenant's quota (an option left out means unlimited); the next create is checked against it."""
+    """Set a tenant's quota (an option left out means unlimited); the next create, wake or checkpoint is
+    checked against it."""
     with _store() as store:
         t = store.set_quota(
-            tenant, max_sandboxes=max_sandboxes, max_vcpus=max_vcpus, max_memory_mib=max_memory_mib
+            tenant,
+            max_sandboxes=max_sandboxes,
+            max_vcpus=max_vcpus,
+            max_memory_mib=max_memory_mib,
+            max_checkpoints=max_checkpoints,
         )
     err.print(
-        f"{t.name}: max_sandboxes={t.max_sandboxes} max_vcpus={t.max_vcpus} max_memory_mib={t.max_memory_mib}"
+        f"{t.name}: max_sandboxes={t.max_sandboxes} max_vcpus={t.max_vcpus} "
+        f"max_memory_mib={t.max_memory_mib} max_checkpoints={t.max_checkpoints}"
     )

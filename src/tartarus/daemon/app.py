@@ -347,8 +347,12 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         responses=_ERRORS,
     )
     async def create_checkpoint(sandbox_id: str, body: CreateCheckpoint) -> CheckpointInfo:
-        """Capture the running sandbox (it runs on) as a checkpoint new sandboxes can start from."""
-        return _checkpoint(await manager.checkpoint(sandbox_id, body.ttl_s))
+        """Capture the running sandbox (it runs on) as a checkpoint new sandboxes can start from; its
+        tenant's `max_checkpoints` quota counts it (429 quota_exceeded) until it is deleted or expires."""
+        tenant = manager.get(sandbox_id).tenant  # the checkpoint's owner, as its record will say
+        async with control.admitted(tenant, quotas.Usage(checkpoints=1)):
+            image = await manager.checkpoint(sandbox_id, body.ttl_s)
+        return _checkpoint(image)
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/fork", response_model=SandboxList, status_code=201, responses=_ERRORS

@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -30,6 +30,7 @@ from tartarus.daemon.auth import Principal, bearer, ensure_local_admin_key, inva
 from tartarus.daemon.manager import SandboxManager, SandboxRecord
 from tartarus.daemon.metrics import Metrics
 from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
+from tartarus.limits.spec import capped_timeout
 from tartarus.private import write_private
 from tartarus.runtime.sandbox import SandboxOptions
 from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
@@ -99,6 +100,9 @@ class ControlPlane:
         self._audit_executor: ThreadPoolExecutor | None = None
         self._reservations = quotas.Reservations()
         self._watcher: asyncio.Task[None] | None = None
+        # Every wake (explicit, a call on a hibernated sandbox, a connection to its exposed port) gives
+        # the sandbox its vCPUs and memory back: it is admitted against its tenant's quota like a create.
+        manager.admit_wake = self.admit_wake
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -241,6 +245,10 @@ class ControlPlane:
 
     # ---- admission ------------------------------------------------------------------------------
 
+    def checkpoints_of(self, tenant: str) -> int:
+        """How many checkpoints a tenant keeps on this daemon (they hold a guest's RAM and disk)."""
+        return sum(1 for image in self.manager.checkpoints() if image.request.get("tenant") == tenant)
+
     def usage(self, tenant: str) -> quotas.Usage:
         """What a tenant's sandboxes on this daemon hold now: a failed one nothing, one without a VM
         (hibernated) its place among the tenant's sandboxes but no vCPUs or memory."""
@@ -258,21 +266,43 @@ class ControlPlane:
     def admission(self, request: Request, wanted: quotas.Usage) -> Iterator[None]:
         """Check `wanted` against the caller's tenant quota and hold it until the block ends (by then the
         new sandboxes are adopted and counted as usage). Raises QuotaExceeded."""
-        principal = principal_of(request)
-        tenant: Tenant | None = getattr(request.state, "tenant", None)
+        with self._hold(principal_of(request).tenant, getattr(request.state, "tenant", None), wanted):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, tenant: str, wanted: quotas.Usage) -> AsyncIterator[None]:
+        """`admission` for a tenant other than the caller's (the owner of a sandbox being woken or
+        captured), its quota read from the store now."""
+        row = await self.db(self.store.get_tenant, tenant)
+        with self._hold(tenant, row, wanted):
+            yield
+
+    def admit_wake(self, record: SandboxRecord) -> contextlib.AbstractAsyncContextManager[None]:
+        """The manager's hook around a wake: the owner's quota must have room for the sandbox's vCPUs and
+        memory again (it already counts among the tenant's sandboxes). Raises QuotaExceeded."""
+        owner = self.owners.get(record.id)
+        image = record.image
+        assert image is not None
+        wanted = quotas.Usage(0, image.vcpus, image.memory_mib)
+        return self.admitted(owner.tenant if owner else record.tenant, wanted)
+
+    @contextlib.contextmanager
+    def _hold(self, tenant: str, row: Tenant | None, wanted: quotas.Usage) -> Iterator[None]:
         limits = (
-            quotas.Limits(tenant.max_sandboxes, tenant.max_vcpus, tenant.max_memory_mib)
-            if tenant
+            quotas.Limits(row.max_sandboxes, row.max_vcpus, row.max_memory_mib, row.max_checkpoints)
+            if row
             else quotas.Limits()
         )
-        # No await between the check and the reservation: concurrent creates see each other.
+        # No await between the check and the reservation: concurrent requests see each other.
         try:
-            in_use = self.usage(principal.tenant) + self._reservations.pending(principal.tenant)
-            quotas.check(principal.tenant, limits, in_use, wanted)
+            in_use = self.usage(tenant) + self._reservations.pending(tenant)
+            if wanted.checkpoints:  # read from disk: only when asked for
+                in_use = in_use + quotas.Usage(checkpoints=self.checkpoints_of(tenant))
+            quotas.check(tenant, limits, in_use, wanted)
         except QuotaExceeded:
-            self.metrics.quota_rejections.labels(principal.tenant).inc()
+            self.metrics.quota_rejections.labels(tenant).inc()
             raise
-        with self._reservations.hold(principal.tenant, wanted):
+        with self._reservations.hold(tenant, wanted):
             yield
 
     def adopt(
@@ -344,11 +374,13 @@ class ControlPlane:
         return record
 
     async def set_timeout(self, sandbox_id: str, timeout: float | None) -> SandboxRow:
-        """Destroy the sandbox `timeout` seconds from now (None: never)."""
+        """Destroy the sandbox `timeout` seconds from now, within the policy's `max_ttl_s` as a create's
+        timeout is (InvalidArgument over it, and for None: never)."""
         self.manager.get(sandbox_id)
         owner = self.owners.get(sandbox_id)
         if owner is None:
             raise NotFound(f"no sandbox {sandbox_id!r}")
+        timeout = capped_timeout(timeout, self.manager.policy.policy.limits)
         self.manager.set_ttl(sandbox_id, timeout)
         owner.timeout_s = timeout
         owner.expires_at = time.time() + timeout if timeout else None

@@ -55,12 +55,14 @@ class Quota(BaseModel):
     max_sandboxes: int | None = Field(None, ge=0, le=1_000_000, description="None: unlimited")
     max_vcpus: int | None = Field(None, ge=0, le=1_000_000)
     max_memory_mib: int | None = Field(None, ge=0, le=1 << 30)
+    max_checkpoints: int | None = Field(None, ge=0, le=1_000_000, description="checkpoints kept")
 
 
 class TenantUsage(BaseModel):
     sandboxes: int
-    vcpus: int
+    vcpus: int  # of running sandboxes: a hibernated one's come back only if a wake is admitted
     memory_mib: int
+    checkpoints: int
 
 
 class TenantInfo(BaseModel):
@@ -112,8 +114,14 @@ def router(control: ControlPlane) -> APIRouter:
                 max_sandboxes=tenant.max_sandboxes,
                 max_vcpus=tenant.max_vcpus,
                 max_memory_mib=tenant.max_memory_mib,
+                max_checkpoints=tenant.max_checkpoints,
             ),
-            usage=TenantUsage(sandboxes=used.sandboxes, vcpus=used.vcpus, memory_mib=used.memory_mib),
+            usage=TenantUsage(
+                sandboxes=used.sandboxes,
+                vcpus=used.vcpus,
+                memory_mib=used.memory_mib,
+                checkpoints=control.checkpoints_of(tenant.name),
+            ),
         )
 
     @api.post("/v1/keys", response_model=NewKey, status_code=201, responses=_ERRORS, tags=["admin"])
@@ -157,7 +165,8 @@ def router(control: ControlPlane) -> APIRouter:
 
     @api.put("/v1/tenants/{tenant}/quota", response_model=TenantInfo, responses=_ERRORS, tags=["admin"])
     async def set_quota(tenant: str, body: Quota, request: Request) -> TenantInfo:
-        """Set a tenant's limits (null: unlimited); applies to the next create. Admin only."""
+        """Set a tenant's limits (null: unlimited); applies to the next create, wake or checkpoint.
+        Admin only."""
         principal_of(request).require_admin()
         updated = await control.db(
             control.store.set_quota,
@@ -165,6 +174,7 @@ def router(control: ControlPlane) -> APIRouter:
             max_sandboxes=body.max_sandboxes,
             max_vcpus=body.max_vcpus,
             max_memory_mib=body.max_memory_mib,
+            max_checkpoints=body.max_checkpoints,
         )
         request.state.audit_target = tenant
         request.state.audit_detail = body.model_dump()

@@ -25,6 +25,7 @@ from tartarus.daemon.ports import ExposedPorts, Exposure, Rules, load_exposed
 from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied, Quarantined
 from tartarus.hibernation import ops
 from tartarus.hibernation.image import META, Image, list_images, remove_image, unpin_unused
+from tartarus.limits.spec import checkpoint_ttl
 from tartarus.limits.ttl import Deadlines
 from tartarus.network.policy import NetworkPolicy
 from tartarus.network.sandbox import reap_orphans
@@ -55,20 +56,30 @@ def _pool_size_from_env() -> int:
     return size
 
 
+# Disk for hibernated sandboxes and checkpoints together when TARTARUS_HIBERNATE_QUOTA_MIB is not set:
+# about 20 captures of a 1 GiB guest. On by default, so that captures cannot fill the state disk.
+DEFAULT_HIBERNATE_QUOTA_MIB = 20 * 1024
+
+
 def _quota_from_env() -> int | None:
     raw = os.environ.get("TARTARUS_HIBERNATE_QUOTA_MIB")
     if not raw:
+        return DEFAULT_HIBERNATE_QUOTA_MIB * 2**20
+    if raw == "unlimited":
         return None
     try:
         mib = int(raw)
     except ValueError:
         mib = -1
     if mib < 0:
-        raise InvalidArgument(f"TARTARUS_HIBERNATE_QUOTA_MIB must be a number of MiB, not {raw!r}")
+        raise InvalidArgument(
+            f"TARTARUS_HIBERNATE_QUOTA_MIB must be a number of MiB or 'unlimited', not {raw!r}"
+        )
     return mib * 2**20
 
 
 IDLE_CHECK_S = 1.0
+CHECKPOINT_SWEEP_S = 60.0  # how often expired checkpoints are deleted (their TTLs are hours to days)
 
 
 def _policy_from_env() -> Policy:
@@ -81,6 +92,7 @@ class DaemonConfig:
     # Pre-started VMMs kept per template snapshot; 0 disables the pool (creates only get slower).
     pool_size: int = field(default_factory=_pool_size_from_env)
     # Disk that hibernated sandboxes and checkpoints may use together; None: no limit but the disk's.
+    # TARTARUS_HIBERNATE_QUOTA_MIB=N|unlimited; unset: DEFAULT_HIBERNATE_QUOTA_MIB.
     hibernate_quota_bytes: int | None = field(default_factory=_quota_from_env)
     # Admission rules, limit caps, quarantine settings (TARTARUS_POLICY=FILE; default: admit all).
     policy: Policy = field(default_factory=_policy_from_env)
@@ -136,6 +148,11 @@ class SandboxManager:
         self.on_expired: Callable[[str, str], Awaitable[None]] | None = None
         # Told (operation, seconds) of each wake, hibernation and admission decision (metrics).
         self.observe: Callable[[str, float], None] = lambda operation, seconds: None
+        # Held around each wake: the control plane admits it against the owner's quota (QuotaExceeded).
+        self.admit_wake: Callable[[SandboxRecord], contextlib.AbstractAsyncContextManager[object]] = (
+            lambda record: contextlib.nullcontext()
+        )
+        self._sweep_task: asyncio.Task[None] | None = None
         self.ports = ExposedPorts(self._into, _port_rules(self.policy.policy))
 
     def open(self) -> list[str]:
@@ -274,6 +291,7 @@ class SandboxManager:
         for template in list_templates():
             self._pool_for(template)
         self._idle_task = asyncio.create_task(self._hibernate_idle(), name="idle-hibernation")
+        self._sweep_task = asyncio.create_task(self._sweep_checkpoints(), name="checkpoint-expiry")
         self._start_triggers()
 
     def _start_triggers(self) -> None:
@@ -311,12 +329,12 @@ class SandboxManager:
         """Stop every running sandbox (or, with `keep_on_stop`, let go of them for the next daemon);
         hibernated ones stay on disk for the next daemon."""
         await self._deadlines.close()
-        for task in (self._idle_task, self._trigger_task):
+        for task in (self._idle_task, self._trigger_task, self._sweep_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._idle_task = self._trigger_task = None
+        self._idle_task = self._trigger_task = self._sweep_task = None
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
@@ -617,12 +635,15 @@ class SandboxManager:
             if record.state != "hibernated":
                 return record
             assert record.image is not None
-            # Admitted again under the policy in force now: its network and limits are re-applied.
+            # Admitted again under the policy in force now: its network and limits are re-applied; and
+            # under its tenant's quota, held until it runs (then it counts as usage).
             t0 = time.perf_counter()
-            options, admission = await self._readmit(record.image)
-            runtime, snapshot = await self._start_from(record.image, options, wake=True)
-            await self._contain(runtime, admission)
-            record.runtime, record.snapshot, record.image, record.state = runtime, snapshot, None, "running"
+            async with self.admit_wake(record):
+                options, admission = await self._readmit(record.image)
+                runtime, snapshot = await self._start_from(record.image, options, wake=True)
+                await self._contain(runtime, admission)
+                record.runtime, record.snapshot, record.image = runtime, snapshot, None
+                record.state = "running"
             record.last_active = time.monotonic()
             self._watch(record)
             self.save(record)
@@ -667,6 +688,9 @@ class SandboxManager:
                         log.warning("could not hibernate idle sandbox %s: %s", record.id, e)
 
     async def checkpoint(self, id_: str, ttl: float | None = None) -> Image:
+        """Capture a running sandbox; it is deleted `ttl` seconds after its last use (None: the
+        policy's default; over the policy's cap: InvalidArgument)."""
+        ttl = checkpoint_ttl(ttl, self.policy.policy.limits)
         async with self.use(id_) as runtime:
             record = self.get(id_)
             _not_quarantined(runtime, "checkpointed or forked")
@@ -742,11 +766,27 @@ class SandboxManager:
             raise failures[0]
         return copies
 
+    async def _sweep_checkpoints(self) -> None:
+        """Delete checkpoints whose TTL has passed (`gc` does too, on demand)."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_SWEEP_S)  # a periodic scan, not a wait for work
+            try:  # on the loop: a restore from a checkpoint touches it (its last use) on the loop too
+                removed = self._delete_expired_checkpoints()
+            except Exception:
+                log.exception("could not delete expired checkpoints")
+                continue
+            if removed:
+                log.info("deleted %d expired checkpoints: %s", len(removed), ", ".join(removed))
+
+    def _delete_expired_checkpoints(self) -> builtins.list[str]:
+        expired = [image for image in self.checkpoints() if ops.expired(image)]
+        for image in expired:
+            remove_image(image.path)
+        return [image.id for image in expired]
+
     def gc(self) -> dict[str, builtins.list[str]]:
         """Delete expired checkpoints and pins that no hibernated sandbox or checkpoint needs."""
-        expired = [image.id for image in self.checkpoints() if ops.expired(image)]
-        for cid in expired:
-            self.delete_checkpoint(cid)
+        expired = self._delete_expired_checkpoints()
         used = {image.snapshot_key for image in self.checkpoints()}
         used |= {r.image.snapshot_key for r in self._records.values() if r.image is not None}
         used |= {r.snapshot.key for r in self._records.values() if r.snapshot is not None}

@@ -68,7 +68,10 @@ class CreateFromCheckpoint(Strict):
 
 class CreateCheckpoint(Strict):
     ttl_s: float | None = Field(
-        None, gt=0, description="delete the checkpoint (tartarus gc) this long after its last use"
+        None,
+        gt=0,
+        description="delete the checkpoint this long after its last use (default and cap: the policy's "
+        "default_checkpoint_ttl_s, 7 days, and max_checkpoint_ttl_s, 30 days)",
     )
 
 
@@ -123,7 +126,10 @@ class QuarantineRequest(Strict):
 
 class SetTimeout(Strict):
     timeout: float | None = Field(
-        gt=0, le=MAX_TIMEOUT_S, description="seconds from now until the sandbox is destroyed (null: never)"
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="seconds from now until the sandbox is destroyed, up to the policy's max_ttl_s "
+        "(null, never, is refused: it is over any cap)",
     )
 
 

@@ -1,7 +1,7 @@
-"""Per-tenant numeric quotas (concurrent sandboxes, vCPUs, memory), enforced at admission.
+"""Per-tenant numeric quotas (concurrent sandboxes, vCPUs, memory, checkpoints), enforced at admission.
 
-Admission checks usage *plus* creates still in flight, and reserves the request before the first await,
-so concurrent creates on one event loop cannot overshoot a limit together.
+Admission checks usage *plus* requests still in flight, and reserves the request before the first await,
+so concurrent creates, wakes and checkpoints on one event loop cannot overshoot a limit together.
 """
 
 from __future__ import annotations
@@ -19,10 +19,14 @@ class Usage:
     sandboxes: int = 0
     vcpus: int = 0
     memory_mib: int = 0
+    checkpoints: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
-            self.sandboxes + other.sandboxes, self.vcpus + other.vcpus, self.memory_mib + other.memory_mib
+            self.sandboxes + other.sandboxes,
+            self.vcpus + other.vcpus,
+            self.memory_mib + other.memory_mib,
+            self.checkpoints + other.checkpoints,
         )
 
 
@@ -33,34 +37,42 @@ class Limits:
     max_sandboxes: int | None = None
     max_vcpus: int | None = None
     max_memory_mib: int | None = None
+    max_checkpoints: int | None = None
 
 
 def check(tenant: str, limits: Limits, usage: Usage, request: Usage) -> None:
-    """Raise QuotaExceeded naming the first limit that `usage + request` would break."""
+    """Raise QuotaExceeded naming the first limit that `usage + request` would break. A request for none
+    of a resource is never refused on it (a wake adds no sandbox, even to a tenant over a lowered limit)."""
     for name, limit, used, wanted, unit in (
         ("max_sandboxes", limits.max_sandboxes, usage.sandboxes, request.sandboxes, "sandboxes"),
         ("max_vcpus", limits.max_vcpus, usage.vcpus, request.vcpus, "vCPUs"),
         ("max_memory_mib", limits.max_memory_mib, usage.memory_mib, request.memory_mib, "MiB"),
+        ("max_checkpoints", limits.max_checkpoints, usage.checkpoints, request.checkpoints, "checkpoints"),
     ):
-        if limit is not None and used + wanted > limit:
+        if limit is not None and wanted > 0 and used + wanted > limit:
             raise QuotaExceeded(
                 f"tenant {tenant!r} quota {name}={limit} exceeded: {used} {unit} in use + {wanted} requested"
             )
 
 
 class Reservations:
-    """Creates admitted but not yet finished, per tenant (they count against the quota)."""
+    """Requests admitted but not yet finished, per tenant (they count against the quota)."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Counter[str]] = {}
 
     def pending(self, tenant: str) -> Usage:
         c = self._pending.get(tenant, Counter())
-        return Usage(c["sandboxes"], c["vcpus"], c["memory_mib"])
+        return Usage(c["sandboxes"], c["vcpus"], c["memory_mib"], c["checkpoints"])
 
     @contextlib.contextmanager
     def hold(self, tenant: str, request: Usage) -> Iterator[None]:
-        amounts = Counter(sandboxes=request.sandboxes, vcpus=request.vcpus, memory_mib=request.memory_mib)
+        amounts = Counter(
+            sandboxes=request.sandboxes,
+            vcpus=request.vcpus,
+            memory_mib=request.memory_mib,
+            checkpoints=request.checkpoints,
+        )
         self._pending.setdefault(tenant, Counter()).update(amounts)
         try:
             yield

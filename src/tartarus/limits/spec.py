@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tartarus.errors import InvalidArgument
 from tartarus.templates.store import Template
 
 DEFAULT_DISK_MIB = 4096  # the size of a template's writable layer (runtime/disks.py): the smallest disk
+DAY_S = 24 * 3600.0
 
 
 class LimitCaps(BaseModel):
@@ -28,6 +29,17 @@ class LimitCaps(BaseModel):
     default_ttl_s: float | None = Field(
         None, gt=0, description="TTL of a sandbox whose request names none (None: no TTL)"
     )
+    # Checkpoints hold a guest's RAM and disk on the host: none is kept forever by default.
+    max_checkpoint_ttl_s: float = Field(30 * DAY_S, gt=0, description="a checkpoint's longest TTL")
+    default_checkpoint_ttl_s: float = Field(
+        7 * DAY_S, gt=0, description="TTL (after its last use) of a checkpoint whose request names none"
+    )
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> LimitCaps:
+        if self.default_checkpoint_ttl_s > self.max_checkpoint_ttl_s:
+            raise ValueError("default_checkpoint_ttl_s is over max_checkpoint_ttl_s")
+        return self
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,30 @@ def resolve_limits(
             "layer: disks grow, they are never shrunk"
         )
     return limits
+
+
+def capped_timeout(timeout: float | None, caps: LimitCaps) -> float:
+    """A new timeout for a running sandbox, under the cap a create's is (`max_ttl_s`): a longer one is
+    refused with the error a create gets, and so is none (null: never), which no cap admits."""
+    if timeout is None:
+        raise InvalidArgument(
+            f"a timeout is required: this host's policy keeps a sandbox at most {caps.max_ttl_s:g} s "
+            "from now (null, never, is over that limit)"
+        )
+    if timeout > caps.max_ttl_s:
+        raise InvalidArgument(f"ttl_s={timeout:g} is over this host's policy limit of {caps.max_ttl_s:g}")
+    return timeout
+
+
+def checkpoint_ttl(ttl_s: float | None, caps: LimitCaps) -> float:
+    """A checkpoint's TTL: the request's (refused over `max_checkpoint_ttl_s`) or the policy default."""
+    if ttl_s is None:
+        return caps.default_checkpoint_ttl_s
+    if ttl_s > caps.max_checkpoint_ttl_s:
+        raise InvalidArgument(
+            f"checkpoint ttl_s={ttl_s:g} is over this host's policy limit of {caps.max_checkpoint_ttl_s:g}"
+        )
+    return ttl_s
 
 
 def template_limits(template: Template) -> Limits:

@@ -235,7 +235,8 @@ class AsyncSandbox:
             await client.close()
 
     async def set_timeout(self, timeout: float | None) -> dict[str, Any]:
-        """Destroy the sandbox `timeout` seconds from now (None: never)."""
+        """Destroy the sandbox `timeout` seconds from now, up to the policy's `max_ttl_s`
+        (InvalidArgument over it, and for None: never, which no cap admits)."""
         path = f"/v1/sandboxes/{self.id}/timeout"
         self.info = (await self._client.request("PUT", path, json={"timeout": timeout})).json()
         return self.info

@@ -64,6 +64,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX audit_tenant_ts ON audit (tenant, ts)",
         ],
     ),
+    (2, "tenant checkpoint quota", ["ALTER TABLE tenants ADD COLUMN max_checkpoints INTEGER"]),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -31,6 +31,7 @@ class Tenant:
     max_sandboxes: int | None = None
     max_vcpus: int | None = None
     max_memory_mib: int | None = None
+    max_checkpoints: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ _SANDBOX_COLUMNS = (
     "timeout_s, expires_at, ended_at"
 )
 _KEY_COLUMNS = "id, tenant, role, description, created_at, revoked_at"
-_TENANT_COLUMNS = "name, created_at, max_sandboxes, max_vcpus, max_memory_mib"
+_TENANT_COLUMNS = "name, created_at, max_sandboxes, max_vcpus, max_memory_mib, max_checkpoints"
 
 
 def _sandbox(row: Row) -> SandboxRow:
@@ -133,21 +134,29 @@ class Store:
         return [Tenant(*r) for r in self.db.query(f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY name")]
 
     def set_quota(
-        self, name: str, *, max_sandboxes: int | None, max_vcpus: int | None, max_memory_mib: int | None
+        self,
+        name: str,
+        *,
+        max_sandboxes: int | None,
+        max_vcpus: int | None,
+        max_memory_mib: int | None,
+        max_checkpoints: int | None = None,
     ) -> Tenant:
         """Set a tenant's limits (None: unlimited), creating the tenant if needed."""
         for what, value in (
             ("max_sandboxes", max_sandboxes),
             ("max_vcpus", max_vcpus),
             ("max_memory_mib", max_memory_mib),
+            ("max_checkpoints", max_checkpoints),
         ):
             if value is not None and not 0 <= value <= MAX_LIMIT:
                 raise InvalidArgument(f"{what} must be from 0 to {MAX_LIMIT}, not {value}")
         with self.db.transaction():
             self.ensure_tenant(name)
             self.db.execute(
-                "UPDATE tenants SET max_sandboxes = ?, max_vcpus = ?, max_memory_mib = ? WHERE name = ?",
-                (max_sandboxes, max_vcpus, max_memory_mib, name),
+                "UPDATE tenants SET max_sandboxes = ?, max_vcpus = ?, max_memory_mib = ?, "
+                "max_checkpoints = ? WHERE name = ?",
+                (max_sandboxes, max_vcpus, max_memory_mib, max_checkpoints, name),
             )
             tenant = self.get_tenant(name)
         assert tenant is not None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,7 @@ API = "src/tartarus/daemon/app.py"
 CONTROL = "src/tartarus/daemon/control.py"
 PORTS_VM = "tests/network/test_exposed_ports.py::"
 DOTDOT_TAIL = "                        os.close(fds.pop())"
+QUOTAS = "tests/api/test_quota_bypass.py::"
 RESOURCES = "tests/api/test_resource_tenancy.py::"
 STATE_VM = "tests/api/test_state_private.py::test_state_dir_is_private_and_env_is_sealed"
 
@@ -272,6 +274,46 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if whole and not target.exists():",
         ("tests/unit/test_wake_recovery.py",),
     ),
+    Mutation(
+        "quota.wake",
+        "every wake (explicit, implicit, through a port) is admitted against the owner's quota",
+        "src/tartarus/daemon/manager.py",
+        "async with self.admit_wake(record):",
+        "async with contextlib.nullcontext():",
+        (QUOTAS + "test_a_wake_is_admitted_against_the_quota_like_a_create",),
+    ),
+    Mutation(
+        "quota.timeout",
+        "PUT /timeout is capped by the policy's max_ttl_s like a create",
+        CONTROL,
+        "timeout = capped_timeout(timeout, self.manager.policy.policy.limits)",
+        "pass",
+        (QUOTAS + "test_a_new_timeout_is_capped_by_the_policy_like_a_create",),
+    ),
+    Mutation(
+        "quota.checkpoints",
+        "checkpoints count against the tenant's max_checkpoints",
+        API,
+        "async with control.admitted(tenant, quotas.Usage(checkpoints=1)):",
+        "async with contextlib.nullcontext():",
+        (QUOTAS + "test_checkpoints_count_against_the_tenant_quota",),
+    ),
+    Mutation(
+        "quota.checkpoint-ttl",
+        "a checkpoint gets the policy's TTL",
+        "src/tartarus/daemon/manager.py",
+        "ttl = checkpoint_ttl(ttl, self.policy.policy.limits)",
+        "pass",
+        (QUOTAS + "test_a_checkpoint_gets_the_policy_ttl_and_is_deleted_when_it_expires",),
+    ),
+    Mutation(
+        "quota.hibernation-disk",
+        "the hibernation disk quota is on by default",
+        "src/tartarus/daemon/manager.py",
+        "return DEFAULT_HIBERNATE_QUOTA_MIB * 2**20",
+        "return None",
+        (QUOTAS + "test_the_hibernation_disk_quota_is_on_by_default",),
+    ),
 )
 
 
@@ -290,7 +332,7 @@ def _pytest(scratch: Path, tests: tuple[str, ...], log: Path) -> tuple[int, list
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "-rf", *tests]
     with log.open("w") as out:
         status = subprocess.run(cmd, cwd=scratch, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    failed = [line for line in log.read_text().splitlines() if line.startswith(("FAILED", "ERROR"))]
+    failed = [line for line in log.read_text().splitlines() if re.match(r"(FAILED|ERROR) \S+::", line)]
     return status, failed
 
 

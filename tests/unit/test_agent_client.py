@@ -177,7 +177,7 @@ def test_a_guest_flooding_past_its_window_fails_that_stream_within_a_bound() -> 
         process, id_ = await _exec(client, guest)
         other, other_id = await _exec(client, guest)
         # Three windows of output, ignoring credit: the host must not buffer it.
-        await guest.send(*(encode(T.STDOUT, id_, bytes(1 << 16)) for _ in range(48)))
+        await guest.send(*(encode(T.STDOUT, id_, bytes(1 << 16)) for _ in range(3 * WINDOW >> 16)))
         await guest.send(encode(T.STDOUT, other_id, b"fine"))
         told = await _ping(client, guest)
         assert client.queued_bytes <= STREAM_BUFFER + len(b"fine") + FRAME_COST

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from tartarus.errors import SandboxFailed
 from tartarus.runtime.protocol import DATA_TYPES, Frame
 
-WINDOW = 1 << 20  # output bytes a stream may have unacknowledged: initial credit, in the request
+WINDOW = 2 << 20  # output bytes a stream may have unacknowledged (its initial credit); 1 MiB cost reads ~10%
 FRAME_COST = 256  # window bytes a data frame costs beyond its payload (the host's bookkeeping per frame)
 REFILL = WINDOW // 4  # drained bytes returned to the guest in one CREDIT (fewer frames on the channel)
 # What one inbox may hold: a window of output, another for a stream taken over from an earlier client

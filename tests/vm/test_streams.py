@@ -29,11 +29,11 @@ async def _run(agent: AgentClient, script: str) -> str:
     return out.decode()
 
 
-async def _filled(agent: AgentClient, streams: int) -> None:
-    """Wait until the guest has used the whole window of each stream (queued here, untaken): it stops
-    once a frame would not fit, up to FRAME_COST short of it."""
+async def _filled(agent: AgentClient, credit: int) -> None:
+    """Wait until the guest has used `credit` (its output queued here, untaken): it stops once a frame
+    would not fit, up to FRAME_COST short of it."""
     async with asyncio.timeout(DEADLINE):
-        while agent.queued_bytes < streams * (WINDOW - FRAME_COST):
+        while agent.queued_bytes < credit - FRAME_COST:
             await asyncio.sleep(0.05)
 
 
@@ -47,15 +47,16 @@ def test_stalled_and_abandoned_streams_hold_a_window_and_leave_the_sandbox_answe
             await _run(agent, "head -c 20000000 /dev/urandom > /tmp/big")
             # A file read whose reader stalls after the first chunk: the guest fills the window, stops.
             chunks = await agent.read_file("/tmp/big")
-            await anext(chunks)
-            await _filled(agent, 1)
+            first = await anext(chunks)  # taken, and less than a credit refill: not returned yet
+            read_credit = WINDOW - len(first) - FRAME_COST
+            await _filled(agent, read_credit)
             assert await agent.ping() >= 3  # the channel is free for other calls meanwhile...
-            assert agent.queued_bytes <= WINDOW  # ...and the guest sent nothing past its credit
+            assert agent.queued_bytes <= read_credit  # ...and the guest sent nothing past its credit
             # A command whose output nobody reads: same, on top.
             spew = await agent.exec(["cat", "/tmp/big", "/tmp/big"])
-            await _filled(agent, 2)
+            await _filled(agent, read_credit + WINDOW)
             assert await _run(agent, "echo still here") == "still here\n"
-            assert agent.queued_bytes <= 2 * WINDOW
+            assert agent.queued_bytes <= read_credit + WINDOW
             # Both walk away: the daemon frees their output at once, the guest closes the file and
             # drops the command's output (it runs to its end), and the sandbox goes on answering.
             await chunks.aclose()

@@ -48,7 +48,7 @@
 #include <unistd.h>
 
 #define AGENT_VERSION "0.1.0"
-#define PROTO_VERSION 2
+#define PROTO_VERSION 3
 #define PORT_NAME "org.tartarus.agent.0"
 
 #define HDR_LEN 12
@@ -60,6 +60,8 @@
 #define DATA_CHUNK (256 * 1024)
 #define STDIN_MAX (16u << 20)
 #define DRAIN_MS 100
+#define FRAME_COST 256           /* window bytes a data frame costs beyond its payload */
+#define FINISH_MAX (1 << 20)      /* output still forwarded from a pipe after the drain time */
 #define HOST_POLL_MS 20           /* how often a closed port is checked for a returning host */              /* pipe draining after the command was reaped */
 #define RM_MAX_DEPTH 256          /* recursive REMOVE holds one fd per level */
 #define PTY_MAX_SIZE 1000         /* rows and columns of a terminal */
@@ -70,7 +72,7 @@
 enum {
 	T_PING = 0x01, T_EXEC, T_STDIN, T_SIGNAL, T_READ, T_WRITE, T_WRITE_DATA,
 	T_WRITE_END, T_LIST, T_STAT, T_MKDIR, T_REMOVE, T_RENAME, T_CONFIGURE,
-	T_RESIZE,
+	T_RESIZE, T_CREDIT, T_DETACH,
 	T_HELLO = 0x80, T_OK, T_STARTED, T_STDOUT, T_STDERR, T_EXIT, T_DATA,
 	T_END, T_ENTRY, T_ERROR = 0x8F,
 };
@@ -81,7 +83,7 @@ enum {
 	F_NEWPATH, F_MODE, F_FLAGS, F_PID, F_EXIT_CODE, F_SIGNAL, F_TIMED_OUT,
 	F_ERRNO, F_MESSAGE, F_SIZE, F_NAME, F_TYPE, F_MTIME_NS, F_LINK,
 	F_VERSION, F_TIME_NS, F_ENTROPY, F_HOSTNAME, F_USER, F_MACHINE_ID,
-	F_ROWS, F_COLS, F_MAX
+	F_ROWS, F_COLS, F_WINDOW, F_MAX
 };
 
 /* Field kinds: K_BYTES is like a string but may hold NUL (ENTROPY). */
@@ -102,6 +104,7 @@ static const struct { unsigned char kind; const char *name; } fields[F_MAX] = {
 	[F_ENTROPY] = { K_BYTES, "ENTROPY" }, [F_HOSTNAME] = { K_STR, "HOSTNAME" },
 	[F_USER] = { K_STR, "USER" }, [F_MACHINE_ID] = { K_STR, "MACHINE_ID" },
 	[F_ROWS] = { K_INT, "ROWS" }, [F_COLS] = { K_INT, "COLS" },
+	[F_WINDOW] = { K_INT, "WINDOW" },
 };
 
 #define FLAG_RECURSIVE 1 /* also "parents" for MKDIR */
@@ -227,6 +230,10 @@ struct req {
 	int status;
 	int64_t deadline;            /* timeout (monotonic ms), 0 = none */
 	int64_t drain_until;         /* after reaping, give up on pipe EOF then */
+	int64_t out_left, err_left;  /* after the drain time: bytes still forwarded before closing, -1 = not yet */
+	bool detached;               /* the host stopped listening: output is discarded, no EXIT */
+	/* R_EXEC, R_READ: window bytes the host still grants for output (CREDIT), -1 = no flow control */
+	int64_t credit;
 	/* R_READ, R_WRITE */
 	int fd;
 	uint64_t size;
@@ -267,7 +274,24 @@ static void free_req(struct req *r)
 	free(r->tmp);
 	memset(r, 0, sizeof *r);
 	r->out_fd = r->err_fd = r->in_fd = r->fd = -1;
+	r->out_left = r->err_left = r->credit = -1;
 	r->kind = R_FREE;
+}
+
+/* How many output bytes r may send in one frame now (at most max): its credit less the frame's cost. */
+static size_t sendable(const struct req *r, size_t max)
+{
+	if (r->credit < 0 || r->detached)
+		return max;
+	if (r->credit <= FRAME_COST)
+		return 0;
+	return (uint64_t)(r->credit - FRAME_COST) < max ? (size_t)(r->credit - FRAME_COST) : max;
+}
+
+static void charge(struct req *r, size_t n)
+{
+	if (r->credit >= 0)
+		r->credit -= (int64_t)n + FRAME_COST;
 }
 
 static void kill_session(pid_t sid, int sig);
@@ -819,6 +843,20 @@ static int open_pty(const struct winsize *ws, int *master, int *slave)
 	return 0;
 }
 
+/* The initial window of an EXEC or READ (WINDOW field), or answers ERROR and returns false. */
+static bool get_window(uint32_t id, struct msg *m, int64_t *window)
+{
+	*window = -1; /* no WINDOW: no flow control (a host of protocol 2) */
+	if (!m->has[F_WINDOW])
+		return true;
+	if (m->num[F_WINDOW] <= FRAME_COST) {
+		send_error(id, EINVAL, "WINDOW must exceed %d bytes", FRAME_COST);
+		return false;
+	}
+	*window = m->num[F_WINDOW];
+	return true;
+}
+
 static void h_exec(uint32_t id, struct msg *m)
 {
 	struct spec *s = &S;
@@ -841,12 +879,16 @@ static void h_exec(uint32_t id, struct msg *m)
 		send_error(id, EINVAL, "ROWS and COLS must be given together, each 1-%d", PTY_MAX_SIZE);
 		return;
 	}
+	int64_t window;
+	if (!get_window(id, m, &window))
+		return;
 	s->cwd = m->has[F_CWD] ? m->str[F_CWD] : "/";
 	if (!resolve_cred(id, m, s) || !build_env(id, m, s))
 		return;
 	struct req *r = new_req(id, R_EXEC);
 	if (!r)
 		goto out;
+	r->credit = window;
 
 	pid_t pid = -1;
 	int e = 0;
@@ -1006,30 +1048,60 @@ static void pump_stdin(struct req *r)
 		close_stdin(r);
 }
 
-/* Forwards one chunk of command output; returns false when nothing was there. */
-static bool pump_pipe(struct req *r, int *fd, uint8_t type)
+/*
+ * Forwards one chunk of command output, as far as the host's credit allows (a
+ * detached command's is read and dropped); returns false when nothing was sent.
+ * *left >= 0: the pipe is being finished (finish_pipe) and closes after that many bytes.
+ */
+static bool pump_pipe(struct req *r, int *fd, int64_t *left, uint8_t type)
 {
-	ssize_t n = read(*fd, iobuf + HDR_LEN, PIPE_CHUNK);
+	size_t max = sendable(r, PIPE_CHUNK);
 
+	if (*left >= 0 && (uint64_t)*left < max)
+		max = (size_t)*left;
+	if (max == 0) {
+		if (*left == 0)
+			xclose(fd);
+		return false;
+	}
+	ssize_t n = read(*fd, iobuf + HDR_LEN, max);
 	if (n > 0) {
-		send_iobuf(r->id, type, (size_t)n);
+		if (!r->detached) {
+			charge(r, (size_t)n);
+			send_iobuf(r->id, type, (size_t)n);
+		}
+		if (*left >= 0 && (*left -= n) == 0)
+			xclose(fd);
 		return true;
 	}
-	if (n == 0 || (errno != EAGAIN && errno != EINTR))
+	if (n == 0 || (errno != EAGAIN && errno != EINTR) || *left >= 0)
 		xclose(fd);
 	return false;
 }
 
 /*
- * Called once the drain time is over: output already sitting in the pipe still
- * goes out (a slow loop turn must not cut it), but at most 1 MiB - the default
- * maximum pipe size - so a grandchild that keeps writing cannot hold up EXIT.
+ * Once the drain time is over, output already sitting in the pipe still goes
+ * out (a slow loop turn must not cut it), at most 1 MiB - the default maximum
+ * pipe size - and as the host's credit allows; then the pipe is closed, so a
+ * grandchild that keeps writing cannot hold up EXIT.  A command whose host
+ * reads slowly thus loses nothing: once it is reaped, what is in its pipe is
+ * all it wrote.
  */
-static void finish_pipe(struct req *r, int *fd, uint8_t type)
+static void finish_pipe(struct req *r, int *fd, int64_t *left, uint8_t type)
 {
-	for (int i = 0; i < 16 && *fd >= 0 && pump_pipe(r, fd, type); i++)
+	int avail = 0;
+
+	if (*fd < 0)
+		return;
+	if (*left < 0) {
+		if (ioctl(*fd, FIONREAD, &avail) != 0 || avail < 0)
+			avail = 0;
+		*left = avail > FINISH_MAX ? FINISH_MAX : avail;
+	}
+	for (int i = 0; i < 16 && *fd >= 0 && pump_pipe(r, fd, left, type); i++)
 		;
-	xclose(fd);
+	if (*left == 0)
+		xclose(fd);
 }
 
 /*
@@ -1113,18 +1185,20 @@ static void check_exec(struct req *r, int64_t now)
 	}
 	/* A background grandchild may hold the pipes open forever: stop waiting. */
 	if (r->reaped && now >= r->drain_until) {
-		finish_pipe(r, &r->out_fd, T_STDOUT);
-		finish_pipe(r, &r->err_fd, T_STDERR);
+		finish_pipe(r, &r->out_fd, &r->out_left, T_STDOUT);
+		finish_pipe(r, &r->err_fd, &r->err_left, T_STDERR);
 	}
 	if (!r->reaped || r->out_fd >= 0 || r->err_fd >= 0)
 		return;
-	ob_begin();
-	if (WIFSIGNALED(r->status))
-		put_int(F_SIGNAL, WTERMSIG(r->status));
-	else
-		put_int(F_EXIT_CODE, WEXITSTATUS(r->status));
-	put_int(F_TIMED_OUT, r->timed_out);
-	ob_send(r->id, T_EXIT);
+	if (!r->detached) {
+		ob_begin();
+		if (WIFSIGNALED(r->status))
+			put_int(F_SIGNAL, WTERMSIG(r->status));
+		else
+			put_int(F_EXIT_CODE, WEXITSTATUS(r->status));
+		put_int(F_TIMED_OUT, r->timed_out);
+		ob_send(r->id, T_EXIT);
+	}
 	free_req(r);
 }
 
@@ -1135,8 +1209,9 @@ static void h_read(uint32_t id, struct msg *m)
 {
 	const char *path = need_path(id, m, F_PATH);
 	struct stat st;
+	int64_t window;
 
-	if (!path)
+	if (!path || !get_window(id, m, &window))
 		return;
 	/* O_NONBLOCK: opening a FIFO must not hang the agent. */
 	int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
@@ -1161,17 +1236,23 @@ static void h_read(uint32_t id, struct msg *m)
 	}
 	r->fd = fd;
 	r->path = xstrdup(path);
+	r->credit = window;
 }
 
-/* Sends one chunk per loop turn, so a big read never starves command output. */
+/* Sends one chunk per loop turn, so a big read never starves command output; waits for credit. */
 static void pump_read(struct req *r)
 {
-	ssize_t n = read(r->fd, iobuf + HDR_LEN, DATA_CHUNK);
+	size_t max = sendable(r, DATA_CHUNK);
+
+	if (max == 0)
+		return;
+	ssize_t n = read(r->fd, iobuf + HDR_LEN, max);
 
 	if (n < 0 && errno == EINTR)
 		return;
 	if (n > 0) {
 		r->size += (uint64_t)n;
+		charge(r, (size_t)n);
 		send_iobuf(r->id, T_DATA, (size_t)n);
 		return;
 	}
@@ -1682,7 +1763,39 @@ static void h_configure(uint32_t id, struct msg *m)
 			return;
 		}
 	}
-	send_ok(id);
+	/* A restored clone's host learns the protocol here, without a PING of its own. */
+	ob_begin();
+	put_int(F_VERSION, PROTO_VERSION);
+	ob_send(id, T_OK);
+}
+
+/* CREDIT: the host drained output of an EXEC or READ and lets it send SIZE bytes more. */
+static void h_credit(uint32_t id, struct msg *m)
+{
+	struct req *r = find_req(id, R_EXEC);
+
+	if (!r)
+		r = find_req(id, R_READ);
+	if (!r || r->credit < 0 || !m->has[F_SIZE] || m->num[F_SIZE] <= 0)
+		return;
+	r->credit = m->num[F_SIZE] > INT64_MAX / 2 - r->credit ? INT64_MAX / 2 : r->credit + m->num[F_SIZE];
+}
+
+/*
+ * DETACH: the host stopped listening.  A read or write ends here (its file
+ * closed, a write's temporary file removed); a command runs on, its output
+ * read and dropped, and is reaped without EXIT.
+ */
+static void h_detach(uint32_t id)
+{
+	struct req *r = find_req(id, R_EXEC);
+
+	if (r) {
+		r->detached = true;
+		return;
+	}
+	if ((r = find_req(id, R_READ)) || (r = find_req(id, R_WRITE)))
+		free_req(r);
 }
 
 static void h_ping(uint32_t id)
@@ -1708,20 +1821,23 @@ static void dispatch(uint32_t id, uint8_t type, const uint8_t *p, uint32_t len)
 	case T_STDIN: h_stdin(id, p, len); return;
 	case T_WRITE_DATA: h_write_data(id, p, len); return;
 	case T_WRITE_END: h_write_end(id); return;
+	case T_DETACH: h_detach(id); return;
 	}
-	if (type < T_PING || type > T_RESIZE) {
+	if (type < T_PING || type > T_CREDIT) {
 		send_error(id, ENOSYS, "unknown frame type 0x%02x", type);
 		return;
 	}
 	if (parse_fields(p, len, &M) != 0)
 		protocol_error("field runs past the end of the payload");
-	if (type == T_SIGNAL || type == T_RESIZE) { /* no reply is defined: a bad one is dropped */
+	if (type == T_SIGNAL || type == T_RESIZE || type == T_CREDIT) { /* no reply: a bad one is dropped */
 		if (M.err)
-			logmsg("request %u: ignoring %s: %s", id, type == T_SIGNAL ? "SIGNAL" : "RESIZE", M.errmsg);
+			logmsg("request %u: ignoring frame type 0x%02x: %s", id, type, M.errmsg);
 		else if (type == T_SIGNAL)
 			h_signal(id, &M);
-		else
+		else if (type == T_RESIZE)
 			h_resize(id, &M);
+		else
+			h_credit(id, &M);
 		return;
 	}
 	if (M.err) {
@@ -1847,14 +1963,16 @@ static void add_pollfd(nfds_t *n, struct req *r, int which, int fd, short events
 /* Adds a command's pipes to the poll set; returns when it next needs attention (-1: never). */
 static int64_t poll_exec(struct req *r, nfds_t *n)
 {
-	if (r->out_fd >= 0)
+	bool can_send = sendable(r, 1) > 0; /* else the command blocks on a full pipe: back-pressure */
+
+	if (r->out_fd >= 0 && can_send)
 		add_pollfd(n, r, W_OUT, r->out_fd, POLLIN);
-	if (r->err_fd >= 0)
+	if (r->err_fd >= 0 && can_send)
 		add_pollfd(n, r, W_ERR, r->err_fd, POLLIN);
 	if (r->in_fd >= 0 && r->in_off < r->in_len)
 		add_pollfd(n, r, W_IN, r->in_fd, POLLOUT);
-	if (r->reaped)
-		return r->drain_until;
+	if (r->reaped) /* finishing pipes wait for POLLIN or for CREDIT on the port, not for a clock */
+		return r->out_left >= 0 || r->err_left >= 0 ? -1 : r->drain_until;
 	return r->deadline && !r->timed_out ? r->deadline : -1;
 }
 
@@ -1897,7 +2015,7 @@ static void __attribute__((noreturn)) serve(int fd)
 		pfds[n++] = (struct pollfd){ .fd = host_present ? port_fd : -1, .events = POLLIN };
 		pfds[n++] = (struct pollfd){ .fd = sig_fd, .events = POLLIN };
 		for (int i = 0; i < MAX_REQS; i++) {
-			int64_t t = reqs[i].kind == R_READ ? now /* more to send */
+			int64_t t = reqs[i].kind == R_READ ? (sendable(&reqs[i], 1) ? now : -1) /* more to send */
 				  : reqs[i].kind == R_EXEC ? poll_exec(&reqs[i], &n) : -1;
 			if (t >= 0 && (wake < 0 || t < wake))
 				wake = t;
@@ -1923,9 +2041,9 @@ static void __attribute__((noreturn)) serve(int fd)
 			if (!pfds[i].revents || r->kind != R_EXEC)
 				continue;
 			if (pmap[i].which == W_OUT && r->out_fd == pfds[i].fd)
-				pump_pipe(r, &r->out_fd, T_STDOUT);
+				pump_pipe(r, &r->out_fd, &r->out_left, T_STDOUT);
 			else if (pmap[i].which == W_ERR && r->err_fd == pfds[i].fd)
-				pump_pipe(r, &r->err_fd, T_STDERR);
+				pump_pipe(r, &r->err_fd, &r->err_left, T_STDERR);
 			else if (pmap[i].which == W_IN && r->in_fd == pfds[i].fd)
 				pump_stdin(r);
 		}

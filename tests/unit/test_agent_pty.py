@@ -23,6 +23,7 @@ from tartarus.guest.initramfs import build_initramfs
 from tartarus.runtime.agent import AgentClient, Exit, Output, Process, PtySize
 from tartarus.runtime.protocol import (
     HEADER,
+    VERSION,
     Decoder,
     F,
     FieldValue,
@@ -203,7 +204,7 @@ def test_a_command_that_cannot_start_gets_an_error(agent_binary: Path) -> None:
     async def test(client: AgentClient) -> None:
         with pytest.raises(GuestError, match="no-such-binary"):
             await client.exec(["no-such-binary"], pty=PtySize(24, 80))
-        assert await client.ping() == 2  # and the agent serves on
+        assert await client.ping() == VERSION  # and the agent serves on
 
     run(agent_binary, test)
 

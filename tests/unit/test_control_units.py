@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tartarus import audit
 from tartarus.daemon import quotas
+from tartarus.daemon.auth import Principal
+from tartarus.daemon.control import MAX_TENANT_STREAMS, ControlPlane
 from tartarus.daemon.logs import JsonFormatter, new_request_id, request_id
+from tartarus.daemon.manager import SandboxManager
 from tartarus.errors import QuotaExceeded
 
 
@@ -76,3 +80,19 @@ def test_audit_lines_are_appended_whole(tmp_path: Path) -> None:
     lines = (tmp_path / "audit.log").read_text().splitlines()
     assert [json.loads(line)["action"] for line in lines] == ["sandbox.create", "sandbox.destroy"]
     assert (tmp_path / "audit.log").stat().st_mode & 0o777 == 0o600
+
+
+def test_streams_per_tenant_are_limited_until_released(tmp_path: Path) -> None:
+    control = ControlPlane(tmp_path, SandboxManager(tmp_path))
+    alice = SimpleNamespace(state=SimpleNamespace(principal=Principal("k1", "alice", admin=False)))
+    bob = SimpleNamespace(state=SimpleNamespace(principal=Principal("k2", "bob", admin=False)))
+    releases = [control.open_stream(alice) for _ in range(MAX_TENANT_STREAMS)]  # type: ignore[arg-type]
+    with pytest.raises(QuotaExceeded, match=f"'alice' already has {MAX_TENANT_STREAMS} streams open") as e:
+        control.open_stream(alice)  # type: ignore[arg-type]
+    assert (e.value.status, e.value.code) == (429, "quota_exceeded")
+    control.open_stream(bob)()  # type: ignore[arg-type]  # another tenant's streams are its own
+    releases[0]()
+    releases[0]()  # releasing twice frees one slot, not two
+    control.open_stream(alice)  # type: ignore[arg-type]
+    with pytest.raises(QuotaExceeded):
+        control.open_stream(alice)  # type: ignore[arg-type]

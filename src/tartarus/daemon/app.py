@@ -455,7 +455,12 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                 stdin = base64.b64decode(body.stdin, validate=True)
             except ValueError as e:  # binascii.Error, or characters that are not ASCII at all
                 raise InvalidArgument(f"stdin is not valid base64: {e}") from e
-        rt = await manager.begin_call(sandbox_id)
+        release = control.open_stream(request)
+        try:
+            rt = await manager.begin_call(sandbox_id)
+        except BaseException:
+            release()
+            raise
         try:
             process = await rt.agent.exec(
                 body.argv,
@@ -469,6 +474,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
             )
         except BaseException:
             manager.end_call(sandbox_id)
+            release()
             raise
 
         async def events() -> AsyncIterator[bytes]:
@@ -505,6 +511,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                         await process.signal(signal.SIGKILL)
                     process.abandon()
                 manager.end_call(sandbox_id)
+                release()
 
         media_type = "text/event-stream" if sse else "application/x-ndjson"
         return StreamingResponse(events(), media_type=media_type, headers={"Cache-Control": "no-cache"})
@@ -524,7 +531,12 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         pseudo-terminal; the command is killed when the socket closes. Refusals (auth, unknown
         sandbox, a command that cannot start) are HTTP error responses to the handshake."""
         variables = terminal.parse_env(env)
-        rt = await manager.begin_call(sandbox_id)  # held for the whole session: no idle hibernation
+        release = control.open_stream(websocket)
+        try:
+            rt = await manager.begin_call(sandbox_id)  # held for the whole session: no idle hibernation
+        except BaseException:
+            release()
+            raise
         try:
             if not argv:
                 try:
@@ -547,6 +559,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                 await terminal.end(websocket, process)
         finally:
             manager.end_call(sandbox_id)
+            release()
 
     @app.post("/v1/sandboxes/{sandbox_id}/code", response_model=RunCodeResult, responses=_ERRORS)
     async def run_code(sandbox_id: str, body: RunCodeRequest) -> RunCodeResult:
@@ -569,12 +582,18 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
         response_class=StreamingResponse,
     )
-    async def read_file(sandbox_id: str, path: PathQuery) -> StreamingResponse:
-        rt = await manager.begin_call(sandbox_id)
+    async def read_file(sandbox_id: str, path: PathQuery, request: Request) -> StreamingResponse:
+        release = control.open_stream(request)
+        try:
+            rt = await manager.begin_call(sandbox_id)
+        except BaseException:
+            release()
+            raise
         try:
             chunks = await rt.agent.read_file(path)
         except BaseException:
             manager.end_call(sandbox_id)
+            release()
             raise
 
         async def stream() -> AsyncIterator[bytes]:
@@ -582,7 +601,9 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                 async for chunk in chunks:
                     yield chunk
             finally:
+                await chunks.aclose()  # a client that left early: the guest closes the file now
                 manager.end_call(sandbox_id)
+                release()
 
         return StreamingResponse(stream(), media_type="application/octet-stream")
 

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +44,9 @@ T = TypeVar("T")
 
 PUBLIC_ROUTES = {"/v1/health"}
 WATCH_INTERVAL_S = 0.5
+# Streaming calls (exec, file reads, terminals) one tenant may have open at once, over all its sandboxes;
+# each holds up to a flow-control window of guest output in the daemon (`runtime.flow`).
+MAX_TENANT_STREAMS = 128
 Spawn = Callable[[str, SandboxOptions], Awaitable[SandboxRecord]]
 
 
@@ -99,6 +103,7 @@ class ControlPlane:
         self._executor: ThreadPoolExecutor | None = None
         self._audit_executor: ThreadPoolExecutor | None = None
         self._reservations = quotas.Reservations()
+        self._streams: Counter[str] = Counter()  # open streaming calls per tenant
         self._watcher: asyncio.Task[None] | None = None
         # Every wake (explicit, a call on a hibernated sandbox, a connection to its exposed port) gives
         # the sandbox its vCPUs and memory back: it is admitted against its tenant's quota like a create.
@@ -304,6 +309,31 @@ class ControlPlane:
             raise
         with self._reservations.hold(tenant, wanted):
             yield
+
+    def open_stream(self, request: HTTPConnection) -> Callable[[], None]:
+        """Count a streaming call against its tenant's limit until the returned release is called (once
+        its response or socket ends). Raises QuotaExceeded (429) at the limit."""
+        principal = request.state.principal
+        assert isinstance(principal, Principal)
+        tenant = principal.tenant
+        if self._streams[tenant] >= MAX_TENANT_STREAMS:
+            self.metrics.quota_rejections.labels(tenant).inc()
+            raise QuotaExceeded(
+                f"tenant {tenant!r} already has {MAX_TENANT_STREAMS} streams open (exec, file reads,"
+                " terminals): let one finish before starting another"
+            )
+        self._streams[tenant] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._streams[tenant] -= 1
+                if not self._streams[tenant]:
+                    del self._streams[tenant]
+
+        return release
 
     def adopt(
         self, request: Request, record: SandboxRecord, *, labels: dict[str, str], timeout: float | None

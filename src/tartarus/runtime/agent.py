@@ -1,22 +1,26 @@
 """Host side of the guest agent RPC: multiplexes requests over one virtio-serial stream.
 
-One reader task demultiplexes guest frames into per-request queues. When the channel dies (the agent
-exited, the VM crashed, the guest sent garbage) every pending request fails with `SandboxFailed`
-carrying the reason, so callers get a clear error instead of a hang.
+One reader task demultiplexes guest frames into per-request inboxes (`flow`), bounded in bytes and
+never waited on: streamed output is flow-controlled by credit, so a slow or departed consumer holds up
+only its own stream. When the channel dies (the agent exited, the VM crashed, the guest sent garbage)
+every pending request fails with `SandboxFailed` carrying the reason, so callers get a clear error
+instead of a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from tartarus.errors import Conflict, GuestError, InvalidArgument, SandboxFailed
+from tartarus.errors import Conflict, GuestError, InvalidArgument, QuotaExceeded, SandboxFailed
+from tartarus.runtime.flow import MAX_STREAMS, WINDOW, Budget, Inbox
 from tartarus.runtime.protocol import (
     DATA_TYPES,
     MAX_PAYLOAD,
@@ -41,12 +45,13 @@ CHUNK = 256 * 1024
 RESERVED_IDS = 0xFFFF0000
 INTERPRETER_ID = RESERVED_IDS + 1
 START_ID = RESERVED_IDS + 2  # a template's start command, running in every restored sandbox
-# How much guest output one request may have queued before the reader stops reading from the guest
-# (virtio-serial then throttles the guest); keeps host memory bounded against a chatty guest.
-_QUEUE_FRAMES = 256
 # The first protocol version whose agent runs commands on a pseudo-terminal (EXEC ROWS/COLS, RESIZE).
 # An older agent would ignore the fields and run the command without one, so the client asks first.
 PTY_PROTOCOL = 2
+# The first whose agent sends streamed output against credit (WINDOW, CREDIT) and obeys DETACH. An older
+# one ignores WINDOW and would answer those frames with ERROR: it gets neither, and a stream of it whose
+# consumer falls a buffer behind fails (`flow.Inbox`).
+FLOW_PROTOCOL = 3
 
 
 @dataclass(frozen=True)
@@ -120,16 +125,6 @@ def _guest_error(frame: Frame) -> GuestError:
     return GuestError(message, errno_)
 
 
-def _put_error(queue: asyncio.Queue[Frame | BaseException], error: BaseException) -> None:
-    """Queue `error` behind what the caller has not read yet; a full queue (the guest was throttled)
-    loses its oldest frame: the request is failing anyway, and the error must get through."""
-    try:
-        queue.put_nowait(error)
-    except asyncio.QueueFull:
-        queue.get_nowait()
-        queue.put_nowait(error)
-
-
 def _path(path: str) -> bytes:
     if not path.startswith("/"):
         raise InvalidArgument(f"guest paths must be absolute: {path!r}")
@@ -158,7 +153,9 @@ class AgentClient:
         self._ids = itertools.count(1 + secrets.randbelow(1 << 30) if resync else 1)
         self._sync_id = 1 + secrets.randbelow(RESERVED_IDS - 1) if resync else None
         self._synced = asyncio.Event()
-        self._queues: dict[int, asyncio.Queue[Frame | BaseException]] = {}
+        self._queues: dict[int, Inbox] = {}
+        self._streams: set[int] = set()  # ids of open commands and file reads (at most MAX_STREAMS)
+        self._budget = Budget()
         self._hello = asyncio.Event()
         self._failure: BaseException | None = None
         self._write_lock = asyncio.Lock()
@@ -188,17 +185,23 @@ class AgentClient:
         """Fail every pending and future request with `error` (the VM died, or the agent did)."""
         if self._failure is None:
             self._failure = error
-        for queue in self._queues.values():
-            _put_error(queue, error)
+        for inbox in self._queues.values():
+            inbox.fail(error)
 
     def agent_restarted(self, reason: str) -> None:
         """The agent closed its port: in-flight requests are lost, new ones go to the next agent."""
         self._version = None
         error = SandboxFailed(reason)
-        for queue in self._queues.values():
-            _put_error(queue, error)
+        for inbox in self._queues.values():
+            inbox.fail(error)
         self._queues.clear()
+        self._streams.clear()
         self._hello.clear()
+
+    @property
+    def queued_bytes(self) -> int:
+        """Guest output received and not yet taken by its callers, over all requests."""
+        return self._budget.queued
 
     async def close(self) -> None:
         self._task.cancel()
@@ -217,7 +220,8 @@ class AgentClient:
         try:
             await self._send(encode_request(T.PING, id_))
             async with asyncio.timeout(timeout):
-                await self._next(queue)
+                reply = await queue.get()
+            self._version = reply.fields().get_int(F.VERSION)
         except TimeoutError:
             raise SandboxFailed(f"guest agent did not answer within {timeout:.0f} s") from None
         finally:
@@ -243,7 +247,7 @@ class AgentClient:
                     data, skipped = bytes(skipped[at:]), bytearray()
                     self._synced.set()
                 for frame in decoder.feed(data):
-                    await self._dispatch(frame)
+                    self._dispatch(frame)
         except ProtocolError as e:
             self.fail(SandboxFailed(f"guest agent broke the protocol: {e}"))
         except SandboxFailed as e:
@@ -251,39 +255,76 @@ class AgentClient:
         except (ConnectionError, OSError) as e:
             self.fail(SandboxFailed(f"guest agent channel error: {e}"))
 
-    async def _dispatch(self, frame: Frame) -> None:
-        if frame.type not in DATA_TYPES:
-            frame.fields()  # validate at the boundary: a malformed reply fails the channel, not a caller
+    def _dispatch(self, frame: Frame) -> None:
+        """Route one frame. Never waits: this reader serves every request of the sandbox."""
+        fields = None if frame.type in DATA_TYPES else frame.fields()  # validate at the boundary
         if frame.type == T.HELLO:
+            assert fields is not None
             self.hellos += 1
             if self.hellos > 1:
                 # A new agent instance: the old one died with whatever it was doing. (QMP's
                 # VSERPORT_CHANGE cannot tell us reliably: QEMU throttles it to one per second.)
                 self.agent_restarted("guest agent died and was restarted; the request was lost")
+            self._version = fields.get_int(F.VERSION)
             self._hello.set()
             return
-        queue = self._queues.get(frame.id)
-        if queue is None:
-            return  # a late frame for a request the caller abandoned
-        await queue.put(frame)
+        inbox = self._queues.get(frame.id)
+        if inbox is None:
+            return  # a late frame for a request the caller abandoned: dropped, never queued
+        if not inbox.put(frame):
+            inbox.fail(inbox.overrun(frame))
+            self._tell(encode(T.DETACH, frame.id))  # and whatever else it sends is dropped above
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def _open(self, id_: int | None = None) -> tuple[int, asyncio.Queue[Frame | BaseException]]:
+    def _open(self, id_: int | None = None, *, stream: bool = False) -> tuple[int, Inbox]:
         if self._failure is not None:
             raise self._failure
+        if stream and len(self._streams) >= MAX_STREAMS:
+            raise QuotaExceeded(
+                f"this sandbox already has {MAX_STREAMS} streams open (commands, file reads):"
+                " let one finish before starting another"
+            )
         if id_ is None:
             id_ = next(self._ids)
             if id_ >= RESERVED_IDS:
                 raise SandboxFailed("request ids exhausted")
         elif id_ in self._queues:
             raise InvalidArgument(f"request id {id_} is in use")
-        queue: asyncio.Queue[Frame | BaseException] = asyncio.Queue(_QUEUE_FRAMES)
-        self._queues[id_] = queue
-        return id_, queue
+        inbox = Inbox(self._budget, functools.partial(self._credit, id_))
+        self._queues[id_] = inbox
+        if stream:
+            self._streams.add(id_)
+        return id_, inbox
 
     def _done(self, id_: int) -> None:
-        self._queues.pop(id_, None)
+        """The request ended: forget it and free what it still had queued."""
+        inbox = self._queues.pop(id_, None)
+        if inbox is not None:
+            inbox.close()
+        self._streams.discard(id_)
+
+    def _detach(self, id_: int) -> None:
+        """The caller stopped listening before the end: the guest drops the request (a read's file is
+        closed, a command's output discarded) and sends nothing more about it."""
+        self._done(id_)
+        self._tell(encode(T.DETACH, id_))
+
+    def _credit(self, id_: int, size: int) -> None:
+        if id_ in self._queues:
+            self._tell(encode_request(T.CREDIT, id_, [(F.SIZE, size)]))
+
+    def _tell(self, frame: bytes) -> None:
+        """Send a small frame (CREDIT, DETACH) now, from synchronous code: one `write` puts the whole
+        frame in the transport, so it cannot interleave with a `_send`. An agent too old to know these
+        frames does not get them."""
+        if self._failure is None and (self._version or 0) >= FLOW_PROTOCOL and not self._writer.is_closing():
+            self._writer.write(frame)
+
+    async def _know_version(self) -> None:
+        """Flow control needs the agent's version before the first credit is due."""
+        if self._version is None:
+            await self.version()
 
     async def _send(self, data: bytes) -> None:
         if self._failure is not None:
@@ -292,18 +333,11 @@ class AgentClient:
             self._writer.write(data)
             await self._writer.drain()
 
-    @staticmethod
-    async def _next(queue: asyncio.Queue[Frame | BaseException]) -> Frame:
-        item = await queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
     async def _call(self, type_: T, items: Sequence[tuple[F, FieldValue]] = ()) -> Fields:
         id_, queue = self._open()
         try:
             await self._send(encode_request(type_, id_, items))
-            frame = await self._next(queue)
+            frame = await queue.get()
             if frame.type == T.ERROR:
                 raise _guest_error(frame)
             if frame.type != T.OK:
@@ -313,7 +347,8 @@ class AgentClient:
             self._done(id_)
 
     async def ping(self) -> int:
-        return (await self._call(T.PING)).get_int(F.VERSION, 0) or 0
+        self._version = (await self._call(T.PING)).get_int(F.VERSION, 0) or 0
+        return self._version
 
     async def version(self) -> int:
         """The agent's protocol version, asked once: a sandbox woken from an old hibernation image
@@ -344,7 +379,9 @@ class AgentClient:
             items.append((F.MACHINE_ID, machine_id.encode()))
         if disk_bytes is not None:
             items.append((F.SIZE, disk_bytes))
-        await self._call(T.CONFIGURE, items)
+        version = (await self._call(T.CONFIGURE, items)).get_int(F.VERSION)
+        if version is not None:  # an agent of protocol 3 or later says which
+            self._version = version
 
     async def stat(self, path: str) -> FileInfo:
         return _file_info(await self._call(T.STAT, [(F.PATH, _path(path))]))
@@ -364,7 +401,7 @@ class AgentClient:
             await self._send(encode_request(T.LIST, id_, [(F.PATH, _path(path))]))
             entries: list[FileInfo] = []
             while True:
-                frame = await self._next(queue)
+                frame = await queue.get()
                 if frame.type == T.ENTRY:
                     entries.append(_file_info(frame.fields()))
                 elif frame.type == T.END:
@@ -376,34 +413,43 @@ class AgentClient:
         finally:
             self._done(id_)
 
-    async def read_file(self, path: str) -> AsyncIterator[bytes]:
-        """Stream a guest file's content; the first chunk is awaited before returning (errors early)."""
-        id_, queue = self._open()
+    async def read_file(self, path: str) -> AsyncGenerator[bytes, None]:
+        """Stream a guest file's content; the first chunk is awaited before returning (errors early).
+        Closing the generator early (`aclose`) closes the file in the guest."""
+        raw = _path(path)
+        await self._know_version()
+        id_, queue = self._open(stream=True)
         try:
-            await self._send(encode_request(T.READ, id_, [(F.PATH, _path(path))]))
-            first = await self._next(queue)
+            await self._send(encode_request(T.READ, id_, [(F.PATH, raw), (F.WINDOW, WINDOW)]))
+            first = await queue.get()
         except BaseException:
-            self._done(id_)
+            self._detach(id_)
             raise
         if first.type == T.ERROR:
             self._done(id_)
             raise _guest_error(first)
 
-        async def chunks() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncGenerator[bytes, None]:
             frame = first
+            ended = False
             try:
                 while True:
                     if frame.type == T.DATA:
                         yield frame.payload
                     elif frame.type == T.END:
+                        ended = True
                         return
                     elif frame.type == T.ERROR:
+                        ended = True
                         raise _guest_error(frame)
                     else:
                         raise SandboxFailed(f"guest agent answered {frame.type.name} to READ")
-                    frame = await self._next(queue)
+                    frame = await queue.get()
             finally:
-                self._done(id_)
+                if ended:
+                    self._done(id_)
+                else:
+                    self._detach(id_)
 
         return chunks()
 
@@ -411,6 +457,7 @@ class AgentClient:
         self, path: str, data: bytes | AsyncIterable[bytes], *, mode: int = 0o644, append: bool = False
     ) -> int:
         id_, queue = self._open()
+        answered = False
         try:
             await self._send(
                 encode_request(T.WRITE, id_, [(F.PATH, _path(path)), (F.MODE, mode), (F.FLAGS, append << 1)])
@@ -430,14 +477,18 @@ class AgentClient:
                     if not queue.empty():
                         break
             await self._send(encode(T.WRITE_END, id_))
-            frame = await self._next(queue)
+            frame = await queue.get()
+            answered = True
             if frame.type == T.ERROR:
                 raise _guest_error(frame)
             if frame.type != T.OK:
                 raise SandboxFailed(f"guest agent answered {frame.type.name} to WRITE")
             return frame.fields().get_int(F.SIZE, 0) or 0
         finally:
-            self._done(id_)
+            if answered:
+                self._done(id_)
+            else:  # the upload broke off: the guest removes its temporary file and frees the request
+                self._detach(id_)
 
     async def exec(
         self,
@@ -476,18 +527,20 @@ class AgentClient:
                     " (the sandbox was made by an older Tartarus: create a new one)"
                 )
             items += [(F.ROWS, pty.rows), (F.COLS, pty.cols)]
+        items.append((F.WINDOW, WINDOW))
         try:
             request = encode_request(T.EXEC, 0, items)
         except ValueError as e:
             raise InvalidArgument(str(e)) from e
         if len(request) > MAX_PAYLOAD:
             raise InvalidArgument("command line and environment exceed 1 MiB")
-        id_, queue = self._open(request_id)
+        await self._know_version()
+        id_, queue = self._open(request_id, stream=True)
         try:
             await self._send(encode_request(T.EXEC, id_, items))
-            frame = await self._next(queue)
+            frame = await queue.get()
         except BaseException:
-            self._done(id_)
+            self._detach(id_)
             raise
         if frame.type == T.ERROR:
             self._done(id_)
@@ -498,20 +551,21 @@ class AgentClient:
         return Process(self, id_, queue, frame.fields().get_int(F.PID, 0) or 0)
 
     def adopt(self, request_id: int, pid: int) -> Process:
-        """Take over a command started by an earlier client of the same guest (snapshot restore)."""
-        id_, queue = self._open(request_id)
-        return Process(self, id_, queue, pid)
+        """Take over a command started by an earlier client of the same guest (snapshot restore). That
+        client may have left the guest without credit for it (output it never drained): grant a fresh
+        window, which `flow.STREAM_BUFFER` allows for on top of whatever credit is left."""
+        id_, inbox = self._open(request_id, stream=True)
+        self._credit(id_, WINDOW)
+        return Process(self, id_, inbox, pid)
 
 
 class Process:
     """A command running in the guest: iterate `events()` for output, then its `Exit`."""
 
-    def __init__(
-        self, client: AgentClient, id_: int, queue: asyncio.Queue[Frame | BaseException], pid: int
-    ) -> None:
+    def __init__(self, client: AgentClient, id_: int, inbox: Inbox, pid: int) -> None:
         self._client = client
         self._id = id_
-        self._queue = queue
+        self._inbox = inbox
         self.pid = pid
         self.exit: Exit | None = None
 
@@ -519,7 +573,7 @@ class Process:
         """The next output chunk or the exit status. Safe to cancel: no frame is lost."""
         if self.exit is not None:
             raise StopAsyncIteration
-        frame = await self._client._next(self._queue)
+        frame = await self._inbox.get()
         if frame.type == T.STDOUT:
             return Output("stdout", frame.payload)
         if frame.type == T.STDERR:
@@ -560,5 +614,7 @@ class Process:
         )
 
     def abandon(self) -> None:
-        """Stop tracking this command (the caller went away); later frames for it are dropped."""
-        self._client._done(self._id)
+        """Stop tracking this command (the caller went away): the guest discards its output (it runs on
+        unless killed), and frames already on their way are dropped."""
+        if self.exit is None:
+            self._client._detach(self._id)

@@ -11,7 +11,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-VERSION = 2
+VERSION = 3
 MAX_PAYLOAD = 1 << 20
 HEADER = struct.Struct(">IIBBH")
 HEADER_SIZE = HEADER.size
@@ -41,6 +41,8 @@ class T(enum.IntEnum):
     RENAME = 0x0D
     CONFIGURE = 0x0E
     RESIZE = 0x0F
+    CREDIT = 0x10
+    DETACH = 0x11
 
     HELLO = 0x80
     OK = 0x81
@@ -87,6 +89,7 @@ class F(enum.IntEnum):
     MACHINE_ID = 28
     ROWS = 29
     COLS = 30
+    WINDOW = 31
 
 
 INT_FIELDS = frozenset(
@@ -109,6 +112,7 @@ INT_FIELDS = frozenset(
         F.TIME_NS,
         F.ROWS,
         F.COLS,
+        F.WINDOW,
     }
 )
 PTY_MAX_SIZE = 1000  # rows and columns of a terminal, as the agent checks them

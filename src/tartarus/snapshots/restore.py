@@ -122,8 +122,6 @@ async def restore(
         sandbox.timings["guest_resumed"] = time.perf_counter() - t0
         agent = vm.agent_client()
         agent.assume_running()
-        if state.interpreter_pid is not None:
-            sandbox.interpreter = CodeInterpreter.adopt(agent, state.interpreter_pid)
         # Clones share the snapshot's clock, RNG pool, hostname and machine-id until told otherwise; a
         # woken sandbox keeps its names but its clock stopped and its entropy was seen on disk.
         await agent.configure(
@@ -132,6 +130,8 @@ async def restore(
             hostname=sandbox.id if state.new_identity else None,
             machine_id=uuid.uuid4().hex if state.new_identity else None,
         )
+        if state.interpreter_pid is not None:  # after CONFIGURE told the agent's version (its credit)
+            sandbox.interpreter = CodeInterpreter.adopt(agent, state.interpreter_pid)
         sandbox.timings["first_answer"] = time.perf_counter() - t0
     except BaseException:
         await sandbox.destroy()

@@ -1,0 +1,46 @@
+"""Open streaming calls are limited per tenant through the API itself (exec, file reads), and a slot comes
+back when its stream ends: one tenant cannot hold the daemon's memory with streams nobody reads."""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+import pytest
+
+from tartarus.daemon import control
+from tartarus.sdk import Sandbox
+from tests.api.conftest import Api
+
+
+@pytest.fixture
+def two_streams(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(control, "MAX_TENANT_STREAMS", 2)  # the daemon runs in this process
+    return 2
+
+
+def test_a_tenants_open_streams_are_limited_and_freed(api: Api, two_streams: int) -> None:
+    key = api.new_key("streamer")
+    other = api.new_key("bystander")
+    with Sandbox.create("python-ds", url=api.url, api_key=key) as sb, api.client(key) as c:
+        sb.files.write("/tmp/big", b"x" * (8 << 20))
+        exec_path = f"/v1/sandboxes/{sb.id}/exec"
+        with contextlib.ExitStack() as held:
+            lines = []  # a dropped line iterator would close its connection (and free the slot)
+            for _ in range(two_streams):
+                response = held.enter_context(c.stream("POST", exec_path, json={"argv": ["sleep", "60"]}))
+                assert response.status_code == 200
+                lines.append(response.iter_lines())
+                assert '"started"' in next(lines[-1])  # the stream is open
+            refused = c.post(exec_path, json={"argv": ["true"]})
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["code"] == "quota_exceeded"
+            read = c.get(f"/v1/sandboxes/{sb.id}/files", params={"path": "/tmp/big"})
+            assert read.status_code == 429
+            # Another tenant's streams are its own.
+            with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {other}"}) as o:
+                assert o.get("/v1/sandboxes").status_code == 200
+        # The held streams ended (the client left): their slots are free again.
+        done = c.post(exec_path, json={"argv": ["echo", "again"]})
+        assert done.status_code == 200, done.text
+        assert len(c.get(f"/v1/sandboxes/{sb.id}/files", params={"path": "/tmp/big"}).content) == 8 << 20

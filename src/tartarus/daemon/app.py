@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tartarus
 from tartarus.daemon import control_api, images_api, quotas, readiness, terminal
+from tartarus.daemon.auth import Principal
 from tartarus.daemon.control import ControlPlane, parse_labels, principal_of
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
@@ -135,6 +136,11 @@ def _ended_info(row: SandboxRow) -> SandboxInfo:
 
 def _file_model(info: FileInfo) -> FileInfoModel:
     return FileInfoModel(**info.__dict__)
+
+
+def _operator(principal: Principal) -> str:
+    """Who a quarantine or release is recorded as done by: the admin key, and its tenant."""
+    return f"operator:{principal.key_id}@{principal.tenant}"
 
 
 def _error(exc: TartarusError) -> JSONResponse:
@@ -418,15 +424,27 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         host, host_port = await manager.expose(sandbox_id, body.port)
         return ExposedPort(port=body.port, host=host, host_port=host_port)
 
-    @app.post("/v1/sandboxes/{sandbox_id}/quarantine", response_model=SandboxInfo, responses=_ERRORS)
-    async def quarantine_sandbox(sandbox_id: str, body: QuarantineRequest) -> SandboxInfo:
-        """Operator action: cut the sandbox's network now and clamp its CPU and memory, live."""
-        return _info(await manager.quarantine(sandbox_id, body.reason, by="operator"))
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/quarantine",
+        response_model=SandboxInfo,
+        responses=_ERRORS,
+        dependencies=[Depends(control.require_admin)],
+    )
+    async def quarantine_sandbox(sandbox_id: str, body: QuarantineRequest, request: Request) -> SandboxInfo:
+        """Operator action (admin key): cut the sandbox's network now and clamp its CPU and memory."""
+        by = _operator(principal_of(request))
+        return _info(await manager.quarantine(sandbox_id, body.reason, by=by))
 
-    @app.post("/v1/sandboxes/{sandbox_id}/release", response_model=SandboxInfo, responses=_ERRORS)
-    async def release_sandbox(sandbox_id: str) -> SandboxInfo:
-        """Operator action: end a quarantine; the requested network and limits come back."""
-        return _info(await manager.release(sandbox_id, by="operator"))
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/release",
+        response_model=SandboxInfo,
+        responses=_ERRORS,
+        dependencies=[Depends(control.require_admin)],
+    )
+    async def release_sandbox(sandbox_id: str, request: Request) -> SandboxInfo:
+        """Operator action (admin key): end a quarantine; the requested network and limits come back.
+        A tenant cannot lift a verdict on its own sandbox."""
+        return _info(await manager.release(sandbox_id, by=_operator(principal_of(request))))
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/exec",

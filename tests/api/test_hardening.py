@@ -6,16 +6,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
+import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
+from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.server import daemon_thread
 from tartarus.sdk import Sandbox
 from tests.api.conftest import tcp_daemon
+from tests.conftest import wait_until
 
 TARTARUS = os.path.join(os.path.dirname(sys.executable), "tartarus")
 # Bounds a hang, not a wait for work: a refusal from the headers comes back in milliseconds; the old
@@ -80,3 +89,117 @@ def test_only_an_admin_can_quarantine_or_release_and_the_record_names_who(daemon
     verdicts = {e["action"]: e for e in entries if e.get("sandbox") == sb.id and "by" in e}
     assert verdicts["sandbox.quarantine"]["by"] == f"operator:{ops_id}@ops"
     assert verdicts["sandbox.release"]["by"] == f"operator:{ops_id}@ops"
+
+
+# ---- 2: the key before the body; bounded bodies; a private socket ---------------------------------
+
+
+def _partial_request(
+    url: str, method: str, path: str, headers: dict[str, str], body: bytes
+) -> tuple[int, bytes]:
+    """Send a request whose body may be shorter than its Content-Length says (the rest never comes);
+    return the status and body of the answer, or fail if none comes within PROMPT_S."""
+    where = urlsplit(url)
+    assert where.hostname is not None and where.port is not None
+    with socket.create_connection((where.hostname, where.port), timeout=PROMPT_S) as s:
+        lines = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {where.hostname}",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed without an answer: {data!r}"
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        found = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        assert found, head
+        while len(rest) < int(found.group(1)):
+            chunk = s.recv(65536)
+            assert chunk, "connection closed mid-answer"
+            rest += chunk
+    return int(head.split()[1]), rest
+
+
+def _code(body: bytes) -> str:
+    return str(json.loads(body)["error"]["code"])
+
+
+def test_a_keyless_request_is_refused_before_its_body_is_read(daemon: Daemon) -> None:
+    """One anonymous POST declaring a gigabyte: answered 401 from its headers, without waiting for
+    (or holding) the body."""
+    for auth in ({}, {"Authorization": "Bearer tartarus_not-a-key"}, {"Authorization": "Basic eDp5"}):
+        headers = {**auth, "Content-Type": "application/json", "Content-Length": str(1 << 30)}
+        status, body = _partial_request(daemon.url, "POST", "/v1/sandboxes", headers, b'{"template": ')
+        assert status == 401 and _code(body) == "unauthorized", (auth, body)
+
+
+def test_an_oversized_json_body_is_refused_with_413(daemon: Daemon) -> None:
+    _, key = daemon.new_key("big-bodies")
+    auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    # Declared too large: refused before a byte of it is read.
+    status, body = _partial_request(
+        daemon.url, "POST", "/v1/sandboxes", {**auth, "Content-Length": str(2 * MiB)}, b"{"
+    )
+    assert status == 413 and _code(body) == "payload_too_large", body
+
+    # Undeclared (chunked): refused once more than the limit has arrived.
+    def chunks() -> Iterator[bytes]:
+        yield b'{"template": "python-ds", "env": {"X": "'
+        for _ in range(3):
+            yield b"x" * MiB
+        yield b'"}}'
+
+    with daemon.client(key) as c:
+        response = c.post("/v1/sandboxes", content=chunks(), headers={"Content-Type": "application/json"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+        assert "1 MiB" in response.json()["error"]["message"]
+        # Under the limit a body is read as before (an unknown template: 404, not 413).
+        small = c.post("/v1/sandboxes", json={"template": "no-such-template", "env": {"X": "x" * (MiB // 2)}})
+        assert small.status_code == 404, small.text
+
+
+def test_exec_bodies_and_uploads_keep_their_own_limits(daemon: Daemon) -> None:
+    """A command's stdin may exceed the default limit (up to the agent's 16 MiB); an upload streams
+    and is never held whole, so its declared size is not refused."""
+    missing = "sb-000000000000"
+    with daemon.client(daemon.admin_key) as c:
+        stdin = "A" * (2 * MiB)  # base64 of 1.5 MiB
+        response = c.post(f"/v1/sandboxes/{missing}/exec", json={"argv": ["cat"], "stdin": stdin})
+        assert response.status_code == 404, response.text  # read whole, then: no such sandbox
+    headers = {"Authorization": f"Bearer {daemon.admin_key}", "Content-Length": str(64 * MiB)}
+    status, body = _partial_request(
+        daemon.url, "PUT", f"/v1/sandboxes/{missing}/files?path=/tmp/x", headers, b"xx"
+    )
+    assert status == 404 and _code(body) == "not_found", body
+
+
+def test_the_api_socket_is_private_to_the_daemon_user(tmp_path: Path) -> None:
+    """uvicorn's own unix socket is 0666: any local user could call the API and send it bodies."""
+    state = tmp_path / "embedded"
+    uds = state / "api.sock"
+    state.mkdir()
+    with daemon_thread(state, uds, DaemonConfig(pool_size=0)):
+        assert stat.S_IMODE(uds.stat().st_mode) == 0o600
+        transport = httpx.HTTPTransport(uds=str(uds))
+        with httpx.Client(transport=transport, base_url="http://daemon", timeout=PROMPT_S) as c:
+            assert c.get("/v1/health").status_code == 200
+
+    served = tmp_path / "served"
+    sock = tmp_path / "run" / "api.sock"
+    env = {**os.environ, "TARTARUS_STATE_DIR": str(served), "TARTARUS_POOL_SIZE": "0"}
+    process = subprocess.Popen(
+        [TARTARUS, "serve", "--socket", str(sock)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        assert wait_until(lambda: sock.exists() or process.poll() is not None, 60), "no socket"
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, base_url="http://daemon", timeout=PROMPT_S) as c:
+            assert c.get("/v1/health").status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)

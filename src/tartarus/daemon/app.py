@@ -24,7 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import tartarus
 from tartarus.daemon import control_api, images_api, quotas, readiness, terminal
 from tartarus.daemon.auth import Principal
-from tartarus.daemon.control import ControlPlane, parse_labels, principal_of
+from tartarus.daemon.control import PUBLIC_ROUTES, ControlPlane, parse_labels, principal_of
+from tartarus.daemon.gate import Gate
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
     CheckpointInfo,
@@ -210,7 +211,8 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     )
     app.state.manager = manager
     app.state.control = control
-    app.add_middleware(RequestMiddleware, control=control)
+    app.add_middleware(Gate, control=control, public=PUBLIC_ROUTES)  # before any body is read
+    app.add_middleware(RequestMiddleware, control=control)  # outside the gate: refusals are logged
     app.add_middleware(UnexpectedErrors)  # outside RequestMiddleware: catches what escapes it too
     app.include_router(control_api.router(control))
     app.include_router(images_api.router(control, ImageStore(manager.config.image_root)))

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import websockets
+from websockets.sync.client import connect
 
 from tartarus.daemon.manager import DaemonConfig
 from tartarus.daemon.server import daemon_thread
@@ -203,3 +205,45 @@ def test_the_api_socket_is_private_to_the_daemon_user(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
+
+
+# ---- 7: only authenticated callers are audited ---------------------------------------------------
+
+
+def test_anonymous_requests_leave_no_audit_trail(daemon: Daemon) -> None:
+    key_id, key = daemon.new_key("audited")
+    before = daemon.audit_lines()
+    long_path = "/v1/" + "x" * 4000
+    statuses = []
+    for secret in (None, "tartarus_not-a-key"):
+        with daemon.client(secret) as c:
+            for method, path in (
+                ("POST", long_path),
+                ("POST", "/v1/sandboxes"),
+                ("DELETE", "/v1/sandboxes/sb-000000000000"),
+                ("PUT", "/v1/tenants/audited/quota"),
+            ):
+                statuses.append(c.request(method, path, json={}).status_code)
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        connect(
+            daemon.url.replace("http://", "ws://") + "/v1/sandboxes/sb-000000000000/pty",
+            open_timeout=PROMPT_S,
+        )
+    statuses.append(refused.value.response.status_code)
+    assert daemon.audit_lines() == before
+    with daemon.client(daemon.admin_key) as admin:
+        entries = admin.get("/v1/audit", params={"limit": 100}).json()["entries"]
+    assert not [
+        e
+        for e in entries
+        if e.get("actor") in (None, "anonymous")
+        and e["action"].startswith(("POST", "PUT", "DELETE", "WEBSOCKET"))
+    ]
+    assert statuses == [401] * len(statuses)  # refused before routing: no path is seen to exist
+
+    # What an authenticated caller does is audited, refused or not, with who did it.
+    with daemon.client(key) as c:
+        assert c.post(long_path, json={}).status_code == 404
+    [line] = daemon.audit_lines()[len(before) :]
+    entry = json.loads(line)
+    assert entry["actor"] == key_id and entry["tenant"] == "audited" and entry["status"] == 404

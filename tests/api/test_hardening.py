@@ -22,6 +22,7 @@ import pytest
 import websockets
 from websockets.sync.client import connect
 
+from tartarus.daemon import app as app_module
 from tartarus.daemon.manager import DaemonConfig
 from tartarus.daemon.server import daemon_thread
 from tartarus.sdk import Sandbox
@@ -247,3 +248,30 @@ def test_anonymous_requests_leave_no_audit_trail(daemon: Daemon) -> None:
     [line] = daemon.audit_lines()[len(before) :]
     entry = json.loads(line)
     assert entry["actor"] == key_id and entry["tenant"] == "audited" and entry["status"] == 404
+
+
+# ---- 8: errors and image listings keep host paths from tenants; listings are bounded -------------
+
+
+def test_an_internal_error_names_the_request_not_the_exception(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret_path = f"{tmp_path}/cache/secret-template"
+
+    def broken() -> list[object]:
+        raise OSError(f"cannot read {secret_path}")
+
+    monkeypatch.setattr(app_module, "list_templates", broken)  # a fault injected into a real daemon
+    state = tmp_path / "state"
+    with tcp_daemon(state, None) as url:
+        daemon = Daemon(url, state, (state / "admin.key").read_text().strip())
+        _, key = daemon.new_key("errors")
+        with daemon.client(key) as c:
+            response = c.get("/v1/templates", headers={"X-Request-ID": "trace-500"})
+    assert response.status_code == 500 and secret_path not in response.text
+    assert response.headers["x-request-id"] == "trace-500"
+    message = "internal error (request trace-500): see the daemon's log"
+    assert response.json() == {"error": {"code": "internal", "message": message}}
+    # The operator still has it whole.
+    logged = [r for r in caplog.records if r.exc_info and secret_path in str(r.exc_info[1])]
+    assert logged, "the exception was not logged"

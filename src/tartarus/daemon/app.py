@@ -26,6 +26,7 @@ from tartarus.daemon import control_api, images_api, quotas, readiness, terminal
 from tartarus.daemon.auth import Principal
 from tartarus.daemon.control import PUBLIC_ROUTES, ControlPlane, parse_labels, principal_of
 from tartarus.daemon.gate import Gate
+from tartarus.daemon.logs import new_request_id, request_id
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
     CheckpointInfo,
@@ -155,7 +156,8 @@ class UnexpectedErrors:
     """A bug, not a client error: log it whole and answer with the documented body shape. (Starlette's
     own catch-all re-raises after answering, and the server then resets the connection.) Plain ASGI:
     `@app.middleware("http")` would pass every response, streamed ones too, through an extra task and
-    memory streams."""
+    memory streams. The answer names the request id, never the exception: its text can hold host
+    paths and other tenants' names; the log line under that id has it whole."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -173,11 +175,18 @@ class UnexpectedErrors:
 
         try:
             await self.app(scope, receive, send_tracking)
-        except Exception as exc:
-            log.exception("unhandled error on %s %s", scope["method"], scope.get("path", ""))
+        except Exception:
+            rid = scope.get("state", {}).get("request_id") or new_request_id(None)
+            token = request_id.set(rid)
+            try:
+                log.exception("unhandled error on %s %s", scope["method"], scope.get("path", ""))
+            finally:
+                request_id.reset(token)
             if started:
                 raise  # too late for an error body: the server closes the connection
-            await _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))(scope, receive, send)
+            response = _error(TartarusError(f"internal error (request {rid}): see the daemon's log"))
+            response.headers["x-request-id"] = rid
+            await response(scope, receive, send)
 
 
 def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:

@@ -23,8 +23,12 @@ import websockets
 from websockets.sync.client import connect
 
 from tartarus.daemon import app as app_module
+from tartarus.daemon.app import create_app
 from tartarus.daemon.manager import DaemonConfig
 from tartarus.daemon.server import daemon_thread
+from tartarus.images import testing as t
+from tartarus.images.api import pull
+from tartarus.images.store import ImageStore
 from tartarus.sdk import Sandbox
 from tests.api.conftest import tcp_daemon
 from tests.conftest import wait_until
@@ -275,3 +279,33 @@ def test_an_internal_error_names_the_request_not_the_exception(
     # The operator still has it whole.
     logged = [r for r in caplog.records if r.exc_info and secret_path in str(r.exc_info[1])]
     assert logged, "the exception was not logged"
+
+
+def test_image_listing_shows_host_paths_to_admins_only(tmp_path: Path) -> None:
+    """A local source's reference (`oci:/host/path`) and the warnings naming it are an admin's to see."""
+    layout = tmp_path / "layout"
+    writer = t.LayoutWriter(layout)
+    # An AUFS metadata entry is ignored with a warning that names the layer, and so the layout's path.
+    layer = writer.layer(
+        t.tar_bytes([t.directory("etc"), t.file("etc/hostname", b"box\n"), t.file(".wh..wh.plnk")])
+    )
+    writer.image([layer], tag="odd")
+    images = ImageStore(tmp_path / "images")  # private: nothing lands in the shared cache
+    reference = f"oci:{layout}:odd"
+    build = pull(reference, store=images)
+    assert any(str(layout) in w for w in build.warnings), build.warnings
+
+    state = tmp_path / "state"
+    app = create_app(state, DaemonConfig(pool_size=0, image_root=images.root))
+    with tcp_daemon(state, None, app) as url:
+        daemon = Daemon(url, state, (state / "admin.key").read_text().strip())
+        _, key = daemon.new_key("viewer")
+        with daemon.client(daemon.admin_key) as c:
+            [admin_view] = c.get("/v1/images").json()["images"]
+        with daemon.client(key) as c:
+            response = c.get("/v1/images")
+    assert admin_view["references"] == [reference]
+    assert any(str(layout) in w for w in admin_view["warnings"])
+    [tenant_view] = response.json()["images"]
+    assert tenant_view["digest"] == admin_view["digest"] and tenant_view["references"] == []
+    assert tenant_view["warnings"] and str(tmp_path) not in response.text

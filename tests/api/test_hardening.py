@@ -309,3 +309,18 @@ def test_image_listing_shows_host_paths_to_admins_only(tmp_path: Path) -> None:
     [tenant_view] = response.json()["images"]
     assert tenant_view["digest"] == admin_view["digest"] and tenant_view["references"] == []
     assert tenant_view["warnings"] and str(tmp_path) not in response.text
+
+
+@pytest.mark.vm
+def test_a_directory_listing_is_bounded(daemon: Daemon) -> None:
+    _, key = daemon.new_key("lister")
+    with Sandbox.create("python-ds", url=daemon.url, api_key=key) as sb, daemon.client(key) as c:
+        sb.commands.run("mkdir /tmp/many && cd /tmp/many && touch a b c d e f")
+        url = f"/v1/sandboxes/{sb.id}/files/list"
+        capped = c.get(url, params={"path": "/tmp/many", "limit": 5}).json()
+        assert len(capped["entries"]) == 5 and capped["truncated"] is True
+        whole = c.get(url, params={"path": "/tmp/many", "limit": 6}).json()
+        assert [e["name"] for e in whole["entries"]] == list("abcdef") and whole["truncated"] is False
+        assert c.get(url, params={"path": "/tmp/many"}).json()["truncated"] is False  # default: 10,000
+        too_many = c.get(url, params={"path": "/tmp/many", "limit": 10_001})
+        assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "invalid_argument"

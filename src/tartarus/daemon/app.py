@@ -72,6 +72,7 @@ from tartarus.templates.store import list_templates
 
 log = logging.getLogger(__name__)
 
+MAX_LIST_ENTRIES = 10_000  # per directory listing: bounds the daemon's memory and the response
 PathQuery = Annotated[str, Query(pattern=r"^/", max_length=4095, description="absolute path in the guest")]
 _ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 423, 429, 502, 507)
@@ -621,10 +622,20 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         return Response(status_code=204)
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/list", response_model=FileList, responses=_ERRORS)
-    async def list_files(sandbox_id: str, path: PathQuery) -> FileList:
+    async def list_files(
+        sandbox_id: str,
+        path: PathQuery,
+        limit: Annotated[
+            int, Query(ge=1, le=MAX_LIST_ENTRIES, description="most entries to return")
+        ] = MAX_LIST_ENTRIES,
+    ) -> FileList:
+        """A directory's entries by name; in a larger directory, `limit` of them (which ones is the
+        guest's directory order) with `truncated: true`, so one listing's memory stays bounded."""
         async with manager.use(sandbox_id) as rt:
-            entries = await rt.agent.list(path)
-        return FileList(entries=[_file_model(e) for e in sorted(entries, key=lambda e: e.name)])
+            entries, truncated = await rt.agent.list(path, limit)
+        return FileList(
+            entries=[_file_model(e) for e in sorted(entries, key=lambda e: e.name)], truncated=truncated
+        )
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfoModel, responses=_ERRORS)
     async def stat_file(sandbox_id: str, path: PathQuery) -> FileInfoModel:

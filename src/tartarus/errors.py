@@ -53,6 +53,13 @@ class AuthError(TartarusError):
     status = 401
 
 
+class PayloadTooLarge(TartarusError):
+    """The request body is larger than the route accepts; the daemon stopped reading it."""
+
+    code = "payload_too_large"
+    status = 413
+
+
 class PolicyDenied(TartarusError):
     """The admission policy refused the request; the message says which rule and why."""
 
@@ -136,6 +143,7 @@ ALL: dict[str, type[TartarusError]] = {
         QuotaExceeded,
         InsufficientStorage,
         AuthError,
+        PayloadTooLarge,
         PolicyDenied,
         PermissionDenied,
         Quarantined,

@@ -103,7 +103,9 @@ def test_live_quarantine_cuts_a_sending_connection_at_once(
         assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "open"}
         sandbox_id = sb.id
     actions = [(r["action"], r.get("by")) for r in audit.read(state) if r.get("sandbox") == sandbox_id]
-    assert actions == [("sandbox.quarantine", "operator"), ("sandbox.release", "operator")]
+    calls = [r for r in audit.read(state) if r.get("target") == sandbox_id and "quarantine" in r["action"]]
+    by = f"operator:{calls[0]['actor']}@local"  # the key the SDK used: the local admin key
+    assert actions == [("sandbox.quarantine", by), ("sandbox.release", by)]
 
 
 @pytest.fixture(scope="module")

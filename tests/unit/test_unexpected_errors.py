@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
@@ -14,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from tartarus.daemon.app import UnexpectedErrors
+from tartarus.daemon.logs import JsonFormatter
 
 
 async def broken(request: Request) -> Response:
@@ -41,9 +45,22 @@ async def _get(path: str) -> httpx.Response:
 
 
 def test_an_unhandled_error_is_a_500_with_the_error_body() -> None:
-    response = asyncio.run(_get("/broken"))
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("tartarus.daemon.app")
+    logger.addHandler(handler)
+    try:
+        response = asyncio.run(_get("/broken"))
+    finally:
+        logger.removeHandler(handler)
     assert response.status_code == 500
-    assert response.json() == {"error": {"code": "internal", "message": "internal error: RuntimeError: boom"}}
+    rid = response.headers["x-request-id"]
+    # The exception's text stays in the log (it can name host paths); the caller gets the request id.
+    message = f"internal error (request {rid}): see the daemon's log"
+    assert response.json() == {"error": {"code": "internal", "message": message}}
+    [entry] = [json.loads(line) for line in lines.getvalue().splitlines()]
+    assert entry["request_id"] == rid and "RuntimeError: boom" in entry["exc"]
 
 
 def test_an_error_after_the_response_started_is_not_masked() -> None:

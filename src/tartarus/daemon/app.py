@@ -23,7 +23,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tartarus
 from tartarus.daemon import control_api, images_api, quotas, readiness, terminal
-from tartarus.daemon.control import ControlPlane, parse_labels, principal_of
+from tartarus.daemon.auth import Principal
+from tartarus.daemon.control import PUBLIC_ROUTES, ControlPlane, parse_labels, principal_of
+from tartarus.daemon.gate import Gate
+from tartarus.daemon.logs import new_request_id, request_id
 from tartarus.daemon.manager import DaemonConfig, SandboxManager, SandboxRecord
 from tartarus.daemon.models import (
     CheckpointInfo,
@@ -69,6 +72,7 @@ from tartarus.templates.store import list_templates
 
 log = logging.getLogger(__name__)
 
+MAX_LIST_ENTRIES = 10_000  # per directory listing: bounds the daemon's memory and the response
 PathQuery = Annotated[str, Query(pattern=r"^/", max_length=4095, description="absolute path in the guest")]
 _ERRORS: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 423, 429, 502, 507)
@@ -137,6 +141,11 @@ def _file_model(info: FileInfo) -> FileInfoModel:
     return FileInfoModel(**info.__dict__)
 
 
+def _operator(principal: Principal) -> str:
+    """Who a quarantine or release is recorded as done by: the admin key, and its tenant."""
+    return f"operator:{principal.key_id}@{principal.tenant}"
+
+
 def _error(exc: TartarusError) -> JSONResponse:
     errno_ = exc.errno if isinstance(exc, GuestError) else None
     checks = [ReadyCheck.model_validate(c) for c in exc.checks] if isinstance(exc, NotReady) else None
@@ -148,7 +157,8 @@ class UnexpectedErrors:
     """A bug, not a client error: log it whole and answer with the documented body shape. (Starlette's
     own catch-all re-raises after answering, and the server then resets the connection.) Plain ASGI:
     `@app.middleware("http")` would pass every response, streamed ones too, through an extra task and
-    memory streams."""
+    memory streams. The answer names the request id, never the exception: its text can hold host
+    paths and other tenants' names; the log line under that id has it whole."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -166,11 +176,18 @@ class UnexpectedErrors:
 
         try:
             await self.app(scope, receive, send_tracking)
-        except Exception as exc:
-            log.exception("unhandled error on %s %s", scope["method"], scope.get("path", ""))
+        except Exception:
+            rid = scope.get("state", {}).get("request_id") or new_request_id(None)
+            token = request_id.set(rid)
+            try:
+                log.exception("unhandled error on %s %s", scope["method"], scope.get("path", ""))
+            finally:
+                request_id.reset(token)
             if started:
                 raise  # too late for an error body: the server closes the connection
-            await _error(TartarusError(f"internal error: {type(exc).__name__}: {exc}"))(scope, receive, send)
+            response = _error(TartarusError(f"internal error (request {rid}): see the daemon's log"))
+            response.headers["x-request-id"] = rid
+            await response(scope, receive, send)
 
 
 def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
@@ -204,7 +221,8 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     )
     app.state.manager = manager
     app.state.control = control
-    app.add_middleware(RequestMiddleware, control=control)
+    app.add_middleware(Gate, control=control, public=PUBLIC_ROUTES)  # before any body is read
+    app.add_middleware(RequestMiddleware, control=control)  # outside the gate: refusals are logged
     app.add_middleware(UnexpectedErrors)  # outside RequestMiddleware: catches what escapes it too
     app.include_router(control_api.router(control))
     app.include_router(images_api.router(control, ImageStore(manager.config.image_root)))
@@ -430,15 +448,27 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         await manager.unexpose(sandbox_id, port)
         return Response(status_code=204)
 
-    @app.post("/v1/sandboxes/{sandbox_id}/quarantine", response_model=SandboxInfo, responses=_ERRORS)
-    async def quarantine_sandbox(sandbox_id: str, body: QuarantineRequest) -> SandboxInfo:
-        """Operator action: cut the sandbox's network now and clamp its CPU and memory, live."""
-        return _info(await manager.quarantine(sandbox_id, body.reason, by="operator"))
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/quarantine",
+        response_model=SandboxInfo,
+        responses=_ERRORS,
+        dependencies=[Depends(control.require_admin)],
+    )
+    async def quarantine_sandbox(sandbox_id: str, body: QuarantineRequest, request: Request) -> SandboxInfo:
+        """Operator action (admin key): cut the sandbox's network now and clamp its CPU and memory."""
+        by = _operator(principal_of(request))
+        return _info(await manager.quarantine(sandbox_id, body.reason, by=by))
 
-    @app.post("/v1/sandboxes/{sandbox_id}/release", response_model=SandboxInfo, responses=_ERRORS)
-    async def release_sandbox(sandbox_id: str) -> SandboxInfo:
-        """Operator action: end a quarantine; the requested network and limits come back."""
-        return _info(await manager.release(sandbox_id, by="operator"))
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/release",
+        response_model=SandboxInfo,
+        responses=_ERRORS,
+        dependencies=[Depends(control.require_admin)],
+    )
+    async def release_sandbox(sandbox_id: str, request: Request) -> SandboxInfo:
+        """Operator action (admin key): end a quarantine; the requested network and limits come back.
+        A tenant cannot lift a verdict on its own sandbox."""
+        return _info(await manager.release(sandbox_id, by=_operator(principal_of(request))))
 
     @app.post(
         "/v1/sandboxes/{sandbox_id}/exec",
@@ -625,10 +655,20 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         return Response(status_code=204)
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/list", response_model=FileList, responses=_ERRORS)
-    async def list_files(sandbox_id: str, path: PathQuery) -> FileList:
+    async def list_files(
+        sandbox_id: str,
+        path: PathQuery,
+        limit: Annotated[
+            int, Query(ge=1, le=MAX_LIST_ENTRIES, description="most entries to return")
+        ] = MAX_LIST_ENTRIES,
+    ) -> FileList:
+        """A directory's entries by name; in a larger directory, `limit` of them (which ones is the
+        guest's directory order) with `truncated: true`, so one listing's memory stays bounded."""
         async with manager.use(sandbox_id) as rt:
-            entries = await rt.agent.list(path)
-        return FileList(entries=[_file_model(e) for e in sorted(entries, key=lambda e: e.name)])
+            entries, truncated = await rt.agent.list(path, limit)
+        return FileList(
+            entries=[_file_model(e) for e in sorted(entries, key=lambda e: e.name)], truncated=truncated
+        )
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=FileInfoModel, responses=_ERRORS)
     async def stat_file(sandbox_id: str, path: PathQuery) -> FileInfoModel:

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-PUBLIC_ROUTES = {"/v1/health"}
+PUBLIC_ROUTES = frozenset({"/v1/health"})
 WATCH_INTERVAL_S = 0.5
 # Streaming calls (exec, file reads, terminals) one tenant may have open at once, over all its sandboxes;
 # each holds up to a flow-control window of guest output in the daemon (`runtime.flow`).
@@ -187,21 +187,35 @@ class ControlPlane:
         request: HTTPConnection,  # a WebSocket handshake too: it carries the same header
         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     ) -> None:
-        """Every route's dependency: resolve the key, and hide other tenants' sandboxes (404, not 403)."""
+        """Every route's dependency: the caller's key, and hide other tenants' sandboxes (404, not 403).
+
+        The gate (daemon/gate.py) has resolved the key before the body was read; `credentials` puts
+        the bearer scheme in the OpenAPI document, and is looked up here only for an app served
+        without the gate."""
         route = request.scope.get("route")
         if getattr(route, "path", None) in PUBLIC_ROUTES:
             return
-        if credentials is None:
-            raise missing_key()
-        key, tenant = await self.db(self._lookup, credentials.credentials)
-        if key is None:
-            raise invalid_key()
-        principal = Principal.of(key)
-        request.state.principal = principal
-        request.state.tenant = tenant  # its quota, read in the same trip to the store
+        principal = getattr(request.state, "principal", None)
+        if not isinstance(principal, Principal):
+            secret = credentials.credentials if credentials else None
+            principal, tenant = await self.authenticate(f"Bearer {secret}" if secret else None)
+            request.state.principal = principal
+            request.state.tenant = tenant  # its quota, read in the same trip to the store
         sandbox_id = request.path_params.get("sandbox_id")
         if sandbox_id is not None and not self.may_touch(principal, sandbox_id):
             raise NotFound(f"no sandbox {sandbox_id!r}")
+
+    async def authenticate(self, authorization: str | None) -> tuple[Principal, Tenant | None]:
+        """The caller named by an `Authorization: Bearer KEY` header, and its tenant (for its quota),
+        in one trip to the store. Raises AuthError (401) without a valid key."""
+        scheme, _, secret = (authorization or "").partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise missing_key()
+        key, tenant = await self.db(self._lookup, secret)
+        if key is None:
+            raise invalid_key()
+        return Principal.of(key), tenant
 
     def _lookup(self, secret: str) -> tuple[ApiKey | None, Tenant | None]:
         key = self.store.authenticate(secret)

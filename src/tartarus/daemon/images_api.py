@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from tartarus.daemon.control import ControlPlane
+from tartarus.daemon.control import ControlPlane, principal_of
 from tartarus.daemon.models import ErrorBody
 from tartarus.errors import (
     Conflict,
@@ -69,16 +69,28 @@ class ImageList(BaseModel):
     images: list[ImageInfo]
 
 
-def _info(build: ImageBuild) -> ImageInfo:
+LOCAL_SOURCE = re.compile(r"^(oci|oci-archive|docker-archive|dir):")
+
+
+def _info(build: ImageBuild, *, admin: bool = True) -> ImageInfo:
+    """An image as the API shows it. Non-admins do not see where on the host a local source was read
+    from (`oci:/path`, `docker-archive:/path`): such references are left out and warnings say
+    "local image" instead."""
+    references, warnings = list(build.refs), list(build.warnings)
+    if not admin:
+        local = [r for r in references if LOCAL_SOURCE.match(r)]
+        references = [r for r in references if r not in local]
+        for ref in sorted(local, key=len, reverse=True):
+            warnings = [w.replace(ref, "local image") for w in warnings]
     return ImageInfo(
         digest=build.manifest_digest,
-        references=list(build.refs),
+        references=references,
         fstype=build.fstype,
         platform=build.platform,
         size=build.size,
         created=build.created,
         layers=len(build.layers),
-        warnings=list(build.warnings),
+        warnings=warnings,
     )
 
 
@@ -86,7 +98,7 @@ def registry_reference(text: str) -> str:
     """A registry reference the API may pull: no local sources (they are files on the daemon's host)."""
     from tartarus.images.reference import parse_reference
 
-    if re.match(r"^(oci|oci-archive|docker-archive|dir):", text):
+    if LOCAL_SOURCE.match(text):
         raise InvalidArgument(
             f"{text!r}: the API pulls from registries only; convert local layouts and archives with "
             "`tartarus image pull` on the daemon's host"
@@ -135,10 +147,11 @@ def router(control: ControlPlane, store: ImageStore) -> APIRouter:
         return build, not phases - {"resolve", "done"}
 
     @api.get("/v1/images", response_model=ImageList, responses=_ERRORS)
-    async def list_images() -> ImageList:
-        """Converted images in this host's cache, oldest first."""
+    async def list_images(request: Request) -> ImageList:
+        """Converted images in this host's cache, oldest first; local sources' host paths: admins only."""
+        admin = principal_of(request).admin
         builds = await asyncio.to_thread(store.all)
-        return ImageList(images=[_info(b) for b in builds])
+        return ImageList(images=[_info(b, admin=admin) for b in builds])
 
     @api.post(
         "/v1/images",

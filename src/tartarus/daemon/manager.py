@@ -496,7 +496,7 @@ class SandboxManager:
         if self.on_expired is not None:
             await self.on_expired(id_, why)
 
-    async def quarantine(self, id_: str, reason: str, by: str = "operator") -> SandboxRecord:
+    async def quarantine(self, id_: str, reason: str, by: str) -> SandboxRecord:
         """Live quarantine (operator or runtime trigger): network cut now, resources clamped. A
         hibernated sandbox is woken for it, so that it is confined before it can run again."""
         async with self.use(id_) as runtime:

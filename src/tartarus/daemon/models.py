@@ -227,6 +227,7 @@ class FileInfoModel(BaseModel):
 
 class FileList(BaseModel):
     entries: list[FileInfoModel]
+    truncated: bool = Field(False, description="the directory holds more entries than were listed")
 
 
 class WriteResult(BaseModel):

@@ -1,7 +1,8 @@
 """Per-request bookkeeping as plain ASGI middleware: request IDs, access logs, metrics, the audit trail.
 
 Plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched. A state-changing call
-is audited when its response starts, before the client learns the outcome. A WebSocket session (an
+by an authenticated caller is audited when its response starts, before the client learns the outcome
+(a request refused for its key is only logged and counted). A WebSocket session (an
 interactive terminal) counts as one: it is audited when the handshake is accepted (status 101) or
 refused (the refusal's HTTP status), and logged when it ends.
 """
@@ -49,6 +50,7 @@ class RequestMiddleware:
             return
         rid = new_request_id(_header(scope, b"x-request-id"))
         token = request_id.set(rid)
+        scope.setdefault("state", {})["request_id"] = rid  # for the catch-all's answer (app.py)
         method: str = scope["method"]
         started = time.perf_counter()
         status = 500
@@ -143,14 +145,18 @@ class RequestMiddleware:
                 log.exception("recording the state of %s", sandbox_id)
 
     async def _audit(self, scope: Scope, method: str, status: int, rid: str) -> None:
+        """Record what an authenticated caller did. A refused key is not audited: anyone could fill
+        the trail with fsynced lines; the access log and the request metrics count refusals."""
         principal = _principal(scope)
+        if principal is None:
+            return
         state: dict[str, Any] = scope.get("state", {})
         route = getattr(scope.get("route"), "path", scope.get("path", ""))
         target = state.get("audit_target") or scope.get("path_params", {}).get("sandbox_id")
         await self.control.record(
             f"{method} {route}",
-            tenant=principal.tenant if principal else None,
-            actor=principal.key_id if principal else "anonymous",
+            tenant=principal.tenant,
+            actor=principal.key_id,
             target=target,
             status=status,
             request_id=rid,

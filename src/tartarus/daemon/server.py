@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -24,6 +26,7 @@ from tartarus.private import make_private, opener
 # How long a stopping daemon lets requests in flight finish before cancelling them (a cancelled create
 # destroys what it made); only then do its sandboxes stop. Without it, one slow cold boot held the stop.
 GRACE_S = 5
+SOCKET_MODE = 0o600  # the API's unix socket: the daemon's user only (others use TCP, with a key)
 
 
 def serve(
@@ -40,19 +43,60 @@ def serve(
     if uds is not None:
         uds.parent.mkdir(parents=True, exist_ok=True)
         uds.unlink(missing_ok=True)
-        config = uvicorn.Config(
-            app, uds=str(uds), timeout_graceful_shutdown=GRACE_S, log_config=None, access_log=False
-        )
-    else:
-        config = uvicorn.Config(
-            app,
-            host=host or "127.0.0.1",
-            port=port or 8700,
-            timeout_graceful_shutdown=GRACE_S,
-            log_config=None,
-            access_log=False,
-        )
+        config = uvicorn.Config(app, timeout_graceful_shutdown=GRACE_S, log_config=None, access_log=False)
+        UnixServer(config, uds).run()
+        return
+    config = uvicorn.Config(
+        app,
+        host=host or "127.0.0.1",
+        port=port or 8700,
+        timeout_graceful_shutdown=GRACE_S,
+        log_config=None,
+        access_log=False,
+    )
     uvicorn.Server(config).run()
+
+
+def private_socket(path: Path) -> socket.socket:
+    """A unix socket bound at `path` with SOCKET_MODE. The mode is set on the socket before it is bound
+    (Linux creates the file with it), so there is no moment when others may connect."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.fchmod(sock.fileno(), SOCKET_MODE)
+        sock.bind(str(path))
+        os.chmod(path, SOCKET_MODE)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class UnixServer(uvicorn.Server):
+    """uvicorn on a unix socket that only the daemon's user may connect to, at `path` once it serves.
+
+    uvicorn's own `uds=` makes the socket 0666: any local user could send requests, and bodies. This
+    one is bound 0600 under a temporary name beside `path` and renamed there after start-up, so a
+    client that waits for the path finds a daemon ready (its admin key written), as with `uds=`."""
+
+    def __init__(self, config: uvicorn.Config, path: Path) -> None:
+        super().__init__(config)
+        self.path = path
+        self._staging = path.with_name(f".{secrets.token_hex(3)}")
+        self.published = False  # `started` comes true a moment before the socket is at `path`
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        sock = private_socket(self._staging)
+        try:
+            super().run(sockets=[sock, *(sockets or [])])
+        finally:
+            sock.close()
+            self._staging.unlink(missing_ok=True)  # start-up failed: nothing to find at `path`
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            os.replace(self._staging, self.path)
+            self.published = True
 
 
 def _reap_embedded(root: Path) -> None:
@@ -88,18 +132,17 @@ def daemon_thread(
     app = create_app(state_dir, daemon_config)
     config = uvicorn.Config(
         app,
-        uds=str(uds),
         log_level="warning",
         lifespan="on",
         access_log=False,
         timeout_graceful_shutdown=GRACE_S,
     )
-    server = uvicorn.Server(config)
+    server = UnixServer(config, uds)
     thread = threading.Thread(target=server.run, name="tartarus-daemon", daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 30
-        while not server.started:
+        while not server.published:
             if not thread.is_alive():
                 raise TartarusError("daemon failed to start (is another daemon using its state dir?)")
             if time.monotonic() > deadline:

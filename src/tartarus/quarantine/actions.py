@@ -17,7 +17,7 @@ from tartarus.runtime.sandbox import RuntimeSandbox
 class QuarantineState:
     since: float
     reason: str
-    by: str  # "admission[:rule]", "operator", "trigger:<what>"
+    by: str  # "admission[:rule]", "operator:<key id>@<tenant>", "trigger:<what>"
     limits: Limits | None  # restored on release
 
 

@@ -395,17 +395,23 @@ class AgentClient:
     async def rename(self, path: str, new_path: str) -> None:
         await self._call(T.RENAME, [(F.PATH, _path(path)), (F.NEWPATH, _path(new_path))])
 
-    async def list(self, path: str) -> list[FileInfo]:
+    async def list(self, path: str, limit: int | None = None) -> tuple[list[FileInfo], bool]:
+        """A directory's entries, at most `limit` of them (in the guest's order), and whether it held
+        more. Entries past the limit are read and dropped, so a huge directory costs no memory."""
         id_, queue = self._open()
         try:
             await self._send(encode_request(T.LIST, id_, [(F.PATH, _path(path))]))
             entries: list[FileInfo] = []
+            truncated = False
             while True:
                 frame = await queue.get()
                 if frame.type == T.ENTRY:
-                    entries.append(_file_info(frame.fields()))
+                    if limit is None or len(entries) < limit:
+                        entries.append(_file_info(frame.fields()))
+                    else:
+                        truncated = True
                 elif frame.type == T.END:
-                    return entries
+                    return entries, truncated
                 elif frame.type == T.ERROR:
                     raise _guest_error(frame)
                 else:

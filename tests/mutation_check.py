@@ -48,6 +48,10 @@ API = "src/tartarus/daemon/app.py"
 CONTROL = "src/tartarus/daemon/control.py"
 PORTS_VM = "tests/network/test_exposed_ports.py::"
 DOTDOT_TAIL = "                        os.close(fds.pop())"
+ADMIN_ROUTES = "tests/api/test_auth.py::test_every_admin_route_refuses_a_tenant_key_even_on_its_own_sandbox"
+GATE = "src/tartarus/daemon/gate.py"
+HARDENING = "tests/api/test_hardening.py::"
+AGENT_UNIT = "tests/unit/test_agent_client.py"
 QUOTAS = "tests/api/test_quota_bypass.py::"
 RESOURCES = "tests/api/test_resource_tenancy.py::"
 STATE_VM = "tests/api/test_state_private.py::test_state_dir_is_private_and_env_is_sealed"
@@ -75,7 +79,15 @@ MUTATIONS: tuple[Mutation, ...] = (
         API,
         '"/v1/gc", response_model=GcResult, dependencies=[Depends(control.require_admin)]',
         '"/v1/gc", response_model=GcResult',
-        ("tests/api/test_auth.py::test_tenant_keys_cannot_administer",),
+        (ADMIN_ROUTES,),
+    ),
+    Mutation(
+        "admin.images-pull",
+        "converting registry images is an admin route",
+        "src/tartarus/daemon/images_api.py",
+        "        dependencies=[Depends(control.require_admin)],\n    )\n    async def pull_image",
+        "    )\n    async def pull_image",
+        (ADMIN_ROUTES,),
     ),
     Mutation(
         "admin.role",
@@ -313,6 +325,142 @@ MUTATIONS: tuple[Mutation, ...] = (
         "return DEFAULT_HIBERNATE_QUOTA_MIB * 2**20",
         "return None",
         (QUOTAS + "test_the_hibernation_disk_quota_is_on_by_default",),
+    ),
+    Mutation(
+        "quarantine.release-admin",
+        "only an operator (admin key) lifts a quarantine",
+        API,
+        "        dependencies=[Depends(control.require_admin)],\n    )\n    async def release_sandbox",
+        "    )\n    async def release_sandbox",
+        (HARDENING + "test_only_an_admin_can_quarantine_or_release_and_the_record_names_who",),
+    ),
+    Mutation(
+        "quarantine.verdict-admin",
+        "only an operator (admin key) quarantines",
+        API,
+        "        dependencies=[Depends(control.require_admin)],\n    )\n    async def quarantine_sandbox",
+        "    )\n    async def quarantine_sandbox",
+        (HARDENING + "test_only_an_admin_can_quarantine_or_release_and_the_record_names_who",),
+    ),
+    Mutation(
+        "quarantine.audit-names-who",
+        "a verdict's record names the key and tenant that gave it",
+        API,
+        'return f"operator:{principal.key_id}@{principal.tenant}"',
+        'return "operator"',
+        (HARDENING + "test_only_an_admin_can_quarantine_or_release_and_the_record_names_who",),
+    ),
+    Mutation(
+        "auth.before-body",
+        "a request's key is checked before its body is read",
+        GATE,
+        'if scope["path"] not in self.public:',
+        "if False:",
+        (HARDENING + "test_a_keyless_request_is_refused_before_its_body_is_read",),
+    ),
+    Mutation(
+        "auth.body-limit-declared",
+        "a JSON body declared larger than its route's limit is refused unread",
+        GATE,
+        "and int(declared) > limit:",
+        "and False:",
+        (HARDENING + "test_an_oversized_json_body_is_refused_with_413",),
+    ),
+    Mutation(
+        "auth.body-limit-streamed",
+        "a JSON body is never held past its route's limit",
+        GATE,
+        "if len(body) > limit:",
+        "if False:",
+        (HARDENING + "test_an_oversized_json_body_is_refused_with_413",),
+    ),
+    Mutation(
+        "auth.socket-mode",
+        "the API's unix socket is the daemon user's only",
+        "src/tartarus/daemon/server.py",
+        "SOCKET_MODE = 0o600",
+        "SOCKET_MODE = 0o666",
+        (HARDENING + "test_the_api_socket_is_private_to_the_daemon_user",),
+    ),
+    Mutation(
+        "audit.authenticated-only",
+        "anonymous requests write nothing to the audit trail",
+        "src/tartarus/daemon/requests.py",
+        "        if principal is None:\n            return\n",
+        "",
+        (HARDENING + "test_anonymous_requests_leave_no_audit_trail",),
+    ),
+    Mutation(
+        "errors.no-exception-text",
+        "a 500 does not echo exception text (host paths) to the caller",
+        API,
+        """(f"internal error (request {rid}): see the daemon's log")""",
+        """(f"internal error (request {rid}): {__import__('sys').exc_info()[1]}")""",
+        (HARDENING + "test_an_internal_error_names_the_request_not_the_exception",),
+    ),
+    Mutation(
+        "images.paths-admin-only",
+        "image listings show host paths to admin keys only",
+        "src/tartarus/daemon/images_api.py",
+        "if not admin:",
+        "if False:",
+        (HARDENING + "test_image_listing_shows_host_paths_to_admins_only",),
+    ),
+    Mutation(
+        "files.list-bounded",
+        "a directory listing is bounded in the daemon",
+        "src/tartarus/runtime/agent.py",
+        "if limit is None or len(entries) < limit:",
+        "if True:",
+        (HARDENING + "test_a_directory_listing_is_bounded",),
+    ),
+    Mutation(
+        "streams.tenant-limit",
+        "a tenant's open streaming calls are limited",
+        CONTROL,
+        "if self._streams[tenant] >= MAX_TENANT_STREAMS:",
+        "if False:",
+        ("tests/api/test_stream_limits.py",),
+    ),
+    Mutation(
+        "streams.per-stream-bound",
+        "one stream's queued guest output is bounded in bytes",
+        "src/tartarus/runtime/flow.py",
+        "if self.queued + size > STREAM_BUFFER or self._budget.queued + size > self._budget.limit:",
+        "if self._budget.queued + size > self._budget.limit:",
+        (AGENT_UNIT,),
+    ),
+    Mutation(
+        "streams.sandbox-bound",
+        "all streams of a sandbox together are bounded in bytes",
+        "src/tartarus/runtime/flow.py",
+        "if self.queued + size > STREAM_BUFFER or self._budget.queued + size > self._budget.limit:",
+        "if self.queued + size > STREAM_BUFFER:",
+        (AGENT_UNIT,),
+    ),
+    Mutation(
+        "streams.per-sandbox-count",
+        "concurrent streams per sandbox are limited",
+        "src/tartarus/runtime/agent.py",
+        "if stream and len(self._streams) >= MAX_STREAMS:",
+        "if False:",
+        (AGENT_UNIT,),
+    ),
+    Mutation(
+        "streams.abandon-detaches",
+        "an abandoned stream is detached in the guest and its memory freed",
+        "src/tartarus/runtime/agent.py",
+        "self._client._detach(self._id)",
+        "self._client._done(self._id)",
+        (AGENT_UNIT,),
+    ),
+    Mutation(
+        "streams.guest-honours-credit",
+        "the guest agent sends no more than its credit",
+        "agent/tartarus-agent.c",
+        "if (r->credit < 0 || r->detached)\n\t\treturn max;",
+        "return max;",
+        ("tests/unit/test_agent_flow.py",),
     ),
 )
 

@@ -16,6 +16,7 @@ from starlette.routing import Route
 from websockets.sync.client import connect
 
 from tartarus.daemon.app import create_app
+from tartarus.sdk import Sandbox
 from tests.api.conftest import Api
 
 TARTARUS = os.path.join(os.path.dirname(sys.executable), "tartarus")
@@ -103,6 +104,89 @@ def test_tenant_keys_cannot_administer(api: Api) -> None:
         # A tenant sees its own quota, and no other tenant's (not even whether it exists).
         assert c.get("/v1/tenants/acme").json()["name"] == "acme"
         assert c.get("/v1/tenants/local").status_code == 404
+
+
+# Every route is either an operator's or open to tenant keys (which then see only their own): a new route
+# must be put in one of these two sets, so an admin-only route cannot lose its guard unnoticed.
+ADMIN_ONLY = {
+    ("POST", "/v1/keys"),
+    ("GET", "/v1/keys"),
+    ("DELETE", "/v1/keys/{key_id}"),
+    ("GET", "/v1/tenants"),
+    ("PUT", "/v1/tenants/{tenant}/quota"),
+    ("GET", "/v1/audit"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/images"),
+    ("DELETE", "/v1/images/{digest}"),
+    ("POST", "/v1/gc"),
+    ("POST", "/v1/sandboxes/{sandbox_id}/quarantine"),
+    ("POST", "/v1/sandboxes/{sandbox_id}/release"),
+}
+TENANT_ROUTES = {
+    ("GET", "/v1/health"),
+    ("GET", "/v1/openapi.json"),
+    ("GET", "/v1/templates"),
+    ("GET", "/v1/tenants/{tenant}"),  # its own only
+    ("GET", "/v1/images"),  # without host paths
+    ("POST", "/v1/sandboxes"),
+    ("GET", "/v1/sandboxes"),
+    ("GET", "/v1/checkpoints"),
+    ("GET", "/v1/checkpoints/{checkpoint_id}"),
+    ("DELETE", "/v1/checkpoints/{checkpoint_id}"),
+    ("POST", "/v1/checkpoints/{checkpoint_id}/sandboxes"),
+    *(
+        (method, "/v1/sandboxes/{sandbox_id}" + tail)
+        for method, tail in (
+            ("GET", ""),
+            ("DELETE", ""),
+            ("PUT", "/timeout"),
+            ("POST", "/hibernate"),
+            ("POST", "/wake"),
+            ("POST", "/checkpoints"),
+            ("POST", "/fork"),
+            ("POST", "/ports"),
+            ("DELETE", "/ports/{port}"),
+            ("POST", "/exec"),
+            ("WEBSOCKET", "/pty"),
+            ("POST", "/code"),
+            ("GET", "/files"),
+            ("PUT", "/files"),
+            ("DELETE", "/files"),
+            ("GET", "/files/list"),
+            ("GET", "/files/stat"),
+            ("POST", "/files/mkdir"),
+            ("POST", "/files/rename"),
+        )
+    ),
+}
+
+
+def _route_table(api: Api) -> set[tuple[str, str]]:
+    ops = set()
+    for route in iter_route_contexts(create_app(api.state).routes):
+        assert route.path
+        if isinstance(route.original_route, APIWebSocketRoute):
+            ops.add(("WEBSOCKET", route.path))
+        else:
+            ops |= {(m, route.path) for m in route.methods or () if m != "HEAD"}
+    return ops
+
+
+def test_every_admin_route_refuses_a_tenant_key_even_on_its_own_sandbox(api: Api) -> None:
+    table = _route_table(api)
+    known = ADMIN_ONLY | TENANT_ROUTES
+    assert table == known, f"routes to classify: {table - known}; gone: {known - table}"
+    key = api.new_key("not-an-operator")
+    with Sandbox.create("python-ds", url=api.url, api_key=key) as sb, api.client(key) as c:
+        for method, template in sorted(ADMIN_ONLY):
+            path = template.format(
+                sandbox_id=sb.id, key_id="key-000000000000", tenant="not-an-operator", digest="sha256:00"
+            )
+            body = {"reason": "x", "reference": "x", "tenant": "x", "max_sandboxes": 9}
+            response = c.request(method, path, json=body if method in ("POST", "PUT") else None)
+            assert response.status_code == 403, (method, path, response.text)
+            assert response.json()["error"]["code"] == "forbidden"
+        assert sb.refresh()["quarantined"] is False
 
 
 def test_revoked_key_stops_working_at_once(api: Api) -> None:

@@ -162,6 +162,10 @@ class PortForward:
                 await asyncio.gather(_pipe(client_r, guest_w), _pipe(guest_r, client_w))
         except Exception as e:  # the sandbox could not be woken, has ended, is quarantined: refused
             log.info("connection to guest port %d refused: %s", self.guest_port, e)
+        except asyncio.CancelledError:
+            # cut(): this connection's task ends here. Nobody awaits it, and 3.11's start_server logs a
+            # cancelled handler as "Exception in callback".
+            pass
         finally:
             for w in (client_w, guest_w):
                 if w is not None:

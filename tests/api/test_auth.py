@@ -182,8 +182,13 @@ def test_every_admin_route_refuses_a_tenant_key_even_on_its_own_sandbox(api: Api
             path = template.format(
                 sandbox_id=sb.id, key_id="key-000000000000", tenant="not-an-operator", digest="sha256:00"
             )
-            body = {"reason": "x", "reference": "x", "tenant": "x", "max_sandboxes": 9}
-            response = c.request(method, path, json=body if method in ("POST", "PUT") else None)
+            body = {
+                "/v1/keys": {"tenant": "not-an-operator", "admin": True},
+                "/v1/tenants/{tenant}/quota": {"max_sandboxes": 100},
+                "/v1/images": {"reference": "registry.invalid/x:1"},
+                "/v1/sandboxes/{sandbox_id}/quarantine": {"reason": "x"},
+            }.get(template)
+            response = c.request(method, path, json=body)
             assert response.status_code == 403, (method, path, response.text)
             assert response.json()["error"]["code"] == "forbidden"
         assert sb.refresh()["quarantined"] is False

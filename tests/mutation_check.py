@@ -101,7 +101,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "quota.check",
         "a create beyond a tenant's quota is refused",
         "src/tartarus/daemon/quotas.py",
-        "if limit is not None and used + wanted > limit:",
+        "if limit is not None and wanted > 0 and used + wanted > limit:",
         "if False:",
         ("tests/api/test_tenancy.py::test_quota_refuses_creates_beyond_the_limit_with_a_clear_error",),
     ),

@@ -6,6 +6,7 @@ which the kernel commits in under a millisecond): the next forwarded packet of e
 ones included, is dropped. Nothing in the guest is involved.
 """
 
-from tartarus.quarantine.actions import QuarantineState, confine, release
+from tartarus.quarantine.actions import confine, release
+from tartarus.quarantine.state import QuarantineState
 
 __all__ = ["QuarantineState", "confine", "release"]

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tartarus import audit
 from tartarus.errors import Conflict
-from tartarus.limits.spec import Limits
 from tartarus.policy.model import QuarantineSettings
+from tartarus.quarantine.state import QuarantineState
 from tartarus.runtime.sandbox import RuntimeSandbox
-
-
-@dataclass
-class QuarantineState:
-    since: float
-    reason: str
-    by: str  # "admission[:rule]", "operator:<key id>@<tenant>", "trigger:<what>"
-    limits: Limits | None  # restored on release
 
 
 async def confine(

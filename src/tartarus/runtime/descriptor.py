@@ -22,7 +22,7 @@ from tartarus.limits.spec import Limits
 from tartarus.network import NetworkPolicy, SandboxNetwork
 from tartarus.network.policy import PinnedPolicy, PinnedRule
 from tartarus.private import write_private
-from tartarus.quarantine.actions import QuarantineState
+from tartarus.quarantine.state import QuarantineState
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.qemu import Drive, VMConfig
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions

@@ -11,31 +11,16 @@ import asyncio
 import itertools
 import json
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tartarus.errors import SandboxFailed, Timeout
 from tartarus.runtime.agent import INTERPRETER_ID, AgentClient, Exit, Output, Process
+from tartarus.wire import Execution, ExecutionError
 
 GUEST_SCRIPT = Path(__file__).resolve().parents[1] / "guest" / "interpreter_main.py"
 GUEST_PATH = "/opt/tartarus/interpreter.py"
 MAX_LINE = 8 << 20
-
-
-@dataclass(frozen=True)
-class ExecutionError:
-    name: str
-    value: str
-    traceback: str
-
-
-@dataclass(frozen=True)
-class Execution:
-    stdout: str
-    stderr: str
-    result: str | None
-    error: ExecutionError | None
 
 
 class CodeInterpreter:

@@ -37,7 +37,7 @@ from tartarus.runtime.vm import PID_FILE, MicroVM, is_our_vmm
 from tartarus.templates.store import Template
 
 if TYPE_CHECKING:
-    from tartarus.quarantine.actions import QuarantineState
+    from tartarus.quarantine.state import QuarantineState
 
 log = logging.getLogger(__name__)
 

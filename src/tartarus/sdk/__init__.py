@@ -11,11 +11,11 @@ from tartarus.errors import (
     TartarusError,
     Timeout,
 )
-from tartarus.runtime.interpreter import Execution, ExecutionError
 from tartarus.sdk._core import CommandResult
 from tartarus.sdk.aio import AsyncClient, AsyncSandbox
 from tartarus.sdk.sync import Client, Sandbox
 from tartarus.sdk.terminal import AsyncPty, Pty
+from tartarus.wire import Execution, ExecutionError
 
 __all__ = [
     "AsyncClient",

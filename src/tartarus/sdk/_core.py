@@ -14,7 +14,7 @@ import httpx
 
 from tartarus import errors
 from tartarus.paths import LOCAL_KEY_FILE, default_socket
-from tartarus.runtime.interpreter import Execution, ExecutionError
+from tartarus.wire import Execution, ExecutionError
 
 OutputCallback = Callable[[bytes], None]
 
@@ -78,6 +78,9 @@ def transport_error(exc: httpx.HTTPError, endpoint: Endpoint) -> errors.Tartarus
     if isinstance(exc, httpx.TimeoutException):
         return errors.Timeout(f"request to the Tartarus daemon at {where} timed out")
     return errors.TartarusError(f"cannot reach the Tartarus daemon at {where}: {exc}")
+
+
+DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 
 
 def call_timeout(timeout: float | None) -> httpx.Timeout:

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 
 from tartarus.errors import GuestError, NotFound
-from tartarus.runtime.interpreter import Execution
 from tartarus.sdk._core import (
+    DEFAULT_TIMEOUT,
     CommandResult,
     Endpoint,
     ExecCollector,
@@ -26,8 +26,8 @@ from tartarus.sdk._core import (
     resolve_endpoint,
     transport_error,
 )
-from tartarus.sdk.sync import DEFAULT_TIMEOUT
 from tartarus.sdk.terminal import AsyncTerminals
+from tartarus.wire import Execution
 
 
 class AsyncClient:
@@ -163,7 +163,7 @@ class AsyncSandbox:
         self._owns_client = owns_client
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
-        self.pty = AsyncTerminals(self)
+        self.pty = AsyncTerminals(client.endpoint, self.id)
         self.traffic_token: str | None = None  # set by `expose(secure=True)`
 
     @classmethod

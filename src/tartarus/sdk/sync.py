@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 
-from tartarus.runtime.interpreter import Execution
 from tartarus.sdk._core import (
+    DEFAULT_TIMEOUT,
     CommandResult,
     Endpoint,
     ExecCollector,
@@ -26,8 +26,7 @@ from tartarus.sdk._core import (
     transport_error,
 )
 from tartarus.sdk.terminal import Terminals
-
-DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
+from tartarus.wire import Execution
 
 
 class Client:
@@ -168,7 +167,7 @@ class Sandbox:
         self._owns_client = owns_client
         self.commands = Commands(self)
         self.files = Files(self)
-        self.pty = Terminals(self)
+        self.pty = Terminals(client.endpoint, self.id)
         self.traffic_token: str | None = None  # set by `expose(secure=True)`
 
     @classmethod

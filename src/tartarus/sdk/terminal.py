@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlencode
 
 import websockets
@@ -19,10 +19,6 @@ from websockets.sync import client as sync_client
 
 from tartarus import errors
 from tartarus.sdk._core import Endpoint, argv_of, error_from, raise_for_error
-
-if TYPE_CHECKING:
-    from tartarus.sdk.aio import AsyncSandbox
-    from tartarus.sdk.sync import Sandbox
 
 OPEN_TIMEOUT = 60.0  # the handshake may wake a hibernated sandbox first
 CLOSE_TIMEOUT = 10.0
@@ -256,8 +252,9 @@ class AsyncPty(_Session):
 class Terminals:
     """`sb.pty`: interactive terminals in a sandbox."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sb = sandbox
+    def __init__(self, endpoint: Endpoint, sandbox_id: str) -> None:
+        self._endpoint = endpoint
+        self._sandbox_id = sandbox_id
 
     def create(
         self,
@@ -271,14 +268,15 @@ class Terminals:
     ) -> Pty:
         """Start `cmd` (default: bash, else sh) on a new terminal of `rows` x `cols`."""
         request = PtyRequest.of(
-            self._sb._client.endpoint, self._sb.id, rows=rows, cols=cols, cmd=cmd, env=env, cwd=cwd, user=user
+            self._endpoint, self._sandbox_id, rows=rows, cols=cols, cmd=cmd, env=env, cwd=cwd, user=user
         )
         return Pty(request)
 
 
 class AsyncTerminals:
-    def __init__(self, sandbox: AsyncSandbox) -> None:
-        self._sb = sandbox
+    def __init__(self, endpoint: Endpoint, sandbox_id: str) -> None:
+        self._endpoint = endpoint
+        self._sandbox_id = sandbox_id
 
     async def create(
         self,
@@ -291,6 +289,6 @@ class AsyncTerminals:
         user: str | None = None,
     ) -> AsyncPty:
         request = PtyRequest.of(
-            self._sb._client.endpoint, self._sb.id, rows=rows, cols=cols, cmd=cmd, env=env, cwd=cwd, user=user
+            self._endpoint, self._sandbox_id, rows=rows, cols=cols, cmd=cmd, env=env, cwd=cwd, user=user
         )
         return await AsyncPty.open(request)

@@ -56,24 +56,16 @@ def _parse_env(pairs: list[str] | None, option: str = "--env") -> dict[str, str]
     return env
 
 
-def _daemon_answers(sock: Path) -> bool:
-    import httpx
-
-    try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=2) as c:
-            return c.get("http://tartarus/v1/health").status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @contextlib.contextmanager
 def _endpoint() -> Iterator[str | None]:
     """The daemon to talk to: TARTARUS_URL, the local daemon, or an embedded one for this command."""
     if os.environ.get("TARTARUS_URL"):
         yield None
         return
+    from tartarus.sdk._autostart import daemon_answers
+
     sock = default_socket()
-    if sock.exists() and _daemon_answers(sock):
+    if daemon_answers(sock):
         yield f"unix://{sock}"
         return
     from tartarus.daemon.server import embedded_daemon

@@ -43,7 +43,9 @@ def pull_cmd(
         str, typer.Argument(help="REF, docker://REF, oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]")
     ],
     insecure: Annotated[bool, typer.Option(help="plain HTTP to a non-loopback registry")] = False,
-    platform: Annotated[str, typer.Option(help="os/arch[/variant] to pick from an index")] = "linux/amd64",
+    platform: Annotated[
+        str, typer.Option(help="os/arch or os/arch/variant to pick from an index")
+    ] = "linux/amd64",
     fstype: Annotated[str, typer.Option(help="ext4 or erofs")] = "ext4",
     as_json: Annotated[bool, typer.Option("--json", help="print the build record as JSON")] = False,
 ) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 
 from tartarus import errors
-from tartarus.paths import LOCAL_KEY_FILE, default_socket
+from tartarus.paths import LOCAL_KEY_FILE
+from tartarus.sdk._autostart import local_socket
 from tartarus.wire import Execution, ExecutionError
 
 OutputCallback = Callable[[bytes], None]
@@ -38,14 +39,15 @@ def local_key(uds: str) -> str | None:
 
 
 def resolve_endpoint(url: str | None = None, api_key: str | None = None) -> Endpoint:
-    """Explicit argument, then TARTARUS_URL / TARTARUS_API_KEY, then the local daemon's socket.
+    """Explicit argument, then TARTARUS_URL / TARTARUS_API_KEY, then the local daemon's socket (this
+    process's embedded daemon's, if `create` started one).
 
     On a unix socket with no key given, the daemon's local admin key file is used if readable.
     """
     url = url or os.environ.get("TARTARUS_URL")
     api_key = api_key or os.environ.get("TARTARUS_API_KEY")
     if not url or url.startswith("unix://"):
-        uds = url.removeprefix("unix://") if url else str(default_socket())
+        uds = url.removeprefix("unix://") if url else str(local_socket())
         return Endpoint("http://tartarus", uds=uds, api_key=api_key or local_key(uds))
     if not url.startswith(("http://", "https://")):
         raise errors.InvalidArgument(f"TARTARUS_URL must be http(s):// or unix://, not {url!r}")

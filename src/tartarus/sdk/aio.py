@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from types import TracebackType
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 
 from tartarus.errors import GuestError, NotFound
+from tartarus.sdk._autostart import url_for_create
 from tartarus.sdk._core import (
     DEFAULT_TIMEOUT,
     CommandResult,
@@ -187,7 +189,8 @@ class AsyncSandbox:
     ) -> AsyncSandbox:
         """Create a sandbox; `timeout` (seconds) destroys it then unless extended with `set_timeout`."""
         owns = client is None
-        client = client or AsyncClient(url, api_key)
+        if client is None:  # no daemon: starts one (blocking, so off the event loop)
+            client = AsyncClient(await asyncio.to_thread(url_for_create, url), api_key)
         path, body = create_request(
             template,
             from_snapshot=from_snapshot,

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from tartarus.sdk._autostart import url_for_create
 from tartarus.sdk._core import (
     DEFAULT_TIMEOUT,
     CommandResult,
@@ -191,7 +192,7 @@ class Sandbox:
     ) -> Sandbox:
         """Create a sandbox; `timeout` (seconds) destroys it then unless extended with `set_timeout`."""
         owns = client is None
-        client = client or Client(url, api_key)
+        client = client or Client(url_for_create(url), api_key)  # no daemon: starts one
         path, body = create_request(
             template,
             from_snapshot=from_snapshot,

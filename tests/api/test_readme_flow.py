@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.test_restart import TARTARUS, Daemon
 from tests.conftest import wait_until
+from tests.served import TARTARUS, Served
 
 pytestmark = pytest.mark.vm
 
@@ -26,7 +26,7 @@ with Sandbox.create("python-ds", labels={"team": "ml"}, timeout=600) as sb:
 
 def test_serve_create_a_key_and_drive_sandboxes_from_another_shell(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    daemon = Daemon(state, None)
+    daemon = Served(state)
     try:
         env = {**os.environ, "TARTARUS_STATE_DIR": str(state)}
         made = subprocess.run(

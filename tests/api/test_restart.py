@@ -8,9 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,10 +19,9 @@ import pytest
 from tartarus.sdk import Sandbox
 from tests.api.conftest import backend_url
 from tests.conftest import qemu_pids, wait_until
+from tests.served import Served
 
 pytestmark = pytest.mark.vm
-
-TARTARUS = Path(sys.executable).parent / "tartarus"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -33,56 +29,19 @@ def database_url_or_none(request: pytest.FixtureRequest) -> str | None:
     return backend_url(request)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Daemon:
-    def __init__(self, state: Path, database_url: str | None, *args: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "TARTARUS_STATE_DIR": str(state), "TARTARUS_POOL_SIZE": "0"}
-        env.pop("TARTARUS_DATABASE_URL", None)
-        if database_url:
-            env["TARTARUS_DATABASE_URL"] = database_url
-        self.log = (state.parent / f"daemon-{self.port}.log").open("w")
-        self.proc = subprocess.Popen(
-            [str(TARTARUS), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        assert wait_until(self._up, timeout=60), "daemon did not come up"
-
-    def _up(self) -> bool:
-        assert self.proc.poll() is None, "daemon exited"
-        try:
-            return httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=60)
-        self.log.close()
-
-
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
+def daemons(tmp_path: Path) -> Iterator[list[Served]]:
+    started: list[Served] = []
     yield started
     for d in started:
         d.stop(signal.SIGKILL)
 
 
 def test_kill_9_then_restart_takes_over_running_sandboxes(
-    tmp_path: Path, database_url_or_none: str | None, daemons: list[Daemon]
+    tmp_path: Path, database_url_or_none: str | None, daemons: list[Served]
 ) -> None:
     state = tmp_path / "state"
-    first = Daemon(state, database_url_or_none)
+    first = Served(state, database_url=database_url_or_none)
     daemons.append(first)
     admin_key = (state / "admin.key").read_text().strip()
     with httpx.Client(base_url=first.url, headers={"Authorization": f"Bearer {admin_key}"}) as c:
@@ -119,7 +78,7 @@ def test_kill_9_then_restart_takes_over_running_sandboxes(
     os.kill(doomed_pid, signal.SIGKILL)
     assert wait_until(lambda: len(qemu_pids(vm_dir)) == 1, timeout=10)
 
-    second = Daemon(state, database_url_or_none)
+    second = Served(state, database_url=database_url_or_none)
     daemons.append(second)
     assert (state / "admin.key").read_text().strip() == admin_key  # the local key still works
     listed = {s["id"]: s for s in Sandbox.list(url=second.url, api_key=tenant_key, include_ended=True)}
@@ -156,10 +115,10 @@ def test_kill_9_then_restart_takes_over_running_sandboxes(
 
 
 def test_clean_stop_with_keep_sandboxes_hands_them_to_the_next_daemon(
-    tmp_path: Path, database_url_or_none: str | None, daemons: list[Daemon]
+    tmp_path: Path, database_url_or_none: str | None, daemons: list[Served]
 ) -> None:
     state = tmp_path / "state"
-    first = Daemon(state, database_url_or_none, "--keep-sandboxes")
+    first = Served(state, "--keep-sandboxes", database_url=database_url_or_none)
     daemons.append(first)
     key = (state / "admin.key").read_text().strip()
     sb = Sandbox.create("python-ds", url=first.url, api_key=key)
@@ -176,7 +135,7 @@ def test_clean_stop_with_keep_sandboxes_hands_them_to_the_next_daemon(
     assert first.proc.returncode is not None
     assert qemu_pids(state / "sandboxes") & vmms  # the sandbox's VMM (pooled ones are not kept)
 
-    second = Daemon(state, database_url_or_none)
+    second = Served(state, database_url=database_url_or_none)
     daemons.append(second)
     states = {info["id"]: info["state"] for info in Sandbox.list(url=second.url, api_key=key)}
     assert states == {sb.id: "running", sleeper.id: "hibernated"}

@@ -5,68 +5,19 @@ operation behind (no VMM, no directory)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tartarus.errors import TartarusError
 from tartarus.sdk import Sandbox
 from tests.conftest import qemu_pids, wait_until
+from tests.served import Served
 from tests.vm.test_hibernation import _check_state, _give_state
 
 pytestmark = pytest.mark.vm
-
-TARTARUS = Path(sys.executable).parent / "tartarus"
-
-
-class Served:
-    """`tartarus serve` for `state` on a free TCP port, with the failpoints `TARTARUS_FAILPOINTS` arms."""
-
-    def __init__(self, state: Path, *, pool_size: int, failpoints: str = "") -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        self.url = f"http://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "TARTARUS_STATE_DIR": str(state),
-            "TARTARUS_POOL_SIZE": str(pool_size),
-            "TARTARUS_FAILPOINTS": failpoints,
-        }
-        env.pop("TARTARUS_DATABASE_URL", None)
-        self.log = (state.parent / f"daemon-{port}.log").open("w")
-        self.proc = subprocess.Popen(
-            [str(TARTARUS), "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        assert wait_until(self._up, timeout=60), "daemon did not come up"
-        self.key = (state / "admin.key").read_text().strip()
-
-    def _up(self) -> bool:
-        assert self.proc.poll() is None, "daemon exited"
-        try:
-            return httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def pooled(self) -> int:
-        return int(httpx.get(f"{self.url}/v1/health", timeout=5).json()["pooled"])
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=60)
-        self.log.close()
-        return code
 
 
 @pytest.fixture

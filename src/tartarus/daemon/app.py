@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tartarus
@@ -66,7 +67,7 @@ from tartarus.images.store import ImageStore
 from tartarus.quarantine.info import containment_info
 from tartarus.runtime.agent import Exit, FileInfo, Output, PtySize
 from tartarus.runtime.protocol import PTY_MAX_SIZE
-from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
 from tartarus.store import SandboxRow
 from tartarus.templates.store import list_templates
 
@@ -470,6 +471,24 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         A tenant cannot lift a verdict on its own sandbox."""
         return _info(await manager.release(sandbox_id, by=_operator(principal_of(request))))
 
+    async def begin_stream(
+        connection: HTTPConnection, sandbox_id: str
+    ) -> tuple[RuntimeSandbox, Callable[[], None]]:
+        """A streaming call's hold on its sandbox (no idle hibernation while it lasts) and its slot among
+        the tenant's open streams; `end` gives both back."""
+        release = control.open_stream(connection)
+        try:
+            rt = await manager.begin_call(sandbox_id)
+        except BaseException:
+            release()
+            raise
+
+        def end() -> None:
+            manager.end_call(sandbox_id)
+            release()
+
+        return rt, end
+
     @app.post(
         "/v1/sandboxes/{sandbox_id}/exec",
         responses={200: {"content": {"application/x-ndjson": {}, "text/event-stream": {}}}, **_ERRORS},
@@ -485,12 +504,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                 stdin = base64.b64decode(body.stdin, validate=True)
             except ValueError as e:  # binascii.Error, or characters that are not ASCII at all
                 raise InvalidArgument(f"stdin is not valid base64: {e}") from e
-        release = control.open_stream(request)
-        try:
-            rt = await manager.begin_call(sandbox_id)
-        except BaseException:
-            release()
-            raise
+        rt, end = await begin_stream(request, sandbox_id)
         try:
             process = await rt.agent.exec(
                 body.argv,
@@ -503,8 +517,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                 pty=PtySize(body.pty.rows, body.pty.cols) if body.pty else None,
             )
         except BaseException:
-            manager.end_call(sandbox_id)
-            release()
+            end()
             raise
 
         async def events() -> AsyncIterator[bytes]:
@@ -540,8 +553,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                     with contextlib.suppress(Exception):
                         await process.signal(signal.SIGKILL)
                     process.abandon()
-                manager.end_call(sandbox_id)
-                release()
+                end()
 
         media_type = "text/event-stream" if sse else "application/x-ndjson"
         return StreamingResponse(events(), media_type=media_type, headers={"Cache-Control": "no-cache"})
@@ -561,12 +573,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         pseudo-terminal; the command is killed when the socket closes. Refusals (auth, unknown
         sandbox, a command that cannot start) are HTTP error responses to the handshake."""
         variables = terminal.parse_env(env)
-        release = control.open_stream(websocket)
-        try:
-            rt = await manager.begin_call(sandbox_id)  # held for the whole session: no idle hibernation
-        except BaseException:
-            release()
-            raise
+        rt, end = await begin_stream(websocket, sandbox_id)  # held for the whole session: no idle hibernation
         try:
             if not argv:
                 try:
@@ -588,8 +595,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
             finally:
                 await terminal.end(websocket, process)
         finally:
-            manager.end_call(sandbox_id)
-            release()
+            end()
 
     @app.post("/v1/sandboxes/{sandbox_id}/code", response_model=RunCodeResult, responses=_ERRORS)
     async def run_code(sandbox_id: str, body: RunCodeRequest) -> RunCodeResult:
@@ -613,17 +619,11 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
         response_class=StreamingResponse,
     )
     async def read_file(sandbox_id: str, path: PathQuery, request: Request) -> StreamingResponse:
-        release = control.open_stream(request)
-        try:
-            rt = await manager.begin_call(sandbox_id)
-        except BaseException:
-            release()
-            raise
+        rt, end = await begin_stream(request, sandbox_id)
         try:
             chunks = await rt.agent.read_file(path)
         except BaseException:
-            manager.end_call(sandbox_id)
-            release()
+            end()
             raise
 
         async def stream() -> AsyncIterator[bytes]:
@@ -632,8 +632,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
                     yield chunk
             finally:
                 await chunks.aclose()  # a client that left early: the guest closes the file now
-                manager.end_call(sandbox_id)
-                release()
+                end()
 
         return StreamingResponse(stream(), media_type="application/octet-stream")
 

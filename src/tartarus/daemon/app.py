@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tartarus
 from tartarus.daemon import control_api, images_api, quotas, readiness, terminal
+from tartarus.daemon.asgi import error_response
 from tartarus.daemon.auth import Principal
 from tartarus.daemon.control import PUBLIC_ROUTES, ControlPlane, parse_labels, principal_of
 from tartarus.daemon.gate import Gate
@@ -147,13 +148,6 @@ def _operator(principal: Principal) -> str:
     return f"operator:{principal.key_id}@{principal.tenant}"
 
 
-def _error(exc: TartarusError) -> JSONResponse:
-    errno_ = exc.errno if isinstance(exc, GuestError) else None
-    checks = [ReadyCheck.model_validate(c) for c in exc.checks] if isinstance(exc, NotReady) else None
-    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, errno=errno_, checks=checks))
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status)
-
-
 class UnexpectedErrors:
     """A bug, not a client error: log it whole and answer with the documented body shape. (Starlette's
     own catch-all re-raises after answering, and the server then resets the connection.) Plain ASGI:
@@ -186,7 +180,7 @@ class UnexpectedErrors:
                 request_id.reset(token)
             if started:
                 raise  # too late for an error body: the server closes the connection
-            response = _error(TartarusError(f"internal error (request {rid}): see the daemon's log"))
+            response = error_response(TartarusError(f"internal error (request {rid}): see the daemon's log"))
             response.headers["x-request-id"] = rid
             await response(scope, receive, send)
 
@@ -230,7 +224,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
 
     @app.exception_handler(TartarusError)
     async def tartarus_error(request: Request, exc: TartarusError) -> JSONResponse:
-        return _error(exc)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -248,7 +242,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     ) -> JSONResponse:
         # A WebSocket handshake gets the same body, as an HTTP response refusing the upgrade.
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return _error(InvalidArgument("; ".join(parts) or "invalid request"))
+        return error_response(InvalidArgument("; ".join(parts) or "invalid request"))
 
     @app.get(
         "/v1/health",

@@ -187,20 +187,16 @@ class ControlPlane:
         request: HTTPConnection,  # a WebSocket handshake too: it carries the same header
         credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     ) -> None:
-        """Every route's dependency: the caller's key, and hide other tenants' sandboxes (404, not 403).
+        """Every route's dependency: hide other tenants' sandboxes (404, not 403).
 
-        The gate (daemon/gate.py) has resolved the key before the body was read; `credentials` puts
-        the bearer scheme in the OpenAPI document, and is looked up here only for an app served
-        without the gate."""
+        The gate (daemon/gate.py) resolved the caller's key before the body was read and left it in
+        `request.state`; `credentials` only puts the bearer scheme in the OpenAPI document."""
         route = request.scope.get("route")
         if getattr(route, "path", None) in PUBLIC_ROUTES:
             return
         principal = getattr(request.state, "principal", None)
         if not isinstance(principal, Principal):
-            secret = credentials.credentials if credentials else None
-            principal, tenant = await self.authenticate(f"Bearer {secret}" if secret else None)
-            request.state.principal = principal
-            request.state.tenant = tenant  # its quota, read in the same trip to the store
+            raise missing_key()
         sandbox_id = request.path_params.get("sandbox_id")
         if sandbox_id is not None and not self.may_touch(principal, sandbox_id):
             raise NotFound(f"no sandbox {sandbox_id!r}")

@@ -13,11 +13,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tartarus.daemon.models import ErrorBody, ErrorDetail
-from tartarus.errors import AuthError, PayloadTooLarge, TartarusError
+from tartarus.daemon.asgi import error_response, header
+from tartarus.errors import AuthError, PayloadTooLarge
 
 if TYPE_CHECKING:
     from tartarus.daemon.control import ControlPlane
@@ -42,13 +41,6 @@ def body_limit(method: str, path: str) -> int | None:
     return DEFAULT_BODY_LIMIT
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
 def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"the request body is larger than this route's limit of {limit // MiB} MiB "
@@ -59,7 +51,7 @@ def too_large(limit: int) -> PayloadTooLarge:
 async def read_body(scope: Scope, receive: Receive, limit: int) -> Message:
     """The whole body as one `http.request` message (or the disconnect that cut it short); raises
     PayloadTooLarge as soon as it is known to exceed `limit`, having held at most `limit` bytes."""
-    declared = _header(scope, b"content-length")
+    declared = header(scope, b"content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise too_large(limit)
     body = bytearray()
@@ -74,12 +66,6 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> Message:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
 
-async def refuse(exc: TartarusError, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer with the documented error body (to a WebSocket handshake too, as an HTTP response)."""
-    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message))
-    await JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status)(scope, receive, send)
-
-
 class Gate:
     def __init__(self, app: ASGIApp, control: ControlPlane, public: frozenset[str]) -> None:
         self.app = app
@@ -92,9 +78,9 @@ class Gate:
             return
         if scope["path"] not in self.public:
             try:
-                principal, tenant = await self.control.authenticate(_header(scope, b"authorization"))
+                principal, tenant = await self.control.authenticate(header(scope, b"authorization"))
             except AuthError as e:
-                await refuse(e, scope, receive, send)
+                await error_response(e)(scope, receive, send)
                 return
             state = scope.setdefault("state", {})
             state["principal"], state["tenant"] = principal, tenant
@@ -103,7 +89,7 @@ class Gate:
             try:
                 first: Message | None = await read_body(scope, receive, limit)
             except PayloadTooLarge as e:
-                await refuse(e, scope, receive, send)
+                await error_response(e)(scope, receive, send)
                 return
             outer = receive
 

@@ -280,7 +280,7 @@ class SandboxManager:
                 "labels": record.labels,
                 "idle_timeout": record.idle_timeout,
                 "snapshot": str(record.snapshot.path) if record.snapshot else None,
-                "exposed": self._exposed(record.id),
+                "exposed": self.ports.written(record.id),
             },
             self.layout.seal,
         )
@@ -545,9 +545,6 @@ class SandboxManager:
             record.connections -= 1
             record.last_active = time.monotonic()
 
-    def _exposed(self, id_: str) -> dict[str, object]:
-        return self.ports.written(id_)
-
     async def release(self, id_: str, by: str) -> SandboxRecord:
         async with self.use(id_) as runtime:
             await quarantine_actions.release(runtime, self.state_dir, by=by)
@@ -612,7 +609,7 @@ class SandboxManager:
                     request={
                         **_request(record),
                         "idle_timeout": record.idle_timeout,
-                        "exposed": self._exposed(id_),
+                        "exposed": self.ports.written(id_),
                     },
                 )
             except BaseException:

@@ -7,6 +7,7 @@ so concurrent creates, wakes and checkpoints on one event loop cannot overshoot 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,12 +23,10 @@ class Usage:
     checkpoints: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.sandboxes + other.sandboxes,
-            self.vcpus + other.vcpus,
-            self.memory_mib + other.memory_mib,
-            self.checkpoints + other.checkpoints,
-        )
+        return Usage(**{name: getattr(self, name) + getattr(other, name) for name in _FIELDS})
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
 
 
 @dataclass(frozen=True)
@@ -63,16 +62,11 @@ class Reservations:
 
     def pending(self, tenant: str) -> Usage:
         c = self._pending.get(tenant, Counter())
-        return Usage(c["sandboxes"], c["vcpus"], c["memory_mib"], c["checkpoints"])
+        return Usage(**{name: c[name] for name in _FIELDS})
 
     @contextlib.contextmanager
     def hold(self, tenant: str, request: Usage) -> Iterator[None]:
-        amounts = Counter(
-            sandboxes=request.sandboxes,
-            vcpus=request.vcpus,
-            memory_mib=request.memory_mib,
-            checkpoints=request.checkpoints,
-        )
+        amounts = Counter(dataclasses.asdict(request))
         self._pending.setdefault(tenant, Counter()).update(amounts)
         try:
             yield

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tartarus.daemon.asgi import header
 from tartarus.daemon.auth import Principal
 from tartarus.daemon.logs import new_request_id, request_id
 from tartarus.snapshots.pool import DeferredRefills, refills_deferred
@@ -29,13 +30,6 @@ WEBSOCKET = "WEBSOCKET"  # the "method" of a WebSocket session in logs, metrics 
 EXEC_ROUTE = "/v1/sandboxes/{sandbox_id}/exec"
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
-
-
 class RequestMiddleware:
     def __init__(self, app: ASGIApp, control: ControlPlane) -> None:
         self.app = app
@@ -48,7 +42,7 @@ class RequestMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = new_request_id(_header(scope, b"x-request-id"))
+        rid = new_request_id(header(scope, b"x-request-id"))
         token = request_id.set(rid)
         scope.setdefault("state", {})["request_id"] = rid  # for the catch-all's answer (app.py)
         method: str = scope["method"]
@@ -88,7 +82,7 @@ class RequestMiddleware:
             request_id.reset(token)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rid = new_request_id(_header(scope, b"x-request-id"))
+        rid = new_request_id(header(scope, b"x-request-id"))
         token = request_id.set(rid)
         started = time.perf_counter()
         status = 0  # until the handshake is answered; 101 once accepted

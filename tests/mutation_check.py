@@ -45,6 +45,9 @@ class Mutation:
 
 
 API = "src/tartarus/daemon/app.py"
+SANDBOXES = "src/tartarus/daemon/routes/sandboxes.py"
+CHECKPOINTS = "src/tartarus/daemon/routes/checkpoints.py"
+IMAGES = "src/tartarus/daemon/routes/images.py"
 CONTROL = "src/tartarus/daemon/control.py"
 PORTS_VM = "tests/network/test_exposed_ports.py::"
 DOTDOT_TAIL = "                        os.close(fds.pop())"
@@ -76,17 +79,17 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "admin.gc",
         "gc is an admin route",
-        API,
-        '"/v1/gc", response_model=GcResult, dependencies=[Depends(control.require_admin)]',
-        '"/v1/gc", response_model=GcResult',
+        CHECKPOINTS,
+        '@router.post("/v1/gc", response_model=GcResult, dependencies=AdminOnly)',
+        '@router.post("/v1/gc", response_model=GcResult)',
         (ADMIN_ROUTES,),
     ),
     Mutation(
         "admin.images-pull",
         "converting registry images is an admin route",
-        "src/tartarus/daemon/images_api.py",
-        "        dependencies=[Depends(control.require_admin)],\n    )\n    async def pull_image",
-        "    )\n    async def pull_image",
+        IMAGES,
+        "    dependencies=AdminOnly,\n)\nasync def pull_image",
+        ")\nasync def pull_image",
         (ADMIN_ROUTES,),
     ),
     Mutation(
@@ -108,7 +111,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "quota.fork",
         "a fork is admitted against the quota for all its copies",
-        API,
+        SANDBOXES,
         "quotas.Usage(body.count, body.count * vcpus, body.count * memory)",
         "quotas.Usage()",
         ("tests/api/test_fork_quota.py::test_a_fork_beyond_the_sandbox_quota_is_refused_and_makes_nothing",),
@@ -116,7 +119,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "quota.from-checkpoint",
         "a start from a checkpoint is admitted against the quota",
-        API,
+        CHECKPOINTS,
         "quotas.Usage(1, image.vcpus, image.memory_mib)",
         "quotas.Usage()",
         ("tests/api/test_fork_quota.py::test_a_start_from_a_checkpoint_beyond_the_quota_is_refused",),
@@ -212,7 +215,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "tenancy.checkpoint-get",
         "a tenant gets, restores and deletes only its own checkpoints",
-        API,
+        CHECKPOINTS,
         'if not principal.admin and image.request.get("tenant") != principal.tenant:',
         "if False:",
         (RESOURCES + "test_a_tenant_uses_only_its_own_checkpoints",),
@@ -220,8 +223,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "tenancy.checkpoint-list",
         "a tenant lists only its own checkpoints",
-        API,
-        'i for i in manager.checkpoints() if principal.admin or i.request.get("tenant") == principal.tenant',
+        CHECKPOINTS,
+        'i for i in manager.checkpoints() if caller.admin or i.request.get("tenant") == caller.tenant',
         "i for i in manager.checkpoints()",
         (RESOURCES + "test_a_tenant_uses_only_its_own_checkpoints",),
     ),
@@ -305,7 +308,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "quota.checkpoints",
         "checkpoints count against the tenant's max_checkpoints",
-        API,
+        CHECKPOINTS,
         "async with control.admitted(tenant, quotas.Usage(checkpoints=1)):",
         "async with contextlib.nullcontext():",
         (QUOTAS + "test_checkpoints_count_against_the_tenant_quota",),
@@ -329,23 +332,23 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "quarantine.release-admin",
         "only an operator (admin key) lifts a quarantine",
-        API,
-        "        dependencies=[Depends(control.require_admin)],\n    )\n    async def release_sandbox",
-        "    )\n    async def release_sandbox",
+        SANDBOXES,
+        "    dependencies=AdminOnly,\n)\nasync def release_sandbox",
+        ")\nasync def release_sandbox",
         (HARDENING + "test_only_an_admin_can_quarantine_or_release_and_the_record_names_who",),
     ),
     Mutation(
         "quarantine.verdict-admin",
         "only an operator (admin key) quarantines",
-        API,
-        "        dependencies=[Depends(control.require_admin)],\n    )\n    async def quarantine_sandbox",
-        "    )\n    async def quarantine_sandbox",
+        SANDBOXES,
+        "    dependencies=AdminOnly,\n)\nasync def quarantine_sandbox",
+        ")\nasync def quarantine_sandbox",
         (HARDENING + "test_only_an_admin_can_quarantine_or_release_and_the_record_names_who",),
     ),
     Mutation(
         "quarantine.audit-names-who",
         "a verdict's record names the key and tenant that gave it",
-        API,
+        SANDBOXES,
         'return f"operator:{principal.key_id}@{principal.tenant}"',
         'return "operator"',
         (HARDENING + "test_only_an_admin_can_quarantine_or_release_and_the_record_names_who",),
@@ -401,7 +404,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "images.paths-admin-only",
         "image listings show host paths to admin keys only",
-        "src/tartarus/daemon/images_api.py",
+        IMAGES,
         "if not admin:",
         "if False:",
         (HARDENING + "test_image_listing_shows_host_paths_to_admins_only",),

@@ -22,9 +22,9 @@ import pytest
 import websockets
 from websockets.sync.client import connect
 
-from tartarus.daemon import app as app_module
 from tartarus.daemon.app import create_app
 from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.routes import templates as templates_routes
 from tartarus.daemon.server import daemon_thread
 from tartarus.images import testing as t
 from tartarus.images.api import pull
@@ -265,7 +265,7 @@ def test_an_internal_error_names_the_request_not_the_exception(
     def broken() -> list[object]:
         raise OSError(f"cannot read {secret_path}")
 
-    monkeypatch.setattr(app_module, "list_templates", broken)  # a fault injected into a real daemon
+    monkeypatch.setattr(templates_routes, "list_templates", broken)  # a fault injected into a real daemon
     state = tmp_path / "state"
     with tcp_daemon(state, None) as url:
         daemon = Daemon(url, state, (state / "admin.key").read_text().strip())

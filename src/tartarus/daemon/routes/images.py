@@ -1,4 +1,4 @@
-"""REST endpoints for images: the cache of OCI images converted into root filesystems.
+"""Images: the cache of OCI images converted into root filesystems.
 
 `POST /v1/images` pulls a registry reference and converts it (admin only: it makes the daemon's host
 fetch from a registry and spend minutes of CPU and disk); the conversion runs on a worker thread, never
@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from tartarus.daemon.control import ControlPlane, principal_of
 from tartarus.daemon.models import ErrorBody
+from tartarus.daemon.routes.deps import AdminOnly, Caller, Control, Daemon, daemon
 from tartarus.errors import (
     Conflict,
     InvalidArgument,
@@ -31,8 +31,6 @@ from tartarus.errors import (
 from tartarus.images.errors import ImageError, RegistryAuthError, RegistryError
 from tartarus.images.store import ImageBuild, ImageStore
 
-# Conversions are CPU- and disk-heavy (a worker process each); more than two at once only thrash.
-MAX_CONCURRENT_CONVERSIONS = 2
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 422, 502)
@@ -120,79 +118,76 @@ def api_error(e: ImageError) -> TartarusError:
     return InvalidImage(e.message)
 
 
-def router(control: ControlPlane, store: ImageStore) -> APIRouter:
-    api = APIRouter(tags=["images"])
-    conversions = asyncio.Semaphore(MAX_CONCURRENT_CONVERSIONS)
+router = APIRouter(tags=["images"])
+Parts = Annotated[Daemon, Depends(daemon)]
 
-    def pull(body: PullImage, reference: str) -> tuple[ImageBuild, bool]:
-        """Convert (or find converted) on this worker thread; returns the build and whether it was
-        already in the cache."""
-        from tartarus.images.api import pull as convert
 
-        phases: set[str] = set()
-        lock = threading.Lock()
+def _pull(body: PullImage, reference: str, store: ImageStore) -> tuple[ImageBuild, bool]:
+    """Convert (or find converted) on this worker thread; returns the build and whether it was
+    already in the cache."""
+    from tartarus.images.api import pull as convert
 
-        def progress(phase: str, done: int, total: int) -> None:
-            with lock:
-                phases.add(phase)
+    phases: set[str] = set()
+    lock = threading.Lock()
 
-        build = convert(
-            reference,
-            insecure=body.insecure,
-            platform=body.platform,
-            fstype=body.fstype,
-            store=store,
-            progress=progress,
-        )
-        return build, not phases - {"resolve", "done"}
+    def progress(phase: str, done: int, total: int) -> None:
+        with lock:
+            phases.add(phase)
 
-    @api.get("/v1/images", response_model=ImageList, responses=_ERRORS)
-    async def list_images(request: Request) -> ImageList:
-        """Converted images in this host's cache, oldest first; local sources' host paths: admins only."""
-        admin = principal_of(request).admin
-        builds = await asyncio.to_thread(store.all)
-        return ImageList(images=[_info(b, admin=admin) for b in builds])
-
-    @api.post(
-        "/v1/images",
-        response_model=ImageInfo,
-        status_code=201,
-        responses={200: {"model": ImageInfo, "description": "already converted"}, **_ERRORS},
-        dependencies=[Depends(control.require_admin)],
+    build = convert(
+        reference,
+        insecure=body.insecure,
+        platform=body.platform,
+        fstype=body.fstype,
+        store=store,
+        progress=progress,
     )
-    async def pull_image(body: PullImage, request: Request, response: Response) -> ImageInfo:
-        """Pull a registry image and convert it into a root filesystem: 201 when converted now, 200
-        when it was in the cache. Admin only. Blocks until done (seconds to minutes)."""
-        reference = registry_reference(body.reference)
-        request.state.audit_detail = {"reference": reference, "fstype": body.fstype}
-        async with conversions:
-            started = time.perf_counter()
-            try:
-                build, cached = await asyncio.to_thread(pull, body, reference)
-            except ImageError as e:
-                raise api_error(e) from e
-            elapsed = time.perf_counter() - started
-        control.metrics.image_convert_seconds.labels("hit" if cached else "miss").observe(elapsed)
-        request.state.audit_target = build.manifest_digest
-        response.status_code = 200 if cached else 201
-        return _info(build)
+    return build, not phases - {"resolve", "done"}
 
-    @api.delete(
-        "/v1/images/{digest}",
-        status_code=204,
-        responses=_ERRORS,
-        dependencies=[Depends(control.require_admin)],
-    )
-    async def delete_image(
-        digest: Annotated[str, Path(pattern=DIGEST_PATTERN)], request: Request
-    ) -> Response:
-        """Delete a converted image (every filesystem type of it). 409 while a template boots from it.
-        Admin only. Its blobs stay until `tartarus image prune`."""
-        request.state.audit_target = digest
-        await asyncio.to_thread(_delete, store, digest)
-        return Response(status_code=204)
 
-    return api
+@router.get("/v1/images", response_model=ImageList, responses=_ERRORS)
+async def list_images(caller: Caller, parts: Parts) -> ImageList:
+    """Converted images in this host's cache, oldest first; local sources' host paths: admins only."""
+    builds = await asyncio.to_thread(parts.images.all)
+    return ImageList(images=[_info(b, admin=caller.admin) for b in builds])
+
+
+@router.post(
+    "/v1/images",
+    response_model=ImageInfo,
+    status_code=201,
+    responses={200: {"model": ImageInfo, "description": "already converted"}, **_ERRORS},
+    dependencies=AdminOnly,
+)
+async def pull_image(
+    body: PullImage, request: Request, response: Response, parts: Parts, control: Control
+) -> ImageInfo:
+    """Pull a registry image and convert it into a root filesystem: 201 when converted now, 200
+    when it was in the cache. Admin only. Blocks until done (seconds to minutes)."""
+    reference = registry_reference(body.reference)
+    request.state.audit_detail = {"reference": reference, "fstype": body.fstype}
+    async with parts.conversions:
+        started = time.perf_counter()
+        try:
+            build, cached = await asyncio.to_thread(_pull, body, reference, parts.images)
+        except ImageError as e:
+            raise api_error(e) from e
+        elapsed = time.perf_counter() - started
+    control.metrics.image_convert_seconds.labels("hit" if cached else "miss").observe(elapsed)
+    request.state.audit_target = build.manifest_digest
+    response.status_code = 200 if cached else 201
+    return _info(build)
+
+
+@router.delete("/v1/images/{digest}", status_code=204, responses=_ERRORS, dependencies=AdminOnly)
+async def delete_image(
+    digest: Annotated[str, Path(pattern=DIGEST_PATTERN)], request: Request, parts: Parts
+) -> Response:
+    """Delete a converted image (every filesystem type of it). 409 while a template boots from it.
+    Admin only. Its blobs stay until `tartarus image prune`."""
+    request.state.audit_target = digest
+    await asyncio.to_thread(_delete, parts.images, digest)
+    return Response(status_code=204)
 
 
 def _delete(store: ImageStore, digest: str) -> None:

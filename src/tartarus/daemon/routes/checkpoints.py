@@ -1,0 +1,99 @@
+"""Checkpoints: capture a running sandbox, list, inspect and delete captures, start sandboxes from one;
+and the operators' clean-up of expired checkpoints and unused snapshot pins."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from tartarus.daemon import quotas
+from tartarus.daemon.auth import Principal
+from tartarus.daemon.manager import SandboxManager
+from tartarus.daemon.models import (
+    CheckpointInfo,
+    CheckpointList,
+    CreateCheckpoint,
+    CreateFromCheckpoint,
+    GcResult,
+    SandboxInfo,
+)
+from tartarus.daemon.routes.deps import ERRORS, AdminOnly, Caller, Control, Manager
+from tartarus.daemon.routes.views import checkpoint_info, sandbox_info
+from tartarus.errors import NotFound
+from tartarus.hibernation.image import Image
+from tartarus.runtime.sandbox import SandboxOptions
+
+router = APIRouter()
+
+
+def _own_checkpoint(manager: SandboxManager, principal: Principal, checkpoint_id: str) -> Image:
+    """A checkpoint the caller may use: its tenant's (an admin's: any); others' answer 404."""
+    image = manager.get_checkpoint(checkpoint_id)
+    if not principal.admin and image.request.get("tenant") != principal.tenant:
+        raise NotFound(f"no checkpoint {checkpoint_id!r}")
+    return image
+
+
+@router.post(
+    "/v1/sandboxes/{sandbox_id}/checkpoints",
+    response_model=CheckpointInfo,
+    status_code=201,
+    responses=ERRORS,
+)
+async def create_checkpoint(
+    sandbox_id: str, body: CreateCheckpoint, manager: Manager, control: Control
+) -> CheckpointInfo:
+    """Capture the running sandbox (it runs on) as a checkpoint new sandboxes can start from; its
+    tenant's `max_checkpoints` quota counts it (429 quota_exceeded) until it is deleted or expires."""
+    tenant = manager.get(sandbox_id).tenant  # the checkpoint's owner, as its record will say
+    async with control.admitted(tenant, quotas.Usage(checkpoints=1)):
+        image = await manager.checkpoint(sandbox_id, body.ttl_s)
+    return checkpoint_info(image)
+
+
+@router.get("/v1/checkpoints", response_model=CheckpointList)
+async def list_checkpoints(caller: Caller, manager: Manager) -> CheckpointList:
+    mine = [i for i in manager.checkpoints() if caller.admin or i.request.get("tenant") == caller.tenant]
+    return CheckpointList(checkpoints=[checkpoint_info(i) for i in mine])
+
+
+@router.get("/v1/checkpoints/{checkpoint_id}", response_model=CheckpointInfo, responses=ERRORS)
+async def get_checkpoint(checkpoint_id: str, caller: Caller, manager: Manager) -> CheckpointInfo:
+    return checkpoint_info(_own_checkpoint(manager, caller, checkpoint_id))
+
+
+@router.delete("/v1/checkpoints/{checkpoint_id}", status_code=204, responses=ERRORS)
+async def delete_checkpoint(checkpoint_id: str, caller: Caller, manager: Manager) -> Response:
+    manager.delete_checkpoint(_own_checkpoint(manager, caller, checkpoint_id).id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/v1/checkpoints/{checkpoint_id}/sandboxes",
+    response_model=SandboxInfo,
+    status_code=201,
+    responses=ERRORS,
+)
+async def create_from_checkpoint(
+    checkpoint_id: str,
+    body: CreateFromCheckpoint,
+    request: Request,
+    caller: Caller,
+    manager: Manager,
+    control: Control,
+) -> SandboxInfo:
+    image = _own_checkpoint(manager, caller, checkpoint_id)
+    with control.admission(request, quotas.Usage(1, image.vcpus, image.memory_mib)):
+        record = await manager.create_from_checkpoint(
+            image.id, SandboxOptions(env=body.env), body.idle_timeout_s
+        )
+        owner = control.adopt(request, record, labels=record.labels, timeout=None)
+    await control.persist([owner])
+    return sandbox_info(record, owner)
+
+
+@router.post("/v1/gc", response_model=GcResult, dependencies=AdminOnly)
+async def gc(manager: Manager) -> GcResult:
+    """Delete expired checkpoints and unused snapshot pins; remove network namespaces (and their
+    uplinks and cgroups) whose sandbox directory is gone, whichever daemon on this host made them."""
+    return GcResult(**manager.gc())

@@ -1,0 +1,166 @@
+"""Sandboxes: create, list, inspect, time out, delete; hibernate and wake; fork; exposed ports;
+quarantine and release (operators only)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from tartarus.daemon import quotas
+from tartarus.daemon.auth import Principal
+from tartarus.daemon.control import parse_labels
+from tartarus.daemon.manager import SandboxRecord
+from tartarus.daemon.models import (
+    CreateSandbox,
+    ExposedPort,
+    ExposeRequest,
+    ForkRequest,
+    QuarantineRequest,
+    SandboxInfo,
+    SandboxList,
+    SetTimeout,
+)
+from tartarus.daemon.routes.deps import ERRORS, AdminOnly, Caller, Control, Manager
+from tartarus.daemon.routes.views import ended_info, sandbox_info
+from tartarus.runtime.sandbox import SandboxOptions
+
+router = APIRouter()
+
+
+def _operator(principal: Principal) -> str:
+    """Who a quarantine or release is recorded as done by: the admin key, and its tenant."""
+    return f"operator:{principal.key_id}@{principal.tenant}"
+
+
+@router.post("/v1/sandboxes", response_model=SandboxInfo, status_code=201, responses=ERRORS)
+async def create_sandbox(
+    body: CreateSandbox, request: Request, caller: Caller, manager: Manager, control: Control
+) -> SandboxInfo:
+    """Create a sandbox owned by the caller's tenant, within its quota (429 quota_exceeded) and the
+    host's policy (403 policy_denied, or admitted into quarantine)."""
+    options = SandboxOptions(
+        vcpus=body.vcpus,
+        memory_mib=body.memory_mib,
+        env=body.env,
+        network=body.network,
+        max_processes=body.max_processes,
+        disk_mib=body.disk_mib,
+        ttl_s=body.timeout,  # capped by the policy; the control plane keeps it durable and settable
+    )
+
+    async def spawn(template: str, options: SandboxOptions) -> SandboxRecord:
+        return await manager.create(
+            template, options, body.idle_timeout_s, tenant=caller.tenant, labels=body.labels
+        )
+
+    record = await control.create(
+        request, body.template, options, labels=body.labels, timeout=body.timeout, spawn=spawn
+    )
+    return sandbox_info(record, control.owners.get(record.id))
+
+
+@router.get("/v1/sandboxes", response_model=SandboxList, responses=ERRORS)
+async def list_sandboxes(
+    caller: Caller,
+    manager: Manager,
+    control: Control,
+    label: Annotated[list[str], Query(description="key=value; repeat to require several")] = [],  # noqa: B006
+    tenant: Annotated[str | None, Query(description="admins: only this tenant's")] = None,
+    include_ended: Annotated[bool, Query(description="also destroyed, failed and lost ones")] = False,
+) -> SandboxList:
+    """The caller's sandboxes (an admin's: everyone's), optionally filtered by labels."""
+    labels = parse_labels(label)
+    shown = control.visible(caller, manager.list(), labels=labels, tenant=tenant)
+    sandboxes = [sandbox_info(r, control.owners.get(r.id)) for r in shown]
+    if include_ended:
+        await control.sync_all()  # sandboxes that ended since the watcher last looked
+        live = {s.id for s in sandboxes}
+        ended = await control.ended(caller, labels=labels, tenant=tenant)
+        sandboxes += [ended_info(row) for row in ended if row.id not in live]
+    return SandboxList(sandboxes=sandboxes)
+
+
+@router.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxInfo, responses=ERRORS)
+async def get_sandbox(sandbox_id: str, manager: Manager, control: Control) -> SandboxInfo:
+    return sandbox_info(manager.get(sandbox_id), control.owners.get(sandbox_id))
+
+
+@router.put("/v1/sandboxes/{sandbox_id}/timeout", response_model=SandboxInfo, responses=ERRORS)
+async def set_timeout(sandbox_id: str, body: SetTimeout, manager: Manager, control: Control) -> SandboxInfo:
+    """Destroy the sandbox `timeout` seconds from now (null: keep it until deleted)."""
+    owner = await control.set_timeout(sandbox_id, body.timeout)
+    return sandbox_info(manager.get(sandbox_id), owner)
+
+
+@router.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS)
+async def delete_sandbox(sandbox_id: str, manager: Manager) -> Response:
+    await manager.destroy(sandbox_id)
+    return Response(status_code=204)
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/hibernate", response_model=SandboxInfo, responses=ERRORS)
+async def hibernate(sandbox_id: str, manager: Manager, control: Control) -> SandboxInfo:
+    """Put the sandbox to disk: no process, no RAM; any later call wakes it as it was."""
+    return sandbox_info(await manager.hibernate(sandbox_id), control.owners.get(sandbox_id))
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/wake", response_model=SandboxInfo, responses=ERRORS)
+async def wake(sandbox_id: str, manager: Manager, control: Control) -> SandboxInfo:
+    return sandbox_info(await manager.wake(sandbox_id), control.owners.get(sandbox_id))
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/fork", response_model=SandboxList, status_code=201, responses=ERRORS)
+async def fork(
+    sandbox_id: str, body: ForkRequest, request: Request, manager: Manager, control: Control
+) -> SandboxList:
+    """Running copies of the sandbox, owned by the caller's tenant and counted against its quota."""
+    source = control.owners.get(sandbox_id)
+    vcpus, memory = (source.vcpus, source.memory_mib) if source else (0, 0)
+    with control.admission(request, quotas.Usage(body.count, body.count * vcpus, body.count * memory)):
+        copies = await manager.fork(sandbox_id, body.count)
+        owners = [control.adopt(request, r, labels=r.labels, timeout=None) for r in copies]
+    await control.persist(owners)
+    return SandboxList(sandboxes=[sandbox_info(r, o) for r, o in zip(copies, owners, strict=True)])
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/ports", response_model=ExposedPort, responses=ERRORS)
+async def expose_port(sandbox_id: str, body: ExposeRequest, manager: Manager) -> ExposedPort:
+    """A host address forwarding TCP to a port of the guest (the guest still cannot connect out);
+    with `secure`, only for connections that present the traffic token. 429 quota_exceeded past the
+    policy's bounds on exposed ports per sandbox and per tenant."""
+    e = await manager.expose(sandbox_id, body.port, body.secure)
+    return ExposedPort(port=e.guest_port, host=e.host, host_port=e.host_port, traffic_token=e.token)
+
+
+@router.delete("/v1/sandboxes/{sandbox_id}/ports/{port}", status_code=204, responses=ERRORS)
+async def unexpose_port(sandbox_id: str, port: int, manager: Manager) -> Response:
+    """Stop forwarding a guest port (its connections end), freeing its place in the bounds."""
+    await manager.unexpose(sandbox_id, port)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/v1/sandboxes/{sandbox_id}/quarantine",
+    response_model=SandboxInfo,
+    responses=ERRORS,
+    dependencies=AdminOnly,
+)
+async def quarantine_sandbox(
+    sandbox_id: str, body: QuarantineRequest, caller: Caller, manager: Manager
+) -> SandboxInfo:
+    """Operator action (admin key): cut the sandbox's network now and clamp its CPU and memory."""
+    return sandbox_info(await manager.quarantine(sandbox_id, body.reason, by=_operator(caller)))
+
+
+@router.post(
+    "/v1/sandboxes/{sandbox_id}/release",
+    response_model=SandboxInfo,
+    responses=ERRORS,
+    dependencies=AdminOnly,
+)
+async def release_sandbox(sandbox_id: str, caller: Caller, manager: Manager) -> SandboxInfo:
+    """Operator action (admin key): end a quarantine; the requested network and limits come back.
+    A tenant cannot lift a verdict on its own sandbox."""
+    return sandbox_info(await manager.release(sandbox_id, by=_operator(caller)))

@@ -1,0 +1,72 @@
+"""How the API shows what the daemon holds: sandboxes (live or ended) and checkpoints."""
+
+from __future__ import annotations
+
+from tartarus.daemon.manager import SandboxRecord
+from tartarus.daemon.models import CheckpointInfo, FileInfoModel, SandboxInfo
+from tartarus.hibernation.image import Image
+from tartarus.quarantine.info import containment_info
+from tartarus.runtime.agent import FileInfo
+from tartarus.store import SandboxRow
+
+
+def sandbox_info(record: SandboxRecord, owner: SandboxRow | None = None) -> SandboxInfo:
+    """A sandbox as the API shows it; `owner` adds the control plane's record (tenant, labels...)."""
+    vm = record.runtime.vm if record.runtime else None
+    image = record.image
+    extra = (
+        {
+            "tenant": owner.tenant,
+            "labels": owner.labels,
+            "timeout": owner.timeout_s,
+            "expires_at": owner.expires_at,
+        }
+        if owner
+        else {}
+    )
+    return SandboxInfo(
+        **{**(containment_info(record.runtime) if record.runtime else {}), **extra},
+        id=record.id,
+        template=record.template.name,
+        state=record.state,
+        error=record.error,
+        created_at=record.runtime.created_at if record.runtime else record.created_at,
+        idle_timeout_s=record.idle_timeout,
+        disk_bytes=image.disk_bytes if image else None,
+        vcpus=vm.config.vcpus if vm else image.vcpus if image else record.template.vcpus,
+        memory_mib=vm.config.memory_mib if vm else image.memory_mib if image else record.template.memory_mib,
+        timings_ms={k: round(v * 1000, 3) for k, v in record.timings.items()},
+        restored="state_loaded" in record.timings,
+    )
+
+
+def ended_info(row: SandboxRow) -> SandboxInfo:
+    """A sandbox that no longer runs, from its stored record."""
+    return SandboxInfo(
+        id=row.id,
+        template=row.template,
+        state=row.state if row.state in ("destroyed", "failed", "lost") else "destroyed",
+        error=row.error,
+        created_at=row.created_at,
+        vcpus=row.vcpus,
+        memory_mib=row.memory_mib,
+        tenant=row.tenant,
+        labels=row.labels,
+        timeout=row.timeout_s,
+        ended_at=row.ended_at,
+    )
+
+
+def checkpoint_info(image: Image) -> CheckpointInfo:
+    return CheckpointInfo(
+        id=image.id,
+        sandbox_id=image.sandbox_id,
+        template=image.template.name,
+        captured_at=image.captured_at,
+        disk_bytes=image.disk_bytes,
+        ttl_s=image.ttl_s,
+    )
+
+
+def file_info(info: FileInfo) -> FileInfoModel:
+    return FileInfoModel(**info.__dict__)

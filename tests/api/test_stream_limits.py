@@ -3,7 +3,9 @@ back when its stream ends: one tenant cannot hold the daemon's memory with strea
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 
 import httpx
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from tartarus.daemon import control
 from tartarus.sdk import Sandbox
 from tests.api.conftest import Api
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -44,3 +47,19 @@ def test_a_tenants_open_streams_are_limited_and_freed(api: Api, two_streams: int
         done = c.post(exec_path, json={"argv": ["echo", "again"]})
         assert done.status_code == 200, done.text
         assert len(c.get(f"/v1/sandboxes/{sb.id}/files", params={"path": "/tmp/big"}).content) == 8 << 20
+
+
+def test_a_stream_holds_its_sandbox_until_the_client_leaves(api: Api) -> None:
+    """An open exec stream keeps its sandbox from idle hibernation; a client that leaves mid-stream
+    gives the hold back (the command is killed), so the sandbox then idles into hibernation."""
+    key = api.new_key("holder")
+    with Sandbox.create("python-ds", url=api.url, api_key=key, idle_timeout=1) as sb, api.client(key) as c:
+        argv = ["sh", "-c", "sleep 3; echo tick; exec sleep 60"]
+        with c.stream("POST", f"/v1/sandboxes/{sb.id}/exec", json={"argv": argv}) as response:
+            assert response.status_code == 200
+            events = (json.loads(line) for line in response.iter_lines() if line.strip())
+            assert next(events)["type"] == "started"
+            # Several idle checks (one a second) pass while the stream is open and quiet.
+            assert base64.b64decode(next(events)["data"]) == b"tick\n"
+            assert c.get(f"/v1/sandboxes/{sb.id}").json()["state"] == "running"
+        assert wait_until(lambda: c.get(f"/v1/sandboxes/{sb.id}").json()["state"] == "hibernated", 60)

@@ -44,7 +44,7 @@ class RequestMiddleware:
             return
         rid = new_request_id(header(scope, b"x-request-id"))
         token = request_id.set(rid)
-        scope.setdefault("state", {})["request_id"] = rid  # for the catch-all's answer (app.py: UnexpectedErrors)
+        scope.setdefault("state", {})["request_id"] = rid  # for the catch-all's answer (app.py)
         method: str = scope["method"]
         started = time.perf_counter()
         status = 500

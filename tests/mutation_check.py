@@ -460,7 +460,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "streams.guest-honours-credit",
         "the guest agent sends no more than its credit",
-        "agent/tartarus-agent.c",
+        "agent/requests.c",
         "if (r->credit < 0 || r->detached)\n\t\treturn max;",
         "return max;",
         ("tests/unit/test_agent_flow.py",),

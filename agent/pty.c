@@ -1,0 +1,71 @@
+/* The terminal of a PTY exec: its size, its creation, RESIZE, and signalling its whole session. */
+#include "agent.h"
+
+/* ROWS and COLS of an EXEC or RESIZE: both present, each 1..PTY_MAX_SIZE. */
+bool get_winsize(struct msg *m, struct winsize *ws)
+{
+	if (!m->has[F_ROWS] || !m->has[F_COLS] || m->num[F_ROWS] < 1 || m->num[F_ROWS] > PTY_MAX_SIZE ||
+	    m->num[F_COLS] < 1 || m->num[F_COLS] > PTY_MAX_SIZE)
+		return false;
+	memset(ws, 0, sizeof *ws);
+	ws->ws_row = (unsigned short)m->num[F_ROWS];
+	ws->ws_col = (unsigned short)m->num[F_COLS];
+	return true;
+}
+
+/* A pseudo-terminal of the given size: the master (non-blocking) and its slave, or errno. */
+int open_pty(const struct winsize *ws, int *master, int *slave)
+{
+	*slave = -1;
+	*master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (*master < 0)
+		return errno;
+	/* TIOCGPTPEER opens this master's own slave: no path lookup another process could race. */
+	if (unlockpt(*master) != 0 || ioctl(*master, TIOCSWINSZ, ws) != 0 ||
+	    (*slave = ioctl(*master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) {
+		int e = errno;
+		xclose(master);
+		return e;
+	}
+	set_nonblock(*master);
+	return 0;
+}
+
+/*
+ * Signals a PTY exec's whole session: the shell and every job it started, in the foreground or not,
+ * as a terminal hangup would reach them (a shell killed outright cannot pass the hangup on).  Only
+ * processes that left the session (setsid) escape, as they do on any terminal.
+ */
+void kill_session(pid_t sid, int sig)
+{
+	DIR *d = opendir("/proc");
+	struct dirent *de;
+
+	kill(-sid, sig); /* the leader's group first: it stops forking new jobs */
+	while (d && (de = readdir(d))) {
+		char *end;
+		long pid = strtol(de->d_name, &end, 10);
+		if (*end || pid <= 1 || pid == sid)
+			continue;
+		if (getsid((pid_t)pid) == sid)
+			kill((pid_t)pid, sig);
+	}
+	if (d)
+		closedir(d);
+}
+
+/* Sets a PTY exec's terminal size; the kernel sends SIGWINCH to its foreground job. */
+void h_resize(uint32_t id, struct msg *m)
+{
+	struct req *r = find_req(id, R_EXEC);
+	struct winsize ws;
+
+	if (!r || !r->pty || r->out_fd < 0)
+		return;
+	if (!get_winsize(m, &ws)) {
+		logmsg("request %u: ignoring RESIZE: ROWS and COLS must be given, each 1-%d", id, PTY_MAX_SIZE);
+		return;
+	}
+	if (ioctl(r->out_fd, TIOCSWINSZ, &ws) != 0)
+		logmsg("request %u: TIOCSWINSZ: %s", id, strerror(errno));
+}

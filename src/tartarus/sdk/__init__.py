@@ -13,6 +13,7 @@ from tartarus.errors import (
 )
 from tartarus.sdk._core import CommandResult
 from tartarus.sdk.aio import AsyncClient, AsyncSandbox
+from tartarus.sdk.results import CheckpointInfo, ExposedPort, FileInfo, FileList, SandboxInfo
 from tartarus.sdk.sync import Client, Sandbox
 from tartarus.sdk.terminal import AsyncPty, Pty
 from tartarus.wire import Execution, ExecutionError
@@ -22,10 +23,14 @@ __all__ = [
     "AsyncPty",
     "AsyncSandbox",
     "AuthError",
+    "CheckpointInfo",
     "Client",
     "CommandResult",
     "Execution",
     "ExecutionError",
+    "ExposedPort",
+    "FileInfo",
+    "FileList",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
@@ -34,6 +39,7 @@ __all__ = [
     "QuotaExceeded",
     "Sandbox",
     "SandboxFailed",
+    "SandboxInfo",
     "TartarusError",
     "Timeout",
 ]

@@ -191,7 +191,7 @@ def test_every_admin_route_refuses_a_tenant_key_even_on_its_own_sandbox(api: Api
             response = c.request(method, path, json=body)
             assert response.status_code == 403, (method, path, response.text)
             assert response.json()["error"]["code"] == "forbidden"
-        assert sb.refresh()["quarantined"] is False
+        assert sb.refresh().quarantined is False
 
 
 def test_revoked_key_stops_working_at_once(api: Api) -> None:

@@ -17,7 +17,7 @@ def _quota(api: Api, tenant: str, **limits: int) -> str:
 
 
 def _live(api: Api, key: str) -> list[str]:
-    return [s["id"] for s in Sandbox.list(url=api.url, api_key=key)]
+    return [s.id for s in Sandbox.list(url=api.url, api_key=key)]
 
 
 def test_a_fork_beyond_the_sandbox_quota_is_refused_and_makes_nothing(api: Api) -> None:
@@ -36,8 +36,8 @@ def test_a_start_from_a_checkpoint_beyond_the_quota_is_refused(api: Api) -> None
     with Sandbox.create("python-ds", url=api.url, api_key=key) as sb:
         checkpoint = sb.snapshot()
         with api.client(key) as c:
-            response = c.post(f"/v1/checkpoints/{checkpoint['id']}/sandboxes", json={})
+            response = c.post(f"/v1/checkpoints/{checkpoint.id}/sandboxes", json={})
             assert response.status_code == 429, response.text
             assert response.json()["error"]["code"] == "quota_exceeded"
             assert _live(api, key) == [sb.id]
-            c.delete(f"/v1/checkpoints/{checkpoint['id']}").raise_for_status()
+            c.delete(f"/v1/checkpoints/{checkpoint.id}").raise_for_status()

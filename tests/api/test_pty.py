@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -124,15 +125,15 @@ def test_terminals_need_a_key_and_stay_within_the_tenant(api: Api, sandbox: Sand
     assert refused.value.response.status_code == 401
     assert json.loads(refused.value.response.body or b"")["error"]["code"] == "unauthorized"
     with pytest.raises(AuthError):
-        Sandbox({"id": sandbox.id}, _client(api, "tartarus_" + "A" * 43)).pty.create()
+        Sandbox(sandbox.info, _client(api, "tartarus_" + "A" * 43)).pty.create()
     # Another tenant gets exactly what an unknown id gets.
     bob = api.new_key("bob")
     with pytest.raises(NotFound, match=f"no sandbox '{sandbox.id}'"):
-        Sandbox({"id": sandbox.id}, _client(api, bob)).pty.create()
+        Sandbox(sandbox.info, _client(api, bob)).pty.create()
     with pytest.raises(NotFound):
-        Sandbox({"id": "sb-000000000000"}, _client(api, bob)).pty.create()
+        Sandbox(dataclasses.replace(sandbox.info, id="sb-000000000000"), _client(api, bob)).pty.create()
     # An admin may (like every other call on any sandbox).
-    with Sandbox({"id": sandbox.id}, _client(api, api.admin_key)).pty.create(cmd="exit 5") as pty:
+    with Sandbox(sandbox.info, _client(api, api.admin_key)).pty.create(cmd="exit 5") as pty:
         assert pty.wait(timeout=DEADLINE) == 5
 
 
@@ -145,7 +146,7 @@ def test_sessions_are_audited(api: Api, alice: str, sandbox: Sandbox) -> None:
         assert pty.wait(timeout=DEADLINE) == 0
     bob = api.new_key("bob-audit")
     with pytest.raises(NotFound):
-        Sandbox({"id": sandbox.id}, _client(api, bob)).pty.create()
+        Sandbox(sandbox.info, _client(api, bob)).pty.create()
     lines = [json.loads(line) for line in (api.state / "audit.log").read_text().splitlines()]
     terminals = [e for e in lines if e["action"] == "WEBSOCKET /v1/sandboxes/{sandbox_id}/pty"]
     accepted = [e for e in terminals if e["status"] == 101 and e.get("argv") == ["true"]]
@@ -163,14 +164,14 @@ def test_an_open_terminal_keeps_the_sandbox_from_idle_hibernation(api: Api, alic
         # Several idle checks (one a second) pass while the terminal is open and quiet.
         pty.send(b"sleep 4; echo still-$((3*3))\n")
         expect(pty, rb"still-9", seen)
-        assert sb.refresh()["state"] == "running"
+        assert sb.refresh().state == "running"
         pty.send(b"exit\n")
         assert pty.wait(timeout=DEADLINE) == 0
 
 
 def test_async_terminal(api: Api, alice: str, sandbox: Sandbox) -> None:
     async def main() -> bytes:
-        sb = AsyncSandbox({"id": sandbox.id}, _async_client(api, alice))
+        sb = AsyncSandbox(sandbox.info, _async_client(api, alice))
         out = b""
         async with await sb.pty.create(cmd=["sh", "-c", "read line; echo got-$line"]) as pty:
             await pty.resize(20, 60)

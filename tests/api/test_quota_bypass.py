@@ -64,14 +64,14 @@ def _fetch(address: str) -> bytes:
 def test_a_wake_is_admitted_against_the_quota_like_a_create(api: Api) -> None:
     key = api.new_key("wake-t")
     with Sandbox.create("python-ds", url=api.url, api_key=key) as a, api.client(key) as c:
-        vcpus = a.info["vcpus"]
+        vcpus = a.info.vcpus
         _set_quota(api, "wake-t", max_vcpus=vcpus)  # room for one running sandbox
         a.files.write("/root/hello.txt", b"hello")
         a.commands.run("setsid python3 -m http.server 8000 --directory /root >/dev/null 2>&1 </dev/null &")
         address = a.get_host(8000)
         assert _fetch(address) == b"hello"
         a.hibernate()
-        assert a.info["state"] == "hibernated"
+        assert a.info.state == "hibernated"
         with Sandbox.create("python-ds", url=api.url, api_key=key) as b:  # A holds no vCPUs asleep
             # Every way to wake A is refused, and A stays hibernated: an explicit wake (by its owner,
             # or by an admin: it is the owner's quota), a call on it, a code run, a file read.
@@ -90,7 +90,7 @@ def test_a_wake_is_admitted_against_the_quota_like_a_create(api: Api) -> None:
                 httpx.get(f"http://{address}/hello.txt", timeout=120)
             assert _state(c, a.id) == "hibernated"
             usage = c.get("/v1/tenants/wake-t").json()["usage"]
-            assert (usage["sandboxes"], usage["vcpus"]) == (2, b.info["vcpus"])
+            assert (usage["sandboxes"], usage["vcpus"]) == (2, b.info.vcpus)
         # B's vCPUs are free again: the same wake is admitted, and A runs as it was.
         assert c.post(f"/v1/sandboxes/{a.id}/wake").json()["state"] == "running"
         assert a.commands.run("echo awake").stdout == "awake\n"

@@ -20,7 +20,7 @@ SDK_SCRIPT = """
 from tartarus import Sandbox
 with Sandbox.create("python-ds", labels={"team": "ml"}, timeout=600) as sb:
     print(sb.commands.run("python3 -c 'print(6*7)'").stdout.strip())
-    print(sb.info["tenant"], len(Sandbox.list(labels={"team": "ml"})))
+    print(sb.info.tenant, len(Sandbox.list(labels={"team": "ml"})))
 """
 
 

@@ -29,7 +29,7 @@ def test_a_tenant_uses_only_its_own_checkpoints(daemon_url: str) -> None:
     alice, bob = new_key(daemon_url, "cp-alice"), new_key(daemon_url, "cp-bob")
     with Sandbox.create("python-ds", url=daemon_url, api_key=alice) as sb:
         sb.run_code("mark = 'alice'")
-        checkpoint = sb.snapshot()["id"]
+        checkpoint = sb.snapshot().id
     with Client(daemon_url, bob) as c:
         assert checkpoint not in checkpoint_ids(c)
         requests: list[tuple[str, str, dict[str, Any]]] = [
@@ -45,7 +45,7 @@ def test_a_tenant_uses_only_its_own_checkpoints(daemon_url: str) -> None:
         assert checkpoint in checkpoint_ids(c)
         assert c.request("GET", f"/v1/checkpoints/{checkpoint}").json()["id"] == checkpoint
     with Sandbox.create(from_snapshot=checkpoint, url=daemon_url, api_key=alice) as copy:
-        assert copy.info["tenant"] == "cp-alice"
+        assert copy.info.tenant == "cp-alice"
         assert copy.run_code("mark").result == "'alice'"
     with Client(daemon_url, alice) as c:
         c.request("DELETE", f"/v1/checkpoints/{checkpoint}")
@@ -56,10 +56,10 @@ def test_ended_sandboxes_are_listed_only_to_their_tenant(daemon_url: str) -> Non
     alice, bob = new_key(daemon_url, "ended-alice"), new_key(daemon_url, "ended-bob")
     with Sandbox.create("python-ds", url=daemon_url, api_key=bob, labels={"who": "bob"}) as sb:
         ended = sb.id
-    theirs = {s["id"]: s for s in Sandbox.list(url=daemon_url, api_key=bob, include_ended=True)}
-    assert theirs[ended]["state"] == "destroyed" and theirs[ended]["tenant"] == "ended-bob"
+    theirs = {s.id: s for s in Sandbox.list(url=daemon_url, api_key=bob, include_ended=True)}
+    assert theirs[ended].state == "destroyed" and theirs[ended].tenant == "ended-bob"
     for labels in (None, {"who": "bob"}):
         mine = Sandbox.list(url=daemon_url, api_key=alice, include_ended=True, labels=labels)
-        assert [s["id"] for s in mine if s["tenant"] != "ended-alice"] == []
+        assert [s.id for s in mine if s.tenant != "ended-alice"] == []
     admin_view = Sandbox.list(url=daemon_url, include_ended=True)
-    assert ended in [s["id"] for s in admin_view]
+    assert ended in [s.id for s in admin_view]

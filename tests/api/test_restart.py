@@ -81,10 +81,10 @@ def test_kill_9_then_restart_takes_over_running_sandboxes(
     second = Served(state, database_url=database_url_or_none)
     daemons.append(second)
     assert (state / "admin.key").read_text().strip() == admin_key  # the local key still works
-    listed = {s["id"]: s for s in Sandbox.list(url=second.url, api_key=tenant_key, include_ended=True)}
-    assert listed[running.id]["state"] == "running" and listed[running.id]["labels"] == {"keep": "me"}
-    assert listed[doomed.id]["state"] == "lost" and "previous daemon" in listed[doomed.id]["error"]
-    assert listed[gone.id]["state"] == "destroyed"
+    listed = {s.id: s for s in Sandbox.list(url=second.url, api_key=tenant_key, include_ended=True)}
+    assert listed[running.id].state == "running" and listed[running.id].labels == {"keep": "me"}
+    assert listed[doomed.id].state == "lost" and "previous daemon" in (listed[doomed.id].error or "")
+    assert listed[gone.id].state == "destroyed"
     # The same VM, taken over: its memory, files and processes are all there.
     again = Sandbox.connect(running.id, url=second.url, api_key=tenant_key)
     assert again.run_code("survivor").result == "42"
@@ -102,9 +102,9 @@ def test_kill_9_then_restart_takes_over_running_sandboxes(
     assert "sandbox.lost" in actions
     # It is managed like any other: it can hibernate, wake and be destroyed, and new ones are served.
     # A connection to its exposed address wakes it, as any call does.
-    assert again.hibernate()["state"] == "hibernated"
+    assert again.hibernate().state == "hibernated"
     assert _fetch(address, "/note.txt") == b"written before the crash"
-    assert again.refresh()["state"] == "running"
+    assert again.refresh().state == "running"
     assert again.run_code("survivor").result == "42"
     with Sandbox.create("python-ds", url=second.url, api_key=tenant_key) as sb:
         assert sb.commands.run("echo new").stdout == "new\n"
@@ -137,7 +137,7 @@ def test_clean_stop_with_keep_sandboxes_hands_them_to_the_next_daemon(
 
     second = Served(state, database_url=database_url_or_none)
     daemons.append(second)
-    states = {info["id"]: info["state"] for info in Sandbox.list(url=second.url, api_key=key)}
+    states = {info.id: info.state for info in Sandbox.list(url=second.url, api_key=key)}
     assert states == {sb.id: "running", sleeper.id: "hibernated"}
     again = Sandbox.connect(sb.id, url=second.url, api_key=key)
     assert again.run_code("kept").result == "[1, 2, 3]"

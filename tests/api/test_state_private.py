@@ -76,7 +76,7 @@ def test_state_dir_is_private_and_env_is_sealed(old_state: Path) -> None:
             assert _echo(sb, "SECRET_VALUE") == secret
             checkpoint = sb.snapshot()
             sb.hibernate()
-            fork = Sandbox.create(from_snapshot=checkpoint["id"], client=client)
+            fork = Sandbox.create(from_snapshot=checkpoint.id, client=client)
             made.append(fork)
             assert _echo(fork, "SECRET_VALUE") == secret  # the checkpoint's record gave the env back
 
@@ -84,7 +84,7 @@ def test_state_dir_is_private_and_env_is_sealed(old_state: Path) -> None:
             records = [
                 state / "sandboxes" / fork.id / "sandbox.json",
                 state / "hibernated" / sb.id / "image.json",
-                state / "checkpoints" / checkpoint["id"] / "image.json",
+                state / "checkpoints" / checkpoint.id / "image.json",
             ]
             assert all(path.exists() for path in records)
             assert _open_to_others(state) == []

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.vm
 def test_a_tenant_sees_and_touches_only_its_own_sandboxes(api: Api) -> None:
     alice, bob = api.new_key("alice"), api.new_key("bob")
     with Sandbox.create("python-ds", url=api.url, api_key=alice, labels={"team": "ml"}) as sb:
-        assert sb.info["tenant"] == "alice" and sb.info["labels"] == {"team": "ml"}
+        assert sb.info.tenant == "alice" and sb.info.labels == {"team": "ml"}
         with api.client(bob) as c:
             for method, path, kwargs in (
                 ("GET", f"/v1/sandboxes/{sb.id}", {}),
@@ -36,11 +36,11 @@ def test_a_tenant_sees_and_touches_only_its_own_sandboxes(api: Api) -> None:
         with pytest.raises(NotFound):
             Sandbox.connect(sb.id, url=api.url, api_key=bob)
         # The owner and an admin see it; label filters select it.
-        assert [s["id"] for s in Sandbox.list(url=api.url, api_key=alice)] == [sb.id]
-        assert [s["id"] for s in Sandbox.list(url=api.url, api_key=alice, labels={"team": "ml"})] == [sb.id]
+        assert [s.id for s in Sandbox.list(url=api.url, api_key=alice)] == [sb.id]
+        assert [s.id for s in Sandbox.list(url=api.url, api_key=alice, labels={"team": "ml"})] == [sb.id]
         assert Sandbox.list(url=api.url, api_key=alice, labels={"team": "web"}) == []
         admin_view = Sandbox.list(url=api.url, api_key=api.admin_key, labels={"team": "ml"})
-        assert sb.id in [s["id"] for s in admin_view]
+        assert sb.id in [s.id for s in admin_view]
         assert sb.commands.run("echo still-mine").stdout == "still-mine\n"
 
 
@@ -55,8 +55,8 @@ def test_quota_refuses_creates_beyond_the_limit_with_a_clear_error(api: Api) -> 
             usage = c.get("/v1/tenants/quota-t").json()["usage"]
             assert usage == {
                 "sandboxes": 1,
-                "vcpus": first.info["vcpus"],
-                "memory_mib": first.info["memory_mib"],
+                "vcpus": first.info.vcpus,
+                "memory_mib": first.info.memory_mib,
                 "checkpoints": 0,
             }
     # Freed by the delete: the next create is admitted; a request above the vCPU limit is not.
@@ -69,16 +69,16 @@ def test_quota_refuses_creates_beyond_the_limit_with_a_clear_error(api: Api) -> 
 def test_timeout_destroys_the_sandbox_and_records_why(api: Api) -> None:
     key = api.new_key("ttl")
     sb = Sandbox.create("python-ds", url=api.url, api_key=key, timeout=3600)
-    assert sb.info["expires_at"] > time.time() + 3500
+    assert sb.info.expires_at is not None and sb.info.expires_at > time.time() + 3500
     info = sb.set_timeout(0.5)
-    assert info["timeout"] == 0.5 and info["expires_at"] < time.time() + 1
+    assert info.timeout == 0.5 and info.expires_at is not None and info.expires_at < time.time() + 1
     workdir = api.state / "sandboxes" / sb.id
     assert wait_until(lambda: not workdir.exists(), timeout=30)
     assert not qemu_pids(workdir)
     with pytest.raises(NotFound):
         sb.refresh()
-    (ended,) = [s for s in Sandbox.list(url=api.url, api_key=key, include_ended=True) if s["id"] == sb.id]
-    assert ended["state"] == "destroyed" and "timeout" in ended["error"]
+    (ended,) = [s for s in Sandbox.list(url=api.url, api_key=key, include_ended=True) if s.id == sb.id]
+    assert ended.state == "destroyed" and "timeout" in (ended.error or "")
 
 
 def test_create_and_exec_latency_reach_the_metrics(api: Api) -> None:

@@ -53,8 +53,8 @@ def test_ttl_destroys_on_time_and_says_why(daemon_url: str, daemon_state: Path) 
     """Expiry happens, and never before its time; how late it may be is generous here (a slow machine
     must not fail it)."""
     sb = Sandbox.create("python-ds", url=daemon_url, timeout=2)
-    created = sb.info["created_at"]
-    assert sb.info["expires_at"] == pytest.approx(created + 2)
+    created = sb.info.created_at
+    assert sb.info.expires_at == pytest.approx(created + 2)
     while True:
         try:
             sb.refresh()
@@ -157,6 +157,6 @@ def test_disk_size_is_what_was_asked_and_survives_hibernation(daemon_url: str) -
         assert 7900 < _disk_mib(big) <= 8192
         big.run_code(FILL)
         assert big.run_code("_fill('/root/big', 5 << 30)").result == "'ok'"
-        assert big.hibernate()["state"] == "hibernated"
+        assert big.hibernate().state == "hibernated"
         assert 7900 < _disk_mib(big) <= 8192
         assert big.run_code("os.path.getsize('/root/big') >> 30").result == "5"

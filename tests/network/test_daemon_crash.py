@@ -77,11 +77,11 @@ def test_next_daemon_takes_over_live_sandboxes_and_reaps_the_rest(tmp_path: Path
         # The survivor is taken over still quarantined: its gate stays shut until an operator opens it.
         assert "netns" in leftovers(names[kept.id])
         again = Sandbox.connect(kept.id, url=url, api_key=key)
-        assert again.info["quarantined"] and again.info["network"] == "none"
+        assert again.info.quarantined and again.info.network == "none"
         assert probe(again, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "TimeoutError"}
         assert cpu_quota_us(names[kept.id]) == 10_000
         info = again.release()
-        assert not info["quarantined"] and info["network"] == "allow"
+        assert not info.quarantined and info.network == "allow"
         assert probe(again, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "open"}
         assert cpu_quota_us(names[kept.id]) == 100_000
     finally:

@@ -31,7 +31,7 @@ def test_none_reaches_nothing(net_daemon: tuple[str, Path], net_host: NetHost) -
     p1, p2 = net_host.ports
     seen = net_host.listener.connections(p1), net_host.listener.connections(p2)
     with Sandbox.create("python-ds", url=url) as sb:
-        assert sb.info["network"] == "none"
+        assert sb.info.network == "none"
         before = refused_packets(sb.id)
         result = probe(sb, [(HOST_ADDR, p1), (HOST_ADDR, p2)])
         assert result == {(HOST_ADDR, p1): "TimeoutError", (HOST_ADDR, p2): "TimeoutError"}
@@ -45,7 +45,7 @@ def test_allow_reaches_exactly_its_host_and_port(net_daemon: tuple[str, Path], n
     seen, seen2 = net_host.listener.connections(p1), net_host.listener.connections(p2)
     policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [p1]}]}
     with Sandbox.create("python-ds", url=url, network=policy) as sb:
-        assert sb.info["network"] == "allow"
+        assert sb.info.network == "allow"
         result = probe(sb, [(HOST_ADDR, p1), (HOST_ADDR, p2), (ROOT_ADDR, p1)])
         assert result[(HOST_ADDR, p1)] == "open"
         assert result[(HOST_ADDR, p2)] == "TimeoutError"
@@ -202,9 +202,9 @@ def test_exposed_connections_keep_a_sandbox_awake_and_wake_it(net_daemon: tuple[
         with socket.create_connection((host, int(port)), timeout=30) as conn:
             assert _echoed(conn, b"ping") == b"ping"
             time.sleep(3.5)  # the idle period under test: three idle checks with no API call
-            assert sb.refresh()["state"] == "running"
+            assert sb.refresh().state == "running"
             assert _echoed(conn, b"pong") == b"pong"
-        assert wait_for(lambda: sb.refresh()["state"] == "hibernated", 15), "it never idled"
+        assert wait_for(lambda: sb.refresh().state == "hibernated", 15), "it never idled"
         with socket.create_connection((host, int(port)), timeout=60) as conn:
             assert _echoed(conn, b"again") == b"again"  # the same server, woken with its memory
-            assert sb.refresh()["state"] == "running"
+            assert sb.refresh().state == "running"

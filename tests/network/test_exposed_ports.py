@@ -59,10 +59,10 @@ def test_a_secure_port_answers_403_without_the_token_and_never_wakes_the_sandbox
     with Sandbox.create("python-ds", url=url) as sb:
         _serving(sb, b"the guest's secret")
         exposed = sb.expose(8000, secure=True)
-        token = exposed["traffic_token"]
+        token = exposed.traffic_token
         assert token and sb.traffic_token == token
-        address = f"{exposed['host']}:{exposed['host_port']}"
-        assert exposed["host"] == "127.0.0.1"
+        address = f"{exposed.host}:{exposed.host_port}"
+        assert exposed.host == "127.0.0.1"
         ok = _get(address, {TOKEN_HEADER: token})
         assert (ok.status_code, ok.content) == (200, b"the guest's secret")
         assert _get(address, {E2B_TOKEN_HEADER: token}).content == b"the guest's secret"
@@ -71,14 +71,14 @@ def test_a_secure_port_answers_403_without_the_token_and_never_wakes_the_sandbox
             assert refused.status_code == 403, headers
             assert refused.json()["error"]["code"] == "forbidden"
             assert b"the guest's secret" not in refused.content
-        assert sb.expose(8000)["traffic_token"] == token  # asked again without secure: still protected
+        assert sb.expose(8000).traffic_token == token  # asked again without secure: still protected
 
-        assert sb.hibernate()["state"] == "hibernated"
+        assert sb.hibernate().state == "hibernated"
         assert _get(address).status_code == 403
-        socket.create_connection(("127.0.0.1", exposed["host_port"]), timeout=10).close()
-        assert sb.refresh()["state"] == "hibernated"  # neither woke it
+        socket.create_connection(("127.0.0.1", exposed.host_port), timeout=10).close()
+        assert sb.refresh().state == "hibernated"  # neither woke it
         assert _get(address, {TOKEN_HEADER: token}).content == b"the guest's secret"  # this one does
-        assert sb.refresh()["state"] == "running"
+        assert sb.refresh().state == "running"
 
 
 def test_exposed_ports_are_capped_per_sandbox_and_per_tenant_and_creates_still_work(url: str) -> None:

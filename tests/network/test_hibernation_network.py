@@ -22,14 +22,14 @@ def test_woken_and_forked_sandboxes_keep_their_network_policy(
     policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [p1]}]}
     with Sandbox.create("python-ds", url=url, network=policy) as sb:
         sb.hibernate()
-        assert sb.wake()["network"] == "allow"
+        assert sb.wake().network == "allow"
         assert probe(sb, [(HOST_ADDR, p1), (HOST_ADDR, p2)]) == {
             (HOST_ADDR, p1): "open",
             (HOST_ADDR, p2): "TimeoutError",
         }
         (copy,) = sb.fork(1)
         with copy:
-            assert copy.info["network"] == "allow"
+            assert copy.info.network == "allow"
             assert probe(copy, [(HOST_ADDR, p1), (HOST_ADDR, p2)]) == {
                 (HOST_ADDR, p1): "open",
                 (HOST_ADDR, p2): "TimeoutError",
@@ -47,5 +47,5 @@ def test_a_quarantined_sandbox_is_not_hibernated_or_forked(net_daemon: tuple[str
         with pytest.raises(Quarantined, match="quarantined"):
             sb.fork(1)
         sb.release()
-        assert sb.hibernate()["state"] == "hibernated"
-        assert sb.wake()["network"] == "full"
+        assert sb.hibernate().state == "hibernated"
+        assert sb.wake().network == "full"

@@ -80,8 +80,8 @@ def test_live_quarantine_cuts_a_sending_connection_at_once(
             limit = int((memory / "memory.limit_in_bytes").read_text())
             assert limit < (512 + 320) << 20
             assert limit >= int((memory / "memory.usage_in_bytes").read_text())
-        assert info["quarantined"] and info["network"] == "none"
-        assert info["quarantine_reason"] == "test: live cut"
+        assert info.quarantined and info.network == "none"
+        assert info.quarantine_reason == "test: live cut"
         # Correctness by event order, not a timer: what had reached the destination when the call
         # returned, then the guest sends 100 more chunks, none of which may arrive. (How fast the cut
         # bites is `tartarus bench quarantine`'s live_quarantine_ms.)
@@ -95,7 +95,7 @@ def test_live_quarantine_cuts_a_sending_connection_at_once(
         with pytest.raises(Conflict):
             sb.quarantine("again")
         info = sb.release()
-        assert not info["quarantined"] and info["network"] == "allow"
+        assert not info.quarantined and info.network == "allow"
         assert cpu_quota_us(sb.id) == 100_000
         if memory.exists():
             assert int((memory / "memory.limit_in_bytes").read_text()) == (512 + 320) << 20
@@ -137,10 +137,10 @@ def test_admission_verdicts(policy_daemon: tuple[str, Path], net_host: NetHost) 
     )
     policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [port]}]}
     with Sandbox.create("python-ds", url=url, network=policy, labels={"risk": "high"}) as sb:
-        assert sb.info["quarantined"] and sb.info["quarantine_reason"] == "high risk"
-        assert sb.info["network"] == "none"
+        assert sb.info.quarantined and sb.info.quarantine_reason == "high risk"
+        assert sb.info.network == "none"
         assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "TimeoutError"}
-        assert sb.release()["network"] == "allow"  # what it asked for, only after an operator release
+        assert sb.release().network == "allow"  # what it asked for, only after an operator release
         assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "open"}
         sandbox_id = sb.id
     records = [r for r in audit.read(state) if r.get("sandbox") == sandbox_id]

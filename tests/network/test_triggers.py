@@ -44,13 +44,13 @@ def test_port_scan_is_quarantined(trigger_daemon: tuple[str, Path], net_host: Ne
     policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [port]}]}
     with Sandbox.create("python-ds", url=url, network=policy) as sb:
         assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "open"}  # a few refusals are fine
-        assert not sb.refresh()["quarantined"]
+        assert not sb.refresh().quarantined
         assert sb.run_code(SCAN.format(host=HOST_ADDR), timeout=120).error is None
         deadline = time.monotonic() + 10
-        while not sb.refresh()["quarantined"]:
+        while not sb.refresh().quarantined:
             assert time.monotonic() < deadline, "the scan was not noticed"
             time.sleep(0.1)  # polling the daemon's trigger through the API
-        assert "refused by its network policy" in sb.info["quarantine_reason"]
+        assert "refused by its network policy" in (sb.info.quarantine_reason or "")
         assert probe(sb, [(HOST_ADDR, port)]) == {(HOST_ADDR, port): "TimeoutError"}
         sandbox_id = sb.id
     records = [r for r in audit.read(state) if r.get("sandbox") == sandbox_id]

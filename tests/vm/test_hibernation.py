@@ -46,13 +46,13 @@ def test_hibernate_and_wake_keep_memory_processes_and_files(sb: Sandbox, daemon_
     _give_state(sb)
     assert _vmm_of(daemon_state, sb.id)
     info = sb.hibernate()
-    assert info["state"] == "hibernated"
+    assert info.state == "hibernated"
     assert not _vmm_of(daemon_state, sb.id), "a hibernated sandbox holds no VMM process"
     # On disk it costs what it changed, not the guest's RAM (512 MiB) and not the template's pages.
-    assert 0 < info["disk_bytes"] < 200 * 2**20
-    assert sb.refresh()["state"] == "hibernated"
+    assert info.disk_bytes is not None and 0 < info.disk_bytes < 200 * 2**20
+    assert sb.refresh().state == "hibernated"
     time.sleep(3)  # time passing while it sleeps is the condition under test: its clock must catch up
-    assert sb.wake()["state"] == "running"
+    assert sb.wake().state == "running"
     _check_state(sb)
     guest_time = float(sb.commands.run("date +%s.%N").stdout)
     assert abs(guest_time - time.time()) < 1.0
@@ -62,24 +62,24 @@ def test_any_call_wakes_a_hibernated_sandbox(sb: Sandbox) -> None:
     _give_state(sb)
     sb.hibernate()
     assert sb.commands.run("cat /root/notes.txt").stdout == "remember me\n"  # woke transparently
-    assert sb.refresh()["state"] == "running"
+    assert sb.refresh().state == "running"
     sb.hibernate()
     _check_state(sb)  # files, then run_code, each wakes or finds it awake
 
 
 def test_hibernate_twice_and_bad_calls(sb: Sandbox, daemon_url: str) -> None:
     sb.hibernate()
-    assert sb.hibernate()["state"] == "hibernated"  # idempotent
+    assert sb.hibernate().state == "hibernated"  # idempotent
     with Client(daemon_url) as client, pytest.raises(NotFound):
         client.request("POST", "/v1/sandboxes/sb-000000000000/hibernate")
     sb.wake()
-    assert sb.wake()["state"] == "running"
+    assert sb.wake().state == "running"
 
 
 def test_idle_sandbox_hibernates_by_itself(daemon_url: str, daemon_state: Path) -> None:
     with Sandbox.create("python-ds", url=daemon_url, idle_timeout=1) as sb:
         sb.run_code("x = 41")
-        assert wait_until(lambda: sb.refresh()["state"] == "hibernated", 30)
+        assert wait_until(lambda: sb.refresh().state == "hibernated", 30)
         assert not _vmm_of(daemon_state, sb.id)
         assert sb.run_code("x + 1").result == "42"
 
@@ -87,9 +87,9 @@ def test_idle_sandbox_hibernates_by_itself(daemon_url: str, daemon_state: Path) 
 def test_checkpoint_and_fork(sb: Sandbox, daemon_url: str) -> None:
     _give_state(sb)
     checkpoint = sb.snapshot()
-    assert checkpoint["sandbox_id"] == sb.id and checkpoint["disk_bytes"] > 0
+    assert checkpoint.sandbox_id == sb.id and checkpoint.disk_bytes > 0
     sb.run_code("secret = None")  # the source runs on and changes; the checkpoint does not
-    with Sandbox.create(from_snapshot=checkpoint["id"], url=daemon_url) as copy:
+    with Sandbox.create(from_snapshot=checkpoint.id, url=daemon_url) as copy:
         assert copy.id != sb.id
         _check_state(copy)
         hostname = copy.commands.run("hostname").stdout.strip()
@@ -110,10 +110,10 @@ def test_checkpoint_and_fork(sb: Sandbox, daemon_url: str) -> None:
             f.kill()
     with Client(daemon_url) as client:
         ids = [c["id"] for c in client.request("GET", "/v1/checkpoints").json()["checkpoints"]]
-        assert checkpoint["id"] in ids
-        client.request("DELETE", f"/v1/checkpoints/{checkpoint['id']}")
+        assert checkpoint.id in ids
+        client.request("DELETE", f"/v1/checkpoints/{checkpoint.id}")
         with pytest.raises(NotFound):
-            client.request("GET", f"/v1/checkpoints/{checkpoint['id']}")
+            client.request("GET", f"/v1/checkpoints/{checkpoint.id}")
 
 
 def test_expired_checkpoints_are_collected(sb: Sandbox, daemon_url: str) -> None:
@@ -121,9 +121,9 @@ def test_expired_checkpoints_are_collected(sb: Sandbox, daemon_url: str) -> None
     time.sleep(1.0)  # the checkpoint's time to live passing is the condition under test
     with Client(daemon_url) as client:
         removed = client.request("POST", "/v1/gc").json()
-        assert checkpoint["id"] in removed["checkpoints"]
+        assert checkpoint.id in removed["checkpoints"]
         with pytest.raises(NotFound):
-            client.request("GET", f"/v1/checkpoints/{checkpoint['id']}")
+            client.request("GET", f"/v1/checkpoints/{checkpoint.id}")
 
 
 def test_hibernate_refuses_a_busy_sandbox(sb: Sandbox, daemon_url: str) -> None:
@@ -142,7 +142,7 @@ def test_hibernate_refuses_a_busy_sandbox(sb: Sandbox, daemon_url: str) -> None:
     with pytest.raises(Conflict):
         sb.hibernate()
     thread.join()
-    assert sb.hibernate()["state"] == "hibernated"
+    assert sb.hibernate().state == "hibernated"
 
 
 def _busy(sb: Sandbox) -> bool:

@@ -47,9 +47,9 @@ def test_failed_hibernation_leaves_it_running(
         with fails_at(step, caplog):
             sb.hibernate()
         failpoints.disarm()
-        assert sb.refresh()["state"] == "running"
+        assert sb.refresh().state == "running"
         _check_state(sb)
-        assert sb.hibernate()["state"] == "hibernated"  # and it can still hibernate
+        assert sb.hibernate().state == "hibernated"  # and it can still hibernate
         _check_state(sb)
 
 
@@ -57,7 +57,7 @@ def test_failure_after_the_commit_point_rolls_forward(daemon_url: str, disarmed:
     with Sandbox.create("python-ds", url=daemon_url) as sb:
         _give_state(sb)
         failpoints.arm("hibernate.committed")
-        assert sb.hibernate()["state"] == "hibernated"
+        assert sb.hibernate().state == "hibernated"
         failpoints.disarm()
         _check_state(sb)
 
@@ -73,7 +73,7 @@ def test_failed_wake_leaves_it_hibernated(
         with fails_at(step, caplog):
             sb.wake()
         failpoints.disarm()
-        assert sb.refresh()["state"] == "hibernated"
+        assert sb.refresh().state == "hibernated"
         _check_state(sb)
 
 
@@ -86,11 +86,11 @@ def test_hibernated_sandboxes_survive_a_daemon_restart(tmp_path: Path) -> None:
         running = Sandbox.create("python-ds", url=f"unix://{sock}")
     assert not qemu_pids(state)
     with daemon_thread(state, sock):
-        listed = {s["id"]: s["state"] for s in Sandbox.list(url=f"unix://{sock}")}
+        listed = {s.id: s.state for s in Sandbox.list(url=f"unix://{sock}")}
         assert listed == {sb.id: "hibernated"}, "running sandboxes end with their daemon"
         assert running.id not in listed
         again = Sandbox.connect(sb.id, url=f"unix://{sock}")
-        assert again.info["idle_timeout_s"] == 3600  # it will hibernate again when idle
+        assert again.info.idle_timeout_s == 3600  # it will hibernate again when idle
         _check_state(again)
         again.kill()
     assert not qemu_pids(state)
@@ -166,12 +166,12 @@ def test_served_daemon_killed_before_hibernation_commits_leaves_it_running(tmp_p
     state, sock = tmp_path / "state", tmp_path / "b.sock"
     assert qemu_pids(state)
     with daemon_thread(state, sock, DaemonConfig(live_restore=True)):
-        listed = {s["id"]: s["state"] for s in Sandbox.list(url=f"unix://{sock}")}
+        listed = {s.id: s.state for s in Sandbox.list(url=f"unix://{sock}")}
         assert listed == {sandbox_id: "running"}
         assert not (state / "hibernated" / sandbox_id).exists()
         sb = Sandbox.connect(sandbox_id, url=f"unix://{sock}")
         _check_state(sb)
-        assert sb.hibernate()["state"] == "hibernated"  # and it can hibernate after all
+        assert sb.hibernate().state == "hibernated"  # and it can hibernate after all
         _check_state(sb)
         sb.kill()
     assert not qemu_pids(state)
@@ -187,7 +187,7 @@ def test_daemon_killed_after_commit_or_before_wake_commits(
     sandbox_id = _daemon_dies_at(tmp_path, step, hibernate_first)
     state, sock = tmp_path / "state", tmp_path / "b.sock"
     with daemon_thread(state, sock):
-        listed = {s["id"]: s["state"] for s in Sandbox.list(url=f"unix://{sock}")}
+        listed = {s.id: s.state for s in Sandbox.list(url=f"unix://{sock}")}
         assert listed == {sandbox_id: "hibernated"}
         sb = Sandbox.connect(sandbox_id, url=f"unix://{sock}")
         _check_state(sb)
@@ -212,7 +212,7 @@ def test_daemon_killed_when_wake_commits_leaves_it_hibernated(tmp_path: Path, po
     assert (sandboxes / sandbox_id).exists() is not pooled  # a pooled VMM's directory keeps its name
     with daemon_thread(state, sock, DaemonConfig(pool_size=0)):
         assert not list(sandboxes.iterdir())  # no .waking, no VMM directory
-        listed = {s["id"]: s["state"] for s in Sandbox.list(url=f"unix://{sock}")}
+        listed = {s.id: s.state for s in Sandbox.list(url=f"unix://{sock}")}
         assert listed == {sandbox_id: "hibernated"}
         sb = Sandbox.connect(sandbox_id, url=f"unix://{sock}")
         _check_state(sb)  # woken: memory, files and process as they were hibernated
@@ -267,11 +267,11 @@ def test_full_disk_is_a_clear_error_and_loses_nothing(small_disk: Path) -> None:
         subprocess.run(["fallocate", "-l", str(free - (16 << 20)), str(filler)], check=True)
         with pytest.raises(InsufficientStorage, match="keeps running"):
             sb.hibernate()
-        assert sb.refresh()["state"] == "running"
+        assert sb.refresh().state == "running"
         assert not (state / "sandboxes" / sb.id / "hibernating").exists()
         _check_state(sb)
         filler.unlink()
-        assert sb.hibernate()["state"] == "hibernated"
+        assert sb.hibernate().state == "hibernated"
         _check_state(sb)
         sb.kill()
 
@@ -289,5 +289,5 @@ def test_storage_quota_refuses_before_writing(tmp_path: Path) -> None:
         with pytest.raises(QuotaExceeded):
             sb.snapshot()
         assert sb.run_code("x").result == "'still here'"
-        assert sb.refresh()["state"] == "running"
+        assert sb.refresh().state == "running"
         assert not list(state.glob("hibernated/*")) and not list(state.glob("checkpoints/*"))

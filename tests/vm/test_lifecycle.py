@@ -39,7 +39,7 @@ def test_guest_kernel_panic_is_a_clear_error(daemon_url: str) -> None:
         with pytest.raises(SandboxFailed, match="panic"):
             sb.commands.run("echo c > /proc/sysrq-trigger; sleep 30")
         info = sb.refresh()
-        assert info["state"] == "failed" and "panic" in info["error"]
+        assert info.state == "failed" and "panic" in (info.error or "")
         with pytest.raises(SandboxFailed):
             sb.commands.run("true")
 
@@ -51,7 +51,7 @@ def test_killed_agent_is_a_clear_error_and_comes_back(daemon_url: str) -> None:
             sb.commands.run("kill -9 $PPID; sleep 30")
         # init restarted it (its HELLO is what failed the request above): the sandbox serves again.
         assert sb.commands.run("echo back").stdout == "back\n"
-        assert sb.refresh()["state"] == "running"
+        assert sb.refresh().state == "running"
 
 
 def test_destroy_leaves_nothing_behind(daemon_url: str, daemon_state: Path) -> None:

@@ -61,7 +61,7 @@ def test_served_daemon_killed_after_the_commit_point(
     served.append(second)
     assert not qemu_pids(state)  # the paused VMM (and the first daemon's pooled ones) reaped
     assert not list(sandboxes.iterdir())  # no `.waking`, no working directory
-    listed = {s["id"]: s["state"] for s in Sandbox.list(url=second.url, api_key=second.key)}
+    listed = {s.id: s.state for s in Sandbox.list(url=second.url, api_key=second.key)}
     assert listed == {sb.id: "hibernated"}
     again = Sandbox.connect(sb.id, url=second.url, api_key=second.key)
     _check_state(again)  # woken: memory, files and the running process as they were hibernated

@@ -20,8 +20,8 @@ from tests.conftest import qemu_pids
 
 
 def test_python_ds_is_restored_with_a_warm_interpreter(sandbox: Sandbox) -> None:
-    assert sandbox.info["restored"] is True
-    assert set(sandbox.info["timings_ms"]) >= {"state_loaded", "guest_resumed", "first_answer"}
+    assert sandbox.info.restored is True
+    assert set(sandbox.info.timings_ms) >= {"state_loaded", "guest_resumed", "first_answer"}
     # numpy and pandas are already imported in the snapshot: no import cost on the first call.
     out = sandbox.run_code(
         "import sys; ('numpy' in sys.modules, 'pandas' in sys.modules, 'sklearn' in sys.modules)"

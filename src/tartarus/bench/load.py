@@ -25,7 +25,7 @@ import httpx
 from tartarus.bench.stats import summary_ms
 from tartarus.errors import TartarusError
 from tartarus.runtime.sandbox import reap_leftovers
-from tartarus.sdk import AsyncClient, AsyncSandbox
+from tartarus.sdk import AsyncClient, AsyncSandbox, SandboxInfo
 
 
 @dataclass
@@ -114,7 +114,7 @@ async def _client(
                 body = {"template": template, "labels": {"bench": "load"}}
                 response = await client.request("POST", "/v1/sandboxes", json=body)
                 t1 = time.perf_counter()
-                sb = AsyncSandbox(response.json(), client)
+                sb = AsyncSandbox(SandboxInfo.from_json(response.json()), client)
                 tally.overhead.extend(api_overhead(response.headers.get("server-timing", "")))
                 result = await sb.commands.run(["/bin/echo", sb.id])
                 t2 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from tartarus import errors
 from tartarus.paths import default_socket, state_dir
 
 if TYPE_CHECKING:
-    from tartarus.sdk import CommandResult, Sandbox
+    from tartarus.sdk import CommandResult, Sandbox, SandboxInfo
 
 app = typer.Typer(help="Tartarus: microVM sandboxes for untrusted code.", no_args_is_help=True)
 sandbox_app = typer.Typer(help="Manage sandboxes.", no_args_is_help=True)
@@ -220,6 +221,7 @@ def sandbox_create(
     ] = None,
 ) -> None:
     """Create a sandbox on the running daemon and print its id."""
+    from tartarus.sdk import SandboxInfo
     from tartarus.sdk._core import create_request
     from tartarus.sdk.sync import Client
 
@@ -241,8 +243,7 @@ def sandbox_create(
     )
     try:
         client = Client()
-        info = client.request("POST", path, json=body)
-        print(info.json()["id"])
+        print(SandboxInfo.from_json(client.request("POST", path, json=body).json()).id)
     except errors.TartarusError as e:
         raise _fail(e) from e
 
@@ -310,20 +311,12 @@ def sandbox_ls(
     except errors.TartarusError as e:
         raise _fail(e) from e
     if as_json:
-        print(json.dumps(sandboxes, indent=2))
+        print(json.dumps([dataclasses.asdict(s) for s in sandboxes], indent=2))
         return
     table = Table("ID", "TENANT", "TEMPLATE", "STATE", "VCPUS", "MEMORY", "LABELS")
     for s in sandboxes:
-        labels = ",".join(f"{k}={v}" for k, v in s.get("labels", {}).items())
-        table.add_row(
-            s["id"],
-            s.get("tenant") or "-",
-            s["template"],
-            s["state"],
-            str(s["vcpus"]),
-            f"{s['memory_mib']} MiB",
-            labels,
-        )
+        labels = ",".join(f"{k}={v}" for k, v in s.labels.items())
+        table.add_row(s.id, s.tenant or "-", s.template, s.state, str(s.vcpus), f"{s.memory_mib} MiB", labels)
     Console().print(table)
 
 
@@ -360,9 +353,11 @@ def sandbox_release(sandbox_id: str) -> None:
 
 
 def _call_each(
-    method: str, path: str, ids: list[str], say: Callable[[str, dict[str, Any]], str] | None = None
+    method: str, path: str, ids: list[str], say: Callable[[str, SandboxInfo], str] | None = None
 ) -> None:
-    """One API call per id (`{id}` in `path`), printing `say(id, answer)`; stops at the first error."""
+    """One API call per id (`{id}` in `path`), printing `say(id, sandbox)` for a call that answers with
+    the sandbox; stops at the first error."""
+    from tartarus.sdk import SandboxInfo
     from tartarus.sdk.sync import Client
 
     try:
@@ -370,7 +365,7 @@ def _call_each(
         for id_ in ids:
             response = client.request(method, path.format(id=id_))
             if say is not None:
-                print(say(id_, response.json()))
+                print(say(id_, SandboxInfo.from_json(response.json())))
     except errors.TartarusError as e:
         raise _fail(e) from e
 
@@ -388,14 +383,14 @@ def sandbox_hibernate(sandbox_ids: Annotated[list[str], typer.Argument()]) -> No
         "POST",
         "/v1/sandboxes/{id}/hibernate",
         sandbox_ids,
-        lambda id_, info: f"{id_} hibernated ({info['disk_bytes'] / 2**20:.1f} MiB on disk)",
+        lambda id_, info: f"{id_} hibernated ({(info.disk_bytes or 0) / 2**20:.1f} MiB on disk)",
     )
 
 
 @sandbox_app.command("wake")
 def sandbox_wake(sandbox_ids: Annotated[list[str], typer.Argument()]) -> None:
     """Wake hibernated sandboxes."""
-    _call_each("POST", "/v1/sandboxes/{id}/wake", sandbox_ids, lambda id_, info: f"{id_} {info['state']}")
+    _call_each("POST", "/v1/sandboxes/{id}/wake", sandbox_ids, lambda id_, info: f"{id_} {info.state}")
 
 
 @sandbox_app.command("snapshot")
@@ -407,7 +402,7 @@ def sandbox_snapshot(
     from tartarus.sdk import Sandbox
 
     try:
-        print(Sandbox.connect(sandbox_id).snapshot(ttl=ttl)["id"])
+        print(Sandbox.connect(sandbox_id).snapshot(ttl=ttl).id)
     except errors.TartarusError as e:
         raise _fail(e) from e
 
@@ -432,20 +427,20 @@ def sandbox_fork(
 @checkpoint_app.command("ls")
 def checkpoint_ls(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List checkpoints."""
+    from tartarus.sdk import CheckpointInfo
     from tartarus.sdk.sync import Client
 
     try:
-        checkpoints = Client().request("GET", "/v1/checkpoints").json()["checkpoints"]
+        checkpoints = CheckpointInfo.list_from_json(Client().request("GET", "/v1/checkpoints").json())
     except errors.TartarusError as e:
         raise _fail(e) from e
     if as_json:
-        print(json.dumps(checkpoints, indent=2))
+        print(json.dumps([dataclasses.asdict(c) for c in checkpoints], indent=2))
         return
     table = Table("ID", "FROM SANDBOX", "TEMPLATE", "DISK", "TTL")
     for c in checkpoints:
-        ttl = "-" if c["ttl_s"] is None else f"{c['ttl_s']:g} s"
-        size = f"{c['disk_bytes'] / 2**20:.1f} MiB"
-        table.add_row(c["id"], c["sandbox_id"], c["template"], size, ttl)
+        ttl = "-" if c.ttl_s is None else f"{c.ttl_s:g} s"
+        table.add_row(c.id, c.sandbox_id, c.template, f"{c.disk_bytes / 2**20:.1f} MiB", ttl)
     Console().print(table)
 
 

@@ -15,7 +15,6 @@ import httpx
 from tartarus import errors
 from tartarus.paths import LOCAL_KEY_FILE
 from tartarus.sdk._autostart import local_socket
-from tartarus.wire import Execution, ExecutionError
 
 OutputCallback = Callable[[bytes], None]
 
@@ -121,7 +120,7 @@ def exec_body(
     return body
 
 
-@dataclass
+@dataclass(frozen=True)
 class CommandResult:
     """The outcome of `commands.run`: decoded text plus the raw bytes."""
 
@@ -187,18 +186,6 @@ class ExecCollector:
         return self.result
 
 
-def execution_from_json(data: dict[str, Any]) -> Execution:
-    error = data.get("error")
-    return Execution(
-        stdout=data.get("stdout", ""),
-        stderr=data.get("stderr", ""),
-        result=data.get("result"),
-        error=None
-        if not error
-        else ExecutionError(error["name"], error["value"], error.get("traceback", "")),
-    )
-
-
 def create_request(
     template: str,
     *,
@@ -247,6 +234,10 @@ def list_params(labels: dict[str, str] | None, include_ended: bool) -> list[tupl
     if include_ended:
         params.append(("include_ended", "true"))
     return params
+
+
+def list_files_params(path: str, limit: int | None) -> dict[str, str | int]:
+    return {"path": path} if limit is None else {"path": path, "limit": limit}
 
 
 def code_body(code: str, timeout: float | None) -> dict[str, Any]:

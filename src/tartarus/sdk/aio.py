@@ -22,11 +22,19 @@ from tartarus.sdk._core import (
     code_body,
     create_request,
     exec_body,
-    execution_from_json,
+    list_files_params,
     list_params,
     raise_for_error,
     resolve_endpoint,
     transport_error,
+)
+from tartarus.sdk.results import (
+    CheckpointInfo,
+    ExposedPort,
+    FileInfo,
+    FileList,
+    SandboxInfo,
+    execution_from_json,
 )
 from tartarus.sdk.terminal import AsyncTerminals
 from tartarus.wire import Execution
@@ -128,13 +136,15 @@ class AsyncFiles:
     def read_stream(self, path: str) -> AsyncIterator[bytes]:
         return self._sb._client.stream_bytes(self._base, params={"path": path})
 
-    async def list(self, path: str) -> list[dict[str, Any]]:
-        response = await self._sb._client.request("GET", f"{self._base}/list", params={"path": path})
-        return list(response.json()["entries"])
+    async def list(self, path: str, *, limit: int | None = None) -> FileList:
+        """A directory's entries by name: at most `limit` (else the daemon's cap), `truncated` if more."""
+        params = list_files_params(path, limit)
+        response = await self._sb._client.request("GET", f"{self._base}/list", params=params)
+        return FileList.from_json(response.json())
 
-    async def stat(self, path: str) -> dict[str, Any]:
+    async def stat(self, path: str) -> FileInfo:
         response = await self._sb._client.request("GET", f"{self._base}/stat", params={"path": path})
-        return dict(response.json())
+        return FileInfo.from_json(response.json())
 
     async def exists(self, path: str) -> bool:
         try:
@@ -158,9 +168,9 @@ class AsyncFiles:
 
 
 class AsyncSandbox:
-    def __init__(self, info: dict[str, Any], client: AsyncClient, *, owns_client: bool = False) -> None:
-        self.info = info
-        self.id: str = info["id"]
+    def __init__(self, info: SandboxInfo, client: AsyncClient, *, owns_client: bool = False) -> None:
+        self.info = info  # as of the last call that returned it (`refresh` asks again)
+        self.id: str = info.id
         self._client = client
         self._owns_client = owns_client
         self.commands = AsyncCommands(self)
@@ -205,7 +215,7 @@ class AsyncSandbox:
             labels=labels,
         )
         try:
-            info = (await client.request("POST", path, json=body)).json()
+            info = SandboxInfo.from_json((await client.request("POST", path, json=body)).json())
         except BaseException:
             if owns:
                 await client.close()
@@ -217,7 +227,11 @@ class AsyncSandbox:
         cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None
     ) -> AsyncSandbox:
         client = AsyncClient(url, api_key)
-        info = (await client.request("GET", f"/v1/sandboxes/{sandbox_id}")).json()
+        try:
+            info = SandboxInfo.from_json((await client.request("GET", f"/v1/sandboxes/{sandbox_id}")).json())
+        except BaseException:
+            await client.close()
+            raise
         return cls(info, client, owns_client=True)
 
     @staticmethod
@@ -227,22 +241,20 @@ class AsyncSandbox:
         include_ended: bool = False,
         url: str | None = None,
         api_key: str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> builtins.list[SandboxInfo]:
         """Your sandboxes (all of them, for an admin key), those with all of `labels` if given."""
         client = AsyncClient(url, api_key)
         try:
             params = list_params(labels, include_ended)
             response = await client.request("GET", "/v1/sandboxes", params=params)
-            return list(response.json()["sandboxes"])
+            return SandboxInfo.list_from_json(response.json())
         finally:
             await client.close()
 
-    async def set_timeout(self, timeout: float | None) -> dict[str, Any]:
+    async def set_timeout(self, timeout: float | None) -> SandboxInfo:
         """Destroy the sandbox `timeout` seconds from now, up to the policy's `max_ttl_s`
         (InvalidArgument over it, and for None: never, which no cap admits)."""
-        path = f"/v1/sandboxes/{self.id}/timeout"
-        self.info = (await self._client.request("PUT", path, json={"timeout": timeout})).json()
-        return self.info
+        return await self._update("PUT", "timeout", json={"timeout": timeout})
 
     async def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
         """Run Python in the sandbox's warm interpreter (numpy, pandas preloaded); state persists."""
@@ -252,58 +264,58 @@ class AsyncSandbox:
         )
         return execution_from_json(response.json())
 
-    async def hibernate(self) -> dict[str, Any]:
+    async def hibernate(self) -> SandboxInfo:
         """Put the sandbox to disk (no process, no RAM); any later call wakes it as it was."""
-        self.info = (await self._client.request("POST", f"/v1/sandboxes/{self.id}/hibernate")).json()
-        return self.info
+        return await self._update("POST", "hibernate")
 
-    async def wake(self) -> dict[str, Any]:
-        self.info = (await self._client.request("POST", f"/v1/sandboxes/{self.id}/wake")).json()
-        return self.info
+    async def wake(self) -> SandboxInfo:
+        return await self._update("POST", "wake")
 
-    async def snapshot(self, *, ttl: float | None = None) -> dict[str, Any]:
-        """A checkpoint of the running sandbox; `AsyncSandbox.create(from_snapshot=checkpoint["id"])`."""
+    async def snapshot(self, *, ttl: float | None = None) -> CheckpointInfo:
+        """A checkpoint of the running sandbox; `AsyncSandbox.create(from_snapshot=checkpoint.id)`."""
         body = {"ttl_s": ttl} if ttl else {}
         path = f"/v1/sandboxes/{self.id}/checkpoints"
-        return dict((await self._client.request("POST", path, json=body)).json())
+        return CheckpointInfo.from_json((await self._client.request("POST", path, json=body)).json())
 
     async def fork(self, count: int = 1) -> builtins.list[AsyncSandbox]:
         """`count` running copies of this sandbox: memory, processes and files as they are now."""
         path = f"/v1/sandboxes/{self.id}/fork"
-        infos = (await self._client.request("POST", path, json={"count": count})).json()["sandboxes"]
-        return [AsyncSandbox(info, self._client) for info in infos]
+        answer = (await self._client.request("POST", path, json={"count": count})).json()
+        return [AsyncSandbox(info, self._client) for info in SandboxInfo.list_from_json(answer)]
 
-    async def refresh(self) -> dict[str, Any]:
-        self.info = (await self._client.request("GET", f"/v1/sandboxes/{self.id}")).json()
-        return self.info
+    async def refresh(self) -> SandboxInfo:
+        """Ask the daemon for this sandbox's state now (`info` is as of the last call)."""
+        return await self._update("GET")
 
-    async def expose(self, port: int, *, secure: bool = False) -> dict[str, Any]:
+    async def expose(self, port: int, *, secure: bool = False) -> ExposedPort:
         """Expose `port` of the guest on the daemon's host (see `Sandbox.expose`)."""
         body = {"port": port, "secure": secure}
         path = f"/v1/sandboxes/{self.id}/ports"
-        exposed: dict[str, Any] = (await self._client.request("POST", path, json=body)).json()
-        if exposed.get("traffic_token"):
-            self.traffic_token = exposed["traffic_token"]
+        exposed = ExposedPort.from_json((await self._client.request("POST", path, json=body)).json())
+        if exposed.traffic_token:
+            self.traffic_token = exposed.traffic_token
         return exposed
 
     async def get_host(self, port: int, *, secure: bool = False) -> str:
         """`host:port` on the daemon's host that forwards TCP to `port` in the guest (see `expose`)."""
-        exposed = await self.expose(port, secure=secure)
-        return f"{exposed['host']}:{exposed['host_port']}"
+        return (await self.expose(port, secure=secure)).address
 
     async def unexpose(self, port: int) -> None:
         """Stop forwarding `port` (its connections end)."""
         await self._client.request("DELETE", f"/v1/sandboxes/{self.id}/ports/{port}")
 
-    async def quarantine(self, reason: str) -> dict[str, Any]:
+    async def quarantine(self, reason: str) -> SandboxInfo:
         """Operator action: cut this sandbox's network now and clamp its CPU and memory (no restart)."""
-        path = f"/v1/sandboxes/{self.id}/quarantine"
-        self.info = (await self._client.request("POST", path, json={"reason": reason})).json()
-        return self.info
+        return await self._update("POST", "quarantine", json={"reason": reason})
 
-    async def release(self) -> dict[str, Any]:
+    async def release(self) -> SandboxInfo:
         """Operator action: end the quarantine."""
-        self.info = (await self._client.request("POST", f"/v1/sandboxes/{self.id}/release")).json()
+        return await self._update("POST", "release")
+
+    async def _update(self, method: str, verb: str | None = None, **kwargs: Any) -> SandboxInfo:
+        """Call a route that answers with this sandbox's description, and keep it as `info`."""
+        path = f"/v1/sandboxes/{self.id}" + (f"/{verb}" if verb else "")
+        self.info = SandboxInfo.from_json((await self._client.request(method, path, **kwargs)).json())
         return self.info
 
     async def kill(self) -> None:

@@ -20,11 +20,19 @@ from tartarus.sdk._core import (
     code_body,
     create_request,
     exec_body,
-    execution_from_json,
+    list_files_params,
     list_params,
     raise_for_error,
     resolve_endpoint,
     transport_error,
+)
+from tartarus.sdk.results import (
+    CheckpointInfo,
+    ExposedPort,
+    FileInfo,
+    FileList,
+    SandboxInfo,
+    execution_from_json,
 )
 from tartarus.sdk.terminal import Terminals
 from tartarus.wire import Execution
@@ -130,12 +138,14 @@ class Files:
     def read_stream(self, path: str) -> Iterator[bytes]:
         return self._sb._client.stream_bytes(self._base, params={"path": path})
 
-    def list(self, path: str) -> list[dict[str, Any]]:
-        response = self._sb._client.request("GET", f"{self._base}/list", params={"path": path})
-        return list(response.json()["entries"])
+    def list(self, path: str, *, limit: int | None = None) -> FileList:
+        """A directory's entries by name: at most `limit` (else the daemon's cap), `truncated` if more."""
+        params = list_files_params(path, limit)
+        return FileList.from_json(self._sb._client.request("GET", f"{self._base}/list", params=params).json())
 
-    def stat(self, path: str) -> dict[str, Any]:
-        return dict(self._sb._client.request("GET", f"{self._base}/stat", params={"path": path}).json())
+    def stat(self, path: str) -> FileInfo:
+        response = self._sb._client.request("GET", f"{self._base}/stat", params={"path": path})
+        return FileInfo.from_json(response.json())
 
     def exists(self, path: str) -> bool:
         from tartarus.errors import GuestError
@@ -161,9 +171,9 @@ class Files:
 class Sandbox:
     """A handle on one sandbox. Use `Sandbox.create(...)` as a context manager to destroy it on exit."""
 
-    def __init__(self, info: dict[str, Any], client: Client, *, owns_client: bool = False) -> None:
-        self.info = info
-        self.id: str = info["id"]
+    def __init__(self, info: SandboxInfo, client: Client, *, owns_client: bool = False) -> None:
+        self.info = info  # as of the last call that returned it (`refresh` asks again)
+        self.id: str = info.id
         self._client = client
         self._owns_client = owns_client
         self.commands = Commands(self)
@@ -207,7 +217,7 @@ class Sandbox:
             labels=labels,
         )
         try:
-            info = client.request("POST", path, json=body).json()
+            info = SandboxInfo.from_json(client.request("POST", path, json=body).json())
         except BaseException:
             if owns:
                 client.close()
@@ -217,7 +227,12 @@ class Sandbox:
     @classmethod
     def connect(cls, sandbox_id: str, *, url: str | None = None, api_key: str | None = None) -> Sandbox:
         client = Client(url, api_key)
-        return cls(client.request("GET", f"/v1/sandboxes/{sandbox_id}").json(), client, owns_client=True)
+        try:
+            info = SandboxInfo.from_json(client.request("GET", f"/v1/sandboxes/{sandbox_id}").json())
+        except BaseException:
+            client.close()
+            raise
+        return cls(info, client, owns_client=True)
 
     @staticmethod
     def list(
@@ -226,21 +241,19 @@ class Sandbox:
         include_ended: bool = False,
         url: str | None = None,
         api_key: str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> builtins.list[SandboxInfo]:
         """Your sandboxes (all of them, for an admin key), those with all of `labels` if given."""
         client = Client(url, api_key)
         try:
             params = list_params(labels, include_ended)
-            return list(client.request("GET", "/v1/sandboxes", params=params).json()["sandboxes"])
+            return SandboxInfo.list_from_json(client.request("GET", "/v1/sandboxes", params=params).json())
         finally:
             client.close()
 
-    def set_timeout(self, timeout: float | None) -> dict[str, Any]:
+    def set_timeout(self, timeout: float | None) -> SandboxInfo:
         """Destroy the sandbox `timeout` seconds from now, up to the policy's `max_ttl_s`
         (InvalidArgument over it, and for None: never, which no cap admits)."""
-        path = f"/v1/sandboxes/{self.id}/timeout"
-        self.info = self._client.request("PUT", path, json={"timeout": timeout}).json()
-        return self.info
+        return self._update("PUT", "timeout", json={"timeout": timeout})
 
     def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
         """Run Python in the sandbox's warm interpreter (numpy, pandas preloaded); state persists."""
@@ -250,61 +263,61 @@ class Sandbox:
         )
         return execution_from_json(response.json())
 
-    def hibernate(self) -> dict[str, Any]:
+    def hibernate(self) -> SandboxInfo:
         """Put the sandbox to disk (no process, no RAM); any later call wakes it as it was."""
-        self.info = (self._client.request("POST", f"/v1/sandboxes/{self.id}/hibernate")).json()
-        return self.info
+        return self._update("POST", "hibernate")
 
-    def wake(self) -> dict[str, Any]:
-        self.info = (self._client.request("POST", f"/v1/sandboxes/{self.id}/wake")).json()
-        return self.info
+    def wake(self) -> SandboxInfo:
+        return self._update("POST", "wake")
 
-    def snapshot(self, *, ttl: float | None = None) -> dict[str, Any]:
-        """A checkpoint of the running sandbox; `Sandbox.create(from_snapshot=checkpoint["id"])`."""
+    def snapshot(self, *, ttl: float | None = None) -> CheckpointInfo:
+        """A checkpoint of the running sandbox; `Sandbox.create(from_snapshot=checkpoint.id)`."""
         body = {"ttl_s": ttl} if ttl else {}
         path = f"/v1/sandboxes/{self.id}/checkpoints"
-        return dict((self._client.request("POST", path, json=body)).json())
+        return CheckpointInfo.from_json(self._client.request("POST", path, json=body).json())
 
     def fork(self, count: int = 1) -> builtins.list[Sandbox]:
         """`count` running copies of this sandbox: memory, processes and files as they are now."""
         path = f"/v1/sandboxes/{self.id}/fork"
-        infos = (self._client.request("POST", path, json={"count": count})).json()["sandboxes"]
-        return [Sandbox(info, self._client) for info in infos]
+        answer = self._client.request("POST", path, json={"count": count}).json()
+        return [Sandbox(info, self._client) for info in SandboxInfo.list_from_json(answer)]
 
-    def refresh(self) -> dict[str, Any]:
-        self.info = self._client.request("GET", f"/v1/sandboxes/{self.id}").json()
-        return self.info
+    def refresh(self) -> SandboxInfo:
+        """Ask the daemon for this sandbox's state now (`info` is as of the last call)."""
+        return self._update("GET")
 
-    def expose(self, port: int, *, secure: bool = False) -> dict[str, Any]:
-        """Expose `port` of the guest on the daemon's host: `{port, host, host_port, traffic_token}`.
+    def expose(self, port: int, *, secure: bool = False) -> ExposedPort:
+        """Expose `port` of the guest on the daemon's host, at `host:host_port`.
         With `secure`, connections must send `traffic_token` in the `X-Tartarus-Traffic-Token` header of
         their first HTTP/1.x request (else 403); it is also kept in `self.traffic_token`."""
         body = {"port": port, "secure": secure}
-        exposed: dict[str, Any] = self._client.request(
-            "POST", f"/v1/sandboxes/{self.id}/ports", json=body
-        ).json()
-        if exposed.get("traffic_token"):
-            self.traffic_token = exposed["traffic_token"]
+        exposed = ExposedPort.from_json(
+            self._client.request("POST", f"/v1/sandboxes/{self.id}/ports", json=body).json()
+        )
+        if exposed.traffic_token:
+            self.traffic_token = exposed.traffic_token
         return exposed
 
     def get_host(self, port: int, *, secure: bool = False) -> str:
         """`host:port` on the daemon's host that forwards TCP to `port` in the guest (see `expose`)."""
-        exposed = self.expose(port, secure=secure)
-        return f"{exposed['host']}:{exposed['host_port']}"
+        return self.expose(port, secure=secure).address
 
     def unexpose(self, port: int) -> None:
         """Stop forwarding `port` (its connections end)."""
         self._client.request("DELETE", f"/v1/sandboxes/{self.id}/ports/{port}")
 
-    def quarantine(self, reason: str) -> dict[str, Any]:
+    def quarantine(self, reason: str) -> SandboxInfo:
         """Operator action: cut this sandbox's network now and clamp its CPU and memory (no restart)."""
-        path = f"/v1/sandboxes/{self.id}/quarantine"
-        self.info = self._client.request("POST", path, json={"reason": reason}).json()
-        return self.info
+        return self._update("POST", "quarantine", json={"reason": reason})
 
-    def release(self) -> dict[str, Any]:
+    def release(self) -> SandboxInfo:
         """Operator action: end the quarantine."""
-        self.info = self._client.request("POST", f"/v1/sandboxes/{self.id}/release").json()
+        return self._update("POST", "release")
+
+    def _update(self, method: str, verb: str | None = None, **kwargs: Any) -> SandboxInfo:
+        """Call a route that answers with this sandbox's description, and keep it as `info`."""
+        path = f"/v1/sandboxes/{self.id}" + (f"/{verb}" if verb else "")
+        self.info = SandboxInfo.from_json(self._client.request(method, path, **kwargs).json())
         return self.info
 
     def kill(self) -> None:

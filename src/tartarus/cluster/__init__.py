@@ -1,0 +1,13 @@
+"""Coordination for running Tartarus across many hosts, on engines that already solve the hard parts.
+
+PostgreSQL holds membership (leases on the database's clock, epochs for fencing), placement (capacity
+reserved in a transaction) and the reconciler's election (a session advisory lock); an S3-compatible
+object store holds sandbox state as content-addressed chunks. Nothing here talks to VMs: the `agent` and
+`gateway` roles call into these modules, so the single-host `tartarus serve` never loads them.
+
+Modules, one job each: `model` (the typed values), `errors`, `schema` (the `cluster` PostgreSQL schema and
+its migrations), `db` (connections), `membership` (register, renew, cordon), `reconcile` (lost nodes,
+expired reservations), `election` (one reconciler at a time), `scoring` (pure ranking), `placement`
+(reserve, confirm, release, retry), `chunks` and `manifest` (pure state format), `objects` (the S3 client)
+and `statestore` (streaming upload/download of a capture).
+"""

@@ -66,17 +66,22 @@ def test_manifest_round_trips_and_is_canonical() -> None:
     assert manifest_key("cap-1") == "manifests/cap-1.json"
 
 
+def _doc(files: str, capture: str = '"c"', chunk_size: str = "1", fmt: int = 1) -> bytes:
+    text = f'{{"format": {fmt}, "capture": {capture}, "chunk_size": {chunk_size}, "files": [{files}]}}'
+    return text.encode()
+
+
 @pytest.mark.parametrize(
     "doc",
     [
         b"not json",
         b"[]",
-        b'{"format": 2, "capture": "c", "chunk_size": 1, "files": []}',
-        b'{"format": 1, "capture": "c", "chunk_size": 1, "files": [{"name": "../x", "size": 0, "chunks": []}]}',
-        b'{"format": 1, "capture": "c", "chunk_size": 1, "files": [{"name": "f", "size": 3, "chunks": []}]}',
-        b'{"format": 1, "capture": "c", "chunk_size": 1, "files": [{"name": "f", "size": 1, "chunks": [["zz", 1]]}]}',
-        b'{"format": 1, "capture": "c/d", "chunk_size": 1, "files": []}',
-        b'{"format": 1, "capture": "c", "chunk_size": true, "files": []}',
+        _doc("", fmt=2),
+        _doc('{"name": "../x", "size": 0, "chunks": []}'),  # a path, not a file name
+        _doc('{"name": "f", "size": 3, "chunks": []}'),  # chunks do not add up to the size
+        _doc('{"name": "f", "size": 1, "chunks": [["zz", 1]]}'),  # not a SHA-256
+        _doc("", capture='"c/d"'),
+        _doc("", chunk_size="true"),
     ],
 )
 def test_bad_manifests_are_refused_with_a_clear_error(doc: bytes) -> None:

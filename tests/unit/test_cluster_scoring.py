@@ -8,12 +8,13 @@ from tartarus.cluster.model import Demand, Resources
 from tartarus.cluster.scoring import ORIGIN_BONUS, TEMPLATE_BONUS, Candidate, eligible, fits, rank, score
 from tartarus.errors import InvalidArgument
 
+NOTHING = Resources()
 CAP = Resources(vcpus=8, memory_mib=8192, disk_mib=10000, slots=10)
 
 
 def node(
     name: str,
-    used: Resources = Resources(),
+    used: Resources = NOTHING,
     labels: set[str] | None = None,
     templates: set[str] | None = None,
 ) -> Candidate:

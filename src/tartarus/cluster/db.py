@@ -1,0 +1,29 @@
+"""Connections to the coordination database (PostgreSQL only: a cluster needs one shared server).
+
+Each caller holds its own connection (a gateway thread, an agent's lease loop, the election): placement
+correctness rests on row locks and transactions, never on sharing a connection between threads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from tartarus.cluster.errors import ClusterUnavailable
+from tartarus.errors import InvalidArgument
+from tartarus.store.database import redact
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+
+def connect(url: str, *, timeout_s: float = 10) -> Connection:
+    """An autocommit connection; callers group statements with `conn.transaction()`."""
+    if not url.startswith(("postgresql:", "postgres:")):
+        raise InvalidArgument(
+            f"the cluster database must be PostgreSQL (postgresql://...), not {redact(url)}"
+        )
+    try:
+        return psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s)))
+    except psycopg.Error as e:
+        raise ClusterUnavailable(f"cannot reach the cluster database {redact(url)}: {e}") from e

@@ -1,0 +1,270 @@
+"""Placement: choose a node, reserve capacity on it before the agent is called, then confirm or release.
+
+Each attempt is one transaction: lock the chosen node's row (`FOR UPDATE`), re-read what it has committed,
+and insert the reservation only if the sandbox still fits. Concurrent placers through any number of
+gateways serialise on that row, so a node's capacity is never exceeded. The first pass uses `SKIP LOCKED`
+so concurrent placers spread to the next-best node rather than queue on the best one; nodes skipped that
+way are retried blocking before "no capacity" is given, so a busy node is never mistaken for a full one.
+An attempt locks one node only, so two placers can never deadlock.
+
+A reservation carries a deadline on the database clock. If its holder dies (or PostgreSQL restarts) before
+confirming, it stops counting against the node at that deadline and the reconciler deletes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tartarus.cluster import events
+from tartarus.cluster.db import Connection
+from tartarus.cluster.errors import NoCapacity, NodeRefused, ReservationLost
+from tartarus.cluster.model import Demand, Location, PlacementState, Reservation, Resources, check_name
+from tartarus.cluster.scoring import Candidate, Ranked, rank
+from tartarus.cluster.usage import USED_COLUMNS, USED_JOIN, USED_ON_NODE
+from tartarus.errors import Conflict, InvalidArgument, NotFound
+
+DEFAULT_RESERVATION_S = 30.0  # long enough to restore a snapshot on the agent, short enough to not strand
+DEFAULT_ATTEMPTS = 3
+
+_CANDIDATES = f"""SELECT n.name, n.address, n.epoch, n.vcpus, n.memory_mib, n.disk_mib, n.slots, n.labels,
+        n.templates, {USED_COLUMNS}
+    FROM cluster.nodes n {USED_JOIN}
+    WHERE n.state = 'up' AND n.admin = 'active' AND n.lease_expires_at > now()
+        AND n.labels @> %(labels)s::text[] AND NOT (n.name = ANY(%(exclude)s::text[]))"""
+
+_LOCK_NODE = """SELECT vcpus, memory_mib, disk_mib, slots FROM cluster.nodes
+    WHERE name = %s AND epoch = %s AND state = 'up' AND admin = 'active' AND lease_expires_at > now()
+    FOR UPDATE"""
+
+# A sandbox id has one row: a new placement inserts it; a wake takes over its `hibernated` row (keeping
+# the node it slept on as `origin`); an expired reservation may be taken over. Anything else conflicts.
+_RESERVE = """INSERT INTO cluster.placements AS p (sandbox_id, node, epoch, state, vcpus, memory_mib,
+        disk_mib, template, reserved_until)
+    VALUES (%(id)s, %(node)s, %(epoch)s, 'reserved', %(vcpus)s, %(mem)s, %(disk)s, %(template)s,
+        now() + make_interval(secs => %(ttl)s))
+    ON CONFLICT (sandbox_id) DO UPDATE SET
+        node = EXCLUDED.node, epoch = EXCLUDED.epoch, state = 'reserved',
+        origin = CASE WHEN p.state = 'hibernated' THEN p.node ELSE p.origin END,
+        vcpus = EXCLUDED.vcpus, memory_mib = EXCLUDED.memory_mib, disk_mib = EXCLUDED.disk_mib,
+        template = EXCLUDED.template, reserved_until = EXCLUDED.reserved_until, updated_at = now()
+    WHERE p.state = 'hibernated' OR (p.state = 'reserved' AND p.reserved_until <= now())
+    RETURNING reserved_until, origin IS NOT NULL"""
+
+
+class Placer:
+    """Placement on one connection (one per gateway worker thread)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        reservation_s: float = DEFAULT_RESERVATION_S,
+        attempts: int = DEFAULT_ATTEMPTS,
+    ) -> None:
+        if reservation_s <= 0 or attempts < 1:
+            raise InvalidArgument("the reservation time and the number of attempts must be positive")
+        self.conn = conn
+        self.reservation_s = reservation_s
+        self.attempts = attempts
+
+    def place(self, demand: Demand, start: Callable[[Reservation], None]) -> Reservation:
+        """Reserve, call `start` (which contacts the agent), confirm. `start` raising NodeRefused moves on
+        to the next node, up to `attempts` nodes; anything else it raises releases and propagates."""
+        refused: list[str] = []
+        for _ in range(self.attempts):
+            reservation = self.reserve(demand, exclude=frozenset(refused))
+            try:
+                start(reservation)
+            except NodeRefused as e:
+                self.release(reservation, why=f"refused: {e.message}")
+                refused.append(reservation.node)
+                continue
+            except BaseException:
+                self.release(reservation, why="the start call failed")
+                raise
+            self.confirm(reservation)
+            return reservation
+        raise NoCapacity(f"sandbox {demand.sandbox_id}: refused by {', '.join(refused)}; no other node tried")
+
+    def reserve(self, demand: Demand, exclude: frozenset[str] = frozenset()) -> Reservation:
+        """Hold capacity on the best node with room; NoCapacity when none has it."""
+        ranked = rank(self._candidates(demand, exclude), demand)
+        busy: list[Ranked] = []
+        for choice in ranked:
+            outcome = self._try(choice, demand, wait=False)
+            if isinstance(outcome, Reservation):
+                return outcome
+            if outcome == "locked":
+                busy.append(choice)
+        for choice in busy:
+            outcome = self._try(choice, demand, wait=True)
+            if isinstance(outcome, Reservation):
+                return outcome
+        labels = ", ".join(sorted(demand.required_labels)) or "none"
+        raise NoCapacity(
+            f"no capacity for sandbox {demand.sandbox_id} ({demand.vcpus} vCPU, {demand.memory_mib} MiB, "
+            f"{demand.disk_mib} MiB disk; labels: {labels}): {len(ranked)} healthy node(s) had room, "
+            "none left after locking"
+            if ranked
+            else f"no capacity for sandbox {demand.sandbox_id} ({demand.vcpus} vCPU, {demand.memory_mib} "
+            f"MiB, {demand.disk_mib} MiB disk; labels: {labels}): no healthy schedulable node has room"
+        )
+
+    def _candidates(self, demand: Demand, exclude: frozenset[str]) -> list[Candidate]:
+        rows = self.conn.execute(
+            _CANDIDATES, {"labels": sorted(demand.required_labels), "exclude": sorted(exclude)}
+        ).fetchall()
+        return [
+            Candidate(
+                name=r[0],
+                address=r[1],
+                epoch=int(r[2]),
+                capacity=Resources(int(r[3]), int(r[4]), int(r[5]), int(r[6])),
+                labels=frozenset(r[7]),
+                templates=frozenset(r[8]),
+                used=Resources(int(r[9]), int(r[10]), int(r[11]), int(r[12])),
+            )
+            for r in rows
+        ]
+
+    def _try(self, choice: Ranked, demand: Demand, *, wait: bool) -> Reservation | str:
+        """One transaction on one node: "locked" (skipped), "full"/"gone", or the reservation."""
+        node = choice.candidate
+        lock = _LOCK_NODE if wait else _LOCK_NODE + " SKIP LOCKED"
+        with self.conn.transaction():
+            row = self.conn.execute(lock, (node.name, node.epoch)).fetchone()
+            if row is None:
+                return "gone" if wait else "locked"
+            capacity = Resources(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+            used_row = self.conn.execute(USED_ON_NODE, (node.name,)).fetchone()
+            assert used_row is not None
+            used = Resources(int(used_row[0]), int(used_row[1]), int(used_row[2]), int(used_row[3]))
+            if not capacity.covers(used + demand.resources):
+                return "full"
+            placed = self.conn.execute(
+                _RESERVE,
+                {
+                    "id": demand.sandbox_id,
+                    "node": node.name,
+                    "epoch": node.epoch,
+                    "vcpus": demand.vcpus,
+                    "mem": demand.memory_mib,
+                    "disk": demand.disk_mib,
+                    "template": demand.template,
+                    "ttl": self.reservation_s,
+                },
+            ).fetchone()
+            if placed is None:
+                raise Conflict(f"sandbox {demand.sandbox_id} is already placed; it cannot be placed twice")
+            events.record(
+                self.conn,
+                "reserved",
+                node=node.name,
+                epoch=node.epoch,
+                sandbox_id=demand.sandbox_id,
+                detail=f"score={choice.score:.3f}",
+            )
+        return Reservation(
+            sandbox_id=demand.sandbox_id,
+            node=node.name,
+            address=node.address,
+            epoch=node.epoch,
+            expires_at=placed[0],
+            score=choice.score,
+            wake=bool(placed[1]),
+        )
+
+    def confirm(self, reservation: Reservation) -> None:
+        """The agent runs it: the reservation becomes a running placement. ReservationLost if it expired,
+        was reclaimed, or its node's lease lapsed or epoch changed meanwhile (the caller must then stop the
+        sandbox on that agent: the cluster no longer counts it there)."""
+        with self.conn.transaction():
+            row = self.conn.execute(
+                """UPDATE cluster.placements p SET state = 'running', reserved_until = NULL, origin = NULL,
+                       updated_at = now()
+                   FROM cluster.nodes n
+                   WHERE p.sandbox_id = %s AND p.node = %s AND p.epoch = %s AND p.state = 'reserved'
+                       AND p.reserved_until > now() AND n.name = p.node AND n.epoch = p.epoch
+                       AND n.state = 'up' AND n.lease_expires_at > now()
+                   RETURNING p.sandbox_id""",
+                (reservation.sandbox_id, reservation.node, reservation.epoch),
+            ).fetchone()
+            if row is not None:
+                events.record(
+                    self.conn,
+                    "placed",
+                    node=reservation.node,
+                    epoch=reservation.epoch,
+                    sandbox_id=reservation.sandbox_id,
+                )
+                return
+            events.record(
+                self.conn,
+                "confirm_refused",
+                node=reservation.node,
+                epoch=reservation.epoch,
+                sandbox_id=reservation.sandbox_id,
+            )
+        raise ReservationLost(
+            f"the reservation of sandbox {reservation.sandbox_id} on node {reservation.node} "
+            f"(epoch {reservation.epoch}) expired or its node was fenced before it was confirmed"
+        )
+
+    def release(self, reservation: Reservation, *, why: str = "released") -> None:
+        """Give the capacity back (the agent refused or failed); a wake goes back to hibernated."""
+        key = (reservation.sandbox_id, reservation.node, reservation.epoch)
+        where = "sandbox_id = %s AND node = %s AND epoch = %s AND state = 'reserved'"
+        with self.conn.transaction():
+            self.conn.execute(
+                "UPDATE cluster.placements SET state = 'hibernated', node = origin, origin = NULL, "
+                f"reserved_until = NULL, updated_at = now() WHERE {where} AND origin IS NOT NULL",
+                key,
+            )
+            self.conn.execute(f"DELETE FROM cluster.placements WHERE {where}", key)
+            events.record(
+                self.conn,
+                "released",
+                node=reservation.node,
+                epoch=reservation.epoch,
+                sandbox_id=reservation.sandbox_id,
+                detail=why,
+            )
+
+    def hibernated(self, sandbox_id: str, node: str, epoch: int) -> None:
+        """Its state is in the object store: it holds no capacity and may wake on any node."""
+        self._move(sandbox_id, node, epoch, PlacementState.RUNNING, PlacementState.HIBERNATED)
+
+    def ended(self, sandbox_id: str, node: str, epoch: int) -> None:
+        """Deleted: the sandbox id is free and the node's capacity comes back."""
+        check_name("sandbox id", sandbox_id)
+        with self.conn.transaction():
+            gone = self.conn.execute(
+                "DELETE FROM cluster.placements WHERE sandbox_id = %s AND node = %s AND epoch = %s "
+                "AND state IN ('running', 'hibernated')",
+                (sandbox_id, node, epoch),
+            ).rowcount
+            if not gone:
+                raise NotFound(f"sandbox {sandbox_id} is not placed on node {node} (epoch {epoch})")
+            events.record(self.conn, "ended", node=node, epoch=epoch, sandbox_id=sandbox_id)
+
+    def _move(self, sandbox_id: str, node: str, epoch: int, old: PlacementState, new: PlacementState) -> None:
+        with self.conn.transaction():
+            moved = self.conn.execute(
+                "UPDATE cluster.placements SET state = %s, updated_at = now() "
+                "WHERE sandbox_id = %s AND node = %s AND epoch = %s AND state = %s",
+                (new.value, sandbox_id, node, epoch, old.value),
+            ).rowcount
+            if not moved:
+                raise Conflict(f"sandbox {sandbox_id} is not {old.value} on node {node} (epoch {epoch})")
+            events.record(self.conn, new.value, node=node, epoch=epoch, sandbox_id=sandbox_id)
+
+    def locate(self, sandbox_id: str) -> Location:
+        """Where a call for this sandbox goes; NotFound if it was never placed."""
+        row = self.conn.execute(
+            "SELECT p.node, n.address, p.epoch, p.state FROM cluster.placements p "
+            "JOIN cluster.nodes n ON n.name = p.node WHERE p.sandbox_id = %s",
+            (sandbox_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"sandbox {sandbox_id} is not placed on any node")
+        return Location(sandbox_id, row[0], row[1], int(row[2]), PlacementState(row[3]))

@@ -1,0 +1,28 @@
+"""The reconciler election is a real PostgreSQL session advisory lock: it moves when the holder dies."""
+
+from __future__ import annotations
+
+import psycopg
+
+from tartarus.cluster.election import Election
+from tests.cluster.helpers import until
+
+
+def test_one_holder_and_takeover_when_its_session_is_killed(cluster_url: str) -> None:
+    a, b = Election(cluster_url), Election(cluster_url)
+    other = Election(cluster_url, name="something-else")
+    try:
+        assert a.try_acquire() and a.holding()
+        assert not b.try_acquire()
+        assert other.try_acquire()  # a different election does not contend
+        assert a.backend_pid is not None
+        with psycopg.connect(cluster_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (a.backend_pid,))
+        assert until(b.try_acquire), "b did not take over after a's session died"
+        assert not a.holding()
+        assert not a.try_acquire()  # a reconnects, but b holds it now
+        b.release()
+        assert until(a.try_acquire)
+    finally:
+        for e in (a, b, other):
+            e.release()

@@ -1,0 +1,204 @@
+"""Placement against the suite's real PostgreSQL: capacity under concurrent placers, refusal and retry,
+quarantine, reservations that expire (a gateway or PostgreSQL dying mid-placement), wake locality.
+
+Nodes are simulated rows (see helpers.py) and each thread with its own connection stands for a gateway:
+this is the placement logic at scale, which needs no VM; that a placed sandbox runs is the roles' test."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+
+from tartarus.cluster import events
+from tartarus.cluster.db import Connection, connect
+from tartarus.cluster.errors import NoCapacity, NodeRefused, ReservationLost
+from tartarus.cluster.membership import Membership
+from tartarus.cluster.model import Admin, PlacementState, Reservation, Resources
+from tartarus.cluster.placement import Placer
+from tartarus.cluster.reconcile import reclaim_expired, sweep
+from tartarus.errors import Conflict
+from tests.cluster.helpers import demand, register, wait_db_clock_past
+
+
+def test_concurrent_placements_never_exceed_capacity(cluster_url: str, conn: Connection) -> None:
+    """200 placements from 8 connections over 3 nodes with 50 slots each: exactly 150 succeed."""
+    for name in ("n1", "n2", "n3"):
+        register(conn, name, capacity=Resources(vcpus=1000, memory_mib=10**6, disk_mib=10**6, slots=50))
+    ids = [f"sb{i}" for i in range(200)]
+    placed: list[Reservation] = []
+    refused: list[NoCapacity] = []
+    other: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def gateway(share: list[str]) -> None:
+        with connect(cluster_url) as c:
+            placer = Placer(c)
+            start.wait()
+            for sandbox_id in share:
+                try:
+                    r = placer.reserve(demand(sandbox_id))
+                    placer.confirm(r)
+                    with lock:
+                        placed.append(r)
+                except NoCapacity as e:
+                    with lock:
+                        refused.append(e)
+                except BaseException as e:
+                    with lock:
+                        other.append(e)
+
+    threads = [threading.Thread(target=gateway, args=(ids[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert other == []
+    assert len(placed) == 150 and len(refused) == 50
+    assert all("no capacity" in e.message for e in refused)
+    assert Counter(r.node for r in placed) == {"n1": 50, "n2": 50, "n3": 50}
+    rows = conn.execute("SELECT node, count(*) FROM cluster.placements GROUP BY node").fetchall()
+    assert dict(rows) == {"n1": 50, "n2": 50, "n3": 50}
+    assert all(v.used.slots == 50 for v in Membership(conn).nodes())
+
+
+def test_memory_bounds_placement_too(conn: Connection) -> None:
+    register(conn, "small", capacity=Resources(vcpus=100, memory_mib=1000, disk_mib=0, slots=100))
+    placer = Placer(conn)
+    placer.reserve(demand("a", memory_mib=600))
+    with pytest.raises(NoCapacity, match="no healthy schedulable node has room"):
+        placer.reserve(demand("b", memory_mib=600))
+    placer.reserve(demand("c", memory_mib=400))
+
+
+def test_a_refusing_node_is_released_and_another_tried(conn: Connection) -> None:
+    register(conn, "a")
+    register(conn, "b")
+    tried: list[str] = []
+
+    def start(r: Reservation) -> None:
+        tried.append(r.node)
+        if r.node == "a":
+            raise NodeRefused("agent a is out of disk")
+
+    placer = Placer(conn)
+    result = placer.place(demand("sb"), start)
+    assert tried == ["a", "b"] and result.node == "b"
+    assert placer.locate("sb").state == PlacementState.RUNNING
+    assert Membership(conn).node("a").used.slots == 0  # a's reservation was given back
+    assert [e.kind for e in events.recent(conn, node="a")][:2] == ["released", "reserved"]
+
+    def refuse_all(r: Reservation) -> None:
+        raise NodeRefused("no")
+
+    with pytest.raises(NoCapacity):
+        placer.place(demand("sb2"), refuse_all)
+    assert conn.execute("SELECT count(*) FROM cluster.placements").fetchone() == (1,)
+
+
+def test_a_failing_start_call_releases_its_reservation(conn: Connection) -> None:
+    register(conn, "a")
+    placer = Placer(conn)
+
+    def boom(r: Reservation) -> None:
+        raise RuntimeError("connection reset")
+
+    with pytest.raises(RuntimeError):
+        placer.place(demand("sb"), boom)
+    assert Membership(conn).node("a").used.slots == 0
+
+
+def test_quarantine_verdicts_land_only_on_quarantine_nodes(conn: Connection) -> None:
+    register(conn, "plain")
+    placer = Placer(conn)
+    with pytest.raises(NoCapacity, match="quarantine"):
+        placer.reserve(demand("q1", quarantine=True))
+    register(conn, "iso", labels=frozenset({"quarantine"}))
+    assert {placer.reserve(demand(f"q{i}", quarantine=True)).node for i in range(4)} == {"iso"}
+    assert {placer.reserve(demand(f"p{i}")).node for i in range(4)} == {"plain"}
+
+
+def test_unhealthy_nodes_are_not_chosen(conn: Connection) -> None:
+    lease = register(conn, "stale", lease_s=0.3).lease
+    register(conn, "fresh")
+    wait_db_clock_past(conn, lease.expires_at.timestamp())
+    assert {Placer(conn).reserve(demand(f"s{i}")).node for i in range(3)} == {"fresh"}
+
+
+def test_a_sandbox_is_never_placed_twice(conn: Connection) -> None:
+    register(conn, "a")
+    register(conn, "b")
+    placer = Placer(conn)
+    placer.confirm(placer.reserve(demand("one")))
+    with pytest.raises(Conflict, match="placed twice"):
+        placer.reserve(demand("one"))
+
+
+def test_an_expired_reservation_holds_nothing_and_cannot_be_confirmed(conn: Connection) -> None:
+    register(conn, "a", capacity=Resources(vcpus=8, memory_mib=8192, disk_mib=0, slots=1))
+    placer = Placer(conn, reservation_s=0.3)
+    r = placer.reserve(demand("slow"))
+    with pytest.raises(NoCapacity):
+        placer.reserve(demand("next"))
+    wait_db_clock_past(conn, r.expires_at.timestamp())
+    assert Membership(conn).node("a").used.slots == 0
+    with pytest.raises(ReservationLost):
+        placer.confirm(r)
+    placer.confirm(placer.reserve(demand("next")))  # its capacity was free for the next one
+    assert sweep(conn).reclaimed == ("slow",)
+
+
+def test_a_confirm_after_the_node_was_fenced_is_refused(conn: Connection) -> None:
+    register(conn, "a")
+    placer = Placer(conn)
+    r = placer.reserve(demand("sb"))
+    register(conn, "a")  # the agent restarted: new epoch
+    with pytest.raises(ReservationLost, match="fenced"):
+        placer.confirm(r)
+
+
+def test_postgres_restart_mid_placement_leaks_no_reservation(
+    cluster_url: str, postgres_server_url: str
+) -> None:
+    """The gateway reserved, then PostgreSQL restarted (dropping every connection) before it confirmed:
+    the reservation stops counting at its deadline and the reconciler removes it."""
+    from tests.pg import restart
+
+    with connect(cluster_url) as c:
+        register(c, "a", capacity=Resources(vcpus=8, memory_mib=8192, disk_mib=0, slots=1))
+        gateway = Placer(c, reservation_s=1.0)
+        r = gateway.reserve(demand("orphan"))
+        restart(postgres_server_url)
+        with pytest.raises(Exception):  # noqa: B017 - the old session is gone, whatever psycopg calls it
+            gateway.confirm(r)
+    with connect(cluster_url) as c:
+        wait_db_clock_past(c, r.expires_at.timestamp())
+        assert Membership(c).node("a").used.slots == 0
+        assert reclaim_expired(c) == ("orphan",)
+        assert c.execute("SELECT count(*) FROM cluster.placements").fetchone() == (0,)
+
+
+def test_wake_prefers_the_origin_node_and_a_released_wake_goes_back_to_hibernated(conn: Connection) -> None:
+    register(conn, "a")
+    register(conn, "b")
+    placer = Placer(conn)
+    r = placer.reserve(demand("sleepy"))
+    placer.confirm(r)
+    placer.hibernated("sleepy", r.node, r.epoch)
+    origin = r.node
+    # Load the origin a little more than the other node; the origin bonus still wins.
+    other = "b" if origin == "a" else "a"
+    for i in range(2):
+        placer.confirm(placer.reserve(demand(f"load{i}")))
+    wake = placer.reserve(demand("sleepy", origin=origin))
+    assert wake.node == origin and wake.wake
+    placer.release(wake)
+    assert placer.locate("sleepy").state == PlacementState.HIBERNATED
+    # The origin node is cordoned: the wake goes elsewhere, and confirms there.
+    Membership(conn).set_admin(origin, Admin.CORDONED)
+    moved = placer.reserve(demand("sleepy", origin=origin))
+    assert moved.node == other
+    placer.confirm(moved)
+    assert placer.locate("sleepy").node == other

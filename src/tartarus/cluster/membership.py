@@ -26,7 +26,7 @@ from tartarus.cluster.model import (
     Resources,
     check_name,
 )
-from tartarus.cluster.usage import USED_COLUMNS, USED_JOIN
+from tartarus.cluster.usage import USED_COLUMNS, USED_CTE, USED_JOIN
 from tartarus.errors import InvalidArgument
 
 DEFAULT_LEASE_S = 10.0  # an agent renews every lease/3 seconds, so two missed renewals still hold it
@@ -167,7 +167,8 @@ class Membership:
 
     def nodes(self) -> list[NodeView]:
         rows = self.conn.execute(
-            f"""SELECT n.name, n.address, n.epoch, n.state, n.admin, n.vcpus, n.memory_mib, n.disk_mib,
+            f"""{USED_CTE}
+                SELECT n.name, n.address, n.epoch, n.state, n.admin, n.vcpus, n.memory_mib, n.disk_mib,
                        n.slots, n.labels, n.templates, n.lease_expires_at,
                        n.state = 'up' AND n.lease_expires_at > now(), {USED_COLUMNS}
                 FROM cluster.nodes n {USED_JOIN} ORDER BY n.name"""

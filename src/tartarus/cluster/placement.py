@@ -20,35 +20,55 @@ from tartarus.cluster.db import Connection
 from tartarus.cluster.errors import NoCapacity, NodeRefused, ReservationLost
 from tartarus.cluster.model import Demand, Location, PlacementState, Reservation, Resources, check_name
 from tartarus.cluster.scoring import Candidate, Ranked, rank
-from tartarus.cluster.usage import USED_COLUMNS, USED_JOIN, USED_ON_NODE
+from tartarus.cluster.usage import USED_COLUMNS, USED_CTE, USED_JOIN
 from tartarus.errors import Conflict, InvalidArgument, NotFound
 
 DEFAULT_RESERVATION_S = 30.0  # long enough to restore a snapshot on the agent, short enough to not strand
 DEFAULT_ATTEMPTS = 3
 
-_CANDIDATES = f"""SELECT n.name, n.address, n.epoch, n.vcpus, n.memory_mib, n.disk_mib, n.slots, n.labels,
+_CANDIDATES = f"""{USED_CTE}
+    SELECT n.name, n.address, n.epoch, n.vcpus, n.memory_mib, n.disk_mib, n.slots, n.labels,
         n.templates, {USED_COLUMNS}
     FROM cluster.nodes n {USED_JOIN}
     WHERE n.state = 'up' AND n.admin = 'active' AND n.lease_expires_at > now()
         AND n.labels @> %(labels)s::text[] AND NOT (n.name = ANY(%(exclude)s::text[]))"""
 
-_LOCK_NODE = """SELECT vcpus, memory_mib, disk_mib, slots FROM cluster.nodes
+_LOCK_NODE = """SELECT 1 FROM cluster.nodes
     WHERE name = %s AND epoch = %s AND state = 'up' AND admin = 'active' AND lease_expires_at > now()
     FOR UPDATE"""
 
+# Run after the node's row is locked, so its snapshot includes every reservation committed before: what
+# the node has committed, the capacity check, the reservation and its audit event in one statement.
 # A sandbox id has one row: a new placement inserts it; a wake takes over its `hibernated` row (keeping
 # the node it slept on as `origin`); an expired reservation may be taken over. Anything else conflicts.
-_RESERVE = """INSERT INTO cluster.placements AS p (sandbox_id, node, epoch, state, vcpus, memory_mib,
-        disk_mib, template, reserved_until)
-    VALUES (%(id)s, %(node)s, %(epoch)s, 'reserved', %(vcpus)s, %(mem)s, %(disk)s, %(template)s,
-        now() + make_interval(secs => %(ttl)s))
-    ON CONFLICT (sandbox_id) DO UPDATE SET
-        node = EXCLUDED.node, epoch = EXCLUDED.epoch, state = 'reserved',
-        origin = CASE WHEN p.state = 'hibernated' THEN p.node ELSE p.origin END,
-        vcpus = EXCLUDED.vcpus, memory_mib = EXCLUDED.memory_mib, disk_mib = EXCLUDED.disk_mib,
-        template = EXCLUDED.template, reserved_until = EXCLUDED.reserved_until, updated_at = now()
-    WHERE p.state = 'hibernated' OR (p.state = 'reserved' AND p.reserved_until <= now())
-    RETURNING reserved_until, origin IS NOT NULL"""
+_RESERVE = """WITH used AS (
+        SELECT COALESCE(sum(vcpus), 0) AS vcpus, COALESCE(sum(memory_mib), 0) AS memory_mib,
+            COALESCE(sum(disk_mib), 0) AS disk_mib, count(*) AS slots
+        FROM cluster.placements
+        WHERE node = %(node)s AND (state = 'running' OR (state = 'reserved' AND reserved_until > now()))),
+    ins AS (
+        INSERT INTO cluster.placements AS p (sandbox_id, node, epoch, state, vcpus, memory_mib, disk_mib,
+            template, reserved_until)
+        SELECT %(id)s, %(node)s, %(epoch)s, 'reserved', %(vcpus)s, %(mem)s, %(disk)s, %(template)s,
+            now() + make_interval(secs => %(ttl)s)
+        FROM used, cluster.nodes n
+        WHERE n.name = %(node)s AND used.vcpus + %(vcpus)s <= n.vcpus
+            AND used.memory_mib + %(mem)s <= n.memory_mib AND used.disk_mib + %(disk)s <= n.disk_mib
+            AND used.slots + 1 <= n.slots
+        ON CONFLICT (sandbox_id) DO UPDATE SET
+            node = EXCLUDED.node, epoch = EXCLUDED.epoch, state = 'reserved',
+            origin = CASE WHEN p.state = 'hibernated' THEN p.node ELSE p.origin END,
+            vcpus = EXCLUDED.vcpus, memory_mib = EXCLUDED.memory_mib, disk_mib = EXCLUDED.disk_mib,
+            template = EXCLUDED.template, reserved_until = EXCLUDED.reserved_until, updated_at = now()
+        WHERE p.state = 'hibernated' OR (p.state = 'reserved' AND p.reserved_until <= now())
+        RETURNING p.sandbox_id, p.node, p.epoch, p.reserved_until, p.origin IS NOT NULL AS wake),
+    ev AS (
+        INSERT INTO cluster.events (kind, node, epoch, sandbox_id, detail)
+        SELECT 'reserved', node, epoch, sandbox_id, %(detail)s FROM ins)
+    SELECT reserved_until, wake FROM ins"""
+
+_TAKEN = """SELECT state, node FROM cluster.placements WHERE sandbox_id = %s
+    AND NOT (state = 'hibernated' OR (state = 'reserved' AND reserved_until <= now()))"""
 
 
 class Placer:
@@ -132,15 +152,8 @@ class Placer:
         node = choice.candidate
         lock = _LOCK_NODE if wait else _LOCK_NODE + " SKIP LOCKED"
         with self.conn.transaction():
-            row = self.conn.execute(lock, (node.name, node.epoch)).fetchone()
-            if row is None:
+            if self.conn.execute(lock, (node.name, node.epoch)).fetchone() is None:
                 return "gone" if wait else "locked"
-            capacity = Resources(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
-            used_row = self.conn.execute(USED_ON_NODE, (node.name,)).fetchone()
-            assert used_row is not None
-            used = Resources(int(used_row[0]), int(used_row[1]), int(used_row[2]), int(used_row[3]))
-            if not capacity.covers(used + demand.resources):
-                return "full"
             placed = self.conn.execute(
                 _RESERVE,
                 {
@@ -152,18 +165,17 @@ class Placer:
                     "disk": demand.disk_mib,
                     "template": demand.template,
                     "ttl": self.reservation_s,
+                    "detail": f"score={choice.score:.3f}",
                 },
             ).fetchone()
             if placed is None:
-                raise Conflict(f"sandbox {demand.sandbox_id} is already placed; it cannot be placed twice")
-            events.record(
-                self.conn,
-                "reserved",
-                node=node.name,
-                epoch=node.epoch,
-                sandbox_id=demand.sandbox_id,
-                detail=f"score={choice.score:.3f}",
-            )
+                taken = self.conn.execute(_TAKEN, (demand.sandbox_id,)).fetchone()
+                if taken is not None:
+                    raise Conflict(
+                        f"sandbox {demand.sandbox_id} is already placed ({taken[0]} on node {taken[1]}); "
+                        "it cannot be placed twice"
+                    )
+                return "full"
         return Reservation(
             sandbox_id=demand.sandbox_id,
             node=node.name,

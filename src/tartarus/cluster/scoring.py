@@ -45,27 +45,39 @@ class Ranked:
     score: float
 
 
-def eligible(node: Candidate, demand: Demand) -> bool:
+def eligible(node: Candidate, demand: Demand, required: frozenset[str] | None = None) -> bool:
     """Labels match (quarantine capacity serves only quarantine verdicts, and only it serves them)."""
-    if not demand.required_labels <= node.labels:
+    if not (demand.required_labels if required is None else required) <= node.labels:
         return False
     return demand.quarantine or QUARANTINE not in node.labels
 
 
+# Plain arithmetic below, not Resources objects: rank() runs these for every node on every placement.
+
+
 def fits(node: Candidate, demand: Demand) -> bool:
-    return node.capacity.covers(node.used + demand.resources)
+    cap, used = node.capacity, node.used
+    return (
+        used.vcpus + demand.vcpus <= cap.vcpus
+        and used.memory_mib + demand.memory_mib <= cap.memory_mib
+        and used.disk_mib + demand.disk_mib <= cap.disk_mib
+        and used.slots + 1 <= cap.slots
+    )
+
+
+def _share(used: int, need: int, capacity: int) -> float:
+    return (used + need) / capacity if capacity else 1.0
 
 
 def load_after(capacity: Resources, used: Resources, demand: Demand) -> float:
-    after = used + demand.resources
-    shares = [
-        after.vcpus / capacity.vcpus if capacity.vcpus else 1.0,
-        after.memory_mib / capacity.memory_mib if capacity.memory_mib else 1.0,
-        after.slots / capacity.slots if capacity.slots else 1.0,
-    ]
+    load = max(
+        _share(used.vcpus, demand.vcpus, capacity.vcpus),
+        _share(used.memory_mib, demand.memory_mib, capacity.memory_mib),
+        _share(used.slots, 1, capacity.slots),
+    )
     if demand.disk_mib:
-        shares.append(after.disk_mib / capacity.disk_mib if capacity.disk_mib else 1.0)
-    return max(shares)
+        load = max(load, _share(used.disk_mib, demand.disk_mib, capacity.disk_mib))
+    return load
 
 
 def score(node: Candidate, demand: Demand) -> float:
@@ -79,6 +91,7 @@ def score(node: Candidate, demand: Demand) -> float:
 
 def rank(nodes: list[Candidate], demand: Demand) -> list[Ranked]:
     """Eligible nodes with room, best first."""
-    ranked = [Ranked(n, score(n, demand)) for n in nodes if eligible(n, demand) and fits(n, demand)]
+    required = demand.required_labels
+    ranked = [Ranked(n, score(n, demand)) for n in nodes if eligible(n, demand, required) and fits(n, demand)]
     ranked.sort(key=lambda r: (r.score, r.candidate.name))
     return ranked

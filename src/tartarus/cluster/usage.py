@@ -6,18 +6,15 @@ reconciler deletes it, so a gateway (or a PostgreSQL restart) that dies mid-plac
 
 from __future__ import annotations
 
-USED_JOIN = """LEFT JOIN (
+# MATERIALIZED: aggregate the placements once and hash-join, rather than let the planner (which has no
+# statistics on a young table) re-aggregate them per node in a nested loop (3 ms at 64 nodes vs 0.3).
+USED_CTE = """WITH u AS MATERIALIZED (
         SELECT node, sum(vcpus) AS vcpus, sum(memory_mib) AS memory_mib, sum(disk_mib) AS disk_mib,
                count(*) AS slots
         FROM cluster.placements
         WHERE state = 'running' OR (state = 'reserved' AND reserved_until > now())
-        GROUP BY node) u ON u.node = n.name"""
+        GROUP BY node)"""
+USED_JOIN = "LEFT JOIN u ON u.node = n.name"
 USED_COLUMNS = (
     "COALESCE(u.vcpus, 0), COALESCE(u.memory_mib, 0), COALESCE(u.disk_mib, 0), COALESCE(u.slots, 0)"
 )
-
-# The same sum for one node, read after that node's row is locked (the placement's capacity check).
-USED_ON_NODE = """SELECT COALESCE(sum(vcpus), 0), COALESCE(sum(memory_mib), 0), COALESCE(sum(disk_mib), 0),
-        count(*)
-    FROM cluster.placements
-    WHERE node = %s AND (state = 'running' OR (state = 'reserved' AND reserved_until > now()))"""

@@ -271,6 +271,44 @@ def throughput(
     _run("throughput", len(LEVELS), json_out, _throughput(template, seconds))
 
 
+@bench_app.command()
+def cluster(
+    samples: Samples = 200,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=64)] = 8,
+    file_mib: Annotated[int, typer.Option("--file-mib", min=1)] = 50,
+    state_samples: Annotated[int, typer.Option("--state-samples", min=1)] = 5,
+    json_out: JsonOut = None,
+) -> None:
+    """Placement decision latency at 3 and 64 simulated nodes, concurrent placement, S3 chunk throughput."""
+    from tartarus.bench.cluster import NODE_SIZES, bench_cluster
+    from tartarus.bench.machine import machine_info
+
+    logging.basicConfig(level=logging.WARNING)
+    started = time.time()
+    steps = samples * (len(NODE_SIZES) + 1) + state_samples
+    with Progress(
+        TextColumn("bench cluster"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    ) as bar:
+        task = bar.add_task("cluster", total=steps)
+        result = bench_cluster(samples, concurrency, file_mib, state_samples, lambda n: bar.advance(task, n))
+    for name, doc in result["placement"].items():
+        err.print(
+            f"placement {name}: n={doc['samples']} p50={doc['p50_ms']:.3f} ms p99={doc['p99_ms']:.3f} ms"
+        )
+    con = result["concurrent"]
+    err.print(
+        f"concurrent: {con['demands']} demands from {con['gateways']} connections, "
+        f"room for {con['capacity']}: placed {con['placed']}, no capacity {con['no_capacity']}, "
+        f"errors {con['errors']}, over capacity {con['nodes_over_capacity'] or 'none'}"
+    )
+    st = result["state_store"]
+    err.print(
+        f"state store {st['file_mib']} MiB: upload {st['upload']['mib_per_s_p50']} MiB/s, "
+        f"download {st['download']['mib_per_s_p50']} MiB/s (P50 of {st['upload']['samples']})"
+    )
+    _emit({"benchmark": "cluster", **result, "machine": machine_info(), "started_at": started}, json_out)
+
+
 @bench_app.command("all")
 def all_(
     json_dir: Annotated[Path, typer.Option("--json-dir", help="one JSON file per benchmark goes here")],

@@ -465,6 +465,40 @@ MUTATIONS: tuple[Mutation, ...] = (
         "return max;",
         ("tests/unit/test_agent_flow.py",),
     ),
+    Mutation(
+        "cluster.capacity",
+        "placement never reserves more sandbox slots than a node has, under concurrent placers",
+        "src/tartarus/cluster/placement.py",
+        "            AND used.slots + 1 <= n.slots\n",
+        "\n",
+        ("tests/cluster/test_placement.py::test_concurrent_placements_never_exceed_capacity",),
+    ),
+    Mutation(
+        "cluster.fencing",
+        "a node whose lease lapsed cannot renew it (it is fenced)",
+        "src/tartarus/cluster/membership.py",
+        "WHERE name = %s AND epoch = %s AND state = 'up' AND lease_expires_at > now() ",
+        "WHERE name = %s AND epoch = %s AND state = 'up' ",
+        (
+            "tests/cluster/test_membership.py::test_a_lapsed_lease_is_fenced_and_re_registering_gives_a_new_epoch",
+        ),
+    ),
+    Mutation(
+        "cluster.confirm-epoch",
+        "a reservation made under an old epoch cannot be confirmed",
+        "src/tartarus/cluster/placement.py",
+        "AND n.name = p.node AND n.epoch = p.epoch",
+        "AND n.name = p.node",
+        ("tests/cluster/test_placement.py::test_a_confirm_after_the_node_was_fenced_is_refused",),
+    ),
+    Mutation(
+        "cluster.chunk-integrity",
+        "a downloaded chunk whose content does not match its SHA-256 is refused",
+        "src/tartarus/cluster/chunks.py",
+        "if len(raw) != ref.size or hashlib.sha256(raw).hexdigest() != ref.digest:",
+        "if len(raw) != ref.size:",
+        ("tests/unit/test_cluster_chunks.py::test_unseal_refuses_garbage_and_a_valid_blob_of_other_content",),
+    ),
 )
 
 

@@ -6,8 +6,9 @@ object store holds sandbox state as content-addressed chunks. Nothing here talks
 `gateway` roles call into these modules, so the single-host `tartarus serve` never loads them.
 
 Modules, one job each: `model` (the typed values), `errors`, `schema` (the `cluster` PostgreSQL schema and
-its migrations), `db` (connections), `membership` (register, renew, cordon), `reconcile` (lost nodes,
-expired reservations), `election` (one reconciler at a time), `scoring` (pure ranking), `placement`
-(reserve, confirm, release, retry), `chunks` and `manifest` (pure state format), `objects` (the S3 client)
-and `statestore` (streaming upload/download of a capture).
+its migrations), `db` (connections), `events` (the audit trail), `usage` (committed capacity as SQL),
+`membership` (register, renew, cordon, drain), `lease` (an agent's renewal loop), `reconcile` (one pass:
+lost nodes, expired reservations), `election` (one reconciler at a time), `reconciler` (the gateway's
+loop), `scoring` (pure ranking), `placement` (reserve, confirm, release, retry), `chunks` and `manifest`
+(the pure state format), `objects` (the S3 client) and `statestore` (streaming upload/download).
 """

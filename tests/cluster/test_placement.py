@@ -13,13 +13,13 @@ import pytest
 
 from tartarus.cluster import events
 from tartarus.cluster.db import Connection, connect
-from tartarus.cluster.errors import NoCapacity, NodeRefused, ReservationLost
+from tartarus.cluster.errors import ClusterUnavailable, NoCapacity, NodeRefused, ReservationLost
 from tartarus.cluster.membership import Membership
 from tartarus.cluster.model import Admin, PlacementState, Reservation, Resources
 from tartarus.cluster.placement import Placer
 from tartarus.cluster.reconcile import reclaim_expired, sweep
 from tartarus.errors import Conflict
-from tests.cluster.helpers import demand, register, wait_db_clock_past
+from tests.cluster.helpers import demand, register, until, wait_db_clock_past
 
 
 def test_concurrent_placements_never_exceed_capacity(cluster_url: str, conn: Connection) -> None:
@@ -171,13 +171,60 @@ def test_postgres_restart_mid_placement_leaks_no_reservation(
         gateway = Placer(c, reservation_s=1.0)
         r = gateway.reserve(demand("orphan"))
         restart(postgres_server_url)
-        with pytest.raises(Exception):  # noqa: B017 - the old session is gone, whatever psycopg calls it
+        with pytest.raises(ClusterUnavailable):  # its session is gone: a clear error, not a driver one
             gateway.confirm(r)
     with connect(cluster_url) as c:
         wait_db_clock_past(c, r.expires_at.timestamp())
         assert Membership(c).node("a").used.slots == 0
         assert reclaim_expired(c) == ("orphan",)
         assert c.execute("SELECT count(*) FROM cluster.placements").fetchone() == (0,)
+
+
+def test_postgres_restart_inside_the_reservation_transaction_commits_nothing(
+    cluster_url: str, postgres_server_url: str
+) -> None:
+    """A placer is inside its reservation transaction (waiting on the node's row lock another placer
+    holds) when PostgreSQL restarts: it gets ClusterUnavailable and no reservation exists afterwards."""
+    from tests.pg import restart
+
+    with connect(cluster_url) as c:
+        register(c, "a")
+    outcome: list[BaseException] = []
+    holder, c = connect(cluster_url), connect(cluster_url)
+    try:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1 FROM cluster.nodes WHERE name = 'a' FOR UPDATE")
+        placer = Placer(c)
+
+        def place() -> None:
+            try:
+                placer.reserve(demand("midway"))
+            except BaseException as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=place)
+        thread.start()
+        assert until(lambda: _waiting_on_a_lock(cluster_url)), "the placer never blocked on the node"
+        restart(postgres_server_url)
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    finally:
+        holder.close()  # its session died with the restart: close, do not try to commit
+        c.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], ClusterUnavailable), outcome
+    with connect(cluster_url) as c:
+        assert c.execute("SELECT count(*) FROM cluster.placements").fetchone() == (0,)
+        assert Membership(c).node("a").used == Resources()
+        Placer(c).confirm(Placer(c).reserve(demand("midway")))  # and the id is free to place again
+
+
+def _waiting_on_a_lock(url: str) -> bool:
+    with connect(url) as c:
+        row = c.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        ).fetchone()
+    return bool(row and row[0])
 
 
 def test_wake_prefers_the_origin_node_and_a_released_wake_goes_back_to_hibernated(conn: Connection) -> None:

@@ -6,7 +6,9 @@ correctness rests on row locks and transactions, never on sharing a connection b
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 
@@ -27,3 +29,21 @@ def connect(url: str, *, timeout_s: float = 10) -> Connection:
         return psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s)))
     except psycopg.Error as e:
         raise ClusterUnavailable(f"cannot reach the cluster database {redact(url)}: {e}") from e
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def reports_outages(fn: Callable[P, R]) -> Callable[P, R]:
+    """A dropped connection or a restarting server surfaces as ClusterUnavailable (a 503 for a gateway),
+    not as a driver exception; the transaction it interrupted was rolled back by the server."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except psycopg.OperationalError as e:
+            raise ClusterUnavailable(f"the cluster database connection failed: {e}") from e
+
+    return wrapper

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from tartarus.cluster import events
-from tartarus.cluster.db import Connection
+from tartarus.cluster.db import Connection, reports_outages
 from tartarus.cluster.errors import Fenced, UnknownNode
 from tartarus.cluster.model import (
     Admin,
@@ -41,6 +41,7 @@ class Membership:
         self.conn = conn
         self.lease_s = lease_s
 
+    @reports_outages
     def register(self, spec: NodeSpec, running: Iterable[str] = ()) -> Registration:
         """Join (or rejoin) with a new epoch; `running` is what the agent runs now, to reconcile against."""
         held = set(running)
@@ -116,6 +117,7 @@ class Membership:
             gone=tuple(gone),
         )
 
+    @reports_outages
     def renew(self, lease: Lease) -> Lease:
         """Extend the lease from the database's now(); Fenced when it lapsed or a newer epoch exists."""
         with self.conn.transaction():
@@ -146,6 +148,7 @@ class Membership:
             return "it was marked lost"
         return f"its lease lapsed at {row[2].isoformat()}"
 
+    @reports_outages
     def set_admin(self, name: str, admin: Admin) -> None:
         """Cordon (no new placements), drain (no new placements; hibernate its sandboxes) or reactivate."""
         with self.conn.transaction():
@@ -156,6 +159,7 @@ class Membership:
                 raise UnknownNode(f"no node named {name!r}")
             events.record(self.conn, admin.value, node=name)
 
+    @reports_outages
     def drain(self, name: str) -> tuple[str, ...]:
         """Mark the node draining; returns the sandboxes running there, which the caller hibernates."""
         self.set_admin(name, Admin.DRAINING)
@@ -165,6 +169,7 @@ class Membership:
         ).fetchall()
         return tuple(str(r[0]) for r in rows)
 
+    @reports_outages
     def nodes(self) -> list[NodeView]:
         rows = self.conn.execute(
             f"""{USED_CTE}

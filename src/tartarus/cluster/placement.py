@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tartarus.cluster import events
-from tartarus.cluster.db import Connection
+from tartarus.cluster.db import Connection, reports_outages
 from tartarus.cluster.errors import NoCapacity, NodeRefused, ReservationLost
 from tartarus.cluster.model import Demand, Location, PlacementState, Reservation, Resources, check_name
 from tartarus.cluster.scoring import Candidate, Ranked, rank
@@ -106,6 +106,7 @@ class Placer:
             return reservation
         raise NoCapacity(f"sandbox {demand.sandbox_id}: refused by {', '.join(refused)}; no other node tried")
 
+    @reports_outages
     def reserve(self, demand: Demand, exclude: frozenset[str] = frozenset()) -> Reservation:
         """Hold capacity on the best node with room; NoCapacity when none has it."""
         ranked = rank(self._candidates(demand, exclude), demand)
@@ -186,6 +187,7 @@ class Placer:
             wake=bool(placed[1]),
         )
 
+    @reports_outages
     def confirm(self, reservation: Reservation) -> None:
         """The agent runs it: the reservation becomes a running placement. ReservationLost if it expired,
         was reclaimed, or its node's lease lapsed or epoch changed meanwhile (the caller must then stop the
@@ -222,6 +224,7 @@ class Placer:
             f"(epoch {reservation.epoch}) expired or its node was fenced before it was confirmed"
         )
 
+    @reports_outages
     def release(self, reservation: Reservation, *, why: str = "released") -> None:
         """Give the capacity back (the agent refused or failed); a wake goes back to hibernated."""
         key = (reservation.sandbox_id, reservation.node, reservation.epoch)
@@ -242,10 +245,12 @@ class Placer:
                 detail=why,
             )
 
+    @reports_outages
     def hibernated(self, sandbox_id: str, node: str, epoch: int) -> None:
         """Its state is in the object store: it holds no capacity and may wake on any node."""
         self._move(sandbox_id, node, epoch, PlacementState.RUNNING, PlacementState.HIBERNATED)
 
+    @reports_outages
     def ended(self, sandbox_id: str, node: str, epoch: int) -> None:
         """Deleted: the sandbox id is free and the node's capacity comes back."""
         check_name("sandbox id", sandbox_id)
@@ -270,6 +275,7 @@ class Placer:
                 raise Conflict(f"sandbox {sandbox_id} is not {old.value} on node {node} (epoch {epoch})")
             events.record(self.conn, new.value, node=node, epoch=epoch, sandbox_id=sandbox_id)
 
+    @reports_outages
     def locate(self, sandbox_id: str) -> Location:
         """Where a call for this sandbox goes; NotFound if it was never placed."""
         row = self.conn.execute(

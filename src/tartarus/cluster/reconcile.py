@@ -10,13 +10,14 @@ no new work, but its sandboxes are kept) from a node the cluster gives up on (it
 from __future__ import annotations
 
 from tartarus.cluster import events
-from tartarus.cluster.db import Connection
+from tartarus.cluster.db import Connection, reports_outages
 from tartarus.cluster.model import LostNode, Sweep
 from tartarus.errors import InvalidArgument
 
 DEFAULT_GRACE_S = 30.0
 
 
+@reports_outages
 def sweep(conn: Connection, *, grace_s: float = DEFAULT_GRACE_S) -> Sweep:
     """One pass: mark lost nodes and their sandboxes, then delete or revert expired reservations."""
     if grace_s < 0:
@@ -51,6 +52,7 @@ def sweep(conn: Connection, *, grace_s: float = DEFAULT_GRACE_S) -> Sweep:
     return Sweep(lost=tuple(lost), reclaimed=reclaimed)
 
 
+@reports_outages
 def reclaim_expired(conn: Connection) -> tuple[str, ...]:
     """Reservations whose holder never confirmed nor released them: a fresh placement is deleted, a wake
     goes back to hibernated on its origin node. Capacity accounting already ignores them (see USED_JOIN);

@@ -9,7 +9,8 @@ from __future__ import annotations
 # MATERIALIZED: aggregate the placements once and hash-join, rather than let the planner (which has no
 # statistics on a young table) re-aggregate them per node in a nested loop (3 ms at 64 nodes vs 0.3).
 USED_CTE = """WITH u AS MATERIALIZED (
-        SELECT node, sum(vcpus) AS vcpus, sum(memory_mib) AS memory_mib, sum(disk_mib) AS disk_mib,
+        SELECT node, sum(vcpus)::bigint AS vcpus, sum(memory_mib)::bigint AS memory_mib,
+               sum(disk_mib)::bigint AS disk_mib,
                count(*) AS slots
         FROM cluster.placements
         WHERE state = 'running' OR (state = 'reserved' AND reserved_until > now())

@@ -26,3 +26,18 @@ def test_one_holder_and_takeover_when_its_session_is_killed(cluster_url: str) ->
     finally:
         for e in (a, b, other):
             e.release()
+
+
+def test_holding_is_read_back_from_pg_locks_for_negative_keys_too(cluster_url: str) -> None:
+    """Advisory keys are signed int4; pg_locks shows them as oids. A name hashing to a negative key
+    ("a") must still be recognised as held, or its holder would keep re-campaigning."""
+    from tartarus.cluster.election import _key
+
+    assert _key("a") < 0 < _key("reconciler")
+    for name in ("a", "reconciler"):
+        e = Election(cluster_url, name=name)
+        try:
+            assert e.try_acquire() and e.holding()
+        finally:
+            e.release()
+        assert not e.holding()

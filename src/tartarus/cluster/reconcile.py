@@ -5,6 +5,8 @@ two ran at once: each step is one conditional UPDATE/DELETE in a transaction, so
 nothing left to do. The grace period separates a slow renewal (lease lapsed: the node is fenced and takes
 no new work, but its sandboxes are kept) from a node the cluster gives up on (its running sandboxes become
 `lost`, never resumed anywhere, so none is ever served by two nodes; its hibernated ones stay wakeable).
+A wake still reserved on a lost node counts as running: its agent may already have started it, so it is
+lost too rather than woken a second time elsewhere (the returning agent is told to kill it).
 """
 
 from __future__ import annotations

@@ -74,6 +74,9 @@ def test_a_node_lapsed_past_grace_is_lost_with_its_running_sandboxes(conn: Conne
     for s in running:
         assert placer.locate(s).state == PlacementState.LOST
     assert placer.locate(hib).state == PlacementState.HIBERNATED  # still wakeable elsewhere
+    wake = placer.reserve(demand(hib, origin="doomed"))
+    assert wake.node == "healthy" and wake.wake
+    placer.confirm(wake)
     assert Membership(conn).node("doomed").state == NodeState.LOST
     kinds = [(e.kind, e.sandbox_id) for e in events.recent(conn, node="doomed")]
     assert ("node_lost", None) in kinds and all(("sandbox_lost", s) in kinds for s in running)

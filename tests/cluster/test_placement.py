@@ -93,7 +93,7 @@ def test_a_refusing_node_is_released_and_another_tried(conn: Connection) -> None
     def refuse_all(r: Reservation) -> None:
         raise NodeRefused("no")
 
-    with pytest.raises(NoCapacity):
+    with pytest.raises(NoCapacity, match="refused by a, b"):
         placer.place(demand("sb2"), refuse_all)
     assert conn.execute("SELECT count(*) FROM cluster.placements").fetchone() == (1,)
 

@@ -92,7 +92,12 @@ class Placer:
         to the next node, up to `attempts` nodes; anything else it raises releases and propagates."""
         refused: list[str] = []
         for _ in range(self.attempts):
-            reservation = self.reserve(demand, exclude=frozenset(refused))
+            try:
+                reservation = self.reserve(demand, exclude=frozenset(refused))
+            except NoCapacity as e:
+                if refused:
+                    raise NoCapacity(f"{e.message}; refused by {', '.join(refused)}") from e
+                raise
             try:
                 start(reservation)
             except NodeRefused as e:

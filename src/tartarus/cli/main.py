@@ -155,6 +155,10 @@ def serve(
         bool,
         typer.Option(help="on SIGTERM leave running sandboxes running, for the next daemon to take over"),
     ] = False,
+    e2b_port: Annotated[
+        int | None, typer.Option(help="also serve E2B's API on this TCP port (docs/e2b.md); off by default")
+    ] = None,
+    e2b_host: Annotated[str, typer.Option(help="the address for --e2b-port")] = "127.0.0.1",
 ) -> None:
     """Run the daemon: owns the sandboxes and serves the REST API.
 
@@ -166,11 +170,18 @@ def serve(
     if log_format not in ("json", "text"):
         raise typer.BadParameter("must be json or text", param_hint="--log-format")
     logs.configure(log_format)
+    uds = None if host else socket or default_socket()
     try:
-        if host:
-            run_server(state_dir(), host=host, port=port, keep_sandboxes=keep_sandboxes)
-        else:
-            run_server(state_dir(), uds=socket or default_socket(), keep_sandboxes=keep_sandboxes)
+        with contextlib.ExitStack() as stack:
+            if e2b_port is not None:
+                from tartarus.e2b.server import Daemon, e2b_endpoint
+
+                daemon = Daemon(state_dir(), host=host, port=port, uds=uds)
+                stack.enter_context(e2b_endpoint(daemon, e2b_host, e2b_port))
+            if uds is None:
+                run_server(state_dir(), host=host, port=port, keep_sandboxes=keep_sandboxes)
+            else:
+                run_server(state_dir(), uds=uds, keep_sandboxes=keep_sandboxes)
     except errors.TartarusError as e:
         raise _fail(e) from e
 

@@ -1,0 +1,500 @@
+"""envd, E2B's in-sandbox daemon, as its SDK calls it: Connect RPCs for processes and the filesystem, and
+HTTP for `/files` and `/health`, each mapped onto /v1 calls for the one sandbox the request was routed
+to (app.py has checked its access token by then).
+
+Mapped: process.Process/Start (the command as E2B runs it, `/bin/bash -l -c CMD`, streamed: start with
+the guest's pid, stdout/stderr, end with the exit status; the stream's deadline is the command's
+timeout), filesystem.Filesystem Stat/ListDir/MakeDir/Move/Remove, `/files` download and upload
+(multipart or octet-stream). What needs guest-agent features Tartarus lacks (input to, reconnection with
+or signals to a running process, process lists, PTYs, directory watches) answers Connect's
+`unimplemented`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import posixpath
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tartarus.e2b import connect
+from tartarus.e2b.connect import ConnectError
+from tartarus.e2b.layer import layer_of
+from tartarus.e2b.upstream import ExecEvent, ExecSpec, FileView, Upstream, UpstreamError
+
+CONNECT_JSON = "application/connect+json"
+SANDBOX_GONE = "The sandbox was not found"  # the SDK tells a dead sandbox by "was not found"
+UPLOAD_CHUNK = 1 << 20
+MAX_DEPTH = 16  # ListDir's depth: each level is one /v1 listing per directory
+MAX_LISTED = 10_000  # entries per ListDir answer, however deep
+UNIMPLEMENTED = {
+    "process.Process/List": "listing processes",
+    "process.Process/Connect": "reconnecting to a running process",
+    "process.Process/SendInput": "sending input to a running process",
+    "process.Process/StreamInput": "streaming input to a running process",
+    "process.Process/CloseStdin": "closing a running process's stdin",
+    "process.Process/SendSignal": "signalling a running process",
+    "process.Process/Update": "resizing a PTY",
+    "filesystem.Filesystem/WatchDir": "watching a directory",
+    "filesystem.Filesystem/CreateWatcher": "watching a directory",
+    "filesystem.Filesystem/GetWatcherEvents": "watching a directory",
+    "filesystem.Filesystem/RemoveWatcher": "watching a directory",
+}
+STREAMING = {"process.Process/Start", "process.Process/Connect", "filesystem.Filesystem/WatchDir"}
+_ERRNO_CODES = {
+    1: "permission_denied",  # EPERM
+    2: "not_found",  # ENOENT
+    13: "permission_denied",  # EACCES
+    17: "already_exists",  # EEXIST
+    20: "invalid_argument",  # ENOTDIR
+    21: "invalid_argument",  # EISDIR
+    22: "invalid_argument",  # EINVAL
+    28: "resource_exhausted",  # ENOSPC
+    36: "invalid_argument",  # ENAMETOOLONG
+    39: "failed_precondition",  # ENOTEMPTY
+}
+_UPSTREAM_CODES = {
+    400: "invalid_argument",
+    409: "unavailable",  # the sandbox is busy changing state (hibernating, waking)
+    413: "resource_exhausted",
+    423: "permission_denied",  # quarantined
+    429: "resource_exhausted",
+    504: "deadline_exceeded",
+    507: "resource_exhausted",
+}
+
+
+class SandboxGone(Exception):
+    """The routed sandbox does not exist (any more): answered as E2B's proxy does, 502."""
+
+
+def sandbox_gone(sandbox_id: str) -> JSONResponse:
+    return JSONResponse(
+        {"code": 502, "message": f"{SANDBOX_GONE}: {sandbox_id}", "sandboxId": sandbox_id}, 502
+    )
+
+
+def connect_error(e: UpstreamError) -> ConnectError:
+    """A /v1 refusal (other than the sandbox being gone) as the Connect error envd would have sent."""
+    if e.status == 422 and e.code == "guest_error":
+        return ConnectError(_ERRNO_CODES.get(e.errno or 0, "unknown"), e.message)
+    if e.status == 502:
+        return ConnectError("unavailable", f"{e.message} ({SANDBOX_GONE.lower()} running)")
+    return ConnectError(_UPSTREAM_CODES.get(e.status, "internal"), e.message)
+
+
+def _gone(e: UpstreamError) -> bool:
+    return e.status == 404 and e.code == "not_found"
+
+
+def http_error(error: ConnectError) -> JSONResponse:
+    """envd's HTTP endpoints (`/files`) answer `{"code": <status>, "message"}`."""
+    return JSONResponse({"code": error.http_status, "message": error.message}, error.http_status)
+
+
+def basic_user(authorization: str | None) -> str | None:
+    """The user an envd call runs as: E2B sends `Authorization: Basic base64("user:")`."""
+    if not authorization or not authorization.lower().startswith("basic "):
+        return None
+    try:
+        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError) as e:
+        raise ConnectError("invalid_argument", "the Authorization header is not valid Basic") from e
+    return decoded.split(":", 1)[0] or None
+
+
+def absolute(path: str, user: str | None) -> str:
+    """envd resolves a relative path against the user's home; so does this (root's is /root)."""
+    if not path:
+        raise ConnectError("invalid_argument", "path is required")
+    if path.startswith("/"):
+        return posixpath.normpath(path) if path != "/" else "/"
+    home = "/root" if user in (None, "root") else f"/home/{user}"
+    return posixpath.normpath(posixpath.join(home, path))
+
+
+def _rfc3339_ns(ns: int) -> str:
+    seconds, rest = divmod(ns, 1_000_000_000)
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{rest:09d}Z"
+
+
+def entry(path: str, f: FileView) -> dict[str, Any]:
+    """envd's EntryInfo in proto3 JSON (int64 as a string, enums by name). Owner and group are the
+    numeric ids: the /v1 API does not resolve names."""
+    kind = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}.get(f.type, 0)
+    info: dict[str, Any] = {
+        "name": posixpath.basename(path) or "/",
+        "type": {"file": "FILE_TYPE_FILE", "dir": "FILE_TYPE_DIRECTORY", "symlink": "FILE_TYPE_SYMLINK"}.get(
+            f.type, "FILE_TYPE_UNSPECIFIED"
+        ),
+        "path": path,
+        "size": str(f.size),
+        "mode": f.mode,
+        "permissions": stat.filemode(kind | f.mode),
+        "owner": str(f.uid),
+        "group": str(f.gid),
+        "modifiedTime": _rfc3339_ns(f.mtime_ns),
+    }
+    if f.type == "symlink":
+        info["isSymlink"] = True
+        if f.link is not None:
+            info["symlinkTarget"] = f.link
+    return info
+
+
+# ---- filesystem.Filesystem ----------------------------------------------------------------------
+
+
+Unary = Callable[[Upstream, str, dict[str, Any], str | None], Awaitable[dict[str, Any]]]
+
+
+async def stat_path(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    path = absolute(str(msg.get("path", "")), user)
+    return {"entry": entry(path, await up.stat(sid, path))}
+
+
+async def list_dir(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    path = absolute(str(msg.get("path", "")), user)
+    depth = msg.get("depth", 1)
+    if not isinstance(depth, int) or not 0 <= depth <= MAX_DEPTH:
+        raise ConnectError("invalid_argument", f"depth must be 1..{MAX_DEPTH}")
+    if (await up.stat(sid, path)).type != "dir":
+        raise ConnectError("invalid_argument", f"{path} is not a directory")
+    entries: list[dict[str, Any]] = []
+    level = [path]
+    for _ in range(max(depth, 1)):
+        below = []
+        for directory in level:
+            for f in await up.list_dir(sid, directory):
+                child = posixpath.join(directory, f.name)
+                entries.append(entry(child, f))
+                if len(entries) > MAX_LISTED:
+                    raise ConnectError(
+                        "resource_exhausted", f"more than {MAX_LISTED} entries: list less deep"
+                    )
+                if f.type == "dir":
+                    below.append(child)
+        level = below
+    return {"entries": entries}
+
+
+async def make_dir(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    path = absolute(str(msg.get("path", "")), user)
+    with contextlib.suppress(UpstreamError):
+        await up.stat(sid, path)
+        raise ConnectError("already_exists", f"{path} already exists")
+    await up.mkdir(sid, path)
+    return {"entry": entry(path, await up.stat(sid, path))}
+
+
+async def move(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    source = absolute(str(msg.get("source", "")), user)
+    destination = absolute(str(msg.get("destination", "")), user)
+    await up.rename(sid, source, destination)
+    return {"entry": entry(destination, await up.stat(sid, destination))}
+
+
+async def remove(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    await up.remove(sid, absolute(str(msg.get("path", "")), user))
+    return {}
+
+
+UNARY: dict[str, Unary] = {
+    "filesystem.Filesystem/Stat": stat_path,
+    "filesystem.Filesystem/ListDir": list_dir,
+    "filesystem.Filesystem/MakeDir": make_dir,
+    "filesystem.Filesystem/Move": move,
+    "filesystem.Filesystem/Remove": remove,
+}
+
+
+# ---- process.Process/Start ----------------------------------------------------------------------
+
+
+def start_spec(msg: dict[str, Any], user: str | None, timeout: float | None) -> ExecSpec:
+    if msg.get("pty"):
+        raise ConnectError("unimplemented", "PTYs are not supported by Tartarus's E2B endpoint yet")
+    process = msg.get("process")
+    if not isinstance(process, dict) or not isinstance(process.get("cmd"), str) or not process["cmd"]:
+        raise ConnectError("invalid_argument", "process.cmd is required")
+    args = process.get("args") or []
+    envs = process.get("envs") or {}
+    cwd = process.get("cwd")
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ConnectError("invalid_argument", "process.args must be strings")
+    if not isinstance(envs, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in envs.items()
+    ):
+        raise ConnectError("invalid_argument", "process.envs must map strings to strings")
+    if cwd is not None and not isinstance(cwd, str):
+        raise ConnectError("invalid_argument", "process.cwd must be a string")
+    return ExecSpec(
+        argv=[process["cmd"], *args],
+        env=envs,
+        cwd=absolute(cwd, user) if cwd else None,
+        user=user,
+        timeout=timeout,
+    )
+
+
+def process_event(event: ExecEvent) -> dict[str, Any] | ConnectError | None:
+    """A /v1 exec event as envd's ProcessEvent; an error ends the stream; None: nothing to send."""
+    if event.type == "started":
+        return {"event": {"start": {"pid": event.pid}}}
+    if event.type in ("stdout", "stderr"):
+        return {"event": {"data": {event.type: base64.b64encode(event.data).decode()}}}
+    if event.type == "exit":
+        if event.timed_out:
+            return ConnectError("deadline_exceeded", "the command outlived its timeout and was killed")
+        if event.signal:
+            end = {"exitCode": -1, "exited": False, "status": f"signal: {event.signal}"}
+        else:
+            end = {
+                "exitCode": event.exit_code or 0,
+                "exited": True,
+                "status": f"exit status {event.exit_code}",
+            }
+        return {"event": {"end": end}}
+    if event.type == "error":
+        return ConnectError(
+            "unavailable" if event.code == "sandbox_failed" else "internal", event.message or ""
+        )
+    return None
+
+
+async def keepalive(
+    source: AsyncIterator[ExecEvent], interval: float | None
+) -> AsyncIterator[ExecEvent | None]:
+    """`source`'s events, with None whenever it has been quiet for `interval` seconds (the SDK asks for
+    keepalives so proxies keep an idle stream open)."""
+    if not interval:
+        async for each in source:
+            yield each
+        return
+    queue: asyncio.Queue[tuple[ExecEvent | None, BaseException | None, bool]] = asyncio.Queue(maxsize=8)
+
+    async def pump() -> None:
+        try:
+            async for each in source:
+                await queue.put((each, None, False))
+            await queue.put((None, None, True))
+        except Exception as e:
+            await queue.put((None, e, True))
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            item: tuple[ExecEvent | None, BaseException | None, bool]
+            try:
+                item = await asyncio.wait_for(queue.get(), interval)
+            except TimeoutError:
+                yield None
+                continue
+            received, error, done = item
+            if error is not None:
+                raise error
+            if done:
+                return
+            yield received
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def start(request: Request, body: bytes, sid: str) -> Response:
+    up = layer_of(request).upstream
+    try:
+        msg = connect.decode_single(body)
+        timeout = connect.timeout_s(request.headers.get("connect-timeout-ms"))
+        spec = start_spec(msg, basic_user(request.headers.get("authorization")), timeout)
+        interval_header = request.headers.get("keepalive-ping-interval")
+        interval = float(interval_header) if interval_header and interval_header.isdigit() else None
+    except ConnectError as e:
+        return _stream_of(_ended(e))
+    events = up.exec(sid, spec)
+    try:
+        first = await anext(events)  # the command started, or the call was refused: before any 200
+    except UpstreamError as e:
+        await events.aclose()
+        return sandbox_gone(sid) if _gone(e) else _stream_of(_ended(connect_error(e)))
+
+    async def stream() -> AsyncIterator[bytes]:
+        error: ConnectError | None = None
+        try:
+            yield connect.envelope(process_event(first))  # type: ignore[arg-type]
+            async for event in keepalive(events, interval and max(interval, 1.0)):
+                message = {"event": {"keepalive": {}}} if event is None else process_event(event)
+                if isinstance(message, ConnectError):
+                    error = message
+                    break
+                if message is not None:
+                    yield connect.envelope(message)
+        except UpstreamError as e:
+            error = connect_error(e)
+        except httpx.HTTPError as e:
+            error = ConnectError("unavailable", f"the connection to the sandbox ended: {e}")
+        finally:
+            await events.aclose()
+        yield connect.end_stream(error)
+
+    return StreamingResponse(stream(), media_type=CONNECT_JSON, headers={"Cache-Control": "no-cache"})
+
+
+async def _ended(error: ConnectError) -> AsyncIterator[bytes]:
+    yield connect.end_stream(error)
+
+
+def _stream_of(body: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(body, media_type=CONNECT_JSON)
+
+
+# ---- the routes ---------------------------------------------------------------------------------
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refused (not buffered) past `limit` bytes."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ConnectError("resource_exhausted", f"request body exceeds {limit} bytes")
+    return bytes(body)
+
+
+async def rpc(request: Request) -> Response:
+    name = f"{request.path_params['service']}/{request.path_params['method']}"
+    sid: str = request.state.e2b_sandbox
+    streaming = name in STREAMING
+    try:
+        body = await read_capped(request, connect.MAX_FRAME + connect.HEADER.size)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        wanted = CONNECT_JSON if streaming else "application/json"
+        if name in UNIMPLEMENTED:
+            raise ConnectError("unimplemented", f"{UNIMPLEMENTED[name]} is not supported by Tartarus yet")
+        if name not in UNARY and not streaming:
+            raise ConnectError("unimplemented", f"no such method: {name}")
+        if content_type != wanted:
+            raise ConnectError("invalid_argument", f"{name} takes {wanted}, not {content_type or 'nothing'}")
+    except ConnectError as e:
+        return _stream_of(_ended(e)) if streaming else JSONResponse(e.body(), e.http_status)
+    if name == "process.Process/Start":
+        return await start(request, body, sid)
+    up = layer_of(request).upstream
+    try:
+        user = basic_user(request.headers.get("authorization"))
+        return JSONResponse(await UNARY[name](up, sid, connect.decode_json(body), user))
+    except ConnectError as e:
+        return JSONResponse(e.body(), e.http_status)
+    except UpstreamError as e:
+        if _gone(e):
+            return sandbox_gone(sid)
+        error = connect_error(e)
+        return JSONResponse(error.body(), error.http_status)
+
+
+async def health(request: Request) -> Response:
+    up = layer_of(request).upstream
+    sid: str = request.state.e2b_sandbox
+    try:
+        view = await up.get(up.node_key(), sid)
+    except UpstreamError as e:
+        if _gone(e):
+            return sandbox_gone(sid)
+        return http_error(connect_error(e))
+    return Response(status_code=204) if view.state in ("running", "hibernated") else sandbox_gone(sid)
+
+
+async def download(request: Request) -> Response:
+    up = layer_of(request).upstream
+    sid: str = request.state.e2b_sandbox
+    try:
+        path = absolute(request.query_params.get("path", ""), request.query_params.get("username"))
+        response = await up.read_file(sid, path)
+    except ConnectError as e:
+        return http_error(e)
+    except UpstreamError as e:
+        return sandbox_gone(sid) if _gone(e) else http_error(connect_error(e))
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+        finally:
+            await response.aclose()
+
+    name = posixpath.basename(path).replace('"', "")
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
+
+
+async def _write(up: Upstream, sid: str, path: str, chunks: AsyncIterator[bytes]) -> dict[str, str]:
+    """E2B's write makes the file's missing parent directories."""
+    parent = posixpath.dirname(path)
+    if parent != "/":
+        await up.mkdir(sid, parent)
+    await up.write_file(sid, path, chunks)
+    return {"name": posixpath.basename(path), "type": "file", "path": path}
+
+
+async def _spooled(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(UPLOAD_CHUNK):
+        yield chunk
+
+
+async def upload(request: Request) -> Response:
+    """One file as the raw body (`application/octet-stream`, envd 0.5.7) or one or more multipart
+    parts named `file` whose filename is the destination path."""
+    up = layer_of(request).upstream
+    sid: str = request.state.e2b_sandbox
+    user = request.query_params.get("username")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    written = []
+    try:
+        if content_type == "multipart/form-data":
+            async with request.form(max_files=1000, max_fields=0, max_part_size=1 << 20) as form:
+                files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+                if not files:
+                    raise ConnectError("invalid_argument", "the multipart body holds no file part")
+                only = request.query_params.get("path") if len(files) == 1 else None
+                for part in files:
+                    destination = only or part.filename or ""
+                    written.append(await _write(up, sid, absolute(destination, user), _spooled(part)))
+        elif content_type == "application/octet-stream":
+            if request.headers.get("content-encoding", "identity") != "identity":
+                raise ConnectError("unimplemented", "compressed uploads are not supported yet")
+            path = absolute(request.query_params.get("path", ""), user)
+            written.append(await _write(up, sid, path, request.stream()))
+        else:
+            raise ConnectError(
+                "invalid_argument", f"upload as multipart/form-data or octet-stream, not {content_type!r}"
+            )
+    except ConnectError as e:
+        return http_error(e)
+    except UpstreamError as e:
+        return sandbox_gone(sid) if _gone(e) else http_error(connect_error(e))
+    return JSONResponse(written)
+
+
+def create_app() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/files", download, methods=["GET"]),
+            Route("/files", upload, methods=["POST"]),
+            Route("/{service}/{method}", rpc, methods=["POST"]),
+        ]
+    )

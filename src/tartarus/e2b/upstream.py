@@ -1,0 +1,290 @@
+"""Tartarus's own REST API (/v1), as the E2B layer calls it: over the daemon's socket, with a key.
+
+The control plane calls with the caller's key (E2B's `X-API-KEY`), so the daemon authenticates, scopes
+and audits the call as the caller's. envd requests carry no API key, only the sandbox's access token:
+once that is checked (tokens.py), the call is made with the node's local admin key, for that one sandbox.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tartarus.paths import LOCAL_KEY_FILE
+
+TIMEOUT = httpx.Timeout(600, connect=10)  # a cold create under emulation takes minutes
+STREAM_TIMEOUT = httpx.Timeout(None, connect=10)  # a command's output may pause for as long as it likes
+
+
+@dataclass(eq=False)  # not frozen: frameworks set an exception's __traceback__
+class UpstreamError(Exception):
+    """The daemon's refusal: its status and `{"error": {"code", "message"}}`."""
+
+    status: int
+    code: str
+    message: str
+    errno: int | None = None
+
+
+@dataclass(frozen=True)
+class SandboxView:
+    id: str
+    template: str
+    state: str  # running, hibernated, failed, destroyed, lost
+    created_at: float
+    vcpus: int
+    memory_mib: int
+    tenant: str | None = None
+    expires_at: float | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> SandboxView:
+        return cls(
+            id=str(body["id"]),
+            template=str(body["template"]),
+            state=str(body["state"]),
+            created_at=float(body["created_at"]),
+            vcpus=int(body["vcpus"]),
+            memory_mib=int(body["memory_mib"]),
+            tenant=body.get("tenant"),
+            expires_at=body.get("expires_at"),
+            labels=dict(body.get("labels") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class FileView:
+    name: str
+    type: str  # file, dir, symlink, other
+    mode: int  # permission bits
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    link: str | None = None
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> FileView:
+        return cls(
+            name=str(body["name"]),
+            type=str(body["type"]),
+            mode=int(body["mode"]),
+            size=int(body["size"]),
+            mtime_ns=int(body["mtime_ns"]),
+            uid=int(body["uid"]),
+            gid=int(body["gid"]),
+            link=body.get("link"),
+        )
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    """One line of /v1 exec's NDJSON stream."""
+
+    type: str  # started, stdout, stderr, exit, error
+    pid: int | None = None
+    data: bytes = b""
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    code: str | None = None
+    message: str | None = None
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> ExecEvent:
+        return cls(
+            type=str(body["type"]),
+            pid=body.get("pid"),
+            data=base64.b64decode(body["data"]) if body.get("data") else b"",
+            exit_code=body.get("exit_code"),
+            signal=body.get("signal"),
+            timed_out=bool(body.get("timed_out")),
+            code=body.get("code"),
+            message=body.get("message"),
+        )
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    argv: list[str]
+    env: Mapping[str, str]
+    cwd: str | None
+    user: str | None
+    timeout: float | None
+
+
+async def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    await response.aread()
+    try:
+        error = response.json()["error"]
+        code, message, errno_ = str(error["code"]), str(error["message"]), error.get("errno")
+    except (ValueError, KeyError, TypeError):
+        code, message, errno_ = "http_error", response.text[:500], None
+    raise UpstreamError(response.status_code, code, message, errno_)
+
+
+class Upstream:
+    """One connection pool to the daemon, at `url` (TCP) or over the unix socket `uds`."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        url: str | None = None,
+        uds: Path | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,  # unit tests: a stand-in daemon
+    ) -> None:
+        if (url is None) == (uds is None):
+            raise ValueError("give the daemon's url or its unix socket, not both")
+        transport = transport or (
+            httpx.AsyncHTTPTransport(uds=str(uds)) if uds else httpx.AsyncHTTPTransport()
+        )
+        self._http = httpx.AsyncClient(
+            base_url=url or "http://tartarus", transport=transport, timeout=TIMEOUT
+        )
+        self._state_dir = state_dir
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def node_key(self) -> str:
+        """The local admin key, read when used: the daemon replaces it when it finds it revoked."""
+        return (self._state_dir / LOCAL_KEY_FILE).read_text().strip()
+
+    async def _call(
+        self, key: str, method: str, path: str, *, json_body: object = None, params: object = None
+    ) -> Any:
+        response = await self._http.request(
+            method,
+            path,
+            json=json_body,
+            params=params,  # type: ignore[arg-type]
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        await _raise_for(response)
+        return response.json() if response.status_code != 204 else None
+
+    # ---- sandboxes ------------------------------------------------------------------------------
+
+    async def create(self, key: str, body: Mapping[str, Any]) -> SandboxView:
+        return SandboxView.of(await self._call(key, "POST", "/v1/sandboxes", json_body=body))
+
+    async def get(self, key: str, sandbox_id: str) -> SandboxView:
+        return SandboxView.of(await self._call(key, "GET", f"/v1/sandboxes/{sandbox_id}"))
+
+    async def list_sandboxes(self, key: str, labels: Mapping[str, str]) -> list[SandboxView]:
+        params = [("label", f"{k}={v}") for k, v in labels.items()]
+        body = await self._call(key, "GET", "/v1/sandboxes", params=params)
+        return [SandboxView.of(s) for s in body["sandboxes"]]
+
+    async def delete(self, key: str, sandbox_id: str) -> None:
+        await self._call(key, "DELETE", f"/v1/sandboxes/{sandbox_id}")
+
+    async def set_timeout(self, key: str, sandbox_id: str, timeout: float) -> SandboxView:
+        body = await self._call(
+            key, "PUT", f"/v1/sandboxes/{sandbox_id}/timeout", json_body={"timeout": timeout}
+        )
+        return SandboxView.of(body)
+
+    async def hibernate(self, key: str, sandbox_id: str) -> SandboxView:
+        return SandboxView.of(await self._call(key, "POST", f"/v1/sandboxes/{sandbox_id}/hibernate"))
+
+    async def wake(self, key: str, sandbox_id: str) -> SandboxView:
+        return SandboxView.of(await self._call(key, "POST", f"/v1/sandboxes/{sandbox_id}/wake"))
+
+    # ---- one sandbox's insides (the data plane) -------------------------------------------------
+
+    async def exec(self, sandbox_id: str, spec: ExecSpec) -> AsyncGenerator[ExecEvent, None]:
+        """The command's events; leaving the iteration early closes the stream (the daemon kills it)."""
+        body: dict[str, Any] = {"argv": spec.argv, "env": dict(spec.env)}
+        for name, value in (("cwd", spec.cwd), ("user", spec.user), ("timeout", spec.timeout)):
+            if value is not None:
+                body[name] = value
+        request = self._http.build_request(
+            "POST",
+            f"/v1/sandboxes/{sandbox_id}/exec",
+            json=body,
+            headers={"Authorization": f"Bearer {self.node_key()}"},
+            timeout=STREAM_TIMEOUT,
+        )
+        response = await self._http.send(request, stream=True)
+        try:
+            await _raise_for(response)
+            async for line in response.aiter_lines():
+                if line:
+                    yield ExecEvent.of(json.loads(line))
+        finally:
+            await response.aclose()
+
+    async def read_file(self, sandbox_id: str, path: str) -> httpx.Response:
+        """The open download (its body not yet read): the caller streams it on and closes it."""
+        request = self._http.build_request(
+            "GET",
+            f"/v1/sandboxes/{sandbox_id}/files",
+            params={"path": path},
+            headers={"Authorization": f"Bearer {self.node_key()}"},
+            timeout=STREAM_TIMEOUT,
+        )
+        response = await self._http.send(request, stream=True)
+        try:
+            await _raise_for(response)
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
+
+    async def write_file(self, sandbox_id: str, path: str, content: AsyncIterator[bytes]) -> int:
+        response = await self._http.put(
+            f"/v1/sandboxes/{sandbox_id}/files",
+            params={"path": path},
+            content=content,
+            headers={"Authorization": f"Bearer {self.node_key()}"},
+            timeout=STREAM_TIMEOUT,
+        )
+        await _raise_for(response)
+        return int(response.json()["size"])
+
+    async def stat(self, sandbox_id: str, path: str) -> FileView:
+        body = await self._call(
+            self.node_key(), "GET", f"/v1/sandboxes/{sandbox_id}/files/stat", params={"path": path}
+        )
+        return FileView.of(body)
+
+    async def list_dir(self, sandbox_id: str, path: str) -> list[FileView]:
+        body = await self._call(
+            self.node_key(), "GET", f"/v1/sandboxes/{sandbox_id}/files/list", params={"path": path}
+        )
+        return [FileView.of(e) for e in body["entries"]]
+
+    async def mkdir(self, sandbox_id: str, path: str) -> None:
+        await self._call(
+            self.node_key(),
+            "POST",
+            f"/v1/sandboxes/{sandbox_id}/files/mkdir",
+            json_body={"path": path, "parents": True},
+        )
+
+    async def rename(self, sandbox_id: str, path: str, new_path: str) -> None:
+        await self._call(
+            self.node_key(),
+            "POST",
+            f"/v1/sandboxes/{sandbox_id}/files/rename",
+            json_body={"path": path, "new_path": new_path},
+        )
+
+    async def remove(self, sandbox_id: str, path: str) -> None:
+        await self._call(
+            self.node_key(),
+            "DELETE",
+            f"/v1/sandboxes/{sandbox_id}/files",
+            params={"path": path, "recursive": "true"},
+        )

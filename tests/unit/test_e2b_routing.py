@@ -1,0 +1,160 @@
+"""The E2B endpoint's front door (tartarus.e2b.app, routing, tokens), with a stand-in daemon: which plane
+a request reaches, and that a data-plane request without its sandbox's token reaches nothing. The
+endpoint on a real daemon with real sandboxes is tests/e2b/test_sdk.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tartarus.e2b import connect
+from tartarus.e2b.app import E2BApp
+from tartarus.e2b.layer import Layer
+from tartarus.e2b.routing import RoutingError, Target, target
+from tartarus.e2b.tokens import SECRET_FILE, TokenMint
+from tartarus.e2b.upstream import Upstream
+
+
+def test_headers_route_to_a_sandbox_and_its_port() -> None:
+    assert target("sb-0123", "49983", "127.0.0.1:9") == Target("sb-0123", 49983)
+    assert target("sb-0123", None, None) == Target("sb-0123", 49983)
+    assert target(None, None, "49999-sb-0123.e2b.local:8080") == Target("sb-0123", 49999)
+    assert target(None, None, "127.0.0.1:9") is None  # the control plane
+    assert target(None, None, "api.e2b.local") is None
+    for sandbox, port in (("../etc", None), ("sb-1", "0"), ("sb-1", "http"), ("", None)):
+        with pytest.raises(RoutingError):
+            target(sandbox, port, None)
+
+
+def test_tokens_are_per_sandbox_stable_and_secret(tmp_path: Path) -> None:
+    mint = TokenMint.load(tmp_path)
+    assert stat.S_IMODE((tmp_path / SECRET_FILE).stat().st_mode) == 0o600
+    token = mint.token("sb-1")
+    assert TokenMint.load(tmp_path).token("sb-1") == token  # a restarted daemon hands out the same
+    assert mint.check("sb-1", token)
+    assert not mint.check("sb-2", token)
+    assert not mint.check("sb-1", token[:-1])
+    assert not mint.check("sb-1", None)
+    assert TokenMint.load(tmp_path / "other").token("sb-1") != token
+
+
+class StandIn:
+    """A daemon whose sandboxes are all gone, recording what reaches it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append(f"{request.method} {request.url.path}")
+        body = {"error": {"code": "not_found", "message": "no such sandbox"}}
+        return httpx.Response(404, json=body)
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> tuple[E2BApp, StandIn, TokenMint]:
+    (tmp_path / "admin.key").write_text("tartarus_node\n")
+    daemon = StandIn()
+    upstream = Upstream(tmp_path, url="http://daemon", transport=httpx.MockTransport(daemon))
+    app = E2BApp(lambda: Layer(upstream, TokenMint.load(tmp_path)))
+    mint = TokenMint.load(tmp_path)
+    app.install(Layer(upstream, mint))
+    return app, daemon, mint
+
+
+def call(app: E2BApp, method: str, path: str, **kwargs: object) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:49983") as client:
+            return await client.request(method, path, **kwargs)  # type: ignore[arg-type]
+
+    return asyncio.run(go())
+
+
+RPC = "/filesystem.Filesystem/Stat"
+
+
+def sandbox(sid: str, token: str | None = None, port: int = 49983) -> dict[str, str]:
+    headers = {"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": str(port), "Content-Type": "application/json"}
+    return headers | ({"X-Access-Token": token} if token is not None else {})
+
+
+def test_a_wrong_or_missing_token_is_401_and_reaches_nothing(
+    endpoint: tuple[E2BApp, StandIn, TokenMint],
+) -> None:
+    app, daemon, mint = endpoint
+    other = mint.token("sb-other")
+    for headers in (sandbox("sb-1"), sandbox("sb-1", other), sandbox("sb-1", "x" * 43)):
+        rpc = call(app, "POST", RPC, headers=headers, json={"path": "/"})
+        assert rpc.status_code == 401
+        assert rpc.json() == {"code": "unauthenticated", "message": rpc.json()["message"]}
+        files = call(app, "GET", "/files", headers=headers, params={"path": "/etc/hostname"})
+        assert files.status_code == 401 and files.json()["code"] == 401
+    assert daemon.calls == []
+
+
+def test_the_right_token_for_a_gone_sandbox_is_e2bs_502(endpoint: tuple[E2BApp, StandIn, TokenMint]) -> None:
+    app, daemon, mint = endpoint
+    headers = sandbox("sb-1", mint.token("sb-1"))
+    for method, path, kwargs in (
+        ("POST", RPC, {"json": {"path": "/"}}),
+        ("GET", "/health", {}),
+        ("GET", "/files", {"params": {"path": "/x"}}),
+    ):
+        response = call(app, method, path, headers=headers, **kwargs)
+        assert response.status_code == 502, path
+        assert "was not found" in response.json()["message"]  # what the SDK tells a dead sandbox by
+    assert all(c.startswith(("GET /v1/sandboxes/sb-1", "POST", "GET")) for c in daemon.calls)
+    assert len(daemon.calls) == 3
+
+
+def test_bad_input_on_a_stream_ends_the_stream_with_an_error_not_a_500(
+    endpoint: tuple[E2BApp, StandIn, TokenMint],
+) -> None:
+    app, daemon, mint = endpoint
+    headers = sandbox("sb-1", mint.token("sb-1")) | {"Content-Type": "application/connect+json"}
+    declared = b"\x00" + (connect.MAX_FRAME + 1).to_bytes(4, "big")
+    sent = declared + b" " * (connect.MAX_FRAME + 1)  # refused once the cap is passed, not buffered on
+    cases = [
+        (b"\x00\x00\x00\x00\x09{}", "invalid_argument"),
+        (declared, "resource_exhausted"),
+        (sent, "resource_exhausted"),
+    ]
+    for body, code in cases:
+        response = call(app, "POST", "/process.Process/Start", headers=headers, content=body)
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/connect+json"
+        (end,) = [response.content]
+        assert end[0] == connect.END_STREAM
+        assert json.loads(end[5:])["error"]["code"] == code
+    assert daemon.calls == []  # refused before any command could start
+
+
+def test_what_needs_new_guest_features_is_unimplemented(endpoint: tuple[E2BApp, StandIn, TokenMint]) -> None:
+    app, _, mint = endpoint
+    response = call(
+        app, "POST", "/process.Process/SendInput", headers=sandbox("sb-1", mint.token("sb-1")), json={}
+    )
+    assert response.status_code == 501
+    assert response.json()["code"] == "unimplemented"
+    interpreter = call(
+        app, "POST", "/execute", headers=sandbox("sb-1", mint.token("sb-1"), port=49999), json={}
+    )
+    assert interpreter.status_code == 501
+
+
+def test_the_control_plane_wants_a_key_and_answers_e2bs_errors(
+    endpoint: tuple[E2BApp, StandIn, TokenMint],
+) -> None:
+    app, daemon, _ = endpoint
+    missing = call(app, "GET", "/sandboxes/sb-1")
+    assert missing.status_code == 401 and missing.json()["code"] == 401
+    assert daemon.calls == []
+    gone = call(app, "GET", "/sandboxes/sb-1", headers={"X-API-KEY": "tartarus_k"})
+    assert gone.status_code == 404 and gone.json() == {"code": 404, "message": "no such sandbox"}
+    bad = call(app, "POST", "/v2/sandboxes", headers={"X-API-KEY": "tartarus_k"}, json={"timeout": 5})
+    assert bad.status_code == 400 and "templateID" in bad.json()["message"]

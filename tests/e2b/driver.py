@@ -1,0 +1,160 @@
+"""Runs under the E2B SDK's own venv (tests/e2b/sdk_venv.py), never under Tartarus's: drives the
+UNMODIFIED `e2b` SDK against the E2B endpoint that E2B_API_URL / E2B_SANDBOX_URL name, and prints what
+it observed as one JSON object for tests/e2b/test_sdk.py to assert on.
+
+    python driver.py sync|async TAG
+
+Each step records the SDK's value, or the name of the exception the SDK raised: the point is which of
+its own exceptions the SDK raises for Tartarus's answers.
+"""
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+
+from e2b import AsyncSandbox, CommandExitException, Sandbox, SandboxQuery
+
+BLOB = bytes(range(256)) * 64 + b"\x00\r\n\xff"  # every byte value, and line ends that text modes mangle
+DIR = "/tmp/e2b-suite"
+
+
+def failure(e):
+    return {"raised": type(e).__name__, "message": str(e)[:300]}
+
+
+def attempt(fn):
+    try:
+        return fn()
+    except Exception as e:
+        return failure(e)
+
+
+async def attempt_async(fn):
+    try:
+        return await fn()
+    except Exception as e:
+        return failure(e)
+
+
+def seconds_left(info):
+    return (info.end_at - datetime.now(UTC)).total_seconds()
+
+
+def sync_suite(tag, out):
+    sb = Sandbox.create(metadata={"suite": tag}, timeout=300)
+    sid = out["sandbox_id"] = sb.sandbox_id
+    try:
+        r = sb.commands.run("echo hi")
+        out["echo"] = {"stdout": r.stdout, "stderr": r.stderr, "exit_code": r.exit_code}
+        try:
+            sb.commands.run("echo oops >&2; exit 3")
+            out["fail"] = None
+        except CommandExitException as e:
+            out["fail"] = {"raised": type(e).__name__, "exit_code": e.exit_code, "stderr": e.stderr}
+        r = sb.commands.run('echo "$GREETING"; pwd', envs={"GREETING": "hello"}, cwd="/tmp")
+        out["env_cwd"] = r.stdout
+
+        f = sb.files
+        out["write"] = f.write(f"{DIR}/data.bin", BLOB).path
+        out["read_equal"] = bytes(f.read(f"{DIR}/data.bin", format="bytes")) == BLOB
+        f.write(f"{DIR}/note.txt", "héllo\n")
+        out["text"] = f.read(f"{DIR}/note.txt")
+        out["exists"] = [f.exists(f"{DIR}/data.bin"), f.exists(f"{DIR}/missing")]
+        out["make_dir"] = [f.make_dir(f"{DIR}/sub"), f.make_dir(f"{DIR}/sub")]
+        out["list"] = sorted([e.name, e.type.value if e.type else None, e.size] for e in f.list(DIR))
+        out["rename"] = f.rename(f"{DIR}/note.txt", f"{DIR}/sub/note.txt").path
+        out["after_rename"] = [f.exists(f"{DIR}/note.txt"), f.read(f"{DIR}/sub/note.txt")]
+        f.remove(f"{DIR}/sub")
+        out["after_remove"] = f.exists(f"{DIR}/sub")
+        out["read_missing"] = attempt(lambda: f.read(f"{DIR}/missing"))
+
+        out["listed"] = [
+            s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items()
+        ]
+        other = Sandbox.list(query=SandboxQuery(metadata={"suite": tag + "-other"})).next_items()
+        out["listed_other"] = [s.sandbox_id for s in other]
+        out["listed_metadata"] = Sandbox.get_info(sid).metadata
+
+        sb.set_timeout(900)
+        out["timeout_left"] = seconds_left(sb.get_info())
+
+        f.write(f"{DIR}/state.txt", "kept across pause")
+        out["pause"] = sb.pause()
+        out["paused_state"] = Sandbox.get_info(sid).state.value
+        out["pause_again"] = Sandbox.pause(sid)
+        resumed = Sandbox.connect(sid)
+        out["resumed_state"] = resumed.get_info().state.value
+        out["resumed_read"] = resumed.files.read(f"{DIR}/state.txt")
+        out["resumed_run"] = resumed.commands.run("cat " + f"{DIR}/state.txt").stdout
+    finally:
+        out["kill"] = sb.kill()
+    out["kill_again"] = Sandbox.kill(sid)
+    out["get_after_kill"] = attempt(lambda: Sandbox.get_info(sid))
+    out["run_after_kill"] = attempt(lambda: sb.commands.run("echo late"))
+
+
+async def async_suite(tag, out):
+    sb = await AsyncSandbox.create(metadata={"suite": tag}, timeout=300)
+    sid = out["sandbox_id"] = sb.sandbox_id
+    try:
+        r = await sb.commands.run("echo hi")
+        out["echo"] = {"stdout": r.stdout, "stderr": r.stderr, "exit_code": r.exit_code}
+        try:
+            await sb.commands.run("echo oops >&2; exit 3")
+            out["fail"] = None
+        except CommandExitException as e:
+            out["fail"] = {"raised": type(e).__name__, "exit_code": e.exit_code, "stderr": e.stderr}
+        r = await sb.commands.run('echo "$GREETING"; pwd', envs={"GREETING": "hello"}, cwd="/tmp")
+        out["env_cwd"] = r.stdout
+
+        f = sb.files
+        out["write"] = (await f.write(f"{DIR}/data.bin", BLOB)).path
+        out["read_equal"] = bytes(await f.read(f"{DIR}/data.bin", format="bytes")) == BLOB
+        await f.write(f"{DIR}/note.txt", "héllo\n")
+        out["text"] = await f.read(f"{DIR}/note.txt")
+        out["exists"] = [await f.exists(f"{DIR}/data.bin"), await f.exists(f"{DIR}/missing")]
+        out["make_dir"] = [await f.make_dir(f"{DIR}/sub"), await f.make_dir(f"{DIR}/sub")]
+        out["list"] = sorted([e.name, e.type.value if e.type else None, e.size] for e in await f.list(DIR))
+        out["rename"] = (await f.rename(f"{DIR}/note.txt", f"{DIR}/sub/note.txt")).path
+        out["after_rename"] = [await f.exists(f"{DIR}/note.txt"), await f.read(f"{DIR}/sub/note.txt")]
+        await f.remove(f"{DIR}/sub")
+        out["after_remove"] = await f.exists(f"{DIR}/sub")
+        out["read_missing"] = await attempt_async(lambda: f.read(f"{DIR}/missing"))
+
+        page = await AsyncSandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items()
+        out["listed"] = [s.sandbox_id for s in page]
+        other = await AsyncSandbox.list(query=SandboxQuery(metadata={"suite": tag + "-other"})).next_items()
+        out["listed_other"] = [s.sandbox_id for s in other]
+        out["listed_metadata"] = (await AsyncSandbox.get_info(sid)).metadata
+
+        await sb.set_timeout(900)
+        out["timeout_left"] = seconds_left(await sb.get_info())
+
+        await f.write(f"{DIR}/state.txt", "kept across pause")
+        out["pause"] = await sb.pause()
+        out["paused_state"] = (await AsyncSandbox.get_info(sid)).state.value
+        out["pause_again"] = await AsyncSandbox.pause(sid)
+        resumed = await AsyncSandbox.connect(sid)
+        out["resumed_state"] = (await resumed.get_info()).state.value
+        out["resumed_read"] = await resumed.files.read(f"{DIR}/state.txt")
+        out["resumed_run"] = (await resumed.commands.run("cat " + f"{DIR}/state.txt")).stdout
+    finally:
+        out["kill"] = await sb.kill()
+    out["kill_again"] = await AsyncSandbox.kill(sid)
+    out["get_after_kill"] = await attempt_async(lambda: AsyncSandbox.get_info(sid))
+    out["run_after_kill"] = await attempt_async(lambda: sb.commands.run("echo late"))
+
+
+def main():
+    mode, tag = sys.argv[1], sys.argv[2]
+    out = {}
+    try:
+        sync_suite(tag, out) if mode == "sync" else asyncio.run(async_suite(tag, out))
+    except Exception as e:  # what was observed until then still goes out, with what stopped it
+        out["crashed"] = failure(e)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

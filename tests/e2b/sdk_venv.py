@@ -1,0 +1,55 @@
+"""The E2B SDKs the conformance suite drives, in a venv of their own under the cache dir, keyed by their
+pinned versions (sdk-requirements.txt): their dependencies never constrain Tartarus's, and a change of
+pins builds a new venv beside the old. `python -m tests.e2b.sdk_venv` builds it ahead (scripts/setup)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tartarus.paths import cache_dir
+
+REQUIREMENTS = Path(__file__).with_name("sdk-requirements.txt")
+DRIVER = Path(__file__).with_name("driver.py")
+
+
+def sdk_python() -> Path:
+    """The venv's interpreter, building the venv first if these pins have none yet."""
+    pins = REQUIREMENTS.read_bytes()
+    key = hashlib.sha256(pins + sys.version.encode()).hexdigest()[:16]
+    root = cache_dir() / "e2b-sdk"
+    venv = root / key
+    python = venv / "bin" / "python"
+    ready = venv / ".ready"
+    if ready.exists():
+        return python
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs build it once
+        if ready.exists():
+            return python
+        shutil.rmtree(venv, ignore_errors=True)  # a build that died half-way
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+                str(REQUIREMENTS),
+            ],
+            check=True,
+        )
+        ready.touch()
+    return python
+
+
+if __name__ == "__main__":
+    print(sdk_python())

@@ -1,0 +1,171 @@
+"""E2B conformance: the UNMODIFIED `e2b` SDK (pinned, in its own venv: sdk_venv.py) drives a real
+`tartarus serve --e2b-port` with real sandboxes, sync and asyncio, with only E2B_API_KEY (a Tartarus
+tenant key), E2B_API_URL and E2B_SANDBOX_URL set. driver.py runs the scenario in the SDK's venv and
+reports what the SDK returned or raised; the tests here assert on that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tartarus.e2b import connect
+from tests.e2b.sdk_venv import DRIVER, sdk_python
+from tests.served import Served
+
+pytestmark = pytest.mark.vm
+
+
+@dataclass
+class Endpoint:
+    daemon: Served
+    url: str  # the E2B port: E2B_API_URL and E2B_SANDBOX_URL both
+    alice: str  # tenant keys
+    bob: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    python = sdk_python()  # built before the daemon starts: a first build takes a while
+    assert python.exists()
+    port = free_port()
+    daemon = Served(tmp_path_factory.mktemp("e2b") / "state", "--e2b-port", str(port))
+    try:
+        keys = []
+        for tenant in ("alice", "bob"):
+            made = httpx.post(
+                f"{daemon.url}/v1/keys",
+                json={"tenant": tenant},
+                headers={"Authorization": f"Bearer {daemon.key}"},
+                timeout=30,
+            )
+            made.raise_for_status()
+            keys.append(str(made.json()["key"]))
+        yield Endpoint(daemon, f"http://127.0.0.1:{port}", *keys)
+    finally:
+        daemon.stop(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module", params=["blocking", "asyncio"])
+def observed(request: pytest.FixtureRequest, endpoint: Endpoint) -> dict[str, Any]:
+    """What the SDK saw over one run of the scenario (driver.py), in the SDK's sync or async flavour."""
+    tag = f"suite-{request.param}-{secrets.token_hex(3)}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("E2B_", "PYTHON"))}
+    env |= {"E2B_API_KEY": endpoint.alice, "E2B_API_URL": endpoint.url, "E2B_SANDBOX_URL": endpoint.url}
+    mode = "sync" if request.param == "blocking" else "async"
+    run = subprocess.run(
+        [str(sdk_python()), str(DRIVER), mode, tag], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out: dict[str, Any] = json.loads(run.stdout)
+    out["tag"] = tag
+    return out
+
+
+def test_the_scenario_ran_to_its_end(observed: dict[str, Any]) -> None:
+    assert "crashed" not in observed, observed.get("crashed")
+
+
+def test_commands_run_returns_stdout_and_exit_code(observed: dict[str, Any]) -> None:
+    assert observed["echo"] == {"stdout": "hi\n", "stderr": "", "exit_code": 0}
+    assert observed["env_cwd"] == "hello\n/tmp\n"  # envs and cwd reach the command
+
+
+def test_a_nonzero_exit_raises_the_sdks_command_exit_exception(observed: dict[str, Any]) -> None:
+    assert observed["fail"] == {"raised": "CommandExitException", "exit_code": 3, "stderr": "oops\n"}
+
+
+def test_files_round_trip_binary_and_text(observed: dict[str, Any]) -> None:
+    assert observed["write"] == "/tmp/e2b-suite/data.bin"  # its parent directory made on the way
+    assert observed["read_equal"] is True  # every byte value, unmangled
+    assert observed["text"] == "héllo\n"
+    assert observed["exists"] == [True, False]
+    assert observed["make_dir"] == [True, False]  # the second finds it there: False, as E2B's
+    assert observed["list"] == [["data.bin", "file", 16388], ["note.txt", "file", 7], ["sub", "dir", 4096]]
+    assert observed["rename"] == "/tmp/e2b-suite/sub/note.txt"
+    assert observed["after_rename"] == [False, "héllo\n"]
+    assert observed["after_remove"] is False
+    assert observed["read_missing"]["raised"] == "FileNotFoundException"
+
+
+def test_list_filters_by_metadata(observed: dict[str, Any]) -> None:
+    assert observed["listed"] == [observed["sandbox_id"]]
+    assert observed["listed_other"] == []
+    assert observed["listed_metadata"] == {"suite": observed["tag"]}
+
+
+def test_set_timeout_moves_the_end(observed: dict[str, Any]) -> None:
+    assert 800 < observed["timeout_left"] <= 900
+
+
+def test_pause_then_connect_resumes_with_state(observed: dict[str, Any]) -> None:
+    assert observed["pause"] is True
+    assert observed["paused_state"] == "paused"
+    assert observed["pause_again"] is False  # already paused: E2B's 409
+    assert observed["resumed_state"] == "running"
+    assert observed["resumed_read"] == "kept across pause"
+    assert observed["resumed_run"] == "kept across pause"
+
+
+def test_kill_then_the_sdks_not_found_errors(observed: dict[str, Any]) -> None:
+    assert observed["kill"] is True
+    assert observed["kill_again"] is False
+    assert observed["get_after_kill"]["raised"] == "SandboxNotFoundException"
+    assert observed["run_after_kill"]["raised"] == "SandboxNotRunningException"
+
+
+def test_bad_input_and_other_tenants_on_a_live_sandbox(endpoint: Endpoint) -> None:
+    """Raw HTTP, as a client that is not the SDK might send: another tenant's key finds nothing, a wrong
+    token opens nothing, malformed envelopes end their stream with an error (never a 500, never a hang)."""
+    with httpx.Client(base_url=endpoint.url, timeout=300) as client:
+        made = client.post(
+            "/v2/sandboxes", json={"templateID": "base"}, headers={"X-API-KEY": endpoint.alice}
+        )
+        assert made.status_code == 201, made.text
+        sid, token = made.json()["sandboxID"], made.json()["envdAccessToken"]
+        try:
+            assert client.get(f"/sandboxes/{sid}", headers={"X-API-KEY": endpoint.bob}).status_code == 404
+            assert client.delete(f"/sandboxes/{sid}", headers={"X-API-KEY": endpoint.bob}).status_code == 404
+            routed = {"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983"}
+            wrong = client.get(
+                "/files", params={"path": "/etc/hostname"}, headers=routed | {"X-Access-Token": "x"}
+            )
+            assert wrong.status_code == 401
+            start = routed | {"X-Access-Token": token, "Content-Type": "application/connect+json"}
+            for body in (b"\x00\x00\x00\x00\x09{}", b"\x00\x00\x00\x00\x02[]", b"\x00" + b"\xff" * 4):
+                response = client.post("/process.Process/Start", content=body, headers=start, timeout=30)
+                assert response.status_code == 200
+                assert response.content[0] == connect.END_STREAM
+                assert json.loads(response.content[5:])["error"]["code"] in (
+                    "invalid_argument",
+                    "resource_exhausted",
+                )
+            ok = client.post(
+                "/process.Process/Start",
+                content=connect.envelope({"process": {"cmd": "/bin/echo", "args": ["raw"]}}),
+                headers=start | {"Connect-Timeout-Ms": "60000"},
+            )
+            messages = connect.decode_envelopes(ok.content)
+            assert "pid" in messages[0]["event"]["start"]
+            assert {"event": {"data": {"stdout": "cmF3Cg=="}}} in messages
+            assert messages[-1] == {}  # the end-of-stream envelope: success
+        finally:
+            assert (
+                client.delete(f"/sandboxes/{sid}", headers={"X-API-KEY": endpoint.alice}).status_code == 204
+            )

@@ -499,6 +499,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if len(raw) != ref.size:",
         ("tests/unit/test_cluster_chunks.py::test_unseal_refuses_garbage_and_a_valid_blob_of_other_content",),
     ),
+    Mutation(
+        "e2b.access-token",
+        "an E2B data-plane request reaches its sandbox only with that sandbox's access token",
+        "src/tartarus/e2b/app.py",
+        'if not self.layer.tokens.check(where.sandbox_id, _header(scope, b"x-access-token")):',
+        "if False:",
+        ("tests/unit/test_e2b_routing.py",),
+    ),
+    Mutation(
+        "e2b.token-per-sandbox",
+        "one sandbox's access token opens no other",
+        "src/tartarus/e2b/tokens.py",
+        "digest = hmac.new(self._secret, sandbox_id.encode(), hashlib.sha256).digest()",
+        'digest = hmac.new(self._secret, b"", hashlib.sha256).digest()',
+        ("tests/unit/test_e2b_routing.py",),
+    ),
 )
 
 

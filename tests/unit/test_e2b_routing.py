@@ -1,6 +1,6 @@
 """The E2B endpoint's front door (tartarus.e2b.app, routing, tokens), with a stand-in daemon: which plane
 a request reaches, and that a data-plane request without its sandbox's token reaches nothing. The
-endpoint on a real daemon with real sandboxes is tests/e2b/test_sdk.py."""
+endpoint on a real daemon with real sandboxes is tests/e2b_compat/test_sdk.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The E2B SDKs the conformance suite drives, in a venv of their own under the cache dir, keyed by their
 pinned versions (sdk-requirements.txt): their dependencies never constrain Tartarus's, and a change of
-pins builds a new venv beside the old. `python -m tests.e2b.sdk_venv` builds it ahead (scripts/setup)."""
+pins builds a new venv beside the old. The suite builds it on first use (it needs PyPI);
+`python -m tests.e2b_compat.sdk_venv` builds it ahead."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Runs under the E2B SDK's own venv (tests/e2b/sdk_venv.py), never under Tartarus's: drives the
+"""Runs under the E2B SDK's own venv (tests/e2b_compat/sdk_venv.py), never under Tartarus's: drives the
 UNMODIFIED `e2b` SDK against the E2B endpoint that E2B_API_URL / E2B_SANDBOX_URL name, and prints what
-it observed as one JSON object for tests/e2b/test_sdk.py to assert on.
+it observed as one JSON object for tests/e2b_compat/test_sdk.py to assert on.
 
     python driver.py sync|async TAG
 
@@ -9,11 +9,13 @@ its own exceptions the SDK raises for Tartarus's answers.
 """
 
 import asyncio
+import io
 import json
 import sys
 from datetime import UTC, datetime
 
 from e2b import AsyncSandbox, CommandExitException, Sandbox, SandboxQuery
+from e2b.sandbox.filesystem.filesystem import WriteEntry
 
 BLOB = bytes(range(256)) * 64 + b"\x00\r\n\xff"  # every byte value, and line ends that text modes mangle
 DIR = "/tmp/e2b-suite"
@@ -68,6 +70,19 @@ def sync_suite(tag, out):
         f.remove(f"{DIR}/sub")
         out["after_remove"] = f.exists(f"{DIR}/sub")
         out["read_missing"] = attempt(lambda: f.read(f"{DIR}/missing"))
+        out["streamed_write"] = f.write(f"{DIR}/deep/streamed.bin", io.BytesIO(BLOB)).path  # octet-stream
+        out["streamed_equal"] = bytes(f.read(f"{DIR}/deep/streamed.bin", format="bytes")) == BLOB
+        many = [WriteEntry(path=f"{DIR}/many/{n}.txt", data=f"file {n}") for n in range(3)]
+        out["write_files"] = [w.path for w in f.write_files(many)]  # one multipart body, three parts
+        out["list_deep"] = sorted(e.path for e in f.list(DIR, depth=2))
+
+        handle = sb.commands.run("echo bg; sleep 1; echo done", background=True)
+        out["background_pid"] = handle.pid
+        out["background"] = handle.wait().stdout
+        out["command_timeout"] = attempt(lambda: sb.commands.run("sleep 30", timeout=2))
+        live = sb.commands.run("sleep 5", background=True)
+        out["send_stdin"] = attempt(lambda: sb.commands.send_stdin(live.pid, "x"))
+        live.wait()
 
         out["listed"] = [
             s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items()
@@ -121,6 +136,19 @@ async def async_suite(tag, out):
         await f.remove(f"{DIR}/sub")
         out["after_remove"] = await f.exists(f"{DIR}/sub")
         out["read_missing"] = await attempt_async(lambda: f.read(f"{DIR}/missing"))
+        out["streamed_write"] = (await f.write(f"{DIR}/deep/streamed.bin", io.BytesIO(BLOB))).path
+        out["streamed_equal"] = bytes(await f.read(f"{DIR}/deep/streamed.bin", format="bytes")) == BLOB
+        many = [WriteEntry(path=f"{DIR}/many/{n}.txt", data=f"file {n}") for n in range(3)]
+        out["write_files"] = [w.path for w in await f.write_files(many)]
+        out["list_deep"] = sorted(e.path for e in await f.list(DIR, depth=2))
+
+        handle = await sb.commands.run("echo bg; sleep 1; echo done", background=True)
+        out["background_pid"] = handle.pid
+        out["background"] = (await handle.wait()).stdout
+        out["command_timeout"] = await attempt_async(lambda: sb.commands.run("sleep 30", timeout=2))
+        live = await sb.commands.run("sleep 5", background=True)
+        out["send_stdin"] = await attempt_async(lambda: sb.commands.send_stdin(live.pid, "x"))
+        await live.wait()
 
         page = await AsyncSandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items()
         out["listed"] = [s.sandbox_id for s in page]

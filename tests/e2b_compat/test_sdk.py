@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tartarus.e2b import connect
-from tests.e2b.sdk_venv import DRIVER, sdk_python
+from tests.e2b_compat.sdk_venv import DRIVER, sdk_python
 from tests.served import Served
 
 pytestmark = pytest.mark.vm
@@ -102,6 +102,28 @@ def test_files_round_trip_binary_and_text(observed: dict[str, Any]) -> None:
     assert observed["after_rename"] == [False, "héllo\n"]
     assert observed["after_remove"] is False
     assert observed["read_missing"]["raised"] == "FileNotFoundException"
+
+
+def test_streamed_uploads_multi_file_uploads_and_deep_listings(observed: dict[str, Any]) -> None:
+    assert observed["streamed_write"] == "/tmp/e2b-suite/deep/streamed.bin"  # octet-stream, parents made
+    assert observed["streamed_equal"] is True
+    assert observed["write_files"] == [f"/tmp/e2b-suite/many/{n}.txt" for n in range(3)]
+    assert observed["list_deep"] == [
+        "/tmp/e2b-suite/data.bin",
+        "/tmp/e2b-suite/deep",
+        "/tmp/e2b-suite/deep/streamed.bin",
+        "/tmp/e2b-suite/many",
+        *(f"/tmp/e2b-suite/many/{n}.txt" for n in range(3)),
+    ]
+
+
+def test_background_commands_timeouts_and_what_is_not_there_yet(observed: dict[str, Any]) -> None:
+    assert isinstance(observed["background_pid"], int) and observed["background_pid"] > 1  # the guest's pid
+    assert observed["background"] == "bg\ndone\n"
+    assert observed["command_timeout"]["raised"] == "TimeoutException"
+    # Needs the guest agent to take input for a running process: refused in E2B's terms, not faked.
+    assert observed["send_stdin"]["raised"] == "SandboxException"
+    assert "UNIMPLEMENTED" in observed["send_stdin"]["message"]
 
 
 def test_list_filters_by_metadata(observed: dict[str, Any]) -> None:

@@ -1,0 +1,108 @@
+"""envd's translation onto /v1 (tartarus.e2b.envd), the pure parts: events, errors, paths, users and
+keepalives. The same on real sandboxes through the real SDK: tests/e2b_compat/test_sdk.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tartarus.e2b import envd
+from tartarus.e2b.connect import ConnectError
+from tartarus.e2b.upstream import ExecEvent, FileView, UpstreamError
+
+
+def test_exec_events_become_process_events() -> None:
+    assert envd.process_event(ExecEvent("started", pid=42)) == {"event": {"start": {"pid": 42}}}
+    out = envd.process_event(ExecEvent("stdout", data=b"\x00hi\xff"))
+    assert out == {"event": {"data": {"stdout": base64.b64encode(b"\x00hi\xff").decode()}}}
+    assert envd.process_event(ExecEvent("exit", exit_code=3)) == {
+        "event": {"end": {"exitCode": 3, "exited": True, "status": "exit status 3"}}
+    }
+    killed = envd.process_event(ExecEvent("exit", signal=9))
+    assert killed == {"event": {"end": {"exitCode": -1, "exited": False, "status": "signal: 9"}}}
+    late = envd.process_event(ExecEvent("exit", exit_code=None, signal=9, timed_out=True))
+    assert isinstance(late, ConnectError) and late.code == "deadline_exceeded"
+    failed = envd.process_event(ExecEvent("error", code="sandbox_failed", message="VM died"))
+    assert isinstance(failed, ConnectError) and failed.code == "unavailable"
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (UpstreamError(422, "guest_error", "no such file", 2), "not_found"),
+        (UpstreamError(422, "guest_error", "exists", 17), "already_exists"),
+        (UpstreamError(422, "guest_error", "denied", 13), "permission_denied"),
+        (UpstreamError(422, "guest_error", "odd", 99), "unknown"),
+        (UpstreamError(400, "invalid_argument", "bad path"), "invalid_argument"),
+        (UpstreamError(423, "quarantined", "held"), "permission_denied"),
+        (UpstreamError(502, "sandbox_failed", "VM died"), "unavailable"),
+        (UpstreamError(401, "unauthorized", "node key revoked"), "internal"),
+    ],
+)
+def test_daemon_refusals_become_envds_codes(error: UpstreamError, code: str) -> None:
+    assert envd.connect_error(error).code == code
+
+
+def test_paths_resolve_against_the_users_home_and_users_come_from_basic_auth() -> None:
+    assert envd.absolute("/a/../b", None) == "/b"
+    assert envd.absolute("notes.txt", None) == "/root/notes.txt"
+    assert envd.absolute("notes.txt", "user") == "/home/user/notes.txt"
+    with pytest.raises(ConnectError):
+        envd.absolute("", None)
+    assert envd.basic_user("Basic " + base64.b64encode(b"user:").decode()) == "user"
+    assert envd.basic_user(None) is None
+    with pytest.raises(ConnectError):
+        envd.basic_user("Basic !!!")
+
+
+def test_entries_are_proto3_json() -> None:
+    f = FileView("x", "file", 0o640, 5, 1_700_000_000_123_456_789, 0, 0)
+    e = envd.entry("/tmp/x", f)
+    assert e["type"] == "FILE_TYPE_FILE" and e["size"] == "5" and e["permissions"] == "-rw-r-----"
+    assert e["modifiedTime"] == "2023-11-14T22:13:20.123456789Z"
+    link = envd.entry("/tmp/l", FileView("l", "symlink", 0o777, 1, 0, 0, 0, link="/x"))
+    assert link["symlinkTarget"] == "/x" and link["type"] == "FILE_TYPE_SYMLINK"
+
+
+def test_start_refuses_what_it_cannot_run() -> None:
+    with pytest.raises(ConnectError, match="PTYs"):
+        envd.start_spec(
+            {"process": {"cmd": "/bin/bash"}, "pty": {"size": {"rows": 1, "cols": 1}}}, None, None
+        )
+    for process in (None, {"cmd": ""}, {"cmd": "x", "args": [1]}, {"cmd": "x", "envs": {"A": 1}}):
+        with pytest.raises(ConnectError) as caught:
+            envd.start_spec({"process": process}, None, None)
+        assert caught.value.code == "invalid_argument"
+    spec = envd.start_spec(
+        {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "pwd"], "cwd": "w"}}, None, 3.0
+    )
+    assert spec.argv == ["/bin/bash", "-l", "-c", "pwd"] and spec.cwd == "/root/w" and spec.timeout == 3.0
+
+
+def test_a_quiet_command_gets_keepalives_and_its_events_in_order() -> None:
+    async def quiet_then_done() -> AsyncIterator[ExecEvent]:
+        yield ExecEvent("started", pid=1)
+        await asyncio.sleep(0.35)  # a command that prints nothing for a while
+        yield ExecEvent("exit", exit_code=0)
+
+    async def collect() -> list[ExecEvent | None]:
+        return [e async for e in envd.keepalive(quiet_then_done(), 0.1)]
+
+    seen = asyncio.run(collect())
+    assert seen[0] == ExecEvent("started", pid=1) and seen[-1] == ExecEvent("exit", exit_code=0)
+    assert 2 <= seen.count(None) <= 4
+
+
+def test_a_failing_source_raises_through_the_keepalives() -> None:
+    async def failing() -> AsyncIterator[ExecEvent]:
+        yield ExecEvent("started", pid=1)
+        raise UpstreamError(404, "not_found", "gone")
+
+    async def collect() -> list[ExecEvent | None]:
+        return [e async for e in envd.keepalive(failing(), 5)]
+
+    with pytest.raises(UpstreamError):
+        asyncio.run(collect())

@@ -158,3 +158,38 @@ def test_the_control_plane_wants_a_key_and_answers_e2bs_errors(
     assert gone.status_code == 404 and gone.json() == {"code": 404, "message": "no such sandbox"}
     bad = call(app, "POST", "/v2/sandboxes", headers={"X-API-KEY": "tartarus_k"}, json={"timeout": 5})
     assert bad.status_code == 400 and "templateID" in bad.json()["message"]
+
+
+def test_listing_pages_filters_and_passes_metadata_as_labels(tmp_path: Path) -> None:
+    seen: list[httpx.Request] = []
+
+    def daemon(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        boxes = [
+            {"id": f"sb-{n}", "template": "python-ds", "state": state, "created_at": 1000.0 + n, "vcpus": 1}
+            | {"memory_mib": 512, "labels": {"team": "ml"}, "expires_at": 2000.0}
+            for n, state in enumerate(["running", "hibernated", "running", "destroyed"])
+        ]
+        return httpx.Response(200, json={"sandboxes": boxes})
+
+    (tmp_path / "admin.key").write_text("tartarus_node\n")
+    upstream = Upstream(tmp_path, url="http://daemon", transport=httpx.MockTransport(daemon))
+    app = E2BApp(lambda: Layer(upstream, TokenMint.load(tmp_path)))
+    app.install(Layer(upstream, TokenMint.load(tmp_path)))
+    key = {"X-API-KEY": "tartarus_k"}
+    metadata = "team=ml&a%2520b=c%2526d"  # as the SDK sends it: urlencode({quote(k): quote(v)})
+    first = call(app, "GET", "/v2/sandboxes", headers=key, params={"metadata": metadata, "limit": 2})
+    assert [s["sandboxID"] for s in first.json()] == ["sb-2", "sb-1"]  # newest first; ended ones not shown
+    assert [s["state"] for s in first.json()] == ["running", "paused"]
+    assert first.json()[0]["endAt"] == "1970-01-01T00:33:20Z" and first.json()[0]["metadata"] == {
+        "team": "ml"
+    }
+    token = first.headers["x-next-token"]
+    second = call(app, "GET", "/v2/sandboxes", headers=key, params={"limit": 2, "nextToken": token})
+    assert [s["sandboxID"] for s in second.json()] == ["sb-0"] and "x-next-token" not in second.headers
+    paused = call(app, "GET", "/v2/sandboxes", headers=key, params={"state": "paused"})
+    assert [s["sandboxID"] for s in paused.json()] == ["sb-1"]
+    assert seen[0].url.params.get_list("label") == ["team=ml", "a b=c&d"]
+    assert seen[0].headers["authorization"] == "Bearer tartarus_k"  # the caller's key, not the node's
+    bad = call(app, "GET", "/v2/sandboxes", headers=key, params={"nextToken": "garbage!"})
+    assert bad.status_code == 400 and bad.json()["code"] == 400

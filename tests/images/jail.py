@@ -3,10 +3,11 @@
 The hostile-layer tests apply archives built to escape their root, as root. Aiming them at canaries
 is not enough: a regression in the guard would still write wherever a test's paths lead. `jailed`
 runs the code in a child process with its own mount namespace (`unshare --mount`, private
-propagation) in which every mount is read-only except the `writable` directories, bind-mounted
-read-write over themselves. An escape can then only reach those directories (where the tests keep
-canaries to see it) or fail with EROFS; the rest of the machine is out of reach either way. Result
-and exception come back pickled, so callers use it like a plain call.
+propagation) sealed as the conversion worker seals its own (`tartarus.images.seal`): every mount
+read-only except the `writable` directories, bind-mounted read-write over themselves. An escape can
+then only reach those directories (where the tests keep canaries to see it) or fail with EROFS; the
+rest of the machine is out of reach either way. Result and exception come back pickled, so callers
+use it like a plain call.
 """
 
 from __future__ import annotations
@@ -21,25 +22,14 @@ from typing import Any, TypeVar, cast
 
 R = TypeVar("R")
 
-# The child: make every mount read-only (mount_setattr, recursive), reopen the writable directories
-# read-write, then run the pickled call. Errors while sealing abort before any of the call runs.
+# The child: make every mount read-only, then the writable directories read-write again (the conversion
+# worker's own seal, images/seal.py), then run the pickled call. A failed seal aborts before the call runs.
 _RUNNER = r"""
-import ctypes, os, pickle, sys, traceback
-libc = ctypes.CDLL(None, use_errno=True)
-class Attr(ctypes.Structure):
-    _fields_ = [("set", ctypes.c_uint64), ("clr", ctypes.c_uint64), ("prop", ctypes.c_uint64),
-                ("userns", ctypes.c_uint64)]
-SYS_mount_setattr, AT_FDCWD, AT_RECURSIVE, RDONLY, MS_BIND = 442, -100, 0x8000, 0x1, 4096
-def setattr_(path, flags, attr):
-    if libc.syscall(SYS_mount_setattr, AT_FDCWD, path.encode(), flags, ctypes.byref(attr),
-                    ctypes.sizeof(attr)) != 0:
-        raise OSError(ctypes.get_errno(), "mount_setattr " + path)
+import os, pickle, sys, traceback
+from pathlib import Path
+from tartarus.images.seal import seal_all_but
 writable, fn, args, kwargs = pickle.load(sys.stdin.buffer)
-setattr_("/", AT_RECURSIVE, Attr(set=RDONLY))
-for path in writable:
-    if libc.mount(path.encode(), path.encode(), None, MS_BIND, None) != 0:
-        raise OSError(ctypes.get_errno(), "bind " + path)
-    setattr_(path, 0, Attr(clr=RDONLY))
+seal_all_but(*map(Path, writable))
 os.environ["TMPDIR"] = writable[0]
 try:
     out = ("ok", fn(*args, **kwargs))

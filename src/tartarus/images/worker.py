@@ -3,7 +3,9 @@
 Why a separate process: the staging filesystem is loop-mounted, and a mount made by a long-lived,
 multi-threaded caller (the daemon) would outlive a crash of it. The worker runs under `unshare --mount`
 with private propagation, so its mount is invisible to the rest of the host and disappears with it;
-it also dies with its parent (`PR_SET_PDEATHSIG`), and its peak memory is measurable on its own.
+in that namespace everything but its work directory is read-only before it reads a layer (`seal.py`),
+so a path-guard bug can damage only its own output. It also dies with its parent
+(`PR_SET_PDEATHSIG`), and its peak memory is measurable on its own.
 
 Protocol (JSON lines): the parent writes a job line, then one line per layer as each becomes available
 (downloads run in the parent, in parallel) and an end line; the worker answers with progress lines and
@@ -33,6 +35,7 @@ from tartarus.images import errors
 from tartarus.images.build import Staging
 from tartarus.images.errors import BuildFailed, DigestMismatch, ImageError, TruncatedBlob
 from tartarus.images.layers import LayerApplier, Limits
+from tartarus.images.seal import seal_all_but
 from tartarus.images.streams import LayerStream
 
 _PROGRESS_EVERY = 4 << 20
@@ -321,6 +324,7 @@ def main() -> int:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != job["parent"]:
             return 1  # the parent died before we could ask to follow it
+        seal_all_but(Path(job["workdir"]))  # before any layer byte: a guard bug can only hit the output
         reporter.say({"result": _work(job, lines, reporter)})
         return 0
     except ImageError as e:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tartarus.errors import InvalidArgument
+from tartarus.limits.bandwidth import Bandwidth
 from tartarus.templates.store import Template
 
 DEFAULT_DISK_MIB = 4096  # the size of a template's writable layer (runtime/disks.py): the smallest disk
@@ -49,6 +50,17 @@ class Limits:
     disk_mib: int
     max_processes: int | None  # None: the guest kernel's own default
     ttl_s: float | None
+    # Bandwidth (limits/bandwidth.py), flat so that stored limits load as they are; None: unlimited.
+    disk_bytes_per_s: int | None = None
+    disk_iops: int | None = None
+    egress_bytes_per_s: int | None = None
+    ingress_bytes_per_s: int | None = None
+
+    @property
+    def bandwidth(self) -> Bandwidth:
+        return Bandwidth(
+            self.disk_bytes_per_s, self.disk_iops, self.egress_bytes_per_s, self.ingress_bytes_per_s
+        )
 
 
 def resolve_limits(
@@ -61,15 +73,22 @@ def resolve_limits(
     max_processes: int | None = None,
     ttl_s: float | None = None,
     caps: LimitCaps | None = None,
+    bandwidth: Bandwidth | None = None,
 ) -> Limits:
-    """Merge and check; a clear InvalidArgument names the first limit over its cap."""
+    """Merge and check; a clear InvalidArgument names the first limit over its cap. `bandwidth` (the
+    policy's) is not requested but given."""
     caps = caps or LimitCaps()
+    bandwidth = bandwidth or Bandwidth()
     limits = Limits(
         vcpus=vcpus or template_vcpus,
         memory_mib=memory_mib or template_memory_mib,
         disk_mib=disk_mib or DEFAULT_DISK_MIB,
         max_processes=max_processes,
         ttl_s=ttl_s if ttl_s is not None else caps.default_ttl_s,
+        disk_bytes_per_s=bandwidth.disk_bytes_per_s,
+        disk_iops=bandwidth.disk_iops,
+        egress_bytes_per_s=bandwidth.egress_bytes_per_s,
+        ingress_bytes_per_s=bandwidth.ingress_bytes_per_s,
     )
     checks = [
         ("vcpus", limits.vcpus, caps.max_vcpus),

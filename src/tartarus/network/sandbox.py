@@ -8,6 +8,7 @@ dies at any point leaves enough for the next one to remove it (`reap`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tartarus.errors import SandboxFailed, SetupRequired
-from tartarus.network import libnft, nft
+from tartarus.network import libnft, nft, tc
 from tartarus.network.dns import DnsRelay
 from tartarus.network.netns import (
     NETNS_PREFIX,
@@ -165,6 +166,11 @@ class SandboxNetwork:
         One rule added, inline: nothing can run between the call and the cut."""
         self._ctx().run(nft.close_gate())
         self.cut_off = True
+
+    async def shape(self, egress_bytes_per_s: int | None, ingress_bytes_per_s: int | None) -> None:
+        """Set the guest's egress and ingress rates (None: unlimited), live; one `tc` batch, on a thread."""
+        argv = ["tc", "-n", self.netns, "-batch", "-"]
+        await asyncio.to_thread(run, argv, tc.shaping(egress_bytes_per_s, ingress_bytes_per_s))
 
     async def reconnect(self) -> None:
         await self._ctx().arun(nft.open_gate())

@@ -23,6 +23,7 @@ from tartarus.policy.engine import AdmissionRequest, Decision, PolicyEngine
 from tartarus.policy.model import QuarantineSettings
 from tartarus.quarantine.actions import confine
 from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.runtime.throttle import apply_bandwidth
 from tartarus.templates.spec import ImageBase, builtin_spec
 from tartarus.templates.store import Template
 
@@ -72,6 +73,7 @@ async def admit(engine: PolicyEngine, req: CreateRequest) -> Admission:
         max_processes=req.max_processes,
         ttl_s=req.ttl_s,
         caps=engine.policy.limits,
+        bandwidth=engine.policy.bandwidth.resolved(),
     )
     requested = NONE
     if req.network.mode != "none":
@@ -119,6 +121,8 @@ async def contain(
     (the gate closes before its egress rules exist), its egress, the guest process cap, its disk size.
     Records how long that took as the `containment` timing (a duration, not cumulative)."""
     t0 = time.perf_counter()
+    if admission.limits.bandwidth.limited:  # a new VMM has none: unlimited costs no call
+        await apply_bandwidth(sandbox, admission.limits.bandwidth)
     if admission.decision.quarantined:
         await confine(
             sandbox,

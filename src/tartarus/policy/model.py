@@ -3,12 +3,13 @@
 ```yaml
 limits: {max_vcpus: 4, max_memory_mib: 8192, max_ttl_s: 3600, default_ttl_s: 900}
 network: {modes: [none, allow]}            # modes a request may ask for
+bandwidth: {disk_bytes_per_s: 104857600, egress_bytes_per_s: 12500000}   # per sandbox; default: off
 rules:                                     # first match wins; no match: admit
   - name: free-tier-full-network
     match: {tenant: ["free-*"], network: [full]}
     verdict: quarantine
     reason: free-tier sandboxes with full egress are confined
-quarantine: {cpu_fraction: 0.1, memory_mib: 256, refused_packets: 500, window_s: 5}
+quarantine: {cpu_fraction: 0.1, memory_mib: 256, refused_packets: 500, window_s: 5, disk_bytes_per_s: 8388608}
 placement:
   nodes: [{name: local, labels: [general, quarantine]}]
 ```
@@ -17,12 +18,13 @@ placement:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tartarus.errors import InvalidArgument
+from tartarus.limits.bandwidth import Bandwidth
 from tartarus.limits.spec import LimitCaps
 
 NetworkMode = Literal["none", "allow", "full"]
@@ -67,6 +69,25 @@ class NetworkRules(Strict):
     max_exposed_connections_per_tenant: int = Field(256, ge=1, description="in progress at once")
 
 
+def _rate() -> Any:
+    return Field(None, ge=64 << 10, description="bytes per second (None: unlimited)")
+
+
+class BandwidthPolicy(Strict):
+    """Every sandbox's bandwidth. Off by default (a host whose disk and uplink are not contended should
+    not pay for a limit); docs/security.md gives recommended values for a shared host."""
+
+    disk_bytes_per_s: int | None = _rate()
+    disk_iops: int | None = Field(None, ge=10, description="read and write operations per second")
+    egress_bytes_per_s: int | None = _rate()
+    ingress_bytes_per_s: int | None = _rate()
+
+    def resolved(self) -> Bandwidth:
+        return Bandwidth(
+            self.disk_bytes_per_s, self.disk_iops, self.egress_bytes_per_s, self.ingress_bytes_per_s
+        )
+
+
 class QuarantineSettings(Strict):
     cpu_fraction: float = Field(0.1, gt=0, le=64, description="of one CPU")
     memory_mib: int = Field(256, ge=64, description="memory may not grow past max(this, current use)")
@@ -74,6 +95,13 @@ class QuarantineSettings(Strict):
         500, ge=1, description="quarantine a sandbox whose policy drops this many packets (None: off)"
     )
     window_s: float = Field(5.0, gt=0, le=3600, description="...within this many seconds")
+    # Disk only: a quarantined sandbox's network is cut altogether.
+    disk_bytes_per_s: int | None = Field(8 << 20, ge=64 << 10, description="at most this (None: as before)")
+    disk_iops: int | None = Field(200, ge=10, description="at most this (None: as before)")
+
+    @property
+    def bandwidth(self) -> Bandwidth:
+        return Bandwidth(disk_bytes_per_s=self.disk_bytes_per_s, disk_iops=self.disk_iops)
 
 
 class Node(Strict):
@@ -97,6 +125,7 @@ class Placement(Strict):
 class Policy(Strict):
     limits: LimitCaps = Field(default_factory=LimitCaps)
     network: NetworkRules = Field(default_factory=NetworkRules)
+    bandwidth: BandwidthPolicy = Field(default_factory=BandwidthPolicy)
     rules: list[Rule] = Field(default_factory=list)
     quarantine: QuarantineSettings = Field(default_factory=QuarantineSettings)
     placement: Placement = Field(default_factory=Placement)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from tartarus import audit
 from tartarus.errors import Conflict
+from tartarus.limits.bandwidth import Bandwidth
 from tartarus.policy.model import QuarantineSettings
 from tartarus.quarantine.state import QuarantineState
 from tartarus.runtime.sandbox import RuntimeSandbox
+from tartarus.runtime.throttle import throttle_disks
 
 
 async def confine(
@@ -20,7 +22,7 @@ async def confine(
     reason: str,
     by: str,
 ) -> QuarantineState:
-    """Cut the network first (the urgent part), then clamp CPU and memory, then record it.
+    """Cut the network first (the urgent part), then clamp CPU, memory and disk rates, then record it.
     The sandbox's own policy stays in place behind the closed gate, for a release to reopen."""
     if sandbox.quarantine is not None:
         raise Conflict(f"sandbox {sandbox.id} is already quarantined ({sandbox.quarantine.reason})")
@@ -42,7 +44,11 @@ async def confine(
         network_cut_ms=round(cut_ms, 3),
         cpu_fraction=settings.cpu_fraction,
         memory_mib=settings.memory_mib,
+        disk_bytes_per_s=settings.disk_bytes_per_s,
+        disk_iops=settings.disk_iops,
     )
+    own = sandbox.options.limits.bandwidth if sandbox.options.limits else Bandwidth()
+    await throttle_disks(sandbox, own.tightened(settings.bandwidth))  # last: it needs a live VMM
     return state
 
 
@@ -53,6 +59,7 @@ async def release(sandbox: RuntimeSandbox, state_dir: Path, *, by: str) -> None:
         raise Conflict(f"sandbox {sandbox.id} is not quarantined")
     if sandbox.cgroup is not None and state.limits is not None:
         sandbox.cgroup.release(state.limits)
+    await throttle_disks(sandbox, state.limits.bandwidth if state.limits else Bandwidth())
     if sandbox.network is not None:
         await sandbox.network.reconnect()
     sandbox.quarantine = None

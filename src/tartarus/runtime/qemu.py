@@ -41,6 +41,11 @@ def disk_node(index: int) -> str:
     return f"disk{index}"
 
 
+def block_device(index: int) -> str:
+    """The qdev id of drive `index`'s virtio-blk device (what block throttling is set on)."""
+    return f"vd{index}"
+
+
 @dataclass
 class VMConfig:
     """Everything QEMU needs to start one microVM."""
@@ -161,7 +166,7 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
             "-blockdev",
             f"driver={drive.format},file={file_node(i)},node-name={disk_node(i)},read-only={ro}",
             "-device",
-            f"virtio-blk-device,drive={disk_node(i)},id=vd{i}",
+            f"virtio-blk-device,drive={disk_node(i)},id={block_device(i)}",
         ]
     if config.user_net:
         argv += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]

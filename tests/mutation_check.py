@@ -515,6 +515,33 @@ MUTATIONS: tuple[Mutation, ...] = (
         'digest = hmac.new(self._secret, b"", hashlib.sha256).digest()',
         ("tests/unit/test_e2b_routing.py",),
     ),
+    Mutation(
+        "vmm.seccomp",
+        "every VMM runs under QEMU's seccomp filter",
+        "src/tartarus/runtime/qemu.py",
+        '        "-sandbox",\n'
+        '        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",\n',
+        "",
+        ("tests/vm/test_vmm_confinement.py",),
+    ),
+    Mutation(
+        "images.worker-seal",
+        "the conversion worker can write only its own output",
+        "src/tartarus/images/worker.py",
+        'seal_all_but(Path(job["workdir"]))',
+        "None",
+        ("tests/images/test_worker_seal.py",),
+    ),
+    Mutation(
+        "quarantine.disk-clamp",
+        "a quarantine lowers the sandbox's disk bandwidth",
+        "src/tartarus/quarantine/actions.py",
+        "await throttle_disks(sandbox, own.tightened(settings.bandwidth))",
+        "await throttle_disks(sandbox, own)",
+        (
+            "tests/limits/test_bandwidth.py::test_quarantine_lowers_the_disk_rate_live_and_release_restores_it",
+        ),
+    ),
 )
 
 

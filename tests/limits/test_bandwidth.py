@@ -94,7 +94,7 @@ def test_disk_rate_and_iops_stay_within_the_policy_after_a_wake_too(
         assert byte_rate(sb, int(4 * limits.bytes_per_s)) <= TOLERANCE * limits.bytes_per_s
         assert iops(sb, int(2 * limits.iops)) <= TOLERANCE * limits.iops
         sb.hibernate()
-        assert sb.wake()["state"] == "running"  # a new VMM: the limits are set on it again
+        assert sb.wake().state == "running"  # a new VMM: the limits are set on it again
         assert byte_rate(sb, int(4 * limits.bytes_per_s)) <= TOLERANCE * limits.bytes_per_s
 
 

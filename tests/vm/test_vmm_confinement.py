@@ -25,7 +25,7 @@ def test_qemu_runs_under_its_seccomp_filter_with_no_new_privileges(
         assert confinement(pid) == ("2", "1")
         sb.hibernate()
         assert not qemu_pids(daemon_state / "sandboxes" / sb.id)
-        assert sb.wake()["state"] == "running"
+        assert sb.wake().state == "running"
         after = qemu_pids(daemon_state)  # the woken sandbox's VMM (in a pooled VMM's directory) and spares
         assert after and {p: confinement(p) for p in after} == {p: ("2", "1") for p in after}
         assert sb.commands.run("echo alive").stdout == "alive\n"

@@ -1,0 +1,280 @@
+"""One gVisor sandbox: a runsc container running the guest agent, with the agent channel connected.
+
+The same surface the VMM side (`runtime.vm.MicroVM`) offers a sandbox: `start`, an `AgentClient` on
+`agent`, `kill`, `destroy`. The channel is one end of a socketpair given to `runsc create` as the
+container's stdin; the agent serves the protocol on it (gvisor/spec.py). Everything the container
+holds on the host lives in its work directory, which `destroy` removes:
+
+    workdir/bundle/config.json   the OCI spec
+    workdir/layer/               the writable overlay's backing file (runsc `--overlay2=root:dir=`)
+    workdir/runsc/               runsc's state for this container (its `--root`)
+    workdir/console.log          the container's stdout and stderr (the agent's own log lines)
+    workdir/logs/                runsc's log per command (create, boot, gofer, ...): why a start failed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tartarus import private
+from tartarus.errors import SandboxFailed, TartarusError
+from tartarus.guest.initramfs import initramfs_path
+from tartarus.gvisor.rootfs import template_tree
+from tartarus.gvisor.runsc import global_flags, runsc_binary
+from tartarus.gvisor.spec import BundleSpec, config_json
+from tartarus.runtime.agent import AgentClient
+from tartarus.templates.store import Template
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT_S = 30.0
+GONE_TIMEOUT_S = 5.0
+CONSOLE = "console.log"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one container's pieces live under its work directory."""
+
+    workdir: Path
+
+    @property
+    def bundle(self) -> Path:
+        return self.workdir / "bundle"
+
+    @property
+    def layer(self) -> Path:
+        return self.workdir / "layer"
+
+    @property
+    def state(self) -> Path:
+        return self.workdir / "runsc"
+
+    @property
+    def console(self) -> Path:
+        return self.workdir / CONSOLE
+
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
+
+
+def console_tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def fatal_error(logs: Path) -> str | None:
+    """runsc's own account of why a command failed: its first "FATAL ERROR" line (the cause; the later
+    ones are the other processes seeing it). The sandbox and gofer processes log there, not on the
+    stderr of the `runsc create` that started them."""
+    found: list[tuple[str, str]] = []
+    for path in sorted(logs.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            _, marker, why = line.partition("FATAL ERROR: ")
+            if marker:
+                found.append((line[1:21], why))  # glog lines: level letter, then "MMDD hh:mm:ss.uuuuuu"
+    return min(found)[1] if found else None
+
+
+def _pids_under(state: Path) -> list[int]:
+    """Host processes of this container: runsc's sandbox and gofer carry `--root=<state>` in their
+    command line, and no other container shares that directory."""
+    marker = f"--root={state}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in argv:
+                pids.append(int(entry))
+    return pids
+
+
+class GvisorContainer:
+    """A running gVisor sandbox of one template, driven through runsc. `workdir` must not exist yet:
+    the container creates it and `destroy` removes it."""
+
+    def __init__(self, id_: str, spec: BundleSpec, workdir: Path) -> None:
+        self.id = id_
+        self.spec = spec
+        self.paths = Layout(workdir)
+        self.agent: AgentClient | None = None
+        self.pid: int | None = None  # runsc's sandbox process on the host
+        self.timings: dict[str, float] = {}
+        self._exited = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+
+    def _runsc(self, *args: str) -> list[str]:
+        layer = f"--overlay2=root:dir={self.paths.layer}"
+        logs = f"--debug-log={self.paths.logs}/%COMMAND%.log"
+        return [str(runsc_binary()), *global_flags(self.paths.state), layer, logs, *args]
+
+    async def _run(self, *args: str, stdin: int | None = None, timeout: float = COMMAND_TIMEOUT_S) -> str:
+        """Run one runsc command to completion; its stdout, or a `SandboxFailed` with its error."""
+        hands_stdio = args[0] == "create"
+        log_fd = os.open(self.paths.console, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._runsc(*args),
+                stdin=stdin if stdin is not None else asyncio.subprocess.DEVNULL,
+                # `create` hands its stdout and stderr to the container, which outlives any pipe.
+                stdout=log_fd if hands_stdio else asyncio.subprocess.PIPE,
+                stderr=log_fd if hands_stdio else asyncio.subprocess.PIPE,
+                cwd=self.paths.workdir,
+            )
+        finally:
+            os.close(log_fd)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise SandboxFailed(f"runsc {args[0]} did not finish within {timeout:.0f} s") from None
+        if proc.returncode != 0:
+            why = fatal_error(self.paths.logs) or err.decode(errors="replace").strip()
+            why = why or console_tail(self.paths.console, 5)
+            raise SandboxFailed(f"runsc {args[0]} failed: {why[-1000:] or f'exit status {proc.returncode}'}")
+        return (out or b"").decode(errors="replace")
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Create and start the container and wait until its agent says hello. On any failure whatever
+        was made is removed before the error is raised."""
+        t0 = time.perf_counter()
+        self.paths.workdir.mkdir(mode=0o700)  # a new directory, all ours: `destroy` removes it whole
+        for path in (self.paths.bundle, self.paths.layer, self.paths.state, self.paths.logs):
+            path.mkdir(mode=0o700)
+        private.write_private(self.paths.bundle / "config.json", config_json(self.spec))
+        pair = socket.socketpair()
+        host: socket.socket | None = pair[0]
+        guest = pair[1]
+        try:
+            try:
+                await self._run("create", f"--bundle={self.paths.bundle}", self.id, stdin=guest.fileno())
+            finally:
+                guest.close()
+            self.pid = int(json.loads(await self._run("state", self.id))["pid"])
+            self._watch = asyncio.create_task(self._watch_exit(self.pid), name=f"gvisor-watch-{self.id}")
+            await self._run("start", self.id)
+            self.timings["started"] = time.perf_counter() - t0
+            assert host is not None
+            host.setblocking(False)
+            reader, writer = await asyncio.open_unix_connection(sock=host, limit=1 << 21)
+            host = None  # the stream owns it now
+            self.agent = AgentClient(reader, writer, eof_reason=self._eof_reason)
+            try:
+                await asyncio.wait_for(self.agent.wait_hello(), timeout)
+            except TimeoutError:
+                tail = console_tail(self.paths.console)
+                raise SandboxFailed(
+                    f"the guest agent did not say hello within {timeout:.0f} s: {tail}"
+                ) from None
+            self.timings["agent_ready"] = time.perf_counter() - t0
+        except BaseException:
+            if host is not None:
+                host.close()
+            await self.destroy()
+            raise
+
+    async def _watch_exit(self, pid: int) -> None:
+        """Set `_exited` when the sandbox process ends (it is not our child: runsc create forked it)."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._exited.set()
+            return
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        loop.add_reader(fd, gone.set_result, None)
+        try:
+            await gone
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._exited.set()
+        if self.agent is not None:
+            self.agent.fail(SandboxFailed(self.exit_message()))
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and not self._exited.is_set()
+
+    def exit_message(self) -> str:
+        tail = console_tail(self.paths.console, 10)
+        return "the gVisor sandbox exited" + (f": {tail}" if tail else "")
+
+    async def _eof_reason(self) -> str:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), GONE_TIMEOUT_S)
+        if self._exited.is_set():
+            return self.exit_message()
+        return "guest agent channel closed while the gVisor sandbox still runs"
+
+    async def kill(self) -> None:
+        """Stop everything in the sandbox now (SIGKILL to all its processes); its files stay."""
+        if self.running:
+            with contextlib.suppress(SandboxFailed):
+                await self._run("kill", "--all", self.id, "KILL")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), GONE_TIMEOUT_S)
+
+    async def destroy(self) -> None:
+        """Kill the sandbox and remove all it held on the host: processes, runsc state, the writable
+        layer, the work directory. Safe to call at any stage of `start`, and more than once."""
+        if self.agent is not None:
+            await self.agent.close()
+        if self.paths.state.is_dir():
+            try:
+                await self._run("delete", "--force", self.id)
+            except SandboxFailed as e:
+                log.warning("gvisor %s: %s; killing its processes", self.id, e)
+        # A delete that failed (or state runsc never wrote) must not leave a sandbox or gofer running.
+        for pid in _pids_under(self.paths.state):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self._watch is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), GONE_TIMEOUT_S)
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        left = _pids_under(self.paths.state)
+        shutil.rmtree(self.paths.workdir, ignore_errors=True)
+        if left or self.paths.workdir.exists():
+            raise TartarusError(f"gvisor {self.id}: could not remove all of it (pids {left})")
+
+
+def agent_binary() -> Path:
+    """The static guest agent the VMs' initramfs carries (built from agent/, cached by its sources)."""
+    return initramfs_path().parent / "tartarus-agent"
+
+
+async def start_container(
+    template: Template, id_: str, workdir: Path, timeout: float = 30.0
+) -> GvisorContainer:
+    """A started gVisor sandbox of `template` whose agent has said hello."""
+    spec = BundleSpec(
+        rootfs=template_tree(template),
+        agent=agent_binary(),
+        hostname=id_,
+        env=template.env,
+        workdir=template.workdir,
+    )
+    container = GvisorContainer(id_, spec, workdir)
+    await container.start(timeout)
+    return container

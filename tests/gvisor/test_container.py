@@ -1,0 +1,183 @@
+"""A python-ds sandbox under real gVisor (runsc, systrap), driven through the unchanged agent protocol
+client: the same checks a VM sandbox gets for exec, files, isolation and leaving nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import secrets
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from tartarus.errors import GuestError, SandboxFailed
+from tartarus.gvisor.container import GvisorContainer, agent_binary, start_container
+from tartarus.gvisor.rootfs import template_tree
+from tartarus.gvisor.runsc import probe
+from tartarus.gvisor.spec import BundleSpec
+from tartarus.runtime.agent import AgentClient, Exit, Output
+from tartarus.runtime.sandbox import new_sandbox_id
+from tartarus.templates.store import Template, get_template
+
+DEADLINE = 60.0  # generous: the machine is shared; every wait ends as soon as its condition holds
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gvisor_works() -> None:
+    support = probe()
+    if not support.works:
+        pytest.skip(f"gVisor cannot run a container on this host: {support.reason}")
+
+
+@pytest.fixture(scope="module")
+def python_ds() -> Template:
+    return get_template("python-ds")
+
+
+def _host_traces(workdir: Path) -> list[str]:
+    """What a container of `workdir` could leave: processes naming it, mounts below it, the directory."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(workdir).encode() in cmdline:
+            found.append(f"process {pid}: {cmdline.split(bytes(1))[:3]!r}")
+    found += [
+        f"mount {line}" for line in Path("/proc/self/mounts").read_text().splitlines() if str(workdir) in line
+    ]
+    if workdir.exists():
+        found.append(f"directory {workdir}")
+    return found
+
+
+@asynccontextmanager
+async def container(template: Template, workdir: Path) -> AsyncIterator[GvisorContainer]:
+    box = await start_container(template, new_sandbox_id(), workdir, timeout=DEADLINE)
+    try:
+        yield box
+    finally:
+        await box.destroy()
+    assert _host_traces(workdir) == []
+
+
+def run_in(template: Template, workdir: Path, test: Callable[[AgentClient], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with container(template, workdir) as box:
+            assert box.agent is not None
+            await test(box.agent)
+
+    asyncio.run(main())
+
+
+async def output_of(agent: AgentClient, argv: list[str]) -> tuple[str, str, Exit]:
+    process = await agent.exec(argv, timeout=DEADLINE)
+    out, err = bytearray(), bytearray()
+    async for event in process.events():
+        if isinstance(event, Output):
+            (out if event.stream == "stdout" else err).extend(event.data)
+        else:
+            return out.decode(), err.decode(), event
+    raise AssertionError("the command's events ended without an exit")
+
+
+def test_numpy_runs_in_the_sandbox(python_ds: Template, tmp_path: Path) -> None:
+    async def test(agent: AgentClient) -> None:
+        out, err, exit_ = await output_of(agent, ["python3", "-c", "import numpy; print(numpy.__version__)"])
+        assert exit_ == Exit(0, None, False), err
+        assert re.fullmatch(r"\d+\.\d+\.\d+\n", out), out
+
+    run_in(python_ds, tmp_path / "sb", test)
+
+
+def test_exit_codes_stderr_and_signals_come_back(python_ds: Template, tmp_path: Path) -> None:
+    async def test(agent: AgentClient) -> None:
+        out, err, exit_ = await output_of(agent, ["sh", "-c", "echo out; echo err >&2; exit 7"])
+        assert (out, err, exit_) == ("out\n", "err\n", Exit(7, None, False))
+        process = await agent.exec(["sleep", "30"])
+        await process.signal(signal.SIGTERM)
+        events = [e async for e in process.events()]
+        assert events[-1] == Exit(None, signal.SIGTERM, False)
+
+    run_in(python_ds, tmp_path / "sb", test)
+
+
+def test_files_written_are_read_back_and_stay_out_of_the_shared_tree(
+    python_ds: Template, tmp_path: Path
+) -> None:
+    data = secrets.token_bytes(300_000)  # more than one chunk each way
+
+    async def test(agent: AgentClient) -> None:
+        assert await agent.write_file("/etc/tartarus-test.bin", data) == len(data)
+        assert b"".join([c async for c in await agent.read_file("/etc/tartarus-test.bin")]) == data
+        out, _, _ = await output_of(agent, ["sha256sum", "/etc/tartarus-test.bin"])
+        assert out.split()[0] == hashlib.sha256(data).hexdigest()
+
+    run_in(python_ds, tmp_path / "sb", test)
+    assert not (template_tree(python_ds) / "etc" / "tartarus-test.bin").exists()
+
+
+def test_each_sandbox_starts_from_the_template_not_from_anothers_writes(
+    python_ds: Template, tmp_path: Path
+) -> None:
+    async def write(agent: AgentClient) -> None:
+        await agent.write_file("/root/left-behind", b"x")
+
+    async def look(agent: AgentClient) -> None:
+        with pytest.raises(GuestError):
+            await agent.stat("/root/left-behind")
+
+    run_in(python_ds, tmp_path / "one", write)
+    run_in(python_ds, tmp_path / "two", look)
+
+
+def test_the_sandbox_cannot_see_the_hosts_files_or_processes(python_ds: Template, tmp_path: Path) -> None:
+    secret = tmp_path / f"host-secret-{secrets.token_hex(4)}"
+    secret.write_text("host only\n")
+
+    async def test(agent: AgentClient) -> None:
+        with pytest.raises(GuestError):
+            await agent.stat(str(secret))
+        out, _, _ = await output_of(agent, ["sh", "-c", f"cat {secret}; ls /proc"])
+        assert "host only" not in out
+        pids = {int(p) for p in out.split() if p.isdigit()}
+        assert os.getpid() not in pids  # this test's own process, seen from inside
+        assert max(pids) < 100, pids  # only the sandbox's few processes: its own pid namespace
+
+    run_in(python_ds, tmp_path / "sb", test)
+
+
+def test_a_killed_sandbox_fails_its_pending_requests_with_the_reason(
+    python_ds: Template, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        async with container(python_ds, tmp_path / "sb") as box:
+            assert box.agent is not None
+            process = await box.agent.exec(["sleep", "60"])
+            await box.kill()
+            assert not box.running
+            with pytest.raises(SandboxFailed, match=r"gVisor sandbox exited|channel closed"):
+                async with asyncio.timeout(DEADLINE):
+                    async for _ in process.events():
+                        pass
+
+    asyncio.run(main())
+
+
+def test_a_sandbox_that_cannot_start_says_why_and_leaves_nothing(python_ds: Template, tmp_path: Path) -> None:
+    workdir = tmp_path / "sb"
+    spec = BundleSpec(
+        rootfs=template_tree(python_ds),
+        agent=agent_binary().with_name("no-such-agent"),
+        hostname="broken",
+    )
+    box = GvisorContainer(new_sandbox_id(), spec, workdir)
+    with pytest.raises(SandboxFailed, match="no-such-agent"):
+        asyncio.run(box.start(timeout=DEADLINE))
+    assert _host_traces(workdir) == []

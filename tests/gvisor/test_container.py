@@ -181,3 +181,22 @@ def test_a_sandbox_that_cannot_start_says_why_and_leaves_nothing(python_ds: Temp
     with pytest.raises(SandboxFailed, match="no-such-agent"):
         asyncio.run(box.start(timeout=DEADLINE))
     assert _host_traces(workdir) == []
+
+
+def test_destroy_kills_background_processes_and_may_be_called_again(
+    python_ds: Template, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "sb"
+
+    async def main() -> None:
+        box = await start_container(python_ds, new_sandbox_id(), workdir, timeout=DEADLINE)
+        assert box.agent is not None
+        _, _, exit_ = await output_of(box.agent, ["sh", "-c", "setsid sleep 600 & setsid sleep 600 & echo"])
+        assert exit_.exit_code == 0
+        assert len(_host_traces(workdir)) > 1  # the sandbox and gofer, at least, run now
+        await box.destroy()
+        assert _host_traces(workdir) == []
+        await box.destroy()
+        assert not box.running
+
+    asyncio.run(main())

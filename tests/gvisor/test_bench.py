@@ -1,0 +1,38 @@
+"""The gVisor benchmarks run end to end (few samples: proves they work, measures nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tartarus.bench.compute import WORKLOADS, bench_compute
+from tartarus.bench.gvisor_start import PHASES, bench_gvisor_start
+from tartarus.gvisor.runsc import probe
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gvisor_works() -> None:
+    support = probe()
+    if not support.works:
+        pytest.skip(f"gVisor cannot run a container on this host: {support.reason}")
+
+
+def test_compute_runs_every_workload_on_the_host_and_in_gvisor() -> None:
+    steps: list[int] = []
+    doc = bench_compute("python-ds", 1, steps.append, vm=False)
+    assert set(doc["backends"]) == {"host", "gvisor"} and sum(steps) == 2
+    for result in doc["backends"].values():
+        assert set(result["p50_ms"]) == set(WORKLOADS)
+        assert all(v > 0 for v in result["p50_ms"].values())
+        assert result["blas_core"] != "?"  # OpenBLAS said which kernel it runs
+    assert doc["backends"]["host"]["ratio_to_host"] == dict.fromkeys(WORKLOADS, 1.0)
+    # Native compute is the point of the backend: far from TCG's ~8x even on a noisy shared machine.
+    assert doc["backends"]["gvisor"]["ratio_to_host"]["python_loop"] < 3
+
+
+def test_gvisor_start_times_each_phase_in_order() -> None:
+    doc = asyncio.run(bench_gvisor_start("python-ds", 2, lambda n: None))
+    assert doc["samples"] == 2
+    p50 = [doc["phases_cumulative"][p]["p50_ms"] for p in PHASES]
+    assert p50 == sorted(p50) and p50[0] > 0

@@ -8,14 +8,12 @@ import pytest
 
 from tartarus.bench.compute import WORKLOADS, bench_compute
 from tartarus.bench.gvisor_start import PHASES, bench_gvisor_start
-from tartarus.gvisor.runsc import probe
+from tests.gvisor.helpers import require_gvisor
 
 
 @pytest.fixture(scope="module", autouse=True)
 def gvisor_works() -> None:
-    support = probe()
-    if not support.works:
-        pytest.skip(f"gVisor cannot run a container on this host: {support.reason}")
+    require_gvisor()
 
 
 def test_compute_runs_every_workload_on_the_host_and_in_gvisor() -> None:

@@ -18,43 +18,21 @@ import pytest
 from tartarus.errors import GuestError, SandboxFailed
 from tartarus.gvisor.container import GvisorContainer, agent_binary, start_container
 from tartarus.gvisor.rootfs import template_tree
-from tartarus.gvisor.runsc import probe
 from tartarus.gvisor.spec import BundleSpec
-from tartarus.runtime.agent import AgentClient, Exit, Output
+from tartarus.runtime.agent import AgentClient, Exit
 from tartarus.runtime.sandbox import new_sandbox_id
 from tartarus.templates.store import Template, get_template
-
-DEADLINE = 60.0  # generous: the machine is shared; every wait ends as soon as its condition holds
+from tests.gvisor.helpers import DEADLINE, host_traces, output_of, require_gvisor
 
 
 @pytest.fixture(scope="module", autouse=True)
 def gvisor_works() -> None:
-    support = probe()
-    if not support.works:
-        pytest.skip(f"gVisor cannot run a container on this host: {support.reason}")
+    require_gvisor()
 
 
 @pytest.fixture(scope="module")
 def python_ds() -> Template:
     return get_template("python-ds")
-
-
-def _host_traces(workdir: Path) -> list[str]:
-    """What a container of `workdir` could leave: processes naming it, mounts below it, the directory."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(workdir).encode() in cmdline:
-            found.append(f"process {pid}: {cmdline.split(bytes(1))[:3]!r}")
-    found += [
-        f"mount {line}" for line in Path("/proc/self/mounts").read_text().splitlines() if str(workdir) in line
-    ]
-    if workdir.exists():
-        found.append(f"directory {workdir}")
-    return found
 
 
 @asynccontextmanager
@@ -64,7 +42,7 @@ async def container(template: Template, workdir: Path) -> AsyncIterator[GvisorCo
         yield box
     finally:
         await box.destroy()
-    assert _host_traces(workdir) == []
+    assert host_traces(workdir) == []
 
 
 def run_in(template: Template, workdir: Path, test: Callable[[AgentClient], Awaitable[None]]) -> None:
@@ -74,17 +52,6 @@ def run_in(template: Template, workdir: Path, test: Callable[[AgentClient], Awai
             await test(box.agent)
 
     asyncio.run(main())
-
-
-async def output_of(agent: AgentClient, argv: list[str]) -> tuple[str, str, Exit]:
-    process = await agent.exec(argv, timeout=DEADLINE)
-    out, err = bytearray(), bytearray()
-    async for event in process.events():
-        if isinstance(event, Output):
-            (out if event.stream == "stdout" else err).extend(event.data)
-        else:
-            return out.decode(), err.decode(), event
-    raise AssertionError("the command's events ended without an exit")
 
 
 def test_numpy_runs_in_the_sandbox(python_ds: Template, tmp_path: Path) -> None:
@@ -180,7 +147,7 @@ def test_a_sandbox_that_cannot_start_says_why_and_leaves_nothing(python_ds: Temp
     box = GvisorContainer(new_sandbox_id(), spec, workdir)
     with pytest.raises(SandboxFailed, match="no-such-agent"):
         asyncio.run(box.start(timeout=DEADLINE))
-    assert _host_traces(workdir) == []
+    assert host_traces(workdir) == []
 
 
 def test_destroy_kills_background_processes_and_may_be_called_again(
@@ -193,9 +160,9 @@ def test_destroy_kills_background_processes_and_may_be_called_again(
         assert box.agent is not None
         _, _, exit_ = await output_of(box.agent, ["sh", "-c", "setsid sleep 600 & setsid sleep 600 & echo"])
         assert exit_.exit_code == 0
-        assert len(_host_traces(workdir)) > 1  # the sandbox and gofer, at least, run now
+        assert len(host_traces(workdir)) > 1  # the sandbox and gofer, at least, run now
         await box.destroy()
-        assert _host_traces(workdir) == []
+        assert host_traces(workdir) == []
         await box.destroy()
         assert not box.running
 

@@ -7,16 +7,12 @@ import secrets
 import subprocess
 import sys
 
-import pytest
-
-from tartarus.gvisor.runsc import probe
 from tartarus.paths import REPO_ROOT
+from tests.gvisor.helpers import require_gvisor
 
 
 def test_a_leaked_gvisor_sandbox_fails_its_test_and_none_outlives_the_run() -> None:
-    support = probe()
-    if not support.works:
-        pytest.skip(f"gVisor cannot run a container on this host: {support.reason}")
+    require_gvisor()
     leaked = "sb-" + secrets.token_hex(6)
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/gvisor/leaky_probe.py"],

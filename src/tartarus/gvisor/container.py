@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT_S = 30.0
 GONE_TIMEOUT_S = 5.0
+CHECKPOINT_TIMEOUT_S = 120.0
 CONSOLE = "console.log"
 
 
@@ -155,6 +156,16 @@ class GvisorContainer:
     async def start(self, timeout: float = 30.0) -> None:
         """Create and start the container and wait until its agent says hello. On any failure whatever
         was made is removed before the error is raised."""
+        await self._launch(["start", self.id], None, timeout)
+
+    async def restore(self, image: Path, timeout: float = 30.0) -> None:
+        """Create the container from a `checkpoint` image instead of starting it fresh, and wait until
+        the restored agent answers a ping on its new channel. One image restores any number of times,
+        under new ids: the restored agent serves whatever socket this container gives as its stdin."""
+        restore = ["restore", f"--image-path={image}", f"--bundle={self.paths.bundle}", "--detach", self.id]
+        await self._launch(restore, image, timeout)
+
+    async def _launch(self, run: list[str], image: Path | None, timeout: float) -> None:
         t0 = time.perf_counter()
         self.paths.workdir.mkdir(mode=0o700)  # a new directory, all ours: `destroy` removes it whole
         for path in (self.paths.bundle, self.paths.layer, self.paths.state, self.paths.logs):
@@ -170,7 +181,7 @@ class GvisorContainer:
                 guest.close()
             self.pid = int(json.loads(await self._run("state", self.id))["pid"])
             self._watch = asyncio.create_task(self._watch_exit(self.pid), name=f"gvisor-watch-{self.id}")
-            await self._run("start", self.id)
+            await self._run(*run)
             self.timings["started"] = time.perf_counter() - t0
             assert host is not None
             host.setblocking(False)
@@ -178,11 +189,15 @@ class GvisorContainer:
             host = None  # the stream owns it now
             self.agent = AgentClient(reader, writer, eof_reason=self._eof_reason)
             try:
-                await asyncio.wait_for(self.agent.wait_hello(), timeout)
+                if image is None:
+                    await asyncio.wait_for(self.agent.wait_hello(), timeout)
+                else:  # the agent said hello before the checkpoint; it serves without another
+                    self.agent.assume_running()
+                    await asyncio.wait_for(self.agent.ping(), timeout)
             except TimeoutError:
                 tail = console_tail(self.paths.console)
                 raise SandboxFailed(
-                    f"the guest agent did not say hello within {timeout:.0f} s: {tail}"
+                    f"the guest agent did not answer within {timeout:.0f} s: {tail}"
                 ) from None
             self.timings["agent_ready"] = time.perf_counter() - t0
         except BaseException:
@@ -190,6 +205,15 @@ class GvisorContainer:
                 host.close()
             await self.destroy()
             raise
+
+    async def checkpoint(self, image: Path) -> None:
+        """Save the whole sandbox (memory, processes, the writable layer) into the directory `image`;
+        the container stops, as runsc does by default. Take it while no request is in flight: bytes on
+        the old channel are not part of the image."""
+        image.mkdir(mode=0o700, exist_ok=True)
+        await self._run("checkpoint", f"--image-path={image}", self.id, timeout=CHECKPOINT_TIMEOUT_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), GONE_TIMEOUT_S)
 
     async def _watch_exit(self, pid: int) -> None:
         """Set `_exited` when the sandbox process ends (it is not our child: runsc create forked it)."""

@@ -220,10 +220,12 @@ def compute(
 def gvisor_start(
     samples: Samples = 30, template: TemplateOpt = "python-ds", json_out: JsonOut = None
 ) -> None:
-    """A fresh gVisor sandbox (no checkpoint): spawn → python3 -c 'print(1)' answered."""
+    """gVisor: restore → the numpy-loaded Python answers 1+1; fresh spawn → python3 -c 'print(1)'."""
     from tartarus.bench.gvisor_start import bench_gvisor_start
 
-    _run("gvisor-start", samples, json_out, lambda p: asyncio.run(bench_gvisor_start(template, samples, p)))
+    _run(
+        "gvisor-start", 2 * samples, json_out, lambda p: asyncio.run(bench_gvisor_start(template, samples, p))
+    )
 
 
 @bench_app.command("api-overhead")

@@ -1,8 +1,10 @@
-"""`bench gvisor-start`: a fresh gVisor sandbox (no checkpoint yet) from spawn to its first answer.
+"""`bench gvisor-start`: a gVisor sandbox from spawn to its first answer, fresh and restored.
 
-Each sample starts a container of the template (runsc create + start, the agent's HELLO), runs
-`python3 -c 'print(1)'` through the agent to its output, and destroys the container; the destroy is
-not timed. The phases say where the time goes: runsc up, agent ready, the answer.
+Fresh: each sample starts a container of the template (runsc create + start, the agent's HELLO) and
+runs `python3 -c 'print(1)'` through the agent to its output. Restored: a golden sandbox with a Python
+that has imported numpy and evaluates lines of stdin is checkpointed once; each sample restores it
+under a new id, adopts that Python and has it evaluate `1+1`. Destroys are not timed. The phases say
+where the time goes: runsc up, agent ready, the answer.
 """
 
 from __future__ import annotations
@@ -14,13 +16,74 @@ from pathlib import Path
 from typing import Any
 
 from tartarus.bench.stats import summary_ms
-from tartarus.gvisor.container import start_container
+from tartarus.gvisor.container import GvisorContainer, start_container
 from tartarus.gvisor.rootfs import template_tree
-from tartarus.runtime.agent import Output
+from tartarus.gvisor.spec import BundleSpec
+from tartarus.runtime.agent import INTERPRETER_ID, Output
 from tartarus.runtime.sandbox import new_sandbox_id
-from tartarus.templates.store import get_template
+from tartarus.templates.store import Template, get_template
 
 PHASES = ("started", "agent_ready", "first_answer")
+EVALUATOR = "import numpy, sys\nfor line in sys.stdin:\n    print(eval(line), flush=True)\n"
+
+
+async def _fresh(template: Template, workdir: Path) -> dict[str, float]:
+    t0 = time.perf_counter()
+    box = await start_container(template, new_sandbox_id(), workdir)
+    try:
+        assert box.agent is not None
+        process = await box.agent.exec(["python3", "-c", "print(1)"])
+        out = b"".join([e.data async for e in process.events() if isinstance(e, Output)])
+        answered = time.perf_counter() - t0
+        if out != b"1\n":
+            raise RuntimeError(f"python3 -c 'print(1)' printed {out!r}")
+        return {**box.timings, "first_answer": answered}
+    finally:
+        await box.destroy()
+
+
+async def _golden(template: Template, workdir: Path, image: Path) -> tuple[BundleSpec, int]:
+    """Checkpoint a sandbox whose evaluator has numpy loaded; its spec and the evaluator's pid."""
+    box = await start_container(template, new_sandbox_id(), workdir)
+    try:
+        assert box.agent is not None
+        evaluator = await box.agent.exec(
+            ["python3", "-c", EVALUATOR],
+            stdin=True,
+            request_id=INTERPRETER_ID,
+            env={"OPENBLAS_NUM_THREADS": "1"},
+        )
+        await evaluator.write_stdin(b"numpy.ones(2).sum()\n")
+        if await evaluator.next_event() != Output("stdout", b"2.0\n"):
+            raise RuntimeError("the evaluator did not answer before the checkpoint")
+        await box.checkpoint(image)
+        return box.spec, evaluator.pid
+    finally:
+        await box.destroy()
+
+
+async def _restored(spec: BundleSpec, pid: int, image: Path, workdir: Path) -> dict[str, float]:
+    t0 = time.perf_counter()
+    box = GvisorContainer(new_sandbox_id(), spec, workdir)
+    await box.restore(image)
+    try:
+        assert box.agent is not None
+        evaluator = box.agent.adopt(INTERPRETER_ID, pid)
+        await evaluator.write_stdin(b"1+1\n")
+        answer = await evaluator.next_event()
+        answered = time.perf_counter() - t0
+        if answer != Output("stdout", b"2\n"):
+            raise RuntimeError(f"the restored evaluator answered {answer}")
+        return {**box.timings, "first_answer": answered}
+    finally:
+        await box.destroy()
+
+
+def _summary(samples: list[dict[str, float]]) -> dict[str, Any]:
+    return {
+        **summary_ms([s["first_answer"] for s in samples]),
+        "phases_cumulative": {p: summary_ms([s[p] for s in samples]) for p in PHASES},
+    }
 
 
 async def bench_gvisor_start(
@@ -28,28 +91,25 @@ async def bench_gvisor_start(
 ) -> dict[str, Any]:
     template = get_template(template_name)
     template_tree(template)  # extracted once, before the clock: that is setup, not start
-    phases: dict[str, list[float]] = {p: [] for p in PHASES}
     with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
+        root = Path(tmp)
+        fresh = []
         for i in range(samples):
-            t0 = time.perf_counter()
-            box = await start_container(template, new_sandbox_id(), Path(tmp) / str(i))
-            try:
-                assert box.agent is not None
-                process = await box.agent.exec(["python3", "-c", "print(1)"])
-                out = b"".join([e.data async for e in process.events() if isinstance(e, Output)])
-                answered = time.perf_counter() - t0
-                if out != b"1\n":
-                    raise RuntimeError(f"python3 -c 'print(1)' printed {out!r}")
-                for name in ("started", "agent_ready"):
-                    phases[name].append(box.timings[name])
-                phases["first_answer"].append(answered)
-            finally:
-                await box.destroy()
+            fresh.append(await _fresh(template, root / f"fresh-{i}"))
+            progress(1)
+        image = root / "image"
+        spec, pid = await _golden(template, root / "golden", image)
+        image_bytes = sum(f.stat().st_size for f in image.rglob("*") if f.is_file())
+        restored = []
+        for i in range(samples):
+            restored.append(await _restored(spec, pid, image, root / f"restored-{i}"))
             progress(1)
     return {
-        **summary_ms(phases["first_answer"]),
-        "phases_cumulative": {name: summary_ms(values) for name, values in phases.items()},
+        **_summary(restored),
+        "fresh": _summary(fresh),
+        "image_bytes": image_bytes,
         "template": template_name,
         "backend": "gvisor",
-        "what": "start a gVisor sandbox (no checkpoint) → python3 -c 'print(1)' answered through the agent",
+        "what": "restore a checkpointed gVisor sandbox → its numpy-loaded Python answers 1+1 (top level); "
+        "fresh: start one without a checkpoint → python3 -c 'print(1)' answered",
     }

@@ -33,7 +33,8 @@ def test_gvisor_start_times_each_phase_in_order_fresh_and_restored() -> None:
     steps: list[int] = []
     doc = asyncio.run(bench_gvisor_start("python-ds", 2, steps.append))
     assert sum(steps) == 4 and doc["samples"] == 2 and doc["fresh"]["samples"] == 2
+    assert doc["created_ahead"]["samples"] == 2
     assert doc["image_bytes"] > 1_000_000  # numpy's Python is in it
-    for result in (doc, doc["fresh"]):
+    for result in (doc, doc["created_ahead"], doc["fresh"]):
         p50 = [result["phases_cumulative"][p]["p50_ms"] for p in PHASES]
         assert p50 == sorted(p50) and p50[0] > 0

@@ -72,3 +72,35 @@ def test_one_image_restores_twice_with_state_files_and_the_running_process(
             assert host_traces(tmp_path / name) == []
 
     asyncio.run(main())
+
+
+def test_a_container_created_ahead_restores_later_and_one_never_used_leaves_nothing(
+    python_ds: Template, tmp_path: Path
+) -> None:
+    image = tmp_path / "image"
+
+    async def main() -> None:
+        box = await start_container(python_ds, new_sandbox_id(), tmp_path / "golden", timeout=DEADLINE)
+        assert box.agent is not None
+        await box.agent.write_file("/root/marker", b"golden")
+        await box.checkpoint(image)
+        await box.destroy()
+
+        spare = GvisorContainer(new_sandbox_id(), box.spec, tmp_path / "spare")
+        await spare.create()
+        assert spare.running and spare.agent is None  # processes up, nothing restored into them yet
+        unused = GvisorContainer(new_sandbox_id(), box.spec, tmp_path / "unused")
+        await unused.create()
+        await unused.destroy()
+        assert host_traces(tmp_path / "unused") == []
+
+        await spare.restore(image, timeout=DEADLINE)
+        try:
+            assert spare.agent is not None
+            got = b"".join([c async for c in await spare.agent.read_file("/root/marker")])
+            assert got == b"golden"
+        finally:
+            await spare.destroy()
+        assert host_traces(tmp_path / "spare") == []
+
+    asyncio.run(main())

@@ -120,6 +120,7 @@ class GvisorContainer:
         self.timings: dict[str, float] = {}
         self._exited = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
+        self._channel: socket.socket | None = None  # the host's end, until an AgentClient owns it
 
     def _runsc(self, *args: str) -> list[str]:
         layer = f"--overlay2=root:dir={self.paths.layer}"
@@ -165,35 +166,42 @@ class GvisorContainer:
         restore = ["restore", f"--image-path={image}", f"--bundle={self.paths.bundle}", "--detach", self.id]
         await self._launch(restore, image, timeout)
 
-    async def _launch(self, run: list[str], image: Path | None, timeout: float) -> None:
-        t0 = time.perf_counter()
+    async def create(self) -> None:
+        """`runsc create`: the sandbox and gofer processes up with the agent's channel handed in, nothing
+        running yet. A pool does this ahead of time (the expensive half of a restore); `start` and
+        `restore` do it themselves when it was not done. On failure whatever was made is removed."""
+        if self._channel is not None:
+            return
         self.paths.workdir.mkdir(mode=0o700)  # a new directory, all ours: `destroy` removes it whole
         for path in (self.paths.bundle, self.paths.layer, self.paths.state, self.paths.logs):
             path.mkdir(mode=0o700)
         private.write_private(self.paths.bundle / "config.json", config_json(self.spec))
-        pair = socket.socketpair()
-        host: socket.socket | None = pair[0]
-        guest = pair[1]
+        host, guest = socket.socketpair()
         try:
             pid_file = self.paths.workdir / "sandbox.pid"
             try:
-                await self._run(
-                    "create",
-                    f"--bundle={self.paths.bundle}",
-                    f"--pid-file={pid_file}",
-                    self.id,
-                    stdin=guest.fileno(),
-                )
+                create = ["create", f"--bundle={self.paths.bundle}", f"--pid-file={pid_file}", self.id]
+                await self._run(*create, stdin=guest.fileno())
             finally:
                 guest.close()
             self.pid = int(pid_file.read_text())
             self._watch = asyncio.create_task(self._watch_exit(self.pid), name=f"gvisor-watch-{self.id}")
+        except BaseException:
+            host.close()
+            await self.destroy()
+            raise
+        self._channel = host
+
+    async def _launch(self, run: list[str], image: Path | None, timeout: float) -> None:
+        t0 = time.perf_counter()
+        await self.create()
+        try:
             await self._run(*run)
             self.timings["started"] = time.perf_counter() - t0
+            host, self._channel = self._channel, None
             assert host is not None
             host.setblocking(False)
             reader, writer = await asyncio.open_unix_connection(sock=host, limit=1 << 21)
-            host = None  # the stream owns it now
             self.agent = AgentClient(reader, writer, eof_reason=self._eof_reason)
             try:
                 if image is None:
@@ -208,8 +216,6 @@ class GvisorContainer:
                 ) from None
             self.timings["agent_ready"] = time.perf_counter() - t0
         except BaseException:
-            if host is not None:
-                host.close()
             await self.destroy()
             raise
 
@@ -275,6 +281,9 @@ class GvisorContainer:
         namespace), so killing its processes and removing the directory is all there is to undo."""
         if self.agent is not None:
             await self.agent.close()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         left = await kill_all(self.paths.state, GONE_TIMEOUT_S)
         if self._watch is not None:
             self._watch.cancel()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tartarus.errors import GuestError, SandboxFailed
-from tartarus.gvisor.container import GvisorContainer, agent_binary, start_container
+from tartarus.gvisor.container import GvisorContainer, agent_binary, pids_under, start_container
 from tartarus.gvisor.rootfs import template_tree
 from tartarus.gvisor.spec import BundleSpec
 from tartarus.runtime.agent import AgentClient, Exit
@@ -33,6 +33,14 @@ def gvisor_works() -> None:
 @pytest.fixture(scope="module")
 def python_ds() -> Template:
     return get_template("python-ds")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
 
 
 @asynccontextmanager
@@ -161,8 +169,13 @@ def test_destroy_kills_background_processes_and_may_be_called_again(
         _, _, exit_ = await output_of(box.agent, ["sh", "-c", "setsid sleep 600 & setsid sleep 600 & echo"])
         assert exit_.exit_code == 0
         assert len(host_traces(workdir)) > 1  # the sandbox and gofer, at least, run now
+        processes = pids_under(box.paths.state)
+        stubs = [p for p in processes if not Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert stubs, processes  # systrap's stub processes: no command line to find them by
         await box.destroy()
         assert host_traces(workdir) == []
+        # Dead: gone, or a zombie until the host's init (their parent since runsc daemonized them) reaps it.
+        assert [p for p in processes if _alive(p)] == []
         await box.destroy()
         assert not box.running
 

@@ -91,11 +91,21 @@ def fatal_error(logs: Path) -> str | None:
     return min(found)[1] if found else None
 
 
-def _pids_under(state: Path) -> list[int]:
-    """Host processes of this container: runsc's sandbox and gofer carry `--root=<state>` in their
-    command line, and no other container shares that directory."""
+def _parent(pid: str) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state letter; comm may hold ")"
+
+
+def pids_under(state: Path) -> list[int]:
+    """Host processes of this container: runsc's sandbox and gofer, which carry `--root=<state>` in
+    their command line (no other container shares that directory), and their descendants (the
+    platform's stub processes, whose command line is empty)."""
     marker = f"--root={state}".encode()
-    pids = []
+    found: set[int] = set()
+    parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -103,8 +113,16 @@ def _pids_under(state: Path) -> list[int]:
             except OSError:
                 continue
             if marker in argv:
-                pids.append(int(entry))
-    return pids
+                found.add(int(entry))
+            parent = _parent(entry)
+            if parent is not None:
+                parents[int(entry)] = parent
+    grew = True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= more
+        grew = bool(more)
+    return sorted(found)
 
 
 class GvisorContainer:
@@ -330,7 +348,7 @@ async def kill_all(state: Path, timeout: float) -> list[int]:
     """Kill every host process of the container whose runsc state is `state` (sandbox, gofer, the
     platform's stub processes) and wait for them; the pids still there after `timeout`."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while pids := _pids_under(state):
+    while pids := pids_under(state):
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             return pids

@@ -10,6 +10,7 @@ import pytest
 
 from tartarus.gvisor.container import GvisorContainer, start_container
 from tartarus.runtime.agent import INTERPRETER_ID, Exit, Output
+from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.sandbox import new_sandbox_id
 from tartarus.templates.store import Template, get_template
 from tests.gvisor.helpers import DEADLINE, host_traces, output_of, require_gvisor
@@ -102,5 +103,38 @@ def test_a_container_created_ahead_restores_later_and_one_never_used_leaves_noth
         finally:
             await spare.destroy()
         assert host_traces(tmp_path / "spare") == []
+
+    asyncio.run(main())
+
+
+def test_the_warm_interpreter_keeps_state_across_restores_and_each_clone_is_reseeded(
+    python_ds: Template, tmp_path: Path
+) -> None:
+    image = tmp_path / "image"
+    preload = python_ds.preload
+    assert preload is not None
+
+    async def main() -> None:
+        box = await start_container(python_ds, new_sandbox_id(), tmp_path / "golden", timeout=DEADLINE)
+        assert box.agent is not None
+        interpreter = await CodeInterpreter.start(box.agent, preload, timeout=DEADLINE)
+        assert (await interpreter.run_code("x = 41; import random; x")).result == "41"
+        pid = interpreter.pid
+        await box.checkpoint(image)
+        await box.destroy()
+
+        draws = []
+        for name in ("one", "two"):
+            clone = GvisorContainer(new_sandbox_id(), box.spec, tmp_path / name)
+            await clone.restore(image, timeout=DEADLINE)
+            try:
+                assert clone.agent is not None
+                warm = CodeInterpreter.adopt(clone.agent, pid)
+                assert (await warm.run_code("x + 1", timeout=DEADLINE)).result == "42"
+                assert (await warm.run_code("import sklearn, pandas; numpy.__name__")).result == "'numpy'"
+                draws.append((await warm.run_code("random.random()")).result)
+            finally:
+                await clone.destroy()
+        assert draws[0] != draws[1]  # clones of one image do not share their random streams
 
     asyncio.run(main())

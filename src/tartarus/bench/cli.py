@@ -220,7 +220,7 @@ def compute(
 def gvisor_start(
     samples: Samples = 30, template: TemplateOpt = "python-ds", json_out: JsonOut = None
 ) -> None:
-    """gVisor: restore → the numpy-loaded Python answers 1+1; fresh spawn → python3 -c 'print(1)'."""
+    """gVisor: restore → run_code('1+1') answered; a fresh spawn → python3 -c 'print(1)' answered."""
     from tartarus.bench.gvisor_start import bench_gvisor_start
 
     _run(

@@ -1,11 +1,11 @@
 """`bench gvisor-start`: a gVisor sandbox from spawn to its first answer, fresh and restored.
 
 Fresh: each sample starts a container of the template (runsc create + start, the agent's HELLO) and
-runs `python3 -c 'print(1)'` through the agent to its output. Restored: a golden sandbox with a Python
-that has imported numpy and evaluates lines of stdin is checkpointed once; each sample restores it
-under a new id (also into a container created beforehand, as a pool would keep them), adopts that
-Python and has it evaluate `1+1`. Destroys are not timed. The phases say
-where the time goes: runsc up, agent ready, the answer.
+runs `python3 -c 'print(1)'` through the agent to its output. Restored: a golden sandbox whose warm
+code interpreter has imported the template's modules (numpy, pandas, sklearn) is checkpointed once;
+each sample restores it under a new id (also into a container created beforehand, as a pool would keep
+them), adopts the interpreter and times `run_code("1+1")` to its answer. Destroys are not timed. The
+phases say where the time goes: runsc up, agent ready, the answer.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from tartarus.bench.stats import summary_ms
+from tartarus.errors import InvalidArgument
 from tartarus.gvisor.container import GvisorContainer, start_container
 from tartarus.gvisor.rootfs import template_tree
 from tartarus.gvisor.spec import BundleSpec
-from tartarus.runtime.agent import INTERPRETER_ID, Output
+from tartarus.runtime.agent import Output
+from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.sandbox import new_sandbox_id
 from tartarus.templates.store import Template, get_template
 
 PHASES = ("started", "agent_ready", "first_answer")
-EVALUATOR = "import numpy, sys\nfor line in sys.stdin:\n    print(eval(line), flush=True)\n"
 
 
 async def _fresh(template: Template, workdir: Path) -> dict[str, float]:
@@ -44,21 +45,16 @@ async def _fresh(template: Template, workdir: Path) -> dict[str, float]:
 
 
 async def _golden(template: Template, workdir: Path, image: Path) -> tuple[BundleSpec, int]:
-    """Checkpoint a sandbox whose evaluator has numpy loaded; its spec and the evaluator's pid."""
+    """Checkpoint a sandbox whose warm interpreter has the template's modules imported; its spec and
+    the interpreter's pid."""
+    if template.preload is None:
+        raise InvalidArgument(f"template {template.name!r} has no code interpreter to restore")
     box = await start_container(template, new_sandbox_id(), workdir)
     try:
         assert box.agent is not None
-        evaluator = await box.agent.exec(
-            ["python3", "-c", EVALUATOR],
-            stdin=True,
-            request_id=INTERPRETER_ID,
-            env={"OPENBLAS_NUM_THREADS": "1"},
-        )
-        await evaluator.write_stdin(b"numpy.ones(2).sum()\n")
-        if await evaluator.next_event() != Output("stdout", b"2.0\n"):
-            raise RuntimeError("the evaluator did not answer before the checkpoint")
+        interpreter = await CodeInterpreter.start(box.agent, template.preload)
         await box.checkpoint(image)
-        return box.spec, evaluator.pid
+        return box.spec, interpreter.pid
     finally:
         await box.destroy()
 
@@ -73,12 +69,10 @@ async def _restored(
     await box.restore(image)
     try:
         assert box.agent is not None
-        evaluator = box.agent.adopt(INTERPRETER_ID, pid)
-        await evaluator.write_stdin(b"1+1\n")
-        answer = await evaluator.next_event()
+        answer = await CodeInterpreter.adopt(box.agent, pid).run_code("1+1")
         answered = time.perf_counter() - t0
-        if answer != Output("stdout", b"2\n"):
-            raise RuntimeError(f"the restored evaluator answered {answer}")
+        if answer.result != "2":
+            raise RuntimeError(f"run_code('1+1') answered {answer}")
         return {**box.timings, "first_answer": answered}
     finally:
         await box.destroy()
@@ -117,7 +111,8 @@ async def bench_gvisor_start(
         "image_bytes": image_bytes,
         "template": template_name,
         "backend": "gvisor",
-        "what": "restore a checkpointed gVisor sandbox → its numpy-loaded Python answers 1+1 (top level; "
+        "what": "restore a checkpointed gVisor sandbox → run_code('1+1') answered by its warm interpreter "
+        "(top level; "
         "created_ahead: into a container runsc created beforehand, as a pool would); "
         "fresh: start one without a checkpoint → python3 -c 'print(1)' answered",
     }

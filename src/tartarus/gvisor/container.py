@@ -302,15 +302,24 @@ class GvisorContainer:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        left = await kill_all(self.paths.state, GONE_TIMEOUT_S)
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-        self._exited.set()
-        shutil.rmtree(self.paths.workdir, ignore_errors=True)
-        if left or self.paths.workdir.exists():
-            raise TartarusError(f"gvisor {self.id}: could not remove all of it (pids {left})")
+        try:
+            await reap(self.paths.workdir)
+        finally:
+            if self._watch is not None:
+                self._watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._watch
+            self._exited.set()
+
+
+async def reap(workdir: Path) -> None:
+    """Remove a container's processes and directory, whoever started it: `destroy`, and a daemon
+    cleaning up after one killed with -9 (its started containers ended when their channel closed, but a
+    container only created, a pool's spare, runs on)."""
+    left = await kill_all(Layout(workdir).state, GONE_TIMEOUT_S)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if left or workdir.exists():
+        raise TartarusError(f"gvisor container {workdir.name}: could not remove all of it (pids {left})")
 
 
 async def _readable(fd: int) -> None:

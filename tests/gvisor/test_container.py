@@ -215,15 +215,17 @@ def test_the_sandbox_has_no_network_but_loopback(python_ds: Template, tmp_path: 
     run_in(python_ds, tmp_path / "sb", test)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gVisor (2024-07-29) has no TIOCGPTPEER, which the agent uses to open a terminal's slave; "
-    "the agent needs a ptsname() fallback (a C change, pending the agent's split into files)",
-)
-def test_a_command_runs_on_a_terminal_of_the_requested_size(python_ds: Template, tmp_path: Path) -> None:
+def test_a_command_runs_on_a_terminal_of_the_requested_size_and_ctrl_c_reaches_it(
+    python_ds: Template, tmp_path: Path
+) -> None:
+    # gVisor has no TIOCGPTPEER: the agent opens the terminal's slave by its name there.
     async def test(agent: AgentClient) -> None:
-        process = await agent.exec(["sh", "-c", "stty size"], pty=PtySize(30, 100))
+        process = await agent.exec(["sh", "-c", "tty; stty size"], pty=PtySize(30, 100))
         out = b"".join([e.data async for e in process.events() if isinstance(e, Output)])
-        assert out.strip() == b"30 100"
+        assert out.split() == [b"/dev/pts/0", b"30", b"100"]
+        shell = await agent.exec(["sh", "-c", "sleep 60; exit 3"], pty=PtySize(24, 80))
+        await shell.write_stdin(b"\x03")  # ^C: SIGINT to the foreground job, as on any terminal
+        events = [e async for e in shell.events()]  # well before the sleep's 60 s
+        assert events[-1] == Exit(None, signal.SIGINT, False), events
 
     run_in(python_ds, tmp_path / "sb", test)

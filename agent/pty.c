@@ -13,6 +13,26 @@ bool get_winsize(struct msg *m, struct winsize *ws)
 	return true;
 }
 
+/*
+ * The slave of `master`.  TIOCGPTPEER opens this master's own slave: no path lookup another process
+ * could race.  gVisor has no TIOCGPTPEER (ENOTTY); there the slave is opened by its name, in a sandbox
+ * whose only other processes are the commands the agent started.
+ */
+static int open_slave(int master)
+{
+	char name[64];
+	int fd = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+
+	if (fd >= 0 || errno != ENOTTY)
+		return fd;
+	int e = ptsname_r(master, name, sizeof name);
+	if (e != 0) {
+		errno = e;
+		return -1;
+	}
+	return open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
+}
+
 /* A pseudo-terminal of the given size: the master (non-blocking) and its slave, or errno. */
 int open_pty(const struct winsize *ws, int *master, int *slave)
 {
@@ -20,9 +40,7 @@ int open_pty(const struct winsize *ws, int *master, int *slave)
 	*master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
 	if (*master < 0)
 		return errno;
-	/* TIOCGPTPEER opens this master's own slave: no path lookup another process could race. */
-	if (unlockpt(*master) != 0 || ioctl(*master, TIOCSWINSZ, ws) != 0 ||
-	    (*slave = ioctl(*master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) {
+	if (unlockpt(*master) != 0 || ioctl(*master, TIOCSWINSZ, ws) != 0 || (*slave = open_slave(*master)) < 0) {
 		int e = errno;
 		xclose(master);
 		return e;

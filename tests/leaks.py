@@ -1,7 +1,7 @@
 """What sandboxes leave on the host, for the leak check every test gets (tests/conftest.py).
 
-Read from /proc, /run and /sys directly, so a check costs a few milliseconds: QEMU processes, network
-namespaces `tartarus-*`, uplinks `trt*`, tartarus cgroups (v1 controllers or v2), and the sandbox
+Read from /proc, /run and /sys directly, so a check costs a few milliseconds: QEMU and gVisor processes,
+network namespaces `tartarus-*`, uplinks `trt*`, tartarus cgroups (v1 controllers or v2), and the sandbox
 directories of the in-process daemons the fixtures run. Only what lives under the session's base
 temporary directory counts (other processes' sandboxes on the host are not this suite's). Each trace
 names the sandbox it belongs to where it can, so that VMMs a pool pre-starts in the background (a test
@@ -29,7 +29,7 @@ SANDBOX_ID = re.compile(r"sb-[0-9a-f]{12}")
 
 @dataclass(frozen=True)
 class Trace:
-    kind: str  # qemu, netns, uplink, cgroup, sandbox-dir
+    kind: str  # qemu, runsc, netns, uplink, cgroup, sandbox-dir
     name: str  # pid, namespace, link, cgroup path or directory
     sandbox: str | None  # the sandbox id it belongs to, when it names one
 
@@ -69,6 +69,17 @@ def qemu_traces(base: str) -> set[Trace]:
     return out
 
 
+def runsc_traces(base: str) -> set[Trace]:
+    """gVisor's host processes (sandbox, gofer: argv[0] `runsc-…`) of a container under `base`."""
+    out = set()
+    for pid in _listdir(Path("/proc")):
+        if pid.isdigit():
+            cmdline = _read(Path(f"/proc/{pid}/cmdline"))
+            if cmdline.startswith("runsc-") and base in cmdline:
+                out.add(Trace("runsc", pid, _sandbox_in(cmdline)))
+    return out
+
+
 def network_traces(base: str) -> set[Trace]:
     out = set()
     for netns in _listdir(NETNS_DIR):
@@ -96,7 +107,7 @@ def traces(base: Path, sandbox_dirs: Iterable[Path] = ()) -> set[Trace]:
     """What this session's sandboxes (those under `base`) hold on the host now; `sandbox_dirs`: daemons'
     `sandboxes/` directories, whose entries are sandboxes (hibernated ones too) a daemon still has."""
     prefix = str(base.resolve())
-    found = qemu_traces(prefix) | network_traces(prefix) | cgroup_traces(prefix)
+    found = qemu_traces(prefix) | runsc_traces(prefix) | network_traces(prefix) | cgroup_traces(prefix)
     for root in sandbox_dirs:
         found |= {Trace("sandbox-dir", str(root / n), n) for n in _listdir(root) if SANDBOX_ID.fullmatch(n)}
     return found
@@ -174,6 +185,10 @@ def reap(leaked: set[Trace], daemon_urls: Iterable[str]) -> None:
             workdir = re.search(r"(/[^\0]*/" + (trace.sandbox or "-") + r")/", cmdline)
             if workdir:
                 reap_workdir(Path(workdir.group(1)))
+        elif trace.kind == "runsc":
+            with contextlib.suppress(ProcessLookupError):
+                if _read(Path(f"/proc/{trace.name}/cmdline")).startswith("runsc-"):
+                    os.kill(int(trace.name), 9)
         elif trace.kind == "sandbox-dir":
             reap_workdir(Path(trace.name))
     for trace in traces(Path("/"), ()) & leaked:  # what the sandbox's directory no longer recorded

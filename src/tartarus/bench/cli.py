@@ -199,6 +199,35 @@ def load(
     _run("load", None, json_out, run)
 
 
+@bench_app.command()
+def compute(
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", min=1)] = 5,
+    vm: Annotated[bool, typer.Option(help="also in a VM sandbox (slow under TCG)")] = True,
+    template: TemplateOpt = "python-ds",
+    json_out: JsonOut = None,
+) -> None:
+    """Python loop, numpy SVD 300² and matmul 1000² (1 BLAS thread), 2,000 files: host, gVisor and VM."""
+    from tartarus.bench.compute import WORKLOADS, bench_compute
+
+    doc = _measure("compute", 2 + vm, lambda p: bench_compute(template, repetitions, p, vm=vm))
+    for backend, result in doc["backends"].items():
+        ratios = ", ".join(f"{w} {result['ratio_to_host'][w]:.2f}x" for w in WORKLOADS)
+        err.print(f"compute {backend} (BLAS {result['blas_core']}): {ratios}")
+    _emit(doc, json_out)
+
+
+@bench_app.command("gvisor-start")
+def gvisor_start(
+    samples: Samples = 30, template: TemplateOpt = "python-ds", json_out: JsonOut = None
+) -> None:
+    """gVisor: restore → run_code('1+1') answered; a fresh spawn → python3 -c 'print(1)' answered."""
+    from tartarus.bench.gvisor_start import bench_gvisor_start
+
+    _run(
+        "gvisor-start", 2 * samples, json_out, lambda p: asyncio.run(bench_gvisor_start(template, samples, p))
+    )
+
+
 @bench_app.command("api-overhead")
 def api_overhead(
     samples: Samples = 200, template: TemplateOpt = "python-ds", json_out: JsonOut = None

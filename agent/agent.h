@@ -65,7 +65,7 @@
 #include <unistd.h>
 
 #define AGENT_VERSION "0.1.0"
-#define PROTO_VERSION 3
+#define PROTO_VERSION 4
 #define PORT_NAME "org.tartarus.agent.0"
 
 #define HDR_LEN 12
@@ -82,6 +82,8 @@
 #define HOST_POLL_MS 20           /* how often a closed port is checked for a returning host */
 #define RM_MAX_DEPTH 256          /* recursive REMOVE holds one fd per level */
 #define PTY_MAX_SIZE 1000         /* rows and columns of a terminal */
+#define INPUT_MAX (64 * 1024)     /* one INPUT field */
+#define CMD_KEEP (8 * 1024)       /* argv bytes kept per command for PROCS */
 #define DEFAULT_TERM "TERM=xterm-256color"
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -89,9 +91,9 @@
 enum {
 	T_PING = 0x01, T_EXEC, T_STDIN, T_SIGNAL, T_READ, T_WRITE, T_WRITE_DATA,
 	T_WRITE_END, T_LIST, T_STAT, T_MKDIR, T_REMOVE, T_RENAME, T_CONFIGURE,
-	T_RESIZE, T_CREDIT, T_DETACH,
+	T_RESIZE, T_CREDIT, T_DETACH, T_ATTACH, T_PROCS, T_INPUT, T_PSIGNAL,
 	T_HELLO = 0x80, T_OK, T_STARTED, T_STDOUT, T_STDERR, T_EXIT, T_DATA,
-	T_END, T_ENTRY, T_ERROR = 0x8F,
+	T_END, T_ENTRY, T_PROC, T_ERROR = 0x8F,
 };
 
 /* Field tags. */
@@ -100,14 +102,20 @@ enum {
 	F_NEWPATH, F_MODE, F_FLAGS, F_PID, F_EXIT_CODE, F_SIGNAL, F_TIMED_OUT,
 	F_ERRNO, F_MESSAGE, F_SIZE, F_NAME, F_TYPE, F_MTIME_NS, F_LINK,
 	F_VERSION, F_TIME_NS, F_ENTROPY, F_HOSTNAME, F_USER, F_MACHINE_ID,
-	F_ROWS, F_COLS, F_WINDOW, F_MAX
+	F_ROWS, F_COLS, F_WINDOW, F_INPUT, F_MAX
 };
 
-/* Field kinds: K_BYTES is like a string but may hold NUL (ENTROPY). */
+/* Field kinds: K_BYTES is like a string but may hold NUL (ENTROPY, INPUT). */
 enum { K_UNKNOWN, K_INT, K_STR, K_BYTES, K_LIST };
 
 #define FLAG_RECURSIVE 1 /* also "parents" for MKDIR */
 #define FLAG_APPEND 2
+#define FLAG_EOF 1   /* INPUT: close stdin after the data */
+/* EXEC: the command outlives its requester (DETACH, the host leaving); also in PROC and ATTACH's STARTED. */
+#define FLAG_KEEP 4
+#define FLAG_PTY 8      /* PROC, STARTED of ATTACH: the command runs on a terminal */
+#define FLAG_STDIN 16   /* PROC, STARTED of ATTACH: its stdin is open */
+#define FLAG_ATTACHED 32 /* PROC: a host request listens to it */
 
 /* /etc/machine-id is a bind mount of a tmpfs file (set up by init), so a restored clone gets its own id
  * with one tmpfs write instead of an overlayfs copy-up and an ext4 allocation: on a freshly restored
@@ -134,6 +142,10 @@ struct req {
 	int64_t drain_until;         /* after reaping, give up on pipe EOF then */
 	int64_t out_left, err_left;  /* after the drain time: bytes still forwarded before closing, -1 = not yet */
 	bool detached;               /* the host stopped listening: output is discarded, no EXIT */
+	bool keep;                   /* FLAG_KEEP: detaching leaves it running, unattached (id 0) */
+	char *cmd;                   /* its argv, NUL-separated, at most CMD_KEEP bytes (PROCS) */
+	size_t cmdlen;
+	char *cwd;
 	/* R_EXEC, R_READ: window bytes the host still grants for output (CREDIT), -1 = no flow control */
 	int64_t credit;
 	/* R_READ, R_WRITE */
@@ -202,6 +214,8 @@ struct req *new_req(uint32_t id, int kind);
 bool get_window(uint32_t id, struct msg *m, int64_t *window);
 void h_credit(uint32_t id, struct msg *m);
 void h_detach(uint32_t id);
+void unattach(struct req *r);
+struct req *find_pid(int64_t pid);
 
 /* exec.c */
 void h_exec(uint32_t id, struct msg *m);
@@ -209,6 +223,10 @@ void h_stdin(uint32_t id, const uint8_t *d, uint32_t n);
 void pump_stdin(struct req *r);
 bool pump_pipe(struct req *r, int *fd, int64_t *left, uint8_t type);
 void h_signal(uint32_t id, struct msg *m);
+void h_attach(uint32_t id, struct msg *m);
+void h_procs(uint32_t id);
+void h_input(uint32_t id, struct msg *m);
+void h_psignal(uint32_t id, struct msg *m);
 void reap_children(void);
 void check_exec(struct req *r, int64_t now);
 

@@ -233,6 +233,23 @@ fail:
 	_exit(127);
 }
 
+/* What PROCS reports of a command: its argv (whole entries, CMD_KEEP bytes at most) and directory. */
+static void keep_cmdline(struct req *r, struct msg *m, const char *cwd)
+{
+	size_t n = 0;
+
+	r->cmd = xrealloc(NULL, CMD_KEEP);
+	for (size_t i = 0; i < m->argc; i++) {
+		size_t len = strlen(m->argv[i]) + 1;
+		if (len > CMD_KEEP - n)
+			break;
+		memcpy(r->cmd + n, m->argv[i], len);
+		n += len;
+	}
+	r->cmdlen = n;
+	r->cwd = xstrdup(cwd);
+}
+
 void h_exec(uint32_t id, struct msg *m)
 {
 	struct spec *s = &S;
@@ -246,8 +263,9 @@ void h_exec(uint32_t id, struct msg *m)
 	}
 	int64_t timeout = m->has[F_TIMEOUT_MS] ? m->num[F_TIMEOUT_MS] : 0;
 	int64_t want_stdin = m->has[F_STDIN] ? m->num[F_STDIN] : 0;
-	if (timeout < 0 || (want_stdin != 0 && want_stdin != 1)) {
-		send_error(id, EINVAL, "bad TIMEOUT_MS or STDIN value");
+	int64_t flags = get_flags(m);
+	if (timeout < 0 || (want_stdin != 0 && want_stdin != 1) || (flags & ~(int64_t)FLAG_KEEP)) {
+		send_error(id, EINVAL, "bad TIMEOUT_MS, STDIN or FLAGS value");
 		return;
 	}
 	s->pty = m->has[F_ROWS] || m->has[F_COLS];
@@ -327,6 +345,8 @@ void h_exec(uint32_t id, struct msg *m)
 	}
 
 	r->pid = pid;
+	r->keep = flags & FLAG_KEEP;
+	keep_cmdline(r, m, s->cwd);
 	if (s->pty) {
 		/* Output and input share the master; separate fds so either can be closed alone. */
 		r->pty = true;
@@ -361,13 +381,13 @@ static void close_stdin(struct req *r)
 	r->in_off = r->in_len = r->in_cap = 0;
 }
 
-void h_stdin(uint32_t id, const uint8_t *d, uint32_t n)
+/* Queues input for a command's stdin; n == 0 closes it once drained (on a terminal: types ^D). */
+static void feed_stdin(struct req *r, const uint8_t *d, uint32_t n)
 {
-	struct req *r = find_req(id, R_EXEC);
 	struct termios tio;
 	uint8_t veof;
 
-	if (!r || r->in_fd < 0 || r->in_eof)
+	if (r->in_fd < 0 || r->in_eof)
 		return;
 	size_t pending = r->in_len - r->in_off;
 	if (n == 0 && r->pty) {
@@ -384,7 +404,7 @@ void h_stdin(uint32_t id, const uint8_t *d, uint32_t n)
 	}
 	if (pending + n > STDIN_MAX) {
 		/* Per protocol: overflowing stdin is closed, no ERROR. */
-		logmsg("request %u: stdin buffer over %u bytes, closing stdin", id, STDIN_MAX);
+		logmsg("request %u: stdin buffer over %u bytes, closing stdin", r->id, STDIN_MAX);
 		close_stdin(r);
 		return;
 	}
@@ -402,6 +422,14 @@ void h_stdin(uint32_t id, const uint8_t *d, uint32_t n)
 	}
 	memcpy(r->in_buf + r->in_len, d, n);
 	r->in_len += n;
+}
+
+void h_stdin(uint32_t id, const uint8_t *d, uint32_t n)
+{
+	struct req *r = find_req(id, R_EXEC);
+
+	if (r)
+		feed_stdin(r, d, n);
 }
 
 /* Called when the stdin pipe is writable (or broken). */
@@ -480,6 +508,14 @@ static void finish_pipe(struct req *r, int *fd, int64_t *left, uint8_t type)
 		xclose(fd);
 }
 
+static void signal_cmd(struct req *r, int sig)
+{
+	if (r->pty)
+		kill_session(r->pid, sig);
+	else
+		kill(-r->pid, sig);
+}
+
 void h_signal(uint32_t id, struct msg *m)
 {
 	struct req *r = find_req(id, R_EXEC);
@@ -487,10 +523,113 @@ void h_signal(uint32_t id, struct msg *m)
 	/* After the reap the pgid may be recycled: signal only live commands. */
 	if (!r || r->reaped || !m->has[F_SIGNAL] || m->num[F_SIGNAL] < 1 || m->num[F_SIGNAL] >= NSIG)
 		return;
-	if (r->pty)
-		kill_session(r->pid, (int)m->num[F_SIGNAL]);
-	else
-		kill(-r->pid, (int)m->num[F_SIGNAL]);
+	signal_cmd(r, (int)m->num[F_SIGNAL]);
+}
+
+static int64_t cmd_flags(const struct req *r)
+{
+	return (r->keep ? FLAG_KEEP : 0) | (r->pty ? FLAG_PTY : 0) | (r->in_fd >= 0 && !r->in_eof ? FLAG_STDIN : 0) |
+	       (r->detached ? 0 : FLAG_ATTACHED);
+}
+
+/* The command a PID field names, or answers ERROR (ESRCH) and returns NULL. */
+static struct req *need_pid(uint32_t id, struct msg *m)
+{
+	struct req *r = m->has[F_PID] ? find_pid(m->num[F_PID]) : NULL;
+
+	if (!m->has[F_PID])
+		send_error(id, EINVAL, "PID is required");
+	else if (!r)
+		send_error(id, ESRCH, "no running command with pid %lld", (long long)m->num[F_PID]);
+	return r;
+}
+
+/*
+ * ATTACH: a new request takes over a running command's stream: STARTED, then
+ * its output from now on and its EXIT, under this id.  A listener it already
+ * had gets ERROR EBUSY (one listener per command, so credit stays simple).
+ */
+void h_attach(uint32_t id, struct msg *m)
+{
+	int64_t window;
+
+	if (!get_window(id, m, &window))
+		return;
+	for (int i = 0; i < MAX_REQS; i++) {
+		if (reqs[i].kind != R_FREE && reqs[i].id == id) {
+			send_error(id, EBUSY, "request id %u is already in flight", id);
+			return;
+		}
+	}
+	struct req *r = need_pid(id, m);
+	if (!r)
+		return;
+	if (!r->detached)
+		send_error(r->id, EBUSY, "another client attached to command %d", (int)r->pid);
+	r->id = id;
+	r->detached = false;
+	r->credit = window;
+	ob_begin();
+	put_int(F_PID, r->pid);
+	put_int(F_FLAGS, cmd_flags(r));
+	ob_send(id, T_STARTED);
+}
+
+/* PROCS: a PROC frame for every running command a host may address, then END. */
+void h_procs(uint32_t id)
+{
+	for (int i = 0; i < MAX_REQS; i++) {
+		struct req *r = &reqs[i];
+		if (r->kind != R_EXEC || r->reaped || r->id >= RESERVED_IDS)
+			continue;
+		ob_begin();
+		put_int(F_PID, r->pid);
+		for (size_t off = 0; r->cmd && off < r->cmdlen; off += strlen(r->cmd + off) + 1)
+			put_str(F_ARGV, r->cmd + off);
+		if (r->cwd)
+			put_str(F_CWD, r->cwd);
+		put_int(F_FLAGS, cmd_flags(r));
+		ob_send(id, T_PROC);
+	}
+	ob_begin();
+	ob_send(id, T_END);
+}
+
+/* INPUT: stdin for a command by pid (INPUT bytes, FLAGS bit 0: then close it); OK, or ERROR. */
+void h_input(uint32_t id, struct msg *m)
+{
+	struct req *r = need_pid(id, m);
+	int64_t flags = get_flags(m);
+
+	if (!r)
+		return;
+	if (flags & ~(int64_t)FLAG_EOF) {
+		send_error(id, EINVAL, "bad FLAGS value");
+		return;
+	}
+	if (r->in_fd < 0 || r->in_eof) {
+		send_error(id, EPIPE, "the stdin of command %d is closed", (int)r->pid);
+		return;
+	}
+	if (m->has[F_INPUT] && m->slen[F_INPUT] > 0)
+		feed_stdin(r, (const uint8_t *)m->str[F_INPUT], (uint32_t)m->slen[F_INPUT]);
+	if (flags & FLAG_EOF)
+		feed_stdin(r, NULL, 0);
+	send_ok(id);
+}
+
+/* PSIGNAL: a signal for a command by pid; OK, or ERROR. */
+void h_psignal(uint32_t id, struct msg *m)
+{
+	if (!m->has[F_SIGNAL] || m->num[F_SIGNAL] < 1 || m->num[F_SIGNAL] >= NSIG) {
+		send_error(id, EINVAL, "SIGNAL must be 1-%d", NSIG - 1);
+		return;
+	}
+	struct req *r = need_pid(id, m);
+	if (r) {
+		signal_cmd(r, (int)m->num[F_SIGNAL]);
+		send_ok(id);
+	}
 }
 
 void reap_children(void)

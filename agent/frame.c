@@ -16,7 +16,7 @@ static const struct { unsigned char kind; const char *name; } fields[F_MAX] = {
 	[F_ENTROPY] = { K_BYTES, "ENTROPY" }, [F_HOSTNAME] = { K_STR, "HOSTNAME" },
 	[F_USER] = { K_STR, "USER" }, [F_MACHINE_ID] = { K_STR, "MACHINE_ID" },
 	[F_ROWS] = { K_INT, "ROWS" }, [F_COLS] = { K_INT, "COLS" },
-	[F_WINDOW] = { K_INT, "WINDOW" },
+	[F_WINDOW] = { K_INT, "WINDOW" }, [F_INPUT] = { K_BYTES, "INPUT" },
 };
 
 /* Data frames are read straight behind their header, so they are never copied. */
@@ -174,7 +174,7 @@ int parse_fields(const uint8_t *p, uint32_t len, struct msg *m)
 			m->has[tag] = true;
 			continue;
 		}
-		if (n > (kind == K_LIST ? MAX_LIST_LEN : PATH_MAX - 1)) {
+		if (n > (kind == K_LIST ? MAX_LIST_LEN : tag == F_INPUT ? INPUT_MAX : PATH_MAX - 1)) {
 			field_error(m, kind == K_LIST ? E2BIG : ENAMETOOLONG, tag, "is too long");
 			continue;
 		}

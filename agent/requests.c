@@ -5,6 +5,8 @@ struct req reqs[MAX_REQS];
 
 struct req *find_req(uint32_t id, int kind)
 {
+	if (id == 0) /* unattached commands: no host request is theirs */
+		return NULL;
 	for (int i = 0; i < MAX_REQS; i++)
 		if (reqs[i].kind == kind && reqs[i].id == id)
 			return &reqs[i];
@@ -22,6 +24,8 @@ void free_req(struct req *r)
 	free(r->in_buf);
 	free(r->path);
 	free(r->tmp);
+	free(r->cmd);
+	free(r->cwd);
 	memset(r, 0, sizeof *r);
 	r->out_fd = r->err_fd = r->in_fd = r->fd = -1;
 	r->out_left = r->err_left = r->credit = -1;
@@ -118,10 +122,38 @@ void h_detach(uint32_t id)
 {
 	struct req *r = find_req(id, R_EXEC);
 
+	if (r && r->keep) {
+		unattach(r);
+		return;
+	}
 	if (r) {
 		r->detached = true;
 		return;
 	}
 	if ((r = find_req(id, R_READ)) || (r = find_req(id, R_WRITE)))
 		free_req(r);
+}
+
+/*
+ * A kept command loses its listener: it runs on, its output read and dropped
+ * (it never blocks on a full pipe), and gives up its id, which the host may
+ * use again; ATTACH gives it a new one.
+ */
+void unattach(struct req *r)
+{
+	r->detached = true;
+	r->id = 0;
+}
+
+/* The live command with that guest pid that a host may address (not the sandbox's own processes). */
+struct req *find_pid(int64_t pid)
+{
+	if (pid <= 0)
+		return NULL;
+	for (int i = 0; i < MAX_REQS; i++) {
+		struct req *r = &reqs[i];
+		if (r->kind == R_EXEC && r->pid == pid && !r->reaped && r->id < RESERVED_IDS)
+			return r;
+	}
+	return NULL;
 }

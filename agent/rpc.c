@@ -35,7 +35,7 @@ static void dispatch(uint32_t id, uint8_t type, const uint8_t *p, uint32_t len)
 	case T_WRITE_END: h_write_end(id); return;
 	case T_DETACH: h_detach(id); return;
 	}
-	if (type < T_PING || type > T_CREDIT) {
+	if (type < T_PING || type > T_PSIGNAL) {
 		send_error(id, ENOSYS, "unknown frame type 0x%02x", type);
 		return;
 	}
@@ -71,6 +71,10 @@ static void dispatch(uint32_t id, uint8_t type, const uint8_t *p, uint32_t len)
 	case T_REMOVE: h_remove(id, &M); break;
 	case T_RENAME: h_rename(id, &M); break;
 	case T_CONFIGURE: h_configure(id, &M); break;
+	case T_ATTACH: h_attach(id, &M); break;
+	case T_PROCS: h_procs(id); break;
+	case T_INPUT: h_input(id, &M); break;
+	case T_PSIGNAL: h_psignal(id, &M); break;
 	}
 }
 
@@ -98,6 +102,10 @@ static void host_left(void)
 		struct req *r = &reqs[i];
 		if (r->kind == R_FREE || (r->kind == R_EXEC && r->id >= RESERVED_IDS))
 			continue;
+		if (r->kind == R_EXEC && r->keep) { /* a background command: runs on, for the next host to attach */
+			unattach(r);
+			continue;
+		}
 		/* Reaped unseen: reap_children() finds no request. */
 		if (r->kind == R_EXEC && !r->reaped) {
 			if (r->pty)

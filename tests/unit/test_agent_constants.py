@@ -62,5 +62,8 @@ def test_limits_and_names_match() -> None:
     assert _c_int(_define("MAX_PAYLOAD")) == protocol.MAX_PAYLOAD
     assert int(_define("HDR_LEN")) == protocol.HEADER_SIZE
     assert int(_define("PTY_MAX_SIZE")) == protocol.PTY_MAX_SIZE
+    assert _define("INPUT_MAX") == f"({protocol.INPUT_MAX // 1024} * 1024)"
+    for flag in ("EOF", "KEEP", "PTY", "STDIN", "ATTACHED"):
+        assert int(_define(f"FLAG_{flag}")) == getattr(protocol, f"FLAG_{flag}"), flag
     assert int(_define("FRAME_COST")) == FRAME_COST
     assert _define("PORT_NAME") == f'"{AGENT_PORT}"'

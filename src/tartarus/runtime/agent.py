@@ -23,6 +23,12 @@ from tartarus.errors import Conflict, GuestError, InvalidArgument, QuotaExceeded
 from tartarus.runtime.flow import MAX_STREAMS, WINDOW, Budget, Inbox
 from tartarus.runtime.protocol import (
     DATA_TYPES,
+    FLAG_ATTACHED,
+    FLAG_EOF,
+    FLAG_KEEP,
+    FLAG_PTY,
+    FLAG_STDIN,
+    INPUT_MAX,
     MAX_PAYLOAD,
     PTY_MAX_SIZE,
     Decoder,
@@ -52,6 +58,10 @@ PTY_PROTOCOL = 2
 # one ignores WINDOW and would answer those frames with ERROR: it gets neither, and a stream of it whose
 # consumer falls a buffer behind fails (`flow.Inbox`).
 FLOW_PROTOCOL = 3
+# The first that keeps a command past its requester (EXEC FLAGS keep) and lets any request address a
+# running command by its pid (ATTACH, PROCS, INPUT, PSIGNAL). An older one would ignore the flag and
+# answer the rest with ERROR ENOSYS: the client asks first and says why.
+PROCESS_PROTOCOL = 4
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,33 @@ class Exit:
     exit_code: int | None
     signal: int | None
     timed_out: bool
+
+
+@dataclass(frozen=True)
+class GuestProcess:
+    """A command running in the guest, as PROCS reports it."""
+
+    pid: int
+    argv: tuple[str, ...]
+    cwd: str | None
+    keep: bool  # outlives its requester (a background command)
+    pty: bool
+    stdin: bool  # its stdin is open
+    attached: bool  # a request listens to its output
+
+
+def _guest_process(fields: Fields) -> GuestProcess:
+    flags = fields.get_int(F.FLAGS, 0) or 0
+    cwd = fields.get_bytes(F.CWD)
+    return GuestProcess(
+        pid=fields.get_int(F.PID, 0) or 0,
+        argv=tuple(a.decode("utf-8", "replace") for a in fields.get_all(F.ARGV)),
+        cwd=None if cwd is None else cwd.decode("utf-8", "replace"),
+        keep=bool(flags & FLAG_KEEP),
+        pty=bool(flags & FLAG_PTY),
+        stdin=bool(flags & FLAG_STDIN),
+        attached=bool(flags & FLAG_ATTACHED),
+    )
 
 
 @dataclass(frozen=True)
@@ -507,10 +544,12 @@ class AgentClient:
         stdin: bool = False,
         pty: PtySize | None = None,
         request_id: int | None = None,
+        keep: bool = False,
     ) -> Process:
         """Start a command. With `pty` it runs on a new pseudo-terminal of that size as its
         controlling terminal: stdout and stderr arrive merged as "stdout", stdin is always open, and
-        closing stdin types the terminal's EOF character."""
+        closing stdin types the terminal's EOF character. With `keep` it outlives this request
+        (`abandon`, a daemon restart): `attach` to it again by its pid."""
         if not argv:
             raise InvalidArgument("argv must not be empty")
         items: list[tuple[F, FieldValue]] = [(F.ARGV, a.encode()) for a in argv]
@@ -533,6 +572,9 @@ class AgentClient:
                     " (the sandbox was made by an older Tartarus: create a new one)"
                 )
             items += [(F.ROWS, pty.rows), (F.COLS, pty.cols)]
+        if keep:
+            await self._need_processes("a background command")
+            items.append((F.FLAGS, FLAG_KEEP))
         items.append((F.WINDOW, WINDOW))
         try:
             request = encode_request(T.EXEC, 0, items)
@@ -554,7 +596,76 @@ class AgentClient:
         if frame.type != T.STARTED:
             self._done(id_)
             raise SandboxFailed(f"guest agent answered {frame.type.name} to EXEC")
-        return Process(self, id_, queue, frame.fields().get_int(F.PID, 0) or 0)
+        return Process(self, id_, queue, frame.fields().get_int(F.PID, 0) or 0, keep=keep)
+
+    async def _need_processes(self, what: str) -> None:
+        version = await self.version()
+        if version < PROCESS_PROTOCOL:
+            raise Conflict(
+                f"this sandbox's guest agent speaks protocol {version}; {what} needs {PROCESS_PROTOCOL}"
+                " (the sandbox was made by an older Tartarus: create a new one)"
+            )
+
+    async def attach(self, pid: int) -> Process:
+        """Take over the stream of a running command by its guest pid: its output from now on and its
+        exit. A listener it had (its starter, an earlier attach) ends with `GuestError` EBUSY; a
+        command not running (or the sandbox's own) is `GuestError` ESRCH."""
+        await self._need_processes("attaching to a running command")
+        id_, queue = self._open(stream=True)
+        try:
+            await self._send(encode_request(T.ATTACH, id_, [(F.PID, pid), (F.WINDOW, WINDOW)]))
+            frame = await queue.get()
+        except BaseException:
+            self._detach(id_)
+            raise
+        if frame.type == T.ERROR:
+            self._done(id_)
+            raise _guest_error(frame)
+        if frame.type != T.STARTED:
+            self._done(id_)
+            raise SandboxFailed(f"guest agent answered {frame.type.name} to ATTACH")
+        flags = frame.fields().get_int(F.FLAGS, 0) or 0
+        return Process(self, id_, queue, pid, keep=bool(flags & FLAG_KEEP))
+
+    async def processes(self) -> list[GuestProcess]:
+        """The running commands a client may address (not the sandbox's own: interpreter, start command)."""
+        await self._need_processes("listing commands")
+        id_, queue = self._open()
+        try:
+            await self._send(encode_request(T.PROCS, id_))
+            found: list[GuestProcess] = []
+            while True:
+                frame = await queue.get()
+                if frame.type == T.PROC:
+                    found.append(_guest_process(frame.fields()))
+                elif frame.type == T.END:
+                    return found
+                elif frame.type == T.ERROR:
+                    raise _guest_error(frame)
+                else:
+                    raise SandboxFailed(f"guest agent answered {frame.type.name} to PROCS")
+        finally:
+            self._done(id_)
+
+    async def send_input(self, pid: int, data: bytes, *, close: bool = False) -> None:
+        """Write to a running command's stdin by its pid, then (`close`) close it (on a terminal:
+        type ^D). ESRCH: no such command; EPIPE: its stdin is closed (or was never opened)."""
+        await self._need_processes("input to a running command")
+        chunks = [data[i : i + INPUT_MAX] for i in range(0, len(data), INPUT_MAX)] or [b""]
+        for n, chunk in enumerate(chunks):
+            items: list[tuple[F, FieldValue]] = [(F.PID, pid)]
+            if chunk:
+                items.append((F.INPUT, chunk))
+            if close and n == len(chunks) - 1:
+                items.append((F.FLAGS, FLAG_EOF))
+            elif not chunk:
+                continue
+            await self._call(T.INPUT, items)
+
+    async def signal_pid(self, pid: int, signum: int) -> None:
+        """Signal a running command by its pid (its process group; on a terminal its session)."""
+        await self._need_processes("signalling a running command")
+        await self._call(T.PSIGNAL, [(F.PID, pid), (F.SIGNAL, signum)])
 
     def adopt(self, request_id: int, pid: int) -> Process:
         """Take over a command started by an earlier client of the same guest (snapshot restore). That
@@ -568,11 +679,12 @@ class AgentClient:
 class Process:
     """A command running in the guest: iterate `events()` for output, then its `Exit`."""
 
-    def __init__(self, client: AgentClient, id_: int, inbox: Inbox, pid: int) -> None:
+    def __init__(self, client: AgentClient, id_: int, inbox: Inbox, pid: int, *, keep: bool = False) -> None:
         self._client = client
         self._id = id_
         self._inbox = inbox
         self.pid = pid
+        self.keep = keep  # outlives this stream: `abandon` leaves it running, reachable by pid
         self.exit: Exit | None = None
 
     async def next_event(self) -> Output | Exit:

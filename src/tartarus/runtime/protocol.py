@@ -11,7 +11,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-VERSION = 3
+VERSION = 4
 MAX_PAYLOAD = 1 << 20
 HEADER = struct.Struct(">IIBBH")
 HEADER_SIZE = HEADER.size
@@ -43,6 +43,10 @@ class T(enum.IntEnum):
     RESIZE = 0x0F
     CREDIT = 0x10
     DETACH = 0x11
+    ATTACH = 0x12
+    PROCS = 0x13
+    INPUT = 0x14
+    PSIGNAL = 0x15
 
     HELLO = 0x80
     OK = 0x81
@@ -53,6 +57,7 @@ class T(enum.IntEnum):
     DATA = 0x86
     END = 0x87
     ENTRY = 0x88
+    PROC = 0x89
     ERROR = 0x8F
 
 
@@ -90,6 +95,7 @@ class F(enum.IntEnum):
     ROWS = 29
     COLS = 30
     WINDOW = 31
+    INPUT = 32
 
 
 INT_FIELDS = frozenset(
@@ -116,6 +122,13 @@ INT_FIELDS = frozenset(
     }
 )
 PTY_MAX_SIZE = 1000  # rows and columns of a terminal, as the agent checks them
+INPUT_MAX = 64 * 1024  # bytes of one INPUT field
+# EXEC FLAGS, and the FLAGS of PROC and of ATTACH's STARTED (docs/protocol.md, version 4).
+FLAG_EOF = 1  # INPUT: close stdin after the data
+FLAG_KEEP = 4  # the command outlives its requester
+FLAG_PTY = 8
+FLAG_STDIN = 16
+FLAG_ATTACHED = 32
 DATA_TYPES = frozenset({T.STDIN, T.WRITE_DATA, T.STDOUT, T.STDERR, T.DATA})
 GUEST_TYPES = frozenset(t for t in T if t >= 0x80)
 
@@ -182,7 +195,7 @@ def encode_fields(items: Iterable[tuple[F, FieldValue]]) -> bytes:
         if isinstance(value, int):
             raw = _INT.pack(value)
         else:
-            if tag not in (F.ENTROPY,) and b"\0" in value:
+            if tag not in (F.ENTROPY, F.INPUT) and b"\0" in value:
                 raise ValueError(f"{tag.name} must not contain NUL bytes")
             raw = value
         out += _FIELD.pack(tag, len(raw))

@@ -8,16 +8,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 
-from tartarus.errors import GuestError
+from tartarus.errors import GuestError, SandboxFailed
 from tartarus.guest.initramfs import build_initramfs
-from tartarus.runtime.agent import RESERVED_IDS, Exit, Output, Process
+from tartarus.runtime.agent import MAX_PROCS, RESERVED_IDS, AgentClient, Exit, Output, Process
 from tartarus.runtime.protocol import (
     FLAG_KEEP,
+    HEADER,
     INPUT_MAX,
+    VERSION,
     F,
     Fields,
     Frame,
@@ -176,3 +179,43 @@ def test_proc_frames_round_trip() -> None:
     assert encode_fields([(F.INPUT, b"\0")]) == b"\x20\x00\x00\x00\x01\x00"
     with pytest.raises(ValueError):
         encode_fields([(F.ARGV, b"a\0")])
+
+
+def test_a_guest_listing_more_commands_than_it_can_run_fails_the_call() -> None:
+    """A hostile agent answering PROCS without end cannot grow the host's list without bound."""
+
+    async def main() -> str:
+        host, guest = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=host)
+        client = AgentClient(reader, writer)
+        client.assume_running()
+        client._version = VERSION
+        guest.setblocking(False)
+        loop = asyncio.get_running_loop()
+        listing = asyncio.create_task(client.processes())
+        try:
+            frames: list[Frame] = []
+            while not frames:
+                frames = _requests(await loop.sock_recv(guest, 1 << 16))
+            proc = encode_request(T.PROC, frames[0].id, [(F.PID, 7), (F.ARGV, b"x")])
+            for _ in range(MAX_PROCS + 1):
+                await loop.sock_sendall(guest, proc)
+            with pytest.raises(SandboxFailed) as failed:
+                await asyncio.wait_for(listing, DEADLINE)
+            return str(failed.value)
+        finally:
+            await client.close()
+            guest.close()
+
+    assert "more than 256" in asyncio.run(main())
+
+
+def _requests(data: bytes) -> list[Frame]:
+    """Host frames, decoded by hand: the host's Decoder accepts only guest frame types."""
+    frames = []
+    buf = data
+    while len(buf) >= HEADER.size:
+        length, id_, type_, _, _ = HEADER.unpack_from(buf)
+        frames.append(Frame(T(type_), id_, buf[HEADER.size : HEADER.size + length]))
+        buf = buf[HEADER.size + length :]
+    return frames

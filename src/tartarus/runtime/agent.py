@@ -62,6 +62,7 @@ FLOW_PROTOCOL = 3
 # running command by its pid (ATTACH, PROCS, INPUT, PSIGNAL). An older one would ignore the flag and
 # answer the rest with ERROR ENOSYS: the client asks first and says why.
 PROCESS_PROTOCOL = 4
+MAX_PROCS = 256  # commands an agent runs at once (its MAX_REQS), so PROC frames one PROCS answer may have
 
 
 @dataclass(frozen=True)
@@ -627,17 +628,19 @@ class AgentClient:
         flags = frame.fields().get_int(F.FLAGS, 0) or 0
         return Process(self, id_, queue, pid, keep=bool(flags & FLAG_KEEP))
 
-    async def processes(self) -> list[GuestProcess]:
+    async def processes(self) -> tuple[GuestProcess, ...]:
         """The running commands a client may address (not the sandbox's own: interpreter, start command)."""
         await self._need_processes("listing commands")
         id_, queue = self._open()
         try:
             await self._send(encode_request(T.PROCS, id_))
-            found: list[GuestProcess] = []
+            found: tuple[GuestProcess, ...] = ()
             while True:
                 frame = await queue.get()
                 if frame.type == T.PROC:
-                    found.append(_guest_process(frame.fields()))
+                    if len(found) >= MAX_PROCS:  # the agent runs at most that many: a hostile one lies
+                        raise SandboxFailed(f"guest agent listed more than {MAX_PROCS} commands")
+                    found += (_guest_process(frame.fields()),)
                 elif frame.type == T.END:
                     return found
                 elif frame.type == T.ERROR:

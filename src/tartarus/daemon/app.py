@@ -34,6 +34,7 @@ from tartarus.daemon.routes import (
     files,
     health,
     images,
+    processes,
     sandboxes,
     templates,
     tenants,
@@ -46,7 +47,7 @@ from tartarus.images.store import ImageStore
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_CONVERSIONS = 2  # image conversions at once (routes/images.py)
-ROUTERS = (health, sandboxes, checkpoints, exec, files, terminal, templates, images, tenants)
+ROUTERS = (health, sandboxes, checkpoints, exec, processes, files, terminal, templates, images, tenants)
 
 
 class UnexpectedErrors:

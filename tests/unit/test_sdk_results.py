@@ -165,3 +165,31 @@ def test_each_result_has_exactly_the_fields_of_its_api_schema(result: type[Any],
     assert set(fields) == set(properties)
     required = {name for name, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING}
     assert required == set(schemas[schema]["required"])
+
+
+def test_process_list_reads_each_command_and_refuses_mistyped_argv() -> None:
+    from tartarus.sdk.results import processes_from_json
+
+    body = {
+        "processes": [
+            {
+                "pid": 7,
+                "argv": ["cat"],
+                "cwd": "/tmp",
+                "background": True,
+                "pty": False,
+                "stdin": True,
+                "attached": False,
+            }
+        ]
+    }
+    (listed,) = processes_from_json(body)
+    assert (listed.pid, listed.argv, listed.cwd, listed.background, listed.stdin) == (
+        7,
+        ("cat",),
+        "/tmp",
+        True,
+        True,
+    )
+    with pytest.raises(TartarusError, match="argv"):
+        processes_from_json({"processes": [{**body["processes"][0], "argv": [1]}]})

@@ -12,19 +12,21 @@ from tartarus.errors import (
     Timeout,
 )
 from tartarus.sdk._core import CommandResult
-from tartarus.sdk.aio import AsyncClient, AsyncSandbox
-from tartarus.sdk.results import CheckpointInfo, ExposedPort, FileInfo, FileList, SandboxInfo
-from tartarus.sdk.sync import Client, Sandbox
+from tartarus.sdk.aio import AsyncClient, AsyncCommandHandle, AsyncSandbox
+from tartarus.sdk.results import CheckpointInfo, ExposedPort, FileInfo, FileList, ProcessInfo, SandboxInfo
+from tartarus.sdk.sync import Client, CommandHandle, Sandbox
 from tartarus.sdk.terminal import AsyncPty, Pty
 from tartarus.wire import Execution, ExecutionError
 
 __all__ = [
     "AsyncClient",
+    "AsyncCommandHandle",
     "AsyncPty",
     "AsyncSandbox",
     "AuthError",
     "CheckpointInfo",
     "Client",
+    "CommandHandle",
     "CommandResult",
     "Execution",
     "ExecutionError",
@@ -34,6 +36,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "ProcessInfo",
     "Pty",
     "Quarantined",
     "QuotaExceeded",

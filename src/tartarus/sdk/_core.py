@@ -120,6 +120,25 @@ def exec_body(
     return body
 
 
+def process_body(
+    cmd: str | Sequence[str],
+    *,
+    env: dict[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+    stdin: bool,
+) -> dict[str, Any]:
+    body = exec_body(cmd, env=env, cwd=cwd, user=user, timeout=timeout, stdin=None)
+    body["stdin"] = stdin
+    return body
+
+
+def stdin_body(data: bytes | str, close: bool) -> dict[str, Any]:
+    raw = data.encode() if isinstance(data, str) else data
+    return {"data": base64.b64encode(raw).decode(), "close": close}
+
+
 @dataclass(frozen=True)
 class CommandResult:
     """The outcome of `commands.run`: decoded text plus the raw bytes."""

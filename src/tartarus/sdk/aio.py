@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from tartarus import errors
 from tartarus.errors import GuestError, NotFound
 from tartarus.sdk._autostart import url_for_create
 from tartarus.sdk._core import (
@@ -24,8 +25,10 @@ from tartarus.sdk._core import (
     exec_body,
     list_files_params,
     list_params,
+    process_body,
     raise_for_error,
     resolve_endpoint,
+    stdin_body,
     transport_error,
 )
 from tartarus.sdk.results import (
@@ -33,8 +36,10 @@ from tartarus.sdk.results import (
     ExposedPort,
     FileInfo,
     FileList,
+    ProcessInfo,
     SandboxInfo,
     execution_from_json,
+    processes_from_json,
 )
 from tartarus.sdk.terminal import AsyncTerminals
 from tartarus.wire import Execution
@@ -113,6 +118,111 @@ class AsyncCommands:
         ):
             collector.feed(line.encode())
         return collector.finish()
+
+    async def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> AsyncCommandHandle:
+        """Start a background command: it outlives its handle (`disconnect`) and this client. With
+        `stdin` its stdin stays open for `send_stdin`; `timeout` kills it after that many seconds."""
+        body = process_body(cmd, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin)
+        lines = self._sb._client.stream_lines(
+            "POST", f"/v1/sandboxes/{self._sb.id}/processes", json=body, timeout=call_timeout(None)
+        )
+        return await AsyncCommandHandle.open(self, lines)
+
+    async def connect(self, pid: int) -> AsyncCommandHandle:
+        """Follow a running command by its guest pid: its output from now on and its exit. A stream
+        that followed it already ends (one per command)."""
+        lines = self._sb._client.stream_lines(
+            "GET", f"/v1/sandboxes/{self._sb.id}/processes/{pid}/stream", timeout=call_timeout(None)
+        )
+        return await AsyncCommandHandle.open(self, lines)
+
+    async def list(self) -> tuple[ProcessInfo, ...]:
+        """The commands running in the sandbox that clients started."""
+        response = await self._sb._client.request("GET", f"/v1/sandboxes/{self._sb.id}/processes")
+        return processes_from_json(response.json())
+
+    async def send_stdin(self, pid: int, data: bytes | str, *, close: bool = False) -> None:
+        """Write to a running command's stdin (it must have been started with `stdin=True`)."""
+        await self._sb._client.request(
+            "POST", f"/v1/sandboxes/{self._sb.id}/processes/{pid}/stdin", json=stdin_body(data, close)
+        )
+
+    async def close_stdin(self, pid: int) -> None:
+        """Close its stdin: the command reads end of file."""
+        await self.send_stdin(pid, b"", close=True)
+
+    async def signal(self, pid: int, signum: int | str = "SIGTERM") -> None:
+        await self._sb._client.request(
+            "POST", f"/v1/sandboxes/{self._sb.id}/processes/{pid}/signal", json={"signal": signum}
+        )
+
+    async def kill(self, pid: int) -> None:
+        await self.signal(pid, "SIGKILL")
+
+
+async def _aclose(lines: AsyncIterator[str]) -> None:
+    close = getattr(lines, "aclose", None)  # `stream_lines` is an async generator: this ends its request
+    if close is not None:
+        await close()
+
+
+class AsyncCommandHandle:
+    """A running command's stream (`commands.start`, `commands.connect`): `wait` for its result, or
+    `disconnect` and let a background command run on (`commands.connect(pid)` follows it again)."""
+
+    def __init__(self, commands: AsyncCommands, lines: AsyncIterator[str], collector: ExecCollector) -> None:
+        self._commands = commands
+        self._lines = lines
+        self._collector = collector
+        assert collector.pid is not None
+        self.pid: int = collector.pid
+
+    @classmethod
+    async def open(cls, commands: AsyncCommands, lines: AsyncIterator[str]) -> AsyncCommandHandle:
+        collector = ExecCollector()
+        try:
+            async for line in lines:  # the `started` event, with the pid, comes first
+                collector.feed(line.encode())
+                if collector.pid is not None:
+                    return cls(commands, lines, collector)
+        except BaseException:
+            await _aclose(lines)
+            raise
+        raise errors.SandboxFailed("the command's stream ended before it started")
+
+    async def wait(
+        self, on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None
+    ) -> CommandResult:
+        """Its output from now on, and its exit (whatever the exit code: see `CommandResult.ok`)."""
+        self._collector.on_stdout, self._collector.on_stderr = on_stdout, on_stderr
+        try:
+            async for line in self._lines:
+                self._collector.feed(line.encode())
+        finally:
+            await self.disconnect()
+        return self._collector.finish()
+
+    async def disconnect(self) -> None:
+        """Stop following it; a background command runs on."""
+        await _aclose(self._lines)
+
+    async def send_stdin(self, data: bytes | str) -> None:
+        await self._commands.send_stdin(self.pid, data)
+
+    async def close_stdin(self) -> None:
+        await self._commands.close_stdin(self.pid)
+
+    async def kill(self) -> None:
+        await self._commands.kill(self.pid)
 
 
 class AsyncFiles:

@@ -209,6 +209,39 @@ class FileInfo:
 
 
 @dataclass(frozen=True)
+class ProcessInfo:
+    """A command running in a sandbox (`commands.list`): `background` ones outlive their stream."""
+
+    pid: int  # inside the guest
+    argv: tuple[str, ...]
+    cwd: str | None
+    background: bool
+    pty: bool
+    stdin: bool  # its stdin is open (`commands.send_stdin`)
+    attached: bool  # a stream follows its output
+
+    @classmethod
+    def from_json(cls, data: object) -> ProcessInfo:
+        f = Fields(data, "process")
+        argv = f.items("argv")
+        if not all(isinstance(a, str) for a in argv):
+            raise errors.TartarusError(f"the daemon's process has argv={argv!r:.100}, not strings")
+        return cls(
+            pid=f.integer("pid"),
+            argv=tuple(str(a) for a in argv),
+            cwd=f.optional_text("cwd"),
+            background=f.flag("background"),
+            pty=f.flag("pty"),
+            stdin=f.flag("stdin"),
+            attached=f.flag("attached"),
+        )
+
+
+def processes_from_json(data: object) -> tuple[ProcessInfo, ...]:
+    return tuple(ProcessInfo.from_json(item) for item in Fields(data, "process list").items("processes"))
+
+
+@dataclass(frozen=True)
 class FileList:
     """A directory's entries by name; `truncated` when it holds more than the listing's limit."""
 

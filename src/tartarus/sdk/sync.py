@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from tartarus import errors
 from tartarus.sdk._autostart import url_for_create
 from tartarus.sdk._core import (
     DEFAULT_TIMEOUT,
@@ -22,8 +23,10 @@ from tartarus.sdk._core import (
     exec_body,
     list_files_params,
     list_params,
+    process_body,
     raise_for_error,
     resolve_endpoint,
+    stdin_body,
     transport_error,
 )
 from tartarus.sdk.results import (
@@ -31,8 +34,10 @@ from tartarus.sdk.results import (
     ExposedPort,
     FileInfo,
     FileList,
+    ProcessInfo,
     SandboxInfo,
     execution_from_json,
+    processes_from_json,
 )
 from tartarus.sdk.terminal import Terminals
 from tartarus.wire import Execution
@@ -112,6 +117,99 @@ class Commands:
         ):
             collector.feed(line.encode() if isinstance(line, str) else line)
         return collector.finish()
+
+    def start(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = False,
+    ) -> CommandHandle:
+        """Start a background command: it outlives its handle (`disconnect`) and this client. With
+        `stdin` its stdin stays open for `send_stdin`; `timeout` kills it after that many seconds."""
+        body = process_body(cmd, env=env, cwd=cwd, user=user, timeout=timeout, stdin=stdin)
+        lines = self._sb._client.stream_lines(
+            "POST", f"/v1/sandboxes/{self._sb.id}/processes", json=body, timeout=call_timeout(None)
+        )
+        return CommandHandle(self, lines)
+
+    def connect(self, pid: int) -> CommandHandle:
+        """Follow a running command by its guest pid: its output from now on and its exit. A stream
+        that followed it already ends (one per command)."""
+        lines = self._sb._client.stream_lines(
+            "GET", f"/v1/sandboxes/{self._sb.id}/processes/{pid}/stream", timeout=call_timeout(None)
+        )
+        return CommandHandle(self, lines)
+
+    def list(self) -> tuple[ProcessInfo, ...]:
+        """The commands running in the sandbox that clients started."""
+        response = self._sb._client.request("GET", f"/v1/sandboxes/{self._sb.id}/processes")
+        return processes_from_json(response.json())
+
+    def send_stdin(self, pid: int, data: bytes | str, *, close: bool = False) -> None:
+        """Write to a running command's stdin (it must have been started with `stdin=True`)."""
+        self._sb._client.request(
+            "POST", f"/v1/sandboxes/{self._sb.id}/processes/{pid}/stdin", json=stdin_body(data, close)
+        )
+
+    def close_stdin(self, pid: int) -> None:
+        """Close its stdin: the command reads end of file."""
+        self.send_stdin(pid, b"", close=True)
+
+    def signal(self, pid: int, signum: int | str = "SIGTERM") -> None:
+        self._sb._client.request(
+            "POST", f"/v1/sandboxes/{self._sb.id}/processes/{pid}/signal", json={"signal": signum}
+        )
+
+    def kill(self, pid: int) -> None:
+        self.signal(pid, "SIGKILL")
+
+
+class CommandHandle:
+    """A running command's stream (`commands.start`, `commands.connect`): `wait` for its result, or
+    `disconnect` and let a background command run on (`commands.connect(pid)` follows it again)."""
+
+    def __init__(self, commands: Commands, lines: Iterator[bytes | str]) -> None:
+        self._commands = commands
+        self._lines = lines
+        self._collector = ExecCollector()
+        for line in lines:  # the `started` event, with the pid, comes first
+            self._collector.feed(line.encode() if isinstance(line, str) else line)
+            if self._collector.pid is not None:
+                break
+        if self._collector.pid is None:
+            raise errors.SandboxFailed("the command's stream ended before it started")
+        self.pid: int = self._collector.pid
+
+    def wait(
+        self, on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None
+    ) -> CommandResult:
+        """Its output from now on, and its exit (whatever the exit code: see `CommandResult.ok`)."""
+        self._collector.on_stdout, self._collector.on_stderr = on_stdout, on_stderr
+        try:
+            for line in self._lines:
+                self._collector.feed(line.encode() if isinstance(line, str) else line)
+        finally:
+            self.disconnect()
+        return self._collector.finish()
+
+    def disconnect(self) -> None:
+        """Stop following it; a background command runs on."""
+        close = getattr(self._lines, "close", None)
+        if close is not None:
+            close()
+
+    def send_stdin(self, data: bytes | str) -> None:
+        self._commands.send_stdin(self.pid, data)
+
+    def close_stdin(self) -> None:
+        self._commands.close_stdin(self.pid)
+
+    def kill(self) -> None:
+        self._commands.kill(self.pid)
 
 
 class Files:

@@ -27,6 +27,8 @@ def test_exec_events_become_process_events() -> None:
     assert isinstance(late, ConnectError) and late.code == "deadline_exceeded"
     failed = envd.process_event(ExecEvent("error", code="sandbox_failed", message="VM died"))
     assert isinstance(failed, ConnectError) and failed.code == "unavailable"
+    taken = envd.process_event(ExecEvent("error", code="guest_error", message="another client", errno=16))
+    assert isinstance(taken, ConnectError) and taken.code == "aborted"
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,8 @@ def test_exec_events_become_process_events() -> None:
         (UpstreamError(422, "guest_error", "exists", 17), "already_exists"),
         (UpstreamError(422, "guest_error", "denied", 13), "permission_denied"),
         (UpstreamError(422, "guest_error", "odd", 99), "unknown"),
+        (UpstreamError(422, "guest_error", "no running command with pid 9", 3), "not_found"),
+        (UpstreamError(422, "guest_error", "stdin is closed", 32), "failed_precondition"),
         (UpstreamError(400, "invalid_argument", "bad path"), "invalid_argument"),
         (UpstreamError(423, "quarantined", "held"), "permission_denied"),
         (UpstreamError(502, "sandbox_failed", "VM died"), "unavailable"),
@@ -106,3 +110,23 @@ def test_a_failing_source_raises_through_the_keepalives() -> None:
 
     with pytest.raises(UpstreamError):
         asyncio.run(collect())
+
+
+def test_process_selectors_name_a_pid_and_nothing_else() -> None:
+    assert envd.selected_pid({"process": {"pid": 42}}) == 42
+    with pytest.raises(ConnectError) as by_tag:
+        envd.selected_pid({"process": {"tag": "web"}})
+    assert by_tag.value.code == "unimplemented"
+    for bad in (
+        {},
+        {"process": 5},
+        {"process": {"pid": 0}},
+        {"process": {"pid": "7"}},
+        {"process": {"pid": True}},
+    ):
+        with pytest.raises(ConnectError) as caught:
+            envd.selected_pid(bad)
+        assert caught.value.code == "invalid_argument", bad
+    with pytest.raises(ConnectError) as stdin:
+        envd.start_spec({"process": {"cmd": "cat"}, "stdin": "yes"}, None, None)
+    assert stdin.value.code == "invalid_argument"

@@ -4,10 +4,11 @@ to (app.py has checked its access token by then).
 
 Mapped: process.Process/Start (the command as E2B runs it, `/bin/bash -l -c CMD`, streamed: start with
 the guest's pid, stdout/stderr, end with the exit status; the stream's deadline is the command's
-timeout), filesystem.Filesystem Stat/ListDir/MakeDir/Move/Remove, `/files` download and upload
-(multipart or octet-stream). What needs guest-agent features Tartarus lacks (input to, reconnection with
-or signals to a running process, process lists, PTYs, directory watches) answers Connect's
-`unimplemented`.
+timeout; a /v1 background process, so ending the stream leaves it running, as envd does), Connect
+(follow a running command by pid), List, SendInput, CloseStdin and SendSignal (/v1's processes
+endpoints), filesystem.Filesystem Stat/ListDir/MakeDir/Move/Remove, `/files` download and upload
+(multipart or octet-stream). What needs guest-agent features Tartarus lacks (PTYs, directory watches,
+streamed input, processes selected by tag) answers Connect's `unimplemented`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import binascii
 import contextlib
 import posixpath
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,12 +41,7 @@ UPLOAD_CHUNK = 1 << 20
 MAX_DEPTH = 16  # ListDir's depth: each level is one /v1 listing per directory
 MAX_LISTED = 10_000  # entries per ListDir answer, however deep
 UNIMPLEMENTED = {
-    "process.Process/List": "listing processes",
-    "process.Process/Connect": "reconnecting to a running process",
-    "process.Process/SendInput": "sending input to a running process",
     "process.Process/StreamInput": "streaming input to a running process",
-    "process.Process/CloseStdin": "closing a running process's stdin",
-    "process.Process/SendSignal": "signalling a running process",
     "process.Process/Update": "resizing a PTY",
     "filesystem.Filesystem/WatchDir": "watching a directory",
     "filesystem.Filesystem/CreateWatcher": "watching a directory",
@@ -56,12 +52,15 @@ STREAMING = {"process.Process/Start", "process.Process/Connect", "filesystem.Fil
 _ERRNO_CODES = {
     1: "permission_denied",  # EPERM
     2: "not_found",  # ENOENT
+    3: "not_found",  # ESRCH: no running command with that pid
     13: "permission_denied",  # EACCES
+    16: "aborted",  # EBUSY: another client connected to the command
     17: "already_exists",  # EEXIST
     20: "invalid_argument",  # ENOTDIR
     21: "invalid_argument",  # EISDIR
     22: "invalid_argument",  # EINVAL
     28: "resource_exhausted",  # ENOSPC
+    32: "failed_precondition",  # EPIPE: the command's stdin is closed (or was never opened)
     36: "invalid_argument",  # ENAMETOOLONG
     39: "failed_precondition",  # ENOTEMPTY
 }
@@ -212,7 +211,69 @@ async def remove(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) 
     return {}
 
 
+# ---- process.Process: commands by pid ------------------------------------------------------------
+
+SIGNALS = {"SIGNAL_SIGKILL": 9, "SIGNAL_SIGTERM": 15, 9: 9, 15: 15}
+
+
+def selected_pid(msg: dict[str, Any]) -> int:
+    """The pid a ProcessSelector names; envd's other selector, a tag, is not kept by Tartarus."""
+    selector = msg.get("process")
+    if not isinstance(selector, dict):
+        raise ConnectError("invalid_argument", "process (a selector with pid) is required")
+    if "tag" in selector:
+        raise ConnectError("unimplemented", "selecting a process by tag is not supported by Tartarus yet")
+    pid = selector.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 1 << 32:
+        raise ConnectError("invalid_argument", "process.pid must be a positive integer")
+    return pid
+
+
+async def list_processes(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    infos = []
+    for p in await up.processes(sid):
+        config: dict[str, Any] = {"cmd": p.argv[0] if p.argv else "", "args": p.argv[1:], "envs": {}}
+        if p.cwd is not None:
+            config["cwd"] = p.cwd
+        infos.append({"config": config, "pid": p.pid})
+    return {"processes": infos}
+
+
+async def send_input(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    pid = selected_pid(msg)
+    given = msg.get("input")
+    if not isinstance(given, dict) or "pty" in given:
+        raise ConnectError(
+            "unimplemented" if isinstance(given, dict) else "invalid_argument",
+            "input.stdin is required (PTYs are not supported yet)",
+        )
+    try:
+        data = base64.b64decode(str(given.get("stdin", "")), validate=True)
+    except binascii.Error as e:
+        raise ConnectError("invalid_argument", f"input.stdin is not base64: {e}") from e
+    await up.send_input(sid, pid, data, close=False)
+    return {}
+
+
+async def close_stdin(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    await up.send_input(sid, selected_pid(msg), b"", close=True)
+    return {}
+
+
+async def send_signal(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    pid = selected_pid(msg)
+    signum = SIGNALS.get(msg.get("signal"))
+    if signum is None:
+        raise ConnectError("invalid_argument", "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM")
+    await up.signal(sid, pid, signum)
+    return {}
+
+
 UNARY: dict[str, Unary] = {
+    "process.Process/List": list_processes,
+    "process.Process/SendInput": send_input,
+    "process.Process/CloseStdin": close_stdin,
+    "process.Process/SendSignal": send_signal,
     "filesystem.Filesystem/Stat": stat_path,
     "filesystem.Filesystem/ListDir": list_dir,
     "filesystem.Filesystem/MakeDir": make_dir,
@@ -241,6 +302,8 @@ def start_spec(msg: dict[str, Any], user: str | None, timeout: float | None) -> 
         raise ConnectError("invalid_argument", "process.envs must map strings to strings")
     if cwd is not None and not isinstance(cwd, str):
         raise ConnectError("invalid_argument", "process.cwd must be a string")
+    if not isinstance(msg.get("stdin", False), bool):
+        raise ConnectError("invalid_argument", "stdin must be true or false")
     return ExecSpec(
         argv=[process["cmd"], *args],
         env=envs,
@@ -269,6 +332,8 @@ def process_event(event: ExecEvent) -> dict[str, Any] | ConnectError | None:
             }
         return {"event": {"end": end}}
     if event.type == "error":
+        if event.code == "guest_error":  # EBUSY: another client connected to the command
+            return ConnectError(_ERRNO_CODES.get(event.errno or 0, "internal"), event.message or "")
         return ConnectError(
             "unavailable" if event.code == "sandbox_failed" else "internal", event.message or ""
         )
@@ -316,16 +381,31 @@ async def keepalive(
 
 
 async def start(request: Request, body: bytes, sid: str) -> Response:
+    """Start runs a /v1 background process: like envd's, it outlives its stream (the SDK's
+    `disconnect`, a client that went away) and `Connect` follows it again."""
     up = layer_of(request).upstream
     try:
         msg = connect.decode_single(body)
         timeout = connect.timeout_s(request.headers.get("connect-timeout-ms"))
         spec = start_spec(msg, basic_user(request.headers.get("authorization")), timeout)
-        interval_header = request.headers.get("keepalive-ping-interval")
-        interval = float(interval_header) if interval_header and interval_header.isdigit() else None
     except ConnectError as e:
         return _stream_of(_ended(e))
-    events = up.exec(sid, spec)
+    return await _follow(request, sid, up.start_process(sid, spec, stdin=bool(msg.get("stdin", False))))
+
+
+async def connect_process(request: Request, body: bytes, sid: str) -> Response:
+    up = layer_of(request).upstream
+    try:
+        pid = selected_pid(connect.decode_single(body))
+    except ConnectError as e:
+        return _stream_of(_ended(e))
+    return await _follow(request, sid, up.attach(sid, pid))
+
+
+async def _follow(request: Request, sid: str, events: AsyncGenerator[ExecEvent, None]) -> Response:
+    """A command's /v1 events as envd's process stream, with keepalives if the client asked."""
+    interval_header = request.headers.get("keepalive-ping-interval")
+    interval = float(interval_header) if interval_header and interval_header.isdigit() else None
     try:
         first = await anext(events)  # the command started, or the call was refused: before any 200
     except UpstreamError as e:
@@ -393,6 +473,8 @@ async def rpc(request: Request) -> Response:
         return _stream_of(_ended(e)) if streaming else JSONResponse(e.body(), e.http_status)
     if name == "process.Process/Start":
         return await start(request, body, sid)
+    if name == "process.Process/Connect":
+        return await connect_process(request, body, sid)
     up = layer_of(request).upstream
     try:
         user = basic_user(request.headers.get("authorization"))

@@ -96,6 +96,7 @@ class ExecEvent:
     timed_out: bool = False
     code: str | None = None
     message: str | None = None
+    errno: int | None = None
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> ExecEvent:
@@ -108,7 +109,21 @@ class ExecEvent:
             timed_out=bool(body.get("timed_out")),
             code=body.get("code"),
             message=body.get("message"),
+            errno=body.get("errno"),
         )
+
+
+@dataclass(frozen=True)
+class ProcessView:
+    """A running command, as /v1 lists it."""
+
+    pid: int
+    argv: list[str]
+    cwd: str | None
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> ProcessView:
+        return cls(pid=int(body["pid"]), argv=[str(a) for a in body["argv"]], cwd=body.get("cwd"))
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,14 @@ class ExecSpec:
     cwd: str | None
     user: str | None
     timeout: float | None
+
+
+def _exec_body(spec: ExecSpec) -> dict[str, Any]:
+    body: dict[str, Any] = {"argv": spec.argv, "env": dict(spec.env)}
+    for name, value in (("cwd", spec.cwd), ("user", spec.user), ("timeout", spec.timeout)):
+        if value is not None:
+            body[name] = value
+    return body
 
 
 async def _raise_for(response: httpx.Response) -> None:
@@ -205,13 +228,48 @@ class Upstream:
 
     async def exec(self, sandbox_id: str, spec: ExecSpec) -> AsyncGenerator[ExecEvent, None]:
         """The command's events; leaving the iteration early closes the stream (the daemon kills it)."""
-        body: dict[str, Any] = {"argv": spec.argv, "env": dict(spec.env)}
-        for name, value in (("cwd", spec.cwd), ("user", spec.user), ("timeout", spec.timeout)):
-            if value is not None:
-                body[name] = value
-        request = self._http.build_request(
+        async for event in self._events("POST", f"/v1/sandboxes/{sandbox_id}/exec", _exec_body(spec)):
+            yield event
+
+    async def start_process(
+        self, sandbox_id: str, spec: ExecSpec, *, stdin: bool
+    ) -> AsyncGenerator[ExecEvent, None]:
+        """A background command's events: leaving the iteration early leaves it running."""
+        body = {**_exec_body(spec), "stdin": stdin}
+        async for event in self._events("POST", f"/v1/sandboxes/{sandbox_id}/processes", body):
+            yield event
+
+    async def attach(self, sandbox_id: str, pid: int) -> AsyncGenerator[ExecEvent, None]:
+        """A running command's events from now on (its stream passes from whoever followed it)."""
+        async for event in self._events("GET", f"/v1/sandboxes/{sandbox_id}/processes/{pid}/stream"):
+            yield event
+
+    async def processes(self, sandbox_id: str) -> list[ProcessView]:
+        body = await self._call(self.node_key(), "GET", f"/v1/sandboxes/{sandbox_id}/processes")
+        return [ProcessView.of(p) for p in body["processes"]]
+
+    async def send_input(self, sandbox_id: str, pid: int, data: bytes, *, close: bool) -> None:
+        await self._call(
+            self.node_key(),
             "POST",
-            f"/v1/sandboxes/{sandbox_id}/exec",
+            f"/v1/sandboxes/{sandbox_id}/processes/{pid}/stdin",
+            json_body={"data": base64.b64encode(data).decode(), "close": close},
+        )
+
+    async def signal(self, sandbox_id: str, pid: int, signum: int) -> None:
+        await self._call(
+            self.node_key(),
+            "POST",
+            f"/v1/sandboxes/{sandbox_id}/processes/{pid}/signal",
+            json_body={"signal": signum},
+        )
+
+    async def _events(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> AsyncGenerator[ExecEvent, None]:
+        request = self._http.build_request(
+            method,
+            path,
             json=body,
             headers={"Authorization": f"Bearer {self.node_key()}"},
             timeout=STREAM_TIMEOUT,

@@ -4,16 +4,17 @@ them, the list of running commands, and input to, signals for and a stream from 
 `POST /exec` (routes/exec.py) stays what it was: its command dies when its stream ends. A command
 started here is *kept*: its stream may end (the client went away, or only wanted the pid) and it runs
 on, its output dropped while nobody listens, until it exits or is signalled; `.../stream` attaches to it
-again (output from then on, and its exit). Needs a guest agent of protocol 4 (409 otherwise).
+again (output from then on, and its exit). Needs a guest agent of protocol 4 (409 otherwise). A pid
+that is not a running command of a client is 422 guest_error with errno 3 (ESRCH), as a missing file
+is 422 with errno 2: a 404 names a missing sandbox.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import signal
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -21,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from tartarus.daemon.models import ExecEvent, Strict
 from tartarus.daemon.routes.deps import ERRORS, Manager, stream_hold
-from tartarus.errors import GuestError, InvalidArgument, NotFound, TartarusError
+from tartarus.errors import GuestError, InvalidArgument, TartarusError
 from tartarus.runtime.agent import Exit, GuestProcess, Output, Process
 
 router = APIRouter()
@@ -72,17 +73,6 @@ def _signal_number(value: int | str) -> int:
         return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
     except KeyError:
         raise InvalidArgument(f"unknown signal {value!r}") from None
-
-
-@contextlib.contextmanager
-def _by_pid(pid: int) -> Iterator[None]:
-    """The agent's "no such command" as the API's 404; its other refusals pass on."""
-    try:
-        yield
-    except GuestError as e:
-        if e.errno == errno.ESRCH:
-            raise NotFound(f"no running command with pid {pid} in this sandbox") from e
-        raise
 
 
 def _info(p: GuestProcess) -> ProcessInfo:
@@ -161,8 +151,7 @@ async def attach_process(sandbox_id: str, pid: int, request: Request) -> Streami
     """Follow a running command: its output from now on and its exit, as NDJSON ExecEvents. One stream
     per command: a stream already following it ends with an `error` event (errno 16, EBUSY)."""
     async with stream_hold(request, sandbox_id) as hold:
-        with _by_pid(pid):
-            process = await hold.sandbox.agent.attach(pid)
+        process = await hold.sandbox.agent.attach(pid)
         return hold.respond(
             _events(process), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"}
         )
@@ -178,8 +167,7 @@ async def write_stdin(sandbox_id: str, pid: int, body: StdinRequest, manager: Ma
     if len(data) > MAX_INPUT:
         raise InvalidArgument(f"at most {MAX_INPUT} bytes of stdin per call")
     async with manager.use(sandbox_id) as rt:
-        with _by_pid(pid):
-            await rt.agent.send_input(pid, data, close=body.close)
+        await rt.agent.send_input(pid, data, close=body.close)
     return Response(status_code=204)
 
 
@@ -188,6 +176,5 @@ async def signal_process(sandbox_id: str, pid: int, body: SignalRequest, manager
     """Signal a running command (its process group; on a terminal, its session)."""
     signum = _signal_number(body.signal)
     async with manager.use(sandbox_id) as rt:
-        with _by_pid(pid):
-            await rt.agent.signal_pid(pid, signum)
+        await rt.agent.signal_pid(pid, signum)
     return Response(status_code=204)

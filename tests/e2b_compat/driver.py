@@ -80,9 +80,21 @@ def sync_suite(tag, out):
         out["background_pid"] = handle.pid
         out["background"] = handle.wait().stdout
         out["command_timeout"] = attempt(lambda: sb.commands.run("sleep 30", timeout=2))
-        live = sb.commands.run("sleep 5", background=True)
-        out["send_stdin"] = attempt(lambda: sb.commands.send_stdin(live.pid, "x"))
-        live.wait()
+        cat = sb.commands.run("cat", background=True, stdin=True)
+        sleeper = sb.commands.run("sleep 300", background=True)
+        sleeper.disconnect()  # E2B: the command is not killed
+        out["process_pids"] = {"cat": cat.pid, "sleep": sleeper.pid}
+        out["processes"] = sorted([p.pid, p.cmd, p.args] for p in sb.commands.list())
+        follower = sb.commands.connect(cat.pid)
+        sb.commands.send_stdin(cat.pid, "hello stdin\n")
+        sb.commands.close_stdin(cat.pid)  # cat reads end of file and exits
+        r = follower.wait()
+        out["connected"] = {"stdout": r.stdout, "exit_code": r.exit_code}
+        cat.disconnect()
+        out["still_running"] = sleeper.pid in [p.pid for p in sb.commands.list()]
+        out["kill_pid"] = sb.commands.kill(sleeper.pid)
+        out["kill_unknown"] = sb.commands.kill(999_999)
+        out["stdin_unknown"] = attempt(lambda: sb.commands.send_stdin(999_999, "x"))
 
         out["listed"] = [
             s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items()
@@ -146,9 +158,21 @@ async def async_suite(tag, out):
         out["background_pid"] = handle.pid
         out["background"] = (await handle.wait()).stdout
         out["command_timeout"] = await attempt_async(lambda: sb.commands.run("sleep 30", timeout=2))
-        live = await sb.commands.run("sleep 5", background=True)
-        out["send_stdin"] = await attempt_async(lambda: sb.commands.send_stdin(live.pid, "x"))
-        await live.wait()
+        cat = await sb.commands.run("cat", background=True, stdin=True)
+        sleeper = await sb.commands.run("sleep 300", background=True)
+        await sleeper.disconnect()  # E2B: the command is not killed
+        out["process_pids"] = {"cat": cat.pid, "sleep": sleeper.pid}
+        out["processes"] = sorted([p.pid, p.cmd, p.args] for p in await sb.commands.list())
+        follower = await sb.commands.connect(cat.pid)
+        await sb.commands.send_stdin(cat.pid, "hello stdin\n")
+        await sb.commands.close_stdin(cat.pid)  # cat reads end of file and exits
+        r = await follower.wait()
+        out["connected"] = {"stdout": r.stdout, "exit_code": r.exit_code}
+        await cat.disconnect()
+        out["still_running"] = sleeper.pid in [p.pid for p in await sb.commands.list()]
+        out["kill_pid"] = await sb.commands.kill(sleeper.pid)
+        out["kill_unknown"] = await sb.commands.kill(999_999)
+        out["stdin_unknown"] = await attempt_async(lambda: sb.commands.send_stdin(999_999, "x"))
 
         page = await AsyncSandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items()
         out["listed"] = [s.sandbox_id for s in page]

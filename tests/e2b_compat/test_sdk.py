@@ -117,13 +117,27 @@ def test_streamed_uploads_multi_file_uploads_and_deep_listings(observed: dict[st
     ]
 
 
-def test_background_commands_timeouts_and_what_is_not_there_yet(observed: dict[str, Any]) -> None:
+def test_background_commands_and_timeouts(observed: dict[str, Any]) -> None:
     assert isinstance(observed["background_pid"], int) and observed["background_pid"] > 1  # the guest's pid
     assert observed["background"] == "bg\ndone\n"
     assert observed["command_timeout"]["raised"] == "TimeoutException"
-    # Needs the guest agent to take input for a running process: refused in E2B's terms, not faked.
-    assert observed["send_stdin"]["raised"] == "SandboxException"
-    assert "UNIMPLEMENTED" in observed["send_stdin"]["message"]
+
+
+def test_running_commands_are_listed_connected_fed_closed_and_killed_by_pid(observed: dict[str, Any]) -> None:
+    pids = observed["process_pids"]
+    assert pids["cat"] > 1 and pids["sleep"] > 1 and pids["cat"] != pids["sleep"]
+    assert observed["processes"] == sorted(
+        [
+            [pids["cat"], "/bin/bash", ["-l", "-c", "cat"]],
+            [pids["sleep"], "/bin/bash", ["-l", "-c", "sleep 300"]],
+        ]
+    )
+    # connect by pid, then the input sent by pid comes back through the new stream, and closing stdin
+    # ends the cat with its exit status
+    assert observed["connected"] == {"stdout": "hello stdin\n", "exit_code": 0}
+    assert observed["still_running"] is True  # disconnected from, not killed
+    assert observed["kill_pid"] is True and observed["kill_unknown"] is False
+    assert observed["stdin_unknown"]["raised"] == "NotFoundException"
 
 
 def test_list_filters_by_metadata(observed: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from tartarus.runtime.agent import Exit, GuestProcess, Output, Process
 
 router = APIRouter()
 
-MAX_INPUT = 8 << 20  # bytes of stdin in one call (base64 makes the body a third larger)
+MAX_INPUT = 512 << 10  # bytes of stdin in one call: in base64 it fits the 1 MiB JSON body limit (gate.py)
 NDJSON = {200: {"content": {"application/x-ndjson": {}}}, **ERRORS}
 
 

@@ -466,6 +466,32 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/unit/test_agent_flow.py",),
     ),
     Mutation(
+        "processes.own-not-addressable",
+        "a client cannot attach to, feed or signal the sandbox's own processes (interpreter, start command)",
+        "agent/requests.c",
+        "r->kind == R_EXEC && r->pid == pid && !r->reaped && r->id < RESERVED_IDS",
+        "r->kind == R_EXEC && r->pid == pid && !r->reaped",
+        ("tests/unit/test_agent_processes.py::test_unknown_closed_and_reserved_commands_are_refused",),
+    ),
+    Mutation(
+        "processes.input-bound",
+        "the agent refuses an INPUT field over 64 KiB",
+        "agent/frame.c",
+        "tag == F_INPUT ? INPUT_MAX : PATH_MAX - 1",
+        "tag == F_INPUT ? MAX_LIST_LEN : PATH_MAX - 1",
+        ("tests/unit/test_agent_processes.py::test_hostile_frames_get_errors_not_crashes",),
+    ),
+    Mutation(
+        "processes.host-list-bound",
+        "a guest cannot grow the host's list of its commands without end",
+        "src/tartarus/runtime/agent.py",
+        "if len(found) >= MAX_PROCS:",
+        "if False:",
+        (
+            "tests/unit/test_agent_processes.py::test_a_guest_listing_more_commands_than_it_can_run_fails_the_call",
+        ),
+    ),
+    Mutation(
         "cluster.capacity",
         "placement never reserves more sandbox slots than a node has, under concurrent placers",
         "src/tartarus/cluster/placement.py",

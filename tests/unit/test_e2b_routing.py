@@ -135,12 +135,17 @@ def test_bad_input_on_a_stream_ends_the_stream_with_an_error_not_a_500(
 
 
 def test_what_needs_new_guest_features_is_unimplemented(endpoint: tuple[E2BApp, StandIn, TokenMint]) -> None:
-    app, _, mint = endpoint
+    app, daemon, mint = endpoint
     response = call(
-        app, "POST", "/process.Process/SendInput", headers=sandbox("sb-1", mint.token("sb-1")), json={}
+        app, "POST", "/process.Process/Update", headers=sandbox("sb-1", mint.token("sb-1")), json={}
     )
     assert response.status_code == 501
     assert response.json()["code"] == "unimplemented"
+    by_tag = {"process": {"tag": "web"}, "input": {"stdin": ""}}
+    tagged = call(
+        app, "POST", "/process.Process/SendInput", headers=sandbox("sb-1", mint.token("sb-1")), json=by_tag
+    )
+    assert tagged.status_code == 501 and daemon.calls == []
     interpreter = call(
         app, "POST", "/execute", headers=sandbox("sb-1", mint.token("sb-1"), port=49999), json={}
     )
@@ -193,3 +198,27 @@ def test_listing_pages_filters_and_passes_metadata_as_labels(tmp_path: Path) -> 
     assert seen[0].headers["authorization"] == "Bearer tartarus_k"  # the caller's key, not the node's
     bad = call(app, "GET", "/v2/sandboxes", headers=key, params={"nextToken": "garbage!"})
     assert bad.status_code == 400 and bad.json()["code"] == 400
+
+
+def test_process_calls_by_pid_reach_the_daemons_processes_endpoints(
+    endpoint: tuple[E2BApp, StandIn, TokenMint],
+) -> None:
+    """SendInput, CloseStdin, SendSignal and List become /v1 processes calls (the stand-in's sandbox is
+    gone: each answers E2B's 502)."""
+    app, daemon, mint = endpoint
+    headers = sandbox("sb-1", mint.token("sb-1"))
+    calls = [
+        ("SendInput", {"process": {"pid": 7}, "input": {"stdin": "aGk="}}),
+        ("CloseStdin", {"process": {"pid": 7}}),
+        ("SendSignal", {"process": {"pid": 7}, "signal": "SIGNAL_SIGKILL"}),
+        ("List", {}),
+    ]
+    for method, body in calls:
+        response = call(app, "POST", f"/process.Process/{method}", headers=headers, json=body)
+        assert response.status_code == 502, method
+    assert daemon.calls == [
+        "POST /v1/sandboxes/sb-1/processes/7/stdin",
+        "POST /v1/sandboxes/sb-1/processes/7/stdin",
+        "POST /v1/sandboxes/sb-1/processes/7/signal",
+        "GET /v1/sandboxes/sb-1/processes",
+    ]

@@ -15,10 +15,9 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tartarus.limits.cgroups import GROUP, ROOT, V1_CONTROLLERS
 from tartarus.network.netns import NETNS_DIR, NETNS_PREFIX, OWNERS_DIR, SLOTS_DIR
@@ -119,29 +118,29 @@ pooled: set[str] = set()  # ids of sandboxes a pool prepared and nobody has take
 
 
 def track_pools() -> None:
-    """Learn which sandboxes are a pool's spares: wrap the pool's `prepare` (the id is chosen before
+    """Learn which sandboxes are a pool's spares: wrap the pool's `_spare` (the id is chosen before
     anything exists on the host) and `take` (a taken spare becomes an ordinary sandbox)."""
-    from tartarus.runtime.sandbox import RuntimeSandbox, new_sandbox_id
+    from tartarus.sandbox.sandbox import Sandbox, new_sandbox_id
     from tartarus.snapshots import pool
 
-    prepare: Callable[..., Awaitable[RuntimeSandbox]] = vars(pool)["prepare"]  # imported there
-    if getattr(prepare, "tracked", False):
+    spare = pool.VMMPool._spare
+    if getattr(spare, "tracked", False):
         return
     take = pool.VMMPool.take
 
-    async def tracked_prepare(*args: Any, **kwargs: Any) -> RuntimeSandbox:
-        kwargs["sandbox_id"] = kwargs.get("sandbox_id") or new_sandbox_id()
-        pooled.add(kwargs["sandbox_id"])
-        return await prepare(*args, **kwargs)
+    async def tracked_spare(self: pool.VMMPool, sandbox_id: str | None = None) -> Sandbox:
+        sandbox_id = sandbox_id or new_sandbox_id()
+        pooled.add(sandbox_id)
+        return await spare(self, sandbox_id)
 
-    def tracked_take(self: pool.VMMPool) -> RuntimeSandbox | None:
+    def tracked_take(self: pool.VMMPool) -> Sandbox | None:
         sandbox = take(self)
         if sandbox is not None:
             pooled.discard(sandbox.id)
         return sandbox
 
-    tracked_prepare.tracked = True  # type: ignore[attr-defined]
-    vars(pool)["prepare"] = tracked_prepare
+    tracked_spare.tracked = True  # type: ignore[attr-defined]
+    pool.VMMPool._spare = tracked_spare  # type: ignore[method-assign]
     pool.VMMPool.take = tracked_take  # type: ignore[method-assign]
 
 
@@ -167,7 +166,7 @@ def reap(leaked: set[Trace], daemon_urls: Iterable[str]) -> None:
     from tartarus.errors import TartarusError
     from tartarus.limits.cgroups import reap as reap_cgroup
     from tartarus.network import sandbox as network
-    from tartarus.runtime.sandbox import reap_workdir
+    from tartarus.sandbox.reap import reap_workdir
     from tartarus.sdk import Client
 
     ids = {t.sandbox for t in leaked if t.sandbox}

@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from tartarus.daemon.app import create_app
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.daemon.server import GRACE_S
 
 

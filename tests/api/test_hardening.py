@@ -23,7 +23,7 @@ import websockets
 from websockets.sync.client import connect
 
 from tartarus.daemon.app import create_app
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.daemon.routes import templates as templates_routes
 from tartarus.daemon.server import daemon_thread
 from tartarus.images import testing as t

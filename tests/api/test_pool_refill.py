@@ -1,5 +1,5 @@
 """Through the API, a create that takes the pool's pre-started VMM gets it replaced once it has answered
-(refills are held only until the response starts; see snapshots/pool.py `refills_deferred`)."""
+(refills are held only until the response starts; see daemon/pools.py `refills_deferred`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tartarus.daemon.app import create_app
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tests.api.conftest import tcp_daemon
 from tests.conftest import wait_until
 

@@ -13,7 +13,7 @@ import pytest
 
 from tartarus.daemon import manager as manager_module
 from tartarus.daemon.app import create_app
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.errors import QuotaExceeded
 from tartarus.sdk import Sandbox
 from tests.api.conftest import Api, env, tcp_daemon

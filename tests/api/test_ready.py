@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tartarus.daemon.app import create_app
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.paths import cache_dir
 from tests.api.conftest import Api, backend_url, env, tcp_daemon
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tartarus.daemon.app import create_app
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.sdk import Client, Sandbox
 from tests.api.conftest import tcp_daemon
 

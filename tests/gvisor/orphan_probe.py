@@ -12,7 +12,7 @@ from pathlib import Path
 from tartarus.gvisor.container import GvisorContainer, agent_binary
 from tartarus.gvisor.rootfs import template_tree
 from tartarus.gvisor.spec import BundleSpec
-from tartarus.runtime.sandbox import new_sandbox_id
+from tartarus.sandbox.sandbox import new_sandbox_id
 from tartarus.templates.store import get_template
 
 

@@ -11,7 +11,7 @@ import pytest
 from tartarus.gvisor.container import GvisorContainer, start_container
 from tartarus.runtime.agent import INTERPRETER_ID, Exit, Output
 from tartarus.runtime.interpreter import CodeInterpreter
-from tartarus.runtime.sandbox import new_sandbox_id
+from tartarus.sandbox.sandbox import new_sandbox_id
 from tartarus.templates.store import Template, get_template
 from tests.gvisor.helpers import DEADLINE, host_traces, output_of, require_gvisor
 

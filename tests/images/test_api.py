@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tartarus.daemon.app import create_app
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.images import registry as registry_module
 from tartarus.images import testing as t
 from tartarus.images.api import to_template

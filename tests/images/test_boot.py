@@ -10,13 +10,13 @@ import pytest
 from tartarus.images.api import to_template
 from tartarus.images.store import ImageBuild
 from tartarus.runtime.agent import Output
-from tartarus.runtime.sandbox import RuntimeSandbox
+from tartarus.sandbox.sandbox import Sandbox
 from tests.conftest import qemu_pids
 
 pytestmark = pytest.mark.vm
 
 
-async def _run(sb: RuntimeSandbox, argv: list[str], env: dict[str, str]) -> tuple[int | None, bytes, bytes]:
+async def _run(sb: Sandbox, argv: list[str], env: dict[str, str]) -> tuple[int | None, bytes, bytes]:
     process = await sb.agent.exec(argv, env=env)
     out, err = b"", b""
     async for event in process.events():
@@ -33,7 +33,7 @@ def test_converted_image_boots_and_runs_its_own_python(python_build: ImageBuild,
     template = to_template(python_build, "python-slim-test")
 
     async def main() -> tuple[tuple[int | None, bytes, bytes], tuple[int | None, bytes, bytes]]:
-        sb = await RuntimeSandbox.boot(template, tmp_path)
+        sb = await Sandbox.boot(template, tmp_path)
         try:
             python = await _run(sb, ["python3", "-c", "print(1+1)"], sb.env)
             where = await _run(

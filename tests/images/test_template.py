@@ -14,9 +14,8 @@ import pytest
 
 from tartarus.errors import InvalidArgument, Timeout
 from tartarus.runtime.agent import Output
-from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
-from tartarus.snapshots.restore import restore
 from tartarus.templates.build import build_template
 from tartarus.templates.spec import TemplateSpec
 from tartarus.templates.steps import GUEST_CA, BuildStepFailed, host_ca_bundle
@@ -42,7 +41,7 @@ def test_image_template_snapshot_and_restore(python_ref: str, tmp_path: Path) ->
         snapshot = ensure_snapshot(template, lambda message: None)
 
         async def main() -> tuple[str | None, str | None]:
-            sb = await restore(snapshot, template, tmp_path, SandboxOptions())
+            sb = await Sandbox.restore(snapshot, template, tmp_path)
             try:
                 interpreter = await sb.code_interpreter()
                 version = (await interpreter.run_code("import sys; sys.version_info[:2]")).result
@@ -109,7 +108,7 @@ def test_build_steps_run_with_network_and_are_kept(
         checks = f"cat /etc/resolv.conf /opt/ca-sum; test -e {GUEST_CA} || echo no-ca-bundle"
 
         async def main() -> bytes:
-            sb = await RuntimeSandbox.boot(template, tmp_path / "sandboxes")
+            sb = await Sandbox.boot(template, tmp_path / "sandboxes")
             try:
                 process = await sb.agent.exec(["sh", "-c", f"cat /opt/marker /opt/fetched; echo; {checks}"])
                 out = b""
@@ -169,7 +168,7 @@ def test_start_command_is_running_in_every_restored_sandbox(python_ref: str, tmp
         async def main() -> list[int | None]:
             codes = []
             for _ in range(2):
-                sb = await restore(snapshot, template, tmp_path, SandboxOptions())
+                sb = await Sandbox.restore(snapshot, template, tmp_path)
                 try:
                     # The server was started before the snapshot: it answers at once, no start-up.
                     check = await sb.agent.exec(["python3", "-c", probe], timeout=30)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.daemon.server import daemon_thread
 from tartarus.policy.model import BandwidthPolicy, Policy, QuarantineSettings
 from tartarus.sdk import Sandbox

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.daemon.server import daemon_thread
 from tartarus.sdk import Sandbox
 

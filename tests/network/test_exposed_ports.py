@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.daemon.server import daemon_thread
 from tartarus.errors import NotFound, QuotaExceeded
 from tartarus.network.traffic import E2B_TOKEN_HEADER, TOKEN_HEADER

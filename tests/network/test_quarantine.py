@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tartarus import audit
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.daemon.server import daemon_thread
 from tartarus.errors import Conflict, PolicyDenied
 from tartarus.policy.model import Match, Policy, Rule

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tartarus.limits.spec import resolve_limits
-from tartarus.runtime.sandbox import SandboxOptions, reap_leftovers
-from tartarus.snapshots.restore import restore
+from tartarus.sandbox.reap import reap_leftovers
+from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.store import find_snapshot
 from tartarus.templates.store import get_template
 from tests.network.conftest import leftovers, uplinks
@@ -32,8 +32,8 @@ def test_reaping_removes_a_dead_daemons_network_and_cgroups(tmp_path: Path) -> N
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        options = SandboxOptions(limits=limits)
-        future = asyncio.run_coroutine_threadsafe(restore(snapshot, template, tmp_path, options), loop)
+        restore = Sandbox.restore(snapshot, template, tmp_path, limits=limits)
+        future = asyncio.run_coroutine_threadsafe(restore, loop)
         sandbox = future.result(120)
         assert sandbox.vm is not None and sandbox.vm.pid is not None
         pid = sandbox.vm.pid

@@ -13,9 +13,11 @@ from tartarus.limits.bandwidth import Bandwidth
 from tartarus.network.policy import NetworkPolicy
 from tartarus.network.tc import shaping
 from tartarus.policy import PolicyEngine, load_policy
-from tartarus.policy.admission import CreateRequest, admit
+from tartarus.policy.admission import admit
 from tartarus.policy.model import BandwidthPolicy, Policy
-from tartarus.runtime.throttle import io_throttle
+from tartarus.sandbox.spec import SandboxSpec
+from tartarus.sandbox.throttle import io_throttle
+from tartarus.templates.store import Template
 
 
 def test_tc_shapes_egress_on_the_uplink_and_ingress_on_the_tap() -> None:
@@ -49,13 +51,12 @@ def test_a_clamp_only_lowers() -> None:
 
 
 def test_admission_gives_every_sandbox_the_policys_bandwidth() -> None:
-    req = CreateRequest(
-        tenant="t", template="python-ds", template_vcpus=1, template_memory_mib=512, network=NetworkPolicy()
-    )
-    default = asyncio.run(admit(PolicyEngine(Policy()), req))
+    template = Template("python-ds", "k", Path("/nonexistent"), "ext4", vcpus=1, memory_mib=512)
+    req = SandboxSpec("python-ds", tenant="t", network=NetworkPolicy())
+    default = asyncio.run(admit(PolicyEngine(Policy()), template, req))
     assert not default.limits.bandwidth.limited  # off unless the policy file sets it
     section = BandwidthPolicy(disk_bytes_per_s=50 << 20, disk_iops=1000, ingress_bytes_per_s=1 << 20)
-    limited = asyncio.run(admit(PolicyEngine(Policy(bandwidth=section)), req))
+    limited = asyncio.run(admit(PolicyEngine(Policy(bandwidth=section)), template, req))
     assert limited.limits.bandwidth == Bandwidth(50 << 20, 1000, None, 1 << 20)
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from tartarus.daemon.control import ControlPlane, node_id
+from tartarus.daemon.table import SandboxRecord, SandboxTable
+from tartarus.sandbox.spec import SandboxSpec
 from tartarus.store import SandboxRow, Store, default_url
+from tartarus.templates.store import Template
 
 
 class FoundAgain:
@@ -18,10 +20,13 @@ class FoundAgain:
     pooled = 0
 
     def __init__(self, ids: list[str]) -> None:
-        self.records = [SimpleNamespace(id=i, runtime=None, state="hibernated") for i in ids]
+        self.table = SandboxTable()
+        template = Template("python-ds", "k", Path("/nonexistent"), "ext4")
+        for i in ids:
+            self.table.load(SandboxRecord(i, template, SandboxSpec("python-ds"), None, "hibernated"))
 
     def list(self) -> list[Any]:
-        return self.records
+        return self.table.list()
 
 
 def test_restart_keeps_owners_of_found_sandboxes_and_marks_the_rest_lost(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from typing import Any
 from tartarus.limits.spec import Limits
 from tartarus.network import NetworkPolicy
 from tartarus.network.policy import PinnedPolicy, PinnedRule
-from tartarus.runtime.descriptor import _load_config, _load_options, _load_policy, _options
 from tartarus.runtime.qemu import Drive, VMConfig
-from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.sandbox.descriptor import _load_config, _load_limits, _load_policy
+from tartarus.sandbox.spec import SandboxSpec
 
 
 def _through_json(data: Any) -> Any:
@@ -39,20 +39,25 @@ def test_vm_config_round_trips() -> None:
     assert _load_config(_through_json(dataclasses.asdict(config))) == config
 
 
-def test_options_round_trip() -> None:
-    options = SandboxOptions(
+def test_spec_and_limits_round_trip() -> None:
+    options = SandboxSpec(
+        "python-ds",
         vcpus=1,
         memory_mib=512,
         env={"A": "b"},
         network=NetworkPolicy.model_validate(
             {"mode": "allow", "allow": [{"host": "10.0.0.0/8", "ports": [443]}]}
         ),
+        labels={"team": "ml"},
+        tenant="acme",
         max_processes=64,
         ttl_s=30.0,
-        limits=Limits(vcpus=1, memory_mib=512, disk_mib=4096, max_processes=64, ttl_s=30.0),
+        idle_timeout=5.0,
     )
-    assert _load_options(_through_json(_options(options))) == options
-    assert _load_options(_through_json(_options(SandboxOptions()))) == SandboxOptions()
+    limits = Limits(vcpus=1, memory_mib=512, disk_mib=4096, max_processes=64, ttl_s=30.0)
+    assert SandboxSpec.from_json(_through_json(options.to_json())) == options
+    assert SandboxSpec.from_json(_through_json(SandboxSpec("t").to_json())) == SandboxSpec("t")
+    assert _load_limits(_through_json(dataclasses.asdict(limits))) == limits
 
 
 def test_pinned_policy_round_trips() -> None:

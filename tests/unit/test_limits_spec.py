@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tartarus import audit
-from tartarus.daemon.manager import DEFAULT_HIBERNATE_QUOTA_MIB, DaemonConfig
+from tartarus.daemon.config import DEFAULT_HIBERNATE_QUOTA_MIB, DaemonConfig
 from tartarus.errors import InvalidArgument
 from tartarus.limits.spec import LimitCaps, capped_timeout, checkpoint_ttl, resolve_limits
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ import pytest
 from tartarus.errors import InvalidArgument, PolicyDenied
 from tartarus.network.policy import NetworkPolicy
 from tartarus.policy import AdmissionRequest, PolicyEngine, load_policy
-from tartarus.policy.admission import CreateRequest, admit
+from tartarus.policy.admission import admit
 from tartarus.policy.model import Match, Node, Placement, Policy, Rule
+from tartarus.sandbox.spec import SandboxSpec
+from tartarus.templates.store import Template
 
 POLICY = """
 limits: {max_vcpus: 2, max_ttl_s: 600}
@@ -131,14 +134,13 @@ def test_quarantine_is_refused_on_a_node_without_quarantine_capacity() -> None:
         ),
     )
     engine = PolicyEngine(policy)
-    req = CreateRequest(
-        tenant="bad", template="python-ds", template_vcpus=1, template_memory_mib=512, network=NetworkPolicy()
-    )
+    template = Template("python-ds", "k", Path("/nonexistent"), "ext4", vcpus=1, memory_mib=512)
+    req = SandboxSpec("python-ds", tenant="bad", network=NetworkPolicy())
     with pytest.raises(
         PolicyDenied, match=r"needs quarantine capacity, which this node \('a'\) does not have"
     ):
-        asyncio.run(admit(engine, req))
-    ok = asyncio.run(admit(engine, CreateRequest(**{**req.__dict__, "tenant": "good"})))
+        asyncio.run(admit(engine, template, req))
+    ok = asyncio.run(admit(engine, template, dataclasses.replace(req, tenant="good")))
     assert ok.decision.verdict == "admit" and ok.decision.node == "a"
 
 

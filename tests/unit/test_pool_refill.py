@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
-from tartarus.snapshots.pool import VMMPool, refills_deferred
+from tartarus.daemon.pools import defer, refills_deferred
+from tartarus.snapshots.pool import VMMPool
 
 
 async def _pool() -> VMMPool:
     # Size 0: the refill task never starts a VMM, it only waits to be woken.
     template: Any = SimpleNamespace(name="t")
-    return VMMPool(template, template, Path("/nonexistent"), size=0)
+    return VMMPool(template, template, Path("/nonexistent"), size=0, defer=defer)
 
 
 def test_refills_inside_the_block_wait_for_its_end() -> None:

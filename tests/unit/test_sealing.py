@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tartarus.hibernation.image import META, Image, list_images
 from tartarus.private import write_private
-from tartarus.runtime import descriptor
+from tartarus.sandbox import descriptor
+from tartarus.sandbox.image import META, Image, list_images
+from tartarus.sandbox.spec import SandboxSpec
 from tartarus.sealing import KEY_FILE, EnvSeal, SealError
 from tartarus.templates.store import Template
 
@@ -72,7 +73,7 @@ def _image(path: Path, env: dict[str, str]) -> Image:
         interpreter_pid=7,
         vcpus=1,
         memory_mib=512,
-        env=env,
+        spec=SandboxSpec("python-ds", env=env),
         created_at=1.0,
         captured_at=2.0,
         state_bytes=3,
@@ -93,7 +94,8 @@ def test_an_image_record_from_before_sealing_still_loads(tmp_path: Path) -> None
     image = _image(tmp_path / "sb-1", ENV)
     image.path.mkdir()
     data = json.loads(image.to_json(EnvSeal.for_state_dir(tmp_path)))
-    data["env"] = ENV  # as rev 822c959 wrote it
+    del data["spec"], data["exposed"]
+    data["env"], data["request"] = ENV, {}  # as rev 822c959 wrote it
     (image.path / META).write_text(json.dumps(data))
     assert Image.load(image.path, EnvSeal.for_state_dir(tmp_path)) == image
 
@@ -101,7 +103,7 @@ def test_an_image_record_from_before_sealing_still_loads(tmp_path: Path) -> None
 def test_a_descriptor_from_before_sealing_still_loads(tmp_path: Path) -> None:
     workdir = tmp_path / "sb-1"
     workdir.mkdir()
-    old = {"version": descriptor.VERSION, "id": "sb-1", "options": {"env": ENV, "vcpus": 1}}
+    old = {"version": 1, "id": "sb-1", "options": {"env": ENV, "vcpus": 1}}
     (workdir / descriptor.DESCRIPTOR).write_text(json.dumps(old))
     data = descriptor.read(workdir, EnvSeal.for_state_dir(tmp_path))
     assert data is not None and data["options"]["env"] == ENV
@@ -112,6 +114,6 @@ def test_a_descriptor_whose_env_does_not_open_is_not_read(tmp_path: Path) -> Non
     workdir.mkdir()
     (tmp_path / "other").mkdir()
     sealed = EnvSeal.for_state_dir(tmp_path / "other").seal(ENV, "sb-1")
-    data = {"version": descriptor.VERSION, "id": "sb-1", "options": {"env": sealed}}
+    data = {"version": descriptor.VERSION, "id": "sb-1", "spec": {"env": sealed}}
     (workdir / descriptor.DESCRIPTOR).write_text(json.dumps(data))
     assert descriptor.read(workdir, EnvSeal.for_state_dir(tmp_path)) is None

@@ -1,15 +1,16 @@
 """What a restarted daemon makes of the `.<id>.waking` directories a wake cut short left (the file logic
-of `ops.recover_wakes`; tests/vm/test_hibernation_crash.py and test_served_crash.py kill real daemons)."""
+of `capture.recover_wakes`; tests/vm/test_hibernation_crash.py and test_served_crash.py kill real daemons)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tartarus.hibernation import ops
-from tartarus.hibernation.image import META
+from tartarus.sandbox import capture
+from tartarus.sandbox.image import META
+from tartarus.sandbox.layout import Layout
 
 
-def _waking(layout: ops.Layout, sandbox_id: str, *files: str) -> Path:
+def _waking(layout: Layout, sandbox_id: str, *files: str) -> Path:
     path = layout.sandboxes / f".{sandbox_id}.waking"
     path.mkdir(parents=True)
     for name in files:
@@ -18,9 +19,9 @@ def _waking(layout: ops.Layout, sandbox_id: str, *files: str) -> Path:
 
 
 def test_a_wake_whose_guest_never_ran_goes_back_to_hibernation(tmp_path: Path) -> None:
-    layout = ops.Layout(tmp_path)
+    layout = Layout(tmp_path)
     _waking(layout, "sb-1", META, "memory.state", "layer.ext4")
-    assert ops.recover_wakes(layout) == (["sb-1"], [])
+    assert capture.recover_wakes(layout) == (["sb-1"], [])
     back = layout.hibernated / "sb-1"
     assert sorted(p.name for p in back.iterdir()) == sorted([META, "layer.ext4", "memory.state"])
     assert (back / "layer.ext4").read_text() == "layer.ext4"  # the same files, not copies of nothing
@@ -30,23 +31,23 @@ def test_a_wake_whose_guest_never_ran_goes_back_to_hibernation(tmp_path: Path) -
 def test_a_wake_whose_guest_may_have_run_is_lost(tmp_path: Path) -> None:
     """Its memory image is older than its layer: restoring both would give the guest a disk that
     changed under its page cache."""
-    layout = ops.Layout(tmp_path)
-    _waking(layout, "sb-2", META, "memory.state", "layer.ext4", ops.RESUMED)
-    _waking(layout, "sb-3", META, "memory.state", ops.RESUMED)  # its layer already moved to the VMM
-    assert ops.recover_wakes(layout) == ([], ["sb-2", "sb-3"])
+    layout = Layout(tmp_path)
+    _waking(layout, "sb-2", META, "memory.state", "layer.ext4", capture.RESUMED)
+    _waking(layout, "sb-3", META, "memory.state", capture.RESUMED)  # its layer already moved to the VMM
+    assert capture.recover_wakes(layout) == ([], ["sb-2", "sb-3"])
     assert not list(layout.sandboxes.iterdir())
     assert not layout.hibernated.exists()
 
 
 def test_an_incomplete_waking_directory_is_never_published(tmp_path: Path) -> None:
-    layout = ops.Layout(tmp_path)
+    layout = Layout(tmp_path)
     _waking(layout, "sb-4", META, "memory.state")
-    assert ops.recover_wakes(layout) == ([], ["sb-4"])
+    assert capture.recover_wakes(layout) == ([], ["sb-4"])
     assert not (layout.hibernated / "sb-4").exists()
 
 
 def test_other_directories_are_left_to_the_reaper(tmp_path: Path) -> None:
-    layout = ops.Layout(tmp_path)
+    layout = Layout(tmp_path)
     (layout.sandboxes / "sb-5").mkdir(parents=True)
-    assert ops.recover_wakes(layout) == ([], [])
+    assert capture.recover_wakes(layout) == ([], [])
     assert (layout.sandboxes / "sb-5").exists()

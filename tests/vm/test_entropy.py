@@ -16,9 +16,8 @@ import pytest
 
 from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.protocol import HEADER, HEADER_SIZE, F, Fields, FieldValue, T
-from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
-from tartarus.snapshots.restore import restore
 from tartarus.templates.store import Template
 
 
@@ -47,7 +46,7 @@ def test_each_restore_sends_a_fresh_seed_the_agent_accepts(
 
     async def main() -> None:
         for _ in range(2):
-            sandbox = await restore(snapshot, python_ds, tmp_path, SandboxOptions())
+            sandbox = await Sandbox.restore(snapshot, python_ds, tmp_path)
             await sandbox.destroy()
 
     asyncio.run(main())

@@ -116,7 +116,7 @@ from pathlib import Path
 import httpx
 from tartarus import failpoints
 from tartarus.daemon.server import daemon_thread
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.sdk import Sandbox
 from tests.conftest import wait_until
 from tests.vm.test_hibernation import _give_state
@@ -160,7 +160,7 @@ def test_daemon_killed_before_hibernation_commits(tmp_path: Path, step: str) -> 
 def test_served_daemon_killed_before_hibernation_commits_leaves_it_running(tmp_path: Path, step: str) -> None:
     """A served daemon's VMM outlives it, paused mid-capture: the next daemon puts the layer back,
     resumes the guest and takes the sandbox over, state intact."""
-    from tartarus.daemon.manager import DaemonConfig
+    from tartarus.daemon.config import DaemonConfig
 
     sandbox_id = _daemon_dies_at(tmp_path, step, hibernate_first=False, live_restore=True)
     state, sock = tmp_path / "state", tmp_path / "b.sock"
@@ -202,7 +202,7 @@ def test_daemon_killed_when_wake_commits_leaves_it_hibernated(tmp_path: Path, po
     where the VMM's layer is) but its guest has not run: that image is still the whole sandbox, which
     the next daemon puts back, where the old one reaped it with the leftovers (the sandbox was gone).
     Both ways a wake starts: its own VMM on the image's layer, or a pooled one given that layer."""
-    from tartarus.daemon.manager import DaemonConfig
+    from tartarus.daemon.config import DaemonConfig
 
     sandbox_id = _daemon_dies_at(tmp_path, "wake.committed", True, pool_size=2 if pooled else 0)
     state, sock = tmp_path / "state", tmp_path / "b.sock"
@@ -226,7 +226,7 @@ def test_daemon_killed_after_the_woken_guest_ran_loses_it_cleanly(tmp_path: Path
     """Once its guest has run, a waking sandbox's memory is only in its VMM (the image's is older than
     its layer now), which dies with an embedded daemon: the next daemon must not publish that image
     again (a disk changed under the guest's page cache), and leaves nothing of it."""
-    from tartarus.daemon.manager import DaemonConfig
+    from tartarus.daemon.config import DaemonConfig
 
     sandbox_id = _daemon_dies_at(tmp_path, "wake.resumed", True, pool_size=0)
     state, sock = tmp_path / "state", tmp_path / "b.sock"
@@ -254,7 +254,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_full_disk_is_a_clear_error_and_loses_nothing(small_disk: Path) -> None:
-    from tartarus.daemon.manager import DaemonConfig
+    from tartarus.daemon.config import DaemonConfig
 
     state, sock = small_disk / "state", small_disk / "api.sock"
     with daemon_thread(state, sock, DaemonConfig(pool_size=0)):
@@ -277,7 +277,7 @@ def test_full_disk_is_a_clear_error_and_loses_nothing(small_disk: Path) -> None:
 
 
 def test_storage_quota_refuses_before_writing(tmp_path: Path) -> None:
-    from tartarus.daemon.manager import DaemonConfig
+    from tartarus.daemon.config import DaemonConfig
     from tartarus.errors import QuotaExceeded
 
     state, sock = tmp_path / "state", tmp_path / "api.sock"

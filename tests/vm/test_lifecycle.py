@@ -12,7 +12,7 @@ import pytest
 
 from tartarus.daemon.server import daemon_thread
 from tartarus.errors import SandboxFailed
-from tartarus.runtime.sandbox import RuntimeSandbox
+from tartarus.sandbox.sandbox import Sandbox as HostSandbox
 from tartarus.sdk import AsyncSandbox, Sandbox
 from tartarus.templates.store import Template
 from tests.conftest import qemu_pids, wait_until
@@ -105,7 +105,7 @@ def test_runtime_boot_failure_cleans_up(python_ds: Template, tmp_path: Path) -> 
     broken = Template(**{**python_ds.__dict__, "fstype": "erofs"})  # ext4 image, wrong fs type
 
     async def boot() -> None:
-        await RuntimeSandbox.boot(broken, tmp_path)
+        await HostSandbox.boot(broken, tmp_path)
 
     with pytest.raises(SandboxFailed, match="tartarus-agent"):
         asyncio.run(boot())
@@ -118,7 +118,7 @@ def test_vmm_that_cannot_start_is_a_clear_error(python_ds: Template, tmp_path: P
     missing = Template(**{**python_ds.__dict__, "rootfs": tmp_path / "no-such-rootfs.img"})
 
     async def boot() -> None:
-        await RuntimeSandbox.boot(missing, tmp_path / "sandboxes")
+        await HostSandbox.boot(missing, tmp_path / "sandboxes")
 
     with pytest.raises(SandboxFailed, match=r"(?s)VMM failed to start.*no-such-rootfs"):
         asyncio.run(boot())

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from tartarus.errors import Timeout
-from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.sandbox.sandbox import Sandbox as HostSandbox
 from tartarus.sdk import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.pool import VMMPool
-from tartarus.snapshots.restore import restore
 from tartarus.templates.store import Template
 from tests.conftest import qemu_pids
 
@@ -86,7 +85,7 @@ def test_many_restores_from_one_snapshot(python_ds: Template, tmp_path: Path) ->
 
     async def main() -> list[str]:
         sandboxes = await asyncio.gather(
-            *(restore(snapshot, python_ds, tmp_path, SandboxOptions()) for _ in range(6))
+            *(HostSandbox.restore(snapshot, python_ds, tmp_path) for _ in range(6))
         )
         try:
             for i, sb in enumerate(sandboxes):
@@ -115,8 +114,8 @@ def test_pool_serves_and_never_fails_when_empty(python_ds: Template, tmp_path: P
                     await asyncio.sleep(0.05)
             first = pool.take()
             second = pool.take()  # empty now: None, and the caller restores without a pooled VMM
-            a = await restore(snapshot, python_ds, tmp_path, SandboxOptions(), first)
-            b = await restore(snapshot, python_ds, tmp_path, SandboxOptions(), second)
+            a = await HostSandbox.restore(snapshot, python_ds, tmp_path, None, first)
+            b = await HostSandbox.restore(snapshot, python_ds, tmp_path, None, second)
             ok = (await (await a.code_interpreter()).run_code("1+1")).result == "2"
             ok_b = (await (await b.code_interpreter()).run_code("1+1")).result == "2"
             await a.destroy()

@@ -10,9 +10,8 @@ import pytest
 
 from tartarus.runtime.agent import AgentClient, Exit
 from tartarus.runtime.flow import FRAME_COST, WINDOW
-from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
-from tartarus.snapshots.restore import restore
 from tartarus.templates.store import Template
 from tests.conftest import qemu_pids
 
@@ -41,7 +40,7 @@ def test_stalled_and_abandoned_streams_hold_a_window_and_leave_the_sandbox_answe
     python_ds: Template, tmp_path: Path
 ) -> None:
     async def main() -> None:
-        sb = await restore(ensure_snapshot(python_ds), python_ds, tmp_path, SandboxOptions())
+        sb = await Sandbox.restore(ensure_snapshot(python_ds), python_ds, tmp_path)
         try:
             agent = sb.agent
             await _run(agent, "head -c 20000000 /dev/urandom > /tmp/big")

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from tartarus.bench.stats import summary_ms
-from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.pool import VMMPool
-from tartarus.snapshots.restore import restore
 from tartarus.snapshots.store import Snapshot
 from tartarus.templates.store import Template, get_template
 
@@ -37,7 +36,7 @@ async def _one(
     snapshot: Snapshot, template: Template, root: Path, pool: VMMPool
 ) -> tuple[float, dict[str, float]]:
     t0 = time.perf_counter()
-    sandbox = await restore(snapshot, template, root, SandboxOptions(), pool.take())
+    sandbox = await Sandbox.restore(snapshot, template, root, None, pool.take())
     interpreter = await sandbox.code_interpreter()
     answer = await interpreter.run_code("1+1")
     total = time.perf_counter() - t0
@@ -90,10 +89,10 @@ def pss_kib(pid: int) -> int:
 async def _idle_memory(snapshot: Snapshot, template: Template) -> dict[str, Any]:
     """PSS of each VMM with IDLE_SANDBOXES restored sandboxes idle (after one run_code each)."""
     with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
-        sandboxes: list[RuntimeSandbox] = []
+        sandboxes: list[Sandbox] = []
         try:
             for _ in range(IDLE_SANDBOXES):
-                sb = await restore(snapshot, template, Path(tmp), SandboxOptions())
+                sb = await Sandbox.restore(snapshot, template, Path(tmp))
                 await (await sb.code_interpreter()).run_code("1+1")
                 sandboxes.append(sb)
             await asyncio.sleep(2)  # let the guests go idle before measuring, as idle sandboxes are

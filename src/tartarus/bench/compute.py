@@ -27,7 +27,7 @@ from tartarus.gvisor.container import start_container
 from tartarus.gvisor.rootfs import template_tree
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.agent import AgentClient, Output
-from tartarus.runtime.sandbox import RuntimeSandbox, new_sandbox_id
+from tartarus.sandbox.sandbox import Sandbox, new_sandbox_id
 from tartarus.templates.store import Template, get_template
 
 BLAS_THREADS = 1
@@ -156,7 +156,7 @@ async def run_gvisor(template: Template, reps: int, root: Path) -> BackendRun:
 
 
 async def run_vm(template: Template, reps: int, root: Path, accel: str) -> BackendRun:
-    sandbox = await RuntimeSandbox.boot(template, root / "vm")
+    sandbox = await Sandbox.boot(template, root / "vm")
     try:
         return await _in_agent(sandbox.agent, accel, reps)
     finally:

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tartarus.bench.coldstart import pss_kib
-from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
-from tartarus.snapshots.restore import restore
 from tartarus.templates.store import get_template
 
 IDLE_WINDOW_S = 2.0
@@ -58,13 +57,13 @@ async def bench_density(
     curve: list[dict[str, Any]] = []
     stopped = "max_sandboxes"
     with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
-        sandboxes: list[RuntimeSandbox] = []
+        sandboxes: list[Sandbox] = []
         try:
             while len(sandboxes) < max_sandboxes:
                 if _meminfo_kib("MemAvailable") < MIN_AVAILABLE_FRACTION * total_kib:
                     stopped = "memory_floor"
                     break
-                sb = await restore(snapshot, template, Path(tmp), SandboxOptions())
+                sb = await Sandbox.restore(snapshot, template, Path(tmp))
                 await (await sb.code_interpreter()).run_code("1+1")
                 sandboxes.append(sb)
                 pids = [s.vm.pid for s in sandboxes if s.vm and s.vm.pid]

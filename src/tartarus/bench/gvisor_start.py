@@ -23,7 +23,7 @@ from tartarus.gvisor.rootfs import template_tree
 from tartarus.gvisor.spec import BundleSpec
 from tartarus.runtime.agent import Output
 from tartarus.runtime.interpreter import CodeInterpreter
-from tartarus.runtime.sandbox import new_sandbox_id
+from tartarus.sandbox.sandbox import new_sandbox_id
 from tartarus.templates.store import Template, get_template
 
 PHASES = ("started", "agent_ready", "first_answer")

@@ -19,11 +19,10 @@ from typing import Any
 
 from tartarus.bench.coldstart import wait_full
 from tartarus.bench.stats import summary_ms
-from tartarus.hibernation import ops
-from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.sandbox.layout import Layout
+from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.pool import VMMPool
-from tartarus.snapshots.restore import restore
 from tartarus.snapshots.store import Snapshot
 from tartarus.templates.store import get_template
 
@@ -34,21 +33,19 @@ HIBERNATE_PHASES = ("saved", "filtered", "committed", "vmm_gone")
 class _Cycler:
     """One sandbox going to sleep and waking, recording both."""
 
-    def __init__(self, sandbox: RuntimeSandbox, snapshot: Snapshot, layout: ops.Layout) -> None:
+    def __init__(self, sandbox: Sandbox, snapshot: Snapshot, layout: Layout) -> None:
         self.sandbox, self.snapshot, self.layout = sandbox, snapshot, layout
         self.count = 0
 
     async def cycle(self, own_pages_only: bool, pool: VMMPool) -> dict[str, Any]:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        image = await ops.hibernate(
-            self.sandbox, self.snapshot, self.layout, timings=timings, own_pages_only=own_pages_only
+        image = await self.sandbox.hibernate(
+            self.snapshot, self.layout, timings=timings, own_pages_only=own_pages_only
         )
         hibernate_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        self.sandbox, self.snapshot = await ops.start_from(
-            image, self.layout, SandboxOptions(), wake=True, prepared=pool.take()
-        )
+        self.sandbox, self.snapshot = await Sandbox.wake(image, self.layout, image.spec, prepared=pool.take())
         answer = await (await self.sandbox.code_interpreter()).run_code("n += 1; n")
         wake_s = time.perf_counter() - t1
         self.count += 1
@@ -68,9 +65,9 @@ class _Cycler:
         }
 
 
-async def _start(snapshot: Snapshot, layout: ops.Layout, dirty_mib: int) -> _Cycler:
+async def _start(snapshot: Snapshot, layout: Layout, dirty_mib: int) -> _Cycler:
     template = get_template(snapshot.template)
-    sandbox = await restore(snapshot, template, layout.sandboxes, SandboxOptions())
+    sandbox = await Sandbox.restore(snapshot, template, layout.sandboxes)
     setup = f"import os\nballast = os.urandom({dirty_mib} << 20)\nn = 0"
     await (await sandbox.code_interpreter()).run_code(setup)
     return _Cycler(sandbox, snapshot, layout)
@@ -103,7 +100,7 @@ async def _rounds(
     progress: Callable[[int], None],
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
-        layout = ops.Layout(Path(tmp))
+        layout = Layout(Path(tmp))
         layout.sandboxes.mkdir()
         cyclers = await asyncio.gather(*(_start(snapshot, layout, dirty_mib) for _ in range(concurrency)))
         pool = VMMPool(snapshot, get_template(snapshot.template), layout.sandboxes, size=concurrency)

@@ -24,7 +24,7 @@ import httpx
 
 from tartarus.bench.stats import summary_ms
 from tartarus.errors import TartarusError
-from tartarus.runtime.sandbox import reap_leftovers
+from tartarus.sandbox.reap import reap_leftovers
 from tartarus.sdk import AsyncClient, AsyncSandbox, SandboxInfo
 
 

@@ -31,12 +31,13 @@ from typing import Any
 from tartarus import audit
 from tartarus.bench import nethost
 from tartarus.bench.stats import summary_ms
-from tartarus.daemon.manager import DaemonConfig, SandboxManager
+from tartarus.daemon.config import DaemonConfig
+from tartarus.daemon.manager import SandboxManager
 from tartarus.limits.spec import LimitCaps, resolve_limits
 from tartarus.network.policy import NetworkPolicy
 from tartarus.policy.engine import AdmissionRequest, PolicyEngine
 from tartarus.policy.model import Match, Policy, Rule
-from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.sandbox.spec import SandboxSpec
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.templates.store import get_template
 
@@ -115,7 +116,7 @@ async def _create_rounds(
             while manager.pooled < manager.config.pool_size:
                 await asyncio.sleep(0.01)  # waiting for the pool's background refill
             t0 = time.perf_counter()
-            record = await manager.create(template, SandboxOptions(network=network), labels=labels)
+            record = await manager.create(SandboxSpec(template, network=network, labels=labels))
             totals[name].append(time.perf_counter() - t0)
             runtime = record.runtime
             assert runtime is not None
@@ -125,7 +126,7 @@ async def _create_rounds(
             containment[name].append(runtime.timings.get("containment", 0.0))
             if answer.result != "2":
                 raise RuntimeError(f"run_code('1+1') answered {answer}")
-            if name == "quarantined" and runtime.quarantine is None:
+            if name == "quarantined" and runtime.quarantined is None:
                 raise RuntimeError("the quarantine verdict was not applied")
             await manager.destroy(record.id)
             progress(1)
@@ -146,7 +147,7 @@ async def _live_quarantine(
         allow = NetworkPolicy.model_validate(
             {"mode": "allow", "allow": [{"host": nethost.ADDR, "ports": [sink.port]}]}
         )
-        record = await manager.create(template, SandboxOptions(network=allow))
+        record = await manager.create(SandboxSpec(template, network=allow))
         sandbox_id, runtime = record.id, record.runtime
         assert runtime is not None
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tartarus.bench.stats import summary_ms
-from tartarus.runtime.sandbox import RuntimeSandbox
+from tartarus.sandbox.sandbox import Sandbox
 from tartarus.templates.store import get_template
 
 Progress = Callable[[int], None]
@@ -25,7 +25,7 @@ async def bench_boot(template_name: str, samples: int, progress: Progress) -> di
         root = Path(tmp)
         for _ in range(samples):
             t0 = time.perf_counter()
-            sb = await RuntimeSandbox.boot(template, root)
+            sb = await Sandbox.boot(template, root)
             await sb.agent.ping()
             totals.append(time.perf_counter() - t0)
             vmm.append(sb.timings["vmm_ready"])
@@ -35,7 +35,7 @@ async def bench_boot(template_name: str, samples: int, progress: Progress) -> di
         **summary_ms(totals),
         "phases": {"vmm_ready": summary_ms(vmm)},
         "template": template_name,
-        "what": "RuntimeSandbox.boot (writable layer, QEMU spawn, kernel boot, agent HELLO) + one ping",
+        "what": "Sandbox.boot (writable layer, QEMU spawn, kernel boot, agent HELLO) + one ping",
     }
 
 
@@ -43,7 +43,7 @@ async def bench_exec(template_name: str, samples: int, progress: Progress) -> di
     """Round trip of `true` through the agent in one running sandbox: spawn, exit, EXIT frame."""
     template = get_template(template_name)
     with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
-        sb = await RuntimeSandbox.boot(template, Path(tmp))
+        sb = await Sandbox.boot(template, Path(tmp))
         try:
             for _ in range(5):  # warm the guest's page cache and TCG translation cache
                 await _run_true(sb)
@@ -68,7 +68,7 @@ async def bench_exec(template_name: str, samples: int, progress: Progress) -> di
     }
 
 
-async def _run_true(sb: RuntimeSandbox) -> None:
+async def _run_true(sb: Sandbox) -> None:
     process = await sb.agent.exec(["/bin/true"])
     async for event in process.events():
         del event

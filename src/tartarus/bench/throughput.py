@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tartarus.bench.stats import summary_ms
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.daemon.server import daemon_thread
 from tartarus.sdk import AsyncClient, AsyncSandbox
 

@@ -22,10 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tartarus
 from tartarus.daemon.asgi import error_response
+from tartarus.daemon.config import DaemonConfig
 from tartarus.daemon.control import PUBLIC_ROUTES, ControlPlane
 from tartarus.daemon.gate import Gate
 from tartarus.daemon.logs import new_request_id, request_id
-from tartarus.daemon.manager import DaemonConfig, SandboxManager
+from tartarus.daemon.manager import SandboxManager
 from tartarus.daemon.models import ErrorBody, ErrorDetail
 from tartarus.daemon.requests import RequestMiddleware
 from tartarus.daemon.routes import (

@@ -1,7 +1,7 @@
-"""The control plane around the sandbox manager: who may call, who owns which sandbox, quotas, timeouts,
-durable records and the audit trail.
+"""The control plane around the sandbox manager: who may call, quotas, durable records and the audit trail.
 
-The manager stays a plain runtime table; this layer wraps it. Every database call runs on one worker
+Who owns which sandbox is in the manager's table (`daemon.table`), which tells this layer of every
+change as it happens; this layer keeps the store in step. Every database call runs on one worker
 thread (the store's connection is single-threaded) and audit-file flushes on another, so the event loop
 never waits on a database or an fsync.
 """
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -28,12 +29,13 @@ from starlette.requests import HTTPConnection
 from tartarus import audit
 from tartarus.daemon import quotas
 from tartarus.daemon.auth import Principal, bearer, ensure_local_admin_key, invalid_key, missing_key
-from tartarus.daemon.manager import SandboxManager, SandboxRecord
+from tartarus.daemon.manager import SandboxManager
 from tartarus.daemon.metrics import Metrics
+from tartarus.daemon.table import Change, SandboxRecord
 from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
 from tartarus.limits.spec import capped_timeout
 from tartarus.private import write_private
-from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.sandbox.spec import SandboxSpec
 from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
 from tartarus.templates.store import get_template
 
@@ -43,11 +45,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 PUBLIC_ROUTES = frozenset({"/v1/health"})
-WATCH_INTERVAL_S = 0.5
 # Streaming calls (exec, file reads, terminals) one tenant may have open at once, over all its sandboxes;
 # each holds up to a flow-control window of guest output in the daemon (`runtime.flow`).
 MAX_TENANT_STREAMS = 128
-Spawn = Callable[[str, SandboxOptions], Awaitable[SandboxRecord]]
+Start = Callable[[], Awaitable[Sequence[SandboxRecord]]]
 
 
 def node_id(state_dir: Path) -> str:
@@ -58,11 +59,6 @@ def node_id(state_dir: Path) -> str:
     node = f"{os.uname().nodename}-{secrets.token_hex(4)}"
     write_private(path, node + "\n")
     return node
-
-
-def record_created_at(record: SandboxRecord) -> float:
-    """When the sandbox was made: its runtime's clock while it runs, the record's while it hibernates."""
-    return record.runtime.created_at if record.runtime else record.created_at
 
 
 def principal_of(request: Request) -> Principal:
@@ -95,16 +91,15 @@ class ControlPlane:
         self.metrics = Metrics(
             states=lambda: (r.state for r in manager.list()),
             pooled=lambda: manager.pooled,
-            quarantined=lambda: sum(1 for r in manager.list() if r.runtime and r.runtime.quarantine),
+            quarantined=lambda: sum(1 for r in manager.list() if r.runtime and r.runtime.quarantined),
         )
-        self.owners: dict[str, SandboxRow] = {}  # live sandboxes of this daemon, by id
         self.node = ""
         self._store: Store | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._audit_executor: ThreadPoolExecutor | None = None
         self._reservations = quotas.Reservations()
         self._streams: Counter[str] = Counter()  # open streaming calls per tenant
-        self._watcher: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()  # store updates of the table's changes, in order
         # Every wake (explicit, a call on a hibernated sandbox, a connection to its exposed port) gives
         # the sandbox its vCPUs and memory back: it is admitted against its tenant's quota like a create.
         manager.admit_wake = self.admit_wake
@@ -129,10 +124,13 @@ class ControlPlane:
         self._audit_executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-audit")
         ensure_local_admin_key(self.state_dir, self.store, self.node)
         live = {r.id for r in self.manager.list()}
-        # What the manager found again (hibernated sandboxes survive a restart) keeps its owner.
+        # What the manager found again (hibernated sandboxes survive a restart) keeps its owner and
+        # lifetime as stored.
         for row in self.store.list_sandboxes(node=self.node, live=True):
-            if row.id in live:
-                self.owners[row.id] = row
+            record = self.manager.table.find(row.id)
+            if record is not None:
+                record.spec = dataclasses.replace(record.spec, tenant=row.tenant, labels=row.labels)
+                record.timeout_s, record.expires_at = row.timeout_s, row.expires_at
         lost = self.store.mark_lost(self.node, keep=live, reason="its VM did not outlive the previous daemon")
         if lost:
             log.warning("marked %d sandboxes of the previous daemon lost: %s", len(lost), ", ".join(lost))
@@ -142,26 +140,25 @@ class ControlPlane:
             )
 
     def start(self) -> None:
-        """Start the watcher (state changes) and hand the manager the stored timeouts, which it enforces
+        """Listen to the table's changes and hand the manager the stored timeouts, which it enforces
         (a restarted daemon's included); call from the event loop."""
-        self.manager.on_expired = self._expired
+        self.manager.table.on_change = self._changed
         self.manager.observe = self.metrics.observe
         now = time.time()
-        for sandbox_id, owner in self.owners.items():
-            if owner.expires_at is not None:
-                self.manager.set_ttl(sandbox_id, max(0.0, owner.expires_at - now))
-        self._watcher = asyncio.create_task(self._watch(), name="tartarus-control-watch")
+        for record in self.manager.list():
+            if record.expires_at is not None:
+                self.manager.schedulers.set_ttl(record.id, max(0.0, record.expires_at - now))
+
+    @property
+    def owners(self) -> dict[str, SandboxRow]:
+        """The durable record of each sandbox of this daemon, as the table has it now."""
+        return {r.id: r.row(self.node) for r in self.manager.list()}
 
     async def close(self) -> None:
-        """After the manager closed: record the end of every sandbox it destroyed, then close the store."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        """After the manager closed: store the end of every sandbox it destroyed, then close the store."""
         if self._store is not None:
             with contextlib.suppress(Exception):
-                await self.sync_all(ended_reason="the daemon shut down")
+                await self.flush()
             await self.db(self.store.close)
             self._store = None
         for executor in (self._executor, self._audit_executor):
@@ -225,8 +222,8 @@ class ControlPlane:
     def may_touch(self, principal: Principal, sandbox_id: str) -> bool:
         if principal.admin:
             return True
-        owner = self.owners.get(sandbox_id)
-        return owner is not None and owner.tenant == principal.tenant
+        record = self.manager.table.find(sandbox_id)
+        return record is not None and record.tenant == principal.tenant
 
     def visible(
         self,
@@ -241,11 +238,9 @@ class ControlPlane:
             tenant = principal.tenant
         shown = []
         for record in records:
-            owner = self.owners.get(record.id)
-            if tenant is not None and (owner is None or owner.tenant != tenant):
+            if tenant is not None and record.tenant != tenant:
                 continue
-            have = owner.labels if owner else {}
-            if all(have.get(k) == v for k, v in labels.items()):
+            if all(record.labels.get(k) == v for k, v in labels.items()):
                 shown.append(record)
         return shown
 
@@ -253,6 +248,7 @@ class ControlPlane:
         self, principal: Principal, *, labels: dict[str, str], tenant: str | None = None
     ) -> list[SandboxRow]:
         """Records of sandboxes that no longer run (destroyed, failed, lost), newest last."""
+        await self.flush()  # the ends the table told of, stored before they are read back
         if not principal.admin:
             tenant = principal.tenant
         rows = await self.db(self.store.list_sandboxes, tenant=tenant, live=False)
@@ -262,19 +258,17 @@ class ControlPlane:
 
     def checkpoints_of(self, tenant: str) -> int:
         """How many checkpoints a tenant keeps on this daemon (they hold a guest's RAM and disk)."""
-        return sum(1 for image in self.manager.checkpoints() if image.request.get("tenant") == tenant)
+        return sum(1 for image in self.manager.checkpoints() if image.spec.tenant == tenant)
 
     def usage(self, tenant: str) -> quotas.Usage:
         """What a tenant's sandboxes on this daemon hold now: a failed one nothing, one without a VM
         (hibernated) its place among the tenant's sandboxes but no vCPUs or memory."""
-        live = {r.id: r for r in self.manager.list()}
         used = quotas.Usage()
-        for id_, owner in self.owners.items():
-            record = live.get(id_)
-            if owner.tenant != tenant or record is None or record.state == "failed":
+        for record in self.manager.list():
+            if record.tenant != tenant or record.state == "failed":
                 continue
             running = record.runtime is not None and record.state == "running"
-            used = used + quotas.Usage(1, owner.vcpus if running else 0, owner.memory_mib if running else 0)
+            used = used + quotas.Usage(1, record.vcpus if running else 0, record.memory_mib if running else 0)
         return used
 
     @contextlib.contextmanager
@@ -295,11 +289,10 @@ class ControlPlane:
     def admit_wake(self, record: SandboxRecord) -> contextlib.AbstractAsyncContextManager[None]:
         """The manager's hook around a wake: the owner's quota must have room for the sandbox's vCPUs and
         memory again (it already counts among the tenant's sandboxes). Raises QuotaExceeded."""
-        owner = self.owners.get(record.id)
         image = record.image
         assert image is not None
         wanted = quotas.Usage(0, image.vcpus, image.memory_mib)
-        return self.admitted(owner.tenant if owner else record.tenant, wanted)
+        return self.admitted(record.tenant, wanted)
 
     @contextlib.contextmanager
     def _hold(self, tenant: str, row: Tenant | None, wanted: quotas.Usage) -> Iterator[None]:
@@ -345,138 +338,98 @@ class ControlPlane:
 
         return release
 
-    def adopt(
-        self, request: Request, record: SandboxRecord, *, labels: dict[str, str], timeout: float | None
-    ) -> SandboxRow:
-        """Make a new sandbox the caller's tenant's (in memory; `persist` stores it). Call it before the
-        next await after the sandbox appears, so no request sees it unowned."""
-        vm = record.runtime.vm if record.runtime else None
-        template = record.template
-        new_id = record.id
-        owner = SandboxRow(
-            id=new_id,
-            tenant=principal_of(request).tenant,
-            node=self.node,
-            template=template.name,
-            state=record.state,
-            vcpus=vm.config.vcpus if vm else template.vcpus,
-            memory_mib=vm.config.memory_mib if vm else template.memory_mib,
-            created_at=record_created_at(record),
-            labels=dict(labels),
-            timeout_s=timeout,
-            expires_at=time.time() + timeout if timeout else None,
-        )
-        self.owners[new_id] = owner
-        return owner
-
-    async def persist(self, owners: Iterable[SandboxRow]) -> None:
-        """Store adopted sandboxes; if that fails, destroy them (one nobody can find must not run on)."""
-        owners = list(owners)
-        try:
-            for owner in owners:
-                await self.db(self.store.insert_sandbox, owner)
-        except BaseException:
-            for owner in owners:
-                self.owners.pop(owner.id, None)
-                with contextlib.suppress(Exception):
-                    await self.manager.destroy(owner.id)
-            raise
-
-    async def create(
-        self,
-        request: Request,
-        template_name: str,
-        options: SandboxOptions,
-        *,
-        labels: dict[str, str],
-        timeout: float | None,
-        spawn: Spawn,
-    ) -> SandboxRecord:
-        """Admit a create against the tenant's quota, run it, and record who owns the new sandbox.
-
-        Other ways to make sandboxes (fork, from a checkpoint) use the same three steps: `admission`
-        around the runtime call, `adopt` right after it, `persist` after the block."""
-        template = get_template(template_name)
-        wanted = quotas.Usage(1, options.vcpus or template.vcpus, options.memory_mib or template.memory_mib)
+    async def new_sandboxes(
+        self, request: Request, wanted: quotas.Usage, start: Start
+    ) -> list[SandboxRecord]:
+        """The one way new sandboxes are made through the API (create, fork, from a checkpoint): `start`
+        runs under the caller's tenant quota, holding `wanted` until its sandboxes are in the table (and
+        so count as usage), and they are stored before the caller answers. Sets the request's runtime
+        seconds (the Server-Timing header) and audit target."""
         with self.admission(request, wanted):
             started = time.perf_counter()
-            record = await spawn(template_name, options)
+            records = list(await start())
             runtime_seconds = time.perf_counter() - started
-            if timeout is None and options.limits is not None:  # the policy's default lifetime
-                timeout = options.limits.ttl_s
-            owner = self.adopt(request, record, labels=labels, timeout=timeout)
-        method = "restore" if "state_loaded" in record.timings else "boot"
-        self.metrics.create_seconds.labels(method).observe(runtime_seconds)
         request.state.runtime_seconds = runtime_seconds
-        request.state.audit_target = owner.id
-        request.state.audit_detail = {"template": template_name, "labels": labels, "method": method}
-        await self.persist([owner])
+        if records:
+            request.state.audit_target = records[0].id
+        await self.persist(records)
+        return records
+
+    async def persist(self, records: Iterable[SandboxRecord]) -> None:
+        """Store new sandboxes; if that fails, destroy them (one nobody can find must not run on)."""
+        records = list(records)
+        try:
+            for record in records:
+                await self.db(self.store.insert_sandbox, record.row(self.node))
+        except BaseException:
+            for record in records:
+                with contextlib.suppress(Exception):
+                    await self.manager.destroy(record.id)
+            raise
+
+    async def create(self, request: Request, spec: SandboxSpec) -> SandboxRecord:
+        """Admit a create against the tenant's quota, run it, and store the new sandbox."""
+        template = get_template(spec.template)
+        wanted = quotas.Usage(1, spec.vcpus or template.vcpus, spec.memory_mib or template.memory_mib)
+        (record,) = await self.new_sandboxes(request, wanted, lambda: self._create(spec))
+        method = "restore" if "state_loaded" in record.timings else "boot"
+        self.metrics.create_seconds.labels(method).observe(request.state.runtime_seconds)
+        request.state.audit_detail = {
+            "template": spec.template,
+            "labels": dict(spec.labels),
+            "method": method,
+        }
         return record
+
+    async def _create(self, spec: SandboxSpec) -> list[SandboxRecord]:
+        return [await self.manager.create(spec)]
 
     async def set_timeout(self, sandbox_id: str, timeout: float | None) -> SandboxRow:
         """Destroy the sandbox `timeout` seconds from now, within the policy's `max_ttl_s` as a create's
         timeout is (InvalidArgument over it, and for None: never)."""
-        self.manager.get(sandbox_id)
-        owner = self.owners.get(sandbox_id)
-        if owner is None:
-            raise NotFound(f"no sandbox {sandbox_id!r}")
+        record = self.manager.get(sandbox_id)
         timeout = capped_timeout(timeout, self.manager.policy.policy.limits)
         self.manager.set_ttl(sandbox_id, timeout)
-        owner.timeout_s = timeout
-        owner.expires_at = time.time() + timeout if timeout else None
         await self.db(
-            self.store.update_sandbox, sandbox_id, timeout_s=owner.timeout_s, expires_at=owner.expires_at
+            self.store.update_sandbox, sandbox_id, timeout_s=record.timeout_s, expires_at=record.expires_at
         )
-        return owner
+        return record.row(self.node)
 
     # ---- keeping the records true ---------------------------------------------------------------
 
-    async def sync(self, sandbox_id: str, *, ended_reason: str | None = None) -> None:
-        """Bring one sandbox's stored record in line with the manager (state change, or gone)."""
-        owner = self.owners.get(sandbox_id)
-        if owner is None:
+    def _changed(self, record: SandboxRecord, change: Change, why: str | None) -> None:
+        """The table's hook: store a sandbox's change of state (a new one is stored by `persist`, awaited
+        by the request that made it). Writes are queued in order on the store's thread."""
+        if change == "created" or self._store is None:
             return
-        try:
-            record: SandboxRecord | None = self.manager.get(sandbox_id)
-        except NotFound:
-            record = None
-        if record is None:
-            del self.owners[sandbox_id]
-            owner.state = "destroyed"
-            owner.ended_at = time.time()
-            owner.error = owner.error or ended_reason or self.manager.why_ended(sandbox_id)
-            await self.db(
+        if change in ("destroyed", "expired"):
+            if change == "expired":
+                self.metrics.expired.inc()
+                log.info(
+                    "sandbox %s expired", record.id, extra={"sandbox": record.id, "tenant": record.tenant}
+                )
+            write = self.db(
                 self.store.update_sandbox,
-                sandbox_id,
+                record.id,
                 state="destroyed",
-                ended_at=owner.ended_at,
-                error=owner.error,
+                ended_at=time.time(),
+                error=record.error or why,
             )
-        elif record.state != owner.state or record.error != owner.error:
-            owner.state, owner.error = record.state, record.error
-            await self.db(self.store.update_sandbox, sandbox_id, state=owner.state, error=owner.error)
+        else:
+            write = self.db(self.store.update_sandbox, record.id, state=record.state, error=record.error)
+        task = asyncio.ensure_future(write)
+        self._writes.add(task)
+        task.add_done_callback(self._written)
 
-    async def sync_all(self, *, ended_reason: str | None = None) -> None:
-        for sandbox_id in list(self.owners):
-            await self.sync(sandbox_id, ended_reason=ended_reason)
+    def _written(self, task: asyncio.Future[None]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("could not store a sandbox's change: %s", task.exception())
 
-    async def _expired(self, sandbox_id: str, why: str) -> None:
-        """The manager destroyed a sandbox whose timeout passed: store the end and why, now."""
-        self.metrics.expired.inc()
-        owner = self.owners.get(sandbox_id)
-        if owner is None:  # the watcher recorded the end first (with the manager's reason)
-            return
-        owner.error = why
-        log.info("sandbox %s expired", sandbox_id, extra={"sandbox": sandbox_id, "tenant": owner.tenant})
-        await self.sync(sandbox_id)
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(WATCH_INTERVAL_S)
-            try:
-                await self.sync_all()
-            except Exception:
-                log.exception("control plane watcher")
+    async def flush(self) -> None:
+        """Wait for the store updates of the changes told so far."""
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     # ---- audit ----------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from tartarus.limits.spec import DEFAULT_DISK_MIB
 from tartarus.network.policy import NetworkPolicy
 from tartarus.runtime.protocol import PTY_MAX_SIZE
+from tartarus.sandbox.spec import SandboxSpec
 from tartarus.templates.spec import NAME_PATTERN
 
 _ENV_KEY = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -57,6 +58,22 @@ class CreateSandbox(Strict):
         description="seconds until the sandbox is destroyed (none: never, or the policy's default); "
         "capped by the policy",
     )
+
+    def spec(self, tenant: str) -> SandboxSpec:
+        """The request as the layers below take it; `timeout` is capped by the policy at admission."""
+        return SandboxSpec(
+            template=self.template,
+            vcpus=self.vcpus,
+            memory_mib=self.memory_mib,
+            env=self.env,
+            network=self.network,
+            labels=self.labels,
+            tenant=tenant,
+            ttl_s=self.timeout,
+            idle_timeout=self.idle_timeout_s,
+            disk_mib=self.disk_mib,
+            max_processes=self.max_processes,
+        )
 
 
 class CreateFromCheckpoint(Strict):

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tartarus.daemon.asgi import header
 from tartarus.daemon.auth import Principal
 from tartarus.daemon.logs import new_request_id, request_id
-from tartarus.snapshots.pool import DeferredRefills, refills_deferred
+from tartarus.daemon.pools import DeferredRefills, refills_deferred
 
 if TYPE_CHECKING:
     from tartarus.daemon.control import ControlPlane
@@ -131,12 +131,8 @@ class RequestMiddleware:
                 "key_id": principal.key_id if principal else None,
             },
         )
-        sandbox_id = scope.get("path_params", {}).get("sandbox_id")
-        if (method in MUTATING or method == WEBSOCKET) and sandbox_id is not None:
-            try:
-                await self.control.sync(sandbox_id)
-            except Exception:
-                log.exception("recording the state of %s", sandbox_id)
+        if method in MUTATING or method == WEBSOCKET:
+            await self.control.flush()  # the changes it made to sandboxes, stored before it ends
 
     async def _audit(self, scope: Scope, method: str, status: int, rid: str) -> None:
         """Record what an authenticated caller did. A refused key is not audited: anyone could fill

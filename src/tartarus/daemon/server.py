@@ -18,7 +18,7 @@ import uvicorn
 
 from tartarus.daemon.app import create_app
 from tartarus.daemon.auth import write_key_file
-from tartarus.daemon.manager import DaemonConfig
+from tartarus.daemon.config import DaemonConfig
 from tartarus.errors import TartarusError
 from tartarus.paths import LOCAL_KEY_FILE
 from tartarus.private import make_private, opener
@@ -108,7 +108,7 @@ def _reap_embedded(root: Path) -> None:
         with contextlib.suppress(ValueError):
             pid = int(child.name)
             if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
-                from tartarus.runtime.sandbox import reap_leftovers
+                from tartarus.sandbox.reap import reap_leftovers
 
                 reap_leftovers(child / "sandboxes")
                 shutil.rmtree(child, ignore_errors=True)

@@ -1,7 +1,7 @@
 """A sandbox's bandwidth: disk bytes/s and IOPS (QEMU block throttling) and network rates (tc).
 
 None means unlimited. The policy file's `bandwidth:` section sets them for every sandbox and its
-`quarantine:` section may tighten the disk ones live; `runtime/throttle.py` applies them.
+`quarantine:` section may tighten the disk ones live; `sandbox/throttle.py` applies them.
 """
 
 from __future__ import annotations

@@ -10,11 +10,10 @@ import fnmatch
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from tartarus.policy.model import Match, Policy, Rule
-
-Verdict = Literal["admit", "reject", "quarantine"]
+from tartarus.sandbox.spec import Decision as Decision
+from tartarus.sandbox.spec import Verdict as Verdict
 
 
 @dataclass(frozen=True)
@@ -24,18 +23,6 @@ class AdmissionRequest:
     network: str  # the requested mode: none | allow | full
     image: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Decision:
-    verdict: Verdict
-    reason: str
-    rule: str | None = None  # the rule that decided; None for the default or a built-in check
-    node: str | None = None  # where it may run (None when rejected)
-
-    @property
-    def quarantined(self) -> bool:
-        return self.verdict == "quarantine"
 
 
 def _glob(patterns: list[str] | None) -> re.Pattern[str] | None:

@@ -3,10 +3,7 @@ without restarting it, and let only an operator release it. Every step goes to t
 
 The network cut is one nft rule added to the `gate` chain of the sandbox's namespace (an addition,
 which the kernel commits in under a millisecond): the next forwarded packet of every flow, established
-ones included, is dropped. Nothing in the guest is involved.
+ones included, is dropped. Nothing in the guest is involved. Confining and releasing are the sandbox's
+own verbs (`Sandbox.quarantine`, `Sandbox.release`); here are what triggers them at run time and what
+the API shows of them.
 """
-
-from tartarus.quarantine.actions import confine, release
-from tartarus.quarantine.state import QuarantineState
-
-__all__ = ["QuarantineState", "confine", "release"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tartarus.runtime.sandbox import RuntimeSandbox
+from tartarus.sandbox.sandbox import Sandbox
 
 
-def containment_info(sandbox: RuntimeSandbox) -> dict[str, Any]:
-    limits = sandbox.options.limits
-    q = sandbox.quarantine
+def containment_info(sandbox: Sandbox) -> dict[str, Any]:
+    limits = sandbox.limits
+    q = sandbox.quarantined
     return {
         "network": "none" if not sandbox.network or sandbox.network.cut_off else sandbox.network.policy.mode,
         "quarantined": q is not None,

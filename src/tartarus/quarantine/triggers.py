@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from tartarus.errors import TartarusError
-from tartarus.runtime.sandbox import RuntimeSandbox
+from tartarus.sandbox.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +32,13 @@ class RefusedPacketsTrigger:
         self._quarantine = quarantine
         self._history: dict[str, collections.deque[tuple[float, int]]] = {}
 
-    async def check(self, sandboxes: Iterable[RuntimeSandbox]) -> list[str]:
+    async def check(self, sandboxes: Iterable[Sandbox]) -> list[str]:
         """One pass: sample every sandbox's counter; quarantine those over the threshold."""
         now = time.monotonic()
         fired = []
         seen = set()
         for sb in sandboxes:
-            if sb.network is None or sb.quarantine is not None:
+            if sb.network is None or sb.quarantined is not None:
                 continue
             seen.add(sb.id)
             try:
@@ -61,7 +61,7 @@ class RefusedPacketsTrigger:
             del self._history[gone]
         return fired
 
-    async def run(self, sandboxes: Callable[[], Iterable[RuntimeSandbox]]) -> None:
+    async def run(self, sandboxes: Callable[[], Iterable[Sandbox]]) -> None:
         while True:
             try:
                 await self.check(sandboxes())

@@ -405,7 +405,7 @@ class AgentClient:
         disk_bytes: int | None = None,
     ) -> None:
         """Set what makes a restored clone distinct; `disk_bytes`: grow the writable layer's filesystem
-        to that size (its disk must have grown first: `RuntimeSandbox.grow_disk`)."""
+        to that size (its disk must have grown first: `Sandbox.grow_disk`)."""
         items: list[tuple[F, FieldValue]] = []
         if time_ns is not None:
             items.append((F.TIME_NS, time_ns))

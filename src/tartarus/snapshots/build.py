@@ -15,8 +15,7 @@ from tartarus.guest.cache import cached
 from tartarus.runtime.agent import START_ID
 from tartarus.runtime.disks import create_layer
 from tartarus.runtime.interpreter import CodeInterpreter
-from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
-from tartarus.runtime.vm import MicroVM
+from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.store import Snapshot, snapshot_key
 from tartarus.templates.store import Template
 
@@ -25,7 +24,7 @@ READY_POLL_S = 0.2
 
 
 async def _take(template: Template, key: str, out: Path, progress: Callable[[str], None]) -> None:
-    sandbox = RuntimeSandbox("template", template, out / "run", SandboxOptions())
+    sandbox = Sandbox("template", template, out / "run")
     sandbox.workdir.mkdir()
     layer = create_layer(out / "layer.ext4")
     # The snapshot VM has the sandboxes' NIC (its own namespace, policy none: the template's start
@@ -40,19 +39,17 @@ async def _take(template: Template, key: str, out: Path, progress: Callable[[str
 
 
 async def _boot_and_save(
-    sandbox: RuntimeSandbox,
+    sandbox: Sandbox,
     template: Template,
     key: str,
     out: Path,
     layer: Path,
     progress: Callable[[str], None],
 ) -> None:
-    vm = MicroVM(sandbox.vm_config(layer=layer, memory_file=out / "memory", share=True), sandbox.workdir)
-    sandbox.vm = vm
+    config = sandbox.vm_config(layer=layer, memory_file=out / "memory", share=True)
+    t0 = time.perf_counter()
+    vm = await sandbox.start_vm(config)
     try:
-        t0 = time.perf_counter()
-        await vm.start()
-        await vm.wait_agent(sandbox.options.boot_timeout)
         progress(f"  booted in {time.perf_counter() - t0:.1f} s")
         agent = vm.agent_client()
         if template.start is not None:
@@ -81,9 +78,7 @@ async def _boot_and_save(
     snapshot.write_meta(out)
 
 
-async def _start_service(
-    sandbox: RuntimeSandbox, template: Template, progress: Callable[[str], None]
-) -> None:
+async def _start_service(sandbox: Sandbox, template: Template, progress: Callable[[str], None]) -> None:
     """Start the template's process and poll its ready command until it exits 0."""
     assert template.start is not None
     agent = sandbox.agent

@@ -11,13 +11,11 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 from pathlib import Path
 
 from tartarus.limits.spec import template_limits
-from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
-from tartarus.snapshots.restore import prepare
+from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.store import Snapshot
 from tartarus.templates.store import Template
 
@@ -28,66 +26,37 @@ RETRY_S = 1.0
 SPARE_NICE = 10
 
 
-class DeferredRefills:
-    """Refills asked for while held; `release()` runs them, and any asked for later run at once."""
-
-    def __init__(self) -> None:
-        self._pending: list[Callable[[], None]] | None = []
-
-    def add(self, refill: Callable[[], None]) -> bool:
-        """Hold `refill` for `release()`; False if already released (the caller runs it now)."""
-        if self._pending is None:
-            return False
-        if refill not in self._pending:
-            self._pending.append(refill)
-        return True
-
-    def release(self) -> None:
-        pending, self._pending = self._pending, None
-        for refill in pending or ():
-            refill()
-
-
-_deferred: ContextVar[DeferredRefills | None] = ContextVar("deferred_refills", default=None)
-
-
-@contextlib.contextmanager
-def refills_deferred() -> Iterator[DeferredRefills]:
-    """Within the block, refills wait for `release()` (at the latest, the block's end).
-
-    The daemon holds them for each request until its response starts: a create that took a pooled
-    VMM stores its record, audits the call and answers before the replacement VMM is spawned, whose
-    set-up (a sparse copy, cgroups, fork/exec of QEMU) would otherwise run on the event loop in
-    between and add milliseconds to the create's answer. Failed requests release them too; tasks a
-    request started that refill after it answered refill at once.
-    """
-    held = DeferredRefills()
-    token = _deferred.set(held)
-    try:
-        yield held
-    finally:
-        _deferred.reset(token)
-        held.release()
+# Holds a refill for later and says so (True), or declines (False: the pool refills at once). The daemon
+# holds them while it answers a request (`tartarus.daemon.refills`).
+Defer = Callable[[Callable[[], None]], bool]
 
 
 class VMMPool:
     def __init__(
-        self, snapshot: Snapshot, template: Template, root: Path, size: int, *, outlive_owner: bool = False
+        self,
+        snapshot: Snapshot,
+        template: Template,
+        root: Path,
+        size: int,
+        *,
+        outlive_owner: bool = False,
+        defer: Defer | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.template = template
         self.root = root
         self.size = size
         self.outlive_owner = outlive_owner
-        self._ready: collections.deque[RuntimeSandbox] = collections.deque()
-        self._dead: list[RuntimeSandbox] = []
+        self._defer = defer
+        self._ready: collections.deque[Sandbox] = collections.deque()
+        self._dead: list[Sandbox] = []
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._refill(), name=f"pool-{template.name}")
 
     def __len__(self) -> int:
         return len(self._ready)
 
-    def take(self) -> RuntimeSandbox | None:
+    def take(self) -> Sandbox | None:
         """A ready VMM, or None if the pool is empty; never waits.
 
         Does not start the refill: spawning a VMM costs CPU the restore in progress needs, so the
@@ -101,8 +70,8 @@ class VMMPool:
         return None
 
     def refill(self) -> None:
-        held = _deferred.get()
-        if held is None or not held.add(self._wake.set):
+        """Start making up for a VMM taken (now, or when `defer` lets it)."""
+        if self._defer is None or not self._defer(self._wake.set):
             self._wake.set()
 
     async def _refill(self) -> None:
@@ -110,12 +79,8 @@ class VMMPool:
             while self._dead:
                 await self._dead.pop().destroy()
             while len(self._ready) < self.size:
-                # Made with the template's limits, so its cgroups exist before the create call.
-                options = SandboxOptions(
-                    limits=template_limits(self.template), outlive_owner=self.outlive_owner
-                )
                 try:
-                    sandbox = await prepare(self.snapshot, self.template, self.root, options, nice=SPARE_NICE)
+                    sandbox = await self._spare()
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -125,6 +90,18 @@ class VMMPool:
                 self._ready.append(sandbox)
             self._wake.clear()
             await self._wake.wait()
+
+    async def _spare(self, sandbox_id: str | None = None) -> Sandbox:
+        """A spare VMM, with the template's limits, so its cgroups exist before the create call."""
+        return await Sandbox.prepare(
+            self.snapshot,
+            self.template,
+            self.root,
+            limits=template_limits(self.template),
+            outlive_owner=self.outlive_owner,
+            nice=SPARE_NICE,
+            sandbox_id=sandbox_id,
+        )
 
     async def close(self) -> None:
         self._task.cancel()

@@ -19,10 +19,13 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tartarus.errors import GuestError, InvalidArgument
-from tartarus.runtime.agent import Output
+from tartarus.errors import GuestError, InvalidArgument, SandboxFailed
+from tartarus.guest.initramfs import initramfs_path
+from tartarus.guest.kernel import kernel_path
+from tartarus.runtime.accel import choose_accel
+from tartarus.runtime.agent import AgentClient, Output
 from tartarus.runtime.disks import sparse_copy
-from tartarus.runtime.sandbox import RuntimeSandbox, SandboxOptions
+from tartarus.runtime.qemu import Drive, VMConfig
 from tartarus.runtime.vm import MicroVM
 from tartarus.templates.store import Template
 
@@ -34,6 +37,44 @@ GUEST_CA = "/.tartarus-build-ca.pem"
 # Where OpenSSL-based tools, pip, requests and node look for extra trust; a template's own env wins.
 CA_ENV = ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
 STEP_TIMEOUT_S = 3600.0
+BOOT_TIMEOUT_S = 60.0
+
+
+class BuildVM:
+    """The build VM: the grown copy of the base image as its root, QEMU user networking, no sandbox
+    around it (no namespace, no cgroup, no writable layer)."""
+
+    def __init__(self, base: Template, image: Path, workdir: Path) -> None:
+        self.template = base
+        kernel = kernel_path()
+        config = VMConfig(
+            kernel=kernel,
+            initrd=initramfs_path(),
+            drives=[Drive(image, read_only=False)],  # the copy is the root: no separate base, no layer
+            accel=choose_accel(kernel),
+            vcpus=base.vcpus,
+            memory_mib=base.memory_mib,
+            kernel_args=[
+                "tartarus.root=/dev/vda",
+                f"tartarus.rootfstype={base.fstype}",
+                "tartarus.rw=none",
+                f"tartarus.net={GUEST_NET}",
+                "tartarus.hostname=build",
+            ],
+            console_log=workdir / "console.log",
+        )
+        config.user_net = True
+        self.vm = MicroVM(config, workdir)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.template.env)
+
+    @property
+    def agent(self) -> AgentClient:
+        if self.vm.agent is None or not self.vm.running:
+            raise SandboxFailed(f"the build VM is not running: {self.vm.exit_message}")
+        return self.vm.agent
 
 
 class BuildStepFailed(InvalidArgument):
@@ -59,7 +100,7 @@ def host_ca_bundle() -> bytes | None:
 
 
 async def _step(
-    sb: RuntimeSandbox, number: int, step: str, env: dict[str, str], progress: Callable[[str], None]
+    sb: BuildVM, number: int, step: str, env: dict[str, str], progress: Callable[[str], None]
 ) -> None:
     progress(f"  step {number}: {step}")
     t0 = time.perf_counter()
@@ -80,7 +121,7 @@ async def _step(
     progress(f"  step {number} done in {time.perf_counter() - t0:.0f} s")
 
 
-async def _swap_resolver(sb: RuntimeSandbox) -> Callable[[], Awaitable[None]]:
+async def _swap_resolver(sb: BuildVM) -> Callable[[], Awaitable[None]]:
     """Point the image's resolver at QEMU's DNS for the steps; return how to put the original back."""
     agent = sb.agent
     try:
@@ -104,7 +145,7 @@ async def _swap_resolver(sb: RuntimeSandbox) -> Callable[[], Awaitable[None]]:
     return restore
 
 
-async def _check(sb: RuntimeSandbox, argv: list[str]) -> None:
+async def _check(sb: BuildVM, argv: list[str]) -> None:
     process = await sb.agent.exec(argv)
     async for _ in process.events():
         pass
@@ -115,17 +156,11 @@ async def _check(sb: RuntimeSandbox, argv: list[str]) -> None:
 async def _run(
     base: Template, steps: list[str], image: Path, workdir: Path, progress: Callable[[str], None]
 ) -> None:
-    sb = RuntimeSandbox("build", base, workdir, SandboxOptions())
-    config = sb.vm_config(layer=image)
-    config.drives = config.drives[1:]  # the copy is the root: no separate base, no writable layer
-    config.kernel_args = [a for a in config.kernel_args if not a.startswith("tartarus.rw=")]
-    config.kernel_args += ["tartarus.rw=none", f"tartarus.net={GUEST_NET}", "tartarus.hostname=build"]
-    config.user_net = True
-    sb.vm = MicroVM(config, workdir)
+    sb = BuildVM(base, image, workdir)
     try:
         t0 = time.perf_counter()
         await sb.vm.start()
-        await sb.vm.wait_agent(sb.options.boot_timeout)
+        await sb.vm.wait_agent(BOOT_TIMEOUT_S)
         progress(f"  build VM up in {time.perf_counter() - t0:.1f} s")
         restore = await _swap_resolver(sb)
         env = sb.env

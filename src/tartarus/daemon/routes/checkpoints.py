@@ -19,9 +19,9 @@ from tartarus.daemon.models import (
 )
 from tartarus.daemon.routes.deps import ERRORS, AdminOnly, Caller, Control, Manager
 from tartarus.daemon.routes.views import checkpoint_info, sandbox_info
+from tartarus.daemon.table import SandboxRecord
 from tartarus.errors import NotFound
-from tartarus.hibernation.image import Image
-from tartarus.runtime.sandbox import SandboxOptions
+from tartarus.sandbox.image import Image
 
 router = APIRouter()
 
@@ -29,7 +29,7 @@ router = APIRouter()
 def _own_checkpoint(manager: SandboxManager, principal: Principal, checkpoint_id: str) -> Image:
     """A checkpoint the caller may use: its tenant's (an admin's: any); others' answer 404."""
     image = manager.get_checkpoint(checkpoint_id)
-    if not principal.admin and image.request.get("tenant") != principal.tenant:
+    if not principal.admin and image.spec.tenant != principal.tenant:
         raise NotFound(f"no checkpoint {checkpoint_id!r}")
     return image
 
@@ -53,7 +53,7 @@ async def create_checkpoint(
 
 @router.get("/v1/checkpoints", response_model=CheckpointList)
 async def list_checkpoints(caller: Caller, manager: Manager) -> CheckpointList:
-    mine = [i for i in manager.checkpoints() if caller.admin or i.request.get("tenant") == caller.tenant]
+    mine = [i for i in manager.checkpoints() if caller.admin or i.spec.tenant == caller.tenant]
     return CheckpointList(checkpoints=[checkpoint_info(i) for i in mine])
 
 
@@ -83,13 +83,12 @@ async def create_from_checkpoint(
     control: Control,
 ) -> SandboxInfo:
     image = _own_checkpoint(manager, caller, checkpoint_id)
-    with control.admission(request, quotas.Usage(1, image.vcpus, image.memory_mib)):
-        record = await manager.create_from_checkpoint(
-            image.id, SandboxOptions(env=body.env), body.idle_timeout_s
-        )
-        owner = control.adopt(request, record, labels=record.labels, timeout=None)
-    await control.persist([owner])
-    return sandbox_info(record, owner)
+
+    async def start() -> list[SandboxRecord]:
+        return [await manager.create_from_checkpoint(image.id, body.env, body.idle_timeout_s, caller.tenant)]
+
+    (record,) = await control.new_sandboxes(request, quotas.Usage(1, image.vcpus, image.memory_mib), start)
+    return sandbox_info(record)
 
 
 @router.post("/v1/gc", response_model=GcResult, dependencies=AdminOnly)

@@ -24,7 +24,7 @@ from tartarus.daemon.control import ControlPlane, principal_of
 from tartarus.daemon.manager import SandboxManager
 from tartarus.daemon.models import ErrorBody
 from tartarus.images.store import ImageStore
-from tartarus.runtime.sandbox import RuntimeSandbox
+from tartarus.sandbox.sandbox import Sandbox
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 423, 429, 502, 507)
@@ -83,7 +83,7 @@ def _stream_slot(control: ControlPlane, connection: HTTPConnection) -> Iterator[
 class StreamHold:
     """A streaming call's hold on its sandbox and its slot among the tenant's open streams."""
 
-    def __init__(self, sandbox: RuntimeSandbox, stack: contextlib.AsyncExitStack) -> None:
+    def __init__(self, sandbox: Sandbox, stack: contextlib.AsyncExitStack) -> None:
         self.sandbox = sandbox
         self._stack: contextlib.AsyncExitStack | None = stack
 

@@ -11,7 +11,6 @@ from fastapi.responses import Response
 from tartarus.daemon import quotas
 from tartarus.daemon.auth import Principal
 from tartarus.daemon.control import parse_labels
-from tartarus.daemon.manager import SandboxRecord
 from tartarus.daemon.models import (
     CreateSandbox,
     ExposedPort,
@@ -24,7 +23,6 @@ from tartarus.daemon.models import (
 )
 from tartarus.daemon.routes.deps import ERRORS, AdminOnly, Caller, Control, Manager
 from tartarus.daemon.routes.views import ended_info, sandbox_info
-from tartarus.runtime.sandbox import SandboxOptions
 
 router = APIRouter()
 
@@ -40,25 +38,7 @@ async def create_sandbox(
 ) -> SandboxInfo:
     """Create a sandbox owned by the caller's tenant, within its quota (429 quota_exceeded) and the
     host's policy (403 policy_denied, or admitted into quarantine)."""
-    options = SandboxOptions(
-        vcpus=body.vcpus,
-        memory_mib=body.memory_mib,
-        env=body.env,
-        network=body.network,
-        max_processes=body.max_processes,
-        disk_mib=body.disk_mib,
-        ttl_s=body.timeout,  # capped by the policy; the control plane keeps it durable and settable
-    )
-
-    async def spawn(template: str, options: SandboxOptions) -> SandboxRecord:
-        return await manager.create(
-            template, options, body.idle_timeout_s, tenant=caller.tenant, labels=body.labels
-        )
-
-    record = await control.create(
-        request, body.template, options, labels=body.labels, timeout=body.timeout, spawn=spawn
-    )
-    return sandbox_info(record, control.owners.get(record.id))
+    return sandbox_info(await control.create(request, body.spec(caller.tenant)))
 
 
 @router.get("/v1/sandboxes", response_model=SandboxList, responses=ERRORS)
@@ -73,9 +53,8 @@ async def list_sandboxes(
     """The caller's sandboxes (an admin's: everyone's), optionally filtered by labels."""
     labels = parse_labels(label)
     shown = control.visible(caller, manager.list(), labels=labels, tenant=tenant)
-    sandboxes = [sandbox_info(r, control.owners.get(r.id)) for r in shown]
+    sandboxes = [sandbox_info(r) for r in shown]
     if include_ended:
-        await control.sync_all()  # sandboxes that ended since the watcher last looked
         live = {s.id for s in sandboxes}
         ended = await control.ended(caller, labels=labels, tenant=tenant)
         sandboxes += [ended_info(row) for row in ended if row.id not in live]
@@ -84,14 +63,14 @@ async def list_sandboxes(
 
 @router.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxInfo, responses=ERRORS)
 async def get_sandbox(sandbox_id: str, manager: Manager, control: Control) -> SandboxInfo:
-    return sandbox_info(manager.get(sandbox_id), control.owners.get(sandbox_id))
+    return sandbox_info(manager.get(sandbox_id))
 
 
 @router.put("/v1/sandboxes/{sandbox_id}/timeout", response_model=SandboxInfo, responses=ERRORS)
 async def set_timeout(sandbox_id: str, body: SetTimeout, manager: Manager, control: Control) -> SandboxInfo:
     """Destroy the sandbox `timeout` seconds from now (null: keep it until deleted)."""
-    owner = await control.set_timeout(sandbox_id, body.timeout)
-    return sandbox_info(manager.get(sandbox_id), owner)
+    await control.set_timeout(sandbox_id, body.timeout)
+    return sandbox_info(manager.get(sandbox_id))
 
 
 @router.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS)
@@ -103,26 +82,23 @@ async def delete_sandbox(sandbox_id: str, manager: Manager) -> Response:
 @router.post("/v1/sandboxes/{sandbox_id}/hibernate", response_model=SandboxInfo, responses=ERRORS)
 async def hibernate(sandbox_id: str, manager: Manager, control: Control) -> SandboxInfo:
     """Put the sandbox to disk: no process, no RAM; any later call wakes it as it was."""
-    return sandbox_info(await manager.hibernate(sandbox_id), control.owners.get(sandbox_id))
+    return sandbox_info(await manager.hibernate(sandbox_id))
 
 
 @router.post("/v1/sandboxes/{sandbox_id}/wake", response_model=SandboxInfo, responses=ERRORS)
 async def wake(sandbox_id: str, manager: Manager, control: Control) -> SandboxInfo:
-    return sandbox_info(await manager.wake(sandbox_id), control.owners.get(sandbox_id))
+    return sandbox_info(await manager.wake(sandbox_id))
 
 
 @router.post("/v1/sandboxes/{sandbox_id}/fork", response_model=SandboxList, status_code=201, responses=ERRORS)
 async def fork(
-    sandbox_id: str, body: ForkRequest, request: Request, manager: Manager, control: Control
+    sandbox_id: str, body: ForkRequest, request: Request, caller: Caller, manager: Manager, control: Control
 ) -> SandboxList:
     """Running copies of the sandbox, owned by the caller's tenant and counted against its quota."""
-    source = control.owners.get(sandbox_id)
-    vcpus, memory = (source.vcpus, source.memory_mib) if source else (0, 0)
-    with control.admission(request, quotas.Usage(body.count, body.count * vcpus, body.count * memory)):
-        copies = await manager.fork(sandbox_id, body.count)
-        owners = [control.adopt(request, r, labels=r.labels, timeout=None) for r in copies]
-    await control.persist(owners)
-    return SandboxList(sandboxes=[sandbox_info(r, o) for r, o in zip(copies, owners, strict=True)])
+    source, n = manager.get(sandbox_id), body.count
+    wanted = quotas.Usage(n, n * source.vcpus, n * source.memory_mib)
+    copies = await control.new_sandboxes(request, wanted, lambda: manager.fork(sandbox_id, n, caller.tenant))
+    return SandboxList(sandboxes=[sandbox_info(r) for r in copies])
 
 
 @router.post("/v1/sandboxes/{sandbox_id}/ports", response_model=ExposedPort, responses=ERRORS)
@@ -151,7 +127,7 @@ async def quarantine_sandbox(
     sandbox_id: str, body: QuarantineRequest, caller: Caller, manager: Manager
 ) -> SandboxInfo:
     """Operator action (admin key): cut the sandbox's network now and clamp its CPU and memory."""
-    return sandbox_info(await manager.quarantine(sandbox_id, body.reason, by=_operator(caller)))
+    return sandbox_info(await manager.quarantine(sandbox_id, body.reason, by=_operator(caller)), owner=False)
 
 
 @router.post(
@@ -163,4 +139,4 @@ async def quarantine_sandbox(
 async def release_sandbox(sandbox_id: str, caller: Caller, manager: Manager) -> SandboxInfo:
     """Operator action (admin key): end a quarantine; the requested network and limits come back.
     A tenant cannot lift a verdict on its own sandbox."""
-    return sandbox_info(await manager.release(sandbox_id, by=_operator(caller)))
+    return sandbox_info(await manager.release(sandbox_id, by=_operator(caller)), owner=False)

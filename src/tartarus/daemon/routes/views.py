@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from tartarus.daemon.manager import SandboxRecord
 from tartarus.daemon.models import CheckpointInfo, FileInfoModel, SandboxInfo
-from tartarus.hibernation.image import Image
+from tartarus.daemon.table import SandboxRecord
 from tartarus.quarantine.info import containment_info
 from tartarus.runtime.agent import FileInfo
+from tartarus.sandbox.image import Image
 from tartarus.store import SandboxRow
 
 
-def sandbox_info(record: SandboxRecord, owner: SandboxRow | None = None) -> SandboxInfo:
-    """A sandbox as the API shows it; `owner` adds the control plane's record (tenant, labels...)."""
+def sandbox_info(record: SandboxRecord, owner: bool = True) -> SandboxInfo:
+    """A sandbox as the API shows it; `owner` adds who owns it and its lifetime (tenant, labels...)."""
     vm = record.runtime.vm if record.runtime else None
     image = record.image
     extra = (
         {
-            "tenant": owner.tenant,
-            "labels": owner.labels,
-            "timeout": owner.timeout_s,
-            "expires_at": owner.expires_at,
+            "tenant": record.tenant,
+            "labels": dict(record.labels),
+            "timeout": record.timeout_s,
+            "expires_at": record.expires_at,
         }
         if owner
         else {}

@@ -1,5 +1,7 @@
 """Hibernate, wake, checkpoint and fork: each a few steps with one commit point, so a failure at any
 step leaves the sandbox running (rolled back) or cleanly captured (rolled forward), never half.
+Capturing (hibernate, checkpoint) and cleaning up after a daemon that died mid-way are here; starting
+from a capture (wake, copy) is `Sandbox.wake` and `Sandbox.copy`, whose commit point is described below.
 
 Hibernation commits when its image directory is renamed into `<state>/hibernated/`; a wake commits
 when that directory is renamed to `<state>/sandboxes/.<id>.waking`, after its state is loaded and
@@ -13,31 +15,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import functools
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tartarus import failpoints
 from tartarus.errors import InsufficientStorage, InvalidArgument, QuotaExceeded, SandboxFailed
 from tartarus.hibernation.capture import capture, fsync_path
-from tartarus.hibernation.image import META, Image, allocated_bytes, pin, pinned, publish
-from tartarus.private import PRIVATE_DIR, PRIVATE_FILE
+from tartarus.private import PRIVATE_DIR
 from tartarus.runtime.disks import sparse_copy
-from tartarus.runtime.sandbox import (
-    LAYER_DRIVE,
-    RuntimeSandbox,
-    SandboxOptions,
-    new_sandbox_id,
-    reap_workdir,
-)
-from tartarus.sealing import EnvSeal
-from tartarus.snapshots.restore import GuestState, prepare, restore
+from tartarus.runtime.interpreter import CodeInterpreter
+from tartarus.runtime.vm import MicroVM
+from tartarus.sandbox.image import META, Image, allocated_bytes, pin, publish
+from tartarus.sandbox.layout import Layout
+from tartarus.sandbox.spec import SandboxSpec
 from tartarus.snapshots.store import Snapshot
+from tartarus.templates.store import Template
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +41,21 @@ LAYER = "rw.ext4"  # a running sandbox's writable layer, in its working director
 RESUMED = "resumed"  # in a waking image: its guest may have run since, so the image is stale
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where a daemon keeps sandboxes in each state, all on one filesystem so moves are renames."""
+class Capturable(Protocol):
+    """What a capture reads of a running sandbox (`tartarus.sandbox.sandbox.Sandbox`)."""
 
-    state_dir: Path
+    id: str
+    template: Template
+    workdir: Path
+    spec: SandboxSpec
+    created_at: float
+    vm: MicroVM | None
+    interpreter: CodeInterpreter | None
 
-    @property
-    def sandboxes(self) -> Path:
-        return self.state_dir / "sandboxes"
-
-    @property
-    def hibernated(self) -> Path:
-        return self.state_dir / "hibernated"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.state_dir / "checkpoints"
-
-    @property
-    def pins(self) -> Path:
-        return self.state_dir / "pins"
-
-    @functools.cached_property
-    def seal(self) -> EnvSeal:
-        """What seals the env in image records (and sandbox descriptors): the state dir's key."""
-        return EnvSeal.for_state_dir(self.state_dir)
+    async def destroy(self) -> None: ...
 
 
-def _capturable(sandbox: RuntimeSandbox, snapshot: Snapshot | None) -> Snapshot:
+def _capturable(sandbox: Capturable, snapshot: Snapshot | None) -> Snapshot:
     vm = sandbox.vm
     if snapshot is None or vm is None or vm.config.memory_file is None:
         raise InvalidArgument(
@@ -85,7 +67,7 @@ def _capturable(sandbox: RuntimeSandbox, snapshot: Snapshot | None) -> Snapshot:
     return snapshot
 
 
-def _image(sandbox: RuntimeSandbox, snapshot: Snapshot, path: Path, kind: str, id_: str) -> Image:
+def _image(sandbox: Capturable, snapshot: Snapshot, path: Path, kind: str, id_: str) -> Image:
     """The image's metadata; the template is the pinned one so the image outlives cache clean-ups."""
     return Image(
         path=path,
@@ -97,7 +79,7 @@ def _image(sandbox: RuntimeSandbox, snapshot: Snapshot, path: Path, kind: str, i
         interpreter_pid=sandbox.interpreter.pid if sandbox.interpreter else None,
         vcpus=snapshot.vcpus,
         memory_mib=snapshot.memory_mib,
-        env=dict(sandbox.options.env),
+        spec=sandbox.spec,
         created_at=sandbox.created_at,
         captured_at=time.time(),
         state_bytes=allocated_bytes(path / "memory.state"),
@@ -138,14 +120,14 @@ def _check_quota(layout: Layout, quota_bytes: int | None, vm_memory_mib: int) ->
 
 
 async def hibernate(
-    sandbox: RuntimeSandbox,
+    sandbox: Capturable,
     snapshot: Snapshot | None,
     layout: Layout,
     quota_bytes: int | None = None,
     *,
     timings: dict[str, float] | None = None,
     own_pages_only: bool = True,
-    request: dict[str, Any] | None = None,
+    exposed: Any = None,
 ) -> Image:
     """Capture the sandbox to `<state>/hibernated/<id>` and stop its VMM. `timings`, if given, gets
     the cumulative seconds of each phase."""
@@ -174,7 +156,7 @@ async def hibernate(
         moved = True
         failpoints.hit("hibernate.layer_moved")
         image = _image(sandbox, snapshot, staging, "hibernation", sandbox.id)
-        image = dataclasses.replace(image, template=template, request=request or {})
+        image = dataclasses.replace(image, template=template, exposed=exposed)
         image = publish(image, layout.hibernated / sandbox.id, layout.seal)
         timings["committed"] = time.perf_counter() - t0
     except BaseException as error:
@@ -233,111 +215,6 @@ def recover_wakes(layout: Layout) -> tuple[list[str], list[str]]:
     return restored, lost
 
 
-async def start_from(
-    image: Image,
-    layout: Layout,
-    options: SandboxOptions,
-    *,
-    wake: bool,
-    prepared: RuntimeSandbox | None = None,
-) -> tuple[RuntimeSandbox, Snapshot]:
-    """A running sandbox from `image`: the same sandbox (wake) or a new one (fork of a checkpoint),
-    with the (pinned) snapshot under it, which a later capture of it needs. `prepared` is a pooled VMM
-    of the same snapshot, waiting for incoming state; without one, a VMM is started."""
-    try:
-        snapshot = pinned(layout.pins, image.snapshot_key)
-    except FileNotFoundError:
-        raise SandboxFailed(
-            f"{image.kind} {image.id}: the snapshot it was captured from ({image.snapshot_key}) is gone"
-        ) from None
-    options = dataclasses.replace(
-        options, vcpus=image.vcpus, memory_mib=image.memory_mib, env={**image.env, **options.env}
-    )
-    sandbox_id = image.id if wake else new_sandbox_id()
-    workdir = layout.sandboxes / sandbox_id
-    if wake and workdir.exists() and (prepared is None or prepared.workdir != workdir):
-        reap_workdir(workdir)  # what a failed earlier wake left; the image itself is intact
-    # A waking image moves here when it commits: out of hibernated/, so no one reuses it once its guest
-    # may have run, yet outside the working directory a failed restore deletes (see `recover_wakes`).
-    waking = layout.sandboxes / f".{sandbox_id}.waking"
-    committed = False
-
-    def commit() -> None:
-        nonlocal committed
-        if wake:
-            os.rename(image.path, waking)
-            fsync_path(image.path.parent)
-            committed = True
-            failpoints.hit("wake.committed")
-            (waking / RESUMED).touch(mode=PRIVATE_FILE)  # from here a crash cannot tell whether the guest ran
-            fsync_path(waking)
-
-    t0 = time.perf_counter()
-    if prepared is None:
-        prepared = await prepare(
-            snapshot,
-            image.template,
-            layout.sandboxes,
-            options,
-            sandbox_id=sandbox_id,
-            layer=image.layer if wake else None,
-            layer_source=None if wake else image.layer,
-        )
-    else:
-        try:
-            await _take_over(prepared, image, sandbox_id, wake)
-        except BaseException:
-            await prepared.destroy()
-            raise
-    vmm_ready = time.perf_counter() - t0
-    state = GuestState(image.state, image.interpreter_pid, new_identity=not wake)
-    try:
-        sandbox = await restore(snapshot, image.template, layout.sandboxes, options, prepared, state, commit)
-        failpoints.hit("wake.resumed")  # its guest runs; its layer is still in the waking image
-    except BaseException:
-        if committed and "guest_resumed" not in prepared.timings:  # the guest never ran: undo
-            (waking / RESUMED).unlink(missing_ok=True)
-            os.rename(waking, image.path)
-        elif committed:
-            with contextlib.suppress(Exception):
-                await prepared.destroy()  # idempotent: a failed restore destroyed it already
-            shutil.rmtree(waking, ignore_errors=True)
-            log.error("sandbox %s failed while waking, after its guest resumed: it is lost", sandbox_id)
-        raise
-    sandbox.timings = {k: v + vmm_ready for k, v in sandbox.timings.items() if k != "pooled"}
-    sandbox.timings["vmm_ready"] = vmm_ready
-    if wake:
-        sandbox.created_at = image.created_at
-        _relocate_layer(sandbox, waking / "layer.ext4")
-        shutil.rmtree(waking, ignore_errors=True)
-    return sandbox, snapshot
-
-
-def _relocate_layer(sandbox: RuntimeSandbox, path: Path) -> None:
-    """Move the layer QEMU has open (at `path`) to its place in the working directory."""
-    assert sandbox.vm is not None
-    drives = sandbox.vm.config.drives
-    os.rename(path, sandbox.workdir / LAYER)
-    drives[LAYER_DRIVE] = dataclasses.replace(drives[LAYER_DRIVE], path=sandbox.workdir / LAYER)
-
-
-async def _take_over(prepared: RuntimeSandbox, image: Image, sandbox_id: str, wake: bool) -> None:
-    """Give a pooled VMM (waiting with a fresh layer of its own) the image's layer: the hibernated
-    sandbox's own file for a wake, a copy of the checkpoint's for a fork."""
-    assert prepared.vm is not None
-    fresh = prepared.workdir / LAYER
-    if wake:
-        layer = image.layer
-    else:
-        layer = prepared.workdir / "incoming.ext4"
-        sparse_copy(image.layer, layer)
-    await prepared.vm.replace_drive(LAYER_DRIVE, layer)
-    fresh.unlink()
-    if not wake:
-        _relocate_layer(prepared, layer)
-    prepared.id = sandbox_id
-
-
 def touch(image: Image) -> None:
     """Mark a checkpoint used now: its time-to-live counts from its last use."""
     os.utime(image.path)
@@ -350,14 +227,12 @@ def expired(image: Image, now: float | None = None) -> bool:
 
 
 async def checkpoint(
-    sandbox: RuntimeSandbox,
+    sandbox: Capturable,
     snapshot: Snapshot | None,
     layout: Layout,
     checkpoint_id: str,
     ttl_s: float | None = None,
     quota_bytes: int | None = None,
-    *,
-    request: dict[str, Any] | None = None,
 ) -> Image:
     """Capture a running sandbox to `<state>/checkpoints/<id>` and let it run on."""
     snapshot = _capturable(sandbox, snapshot)
@@ -376,7 +251,7 @@ async def checkpoint(
             if vm.running:
                 await vm.resume()
         image = _image(sandbox, snapshot, staging, "checkpoint", checkpoint_id)
-        image = dataclasses.replace(image, template=template, ttl_s=ttl_s, request=request or {})
+        image = dataclasses.replace(image, template=template, ttl_s=ttl_s)
         return publish(image, layout.checkpoints / checkpoint_id, layout.seal)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Apply a sandbox's bandwidth to its running VMM: QEMU block throttling and tc in its namespace.
+"""Apply a sandbox's bandwidth to its running VMM: QEMU block throttling and tc in its namespace
+(`Sandbox.contain`, `Sandbox.quarantine` and `Sandbox.release` call these).
 
 Disk: `block_set_io_throttle` on each virtio-blk device, both in one throttle group, so the limit is
 the sandbox's total over its read-only root and its writable layer. It acts on the devices' block
@@ -14,8 +15,9 @@ from collections.abc import Awaitable
 from typing import Any
 
 from tartarus.limits.bandwidth import Bandwidth
+from tartarus.network.sandbox import SandboxNetwork
 from tartarus.runtime.qemu import block_device
-from tartarus.runtime.sandbox import RuntimeSandbox
+from tartarus.runtime.vm import MicroVM
 
 THROTTLE_GROUP = "sandbox"
 
@@ -34,9 +36,8 @@ def io_throttle(device: str, bandwidth: Bandwidth) -> dict[str, Any]:
     }
 
 
-async def throttle_disks(sandbox: RuntimeSandbox, bandwidth: Bandwidth) -> None:
-    """Set the disk rates (None: unlimited) of a running sandbox, live: what a quarantine changes."""
-    vm = sandbox.vm
+async def throttle_disks(vm: MicroVM | None, bandwidth: Bandwidth) -> None:
+    """Set the disk rates (None: unlimited) of a running sandbox's VMM, live: what a quarantine changes."""
     if vm is not None:
         drives = range(len(vm.config.drives))
         await asyncio.gather(
@@ -47,12 +48,12 @@ async def throttle_disks(sandbox: RuntimeSandbox, bandwidth: Bandwidth) -> None:
         )
 
 
-async def apply_bandwidth(sandbox: RuntimeSandbox, bandwidth: Bandwidth) -> None:
+async def apply_bandwidth(vm: MicroVM | None, network: SandboxNetwork | None, bandwidth: Bandwidth) -> None:
     """Give a new VMM (which has no limits) its rates: only the sides, disk or network, that have one."""
     steps: list[Awaitable[None]] = []
     if bandwidth.disk_bytes_per_s is not None or bandwidth.disk_iops is not None:
-        steps.append(throttle_disks(sandbox, bandwidth))
+        steps.append(throttle_disks(vm, bandwidth))
     net = (bandwidth.egress_bytes_per_s, bandwidth.ingress_bytes_per_s)
-    if sandbox.network is not None and net != (None, None):
-        steps.append(sandbox.network.shape(*net))
+    if network is not None and net != (None, None):
+        steps.append(network.shape(*net))
     await asyncio.gather(*steps)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from tartarus.hibernation.capture import fsync_path
 from tartarus.private import PRIVATE_DIR, PRIVATE_FILE, write_private
 from tartarus.runtime.disks import sparse_copy
+from tartarus.sandbox.spec import SandboxSpec
 from tartarus.sealing import EnvSeal
 from tartarus.snapshots.store import Snapshot
 from tartarus.templates.store import Template
@@ -40,16 +42,15 @@ class Image:
     template: Template  # with rootfs pointing into the pin
     snapshot_key: str
     interpreter_pid: int | None
-    vcpus: int
+    vcpus: int  # as captured (the snapshot's)
     memory_mib: int
-    env: dict[str, str]
+    spec: SandboxSpec  # how the sandbox was asked for (owner, env, network, limits): to admit it again
     created_at: float  # of the sandbox
     captured_at: float
     state_bytes: int
     layer_bytes: int  # allocated, not apparent: what the layer really costs on disk
     ttl_s: float | None = None  # checkpoints: deleted by gc this long after their last use
-    # The daemon's record of how the sandbox was asked for (owner, network, limits), to admit it again.
-    request: dict[str, Any] = dataclasses.field(default_factory=dict)
+    exposed: Any = None  # the daemon's record of its exposed ports (`daemon.ports`), listened on again
 
     @property
     def state(self) -> Path:
@@ -63,19 +64,30 @@ class Image:
     def disk_bytes(self) -> int:
         return self.state_bytes + self.layer_bytes
 
+    @property
+    def env(self) -> Mapping[str, str]:
+        return self.spec.env
+
     def to_json(self, seal: EnvSeal) -> str:
-        data = dataclasses.asdict(self)
-        del data["path"]
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}
         data["template"] = json.loads(self.template.to_json())
-        data["env"] = seal.seal(self.env, self.sandbox_id)
+        data["spec"] = {**self.spec.to_json(), "env": seal.seal(dict(self.env), self.sandbox_id)}
         return json.dumps(data, indent=2)
 
     @classmethod
     def load(cls, path: Path, seal: EnvSeal) -> Image:
         data: dict[str, Any] = json.loads((path / META).read_text())
-        data["env"] = seal.open(data["env"], data["sandbox_id"])  # an older, plain env opens too
         tdata = data.pop("template")
         tdata["rootfs"] = Path(tdata["rootfs"])
+        if "spec" in data:
+            spec = data.pop("spec")
+            env = seal.open(spec["env"], data["sandbox_id"])
+            data["spec"] = SandboxSpec.from_json({**spec, "env": env})
+        else:  # version 1 (rev b43bebb and before): an untyped `request` and the env beside it
+            env = seal.open(data.pop("env"), data["sandbox_id"])  # an older, plain env opens too
+            request = data.pop("request", None) or {}
+            data["exposed"] = request.get("exposed")
+            data["spec"] = SandboxSpec.from_v1(tdata["name"], request, {"env": env})
         return cls(path=path, template=Template(**tdata), **data)
 
 

@@ -1,0 +1,338 @@
+"""Where sandboxes start and stop: the one start path (admit → start → contain) that create, wake and
+the copies of a checkpoint (fork, create-from-checkpoint) all take, and hibernation, checkpoints and
+destruction. The table (`daemon.table`) holds the records; this module changes them."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tartarus import audit
+from tartarus.daemon.config import DaemonConfig
+from tartarus.daemon.pools import Pools
+from tartarus.daemon.ports import ExposedPorts
+from tartarus.daemon.table import Change, SandboxRecord, SandboxTable
+from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied, Quarantined
+from tartarus.limits.spec import checkpoint_ttl
+from tartarus.policy import PolicyEngine
+from tartarus.policy.admission import admit
+from tartarus.policy.model import QuarantineSettings
+from tartarus.sandbox import capture
+from tartarus.sandbox.image import META, Image, list_images, remove_image
+from tartarus.sandbox.layout import Layout
+from tartarus.sandbox.quarantine import Confinement
+from tartarus.sandbox.sandbox import Sandbox, compatible
+from tartarus.sandbox.spec import Admission, SandboxSpec
+from tartarus.snapshots.store import Snapshot, find_snapshot
+from tartarus.templates.store import Template, get_template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FromTemplate:
+    """A new sandbox of the spec's template: restored from its snapshot (in a pooled VMM when one is
+    waiting) when the spec's shape allows, else cold-booted."""
+
+
+@dataclass(frozen=True)
+class FromCapture:
+    """The hibernated sandbox `image` woken (`wake`), or a new sandbox copied from the checkpoint."""
+
+    image: Image
+    wake: bool
+
+
+Source = FromTemplate | FromCapture
+TEMPLATE = FromTemplate()
+
+
+@dataclass(frozen=True)
+class Started:
+    runtime: Sandbox
+    snapshot: Snapshot | None  # the snapshot under it (None: cold-booted), which a capture needs
+    admission: Admission
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        state_dir: Path,
+        config: DaemonConfig,
+        policy: PolicyEngine,
+        table: SandboxTable,
+        pools: Pools,
+        ports: ExposedPorts,
+    ) -> None:
+        self.state_dir = state_dir
+        self.layout = Layout(state_dir)
+        self.config = config
+        self.policy = policy
+        self.table = table
+        self.pools = pools
+        self.ports = ports
+        # Told (operation, seconds) of each wake, hibernation and admission decision (metrics).
+        self.observe: Callable[[str, float], None] = lambda operation, seconds: None
+        # Held around each wake: the control plane admits it against the owner's quota (QuotaExceeded).
+        self.admit_wake: Callable[[SandboxRecord], contextlib.AbstractAsyncContextManager[object]] = (
+            lambda record: contextlib.nullcontext()
+        )
+        # Write a running sandbox down for a restarted daemon (`daemon.recovery`).
+        self.save: Callable[[SandboxRecord], None] = lambda record: None
+        # Its lifetime (`daemon.schedulers`): set at start, forgotten at its end.
+        self.set_ttl: Callable[[str, float], None] = lambda id_, seconds: None
+        self.forget_ttl: Callable[[str], None] = lambda id_: None
+
+    # ---- the start path -------------------------------------------------------------------------
+
+    async def start(self, spec: SandboxSpec, source: Source = TEMPLATE) -> Started:
+        """The one way a sandbox starts: admitted under the policy in force now, started from its
+        source, contained as admitted. A sandbox that cannot be contained is destroyed, never handed
+        out. The caller adds it to the table (or, for a wake, puts it back in its record)."""
+        if isinstance(source, FromCapture):
+            image = source.image
+            # The capture's shape, not the template's: it was restored, so the two agree.
+            asked = dataclasses.replace(spec, vcpus=image.vcpus, memory_mib=image.memory_mib)
+            admission = await self.admit(image.template, asked)
+            start = Sandbox.wake if source.wake else Sandbox.copy
+            with self.pools.take(self.pools.for_image(image)) as prepared:
+                runtime, snapshot = await start(
+                    image,
+                    self.layout,
+                    spec,
+                    limits=admission.limits,
+                    outlive_owner=self.config.live_restore,
+                    prepared=prepared,
+                )
+                await self._contain(runtime, admission)
+            return Started(runtime, snapshot, admission)
+        template = get_template(spec.template)
+        admission = await self.admit(template, spec)
+        found = find_snapshot(template) if template.snapshotted else None
+        if found is not None and compatible(found, spec):
+            with self.pools.take(self.pools.for_template(template)) as prepared:
+                runtime = await Sandbox.restore(
+                    found,
+                    template,
+                    self.layout.sandboxes,
+                    spec,
+                    prepared,
+                    limits=admission.limits,
+                    outlive_owner=self.config.live_restore,
+                )
+                await self._contain(runtime, admission)  # before the refill competes for the CPU
+            return Started(runtime, found, admission)
+        runtime = await Sandbox.boot(
+            template,
+            self.layout.sandboxes,
+            spec,
+            limits=admission.limits,
+            outlive_owner=self.config.live_restore,
+        )
+        await self._contain(runtime, admission)
+        return Started(runtime, None, admission)
+
+    async def admit(self, template: Template, spec: SandboxSpec) -> Admission:
+        """The policy's verdict and the sandbox's limits, before any VMM is touched."""
+        t0 = time.perf_counter()
+        try:
+            return await admit(self.policy, template, spec)
+        except PolicyDenied as e:
+            audit.record(
+                self.state_dir,
+                "sandbox.rejected",
+                tenant=spec.tenant,
+                template=template.name,
+                reason=e.message,
+            )
+            raise
+        finally:
+            self.observe("admission", time.perf_counter() - t0)
+
+    async def _contain(self, runtime: Sandbox, admission: Admission) -> None:
+        try:
+            await runtime.contain(admission, confinement(self.policy.policy.quarantine), self.state_dir)
+        except BaseException:
+            await runtime.destroy()
+            raise
+
+    def _add(self, spec: SandboxSpec, started: Started) -> SandboxRecord:
+        runtime = started.runtime
+        record = SandboxRecord(runtime.id, runtime.template, spec, runtime, "running", started.snapshot)
+        record.set_timeout(started.admission.limits.ttl_s)
+        self.table.add(record)
+        self.save(record)
+        if started.admission.limits.ttl_s is not None:
+            self.set_ttl(runtime.id, started.admission.limits.ttl_s)
+        return record
+
+    # ---- the verbs that start one ---------------------------------------------------------------
+
+    async def create(self, spec: SandboxSpec) -> SandboxRecord:
+        return self._add(spec, await self.start(spec))
+
+    async def wake(self, id_: str) -> SandboxRecord:
+        record = self.table.get(id_)
+        async with record.lock:
+            if record.state != "hibernated":
+                return record
+            image = record.image
+            assert image is not None
+            # Admitted again under the policy in force now: its network and limits are re-applied; and
+            # under its tenant's quota, held until it runs (then it counts as usage).
+            t0 = time.perf_counter()
+            async with self.admit_wake(record):
+                started = await self.start(image.spec, FromCapture(image, wake=True))
+                record.runtime, record.snapshot, record.image = started.runtime, started.snapshot, None
+                record.state = "running"
+            record.last_active = time.monotonic()
+            self.table.woken(record)
+            self.save(record)
+            self.observe("wake", time.perf_counter() - t0)
+            return record
+
+    async def copy(self, image: Image, spec: SandboxSpec) -> SandboxRecord:
+        """A new sandbox from a checkpoint, admitted and contained like any create."""
+        return self._add(spec, await self.start(spec, FromCapture(image, wake=False)))
+
+    async def fork(self, id_: str, count: int, tenant: str) -> builtins.list[SandboxRecord]:
+        """`count` running copies of a sandbox, owned by `tenant`, through a checkpoint deleted once
+        they run."""
+        if not 1 <= count <= 16:
+            raise InvalidArgument(f"fork count must be from 1 to 16, not {count}")
+        image = await self.checkpoint(id_)
+        spec = dataclasses.replace(image.spec, tenant=tenant, idle_timeout=None)
+        try:
+            results = await asyncio.gather(
+                *(self.copy(image, spec) for _ in range(count)), return_exceptions=True
+            )
+        finally:
+            remove_image(image.path)
+        copies = [r for r in results if isinstance(r, SandboxRecord)]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await asyncio.gather(*(self.destroy(r.id) for r in copies), return_exceptions=True)
+            raise failures[0]
+        return copies
+
+    # ---- calls ----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def use(self, id_: str) -> AsyncIterator[Sandbox]:
+        """The running sandbox for a call, woken first if it is hibernated. Until the block ends, it
+        is not hibernated (streamed calls hold it for as long as their stream lasts)."""
+        record = self.table.get(id_)
+        record.busy += 1
+        try:
+            yield await self.running(record)
+        finally:
+            record.busy -= 1
+            record.last_active = time.monotonic()
+
+    async def running(self, record: SandboxRecord) -> Sandbox:
+        """Its runtime, woken first if it is hibernated (or being hibernated or woken now)."""
+        if record.state == "hibernated" or record.lock.locked():
+            await self.wake(record.id)
+        if record.runtime is None:
+            raise Conflict(f"sandbox {record.id} is {record.state}")
+        return record.runtime
+
+    # ---- capturing ------------------------------------------------------------------------------
+
+    async def hibernate(self, id_: str) -> SandboxRecord:
+        record = self.table.get(id_)
+        async with record.lock:
+            if record.state == "hibernated":
+                return record
+            if record.state != "running" or record.runtime is None:
+                raise Conflict(f"sandbox {id_} is {record.state}; only a running sandbox hibernates")
+            if record.busy:
+                raise Conflict(f"sandbox {id_} has calls in progress; hibernate it when they finish")
+            not_quarantined(record.runtime, "hibernated")
+            self.ports.cut(id_)  # connections through exposed ports end; the next one wakes it
+            t0 = time.perf_counter()
+            try:
+                # With its exposed ports, so that the addresses its clients hold work again once woken.
+                image = await record.runtime.hibernate(
+                    record.snapshot,
+                    self.layout,
+                    self.config.hibernate_quota_bytes,
+                    exposed=self.ports.written(id_),
+                )
+            except BaseException:
+                committed = self.layout.hibernated / id_
+                if (committed / META).exists():  # failed after its commit point: roll forward
+                    image = Image.load(committed, self.layout.seal)
+                else:
+                    vm = record.runtime.vm
+                    if vm is None or not vm.running:
+                        self.table.failed(record)
+                    raise
+            record.runtime, record.image, record.state = None, image, "hibernated"
+            self.table.changed(record, "hibernated")
+            self.observe("hibernate", time.perf_counter() - t0)
+            log.info("hibernated %s (%d bytes on disk)", id_, image.disk_bytes)
+            return record
+
+    async def checkpoint(self, id_: str, ttl: float | None = None) -> Image:
+        """Capture a running sandbox; it is deleted `ttl` seconds after its last use (None: the
+        policy's default; over the policy's cap: InvalidArgument)."""
+        ttl = checkpoint_ttl(ttl, self.policy.policy.limits)
+        async with self.use(id_) as runtime:
+            record = self.table.get(id_)
+            not_quarantined(runtime, "checkpointed or forked")
+            cid = "ck-" + secrets.token_hex(6)
+            return await runtime.checkpoint(
+                record.snapshot, self.layout, cid, ttl, self.config.hibernate_quota_bytes
+            )
+
+    def checkpoints(self) -> builtins.list[Image]:
+        return list_images(self.layout.checkpoints, self.layout.seal)
+
+    def get_checkpoint(self, cid: str) -> Image:
+        for image in self.checkpoints():
+            if image.id == cid:
+                return image
+        raise NotFound(f"no checkpoint {cid!r}")
+
+    def delete_expired_checkpoints(self) -> builtins.list[str]:
+        expired = [image for image in self.checkpoints() if capture.expired(image)]
+        for image in expired:
+            remove_image(image.path)
+        return [image.id for image in expired]
+
+    # ---- the end --------------------------------------------------------------------------------
+
+    async def destroy(self, id_: str, why: str | None = None, change: Change = "destroyed") -> None:
+        """Destroy a sandbox; `why` (and `change`, "expired") when the daemon ends it itself."""
+        record = self.table.remove(id_)
+        self.forget_ttl(id_)
+        await self.ports.close(id_)
+        async with record.lock:
+            self.table.ended(record, why, change)
+            if record.image is not None:
+                remove_image(record.image.path)
+            if record.runtime is not None:
+                if record.runtime.quarantined is not None:
+                    audit.record(self.state_dir, "sandbox.destroy", sandbox=id_, quarantined=True)
+                with contextlib.suppress(Exception):
+                    await record.runtime.destroy()
+
+
+def confinement(settings: QuarantineSettings) -> Confinement:
+    """The policy's quarantine settings, as the sandbox takes them."""
+    return Confinement(settings.cpu_fraction, settings.memory_mib, settings.bandwidth)
+
+
+def not_quarantined(runtime: Sandbox, what: str) -> None:
+    """A quarantined sandbox stays where its operator can see it until released."""
+    if runtime.quarantined is not None:
+        raise Quarantined(f"sandbox {runtime.id} is quarantined and cannot be {what} until it is released")

@@ -1,0 +1,114 @@
+"""The daemon's pools of pre-started VMMs (`snapshots.pool`), one per template snapshot, and when they
+may refill: not while a request that took a VMM is still being answered.
+
+A create that took a pooled VMM stores its record, audits the call and answers before the replacement
+VMM is spawned, whose set-up (a sparse copy, cgroups, fork/exec of QEMU) would otherwise run on the
+event loop in between and add milliseconds to the create's answer. The request middleware holds the
+refills of each request (`refills_deferred`) until its response starts; failed requests release them
+too; tasks a request started that refill after it answered refill at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from pathlib import Path
+
+from tartarus.sandbox.image import Image
+from tartarus.sandbox.sandbox import Sandbox
+from tartarus.snapshots.pool import VMMPool
+from tartarus.snapshots.store import Snapshot, find_snapshot
+from tartarus.templates.store import Template, list_templates
+
+
+class DeferredRefills:
+    """Refills asked for while held; `release()` runs them, and any asked for later run at once."""
+
+    def __init__(self) -> None:
+        self._pending: list[Callable[[], None]] | None = []
+
+    def add(self, refill: Callable[[], None]) -> bool:
+        """Hold `refill` for `release()`; False if already released (the caller runs it now)."""
+        if self._pending is None:
+            return False
+        if refill not in self._pending:
+            self._pending.append(refill)
+        return True
+
+    def release(self) -> None:
+        pending, self._pending = self._pending, None
+        for refill in pending or ():
+            refill()
+
+
+_deferred: ContextVar[DeferredRefills | None] = ContextVar("deferred_refills", default=None)
+
+
+def defer(refill: Callable[[], None]) -> bool:
+    """A pool's `defer` hook: hold `refill` if the current request holds refills."""
+    held = _deferred.get()
+    return held is not None and held.add(refill)
+
+
+@contextlib.contextmanager
+def refills_deferred() -> Iterator[DeferredRefills]:
+    """Within the block, refills wait for `release()` (at the latest, the block's end)."""
+    held = DeferredRefills()
+    token = _deferred.set(held)
+    try:
+        yield held
+    finally:
+        _deferred.reset(token)
+        held.release()
+
+
+class Pools:
+    def __init__(self, root: Path, size: int, *, outlive_owner: bool) -> None:
+        self.root = root
+        self.size = size
+        self.outlive_owner = outlive_owner
+        self._pools: dict[str, VMMPool] = {}
+
+    def start(self) -> None:
+        """Pre-start VMMs for every template that has a snapshot (call from the event loop)."""
+        for template in list_templates():
+            self.for_template(template)
+
+    def for_template(self, template: Template) -> VMMPool | None:
+        snapshot = find_snapshot(template) if template.snapshotted else None
+        if snapshot is None or self.size <= 0:
+            return None
+        return self._pool(snapshot, template)
+
+    def for_image(self, image: Image) -> VMMPool | None:
+        return self._pools.get(image.snapshot_key)
+
+    def _pool(self, snapshot: Snapshot, template: Template) -> VMMPool:
+        pool = self._pools.get(snapshot.key)
+        if pool is None:
+            pool = VMMPool(
+                snapshot, template, self.root, self.size, outlive_owner=self.outlive_owner, defer=defer
+            )
+            self._pools[snapshot.key] = pool
+        return pool
+
+    @contextlib.contextmanager
+    def take(self, pool: VMMPool | None) -> Iterator[Sandbox | None]:
+        """A pooled VMM (or None), and the pool's refill once the block (the restore) is done: spawning
+        a VMM costs CPU the restore in progress needs."""
+        prepared = pool.take() if pool is not None else None
+        try:
+            yield prepared
+        finally:
+            if pool is not None:
+                pool.refill()
+
+    @property
+    def ready(self) -> int:
+        return sum(len(p) for p in self._pools.values())
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tartarus.daemon import manager as manager_module
+from tartarus.daemon import config as config_module
+from tartarus.daemon import schedulers as schedulers_module
 from tartarus.daemon.app import create_app
 from tartarus.daemon.config import DaemonConfig
 from tartarus.errors import QuotaExceeded
@@ -30,7 +31,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     checkpoint expiry sweep runs often so that an expired checkpoint's removal is seen soon."""
     state = tmp_path_factory.mktemp("quota-bypass")
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(manager_module, "CHECKPOINT_SWEEP_S", 0.2, raising=False)
+        m.setattr(schedulers_module, "CHECKPOINT_SWEEP_S", 0.2)
         with tcp_daemon(state, None) as url:
             yield Api(url, state, (state / "admin.key").read_text().strip(), "sqlite")
 
@@ -150,7 +151,7 @@ def test_the_hibernation_disk_quota_is_on_by_default(tmp_path: Path) -> None:
     """No TARTARUS_HIBERNATE_QUOTA_MIB: the built-in default limits captures (made tiny here, so that a
     capture is refused before it writes anything)."""
     with pytest.MonkeyPatch.context() as m, env(TARTARUS_HIBERNATE_QUOTA_MIB=None):
-        m.setattr(manager_module, "DEFAULT_HIBERNATE_QUOTA_MIB", 1, raising=False)
+        m.setattr(config_module, "DEFAULT_HIBERNATE_QUOTA_MIB", 1)
         app = create_app(tmp_path, DaemonConfig(pool_size=0))
     with tcp_daemon(tmp_path, None, app) as url:
         key = (tmp_path / "admin.key").read_text().strip()

@@ -300,7 +300,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "quota.timeout",
         "PUT /timeout is capped by the policy's max_ttl_s like a create",
-        CONTROL,
+        "src/tartarus/daemon/records.py",
         "timeout = capped_timeout(timeout, self.manager.policy.policy.limits)",
         "pass",
         (QUOTAS + "test_a_new_timeout_is_capped_by_the_policy_like_a_create",),

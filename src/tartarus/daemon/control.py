@@ -17,7 +17,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -31,9 +31,10 @@ from tartarus.daemon import quotas
 from tartarus.daemon.auth import Principal, bearer, ensure_local_admin_key, invalid_key, missing_key
 from tartarus.daemon.manager import SandboxManager
 from tartarus.daemon.metrics import Metrics
-from tartarus.daemon.table import Change, SandboxRecord
+from tartarus.daemon.records import StoredSandboxes
+from tartarus.daemon.table import SandboxRecord
+from tartarus.daemon.tenancy import TenantQuotas
 from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
-from tartarus.limits.spec import capped_timeout
 from tartarus.private import write_private
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
@@ -97,12 +98,14 @@ class ControlPlane:
         self._store: Store | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._audit_executor: ThreadPoolExecutor | None = None
-        self._reservations = quotas.Reservations()
         self._streams: Counter[str] = Counter()  # open streaming calls per tenant
-        self._writes: set[asyncio.Task[None]] = set()  # store updates of the table's changes, in order
+        self.stored = StoredSandboxes(manager, self.metrics, self.db, lambda: self.store, lambda: self.node)
+        self.quotas = TenantQuotas(
+            manager, self.metrics, lambda tenant: self.db(self.store.get_tenant, tenant)
+        )
         # Every wake (explicit, a call on a hibernated sandbox, a connection to its exposed port) gives
         # the sandbox its vCPUs and memory back: it is admitted against its tenant's quota like a create.
-        manager.admit_wake = self.admit_wake
+        manager.admit_wake = self.quotas.admit_wake
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -142,7 +145,7 @@ class ControlPlane:
     def start(self) -> None:
         """Listen to the table's changes and hand the manager the stored timeouts, which it enforces
         (a restarted daemon's included); call from the event loop."""
-        self.manager.table.on_change = self._changed
+        self.manager.table.on_change = self.stored.changed
         self.manager.observe = self.metrics.observe
         now = time.time()
         for record in self.manager.list():
@@ -254,64 +257,16 @@ class ControlPlane:
         rows = await self.db(self.store.list_sandboxes, tenant=tenant, live=False)
         return [r for r in rows if all(r.labels.get(k) == v for k, v in labels.items())]
 
-    # ---- admission ------------------------------------------------------------------------------
-
-    def checkpoints_of(self, tenant: str) -> int:
-        """How many checkpoints a tenant keeps on this daemon (they hold a guest's RAM and disk)."""
-        return sum(1 for image in self.manager.checkpoints() if image.spec.tenant == tenant)
+    # ---- admission (`daemon.tenancy`) ---------------------------------------------------------
 
     def usage(self, tenant: str) -> quotas.Usage:
-        """What a tenant's sandboxes on this daemon hold now: a failed one nothing, one without a VM
-        (hibernated) its place among the tenant's sandboxes but no vCPUs or memory."""
-        used = quotas.Usage()
-        for record in self.manager.list():
-            if record.tenant != tenant or record.state == "failed":
-                continue
-            running = record.runtime is not None and record.state == "running"
-            used = used + quotas.Usage(1, record.vcpus if running else 0, record.memory_mib if running else 0)
-        return used
+        return self.quotas.usage(tenant)
 
-    @contextlib.contextmanager
-    def admission(self, request: Request, wanted: quotas.Usage) -> Iterator[None]:
-        """Check `wanted` against the caller's tenant quota and hold it until the block ends (by then the
-        new sandboxes are adopted and counted as usage). Raises QuotaExceeded."""
-        with self._hold(principal_of(request).tenant, getattr(request.state, "tenant", None), wanted):
-            yield
+    def checkpoints_of(self, tenant: str) -> int:
+        return self.quotas.checkpoints_of(tenant)
 
-    @contextlib.asynccontextmanager
-    async def admitted(self, tenant: str, wanted: quotas.Usage) -> AsyncIterator[None]:
-        """`admission` for a tenant other than the caller's (the owner of a sandbox being woken or
-        captured), its quota read from the store now."""
-        row = await self.db(self.store.get_tenant, tenant)
-        with self._hold(tenant, row, wanted):
-            yield
-
-    def admit_wake(self, record: SandboxRecord) -> contextlib.AbstractAsyncContextManager[None]:
-        """The manager's hook around a wake: the owner's quota must have room for the sandbox's vCPUs and
-        memory again (it already counts among the tenant's sandboxes). Raises QuotaExceeded."""
-        image = record.image
-        assert image is not None
-        wanted = quotas.Usage(0, image.vcpus, image.memory_mib)
-        return self.admitted(record.tenant, wanted)
-
-    @contextlib.contextmanager
-    def _hold(self, tenant: str, row: Tenant | None, wanted: quotas.Usage) -> Iterator[None]:
-        limits = (
-            quotas.Limits(row.max_sandboxes, row.max_vcpus, row.max_memory_mib, row.max_checkpoints)
-            if row
-            else quotas.Limits()
-        )
-        # No await between the check and the reservation: concurrent requests see each other.
-        try:
-            in_use = self.usage(tenant) + self._reservations.pending(tenant)
-            if wanted.checkpoints:  # read from disk: only when asked for
-                in_use = in_use + quotas.Usage(checkpoints=self.checkpoints_of(tenant))
-            quotas.check(tenant, limits, in_use, wanted)
-        except QuotaExceeded:
-            self.metrics.quota_rejections.labels(tenant).inc()
-            raise
-        with self._reservations.hold(tenant, wanted):
-            yield
+    def admitted(self, tenant: str, wanted: quotas.Usage) -> contextlib.AbstractAsyncContextManager[None]:
+        return self.quotas.admitted(tenant, wanted)
 
     def open_stream(self, request: HTTPConnection) -> Callable[[], None]:
         """Count a streaming call against its tenant's limit until the returned release is called (once
@@ -345,27 +300,21 @@ class ControlPlane:
         runs under the caller's tenant quota, holding `wanted` until its sandboxes are in the table (and
         so count as usage), and they are stored before the caller answers. Sets the request's runtime
         seconds (the Server-Timing header) and audit target."""
-        with self.admission(request, wanted):
+        with self.quotas.admission(request, wanted):
             started = time.perf_counter()
             records = list(await start())
             runtime_seconds = time.perf_counter() - started
         request.state.runtime_seconds = runtime_seconds
         if records:
             request.state.audit_target = records[0].id
-        await self.persist(records)
+        await self.stored.insert(records)
         return records
 
-    async def persist(self, records: Iterable[SandboxRecord]) -> None:
-        """Store new sandboxes; if that fails, destroy them (one nobody can find must not run on)."""
-        records = list(records)
-        try:
-            for record in records:
-                await self.db(self.store.insert_sandbox, record.row(self.node))
-        except BaseException:
-            for record in records:
-                with contextlib.suppress(Exception):
-                    await self.manager.destroy(record.id)
-            raise
+    async def set_timeout(self, sandbox_id: str, timeout: float | None) -> SandboxRow:
+        return await self.stored.set_timeout(sandbox_id, timeout)
+
+    async def flush(self) -> None:
+        await self.stored.flush()
 
     async def create(self, request: Request, spec: SandboxSpec) -> SandboxRecord:
         """Admit a create against the tenant's quota, run it, and store the new sandbox."""
@@ -383,53 +332,6 @@ class ControlPlane:
 
     async def _create(self, spec: SandboxSpec) -> list[SandboxRecord]:
         return [await self.manager.create(spec)]
-
-    async def set_timeout(self, sandbox_id: str, timeout: float | None) -> SandboxRow:
-        """Destroy the sandbox `timeout` seconds from now, within the policy's `max_ttl_s` as a create's
-        timeout is (InvalidArgument over it, and for None: never)."""
-        record = self.manager.get(sandbox_id)
-        timeout = capped_timeout(timeout, self.manager.policy.policy.limits)
-        self.manager.set_ttl(sandbox_id, timeout)
-        await self.db(
-            self.store.update_sandbox, sandbox_id, timeout_s=record.timeout_s, expires_at=record.expires_at
-        )
-        return record.row(self.node)
-
-    # ---- keeping the records true ---------------------------------------------------------------
-
-    def _changed(self, record: SandboxRecord, change: Change, why: str | None) -> None:
-        """The table's hook: store a sandbox's change of state (a new one is stored by `persist`, awaited
-        by the request that made it). Writes are queued in order on the store's thread."""
-        if change == "created" or self._store is None:
-            return
-        if change in ("destroyed", "expired"):
-            if change == "expired":
-                self.metrics.expired.inc()
-                log.info(
-                    "sandbox %s expired", record.id, extra={"sandbox": record.id, "tenant": record.tenant}
-                )
-            write = self.db(
-                self.store.update_sandbox,
-                record.id,
-                state="destroyed",
-                ended_at=time.time(),
-                error=record.error or why,
-            )
-        else:
-            write = self.db(self.store.update_sandbox, record.id, state=record.state, error=record.error)
-        task = asyncio.ensure_future(write)
-        self._writes.add(task)
-        task.add_done_callback(self._written)
-
-    def _written(self, task: asyncio.Future[None]) -> None:
-        self._writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("could not store a sandbox's change: %s", task.exception())
-
-    async def flush(self) -> None:
-        """Wait for the store updates of the changes told so far."""
-        while self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
 
     # ---- audit ----------------------------------------------------------------------------------
 

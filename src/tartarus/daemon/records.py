@@ -9,7 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import ParamSpec, Protocol, TypeVar
 
 from tartarus.daemon.manager import SandboxManager
 from tartarus.daemon.metrics import Metrics
@@ -20,19 +20,28 @@ from tartarus.store import SandboxRow, Store
 
 log = logging.getLogger(__name__)
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Db(Protocol):
+    """`ControlPlane.db`: a store call run on the store's thread."""
+
+    async def __call__(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T: ...
+
 
 class StoredSandboxes:
     def __init__(
         self,
         manager: SandboxManager,
         metrics: Metrics,
-        db: Callable[..., Any],
+        db: Db,
         store: Callable[[], Store],
         node: Callable[[], str],
     ) -> None:
         self.manager = manager
         self.metrics = metrics
-        self.db = db  # ControlPlane.db: a store call on the store's thread
+        self.db = db
         self.store = store
         self.node = node
         self._writes: set[asyncio.Task[None]] = set()  # store updates of the table's changes, in order

@@ -298,6 +298,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         (QUOTAS + "test_a_wake_is_admitted_against_the_quota_like_a_create",),
     ),
     Mutation(
+        "store.follows-table",
+        "the stored record of a sandbox follows each change the table tells of (nothing polls)",
+        CONTROL,
+        "self.manager.table.on_change = self.stored.changed",
+        "pass",
+        ("tests/unit/test_table_events.py",),
+    ),
+    Mutation(
         "quota.timeout",
         "PUT /timeout is capped by the policy's max_ttl_s like a create",
         "src/tartarus/daemon/records.py",

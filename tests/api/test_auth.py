@@ -156,6 +156,11 @@ TENANT_ROUTES = {
             ("GET", "/files/stat"),
             ("POST", "/files/mkdir"),
             ("POST", "/files/rename"),
+            ("POST", "/processes"),
+            ("GET", "/processes"),
+            ("GET", "/processes/{pid}/stream"),
+            ("POST", "/processes/{pid}/stdin"),
+            ("POST", "/processes/{pid}/signal"),
         )
     ),
 }

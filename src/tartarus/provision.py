@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tartarus.guest.initramfs import build_initramfs
-from tartarus.guest.kernel import build_kernel
+from tartarus.bootfiles.initramfs import build_initramfs
+from tartarus.bootfiles.kernel import build_kernel
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.disks import empty_layer
 from tartarus.runtime.launcher import build_launcher
@@ -40,7 +40,7 @@ def steps(templates: list[str], log: Callable[[str], None]) -> list[Step]:
 
 def _snapshot(name: str, log: Callable[[str], None]) -> Path:
     from tartarus.snapshots.build import ensure_snapshot
-    from tartarus.templates.store import get_template
+    from tartarus.templates.built import get_template
 
     return ensure_snapshot(get_template(name), log).path
 

@@ -28,7 +28,7 @@ from tartarus.daemon.routes import templates as templates_routes
 from tartarus.daemon.server import daemon_thread
 from tartarus.images import testing as t
 from tartarus.images.api import pull
-from tartarus.images.store import ImageStore
+from tartarus.images.cache import ImageCache
 from tartarus.sdk import Sandbox
 from tests.api.conftest import tcp_daemon
 from tests.conftest import wait_until
@@ -290,7 +290,7 @@ def test_image_listing_shows_host_paths_to_admins_only(tmp_path: Path) -> None:
         t.tar_bytes([t.directory("etc"), t.file("etc/hostname", b"box\n"), t.file(".wh..wh.plnk")])
     )
     writer.image([layer], tag="odd")
-    images = ImageStore(tmp_path / "images")  # private: nothing lands in the shared cache
+    images = ImageCache(tmp_path / "images")  # private: nothing lands in the shared cache
     reference = f"oci:{layout}:odd"
     build = pull(reference, store=images)
     assert any(str(layout) in w for w in build.warnings), build.warnings

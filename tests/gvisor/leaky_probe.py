@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from tartarus.gvisor.container import start_container
-from tartarus.templates.store import get_template
+from tartarus.templates.built import get_template
 
 LEAKED_ID = os.environ.get("TARTARUS_LEAK_PROBE_ID", "sb-000000000000")
 

@@ -13,7 +13,7 @@ from tartarus.gvisor.container import GvisorContainer, agent_binary
 from tartarus.gvisor.rootfs import template_tree
 from tartarus.gvisor.spec import BundleSpec
 from tartarus.sandbox.sandbox import new_sandbox_id
-from tartarus.templates.store import get_template
+from tartarus.templates.built import get_template
 
 
 async def main(workdir: Path) -> None:

@@ -12,7 +12,7 @@ from tartarus.gvisor.container import GvisorContainer, start_container
 from tartarus.runtime.agent import INTERPRETER_ID, Exit, Output
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.sandbox.sandbox import new_sandbox_id
-from tartarus.templates.store import Template, get_template
+from tartarus.templates.built import Template, get_template
 from tests.gvisor.helpers import DEADLINE, host_traces, output_of, require_gvisor
 
 # Reads expressions on stdin and prints their values: a stand-in for the warm interpreter, numpy loaded.

@@ -21,7 +21,7 @@ from tartarus.gvisor.rootfs import template_tree
 from tartarus.gvisor.spec import BundleSpec
 from tartarus.runtime.agent import AgentClient, Exit, Output, PtySize
 from tartarus.sandbox.sandbox import new_sandbox_id
-from tartarus.templates.store import Template, get_template
+from tartarus.templates.built import Template, get_template
 from tests.gvisor.helpers import DEADLINE, host_traces, output_of, require_gvisor
 
 

@@ -12,7 +12,7 @@ import pytest
 from tartarus.errors import InvalidArgument
 from tartarus.gvisor.rootfs import template_tree, tree_key
 from tartarus.gvisor.spec import AGENT_DIR
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 
 @pytest.fixture

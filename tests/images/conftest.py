@@ -14,7 +14,7 @@ import pytest
 
 from tartarus.images import testing as t
 from tartarus.images.api import pull
-from tartarus.images.store import ImageBuild, ImageStore
+from tartarus.images.cache import ImageBuild, ImageCache
 
 USER, PASSWORD = "tartarus", "s3cret-pw"
 
@@ -81,10 +81,10 @@ def images(registry: t.LocalRegistry, layout: Path) -> Images:
 
 
 @pytest.fixture
-def store() -> Iterator[ImageStore]:
+def store() -> Iterator[ImageCache]:
     """A fresh, empty image store, deleted after the test."""
     with tempfile.TemporaryDirectory(prefix="tartarus-test-store-") as tmp:
-        yield ImageStore(Path(tmp) / "images")
+        yield ImageCache(Path(tmp) / "images")
 
 
 @pytest.fixture(scope="session")
@@ -98,4 +98,4 @@ def python_ref(registry: t.LocalRegistry) -> str:
 
 @pytest.fixture(scope="session")
 def python_build(python_ref: str, workspace: Path) -> ImageBuild:
-    return pull(python_ref, store=ImageStore(workspace / "python-store"))
+    return pull(python_ref, store=ImageCache(workspace / "python-store"))

@@ -16,8 +16,8 @@ from tartarus.daemon.config import DaemonConfig
 from tartarus.images import registry as registry_module
 from tartarus.images import testing as t
 from tartarus.images.api import to_template
-from tartarus.images.store import ImageStore
-from tartarus.templates.store import register_template
+from tartarus.images.cache import ImageCache
+from tartarus.templates.built import register_template
 from tests.api.conftest import env, tcp_daemon
 from tests.images.conftest import PASSWORD, USER, Images
 from tests.images.test_registry import _pushed_first_layer
@@ -28,7 +28,7 @@ class Daemon:
     url: str
     state: Path
     admin_key: str
-    images: ImageStore
+    images: ImageCache
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key or self.admin_key}"}
@@ -38,7 +38,7 @@ class Daemon:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     state = tmp_path_factory.mktemp("images-api")
-    images = ImageStore(state / "images")  # private: the test leaves nothing in the shared cache
+    images = ImageCache(state / "images")  # private: the test leaves nothing in the shared cache
     app = create_app(state, DaemonConfig(pool_size=0, image_root=images.root))
     with tcp_daemon(state, None, app) as url:
         yield Daemon(url, state, (state / "admin.key").read_text().strip(), images)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tartarus.images.api import to_template
-from tartarus.images.store import ImageBuild
+from tartarus.images.cache import ImageBuild
 from tartarus.runtime.agent import Output
 from tartarus.sandbox.sandbox import Sandbox
 from tests.conftest import qemu_pids

@@ -13,7 +13,7 @@ import pytest
 
 from tartarus.images import testing as t
 from tartarus.images.api import pull
-from tartarus.images.store import ImageBuild, ImageStore
+from tartarus.images.cache import ImageBuild, ImageCache
 from tests.images.conftest import Images
 from tests.images.jail import jailed
 from tests.images.treecmp import differences, mounted, snapshot, umoci_rootfs
@@ -28,7 +28,7 @@ def assert_same_tree(build: ImageBuild, layout: Path, tag: str) -> None:
     assert not diffs, "built filesystem differs from umoci unpack:\n" + "\n".join(diffs)
 
 
-def test_small_image_from_the_registry(images: Images, store: ImageStore) -> None:
+def test_small_image_from_the_registry(images: Images, store: ImageCache) -> None:
     build = pull(images.small, store=store)
     assert build.fstype == "ext4" and build.rootfs.name == "rootfs.ext4"
     assert_same_tree(build, images.layout, "small")
@@ -39,18 +39,18 @@ def test_small_image_from_the_registry(images: Images, store: ImageStore) -> Non
     assert record["config"]["env"]["GREETING"] == "hello world" and record["refs"] == [images.small]
 
 
-def test_zstd_layers(images: Images, store: ImageStore) -> None:
+def test_zstd_layers(images: Images, store: ImageCache) -> None:
     build = pull(images.zstd, store=store)
     # umoci 0.4.7 cannot read zstd: the gzip image holds the very same tars (same diff IDs).
     assert_same_tree(build, images.layout, "small")
 
 
-def test_docker_schema2_media_types(images: Images, store: ImageStore) -> None:
+def test_docker_schema2_media_types(images: Images, store: ImageCache) -> None:
     build = pull(images.docker, store=store)
     assert_same_tree(build, images.layout, "small")
 
 
-def test_multi_platform_index_picks_linux_amd64(images: Images, store: ImageStore) -> None:
+def test_multi_platform_index_picks_linux_amd64(images: Images, store: ImageCache) -> None:
     build = pull(images.multi, store=store)
     assert build.platform == "linux/amd64" and build.index_digest is not None
     assert_same_tree(build, images.layout, "small")
@@ -60,12 +60,12 @@ def test_multi_platform_index_picks_linux_amd64(images: Images, store: ImageStor
         assert (mnt / "etc/arch").read_text() == "arm64\n"
 
 
-def test_uncompressed_layers_from_a_local_oci_layout(images: Images, store: ImageStore) -> None:
+def test_uncompressed_layers_from_a_local_oci_layout(images: Images, store: ImageCache) -> None:
     build = pull(f"oci:{images.layout}:small-plain", store=store)
     assert_same_tree(build, images.layout, "small")
 
 
-def test_docker_save_tarball(images: Images, store: ImageStore, tmp_path: Path) -> None:
+def test_docker_save_tarball(images: Images, store: ImageCache, tmp_path: Path) -> None:
     """A `docker save`-style archive: manifest.json, the config and uncompressed layer tars."""
     layout = images.layout
     index = json.loads((layout / "index.json").read_text())
@@ -104,20 +104,20 @@ def test_docker_save_tarball(images: Images, store: ImageStore, tmp_path: Path) 
     assert again.rootfs == build.rootfs
 
 
-def test_erofs_output(images: Images, store: ImageStore) -> None:
+def test_erofs_output(images: Images, store: ImageCache) -> None:
     build = pull(images.small, store=store, fstype="erofs")
     assert build.fstype == "erofs" and build.rootfs.name == "rootfs.erofs"
     assert_same_tree(build, images.layout, "small")
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "erofs"])
-def test_without_loop_devices_a_directory_is_packed(images: Images, store: ImageStore, fstype: str) -> None:
+def test_without_loop_devices_a_directory_is_packed(images: Images, store: ImageCache, fstype: str) -> None:
     build = pull(images.small, store=store, fstype=fstype, loop=False)
     assert_same_tree(build, images.layout, "small")
 
 
 def test_hostile_archive_is_neutralised_as_umoci_does(
-    registry: t.LocalRegistry, workspace: Path, store: ImageStore, tmp_path: Path
+    registry: t.LocalRegistry, workspace: Path, store: ImageCache, tmp_path: Path
 ) -> None:
     """`..`, absolute paths, writes through symlinks leading out, duplicates: clamped inside, like umoci.
 

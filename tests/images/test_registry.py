@@ -13,6 +13,7 @@ import pytest
 from tartarus.images import registry as registry_module
 from tartarus.images import testing as t
 from tartarus.images.api import pull
+from tartarus.images.cache import ImageCache
 from tartarus.images.errors import (
     DigestMismatch,
     ImageNotFound,
@@ -20,7 +21,6 @@ from tartarus.images.errors import (
     TruncatedBlob,
     UnsupportedMediaType,
 )
-from tartarus.images.store import ImageStore
 from tests.images.conftest import PASSWORD, USER, Images
 from tests.images.fake_registry import Behaviour, fake_registry
 from tests.images.test_oracle import assert_same_tree
@@ -42,7 +42,7 @@ def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def assert_nothing_left(store: ImageStore) -> None:
+def assert_nothing_left(store: ImageCache) -> None:
     assert not list(store.builds.iterdir()), "a failed pull published a build"
     assert not list(store.tmp.iterdir()), "a failed pull left work files"
     leftovers = [p for p in store.blobs.rglob("*") if p.is_file() and p.name.startswith(".")]
@@ -56,7 +56,7 @@ def unique_image(layout: Path, tag: str) -> None:
     writer.image([layer], tag=tag)
 
 
-def test_unknown_tag_and_repository(images: Images, store: ImageStore, no_credentials: Path) -> None:
+def test_unknown_tag_and_repository(images: Images, store: ImageCache, no_credentials: Path) -> None:
     with pytest.raises(ImageNotFound, match=r"test/small:nope.*not found.*MANIFEST_UNKNOWN"):
         pull(images.small.replace(":1", ":nope"), store=store)
     with pytest.raises(ImageNotFound, match="no-such-repo"):
@@ -70,7 +70,7 @@ def test_unknown_tag_and_repository(images: Images, store: ImageStore, no_creden
 def test_htpasswd_registry(
     auth_registry: t.LocalRegistry,
     images: Images,
-    store: ImageStore,
+    store: ImageCache,
     no_credentials: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -92,7 +92,7 @@ def test_htpasswd_registry(
 
 
 def test_bearer_token_flow_survives_5xx_and_dropped_connections(
-    images: Images, store: ImageStore, no_credentials: Path, monkeypatch: pytest.MonkeyPatch
+    images: Images, store: ImageCache, no_credentials: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     behaviour = Behaviour(blob_errors=2, blob_drops=2)
     with fake_registry(images.layout, behaviour) as address:
@@ -107,7 +107,7 @@ def test_bearer_token_flow_survives_5xx_and_dropped_connections(
 
 
 def test_bearer_token_refused(
-    images: Images, store: ImageStore, no_credentials: Path, monkeypatch: pytest.MonkeyPatch
+    images: Images, store: ImageCache, no_credentials: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with fake_registry(images.layout, Behaviour()) as address:
         monkeypatch.setenv(
@@ -118,7 +118,7 @@ def test_bearer_token_refused(
 
 
 def test_a_blob_that_keeps_ending_early_is_truncated(
-    images: Images, store: ImageStore, no_credentials: Path
+    images: Images, store: ImageCache, no_credentials: Path
 ) -> None:
     with fake_registry(images.layout, Behaviour(blob_drops=100)) as address:
         path = no_credentials / "a.json"
@@ -147,7 +147,7 @@ def _pushed_first_layer(
 
 
 def test_corrupted_blob_in_the_registry_is_a_digest_mismatch(
-    registry: t.LocalRegistry, workspace: Path, store: ImageStore, no_credentials: Path
+    registry: t.LocalRegistry, workspace: Path, store: ImageCache, no_credentials: Path
 ) -> None:
     ref, layer, data = _pushed_first_layer(registry, workspace, "digest")
     raw = bytearray(data.read_bytes())
@@ -160,7 +160,7 @@ def test_corrupted_blob_in_the_registry_is_a_digest_mismatch(
 
 
 def test_truncated_blob_in_the_registry(
-    registry: t.LocalRegistry, workspace: Path, store: ImageStore, no_credentials: Path
+    registry: t.LocalRegistry, workspace: Path, store: ImageCache, no_credentials: Path
 ) -> None:
     ref, layer, data = _pushed_first_layer(registry, workspace, "truncated")
     data.write_bytes(data.read_bytes()[:100])
@@ -169,7 +169,7 @@ def test_truncated_blob_in_the_registry(
     assert_nothing_left(store)
 
 
-def test_unsupported_media_types(workspace: Path, store: ImageStore) -> None:
+def test_unsupported_media_types(workspace: Path, store: ImageCache) -> None:
     layout = workspace / "unsupported-layout"
     writer = t.LayoutWriter(layout)
     layer = writer.layer(t.tar_bytes([t.file("x")]))
@@ -188,7 +188,7 @@ def test_unsupported_media_types(workspace: Path, store: ImageStore) -> None:
 
 
 def test_a_corrupt_local_blob_fails_inside_the_worker_with_its_type(
-    workspace: Path, store: ImageStore
+    workspace: Path, store: ImageCache
 ) -> None:
     layout = workspace / "local-corrupt"
     unique_image(layout, "local")

@@ -16,14 +16,14 @@ import pytest
 
 from tartarus.images import testing as t
 from tartarus.images.api import pull, to_template
+from tartarus.images.cache import ImageCache
 from tartarus.images.errors import ImageNotFound, UnsafeLayer
-from tartarus.images.store import ImageStore
 from tests.images.conftest import Images
 
 TARTARUS = Path(sys.executable).parent / "tartarus"
 
 
-def test_a_second_pull_is_a_cache_hit(images: Images, store: ImageStore) -> None:
+def test_a_second_pull_is_a_cache_hit(images: Images, store: ImageCache) -> None:
     first = pull(images.small, store=store)
     phases: list[str] = []
     t0 = time.perf_counter()
@@ -38,7 +38,7 @@ def test_a_second_pull_is_a_cache_hit(images: Images, store: ImageStore) -> None
     assert third.rootfs == first.rootfs and set(third.refs) == {images.small, pinned}
 
 
-def test_concurrent_pulls_of_one_image_build_it_once(images: Images, store: ImageStore) -> None:
+def test_concurrent_pulls_of_one_image_build_it_once(images: Images, store: ImageCache) -> None:
     builds: list[str] = []
     results: list[Path] = []
     failures: list[BaseException] = []
@@ -67,7 +67,7 @@ def test_concurrent_pulls_of_one_image_build_it_once(images: Images, store: Imag
     assert len(list(store.builds.iterdir())) == 1
 
 
-def test_ls_rm_prune(images: Images, store: ImageStore) -> None:
+def test_ls_rm_prune(images: Images, store: ImageCache) -> None:
     small = pull(images.small, store=store)
     zstd = pull(images.zstd, store=store)
     assert [b.manifest_digest for b in store.all()] == [small.manifest_digest, zstd.manifest_digest]
@@ -91,7 +91,7 @@ def test_ls_rm_prune(images: Images, store: ImageStore) -> None:
     assert store.all() == []
 
 
-def test_template_from_a_build(images: Images, store: ImageStore) -> None:
+def test_template_from_a_build(images: Images, store: ImageCache) -> None:
     build = pull(images.small, store=store)
     template = to_template(build, "small")
     assert (template.name, template.rootfs, template.fstype) == ("small", build.rootfs, "ext4")
@@ -99,7 +99,7 @@ def test_template_from_a_build(images: Images, store: ImageStore) -> None:
     assert template.key == build.rootfs.parent.name
 
 
-def test_a_failed_pull_cleans_up_and_a_retry_works(images: Images, store: ImageStore, tmp_path: Path) -> None:
+def test_a_failed_pull_cleans_up_and_a_retry_works(images: Images, store: ImageCache, tmp_path: Path) -> None:
     layout = tmp_path / "layout"
     writer = t.LayoutWriter(layout)
     good = writer.layer(t.tar_bytes([t.file("a", b"a")]))
@@ -152,10 +152,10 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> 
         time.sleep(0.02)  # polling for another process's state change
 
 
-def test_a_killed_pull_leaves_no_mount_loop_device_or_process(python_ref: str, store: ImageStore) -> None:
+def test_a_killed_pull_leaves_no_mount_loop_device_or_process(python_ref: str, store: ImageCache) -> None:
     code = (
         "import sys; from pathlib import Path; from tartarus.images.api import pull; "
-        "from tartarus.images.store import ImageStore; pull(sys.argv[1], store=ImageStore(Path(sys.argv[2])))"
+        "from tartarus.images.cache import ImageCache; pull(sys.argv[1], store=ImageCache(Path(sys.argv[2])))"
     )
 
     def images() -> list[Path]:

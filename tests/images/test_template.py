@@ -17,9 +17,9 @@ from tartarus.runtime.agent import Output
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.templates.build import build_template
+from tartarus.templates.built import get_template, remove_template
 from tartarus.templates.spec import TemplateSpec
 from tartarus.templates.steps import GUEST_CA, BuildStepFailed, host_ca_bundle
-from tartarus.templates.store import get_template, remove_template
 from tests.conftest import qemu_pids
 
 pytestmark = pytest.mark.vm

@@ -12,8 +12,8 @@ import pytest
 from tartarus.limits.spec import resolve_limits
 from tartarus.sandbox.reap import reap_leftovers
 from tartarus.sandbox.sandbox import Sandbox
-from tartarus.snapshots.store import find_snapshot
-from tartarus.templates.store import get_template
+from tartarus.snapshots.snapshot import find_snapshot
+from tartarus.templates.built import get_template
 from tests.network.conftest import leftovers, uplinks
 
 pytestmark = pytest.mark.vm

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from tartarus.guest.initramfs import AGENT_SRC
+from tartarus.bootfiles.initramfs import AGENT_SRC
 from tartarus.runtime import protocol
 from tartarus.runtime.flow import FRAME_COST
 from tartarus.runtime.protocol import INT_FIELDS, F, T

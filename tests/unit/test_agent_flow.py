@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tartarus.guest.initramfs import build_initramfs
+from tartarus.bootfiles.initramfs import build_initramfs
 from tartarus.runtime.agent import AgentClient, Exit, Output
 from tartarus.runtime.flow import FRAME_COST, WINDOW
 from tartarus.runtime.protocol import Decoder, F, FieldValue, Frame, T, encode, encode_request

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tartarus.bootfiles.initramfs import build_initramfs
 from tartarus.errors import GuestError, SandboxFailed
-from tartarus.guest.initramfs import build_initramfs
 from tartarus.runtime.agent import MAX_PROCS, RESERVED_IDS, AgentClient, Exit, Output, Process
 from tartarus.runtime.protocol import (
     FLAG_KEEP,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tartarus.bootfiles.initramfs import build_initramfs
 from tartarus.errors import Conflict, GuestError, InvalidArgument
-from tartarus.guest.initramfs import build_initramfs
 from tartarus.runtime.agent import AgentClient, Exit, Output, Process, PtySize
 from tartarus.runtime.protocol import (
     HEADER,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tartarus.guest.initramfs import cpio_archive
+from tartarus.bootfiles.initramfs import cpio_archive
 from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.qemu import TCG_CPU, Drive, VMConfig, command_line, kernel_cmdline
 
@@ -71,8 +71,8 @@ def test_kernel_cmdline_panics_to_exit_and_keeps_extra_args() -> None:
 def test_snapshot_key_covers_the_guest_cpu_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """A snapshot saved with one CPU model must not be restored into another (its code paths chose on it)."""
     from tartarus.runtime import qemu
-    from tartarus.snapshots import store
-    from tartarus.templates.store import Template
+    from tartarus.snapshots import snapshot as store
+    from tartarus.templates.built import Template
 
     monkeypatch.setattr(store, "choose_accel", lambda kernel: "tcg")
     monkeypatch.setattr(store, "kernel_path", lambda: Path("/k"))

@@ -17,7 +17,7 @@ from tartarus.policy.admission import admit
 from tartarus.policy.model import BandwidthPolicy, Policy
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.sandbox.throttle import io_throttle
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 
 def test_tc_shapes_egress_on_the_uplink_and_ingress_on_the_tap() -> None:

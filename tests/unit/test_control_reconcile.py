@@ -11,7 +11,7 @@ from tartarus.daemon.control import ControlPlane, node_id
 from tartarus.daemon.table import SandboxRecord, SandboxTable
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.store import SandboxRow, Store, default_url
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 
 class FoundAgain:

@@ -14,7 +14,7 @@ from tartarus.policy import AdmissionRequest, PolicyEngine, load_policy
 from tartarus.policy.admission import admit
 from tartarus.policy.model import Match, Node, Placement, Policy, Rule
 from tartarus.sandbox.spec import SandboxSpec
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 POLICY = """
 limits: {max_vcpus: 2, max_ttl_s: 600}

@@ -12,10 +12,10 @@ import pytest
 
 from tartarus.private import write_private
 from tartarus.sandbox import descriptor
-from tartarus.sandbox.image import META, Image, list_images
+from tartarus.sandbox.saved import META, SavedSandbox, list_saved
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.sealing import KEY_FILE, EnvSeal, SealError
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 ENV = {"API_TOKEN": "tok-123-secret", "EMPTY": "", "UNICODE": "héllo ✓"}
 
@@ -62,8 +62,8 @@ def _template() -> Template:
     return Template("python-ds", "k1", Path("/pins/k/rootfs"), "ext4", preload=["numpy"])
 
 
-def _image(path: Path, env: dict[str, str]) -> Image:
-    return Image(
+def _saved(path: Path, env: dict[str, str]) -> SavedSandbox:
+    return SavedSandbox(
         path=path,
         kind="hibernation",
         id="sb-1",
@@ -83,21 +83,21 @@ def _image(path: Path, env: dict[str, str]) -> Image:
 
 def test_an_image_record_is_sealed_and_reads_back(tmp_path: Path) -> None:
     seal = EnvSeal.for_state_dir(tmp_path)
-    image = _image(tmp_path / "hibernated" / "sb-1", ENV)
-    image.path.mkdir(parents=True)
-    write_private(image.path / META, image.to_json(seal))
-    assert b"tok-123-secret" not in (image.path / META).read_bytes()
-    assert list_images(tmp_path / "hibernated", seal) == [image]
+    saved = _saved(tmp_path / "hibernated" / "sb-1", ENV)
+    saved.path.mkdir(parents=True)
+    write_private(saved.path / META, saved.to_json(seal))
+    assert b"tok-123-secret" not in (saved.path / META).read_bytes()
+    assert list_saved(tmp_path / "hibernated", seal) == [saved]
 
 
 def test_an_image_record_from_before_sealing_still_loads(tmp_path: Path) -> None:
-    image = _image(tmp_path / "sb-1", ENV)
-    image.path.mkdir()
-    data = json.loads(image.to_json(EnvSeal.for_state_dir(tmp_path)))
+    saved = _saved(tmp_path / "sb-1", ENV)
+    saved.path.mkdir()
+    data = json.loads(saved.to_json(EnvSeal.for_state_dir(tmp_path)))
     del data["spec"], data["exposed"]
     data["env"], data["request"] = ENV, {}  # as rev 822c959 wrote it
-    (image.path / META).write_text(json.dumps(data))
-    assert Image.load(image.path, EnvSeal.for_state_dir(tmp_path)) == image
+    (saved.path / META).write_text(json.dumps(data))
+    assert SavedSandbox.load(saved.path, EnvSeal.for_state_dir(tmp_path)) == saved
 
 
 def test_a_descriptor_from_before_sealing_still_loads(tmp_path: Path) -> None:

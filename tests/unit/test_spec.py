@@ -12,7 +12,7 @@ import pytest
 from tartarus.limits.spec import Limits
 from tartarus.network.policy import NetworkPolicy
 from tartarus.sandbox import descriptor
-from tartarus.sandbox.image import META, Image
+from tartarus.sandbox.saved import META, SavedSandbox
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.sealing import EnvSeal
 
@@ -45,7 +45,7 @@ DESCRIPTOR_V1 = """{
              "snapshot": "/pins/k", "exposed": {"8080": 41000}}
 }"""
 
-# What rev b43bebb wrote in an image.json (a hibernation), with its untyped `request`.
+# What rev b43bebb wrote in a saved sandbox.json (a hibernation), with its untyped `request`.
 IMAGE_V1 = {
     "kind": "hibernation",
     "id": "sb-0123456789ab",
@@ -125,11 +125,11 @@ def test_a_version_1_image_record_still_loads(tmp_path: Path) -> None:
     path = tmp_path / "hibernated" / "sb-0123456789ab"
     path.mkdir(parents=True)
     (path / META).write_text(json.dumps(IMAGE_V1))
-    image = Image.load(path, EnvSeal.for_state_dir(tmp_path))
-    assert image.spec == WANTED
-    assert image.exposed == {"8080": 41000}
-    assert (image.vcpus, image.memory_mib, dict(image.env)) == (1, 512, {"A": "b"})
+    saved = SavedSandbox.load(path, EnvSeal.for_state_dir(tmp_path))
+    assert saved.spec == WANTED
+    assert saved.exposed == {"8080": 41000}
+    assert (saved.vcpus, saved.memory_mib, dict(saved.env)) == (1, 512, {"A": "b"})
     # Written again, it is version 2 and reads back the same.
-    (path / META).write_text(image.to_json(EnvSeal.for_state_dir(tmp_path)))
+    (path / META).write_text(saved.to_json(EnvSeal.for_state_dir(tmp_path)))
     assert json.loads((path / META).read_text())["spec"]["version"] == 2
-    assert Image.load(path, EnvSeal.for_state_dir(tmp_path)) == image
+    assert SavedSandbox.load(path, EnvSeal.for_state_dir(tmp_path)) == saved

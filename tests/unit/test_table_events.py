@@ -10,7 +10,7 @@ from tartarus.daemon.control import ControlPlane
 from tartarus.daemon.manager import SandboxManager
 from tartarus.daemon.table import SandboxRecord
 from tartarus.sandbox.spec import SandboxSpec
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 
 def test_the_store_follows_each_change_the_table_tells_of(tmp_path: Path) -> None:

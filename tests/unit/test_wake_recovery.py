@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tartarus.sandbox import capture
-from tartarus.sandbox.image import META
 from tartarus.sandbox.layout import Layout
+from tartarus.sandbox.saved import META
 
 
 def _waking(layout: Layout, sandbox_id: str, *files: str) -> Path:
@@ -29,7 +29,7 @@ def test_a_wake_whose_guest_never_ran_goes_back_to_hibernation(tmp_path: Path) -
 
 
 def test_a_wake_whose_guest_may_have_run_is_lost(tmp_path: Path) -> None:
-    """Its memory image is older than its layer: restoring both would give the guest a disk that
+    """Its memory saved sandbox is older than its layer: restoring both would give the guest a disk that
     changed under its page cache."""
     layout = Layout(tmp_path)
     _waking(layout, "sb-2", META, "memory.state", "layer.ext4", capture.RESUMED)

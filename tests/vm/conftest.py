@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from tartarus.sdk import Sandbox
-from tartarus.templates.store import Template, get_template
+from tartarus.templates.built import Template, get_template
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.protocol import HEADER, HEADER_SIZE, F, Fields, FieldValue, T
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 
 def test_each_restore_sends_a_fresh_seed_the_agent_accepts(

@@ -14,7 +14,7 @@ from tartarus.daemon.server import daemon_thread
 from tartarus.errors import SandboxFailed
 from tartarus.sandbox.sandbox import Sandbox as HostSandbox
 from tartarus.sdk import AsyncSandbox, Sandbox
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 from tests.conftest import qemu_pids, wait_until
 
 

@@ -14,7 +14,7 @@ from tartarus.sandbox.sandbox import Sandbox as HostSandbox
 from tartarus.sdk import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.pool import VMMPool
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 from tests.conftest import qemu_pids
 
 

@@ -12,7 +12,7 @@ from tartarus.runtime.agent import AgentClient, Exit
 from tartarus.runtime.flow import FRAME_COST, WINDOW
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 from tests.conftest import qemu_pids
 
 pytestmark = pytest.mark.vm

@@ -39,7 +39,7 @@ Runner = Callable[[Callable[[int], None]], dict[str, Any]]
 def _measure(name: str, steps: int | None, runner: Runner) -> dict[str, Any]:
     """Run a benchmark under a progress bar of `steps` (None: open-ended); its result with machine,
     accelerator, revision."""
-    from tartarus.guest.kernel import kernel_path
+    from tartarus.bootfiles.kernel import kernel_path
     from tartarus.runtime.accel import choose_accel
 
     logging.basicConfig(level=logging.WARNING)

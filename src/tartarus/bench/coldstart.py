@@ -19,8 +19,8 @@ from tartarus.bench.stats import summary_ms
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.pool import VMMPool
-from tartarus.snapshots.store import Snapshot
-from tartarus.templates.store import Template, get_template
+from tartarus.snapshots.snapshot import Snapshot
+from tartarus.templates.built import Template, get_template
 
 PHASES = ("vmm_ready", "state_loaded", "guest_resumed", "first_answer")
 IDLE_SANDBOXES = 8

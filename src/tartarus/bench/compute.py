@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from tartarus.bench.stats import percentile
+from tartarus.bootfiles.kernel import kernel_path
 from tartarus.errors import TartarusError
-from tartarus.guest.kernel import kernel_path
 from tartarus.gvisor.container import start_container
 from tartarus.gvisor.rootfs import template_tree
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.agent import AgentClient, Output
 from tartarus.sandbox.sandbox import Sandbox, new_sandbox_id
-from tartarus.templates.store import Template, get_template
+from tartarus.templates.built import Template, get_template
 
 BLAS_THREADS = 1
 WORKLOADS = ("python_loop", "svd_300", "matmul_1000", "files_2000")

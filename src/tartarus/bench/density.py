@@ -20,7 +20,7 @@ from typing import Any
 from tartarus.bench.coldstart import pss_kib
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
-from tartarus.templates.store import get_template
+from tartarus.templates.built import get_template
 
 IDLE_WINDOW_S = 2.0
 MIN_AVAILABLE_FRACTION = 0.25

@@ -24,7 +24,7 @@ from tartarus.gvisor.spec import BundleSpec
 from tartarus.runtime.agent import Output
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.sandbox.sandbox import new_sandbox_id
-from tartarus.templates.store import Template, get_template
+from tartarus.templates.built import Template, get_template
 
 PHASES = ("started", "agent_ready", "first_answer")
 

@@ -23,8 +23,8 @@ from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.pool import VMMPool
-from tartarus.snapshots.store import Snapshot
-from tartarus.templates.store import get_template
+from tartarus.snapshots.snapshot import Snapshot
+from tartarus.templates.built import get_template
 
 WAKE_PHASES = ("vmm_ready", "state_loaded", "guest_resumed", "first_answer", "run_code")
 HIBERNATE_PHASES = ("saved", "filtered", "committed", "vmm_gone")

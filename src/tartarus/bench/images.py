@@ -36,9 +36,9 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
 from tartarus.images.api import pull
-from tartarus.images.store import ImageStore
+from tartarus.images.cache import ImageCache
 t1 = time.perf_counter()
-build = pull(sys.argv[1], store=ImageStore(Path(sys.argv[2])), fstype=sys.argv[3])
+build = pull(sys.argv[1], store=ImageCache(Path(sys.argv[2])), fstype=sys.argv[3])
 t2 = time.perf_counter()
 print(json.dumps({
     "import_s": t1 - t0,
@@ -105,7 +105,7 @@ def _baseline(ref: str, work: Path) -> dict[str, float]:
 
 def bench_image_convert(cold_runs: int, warm_runs: int, fstype: str, say: Progress) -> dict[str, Any]:
     from tartarus.images.api import pull
-    from tartarus.images.store import ImageStore
+    from tartarus.images.cache import ImageCache
     from tartarus.images.testing import python_registry, python_slim_layout
 
     if os.geteuid() != 0:
@@ -132,7 +132,7 @@ def bench_image_convert(cold_runs: int, warm_runs: int, fstype: str, say: Progre
                 baselines.append(_baseline(ref, root / f"baseline-{i}"))
                 shutil.rmtree(root / f"baseline-{i}")
             say(f"warm pulls x{warm_runs}")
-            store = ImageStore(root / "warm")
+            store = ImageCache(root / "warm")
             build = pull(ref, store=store, fstype=fstype)
             warm: list[float] = []
             for _ in range(warm_runs):

@@ -39,7 +39,7 @@ from tartarus.policy.engine import AdmissionRequest, PolicyEngine
 from tartarus.policy.model import Match, Policy, Rule
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.snapshots.build import ensure_snapshot
-from tartarus.templates.store import get_template
+from tartarus.templates.built import get_template
 
 RULES = 40
 SENDER = """

@@ -11,7 +11,7 @@ from typing import Any
 
 from tartarus.bench.stats import summary_ms
 from tartarus.sandbox.sandbox import Sandbox
-from tartarus.templates.store import get_template
+from tartarus.templates.built import get_template
 
 Progress = Callable[[int], None]
 

@@ -501,8 +501,8 @@ def template_build(name: str) -> None:
 @template_app.command("ls")
 def template_ls() -> None:
     """List built templates and whether each has a snapshot to restore sandboxes from."""
-    from tartarus.snapshots.store import find_snapshot
-    from tartarus.templates.store import list_templates
+    from tartarus.snapshots.snapshot import find_snapshot
+    from tartarus.templates.built import list_templates
 
     table = Table("NAME", "KEY", "FS", "SIZE", "SNAPSHOT")
     for t in list_templates():
@@ -515,7 +515,7 @@ def template_ls() -> None:
 @template_app.command("rm")
 def template_rm(name: str) -> None:
     """Forget a built template; its filesystem and snapshots stay cached by content for a rebuild."""
-    from tartarus.templates.store import remove_template
+    from tartarus.templates.built import remove_template
 
     try:
         remove_template(name)

@@ -43,7 +43,7 @@ from tartarus.daemon.routes import (
 )
 from tartarus.daemon.routes.deps import Daemon
 from tartarus.errors import InvalidArgument, TartarusError
-from tartarus.images.store import ImageStore
+from tartarus.images.cache import ImageCache
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
     app.state.manager = manager
     app.state.control = control
     app.state.daemon = Daemon(
-        manager, control, ImageStore(manager.config.image_root), asyncio.Semaphore(MAX_CONCURRENT_CONVERSIONS)
+        manager, control, ImageCache(manager.config.image_root), asyncio.Semaphore(MAX_CONCURRENT_CONVERSIONS)
     )
     app.add_middleware(Gate, control=control, public=PUBLIC_ROUTES)  # before any body is read
     app.add_middleware(RequestMiddleware, control=control)  # outside the gate: refusals are logged

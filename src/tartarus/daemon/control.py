@@ -38,7 +38,7 @@ from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusEr
 from tartarus.private import write_private
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
-from tartarus.templates.store import get_template
+from tartarus.templates.built import get_template
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ from tartarus.policy import PolicyEngine
 from tartarus.policy.admission import admit
 from tartarus.policy.model import QuarantineSettings
 from tartarus.sandbox import capture
-from tartarus.sandbox.image import META, Image, list_images, remove_image
 from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.quarantine import Confinement
 from tartarus.sandbox.sandbox import Sandbox, compatible
+from tartarus.sandbox.saved import META, SavedSandbox, list_saved, remove_saved
 from tartarus.sandbox.spec import Admission, SandboxSpec
-from tartarus.snapshots.store import Snapshot, find_snapshot
-from tartarus.templates.store import Template, get_template
+from tartarus.snapshots.snapshot import Snapshot, find_snapshot
+from tartarus.templates.built import Template, get_template
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ class FromTemplate:
 
 @dataclass(frozen=True)
 class FromCapture:
-    """The hibernated sandbox `image` woken (`wake`), or a new sandbox copied from the checkpoint."""
+    """The hibernated sandbox `saved` woken (`wake`), or a new sandbox copied from the checkpoint."""
 
-    image: Image
+    saved: SavedSandbox
     wake: bool
 
 
@@ -98,14 +98,14 @@ class Lifecycle:
         source, contained as admitted. A sandbox that cannot be contained is destroyed, never handed
         out. The caller adds it to the table (or, for a wake, puts it back in its record)."""
         if isinstance(source, FromCapture):
-            image = source.image
+            saved = source.saved
             # The capture's shape, not the template's: it was restored, so the two agree.
-            asked = dataclasses.replace(spec, vcpus=image.vcpus, memory_mib=image.memory_mib)
-            admission = await self.admit(image.template, asked)
+            asked = dataclasses.replace(spec, vcpus=saved.vcpus, memory_mib=saved.memory_mib)
+            admission = await self.admit(saved.template, asked)
             start = Sandbox.wake if source.wake else Sandbox.copy
-            with self.pools.take(self.pools.for_image(image)) as prepared:
+            with self.pools.take(self.pools.for_image(saved)) as prepared:
                 runtime, snapshot = await start(
-                    image,
+                    saved,
                     self.layout,
                     spec,
                     limits=admission.limits,
@@ -184,14 +184,14 @@ class Lifecycle:
         async with record.lock:
             if record.state != "hibernated":
                 return record
-            image = record.image
-            assert image is not None
+            saved = record.saved
+            assert saved is not None
             # Admitted again under the policy in force now: its network and limits are re-applied; and
             # under its tenant's quota, held until it runs (then it counts as usage).
             t0 = time.perf_counter()
             async with self.admit_wake(record):
-                started = await self.start(image.spec, FromCapture(image, wake=True))
-                record.runtime, record.snapshot, record.image = started.runtime, started.snapshot, None
+                started = await self.start(saved.spec, FromCapture(saved, wake=True))
+                record.runtime, record.snapshot, record.saved = started.runtime, started.snapshot, None
                 record.state = "running"
             record.last_active = time.monotonic()
             self.table.woken(record)
@@ -199,23 +199,23 @@ class Lifecycle:
             self.observe("wake", time.perf_counter() - t0)
             return record
 
-    async def copy(self, image: Image, spec: SandboxSpec) -> SandboxRecord:
+    async def copy(self, saved: SavedSandbox, spec: SandboxSpec) -> SandboxRecord:
         """A new sandbox from a checkpoint, admitted and contained like any create."""
-        return self._add(spec, await self.start(spec, FromCapture(image, wake=False)))
+        return self._add(spec, await self.start(spec, FromCapture(saved, wake=False)))
 
     async def fork(self, id_: str, count: int, tenant: str) -> builtins.list[SandboxRecord]:
         """`count` running copies of a sandbox, owned by `tenant`, through a checkpoint deleted once
         they run."""
         if not 1 <= count <= 16:
             raise InvalidArgument(f"fork count must be from 1 to 16, not {count}")
-        image = await self.checkpoint(id_)
-        spec = dataclasses.replace(image.spec, tenant=tenant, idle_timeout=None)
+        saved = await self.checkpoint(id_)
+        spec = dataclasses.replace(saved.spec, tenant=tenant, idle_timeout=None)
         try:
             results = await asyncio.gather(
-                *(self.copy(image, spec) for _ in range(count)), return_exceptions=True
+                *(self.copy(saved, spec) for _ in range(count)), return_exceptions=True
             )
         finally:
-            remove_image(image.path)
+            remove_saved(saved.path)
         copies = [r for r in results if isinstance(r, SandboxRecord)]
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -261,7 +261,7 @@ class Lifecycle:
             t0 = time.perf_counter()
             try:
                 # With its exposed ports, so that the addresses its clients hold work again once woken.
-                image = await record.runtime.hibernate(
+                saved = await record.runtime.hibernate(
                     record.snapshot,
                     self.layout,
                     self.config.hibernate_quota_bytes,
@@ -270,19 +270,19 @@ class Lifecycle:
             except BaseException:
                 committed = self.layout.hibernated / id_
                 if (committed / META).exists():  # failed after its commit point: roll forward
-                    image = Image.load(committed, self.layout.seal)
+                    saved = SavedSandbox.load(committed, self.layout.seal)
                 else:
                     vm = record.runtime.vm
                     if vm is None or not vm.running:
                         self.table.failed(record)
                     raise
-            record.runtime, record.image, record.state = None, image, "hibernated"
+            record.runtime, record.saved, record.state = None, saved, "hibernated"
             self.table.changed(record, "hibernated")
             self.observe("hibernate", time.perf_counter() - t0)
-            log.info("hibernated %s (%d bytes on disk)", id_, image.disk_bytes)
+            log.info("hibernated %s (%d bytes on disk)", id_, saved.disk_bytes)
             return record
 
-    async def checkpoint(self, id_: str, ttl: float | None = None) -> Image:
+    async def checkpoint(self, id_: str, ttl: float | None = None) -> SavedSandbox:
         """Capture a running sandbox; it is deleted `ttl` seconds after its last use (None: the
         policy's default; over the policy's cap: InvalidArgument)."""
         ttl = checkpoint_ttl(ttl, self.policy.policy.limits)
@@ -294,20 +294,20 @@ class Lifecycle:
                 record.snapshot, self.layout, cid, ttl, self.config.hibernate_quota_bytes
             )
 
-    def checkpoints(self) -> builtins.list[Image]:
-        return list_images(self.layout.checkpoints, self.layout.seal)
+    def checkpoints(self) -> builtins.list[SavedSandbox]:
+        return list_saved(self.layout.checkpoints, self.layout.seal)
 
-    def get_checkpoint(self, cid: str) -> Image:
-        for image in self.checkpoints():
-            if image.id == cid:
-                return image
+    def get_checkpoint(self, cid: str) -> SavedSandbox:
+        for saved in self.checkpoints():
+            if saved.id == cid:
+                return saved
         raise NotFound(f"no checkpoint {cid!r}")
 
     def delete_expired_checkpoints(self) -> builtins.list[str]:
-        expired = [image for image in self.checkpoints() if capture.expired(image)]
-        for image in expired:
-            remove_image(image.path)
-        return [image.id for image in expired]
+        expired = [saved for saved in self.checkpoints() if capture.expired(saved)]
+        for saved in expired:
+            remove_saved(saved.path)
+        return [saved.id for saved in expired]
 
     # ---- the end --------------------------------------------------------------------------------
 
@@ -318,8 +318,8 @@ class Lifecycle:
         await self.ports.close(id_)
         async with record.lock:
             self.table.ended(record, why, change)
-            if record.image is not None:
-                remove_image(record.image.path)
+            if record.saved is not None:
+                remove_saved(record.saved.path)
             if record.runtime is not None:
                 if record.runtime.quarantined is not None:
                     audit.record(self.state_dir, "sandbox.destroy", sandbox=id_, quarantined=True)

@@ -28,9 +28,9 @@ from tartarus.daemon.table import SandboxRecord, SandboxTable
 from tartarus.errors import Conflict, NotFound, PolicyDenied, Quarantined
 from tartarus.policy import Policy, PolicyEngine
 from tartarus.sandbox import capture
-from tartarus.sandbox.image import Image, remove_image, unpin_unused
 from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.sandbox import Sandbox
+from tartarus.sandbox.saved import SavedSandbox, remove_saved, unpin_unused
 from tartarus.sandbox.spec import SandboxSpec
 
 __all__ = ["SandboxManager"]
@@ -138,7 +138,7 @@ class SandboxManager:
     async def hibernate(self, id_: str) -> SandboxRecord:
         return await self.lifecycle.hibernate(id_)
 
-    async def checkpoint(self, id_: str, ttl: float | None = None) -> Image:
+    async def checkpoint(self, id_: str, ttl: float | None = None) -> SavedSandbox:
         return await self.lifecycle.checkpoint(id_, ttl)
 
     async def fork(self, id_: str, count: int, tenant: str | None = None) -> builtins.list[SandboxRecord]:
@@ -153,15 +153,15 @@ class SandboxManager:
         tenant: str | None = None,
     ) -> SandboxRecord:
         """A new sandbox from a checkpoint, owned by `tenant` (default: the checkpoint's)."""
-        image = self.get_checkpoint(cid)
-        capture.touch(image)
+        saved = self.get_checkpoint(cid)
+        capture.touch(saved)
         spec = dataclasses.replace(
-            image.spec,
-            env={**image.spec.env, **(env or {})},
+            saved.spec,
+            env={**saved.spec.env, **(env or {})},
             idle_timeout=idle_timeout,
-            tenant=tenant or image.spec.tenant,
+            tenant=tenant or saved.spec.tenant,
         )
-        return await self.lifecycle.copy(image, spec)
+        return await self.lifecycle.copy(saved, spec)
 
     async def destroy(self, id_: str, why: str | None = None) -> None:
         await self.lifecycle.destroy(id_, why)
@@ -175,20 +175,20 @@ class SandboxManager:
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def checkpoints(self) -> builtins.list[Image]:
+    def checkpoints(self) -> builtins.list[SavedSandbox]:
         return self.lifecycle.checkpoints()
 
-    def get_checkpoint(self, cid: str) -> Image:
+    def get_checkpoint(self, cid: str) -> SavedSandbox:
         return self.lifecycle.get_checkpoint(cid)
 
     def delete_checkpoint(self, cid: str) -> None:
-        remove_image(self.get_checkpoint(cid).path)
+        remove_saved(self.get_checkpoint(cid).path)
 
     def gc(self) -> dict[str, builtins.list[str]]:
         """Delete expired checkpoints and pins that no hibernated sandbox or checkpoint needs."""
         expired = self.lifecycle.delete_expired_checkpoints()
-        used = {image.snapshot_key for image in self.checkpoints()}
-        used |= {r.image.snapshot_key for r in self.table.list() if r.image is not None}
+        used = {saved.snapshot_key for saved in self.checkpoints()}
+        used |= {r.saved.snapshot_key for r in self.table.list() if r.saved is not None}
         used |= {r.snapshot.key for r in self.table.list() if r.snapshot is not None}
         return {
             "checkpoints": expired,

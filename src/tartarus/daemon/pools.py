@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
-from tartarus.sandbox.image import Image
 from tartarus.sandbox.sandbox import Sandbox
+from tartarus.sandbox.saved import SavedSandbox
 from tartarus.snapshots.pool import VMMPool
-from tartarus.snapshots.store import Snapshot, find_snapshot
-from tartarus.templates.store import Template, list_templates
+from tartarus.snapshots.snapshot import Snapshot, find_snapshot
+from tartarus.templates.built import Template, list_templates
 
 
 class DeferredRefills:
@@ -81,8 +81,8 @@ class Pools:
             return None
         return self._pool(snapshot, template)
 
-    def for_image(self, image: Image) -> VMMPool | None:
-        return self._pools.get(image.snapshot_key)
+    def for_image(self, saved: SavedSandbox) -> VMMPool | None:
+        return self._pools.get(saved.snapshot_key)
 
     def _pool(self, snapshot: Snapshot, template: Template) -> VMMPool:
         pool = self._pools.get(snapshot.key)

@@ -42,8 +42,8 @@ def _state_dir_writable(state_dir: Path) -> Check:
 
 
 def _guest_built() -> Check:
-    from tartarus.guest.initramfs import initramfs_path
-    from tartarus.guest.kernel import kernel_path
+    from tartarus.bootfiles.initramfs import initramfs_path
+    from tartarus.bootfiles.kernel import kernel_path
 
     try:
         kernel_path()
@@ -54,8 +54,8 @@ def _guest_built() -> Check:
 
 
 def _snapshot_usable() -> Check:
-    from tartarus.snapshots.store import find_snapshot
-    from tartarus.templates.store import list_templates
+    from tartarus.snapshots.snapshot import find_snapshot
+    from tartarus.templates.built import list_templates
 
     try:
         for template in list_templates():

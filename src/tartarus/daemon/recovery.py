@@ -23,12 +23,12 @@ from tartarus.policy import PolicyEngine
 from tartarus.private import make_private
 from tartarus.runtime.vm import is_our_vmm
 from tartarus.sandbox import capture, descriptor
-from tartarus.sandbox.image import list_images
 from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.reap import reap_leftovers, reap_workdir
 from tartarus.sandbox.sandbox import Sandbox
-from tartarus.snapshots.store import Snapshot
-from tartarus.templates.store import get_template
+from tartarus.sandbox.saved import list_saved
+from tartarus.snapshots.snapshot import Snapshot
+from tartarus.templates.built import get_template
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ class Recovery:
             )
         if lost:
             log.error("lost %d sandboxes that a previous daemon died waking: %s", len(lost), ", ".join(lost))
-        hibernated = list_images(self.layout.hibernated, self.layout.seal)
-        self._adoptable = self._find_adoptable({image.id for image in hibernated})
+        hibernated = list_saved(self.layout.hibernated, self.layout.seal)
+        self._adoptable = self._find_adoptable({saved.id for saved in hibernated})
         sandboxes = self.layout.sandboxes
         reaped = reap_leftovers(sandboxes, keep=set(self._adoptable))
         if reaped:
@@ -85,15 +85,15 @@ class Recovery:
         reap_orphan_namespaces()
         for staging in self.layout.checkpoints.glob(".*.staging"):
             shutil.rmtree(staging, ignore_errors=True)
-        for image in hibernated:
+        for saved in hibernated:
             record = SandboxRecord(
-                image.id,
-                image.template,
-                image.spec,
+                saved.id,
+                saved.template,
+                saved.spec,
                 None,
                 "hibernated",
-                image=image,
-                created_at=image.created_at,
+                saved=saved,
+                created_at=saved.created_at,
             )
             self.table.load(record)
         return reaped
@@ -105,7 +105,7 @@ class Recovery:
 
     def _find_adoptable(self, hibernated: set[str]) -> dict[Path, dict[str, Any]]:
         """Working directories of sandboxes whose VMM outlived the previous daemon, by descriptor.
-        One that hibernated (committed) meanwhile is not: its image is the sandbox now."""
+        One that hibernated (committed) meanwhile is not: its saved sandbox is the sandbox now."""
         found: dict[Path, dict[str, Any]] = {}
         if not self.config.live_restore or not self.layout.sandboxes.exists():
             return found
@@ -144,8 +144,8 @@ class Recovery:
             log.warning("took over %d running sandboxes: %s", len(adopted), ", ".join(adopted))
             audit.record(self.state_dir, "sandbox.adopted", sandboxes=adopted)
         for record in self.table.list():
-            if record.image is not None:
-                await self._listen_again(record.id, record.image.exposed, record.tenant)
+            if record.saved is not None:
+                await self._listen_again(record.id, record.saved.exposed, record.tenant)
         return adopted
 
     async def _listen_again(self, id_: str, exposed: object, tenant: str) -> None:

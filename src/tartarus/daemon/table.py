@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tartarus.errors import NotFound
-from tartarus.sandbox.image import Image
 from tartarus.sandbox.sandbox import Sandbox
+from tartarus.sandbox.saved import SavedSandbox
 from tartarus.sandbox.spec import SandboxSpec
-from tartarus.snapshots.store import Snapshot
+from tartarus.snapshots.snapshot import Snapshot
 from tartarus.store import SandboxRow
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class SandboxRecord:
     runtime: Sandbox | None  # None while hibernated
     state: str  # "running" | "hibernated" | "failed" | "destroyed"
     snapshot: Snapshot | None = None  # the snapshot it was restored from: what hibernation needs
-    image: Image | None = None  # while hibernated
+    saved: SavedSandbox | None = None  # while hibernated
     error: str | None = None
     created_at: float = field(default_factory=time.time)
     timeout_s: float | None = None  # the lifetime it was given (its TTL), for the record
@@ -68,14 +68,14 @@ class SandboxRecord:
     @property
     def vcpus(self) -> int:
         vm = self.runtime.vm if self.runtime else None
-        return vm.config.vcpus if vm else self.image.vcpus if self.image else self.template.vcpus
+        return vm.config.vcpus if vm else self.saved.vcpus if self.saved else self.template.vcpus
 
     @property
     def memory_mib(self) -> int:
         vm = self.runtime.vm if self.runtime else None
         if vm:
             return vm.config.memory_mib
-        return self.image.memory_mib if self.image else self.template.memory_mib
+        return self.saved.memory_mib if self.saved else self.template.memory_mib
 
     def set_timeout(self, seconds: float | None) -> None:
         self.timeout_s = seconds

@@ -38,7 +38,7 @@ class TenantQuotas:
 
     def checkpoints_of(self, tenant: str) -> int:
         """How many checkpoints a tenant keeps on this daemon (they hold a guest's RAM and disk)."""
-        return sum(1 for image in self.manager.checkpoints() if image.spec.tenant == tenant)
+        return sum(1 for saved in self.manager.checkpoints() if saved.spec.tenant == tenant)
 
     def usage(self, tenant: str) -> quotas.Usage:
         """What a tenant's sandboxes on this daemon hold now: a failed one nothing, one without a VM
@@ -69,9 +69,9 @@ class TenantQuotas:
     def admit_wake(self, record: SandboxRecord) -> contextlib.AbstractAsyncContextManager[None]:
         """The manager's hook around a wake: the owner's quota must have room for the sandbox's vCPUs and
         memory again (it already counts among the tenant's sandboxes). Raises QuotaExceeded."""
-        image = record.image
-        assert image is not None
-        wanted = quotas.Usage(0, image.vcpus, image.memory_mib)
+        saved = record.saved
+        assert saved is not None
+        wanted = quotas.Usage(0, saved.vcpus, saved.memory_mib)
         return self.admitted(record.tenant, wanted)
 
     @contextlib.contextmanager

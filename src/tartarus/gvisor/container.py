@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tartarus import private
+from tartarus.bootfiles.initramfs import initramfs_path
 from tartarus.errors import SandboxFailed, TartarusError
-from tartarus.guest.initramfs import initramfs_path
 from tartarus.gvisor.rootfs import template_tree
 from tartarus.gvisor.runsc import global_flags, runsc_binary
 from tartarus.gvisor.spec import BundleSpec, config_json
 from tartarus.runtime.agent import AgentClient
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tartarus.bootfiles.cache import cached, digest
 from tartarus.errors import InvalidArgument, TartarusError
-from tartarus.guest.cache import cached, digest
 from tartarus.gvisor.spec import AGENT_DIR
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 LAYOUT = "gvisor-tree-v1"  # bump when the extraction below changes what the tree holds
 FSTYPES = ("ext4", "erofs")

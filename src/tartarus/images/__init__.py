@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tartarus.images.api import pull, to_template
+    from tartarus.images.cache import ImageBuild, ImageCache
     from tartarus.images.manifest import ImageConfig
-    from tartarus.images.store import ImageBuild, ImageStore
 
-__all__ = ["ImageBuild", "ImageConfig", "ImageStore", "pull", "to_template"]
+__all__ = ["ImageBuild", "ImageCache", "ImageConfig", "pull", "to_template"]
 
 _WHERE = {
     "pull": "tartarus.images.api",
     "to_template": "tartarus.images.api",
-    "ImageBuild": "tartarus.images.store",
-    "ImageStore": "tartarus.images.store",
+    "ImageBuild": "tartarus.images.cache",
+    "ImageCache": "tartarus.images.cache",
     "ImageConfig": "tartarus.images.manifest",
 }
 

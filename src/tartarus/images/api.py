@@ -16,13 +16,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from tartarus.images.build import DEFAULT_FSTYPE, FSTYPES
+from tartarus.images.cache import ImageBuild, ImageCache
 from tartarus.images.errors import ImageError
 from tartarus.images.layers import Limits
 from tartarus.images.manifest import DEFAULT_PLATFORM, Platform, parse_config
 from tartarus.images.sources import ImageSource, Resolved, open_source
-from tartarus.images.store import ImageBuild, ImageStore
 from tartarus.images.worker import run_build
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 # progress(phase, done, total): phases "download" and "apply" count bytes of layer blobs; "resolve",
 # "build" and "done" come once each with (0, 0). Called from several threads.
@@ -54,7 +54,7 @@ def pull(
     progress: Progress | None = None,
     platform: str | Platform = DEFAULT_PLATFORM,
     fstype: str = DEFAULT_FSTYPE,
-    store: ImageStore | None = None,
+    store: ImageCache | None = None,
     limits: Limits | None = None,
     loop: bool | None = None,
 ) -> ImageBuild:
@@ -70,7 +70,7 @@ def pull(
         raise ImageError(f"unknown filesystem type {fstype!r} (expected one of {', '.join(FSTYPES)})")
     report = progress or _ignore
     want = platform if isinstance(platform, Platform) else Platform.from_string(platform)
-    store = store or ImageStore()
+    store = store or ImageCache()
     store.ensure()
     with store.shared():
         source = open_source(ref, store.blobs, insecure=insecure, platform=want)
@@ -97,7 +97,7 @@ def pull(
 def _convert(
     source: ImageSource,
     resolved: Resolved,
-    store: ImageStore,
+    store: ImageCache,
     fstype: str,
     limits: Limits,
     report: Progress,

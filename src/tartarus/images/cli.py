@@ -91,9 +91,9 @@ def pull_cmd(
 @image_app.command("ls")
 def ls_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List converted images."""
-    from tartarus.images.store import ImageStore
+    from tartarus.images.cache import ImageCache
 
-    builds = ImageStore().all()
+    builds = ImageCache().all()
     if as_json:
         print(json.dumps([json.loads(b.to_json()) | {"rootfs": str(b.rootfs)} for b in builds], indent=2))
         return
@@ -107,9 +107,9 @@ def ls_cmd(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @image_app.command("rm")
 def rm_cmd(specs: Annotated[list[str], typer.Argument(help="refs or manifest digest prefixes")]) -> None:
     """Delete converted images (their blobs go at the next `prune`)."""
-    from tartarus.images.store import ImageStore
+    from tartarus.images.cache import ImageCache
 
-    store = ImageStore()
+    store = ImageCache()
     try:
         for spec in specs:
             for build in store.remove(spec):
@@ -121,7 +121,7 @@ def rm_cmd(specs: Annotated[list[str], typer.Argument(help="refs or manifest dig
 @image_app.command("prune")
 def prune_cmd() -> None:
     """Delete cached blobs no converted image uses, and leftovers of interrupted pulls."""
-    from tartarus.images.store import ImageStore
+    from tartarus.images.cache import ImageCache
 
-    report = ImageStore().prune()
+    report = ImageCache().prune()
     print(f"removed {report.blobs} blobs ({_size(report.bytes)}) and {report.tmp_entries} leftovers")

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tartarus.bootfiles.cache import cached, digest
 from tartarus.errors import NotFound
-from tartarus.guest.cache import cached, digest
 from tartarus.images.layout import LayoutWriter
 from tartarus.templates.debian import PRUNE, debian_mirror, debootstrap
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from tartarus.guest.cache import cached, digest
+from tartarus.bootfiles.cache import cached, digest
 from tartarus.images.layout import Blob as Blob  # re-exported: tests write layouts with these
 from tartarus.images.layout import LayoutWriter as LayoutWriter
 

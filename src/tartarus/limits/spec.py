@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tartarus.errors import InvalidArgument
 from tartarus.limits.bandwidth import Bandwidth
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 DEFAULT_DISK_MIB = 4096  # the size of a template's writable layer (runtime/disks.py): the smallest disk
 DAY_S = 24 * 3600.0

@@ -15,8 +15,8 @@ from tartarus.limits.spec import resolve_limits
 from tartarus.network.policy import NONE, resolve
 from tartarus.policy.engine import AdmissionRequest, PolicyEngine
 from tartarus.sandbox.spec import Admission, SandboxSpec
+from tartarus.templates.built import Template
 from tartarus.templates.spec import ImageBase, builtin_spec
-from tartarus.templates.store import Template
 
 
 async def admit(engine: PolicyEngine, template: Template, spec: SandboxSpec) -> Admission:

@@ -11,7 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tartarus.guest.cache import cached, digest
+from tartarus.bootfiles.cache import cached, digest
 from tartarus.private import opener
 
 DEFAULT_LAYER_MIB = 4096

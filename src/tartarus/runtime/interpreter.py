@@ -1,4 +1,4 @@
-"""Host side of the warm code interpreter (guest/interpreter_main.py): `run_code` with state kept.
+"""Host side of the warm code interpreter (runtime/interpreter_main.py): `run_code` with state kept.
 
 The interpreter is a long-lived exec whose stdin and stdout carry newline-delimited JSON. It is started
 before a template is snapshotted, so a restored sandbox adopts it (same request id) rather than paying
@@ -18,7 +18,7 @@ from tartarus.errors import SandboxFailed, Timeout
 from tartarus.runtime.agent import INTERPRETER_ID, AgentClient, Exit, Output, Process
 from tartarus.wire import Execution, ExecutionError
 
-GUEST_SCRIPT = Path(__file__).resolve().parents[1] / "guest" / "interpreter_main.py"
+GUEST_SCRIPT = Path(__file__).resolve().parent / "interpreter_main.py"
 GUEST_PATH = "/opt/tartarus/interpreter.py"
 MAX_LINE = 8 << 20
 

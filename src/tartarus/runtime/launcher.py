@@ -10,9 +10,9 @@ import functools
 import subprocess
 from pathlib import Path
 
+from tartarus.bootfiles.cache import cached, digest
+from tartarus.bootfiles.initramfs import gcc_version
 from tartarus.errors import SetupRequired
-from tartarus.guest.cache import cached, digest
-from tartarus.guest.initramfs import gcc_version
 from tartarus.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("launcher.c")

@@ -3,11 +3,11 @@ step leaves the sandbox running (rolled back) or cleanly captured (rolled forwar
 Capturing (hibernate, checkpoint) and cleaning up after a daemon that died mid-way are here; starting
 from a capture (wake, copy) is `Sandbox.wake` and `Sandbox.copy`, whose commit point is described below.
 
-Hibernation commits when its image directory is renamed into `<state>/hibernated/`; a wake commits
+Hibernation commits when its saved sandbox directory is renamed into `<state>/hibernated/`; a wake commits
 when that directory is renamed to `<state>/sandboxes/.<id>.waking`, after its state is loaded and
-before the guest runs again, so an image is never reused once its guest has moved on. Just before the
+before the guest runs again, so a saved sandbox is never reused once its guest has moved on. Just before the
 guest resumes, the waking directory is marked `resumed`: a daemon that dies between the two leaves an
-image that is still exactly the sandbox, which the next daemon puts back (`recover_wakes`).
+saved sandbox that is still exactly the sandbox, which the next daemon puts back (`recover_wakes`).
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ from tartarus.private import PRIVATE_DIR
 from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.vm import MicroVM
-from tartarus.sandbox.image import META, Image, allocated_bytes, pin, publish
 from tartarus.sandbox.layout import Layout
+from tartarus.sandbox.saved import META, SavedSandbox, allocated_bytes, pin, publish
 from tartarus.sandbox.spec import SandboxSpec
-from tartarus.snapshots.store import Snapshot
-from tartarus.templates.store import Template
+from tartarus.snapshots.snapshot import Snapshot
+from tartarus.templates.built import Template
 
 log = logging.getLogger(__name__)
 
 LAYER = "rw.ext4"  # a running sandbox's writable layer, in its working directory
-RESUMED = "resumed"  # in a waking image: its guest may have run since, so the image is stale
+RESUMED = "resumed"  # in a waking saved sandbox: its guest may have run since, so the saved sandbox is stale
 
 
 class Capturable(Protocol):
@@ -67,9 +67,9 @@ def _capturable(sandbox: Capturable, snapshot: Snapshot | None) -> Snapshot:
     return snapshot
 
 
-def _image(sandbox: Capturable, snapshot: Snapshot, path: Path, kind: str, id_: str) -> Image:
-    """The image's metadata; the template is the pinned one so the image outlives cache clean-ups."""
-    return Image(
+def _saved(sandbox: Capturable, snapshot: Snapshot, path: Path, kind: str, id_: str) -> SavedSandbox:
+    """The saved sandbox's metadata; the template is the pinned one, so that it outlives cache clean-ups."""
+    return SavedSandbox(
         path=path,
         kind=kind,
         id=id_,
@@ -102,7 +102,7 @@ def _storage_error(layout: Layout, sandbox_id: str, what: str) -> InsufficientSt
 
 
 def _check_quota(layout: Layout, quota_bytes: int | None, vm_memory_mib: int) -> None:
-    """Refuse before writing when the images already use the quota (an image costs at most its RAM)."""
+    """Refuse before writing when saved sandboxes already use the quota (one costs at most its RAM)."""
     if quota_bytes is None:
         return
     used = sum(
@@ -128,7 +128,7 @@ async def hibernate(
     timings: dict[str, float] | None = None,
     own_pages_only: bool = True,
     exposed: Any = None,
-) -> Image:
+) -> SavedSandbox:
     """Capture the sandbox to `<state>/hibernated/<id>` and stop its VMM. `timings`, if given, gets
     the cumulative seconds of each phase."""
     t0 = time.perf_counter()
@@ -155,9 +155,9 @@ async def hibernate(
         os.rename(layer, staging / "layer.ext4")
         moved = True
         failpoints.hit("hibernate.layer_moved")
-        image = _image(sandbox, snapshot, staging, "hibernation", sandbox.id)
-        image = dataclasses.replace(image, template=template, exposed=exposed)
-        image = publish(image, layout.hibernated / sandbox.id, layout.seal)
+        saved = _saved(sandbox, snapshot, staging, "hibernation", sandbox.id)
+        saved = dataclasses.replace(saved, template=template, exposed=exposed)
+        saved = publish(saved, layout.hibernated / sandbox.id, layout.seal)
         timings["committed"] = time.perf_counter() - t0
     except BaseException as error:
         if moved:
@@ -171,10 +171,10 @@ async def hibernate(
         raise
     try:
         failpoints.hit("hibernate.committed")
-    finally:  # committed: whatever happens now, the image is the sandbox
+    finally:  # committed: whatever happens now, the saved sandbox is the sandbox
         await sandbox.destroy()
     timings["vmm_gone"] = time.perf_counter() - t0
-    return image
+    return saved
 
 
 def undo_staging(workdir: Path) -> None:
@@ -215,15 +215,15 @@ def recover_wakes(layout: Layout) -> tuple[list[str], list[str]]:
     return restored, lost
 
 
-def touch(image: Image) -> None:
+def touch(saved: SavedSandbox) -> None:
     """Mark a checkpoint used now: its time-to-live counts from its last use."""
-    os.utime(image.path)
+    os.utime(saved.path)
 
 
-def expired(image: Image, now: float | None = None) -> bool:
-    if image.ttl_s is None:
+def expired(saved: SavedSandbox, now: float | None = None) -> bool:
+    if saved.ttl_s is None:
         return False
-    return (now or time.time()) - image.path.stat().st_mtime > image.ttl_s
+    return (now or time.time()) - saved.path.stat().st_mtime > saved.ttl_s
 
 
 async def checkpoint(
@@ -233,7 +233,7 @@ async def checkpoint(
     checkpoint_id: str,
     ttl_s: float | None = None,
     quota_bytes: int | None = None,
-) -> Image:
+) -> SavedSandbox:
     """Capture a running sandbox to `<state>/checkpoints/<id>` and let it run on."""
     snapshot = _capturable(sandbox, snapshot)
     vm = sandbox.vm
@@ -250,9 +250,9 @@ async def checkpoint(
         finally:
             if vm.running:
                 await vm.resume()
-        image = _image(sandbox, snapshot, staging, "checkpoint", checkpoint_id)
-        image = dataclasses.replace(image, template=template, ttl_s=ttl_s)
-        return publish(image, layout.checkpoints / checkpoint_id, layout.seal)
+        saved = _saved(sandbox, snapshot, staging, "checkpoint", checkpoint_id)
+        saved = dataclasses.replace(saved, template=template, ttl_s=ttl_s)
+        return publish(saved, layout.checkpoints / checkpoint_id, layout.seal)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if _disk_full(error):

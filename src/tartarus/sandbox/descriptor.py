@@ -31,7 +31,7 @@ from tartarus.runtime.vm import MicroVM
 from tartarus.sandbox.quarantine import QuarantineState
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.sealing import EnvSeal, SealError
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 log = logging.getLogger(__name__)
 

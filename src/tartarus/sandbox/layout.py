@@ -33,5 +33,5 @@ class Layout:
 
     @functools.cached_property
     def seal(self) -> EnvSeal:
-        """What seals the env in image records (and sandbox descriptors): the state dir's key."""
+        """What seals the env in saved sandbox records (and sandbox descriptors): the state dir's key."""
         return EnvSeal.for_state_dir(self.state_dir)

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from tartarus import audit, failpoints
+from tartarus.bootfiles.initramfs import initramfs_path
+from tartarus.bootfiles.kernel import kernel_path
 from tartarus.errors import Conflict, InvalidArgument, SandboxFailed
-from tartarus.guest.initramfs import initramfs_path
-from tartarus.guest.kernel import kernel_path
 from tartarus.hibernation.capture import fsync_path
 from tartarus.limits import Limits, SandboxCgroup
 from tartarus.limits.bandwidth import Bandwidth
@@ -45,15 +45,15 @@ from tartarus.runtime.vm import MicroVM
 from tartarus.sandbox import capture, descriptor
 from tartarus.sandbox.capture import LAYER, RESUMED
 from tartarus.sandbox.descriptor import Described
-from tartarus.sandbox.image import Image, pinned
 from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.quarantine import Confinement, QuarantineState
 from tartarus.sandbox.reap import reap_workdir
+from tartarus.sandbox.saved import SavedSandbox, pinned
 from tartarus.sandbox.spec import Admission, SandboxSpec
 from tartarus.sandbox.throttle import apply_bandwidth, throttle_disks
 from tartarus.sealing import EnvSeal
-from tartarus.snapshots.store import Snapshot
-from tartarus.templates.store import Template
+from tartarus.snapshots.snapshot import Snapshot
+from tartarus.templates.built import Template
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class Sandbox:
     @classmethod
     async def wake(
         cls,
-        image: Image,
+        saved: SavedSandbox,
         layout: Layout,
         spec: SandboxSpec,
         *,
@@ -271,13 +271,13 @@ class Sandbox:
         outlive_owner: bool = False,
         prepared: Sandbox | None = None,
     ) -> tuple[Sandbox, Snapshot]:
-        """The hibernated sandbox `image` running again, the same sandbox (id, names, files)."""
-        return await cls._from_image(image, layout, spec, limits, outlive_owner, prepared, wake=True)
+        """The hibernated sandbox `saved` running again, the same sandbox (id, names, files)."""
+        return await cls._from_saved(saved, layout, spec, limits, outlive_owner, prepared, wake=True)
 
     @classmethod
     async def copy(
         cls,
-        image: Image,
+        saved: SavedSandbox,
         layout: Layout,
         spec: SandboxSpec,
         *,
@@ -285,13 +285,13 @@ class Sandbox:
         outlive_owner: bool = False,
         prepared: Sandbox | None = None,
     ) -> tuple[Sandbox, Snapshot]:
-        """A new sandbox from the checkpoint `image`: its memory, processes and files, its own identity."""
-        return await cls._from_image(image, layout, spec, limits, outlive_owner, prepared, wake=False)
+        """A new sandbox from the checkpoint `saved`: its memory, processes and files, its own identity."""
+        return await cls._from_saved(saved, layout, spec, limits, outlive_owner, prepared, wake=False)
 
     @classmethod
-    async def _from_image(
+    async def _from_saved(
         cls,
-        image: Image,
+        saved: SavedSandbox,
         layout: Layout,
         spec: SandboxSpec,
         limits: Limits | None,
@@ -300,32 +300,33 @@ class Sandbox:
         *,
         wake: bool,
     ) -> tuple[Sandbox, Snapshot]:
-        """A running sandbox from `image`, with the (pinned) snapshot under it, which a later capture
+        """A running sandbox from `saved`, with the (pinned) snapshot under it, which a later capture
         of it needs. `prepared` is a pooled VMM of the same snapshot, waiting for incoming state; without
         one, a VMM is started. A wake commits as `tartarus.sandbox.capture` describes."""
         try:
-            snapshot = pinned(layout.pins, image.snapshot_key)
+            snapshot = pinned(layout.pins, saved.snapshot_key)
         except FileNotFoundError:
             raise SandboxFailed(
-                f"{image.kind} {image.id}: the snapshot it was captured from ({image.snapshot_key}) is gone"
+                f"{saved.kind} {saved.id}: the snapshot it was captured from ({saved.snapshot_key}) is gone"
             ) from None
         spec = dataclasses.replace(
-            spec, vcpus=image.vcpus, memory_mib=image.memory_mib, env={**image.env, **spec.env}
+            spec, vcpus=saved.vcpus, memory_mib=saved.memory_mib, env={**saved.env, **spec.env}
         )
-        sandbox_id = image.id if wake else new_sandbox_id()
+        sandbox_id = saved.id if wake else new_sandbox_id()
         workdir = layout.sandboxes / sandbox_id
         if wake and workdir.exists() and (prepared is None or prepared.workdir != workdir):
-            reap_workdir(workdir)  # what a failed earlier wake left; the image itself is intact
-        # A waking image moves here when it commits: out of hibernated/, so no one reuses it once its guest
-        # may have run, yet outside the working directory a failed restore deletes (`capture.recover_wakes`).
+            reap_workdir(workdir)  # what a failed earlier wake left; the saved sandbox itself is intact
+        # A waking saved sandbox moves here when it commits: out of hibernated/, so no one reuses it once
+        # its guest may have run, yet outside the working directory a failed restore deletes
+        # (`capture.recover_wakes`).
         waking = layout.sandboxes / f".{sandbox_id}.waking"
         committed = False
 
         def commit() -> None:
             nonlocal committed
             if wake:
-                os.rename(image.path, waking)
-                fsync_path(image.path.parent)
+                os.rename(saved.path, waking)
+                fsync_path(saved.path.parent)
                 committed = True
                 failpoints.hit("wake.committed")
                 (waking / RESUMED).touch(
@@ -337,31 +338,31 @@ class Sandbox:
         if prepared is None:
             prepared = await cls.prepare(
                 snapshot,
-                image.template,
+                saved.template,
                 layout.sandboxes,
                 limits=limits,
                 outlive_owner=outlive_owner,
                 sandbox_id=sandbox_id,
-                layer=image.layer if wake else None,
-                layer_source=None if wake else image.layer,
+                layer=saved.layer if wake else None,
+                layer_source=None if wake else saved.layer,
             )
         else:
             try:
-                await prepared._take_layer(image, wake)
+                await prepared._take_layer(saved, wake)
             except BaseException:
                 await prepared.destroy()
                 raise
         vmm_ready = time.perf_counter() - t0
-        state = GuestState(image.state, image.interpreter_pid, new_identity=not wake)
+        state = GuestState(saved.state, saved.interpreter_pid, new_identity=not wake)
         sandbox = prepared
         try:
             t1 = time.perf_counter()
             await sandbox._resume(sandbox_id, spec, limits, state, t1, 0.0, True, commit)
-            failpoints.hit("wake.resumed")  # its guest runs; its layer is still in the waking image
+            failpoints.hit("wake.resumed")  # its guest runs; its layer is still in the waking saved sandbox
         except BaseException:
             if committed and "guest_resumed" not in sandbox.timings:  # the guest never ran: undo
                 (waking / RESUMED).unlink(missing_ok=True)
-                os.rename(waking, image.path)
+                os.rename(waking, saved.path)
             elif committed:
                 with contextlib.suppress(Exception):
                     await sandbox.destroy()  # idempotent: a failed restore destroyed it already
@@ -371,21 +372,21 @@ class Sandbox:
         sandbox.timings = {k: v + vmm_ready for k, v in sandbox.timings.items() if k != "pooled"}
         sandbox.timings["vmm_ready"] = vmm_ready
         if wake:
-            sandbox.created_at = image.created_at
+            sandbox.created_at = saved.created_at
             sandbox._relocate_layer(waking / "layer.ext4")
             shutil.rmtree(waking, ignore_errors=True)
         return sandbox, snapshot
 
-    async def _take_layer(self, image: Image, wake: bool) -> None:
-        """Give this pooled VMM (waiting with a fresh layer of its own) the image's layer: the hibernated
+    async def _take_layer(self, saved: SavedSandbox, wake: bool) -> None:
+        """Give this pooled VMM (waiting with a fresh layer of its own) the saved layer: the hibernated
         sandbox's own file for a wake, a copy of the checkpoint's for a copy."""
         assert self.vm is not None
         fresh = self.workdir / LAYER
         if wake:
-            layer = image.layer
+            layer = saved.layer
         else:
             layer = self.workdir / "incoming.ext4"
-            sparse_copy(image.layer, layer)
+            sparse_copy(saved.layer, layer)
         await self.vm.replace_drive(LAYER_DRIVE, layer)
         fresh.unlink()
         if not wake:
@@ -584,7 +585,7 @@ class Sandbox:
         timings: dict[str, float] | None = None,
         own_pages_only: bool = True,
         exposed: Any = None,
-    ) -> Image:
+    ) -> SavedSandbox:
         """Capture to `<state>/hibernated/<id>` and stop (`capture.hibernate`: its commit point)."""
         return await capture.hibernate(
             self,
@@ -603,7 +604,7 @@ class Sandbox:
         checkpoint_id: str,
         ttl_s: float | None = None,
         quota_bytes: int | None = None,
-    ) -> Image:
+    ) -> SavedSandbox:
         """Capture to `<state>/checkpoints/<id>` and run on (`capture.checkpoint`)."""
         return await capture.checkpoint(self, snapshot, layout, checkpoint_id, ttl_s, quota_bytes)
 

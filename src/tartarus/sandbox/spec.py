@@ -84,7 +84,7 @@ class SandboxSpec:
     def from_v1(
         cls, template: str, request: Mapping[str, Any], options: Mapping[str, Any] | None = None
     ) -> SandboxSpec:
-        """A spec from the records of version 1: a descriptor's `options` and `record`, or an image's
+        """A spec from the records of version 1: a descriptor's `options` and `record`, or a saved sandbox's
         `request` (owner and request) with its vCPUs, memory and env as `options`."""
         merged = {**(options or {}), **{k: v for k, v in request.items() if k != "network"}}
         merged["network"] = request.get("network") or (options or {}).get("network")

@@ -10,14 +10,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tartarus.bootfiles.cache import cached
 from tartarus.errors import InvalidArgument, Timeout
-from tartarus.guest.cache import cached
 from tartarus.runtime.agent import START_ID
 from tartarus.runtime.disks import create_layer
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.sandbox.sandbox import Sandbox
-from tartarus.snapshots.store import Snapshot, snapshot_key
-from tartarus.templates.store import Template
+from tartarus.snapshots.snapshot import Snapshot, snapshot_key
+from tartarus.templates.built import Template
 
 READY_TIMEOUT_S = 900.0
 READY_POLL_S = 0.2

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tartarus.limits.spec import template_limits
 from tartarus.sandbox.sandbox import Sandbox
-from tartarus.snapshots.store import Snapshot
-from tartarus.templates.store import Template
+from tartarus.snapshots.snapshot import Snapshot
+from tartarus.templates.built import Template
 
 log = logging.getLogger(__name__)
 

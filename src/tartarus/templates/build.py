@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from tartarus.bootfiles.cache import cached, digest
 from tartarus.errors import InvalidArgument
-from tartarus.guest.cache import cached, digest
+from tartarus.templates.built import Template, register_template
 from tartarus.templates.debian import build_debian_rootfs
 from tartarus.templates.spec import DebianBase, ImageBase, LocalImageBase, TemplateSpec
 from tartarus.templates.steps import apply_steps
-from tartarus.templates.store import Template, register_template
 
 IMAGE_BUILDER_VERSION = "oci-image-v1"
 STEPS_VERSION = "build-vm-steps-v1"

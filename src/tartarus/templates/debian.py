@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tartarus.bootfiles.cache import cached, digest
 from tartarus.errors import InvalidArgument, SetupRequired, TartarusError
-from tartarus.guest.cache import cached, digest
 from tartarus.templates.spec import DebianBase, TemplateSpec
 
 log = logging.getLogger(__name__)

@@ -19,15 +19,15 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from tartarus.bootfiles.initramfs import initramfs_path
+from tartarus.bootfiles.kernel import kernel_path
 from tartarus.errors import GuestError, InvalidArgument, SandboxFailed
-from tartarus.guest.initramfs import initramfs_path
-from tartarus.guest.kernel import kernel_path
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.agent import AgentClient, Output
 from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.qemu import Drive, VMConfig
 from tartarus.runtime.vm import MicroVM
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 GUEST_NET = "10.0.2.15/24,10.0.2.2"  # QEMU user networking's defaults
 GUEST_DNS = b"nameserver 10.0.2.3\n"

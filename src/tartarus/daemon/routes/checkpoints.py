@@ -21,17 +21,17 @@ from tartarus.daemon.routes.deps import ERRORS, AdminOnly, Caller, Control, Mana
 from tartarus.daemon.routes.views import checkpoint_info, sandbox_info
 from tartarus.daemon.table import SandboxRecord
 from tartarus.errors import NotFound
-from tartarus.sandbox.image import Image
+from tartarus.sandbox.saved import SavedSandbox
 
 router = APIRouter()
 
 
-def _own_checkpoint(manager: SandboxManager, principal: Principal, checkpoint_id: str) -> Image:
+def _own_checkpoint(manager: SandboxManager, principal: Principal, checkpoint_id: str) -> SavedSandbox:
     """A checkpoint the caller may use: its tenant's (an admin's: any); others' answer 404."""
-    image = manager.get_checkpoint(checkpoint_id)
-    if not principal.admin and image.spec.tenant != principal.tenant:
+    saved = manager.get_checkpoint(checkpoint_id)
+    if not principal.admin and saved.spec.tenant != principal.tenant:
         raise NotFound(f"no checkpoint {checkpoint_id!r}")
-    return image
+    return saved
 
 
 @router.post(
@@ -47,8 +47,8 @@ async def create_checkpoint(
     tenant's `max_checkpoints` quota counts it (429 quota_exceeded) until it is deleted or expires."""
     tenant = manager.get(sandbox_id).tenant  # the checkpoint's owner, as its record will say
     async with control.admitted(tenant, quotas.Usage(checkpoints=1)):
-        image = await manager.checkpoint(sandbox_id, body.ttl_s)
-    return checkpoint_info(image)
+        saved = await manager.checkpoint(sandbox_id, body.ttl_s)
+    return checkpoint_info(saved)
 
 
 @router.get("/v1/checkpoints", response_model=CheckpointList)
@@ -82,12 +82,12 @@ async def create_from_checkpoint(
     manager: Manager,
     control: Control,
 ) -> SandboxInfo:
-    image = _own_checkpoint(manager, caller, checkpoint_id)
+    saved = _own_checkpoint(manager, caller, checkpoint_id)
 
     async def start() -> list[SandboxRecord]:
-        return [await manager.create_from_checkpoint(image.id, body.env, body.idle_timeout_s, caller.tenant)]
+        return [await manager.create_from_checkpoint(saved.id, body.env, body.idle_timeout_s, caller.tenant)]
 
-    (record,) = await control.new_sandboxes(request, quotas.Usage(1, image.vcpus, image.memory_mib), start)
+    (record,) = await control.new_sandboxes(request, quotas.Usage(1, saved.vcpus, saved.memory_mib), start)
     return sandbox_info(record)
 
 

@@ -23,7 +23,7 @@ from tartarus.daemon.auth import Principal
 from tartarus.daemon.control import ControlPlane, principal_of
 from tartarus.daemon.manager import SandboxManager
 from tartarus.daemon.models import ErrorBody
-from tartarus.images.store import ImageStore
+from tartarus.images.cache import ImageCache
 from tartarus.sandbox.sandbox import Sandbox
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -37,7 +37,7 @@ class Daemon:
 
     manager: SandboxManager
     control: ControlPlane
-    images: ImageStore
+    images: ImageCache
     # Image conversions are CPU- and disk-heavy (a worker process each); more at once only thrash.
     conversions: asyncio.Semaphore
 

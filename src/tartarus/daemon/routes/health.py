@@ -51,7 +51,7 @@ async def health(
 
     accel = None
     with contextlib.suppress(TartarusError):
-        from tartarus.guest.kernel import kernel_path
+        from tartarus.bootfiles.kernel import kernel_path
 
         accel = choose_accel(kernel_path())
     return Health(

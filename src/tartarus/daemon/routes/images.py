@@ -28,8 +28,8 @@ from tartarus.errors import (
     RegistryUnavailable,
     TartarusError,
 )
+from tartarus.images.cache import ImageBuild, ImageCache
 from tartarus.images.errors import ImageError, RegistryAuthError, RegistryError
-from tartarus.images.store import ImageBuild, ImageStore
 
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -122,7 +122,7 @@ router = APIRouter(tags=["images"])
 Parts = Annotated[Daemon, Depends(daemon)]
 
 
-def _pull(body: PullImage, reference: str, store: ImageStore) -> tuple[ImageBuild, bool]:
+def _pull(body: PullImage, reference: str, store: ImageCache) -> tuple[ImageBuild, bool]:
     """Convert (or find converted) on this worker thread; returns the build and whether it was
     already in the cache."""
     from tartarus.images.api import pull as convert
@@ -190,8 +190,8 @@ async def delete_image(
     return Response(status_code=204)
 
 
-def _delete(store: ImageStore, digest: str) -> None:
-    from tartarus.templates.store import list_templates
+def _delete(store: ImageCache, digest: str) -> None:
+    from tartarus.templates.built import list_templates
 
     builds = [b for b in store.all() if b.manifest_digest == digest]
     if not builds:

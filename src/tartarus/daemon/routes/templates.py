@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from tartarus.daemon.models import TemplateInfo, TemplateList
-from tartarus.templates.store import list_templates
+from tartarus.templates.built import list_templates
 
 router = APIRouter()
 

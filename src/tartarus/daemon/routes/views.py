@@ -6,14 +6,14 @@ from tartarus.daemon.models import CheckpointInfo, FileInfoModel, SandboxInfo
 from tartarus.daemon.table import SandboxRecord
 from tartarus.quarantine.info import containment_info
 from tartarus.runtime.agent import FileInfo
-from tartarus.sandbox.image import Image
+from tartarus.sandbox.saved import SavedSandbox
 from tartarus.store import SandboxRow
 
 
 def sandbox_info(record: SandboxRecord, owner: bool = True) -> SandboxInfo:
     """A sandbox as the API shows it; `owner` adds who owns it and its lifetime (tenant, labels...)."""
     vm = record.runtime.vm if record.runtime else None
-    image = record.image
+    saved = record.saved
     extra = (
         {
             "tenant": record.tenant,
@@ -32,9 +32,9 @@ def sandbox_info(record: SandboxRecord, owner: bool = True) -> SandboxInfo:
         error=record.error,
         created_at=record.runtime.created_at if record.runtime else record.created_at,
         idle_timeout_s=record.idle_timeout,
-        disk_bytes=image.disk_bytes if image else None,
-        vcpus=vm.config.vcpus if vm else image.vcpus if image else record.template.vcpus,
-        memory_mib=vm.config.memory_mib if vm else image.memory_mib if image else record.template.memory_mib,
+        disk_bytes=saved.disk_bytes if saved else None,
+        vcpus=vm.config.vcpus if vm else saved.vcpus if saved else record.template.vcpus,
+        memory_mib=vm.config.memory_mib if vm else saved.memory_mib if saved else record.template.memory_mib,
         timings_ms={k: round(v * 1000, 3) for k, v in record.timings.items()},
         restored="state_loaded" in record.timings,
     )
@@ -57,14 +57,14 @@ def ended_info(row: SandboxRow) -> SandboxInfo:
     )
 
 
-def checkpoint_info(image: Image) -> CheckpointInfo:
+def checkpoint_info(saved: SavedSandbox) -> CheckpointInfo:
     return CheckpointInfo(
-        id=image.id,
-        sandbox_id=image.sandbox_id,
-        template=image.template.name,
-        captured_at=image.captured_at,
-        disk_bytes=image.disk_bytes,
-        ttl_s=image.ttl_s,
+        id=saved.id,
+        sandbox_id=saved.sandbox_id,
+        template=saved.template.name,
+        captured_at=saved.captured_at,
+        disk_bytes=saved.disk_bytes,
+        ttl_s=saved.ttl_s,
     )
 
 

@@ -117,7 +117,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class ImageStore:
+class ImageCache:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or cache_dir() / "images"
         self.blobs = self.root / "blobs"

@@ -1,11 +1,11 @@
 """Captured sandboxes on disk: hibernated sandboxes and checkpoints share one format.
 
 `<dir>/image.json` (what it is and what it was captured from), `<dir>/memory.state` (device state plus
-the guest pages the sandbox wrote) and `<dir>/layer.ext4` (its writable layer). An image is written in a
-staging directory and published by one rename after everything in it is fsynced, so a crash leaves
-either no image or a whole one.
+the guest pages the sandbox wrote) and `<dir>/layer.ext4` (its writable layer). A saved sandbox is written
+in a staging directory and published by one rename after everything in it is fsynced, so a crash leaves
+either no saved sandbox or a whole one.
 
-An image is only meaningful over the template snapshot it was captured from, so it *pins* that
+A saved sandbox is only meaningful over the template snapshot it was captured from, so it *pins* that
 snapshot: hard links to its memory file and root filesystem under `<state>/pins/<snapshot key>/`. The
 cache may then be cleaned or the template rebuilt without stranding a hibernated sandbox.
 """
@@ -27,14 +27,14 @@ from tartarus.private import PRIVATE_DIR, PRIVATE_FILE, write_private
 from tartarus.runtime.disks import sparse_copy
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.sealing import EnvSeal
-from tartarus.snapshots.store import Snapshot
-from tartarus.templates.store import Template
+from tartarus.snapshots.snapshot import Snapshot
+from tartarus.templates.built import Template
 
-META = "image.json"
+META = "image.json"  # its name predates "saved sandbox"; kept so that earlier captures load
 
 
 @dataclass(frozen=True)
-class Image:
+class SavedSandbox:
     path: Path
     kind: str  # "hibernation" | "checkpoint"
     id: str  # the sandbox id (hibernation) or the checkpoint id
@@ -75,7 +75,7 @@ class Image:
         return json.dumps(data, indent=2)
 
     @classmethod
-    def load(cls, path: Path, seal: EnvSeal) -> Image:
+    def load(cls, path: Path, seal: EnvSeal) -> SavedSandbox:
         data: dict[str, Any] = json.loads((path / META).read_text())
         tdata = data.pop("template")
         tdata["rootfs"] = Path(tdata["rootfs"])
@@ -95,11 +95,11 @@ def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def publish(image: Image, final: Path, seal: EnvSeal) -> Image:
+def publish(saved: SavedSandbox, final: Path, seal: EnvSeal) -> SavedSandbox:
     """Write the metadata, fsync the staging directory and rename it to `final`: the commit point."""
-    staging = image.path
+    staging = saved.path
     tmp = staging / (META + ".tmp")
-    write_private(tmp, image.to_json(seal))
+    write_private(tmp, saved.to_json(seal))
     fsync_path(tmp)
     tmp.rename(staging / META)
     for name in ("memory.state", "layer.ext4"):
@@ -108,21 +108,21 @@ def publish(image: Image, final: Path, seal: EnvSeal) -> Image:
     final.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     staging.rename(final)
     fsync_path(final.parent)
-    return dataclasses.replace(image, path=final)
+    return dataclasses.replace(saved, path=final)
 
 
-def list_images(root: Path, seal: EnvSeal) -> list[Image]:
-    """Published images under `root`; directories without metadata are crash leftovers and skipped."""
+def list_saved(root: Path, seal: EnvSeal) -> list[SavedSandbox]:
+    """Saved sandboxes published under `root`; directories without metadata are crash leftovers."""
     if not root.exists():
         return []
     images = []
     for path in sorted(root.iterdir()):
         if (path / META).exists():
-            images.append(Image.load(path, seal))
+            images.append(SavedSandbox.load(path, seal))
     return images
 
 
-def remove_image(path: Path) -> None:
+def remove_saved(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(path)
 
@@ -134,11 +134,11 @@ def _link(src: Path, dst: Path) -> None:
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
-    except OSError:  # another filesystem: a copy costs space but keeps the image whole
+    except OSError:  # another filesystem: a copy costs space but keeps the saved sandbox whole
         sparse_copy(src, tmp)
     # Template data, not a tenant's, but everything in the state dir is 0600. A link shares its inode with
     # the cache's file, which this makes 0600 too: harmless, the daemon's user owns it and its artefact
-    # directory is 0700 already (guest/cache.py makes them with mkdtemp).
+    # directory is 0700 already (bootfiles/cache.py makes them with mkdtemp).
     with contextlib.suppress(PermissionError):
         os.chmod(tmp, PRIVATE_FILE)
     tmp.rename(dst)
@@ -162,7 +162,7 @@ def pinned(pins_root: Path, key: str) -> Snapshot:
 
 
 def unpin_unused(pins_root: Path, used: set[str]) -> list[str]:
-    """Remove pins no image refers to any more. Returns the keys removed."""
+    """Remove pins no saved sandbox refers to any more. Returns the keys removed."""
     removed = []
     if pins_root.exists():
         for path in pins_root.iterdir():

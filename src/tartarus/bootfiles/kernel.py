@@ -6,8 +6,8 @@ import functools
 import subprocess
 from pathlib import Path
 
+from tartarus.bootfiles.cache import cached, digest
 from tartarus.errors import SetupRequired
-from tartarus.guest.cache import cached, digest
 from tartarus.paths import REPO_ROOT, cache_dir
 
 SOURCE_PACKAGE = "linux-source-6.1"

@@ -105,7 +105,7 @@ def remove_template(name: str) -> None:
 
 def register_template(template: Template) -> Template:
     """Record a built template under its key and make it the name's current build."""
-    from tartarus.guest.cache import cached
+    from tartarus.bootfiles.cache import cached
 
     path = cached(
         f"templates/{template.name}",

@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 
-from tartarus.guest.cache import digest
-from tartarus.guest.initramfs import initramfs_key
-from tartarus.guest.kernel import kernel_key, kernel_path
+from tartarus.bootfiles.cache import digest
+from tartarus.bootfiles.initramfs import initramfs_key
+from tartarus.bootfiles.kernel import kernel_key, kernel_path
 from tartarus.paths import cache_dir
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.interpreter import GUEST_SCRIPT
-from tartarus.templates.store import Template
+from tartarus.templates.built import Template
 
 SNAPSHOT_FORMAT = "qemu-x-ignore-shared-v1"
 

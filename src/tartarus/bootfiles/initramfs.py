@@ -12,8 +12,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+from tartarus.bootfiles.cache import cached, digest
 from tartarus.errors import SetupRequired
-from tartarus.guest.cache import cached, digest
 from tartarus.paths import REPO_ROOT, cache_dir
 
 AGENT_SRC = REPO_ROOT / "agent"

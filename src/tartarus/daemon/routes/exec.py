@@ -47,11 +47,17 @@ async def exec_command(sandbox_id: str, body: ExecRequest, request: Request) -> 
         )
         media_type = "text/event-stream" if sse else "application/x-ndjson"
         return hold.respond(
-            _events(process, stdin, sse), media_type=media_type, headers={"Cache-Control": "no-cache"}
+            events(process, stdin, sse=sse), media_type=media_type, headers={"Cache-Control": "no-cache"}
         )
 
 
-async def _events(process: Process, stdin: bytes | None, sse: bool) -> AsyncGenerator[bytes, None]:
+async def events(
+    process: Process, stdin: bytes | None = None, *, sse: bool = False
+) -> AsyncGenerator[bytes, None]:
+    """A command's events as NDJSON lines (or server-sent events). Ending early (the client left, the
+    stream failed) kills the command, unless it is kept (a background command: it runs on, its output
+    dropped until someone attaches)."""
+
     def line(event: ExecEvent) -> bytes:
         data = event.model_dump_json(exclude_none=True).encode()
         return b"event: " + event.type.encode() + b"\ndata: " + data + b"\n\n" if sse else data + b"\n"
@@ -74,9 +80,10 @@ async def _events(process: Process, stdin: bytes | None, sse: bool) -> AsyncGene
         errno_ = e.errno if isinstance(e, GuestError) else None
         yield line(ExecEvent(type="error", code=e.code, message=e.message, errno=errno_))
     finally:
-        if process.exit is None:  # client went away or the stream failed: kill the command
-            with contextlib.suppress(Exception):
-                await process.signal(signal.SIGKILL)
+        if process.exit is None:
+            if not process.keep:
+                with contextlib.suppress(Exception):
+                    await process.signal(signal.SIGKILL)
             process.abandon()
 
 

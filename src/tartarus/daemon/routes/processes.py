@@ -12,18 +12,17 @@ is 422 with errno 2: a 404 names a missing sandbox.
 from __future__ import annotations
 
 import base64
-import contextlib
 import signal
-from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from tartarus.daemon.models import ExecEvent, Strict
+from tartarus.daemon.models import Strict
 from tartarus.daemon.routes.deps import ERRORS, Manager, stream_hold
-from tartarus.errors import GuestError, InvalidArgument, TartarusError
-from tartarus.runtime.agent import Exit, GuestProcess, Output, Process
+from tartarus.daemon.routes.exec import events
+from tartarus.errors import InvalidArgument
+from tartarus.runtime.agent import GuestProcess
 
 router = APIRouter()
 
@@ -87,35 +86,6 @@ def _info(p: GuestProcess) -> ProcessInfo:
     )
 
 
-async def _events(process: Process) -> AsyncGenerator[bytes, None]:
-    """The command's events as NDJSON. Ending early leaves a kept command running (its output dropped
-    until someone attaches) and kills any other, as /exec does."""
-
-    def line(event: ExecEvent) -> bytes:
-        return event.model_dump_json(exclude_none=True).encode() + b"\n"
-
-    yield line(ExecEvent(type="started", pid=process.pid))
-    try:
-        async for event in process.events():
-            if isinstance(event, Output):
-                yield line(ExecEvent(type=event.stream, data=base64.b64encode(event.data).decode()))
-            elif isinstance(event, Exit):
-                yield line(
-                    ExecEvent(
-                        type="exit", exit_code=event.exit_code, signal=event.signal, timed_out=event.timed_out
-                    )
-                )
-    except TartarusError as e:
-        errno_ = e.errno if isinstance(e, GuestError) else None
-        yield line(ExecEvent(type="error", code=e.code, message=e.message, errno=errno_))
-    finally:
-        if process.exit is None:
-            if not process.keep:
-                with contextlib.suppress(Exception):
-                    await process.signal(signal.SIGKILL)
-            process.abandon()
-
-
 @router.post("/v1/sandboxes/{sandbox_id}/processes", responses=NDJSON, response_class=StreamingResponse)
 async def start_process(sandbox_id: str, body: ProcessStart, request: Request) -> StreamingResponse:
     """Start a background command: streams ExecEvents as NDJSON (`started` with its guest pid first),
@@ -132,7 +102,7 @@ async def start_process(sandbox_id: str, body: ProcessStart, request: Request) -
             keep=True,
         )
         return hold.respond(
-            _events(process), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"}
+            events(process), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"}
         )
 
 
@@ -153,7 +123,7 @@ async def attach_process(sandbox_id: str, pid: int, request: Request) -> Streami
     async with stream_hold(request, sandbox_id) as hold:
         process = await hold.sandbox.agent.attach(pid)
         return hold.respond(
-            _events(process), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"}
+            events(process), media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"}
         )
 
 

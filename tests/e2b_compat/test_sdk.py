@@ -120,7 +120,7 @@ def test_streamed_uploads_multi_file_uploads_and_deep_listings(observed: dict[st
 def test_background_commands_and_timeouts(observed: dict[str, Any]) -> None:
     assert isinstance(observed["background_pid"], int) and observed["background_pid"] > 1  # the guest's pid
     assert observed["background"] == "bg\ndone\n"
-    assert observed["command_timeout"]["raised"] == "TimeoutException"
+    assert observed["command_timeout"]["raised"] == "TimeoutException", observed["command_timeout"]
 
 
 def test_running_commands_are_listed_connected_fed_closed_and_killed_by_pid(observed: dict[str, Any]) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from tartarus.e2b import envd
 from tartarus.e2b.connect import ConnectError
@@ -110,6 +113,32 @@ def test_a_failing_source_raises_through_the_keepalives() -> None:
 
     with pytest.raises(UpstreamError):
         asyncio.run(collect())
+
+
+def test_a_timed_out_command_ends_its_stream_cleanly_while_the_source_still_waits() -> None:
+    """A timed-out command ends the stream while the keepalive pump is still inside the source (the
+    daemon's stream has not closed yet): the stream must still end with deadline_exceeded, not abort
+    the HTTP response (which the SDK reads as the sandbox being unreachable)."""
+    closed = asyncio.Event()
+
+    async def times_out() -> AsyncGenerator[ExecEvent, None]:
+        try:
+            yield ExecEvent("started", pid=7)
+            yield ExecEvent("exit", timed_out=True)
+            await asyncio.Event().wait()  # the upstream stream stays open until it is closed
+        finally:
+            closed.set()
+
+    async def body() -> list[bytes]:
+        scope = {"type": "http", "headers": [(b"keepalive-ping-interval", b"30")]}
+        response = await envd._follow(Request(scope), "sb-x", times_out())
+        assert isinstance(response, StreamingResponse)
+        return [bytes(chunk) async for chunk in response.body_iterator]  # type: ignore[arg-type]
+
+    chunks = asyncio.run(body())
+    assert closed.is_set()
+    end = json.loads(chunks[-1][5:])
+    assert chunks[-1][0] == 2 and end["error"]["code"] == "deadline_exceeded"
 
 
 def test_process_selectors_name_a_pid_and_nothing_else() -> None:

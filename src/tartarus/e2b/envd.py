@@ -342,9 +342,10 @@ def process_event(event: ExecEvent) -> dict[str, Any] | ConnectError | None:
 
 async def keepalive(
     source: AsyncIterator[ExecEvent], interval: float | None
-) -> AsyncIterator[ExecEvent | None]:
+) -> AsyncGenerator[ExecEvent | None, None]:
     """`source`'s events, with None whenever it has been quiet for `interval` seconds (the SDK asks for
-    keepalives so proxies keep an idle stream open)."""
+    keepalives so proxies keep an idle stream open). Close it before closing `source`: until then its
+    pump may be inside `source`, and closing a generator that is running raises."""
     if not interval:
         async for each in source:
             yield each
@@ -416,13 +417,15 @@ async def _follow(request: Request, sid: str, events: AsyncGenerator[ExecEvent, 
         error: ConnectError | None = None
         try:
             yield connect.envelope(process_event(first))  # type: ignore[arg-type]
-            async for event in keepalive(events, interval and max(interval, 1.0)):
-                message = {"event": {"keepalive": {}}} if event is None else process_event(event)
-                if isinstance(message, ConnectError):
-                    error = message
-                    break
-                if message is not None:
-                    yield connect.envelope(message)
+            ticks = keepalive(events, interval and max(interval, 1.0))
+            async with contextlib.aclosing(ticks):
+                async for event in ticks:
+                    message = {"event": {"keepalive": {}}} if event is None else process_event(event)
+                    if isinstance(message, ConnectError):
+                        error = message
+                        break
+                    if message is not None:
+                        yield connect.envelope(message)
         except UpstreamError as e:
             error = connect_error(e)
         except httpx.HTTPError as e:

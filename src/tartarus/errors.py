@@ -88,6 +88,14 @@ class SandboxFailed(TartarusError):
     status = 502
 
 
+class CaptureFailed(TartarusError):
+    """Hibernating or checkpointing failed and was undone: the sandbox keeps running as it was. The cause
+    (often the VMM's stream, which says nothing a caller can act on) is in the daemon's log."""
+
+    code = "capture_failed"
+    status = 500
+
+
 class GuestError(TartarusError):
     """An operation inside the guest failed with an errno (file not found, permission denied...)."""
 
@@ -148,6 +156,7 @@ ALL: dict[str, type[TartarusError]] = {
         PermissionDenied,
         Quarantined,
         SandboxFailed,
+        CaptureFailed,
         GuestError,
         SetupRequired,
         RegistryUnavailable,

@@ -131,6 +131,21 @@ def test_the_stream_may_arrive_in_any_pieces(seed: int) -> None:
     assert _filter(data, keep, _trickle(data, seed)) == _filter(data, keep)
 
 
+def _command(command: int, data: bytes) -> bytes:
+    return bytes([s.COMMAND]) + struct.pack(">HH", command, len(data)) + data
+
+
+def test_command_sections_pass_through_where_they_stand() -> None:
+    """QEMU 10 sends a command section (switchover-start) between the RAM parts and the devices: the
+    filter must copy it as it is (it has no footer), not fail the hibernation."""
+    switchover = _command(9, b"")
+    data = _stream(_part([_page("ram", 0, 1), _page(None, 1, 2)]), switchover, _command(3, b"\x01\x02\x03"))
+    out, stats = _filter(data, {"ram": bytes([0, 1, 0, 0])})
+    assert (stats.pages_kept, stats.pages_dropped) == (1, 1)
+    assert out.endswith(switchover + _command(3, b"\x01\x02\x03") + DEVICES)
+    assert _filter(data, {}, _trickle(data, 1))[0] == data
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -150,6 +165,7 @@ def test_the_stream_may_arrive_in_any_pieces(seed: int) -> None:
             "unsupported RAM record flags",
         ),
         (_header() + _setup({"ram": PAGE})[:-5] + b"\x00" * 5, "missing section footer"),
+        (_header() + _setup({"ram": PAGE}) + bytes([s.COMMAND, 0, 1, 0, 9, 1]), "ends inside"),
     ],
 )
 def test_streams_it_does_not_understand_are_refused(data: bytes, message: str) -> None:

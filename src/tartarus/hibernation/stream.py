@@ -6,7 +6,9 @@ untouched. This filter rewrites the stream, dropping the records of pages the sa
 VMM that maps the same template file and loads the result ends up with the same RAM.
 
 Only the RAM sections are parsed (their record format is simple and stable: QEMU's migration/ram.c); the
-device sections after them are copied byte for byte. Anything unexpected is an error, never a guess.
+device sections after them are copied byte for byte, and so are command sections (self-delimiting,
+addressed to the destination, which is the VMM that loads the result). Anything else unexpected is an
+error, never a guess.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SECTION_END = 0x03
 SECTION_FULL = 0x04
 SUBSECTION = 0x05
 CONFIGURATION = 0x07
+COMMAND = 0x08  # a command to the destination (QEMU 10 sends one at switchover); no footer
 SECTION_FOOTER = 0x7E
 
 # ram.c record flags, in the low bits of each record's offset
@@ -108,6 +111,9 @@ class _Source:
     def u8(self) -> int:
         return self.take(1)[0]
 
+    def be16(self) -> int:
+        return int.from_bytes(self.take(2), "big")
+
     def be32(self) -> int:
         return int.from_bytes(self.take(4), "big")
 
@@ -185,6 +191,11 @@ def filter_ram(read: Read, keep: PageMaps, out: Write) -> FilterStats:
                 raise StreamError(f"section part at byte {start} is not the RAM section")
             emit(r.marked())
             _filter_pages(r, keep, emit, stats, blocks)
+        elif kind == COMMAND:
+            r.be16()  # the command
+            r.take(r.be16())  # its data
+            emit(r.marked())
+            continue
         elif kind == EOF_:
             break
         else:

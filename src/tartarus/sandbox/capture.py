@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tartarus import failpoints
-from tartarus.errors import InsufficientStorage, InvalidArgument, QuotaExceeded, SandboxFailed
+from tartarus.errors import (
+    CaptureFailed,
+    InsufficientStorage,
+    InvalidArgument,
+    QuotaExceeded,
+    SandboxFailed,
+    TartarusError,
+)
 from tartarus.hibernation.capture import capture, fsync_path
 from tartarus.private import PRIVATE_DIR
 from tartarus.runtime.disks import sparse_copy
@@ -166,15 +173,28 @@ async def hibernate(
         if vm.running:
             with contextlib.suppress(Exception):
                 await vm.resume()
-        if _disk_full(error):
-            raise _storage_error(layout, sandbox.id, "hibernate") from error
-        raise
+        failure = _failure(error, layout, sandbox.id, "hibernate")
+        if failure is error:
+            raise
+        raise failure from error
     try:
         failpoints.hit("hibernate.committed")
     finally:  # committed: whatever happens now, the saved sandbox is the sandbox
         await sandbox.destroy()
     timings["vmm_gone"] = time.perf_counter() - t0
     return saved
+
+
+def _failure(error: BaseException, layout: Layout, sandbox_id: str, verb: str) -> BaseException:
+    """What a capture that was undone raises: a full disk says so; any other cause that is not already
+    one of Tartarus's errors (a stream QEMU wrote that the filter cannot read, a failpoint) becomes a
+    clear `CaptureFailed`, its cause logged here, never a bare 500."""
+    if _disk_full(error):
+        return _storage_error(layout, sandbox_id, verb)
+    if isinstance(error, TartarusError) or not isinstance(error, Exception):
+        return error
+    log.error("%s of %s failed and was undone: %s: %s", verb, sandbox_id, type(error).__name__, error)
+    return CaptureFailed(f"{verb} of {sandbox_id} failed and was undone: the sandbox keeps running")
 
 
 def undo_staging(workdir: Path) -> None:
@@ -255,6 +275,7 @@ async def checkpoint(
         return publish(saved, layout.checkpoints / checkpoint_id, layout.seal)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if _disk_full(error):
-            raise _storage_error(layout, sandbox.id, "checkpoint") from error
-        raise
+        failure = _failure(error, layout, sandbox.id, "checkpoint")
+        if failure is error:
+            raise
+        raise failure from error

@@ -2,6 +2,7 @@
 
 from tartarus.errors import (
     AuthError,
+    CaptureFailed,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -24,6 +25,7 @@ __all__ = [
     "AsyncPty",
     "AsyncSandbox",
     "AuthError",
+    "CaptureFailed",
     "CheckpointInfo",
     "Client",
     "CommandHandle",

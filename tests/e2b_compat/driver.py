@@ -1,4 +1,4 @@
-"""Runs under the E2B SDK's own venv (tests/e2b_compat/sdk_venv.py), never under Tartarus's: drives the
+"""Runs under the E2B SDK's own venv (tartarus/bench/e2b_sdk.py), never under Tartarus's: drives the
 UNMODIFIED `e2b` SDK against the E2B endpoint that E2B_API_URL / E2B_SANDBOX_URL name, and prints what
 it observed as one JSON object for tests/e2b_compat/test_sdk.py to assert on.
 

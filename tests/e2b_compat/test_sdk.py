@@ -1,5 +1,5 @@
-"""E2B conformance: the UNMODIFIED `e2b` SDK (pinned, in its own venv: sdk_venv.py) drives a real
-`tartarus serve --e2b-port` with real sandboxes, sync and asyncio, with only E2B_API_KEY (a Tartarus
+"""E2B conformance: the UNMODIFIED `e2b` SDK (pinned, in its own venv: tartarus/bench/e2b_sdk.py) drives
+a real `tartarus serve --e2b-port` with real sandboxes, sync and asyncio, with only E2B_API_KEY (a Tartarus
 tenant key), E2B_API_URL and E2B_SANDBOX_URL set. driver.py runs the scenario in the SDK's venv and
 reports what the SDK returned or raised; the tests here assert on that.
 """
@@ -14,14 +14,17 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tartarus.bench.e2b_sdk import sdk_python
 from tartarus.e2b import connect
-from tests.e2b_compat.sdk_venv import DRIVER, sdk_python
 from tests.served import Served
+
+DRIVER = Path(__file__).with_name("driver.py")
 
 pytestmark = pytest.mark.vm
 

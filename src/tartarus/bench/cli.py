@@ -228,6 +228,19 @@ def gvisor_start(
     )
 
 
+@bench_app.command("e2b")
+def e2b(
+    samples: Samples = 200,
+    template: TemplateOpt = "python-ds",
+    rounds: Annotated[int, typer.Option(help="alternating rounds per side", min=1)] = 4,
+    json_out: JsonOut = None,
+) -> None:
+    """Create → `commands.run("echo hi")` through E2B's unmodified SDK and through Tartarus's, one run."""
+    from tartarus.bench.e2b_compare import run_e2b
+
+    _run("e2b", 2 * samples, json_out, lambda p: run_e2b(samples, template, rounds, p))
+
+
 @bench_app.command("api-overhead")
 def api_overhead(
     samples: Samples = 200, template: TemplateOpt = "python-ds", json_out: JsonOut = None

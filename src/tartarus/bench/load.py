@@ -67,12 +67,18 @@ def _qemu_under(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _daemon(state: Path, pool_size: int) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+def served_daemon(
+    state: Path, pool_size: int, *args: str, tcp_port: int | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`tartarus serve` as its own process for a benchmark, on a private unix socket (or loopback TCP
+    port `tcp_port`) and state dir; yields it and its URL. `args` go to `serve` (e.g. `--e2b-port`)."""
     uds = state / "tartarus.sock"
+    listen = ["--host", "127.0.0.1", "--port", str(tcp_port)] if tcp_port else ["--socket", str(uds)]
+    url = f"http://127.0.0.1:{tcp_port}" if tcp_port else f"unix://{uds}"
     env = {**os.environ, "TARTARUS_STATE_DIR": str(state), "TARTARUS_POOL_SIZE": str(pool_size)}
     log = (state / "daemon.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tartarus.cli.main", "serve", "--socket", str(uds)],
+        [sys.executable, "-m", "tartarus.cli.main", "serve", *listen, *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -82,14 +88,13 @@ def _daemon(state: Path, pool_size: int) -> Iterator[tuple[subprocess.Popen[byte
         while True:
             if proc.poll() is not None:
                 raise TartarusError(f"the daemon exited at start; see {state / 'daemon.log'}")
-            transport = httpx.HTTPTransport(uds=str(uds))
-            with contextlib.suppress(httpx.HTTPError), httpx.Client(transport=transport, timeout=2) as c:
-                if c.get("http://tartarus/v1/health").status_code == 200:
+            with contextlib.suppress(httpx.HTTPError), http_client(url, timeout=2) as c:
+                if c.get("/v1/health").status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise TartarusError("the daemon did not answer within 60 s")
             time.sleep(0.05)
-        yield proc, uds
+        yield proc, url
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -101,6 +106,23 @@ def _daemon(state: Path, pool_size: int) -> Iterator[tuple[subprocess.Popen[byte
         log.close()
         # A served daemon's VMMs outlive it: one that did not stop cleanly leaves them to reap.
         reap_leftovers(state / "sandboxes")
+
+
+def http_client(url: str, **kwargs: Any) -> httpx.Client:
+    """A client for a `served_daemon` URL (unix:// or http://), paths relative to it."""
+    if url.startswith("unix://"):
+        transport = httpx.HTTPTransport(uds=url.removeprefix("unix://"))
+        return httpx.Client(transport=transport, base_url="http://tartarus", **kwargs)
+    return httpx.Client(base_url=url, **kwargs)
+
+
+def tenant_key(url: str, state: Path, tenant: str) -> str:
+    """A new key of `tenant`, made with the daemon's local admin key."""
+    admin = (state / "admin.key").read_text().strip()
+    with http_client(url, headers={"Authorization": f"Bearer {admin}"}) as c:
+        response = c.post("/v1/keys", json={"tenant": tenant, "description": "bench"})
+        response.raise_for_status()
+        return str(response.json()["key"])
 
 
 async def _client(
@@ -174,23 +196,13 @@ def run_load(
     The daemon uses TARTARUS_DATABASE_URL if set (else SQLite in its private state dir)."""
     state = Path(tempfile.mkdtemp(prefix="tartarus-load-"))
     try:
-        with _daemon(state, pool_size) as (proc, uds):
-            admin = (state / "admin.key").read_text().strip()
-            with httpx.Client(
-                transport=httpx.HTTPTransport(uds=str(uds)), headers={"Authorization": f"Bearer {admin}"}
-            ) as c:
-                response = c.post("http://tartarus/v1/keys", json={"tenant": "load", "description": "bench"})
-                response.raise_for_status()
-                key = response.json()["key"]
+        with served_daemon(state, pool_size) as (proc, url):
+            key = tenant_key(url, state, "load")
             started = time.monotonic()
-            tally, rss = asyncio.run(
-                _drive(f"unix://{uds}", key, template, clients, duration, proc.pid, progress)
-            )
+            tally, rss = asyncio.run(_drive(url, key, template, clients, duration, proc.pid, progress))
             elapsed = time.monotonic() - started
-            with httpx.Client(transport=httpx.HTTPTransport(uds=str(uds))) as c:
-                left = c.get(
-                    "http://tartarus/v1/sandboxes", headers={"Authorization": f"Bearer {key}"}
-                ).json()["sandboxes"]
+            with http_client(url) as c:
+                left = c.get("/v1/sandboxes", headers={"Authorization": f"Bearer {key}"}).json()["sandboxes"]
         leaked_after_exit = _qemu_under(state)
     finally:
         shutil.rmtree(state, ignore_errors=True)
@@ -262,8 +274,8 @@ def run_api_overhead(
     (adds HTTP on the unix socket and JSON)."""
     state = Path(tempfile.mkdtemp(prefix="tartarus-api-"))
     try:
-        with _daemon(state, pool_size=2) as (_, uds):
+        with served_daemon(state, pool_size=2) as (_, url):
             key = (state / "admin.key").read_text().strip()
-            return asyncio.run(_sequential_creates(f"unix://{uds}", key, template, samples, progress))
+            return asyncio.run(_sequential_creates(url, key, template, samples, progress))
     finally:
         shutil.rmtree(state, ignore_errors=True)

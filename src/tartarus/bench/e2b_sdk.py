@@ -1,7 +1,7 @@
-"""The E2B SDKs the conformance suite drives, in a venv of their own under the cache dir, keyed by their
-pinned versions (sdk-requirements.txt): their dependencies never constrain Tartarus's, and a change of
-pins builds a new venv beside the old. The suite builds it on first use (it needs PyPI);
-`python -m tests.e2b_compat.sdk_venv` builds it ahead."""
+"""E2B's own SDKs, unmodified, in a venv of their own under the cache dir, keyed by their pinned
+versions (e2b-sdk-requirements.txt): their dependencies never constrain Tartarus's, and a change of pins
+builds a new venv beside the old. The conformance suite (tests/e2b_compat) and `bench e2b` drive them;
+either builds the venv on first use (it needs PyPI); `python -m tartarus.bench.e2b_sdk` builds it ahead."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from pathlib import Path
 
 from tartarus.paths import cache_dir
 
-REQUIREMENTS = Path(__file__).with_name("sdk-requirements.txt")
-DRIVER = Path(__file__).with_name("driver.py")
+REQUIREMENTS = Path(__file__).with_name("e2b-sdk-requirements.txt")
 
 
 def sdk_python() -> Path:

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 QEMU_UMASK = 0o077  # what QEMU creates in a sandbox's directory (its console log) is private too
+# The daemon's environment is private too: it may hold the database's password or the object store's
+# keys. What runs hostile input (a VMM, runsc, the image worker) gets this, and nothing of the daemon's.
+CHILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 def make_private(state_dir: Path) -> None:

@@ -157,6 +157,7 @@ class GvisorContainer:
                 stdout=log_fd if hands_stdio else asyncio.subprocess.PIPE,
                 stderr=log_fd if hands_stdio else asyncio.subprocess.PIPE,
                 cwd=self.paths.workdir,
+                env=private.CHILD_ENV,
             )
         finally:
             os.close(log_fd)

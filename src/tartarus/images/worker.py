@@ -37,6 +37,7 @@ from tartarus.images.errors import BuildFailed, DigestMismatch, ImageError, Trun
 from tartarus.images.layers import LayerApplier, Limits
 from tartarus.images.seal import seal_all_but
 from tartarus.images.streams import LayerStream
+from tartarus.private import CHILD_ENV
 
 _PROGRESS_EVERY = 4 << 20
 # Starts the worker without running `tartarus/__init__.py`, which loads the SDK (httpx, ~130 ms) that the
@@ -109,7 +110,9 @@ def run_build(
     }
     package = str(Path(__file__).resolve().parents[1])
     cmd = ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-c", _BOOT, package]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=CHILD_ENV
+    )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     stderr_tail: list[bytes] = []
     drain = threading.Thread(target=_tail, args=(proc.stderr, stderr_tail), daemon=True)

@@ -218,6 +218,7 @@ class MicroVM:
                 stderr=stderr,
                 pass_fds=fds,
                 umask=private.QEMU_UMASK,  # what QEMU makes in the sandbox's directory is private
+                env=private.CHILD_ENV,  # never the daemon's
             )
         except BaseException:
             for sock in (qmp_host, agent_host):

@@ -537,8 +537,16 @@ MUTATIONS: tuple[Mutation, ...] = (
         "e2b.access-token",
         "an E2B data-plane request reaches its sandbox only with that sandbox's access token",
         "src/tartarus/e2b/app.py",
-        'if not self.layer.tokens.check(where.sandbox_id, _header(scope, b"x-access-token")):',
-        "if False:",
+        'if tokens.check(where.sandbox_id, _header(scope, b"x-access-token")):',
+        "if True:",
+        ("tests/unit/test_e2b_routing.py",),
+    ),
+    Mutation(
+        "e2b.traffic-token-port",
+        "the traffic token (sent by the code interpreter's SDK) opens the interpreter's port, never envd",
+        "src/tartarus/e2b/app.py",
+        "return where.port == INTERPRETER_PORT and tokens.check_traffic(",
+        "return where.port > 0 and tokens.check_traffic(",
         ("tests/unit/test_e2b_routing.py",),
     ),
     Mutation(

@@ -547,6 +547,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "src/tartarus/e2b/app.py",
         "return where.port == INTERPRETER_PORT and tokens.check_traffic(",
         "return where.port > 0 and tokens.check_traffic(",
+        ("tests/unit/test_e2b_interpreter.py",),
+    ),
+    Mutation(
+        "e2b.traffic-token-per-sandbox",
+        "one sandbox's traffic token opens no other, and is not its access token",
+        "src/tartarus/e2b/tokens.py",
+        "digest = hmac.new(self._secret, TRAFFIC + sandbox_id.encode(), hashlib.sha256).digest()",
+        "digest = hmac.new(self._secret, sandbox_id.encode(), hashlib.sha256).digest()",
         ("tests/unit/test_e2b_routing.py",),
     ),
     Mutation(

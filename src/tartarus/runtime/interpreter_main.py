@@ -57,6 +57,7 @@ FORMATS = (
     ("javascript", "_repr_javascript_"),
 )
 BINARY = {"png", "jpeg", "pdf"}
+PLAIN = {int, float, complex, bool, str, bytes, list, tuple, dict, set, frozenset, range, type(None)}
 MIME = {
     "text/plain": "text",
     "text/html": "html",
@@ -159,7 +160,9 @@ def _format(fmt: str, data: object) -> object | None:
 def bundle(value: object) -> dict[str, Any]:
     """Every format Jupyter would display `value` in; `text` (its repr) always."""
     out: dict[str, Any] = {"text": repr(value)}
-    if inspect.isclass(value):  # a class's _repr_html_ is an unbound function, not its display
+    # Builtins display as text only: skip the lookups (the first call after a restore pays for every
+    # page it touches). A class's _repr_html_ is an unbound function, not its display.
+    if type(value) in PLAIN or inspect.isclass(value):
         return out
     if _is_figure(value):
         out["png"] = _figure_png(value)
@@ -216,7 +219,9 @@ def _patch_pyplot() -> None:
 def _capped(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     kept, total = [], 0
     for result in results:
-        size = len(json.dumps(result))
+        size = sum(len(v) if isinstance(v, str) else 64 for v in result.values())
+        if "json" in result:
+            size += len(json.dumps(result["json"]))
         if total + size > MAX_RESULTS:
             note = f"[a result of {size} bytes dropped: over the {MAX_RESULTS} bytes a call may return]"
             result = {"text": note, "is_main_result": result["is_main_result"]}
@@ -253,7 +258,8 @@ def _run(code: str, context: Context, env: dict[str, str]) -> dict[str, Any]:
     _patch_pyplot()
     context.count += 1
     during = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _environment(env):
+    environment = _environment(env) if env else contextlib.nullcontext()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), environment:
         _executing = True
         try:
             with contextlib.suppress(OSError):

@@ -41,6 +41,10 @@ def test_tokens_are_per_sandbox_stable_and_secret(tmp_path: Path) -> None:
     assert not mint.check("sb-1", token[:-1])
     assert not mint.check("sb-1", None)
     assert TokenMint.load(tmp_path / "other").token("sb-1") != token
+    traffic = mint.traffic_token("sb-1")
+    assert traffic != token and mint.check_traffic("sb-1", traffic)
+    assert not mint.check_traffic("sb-1", token) and not mint.check("sb-1", traffic)
+    assert not mint.check_traffic("sb-2", traffic)
 
 
 class StandIn:
@@ -146,10 +150,8 @@ def test_what_needs_new_guest_features_is_unimplemented(endpoint: tuple[E2BApp, 
         app, "POST", "/process.Process/SendInput", headers=sandbox("sb-1", mint.token("sb-1")), json=by_tag
     )
     assert tagged.status_code == 501 and daemon.calls == []
-    interpreter = call(
-        app, "POST", "/execute", headers=sandbox("sb-1", mint.token("sb-1"), port=49999), json={}
-    )
-    assert interpreter.status_code == 501
+    other_port = call(app, "GET", "/", headers=sandbox("sb-1", mint.token("sb-1"), port=8080))
+    assert other_port.status_code == 501 and daemon.calls == []
 
 
 def test_the_control_plane_wants_a_key_and_answers_e2bs_errors(

@@ -31,6 +31,7 @@ from tartarus.daemon.models import ErrorBody, ErrorDetail
 from tartarus.daemon.requests import RequestMiddleware
 from tartarus.daemon.routes import (
     checkpoints,
+    code,
     exec,
     files,
     health,
@@ -48,7 +49,7 @@ from tartarus.images.cache import ImageCache
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_CONVERSIONS = 2  # image conversions at once (routes/images.py)
-ROUTERS = (health, sandboxes, checkpoints, exec, processes, files, terminal, templates, images, tenants)
+ROUTERS = (health, sandboxes, checkpoints, exec, code, processes, files, terminal, templates, images, tenants)
 
 
 class UnexpectedErrors:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -213,9 +213,18 @@ class ExecEvent(BaseModel):
     errno: int | None = None
 
 
+CONTEXT_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
 class RunCodeRequest(Strict):
     code: str = Field(max_length=1 << 20, examples=["df.describe()"])
     timeout: float | None = Field(None, gt=0, le=86400)
+    context: str | None = Field(
+        None, pattern=CONTEXT_ID, description="a context's id (POST .../code/contexts); default: 'default'"
+    )
+    env: dict[Annotated[str, StringConstraints(pattern=_ENV_KEY)], str] | None = Field(
+        None, description="environment variables set while this code runs"
+    )
 
 
 class CodeError(BaseModel):
@@ -224,11 +233,48 @@ class CodeError(BaseModel):
     traceback: str
 
 
+class CodeResult(BaseModel):
+    """One displayed value in each format it rendered to (png, jpeg and pdf base64)."""
+
+    text: str | None = None
+    html: str | None = None
+    markdown: str | None = None
+    svg: str | None = None
+    png: str | None = None
+    jpeg: str | None = None
+    pdf: str | None = None
+    latex: str | None = None
+    json_: dict[str, Any] | list[Any] | None = Field(None, alias="json")
+    javascript: str | None = None
+    is_main_result: bool = Field(False, description="the value of the code's last expression")
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
 class RunCodeResult(BaseModel):
     stdout: str
     stderr: str
     result: str | None = Field(None, description="repr() of the last expression's value")
     error: CodeError | None = None
+    results: list[CodeResult] = Field(
+        default_factory=list, description="the last expression's value and figures shown, rich formats"
+    )
+    execution_count: int | None = Field(None, description="cells run in this context so far")
+
+
+class NewCodeContext(Strict):
+    cwd: str | None = Field(None, max_length=4096, description="working directory (default: the template's)")
+    language: Literal["python"] = "python"
+
+
+class CodeContextModel(BaseModel):
+    id: str
+    language: str
+    cwd: str
+
+
+class CodeContextList(BaseModel):
+    contexts: list[CodeContextModel]
 
 
 class FileInfoModel(BaseModel):

@@ -1,6 +1,6 @@
 """The E2B endpoint: one ASGI app on its own port, at the root path, as `E2B_API_URL` and
-`E2B_SANDBOX_URL` both point at it. A request that names a sandbox (routing.py) is envd's, once its
-access token checks out; any other is the control plane's.
+`E2B_SANDBOX_URL` both point at it. A request that names a sandbox (routing.py) is envd's, or the code
+interpreter's (port 49999), once its token checks out; any other is the control plane's.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from tartarus.e2b import control, envd
+from tartarus.e2b import control, envd, interpreter
 from tartarus.e2b.layer import Layer
-from tartarus.e2b.routing import ENVD_PORT, INTERPRETER_PORT, RoutingError, target
+from tartarus.e2b.routing import ENVD_PORT, INTERPRETER_PORT, RoutingError, Target, target
+from tartarus.e2b.tokens import TokenMint
 from tartarus.e2b.upstream import UpstreamError
 
 
@@ -82,6 +83,25 @@ def envd_app() -> Starlette:
     return app
 
 
+def interpreter_app() -> Starlette:
+    app = interpreter.create_app()
+
+    async def daemon_unreachable(request: Any, exc: Exception) -> JSONResponse:
+        return JSONResponse({"code": 503, "message": "the Tartarus daemon is not reachable"}, 503)
+
+    app.add_exception_handler(httpx.TransportError, daemon_unreachable)
+    return app
+
+
+def admitted(tokens: TokenMint, where: Target, scope: Scope) -> bool:
+    """envd opens to the sandbox's access token only; the code interpreter to its traffic token too,
+    which is all E2B's SDK sends with its context calls."""
+    if tokens.check(where.sandbox_id, _header(scope, b"x-access-token")):
+        return True
+    traffic = _header(scope, b"e2b-traffic-access-token")
+    return where.port == INTERPRETER_PORT and tokens.check_traffic(where.sandbox_id, traffic)
+
+
 class E2BApp:
     """Routes each request to the control plane or to a sandbox's envd; `make_layer` is called at
     start-up, in the serving loop (the daemon's client belongs to that loop)."""
@@ -90,6 +110,7 @@ class E2BApp:
         self._make_layer = make_layer
         self.control = control_app()
         self.envd = envd_app()
+        self.interpreter = interpreter_app()
         self.layer: Layer | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -112,24 +133,24 @@ class E2BApp:
             await self.control(scope, receive, send)
             return
         assert self.layer is not None, "served before start-up"
-        if not self.layer.tokens.check(where.sandbox_id, _header(scope, b"x-access-token")):
+        if not admitted(self.layer.tokens, where, scope):
             refusal = _refusal(
                 scope, 401, "unauthenticated", "the sandbox's access token is missing or wrong"
             )
             await refusal(scope, receive, send)
             return
-        if where.port != ENVD_PORT:
-            what = "the code interpreter" if where.port == INTERPRETER_PORT else f"port {where.port}"
-            message = f"{what} is not served by Tartarus's E2B endpoint yet"
+        if where.port not in (ENVD_PORT, INTERPRETER_PORT):
+            message = f"port {where.port} is not served by Tartarus's E2B endpoint yet"
             await _refusal(scope, 501, "unimplemented", message)(scope, receive, send)
             return
         scope.setdefault("state", {})["e2b_sandbox"] = where.sandbox_id
-        await self.envd(scope, receive, send)
+        await (self.envd if where.port == ENVD_PORT else self.interpreter)(scope, receive, send)
 
     def install(self, layer: Layer) -> None:
         self.layer = layer
         self.control.state.layer = layer
         self.envd.state.layer = layer
+        self.interpreter.state.layer = layer
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

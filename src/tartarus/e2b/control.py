@@ -92,6 +92,7 @@ def created(layer: Layer, view: SandboxView, alias: str | None) -> dict[str, Any
         template_id=view.template,
         sandbox_id=view.id,
         envd_access_token=layer.tokens.token(view.id),
+        traffic_access_token=layer.tokens.traffic_token(view.id),
         alias=alias,
     ).model_dump(by_alias=True, exclude_none=True)
 
@@ -226,7 +227,9 @@ def router() -> APIRouter:
         layer = layer_of(request)
         view = await layer.upstream.get(api_key(x_api_key, authorization), sandbox_id)
         detail = SandboxDetail(
-            **listed_model(view).model_dump(), envd_access_token=layer.tokens.token(view.id)
+            **listed_model(view).model_dump(),
+            envd_access_token=layer.tokens.token(view.id),
+            traffic_access_token=layer.tokens.traffic_token(view.id),
         )
         return JSONResponse(detail.model_dump(by_alias=True, exclude_none=True))
 

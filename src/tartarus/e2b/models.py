@@ -52,6 +52,8 @@ class Sandbox(BaseModel):
     client_id: str = Field(CLIENT_ID, serialization_alias="clientID")
     envd_version: str = Field(ENVD_VERSION, serialization_alias="envdVersion")
     envd_access_token: str = Field(serialization_alias="envdAccessToken")
+    # Sent by e2b-code-interpreter with its context calls, which carry no envd access token.
+    traffic_access_token: str | None = Field(None, serialization_alias="trafficAccessToken")
     alias: str | None = None
 
 
@@ -73,6 +75,7 @@ class ListedSandbox(BaseModel):
 
 class SandboxDetail(ListedSandbox):
     envd_access_token: str = Field(serialization_alias="envdAccessToken")
+    traffic_access_token: str | None = Field(None, serialization_alias="trafficAccessToken")
 
 
 class Error(BaseModel):

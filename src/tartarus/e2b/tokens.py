@@ -18,6 +18,7 @@ from pathlib import Path
 from tartarus.private import opener
 
 SECRET_FILE = "e2b-token.key"
+TRAFFIC = b"traffic\0"  # a sandbox id has no NUL: no id's envd token is another's traffic token
 
 
 class TokenMint:
@@ -52,8 +53,22 @@ class TokenMint:
         digest = hmac.new(self._secret, sandbox_id.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
+    def traffic_token(self, sandbox_id: str) -> str:
+        """E2B's traffic access token: what the code interpreter's SDK sends on the calls that carry no
+        access token (its contexts). It opens the interpreter port only, never envd, and neither token
+        can be derived from the other."""
+        digest = hmac.new(self._secret, TRAFFIC + sandbox_id.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
     def check(self, sandbox_id: str, presented: str | None) -> bool:
         """Constant-time: how much of a wrong token matched leaks nothing."""
-        if presented is None:
-            return False
-        return hmac.compare_digest(self.token(sandbox_id).encode(), presented.encode("utf-8", "replace"))
+        return _same(self.token(sandbox_id), presented)
+
+    def check_traffic(self, sandbox_id: str, presented: str | None) -> bool:
+        return _same(self.traffic_token(sandbox_id), presented)
+
+
+def _same(expected: str, presented: str | None) -> bool:
+    if presented is None:
+        return False
+    return hmac.compare_digest(expected.encode(), presented.encode("utf-8", "replace"))

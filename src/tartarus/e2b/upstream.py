@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from tartarus.paths import LOCAL_KEY_FILE
+from tartarus.wire import CodeContext, Execution, context_of, execution_of
 
 TIMEOUT = httpx.Timeout(600, connect=10)  # a cold create under emulation takes minutes
 STREAM_TIMEOUT = httpx.Timeout(None, connect=10)  # a command's output may pause for as long as it likes
@@ -346,3 +347,39 @@ class Upstream:
             f"/v1/sandboxes/{sandbox_id}/files",
             params={"path": path, "recursive": "true"},
         )
+
+    # ---- the warm code interpreter --------------------------------------------------------------
+
+    async def run_code(
+        self, sandbox_id: str, code: str, *, context: str | None, env: Mapping[str, str] | None
+    ) -> Execution:
+        body: dict[str, Any] = {"code": code}
+        if context is not None:
+            body["context"] = context
+        if env:
+            body["env"] = dict(env)
+        response = await self._http.post(
+            f"/v1/sandboxes/{sandbox_id}/code",
+            json=body,
+            headers={"Authorization": f"Bearer {self.node_key()}"},
+            timeout=STREAM_TIMEOUT,  # a cell may run for as long as it likes
+        )
+        await _raise_for(response)
+        return execution_of(response.json())
+
+    async def create_context(self, sandbox_id: str, cwd: str | None) -> CodeContext:
+        body = {"cwd": cwd} if cwd else {}
+        path = f"/v1/sandboxes/{sandbox_id}/code/contexts"
+        return context_of(await self._call(self.node_key(), "POST", path, json_body=body))
+
+    async def contexts(self, sandbox_id: str) -> list[CodeContext]:
+        body = await self._call(self.node_key(), "GET", f"/v1/sandboxes/{sandbox_id}/code/contexts")
+        return [context_of(c) for c in body["contexts"]]
+
+    async def restart_context(self, sandbox_id: str, context_id: str) -> CodeContext:
+        path = f"/v1/sandboxes/{sandbox_id}/code/contexts/{context_id}/restart"
+        return context_of(await self._call(self.node_key(), "POST", path))
+
+    async def delete_context(self, sandbox_id: str, context_id: str) -> None:
+        path = f"/v1/sandboxes/{sandbox_id}/code/contexts/{context_id}"
+        await self._call(self.node_key(), "DELETE", path)

@@ -11,16 +11,18 @@ import asyncio
 import itertools
 import json
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tartarus.errors import SandboxFailed, Timeout
+from tartarus.errors import InvalidArgument, NotFound, SandboxFailed, Timeout
 from tartarus.runtime.agent import INTERPRETER_ID, AgentClient, Exit, Output, Process
-from tartarus.wire import Execution, ExecutionError
+from tartarus.wire import CodeContext, Execution, context_of, execution_of
 
 GUEST_SCRIPT = Path(__file__).resolve().parent / "interpreter_main.py"
 GUEST_PATH = "/opt/tartarus/interpreter.py"
 MAX_LINE = 8 << 20
+CONTROL_TIMEOUT = 60.0  # a context call waits at most for a running cell to end this long
 
 
 class CodeInterpreter:
@@ -69,10 +71,46 @@ class CodeInterpreter:
     def pid(self) -> int:
         return self._process.pid
 
-    async def run_code(self, code: str, timeout: float | None = None) -> Execution:
+    async def run_code(
+        self,
+        code: str,
+        timeout: float | None = None,
+        *,
+        context: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Execution:
+        """Run a cell in `context` (the default notebook if None), with `env` set while it runs."""
+        request: dict[str, Any] = {"code": code}
+        if context is not None:
+            request["context"] = context
+        if env:
+            request["env"] = dict(env)
+        return execution_of(await self._call(request, timeout))
+
+    async def create_context(self, cwd: str | None = None) -> CodeContext:
+        return _context(
+            (await self._call({"op": "create_context", "cwd": cwd}, CONTROL_TIMEOUT)).get("context")
+        )
+
+    async def contexts(self) -> list[CodeContext]:
+        listed = (await self._call({"op": "list_contexts"}, CONTROL_TIMEOUT)).get("contexts")
+        if not isinstance(listed, list):
+            raise SandboxFailed("interpreter sent no context list")
+        return [_context(c) for c in listed]
+
+    async def restart_context(self, context_id: str) -> CodeContext:
+        """Forget the context's globals (its working directory stays)."""
+        request = {"op": "restart_context", "context": context_id}
+        return _context((await self._call(request, CONTROL_TIMEOUT)).get("context"))
+
+    async def delete_context(self, context_id: str) -> None:
+        await self._call({"op": "delete_context", "context": context_id}, CONTROL_TIMEOUT)
+
+    async def _call(self, request: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """One request and its answer; the interpreter's refusals raise NotFound / InvalidArgument."""
         async with self._lock:
             rid = next(self._ids)
-            request: dict[str, Any] = {"id": rid, "code": code}
+            request = {"id": rid, **request}
             if self._reseed:
                 request["reseed"] = True
                 self._reseed = False
@@ -81,17 +119,11 @@ class CodeInterpreter:
                 response = await self._read_message(timeout)
                 if response.get("id") == rid:
                     break
-        error = response.get("error")
-        return Execution(
-            stdout=str(response.get("stdout", "")),
-            stderr=str(response.get("stderr", "")),
-            result=response.get("result"),
-            error=None
-            if error is None
-            else ExecutionError(
-                str(error.get("name")), str(error.get("value")), str(error.get("traceback", ""))
-            ),
-        )
+        fault = response.get("fault")
+        if isinstance(fault, dict):
+            error = NotFound if fault.get("code") == "not_found" else InvalidArgument
+            raise error(str(fault.get("message", "refused by the interpreter")))
+        return response
 
     async def _read_message(self, timeout: float | None) -> dict[str, Any]:
         try:
@@ -121,3 +153,10 @@ class CodeInterpreter:
         if not isinstance(message, dict):
             raise SandboxFailed("interpreter sent a non-object message")
         return message
+
+
+def _context(raw: object) -> CodeContext:
+    try:
+        return context_of(raw)
+    except ValueError as e:
+        raise SandboxFailed(f"the interpreter sent {e}") from None

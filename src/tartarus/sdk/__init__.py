@@ -17,7 +17,7 @@ from tartarus.sdk.aio import AsyncClient, AsyncCommandHandle, AsyncSandbox
 from tartarus.sdk.results import CheckpointInfo, ExposedPort, FileInfo, FileList, ProcessInfo, SandboxInfo
 from tartarus.sdk.sync import Client, CommandHandle, Sandbox
 from tartarus.sdk.terminal import AsyncPty, Pty
-from tartarus.wire import Execution, ExecutionError
+from tartarus.wire import CodeContext, Execution, ExecutionError, Result
 
 __all__ = [
     "AsyncClient",
@@ -28,6 +28,7 @@ __all__ = [
     "CaptureFailed",
     "CheckpointInfo",
     "Client",
+    "CodeContext",
     "CommandHandle",
     "CommandResult",
     "Execution",
@@ -42,6 +43,7 @@ __all__ = [
     "Pty",
     "Quarantined",
     "QuotaExceeded",
+    "Result",
     "Sandbox",
     "SandboxFailed",
     "SandboxInfo",

@@ -367,7 +367,9 @@ class AsyncSandbox:
         return await self._update("PUT", "timeout", json={"timeout": timeout})
 
     async def run_code(self, code: str, *, timeout: float | None = None) -> Execution:
-        """Run Python in the sandbox's warm interpreter (numpy, pandas preloaded); state persists."""
+        """Run Python in the sandbox's warm interpreter (numpy, pandas, matplotlib preloaded); state
+        persists. The last expression's value and the figures shown come back in `results`, rich
+        (a DataFrame's `html`, a figure's `png`, base64), and as `result`, its repr."""
         http_timeout = call_timeout(timeout)
         response = await self._client.request(
             "POST", f"/v1/sandboxes/{self.id}/code", json=code_body(code, timeout), timeout=http_timeout

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tartarus import errors
-from tartarus.wire import Execution, ExecutionError
+from tartarus.wire import RESULT_FORMATS, Execution, ExecutionError, Result
 
 
 class Fields:
@@ -281,6 +281,17 @@ class ExposedPort:
         )
 
 
+def result_from_json(data: object) -> Result:
+    """One rich result of `run_code` (a value or figure, in each format it rendered to)."""
+    f = Fields(data, "code result's result")
+    raw = data if isinstance(data, dict) else {}
+    json_value = raw.get("json")
+    if json_value is not None and not isinstance(json_value, dict | list):
+        raise f._mistyped("json", json_value, "an object or a list")
+    texts = {name: f.optional_text(name) for name in RESULT_FORMATS if name != "json"}
+    return Result(**texts, json=json_value, is_main_result=f.flag("is_main_result"))
+
+
 def execution_from_json(data: object) -> Execution:
     """A `run_code` answer (its types live in `tartarus.wire`, shared with the daemon)."""
     f = Fields(data, "code result")
@@ -290,9 +301,12 @@ def execution_from_json(data: object) -> Execution:
         if e is None
         else ExecutionError(e.text("name"), e.text("value"), e.optional_text("traceback") or "")
     )
+    results = f.items("results") if isinstance(data, dict) and "results" in data else []
     return Execution(
         stdout=f.text("stdout"),
         stderr=f.text("stderr"),
         result=f.optional_text("result"),
         error=error,
+        results=tuple(result_from_json(r) for r in results),
+        execution_count=f.optional_integer("execution_count"),
     )

@@ -1,4 +1,4 @@
-"""Running code in a sandbox: commands (streamed events) and Python in the warm interpreter."""
+"""Running commands in a sandbox, their events streamed (Python's warm interpreter: routes/code.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import AsyncGenerator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from tartarus.daemon.models import CodeError, ExecEvent, ExecRequest, RunCodeRequest, RunCodeResult
-from tartarus.daemon.routes.deps import ERRORS, Manager, stream_hold
+from tartarus.daemon.models import ExecEvent, ExecRequest
+from tartarus.daemon.routes.deps import ERRORS, stream_hold
 from tartarus.errors import GuestError, InvalidArgument, TartarusError
 from tartarus.runtime.agent import Exit, Output, Process, PtySize
 
@@ -85,20 +85,3 @@ async def events(
                 with contextlib.suppress(Exception):
                     await process.signal(signal.SIGKILL)
             process.abandon()
-
-
-@router.post("/v1/sandboxes/{sandbox_id}/code", response_model=RunCodeResult, responses=ERRORS)
-async def run_code(sandbox_id: str, body: RunCodeRequest, manager: Manager) -> RunCodeResult:
-    """Run Python in the sandbox's warm interpreter; globals persist between calls."""
-    async with manager.use(sandbox_id) as rt:
-        interpreter = await rt.code_interpreter()
-        execution = await interpreter.run_code(body.code, body.timeout)
-    error = execution.error
-    return RunCodeResult(
-        stdout=execution.stdout,
-        stderr=execution.stderr,
-        result=execution.result,
-        error=None
-        if error is None
-        else CodeError(name=error.name, value=error.value, traceback=error.traceback),
-    )

@@ -235,10 +235,12 @@ def e2b(
     rounds: Annotated[int, typer.Option(help="alternating rounds per side", min=1)] = 4,
     json_out: JsonOut = None,
 ) -> None:
-    """Create → `commands.run("echo hi")` through E2B's unmodified SDK and through Tartarus's, one run."""
-    from tartarus.bench.e2b_compare import run_e2b
+    """Create → `commands.run("echo hi")`, and create → `run_code("1+1")`, through E2B's unmodified SDKs
+    and through Tartarus's, in one run."""
+    from tartarus.bench.e2b_compare import WORKLOADS, run_e2b
 
-    _run("e2b", 2 * samples, json_out, lambda p: run_e2b(samples, template, rounds, p))
+    steps = 2 * len(WORKLOADS) * samples
+    _run("e2b", steps, json_out, lambda p: run_e2b(samples, template, rounds, p))
 
 
 @bench_app.command("api-overhead")

@@ -1,4 +1,6 @@
-"""`bench e2b`: the same work through E2B's unmodified SDK and through Tartarus's own, in one run.
+"""`bench e2b`: the same work through E2B's unmodified SDKs and through Tartarus's own, in one run:
+create → `commands.run("echo hi")` answered (`e2b`), and create → `run_code("1+1")` answered
+(`e2b-code-interpreter`).
 
 One `tartarus serve --e2b-port` on loopback TCP serves both: Tartarus's SDK calls the daemon's port, the
 `e2b` SDK (in its own venv, driven by e2b_driver.py) calls the E2B port, whose layer calls the daemon.
@@ -27,6 +29,7 @@ from tartarus.sdk import Sandbox
 
 DRIVER = Path(__file__).with_name("e2b_driver.py")
 COMMAND = "echo hi"
+SIDES = ("native", "e2b")
 
 
 def _free_port() -> int:
@@ -35,18 +38,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _native(url: str, key: str, template: str, n: int) -> tuple[list[float], list[str]]:
-    """E2B's `commands.run(cmd)` is `/bin/bash -l -c cmd`: the same argv here, so both run the same."""
+WORKLOADS = {
+    "commands": f"create → commands.run({COMMAND!r}) answered",
+    "code": "create → run_code('1+1') answered",
+}
+
+
+def _answer(sb: Sandbox, workload: str) -> str | None:
+    """The workload's call on a new sandbox; None if it answered right, else what was wrong. E2B's
+    `commands.run(cmd)` is `/bin/bash -l -c cmd`: the same argv here, so both run the same."""
+    if workload == "commands":
+        r = sb.commands.run(["/bin/bash", "-l", "-c", COMMAND])
+        return None if r.stdout == "hi\n" and r.exit_code == 0 else f"echo: {r.stdout!r}, exit {r.exit_code}"
+    execution = sb.run_code("1+1")
+    return None if execution.text == "2" else f"run_code answered {execution.text!r}"
+
+
+def _native(url: str, key: str, template: str, workload: str, n: int) -> tuple[list[float], list[str]]:
     seconds: list[float] = []
     errors: list[str] = []
     for _ in range(n):
         t0 = time.perf_counter()
         sb = Sandbox.create(template, timeout=120, url=url, api_key=key)
         try:
-            r = sb.commands.run(["/bin/bash", "-l", "-c", COMMAND])
+            wrong = _answer(sb, workload)
             elapsed = time.perf_counter() - t0
-            if r.stdout != "hi\n" or r.exit_code != 0:
-                errors.append(f"echo answered {r.stdout!r}, exit {r.exit_code}")
+            if wrong:
+                errors.append(wrong)
             else:
                 seconds.append(elapsed)
         finally:
@@ -54,9 +72,11 @@ def _native(url: str, key: str, template: str, n: int) -> tuple[list[float], lis
     return seconds, errors
 
 
-def _through_e2b(python: Path, env: dict[str, str], template: str, n: int) -> tuple[list[float], list[str]]:
+def _through_e2b(
+    python: Path, env: dict[str, str], template: str, workload: str, n: int
+) -> tuple[list[float], list[str]]:
     run = subprocess.run(
-        [str(python), "-P", str(DRIVER), "commands", template, str(n)],  # -P: not this package first
+        [str(python), "-P", str(DRIVER), workload, template, str(n)],  # -P: not this package first
         env=env,
         capture_output=True,
         text=True,
@@ -68,13 +88,26 @@ def _through_e2b(python: Path, env: dict[str, str], template: str, n: int) -> tu
     return [float(s) for s in out["seconds"]], [str(e) for e in out["errors"]]
 
 
+def _compare(native: list[float], e2b: list[float], errors: list[str], workload: str) -> dict[str, Any]:
+    if not native or not e2b:
+        raise RuntimeError(f"{workload}: no samples on one side; errors: {errors[:5]}")
+    return {
+        "workload": WORKLOADS[workload],
+        "errors": len(errors),
+        "error_samples": errors[:10],
+        "native": summary_ms(native),
+        "e2b": summary_ms(e2b),
+        "ratio_p50": round(percentile(e2b, 50) / percentile(native, 50), 3),
+        "ratio_p99": round(percentile(e2b, 99) / percentile(native, 99), 3),
+    }
+
+
 def run_e2b(samples: int, template: str, rounds: int, progress: Callable[[int], None]) -> dict[str, Any]:
     python = sdk_python()  # built (from PyPI) before anything is timed
     state = Path(tempfile.mkdtemp(prefix="tartarus-bench-e2b-"))
     e2b_port = _free_port()
-    native: list[float] = []
-    e2b: list[float] = []
-    errors: list[str] = []
+    seconds: dict[tuple[str, str], list[float]] = {(w, side): [] for w in WORKLOADS for side in SIDES}
+    errors: dict[str, list[str]] = {w: [] for w in WORKLOADS}
     per_round = math.ceil(samples / rounds)
     try:
         with served_daemon(state, 2, "--e2b-port", str(e2b_port), tcp_port=_free_port()) as (_, url):
@@ -83,30 +116,23 @@ def run_e2b(samples: int, template: str, rounds: int, progress: Callable[[int], 
             env = {k: v for k, v in os.environ.items() if not k.startswith(("E2B_", "PYTHON"))}
             env |= {"E2B_API_KEY": key, "E2B_API_URL": endpoint, "E2B_SANDBOX_URL": endpoint}
             for i in range(rounds):
-                n = min(per_round, samples - len(native))
-                for side in ("native", "e2b") if i % 2 == 0 else ("e2b", "native"):
-                    if side == "native":
-                        seconds, failed = _native(url, key, template, n)
-                        native.extend(seconds)
-                    else:
-                        seconds, failed = _through_e2b(python, env, template, n)
-                        e2b.extend(seconds)
-                    errors.extend(f"{side}: {e}" for e in failed)
-                    progress(n)
+                for workload in WORKLOADS:
+                    n = min(per_round, samples - len(seconds[workload, "native"]))
+                    for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+                        if side == "native":
+                            got, failed = _native(url, key, template, workload, n)
+                        else:
+                            got, failed = _through_e2b(python, env, template, workload, n)
+                        seconds[workload, side].extend(got)
+                        errors[workload].extend(f"{side}: {e}" for e in failed)
+                        progress(n)
     finally:
         shutil.rmtree(state, ignore_errors=True)
-    if not native or not e2b:
-        raise RuntimeError(f"no samples on one side; errors: {errors[:5]}")
-    native_s, e2b_s = summary_ms(native), summary_ms(e2b)
+    by_workload = {w: _compare(seconds[w, "native"], seconds[w, "e2b"], errors[w], w) for w in WORKLOADS}
     return {
-        "workload": f"create → commands.run({COMMAND!r}) answered",
         "template": template,
         "rounds": rounds,
-        "errors": len(errors),
-        "error_samples": errors[:10],
-        "native": native_s,
-        "e2b": e2b_s,
-        "ratio_p50": round(percentile(e2b, 50) / percentile(native, 50), 3),
-        "ratio_p99": round(percentile(e2b, 99) / percentile(native, 99), 3),
-        **e2b_s,
+        "transport": "loopback TCP to one `tartarus serve --e2b-port`",
+        **by_workload,
+        **summary_ms(seconds["commands", "e2b"]),  # the headline: commands through E2B's SDK
     }

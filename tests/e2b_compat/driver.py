@@ -39,6 +39,18 @@ async def attempt_async(fn):
         return failure(e)
 
 
+def metric_of(m):
+    return {
+        "cpu_count": m.cpu_count,
+        "cpu_used_pct": m.cpu_used_pct,
+        "mem_used": m.mem_used,
+        "mem_total": m.mem_total,
+        "disk_used": m.disk_used,
+        "disk_total": m.disk_total,
+        "age_s": (datetime.now(UTC) - m.timestamp).total_seconds(),
+    }
+
+
 def seconds_left(info):
     return (info.end_at - datetime.now(UTC)).total_seconds()
 
@@ -105,6 +117,7 @@ def sync_suite(tag, out):
 
         sb.set_timeout(900)
         out["timeout_left"] = seconds_left(sb.get_info())
+        out["metrics"] = [metric_of(m) for m in sb.get_metrics()]
 
         f.write(f"{DIR}/state.txt", "kept across pause")
         out["pause"] = sb.pause()
@@ -182,6 +195,7 @@ async def async_suite(tag, out):
 
         await sb.set_timeout(900)
         out["timeout_left"] = seconds_left(await sb.get_info())
+        out["metrics"] = [metric_of(m) for m in await sb.get_metrics()]
 
         await f.write(f"{DIR}/state.txt", "kept across pause")
         out["pause"] = await sb.pause()

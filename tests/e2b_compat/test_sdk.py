@@ -153,6 +153,15 @@ def test_set_timeout_moves_the_end(observed: dict[str, Any]) -> None:
     assert 800 < observed["timeout_left"] <= 900
 
 
+def test_metrics_are_the_sandboxes_own_measured_now(observed: dict[str, Any]) -> None:
+    (metric,) = observed["metrics"]
+    assert metric["cpu_count"] == 1 and 0 <= metric["cpu_used_pct"] <= 100
+    assert 400 << 20 < metric["mem_total"] <= 512 << 20  # python-ds's guest: 512 MiB, less the kernel's
+    assert 0 < metric["mem_used"] < metric["mem_total"]
+    assert 0 < metric["disk_used"] < metric["disk_total"]
+    assert -5 < metric["age_s"] < 30
+
+
 def test_pause_then_connect_resumes_with_state(observed: dict[str, Any]) -> None:
     assert observed["pause"] is True
     assert observed["paused_state"] == "paused"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import urllib.parse
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -28,7 +28,7 @@ from tartarus.e2b.models import (
     SandboxTimeout,
     rfc3339,
 )
-from tartarus.e2b.upstream import SandboxView, UpstreamError
+from tartarus.e2b.upstream import MetricsView, SandboxView, UpstreamError
 
 E2B_STATES = {"running": "running", "hibernated": "paused"}  # the others have ended: E2B shows none
 MAX_PAGE = 1000
@@ -118,6 +118,22 @@ def after_token(token: str) -> tuple[float, str]:
         return float(created_at), sandbox_id
     except (ValueError, binascii.Error, UnicodeDecodeError) as e:
         raise E2BError(400, "nextToken is not one this server gave") from e
+
+
+def e2b_metrics(m: MetricsView) -> dict[str, Any]:
+    """/v1's metrics in E2B's shape (`SandboxMetric`)."""
+    at = datetime.fromtimestamp(m.timestamp, UTC)
+    return {
+        "timestamp": at.isoformat().replace("+00:00", "Z"),
+        "timestampUnix": int(at.timestamp()),
+        "cpuCount": m.cpu_count,
+        "cpuUsedPct": m.cpu_used_pct,
+        "memUsed": m.mem_used_bytes,
+        "memTotal": m.mem_total_bytes,
+        "memCache": m.mem_cache_bytes,
+        "diskUsed": m.disk_used_bytes,
+        "diskTotal": m.disk_total_bytes,
+    }
 
 
 def router() -> APIRouter:
@@ -233,6 +249,15 @@ def router() -> APIRouter:
         )
         return JSONResponse(detail.model_dump(by_alias=True, exclude_none=True))
 
+    @api.get("/sandboxes/{sandbox_id}/metrics")
+    async def metrics(
+        request: Request, sandbox_id: str, x_api_key: Key = None, authorization: Authorization = None
+    ) -> JSONResponse:
+        """One entry, measured now (E2B keeps a series; `start`/`end` select from it, and the one
+        entry is within any window that includes now). A paused sandbox has none."""
+        now = await layer_of(request).upstream.metrics(api_key(x_api_key, authorization), sandbox_id)
+        return JSONResponse([] if now is None else [e2b_metrics(now)])
+
     @api.delete("/sandboxes/{sandbox_id}", status_code=204)
     async def kill(
         request: Request, sandbox_id: str, x_api_key: Key = None, authorization: Authorization = None
@@ -308,12 +333,5 @@ def router() -> APIRouter:
         if _e2b_state(await layer_of(request).upstream.get(key, sandbox_id)) == "running":
             raise E2BError(409, f"sandbox {sandbox_id} is already running")
         return await connect(request, sandbox_id, body.timeout, key)
-
-    @api.get("/sandboxes/{sandbox_id}/metrics")
-    async def metrics(
-        request: Request, sandbox_id: str, x_api_key: Key = None, authorization: Authorization = None
-    ) -> Response:
-        await layer_of(request).upstream.get(api_key(x_api_key, authorization), sandbox_id)  # 404 first
-        raise E2BError(501, "sandbox metrics are not supported by Tartarus's E2B endpoint yet")
 
     return api

@@ -8,6 +8,7 @@ once that is checked (tokens.py), the call is made with the node's local admin k
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,20 @@ class UpstreamError(Exception):
     code: str
     message: str
     errno: int | None = None
+
+
+@dataclass(frozen=True)
+class MetricsView:
+    """/v1's `SandboxMetrics`."""
+
+    timestamp: float
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used_bytes: int
+    mem_total_bytes: int
+    mem_cache_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int
 
 
 @dataclass(frozen=True)
@@ -204,6 +219,16 @@ class Upstream:
 
     async def get(self, key: str, sandbox_id: str) -> SandboxView:
         return SandboxView.of(await self._call(key, "GET", f"/v1/sandboxes/{sandbox_id}"))
+
+    async def metrics(self, key: str, sandbox_id: str) -> MetricsView | None:
+        """/v1's metrics of a running sandbox; None for one that is not running (nothing to measure)."""
+        try:
+            body = await self._call(key, "GET", f"/v1/sandboxes/{sandbox_id}/metrics")
+        except UpstreamError as e:
+            if e.status == 409:
+                return None
+            raise
+        return MetricsView(**{f.name: body[f.name] for f in dataclasses.fields(MetricsView)})
 
     async def list_sandboxes(self, key: str, labels: Mapping[str, str]) -> list[SandboxView]:
         params = [("label", f"{k}={v}") for k, v in labels.items()]

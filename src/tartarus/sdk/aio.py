@@ -38,6 +38,7 @@ from tartarus.sdk.results import (
     FileList,
     ProcessInfo,
     SandboxInfo,
+    SandboxMetrics,
     execution_from_json,
     processes_from_json,
 )
@@ -398,6 +399,12 @@ class AsyncSandbox:
     async def refresh(self) -> SandboxInfo:
         """Ask the daemon for this sandbox's state now (`info` is as of the last call)."""
         return await self._update("GET")
+
+    async def metrics(self) -> SandboxMetrics:
+        """What the sandbox uses now (see `Sandbox.metrics`)."""
+        return SandboxMetrics.from_json(
+            (await self._client.request("GET", f"/v1/sandboxes/{self.id}/metrics")).json()
+        )
 
     async def expose(self, port: int, *, secure: bool = False) -> ExposedPort:
         """Expose `port` of the guest on the daemon's host (see `Sandbox.expose`)."""

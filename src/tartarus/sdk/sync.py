@@ -36,6 +36,7 @@ from tartarus.sdk.results import (
     FileList,
     ProcessInfo,
     SandboxInfo,
+    SandboxMetrics,
     execution_from_json,
     processes_from_json,
 )
@@ -385,6 +386,13 @@ class Sandbox:
     def refresh(self) -> SandboxInfo:
         """Ask the daemon for this sandbox's state now (`info` is as of the last call)."""
         return self._update("GET")
+
+    def metrics(self) -> SandboxMetrics:
+        """What the sandbox uses now: CPU (percent of its vCPUs since the previous call), the guest's
+        memory and its writable layer's disk. A hibernated sandbox is a `Conflict`, not woken."""
+        return SandboxMetrics.from_json(
+            self._client.request("GET", f"/v1/sandboxes/{self.id}/metrics").json()
+        )
 
     def expose(self, port: int, *, secure: bool = False) -> ExposedPort:
         """Expose `port` of the guest on the daemon's host, at `host:host_port`.

@@ -3,6 +3,7 @@ quarantine and release (operators only)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -19,10 +20,13 @@ from tartarus.daemon.models import (
     QuarantineRequest,
     SandboxInfo,
     SandboxList,
+    SandboxMetrics,
     SetTimeout,
 )
 from tartarus.daemon.routes.deps import ERRORS, AdminOnly, Caller, Control, Manager
 from tartarus.daemon.routes.views import ended_info, sandbox_info
+from tartarus.errors import Conflict
+from tartarus.sandbox import usage
 
 router = APIRouter()
 
@@ -64,6 +68,16 @@ async def list_sandboxes(
 @router.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxInfo, responses=ERRORS)
 async def get_sandbox(sandbox_id: str, manager: Manager, control: Control) -> SandboxInfo:
     return sandbox_info(manager.get(sandbox_id))
+
+
+@router.get("/v1/sandboxes/{sandbox_id}/metrics", response_model=SandboxMetrics, responses=ERRORS)
+async def sandbox_metrics(sandbox_id: str, manager: Manager) -> SandboxMetrics:
+    """Measured now, never from a cache; a hibernated sandbox is not woken to be measured (409)."""
+    sandbox = manager.get(sandbox_id).runtime
+    if sandbox is None:
+        raise Conflict(f"sandbox {sandbox_id} is not running: it uses no CPU or memory now")
+    now = await usage.measure(sandbox)
+    return SandboxMetrics(**dataclasses.asdict(now))
 
 
 @router.put("/v1/sandboxes/{sandbox_id}/timeout", response_model=SandboxInfo, responses=ERRORS)

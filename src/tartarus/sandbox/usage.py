@@ -1,0 +1,89 @@
+"""What a running sandbox uses now, for `GET /v1/sandboxes/{id}/metrics` (and E2B's metrics).
+
+CPU is the VMM process's own time (all its threads: under TCG the emulation is the sandbox's cost), as a
+percentage of the sandbox's vCPUs over the window since the previous reading, or since the VMM started.
+Memory is the guest kernel's own view (/proc/meminfo, read through the agent). Disk is the host's view of
+the sandbox's writable layer: bytes allocated of its size.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from dataclasses import dataclass
+
+from tartarus.errors import SandboxFailed
+from tartarus.sandbox.capture import LAYER
+from tartarus.sandbox.sandbox import Sandbox
+
+TICKS = os.sysconf("SC_CLK_TCK")
+WINDOW_MAX_S = 60.0  # an older previous reading is stale: fall back to the VMM's whole life
+
+
+@dataclass(frozen=True)
+class Usage:
+    timestamp: float
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used_bytes: int
+    mem_total_bytes: int
+    mem_cache_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int
+
+
+# Per sandbox: (monotonic time, CPU seconds) of its previous reading.
+_previous: weakref.WeakKeyDictionary[Sandbox, tuple[float, float]] = weakref.WeakKeyDictionary()
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds the process used, seconds since it started), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    used = (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return used, uptime - int(fields[19]) / TICKS  # starttime
+
+
+def meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo's fields, in bytes."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
+
+
+async def measure(sandbox: Sandbox) -> Usage:
+    agent = sandbox.agent  # raises if the sandbox is not running
+    vm = sandbox.vm
+    if vm is None or vm.pid is None:
+        raise SandboxFailed(f"sandbox {sandbox.id} is not running")
+    now, mono = time.time(), time.monotonic()
+    cpu, lifetime = process_cpu(vm.pid)
+    previous = _previous.get(sandbox)
+    if previous is not None and 0 < mono - previous[0] <= WINDOW_MAX_S:
+        used, window = cpu - previous[1], mono - previous[0]
+    else:
+        used, window = cpu, lifetime
+    _previous[sandbox] = (mono, cpu)
+    vcpus = vm.config.vcpus
+    pct = min(100.0, max(0.0, 100.0 * used / (window * vcpus))) if window > 0 else 0.0
+    text = b"".join([chunk async for chunk in await agent.read_file("/proc/meminfo")])
+    memory = meminfo(text.decode("ascii", "replace"))
+    total = memory.get("MemTotal", 0)
+    layer = os.stat(sandbox.workdir / LAYER)
+    return Usage(
+        timestamp=now,
+        cpu_count=vcpus,
+        cpu_used_pct=round(pct, 2),
+        mem_used_bytes=max(0, total - memory.get("MemAvailable", total)),
+        mem_total_bytes=total,
+        mem_cache_bytes=memory.get("Cached", 0),
+        disk_used_bytes=layer.st_blocks * 512,
+        disk_total_bytes=layer.st_size,
+    )

@@ -14,7 +14,15 @@ from tartarus.errors import (
 )
 from tartarus.sdk._core import CommandResult
 from tartarus.sdk.aio import AsyncClient, AsyncCommandHandle, AsyncSandbox
-from tartarus.sdk.results import CheckpointInfo, ExposedPort, FileInfo, FileList, ProcessInfo, SandboxInfo
+from tartarus.sdk.results import (
+    CheckpointInfo,
+    ExposedPort,
+    FileInfo,
+    FileList,
+    ProcessInfo,
+    SandboxInfo,
+    WatchEvent,
+)
 from tartarus.sdk.sync import Client, CommandHandle, Sandbox
 from tartarus.sdk.terminal import AsyncPty, Pty
 from tartarus.wire import CodeContext, Execution, ExecutionError, Result
@@ -49,4 +57,5 @@ __all__ = [
     "SandboxInfo",
     "TartarusError",
     "Timeout",
+    "WatchEvent",
 ]

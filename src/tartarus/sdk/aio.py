@@ -30,6 +30,7 @@ from tartarus.sdk._core import (
     resolve_endpoint,
     stdin_body,
     transport_error,
+    watch_event,
 )
 from tartarus.sdk.results import (
     CheckpointInfo,
@@ -38,6 +39,7 @@ from tartarus.sdk.results import (
     FileList,
     ProcessInfo,
     SandboxInfo,
+    WatchEvent,
     execution_from_json,
     processes_from_json,
 )
@@ -275,6 +277,21 @@ class AsyncFiles:
         await self._sb._client.request(
             "POST", f"{self._base}/rename", json={"path": path, "new_path": new_path}
         )
+
+    async def watch(self, path: str, *, recursive: bool = False) -> AsyncIterator[WatchEvent]:
+        """A directory's changes as they happen (inotify in the guest), `recursive`ly if asked, until the
+        iteration is left or the directory goes away. A watcher slower than the changes loses some:
+        an `overflow` event says where. The sandbox stays awake while it is watched."""
+        lines = self._sb._client.stream_lines(
+            "GET",
+            f"{self._base}/watch",
+            params={"path": path, "recursive": recursive},
+            timeout=call_timeout(None),
+        )
+        async for line in lines:
+            event = watch_event(line)
+            if event is not None:
+                yield event
 
 
 class AsyncSandbox:

@@ -28,6 +28,7 @@ from tartarus.sdk._core import (
     resolve_endpoint,
     stdin_body,
     transport_error,
+    watch_event,
 )
 from tartarus.sdk.results import (
     CheckpointInfo,
@@ -36,6 +37,7 @@ from tartarus.sdk.results import (
     FileList,
     ProcessInfo,
     SandboxInfo,
+    WatchEvent,
     execution_from_json,
     processes_from_json,
 )
@@ -264,6 +266,21 @@ class Files:
 
     def rename(self, path: str, new_path: str) -> None:
         self._sb._client.request("POST", f"{self._base}/rename", json={"path": path, "new_path": new_path})
+
+    def watch(self, path: str, *, recursive: bool = False) -> Iterator[WatchEvent]:
+        """A directory's changes as they happen (inotify in the guest), `recursive`ly if asked, until the
+        iteration is left (`close()` it) or the directory goes away. A watcher slower than the changes
+        loses some: an `overflow` event says where. The sandbox stays awake while it is watched."""
+        lines = self._sb._client.stream_lines(
+            "GET",
+            f"{self._base}/watch",
+            params={"path": path, "recursive": recursive},
+            timeout=call_timeout(None),
+        )
+        for line in lines:
+            event = watch_event(line)
+            if event is not None:
+                yield event
 
 
 class Sandbox:

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
-from tartarus.daemon.routes.watch import event_type
+from tartarus.daemon.routes.watch import event_type, shown
 from tartarus.e2b import watchers
 from tartarus.e2b.connect import ConnectError
 from tartarus.e2b.upstream import WatchChange
@@ -40,6 +40,15 @@ IN_ISDIR = 0x40000000
 )
 def test_inotify_masks_are_named_as_e2b_names_changes(mask: int, name: str | None) -> None:
     assert event_type(mask) == name
+
+
+def test_a_file_written_through_the_api_shows_under_its_own_name() -> None:
+    """The agent writes beside the file and renames over it: clients see the file created and written."""
+    assert shown("create", "d/f.txt.tartarus-write-a1B2c3") == ("create", "d/f.txt")
+    assert shown("write", "f.txt.tartarus-write-a1B2c3") == ("write", "f.txt")
+    assert shown("rename", "f.txt.tartarus-write-a1B2c3") is None  # becoming the file: its create follows
+    assert shown("create", "f.txt") == ("create", "f.txt")
+    assert shown("rename", "f.txt.tartarus-write-") == ("rename", "f.txt.tartarus-write-")  # not the agent's
 
 
 def test_changes_become_envds_filesystem_events() -> None:

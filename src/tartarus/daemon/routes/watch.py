@@ -10,6 +10,7 @@ cover and says so with an `overflow` event.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncGenerator
 from typing import Annotated, Literal
 
@@ -35,6 +36,19 @@ _NAMES: tuple[tuple[int, WatchType], ...] = (
     (0x40 | 0x800, "rename"),  # IN_MOVED_FROM, IN_MOVE_SELF
     (0x4, "chmod"),  # IN_ATTRIB
 )
+
+
+# A file written through the API is written to a temporary name beside it, then renamed over it (the
+# guest agent's WRITE): its changes are shown under the file's own name, as if written in place.
+_AGENT_TEMP = re.compile(r"\.tartarus-write-[A-Za-z0-9]{6}$")
+
+
+def shown(kind: WatchType, name: str) -> tuple[WatchType, str] | None:
+    """A change as a client sees it: the agent's temporary file is the file it becomes, and its
+    renaming away (into the file) is no change of its own (None)."""
+    if _AGENT_TEMP.search(name) is None:
+        return kind, name
+    return None if kind == "rename" else (kind, _AGENT_TEMP.sub("", name))
 
 
 class WatchEvent(BaseModel):
@@ -64,8 +78,9 @@ async def _events(watch: Watch) -> AsyncGenerator[bytes, None]:
     try:
         while (event := await watch.next_event()) is not None:
             kind = event_type(event.mask)
-            if kind is not None:
-                yield line(WatchEvent(type=kind, name=event.name, is_dir=bool(event.mask & IN_ISDIR)))
+            change = None if kind is None else shown(kind, event.name)
+            if change is not None:
+                yield line(WatchEvent(type=change[0], name=change[1], is_dir=bool(event.mask & IN_ISDIR)))
     except TartarusError as e:
         errno_ = e.errno if isinstance(e, GuestError) else None
         yield line(WatchEvent(type="error", code=e.code, message=e.message, errno=errno_))

@@ -13,7 +13,7 @@ from tartarus.errors import (
     Timeout,
 )
 from tartarus.sdk._core import CommandResult
-from tartarus.sdk.aio import AsyncClient, AsyncCommandHandle, AsyncSandbox
+from tartarus.sdk.aio import AsyncClient, AsyncCommandHandle, AsyncSandbox, AsyncWatcher
 from tartarus.sdk.results import (
     CheckpointInfo,
     ExposedPort,
@@ -23,7 +23,7 @@ from tartarus.sdk.results import (
     SandboxInfo,
     WatchEvent,
 )
-from tartarus.sdk.sync import Client, CommandHandle, Sandbox
+from tartarus.sdk.sync import Client, CommandHandle, Sandbox, Watcher
 from tartarus.sdk.terminal import AsyncPty, Pty
 from tartarus.wire import CodeContext, Execution, ExecutionError, Result
 
@@ -32,6 +32,7 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncPty",
     "AsyncSandbox",
+    "AsyncWatcher",
     "AuthError",
     "CaptureFailed",
     "CheckpointInfo",
@@ -58,4 +59,5 @@ __all__ = [
     "TartarusError",
     "Timeout",
     "WatchEvent",
+    "Watcher",
 ]

@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
-from tartarus.daemon.routes.watch import event_type, shown
+from tartarus.daemon.routes.watch import Shown, event_type
 from tartarus.e2b import watchers
 from tartarus.e2b.connect import ConnectError
 from tartarus.e2b.upstream import WatchChange
@@ -43,12 +43,19 @@ def test_inotify_masks_are_named_as_e2b_names_changes(mask: int, name: str | Non
 
 
 def test_a_file_written_through_the_api_shows_under_its_own_name() -> None:
-    """The agent writes beside the file and renames over it: clients see the file created and written."""
-    assert shown("create", "d/f.txt.tartarus-write-a1B2c3") == ("create", "d/f.txt")
-    assert shown("write", "f.txt.tartarus-write-a1B2c3") == ("write", "f.txt")
-    assert shown("rename", "f.txt.tartarus-write-a1B2c3") is None  # becoming the file: its create follows
-    assert shown("create", "f.txt") == ("create", "f.txt")
-    assert shown("rename", "f.txt.tartarus-write-") == ("rename", "f.txt.tartarus-write-")  # not the agent's
+    """The agent writes a temporary file in the directory and renames it over the file: clients see the
+    file created and written under its own name, and nothing of the temporary one."""
+    shown = Shown()
+    temp = "d/.tartarus-write-a1B2c3"
+    assert shown(0x100, temp) == []  # IN_CREATE
+    assert shown(0x4, temp) == []  # IN_ATTRIB (its mode)
+    assert shown(0x2, temp) == []  # IN_MODIFY
+    assert shown(0x40, temp) == []  # IN_MOVED_FROM
+    assert shown(0x80, "d/f.txt") == [("create", "d/f.txt"), ("write", "d/f.txt")]  # IN_MOVED_TO
+    assert shown(0x80, "d/g.txt") == [("create", "d/g.txt")]  # a plain move in: only created
+    assert shown(0x40, "f.tartarus-write-a1B2c3") == [
+        ("rename", "f.tartarus-write-a1B2c3")
+    ]  # not the agent's
 
 
 def test_changes_become_envds_filesystem_events() -> None:

@@ -382,7 +382,8 @@ async def watch_dir(request: Request, body: bytes, sid: str) -> Response:
 
     async def stream() -> AsyncIterator[bytes]:
         error: ConnectError | None = None
-        yield connect.envelope({"event": {"start": {}}})
+        # WatchDirResponse's `event` is a oneof, flattened in JSON (unlike ProcessEvent's `event` field)
+        yield connect.envelope({"start": {}})
         end = None if deadline is None else asyncio.get_running_loop().time() + deadline
         try:
             ticks = keepalive(changes, _interval(request))
@@ -393,11 +394,11 @@ async def watch_dir(request: Request, body: bytes, sid: str) -> Response:
                     if change is _ENDED:
                         break  # the watched directory went away
                     if change is None:
-                        yield connect.envelope({"event": {"keepalive": {}}})
+                        yield connect.envelope({"keepalive": {}})
                     elif (error := watch_error(change)) is not None:
                         break
                     elif (event := fs_event(change)) is not None:
-                        yield connect.envelope({"event": {"filesystem": event}})
+                        yield connect.envelope({"filesystem": event})
         except TimeoutError:
             error = ConnectError("deadline_exceeded", "the watch reached its deadline")
         except UpstreamError as e:

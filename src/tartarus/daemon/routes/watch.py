@@ -38,17 +38,28 @@ _NAMES: tuple[tuple[int, WatchType], ...] = (
 )
 
 
-# A file written through the API is written to a temporary name beside it, then renamed over it (the
-# guest agent's WRITE): its changes are shown under the file's own name, as if written in place.
-_AGENT_TEMP = re.compile(r"\.tartarus-write-[A-Za-z0-9]{6}$")
+# A file written through the API is written to a temporary file in its directory, then renamed over it
+# (the guest agent's WRITE): clients see the file created and written under its own name, as if written
+# in place, and nothing of the temporary file.
+_AGENT_TEMP = re.compile(r"(^|/)\.tartarus-write-[A-Za-z0-9]{6}$")
+IN_MOVED_FROM, IN_MOVED_TO = 0x40, 0x80
 
 
-def shown(kind: WatchType, name: str) -> tuple[WatchType, str] | None:
-    """A change as a client sees it: the agent's temporary file is the file it becomes, and its
-    renaming away (into the file) is no change of its own (None)."""
-    if _AGENT_TEMP.search(name) is None:
-        return kind, name
-    return None if kind == "rename" else (kind, _AGENT_TEMP.sub("", name))
+class Shown:
+    """The guest's changes as a client sees them, one watch's worth (it remembers the last change: a
+    rename's two halves arrive one after the other)."""
+
+    def __init__(self) -> None:
+        self._temp_moved = False  # the last change moved the agent's temporary file away
+
+    def __call__(self, mask: int, name: str) -> list[tuple[WatchType, str]]:
+        kind = event_type(mask)
+        temp = _AGENT_TEMP.search(name) is not None
+        written = self._temp_moved and bool(mask & IN_MOVED_TO)
+        self._temp_moved = temp and bool(mask & IN_MOVED_FROM)
+        if kind is None or temp:
+            return []
+        return [("create", name), ("write", name)] if written else [(kind, name)]
 
 
 class WatchEvent(BaseModel):
@@ -75,12 +86,11 @@ async def _events(watch: Watch) -> AsyncGenerator[bytes, None]:
         return event.model_dump_json(exclude_none=True).encode() + b"\n"
 
     yield line(WatchEvent(type="started"))
+    shown = Shown()
     try:
         while (event := await watch.next_event()) is not None:
-            kind = event_type(event.mask)
-            change = None if kind is None else shown(kind, event.name)
-            if change is not None:
-                yield line(WatchEvent(type=change[0], name=change[1], is_dir=bool(event.mask & IN_ISDIR)))
+            for kind, name in shown(event.mask, event.name):
+                yield line(WatchEvent(type=kind, name=name, is_dir=bool(event.mask & IN_ISDIR)))
     except TartarusError as e:
         errno_ = e.errno if isinstance(e, GuestError) else None
         yield line(WatchEvent(type="error", code=e.code, message=e.message, errno=errno_))

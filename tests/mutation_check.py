@@ -461,8 +461,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "streams.abandon-detaches",
         "an abandoned stream is detached in the guest and its memory freed",
         "src/tartarus/runtime/agent.py",
-        "self._client._detach(self._id)",
-        "self._client._done(self._id)",
+        "if self.exit is None:\n            self._client._detach(self._id)",
+        "if self.exit is None:\n            self._client._done(self._id)",
         (AGENT_UNIT,),
     ),
     Mutation(

@@ -30,6 +30,7 @@ DEADLINE = 120  # seconds a PTY's output or a watch's events may take under emul
 # the line starts after a newline, or after the carriage return ending bash's bracketed-paste switch.
 HI = re.compile(rb"[\r\n]hi\r\n")
 RESIZED = re.compile(rb"40 132\r\nuser\r\n")  # `stty size; whoami` after the resize
+ANSWER = re.compile(rb"42\r\n")  # `echo $((6*7))` through a handle that connected by pid
 
 
 def pty_until(chunks, want, got=b""):
@@ -93,12 +94,16 @@ def sync_suite(tag, out):
         sb.pty.resize(term.pid, PtySize(rows=40, cols=132))
         sb.pty.send_stdin(term.pid, b"stty size; whoami\n")
         seen = pty_until(chunks, RESIZED, seen)
+        follower = sb.pty.connect(term.pid)  # takes the terminal's output over
+        sb.pty.send_stdin(term.pid, b"echo $((6*7))\n")
+        answer = pty_until((pty for _, _, pty in follower if pty is not None), ANSWER)
         out["pty"] = {
             "echoed": HI.search(seen) is not None,
             "resized": RESIZED.search(seen) is not None,
+            "connected": ANSWER.search(answer) is not None,
             "listed": term.pid in [p.pid for p in sb.commands.list()],
             "kill": sb.pty.kill(term.pid),
-            "after_kill": attempt(lambda: term.wait().exit_code),
+            "after_kill": attempt(lambda: follower.wait().exit_code),
         }
 
         sb.commands.run(f"mkdir -p {WATCHED}")
@@ -212,12 +217,19 @@ async def async_suite(tag, out):
         await sb.pty.resize(term.pid, PtySize(rows=40, cols=132))
         await sb.pty.send_stdin(term.pid, b"stty size; whoami\n")
         resized = await attempt_async(lambda: asyncio.wait_for(arrived.wait(), DEADLINE))
+        arrived.clear()
+        del seen[:]
+        wanted[0] = ANSWER
+        follower = await sb.pty.connect(term.pid, on_data=on_data)  # takes the terminal's output over
+        await sb.pty.send_stdin(term.pid, b"echo $((6*7))\n")
+        connected = await attempt_async(lambda: asyncio.wait_for(arrived.wait(), DEADLINE))
         out["pty"] = {
-            "echoed": echoed is True and HI.search(seen) is not None,
-            "resized": resized is True and RESIZED.search(seen) is not None,
+            "echoed": echoed is True,
+            "resized": resized is True,
+            "connected": connected is True and ANSWER.search(seen) is not None,
             "listed": term.pid in [p.pid for p in await sb.commands.list()],
             "kill": await sb.pty.kill(term.pid),
-            "after_kill": await attempt_async(lambda: exit_code_async(term)),
+            "after_kill": await attempt_async(lambda: exit_code_async(follower)),
         }
 
         await sb.commands.run(f"mkdir -p {WATCHED}")

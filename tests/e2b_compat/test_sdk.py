@@ -95,11 +95,12 @@ def test_commands_run_as_user_in_its_home_by_default_and_as_root_when_asked(obse
     assert observed["root_user"] == "root\n/root\n"
 
 
-def test_a_pty_takes_input_resizes_and_is_killed(observed: dict[str, Any]) -> None:
+def test_a_pty_takes_input_resizes_is_connected_to_and_killed(observed: dict[str, Any]) -> None:
     """`echo hi` typed into the terminal comes back (echoed, then its output); after a resize `stty size`
-    inside reports the new size, and the shell runs as `user`; kill ends it by signal."""
+    inside reports the new size, and the shell runs as `user`; a handle that connects by pid takes the
+    output over; kill ends it by signal."""
     pty = observed["pty"]
-    assert pty["echoed"] is True and pty["resized"] is True
+    assert pty["echoed"] is True and pty["resized"] is True and pty["connected"] is True
     assert pty["listed"] is True  # a PTY is a running command like any other
     assert pty["kill"] is True
     assert pty["after_kill"]["raised"] == "CommandExitException", pty["after_kill"]

@@ -22,6 +22,7 @@
  *   exec.c       EXEC: starting a command and running it to its EXIT
  *   pty.c        the terminal of a PTY exec
  *   files.c      READ, WRITE, LIST, STAT, MKDIR, REMOVE, RENAME
+ *   watch.c      WATCH: a directory's changes (inotify) as EVENT frames
  *   configure.c  CONFIGURE
  *   util.c       small helpers shared by all of them
  * This header holds the protocol constants, the shared types and what one
@@ -65,7 +66,7 @@
 #include <unistd.h>
 
 #define AGENT_VERSION "0.1.0"
-#define PROTO_VERSION 4
+#define PROTO_VERSION 5
 #define PORT_NAME "org.tartarus.agent.0"
 
 #define HDR_LEN 12
@@ -84,6 +85,10 @@
 #define PTY_MAX_SIZE 1000         /* rows and columns of a terminal */
 #define INPUT_MAX (64 * 1024)     /* one INPUT field */
 #define CMD_KEEP (8 * 1024)       /* argv bytes kept per command for PROCS */
+#define MAX_WATCHES 16            /* WATCH requests at once */
+#define WATCH_DIRS 4096           /* directories one recursive WATCH follows */
+#define WATCH_MIN (16 * 1024)     /* credit a WATCH needs before it reads more events */
+#define EVENT_FIELDS 18           /* TYPE (5 + 8) and NAME's header (5): an EVENT's payload less its name */
 #define DEFAULT_TERM "TERM=xterm-256color"
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -92,8 +97,9 @@ enum {
 	T_PING = 0x01, T_EXEC, T_STDIN, T_SIGNAL, T_READ, T_WRITE, T_WRITE_DATA,
 	T_WRITE_END, T_LIST, T_STAT, T_MKDIR, T_REMOVE, T_RENAME, T_CONFIGURE,
 	T_RESIZE, T_CREDIT, T_DETACH, T_ATTACH, T_PROCS, T_INPUT, T_PSIGNAL,
+	T_PRESIZE, T_WATCH,
 	T_HELLO = 0x80, T_OK, T_STARTED, T_STDOUT, T_STDERR, T_EXIT, T_DATA,
-	T_END, T_ENTRY, T_PROC, T_ERROR = 0x8F,
+	T_END, T_ENTRY, T_PROC, T_EVENT, T_ERROR = 0x8F,
 };
 
 /* Field tags. */
@@ -124,7 +130,13 @@ enum { K_UNKNOWN, K_INT, K_STR, K_BYTES, K_LIST };
 
 /* Requests in flight */
 
-enum { R_FREE, R_EXEC, R_READ, R_WRITE };
+enum { R_FREE, R_EXEC, R_READ, R_WRITE, R_WATCH };
+
+/* A directory a WATCH follows: its inotify watch and its path below the watched root ("" for the root). */
+struct wdir {
+	int wd;
+	char *rel;
+};
 
 struct req {
 	int kind;
@@ -153,6 +165,11 @@ struct req {
 	uint64_t size;
 	char *path;                  /* READ: for messages; WRITE: final name */
 	char *tmp;                   /* WRITE: temporary file (NULL when appending) */
+	/* R_WATCH: fd is the inotify instance, path the watched root */
+	struct wdir *wds;
+	size_t nwds, capwds;
+	bool recursive;
+	bool lost;                   /* events were dropped for want of credit: an overflow EVENT is due */
 };
 
 /* Requests with ids from here up are the sandbox's own processes (interpreter, start command). */
@@ -227,6 +244,7 @@ void h_attach(uint32_t id, struct msg *m);
 void h_procs(uint32_t id);
 void h_input(uint32_t id, struct msg *m);
 void h_psignal(uint32_t id, struct msg *m);
+struct req *need_pid(uint32_t id, struct msg *m);
 void reap_children(void);
 void check_exec(struct req *r, int64_t now);
 
@@ -235,6 +253,13 @@ bool get_winsize(struct msg *m, struct winsize *ws);
 int open_pty(const struct winsize *ws, int *master, int *slave);
 void kill_session(pid_t sid, int sig);
 void h_resize(uint32_t id, struct msg *m);
+void h_presize(uint32_t id, struct msg *m);
+
+/* watch.c */
+void h_watch(uint32_t id, struct msg *m);
+void pump_watch(struct req *r);
+void flush_lost(struct req *r);
+void free_watch(struct req *r);
 
 /* files.c */
 void h_read(uint32_t id, struct msg *m);

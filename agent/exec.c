@@ -533,7 +533,7 @@ static int64_t cmd_flags(const struct req *r)
 }
 
 /* The command a PID field names, or answers ERROR (ESRCH) and returns NULL. */
-static struct req *need_pid(uint32_t id, struct msg *m)
+struct req *need_pid(uint32_t id, struct msg *m)
 {
 	struct req *r = m->has[F_PID] ? find_pid(m->num[F_PID]) : NULL;
 

@@ -87,3 +87,27 @@ void h_resize(uint32_t id, struct msg *m)
 	if (ioctl(r->out_fd, TIOCSWINSZ, &ws) != 0)
 		logmsg("request %u: TIOCSWINSZ: %s", id, strerror(errno));
 }
+
+/* PRESIZE: sets the terminal size of a command by its pid (a background command nobody may be
+ * following); OK, or ERROR: ESRCH no such command, ENOTTY it runs on no terminal. */
+void h_presize(uint32_t id, struct msg *m)
+{
+	struct winsize ws;
+	struct req *r;
+
+	if (!get_winsize(m, &ws)) {
+		send_error(id, EINVAL, "ROWS and COLS must be given, each 1-%d", PTY_MAX_SIZE);
+		return;
+	}
+	if (!(r = need_pid(id, m)))
+		return;
+	if (!r->pty || r->out_fd < 0) {
+		send_error(id, ENOTTY, "command %d runs on no terminal", (int)r->pid);
+		return;
+	}
+	if (ioctl(r->out_fd, TIOCSWINSZ, &ws) != 0) {
+		send_error(id, errno, "TIOCSWINSZ: %s", strerror(errno));
+		return;
+	}
+	send_ok(id);
+}

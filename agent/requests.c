@@ -26,6 +26,7 @@ void free_req(struct req *r)
 	free(r->tmp);
 	free(r->cmd);
 	free(r->cwd);
+	free_watch(r);
 	memset(r, 0, sizeof *r);
 	r->out_fd = r->err_fd = r->in_fd = r->fd = -1;
 	r->out_left = r->err_left = r->credit = -1;
@@ -108,14 +109,16 @@ void h_credit(uint32_t id, struct msg *m)
 
 	if (!r)
 		r = find_req(id, R_READ);
+	if (!r)
+		r = find_req(id, R_WATCH);
 	if (!r || r->credit < 0 || !m->has[F_SIZE] || m->num[F_SIZE] <= 0)
 		return;
 	r->credit = m->num[F_SIZE] > INT64_MAX / 2 - r->credit ? INT64_MAX / 2 : r->credit + m->num[F_SIZE];
 }
 
 /*
- * DETACH: the host stopped listening.  A read or write ends here (its file
- * closed, a write's temporary file removed); a command runs on, its output
+ * DETACH: the host stopped listening.  A read, write or watch ends here (its
+ * file closed, a write's temporary file removed); a command runs on, its output
  * read and dropped, and is reaped without EXIT.
  */
 void h_detach(uint32_t id)
@@ -130,7 +133,7 @@ void h_detach(uint32_t id)
 		r->detached = true;
 		return;
 	}
-	if ((r = find_req(id, R_READ)) || (r = find_req(id, R_WRITE)))
+	if ((r = find_req(id, R_READ)) || (r = find_req(id, R_WRITE)) || (r = find_req(id, R_WATCH)))
 		free_req(r);
 }
 

@@ -35,7 +35,7 @@ static void dispatch(uint32_t id, uint8_t type, const uint8_t *p, uint32_t len)
 	case T_WRITE_END: h_write_end(id); return;
 	case T_DETACH: h_detach(id); return;
 	}
-	if (type < T_PING || type > T_PSIGNAL) {
+	if (type < T_PING || type > T_WATCH) {
 		send_error(id, ENOSYS, "unknown frame type 0x%02x", type);
 		return;
 	}
@@ -75,6 +75,8 @@ static void dispatch(uint32_t id, uint8_t type, const uint8_t *p, uint32_t len)
 	case T_PROCS: h_procs(id); break;
 	case T_INPUT: h_input(id, &M); break;
 	case T_PSIGNAL: h_psignal(id, &M); break;
+	case T_PRESIZE: h_presize(id, &M); break;
+	case T_WATCH: h_watch(id, &M); break;
 	}
 }
 
@@ -180,6 +182,17 @@ static void add_pollfd(nfds_t *n, struct req *r, int which, int fd, short events
 	pfds[(*n)++] = (struct pollfd){ .fd = fd, .events = events };
 }
 
+/* Adds a watch's inotify fd to the poll set while it has credit (else events wait in the kernel's
+ * queue, which overflows into IN_Q_OVERFLOW); returns now if an overflow EVENT is due. */
+static int64_t poll_watch(struct req *r, nfds_t *n)
+{
+	if (r->lost)
+		return sendable(r, EVENT_FIELDS) >= EVENT_FIELDS ? now_ms() : -1;
+	if (r->fd >= 0 && sendable(r, WATCH_MIN) >= WATCH_MIN)
+		add_pollfd(n, r, W_OUT, r->fd, POLLIN);
+	return -1;
+}
+
 /* Adds a command's pipes to the poll set; returns when it next needs attention (-1: never). */
 static int64_t poll_exec(struct req *r, nfds_t *n)
 {
@@ -236,7 +249,8 @@ void __attribute__((noreturn)) serve(int fd)
 		pfds[n++] = (struct pollfd){ .fd = sig_fd, .events = POLLIN };
 		for (int i = 0; i < MAX_REQS; i++) {
 			int64_t t = reqs[i].kind == R_READ ? (sendable(&reqs[i], 1) ? now : -1) /* more to send */
-				  : reqs[i].kind == R_EXEC ? poll_exec(&reqs[i], &n) : -1;
+				  : reqs[i].kind == R_EXEC ? poll_exec(&reqs[i], &n)
+				  : reqs[i].kind == R_WATCH ? poll_watch(&reqs[i], &n) : -1;
 			if (t >= 0 && (wake < 0 || t < wake))
 				wake = t;
 		}
@@ -258,6 +272,10 @@ void __attribute__((noreturn)) serve(int fd)
 		}
 		for (nfds_t i = 2; i < n; i++) {
 			struct req *r = pmap[i].r;
+			if (pfds[i].revents && r->kind == R_WATCH && r->fd == pfds[i].fd) {
+				pump_watch(r);
+				continue;
+			}
 			if (!pfds[i].revents || r->kind != R_EXEC)
 				continue;
 			if (pmap[i].which == W_OUT && r->out_fd == pfds[i].fd)
@@ -270,6 +288,8 @@ void __attribute__((noreturn)) serve(int fd)
 		for (int i = 0; i < MAX_REQS; i++)
 			if (reqs[i].kind == R_READ)
 				pump_read(&reqs[i]);
+			else if (reqs[i].kind == R_WATCH && reqs[i].lost)
+				flush_lost(&reqs[i]);
 		if (pfds[0].revents)
 			read_port();
 		else if (!host_present)

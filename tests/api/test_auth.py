@@ -161,11 +161,13 @@ TENANT_ROUTES = {
             ("GET", "/files/stat"),
             ("POST", "/files/mkdir"),
             ("POST", "/files/rename"),
+            ("GET", "/files/watch"),
             ("POST", "/processes"),
             ("GET", "/processes"),
             ("GET", "/processes/{pid}/stream"),
             ("POST", "/processes/{pid}/stdin"),
             ("POST", "/processes/{pid}/signal"),
+            ("POST", "/processes/{pid}/resize"),
         )
     ),
 }

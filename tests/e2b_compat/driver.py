@@ -11,14 +11,42 @@ its own exceptions the SDK raises for Tartarus's answers.
 import asyncio
 import io
 import json
+import re
 import sys
+import time
 from datetime import UTC, datetime
 
-from e2b import AsyncSandbox, CommandExitException, Sandbox, SandboxQuery
+from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox, SandboxQuery
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 
 BLOB = bytes(range(256)) * 64 + b"\x00\r\n\xff"  # every byte value, and line ends that text modes mangle
 DIR = "/tmp/e2b-suite"
+WATCHED = "/home/user/watched"  # made by the default user, in its home
+CHANGES = "cd ~/watched && echo hi > a.txt && chmod 600 a.txt && mv a.txt b.txt && rm b.txt"
+DEADLINE = 120  # seconds a PTY's output or a watch's events may take under emulation
+
+
+# `echo hi`'s output line, not the terminal's echo of the typed `echo hi` (which a space precedes):
+# the line starts after a newline, or after the carriage return ending bash's bracketed-paste switch.
+HI = re.compile(rb"[\r\n]hi\r\n")
+RESIZED = re.compile(rb"40 132\r\nuser\r\n")  # `stty size; whoami` after the resize
+ANSWER = re.compile(rb"42\r\n")  # `echo $((6*7))` through a handle that connected by pid
+
+
+def pty_until(chunks, want, got=b""):
+    """PTY output from the iterator `chunks` until `want` matches it (or the deadline passes)."""
+    end = time.monotonic() + DEADLINE
+    while not want.search(got) and time.monotonic() < end:
+        got += next(chunks)
+    return got
+
+
+async def exit_code_async(handle):
+    return (await handle.wait()).exit_code
+
+
+def events_of(events):
+    return [[e.type.value, e.name] for e in events]
 
 
 def failure(e):
@@ -68,6 +96,42 @@ def sync_suite(tag, out):
             out["fail"] = {"raised": type(e).__name__, "exit_code": e.exit_code, "stderr": e.stderr}
         r = sb.commands.run('echo "$GREETING"; pwd', envs={"GREETING": "hello"}, cwd="/tmp")
         out["env_cwd"] = r.stdout
+        out["default_user"] = sb.commands.run('whoami; echo "$HOME"; pwd').stdout
+        out["root_user"] = sb.commands.run('whoami; echo "$HOME"', user="root").stdout
+
+        term = sb.pty.create(PtySize(rows=24, cols=80))
+        chunks = (pty for _, _, pty in term if pty is not None)
+        sb.pty.send_stdin(term.pid, b"echo hi\n")
+        seen = pty_until(chunks, HI)
+        sb.pty.resize(term.pid, PtySize(rows=40, cols=132))
+        sb.pty.send_stdin(term.pid, b"stty size; whoami\n")
+        seen = pty_until(chunks, RESIZED, seen)
+        follower = sb.pty.connect(term.pid)  # takes the terminal's output over
+        sb.pty.send_stdin(term.pid, b"echo $((6*7))\n")
+        answer = pty_until((pty for _, _, pty in follower if pty is not None), ANSWER)
+        out["pty"] = {
+            "echoed": HI.search(seen) is not None,
+            "resized": RESIZED.search(seen) is not None,
+            "connected": ANSWER.search(answer) is not None,
+            "listed": term.pid in [p.pid for p in sb.commands.list()],
+            "kill": sb.pty.kill(term.pid),
+            "after_kill": attempt(lambda: follower.wait().exit_code),
+        }
+
+        sb.commands.run(f"mkdir -p {WATCHED}")
+        watch = sb.files.watch_dir(WATCHED)
+        sb.commands.run(CHANGES)
+        changes, end = [], time.monotonic() + DEADLINE
+        while len(changes) < 6 and time.monotonic() < end:
+            changes += events_of(watch.get_new_events())
+        out["watch_dir"] = changes
+        sb.files.write(f"{WATCHED}/written.txt", "via the API")
+        written, end = [], time.monotonic() + DEADLINE
+        while ["write", "written.txt"] not in written and time.monotonic() < end:
+            written += events_of(watch.get_new_events())
+        out["watch_written"] = written
+        watch.stop()
+        out["watch_stopped"] = attempt(lambda: watch.get_new_events())
 
         f = sb.files
         out["write"] = f.write(f"{DIR}/data.bin", BLOB).path
@@ -147,6 +211,60 @@ async def async_suite(tag, out):
             out["fail"] = {"raised": type(e).__name__, "exit_code": e.exit_code, "stderr": e.stderr}
         r = await sb.commands.run('echo "$GREETING"; pwd', envs={"GREETING": "hello"}, cwd="/tmp")
         out["env_cwd"] = r.stdout
+        out["default_user"] = (await sb.commands.run('whoami; echo "$HOME"; pwd')).stdout
+        out["root_user"] = (await sb.commands.run('whoami; echo "$HOME"', user="root")).stdout
+
+        seen, arrived = bytearray(), asyncio.Event()
+        wanted = [HI]
+
+        def on_data(data):
+            seen.extend(data)
+            if wanted[0].search(seen):
+                arrived.set()
+
+        term = await sb.pty.create(PtySize(rows=24, cols=80), on_data=on_data)
+        await sb.pty.send_stdin(term.pid, b"echo hi\n")
+        echoed = await attempt_async(lambda: asyncio.wait_for(arrived.wait(), DEADLINE))
+        arrived.clear()
+        wanted[0] = RESIZED
+        await sb.pty.resize(term.pid, PtySize(rows=40, cols=132))
+        await sb.pty.send_stdin(term.pid, b"stty size; whoami\n")
+        resized = await attempt_async(lambda: asyncio.wait_for(arrived.wait(), DEADLINE))
+        arrived.clear()
+        del seen[:]
+        wanted[0] = ANSWER
+        follower = await sb.pty.connect(term.pid, on_data=on_data)  # takes the terminal's output over
+        await sb.pty.send_stdin(term.pid, b"echo $((6*7))\n")
+        connected = await attempt_async(lambda: asyncio.wait_for(arrived.wait(), DEADLINE))
+        out["pty"] = {
+            "echoed": echoed is True,
+            "resized": resized is True,
+            "connected": connected is True and ANSWER.search(seen) is not None,
+            "listed": term.pid in [p.pid for p in await sb.commands.list()],
+            "kill": await sb.pty.kill(term.pid),
+            "after_kill": await attempt_async(lambda: exit_code_async(follower)),
+        }
+
+        await sb.commands.run(f"mkdir -p {WATCHED}")
+        changes, six, written = [], asyncio.Event(), asyncio.Event()
+
+        def on_event(e):
+            changes.append([e.type.value, e.name])
+            if len(changes) >= 6:
+                six.set()
+            if changes[-1] == ["write", "written.txt"]:
+                written.set()
+
+        watch = await sb.files.watch_dir(WATCHED, on_event=on_event)
+        await sb.commands.run(CHANGES)
+        await attempt_async(lambda: asyncio.wait_for(six.wait(), DEADLINE))
+        out["watch_dir"] = list(changes)
+        del changes[:]
+        await sb.files.write(f"{WATCHED}/written.txt", "via the API")
+        await attempt_async(lambda: asyncio.wait_for(written.wait(), DEADLINE))
+        out["watch_written"] = list(changes)
+        await watch.stop()
+        out["watch_stopped"] = None
 
         f = sb.files
         out["write"] = (await f.write(f"{DIR}/data.bin", BLOB)).path

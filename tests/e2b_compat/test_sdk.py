@@ -90,6 +90,37 @@ def test_commands_run_returns_stdout_and_exit_code(observed: dict[str, Any]) -> 
     assert observed["env_cwd"] == "hello\n/tmp\n"  # envs and cwd reach the command
 
 
+def test_commands_run_as_user_in_its_home_by_default_and_as_root_when_asked(observed: dict[str, Any]) -> None:
+    assert observed["default_user"] == "user\n/home/user\n/home/user\n"  # base's E2B user, in its home
+    assert observed["root_user"] == "root\n/root\n"
+
+
+def test_a_pty_takes_input_resizes_is_connected_to_and_killed(observed: dict[str, Any]) -> None:
+    """`echo hi` typed into the terminal comes back (echoed, then its output); after a resize `stty size`
+    inside reports the new size, and the shell runs as `user`; a handle that connects by pid takes the
+    output over; kill ends it by signal."""
+    pty = observed["pty"]
+    assert pty["echoed"] is True and pty["resized"] is True and pty["connected"] is True
+    assert pty["listed"] is True  # a PTY is a running command like any other
+    assert pty["kill"] is True
+    assert pty["after_kill"]["raised"] == "CommandExitException", pty["after_kill"]
+
+
+def test_watch_dir_sees_the_guests_changes_in_order(observed: dict[str, Any]) -> None:
+    assert observed["watch_dir"] == [
+        ["create", "a.txt"],
+        ["write", "a.txt"],
+        ["chmod", "a.txt"],
+        ["rename", "a.txt"],
+        ["create", "b.txt"],
+        ["remove", "b.txt"],
+    ]
+    # a file written through the SDK shows under its own name (not the agent's temporary one)
+    assert ["create", "written.txt"] in observed["watch_written"]
+    assert ["write", "written.txt"] in observed["watch_written"]
+    assert all(name == "written.txt" for _, name in observed["watch_written"])  # no temporary file
+
+
 def test_a_nonzero_exit_raises_the_sdks_command_exit_exception(observed: dict[str, Any]) -> None:
     assert observed["fail"] == {"raised": "CommandExitException", "exit_code": 3, "stderr": "oops\n"}
 

@@ -14,7 +14,7 @@ from starlette.responses import StreamingResponse
 
 from tartarus.e2b import envd
 from tartarus.e2b.connect import ConnectError
-from tartarus.e2b.upstream import ExecEvent, FileView, UpstreamError
+from tartarus.e2b.upstream import ExecEvent, FileView, TermSize, UpstreamError
 
 
 def test_exec_events_become_process_events() -> None:
@@ -75,10 +75,6 @@ def test_entries_are_proto3_json() -> None:
 
 
 def test_start_refuses_what_it_cannot_run() -> None:
-    with pytest.raises(ConnectError, match="PTYs"):
-        envd.start_spec(
-            {"process": {"cmd": "/bin/bash"}, "pty": {"size": {"rows": 1, "cols": 1}}}, None, None
-        )
     for process in (None, {"cmd": ""}, {"cmd": "x", "args": [1]}, {"cmd": "x", "envs": {"A": 1}}):
         with pytest.raises(ConnectError) as caught:
             envd.start_spec({"process": process}, None, None)
@@ -159,3 +155,64 @@ def test_process_selectors_name_a_pid_and_nothing_else() -> None:
     with pytest.raises(ConnectError) as stdin:
         envd.start_spec({"process": {"cmd": "cat"}, "stdin": "yes"}, None, None)
     assert stdin.value.code == "invalid_argument"
+
+
+def test_a_pty_start_asks_for_a_terminal_and_its_output_is_pty_data() -> None:
+    msg = {"process": {"cmd": "/bin/bash", "args": ["-i", "-l"]}, "pty": {"size": {"rows": 24, "cols": 80}}}
+    spec = envd.start_spec(msg, "user", None)
+    assert spec.pty == TermSize(rows=24, cols=80)
+    assert spec.cwd == "/home/user"  # E2B's commands start in the user's home
+    assert envd.start_spec({"process": {"cmd": "x"}}, None, None).pty is None
+    assert envd.start_spec({"process": {"cmd": "x"}}, None, None).cwd is None  # the template's workdir
+    for bad in (
+        {},
+        {"size": {"rows": 0, "cols": 80}},
+        {"size": {"rows": 24, "cols": 1001}},
+        {"size": {"rows": True, "cols": 2}},
+    ):
+        with pytest.raises(ConnectError) as caught:
+            envd.start_spec({"process": {"cmd": "x"}, "pty": bad}, None, None)
+        assert caught.value.code == "invalid_argument"
+    out = envd.process_event(ExecEvent("stdout", data=b"$ "), pty=True)
+    assert out == {"event": {"data": {"pty": base64.b64encode(b"$ ").decode()}}}
+
+
+def test_input_is_stdin_or_pty_and_update_resizes() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[object, ...]] = []
+
+        async def send_input(self, sid: str, pid: int, data: bytes, *, close: bool) -> None:
+            self.calls.append(("input", pid, data, close))
+
+        async def resize(self, sid: str, pid: int, size: TermSize) -> None:
+            self.calls.append(("resize", pid, size))
+
+    up = Recorder()
+
+    async def main() -> None:
+        for given in ({"stdin": "aGk="}, {"pty": "ZWNobyBoaQo="}):
+            await envd.send_input(up, "sb", {"process": {"pid": 5}, "input": given}, None)  # type: ignore[arg-type]
+        for given in ({}, {"stdin": "aGk=", "pty": "aGk="}, {"pty": "not base64!"}):
+            with pytest.raises(ConnectError) as caught:
+                await envd.send_input(up, "sb", {"process": {"pid": 5}, "input": given}, None)  # type: ignore[arg-type]
+            assert caught.value.code == "invalid_argument"
+        msg = {"process": {"pid": 5}, "pty": {"size": {"rows": 40, "cols": 132}}}
+        await envd.update(up, "sb", msg, None)  # type: ignore[arg-type]
+        with pytest.raises(ConnectError):
+            await envd.update(up, "sb", {"process": {"pid": 5}}, None)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert up.calls == [
+        ("input", 5, b"hi", False),
+        ("input", 5, b"echo hi\n", False),
+        ("resize", 5, TermSize(40, 132)),
+    ]
+
+
+def test_watch_requests_resolve_paths_and_refuse_what_is_not_supported() -> None:
+    assert envd.watch_request({"path": "w", "recursive": True}, "user") == ("/home/user/w", True)
+    assert envd.watch_request({"path": "/tmp"}, None) == ("/tmp", False)
+    for bad in ({"path": "/tmp", "recursive": "yes"}, {"path": ""}, {"path": "/tmp", "includeEntry": True}):
+        with pytest.raises(ConnectError):
+            envd.watch_request(bad, None)

@@ -140,11 +140,11 @@ def test_bad_input_on_a_stream_ends_the_stream_with_an_error_not_a_500(
 
 def test_what_needs_new_guest_features_is_unimplemented(endpoint: tuple[E2BApp, StandIn, TokenMint]) -> None:
     app, daemon, mint = endpoint
-    response = call(
-        app, "POST", "/process.Process/Update", headers=sandbox("sb-1", mint.token("sb-1")), json={}
+    streamed = call(
+        app, "POST", "/process.Process/StreamInput", headers=sandbox("sb-1", mint.token("sb-1")), json={}
     )
-    assert response.status_code == 501
-    assert response.json()["code"] == "unimplemented"
+    assert streamed.status_code == 501
+    assert streamed.json()["code"] == "unimplemented"
     by_tag = {"process": {"tag": "web"}, "input": {"stdin": ""}}
     tagged = call(
         app, "POST", "/process.Process/SendInput", headers=sandbox("sb-1", mint.token("sb-1")), json=by_tag
@@ -205,8 +205,8 @@ def test_listing_pages_filters_and_passes_metadata_as_labels(tmp_path: Path) -> 
 def test_process_calls_by_pid_reach_the_daemons_processes_endpoints(
     endpoint: tuple[E2BApp, StandIn, TokenMint],
 ) -> None:
-    """SendInput, CloseStdin, SendSignal and List become /v1 processes calls (the stand-in's sandbox is
-    gone: each answers E2B's 502)."""
+    """SendInput, CloseStdin, SendSignal, List and Update become /v1 processes calls (the stand-in's
+    sandbox is gone: each answers E2B's 502)."""
     app, daemon, mint = endpoint
     headers = sandbox("sb-1", mint.token("sb-1"))
     calls = [
@@ -214,6 +214,7 @@ def test_process_calls_by_pid_reach_the_daemons_processes_endpoints(
         ("CloseStdin", {"process": {"pid": 7}}),
         ("SendSignal", {"process": {"pid": 7}, "signal": "SIGNAL_SIGKILL"}),
         ("List", {}),
+        ("Update", {"process": {"pid": 7}, "pty": {"size": {"rows": 40, "cols": 132}}}),
     ]
     for method, body in calls:
         response = call(app, "POST", f"/process.Process/{method}", headers=headers, json=body)
@@ -223,4 +224,5 @@ def test_process_calls_by_pid_reach_the_daemons_processes_endpoints(
         "POST /v1/sandboxes/sb-1/processes/7/stdin",
         "POST /v1/sandboxes/sb-1/processes/7/signal",
         "GET /v1/sandboxes/sb-1/processes",
+        "POST /v1/sandboxes/sb-1/processes/7/resize",
     ]

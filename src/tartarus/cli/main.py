@@ -207,7 +207,7 @@ def setup(
 
     logging.basicConfig(level=logging.WARNING)
     try:
-        provision(template if template is not None else ["python-ds"], log=err.print)
+        provision(template if template is not None else ["python-ds", "base"], log=err.print)
     except errors.TartarusError as e:
         raise _fail(e) from e
 

@@ -41,6 +41,7 @@ from tartarus.daemon.routes import (
     templates,
     tenants,
     terminal,
+    watch,
 )
 from tartarus.daemon.routes.deps import Daemon
 from tartarus.errors import InvalidArgument, TartarusError
@@ -49,7 +50,20 @@ from tartarus.images.cache import ImageCache
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_CONVERSIONS = 2  # image conversions at once (routes/images.py)
-ROUTERS = (health, sandboxes, checkpoints, exec, code, processes, files, terminal, templates, images, tenants)
+ROUTERS = (
+    health,
+    sandboxes,
+    checkpoints,
+    exec,
+    code,
+    processes,
+    files,
+    watch,
+    terminal,
+    templates,
+    images,
+    tenants,
+)
 
 
 class UnexpectedErrors:

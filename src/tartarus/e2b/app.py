@@ -164,6 +164,7 @@ class E2BApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.layer is not None:
+                    await self.layer.watchers.close()
                     await self.layer.upstream.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

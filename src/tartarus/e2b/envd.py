@@ -3,12 +3,14 @@ HTTP for `/files` and `/health`, each mapped onto /v1 calls for the one sandbox 
 to (app.py has checked its access token by then).
 
 Mapped: process.Process/Start (the command as E2B runs it, `/bin/bash -l -c CMD`, streamed: start with
-the guest's pid, stdout/stderr, end with the exit status; the stream's deadline is the command's
-timeout; a /v1 background process, so ending the stream leaves it running, as envd does), Connect
-(follow a running command by pid), List, SendInput, CloseStdin and SendSignal (/v1's processes
-endpoints), filesystem.Filesystem Stat/ListDir/MakeDir/Move/Remove, `/files` download and upload
-(multipart or octet-stream). What needs guest-agent features Tartarus lacks (PTYs, directory watches,
-streamed input, processes selected by tag) answers Connect's `unimplemented`.
+the guest's pid, stdout/stderr, or `pty` output on a terminal, end with the exit status; the stream's
+deadline is the command's timeout; a /v1 background process, so ending the stream leaves it running,
+as envd does), Connect (follow a running command by pid), List, SendInput (stdin or terminal input),
+CloseStdin, SendSignal and Update (a terminal's size) (/v1's processes endpoints),
+filesystem.Filesystem Stat/ListDir/MakeDir/Move/Remove, WatchDir and the polled watchers (/v1's watch
+stream; watchers.py), `/files` download and upload (multipart or octet-stream). A call that names no
+user runs as the template's E2B user (`user` on `base`: layer.py). What needs guest-agent features
+Tartarus lacks (streamed input, processes selected by tag) answers Connect's `unimplemented`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import posixpath
 import stat
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from starlette.applications import Starlette
@@ -32,22 +34,28 @@ from starlette.routing import Route
 
 from tartarus.e2b import connect
 from tartarus.e2b.connect import ConnectError
-from tartarus.e2b.layer import layer_of
-from tartarus.e2b.upstream import ExecEvent, ExecSpec, FileView, Upstream, UpstreamError
+from tartarus.e2b.layer import Layer, layer_of
+from tartarus.e2b.upstream import (
+    ExecEvent,
+    ExecSpec,
+    FileView,
+    TermSize,
+    Upstream,
+    UpstreamError,
+    WatchChange,
+)
+from tartarus.e2b.watchers import fs_event, watch_error
+
+Item = TypeVar("Item")
+_ENDED = WatchChange("ended")  # what a finished watch stream gives `anext`
 
 CONNECT_JSON = "application/connect+json"
 SANDBOX_GONE = "The sandbox was not found"  # the SDK tells a dead sandbox by "was not found"
 UPLOAD_CHUNK = 1 << 20
 MAX_DEPTH = 16  # ListDir's depth: each level is one /v1 listing per directory
 MAX_LISTED = 10_000  # entries per ListDir answer, however deep
-UNIMPLEMENTED = {
-    "process.Process/StreamInput": "streaming input to a running process",
-    "process.Process/Update": "resizing a PTY",
-    "filesystem.Filesystem/WatchDir": "watching a directory",
-    "filesystem.Filesystem/CreateWatcher": "watching a directory",
-    "filesystem.Filesystem/GetWatcherEvents": "watching a directory",
-    "filesystem.Filesystem/RemoveWatcher": "watching a directory",
-}
+PTY_MAX = 1000  # rows and columns of a terminal, as the guest agent takes them
+UNIMPLEMENTED = {"process.Process/StreamInput": "streaming input to a running process"}
 STREAMING = {"process.Process/Start", "process.Process/Connect", "filesystem.Filesystem/WatchDir"}
 _ERRNO_CODES = {
     1: "permission_denied",  # EPERM
@@ -59,6 +67,8 @@ _ERRNO_CODES = {
     20: "invalid_argument",  # ENOTDIR
     21: "invalid_argument",  # EISDIR
     22: "invalid_argument",  # EINVAL
+    24: "resource_exhausted",  # EMFILE: too many watches at once
+    25: "failed_precondition",  # ENOTTY: resizing a command on no terminal
     28: "resource_exhausted",  # ENOSPC
     32: "failed_precondition",  # EPIPE: the command's stdin is closed (or was never opened)
     36: "invalid_argument",  # ENAMETOOLONG
@@ -103,6 +113,11 @@ def http_error(error: ConnectError) -> JSONResponse:
     return JSONResponse({"code": error.http_status, "message": error.message}, error.http_status)
 
 
+async def user_of(request: Request, layer: Layer, sid: str) -> str | None:
+    """Who an envd call runs as: the user the SDK names, else the template's E2B user."""
+    return basic_user(request.headers.get("authorization")) or await layer.default_user(sid)
+
+
 def basic_user(authorization: str | None) -> str | None:
     """The user an envd call runs as: E2B sends `Authorization: Basic base64("user:")`."""
     if not authorization or not authorization.lower().startswith("basic "):
@@ -120,8 +135,12 @@ def absolute(path: str, user: str | None) -> str:
         raise ConnectError("invalid_argument", "path is required")
     if path.startswith("/"):
         return posixpath.normpath(path) if path != "/" else "/"
-    home = "/root" if user in (None, "root") else f"/home/{user}"
-    return posixpath.normpath(posixpath.join(home, path))
+    return posixpath.normpath(posixpath.join(home(user), path))
+
+
+def home(user: str | None) -> str:
+    """A user's home as envd assumes it: root's /root, any other's /home/USER."""
+    return "/root" if user in (None, "root") else f"/home/{user}"
 
 
 def _rfc3339_ns(ns: int) -> str:
@@ -240,18 +259,43 @@ async def list_processes(up: Upstream, sid: str, msg: dict[str, Any], user: str 
 
 
 async def send_input(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    """ProcessInput is a oneof: `stdin` for a command's stdin, `pty` for a terminal's input; both are
+    the same to the guest (a terminal's input is its stdin)."""
     pid = selected_pid(msg)
     given = msg.get("input")
-    if not isinstance(given, dict) or "pty" in given:
-        raise ConnectError(
-            "unimplemented" if isinstance(given, dict) else "invalid_argument",
-            "input.stdin is required (PTYs are not supported yet)",
-        )
+    if not isinstance(given, dict) or len({"stdin", "pty"} & given.keys()) != 1:
+        raise ConnectError("invalid_argument", "input needs exactly one of stdin and pty")
+    field = "stdin" if "stdin" in given else "pty"
     try:
-        data = base64.b64decode(str(given.get("stdin", "")), validate=True)
+        data = base64.b64decode(str(given[field]), validate=True)
     except binascii.Error as e:
-        raise ConnectError("invalid_argument", f"input.stdin is not base64: {e}") from e
+        raise ConnectError("invalid_argument", f"input.{field} is not base64: {e}") from e
     await up.send_input(sid, pid, data, close=False)
+    return {}
+
+
+def pty_size(msg: dict[str, Any]) -> TermSize | None:
+    """A PTY message's size (`{"size": {"rows", "cols"}}`); None when there is no PTY message."""
+    pty = msg.get("pty")
+    if pty is None:
+        return None
+    size = pty.get("size") if isinstance(pty, dict) else None
+    if not isinstance(size, dict):
+        raise ConnectError("invalid_argument", "pty.size (rows and cols) is required")
+    rows, cols = size.get("rows"), size.get("cols")
+    for name, value in (("rows", rows), ("cols", cols)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= PTY_MAX:
+            raise ConnectError("invalid_argument", f"pty.size.{name} must be 1-{PTY_MAX}, not {value!r}")
+    return TermSize(rows=rows, cols=cols)  # type: ignore[arg-type]  # checked above
+
+
+async def update(up: Upstream, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    """Update's only change is a terminal's size."""
+    pid = selected_pid(msg)
+    size = pty_size(msg)
+    if size is None:
+        raise ConnectError("invalid_argument", "pty (the new size) is required")
+    await up.resize(sid, pid, size)
     return {}
 
 
@@ -274,6 +318,7 @@ UNARY: dict[str, Unary] = {
     "process.Process/SendInput": send_input,
     "process.Process/CloseStdin": close_stdin,
     "process.Process/SendSignal": send_signal,
+    "process.Process/Update": update,
     "filesystem.Filesystem/Stat": stat_path,
     "filesystem.Filesystem/ListDir": list_dir,
     "filesystem.Filesystem/MakeDir": make_dir,
@@ -282,12 +327,95 @@ UNARY: dict[str, Unary] = {
 }
 
 
+# ---- filesystem.Filesystem: watching a directory ---------------------------------------------------
+
+
+def watch_request(msg: dict[str, Any], user: str | None) -> tuple[str, bool]:
+    """WatchDirRequest / CreateWatcherRequest: the directory and whether to watch below it. Entry info
+    in events and network mounts are options of newer envds, refused by the version reported."""
+    recursive = msg.get("recursive", False)
+    if not isinstance(recursive, bool):
+        raise ConnectError("invalid_argument", "recursive must be true or false")
+    if msg.get("includeEntry") or msg.get("include_entry"):
+        raise ConnectError("unimplemented", "entry info in watch events is not supported by Tartarus yet")
+    return absolute(str(msg.get("path", "")), user), recursive
+
+
+async def create_watcher(layer: Layer, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    path, recursive = watch_request(msg, user)
+    watcher_id = await layer.watchers.create(sid, layer.upstream.watch(sid, path, recursive=recursive))
+    return {"watcherId": watcher_id}
+
+
+async def watcher_events(layer: Layer, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    return {"events": layer.watchers.events(sid, str(msg.get("watcherId", "")))}
+
+
+async def remove_watcher(layer: Layer, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+    await layer.watchers.remove(sid, str(msg.get("watcherId", "")))
+    return {}
+
+
+WATCHERS: dict[str, Callable[[Layer, str, dict[str, Any], str | None], Awaitable[dict[str, Any]]]] = {
+    "filesystem.Filesystem/CreateWatcher": create_watcher,
+    "filesystem.Filesystem/GetWatcherEvents": watcher_events,
+    "filesystem.Filesystem/RemoveWatcher": remove_watcher,
+}
+
+
+async def watch_dir(request: Request, body: bytes, sid: str) -> Response:
+    """WatchDir: `start` once the guest watches, then a `filesystem` event per change (keepalives if
+    asked) until the client goes, the deadline passes or the directory goes away."""
+    layer = layer_of(request)
+    try:
+        path, recursive = watch_request(connect.decode_single(body), await user_of(request, layer, sid))
+        deadline = connect.timeout_s(request.headers.get("connect-timeout-ms"))
+        changes = layer.upstream.watch(sid, path, recursive=recursive)
+        first = await anext(changes)
+    except ConnectError as e:
+        return _stream_of(_ended(e))
+    except UpstreamError as e:
+        return sandbox_gone(sid) if _gone(e) else _stream_of(_ended(connect_error(e)))
+    if first.type != "started":
+        await changes.aclose()
+        return _stream_of(_ended(watch_error(first) or ConnectError("internal", "the watch did not start")))
+
+    async def stream() -> AsyncIterator[bytes]:
+        error: ConnectError | None = None
+        # WatchDirResponse's `event` is a oneof, flattened in JSON (unlike ProcessEvent's `event` field)
+        yield connect.envelope({"start": {}})
+        end = None if deadline is None else asyncio.get_running_loop().time() + deadline
+        try:
+            ticks = keepalive(changes, _interval(request))
+            async with contextlib.aclosing(ticks):
+                while True:
+                    left = None if end is None else end - asyncio.get_running_loop().time()
+                    change = await asyncio.wait_for(anext(ticks, _ENDED), left)
+                    if change is _ENDED:
+                        break  # the watched directory went away
+                    if change is None:
+                        yield connect.envelope({"keepalive": {}})
+                    elif (error := watch_error(change)) is not None:
+                        break
+                    elif (event := fs_event(change)) is not None:
+                        yield connect.envelope({"filesystem": event})
+        except TimeoutError:
+            error = ConnectError("deadline_exceeded", "the watch reached its deadline")
+        except UpstreamError as e:
+            error = connect_error(e)
+        except httpx.HTTPError as e:
+            error = ConnectError("unavailable", f"the connection to the sandbox ended: {e}")
+        finally:
+            await changes.aclose()
+        yield connect.end_stream(error)
+
+    return StreamingResponse(stream(), media_type=CONNECT_JSON, headers={"Cache-Control": "no-cache"})
+
+
 # ---- process.Process/Start ----------------------------------------------------------------------
 
 
 def start_spec(msg: dict[str, Any], user: str | None, timeout: float | None) -> ExecSpec:
-    if msg.get("pty"):
-        raise ConnectError("unimplemented", "PTYs are not supported by Tartarus's E2B endpoint yet")
     process = msg.get("process")
     if not isinstance(process, dict) or not isinstance(process.get("cmd"), str) or not process["cmd"]:
         raise ConnectError("invalid_argument", "process.cmd is required")
@@ -307,18 +435,20 @@ def start_spec(msg: dict[str, Any], user: str | None, timeout: float | None) -> 
     return ExecSpec(
         argv=[process["cmd"], *args],
         env=envs,
-        cwd=absolute(cwd, user) if cwd else None,
+        cwd=absolute(cwd, user) if cwd else (home(user) if user else None),
         user=user,
         timeout=timeout,
+        pty=pty_size(msg),
     )
 
 
-def process_event(event: ExecEvent) -> dict[str, Any] | ConnectError | None:
-    """A /v1 exec event as envd's ProcessEvent; an error ends the stream; None: nothing to send."""
+def process_event(event: ExecEvent, *, pty: bool = False) -> dict[str, Any] | ConnectError | None:
+    """A /v1 exec event as envd's ProcessEvent (a terminal's output is `pty` data); an error ends the
+    stream; None: nothing to send."""
     if event.type == "started":
         return {"event": {"start": {"pid": event.pid}}}
     if event.type in ("stdout", "stderr"):
-        return {"event": {"data": {event.type: base64.b64encode(event.data).decode()}}}
+        return {"event": {"data": {"pty" if pty else event.type: base64.b64encode(event.data).decode()}}}
     if event.type == "exit":
         if event.timed_out:
             return ConnectError("deadline_exceeded", "the command outlived its timeout and was killed")
@@ -340,9 +470,7 @@ def process_event(event: ExecEvent) -> dict[str, Any] | ConnectError | None:
     return None
 
 
-async def keepalive(
-    source: AsyncIterator[ExecEvent], interval: float | None
-) -> AsyncGenerator[ExecEvent | None, None]:
+async def keepalive(source: AsyncIterator[Item], interval: float | None) -> AsyncGenerator[Item | None, None]:
     """`source`'s events, with None whenever it has been quiet for `interval` seconds (the SDK asks for
     keepalives so proxies keep an idle stream open). Close it before closing `source`: until then its
     pump may be inside `source`, and closing a generator that is running raises."""
@@ -350,7 +478,7 @@ async def keepalive(
         async for each in source:
             yield each
         return
-    queue: asyncio.Queue[tuple[ExecEvent | None, BaseException | None, bool]] = asyncio.Queue(maxsize=8)
+    queue: asyncio.Queue[tuple[Item | None, BaseException | None, bool]] = asyncio.Queue(maxsize=8)
 
     async def pump() -> None:
         try:
@@ -363,7 +491,7 @@ async def keepalive(
     task = asyncio.create_task(pump())
     try:
         while True:
-            item: tuple[ExecEvent | None, BaseException | None, bool]
+            item: tuple[Item | None, BaseException | None, bool]
             try:
                 item = await asyncio.wait_for(queue.get(), interval)
             except TimeoutError:
@@ -384,29 +512,43 @@ async def keepalive(
 async def start(request: Request, body: bytes, sid: str) -> Response:
     """Start runs a /v1 background process: like envd's, it outlives its stream (the SDK's
     `disconnect`, a client that went away) and `Connect` follows it again."""
-    up = layer_of(request).upstream
+    layer = layer_of(request)
     try:
         msg = connect.decode_single(body)
         timeout = connect.timeout_s(request.headers.get("connect-timeout-ms"))
-        spec = start_spec(msg, basic_user(request.headers.get("authorization")), timeout)
+        user = await user_of(request, layer, sid)
+        spec = start_spec(msg, user, timeout)
     except ConnectError as e:
         return _stream_of(_ended(e))
-    return await _follow(request, sid, up.start_process(sid, spec, stdin=bool(msg.get("stdin", False))))
+    except UpstreamError as e:
+        return sandbox_gone(sid) if _gone(e) else _stream_of(_ended(connect_error(e)))
+    events = layer.upstream.start_process(sid, spec, stdin=bool(msg.get("stdin", False)))
+    return await _follow(request, sid, events, pty=spec.pty is not None)
 
 
 async def connect_process(request: Request, body: bytes, sid: str) -> Response:
+    """Follow a running command; a terminal's output stays `pty` data (the list says which it is)."""
     up = layer_of(request).upstream
     try:
         pid = selected_pid(connect.decode_single(body))
+        pty = any(p.pty for p in await up.processes(sid) if p.pid == pid)
     except ConnectError as e:
         return _stream_of(_ended(e))
-    return await _follow(request, sid, up.attach(sid, pid))
+    except UpstreamError as e:
+        return sandbox_gone(sid) if _gone(e) else _stream_of(_ended(connect_error(e)))
+    return await _follow(request, sid, up.attach(sid, pid), pty=pty)
 
 
-async def _follow(request: Request, sid: str, events: AsyncGenerator[ExecEvent, None]) -> Response:
+def _interval(request: Request) -> float | None:
+    header = request.headers.get("keepalive-ping-interval")
+    return max(float(header), 1.0) if header and header.isdigit() else None
+
+
+async def _follow(
+    request: Request, sid: str, events: AsyncGenerator[ExecEvent, None], *, pty: bool = False
+) -> Response:
     """A command's /v1 events as envd's process stream, with keepalives if the client asked."""
-    interval_header = request.headers.get("keepalive-ping-interval")
-    interval = float(interval_header) if interval_header and interval_header.isdigit() else None
+    interval = _interval(request)
     try:
         first = await anext(events)  # the command started, or the call was refused: before any 200
     except UpstreamError as e:
@@ -417,10 +559,10 @@ async def _follow(request: Request, sid: str, events: AsyncGenerator[ExecEvent, 
         error: ConnectError | None = None
         try:
             yield connect.envelope(process_event(first))  # type: ignore[arg-type]
-            ticks = keepalive(events, interval and max(interval, 1.0))
+            ticks = keepalive(events, interval)
             async with contextlib.aclosing(ticks):
                 async for event in ticks:
-                    message = {"event": {"keepalive": {}}} if event is None else process_event(event)
+                    message = {"event": {"keepalive": {}}} if event is None else process_event(event, pty=pty)
                     if isinstance(message, ConnectError):
                         error = message
                         break
@@ -468,7 +610,7 @@ async def rpc(request: Request) -> Response:
         wanted = CONNECT_JSON if streaming else "application/json"
         if name in UNIMPLEMENTED:
             raise ConnectError("unimplemented", f"{UNIMPLEMENTED[name]} is not supported by Tartarus yet")
-        if name not in UNARY and not streaming:
+        if name not in UNARY and name not in WATCHERS and not streaming:
             raise ConnectError("unimplemented", f"no such method: {name}")
         if content_type != wanted:
             raise ConnectError("invalid_argument", f"{name} takes {wanted}, not {content_type or 'nothing'}")
@@ -478,10 +620,19 @@ async def rpc(request: Request) -> Response:
         return await start(request, body, sid)
     if name == "process.Process/Connect":
         return await connect_process(request, body, sid)
-    up = layer_of(request).upstream
+    if name == "filesystem.Filesystem/WatchDir":
+        return await watch_dir(request, body, sid)
+    layer = layer_of(request)
     try:
-        user = basic_user(request.headers.get("authorization"))
-        return JSONResponse(await UNARY[name](up, sid, connect.decode_json(body), user))
+        # Only calls that take paths need the user (its home); by-pid calls skip the lookup.
+        by_pid = name.startswith("process.")
+        user = (
+            basic_user(request.headers.get("authorization")) if by_pid else await user_of(request, layer, sid)
+        )
+        msg = connect.decode_json(body)
+        if name in WATCHERS:
+            return JSONResponse(await WATCHERS[name](layer, sid, msg, user))
+        return JSONResponse(await UNARY[name](layer.upstream, sid, msg, user))
     except ConnectError as e:
         return JSONResponse(e.body(), e.http_status)
     except UpstreamError as e:
@@ -504,10 +655,12 @@ async def health(request: Request) -> Response:
 
 
 async def download(request: Request) -> Response:
-    up = layer_of(request).upstream
+    layer = layer_of(request)
+    up = layer.upstream
     sid: str = request.state.e2b_sandbox
     try:
-        path = absolute(request.query_params.get("path", ""), request.query_params.get("username"))
+        user = request.query_params.get("username") or await layer.default_user(sid)
+        path = absolute(request.query_params.get("path", ""), user)
         response = await up.read_file(sid, path)
     except ConnectError as e:
         return http_error(e)
@@ -543,12 +696,13 @@ async def _spooled(upload: UploadFile) -> AsyncIterator[bytes]:
 async def upload(request: Request) -> Response:
     """One file as the raw body (`application/octet-stream`, envd 0.5.7) or one or more multipart
     parts named `file` whose filename is the destination path."""
-    up = layer_of(request).upstream
+    layer = layer_of(request)
+    up = layer.upstream
     sid: str = request.state.e2b_sandbox
-    user = request.query_params.get("username")
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     written = []
     try:
+        user = request.query_params.get("username") or await layer.default_user(sid)
         if content_type == "multipart/form-data":
             async with request.form(max_files=1000, max_fields=0, max_part_size=1 << 20) as form:
                 files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]

@@ -9,10 +9,15 @@ from starlette.requests import HTTPConnection
 
 from tartarus.e2b.tokens import TokenMint
 from tartarus.e2b.upstream import Upstream
+from tartarus.e2b.watchers import Watchers
 
-# Templates E2B users name, until Tartarus has templates of those names (issue 17 item 5): the SDKs'
-# defaults run on python-ds, which has bash and python3.
-DEFAULT_ALIASES = {"base": "python-ds", "code-interpreter-v1": "python-ds"}
+# Templates E2B users name that Tartarus has under another name: the code interpreter's runs on
+# python-ds. (`base` is a template of its own: templates/base.yaml.)
+DEFAULT_ALIASES = {"code-interpreter-v1": "python-ds"}
+# Who envd runs a command as when the SDK names nobody, by the sandbox's template: E2B's templates run
+# as `user` (home /home/user); Tartarus's own run as root, as their /v1 commands do.
+DEFAULT_USERS = {"base": "user"}
+MAX_REMEMBERED = 10_000  # sandboxes whose template is remembered (it never changes; ids are not reused)
 
 
 @dataclass
@@ -20,9 +25,22 @@ class Layer:
     upstream: Upstream
     tokens: TokenMint
     aliases: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
+    users: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_USERS))
+    watchers: Watchers = field(default_factory=Watchers)
+    _templates: dict[str, str] = field(default_factory=dict)
 
     def template(self, name: str) -> str:
         return self.aliases.get(name, name)
+
+    async def default_user(self, sandbox_id: str) -> str | None:
+        """The user an envd call that names none runs as in this sandbox (None: the agent's, root)."""
+        template = self._templates.get(sandbox_id)
+        if template is None:
+            template = (await self.upstream.get(self.upstream.node_key(), sandbox_id)).template
+            if len(self._templates) >= MAX_REMEMBERED:
+                self._templates.clear()
+            self._templates[sandbox_id] = template
+        return self.users.get(template)
 
 
 def layer_of(connection: HTTPConnection) -> Layer:

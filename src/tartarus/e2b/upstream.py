@@ -136,10 +136,46 @@ class ProcessView:
     pid: int
     argv: list[str]
     cwd: str | None
+    pty: bool = False
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> ProcessView:
-        return cls(pid=int(body["pid"]), argv=[str(a) for a in body["argv"]], cwd=body.get("cwd"))
+        return cls(
+            pid=int(body["pid"]),
+            argv=[str(a) for a in body["argv"]],
+            cwd=body.get("cwd"),
+            pty=bool(body.get("pty")),
+        )
+
+
+@dataclass(frozen=True)
+class WatchChange:
+    """One line of /v1's watch stream: a change (create, write, remove, rename, chmod), `overflow`
+    (changes were lost), `started` or `error`."""
+
+    type: str
+    name: str = ""
+    is_dir: bool = False
+    code: str | None = None
+    message: str | None = None
+    errno: int | None = None
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> WatchChange:
+        return cls(
+            type=str(body["type"]),
+            name=str(body.get("name") or ""),
+            is_dir=bool(body.get("is_dir")),
+            code=body.get("code"),
+            message=body.get("message"),
+            errno=body.get("errno"),
+        )
+
+
+@dataclass(frozen=True)
+class TermSize:
+    rows: int
+    cols: int
 
 
 @dataclass(frozen=True)
@@ -149,6 +185,7 @@ class ExecSpec:
     cwd: str | None
     user: str | None
     timeout: float | None
+    pty: TermSize | None = None
 
 
 def _exec_body(spec: ExecSpec) -> dict[str, Any]:
@@ -156,6 +193,8 @@ def _exec_body(spec: ExecSpec) -> dict[str, Any]:
     for name, value in (("cwd", spec.cwd), ("user", spec.user), ("timeout", spec.timeout)):
         if value is not None:
             body[name] = value
+    if spec.pty is not None:
+        body["pty"] = {"rows": spec.pty.rows, "cols": spec.pty.cols}
     return body
 
 
@@ -290,13 +329,40 @@ class Upstream:
             json_body={"signal": signum},
         )
 
+    async def resize(self, sandbox_id: str, pid: int, size: TermSize) -> None:
+        await self._call(
+            self.node_key(),
+            "POST",
+            f"/v1/sandboxes/{sandbox_id}/processes/{pid}/resize",
+            json_body={"rows": size.rows, "cols": size.cols},
+        )
+
+    async def watch(
+        self, sandbox_id: str, path: str, *, recursive: bool
+    ) -> AsyncGenerator[WatchChange, None]:
+        """A directory's changes (`started` first); leaving the iteration ends the watch."""
+        params = {"path": path, "recursive": "true" if recursive else "false"}
+        async for line in self._lines("GET", f"/v1/sandboxes/{sandbox_id}/files/watch", params=params):
+            yield WatchChange.of(line)
+
     async def _events(
         self, method: str, path: str, body: dict[str, Any] | None = None
     ) -> AsyncGenerator[ExecEvent, None]:
+        async for line in self._lines(method, path, body):
+            yield ExecEvent.of(line)
+
+    async def _lines(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> AsyncGenerator[Mapping[str, Any], None]:
         request = self._http.build_request(
             method,
             path,
             json=body,
+            params=params,
             headers={"Authorization": f"Bearer {self.node_key()}"},
             timeout=STREAM_TIMEOUT,
         )
@@ -305,7 +371,7 @@ class Upstream:
             await _raise_for(response)
             async for line in response.aiter_lines():
                 if line:
-                    yield ExecEvent.of(json.loads(line))
+                    yield json.loads(line)
         finally:
             await response.aclose()
 

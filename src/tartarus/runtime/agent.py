@@ -27,6 +27,7 @@ from tartarus.runtime.protocol import (
     FLAG_EOF,
     FLAG_KEEP,
     FLAG_PTY,
+    FLAG_RECURSIVE,
     FLAG_STDIN,
     INPUT_MAX,
     MAX_PAYLOAD,
@@ -62,6 +63,8 @@ FLOW_PROTOCOL = 3
 # running command by its pid (ATTACH, PROCS, INPUT, PSIGNAL). An older one would ignore the flag and
 # answer the rest with ERROR ENOSYS: the client asks first and says why.
 PROCESS_PROTOCOL = 4
+# The first that resizes a command's terminal by its pid (PRESIZE) and watches directories (WATCH, EVENT).
+WATCH_PROTOCOL = 5
 MAX_PROCS = 256  # commands an agent runs at once (its MAX_REQS), so PROC frames one PROCS answer may have
 
 
@@ -599,11 +602,11 @@ class AgentClient:
             raise SandboxFailed(f"guest agent answered {frame.type.name} to EXEC")
         return Process(self, id_, queue, frame.fields().get_int(F.PID, 0) or 0, keep=keep)
 
-    async def _need_processes(self, what: str) -> None:
+    async def _need_processes(self, what: str, protocol: int = PROCESS_PROTOCOL) -> None:
         version = await self.version()
-        if version < PROCESS_PROTOCOL:
+        if version < protocol:
             raise Conflict(
-                f"this sandbox's guest agent speaks protocol {version}; {what} needs {PROCESS_PROTOCOL}"
+                f"this sandbox's guest agent speaks protocol {version}; {what} needs {protocol}"
                 " (the sandbox was made by an older Tartarus: create a new one)"
             )
 
@@ -664,6 +667,32 @@ class AgentClient:
             elif not chunk:
                 continue
             await self._call(T.INPUT, items)
+
+    async def resize_pid(self, pid: int, size: PtySize) -> None:
+        """Set the terminal size of a running command by its pid. ESRCH: no such command; ENOTTY: it
+        runs on no terminal."""
+        await self._need_processes("resizing a running command's terminal", WATCH_PROTOCOL)
+        await self._call(T.PRESIZE, [(F.PID, pid), (F.ROWS, size.rows), (F.COLS, size.cols)])
+
+    async def watch(self, path: str, *, recursive: bool = False) -> Watch:
+        """Follow a directory's changes (inotify in the guest) until the returned watch is closed."""
+        raw = _path(path)
+        await self._need_processes("watching a directory", WATCH_PROTOCOL)
+        id_, queue = self._open(stream=True)
+        items: list[tuple[F, FieldValue]] = [(F.PATH, raw), (F.FLAGS, FLAG_RECURSIVE if recursive else 0)]
+        try:
+            await self._send(encode_request(T.WATCH, id_, [*items, (F.WINDOW, WINDOW)]))
+            frame = await queue.get()
+        except BaseException:
+            self._detach(id_)
+            raise
+        if frame.type == T.ERROR:
+            self._done(id_)
+            raise _guest_error(frame)
+        if frame.type != T.OK:
+            self._done(id_)
+            raise SandboxFailed(f"guest agent answered {frame.type.name} to WATCH")
+        return Watch(self, id_, queue)
 
     async def signal_pid(self, pid: int, signum: int) -> None:
         """Signal a running command by its pid (its process group; on a terminal its session)."""
@@ -738,4 +767,45 @@ class Process:
         """Stop tracking this command (the caller went away): the guest discards its output (it runs on
         unless killed), and frames already on their way are dropped."""
         if self.exit is None:
+            self._client._detach(self._id)
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change in a watched directory: the guest's inotify mask and the path below the directory
+    (empty for the directory itself, and for an overflow: events were lost)."""
+
+    mask: int
+    name: str
+
+
+class Watch:
+    """A directory being watched: `next_event` until it returns None (the directory went away)."""
+
+    def __init__(self, client: AgentClient, id_: int, inbox: Inbox) -> None:
+        self._client = client
+        self._id = id_
+        self._inbox = inbox
+        self.ended = False
+
+    async def next_event(self) -> WatchEvent | None:
+        """The next change, or None once the watched directory is gone. Safe to cancel."""
+        if self.ended:
+            return None
+        frame = await self._inbox.get()
+        if frame.type == T.EVENT:
+            fields = frame.fields()
+            return WatchEvent(mask=fields.get_int(F.TYPE, 0) or 0, name=fields.get_str(F.NAME))
+        self.ended = True
+        self._client._done(self._id)
+        if frame.type == T.END:
+            return None
+        if frame.type == T.ERROR:
+            raise _guest_error(frame)
+        raise SandboxFailed(f"guest agent sent {frame.type.name} during WATCH")
+
+    def close(self) -> None:
+        """Stop watching: the guest closes its inotify instance."""
+        if not self.ended:
+            self.ended = True
             self._client._detach(self._id)

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 
 from tartarus.errors import SandboxFailed
-from tartarus.runtime.protocol import DATA_TYPES, Frame
+from tartarus.runtime.protocol import CREDITED_TYPES, Frame
 
 WINDOW = 2 << 20  # output bytes a stream may have unacknowledged (its initial credit); 1 MiB cost reads ~10%
 FRAME_COST = 256  # window bytes a data frame costs beyond its payload (the host's bookkeeping per frame)
@@ -106,7 +106,7 @@ class Inbox:
         size = cost(item)
         self.queued -= size
         self._budget.queued -= size
-        if item.type in DATA_TYPES:
+        if item.type in CREDITED_TYPES:
             self._drained += size
             if self._drained >= REFILL:
                 self._grant(self._drained)

@@ -11,7 +11,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-VERSION = 4
+VERSION = 5
 MAX_PAYLOAD = 1 << 20
 HEADER = struct.Struct(">IIBBH")
 HEADER_SIZE = HEADER.size
@@ -47,6 +47,8 @@ class T(enum.IntEnum):
     PROCS = 0x13
     INPUT = 0x14
     PSIGNAL = 0x15
+    PRESIZE = 0x16
+    WATCH = 0x17
 
     HELLO = 0x80
     OK = 0x81
@@ -58,6 +60,7 @@ class T(enum.IntEnum):
     END = 0x87
     ENTRY = 0x88
     PROC = 0x89
+    EVENT = 0x8A
     ERROR = 0x8F
 
 
@@ -129,7 +132,10 @@ FLAG_KEEP = 4  # the command outlives its requester
 FLAG_PTY = 8
 FLAG_STDIN = 16
 FLAG_ATTACHED = 32
+FLAG_RECURSIVE = 1  # WATCH: also the directories below (MKDIR: parents)
 DATA_TYPES = frozenset({T.STDIN, T.WRITE_DATA, T.STDOUT, T.STDERR, T.DATA})
+# Guest frames sent against a stream's credit: output, and a watch's events (version 5).
+CREDITED_TYPES = DATA_TYPES | {T.EVENT}
 GUEST_TYPES = frozenset(t for t in T if t >= 0x80)
 
 FieldValue = int | bytes

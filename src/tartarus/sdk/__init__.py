@@ -13,7 +13,7 @@ from tartarus.errors import (
     Timeout,
 )
 from tartarus.sdk._core import CommandResult
-from tartarus.sdk.aio import AsyncClient, AsyncCommandHandle, AsyncSandbox
+from tartarus.sdk.aio import AsyncClient, AsyncCommandHandle, AsyncSandbox, AsyncWatcher
 from tartarus.sdk.results import (
     CheckpointInfo,
     ExposedPort,
@@ -22,8 +22,9 @@ from tartarus.sdk.results import (
     ProcessInfo,
     SandboxInfo,
     SandboxMetrics,
+    WatchEvent,
 )
-from tartarus.sdk.sync import Client, CommandHandle, Sandbox
+from tartarus.sdk.sync import Client, CommandHandle, Sandbox, Watcher
 from tartarus.sdk.terminal import AsyncPty, Pty
 from tartarus.wire import CodeContext, Execution, ExecutionError, Result
 
@@ -32,6 +33,7 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncPty",
     "AsyncSandbox",
+    "AsyncWatcher",
     "AuthError",
     "CaptureFailed",
     "CheckpointInfo",
@@ -58,4 +60,6 @@ __all__ = [
     "SandboxMetrics",
     "TartarusError",
     "Timeout",
+    "WatchEvent",
+    "Watcher",
 ]

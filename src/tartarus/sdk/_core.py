@@ -15,6 +15,7 @@ import httpx
 from tartarus import errors
 from tartarus.paths import LOCAL_KEY_FILE
 from tartarus.sdk._autostart import local_socket
+from tartarus.sdk.results import WatchEvent
 
 OutputCallback = Callable[[bytes], None]
 
@@ -60,6 +61,22 @@ def error_from(detail: dict[str, Any]) -> errors.TartarusError:
     if issubclass(cls, errors.GuestError):
         return cls(message, int(detail.get("errno") or 0))
     return cls(message)
+
+
+def watch_event(line: bytes | str) -> WatchEvent | None:
+    """One line of a watch stream as its event; None for the `started` line (or a blank one); an
+    `error` line (the sandbox failed under the watch) raises it."""
+    if not line.strip():
+        return None
+    try:
+        data = json.loads(line)
+    except ValueError as e:
+        raise errors.TartarusError(f"the daemon sent a watch line that is not JSON: {line[:200]!r}") from e
+    if isinstance(data, dict) and data.get("type") == "started":
+        return None
+    if isinstance(data, dict) and data.get("type") == "error":
+        raise error_from(data)
+    return WatchEvent.from_json(data)
 
 
 def raise_for_error(status: int, body: bytes) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -30,6 +30,7 @@ from tartarus.sdk._core import (
     resolve_endpoint,
     stdin_body,
     transport_error,
+    watch_event,
 )
 from tartarus.sdk.results import (
     CheckpointInfo,
@@ -39,6 +40,7 @@ from tartarus.sdk.results import (
     ProcessInfo,
     SandboxInfo,
     SandboxMetrics,
+    WatchEvent,
     execution_from_json,
     processes_from_json,
 )
@@ -74,7 +76,7 @@ class AsyncClient:
         raise_for_error(response.status_code, response.content)
         return response
 
-    async def stream_lines(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[str]:
+    async def stream_lines(self, method: str, path: str, **kwargs: Any) -> AsyncGenerator[str, None]:
         try:
             async with self._http.stream(method, path, **kwargs) as response:
                 if response.status_code >= 400:
@@ -276,6 +278,48 @@ class AsyncFiles:
         await self._sb._client.request(
             "POST", f"{self._base}/rename", json={"path": path, "new_path": new_path}
         )
+
+    async def watch(self, path: str, *, recursive: bool = False) -> AsyncWatcher:
+        """Watch a directory (inotify in the guest), `recursive`ly if asked: in place when this returns,
+        so changes made after it are seen. Iterate the watcher (`async for`) for its WatchEvents until
+        the directory goes away; `aclose()` it (or use `async with`) to stop. A reader slower than the
+        changes loses some: an `overflow` event says where. The sandbox stays awake while watched."""
+        lines = self._sb._client.stream_lines(
+            "GET",
+            f"{self._base}/watch",
+            params={"path": path, "recursive": recursive},
+            timeout=call_timeout(None),
+        )
+        async for line in lines:  # the `started` line: the guest watches from now on
+            if line.strip():
+                if watch_event(line) is not None:
+                    await lines.aclose()
+                    raise errors.TartarusError("the watch stream did not begin with `started`")
+                break
+        return AsyncWatcher(lines)
+
+
+class AsyncWatcher:
+    """A directory being watched (`files.watch`): `async for` its WatchEvents."""
+
+    def __init__(self, lines: AsyncGenerator[str, None]) -> None:
+        self._lines = lines
+
+    async def __aiter__(self) -> AsyncIterator[WatchEvent]:
+        async for line in self._lines:
+            event = watch_event(line)
+            if event is not None:
+                yield event
+
+    async def aclose(self) -> None:
+        """Stop watching (the guest closes its inotify instance)."""
+        await self._lines.aclose()
+
+    async def __aenter__(self) -> AsyncWatcher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 class AsyncSandbox:

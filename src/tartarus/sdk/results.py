@@ -237,6 +237,22 @@ class ProcessInfo:
         )
 
 
+@dataclass(frozen=True)
+class WatchEvent:
+    """A change in a watched directory (`files.watch`): `type` is create, write, remove, rename (moved
+    away; its new name comes as a create), chmod, or overflow (changes were lost: look again); `name`
+    is the path below the watched directory ("" for the directory itself, and for an overflow)."""
+
+    type: str
+    name: str
+    is_dir: bool
+
+    @classmethod
+    def from_json(cls, data: object) -> WatchEvent:
+        f = Fields(data, "watch event")
+        return cls(type=f.text("type"), name=f.optional_text("name") or "", is_dir=f.flag("is_dir"))
+
+
 def processes_from_json(data: object) -> tuple[ProcessInfo, ...]:
     return tuple(ProcessInfo.from_json(item) for item in Fields(data, "process list").items("processes"))
 

@@ -28,6 +28,7 @@ from tartarus.sdk._core import (
     resolve_endpoint,
     stdin_body,
     transport_error,
+    watch_event,
 )
 from tartarus.sdk.results import (
     CheckpointInfo,
@@ -37,6 +38,7 @@ from tartarus.sdk.results import (
     ProcessInfo,
     SandboxInfo,
     SandboxMetrics,
+    WatchEvent,
     execution_from_json,
     processes_from_json,
 )
@@ -265,6 +267,49 @@ class Files:
 
     def rename(self, path: str, new_path: str) -> None:
         self._sb._client.request("POST", f"{self._base}/rename", json={"path": path, "new_path": new_path})
+
+    def watch(self, path: str, *, recursive: bool = False) -> Watcher:
+        """Watch a directory (inotify in the guest), `recursive`ly if asked: in place when this returns,
+        so changes made after it are seen. Iterate the watcher for its WatchEvents until the directory
+        goes away; `close()` it (or use `with`) to stop. A reader slower than the changes loses some:
+        an `overflow` event says where. The sandbox stays awake while it is watched."""
+        lines = self._sb._client.stream_lines(
+            "GET",
+            f"{self._base}/watch",
+            params={"path": path, "recursive": recursive},
+            timeout=call_timeout(None),
+        )
+        return Watcher(lines)
+
+
+class Watcher:
+    """A directory being watched (`files.watch`): iterate it for WatchEvents."""
+
+    def __init__(self, lines: Iterator[bytes]) -> None:
+        self._lines = lines
+        for line in lines:  # the `started` line: the guest watches from now on
+            if line.strip():
+                if watch_event(line) is not None:
+                    raise errors.TartarusError("the watch stream did not begin with `started`")
+                break
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        for line in self._lines:
+            event = watch_event(line)
+            if event is not None:
+                yield event
+
+    def close(self) -> None:
+        """Stop watching (the guest closes its inotify instance)."""
+        close = getattr(self._lines, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Sandbox:

@@ -18,11 +18,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from tartarus.daemon.models import Strict
+from tartarus.daemon.models import Strict, TerminalSize
 from tartarus.daemon.routes.deps import ERRORS, Manager, stream_hold
 from tartarus.daemon.routes.exec import events
 from tartarus.errors import InvalidArgument
-from tartarus.runtime.agent import GuestProcess
+from tartarus.runtime.agent import GuestProcess, PtySize
 
 router = APIRouter()
 
@@ -37,6 +37,11 @@ class ProcessStart(Strict):
     user: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_-]*\$?$", max_length=32)
     timeout: float | None = Field(None, gt=0, le=86400, description="seconds; the command is killed after")
     stdin: bool = Field(False, description="keep its stdin open for .../stdin (else it reads /dev/null)")
+    pty: TerminalSize | None = Field(
+        None,
+        description="run it on a pseudo-terminal of this size: output arrives as stdout, stdin is open,"
+        " .../resize changes the size",
+    )
 
 
 class ProcessInfo(BaseModel):
@@ -56,6 +61,10 @@ class ProcessList(BaseModel):
 class StdinRequest(Strict):
     data: str = Field("", max_length=(MAX_INPUT * 4) // 3 + 4, description="bytes, base64-encoded")
     close: bool = Field(False, description="close its stdin after the data (on a terminal: type ^D)")
+
+
+class ResizeRequest(TerminalSize):
+    pass
 
 
 class SignalRequest(Strict):
@@ -99,6 +108,7 @@ async def start_process(sandbox_id: str, body: ProcessStart, request: Request) -
             user=body.user,
             timeout=body.timeout,
             stdin=body.stdin,
+            pty=PtySize(body.pty.rows, body.pty.cols) if body.pty else None,
             keep=True,
         )
         return hold.respond(
@@ -147,4 +157,13 @@ async def signal_process(sandbox_id: str, pid: int, body: SignalRequest, manager
     signum = _signal_number(body.signal)
     async with manager.use(sandbox_id) as rt:
         await rt.agent.signal_pid(pid, signum)
+    return Response(status_code=204)
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/processes/{pid}/resize", status_code=204, responses=ERRORS)
+async def resize_process(sandbox_id: str, pid: int, body: ResizeRequest, manager: Manager) -> Response:
+    """Set the terminal size of a running command started with `pty` (its foreground job gets
+    SIGWINCH). A command on no terminal is 422 (errno 25, ENOTTY)."""
+    async with manager.use(sandbox_id) as rt:
+        await rt.agent.resize_pid(pid, PtySize(body.rows, body.cols))
     return Response(status_code=204)

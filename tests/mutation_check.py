@@ -526,6 +526,32 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/cluster/test_placement.py::test_a_confirm_after_the_node_was_fenced_is_refused",),
     ),
     Mutation(
+        "roles.agent-token",
+        "an agent serves only callers presenting the shared agent token",
+        "src/tartarus/roles/agent.py",
+        'if not self.token.admits(header(scope, b"authorization")):',
+        "if False:",
+        ("tests/cluster/test_roles.py::test_an_agent_serves_only_gateways",),
+    ),
+    Mutation(
+        "roles.fenced-kill",
+        "a fenced agent kills the sandboxes the cluster gave up on before serving again",
+        "src/tartarus/roles/agent.py",
+        "        for sandbox_id in registration.kill:\n",
+        "        for sandbox_id in ():\n",
+        (
+            "tests/cluster/test_roles.py::test_a_fenced_agent_kills_what_the_cluster_gave_up_and_registers_again",
+        ),
+    ),
+    Mutation(
+        "roles.node-lost",
+        "a call for a sandbox whose node was lost is answered node_lost, naming the node",
+        "src/tartarus/roles/gateway.py",
+        "if where.state == PlacementState.LOST:",
+        "if False:",
+        ("tests/cluster/test_roles.py::test_a_sandbox_of_a_killed_agent_gets_a_clear_lost_node_error",),
+    ),
+    Mutation(
         "cluster.chunk-integrity",
         "a downloaded chunk whose content does not match its SHA-256 is refused",
         "src/tartarus/cluster/chunks.py",

@@ -23,10 +23,12 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
+from tartarus.cluster import events
 from tartarus.cluster.db import connect
 from tartarus.cluster.membership import Membership
+from tartarus.cluster.model import NodeSpec, Resources
 from tartarus.cluster.placement import Placer
-from tests.cluster.roles import Role
+from tests.cluster.roles import Role, free_port
 from tests.conftest import wait_until
 
 LEASE_S = 3.0
@@ -159,6 +161,14 @@ def test_a_sandbox_placed_through_one_gateway_is_served_through_the_other(cluste
             assert b"42" in screen
             assert ended == {"type": "exit", "exit_code": 3, "signal": None}
 
+            # An exposed port, asked for through a gateway: the address is on the agent's host.
+            server = "setsid python3 -m http.server 8000 --directory /tmp >/dev/null 2>&1 < /dev/null &"
+            _exec_events(gw2, sandbox_id, server)
+            exposed = gw2.post(f"/v1/sandboxes/{sandbox_id}/ports", json={"port": 8000})
+            assert exposed.status_code == 200, exposed.text
+            address = f"{exposed.json()['host']}:{exposed.json()['host_port']}"
+            assert wait_until(lambda: _fetch(address, "/blob") == blob, timeout=60)
+
             # Another tenant does not see it through either gateway.
             other = gw1.post("/v1/keys", json={"tenant": "other-" + secrets.token_hex(3)}).json()["key"]
             for gw in (gw1, gw2):
@@ -172,6 +182,14 @@ def test_a_sandbox_placed_through_one_gateway_is_served_through_the_other(cluste
         assert gw1.get(f"/v1/sandboxes/{sandbox_id}").status_code == 404
 
 
+def _fetch(address: str, path: str) -> bytes | None:
+    """GET from the guest's server through its exposed address (it may still be starting)."""
+    try:
+        return httpx.get(f"http://{address}{path}", timeout=10).raise_for_status().content
+    except httpx.HTTPError:
+        return None
+
+
 def _placed(conn: object, sandbox_id: str) -> bool:
     from tartarus.errors import NotFound
 
@@ -180,6 +198,60 @@ def _placed(conn: object, sandbox_id: str) -> bool:
     except NotFound:
         return False
     return True
+
+
+def test_a_create_moves_on_when_the_best_node_does_not_answer(cluster: Cluster) -> None:
+    """A node that looks best (roomy, holds the template, lease valid) but whose agent is gone: the
+    gateway gives its reservation back and places the sandbox on a node that answers."""
+    ghost = NodeSpec(
+        "node-ghost",
+        f"127.0.0.1:{free_port()}",
+        Resources(vcpus=1000, memory_mib=10**7, disk_mib=10**7, slots=1000),
+        templates=frozenset({"python-ds"}),
+    )
+    with connect(cluster.url) as conn:
+        Membership(conn, lease_s=120).register(ghost)
+        try:
+            with cluster.client(0) as gw:
+                created = gw.post("/v1/sandboxes", json={"template": "python-ds"})
+                assert created.status_code == 201, created.text
+                sandbox_id = created.json()["id"]
+                try:
+                    assert Placer(conn).locate(sandbox_id).node in ("node-a", "node-b")
+                    refused = [e for e in events.recent(conn, node="node-ghost") if e.kind == "released"]
+                    assert refused and "did not answer" in refused[0].detail
+                finally:
+                    assert gw.delete(f"/v1/sandboxes/{sandbox_id}").status_code == 204
+        finally:
+            conn.execute("DELETE FROM cluster.nodes WHERE name = 'node-ghost'")
+
+
+def test_a_fenced_agent_kills_what_the_cluster_gave_up_and_registers_again(cluster: Cluster) -> None:
+    """The cluster gives up on a sandbox and a newer epoch replaces its node's (as after a partition):
+    the agent's next renewal is refused, it kills that sandbox (never served twice) and re-registers."""
+    with cluster.client(0) as gw:
+        created = gw.post("/v1/sandboxes", json={"template": "python-ds"})
+        assert created.status_code == 201, created.text
+        sandbox_id = created.json()["id"]
+    with connect(cluster.url) as conn:
+        node = Placer(conn).locate(sandbox_id).node
+        agent = next(a for a in cluster.agents if a.name == node)
+        with conn.transaction():
+            conn.execute("UPDATE cluster.placements SET state = 'lost' WHERE sandbox_id = %s", (sandbox_id,))
+            row = conn.execute(
+                "UPDATE cluster.nodes SET epoch = epoch + 1 WHERE name = %s RETURNING epoch", (node,)
+            ).fetchone()
+        assert row is not None
+        replaced = int(row[0])
+        direct = {"Authorization": f"Bearer {cluster.token}", "x-tartarus-caller": "test local admin"}
+
+        def gone() -> bool:
+            listed = httpx.get(f"{agent.url}/v1/sandboxes", headers=direct, timeout=10)
+            return listed.status_code == 200 and listed.json()["sandboxes"] == []
+
+        assert wait_until(gone, timeout=30)
+        assert Membership(conn).node(node).epoch == replaced + 1
+        assert any(e.kind == "fenced" for e in events.recent(conn, node=node))
 
 
 def test_a_sandbox_of_a_killed_agent_gets_a_clear_lost_node_error(cluster: Cluster) -> None:

@@ -62,6 +62,10 @@ UNPLACED = (
 )
 
 
+# The agent's headers a create passes on: its request id (for its log) and its Server-Timing.
+PASSED_ON = frozenset({"x-request-id", "server-timing"})
+
+
 class NodeLost(TartarusError):
     """The sandbox's node stopped renewing its lease past the grace period: the cluster gave it up."""
 
@@ -186,7 +190,8 @@ class Gateway:
         answer = await loop.run_in_executor(
             self._cluster_threads, self._with_conn, lambda conn: self._place(conn, demand, body, principal)
         )
-        return Response(answer.content, answer.status_code, media_type="application/json")
+        kept = {k: v for k, v in answer.headers.items() if k in PASSED_ON}
+        return Response(answer.content, answer.status_code, headers=kept, media_type="application/json")
 
     def _place(self, conn: Connection, demand: Demand, body: bytes, principal: Principal) -> httpx.Response:
         """On a cluster thread: reserve, call the agent, confirm under the id the agent gave."""
@@ -277,9 +282,22 @@ class Gateway:
         return Target(where.node, where.address)
 
     async def to_owner(self, request: Request) -> Response:
-        principal = await self.authenticate(request)
-        target = await self.route(request.path_params["sandbox_id"])
+        principal, target = await self._caller_and_owner(request)
         return await self.proxy.forward(request, target, principal)
+
+    async def _caller_and_owner(self, connection: HTTPConnection) -> tuple[Principal, Target]:
+        """The key check and the routing lookup at once (two database trips in parallel); a caller
+        without a valid key learns nothing of the sandbox, the key's error comes first."""
+        caller, owner = await asyncio.gather(
+            self.authenticate(connection),
+            self.route(connection.path_params["sandbox_id"]),
+            return_exceptions=True,
+        )
+        if isinstance(caller, BaseException):
+            raise caller
+        if isinstance(owner, BaseException):
+            raise owner
+        return caller, owner
 
     async def to_any(self, request: Request) -> Response:
         """Calls that name no sandbox (templates, keys, tenants, audit): any healthy agent answers from
@@ -301,8 +319,7 @@ class Gateway:
 
     async def terminal(self, websocket: WebSocket) -> None:
         try:
-            principal = await self.authenticate(websocket)
-            target = await self.route(websocket.path_params["sandbox_id"])
+            principal, target = await self._caller_and_owner(websocket)
         except TartarusError as e:
             await websocket.send_denial_response(error_response(e))
             return

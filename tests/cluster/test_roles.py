@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from tartarus.cluster.model import NodeSpec, Resources
 from tartarus.cluster.placement import Placer
 from tests.cluster.roles import Role, free_port
 from tests.conftest import wait_until
+from tests.served import TARTARUS
 
 LEASE_S = 3.0
 GRACE_S = 2.0
@@ -224,6 +226,41 @@ def test_a_create_moves_on_when_the_best_node_does_not_answer(cluster: Cluster) 
                     assert gw.delete(f"/v1/sandboxes/{sandbox_id}").status_code == 204
         finally:
             conn.execute("DELETE FROM cluster.nodes WHERE name = 'node-ghost'")
+
+
+def _nodes_cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TARTARUS_DATABASE_URL": cluster.url, "TARTARUS_AGENT_TOKEN": cluster.token}
+    return subprocess.run(
+        [str(TARTARUS), "nodes", *args], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_nodes_drain_hibernates_a_nodes_sandboxes_and_new_ones_go_elsewhere(cluster: Cluster) -> None:
+    with cluster.client(0) as gw:
+        created = gw.post("/v1/sandboxes", json={"template": "python-ds"})
+        assert created.status_code == 201, created.text
+        sandbox_id = created.json()["id"]
+        try:
+            with connect(cluster.url) as conn:
+                node = Placer(conn).locate(sandbox_id).node
+            drained = _nodes_cli(cluster, "drain", node)
+            assert drained.returncode == 0, drained.stderr
+            assert f"{sandbox_id} hibernated" in drained.stdout
+            assert gw.get(f"/v1/sandboxes/{sandbox_id}").json()["state"] == "hibernated"
+            listed = json.loads(_nodes_cli(cluster, "ls", "--json").stdout)
+            assert {n["name"]: n["admin"] for n in listed}[node] == "draining"
+            # New sandboxes go to the other node while this one drains.
+            other = gw.post("/v1/sandboxes", json={"template": "python-ds"})
+            assert other.status_code == 201, other.text
+            with connect(cluster.url) as conn:
+                assert Placer(conn).locate(other.json()["id"]).node != node
+            assert gw.delete(f"/v1/sandboxes/{other.json()['id']}").status_code == 204
+            # The hibernated one wakes on its node at its next call (waking elsewhere is not built).
+            events_ = _exec_events(gw, sandbox_id, "echo awake")
+            assert any(e["type"] == "stdout" for _, e in events_)
+        finally:
+            assert _nodes_cli(cluster, "uncordon", node).returncode == 0
+            assert gw.delete(f"/v1/sandboxes/{sandbox_id}").status_code == 204
 
 
 def test_a_fenced_agent_kills_what_the_cluster_gave_up_and_registers_again(cluster: Cluster) -> None:

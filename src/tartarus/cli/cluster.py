@@ -182,3 +182,42 @@ def nodes_uncordon(name: str) -> None:
     with _membership() as m:
         m.set_admin(name, Admin.ACTIVE)
     typer.echo(f"{name} active")
+
+
+@nodes_app.command("drain")
+def nodes_drain(
+    name: str,
+    token_file: Annotated[Path | None, typer.Option(help="file holding the agent token")] = None,
+) -> None:
+    """No new sandboxes on the node, and hibernate those it runs (on its own disk, for now: they wake
+    on the same node; waking them elsewhere from the object store is not built yet)."""
+    import httpx
+
+    from tartarus.roles.caller import CALLER_HEADER
+    from tartarus.roles.token import load_token
+
+    try:
+        token = load_token(token_file)
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+    with _membership() as m:
+        running = m.drain(name)
+        address = m.node(name).address
+    headers = {"authorization": token.header, CALLER_HEADER: "nodes-drain local admin"}
+    failed = 0
+    with httpx.Client(base_url=f"http://{address}", headers=headers, timeout=300) as agent:
+        for sandbox_id in running:
+            try:
+                answer = agent.post(f"/v1/sandboxes/{sandbox_id}/hibernate")
+            except httpx.HTTPError as e:
+                err.print(f"{sandbox_id}: node {name} did not answer: {e}")
+                failed += 1
+                continue
+            if answer.status_code == 200:
+                typer.echo(f"{sandbox_id} hibernated")
+            else:
+                err.print(f"{sandbox_id}: {answer.status_code} {answer.text[:200]}")
+                failed += 1
+    typer.echo(f"{name} draining: {len(running) - failed} of {len(running)} sandboxes hibernated")
+    if failed:
+        raise typer.Exit(1)

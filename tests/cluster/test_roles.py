@@ -228,6 +228,35 @@ def test_a_create_moves_on_when_the_best_node_does_not_answer(cluster: Cluster) 
             conn.execute("DELETE FROM cluster.nodes WHERE name = 'node-ghost'")
 
 
+def test_the_sdk_works_through_either_gateway(cluster: Cluster) -> None:
+    """The README's cluster flow: a tenant key made with `tartarus keys create` on the shared database,
+    then the SDK against a gateway as against `serve`."""
+    from tartarus.sdk import Sandbox
+
+    tenant = "alice-" + secrets.token_hex(3)
+    env = {
+        **os.environ,
+        "TARTARUS_DATABASE_URL": cluster.url,
+        "TARTARUS_STATE_DIR": str(cluster.root / "cli"),
+    }
+    made = subprocess.run(
+        [str(TARTARUS), "keys", "create", "--tenant", tenant],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.splitlines()[-1]
+    with Sandbox.create("python-ds", url=cluster.gateways[0].url, api_key=key, labels={"team": "ml"}) as sb:
+        assert sb.commands.run("python3 -c 'print(6*7)'").stdout.strip() == "42"
+        assert sb.info.tenant == tenant
+        listed = Sandbox.list(url=cluster.gateways[1].url, api_key=key, labels={"team": "ml"})
+        assert [s.id for s in listed] == [sb.id]
+        sb.files.write("/tmp/note.txt", b"through the gateway")
+        assert sb.files.read("/tmp/note.txt") == b"through the gateway"
+
+
 def _nodes_cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TARTARUS_DATABASE_URL": cluster.url, "TARTARUS_AGENT_TOKEN": cluster.token}
     return subprocess.run(

@@ -544,6 +544,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "roles.cluster-quota",
+        "a tenant's quota holds over every node of the cluster, not per node",
+        "src/tartarus/roles/quota.py",
+        "quotas.check(tenant, limits, usage, quotas.Usage(1, demand.vcpus, demand.memory_mib))",
+        "pass",
+        ("tests/cluster/test_roles.py::test_a_tenant_quota_holds_over_the_whole_cluster",),
+    ),
+    Mutation(
         "roles.node-lost",
         "a call for a sandbox whose node was lost is answered node_lost, naming the node",
         "src/tartarus/roles/gateway.py",

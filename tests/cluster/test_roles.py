@@ -257,6 +257,33 @@ def test_the_sdk_works_through_either_gateway(cluster: Cluster) -> None:
         assert sb.files.read("/tmp/note.txt") == b"through the gateway"
 
 
+def test_a_tenant_quota_holds_over_the_whole_cluster(cluster: Cluster) -> None:
+    """A tenant allowed one sandbox has one on node A: a second create through the other gateway is
+    refused, although node B (the only node taking sandboxes now) runs none of that tenant's."""
+    tenant = "quota-" + secrets.token_hex(3)
+    with cluster.client(0) as gw1, cluster.client(1) as gw2:
+        key = gw1.post("/v1/keys", json={"tenant": tenant}).json()["key"]
+        gw1.put(f"/v1/tenants/{tenant}/quota", json={"max_sandboxes": 1}).raise_for_status()
+        as_tenant = {"Authorization": f"Bearer {key}"}
+        first = gw1.post("/v1/sandboxes", json={"template": "python-ds"}, headers=as_tenant)
+        assert first.status_code == 201, first.text
+        with connect(cluster.url) as conn:
+            node = Placer(conn).locate(first.json()["id"]).node
+        assert _nodes_cli(cluster, "cordon", node).returncode == 0
+        try:
+            second = gw2.post("/v1/sandboxes", json={"template": "python-ds"}, headers=as_tenant)
+            assert second.status_code == 429, second.text
+            assert second.json()["error"]["code"] == "quota_exceeded"
+            assert "max_sandboxes=1" in second.json()["error"]["message"]
+            # Its first sandbox gone, the tenant may create again (on the other node).
+            assert gw2.delete(f"/v1/sandboxes/{first.json()['id']}", headers=as_tenant).status_code == 204
+            third = gw2.post("/v1/sandboxes", json={"template": "python-ds"}, headers=as_tenant)
+            assert third.status_code == 201, third.text
+            assert gw2.delete(f"/v1/sandboxes/{third.json()['id']}", headers=as_tenant).status_code == 204
+        finally:
+            assert _nodes_cli(cluster, "uncordon", node).returncode == 0
+
+
 def _nodes_cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TARTARUS_DATABASE_URL": cluster.url, "TARTARUS_AGENT_TOKEN": cluster.token}
     return subprocess.run(

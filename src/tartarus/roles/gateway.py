@@ -1,10 +1,11 @@
 """`tartarus gateway`: the public API of a cluster. Stateless (everything it knows is in PostgreSQL), so
 any number run side by side behind one address.
 
-It authenticates API keys against the shared store, places a new sandbox with the `Placer` (capacity
-reserved on a node before its agent is called; another node tried when an agent refuses or fails),
-and forwards every other call to the agent that owns the sandbox (`proxy`). Tenancy and per-tenant quotas
-are applied by the agent's control plane, as `serve` applies them, for the caller the gateway names. Each
+It authenticates API keys against the shared store, admits a create against the tenant's quota over
+the whole cluster (`quota`), places it with the `Placer` (capacity reserved on a node before its agent
+is called; another node tried when an agent refuses or fails), and forwards every other call to the
+agent that owns the sandbox (`proxy`). Tenancy (and each node's share of the quota) is applied by the
+agent's control plane, as `serve` applies it, for the caller the gateway names. Each
 gateway also campaigns to run the reconciler (lost nodes, expired reservations); one at a time does.
 """
 
@@ -39,14 +40,16 @@ from tartarus.cluster.placement import DEFAULT_RESERVATION_S, Placer
 from tartarus.cluster.reconcile import DEFAULT_GRACE_S
 from tartarus.cluster.reconciler import Reconciler
 from tartarus.cluster.schema import migrate
+from tartarus.daemon import quotas
 from tartarus.daemon.asgi import error_response
 from tartarus.daemon.auth import Principal, invalid_key, missing_key
 from tartarus.daemon.gate import DEFAULT_BODY_LIMIT, too_large
 from tartarus.daemon.server import GRACE_S
 from tartarus.errors import InvalidArgument, NotFound, TartarusError
+from tartarus.roles import quota
 from tartarus.roles.proxy import NodeUnreachable, Proxy, Target, agent_headers
 from tartarus.roles.token import AgentToken
-from tartarus.store import Store
+from tartarus.store import SandboxRow, Store
 from tartarus.templates.built import get_template
 
 log = logging.getLogger(__name__)
@@ -186,12 +189,33 @@ class Gateway:
         principal = await self.authenticate(request)
         body = await _read_limited(request, DEFAULT_BODY_LIMIT)
         demand = _demand(body)
-        loop = asyncio.get_running_loop()
-        answer = await loop.run_in_executor(
-            self._cluster_threads, self._with_conn, lambda conn: self._place(conn, demand, body, principal)
-        )
+        assert self._store is not None
+        limits = quota.limits_of(await self._in_store(self._store.get_tenant, principal.tenant))
+        answer = await self._in_cluster(lambda conn: self._admit(conn, demand, body, principal, limits))
         kept = {k: v for k, v in answer.headers.items() if k in PASSED_ON}
         return Response(answer.content, answer.status_code, headers=kept, media_type="application/json")
+
+    def _admit(
+        self,
+        conn: Connection,
+        demand: Demand,
+        body: bytes,
+        principal: Principal,
+        limits: quotas.Limits | None,
+    ) -> httpx.Response:
+        """On a cluster thread: the tenant's quota over the whole cluster, then the placement."""
+        if limits is None:
+            return self._place(conn, demand, body, principal)
+        store = self._store
+        assert store is not None
+
+        def live() -> list[SandboxRow]:
+            return self._store_thread.submit(
+                store.list_sandboxes, tenant=principal.tenant, live=True
+            ).result()
+
+        with quota.admitted(conn, principal.tenant, limits, demand, live):
+            return self._place(conn, demand, body, principal)
 
     def _place(self, conn: Connection, demand: Demand, body: bytes, principal: Principal) -> httpx.Response:
         """On a cluster thread: reserve, call the agent, confirm under the id the agent gave."""

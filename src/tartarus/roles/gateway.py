@@ -49,7 +49,7 @@ from tartarus.errors import InvalidArgument, NotFound, TartarusError
 from tartarus.roles import quota
 from tartarus.roles.proxy import NodeUnreachable, Proxy, Target, agent_headers
 from tartarus.roles.token import AgentToken
-from tartarus.store import SandboxRow, Store
+from tartarus.store import ApiKey, SandboxRow, Store, Tenant
 from tartarus.templates.built import get_template
 
 log = logging.getLogger(__name__)
@@ -170,15 +170,27 @@ class Gateway:
     # ---- who calls ------------------------------------------------------------------------------
 
     async def authenticate(self, connection: HTTPConnection) -> Principal:
+        return (await self._caller(connection, with_tenant=False))[0]
+
+    async def _caller(
+        self, connection: HTTPConnection, *, with_tenant: bool
+    ) -> tuple[Principal, Tenant | None]:
+        """The key's holder (and, for a create, its tenant's quota) in one trip to the store."""
         scheme, _, secret = connection.headers.get("authorization", "").partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
             raise missing_key()
-        assert self._store is not None
-        key = await self._in_store(self._store.authenticate, secret)
+        store = self._store
+        assert store is not None
+
+        def lookup() -> tuple[ApiKey | None, Tenant | None]:
+            key = store.authenticate(secret)
+            return key, store.get_tenant(key.tenant) if key is not None and with_tenant else None
+
+        key, tenant = await self._in_store(lookup)
         if key is None:
             raise invalid_key()
-        return Principal.of(key)
+        return Principal.of(key), tenant
 
     # ---- routes ---------------------------------------------------------------------------------
 
@@ -186,11 +198,10 @@ class Gateway:
         return JSONResponse({"status": "ok", "version": tartarus.__version__, "role": "gateway"})
 
     async def create(self, request: Request) -> Response:
-        principal = await self.authenticate(request)
+        principal, tenant = await self._caller(request, with_tenant=True)
         body = await _read_limited(request, DEFAULT_BODY_LIMIT)
         demand = _demand(body)
-        assert self._store is not None
-        limits = quota.limits_of(await self._in_store(self._store.get_tenant, principal.tenant))
+        limits = quota.limits_of(tenant)
         answer = await self._in_cluster(lambda conn: self._admit(conn, demand, body, principal, limits))
         kept = {k: v for k, v in answer.headers.items() if k in PASSED_ON}
         return Response(answer.content, answer.status_code, headers=kept, media_type="application/json")

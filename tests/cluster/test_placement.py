@@ -18,7 +18,7 @@ from tartarus.cluster.membership import Membership
 from tartarus.cluster.model import Admin, PlacementState, Reservation, Resources
 from tartarus.cluster.placement import Placer
 from tartarus.cluster.reconcile import reclaim_expired, sweep
-from tartarus.errors import Conflict
+from tartarus.errors import Conflict, NotFound
 from tests.cluster.helpers import demand, register, until, wait_db_clock_past
 
 
@@ -249,3 +249,24 @@ def test_wake_prefers_the_origin_node_and_a_released_wake_goes_back_to_hibernate
     assert moved.node == other
     placer.confirm(moved)
     assert placer.locate("sleepy").node == other
+
+
+def test_a_placement_is_confirmed_under_the_id_the_agent_gave(conn: Connection) -> None:
+    """The gateway reserves under a provisional id (the agent names the sandbox): the running placement,
+    and what routing finds, carry the agent's id; the provisional one is free again."""
+    register(conn, "n1")
+    placed = Placer(conn).place(demand("pending-1"), lambda r: "sb-given")
+    assert placed.sandbox_id == "sb-given" and placed.node == "n1"
+    where = Placer(conn).locate("sb-given")
+    assert where.state == PlacementState.RUNNING and where.node == "n1" and where.node_healthy
+    with pytest.raises(NotFound):
+        Placer(conn).locate("pending-1")
+    kinds = [(e.kind, e.sandbox_id) for e in events.recent(conn)]
+    assert ("placed", "sb-given") in kinds
+
+
+def test_routing_sees_a_node_whose_lease_lapsed(conn: Connection) -> None:
+    register(conn, "n1", lease_s=0.5)
+    Placer(conn).place(demand("sb1"), lambda r: None)
+    assert Placer(conn).locate("sb1").node_healthy
+    assert until(lambda: not Placer(conn).locate("sb1").node_healthy, timeout=5)

@@ -321,20 +321,33 @@ def cluster(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=64)] = 8,
     file_mib: Annotated[int, typer.Option("--file-mib", min=1)] = 50,
     state_samples: Annotated[int, typer.Option("--state-samples", min=1)] = 5,
+    creates: Annotated[int, typer.Option("--creates", min=0, help="creates per path (0: no agent)")] = 200,
+    calls: Annotated[int, typer.Option("--calls", min=1, help="exec and GET round trips per path")] = 500,
+    template: TemplateOpt = "python-ds",
     json_out: JsonOut = None,
 ) -> None:
-    """Placement decision latency at 3 and 64 simulated nodes, concurrent placement, S3 chunk throughput."""
+    """Placement decision latency at 3 and 64 simulated nodes, concurrent placement, S3 chunk throughput;
+    with --creates, a real agent and gateway: create, exec and GET through the gateway vs direct."""
     from tartarus.bench.cluster import NODE_SIZES, bench_cluster
     from tartarus.bench.machine import machine_info
 
     logging.basicConfig(level=logging.WARNING)
     started = time.time()
-    steps = samples * (len(NODE_SIZES) + 1) + state_samples
+    steps = samples * (len(NODE_SIZES) + 1) + state_samples + (creates + calls if creates else 0)
     with Progress(
         TextColumn("bench cluster"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     ) as bar:
         task = bar.add_task("cluster", total=steps)
-        result = bench_cluster(samples, concurrency, file_mib, state_samples, lambda n: bar.advance(task, n))
+        result = bench_cluster(
+            samples,
+            concurrency,
+            file_mib,
+            state_samples,
+            lambda n: bar.advance(task, n),
+            creates=creates,
+            calls=calls,
+            template=template,
+        )
     for name, doc in result["placement"].items():
         err.print(
             f"placement {name}: n={doc['samples']} p50={doc['p50_ms']:.3f} ms p99={doc['p99_ms']:.3f} ms"
@@ -350,6 +363,16 @@ def cluster(
         f"state store {st['file_mib']} MiB: upload {st['upload']['mib_per_s_p50']} MiB/s, "
         f"download {st['download']['mib_per_s_p50']} MiB/s (P50 of {st['upload']['samples']})"
     )
+    gw = result.get("gateway")
+    if gw:
+        for what in ("create", "exec_true", "get_sandbox"):
+            doc, over = gw[what], gw[what]["gateway_overhead"]
+            err.print(
+                f"{what}: gateway p50={doc['gateway']['p50_ms']:.2f} p99={doc['gateway']['p99_ms']:.2f} ms, "
+                f"direct p50={doc['direct']['p50_ms']:.2f} p99={doc['direct']['p99_ms']:.2f} ms "
+                f"(n={doc['gateway']['samples']} each); overhead p50={over['p50_ms']:.2f} "
+                f"p99={over['p99_ms']:.2f} ms"
+            )
     _emit({"benchmark": "cluster", **result, "machine": machine_info(), "started_at": started}, json_out)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tartarus.bench.gateway import bench_gateway
 from tartarus.bench.services import postgres_server, s3_server
 from tartarus.bench.stats import percentile, summary_ms
 from tartarus.cluster.db import Connection, connect
@@ -153,12 +154,23 @@ def _state_store(file_mib: int, samples: int, progress: Progress) -> dict[str, A
 
 
 def bench_cluster(
-    samples: int, concurrency: int, file_mib: int, state_samples: int, progress: Progress
+    samples: int,
+    concurrency: int,
+    file_mib: int,
+    state_samples: int,
+    progress: Progress,
+    *,
+    creates: int = 0,
+    calls: int = 0,
+    template: str = "python-ds",
 ) -> dict[str, Any]:
+    """`creates` > 0 also runs a real agent and gateway (bench/gateway.py): the gateway's overhead."""
     with postgres_server() as url, connect(url) as conn:
         migrate(conn)
         by_nodes = {f"nodes_{n}": _sequential(conn, n, samples, progress) for n in NODE_SIZES}
         concurrent = _concurrent(url, conn, concurrency, samples, progress)
+        conn.execute("TRUNCATE cluster.placements, cluster.events, cluster.nodes")  # no simulated nodes
+        roles = bench_gateway(url, template, creates, calls, progress) if creates else None
     state = _state_store(file_mib, state_samples, progress)
     headline = by_nodes[f"nodes_{NODE_SIZES[-1]}"]
     return {
@@ -166,4 +178,5 @@ def bench_cluster(
         "placement": by_nodes,
         "concurrent": concurrent,
         "state_store": state,
+        **({"gateway": roles} if roles else {}),
     }

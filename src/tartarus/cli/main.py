@@ -542,9 +542,18 @@ def _register_image() -> None:
     app.add_typer(image_app, name="image")
 
 
+def _register_cluster() -> None:
+    from tartarus.cli.cluster import agent, gateway, nodes_app
+
+    app.command()(agent)
+    app.command()(gateway)
+    app.add_typer(nodes_app, name="nodes")
+
+
 _register_bench()
 _register_image()
 _register_keys()
+_register_cluster()
 
 if __name__ == "__main__":
     app()

@@ -191,3 +191,4 @@ class Location:
     address: str
     epoch: int
     state: PlacementState
+    node_healthy: bool = True  # its node is up with an unexpired lease

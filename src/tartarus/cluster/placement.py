@@ -13,6 +13,7 @@ confirming, it stops counting against the node at that deadline and the reconcil
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from tartarus.cluster import events
@@ -87,9 +88,11 @@ class Placer:
         self.reservation_s = reservation_s
         self.attempts = attempts
 
-    def place(self, demand: Demand, start: Callable[[Reservation], None]) -> Reservation:
+    def place(self, demand: Demand, start: Callable[[Reservation], str | None]) -> Reservation:
         """Reserve, call `start` (which contacts the agent), confirm. `start` raising NodeRefused moves on
-        to the next node, up to `attempts` nodes; anything else it raises releases and propagates."""
+        to the next node, up to `attempts` nodes; anything else it raises releases and propagates. `start`
+        may return the id the agent gave the sandbox: the placement is confirmed under it (the demand's
+        id then only held the reservation)."""
         refused: list[str] = []
         for _ in range(self.attempts):
             try:
@@ -99,7 +102,7 @@ class Placer:
                     raise NoCapacity(f"{e.message}; refused by {', '.join(refused)}") from e
                 raise
             try:
-                start(reservation)
+                given = start(reservation)
             except NodeRefused as e:
                 self.release(reservation, why=f"refused: {e.message}")
                 refused.append(reservation.node)
@@ -107,8 +110,8 @@ class Placer:
             except BaseException:
                 self.release(reservation, why="the start call failed")
                 raise
-            self.confirm(reservation)
-            return reservation
+            self.confirm(reservation, as_id=given)
+            return reservation if given is None else dataclasses.replace(reservation, sandbox_id=given)
         raise NoCapacity(f"sandbox {demand.sandbox_id}: refused by {', '.join(refused)}; no other node tried")
 
     @reports_outages
@@ -193,20 +196,22 @@ class Placer:
         )
 
     @reports_outages
-    def confirm(self, reservation: Reservation) -> None:
-        """The agent runs it: the reservation becomes a running placement. ReservationLost if it expired,
-        was reclaimed, or its node's lease lapsed or epoch changed meanwhile (the caller must then stop the
-        sandbox on that agent: the cluster no longer counts it there)."""
+    def confirm(self, reservation: Reservation, *, as_id: str | None = None) -> None:
+        """The agent runs it: the reservation becomes a running placement (under `as_id` when the agent
+        named the sandbox). ReservationLost if it expired, was reclaimed, or its node's lease lapsed or
+        epoch changed meanwhile (the caller must then stop the sandbox on that agent: the cluster no
+        longer counts it there)."""
+        sandbox_id = check_name("sandbox id", as_id) if as_id is not None else reservation.sandbox_id
         with self.conn.transaction():
             row = self.conn.execute(
                 """UPDATE cluster.placements p SET state = 'running', reserved_until = NULL, origin = NULL,
-                       updated_at = now()
+                       sandbox_id = %s, updated_at = now()
                    FROM cluster.nodes n
                    WHERE p.sandbox_id = %s AND p.node = %s AND p.epoch = %s AND p.state = 'reserved'
                        AND p.reserved_until > now() AND n.name = p.node AND n.epoch = p.epoch
                        AND n.state = 'up' AND n.lease_expires_at > now()
                    RETURNING p.sandbox_id""",
-                (reservation.sandbox_id, reservation.node, reservation.epoch),
+                (sandbox_id, reservation.sandbox_id, reservation.node, reservation.epoch),
             ).fetchone()
             if row is not None:
                 events.record(
@@ -214,7 +219,8 @@ class Placer:
                     "placed",
                     node=reservation.node,
                     epoch=reservation.epoch,
-                    sandbox_id=reservation.sandbox_id,
+                    sandbox_id=sandbox_id,
+                    detail="" if as_id is None else f"reserved as {reservation.sandbox_id}",
                 )
                 return
             events.record(
@@ -284,10 +290,10 @@ class Placer:
     def locate(self, sandbox_id: str) -> Location:
         """Where a call for this sandbox goes; NotFound if it was never placed."""
         row = self.conn.execute(
-            "SELECT p.node, n.address, p.epoch, p.state FROM cluster.placements p "
-            "JOIN cluster.nodes n ON n.name = p.node WHERE p.sandbox_id = %s",
+            "SELECT p.node, n.address, p.epoch, p.state, n.state = 'up' AND n.lease_expires_at > now() "
+            "FROM cluster.placements p JOIN cluster.nodes n ON n.name = p.node WHERE p.sandbox_id = %s",
             (sandbox_id,),
         ).fetchone()
         if row is None:
             raise NotFound(f"sandbox {sandbox_id} is not placed on any node")
-        return Location(sandbox_id, row[0], row[1], int(row[2]), PlacementState(row[3]))
+        return Location(sandbox_id, row[0], row[1], int(row[2]), PlacementState(row[3]), bool(row[4]))

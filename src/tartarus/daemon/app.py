@@ -103,9 +103,12 @@ class UnexpectedErrors:
             await response(scope, receive, send)
 
 
-def create_app(state_dir: Path, config: DaemonConfig | None = None) -> FastAPI:
+def create_app(
+    state_dir: Path, config: DaemonConfig | None = None, control_type: type[ControlPlane] = ControlPlane
+) -> FastAPI:
+    """The daemon's app; a cluster agent passes its own `control_type` (callers named by its gateways)."""
     manager = SandboxManager(state_dir, config)
-    control = ControlPlane(state_dir, manager)
+    control = control_type(state_dir, manager)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

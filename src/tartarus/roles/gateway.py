@@ -1,0 +1,433 @@
+"""`tartarus gateway`: the public API of a cluster. Stateless (everything it knows is in PostgreSQL), so
+any number run side by side behind one address.
+
+It authenticates API keys against the shared store, admits a create against the tenant's quota over
+the whole cluster (`quota`), places it with the `Placer` (capacity reserved on a node before its agent
+is called; another node tried when an agent refuses or fails), and forwards every other call to the
+agent that owns the sandbox (`proxy`). Tenancy (and each node's share of the quota) is applied by the
+agent's control plane, as `serve` applies it, for the caller the gateway names. Each
+gateway also campaigns to run the reconciler (lost nodes, expired reservations); one at a time does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import psycopg
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+import tartarus
+from tartarus.cluster.db import Connection, connect
+from tartarus.cluster.errors import NodeRefused, ReservationLost
+from tartarus.cluster.membership import Membership
+from tartarus.cluster.model import Demand, Location, NodeView, PlacementState, Reservation
+from tartarus.cluster.placement import DEFAULT_RESERVATION_S, Placer
+from tartarus.cluster.reconcile import DEFAULT_GRACE_S
+from tartarus.cluster.reconciler import Reconciler
+from tartarus.cluster.schema import migrate
+from tartarus.daemon import quotas
+from tartarus.daemon.asgi import error_response
+from tartarus.daemon.auth import Principal, invalid_key, missing_key
+from tartarus.daemon.gate import DEFAULT_BODY_LIMIT, too_large
+from tartarus.daemon.server import GRACE_S
+from tartarus.errors import InvalidArgument, NotFound, TartarusError
+from tartarus.roles import quota
+from tartarus.roles.proxy import NodeUnreachable, Proxy, Target, agent_headers
+from tartarus.roles.token import AgentToken
+from tartarus.store import ApiKey, SandboxRow, Store, Tenant
+from tartarus.templates.built import get_template
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CLUSTER_THREADS = 8  # placement and routing queries at once, each on its own connection
+DEFAULT_VCPUS, DEFAULT_MEMORY_MIB = 1, 512  # a template this host has not built: the daemon's defaults
+# Placed sandboxes come from POST /v1/sandboxes only: copies made on an agent (fork, a checkpoint's
+# sandbox) would bypass placement, so the gateway refuses them until they are placed too.
+UNPLACED = (
+    ("POST", "/v1/sandboxes/{sandbox_id}/fork"),
+    ("POST", "/v1/checkpoints/{checkpoint_id}/sandboxes"),
+)
+
+
+# The agent's headers a create passes on: its request id (for its log) and its Server-Timing.
+PASSED_ON = frozenset({"x-request-id", "server-timing"})
+
+
+class NodeLost(TartarusError):
+    """The sandbox's node stopped renewing its lease past the grace period: the cluster gave it up."""
+
+    code = "node_lost"
+    status = 410
+
+
+class NodeUnavailable(TartarusError):
+    """The sandbox's node has not renewed its lease: it may come back (or be declared lost)."""
+
+    code = "node_unavailable"
+    status = 503
+
+
+class NotInCluster(TartarusError):
+    code = "not_supported_in_cluster"
+    status = 501
+
+
+class AgentAnswered(Exception):
+    """The agent answered a create with a client error (bad template, quota): passed on as it is."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    host: str
+    port: int
+    database_url: str
+    token: AgentToken
+    reservation_s: float = 4 * DEFAULT_RESERVATION_S  # a cold boot under emulation takes tens of seconds
+    grace_s: float = DEFAULT_GRACE_S
+    reconcile: bool = True
+
+
+class Gateway:
+    def __init__(self, options: GatewayOptions) -> None:
+        self.options = options
+        self._store: Store | None = None
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="gateway-store")
+        self._cluster_threads = ThreadPoolExecutor(CLUSTER_THREADS, thread_name_prefix="gateway-cluster")
+        self._local = threading.local()
+        self._conns: list[Connection] = []
+        self._conns_lock = threading.Lock()
+        self._sync = httpx.Client(timeout=httpx.Timeout(10, read=options.reservation_s))
+        self.proxy = Proxy(
+            options.token,
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(10, read=None, write=None),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            ),
+        )
+        self.reconciler = Reconciler(options.database_url, grace_s=options.grace_s)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self._in_cluster(lambda conn: migrate(conn))
+        self._store = await self._in_store(Store.open, self.options.database_url)
+        if self.options.reconcile:
+            self.reconciler.start()
+        try:
+            yield
+        finally:
+            if self.options.reconcile:
+                await asyncio.to_thread(self.reconciler.stop)
+            await self.proxy.client.aclose()
+            self._sync.close()
+            if self._store is not None:
+                await self._in_store(self._store.close)
+            self._store_thread.shutdown(wait=True)
+            self._cluster_threads.shutdown(wait=True)
+            for conn in self._conns:
+                conn.close()
+
+    async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._store_thread, fn, *args)
+
+    async def _in_cluster(self, fn: Callable[[Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._cluster_threads, self._with_conn, fn)
+
+    def _with_conn(self, fn: Callable[[Connection], T]) -> T:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = connect(self.options.database_url)
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        try:
+            return fn(conn)
+        except psycopg.Error:
+            conn.close()  # a broken session: the next call on this thread opens a new one
+            raise
+
+    # ---- who calls ------------------------------------------------------------------------------
+
+    async def authenticate(self, connection: HTTPConnection) -> Principal:
+        return (await self._caller(connection, with_tenant=False))[0]
+
+    async def _caller(
+        self, connection: HTTPConnection, *, with_tenant: bool
+    ) -> tuple[Principal, Tenant | None]:
+        """The key's holder (and, for a create, its tenant's quota) in one trip to the store."""
+        scheme, _, secret = connection.headers.get("authorization", "").partition(" ")
+        secret = secret.strip()
+        if scheme.lower() != "bearer" or not secret:
+            raise missing_key()
+        store = self._store
+        assert store is not None
+
+        def lookup() -> tuple[ApiKey | None, Tenant | None]:
+            key = store.authenticate(secret)
+            return key, store.get_tenant(key.tenant) if key is not None and with_tenant else None
+
+        key, tenant = await self._in_store(lookup)
+        if key is None:
+            raise invalid_key()
+        return Principal.of(key), tenant
+
+    # ---- routes ---------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "version": tartarus.__version__, "role": "gateway"})
+
+    async def create(self, request: Request) -> Response:
+        principal, tenant = await self._caller(request, with_tenant=True)
+        body = await _read_limited(request, DEFAULT_BODY_LIMIT)
+        demand = _demand(body)
+        limits = quota.limits_of(tenant)
+        answer = await self._in_cluster(lambda conn: self._admit(conn, demand, body, principal, limits))
+        kept = {k: v for k, v in answer.headers.items() if k in PASSED_ON}
+        return Response(answer.content, answer.status_code, headers=kept, media_type="application/json")
+
+    def _admit(
+        self,
+        conn: Connection,
+        demand: Demand,
+        body: bytes,
+        principal: Principal,
+        limits: quotas.Limits | None,
+    ) -> httpx.Response:
+        """On a cluster thread: the tenant's quota over the whole cluster, then the placement."""
+        if limits is None:
+            return self._place(conn, demand, body, principal)
+        store = self._store
+        assert store is not None
+
+        def live() -> list[SandboxRow]:
+            return self._store_thread.submit(
+                store.list_sandboxes, tenant=principal.tenant, live=True
+            ).result()
+
+        with quota.admitted(conn, principal.tenant, limits, demand, live):
+            return self._place(conn, demand, body, principal)
+
+    def _place(self, conn: Connection, demand: Demand, body: bytes, principal: Principal) -> httpx.Response:
+        """On a cluster thread: reserve, call the agent, confirm under the id the agent gave."""
+        answers: list[httpx.Response] = []
+
+        def start(reservation: Reservation) -> str:
+            try:
+                response = self._sync.post(
+                    f"http://{reservation.address}/v1/sandboxes",
+                    content=body,
+                    headers={
+                        **agent_headers(self.options.token, principal),
+                        "content-type": "application/json",
+                    },
+                )
+            except httpx.TransportError as e:
+                raise NodeRefused(f"node {reservation.node} did not answer: {e}") from e
+            if response.status_code >= 500:
+                raise NodeRefused(
+                    f"node {reservation.node} answered {response.status_code}: {response.text[:200]}"
+                )
+            if response.status_code != 201:
+                raise AgentAnswered(response)
+            answers.append(response)
+            return str(response.json()["id"])
+
+        placer = Placer(conn, reservation_s=self.options.reservation_s)
+        try:
+            placer.place(demand, start)
+        except AgentAnswered as e:
+            return e.response
+        except ReservationLost:
+            # The node was fenced (or the reservation expired) while it created the sandbox: the cluster
+            # does not count it there, so it must not run there.
+            for answer in answers:
+                self._destroy_unplaced(answer, principal)
+            raise
+        return answers[-1]
+
+    def _destroy_unplaced(self, answer: httpx.Response, principal: Principal) -> None:
+        host = answer.request.url.netloc.decode()
+        with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+            self._sync.delete(
+                f"http://{host}/v1/sandboxes/{answer.json()['id']}",
+                headers=agent_headers(self.options.token, principal),
+            )
+
+    async def list_sandboxes(self, request: Request) -> Response:
+        """Every healthy node's answer for this caller, merged (ended ones, read from the shared store by
+        each agent, once)."""
+        principal = await self.authenticate(request)
+        nodes = await self._in_cluster(lambda conn: Membership(conn).nodes())
+        live = [Target(n.name, n.address) for n in nodes if n.healthy]
+        answers = await asyncio.gather(
+            *(
+                self.proxy.fetch(t, principal, "GET", "/v1/sandboxes", query=request.url.query.encode())
+                for t in live
+            ),
+            return_exceptions=True,
+        )
+        merged: dict[str, Any] = {}
+        for target, answer in zip(live, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.warning("listing on node %s failed: %s", target.node, answer)
+                continue
+            if answer.status_code != 200:
+                return Response(answer.content, answer.status_code, media_type="application/json")
+            for sandbox in answer.json()["sandboxes"]:
+                merged.setdefault(sandbox["id"], sandbox)
+        return JSONResponse({"sandboxes": list(merged.values())})
+
+    async def route(self, sandbox_id: str) -> Target:
+        """The agent that runs the sandbox, or a clear error when its node is not there."""
+        try:
+            where: Location = await self._in_cluster(lambda conn: Placer(conn).locate(sandbox_id))
+        except (NotFound, InvalidArgument) as e:
+            raise NotFound(f"no sandbox {sandbox_id!r}") from e
+        if where.state == PlacementState.LOST:
+            raise NodeLost(
+                f"sandbox {sandbox_id} was lost with node {where.node}: the node stopped renewing its lease "
+                "and the cluster gave up on its sandboxes"
+            )
+        if not where.node_healthy:
+            raise NodeUnavailable(
+                f"node {where.node}, which runs sandbox {sandbox_id}, has not renewed its lease: it is "
+                "unreachable or fenced; the sandbox is marked lost if the node does not come back"
+            )
+        return Target(where.node, where.address)
+
+    async def to_owner(self, request: Request) -> Response:
+        principal, target = await self._caller_and_owner(request)
+        return await self.proxy.forward(request, target, principal)
+
+    async def _caller_and_owner(self, connection: HTTPConnection) -> tuple[Principal, Target]:
+        """The key check and the routing lookup at once (two database trips in parallel); a caller
+        without a valid key learns nothing of the sandbox, the key's error comes first."""
+        caller, owner = await asyncio.gather(
+            self.authenticate(connection),
+            self.route(connection.path_params["sandbox_id"]),
+            return_exceptions=True,
+        )
+        if isinstance(caller, BaseException):
+            raise caller
+        if isinstance(owner, BaseException):
+            raise owner
+        return caller, owner
+
+    async def to_any(self, request: Request) -> Response:
+        """Calls that name no sandbox (templates, keys, tenants, audit): any healthy agent answers from
+        the shared store. (Checkpoints and images are per node: listed from one node only.)"""
+        principal = await self.authenticate(request)
+        nodes: list[NodeView] = await self._in_cluster(lambda conn: Membership(conn).nodes())
+        healthy = [n for n in nodes if n.healthy]
+        if not healthy:
+            raise NodeUnreachable("no healthy node in the cluster")
+        node = healthy[secrets.randbelow(len(healthy))]
+        return await self.proxy.forward(request, Target(node.name, node.address), principal)
+
+    async def unplaced(self, request: Request) -> Response:
+        await self.authenticate(request)
+        raise NotInCluster(
+            "forks and sandboxes from checkpoints are not placed by the cluster yet: create sandboxes "
+            "with POST /v1/sandboxes through a gateway"
+        )
+
+    async def terminal(self, websocket: WebSocket) -> None:
+        try:
+            principal, target = await self._caller_and_owner(websocket)
+        except TartarusError as e:
+            await websocket.send_denial_response(error_response(e))
+            return
+        await self.proxy.bridge(websocket, target, principal)
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large(limit)
+    return bytes(body)
+
+
+def _demand(body: bytes) -> Demand:
+    """What the create asks of a node: its resources (the template's when not given) and template."""
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise InvalidArgument(f"the body is not JSON: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("template"), str):
+        raise InvalidArgument("template: a template name is required")
+    name: str = data["template"]
+    vcpus, memory = data.get("vcpus"), data.get("memory_mib")
+    if vcpus is None or memory is None:
+        try:
+            template = get_template(name)
+            vcpus, memory = vcpus or template.vcpus, memory or template.memory_mib
+        except TartarusError:
+            vcpus, memory = vcpus or DEFAULT_VCPUS, memory or DEFAULT_MEMORY_MIB
+    disk = data.get("disk_mib") or 0
+    if not all(isinstance(v, int) for v in (vcpus, memory, disk)):
+        raise InvalidArgument("vcpus, memory_mib and disk_mib must be integers")
+    return Demand(
+        sandbox_id="pending-" + secrets.token_hex(6),
+        vcpus=vcpus,
+        memory_mib=memory,
+        disk_mib=disk,
+        template=name,
+    )
+
+
+def gateway_app(options: GatewayOptions) -> Starlette:
+    gateway = Gateway(options)
+    everything = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, TartarusError)
+        return error_response(exc)
+
+    routes = [
+        Route("/v1/health", gateway.health, methods=["GET"]),
+        Route("/v1/sandboxes", gateway.create, methods=["POST"]),
+        Route("/v1/sandboxes", gateway.list_sandboxes, methods=["GET"]),
+        WebSocketRoute("/v1/sandboxes/{sandbox_id}/pty", gateway.terminal),
+        *(Route(path, gateway.unplaced, methods=[method]) for method, path in UNPLACED),
+        Route("/v1/sandboxes/{sandbox_id}", gateway.to_owner, methods=everything),
+        Route("/v1/sandboxes/{sandbox_id}/{rest:path}", gateway.to_owner, methods=everything),
+        Route("/{rest:path}", gateway.to_any, methods=everything),
+    ]
+    app = Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={TartarusError: handle})
+    app.state.gateway = gateway
+    return app
+
+
+def serve_gateway(options: GatewayOptions) -> None:
+    config = uvicorn.Config(
+        gateway_app(options),
+        host=options.host,
+        port=options.port,
+        timeout_graceful_shutdown=GRACE_S,
+        log_config=None,
+        access_log=False,
+    )
+    uvicorn.Server(config).run()

@@ -11,11 +11,14 @@ its own exceptions the SDK raises for Tartarus's answers.
 import asyncio
 import io
 import json
+import os
 import re
 import sys
 import time
+import urllib.parse
 from datetime import UTC, datetime
 
+import httpx
 from e2b import AsyncSandbox, CommandExitException, PtySize, Sandbox, SandboxQuery
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 
@@ -79,6 +82,35 @@ def metric_of(m):
     }
 
 
+def fetch(url, method="GET", **kwargs):
+    """A signed URL names its sandbox in its host ({port}-{id}.{domain}): sent to E2B_SANDBOX_URL with
+    that host, as a wildcard DNS name in front of the endpoint would."""
+    parts = urllib.parse.urlsplit(url)
+    base = os.environ["E2B_SANDBOX_URL"]
+    return httpx.request(
+        method, f"{base}{parts.path}?{parts.query}", headers={"Host": parts.netloc}, **kwargs
+    )
+
+
+def signed_urls(sb, path):
+    got = fetch(sb.download_url(path, use_signature_expiration=120))
+    put = fetch(
+        sb.upload_url(f"{DIR}/uploaded.bin", use_signature_expiration=120),
+        "POST",
+        files={"file": ("uploaded.bin", b"signed upload")},
+    )
+    quoted = urllib.parse.quote(path, safe="")
+    elsewhere = sb.download_url(path).replace(quoted, urllib.parse.quote("/etc/shadow", safe=""))
+    return {
+        "download": [got.status_code, got.content == BLOB],
+        "upload": put.status_code,
+        "uploaded": sb.files.read(f"{DIR}/uploaded.bin"),
+        "forged": fetch(sb.download_url(path).replace("signature=v1_", "signature=v1_x")).status_code,
+        "other_path": fetch(elsewhere).status_code,
+        "expired": fetch(sb.download_url(path, use_signature_expiration=-10)).status_code,
+    }
+
+
 def seconds_left(info):
     return (info.end_at - datetime.now(UTC)).total_seconds()
 
@@ -136,6 +168,7 @@ def sync_suite(tag, out):
         f = sb.files
         out["write"] = f.write(f"{DIR}/data.bin", BLOB).path
         out["read_equal"] = bytes(f.read(f"{DIR}/data.bin", format="bytes")) == BLOB
+        out["signed"] = signed_urls(sb, f"{DIR}/data.bin")
         f.write(f"{DIR}/note.txt", "héllo\n")
         out["text"] = f.read(f"{DIR}/note.txt")
         out["exists"] = [f.exists(f"{DIR}/data.bin"), f.exists(f"{DIR}/missing")]

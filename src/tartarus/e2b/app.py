@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from tartarus.e2b import control, envd, interpreter
 from tartarus.e2b.layer import Layer
 from tartarus.e2b.routing import ENVD_PORT, INTERPRETER_PORT, RoutingError, Target, target
+from tartarus.e2b.signed import signed_file_request
 from tartarus.e2b.tokens import TokenMint
 from tartarus.e2b.upstream import UpstreamError
 
@@ -94,9 +95,13 @@ def interpreter_app() -> Starlette:
 
 
 def admitted(tokens: TokenMint, where: Target, scope: Scope) -> bool:
-    """envd opens to the sandbox's access token only; the code interpreter to its traffic token too,
-    which is all E2B's SDK sends with its context calls."""
+    """envd opens to the sandbox's access token, or for `/files` to a URL that token signed (signed.py);
+    the code interpreter to its traffic token too, which is all E2B's SDK sends with its context calls."""
     if tokens.check(where.sandbox_id, _header(scope, b"x-access-token")):
+        return True
+    if where.port == ENVD_PORT and signed_file_request(
+        scope["method"], scope["path"], scope.get("query_string", b""), tokens.token(where.sandbox_id)
+    ):
         return True
     traffic = _header(scope, b"e2b-traffic-access-token")
     return where.port == INTERPRETER_PORT and tokens.check_traffic(where.sandbox_id, traffic)

@@ -643,6 +643,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/vm/test_vmm_confinement.py",),
     ),
     Mutation(
+        "vmm.jail",
+        "every sandbox's VMM runs jailed: its own uid, its own filesystem view",
+        "src/tartarus/sandbox/sandbox.py",
+        "config.jail = os.geteuid() == 0 and not (memory_file is not None and share)",
+        "config.jail = False",
+        ("tests/vm/test_vmm_confinement.py::test_each_vmm_is_jailed_as_its_own_uid_through_wake_and_fork",),
+    ),
+    Mutation(
+        "vmm.uid-claim",
+        "a VMM uid that another VMM holds is never claimed",
+        "src/tartarus/runtime/jail.py",
+        "        except BlockingIOError:\n            os.close(fd)\n            continue\n",
+        "        except BlockingIOError:\n            pass\n",
+        ("tests/unit/test_vmm_jail.py",),
+    ),
+    Mutation(
         "images.worker-seal",
         "the conversion worker can write only its own output",
         "src/tartarus/images/worker.py",

@@ -659,6 +659,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/unit/test_vmm_jail.py",),
     ),
     Mutation(
+        "vmm.uid-held",
+        "a VMM that let go of its uid's lock keeps the uid while it runs",
+        "src/tartarus/runtime/jail.py",
+        "if _held_by_a_live_vmm(fd, uid):",
+        "if False:",
+        ("tests/unit/test_vmm_jail.py",),
+    ),
+    Mutation(
         "images.worker-seal",
         "the conversion worker can write only its own output",
         "src/tartarus/images/worker.py",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from tartarus.errors import InvalidArgument, SandboxFailed
 from tartarus.runtime import jail
 from tartarus.runtime.qemu import Drive, VMConfig
+from tests.conftest import wait_until
 
 
 def test_the_uid_range_comes_from_the_environment_and_bad_values_say_so(
@@ -68,3 +70,25 @@ def test_a_claimed_uid_is_never_claimed_again_until_its_holder_lets_go() -> None
     finally:
         first.close()
         second.close()
+
+
+def test_a_vmm_that_drops_its_lock_keeps_its_uid_from_others_while_it_runs() -> None:
+    """The VMM holds its claim's fd and could unlock it; the pid recorded in the claim still marks the
+    uid taken as long as a process of that pid runs as that uid."""
+    if os.geteuid() != 0:
+        pytest.skip("claims live in /run, root's")
+    uids = jail.UidRange(1_400_000_100, 2)  # one VMM uid
+    holder = subprocess.Popen(
+        ["setpriv", "--reuid=1400000101", "--regid=1400000101", "--clear-groups", "sleep", "60"]
+    )
+    try:
+        assert wait_until(lambda: f"{1_400_000_101}" in Path(f"/proc/{holder.pid}/status").read_text(), 10)
+        claim = jail.claim_uid(uids)
+        claim.record(holder.pid)
+        claim.close()  # the lock is gone, as if the VMM had let go of it
+        with pytest.raises(SandboxFailed, match="in use"):
+            jail.claim_uid(uids)
+    finally:
+        holder.kill()
+        holder.wait()
+    jail.claim_uid(uids).close()  # its process gone, the uid is free

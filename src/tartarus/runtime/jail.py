@@ -73,6 +73,16 @@ class UidClaim:
         self.uid = uid
         self.fd = fd
 
+    def record(self, pid: int) -> None:
+        """Write the VMM's pid into the claim: a VMM that drops its lock (it holds the fd, so it could)
+        still keeps its uid from everyone else while it runs (`_held_by_a_live_vmm`)."""
+        path = CLAIMS / str(self.uid)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -89,8 +99,21 @@ def claim_uid(uids: UidRange) -> UidClaim:
         except BlockingIOError:
             os.close(fd)
             continue
+        if _held_by_a_live_vmm(fd, uid):
+            os.close(fd)
+            continue
         return UidClaim(uid, fd)
     raise SandboxFailed(f"all {uids.count - 1} VMM uids of {UIDS_ENV} are in use")
+
+
+def _held_by_a_live_vmm(fd: int, uid: int) -> bool:
+    """The last holder (its pid, in the file) still runs as `uid`: it let go of the lock itself."""
+    try:
+        pid = int(os.pread(fd, 32, 0) or b"0")
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines() if pid > 0 else []
+    except (ValueError, OSError):
+        return False
+    return any(line.startswith("Uid:") and int(line.split()[1]) == uid for line in lines)
 
 
 def is_claimed(uid: int) -> bool:

@@ -246,6 +246,8 @@ class MicroVM:
                 if fd >= 0:
                     os.close(fd)
             if claim is not None:
+                if self.process is not None:
+                    claim.record(self.process.pid)
                 claim.close()  # the VMM holds the uid now (its copy of the lock); if it never ran, freed
             stderr.close()
             qmp_vm.close()

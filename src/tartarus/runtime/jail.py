@@ -13,7 +13,6 @@ line, the sandbox descriptor and a takeover see the paths they always did.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import itertools
 import os
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tartarus.errors import InvalidArgument, SandboxFailed
+from tartarus.errors import InvalidArgument, SandboxFailed, SetupRequired
 from tartarus.runtime.qemu import VMConfig
 
 UIDS_ENV = "TARTARUS_VMM_UIDS"
@@ -184,11 +183,15 @@ def _share(path: Path, gid: int, bits: int) -> None:
 
 
 def kvm_groups(config: VMConfig) -> tuple[int, ...]:
-    """/dev/kvm's group, for a KVM guest (the jail keeps the device's host permissions)."""
+    """/dev/kvm's group, for a KVM guest (the jail keeps the device's host permissions): never root's,
+    so a /dev/kvm only root may open is an error to fix on the host (e.g. root:kvm 0660)."""
     if config.accel != "kvm":
         return ()
-    with contextlib.suppress(FileNotFoundError):
-        gid = os.stat("/dev/kvm").st_gid
-        if gid != 0:  # never root's group: a /dev/kvm only root may open needs its mode changed instead
-            return (gid,)
-    return ()
+    st = os.stat("/dev/kvm")
+    if st.st_mode & 0o006 == 0o006:
+        return ()
+    if st.st_gid == 0 or st.st_mode & 0o060 != 0o060:
+        raise SetupRequired(
+            "/dev/kvm is for root only: a jailed VMM needs it group-accessible (root:kvm 0660)"
+        )
+    return (st.st_gid,)

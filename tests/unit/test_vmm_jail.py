@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tartarus.errors import InvalidArgument, SandboxFailed
+from tartarus.errors import InvalidArgument, SandboxFailed, SetupRequired
 from tartarus.runtime import jail
 from tartarus.runtime.qemu import Drive, VMConfig
 from tests.conftest import wait_until
@@ -92,3 +92,15 @@ def test_a_vmm_that_drops_its_lock_keeps_its_uid_from_others_while_it_runs() -> 
         holder.kill()
         holder.wait()
     jail.claim_uid(uids).close()  # its process gone, the uid is free
+
+
+def test_kvm_gives_the_device_group_never_root_and_says_how_to_fix_a_root_only_device() -> None:
+    def device(mode: int, gid: int) -> os.stat_result:
+        return os.stat_result((0o20000 | mode, 0, 0, 1, 0, gid, 0, 0, 0, 0))
+
+    assert jail.device_groups(device(0o660, 36)) == (36,)
+    assert jail.device_groups(device(0o666, 0)) == ()
+    for root_only in (device(0o600, 0), device(0o660, 0), device(0o600, 36)):
+        with pytest.raises(SetupRequired, match="root:kvm 0660"):
+            jail.device_groups(root_only)
+    assert jail.kvm_groups(VMConfig(kernel=Path("k"), initrd=Path("i"), drives=[], accel="tcg")) == ()

@@ -185,9 +185,11 @@ def _share(path: Path, gid: int, bits: int) -> None:
 def kvm_groups(config: VMConfig) -> tuple[int, ...]:
     """/dev/kvm's group, for a KVM guest (the jail keeps the device's host permissions): never root's,
     so a /dev/kvm only root may open is an error to fix on the host (e.g. root:kvm 0660)."""
-    if config.accel != "kvm":
-        return ()
-    st = os.stat("/dev/kvm")
+    return device_groups(os.stat("/dev/kvm")) if config.accel == "kvm" else ()
+
+
+def device_groups(st: os.stat_result) -> tuple[int, ...]:
+    """The group a VMM needs to open the device `st` describes (none if everyone may)."""
     if st.st_mode & 0o006 == 0o006:
         return ()
     if st.st_gid == 0 or st.st_mode & 0o060 != 0o060:

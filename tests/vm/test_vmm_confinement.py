@@ -63,9 +63,11 @@ def _opens_as(status: dict[str, str], paths: list[Path]) -> list[Path]:
 
 
 def _started(pid: int) -> bool:
-    """Past the launcher: QEMU itself (a pool's spare may be starting while a test looks)."""
+    """Past the launcher and QEMU's first steps (a pool's spare may be starting while a test looks):
+    QEMU itself, its seccomp filter installed (what a VMM that never installs one never gets to)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"qemu-system-x86_64")
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        return argv0.endswith(b"qemu-system-x86_64") and _status(pid)["Seccomp"] == "2"
     except OSError:
         return True  # gone: the next look will not see it
 
@@ -75,8 +77,14 @@ def check_jailed(state: Path, secrets: tuple[Path, ...] = ()) -> dict[int, int]:
     capability, no_new_privs and its seccomp filter; a root holding nothing of another VMM's directory
     nor of the daemon's; and, as its uid, no other VMM's layer or console log, nor `secrets`, opens.
     Returns each VMM's uid by pid."""
-    assert wait_until(lambda: all(map(_started, qemu_pids(state))), timeout=10)
-    pids = qemu_pids(state)
+    pids: set[int] = set()
+
+    def settled() -> bool:
+        nonlocal pids
+        pids = qemu_pids(state)
+        return all(map(_started, pids))
+
+    assert wait_until(settled, timeout=10)
     assert pids
     uids: dict[int, int] = {}
     gids = set()

@@ -30,7 +30,12 @@ def test_nice_session_and_cgroup_file_then_exec(tmp_path: Path) -> None:
     assert procs.read_text() == "0"
 
 
-def test_a_tied_process_dies_with_its_parent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["as-is", "dropped-uid"])
+def test_a_tied_process_dies_with_its_parent(tmp_path: Path, unprivileged: bool) -> None:
+    """Also after dropping its uid (a change of credentials clears the tie, so it is made last)."""
+    if unprivileged and os.geteuid() != 0:
+        pytest.skip("dropping a uid needs root")
+    identity = Identity(1_500_000_123, 1_500_000_123) if unprivileged else None
     pid_file = tmp_path / "pid"
     # A parent that starts a tied sleeper and is then killed: the sleeper must not outlive it.
     parent = subprocess.Popen(
@@ -38,7 +43,7 @@ def test_a_tied_process_dies_with_its_parent(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             "import os, subprocess, sys, time\n"
-            f"argv = {launch_argv(['/bin/sleep', '600'], tie_to=0)!r}\n"
+            f"argv = {launch_argv(['/bin/sleep', '600'], tie_to=0, identity=identity)!r}\n"
             "argv[argv.index('--tie') + 1] = str(os.getpid())\n"
             f"p = subprocess.Popen(argv)\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\ntime.sleep(600)\n",
         ]

@@ -235,12 +235,6 @@ int main(int argc, char **argv)
 	if (i + 1 >= argc || (uid >= 0) != (gid >= 0) || uid == 0 || gid == 0 || (npaths && !jail))
 		usage();
 
-	if (tie >= 0) {
-		if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0)
-			die("prctl", NULL);
-		if (getppid() != (pid_t)tie) /* the parent died before the tie took effect */
-			exit(126);
-	}
 	if (new_session && setsid() < 0)
 		die("setsid", NULL);
 	if (nice_) {
@@ -265,6 +259,13 @@ int main(int argc, char **argv)
 		enter_jail(jail, paths, npaths);
 	if (uid > 0)
 		drop_privileges(uid, gid, groups, ngroups);
+	/* Last: a change of credentials clears the parent-death signal. */
+	if (tie >= 0) {
+		if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0)
+			die("prctl", NULL);
+		if (getppid() != (pid_t)tie) /* the parent died before the tie took effect */
+			exit(126);
+	}
 	execv(argv[i + 1], &argv[i + 1]);
 	die("exec", argv[i + 1]);
 }

@@ -13,6 +13,7 @@ import pytest
 
 from tartarus.daemon.app import create_app
 from tartarus.daemon.config import DaemonConfig
+from tartarus.runtime import jail
 from tartarus.sdk import Client, Sandbox
 from tests.api.conftest import tcp_daemon
 
@@ -23,11 +24,15 @@ GUEST_DATA = {"memory.state", "layer.ext4", "rw.ext4"}
 
 
 def _open_to_others(state: Path) -> list[str]:
-    """Every path under `state` (itself included) whose mode gives group or other any bit."""
+    """Every path under `state` (itself included) whose mode gives group or other any bit; a pinned
+    template file may give its group (the VMM group, no user's: docs/security.md, 1a) read or write."""
     found = []
+    vmm_group = jail.uid_range().shared_gid
     for path in [state, *state.rglob("*")]:
-        mode = path.lstat().st_mode
-        if not stat.S_ISLNK(mode) and mode & 0o077:
+        st = path.lstat()
+        mode = st.st_mode
+        template = "pins" in path.relative_to(state).parts and st.st_gid == vmm_group
+        if not stat.S_ISLNK(mode) and mode & (0o007 if template else 0o077):
             found.append(f"{path.relative_to(state)} {stat.filemode(mode)}")
     return found
 

@@ -1,4 +1,4 @@
-"""The VMM launcher puts a process in its place before exec: niceness, session, tie, cgroups."""
+"""The VMM launcher puts a process in its place before exec: niceness, session, tie, cgroups, jail, uid."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from tartarus.runtime.launcher import launch_argv, launcher_path
+import pytest
+
+from tartarus.runtime.launcher import Identity, JailSpec, launch_argv, launcher_path
 from tests.conftest import wait_until
 
 
@@ -28,7 +30,12 @@ def test_nice_session_and_cgroup_file_then_exec(tmp_path: Path) -> None:
     assert procs.read_text() == "0"
 
 
-def test_a_tied_process_dies_with_its_parent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unprivileged", [False, True], ids=["as-is", "dropped-uid"])
+def test_a_tied_process_dies_with_its_parent(tmp_path: Path, unprivileged: bool) -> None:
+    """Also after dropping its uid (a change of credentials clears the tie, so it is made last)."""
+    if unprivileged and os.geteuid() != 0:
+        pytest.skip("dropping a uid needs root")
+    identity = Identity(1_500_000_123, 1_500_000_123) if unprivileged else None
     pid_file = tmp_path / "pid"
     # A parent that starts a tied sleeper and is then killed: the sleeper must not outlive it.
     parent = subprocess.Popen(
@@ -36,7 +43,7 @@ def test_a_tied_process_dies_with_its_parent(tmp_path: Path) -> None:
             sys.executable,
             "-c",
             "import os, subprocess, sys, time\n"
-            f"argv = {launch_argv(['/bin/sleep', '600'], tie_to=0)!r}\n"
+            f"argv = {launch_argv(['/bin/sleep', '600'], tie_to=0, identity=identity)!r}\n"
             "argv[argv.index('--tie') + 1] = str(os.getpid())\n"
             f"p = subprocess.Popen(argv)\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\ntime.sleep(600)\n",
         ]
@@ -72,3 +79,43 @@ def test_failures_exit_126_and_say_why(tmp_path: Path) -> None:
     started = time.monotonic()
     out = _run(launch_argv(["/bin/true"], tie_to=1))  # "tied" to a parent it does not have
     assert out.returncode == 126 and time.monotonic() - started < 10
+
+
+def test_a_jail_holds_only_the_paths_given_and_its_process_no_privilege(tmp_path: Path) -> None:
+    """The jail's root is the given host paths at their own paths (writable only where asked), the host
+    root is gone from it, and the process runs as the uid given with no way back to root."""
+    if os.geteuid() != 0:
+        pytest.skip("a jail needs root to make")
+    (tmp_path / "root").mkdir()
+    ro, rw, other = tmp_path / "ro", tmp_path / "rw", tmp_path / "other"
+    for f in (ro, rw, other):
+        f.write_text("")
+    os.chown(rw, 1_500_000_123, 1_500_000_123)
+    script = (
+        "import errno, os\n"
+        "print(os.getresuid(), os.getresgid(), os.getgroups())\n"
+        f"print(os.path.exists({str(other)!r}), os.path.exists('/etc/passwd'), os.path.exists({str(ro)!r}))\n"
+        f"open({str(rw)!r}, 'w').write('written')\n"
+        "for attempt in (lambda: open(" + repr(str(ro)) + ", 'w'), lambda: os.setuid(0)):\n"
+        "    try:\n        attempt()\n    except OSError as e:\n        print(errno.errorcode[e.errno])\n"
+    )
+    links = tuple(Path(p) for p in ("/lib", "/lib64", "/bin") if os.path.islink(p))
+    jail = JailSpec(tmp_path / "root", (Path("/usr"), ro), (rw,), links)
+    argv = launch_argv(
+        ["/usr/bin/python3", "-I", "-c", script],
+        tie_to=None,
+        jail=jail,
+        identity=Identity(1_500_000_123, 1_500_000_124, (1_500_000_125,)),
+    )
+    out = _run(argv)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "(1500000123, 1500000123, 1500000123) (1500000124, 1500000124, 1500000124) [1500000125]",
+        "False False True",
+        "EROFS",
+        "EPERM",
+    ]
+    assert rw.read_text() == "written"
+    assert "tartarus-jail" not in Path("/proc/self/mountinfo").read_text()
+    out = _run(launch_argv(["/bin/true"], tie_to=None, identity=Identity(0, 0)))
+    assert out.returncode == 126 and "usage" in out.stderr  # never "drop" to root

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from tartarus.bootfiles.cache import cached, digest
@@ -40,6 +41,25 @@ def launcher_path() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who the VMM becomes: its uid and gid, and the only supplementary groups it keeps."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class JailSpec:
+    """The jail's mount point and what it holds (`tartarus.runtime.jail.View`)."""
+
+    root: Path
+    read_only: tuple[Path, ...] = ()
+    writable: tuple[Path, ...] = ()
+    links: tuple[Path, ...] = ()
+
+
 def launch_argv(
     argv: list[str],
     *,
@@ -47,9 +67,13 @@ def launch_argv(
     nice: int = 0,
     netns_fd: int | None = None,
     cgroup_procs: tuple[str, ...] = (),
+    tap: tuple[str, int] | None = None,
+    jail: JailSpec | None = None,
+    identity: Identity | None = None,
 ) -> list[str]:
     """The command line that runs `argv` confined: tied to the process `tie_to` (it dies with it) or,
-    with None, in a session of its own (it outlives its starter, and a ^C to it)."""
+    with None, in a session of its own (it outlives its starter, and a ^C to it); with `tap` (name,
+    fd) the TAP opened at that fd, in `jail`, as `identity`."""
     line = [str(launcher_path())]
     line += ["--tie", str(tie_to)] if tie_to is not None else ["--setsid"]
     if nice:
@@ -58,4 +82,15 @@ def launch_argv(
         line += ["--netns", str(netns_fd)]
     for procs in cgroup_procs:
         line += ["--cgroup", procs]
+    if tap is not None:
+        line += ["--tap", tap[0], str(tap[1])]
+    if jail is not None:
+        line += ["--jail", str(jail.root)]
+        for flag, paths in (("--ro", jail.read_only), ("--rw", jail.writable), ("--link", jail.links)):
+            for path in paths:
+                line += [flag, str(path)]
+    if identity is not None:
+        line += ["--uid", str(identity.uid), "--gid", str(identity.gid)]
+        for gid in identity.groups:
+            line += ["--group", str(gid)]
     return [*line, "--", *argv]

@@ -72,6 +72,10 @@ class VMConfig:
     # The VMM survives the process that starts it (a daemon's: the next daemon takes it over) instead of
     # dying with it (not part of the command line).
     outlive_owner: bool = False
+    # Started unprivileged in a filesystem view of its own (`tartarus.runtime.jail`), as `uid` (which
+    # the start records, for a daemon taking it over to know). Neither is part of the command line.
+    jail: bool = False
+    uid: int | None = None
 
 
 def kernel_cmdline(config: VMConfig) -> str:
@@ -95,10 +99,11 @@ def kernel_cmdline(config: VMConfig) -> str:
 TCG_CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt"
 
 
-def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
+def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int, tap_fd: int | None = None) -> list[str]:
     """Build argv; QMP and the agent channel arrive as listening unix sockets (fds the caller bound
     and already connected to, so no race with QEMU's start-up). QEMU listens again when its client
-    goes, which is what lets a restarted daemon reconnect to a VM it did not start."""
+    goes, which is what lets a restarted daemon reconnect to a VM it did not start. `tap_fd` is the
+    TAP already opened (a jailed VMM may not open /dev/net/tun); without it QEMU opens `config.tap`."""
     if config.accel == "kvm":
         accel = ["-accel", "kvm", "-cpu", "host"]
     elif config.accel == "tcg":
@@ -171,9 +176,10 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int) -> list[str]:
     if config.user_net:
         argv += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
     if config.tap is not None:
+        tap = f"fd={tap_fd}" if tap_fd is not None else f"ifname={config.tap},script=no,downscript=no"
         argv += [
             "-netdev",
-            f"tap,id=net1,ifname={config.tap},script=no,downscript=no,vhost=off",
+            f"tap,id=net1,{tap},vhost=off",
             "-device",
             f"virtio-net-device,netdev=net1,mac={config.guest_mac}",
         ]

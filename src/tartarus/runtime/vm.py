@@ -24,8 +24,9 @@ from qemu.qmp import EventListener, Message, QMPClient
 
 from tartarus import private
 from tartarus.errors import SandboxFailed, Timeout
+from tartarus.runtime import jail
 from tartarus.runtime.agent import AgentClient
-from tartarus.runtime.launcher import launch_argv
+from tartarus.runtime.launcher import Identity, JailSpec, launch_argv
 from tartarus.runtime.qemu import AGENT_PORT, VMConfig, command_line, disk_node, file_node
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class MicroVM:
 
     def __init__(self, config: VMConfig, workdir: Path) -> None:
         self.config = config
-        self.workdir = workdir
+        self.workdir = workdir  # QEMU's sockets and pid file (its jail's mount point, if jailed)
         self.process: asyncio.subprocess.Process | _Adopted | None = None
         self.qmp: QMPClient | None = None
         self.agent: AgentClient | None = None
@@ -195,12 +196,23 @@ class MicroVM:
         agent_vm = _listen(self.workdir / AGENT_SOCKET)
         qmp_host = agent_host = None
         stderr = open(self.workdir / "qemu.log", "ab", opener=private.opener)  # noqa: SIM115
-        netns_fd = -1
+        netns_fd = tap_fd = -1
+        claim: jail.UidClaim | None = None
         try:
             # Connected before QEMU starts: the backlog holds them until it accepts.
             qmp_host = _connect(self.workdir / QMP_SOCKET)
             agent_host = _connect(self.workdir / AGENT_SOCKET)
-            argv = command_line(self.config, qmp_fd=qmp_vm.fileno(), agent_fd=agent_vm.fileno())
+            jail_spec = identity = None
+            if self.config.jail:
+                claim, jail_spec, identity = self._jail()
+            if self.config.jail and self.config.tap is not None:
+                tap_fd = os.open(os.devnull, os.O_RDONLY)  # a free number, which the launcher fills
+            argv = command_line(
+                self.config,
+                qmp_fd=qmp_vm.fileno(),
+                agent_fd=agent_vm.fileno(),
+                tap_fd=tap_fd if tap_fd >= 0 else None,
+            )
             if self.config.netns is not None:
                 netns_fd = os.open(self.config.netns, os.O_RDONLY | os.O_CLOEXEC)
             argv = launch_argv(
@@ -209,8 +221,12 @@ class MicroVM:
                 nice=nice,
                 netns_fd=netns_fd if netns_fd >= 0 else None,
                 cgroup_procs=tuple(str(c / "cgroup.procs") for c in self.config.cgroups),
+                tap=(self.config.tap, tap_fd) if tap_fd >= 0 and self.config.tap else None,
+                jail=jail_spec,
+                identity=identity,
             )
-            fds = (qmp_vm.fileno(), agent_vm.fileno(), *([netns_fd] if netns_fd >= 0 else []))
+            fds = [qmp_vm.fileno(), agent_vm.fileno()]
+            fds += [fd for fd in (netns_fd, tap_fd, claim.fd if claim else -1) if fd >= 0]
             self.process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -226,8 +242,13 @@ class MicroVM:
                     sock.close()
             raise
         finally:
-            if netns_fd >= 0:
-                os.close(netns_fd)
+            for fd in (netns_fd, tap_fd):
+                if fd >= 0:
+                    os.close(fd)
+            if claim is not None:
+                if self.process is not None:
+                    claim.record(self.process.pid)
+                claim.close()  # the VMM holds the uid now (its copy of the lock); if it never ran, freed
             stderr.close()
             qmp_vm.close()
             agent_vm.close()
@@ -248,6 +269,23 @@ class MicroVM:
         except BaseException:
             await self.kill()
             raise
+
+    def _jail(self) -> tuple[jail.UidClaim, JailSpec, Identity]:
+        """Claim a uid for this VMM, hand it its files and say what its jail holds."""
+        uids = jail.uid_range()
+        claim = jail.claim_uid(uids)
+        try:
+            self.config.uid = claim.uid
+            jail.prepare_files(self.config, claim.uid, uids)
+            root = self.workdir / jail.JAIL_DIR
+            root.mkdir(mode=private.PRIVATE_DIR, exist_ok=True)
+            seen = jail.view(self.config)
+            spec = JailSpec(root, seen.read_only, seen.writable, seen.links)
+            groups = (uids.shared_gid, *jail.kvm_groups(self.config))
+        except BaseException:
+            claim.close()
+            raise
+        return claim, spec, Identity(claim.uid, claim.uid, groups)
 
     @classmethod
     async def attach(
@@ -383,7 +421,7 @@ class MicroVM:
             {
                 "driver": "file",
                 "node-name": node,
-                "filename": str(path),
+                "filename": await self._file_for_qemu(path, drive.read_only),
                 "read-only": drive.read_only,
                 "cache": {"direct": False},
             },
@@ -404,6 +442,22 @@ class MicroVM:
         await self.qmp_execute("blockdev-del", {"node-name": old})
         self._drive_nodes[index] = node
         self.config.drives[index] = dataclasses.replace(drive, path=path)
+
+    async def _file_for_qemu(self, path: Path, read_only: bool) -> str:
+        """`path` as QEMU may open it: a jailed VMM cannot reach host paths, so it is given the file,
+        open, in an fd set (and made its own if writable); a QEMU with the host's view gets the path."""
+        if not self.config.jail:
+            return str(path)
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            if not read_only and self.config.uid is not None:
+                os.fchown(fd, self.config.uid, self.config.uid)
+            assert self.qmp is not None
+            self.qmp.send_fd_scm(fd)
+            added = await self.qmp_execute("add-fd")
+        finally:
+            os.close(fd)
+        return f"/dev/fdset/{added['fdset-id']}"
 
     async def pause(self) -> None:
         await self.qmp_execute("stop")

@@ -1,0 +1,199 @@
+"""The VMM's jail: a uid of its own and a filesystem view holding only its files (`launcher.c` enters it).
+
+Uids come from a range (`TARTARUS_VMM_UIDS=start:count`, default far above any login or container
+range). A uid is claimed by an flock on `/run/tartarus/vmm-uids/<uid>` whose file QEMU inherits: the
+claim lasts exactly as long as the VMM, whichever daemon started it, and a `kill -9` of everything
+leaves no allocation to clean up. The range's first id is a group, not a VMM: the template files that
+every VMM of a template maps (root filesystem, memory file) are readable by it, and so reachable only
+through a jail's bind mounts, since the cache and state directories above them are root's alone.
+
+The jail mirrors host paths (a tmpfs root holding bind mounts at the same paths), so QEMU's command
+line, the sandbox descriptor and a takeover see the paths they always did.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tartarus.errors import InvalidArgument, SandboxFailed, SetupRequired
+from tartarus.runtime.qemu import VMConfig
+
+UIDS_ENV = "TARTARUS_VMM_UIDS"
+DEFAULT_UIDS = (1_500_000_000, 65_536)
+CLAIMS = Path("/run/tartarus/vmm-uids")
+JAIL_DIR = "root"  # the jail's mount point in the sandbox's directory (empty on the host)
+# The dynamic loader's and QEMU's own files; no host configuration (/etc) is in the jail.
+SYSTEM_DIRS = ("/usr",)
+DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
+_cursor = itertools.count()
+
+
+@dataclass(frozen=True)
+class UidRange:
+    start: int
+    count: int
+
+    @property
+    def shared_gid(self) -> int:
+        """The group that may read template files (never a VMM's own id)."""
+        return self.start
+
+    def candidates(self) -> Iterator[int]:
+        """Every VMM uid once, from where the last claim left off: a freed uid is reused last."""
+        first = next(_cursor)
+        for k in range(1, self.count):
+            yield self.start + 1 + (first + k - 1) % (self.count - 1)
+
+
+def uid_range() -> UidRange:
+    raw = os.environ.get(UIDS_ENV)
+    if not raw:
+        return UidRange(*DEFAULT_UIDS)
+    start_s, _, count_s = raw.partition(":")
+    try:
+        start, count = int(start_s), int(count_s)
+    except ValueError:
+        raise InvalidArgument(f"{UIDS_ENV} must be START:COUNT, not {raw!r}") from None
+    if start < 1000 or count < 2 or start + count > 0xFFFF_FFFE:
+        raise InvalidArgument(f"{UIDS_ENV}={raw}: needs START >= 1000, COUNT >= 2, within 32 bits")
+    return UidRange(start, count)
+
+
+class UidClaim:
+    """A uid held for one VMM by an flock; the VMM inherits `fd`, so the claim outlives this object."""
+
+    def __init__(self, uid: int, fd: int) -> None:
+        self.uid = uid
+        self.fd = fd
+
+    def record(self, pid: int) -> None:
+        """Write the VMM's pid into the claim: a VMM that drops its lock (it holds the fd, so it could)
+        still keeps its uid from everyone else while it runs (`_held_by_a_live_vmm`)."""
+        path = CLAIMS / str(self.uid)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def claim_uid(uids: UidRange) -> UidClaim:
+    """A uid no live VMM on this host runs as (whichever daemon or state directory started it)."""
+    CLAIMS.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for uid in uids.candidates():
+        fd = os.open(CLAIMS / str(uid), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        if _held_by_a_live_vmm(fd, uid):
+            os.close(fd)
+            continue
+        return UidClaim(uid, fd)
+    raise SandboxFailed(f"all {uids.count - 1} VMM uids of {UIDS_ENV} are in use")
+
+
+def _held_by_a_live_vmm(fd: int, uid: int) -> bool:
+    """The last holder (its pid, in the file) still runs as `uid`: it let go of the lock itself."""
+    try:
+        pid = int(os.pread(fd, 32, 0) or b"0")
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines() if pid > 0 else []
+    except (ValueError, OSError):
+        return False
+    return any(line.startswith("Uid:") and int(line.split()[1]) == uid for line in lines)
+
+
+def is_claimed(uid: int) -> bool:
+    """True while a VMM holds `uid` (for tests and diagnostics)."""
+    try:
+        fd = os.open(CLAIMS / str(uid), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@dataclass(frozen=True)
+class View:
+    """What the jail holds: host paths bind-mounted read-only or writable, and host symlinks copied."""
+
+    read_only: tuple[Path, ...]
+    writable: tuple[Path, ...]
+    links: tuple[Path, ...]
+
+
+def view(config: VMConfig) -> View:
+    """The files `config`'s QEMU opens by path, and nothing else. The memory file is writable because
+    QEMU 7.2 opens a private (copy-on-write) mapping's file O_RDWR; it never writes through it."""
+    read_only = [*map(Path, SYSTEM_DIRS), config.kernel, config.initrd, *map(Path, DEVICES)]
+    writable: list[Path] = []
+    for drive in config.drives:
+        (read_only if drive.read_only else writable).append(drive.path)
+    if config.memory_file is not None:
+        writable.append(config.memory_file)
+    if config.console_log is not None:
+        writable.append(config.console_log)
+    if config.accel == "kvm":
+        writable.append(Path("/dev/kvm"))
+    links = tuple(Path(p) for p in ("/bin", "/lib", "/lib64", "/lib32", "/libx32") if os.path.islink(p))
+    return View(tuple(read_only), tuple(writable), links)
+
+
+def prepare_files(config: VMConfig, uid: int, uids: UidRange) -> None:
+    """Give the VMM `uid` what it opens: its own files (writable layer, console log) become its; the
+    template's shared files become readable (memory file: read-write, see `view`) by the shared group."""
+    if config.console_log is not None:
+        fd = os.open(config.console_log, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        os.chown(config.console_log, uid, uid)
+    for drive in config.drives:
+        if drive.read_only:
+            _share(drive.path, uids.shared_gid, 0o040)
+        else:
+            os.chown(drive.path, uid, uid)
+    if config.memory_file is not None:
+        if config.memory_share:
+            raise SandboxFailed("a jailed VMM maps its template's memory privately (memory_share=False)")
+        _share(config.memory_file, uids.shared_gid, 0o060)
+
+
+def _share(path: Path, gid: int, bits: int) -> None:
+    st = os.stat(path)
+    if st.st_gid != gid:
+        os.chown(path, -1, gid)
+    if stat.S_IMODE(st.st_mode) & 0o070 != bits:
+        os.chmod(path, (stat.S_IMODE(st.st_mode) & ~0o070) | bits)
+
+
+def kvm_groups(config: VMConfig) -> tuple[int, ...]:
+    """/dev/kvm's group, for a KVM guest (the jail keeps the device's host permissions): never root's,
+    so a /dev/kvm only root may open is an error to fix on the host (e.g. root:kvm 0660)."""
+    return device_groups(os.stat("/dev/kvm")) if config.accel == "kvm" else ()
+
+
+def device_groups(st: os.stat_result) -> tuple[int, ...]:
+    """The group a VMM needs to open the device `st` describes (none if everyone may)."""
+    if st.st_mode & 0o006 == 0o006:
+        return ()
+    if st.st_gid == 0 or st.st_mode & 0o060 != 0o060:
+        raise SetupRequired(
+            "/dev/kvm is for root only: a jailed VMM needs it group-accessible (root:kvm 0660)"
+        )
+    return (st.st_gid,)

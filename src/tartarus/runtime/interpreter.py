@@ -11,10 +11,11 @@ import asyncio
 import itertools
 import json
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tartarus.errors import SandboxFailed, Timeout
+from tartarus.errors import InvalidArgument, SandboxFailed, Timeout
 from tartarus.runtime.agent import INTERPRETER_ID, AgentClient, Exit, Output, Process
 from tartarus.wire import Execution, ExecutionError
 
@@ -64,6 +65,13 @@ class CodeInterpreter:
         """The interpreter of a sandbox an earlier daemon ran: it may still answer that daemon's last
         call, so our ids start elsewhere and a torn line is skipped."""
         return cls(agent.adopt(INTERPRETER_ID, pid), first_id=1 + secrets.randbelow(1 << 40), lenient=True)
+
+    async def set_env(self, env: Mapping[str, str]) -> None:
+        """Put `env` in the running interpreter's `os.environ` (so also in what its code starts): it
+        was started before the request that gave the env (at the template's snapshot)."""
+        answer = await self.run_code(f"__import__('os').environ.update({dict(env)!r})")
+        if answer.error is not None:
+            raise InvalidArgument(f"env not accepted by the interpreter: {answer.error.value}")
 
     @property
     def pid(self) -> int:

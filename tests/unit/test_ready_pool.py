@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def test_memory_bound(tmp_path: Path) -> None:
 
 def test_refills_wait_until_no_create_is_in_progress() -> None:
     async def scenario() -> list[str]:
-        starts = Starts()
+        starts = Starts(settle_s=0)
         seen: list[str] = []
 
         async def refill() -> None:
@@ -51,3 +52,15 @@ def test_refills_wait_until_no_create_is_in_progress() -> None:
         return seen
 
     assert asyncio.run(scenario()) == ["first done", "second done", "refill"]
+
+
+def test_refills_wait_for_the_settle_time_after_the_last_create() -> None:
+    async def scenario() -> float:
+        starts = Starts(settle_s=0.05)
+        with starts.starting():
+            pass
+        ended = time.monotonic()
+        await starts.quiet()
+        return time.monotonic() - ended
+
+    assert asyncio.run(scenario()) >= 0.05

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -78,11 +79,20 @@ class ReadyStats:
     misses: int
 
 
-class Starts:
-    """Creates in progress; `quiet()` returns once there are none (a ready pool's refill waits)."""
+# How long after the last start a ready pool's refill waits: a new sandbox's first calls (its client's
+# run_code, commands) follow its create within milliseconds, and the refill's restore (tens of ms of
+# CPU, some on the event loop) must not fall between them.
+SETTLE_S = 0.1
 
-    def __init__(self) -> None:
+
+class Starts:
+    """Starts in progress; `quiet()` returns once there are none and the last ended `settle_s` ago
+    (a ready pool's refill waits for it)."""
+
+    def __init__(self, settle_s: float = SETTLE_S) -> None:
+        self.settle_s = settle_s
         self._count = 0
+        self._ended = -settle_s
         self._quiet = asyncio.Event()
         self._quiet.set()
 
@@ -94,12 +104,17 @@ class Starts:
             yield
         finally:
             self._count -= 1
+            self._ended = time.monotonic()
             if not self._count:
                 self._quiet.set()
 
     async def quiet(self) -> None:
-        while not self._quiet.is_set():
+        while True:
             await self._quiet.wait()
+            left = self._ended + self.settle_s - time.monotonic()
+            if left <= 0 and self._quiet.is_set():
+                return
+            await asyncio.sleep(max(left, 0))
 
 
 class Pools:

@@ -57,6 +57,9 @@ from tartarus.templates.built import Template
 
 log = logging.getLogger(__name__)
 
+# A ready sandbox's clock and entropy were set when it was restored; one that has waited longer than
+# this is told them again when a create binds it (a round trip to its agent, ~1-2 ms under TCG).
+CLOCK_RESYNC_S = 60.0
 LAYER_DRIVE = 1  # vm_config's drives: the template's read-only root, then the sandbox's writable layer
 
 
@@ -274,10 +277,10 @@ class Sandbox:
 
     async def bind(self, spec: SandboxSpec, limits: Limits) -> None:
         """Give this ready sandbox (restored, made distinct and warmed while no request waited:
-        `snapshots.ready`) to the request `spec`: its limits, the clock and fresh entropy again (it
-        may have waited long), its env in the interpreter (commands get it with each exec). Its
-        network and the rest of what admission decided follow (`contain`). Destroyed on failure."""
-        t0 = time.perf_counter()
+        `snapshots.ready`) to the request `spec`: its limits, the clock and fresh entropy again if it
+        waited long, its env in the interpreter (commands get it with each exec). Its network and the
+        rest of what admission decided follow (`contain`). Destroyed on failure."""
+        t0, waiting_since = time.perf_counter(), self.created_at
         self.spec, self.limits, self.created_at = spec, limits, time.time()
         # Cumulative from the create call, as a restore's are: everything up to the resume was before it.
         self.timings = {"vmm_ready": 0.0, "state_loaded": 0.0, "guest_resumed": 0.0, "ready": 1.0}
@@ -286,7 +289,8 @@ class Sandbox:
             assert vm is not None
             vm.set_priority(0)
             self._attach_cgroup()
-            await self.agent.configure(time_ns=time.time_ns(), entropy=os.urandom(64))
+            if time.time() - waiting_since > CLOCK_RESYNC_S:  # its clock has run on its own since
+                await self.agent.configure(time_ns=time.time_ns(), entropy=os.urandom(64))
             if spec.env and self.interpreter is not None:
                 await self.interpreter.set_env(spec.env)
             self.timings["first_answer"] = time.perf_counter() - t0

@@ -300,8 +300,10 @@ class Sandbox:
 
     @property
     def alive(self) -> bool:
-        """Its VMM has not exited (asked of the kernel: `vm.running` learns of a death only later)."""
-        pid = self.vm.pid if self.vm is not None and self.vm.running else None
+        """Its agent serves and its VMM has not exited (asked of the kernel: `vm.running` learns of a
+        death only later). Cheap: no guest round trip."""
+        vm = self.vm
+        pid = vm.pid if vm is not None and vm.running and vm.agent and vm.agent.serving else None
         if pid is None:
             return False
         try:

@@ -121,7 +121,7 @@ def track_pools() -> None:
     """Learn which sandboxes are a pool's spares: wrap the pool's `_spare` (the id is chosen before
     anything exists on the host) and `take` (a taken spare becomes an ordinary sandbox)."""
     from tartarus.sandbox.sandbox import Sandbox, new_sandbox_id
-    from tartarus.snapshots import pool
+    from tartarus.snapshots import pool, ready
 
     spare = pool.VMMPool._spare
     if getattr(spare, "tracked", False):
@@ -142,6 +142,23 @@ def track_pools() -> None:
     tracked_spare.tracked = True  # type: ignore[attr-defined]
     pool.VMMPool._spare = tracked_spare  # type: ignore[method-assign]
     pool.VMMPool.take = tracked_take  # type: ignore[method-assign]
+
+    # The ready pools' sandboxes (`snapshots.ready`) the same way.
+    warm, take_ready = ready.ReadyPool._warm, ready.ReadyPool.take
+
+    async def tracked_warm(self: ready.ReadyPool, sandbox_id: str | None = None) -> Sandbox:
+        sandbox_id = sandbox_id or new_sandbox_id()
+        pooled.add(sandbox_id)
+        return await warm(self, sandbox_id)
+
+    def tracked_take_ready(self: ready.ReadyPool) -> Sandbox | None:
+        sandbox = take_ready(self)
+        if sandbox is not None:
+            pooled.discard(sandbox.id)
+        return sandbox
+
+    ready.ReadyPool._warm = tracked_warm  # type: ignore[method-assign]
+    ready.ReadyPool.take = tracked_take_ready  # type: ignore[method-assign]
 
 
 # ---- the check --------------------------------------------------------------------------------------

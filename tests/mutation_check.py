@@ -258,6 +258,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/vm/test_entropy.py",),
     ),
     Mutation(
+        "ready.alive",
+        "a ready sandbox whose VMM died is never handed out",
+        "src/tartarus/snapshots/ready.py",
+        "            if sandbox.alive:\n",
+        "            if True:\n",
+        ("tests/vm/test_ready_pool.py::test_a_ready_sandbox_whose_vmm_died_is_not_handed_out",),
+    ),
+    Mutation(
+        "ready.quarantine",
+        "a quarantined create never gets a ready sandbox (it has run before its gate could close)",
+        "src/tartarus/daemon/lifecycle.py",
+        "        if admission.decision.quarantined:\n            pool.decline()\n            return None\n",
+        "",
+        ("tests/network/test_ready_pool_network.py::test_a_quarantined_create_never_gets_a_ready_sandbox",),
+    ),
+    Mutation(
         "quarantine.cut",
         "a quarantine cuts the sandbox's traffic at once",
         "src/tartarus/network/sandbox.py",

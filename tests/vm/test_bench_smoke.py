@@ -47,6 +47,10 @@ def test_bench_all_smoke(tmp_path: Path) -> None:
         _latency_ok(docs["wake"][mode]["wake"])
         assert docs["wake"][mode]["hibernate"]["state_bytes_mean"] > 0
     assert docs["cold-start"]["accel"] in ("tcg", "kvm")
+    for part in ("cold", "warm", "steady", "burst"):  # cold: restores; the rest: the ready pool
+        _latency_ok(docs["cold-start"][part])
+    assert docs["cold-start"]["warm"]["hit_rate"] == 1.0  # the pool is full before each create
+    assert 0 < docs["cold-start"]["burst"]["hit_rate"] < 1  # a burst outruns a pool of 2
     density = docs["density"]
     assert len(density["curve"]) == density["samples"] == 2 and density["pss_mib_per_sandbox"] > 0
     rates = docs["throughput"]["by_concurrency"]

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tartarus.bench.machine import machine_info
 from tartarus.bench.runtime import run_bench
+
+if TYPE_CHECKING:
+    from tartarus.bench.coldstart import WarmLoads
 
 bench_app = typer.Typer(
     help="Benchmarks: several runs, true percentiles, JSON results.", no_args_is_help=True
@@ -56,6 +59,13 @@ def _measure(name: str, steps: int | None, runner: Runner) -> dict[str, Any]:
             f"{name}: n={doc['samples']} p50={doc['p50_ms']:.1f} ms p99={doc['p99_ms']:.1f} ms "
             f"max={doc['max_ms']:.1f} ms (accel {accel})"
         )
+    for part in ("warm", "steady", "burst", "api_warm"):  # cold-start's ready-pool loads
+        if isinstance(doc.get(part), dict):
+            d = doc[part]
+            err.print(
+                f"  {part}: n={d['samples']} p50={d['p50_ms']:.1f} ms p99={d['p99_ms']:.1f} ms "
+                f"hit rate {d['hit_rate']:.1%}"
+            )
     return doc
 
 
@@ -86,18 +96,30 @@ def cold_start(
     samples: Samples = 200,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, max=16)] = 4,
     api_samples: Annotated[int, typer.Option(help="also through the REST API (0: skip)")] = 50,
+    warm_samples: Annotated[int, typer.Option(help="creates served by a ready sandbox (0: skip)")] = 200,
+    ready: Annotated[int, typer.Option(help="ready sandboxes kept for the warm part", min=1)] = 2,
+    rate: Annotated[float, typer.Option(help="creates per second, steady arrivals")] = 2.0,
+    steady_samples: Annotated[int, typer.Option(help="creates at the steady rate", min=1)] = 200,
+    burst: Annotated[int, typer.Option(help="creates arriving at once", min=1)] = 10,
+    bursts: Annotated[int, typer.Option(help="bursts", min=1)] = 5,
     template: TemplateOpt = "python-ds",
     json_out: JsonOut = None,
 ) -> None:
-    """Create → run_code('1+1') answered, restoring the template snapshot (sequential and concurrent)."""
-    steps = samples * (2 if concurrency > 1 else 1)
-    _run("cold-start", steps, json_out, _cold_start(template, samples, concurrency, api_samples))
+    """Create → run_code('1+1') answered: restoring the template snapshot (cold: sequential and
+    concurrent) and served by a ready sandbox (warm: sequential, steady arrivals, bursts)."""
+    from tartarus.bench.coldstart import WarmLoads
+
+    warm = WarmLoads(warm_samples, ready, rate, steady_samples, burst, bursts)
+    steps = samples * (2 if concurrency > 1 else 1) + warm.steps
+    _run("cold-start", steps, json_out, _cold_start(template, samples, concurrency, api_samples, warm))
 
 
-def _cold_start(template: str, samples: int, concurrency: int, api_samples: int) -> Runner:
+def _cold_start(
+    template: str, samples: int, concurrency: int, api_samples: int, warm: WarmLoads | None = None
+) -> Runner:
     from tartarus.bench.coldstart import bench_cold_start
 
-    return lambda p: asyncio.run(bench_cold_start(template, samples, concurrency, api_samples, p))
+    return lambda p: asyncio.run(bench_cold_start(template, samples, concurrency, api_samples, p, warm))
 
 
 DirtyOpt = Annotated[int, typer.Option("--dirty-mib", help="memory the sandbox owns (MiB)", min=0)]
@@ -392,12 +414,15 @@ def all_(
     def few(small: int, full: int) -> int:
         return small if smoke else full
 
+    from tartarus.bench.coldstart import WarmLoads
+
+    warm = WarmLoads(n, 2, 2.0, few(3, 200), few(3, 10), few(1, 5))
     # image-convert first: it reports the peak memory of its conversion processes, which nothing else
     # this process started may have inflated.
     docs = [_image_convert(few(1, 5), few(2, 20), "ext4")]
     sleep = _measure("wake", n * 2 + few(1, 20), _sleep("wake", n, c, 50, few(1, 20), template))
     docs += [
-        _measure("cold-start", n * 2, _cold_start(template, n, c, few(2, 50))),
+        _measure("cold-start", n * 2 + warm.steps, _cold_start(template, n, c, few(2, 50), warm)),
         sleep,
         {**sleep, **sleep["sequential"]["hibernate"], "benchmark": "hibernate"},
         _measure("boot", few(1, 30), lambda p: run_bench("boot", template, few(1, 30), p)),

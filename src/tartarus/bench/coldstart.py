@@ -1,4 +1,5 @@
-"""`bench cold-start`: create call → the sandbox answering `run_code("1+1")`, restored from a snapshot.
+"""`bench cold-start`: create call → the sandbox answering `run_code("1+1")`, restored from a snapshot
+(`cold`), and served by a ready sandbox (`warm`, `steady`, `burst`: `bench.warmstart`).
 
 "Cold" as the issue defines it: no guest of that sandbox ran before the create call. Pre-started VMMs
 waiting for their incoming state are fair and used (the pool is refilled between rounds, as a daemon at a
@@ -12,15 +13,20 @@ import asyncio
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tartarus.bench.stats import summary_ms
+from tartarus.bench.warmstart import bench_warm_start
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.snapshot import Snapshot
 from tartarus.templates.built import Template, get_template
+
+if TYPE_CHECKING:
+    from tartarus.sdk import AsyncClient
 
 PHASES = ("vmm_ready", "state_loaded", "guest_resumed", "first_answer")
 IDLE_SANDBOXES = 8
@@ -107,46 +113,104 @@ async def _idle_memory(snapshot: Snapshot, template: Template) -> dict[str, Any]
     }
 
 
-async def _api(template: Template, samples: int) -> dict[str, Any]:
-    """The same create → run_code through the daemon's REST API on a unix socket (sequential)."""
+async def _api(template: Template, samples: int, ready: int = 0) -> dict[str, Any]:
+    """The same create → run_code through the daemon's REST API on a unix socket (sequential); with
+    `ready`, served by a daemon's ready pool of that size (full before each create)."""
+    from tartarus.daemon.config import DaemonConfig, ReadySizes
     from tartarus.daemon.server import daemon_thread
     from tartarus.sdk import AsyncClient, AsyncSandbox
 
+    config = DaemonConfig(pool_size=2, ready_pool=ReadySizes(per_template={template.name: ready}))
     with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
         uds = Path(tmp) / "api.sock"
         totals: list[float] = []
-        with daemon_thread(Path(tmp) / "state", uds):
+        hits = 0
+        with daemon_thread(Path(tmp) / "state", uds, config):
             client = AsyncClient(f"unix://{uds}")
             try:
                 for _ in range(samples):
-                    # Wait for the daemon's pool to be full again, as in the runtime rounds.
-                    while (await client.request("GET", "/v1/health")).json()["pooled"] < 2:
+                    # Wait for the daemon's pools to be full again, as in the runtime rounds.
+                    while (await client.request("GET", "/v1/health")).json()["pooled"] < 2 or (
+                        ready and await _ready_size(client) < ready
+                    ):
                         await asyncio.sleep(0.01)
                     t0 = time.perf_counter()
                     sb = await AsyncSandbox.create(template.name, client=client)
                     answer = await sb.run_code("1+1")
                     totals.append(time.perf_counter() - t0)
+                    hits += "ready" in sb.info.timings_ms
                     assert answer.result == "2", answer
                     await sb.kill()
             finally:
                 await client.close()
-    return summary_ms(totals)
+    return {**summary_ms(totals), **({"hit_rate": hits / samples} if ready else {})}
+
+
+async def _ready_size(client: AsyncClient) -> int:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.request("GET", "/metrics")).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "tartarus_ready_sandboxes":
+            return int(family.samples[0].value)
+    raise RuntimeError("the daemon exports no tartarus_ready_sandboxes")
+
+
+@dataclass(frozen=True)
+class WarmLoads:
+    """The warm part (`bench.warmstart`): ready sandboxes per template, the steady arrival rate and
+    its number of creates, the burst size and how many bursts. `samples` 0 skips it."""
+
+    samples: int = 200
+    ready: int = 2
+    rate: float = 2.0
+    steady_samples: int = 200
+    burst: int = 10
+    bursts: int = 5
+
+    @property
+    def steps(self) -> int:
+        return self.samples + self.steady_samples + self.burst * self.bursts if self.samples else 0
 
 
 async def bench_cold_start(
-    template_name: str, samples: int, concurrency: int, api_samples: int, progress: Callable[[int], None]
+    template_name: str,
+    samples: int,
+    concurrency: int,
+    api_samples: int,
+    progress: Callable[[int], None],
+    warm: WarmLoads | None = None,
 ) -> dict[str, Any]:
     template = get_template(template_name)
     snapshot = ensure_snapshot(template)
     sequential = await _rounds(snapshot, template, samples, 1, progress)
     result: dict[str, Any] = {**sequential, "template": template_name, "snapshot": snapshot.key}
+    result["cold"] = {k: v for k, v in sequential.items() if k != "phases_cumulative"}
+    if warm is not None and warm.samples:
+        result.update(
+            await bench_warm_start(
+                template_name,
+                warm.samples,
+                ready=warm.ready,
+                rate=warm.rate,
+                steady_samples=warm.steady_samples,
+                burst=warm.burst,
+                bursts=warm.bursts,
+                progress=progress,
+            )
+        )
     if concurrency > 1:
         result["concurrent"] = await _rounds(snapshot, template, samples, concurrency, progress)
     result["memory"] = await _idle_memory(snapshot, template)
     if api_samples:
         result["api"] = await _api(template, api_samples)
+        if warm is not None and warm.samples:
+            result["api_warm"] = await _api(template, api_samples, warm.ready)
     result["what"] = (
-        "restore of the template snapshot into a pre-started VMM (pool refilled between rounds) until "
-        "run_code('1+1') answers; phases are cumulative from the create call"
+        "cold (the headline figures): restore of the template snapshot into a pre-started VMM (pool "
+        "refilled between rounds) until run_code('1+1') answers; phases are cumulative from the create "
+        "call. warm: SandboxManager.create served by a ready sandbox (pool full before each) until "
+        "run_code('1+1') answers; steady and burst: the same under creates arriving at a fixed rate or "
+        "all at once, with the share served by the ready pool (hit_rate)"
     )
     return result

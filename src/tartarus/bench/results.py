@@ -41,6 +41,17 @@ FRIENDLY = {
     "create_to_answer": "create → answer",
 }
 
+# Labels one benchmark gives its own parts (cold-start's ready-pool loads: `bench.warmstart`).
+FRIENDLY_IN = {
+    "cold-start": {
+        "cold": "cold (restore)",
+        "warm": "warm (ready pool)",
+        "steady": "ready pool, steady arrivals",
+        "burst": "ready pool, bursts",
+        "api_warm": "warm through the REST API",
+    }
+}
+
 Doc = dict[str, Any]
 
 
@@ -101,7 +112,8 @@ def _walk(node: Doc, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], D
 
 def _mode(benchmark: str, path: tuple[str, ...], node: Doc, parent: Doc | None) -> str:
     parts = list(path[:-1] if benchmark in SHARED_RUN and path else path)
-    label = " ".join(FRIENDLY.get(p, p) for p in parts)
+    friendly = {**FRIENDLY, **FRIENDLY_IN.get(benchmark, {})}
+    label = " ".join(friendly.get(p, p) for p in parts)
     concurrency = node.get("concurrency", (parent or {}).get("concurrency"))
     if not label and concurrency == 1:
         label = "sequential"

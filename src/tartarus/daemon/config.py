@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,45 @@ def _pool_size_from_env() -> int:
     if not 0 <= size <= 64:
         raise InvalidArgument(f"TARTARUS_POOL_SIZE must be an integer from 0 to 64, not {raw!r}")
     return size
+
+
+@dataclass(frozen=True)
+class ReadySizes:
+    """How many ready sandboxes (restored, distinct, warmed: `snapshots.ready`) to keep per template:
+    `default` for every snapshotted template, `per_template` overriding it; 0 disables."""
+
+    default: int = 0
+    per_template: Mapping[str, int] = field(default_factory=dict)
+
+    def of(self, template: str) -> int:
+        return self.per_template.get(template, self.default)
+
+    @classmethod
+    def parse(cls, raw: str) -> ReadySizes:
+        """`N` (every template) or `name=N,name=N` (others: 0), e.g. TARTARUS_READY_POOL=python-ds=2."""
+        default, per_template = 0, {}
+        for part in filter(None, (p.strip() for p in raw.split(","))):
+            name, sep, number = part.rpartition("=")
+            try:
+                size = int(number)
+            except ValueError:
+                size = -1
+            if not 0 <= size <= MAX_READY or (sep and not name):
+                raise InvalidArgument(
+                    f"TARTARUS_READY_POOL must be N or name=N,... with N from 0 to {MAX_READY}, not {raw!r}"
+                )
+            if sep:
+                per_template[name] = size
+            else:
+                default = size
+        return cls(default, per_template)
+
+
+MAX_READY = 32
+
+
+def _ready_pool_from_env() -> ReadySizes:
+    return ReadySizes.parse(os.environ.get("TARTARUS_READY_POOL", "0"))
 
 
 # Disk for hibernated sandboxes and checkpoints together when TARTARUS_HIBERNATE_QUOTA_MIB is not set:
@@ -52,6 +92,9 @@ def _policy_from_env() -> Policy:
 class DaemonConfig:
     # Pre-started VMMs kept per template snapshot; 0 disables the pool (creates only get slower).
     pool_size: int = field(default_factory=_pool_size_from_env)
+    # Ready sandboxes kept per template (TARTARUS_READY_POOL; default 0: off): a create that one can
+    # serve binds it in milliseconds instead of restoring (`snapshots.ready`).
+    ready_pool: ReadySizes = field(default_factory=_ready_pool_from_env)
     # Disk that hibernated sandboxes and checkpoints may use together; None: no limit but the disk's.
     # TARTARUS_HIBERNATE_QUOTA_MIB=N|unlimited; unset: DEFAULT_HIBERNATE_QUOTA_MIB.
     hibernate_quota_bytes: int | None = field(default_factory=_quota_from_env)

@@ -93,6 +93,7 @@ class ControlPlane:
             states=lambda: (r.state for r in manager.list()),
             pooled=lambda: manager.pooled,
             quarantined=lambda: sum(1 for r in manager.list() if r.runtime and r.runtime.quarantined),
+            ready=lambda: manager.pools.ready_stats,
         )
         self.node = ""
         self._store: Store | None = None
@@ -321,7 +322,13 @@ class ControlPlane:
         template = get_template(spec.template)
         wanted = quotas.Usage(1, spec.vcpus or template.vcpus, spec.memory_mib or template.memory_mib)
         (record,) = await self.new_sandboxes(request, wanted, lambda: self._create(spec))
-        method = "restore" if "state_loaded" in record.timings else "boot"
+        method = (
+            "ready"
+            if "ready" in record.timings
+            else "restore"
+            if "state_loaded" in record.timings
+            else "boot"
+        )
         self.metrics.create_seconds.labels(method).observe(request.state.runtime_seconds)
         request.state.audit_detail = {
             "template": spec.template,

@@ -97,6 +97,10 @@ class Lifecycle:
         """The one way a sandbox starts: admitted under the policy in force now, started from its
         source, contained as admitted. A sandbox that cannot be contained is destroyed, never handed
         out. The caller adds it to the table (or, for a wake, puts it back in its record)."""
+        with self.pools.starts.starting():  # the ready pools refill when no start is in progress
+            return await self._start(spec, source)
+
+    async def _start(self, spec: SandboxSpec, source: Source) -> Started:
         if isinstance(source, FromCapture):
             saved = source.saved
             # The capture's shape, not the template's: it was restored, so the two agree.
@@ -118,6 +122,9 @@ class Lifecycle:
         admission = await self.admit(template, spec)
         found = find_snapshot(template) if template.snapshotted else None
         if found is not None and compatible(found, spec):
+            bound = await self._from_ready(template, spec, admission)
+            if bound is not None:
+                return Started(bound, found, admission)
             with self.pools.take(self.pools.for_template(template)) as prepared:
                 runtime = await Sandbox.restore(
                     found,
@@ -130,6 +137,8 @@ class Lifecycle:
                 )
                 await self._contain(runtime, admission)  # before the refill competes for the CPU
             return Started(runtime, found, admission)
+        if (ready := self.pools.ready_for(template)) is not None:
+            ready.decline()  # another shape than the snapshot's: cold-booted
         runtime = await Sandbox.boot(
             template,
             self.layout.sandboxes,
@@ -139,6 +148,27 @@ class Lifecycle:
         )
         await self._contain(runtime, admission)
         return Started(runtime, None, admission)
+
+    async def _from_ready(
+        self, template: Template, spec: SandboxSpec, admission: Admission
+    ) -> Sandbox | None:
+        """A ready sandbox of the template bound to this request and contained, or None (the caller
+        restores). A quarantined create never takes one: it is restored behind a gate closed before
+        its guest runs (a ready one has been running, on the `none` policy, since before)."""
+        pool = self.pools.ready_for(template)
+        if pool is None:
+            return None
+        if admission.decision.quarantined:
+            pool.decline()
+            return None
+        try:
+            sandbox = pool.take()
+            if sandbox is not None:
+                await sandbox.bind(spec, admission.limits)
+                await self._contain(sandbox, admission)
+            return sandbox
+        finally:
+            pool.refill()  # of what was taken or found dead; held by the request until it has answered
 
     async def admit(self, template: Template, spec: SandboxSpec) -> Admission:
         """The policy's verdict and the sandbox's limits, before any VMM is touched."""

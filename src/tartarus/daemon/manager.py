@@ -45,7 +45,12 @@ class SandboxManager:
         self.policy = PolicyEngine(self.config.policy)
         self.table = SandboxTable()
         self.ports = ExposedPorts(self._into, _port_rules(self.policy.policy))
-        self.pools = Pools(self.sandboxes_dir, self.config.pool_size, outlive_owner=self.config.live_restore)
+        self.pools = Pools(
+            self.sandboxes_dir,
+            self.config.pool_size,
+            outlive_owner=self.config.live_restore,
+            ready=self.config.ready_pool,
+        )
         self.lifecycle = Lifecycle(state_dir, self.config, self.policy, self.table, self.pools, self.ports)
         self.recovery = Recovery(state_dir, self.config, self.table, self.ports, self.policy)
         self.schedulers = Schedulers(state_dir, self.table, self.lifecycle)

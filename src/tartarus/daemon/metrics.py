@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client import Counter as PromCounter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from tartarus.daemon.pools import ReadyStats
 
 # `*_created` timestamp series only double the output; Prometheus does not need them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -34,10 +36,12 @@ class _SandboxGauges(Collector):
         states: Callable[[], Iterable[str]],
         pooled: Callable[[], int],
         quarantined: Callable[[], int],
+        ready: Callable[[], ReadyStats],
     ) -> None:
         self._states = states
         self._pooled = pooled
         self._quarantined = quarantined
+        self._ready = ready
 
     def collect(self) -> Iterator[Metric]:
         counts = Counter({state: 0 for state in BASE_STATES})
@@ -51,6 +55,21 @@ class _SandboxGauges(Collector):
         yield GaugeMetricFamily(
             "tartarus_pool_vmms", "Pre-started VMMs waiting in the restore pools", value=self._pooled()
         )
+        ready = self._ready()
+        yield GaugeMetricFamily(
+            "tartarus_ready_sandboxes",
+            "Ready sandboxes (restored, warmed) waiting for a create",
+            value=ready.size,
+        )
+        yield CounterMetricFamily(
+            "tartarus_ready_pool_hits", "Creates served by a ready sandbox", value=ready.hits
+        )
+        yield CounterMetricFamily(
+            "tartarus_ready_pool_misses",
+            "Creates of a template with a ready pool that restored instead (pool empty, another shape, "
+            "a quarantine verdict)",
+            value=ready.misses,
+        )
         yield GaugeMetricFamily(
             "tartarus_sandboxes_quarantined", "Running sandboxes under quarantine", value=self._quarantined()
         )
@@ -62,6 +81,7 @@ class Metrics:
         states: Callable[[], Iterable[str]],
         pooled: Callable[[], int],
         quarantined: Callable[[], int] = lambda: 0,
+        ready: Callable[[], ReadyStats] = lambda: ReadyStats(0, 0, 0),
     ) -> None:
         self.registry = CollectorRegistry()
         self.create_seconds = Histogram(
@@ -137,7 +157,7 @@ class Metrics:
                 registry=self.registry,
             ),
         }
-        self.registry.register(_SandboxGauges(states, pooled, quarantined))
+        self.registry.register(_SandboxGauges(states, pooled, quarantined, ready))
 
     def observe(self, operation: str, seconds: float) -> None:
         self.operation_seconds[operation].observe(seconds)

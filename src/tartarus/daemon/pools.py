@@ -1,5 +1,7 @@
-"""The daemon's pools of pre-started VMMs (`snapshots.pool`), one per template snapshot, and when they
-may refill: not while a request that took a VMM is still being answered.
+"""The daemon's pools of pre-started VMMs (`snapshots.pool`), one per template snapshot, its pools of
+ready sandboxes (`snapshots.ready`), one per template sized by `DaemonConfig.ready_pool`, and when they
+may refill: not while a request that took one is still being answered, and (ready sandboxes, whose
+restore costs tens of ms of CPU) not while any create is in progress (`starting`).
 
 A create that took a pooled VMM stores its record, audits the call and answers before the replacement
 VMM is spawned, whose set-up (a sparse copy, cgroups, fork/exec of QEMU) would otherwise run on the
@@ -10,14 +12,19 @@ too; tasks a request started that refill after it answered refill at once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
+from tartarus.daemon.config import ReadySizes
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.sandbox.saved import SavedSandbox
 from tartarus.snapshots.pool import VMMPool
+from tartarus.snapshots.ready import ReadyPool
 from tartarus.snapshots.snapshot import Snapshot, find_snapshot
 from tartarus.templates.built import Template, list_templates
 
@@ -63,17 +70,90 @@ def refills_deferred() -> Iterator[DeferredRefills]:
         held.release()
 
 
+@dataclass(frozen=True)
+class ReadyStats:
+    """The ready pools as metrics read them: sandboxes waiting, creates served by one, and not."""
+
+    size: int
+    hits: int
+    misses: int
+
+
+# How long after the last start a ready pool's refill waits: a new sandbox's first calls (its client's
+# run_code, commands) follow its create within milliseconds, and the refill's restore (tens of ms of
+# CPU, some on the event loop) must not fall between them.
+SETTLE_S = 0.1
+
+
+class Starts:
+    """Starts in progress; `quiet()` returns once there are none and the last ended `settle_s` ago
+    (a ready pool's refill waits for it)."""
+
+    def __init__(self, settle_s: float = SETTLE_S) -> None:
+        self.settle_s = settle_s
+        self._count = 0
+        self._ended = -settle_s
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        self._count += 1
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self._count -= 1
+            self._ended = time.monotonic()
+            if not self._count:
+                self._quiet.set()
+
+    async def quiet(self) -> None:
+        while True:
+            await self._quiet.wait()
+            left = self._ended + self.settle_s - time.monotonic()
+            if left <= 0 and self._quiet.is_set():
+                return
+            await asyncio.sleep(max(left, 0))
+
+
 class Pools:
-    def __init__(self, root: Path, size: int, *, outlive_owner: bool) -> None:
+    def __init__(
+        self, root: Path, size: int, *, outlive_owner: bool, ready: ReadySizes | None = None
+    ) -> None:
         self.root = root
         self.size = size
         self.outlive_owner = outlive_owner
+        self.ready_sizes = ready or ReadySizes()
+        self.starts = Starts()
         self._pools: dict[str, VMMPool] = {}
+        self._ready: dict[str, ReadyPool] = {}
 
     def start(self) -> None:
-        """Pre-start VMMs for every template that has a snapshot (call from the event loop)."""
+        """Pre-start VMMs and ready sandboxes for every template that has a snapshot (call from the
+        event loop)."""
         for template in list_templates():
             self.for_template(template)
+            self.ready_for(template)
+
+    def ready_for(self, template: Template) -> ReadyPool | None:
+        """The template's ready pool (made on first use), or None if it has none."""
+        pool = self._ready.get(template.name)
+        size = self.ready_sizes.of(template.name)
+        if pool is None and size > 0 and template.snapshotted:
+            snapshot = find_snapshot(template)
+            if snapshot is not None:
+                pool = ReadyPool(
+                    snapshot,
+                    template,
+                    self.root,
+                    size,
+                    outlive_owner=self.outlive_owner,
+                    defer=defer,
+                    quiet=self.starts.quiet,
+                )
+                self._ready[template.name] = pool
+        return pool
 
     def for_template(self, template: Template) -> VMMPool | None:
         snapshot = find_snapshot(template) if template.snapshotted else None
@@ -108,7 +188,17 @@ class Pools:
     def ready(self) -> int:
         return sum(len(p) for p in self._pools.values())
 
+    @property
+    def ready_stats(self) -> ReadyStats:
+        pools = self._ready.values()
+        return ReadyStats(
+            sum(len(p) for p in pools), sum(p.hits for p in pools), sum(p.misses for p in pools)
+        )
+
     async def close(self) -> None:
+        for ready in self._ready.values():
+            await ready.close()
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
+        self._ready.clear()

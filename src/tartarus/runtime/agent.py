@@ -240,6 +240,11 @@ class AgentClient:
         self._hello.clear()
 
     @property
+    def serving(self) -> bool:
+        """No failure seen and no restart pending: the agent that last answered still serves."""
+        return self._failure is None and self._hello.is_set() and not self._task.done()
+
+    @property
     def queued_bytes(self) -> int:
         """Guest output received and not yet taken by its callers, over all requests."""
         return self._budget.queued

@@ -67,6 +67,13 @@ class CodeInterpreter:
         call, so our ids start elsewhere and a torn line is skipped."""
         return cls(agent.adopt(INTERPRETER_ID, pid), first_id=1 + secrets.randbelow(1 << 40), lenient=True)
 
+    async def set_env(self, env: Mapping[str, str]) -> None:
+        """Put `env` in the running interpreter's `os.environ` (so also in what its code starts): it
+        was started before the request that gave the env (at the template's snapshot)."""
+        answer = await self.run_code(f"__import__('os').environ.update({dict(env)!r})")
+        if answer.error is not None:
+            raise InvalidArgument(f"env not accepted by the interpreter: {answer.error.value}")
+
     @property
     def pid(self) -> int:
         return self._process.pid

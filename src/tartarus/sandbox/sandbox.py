@@ -57,6 +57,9 @@ from tartarus.templates.built import Template
 
 log = logging.getLogger(__name__)
 
+# A ready sandbox's clock and entropy were set when it was restored; one that has waited longer than
+# this is told them again when a create binds it (a round trip to its agent, ~1-2 ms under TCG).
+CLOCK_RESYNC_S = 60.0
 LAYER_DRIVE = 1  # vm_config's drives: the template's read-only root, then the sandbox's writable layer
 
 
@@ -201,8 +204,10 @@ class Sandbox:
         *,
         limits: Limits | None = None,
         outlive_owner: bool = False,
+        nice: int = 0,
     ) -> Sandbox:
-        """A new sandbox from the template's snapshot, in the pooled VMM `prepared` if one is given."""
+        """A new sandbox from the template's snapshot, in the pooled VMM `prepared` if one is given
+        (left at priority `nice`: a ready pool's refill runs low)."""
         t0 = time.perf_counter()
         sandbox = prepared or await cls.prepare(
             snapshot, template, root, limits=limits, outlive_owner=outlive_owner
@@ -210,7 +215,14 @@ class Sandbox:
         vmm_ready = 0.0 if prepared else time.perf_counter() - t0
         state = GuestState(snapshot.state, snapshot.interpreter_pid)
         await sandbox._resume(
-            sandbox.id, spec or SandboxSpec(template.name), limits, state, t0, vmm_ready, bool(prepared)
+            sandbox.id,
+            spec or SandboxSpec(template.name),
+            limits,
+            state,
+            t0,
+            vmm_ready,
+            bool(prepared),
+            nice=nice,
         )
         return sandbox
 
@@ -224,6 +236,7 @@ class Sandbox:
         vmm_ready: float,
         pooled: bool,
         on_loaded: Callable[[], None] | None = None,
+        nice: int = 0,
     ) -> None:
         """Bring this prepared VMM to a running, distinct clone of the snapshot (or to `state`): the
         hot path of a create; only this is on its clock when the VMM was pooled."""
@@ -234,7 +247,7 @@ class Sandbox:
         assert vm is not None
         try:
             if pooled:
-                vm.set_priority(0)
+                vm.set_priority(nice)
                 self._attach_cgroup()  # a pooled VMM was started before this request's limits were known
             await vm.load_state(state.path)
             failpoints.hit("restore.loaded")
@@ -255,10 +268,48 @@ class Sandbox:
             )
             if state.interpreter_pid is not None:  # after CONFIGURE told the agent's version (its credit)
                 self.interpreter = CodeInterpreter.adopt(agent, state.interpreter_pid)
+                if state.new_identity and spec.env:  # a woken one has had its env since its create
+                    await self.interpreter.set_env(spec.env)
             self.timings["first_answer"] = time.perf_counter() - t0
         except BaseException:
             await self.destroy()
             raise
+
+    async def bind(self, spec: SandboxSpec, limits: Limits) -> None:
+        """Give this ready sandbox (restored, made distinct and warmed while no request waited:
+        `snapshots.ready`) to the request `spec`: its limits, the clock and fresh entropy again if it
+        waited long, its env in the interpreter (commands get it with each exec). Its network and the
+        rest of what admission decided follow (`contain`). Destroyed on failure."""
+        t0, waiting_since = time.perf_counter(), self.created_at
+        self.spec, self.limits, self.created_at = spec, limits, time.time()
+        # Cumulative from the create call, as a restore's are: everything up to the resume was before it.
+        self.timings = {"vmm_ready": 0.0, "state_loaded": 0.0, "guest_resumed": 0.0, "ready": 1.0}
+        try:
+            vm = self.vm
+            assert vm is not None
+            vm.set_priority(0)
+            self._attach_cgroup()
+            if time.time() - waiting_since > CLOCK_RESYNC_S:  # its clock has run on its own since
+                await self.agent.configure(time_ns=time.time_ns(), entropy=os.urandom(64))
+            if spec.env and self.interpreter is not None:
+                await self.interpreter.set_env(spec.env)
+            self.timings["first_answer"] = time.perf_counter() - t0
+        except BaseException:
+            await self.destroy()
+            raise
+
+    @property
+    def alive(self) -> bool:
+        """Its agent serves and its VMM has not exited (asked of the kernel: `vm.running` learns of a
+        death only later). Cheap: no guest round trip."""
+        vm = self.vm
+        pid = vm.pid if vm is not None and vm.running and vm.agent and vm.agent.serving else None
+        if pid is None:
+            return False
+        try:
+            return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+        except ChildProcessError:
+            return False
 
     @classmethod
     async def wake(

@@ -1,0 +1,157 @@
+"""A bounded pool of ready sandboxes per template: restored, resumed, made distinct and warmed before
+any request asks, so that a create only binds one to itself (`Sandbox.bind`) in milliseconds.
+
+Each is a clone like any restore (its own id, hostname, machine-id, entropy and clock, told by the
+restore's CONFIGURE call) whose interpreter has already answered once: the first calls after a resume
+are slow under TCG (the guest's code is translated on first touch), and they are paid here. Its network
+namespace is up with the `none` policy (no egress) until a create applies its own.
+
+Refills run at low priority, and only while no create is in progress (`quiet`); a refill the daemon
+holds (`defer`, as for `snapshots.pool`) waits until the create that took one has answered. Each
+ready sandbox holds memory while it waits, so a refill is skipped while the host is short of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from tartarus.limits.spec import template_limits
+from tartarus.sandbox.sandbox import Sandbox
+from tartarus.snapshots.pool import RETRY_S, SPARE_NICE, Defer
+from tartarus.snapshots.snapshot import Snapshot
+from tartarus.templates.built import Template
+
+log = logging.getLogger(__name__)
+
+# A refill leaves at least this share of the host's memory available (MemAvailable) after the ready
+# sandbox's guest memory, which it may come to use in full.
+MEMORY_RESERVE = 0.25
+MEMINFO = Path("/proc/meminfo")
+
+
+def memory_allows(guest_mib: int, meminfo: Path = MEMINFO) -> bool:
+    """Whether one more ready sandbox of `guest_mib` fits while keeping MEMORY_RESERVE available."""
+    fields = {}
+    for line in meminfo.read_text().splitlines():
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0]) if rest.split() else 0
+    total, available = fields.get("MemTotal", 0), fields.get("MemAvailable", 0)
+    return available - guest_mib * 1024 >= total * MEMORY_RESERVE
+
+
+class ReadyPool:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        template: Template,
+        root: Path,
+        size: int,
+        *,
+        outlive_owner: bool = False,
+        defer: Defer | None = None,
+        quiet: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.snapshot = snapshot
+        self.template = template
+        self.root = root
+        self.size = size
+        self.outlive_owner = outlive_owner
+        self.hits = 0
+        self.misses = 0
+        self._defer = defer
+        self._quiet = quiet
+        self._ready: collections.deque[Sandbox] = collections.deque()
+        self._dead: list[Sandbox] = []
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._refill(), name=f"ready-{template.name}")
+
+    def __len__(self) -> int:
+        return len(self._ready)
+
+    def take(self) -> Sandbox | None:
+        """A ready sandbox whose VMM still runs, or None (counted as a miss); never waits. The caller
+        binds it (`Sandbox.bind`) and calls `refill()` once its create is done."""
+        while self._ready:
+            sandbox = self._ready.popleft()
+            if sandbox.alive:
+                self.hits += 1
+                return sandbox
+            log.warning("ready sandbox %s of %s died while waiting", sandbox.id, self.template.name)
+            self._dead.append(sandbox)  # the refill task destroys it
+        self.misses += 1
+        return None
+
+    def decline(self) -> None:
+        """Count a create this pool cannot serve (another shape, a quarantine verdict): a miss."""
+        self.misses += 1
+
+    def refill(self) -> None:
+        """Start making up for sandboxes taken or dead (now, or when `defer` lets it)."""
+        if self._defer is None or not self._defer(self._wake.set):
+            self._wake.set()
+
+    async def _refill(self) -> None:
+        while True:
+            while self._dead:
+                await self._dead.pop().destroy()
+            while len(self._ready) < self.size:
+                if self._quiet is not None:
+                    await self._quiet()
+                if not memory_allows(self.snapshot.memory_mib):
+                    log.warning(
+                        "ready pool of %s stays at %d: host memory is short", self.template.name, len(self)
+                    )
+                    break
+                try:
+                    sandbox = await self._warm()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("could not make a ready sandbox of %s; retrying", self.template.name)
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                self._ready.append(sandbox)
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _warm(self, sandbox_id: str | None = None) -> Sandbox:
+        """A restored clone at low priority, its interpreter and command path run once."""
+        limits = template_limits(self.template)
+        prepared = await Sandbox.prepare(
+            self.snapshot,
+            self.template,
+            self.root,
+            limits=limits,
+            outlive_owner=self.outlive_owner,
+            nice=SPARE_NICE,
+            sandbox_id=sandbox_id,
+        )
+        sandbox = await Sandbox.restore(
+            self.snapshot, self.template, self.root, None, prepared, limits=limits, nice=SPARE_NICE
+        )
+        try:
+            if self.template.preload is not None:
+                answer = await (await sandbox.code_interpreter()).run_code("1+1")
+                if answer.result != "2":
+                    raise RuntimeError(f"warm-up run_code('1+1') answered {answer}")
+            process = await sandbox.agent.exec(["true"])
+            async for _ in process.events():
+                pass
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        return sandbox
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for sandbox in [*self._ready, *self._dead]:
+            await sandbox.destroy()
+        self._ready.clear()
+        self._dead.clear()

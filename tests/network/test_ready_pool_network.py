@@ -1,0 +1,57 @@
+"""A ready sandbox (snapshots/ready.py) waits on the `none` policy and gets its request's network when a
+create binds it; a quarantined create never gets one (it is restored behind a closed gate)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tartarus.daemon.config import DaemonConfig, ReadySizes
+from tartarus.daemon.server import daemon_thread
+from tartarus.policy import Policy
+from tartarus.policy.model import Match, Rule
+from tartarus.sdk import Sandbox
+from tests.network.conftest import HOST_ADDR, NetHost, probe
+from tests.ready import ready_metrics, wait_ready
+
+
+@pytest.fixture(scope="module")
+def ready_policy_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    policy = Policy(
+        rules=[
+            Rule(name="risky", match=Match(labels={"risk": "high"}), verdict="quarantine", reason="high risk")
+        ]
+    )
+    state = tmp_path_factory.mktemp("ready-policy-state")
+    uds = state / "api.sock"
+    config = DaemonConfig(pool_size=0, policy=policy, ready_pool=ReadySizes(default=1))
+    with daemon_thread(state, uds, config):
+        yield f"unix://{uds}"
+
+
+def test_a_quarantined_create_never_gets_a_ready_sandbox(ready_policy_daemon: str, net_host: NetHost) -> None:
+    url = ready_policy_daemon
+    target = (HOST_ADDR, net_host.ports[0])
+    policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [target[1]]}]}
+    before = wait_ready(url, 1)
+    with Sandbox.create("python-ds", url=url, network=policy, labels={"risk": "high"}) as sb:
+        assert sb.info.quarantined and "ready" not in sb.info.timings_ms
+        assert probe(sb, [target]) == {target: "TimeoutError"}
+        after = ready_metrics(url)
+        assert (after.size, after.hits, after.misses - before.misses) == (1, before.hits, 1)
+    # The same request without the quarantine verdict takes the ready one, and its policy applies.
+    with Sandbox.create("python-ds", url=url, network=policy) as sb:
+        assert "ready" in sb.info.timings_ms and not sb.info.quarantined
+        assert probe(sb, [target]) == {target: "open"}
+
+
+def test_a_ready_sandbox_has_no_egress_unless_its_create_asks(
+    ready_policy_daemon: str, net_host: NetHost
+) -> None:
+    url = ready_policy_daemon
+    target = (HOST_ADDR, net_host.ports[0])
+    wait_ready(url, 1)
+    with Sandbox.create("python-ds", url=url) as sb:
+        assert "ready" in sb.info.timings_ms and sb.info.network == "none"
+        assert probe(sb, [target]) != {target: "open"}

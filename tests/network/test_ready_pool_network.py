@@ -25,7 +25,7 @@ def ready_policy_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     )
     state = tmp_path_factory.mktemp("ready-policy-state")
     uds = state / "api.sock"
-    config = DaemonConfig(pool_size=0, policy=policy, ready_pool=ReadySizes(default=1))
+    config = DaemonConfig(pool_size=0, policy=policy, ready_pool=ReadySizes(per_template={"python-ds": 1}))
     with daemon_thread(state, uds, config):
         yield f"unix://{uds}"
 

@@ -175,7 +175,10 @@ def prepare_files(config: VMConfig, uid: int, uids: UidRange) -> None:
 
 
 def _share(path: Path, gid: int, bits: int) -> None:
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:  # what QEMU would have said had it run: the file it needs is not there
+        raise SandboxFailed(f"VMM failed to start: cannot open {path}: {e.strerror}") from e
     if st.st_gid != gid:
         os.chown(path, -1, gid)
     if stat.S_IMODE(st.st_mode) & 0o070 != bits:

@@ -370,7 +370,10 @@ def main():
         sync_suite(tag, out) if mode == "sync" else asyncio.run(async_suite(tag, out))
     except Exception as e:  # what was observed until then still goes out, with what stopped it
         out["crashed"] = failure(e)
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
+    # Skip the interpreter's teardown: the SDK's HTTP client (pyqwest, Rust) sometimes aborts (SIGABRT)
+    # while Python finalises it after an asyncio run, once everything observed is already out.
+    os._exit(0)
 
 
 if __name__ == "__main__":

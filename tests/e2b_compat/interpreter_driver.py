@@ -12,6 +12,7 @@ import asyncio
 import base64
 import inspect
 import json
+import os
 import sys
 
 from e2b_code_interpreter import AsyncSandbox, Sandbox
@@ -125,7 +126,10 @@ def main():
         asyncio.run(scenario(Sandbox if mode == "sync" else AsyncSandbox, out))
     except Exception as e:  # what was observed until then still goes out, with what stopped it
         out["crashed"] = failure(e)
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
+    # Skip the interpreter's teardown: the SDK's HTTP client (pyqwest, Rust) sometimes aborts (SIGABRT)
+    # while Python finalises it after an asyncio run, once everything observed is already out.
+    os._exit(0)
 
 
 if __name__ == "__main__":

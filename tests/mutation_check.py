@@ -181,11 +181,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         (STATE_VM,),
     ),
     Mutation(
-        "state.qemu-umask",
-        "what QEMU creates in a sandbox's directory is private",
-        "src/tartarus/runtime/vm.py",
-        "umask=private.QEMU_UMASK,",
-        "",
+        # A jailed VMM (the daemon runs as root) writes only files the daemon made for it, so QEMU's own
+        # umask (private.QEMU_UMASK) no longer decides their modes: the jail's creation mode does.
+        "state.vmm-console-private",
+        "what QEMU writes in a sandbox's directory is private",
+        "src/tartarus/runtime/jail.py",
+        "os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)",
+        "os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)",
         (STATE_VM,),
     ),
     Mutation(

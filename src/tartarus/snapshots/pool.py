@@ -7,6 +7,7 @@ the caller just prepares its own VMM.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import contextlib
@@ -31,7 +32,12 @@ SPARE_NICE = 10
 Defer = Callable[[Callable[[], None]], bool]
 
 
-class VMMPool:
+class SparePool(abc.ABC):
+    """Sandboxes made ahead of any request and kept, up to `size`, by one background refill task; a
+    subclass says how one is made (`_make`) and may hold a refill back (`_may_grow`)."""
+
+    kind = "pool"
+
     def __init__(
         self,
         snapshot: Snapshot,
@@ -51,10 +57,56 @@ class VMMPool:
         self._ready: collections.deque[Sandbox] = collections.deque()
         self._dead: list[Sandbox] = []
         self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._refill(), name=f"pool-{template.name}")
+        self._task = asyncio.create_task(self._refill(), name=f"{self.kind}-{template.name}")
 
     def __len__(self) -> int:
         return len(self._ready)
+
+    def refill(self) -> None:
+        """Start making up for sandboxes taken or dead (now, or when `defer` lets it)."""
+        if self._defer is None or not self._defer(self._wake.set):
+            self._wake.set()
+
+    @abc.abstractmethod
+    async def _make(self) -> Sandbox: ...
+
+    async def _may_grow(self) -> bool:
+        """Whether the refill may make one more now (it waits here if it should wait)."""
+        return True
+
+    async def _refill(self) -> None:
+        while True:
+            while self._dead:
+                await self._dead.pop().destroy()
+            while len(self._ready) < self.size:
+                if not await self._may_grow():
+                    break
+                try:
+                    sandbox = await self._make()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception(
+                        "could not make a %s sandbox of %s; retrying", self.kind, self.template.name
+                    )
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                self._ready.append(sandbox)
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for sandbox in [*self._ready, *self._dead]:
+            await sandbox.destroy()
+        self._ready.clear()
+        self._dead.clear()
+
+
+class VMMPool(SparePool):
+    kind = "pool"
 
     def take(self) -> Sandbox | None:
         """A ready VMM, or None if the pool is empty; never waits.
@@ -69,27 +121,8 @@ class VMMPool:
             self._dead.append(sandbox)  # its VMM died while waiting; the refill task cleans it
         return None
 
-    def refill(self) -> None:
-        """Start making up for a VMM taken (now, or when `defer` lets it)."""
-        if self._defer is None or not self._defer(self._wake.set):
-            self._wake.set()
-
-    async def _refill(self) -> None:
-        while True:
-            while self._dead:
-                await self._dead.pop().destroy()
-            while len(self._ready) < self.size:
-                try:
-                    sandbox = await self._spare()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("could not pre-start a VMM for %s; retrying", self.template.name)
-                    await asyncio.sleep(RETRY_S)
-                    continue
-                self._ready.append(sandbox)
-            self._wake.clear()
-            await self._wake.wait()
+    async def _make(self) -> Sandbox:
+        return await self._spare()
 
     async def _spare(self, sandbox_id: str | None = None) -> Sandbox:
         """A spare VMM, with the template's limits, so its cgroups exist before the create call."""
@@ -102,12 +135,3 @@ class VMMPool:
             nice=SPARE_NICE,
             sandbox_id=sandbox_id,
         )
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        for sandbox in [*self._ready, *self._dead]:
-            await sandbox.destroy()
-        self._ready.clear()
-        self._dead.clear()

@@ -13,16 +13,13 @@ ready sandbox holds memory while it waits, so a refill is skipped while the host
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from tartarus.limits.spec import template_limits
 from tartarus.sandbox.sandbox import Sandbox
-from tartarus.snapshots.pool import RETRY_S, SPARE_NICE, Defer
+from tartarus.snapshots.pool import SPARE_NICE, Defer, SparePool
 from tartarus.snapshots.snapshot import Snapshot
 from tartarus.templates.built import Template
 
@@ -44,7 +41,9 @@ def memory_allows(guest_mib: int, meminfo: Path = MEMINFO) -> bool:
     return available - guest_mib * 1024 >= total * MEMORY_RESERVE
 
 
-class ReadyPool:
+class ReadyPool(SparePool):
+    kind = "ready"
+
     def __init__(
         self,
         snapshot: Snapshot,
@@ -56,22 +55,10 @@ class ReadyPool:
         defer: Defer | None = None,
         quiet: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self.snapshot = snapshot
-        self.template = template
-        self.root = root
-        self.size = size
-        self.outlive_owner = outlive_owner
         self.hits = 0
         self.misses = 0
-        self._defer = defer
         self._quiet = quiet
-        self._ready: collections.deque[Sandbox] = collections.deque()
-        self._dead: list[Sandbox] = []
-        self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._refill(), name=f"ready-{template.name}")
-
-    def __len__(self) -> int:
-        return len(self._ready)
+        super().__init__(snapshot, template, root, size, outlive_owner=outlive_owner, defer=defer)
 
     def take(self) -> Sandbox | None:
         """A ready sandbox whose VMM still runs, or None (counted as a miss); never waits. The caller
@@ -90,34 +77,16 @@ class ReadyPool:
         """Count a create this pool cannot serve (another shape, a quarantine verdict): a miss."""
         self.misses += 1
 
-    def refill(self) -> None:
-        """Start making up for sandboxes taken or dead (now, or when `defer` lets it)."""
-        if self._defer is None or not self._defer(self._wake.set):
-            self._wake.set()
+    async def _may_grow(self) -> bool:
+        if self._quiet is not None:
+            await self._quiet()
+        if not memory_allows(self.snapshot.memory_mib):
+            log.warning("ready pool of %s stays at %d: host memory is short", self.template.name, len(self))
+            return False
+        return True
 
-    async def _refill(self) -> None:
-        while True:
-            while self._dead:
-                await self._dead.pop().destroy()
-            while len(self._ready) < self.size:
-                if self._quiet is not None:
-                    await self._quiet()
-                if not memory_allows(self.snapshot.memory_mib):
-                    log.warning(
-                        "ready pool of %s stays at %d: host memory is short", self.template.name, len(self)
-                    )
-                    break
-                try:
-                    sandbox = await self._warm()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("could not make a ready sandbox of %s; retrying", self.template.name)
-                    await asyncio.sleep(RETRY_S)
-                    continue
-                self._ready.append(sandbox)
-            self._wake.clear()
-            await self._wake.wait()
+    async def _make(self) -> Sandbox:
+        return await self._warm()
 
     async def _warm(self, sandbox_id: str | None = None) -> Sandbox:
         """A restored clone at low priority, its interpreter and command path run once."""
@@ -146,12 +115,3 @@ class ReadyPool:
             await sandbox.destroy()
             raise
         return sandbox
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        for sandbox in [*self._ready, *self._dead]:
-            await sandbox.destroy()
-        self._ready.clear()
-        self._dead.clear()

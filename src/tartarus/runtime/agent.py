@@ -343,6 +343,31 @@ class AgentClient:
             self._streams.add(id_)
         return id_, inbox
 
+    async def _open_stream(
+        self,
+        type_: T,
+        items: Sequence[tuple[F, FieldValue]],
+        *,
+        expect: T | None,
+        request_id: int | None = None,
+    ) -> tuple[int, Inbox, Frame]:
+        """Open a stream request and await its first answer: a guest error is raised (and the request
+        ended), as is an answer other than `expect` (when given); the caller owns the stream after."""
+        id_, queue = self._open(request_id, stream=True)
+        try:
+            await self._send(encode_request(type_, id_, [*items, (F.WINDOW, WINDOW)]))
+            frame = await queue.get()
+        except BaseException:
+            self._detach(id_)
+            raise
+        if frame.type == T.ERROR:
+            self._done(id_)
+            raise _guest_error(frame)
+        if expect is not None and frame.type != expect:
+            self._done(id_)
+            raise SandboxFailed(f"guest agent answered {frame.type.name} to {type_.name}")
+        return id_, queue, frame
+
     def _done(self, id_: int) -> None:
         """The request ended: forget it and free what it still had queued."""
         inbox = self._queues.pop(id_, None)
@@ -470,16 +495,7 @@ class AgentClient:
         Closing the generator early (`aclose`) closes the file in the guest."""
         raw = _path(path)
         await self._know_version()
-        id_, queue = self._open(stream=True)
-        try:
-            await self._send(encode_request(T.READ, id_, [(F.PATH, raw), (F.WINDOW, WINDOW)]))
-            first = await queue.get()
-        except BaseException:
-            self._detach(id_)
-            raise
-        if first.type == T.ERROR:
-            self._done(id_)
-            raise _guest_error(first)
+        id_, queue, first = await self._open_stream(T.READ, [(F.PATH, raw)], expect=None)
 
         async def chunks() -> AsyncGenerator[bytes, None]:
             frame = first
@@ -584,27 +600,14 @@ class AgentClient:
         if keep:
             await self._need_processes("a background command")
             items.append((F.FLAGS, FLAG_KEEP))
-        items.append((F.WINDOW, WINDOW))
         try:
-            request = encode_request(T.EXEC, 0, items)
+            request = encode_request(T.EXEC, 0, [*items, (F.WINDOW, WINDOW)])
         except ValueError as e:
             raise InvalidArgument(str(e)) from e
         if len(request) > MAX_PAYLOAD:
             raise InvalidArgument("command line and environment exceed 1 MiB")
         await self._know_version()
-        id_, queue = self._open(request_id, stream=True)
-        try:
-            await self._send(encode_request(T.EXEC, id_, items))
-            frame = await queue.get()
-        except BaseException:
-            self._detach(id_)
-            raise
-        if frame.type == T.ERROR:
-            self._done(id_)
-            raise _guest_error(frame)
-        if frame.type != T.STARTED:
-            self._done(id_)
-            raise SandboxFailed(f"guest agent answered {frame.type.name} to EXEC")
+        id_, queue, frame = await self._open_stream(T.EXEC, items, expect=T.STARTED, request_id=request_id)
         return Process(self, id_, queue, frame.fields().get_int(F.PID, 0) or 0, keep=keep)
 
     async def _need_processes(self, what: str, protocol: int = PROCESS_PROTOCOL) -> None:
@@ -620,19 +623,7 @@ class AgentClient:
         exit. A listener it had (its starter, an earlier attach) ends with `GuestError` EBUSY; a
         command not running (or the sandbox's own) is `GuestError` ESRCH."""
         await self._need_processes("attaching to a running command")
-        id_, queue = self._open(stream=True)
-        try:
-            await self._send(encode_request(T.ATTACH, id_, [(F.PID, pid), (F.WINDOW, WINDOW)]))
-            frame = await queue.get()
-        except BaseException:
-            self._detach(id_)
-            raise
-        if frame.type == T.ERROR:
-            self._done(id_)
-            raise _guest_error(frame)
-        if frame.type != T.STARTED:
-            self._done(id_)
-            raise SandboxFailed(f"guest agent answered {frame.type.name} to ATTACH")
+        id_, queue, frame = await self._open_stream(T.ATTACH, [(F.PID, pid)], expect=T.STARTED)
         flags = frame.fields().get_int(F.FLAGS, 0) or 0
         return Process(self, id_, queue, pid, keep=bool(flags & FLAG_KEEP))
 
@@ -683,20 +674,8 @@ class AgentClient:
         """Follow a directory's changes (inotify in the guest) until the returned watch is closed."""
         raw = _path(path)
         await self._need_processes("watching a directory", WATCH_PROTOCOL)
-        id_, queue = self._open(stream=True)
         items: list[tuple[F, FieldValue]] = [(F.PATH, raw), (F.FLAGS, FLAG_RECURSIVE if recursive else 0)]
-        try:
-            await self._send(encode_request(T.WATCH, id_, [*items, (F.WINDOW, WINDOW)]))
-            frame = await queue.get()
-        except BaseException:
-            self._detach(id_)
-            raise
-        if frame.type == T.ERROR:
-            self._done(id_)
-            raise _guest_error(frame)
-        if frame.type != T.OK:
-            self._done(id_)
-            raise SandboxFailed(f"guest agent answered {frame.type.name} to WATCH")
+        id_, queue, _ = await self._open_stream(T.WATCH, items, expect=T.OK)
         return Watch(self, id_, queue)
 
     async def signal_pid(self, pid: int, signum: int) -> None:

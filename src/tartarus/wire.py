@@ -103,3 +103,18 @@ def context_of(raw: object) -> CodeContext:
     if not isinstance(raw, dict) or not all(isinstance(raw.get(k), str) for k in ("id", "language", "cwd")):
         raise ValueError(f"a malformed code context: {str(raw)[:200]}")
     return CodeContext(id=raw["id"], language=raw["language"], cwd=raw["cwd"])
+
+
+@dataclass(frozen=True)
+class SandboxMetrics:
+    """What a running sandbox uses now: CPU (percent of its vCPUs since the previous reading, or since
+    its VMM started), the guest's memory (its kernel's own view), and its writable layer's disk."""
+
+    timestamp: float
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used_bytes: int
+    mem_total_bytes: int
+    mem_cache_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from tartarus.e2b.control import e2b_metrics
-from tartarus.e2b.upstream import MetricsView
 from tartarus.sandbox.usage import meminfo, process_cpu
+from tartarus.wire import SandboxMetrics
 
 
 def test_meminfo_is_read_in_bytes() -> None:
@@ -21,7 +21,7 @@ def test_a_process_cpu_time_and_age_come_from_proc() -> None:
 
 
 def test_e2b_gets_its_metric_shape() -> None:
-    view = MetricsView(1796650000.5, 1, 12.5, 100, 500, 7, 10, 20)
+    view = SandboxMetrics(1796650000.5, 1, 12.5, 100, 500, 7, 10, 20)
     assert e2b_metrics(view) == {
         "timestamp": "2026-12-07T13:26:40.500000Z",
         "timestampUnix": 1796650000,

@@ -150,20 +150,6 @@ class SetTimeout(Strict):
     )
 
 
-class SandboxMetrics(BaseModel):
-    """What a running sandbox uses now (`tartarus.sandbox.usage`): CPU of its vCPUs since the previous
-    reading (or since its VMM started), the guest's memory, and its writable layer's disk."""
-
-    timestamp: float
-    cpu_count: int
-    cpu_used_pct: float
-    mem_used_bytes: int
-    mem_total_bytes: int
-    mem_cache_bytes: int
-    disk_used_bytes: int
-    disk_total_bytes: int
-
-
 class SandboxInfo(BaseModel):
     id: str
     template: str

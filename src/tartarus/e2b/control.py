@@ -28,7 +28,8 @@ from tartarus.e2b.models import (
     SandboxTimeout,
     rfc3339,
 )
-from tartarus.e2b.upstream import MetricsView, SandboxView, UpstreamError
+from tartarus.e2b.upstream import SandboxView, UpstreamError
+from tartarus.wire import SandboxMetrics
 
 E2B_STATES = {"running": "running", "hibernated": "paused"}  # the others have ended: E2B shows none
 MAX_PAGE = 1000
@@ -120,7 +121,7 @@ def after_token(token: str) -> tuple[float, str]:
         raise E2BError(400, "nextToken is not one this server gave") from e
 
 
-def e2b_metrics(m: MetricsView) -> dict[str, Any]:
+def e2b_metrics(m: SandboxMetrics) -> dict[str, Any]:
     """/v1's metrics in E2B's shape (`SandboxMetric`)."""
     at = datetime.fromtimestamp(m.timestamp, UTC)
     return {

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from tartarus.paths import LOCAL_KEY_FILE
-from tartarus.wire import CodeContext, Execution, context_of, execution_of
+from tartarus.wire import CodeContext, Execution, SandboxMetrics, context_of, execution_of
 
 TIMEOUT = httpx.Timeout(600, connect=10)  # a cold create under emulation takes minutes
 STREAM_TIMEOUT = httpx.Timeout(None, connect=10)  # a command's output may pause for as long as it likes
@@ -32,20 +32,6 @@ class UpstreamError(Exception):
     code: str
     message: str
     errno: int | None = None
-
-
-@dataclass(frozen=True)
-class MetricsView:
-    """/v1's `SandboxMetrics`."""
-
-    timestamp: float
-    cpu_count: int
-    cpu_used_pct: float
-    mem_used_bytes: int
-    mem_total_bytes: int
-    mem_cache_bytes: int
-    disk_used_bytes: int
-    disk_total_bytes: int
 
 
 @dataclass(frozen=True)
@@ -259,7 +245,7 @@ class Upstream:
     async def get(self, key: str, sandbox_id: str) -> SandboxView:
         return SandboxView.of(await self._call(key, "GET", f"/v1/sandboxes/{sandbox_id}"))
 
-    async def metrics(self, key: str, sandbox_id: str) -> MetricsView | None:
+    async def metrics(self, key: str, sandbox_id: str) -> SandboxMetrics | None:
         """/v1's metrics of a running sandbox; None for one that is not running (nothing to measure)."""
         try:
             body = await self._call(key, "GET", f"/v1/sandboxes/{sandbox_id}/metrics")
@@ -267,7 +253,7 @@ class Upstream:
             if e.status == 409:
                 return None
             raise
-        return MetricsView(**{f.name: body[f.name] for f in dataclasses.fields(MetricsView)})
+        return SandboxMetrics(**{f.name: body[f.name] for f in dataclasses.fields(SandboxMetrics)})
 
     async def list_sandboxes(self, key: str, labels: Mapping[str, str]) -> list[SandboxView]:
         params = [("label", f"{k}={v}") for k, v in labels.items()]

@@ -11,26 +11,14 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from dataclasses import dataclass
 
 from tartarus.errors import SandboxFailed
 from tartarus.sandbox.capture import LAYER
 from tartarus.sandbox.sandbox import Sandbox
+from tartarus.wire import SandboxMetrics
 
 TICKS = os.sysconf("SC_CLK_TCK")
 WINDOW_MAX_S = 60.0  # an older previous reading is stale: fall back to the VMM's whole life
-
-
-@dataclass(frozen=True)
-class Usage:
-    timestamp: float
-    cpu_count: int
-    cpu_used_pct: float
-    mem_used_bytes: int
-    mem_total_bytes: int
-    mem_cache_bytes: int
-    disk_used_bytes: int
-    disk_total_bytes: int
 
 
 # Per sandbox: (monotonic time, CPU seconds) of its previous reading.
@@ -58,7 +46,7 @@ def meminfo(text: str) -> dict[str, int]:
     return out
 
 
-async def measure(sandbox: Sandbox) -> Usage:
+async def measure(sandbox: Sandbox) -> SandboxMetrics:
     agent = sandbox.agent  # raises if the sandbox is not running
     vm = sandbox.vm
     if vm is None or vm.pid is None:
@@ -77,7 +65,7 @@ async def measure(sandbox: Sandbox) -> Usage:
     memory = meminfo(text.decode("ascii", "replace"))
     total = memory.get("MemTotal", 0)
     layer = os.stat(sandbox.workdir / LAYER)
-    return Usage(
+    return SandboxMetrics(
         timestamp=now,
         cpu_count=vcpus,
         cpu_used_pct=round(pct, 2),

@@ -21,12 +21,11 @@ from tartarus.sdk.results import (
     FileList,
     ProcessInfo,
     SandboxInfo,
-    SandboxMetrics,
     WatchEvent,
 )
 from tartarus.sdk.sync import Client, CommandHandle, Sandbox, Watcher
 from tartarus.sdk.terminal import AsyncPty, Pty
-from tartarus.wire import CodeContext, Execution, ExecutionError, Result
+from tartarus.wire import CodeContext, Execution, ExecutionError, Result, SandboxMetrics
 
 __all__ = [
     "AsyncClient",

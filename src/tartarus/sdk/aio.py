@@ -39,13 +39,13 @@ from tartarus.sdk.results import (
     FileList,
     ProcessInfo,
     SandboxInfo,
-    SandboxMetrics,
     WatchEvent,
     execution_from_json,
+    metrics_from_json,
     processes_from_json,
 )
 from tartarus.sdk.terminal import AsyncTerminals
-from tartarus.wire import Execution
+from tartarus.wire import Execution, SandboxMetrics
 
 
 class AsyncClient:
@@ -446,7 +446,7 @@ class AsyncSandbox:
 
     async def metrics(self) -> SandboxMetrics:
         """What the sandbox uses now (see `Sandbox.metrics`)."""
-        return SandboxMetrics.from_json(
+        return metrics_from_json(
             (await self._client.request("GET", f"/v1/sandboxes/{self.id}/metrics")).json()
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tartarus import errors
-from tartarus.wire import RESULT_FORMATS, Execution, ExecutionError, Result
+from tartarus.wire import RESULT_FORMATS, Execution, ExecutionError, Result, SandboxMetrics
 
 
 class Fields:
@@ -297,38 +297,24 @@ class ExposedPort:
         )
 
 
-@dataclass(frozen=True)
-class SandboxMetrics:
-    """What a running sandbox uses now: CPU (percent of its vCPUs since the previous reading), the
-    guest's memory, and its writable layer's disk."""
-
-    timestamp: float
-    cpu_count: int
-    cpu_used_pct: float
-    mem_used_bytes: int
-    mem_total_bytes: int
-    mem_cache_bytes: int
-    disk_used_bytes: int
-    disk_total_bytes: int
-
-    @classmethod
-    def from_json(cls, data: object) -> SandboxMetrics:
-        f = Fields(data, "sandbox metrics")
-        return cls(
-            timestamp=f.number("timestamp"),
-            cpu_count=f.integer("cpu_count"),
-            cpu_used_pct=f.number("cpu_used_pct"),
-            **{
-                name: f.integer(name)
-                for name in (
-                    "mem_used_bytes",
-                    "mem_total_bytes",
-                    "mem_cache_bytes",
-                    "disk_used_bytes",
-                    "disk_total_bytes",
-                )
-            },
-        )
+def metrics_from_json(data: object) -> SandboxMetrics:
+    """A sandbox's metrics as `GET /v1/sandboxes/{id}/metrics` answers them."""
+    f = Fields(data, "sandbox metrics")
+    return SandboxMetrics(
+        timestamp=f.number("timestamp"),
+        cpu_count=f.integer("cpu_count"),
+        cpu_used_pct=f.number("cpu_used_pct"),
+        **{
+            name: f.integer(name)
+            for name in (
+                "mem_used_bytes",
+                "mem_total_bytes",
+                "mem_cache_bytes",
+                "disk_used_bytes",
+                "disk_total_bytes",
+            )
+        },
+    )
 
 
 def result_from_json(data: object) -> Result:

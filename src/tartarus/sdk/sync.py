@@ -37,13 +37,13 @@ from tartarus.sdk.results import (
     FileList,
     ProcessInfo,
     SandboxInfo,
-    SandboxMetrics,
     WatchEvent,
     execution_from_json,
+    metrics_from_json,
     processes_from_json,
 )
 from tartarus.sdk.terminal import Terminals
-from tartarus.wire import Execution
+from tartarus.wire import Execution, SandboxMetrics
 
 
 class Client:
@@ -435,9 +435,7 @@ class Sandbox:
     def metrics(self) -> SandboxMetrics:
         """What the sandbox uses now: CPU (percent of its vCPUs since the previous call), the guest's
         memory and its writable layer's disk. A hibernated sandbox is a `Conflict`, not woken."""
-        return SandboxMetrics.from_json(
-            self._client.request("GET", f"/v1/sandboxes/{self.id}/metrics").json()
-        )
+        return metrics_from_json(self._client.request("GET", f"/v1/sandboxes/{self.id}/metrics").json())
 
     def expose(self, port: int, *, secure: bool = False) -> ExposedPort:
         """Expose `port` of the guest on the daemon's host, at `host:host_port`.

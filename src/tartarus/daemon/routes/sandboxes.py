@@ -3,7 +3,6 @@ quarantine and release (operators only)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -20,13 +19,13 @@ from tartarus.daemon.models import (
     QuarantineRequest,
     SandboxInfo,
     SandboxList,
-    SandboxMetrics,
     SetTimeout,
 )
 from tartarus.daemon.routes.deps import ERRORS, AdminOnly, Caller, Control, Manager
 from tartarus.daemon.routes.views import ended_info, sandbox_info
 from tartarus.errors import Conflict
 from tartarus.sandbox import usage
+from tartarus.wire import SandboxMetrics
 
 router = APIRouter()
 
@@ -76,8 +75,7 @@ async def sandbox_metrics(sandbox_id: str, manager: Manager) -> SandboxMetrics:
     sandbox = manager.get(sandbox_id).runtime
     if sandbox is None:
         raise Conflict(f"sandbox {sandbox_id} is not running: it uses no CPU or memory now")
-    now = await usage.measure(sandbox)
-    return SandboxMetrics(**dataclasses.asdict(now))
+    return await usage.measure(sandbox)
 
 
 @router.put("/v1/sandboxes/{sandbox_id}/timeout", response_model=SandboxInfo, responses=ERRORS)

@@ -157,6 +157,8 @@ class Recovery:
         is not the caller's failure: the sandbox runs on, and a daemon that crashes would reap it."""
         if not self.config.live_restore or record.runtime is None or record.state != "running":
             return
+        if record.runtime.backend == "gvisor":  # it ends with this daemon (its channel is ours): reaped
+            return
         try:
             self._describe(record)
         except OSError as e:

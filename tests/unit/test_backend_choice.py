@@ -103,6 +103,8 @@ def test_what_a_gvisor_sandbox_cannot_honour_yet_is_refused() -> None:
     full = SandboxSpec("python-ds", network=NetworkPolicy(mode="full"))
     with pytest.raises(InvalidArgument, match="network 'full'"):
         choice.refuse_on_gvisor(TEMPLATE, full, _admission(network=PinnedPolicy("full")))
+    with pytest.raises(InvalidArgument, match="does not enforce vcpus, max_processes yet"):
+        choice.refuse_on_gvisor(TEMPLATE, SandboxSpec("python-ds", vcpus=2, max_processes=64), _admission())
     with pytest.raises(InvalidArgument, match="idle timeout"):
         choice.refuse_on_gvisor(TEMPLATE, SandboxSpec("python-ds", idle_timeout=60), _admission())
     service = Template(name="svc", key="k", rootfs=Path("/x"), fstype="ext4", start=["nginx"])

@@ -179,6 +179,8 @@ class Recovery:
         for record in self.table.list():
             if record.state != "running" or record.runtime is None or record.lock.locked():
                 continue  # one mid-operation is destroyed: it cannot be described consistently
+            if record.runtime.backend == "gvisor":
+                continue  # its agent's channel is this daemon's socket: it is destroyed with the daemon
             try:
                 self._describe(record)
                 await record.runtime.detach()

@@ -100,3 +100,19 @@ def refuse_on_gvisor(template: Template, spec: SandboxSpec, admission: Admission
         )
     if spec.idle_timeout is not None:
         raise InvalidArgument("an idle timeout hibernates, which the gvisor backend does not do yet")
+    # What the VM path enforces on the VMM (cgroups, QEMU's throttles, the guest kernel's cap): the
+    # container's cgroup is the seam where these come (`Sandbox._start_gvisor`).
+    asked = {
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "max_processes": spec.max_processes,
+        "disk_mib": spec.disk_mib,
+    }
+    unenforced = [name for name, value in asked.items() if value is not None]
+    if admission.limits.bandwidth.limited:
+        unenforced.append("the policy's bandwidth limits")
+    if unenforced:
+        raise InvalidArgument(
+            f"the gvisor backend does not enforce {', '.join(unenforced)} yet: leave them to the "
+            "template's defaults, or use a VM backend"
+        )

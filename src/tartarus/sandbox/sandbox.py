@@ -672,6 +672,7 @@ class Sandbox:
         release to reopen."""
         if self.quarantined is not None:
             raise Conflict(f"sandbox {self.id} is already quarantined ({self.quarantined.reason})")
+        self.vm_only("quarantined (destroy it instead)")  # no network to cut, no cgroup to clamp yet
         t0 = time.perf_counter()
         if self.network is not None:
             self.network.cut()

@@ -178,3 +178,17 @@ def test_gvisor_sandboxes_of_a_daemon_killed_with_9_are_reaped_by_the_next(tmp_p
         first.stop(signal.SIGKILL)
         if second is not None:
             second.stop(signal.SIGTERM)
+
+
+def test_a_gvisor_sandbox_whose_runsc_dies_is_failed_with_why(api: Api, alice: str) -> None:
+    require_gvisor()
+    sb = Sandbox.create("python-ds", url=api.url, api_key=alice, backend="gvisor")
+    workdir = api.state / "sandboxes" / sb.id
+    try:
+        for pid in pids_under(workdir / "gvisor" / "runsc"):
+            os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: sb.refresh().state == "failed", DEADLINE)
+        assert "gVisor sandbox exited" in (sb.info.error or "")
+    finally:
+        sb.kill()
+    assert not workdir.exists()

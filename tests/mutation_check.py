@@ -702,6 +702,22 @@ MUTATIONS: tuple[Mutation, ...] = (
             "tests/limits/test_bandwidth.py::test_quarantine_lowers_the_disk_rate_live_and_release_restores_it",
         ),
     ),
+    Mutation(
+        "policy.backend-rule",
+        "a policy rule on the backend keeps tenants off gVisor",
+        "src/tartarus/policy/engine.py",
+        "if self.backend is not None and req.backend not in self.backend:",
+        "if False:",
+        ("tests/unit/test_backend_choice.py",),
+    ),
+    Mutation(
+        "gvisor.network-refused",
+        "a gVisor create with egress it cannot enforce yet is refused, not run without it",
+        "src/tartarus/sandbox/choice.py",
+        'if admission.network.mode != "none":',
+        "if False:",
+        ("tests/unit/test_backend_choice.py",),
+    ),
 )
 
 

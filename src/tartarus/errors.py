@@ -114,6 +114,13 @@ class SetupRequired(TartarusError):
     status = 503
 
 
+class BackendUnavailable(TartarusError):
+    """The backend asked for (kvm, tcg, gvisor) does not work on this host; the message says why."""
+
+    code = "backend_unavailable"
+    status = 503
+
+
 class RegistryUnavailable(TartarusError):
     """An image registry could not be used: unreachable, refusing access, or answering nonsense."""
 
@@ -159,6 +166,7 @@ ALL: dict[str, type[TartarusError]] = {
         CaptureFailed,
         GuestError,
         SetupRequired,
+        BackendUnavailable,
         RegistryUnavailable,
         InvalidImage,
         NotReady,

@@ -35,7 +35,23 @@ def steps(templates: list[str], log: Callable[[str], None]) -> list[Step]:
         out.append((f"template {name} (first build ~3-5 min)", build))
         if spec.interpreter is not None or spec.start is not None:
             out.append((f"snapshot of {name} (first time ~30 s)", functools.partial(_snapshot, name, log)))
+        if spec.interpreter is not None and spec.start is None:
+            out.append((f"gVisor warm image of {name}", functools.partial(_gvisor_image, name, log)))
     return out
+
+
+def _gvisor_image(name: str, log: Callable[[str], None]) -> Path | None:
+    """The template's `runsc checkpoint` for the gvisor backend, where gVisor works (else a note: the
+    VM backends need none of it)."""
+    from tartarus.gvisor.runsc import probe
+    from tartarus.gvisor.warm import warm_image
+    from tartarus.templates.built import get_template
+
+    support = probe()
+    if not support.works:
+        log(f"  gvisor backend unavailable here: {support.reason}")
+        return None
+    return warm_image(get_template(name)).path
 
 
 def _snapshot(name: str, log: Callable[[str], None]) -> Path:

@@ -88,4 +88,4 @@ def test_slo_histograms_fill_from_real_work(api: Api) -> None:
         text = c.get("/metrics").text
     for name in ("tartarus_admission_seconds", "tartarus_hibernate_seconds", "tartarus_wake_seconds"):
         assert _observations(text, name) >= 1, name
-    assert 'tartarus_sandbox_create_seconds_count{method="restore"}' in text
+    assert 'tartarus_sandbox_create_seconds_count{backend="tcg",method="restore"}' in text

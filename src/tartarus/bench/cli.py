@@ -53,7 +53,15 @@ def _measure(name: str, steps: int | None, runner: Runner) -> dict[str, Any]:
     ) as bar:
         task = bar.add_task(name, total=steps)
         result = runner(lambda n: bar.advance(task, n))
-    doc = {"benchmark": name, **result, "accel": accel, "machine": machine_info(accel), "started_at": started}
+    # What ran the sandboxes measured: the result's own word (gvisor-start), each of a side-by-side run's
+    # (compute: "host+gvisor+tcg"), else the VM's.
+    backends = result.get("backends")
+    vm = "kvm" if accel == "kvm" else "tcg"
+    backend = result.get("backend") or ("+".join(backends) if isinstance(backends, dict) else vm)
+    doc = {
+        "benchmark": name, **result, "accel": accel, "backend": backend, "machine": machine_info(accel),
+        "started_at": started,
+    }  # fmt: skip
     if "p50_ms" in doc:
         err.print(
             f"{name}: n={doc['samples']} p50={doc['p50_ms']:.1f} ms p99={doc['p99_ms']:.1f} ms "

@@ -58,6 +58,14 @@ def _accel_reason(accel: str | None) -> str | None:
     return str(probe["why"])
 
 
+def _gvisor() -> str:
+    """Whether the gvisor backend works here, and which runsc (its probe's words)."""
+    from tartarus.gvisor.runsc import probe
+
+    support = probe()
+    return support.reason if support.works else f"unavailable: {support.reason}"
+
+
 def machine_info(accel: str | None = None) -> dict[str, Any]:
     mem_kib = 0
     try:
@@ -79,5 +87,6 @@ def machine_info(accel: str | None = None) -> dict[str, Any]:
         "accel": accel,
         "accel_reason": _accel_reason(accel) if accel else None,
         "kvm_device": os.path.exists("/dev/kvm"),
+        "gvisor": _gvisor(),
         "git_rev": _git_rev(),
     }

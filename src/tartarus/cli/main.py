@@ -129,6 +129,10 @@ def run(
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
     cwd: Annotated[str | None, typer.Option(help="working directory in the guest")] = None,
     timeout: Annotated[float | None, typer.Option(help="seconds before the command is killed")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="kvm, tcg or gvisor (default: the template's, the daemon's, the host's VM)"),
+    ] = None,
 ) -> None:
     """Create a sandbox, run COMMAND in it streaming its output, destroy it; exit with its status."""
     from tartarus.sdk import Sandbox
@@ -136,8 +140,8 @@ def run(
     env_vars = _parse_env(env)
     try:
         with _endpoint() as url:
-            with err.status(f"starting a {template} sandbox"):
-                sb = Sandbox.create(template, url=url)
+            with err.status(f"starting a {template} sandbox" + (f" on {backend}" if backend else "")):
+                sb = Sandbox.create(template, url=url, backend=backend)
             with sb:
                 result = _stream(sb, command, env=env_vars, cwd=cwd, timeout=timeout)
     except errors.TartarusError as e:
@@ -230,6 +234,10 @@ def sandbox_create(
     label: Annotated[
         list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE, for list filters and policy rules")
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="kvm, tcg or gvisor (default: the template's, the daemon's, the host's VM)"),
+    ] = None,
 ) -> None:
     """Create a sandbox on the running daemon and print its id."""
     from tartarus.sdk import SandboxInfo
@@ -251,6 +259,7 @@ def sandbox_create(
         timeout=timeout,
         labels=_parse_env(label, "--label"),
         disk_mib=disk_mib,
+        backend=backend,
     )
     try:
         client = Client()
@@ -324,10 +333,13 @@ def sandbox_ls(
     if as_json:
         print(json.dumps([dataclasses.asdict(s) for s in sandboxes], indent=2))
         return
-    table = Table("ID", "TENANT", "TEMPLATE", "STATE", "VCPUS", "MEMORY", "LABELS")
+    table = Table("ID", "TENANT", "TEMPLATE", "STATE", "BACKEND", "VCPUS", "MEMORY", "LABELS")
     for s in sandboxes:
         labels = ",".join(f"{k}={v}" for k, v in s.labels.items())
-        table.add_row(s.id, s.tenant or "-", s.template, s.state, str(s.vcpus), f"{s.memory_mib} MiB", labels)
+        table.add_row(
+            s.id, s.tenant or "-", s.template, s.state, s.backend or "-", str(s.vcpus), f"{s.memory_mib} MiB",
+            labels,
+        )  # fmt: skip
     Console().print(table)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tartarus.errors import InvalidArgument
 from tartarus.policy import Policy, load_policy
+from tartarus.sandbox.backend import Backend, parse_backend
 
 
 def _pool_size_from_env() -> int:
@@ -83,6 +84,13 @@ def _quota_from_env() -> int | None:
     return mib * 2**20
 
 
+def _backend_from_env() -> Backend | None:
+    raw = os.environ.get("TARTARUS_BACKEND", "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    return parse_backend(raw, "TARTARUS_BACKEND (or auto)")
+
+
 def _policy_from_env() -> Policy:
     path = os.environ.get("TARTARUS_POLICY")
     return load_policy(Path(path)) if path else Policy()
@@ -98,6 +106,9 @@ class DaemonConfig:
     # Disk that hibernated sandboxes and checkpoints may use together; None: no limit but the disk's.
     # TARTARUS_HIBERNATE_QUOTA_MIB=N|unlimited; unset: DEFAULT_HIBERNATE_QUOTA_MIB.
     hibernate_quota_bytes: int | None = field(default_factory=_quota_from_env)
+    # The backend of sandboxes whose create and template name none (TARTARUS_BACKEND=kvm|tcg|gvisor;
+    # unset or `auto`: the host's VM backend, kvm if it boots, else tcg: see the README's "Backends").
+    backend: Backend | None = field(default_factory=_backend_from_env)
     # Admission rules, limit caps, quarantine settings (TARTARUS_POLICY=FILE; default: admit all).
     policy: Policy = field(default_factory=_policy_from_env)
     # VMMs outlive the daemon, and a restarted daemon takes over the sandboxes it finds running

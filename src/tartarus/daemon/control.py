@@ -329,11 +329,13 @@ class ControlPlane:
             if "state_loaded" in record.timings
             else "boot"
         )
-        self.metrics.create_seconds.labels(method).observe(request.state.runtime_seconds)
+        backend = record.runtime.backend if record.runtime else "unknown"
+        self.metrics.create_seconds.labels(method, backend).observe(request.state.runtime_seconds)
         request.state.audit_detail = {
             "template": spec.template,
             "labels": dict(spec.labels),
             "method": method,
+            "backend": backend,
         }
         return record
 

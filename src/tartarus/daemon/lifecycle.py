@@ -26,6 +26,8 @@ from tartarus.policy import PolicyEngine
 from tartarus.policy.admission import admit
 from tartarus.policy.model import QuarantineSettings
 from tartarus.sandbox import capture
+from tartarus.sandbox.backend import Backend
+from tartarus.sandbox.choice import choose, refuse_on_gvisor, vm_backend
 from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.quarantine import Confinement
 from tartarus.sandbox.sandbox import Sandbox, compatible
@@ -105,7 +107,7 @@ class Lifecycle:
             saved = source.saved
             # The capture's shape, not the template's: it was restored, so the two agree.
             asked = dataclasses.replace(spec, vcpus=saved.vcpus, memory_mib=saved.memory_mib)
-            admission = await self.admit(saved.template, asked)
+            admission = await self.admit(saved.template, asked, vm_backend())  # captures are VMs
             start = Sandbox.wake if source.wake else Sandbox.copy
             with self.pools.take(self.pools.for_image(saved)) as prepared:
                 runtime, snapshot = await start(
@@ -119,7 +121,15 @@ class Lifecycle:
                 await self._contain(runtime, admission)
             return Started(runtime, snapshot, admission)
         template = get_template(spec.template)
-        admission = await self.admit(template, spec)
+        backend = choose(spec.backend, template, self.config.backend)
+        admission = await self.admit(template, spec, backend)
+        if backend == "gvisor":
+            refuse_on_gvisor(template, spec, admission)
+            runtime = await Sandbox.start_gvisor(
+                template, self.layout.sandboxes, spec, limits=admission.limits
+            )
+            await self._contain(runtime, admission)
+            return Started(runtime, None, admission)
         found = find_snapshot(template) if template.snapshotted else None
         if found is not None and compatible(found, spec):
             bound = await self._from_ready(template, spec, admission)
@@ -170,11 +180,11 @@ class Lifecycle:
         finally:
             pool.refill()  # of what was taken or found dead; held by the request until it has answered
 
-    async def admit(self, template: Template, spec: SandboxSpec) -> Admission:
+    async def admit(self, template: Template, spec: SandboxSpec, backend: Backend | None = None) -> Admission:
         """The policy's verdict and the sandbox's limits, before any VMM is touched."""
         t0 = time.perf_counter()
         try:
-            return await admit(self.policy, template, spec)
+            return await admit(self.policy, template, spec, backend)
         except PolicyDenied as e:
             audit.record(
                 self.state_dir,
@@ -287,6 +297,7 @@ class Lifecycle:
             if record.busy:
                 raise Conflict(f"sandbox {id_} has calls in progress; hibernate it when they finish")
             not_quarantined(record.runtime, "hibernated")
+            record.runtime.vm_only("hibernated")
             self.ports.cut(id_)  # connections through exposed ports end; the next one wakes it
             t0 = time.perf_counter()
             try:
@@ -319,6 +330,7 @@ class Lifecycle:
         async with self.use(id_) as runtime:
             record = self.table.get(id_)
             not_quarantined(runtime, "checkpointed or forked")
+            runtime.vm_only("checkpointed or forked")
             cid = "ck-" + secrets.token_hex(6)
             return await runtime.checkpoint(
                 record.snapshot, self.layout, cid, ttl, self.config.hibernate_quota_bytes

@@ -86,8 +86,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.create_seconds = Histogram(
             "tartarus_sandbox_create_seconds",
-            "Create request admitted to sandbox ready, by how it was made",
-            ["method"],
+            "Create request admitted to sandbox ready, by how it was made and what runs it",
+            ["method", "backend"],
             buckets=_BUCKETS,
             registry=self.registry,
         )

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from tartarus.limits.spec import DEFAULT_DISK_MIB
 from tartarus.network.policy import NetworkPolicy
 from tartarus.runtime.protocol import PTY_MAX_SIZE
+from tartarus.sandbox.backend import Backend
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.templates.spec import NAME_PATTERN
 
@@ -58,6 +59,11 @@ class CreateSandbox(Strict):
         description="seconds until the sandbox is destroyed (none: never, or the policy's default); "
         "capped by the policy",
     )
+    backend: Backend | None = Field(
+        None,
+        description="kvm or tcg (a QEMU microVM) or gvisor (runsc: native compute, a user-space kernel as "
+        "its boundary); default: the template's, else the daemon's (TARTARUS_BACKEND), else the host's VM",
+    )
 
     def spec(self, tenant: str) -> SandboxSpec:
         """The request as the layers below take it; `timeout` is capped by the policy at admission."""
@@ -73,6 +79,7 @@ class CreateSandbox(Strict):
             idle_timeout=self.idle_timeout_s,
             disk_mib=self.disk_mib,
             max_processes=self.max_processes,
+            backend=self.backend,
         )
 
 
@@ -164,6 +171,9 @@ class SandboxInfo(BaseModel):
     memory_mib: int
     timings_ms: dict[str, float] = Field(default_factory=dict)
     restored: bool = Field(False, description="created by restoring the template's snapshot")
+    backend: Backend | None = Field(
+        None, description="what runs it: kvm, tcg (QEMU) or gvisor (runsc); none once it no longer runs"
+    )
     network: Literal["none", "allow", "full"] = Field("none", description="egress in force now")
     quarantined: bool = False
     quarantine_reason: str | None = None

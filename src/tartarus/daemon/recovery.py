@@ -157,6 +157,8 @@ class Recovery:
         is not the caller's failure: the sandbox runs on, and a daemon that crashes would reap it."""
         if not self.config.live_restore or record.runtime is None or record.state != "running":
             return
+        if record.runtime.backend == "gvisor":  # it ends with this daemon (its channel is ours): reaped
+            return
         try:
             self._describe(record)
         except OSError as e:
@@ -177,6 +179,8 @@ class Recovery:
         for record in self.table.list():
             if record.state != "running" or record.runtime is None or record.lock.locked():
                 continue  # one mid-operation is destroyed: it cannot be described consistently
+            if record.runtime.backend == "gvisor":
+                continue  # its agent's channel is this daemon's socket: it is destroyed with the daemon
             try:
                 self._describe(record)
                 await record.runtime.detach()

@@ -167,15 +167,15 @@ class SandboxTable:
         self.changed(record, "woken")
 
     def _watch(self, record: SandboxRecord) -> None:
-        assert record.runtime is not None and record.runtime.vm is not None
-        record.runtime.vm.on_exit = lambda vm: self._vm_exited(record)
+        assert record.runtime is not None and record.runtime.engine is not None
+        record.runtime.on_exit(lambda: self._vm_exited(record))
 
     def _vm_exited(self, record: SandboxRecord) -> None:
         if record.id in self._records and record.state == "running" and not record.lock.locked():
             self.failed(record)
 
     def failed(self, record: SandboxRecord) -> None:
-        vm = record.runtime.vm if record.runtime else None
-        record.state, record.error = "failed", vm.exit_message if vm else "VM exited"
+        record.state = "failed"
+        record.error = record.runtime.exit_message if record.runtime else "VM exited"
         log.warning("sandbox %s failed: %s", record.id, record.error)
         self.changed(record, "failed")

@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,7 @@ class GvisorContainer:
         self._exited = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
         self._channel: socket.socket | None = None  # the host's end, until an AgentClient owns it
+        self.on_exit: Callable[[], None] | None = None  # told once the sandbox process has ended
 
     def _runsc(self, *args: str) -> list[str]:
         layer = f"--overlay2=root:dir={self.paths.layer}"
@@ -266,6 +268,8 @@ class GvisorContainer:
         self._exited.set()
         if self.agent is not None:
             self.agent.fail(SandboxFailed(self.exit_message()))
+        if self.on_exit is not None:
+            self.on_exit()
 
     @property
     def running(self) -> bool:

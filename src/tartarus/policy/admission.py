@@ -14,12 +14,15 @@ from tartarus.errors import PolicyDenied, TartarusError
 from tartarus.limits.spec import resolve_limits
 from tartarus.network.policy import NONE, resolve
 from tartarus.policy.engine import AdmissionRequest, PolicyEngine
+from tartarus.sandbox.backend import Backend
 from tartarus.sandbox.spec import Admission, SandboxSpec
 from tartarus.templates.built import Template
 from tartarus.templates.spec import ImageBase, builtin_spec
 
 
-async def admit(engine: PolicyEngine, template: Template, spec: SandboxSpec) -> Admission:
+async def admit(
+    engine: PolicyEngine, template: Template, spec: SandboxSpec, backend: Backend | None = None
+) -> Admission:
     decision = engine.admit(
         AdmissionRequest(
             spec.tenant,
@@ -27,6 +30,7 @@ async def admit(engine: PolicyEngine, template: Template, spec: SandboxSpec) -> 
             spec.network.mode,
             template_image(template.name, template.key),
             spec.labels,
+            backend,
         )
     )
     if decision.verdict == "reject":

@@ -23,6 +23,7 @@ class AdmissionRequest:
     network: str  # the requested mode: none | allow | full
     image: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    backend: str | None = None  # kvm | tcg | gvisor, as chosen for it (`sandbox.choice`)
 
 
 def _glob(patterns: list[str] | None) -> re.Pattern[str] | None:
@@ -39,6 +40,7 @@ class _CompiledRule:
     image: re.Pattern[str] | None
     network: frozenset[str] | None
     labels: tuple[tuple[str, str], ...]
+    backend: frozenset[str] | None
 
     @classmethod
     def of(cls, rule: Rule) -> _CompiledRule:
@@ -50,6 +52,7 @@ class _CompiledRule:
             _glob(m.image),
             frozenset(m.network) if m.network is not None else None,
             tuple(m.labels.items()),
+            frozenset(m.backend) if m.backend is not None else None,
         )
 
     def matches(self, req: AdmissionRequest) -> bool:
@@ -60,6 +63,8 @@ class _CompiledRule:
         if self.image is not None and (req.image is None or not self.image.match(req.image)):
             return False
         if self.network is not None and req.network not in self.network:
+            return False
+        if self.backend is not None and req.backend not in self.backend:
             return False
         return all(req.labels.get(k) == v for k, v in self.labels)
 

@@ -9,6 +9,10 @@ rules:                                     # first match wins; no match: admit
     match: {tenant: ["free-*"], network: [full]}
     verdict: quarantine
     reason: free-tier sandboxes with full egress are confined
+  - name: no-gvisor-for-free-tier                # gVisor's boundary is a user-space kernel, not a VM
+    match: {tenant: ["free-*"], backend: [gvisor]}
+    verdict: reject
+    reason: free-tier sandboxes run in VMs
 quarantine: {cpu_fraction: 0.1, memory_mib: 256, refused_packets: 500, window_s: 5, disk_bytes_per_s: 8388608}
 placement:
   nodes: [{name: local, labels: [general, quarantine]}]
@@ -41,6 +45,9 @@ class Match(Strict):
     template: list[str] | None = None
     image: list[str] | None = None
     network: list[NetworkMode] | None = None
+    backend: list[Literal["kvm", "tcg", "gvisor"]] | None = Field(
+        None, description="the backend chosen for the sandbox (a `sandbox.backend.Backend`)"
+    )
     labels: dict[str, str] = Field(default_factory=dict, description="each key must have this value")
 
 

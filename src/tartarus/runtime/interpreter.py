@@ -39,13 +39,20 @@ class CodeInterpreter:
         self._lenient = lenient  # skip lines that are not JSON (the tail of one a dead client half-read)
 
     @classmethod
-    async def start(cls, agent: AgentClient, preload: list[str], timeout: float = 600.0) -> CodeInterpreter:
-        """Install and start the interpreter; return once its heavy imports are done."""
+    async def start(
+        cls,
+        agent: AgentClient,
+        preload: list[str],
+        timeout: float = 600.0,
+        env: Mapping[str, str] | None = None,
+    ) -> CodeInterpreter:
+        """Install and start the interpreter; return once its heavy imports are done. `env` is there
+        before the imports (a cap on BLAS threads is read when numpy loads)."""
         await agent.mkdir(str(Path(GUEST_PATH).parent), parents=True)
         await agent.write_file(GUEST_PATH, GUEST_SCRIPT.read_bytes())
         process = await agent.exec(
             ["python3", "-u", GUEST_PATH],
-            env={"TARTARUS_PRELOAD": ",".join(preload), "PYTHONDONTWRITEBYTECODE": "1"},
+            env={**(env or {}), "TARTARUS_PRELOAD": ",".join(preload), "PYTHONDONTWRITEBYTECODE": "1"},
             cwd="/root",
             stdin=True,
             request_id=INTERPRETER_ID,

@@ -10,6 +10,7 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
+from tartarus.gvisor.leftovers import CONTAINER_DIR, reap_container
 from tartarus.limits.cgroups import reap as reap_cgroup
 from tartarus.network import sandbox as network_records
 from tartarus.runtime.vm import PID_FILE, is_our_vmm
@@ -56,6 +57,9 @@ def reap_workdir(workdir: Path) -> None:
             os.kill(pid, 9)
             log.warning("killed leftover VMM pid %d of %s", pid, workdir.name)
             _wait_gone(pid)
+    left = reap_container(workdir / CONTAINER_DIR)  # a gVisor sandbox's runsc processes
+    if left:
+        log.error("could not kill the gVisor processes %s of %s", left, workdir.name)
     network_records.reap(workdir)
     reap_cgroup(workdir.name)
     shutil.rmtree(workdir, ignore_errors=True)

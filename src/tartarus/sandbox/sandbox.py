@@ -1,6 +1,7 @@
-"""A sandbox: one microVM from a template, with its own writable layer and working directory, and one
-method per verb — `boot`, `prepare`/`restore`, `wake`, `copy`, `hibernate`, `checkpoint`, `attach`,
-`detach`, `destroy`, `contain`, `quarantine`, `release`. Only these methods set its fields.
+"""A sandbox: one microVM (or one gVisor container: `start_gvisor`) from a template, with its own
+writable layer and working directory, and one method per verb — `boot`, `prepare`/`restore`, `wake`,
+`copy`, `hibernate`, `checkpoint`, `attach`, `detach`, `destroy`, `contain`, `quarantine`, `release`.
+Only these methods set its fields.
 
 Everything a sandbox owns on the host lives under its directory (`<state>/sandboxes/<id>/`), so destroying
 it — or reconciling after a crash — is "kill the VMM whose pid file is there, then delete the directory"
@@ -27,6 +28,9 @@ from tartarus import audit, failpoints
 from tartarus.bootfiles.initramfs import initramfs_path
 from tartarus.bootfiles.kernel import kernel_path
 from tartarus.errors import Conflict, InvalidArgument, SandboxFailed
+from tartarus.gvisor.container import GvisorContainer
+from tartarus.gvisor.leftovers import CONTAINER_DIR
+from tartarus.gvisor.warm import WarmImage, bundle_spec, sandbox_env, warm_image
 from tartarus.hibernation.capture import fsync_path
 from tartarus.limits import Limits, SandboxCgroup
 from tartarus.limits.bandwidth import Bandwidth
@@ -43,6 +47,7 @@ from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.qemu import Drive, VMConfig, disk_node
 from tartarus.runtime.vm import MicroVM
 from tartarus.sandbox import capture, descriptor
+from tartarus.sandbox.backend import Backend, Engine
 from tartarus.sandbox.capture import LAYER, RESUMED
 from tartarus.sandbox.descriptor import Described
 from tartarus.sandbox.layout import Layout
@@ -94,6 +99,7 @@ class Sandbox:
         *,
         limits: Limits | None = None,
         outlive_owner: bool = False,
+        backend: Backend | None = None,
     ) -> None:
         self.id = id_
         self.template = template
@@ -103,6 +109,8 @@ class Sandbox:
         self.outlive_owner = outlive_owner  # its VMM outlives the daemon (live restore)
         self.created_at = time.time()
         self.vm: MicroVM | None = None
+        self.container: GvisorContainer | None = None  # instead of `vm` on the gvisor backend
+        self._backend = backend  # None: a VM, under the host's accelerator
         self.interpreter: CodeInterpreter | None = None
         self.timings: dict[str, float] = {}
         self.network: SandboxNetwork | None = None
@@ -111,15 +119,48 @@ class Sandbox:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**self.template.env, **self.spec.env}
+        base = sandbox_env(self.template) if self.backend == "gvisor" else self.template.env
+        return {**base, **self.spec.env}
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is not None:
+            return self._backend
+        if self.vm is not None:
+            return "kvm" if self.vm.config.accel == "kvm" else "tcg"
+        return "tcg" if self.container is None else "gvisor"
+
+    @property
+    def engine(self) -> Engine | None:
+        """What runs the guest: the VM or the gVisor container (None before it starts)."""
+        return self.vm if self.vm is not None else self.container
+
+    @property
+    def exit_message(self) -> str:
+        if self.container is not None:
+            return self.container.exit_message()
+        return (self.vm.exit_message if self.vm else None) or "VM exited"
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Have `callback` told when the guest's host process ends (not when `destroy` ends it)."""
+        if self.vm is not None:
+            self.vm.on_exit = lambda vm: callback()
+        elif self.container is not None:
+            self.container.on_exit = callback
 
     @property
     def agent(self) -> AgentClient:
-        if self.vm is None or self.vm.agent is None:
+        engine = self.engine
+        if engine is None or engine.agent is None:
             raise SandboxFailed(f"sandbox {self.id} is not running")
-        if not self.vm.running:
-            raise SandboxFailed(f"sandbox {self.id} has stopped: {self.vm.exit_message}")
-        return self.vm.agent
+        if not engine.running:
+            raise SandboxFailed(f"sandbox {self.id} has stopped: {self.exit_message}")
+        return engine.agent
+
+    def vm_only(self, what: str) -> None:
+        """Refuse what only a VM sandbox does yet (hibernation, checkpoints), naming the backend."""
+        if self.backend == "gvisor":
+            raise Conflict(f"sandbox {self.id} runs on the gvisor backend, which cannot be {what} yet")
 
     # ---- starting -------------------------------------------------------------------------------
 
@@ -155,6 +196,49 @@ class Sandbox:
         self.timings["vmm_ready"] = self.vm.timings["vmm_ready"]
         await self.vm.wait_agent(self.spec.boot_timeout)
         self.timings["agent_ready"] = time.perf_counter() - t0
+
+    @classmethod
+    async def start_gvisor(
+        cls, template: Template, root: Path, spec: SandboxSpec | None = None, *, limits: Limits | None = None
+    ) -> Sandbox:
+        """A gVisor sandbox of `template`: restored from the template's warm image (its interpreter has
+        the template's modules imported), or started fresh when the template has no interpreter or
+        its image cannot be built. Its writable layer is its own, in its directory."""
+        id_ = new_sandbox_id()
+        workdir = root / id_
+        workdir.mkdir(mode=PRIVATE_DIR, parents=True)
+        sandbox = cls(id_, template, workdir, spec, limits=limits, backend="gvisor")
+        try:
+            await sandbox._start_gvisor()
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        return sandbox
+
+    async def _start_gvisor(self) -> None:
+        t0 = time.perf_counter()
+        image = await _warm_image(self.template)
+        # The seam for containment: the sandbox's network (`self.network`) and cgroup (`self.cgroup`)
+        # are made here and handed to the container; until then it runs with runsc's `--network=none`
+        # and admission refuses what it could not honour (`daemon.lifecycle`).
+        if image is None:
+            container = self.container = GvisorContainer(
+                self.id, bundle_spec(self.template), self.workdir / CONTAINER_DIR
+            )
+            await container.start(self.spec.boot_timeout)
+            self.timings = {"agent_ready": time.perf_counter() - t0}
+            return
+        container = self.container = GvisorContainer(self.id, image.spec, self.workdir / CONTAINER_DIR)
+        await container.restore(image.path, self.spec.boot_timeout)
+        self.timings = {"state_loaded": container.timings["started"]}
+        agent = self.agent
+        # Its clock and entropy are the host's (gVisor's own); a clone gets its own machine-id. The
+        # hostname stays the image's: gVisor denies the agent sethostname.
+        await agent.configure(machine_id=uuid.uuid4().hex)
+        self.interpreter = CodeInterpreter.adopt(agent, image.interpreter_pid)
+        if self.spec.env:
+            await self.interpreter.set_env(self.spec.env)
+        self.timings["first_answer"] = time.perf_counter() - t0
 
     @classmethod
     async def prepare(
@@ -302,6 +386,9 @@ class Sandbox:
     def alive(self) -> bool:
         """Its agent serves and its VMM has not exited (asked of the kernel: `vm.running` learns of a
         death only later). Cheap: no guest round trip."""
+        if self.container is not None:
+            agent = self.container.agent
+            return self.container.running and agent is not None and agent.serving
         vm = self.vm
         pid = vm.pid if vm is not None and vm.running and vm.agent and vm.agent.serving else None
         if pid is None:
@@ -503,6 +590,8 @@ class Sandbox:
     async def grow_disk(self, mib: int) -> None:
         """Grow the writable layer to `mib` MiB, live (never shrinks): QEMU grows the file and tells the
         guest, whose agent then grows the filesystem online."""
+        if self.container is not None:
+            return  # its layer is a directory of runsc's: no size to grow (its limit is a cgroup's)
         vm = self.vm
         if vm is None:
             raise SandboxFailed(f"sandbox {self.id} is not running")
@@ -583,6 +672,7 @@ class Sandbox:
         release to reopen."""
         if self.quarantined is not None:
             raise Conflict(f"sandbox {self.id} is already quarantined ({self.quarantined.reason})")
+        self.vm_only("quarantined (destroy it instead)")  # no network to cut, no cgroup to clamp yet
         t0 = time.perf_counter()
         if self.network is not None:
             self.network.cut()
@@ -641,6 +731,7 @@ class Sandbox:
         exposed: Any = None,
     ) -> SavedSandbox:
         """Capture to `<state>/hibernated/<id>` and stop (`capture.hibernate`: its commit point)."""
+        self.vm_only("hibernated")
         return await capture.hibernate(
             self,
             snapshot,
@@ -660,12 +751,15 @@ class Sandbox:
         quota_bytes: int | None = None,
     ) -> SavedSandbox:
         """Capture to `<state>/checkpoints/<id>` and run on (`capture.checkpoint`)."""
+        self.vm_only("checkpointed")
         return await capture.checkpoint(self, snapshot, layout, checkpoint_id, ttl_s, quota_bytes)
 
     # ---- handing over ---------------------------------------------------------------------------
 
     def describe(self, seal: EnvSeal, *, snapshot: Path | None = None, exposed: Any = None) -> None:
         """Write this running sandbox down for the next daemon (`tartarus.sandbox.descriptor`)."""
+        if self.container is not None:  # its agent's channel is this daemon's socket: it ends with it
+            raise SandboxFailed(f"sandbox {self.id} runs on gvisor: it cannot outlive its daemon")
         descriptor.write(self, seal, snapshot=snapshot, exposed=exposed)
 
     @classmethod
@@ -706,6 +800,8 @@ class Sandbox:
         """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""
         if self.vm is not None:
             await self.vm.kill()
+        if self.container is not None:  # its processes, runsc state and writable layer
+            await self.container.destroy()
         await self.destroy_network()
         cgroup, self.cgroup = self.cgroup, None
         # On a thread: the kernel refuses to remove the cgroup (EBUSY) until the dead VMM's memory is torn
@@ -718,6 +814,18 @@ def _remove_leftovers(cgroup: SandboxCgroup | None, workdir: Path) -> None:
         cgroup.destroy()
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(workdir)
+
+
+async def _warm_image(template: Template) -> WarmImage | None:
+    """The template's warm gVisor image (built off the event loop on first use), or None: the template
+    has no interpreter, or the image could not be built (logged; the sandbox starts fresh)."""
+    if template.preload is None:
+        return None
+    try:
+        return await asyncio.to_thread(warm_image, template)
+    except Exception as e:
+        log.warning("no warm gVisor image of %s (%s): starting fresh", template.name, e)
+        return None
 
 
 async def _copy_off_loop(source: Path, layer: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from tartarus.limits.spec import Limits
 from tartarus.network.policy import NetworkPolicy, PinnedPolicy
+from tartarus.sandbox.backend import Backend, parse_backend
 
 SPEC_VERSION = 2  # 1: the untyped `options` / `record` / `request` dicts of rev b43bebb and before
 BOOT_TIMEOUT_S = 60.0
@@ -40,6 +41,7 @@ class SandboxSpec:
     disk_mib: int | None = None  # requested writable-layer size; None: the template's layer as it is
     max_processes: int | None = None
     boot_timeout: float = BOOT_TIMEOUT_S
+    backend: Backend | None = None  # None: the template's, the daemon's, or the host's VM backend
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "env", _frozen(self.env))
@@ -61,6 +63,7 @@ class SandboxSpec:
             "disk_mib": self.disk_mib,
             "max_processes": self.max_processes,
             "boot_timeout": self.boot_timeout,
+            "backend": self.backend,
         }
 
     @classmethod
@@ -78,6 +81,7 @@ class SandboxSpec:
             disk_mib=data.get("disk_mib"),
             max_processes=data.get("max_processes"),
             boot_timeout=float(data.get("boot_timeout") or BOOT_TIMEOUT_S),
+            backend=parse_backend(data["backend"], "a spec's backend") if data.get("backend") else None,
         )
 
     @classmethod

@@ -48,6 +48,7 @@ def meminfo(text: str) -> dict[str, int]:
 
 async def measure(sandbox: Sandbox) -> SandboxMetrics:
     agent = sandbox.agent  # raises if the sandbox is not running
+    sandbox.vm_only("measured")  # gVisor's guest runs in runsc's stub processes: a cgroup's to count
     vm = sandbox.vm
     if vm is None or vm.pid is None:
         raise SandboxFailed(f"sandbox {sandbox.id} is not running")

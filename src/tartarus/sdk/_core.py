@@ -235,13 +235,17 @@ def create_request(
     max_processes: int | None = None,
     labels: dict[str, str] | None = None,
     disk_mib: int | None = None,
+    backend: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The path and body that create a sandbox from a template or (from_snapshot) a checkpoint."""
     body: dict[str, Any] = {"env": env or {}}
     if idle_timeout:
         body["idle_timeout_s"] = idle_timeout
     if from_snapshot is not None:
-        if vcpus or memory_mib or network is not None or timeout or max_processes or disk_mib or labels:
+        if (
+            vcpus or memory_mib or network is not None or timeout or max_processes or disk_mib or labels
+            or backend
+        ):  # fmt: skip
             raise errors.InvalidArgument(
                 "a sandbox from a checkpoint takes only env and idle_timeout; the rest is the checkpoint's"
             )
@@ -262,6 +266,8 @@ def create_request(
         body["disk_mib"] = disk_mib
     if labels:
         body["labels"] = labels
+    if backend is not None:  # kvm | tcg | gvisor; None: the template's, the daemon's or the host's
+        body["backend"] = backend
     return "/v1/sandboxes", body
 
 

@@ -346,6 +346,7 @@ class AsyncSandbox:
         max_processes: int | None = None,
         disk_mib: int | None = None,
         labels: dict[str, str] | None = None,
+        backend: str | None = None,
         from_snapshot: str | None = None,
         idle_timeout: float | None = None,
         url: str | None = None,
@@ -368,6 +369,7 @@ class AsyncSandbox:
             max_processes=max_processes,
             disk_mib=disk_mib,
             labels=labels,
+            backend=backend,
         )
         try:
             info = SandboxInfo.from_json((await client.request("POST", path, json=body)).json())

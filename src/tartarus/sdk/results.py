@@ -119,6 +119,7 @@ class SandboxInfo:
     quarantined: bool = False
     quarantine_reason: str | None = None
     disk_bytes: int | None = None  # while hibernated: its changes relative to its template, on disk
+    backend: str | None = None  # what runs it: kvm | tcg (QEMU) | gvisor (runsc)
 
     @classmethod
     def from_json(cls, data: object) -> SandboxInfo:
@@ -143,6 +144,7 @@ class SandboxInfo:
             quarantined=f.flag("quarantined"),
             quarantine_reason=f.optional_text("quarantine_reason"),
             disk_bytes=f.optional_integer("disk_bytes"),
+            backend=f.optional_text("backend"),
         )
 
     @classmethod

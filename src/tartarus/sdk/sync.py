@@ -338,6 +338,7 @@ class Sandbox:
         max_processes: int | None = None,
         disk_mib: int | None = None,
         labels: dict[str, str] | None = None,
+        backend: str | None = None,
         from_snapshot: str | None = None,
         idle_timeout: float | None = None,
         url: str | None = None,
@@ -359,6 +360,7 @@ class Sandbox:
             max_processes=max_processes,
             disk_mib=disk_mib,
             labels=labels,
+            backend=backend,
         )
         try:
             info = SandboxInfo.from_json(client.request("POST", path, json=body).json())

@@ -51,7 +51,7 @@ def build_template(spec: TemplateSpec, progress: Callable[[str], None] = print) 
         identity = [steps_key]
     template = Template(
         name=spec.name,
-        key=digest([*identity, spec.model_dump_json()]),
+        key=digest([*identity, spec.model_dump_json(exclude={"backend"})]),
         rootfs=base.rootfs,
         fstype=base.fstype,
         vcpus=spec.resources.vcpus,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -71,6 +72,11 @@ class TemplateSpec(BaseModel):
     workdir: str | None = Field(None, description="default: the image's, or / for a Debian base")
     interpreter: Interpreter | None = None
     start: Start | None = None
+    # `sandbox.backend.Backend` (the template layer sits below the sandbox's). Not a build input: both
+    # backends serve the same root filesystem, so it is left out of the template's key.
+    backend: Literal["kvm", "tcg", "gvisor"] | None = Field(
+        None, description="the backend its sandboxes run on unless a create asks for another"
+    )
 
     @classmethod
     def load(cls, path: Path) -> TemplateSpec:

@@ -6,6 +6,7 @@ from tartarus.daemon.models import CheckpointInfo, FileInfoModel, SandboxInfo
 from tartarus.daemon.table import SandboxRecord
 from tartarus.quarantine.info import containment_info
 from tartarus.runtime.agent import FileInfo
+from tartarus.sandbox.choice import vm_backend
 from tartarus.sandbox.saved import SavedSandbox
 from tartarus.store import SandboxRow
 
@@ -37,6 +38,8 @@ def sandbox_info(record: SandboxRecord, owner: bool = True) -> SandboxInfo:
         memory_mib=vm.config.memory_mib if vm else saved.memory_mib if saved else record.template.memory_mib,
         timings_ms={k: round(v * 1000, 3) for k, v in record.timings.items()},
         restored="state_loaded" in record.timings,
+        # A hibernated sandbox is a VM's capture (gVisor ones do not hibernate yet).
+        backend=record.runtime.backend if record.runtime else vm_backend() if saved else None,
     )
 
 

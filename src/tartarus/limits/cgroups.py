@@ -1,7 +1,9 @@
 """Per-sandbox cgroups on the VMM process: v2 where the host has a unified hierarchy with the
 controllers, v1 (cpu, memory, pids, and cpuacct for accounting) otherwise.
 
-The VMM joins them between fork and exec (runtime/vm.py), so not one guest instruction runs outside.
+The VMM joins them between fork and exec (runtime/vm.py), so not one guest instruction runs outside;
+a gVisor sandbox's `runsc create` joins them before it runs (gvisor/containment.py), with an `Overhead`
+of its own.
 Memory is the guest's RAM plus the VMM's own overhead (the TCG translation cache on hosts without KVM);
 CPU is a CFS quota of one CPU per vCPU; pids bounds the VMM's threads. Quarantine clamps CPU and stops
 memory growth *without* killing: v1 turns the OOM killer off for the group (tasks wait instead),

@@ -50,6 +50,7 @@ CHECKPOINTS = "src/tartarus/daemon/routes/checkpoints.py"
 IMAGES = "src/tartarus/daemon/routes/images.py"
 CONTROL = "src/tartarus/daemon/control.py"
 PORTS_VM = "tests/network/test_exposed_ports.py::"
+GVISOR_CONTAINMENT = "tests/gvisor/test_containment.py::"
 DOTDOT_TAIL = "                        os.close(fds.pop())"
 ADMIN_ROUTES = "tests/api/test_auth.py::test_every_admin_route_refuses_a_tenant_key_even_on_its_own_sandbox"
 GATE = "src/tartarus/daemon/gate.py"
@@ -717,6 +718,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         'if admission.network.mode != "none":',
         "if False:",
         ("tests/unit/test_backend_choice.py",),
+    ),
+    Mutation(
+        "gvisor.nic-namespace",
+        "a gVisor sandbox runs in its NIC's namespace, behind the sandbox namespace's egress rules",
+        "src/tartarus/network/sandbox.py",
+        "        return netns_path(self.netns + NIC_SUFFIX)",
+        "        return netns_path(self.netns)",
+        (f"{GVISOR_CONTAINMENT}test_default_deny_egress_drops_and_counts_every_attempt",),
+    ),
+    Mutation(
+        "gvisor.cgroup-join",
+        "a gVisor sandbox's host processes are born in its cgroup",
+        "src/tartarus/gvisor/containment.py",
+        'steps = [f"echo $$ > {shlex.quote(str(procs))}" for procs in cgroup_procs]',
+        "steps: list[str] = []",
+        (f"{GVISOR_CONTAINMENT}test_the_memory_limit_holds_and_the_host_is_unaffected",),
     ),
 )
 

@@ -7,6 +7,7 @@ and every chunk of data with a timestamp.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import subprocess
@@ -110,6 +111,12 @@ class NetHost:
 
 @pytest.fixture(scope="package")
 def net_host() -> Iterator[NetHost]:
+    with listening_host() as host:
+        yield host
+
+
+@contextlib.contextmanager
+def listening_host() -> Iterator[NetHost]:
     """A namespace at 203.0.113.2 behind a veth from the root namespace, listening on two ports."""
     tag = secrets.token_hex(3)
     netns, link = f"tt-testhost-{tag}", f"tth{tag}"

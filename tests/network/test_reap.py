@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tartarus.limits.spec import resolve_limits
+from tartarus.network.sandbox import NicKind
 from tartarus.sandbox.reap import reap_leftovers
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.snapshot import find_snapshot
@@ -51,9 +52,11 @@ def test_reaping_removes_a_dead_daemons_network_and_cgroups(tmp_path: Path) -> N
         thread.join(10)
 
 
-def test_namespaces_whose_directory_vanished_are_removed_host_wide(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nic", ["tap", "veth"])
+def test_namespaces_whose_directory_vanished_are_removed_host_wide(tmp_path: Path, nic: NicKind) -> None:
     """A state dir deleted under a crashed daemon (or a test's temporary dir) leaves its namespaces with
-    nothing pointing at them; any daemon's start or `gc` removes them, and only them."""
+    nothing pointing at them; any daemon's start or `gc` removes them, and only them: a gVisor
+    sandbox's NIC namespace (`veth`) with its own."""
     from tartarus.limits import SandboxCgroup
     from tartarus.network import SandboxNetwork
     from tartarus.network.sandbox import reap_orphans
@@ -62,9 +65,9 @@ def test_namespaces_whose_directory_vanished_are_removed_host_wide(tmp_path: Pat
     for workdir in (gone, kept):
         workdir.mkdir(parents=True)
     limits = resolve_limits(template_vcpus=1, template_memory_mib=256)
-    orphan = SandboxNetwork.create(gone, gone.name)
+    orphan = SandboxNetwork.create(gone, gone.name, nic=nic)
     SandboxCgroup.create(gone.name, limits)
-    live = SandboxNetwork.create(kept, kept.name)
+    live = SandboxNetwork.create(kept, kept.name, nic=nic)
     try:
         assert orphan.nft is not None
         orphan.nft.close()  # the daemon that held it is gone

@@ -88,3 +88,11 @@ def test_config_json_is_that_spec() -> None:
 def test_bad_input_is_refused(overrides: dict[str, object]) -> None:
     with pytest.raises(InvalidArgument):
         _spec(**overrides)
+
+
+def test_a_sandbox_with_network_runs_in_the_namespace_it_is_given() -> None:
+    netns = Path("/run/netns/tartarus-sb-0123456789ab-nic")
+    named = [n for n in config(_spec(), netns)["linux"]["namespaces"] if n["type"] == "network"]
+    assert named == [{"type": "network", "path": str(netns)}]
+    fresh = [n for n in config(_spec())["linux"]["namespaces"] if n["type"] == "network"]
+    assert fresh == [{"type": "network"}]  # no network: a new, empty namespace (loopback only)

@@ -11,6 +11,10 @@ holds on the host lives in its work directory, which `destroy` removes:
     workdir/console.log          the container's stdout and stderr (the agent's own log lines)
     workdir/sandbox.pid          runsc's sandbox process (`runsc create --pid-file`)
     workdir/logs/                runsc's log per command (create, boot, gofer, ...): why a start failed
+
+Contained like a VM sandbox when given the sandbox's network (made with `nic="veth"`) and cgroup, which
+the caller owns and removes after `destroy`: runsc runs in the network's NIC namespace behind its
+egress rules, and its processes in the cgroup (gvisor/containment.py).
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ from pathlib import Path
 from tartarus import private
 from tartarus.bootfiles.initramfs import initramfs_path
 from tartarus.errors import SandboxFailed, TartarusError
+from tartarus.gvisor.containment import launch_prefix
 from tartarus.gvisor.rootfs import template_tree
 from tartarus.gvisor.runsc import global_flags, runsc_binary
 from tartarus.gvisor.spec import BundleSpec, config_json
+from tartarus.limits.cgroups import SandboxCgroup
+from tartarus.network.sandbox import SandboxNetwork
 from tartarus.runtime.agent import AgentClient
 from tartarus.templates.built import Template
 
@@ -128,11 +135,22 @@ def pids_under(state: Path) -> list[int]:
 
 class GvisorContainer:
     """A running gVisor sandbox of one template, driven through runsc. `workdir` must not exist yet:
-    the container creates it and `destroy` removes it."""
+    the container creates it and `destroy` removes it. `network` (a `nic="veth"` one) and `cgroup`
+    contain it; without a network it has loopback only."""
 
-    def __init__(self, id_: str, spec: BundleSpec, workdir: Path) -> None:
+    def __init__(
+        self,
+        id_: str,
+        spec: BundleSpec,
+        workdir: Path,
+        *,
+        network: SandboxNetwork | None = None,
+        cgroup: SandboxCgroup | None = None,
+    ) -> None:
         self.id = id_
         self.spec = spec
+        self.network = network
+        self.cgroup = cgroup
         self.paths = Layout(workdir)
         self.agent: AgentClient | None = None
         self.pid: int | None = None  # runsc's sandbox process on the host
@@ -145,7 +163,13 @@ class GvisorContainer:
     def _runsc(self, *args: str) -> list[str]:
         layer = f"--overlay2=root:dir={self.paths.layer}"
         logs = f"--debug-log={self.paths.logs}/%COMMAND%.log"
-        return [str(runsc_binary()), *global_flags(self.paths.state), layer, logs, *args]
+        flags = global_flags(self.paths.state, network=self.network is not None)
+        # Only `create` starts processes that stay (the sandbox, the gofer): it alone joins the cgroup.
+        cgroup = self.cgroup.paths if self.cgroup is not None and args[0] == "create" else []
+        prefix = launch_prefix(
+            cgroup_procs=[path / "cgroup.procs" for path in cgroup], hide_sysctl_net=self.network is not None
+        )
+        return [*prefix, str(runsc_binary()), *flags, layer, logs, *args]
 
     async def _run(self, *args: str, stdin: int | None = None, timeout: float = COMMAND_TIMEOUT_S) -> str:
         """Run one runsc command to completion; its stdout, or a `SandboxFailed` with its error."""
@@ -193,14 +217,17 @@ class GvisorContainer:
         `restore` do it themselves when it was not done. On failure whatever was made is removed."""
         if self._channel is not None:
             return
+        netns = self.network.nic_netns_path if self.network is not None else None
         self.paths.workdir.mkdir(mode=0o700)  # a new directory, all ours: `destroy` removes it whole
         for path in (self.paths.bundle, self.paths.layer, self.paths.state, self.paths.logs):
             path.mkdir(mode=0o700)
-        private.write_private(self.paths.bundle / "config.json", config_json(self.spec))
+        private.write_private(self.paths.bundle / "config.json", config_json(self.spec, netns))
         host, guest = socket.socketpair()
         try:
             pid_file = self.paths.workdir / "sandbox.pid"
             try:
+                if self.network is not None:
+                    await asyncio.to_thread(self.network.reset_nic)
                 create = ["create", f"--bundle={self.paths.bundle}", f"--pid-file={pid_file}", self.id]
                 await self._run(*create, stdin=guest.fileno())
             finally:
@@ -300,8 +327,9 @@ class GvisorContainer:
         layer, the work directory. Safe to call at any stage of `start`, and more than once.
 
         Not `runsc delete`: it spends 1.5-2 s polling a sandbox it has just killed. The container holds
-        nothing outside its work directory (no cgroup; runsc's mounts live in the sandbox's own mount
-        namespace), so killing its processes and removing the directory is all there is to undo."""
+        nothing outside its work directory but what its caller gave it (network, cgroup: the caller's
+        to remove, once this returns; runsc's mounts live in the sandbox's own mount namespace), so
+        killing its processes and removing the directory is all there is to undo."""
         if self.agent is not None:
             await self.agent.close()
         if self._channel is not None:

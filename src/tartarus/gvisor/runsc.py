@@ -42,10 +42,15 @@ def runsc_version(binary: Path) -> str:
     return out.stdout.splitlines()[0].strip() if out.stdout else "runsc (unknown version)"
 
 
-def global_flags(state_root: Path, *, platform: str = PLATFORM) -> list[str]:
-    """Flags every runsc command of one sandbox shares: its state root and the platform. No network for
-    now (`none`): the sandbox network is a later step (it needs the namespace workaround on kernels 6.11+)."""
-    return [f"--root={state_root}", f"--platform={platform}", "--network=none"]
+def global_flags(state_root: Path, *, platform: str = PLATFORM, network: bool = False) -> list[str]:
+    """Flags every runsc command of one sandbox shares: its state root, the platform, and the network:
+    `sandbox` (gVisor's netstack on the interfaces of the sandbox's namespace, gvisor/containment.py)
+    or `none` (loopback only). A checkpoint of a sandbox with network drops its open connections
+    (`--net-disconnect-ok`), as a VM's peers time out on a hibernated guest's; without it runsc refuses
+    to save while any TCP endpoint, even one in TIME_WAIT, is connected. Cgroups are the daemon's to
+    make and fill, never runsc's."""
+    net = ["--network=sandbox", "--net-disconnect-ok"] if network else ["--network=none"]
+    return [f"--root={state_root}", f"--platform={platform}", *net, "--ignore-cgroups"]
 
 
 def probe(timeout: float = PROBE_TIMEOUT_S, *, platform: str = PLATFORM) -> Support:

@@ -77,7 +77,14 @@ def _mounts(agent: Path) -> list[dict[str, Any]]:
     ]
 
 
-def config(spec: BundleSpec) -> dict[str, Any]:
+def _namespaces(netns: Path | None) -> list[dict[str, str]]:
+    """New namespaces, but the network one named when the sandbox has a network (`netns`, whose
+    interfaces runsc's netstack adopts); without one, a new empty namespace and only loopback."""
+    network = {"type": "network"} | ({"path": str(netns)} if netns is not None else {})
+    return [{"type": t} for t in ("pid", "ipc", "uts", "mount")] + [network]
+
+
+def config(spec: BundleSpec, netns: Path | None = None) -> dict[str, Any]:
     """The OCI spec as JSON values (runsc reads `config.json`; this is its only producer)."""
     caps = list(CAPABILITIES)
     return {
@@ -96,10 +103,10 @@ def config(spec: BundleSpec) -> dict[str, Any]:
         "hostname": spec.hostname,
         "mounts": _mounts(spec.agent),
         "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "namespaces": _namespaces(netns),
         },
     }
 
 
-def config_json(spec: BundleSpec) -> str:
-    return json.dumps(config(spec), indent=2) + "\n"
+def config_json(spec: BundleSpec, netns: Path | None = None) -> str:
+    return json.dumps(config(spec, netns), indent=2) + "\n"

@@ -1,7 +1,9 @@
 """Per-sandbox cgroups on the VMM process: v2 where the host has a unified hierarchy with the
 controllers, v1 (cpu, memory, pids, and cpuacct for accounting) otherwise.
 
-The VMM joins them between fork and exec (runtime/vm.py), so not one guest instruction runs outside.
+The VMM joins them between fork and exec (runtime/vm.py), so not one guest instruction runs outside;
+a gVisor sandbox's `runsc create` joins them before it runs (gvisor/containment.py), with an `Overhead`
+of its own.
 Memory is the guest's RAM plus the VMM's own overhead (the TCG translation cache on hosts without KVM);
 CPU is a CFS quota of one CPU per vCPU; pids bounds the VMM's threads. Quarantine clamps CPU and stops
 memory growth *without* killing: v1 turns the OOM killer off for the group (tasks wait instead),
@@ -35,6 +37,25 @@ def vmm_overhead_mib() -> int:
     return 320
 
 
+@dataclass(frozen=True)
+class Overhead:
+    """What the host side of a sandbox needs beyond what its limits give the guest: memory on top of
+    the guest's, and a task count per vCPU on top of a fixed one. A VMM and a gVisor sandbox differ."""
+
+    memory_mib: int
+    tasks: int
+    tasks_per_vcpu: int = 1
+
+    def memory_limit_mib(self, limits: Limits) -> int:
+        return limits.memory_mib + self.memory_mib
+
+    def task_limit(self, limits: Limits) -> int:
+        return self.tasks + self.tasks_per_vcpu * limits.vcpus
+
+
+VMM = Overhead(vmm_overhead_mib(), VMM_THREADS)
+
+
 def is_v2() -> bool:
     """A pure v2 host: the root has cgroup.controllers listing what we need."""
     controllers = ROOT / "cgroup.controllers"
@@ -57,9 +78,10 @@ class SandboxCgroup:
     v2: bool
     paths: list[Path]
     limits: Limits | None = None
+    overhead: Overhead = VMM
 
     @classmethod
-    def create(cls, name: str, limits: Limits) -> SandboxCgroup:
+    def create(cls, name: str, limits: Limits, overhead: Overhead = VMM) -> SandboxCgroup:
         v2 = is_v2()
         if v2:
             parent = ROOT / GROUP
@@ -68,7 +90,7 @@ class SandboxCgroup:
             paths = [parent / name]
         else:
             paths = [ROOT / c / GROUP / name for c in V1_CONTROLLERS]
-        group = cls(name, v2, [])
+        group = cls(name, v2, [], overhead=overhead)
         try:
             for path in paths:
                 path.mkdir(parents=True, exist_ok=True)
@@ -80,13 +102,13 @@ class SandboxCgroup:
         return group
 
     @classmethod
-    def existing(cls, name: str, limits: Limits | None) -> SandboxCgroup:
+    def existing(cls, name: str, limits: Limits | None, overhead: Overhead = VMM) -> SandboxCgroup:
         """The group an earlier daemon made (taking over a running sandbox); `limits` are its own."""
         v2 = is_v2()
         paths = [ROOT / GROUP / name] if v2 else [ROOT / c / GROUP / name for c in V1_CONTROLLERS]
         if not all(p.is_dir() for p in paths):
             raise SandboxFailed(f"the cgroup of {name} is gone")
-        return cls(name, v2, paths, limits)
+        return cls(name, v2, paths, limits, overhead)
 
     def resize(self, limits: Limits) -> None:
         """Apply `limits` (a pooled VMM's group was made with the template's; most creates match)."""
@@ -96,8 +118,8 @@ class SandboxCgroup:
         ):
             self.limits = limits
             return
-        self.set(limits.vcpus * PERIOD_US, limits.memory_mib + vmm_overhead_mib())
-        self._set_pids(VMM_THREADS + limits.vcpus)
+        self.set(limits.vcpus * PERIOD_US, self.overhead.memory_limit_mib(limits))
+        self._set_pids(self.overhead.task_limit(limits))
         self.limits = limits
 
     def add(self, pid: int) -> None:
@@ -154,7 +176,7 @@ class SandboxCgroup:
             _write(self._path("memory") / "memory.high", "max")
         else:
             _write(self._path("memory") / "memory.oom_control", "0")
-        self.set(limits.vcpus * PERIOD_US, limits.memory_mib + vmm_overhead_mib())
+        self.set(limits.vcpus * PERIOD_US, self.overhead.memory_limit_mib(limits))
 
     def pids_events_max(self) -> int:
         """How often the VMM hit its thread limit (a runtime-trigger signal)."""
@@ -196,4 +218,4 @@ def reap(name: str) -> None:
             _rmdir(path)
 
 
-__all__ = ["SandboxCgroup", "is_v2", "reap"]
+__all__ = ["VMM", "Overhead", "SandboxCgroup", "is_v2", "reap"]

@@ -4,6 +4,13 @@ Everything is set up when a VMM is prepared (for pooled VMMs, ahead of the creat
 policy `none`; a create that asks for more only swaps the namespace's `egress` chain, one `nft`
 transaction. What exists is recorded in `<workdir>/net.json` *before* it is created, so a daemon that
 dies at any point leaves enough for the next one to remove it (`reap`).
+
+A gVisor sandbox has no TAP to hold: runsc's netstack adopts the interfaces of the namespace it runs
+in, reading their addresses and routes and then sending through packet sockets, which no netfilter
+hook of that namespace sees. So its NIC (`nic="veth"`) is a veth pair: the end named `tap0` stays in
+the sandbox's namespace, where the VM's TAP would be, under the very same rules, and the other end,
+`eth0`, carries the guest's address and default route in a namespace of its own (`<netns>-nic`) that
+runsc runs in and takes over.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tartarus.errors import SandboxFailed, SetupRequired
 from tartarus.network import libnft, nft, tc
@@ -42,6 +50,9 @@ GUEST_MAC = "52:54:00:00:00:02"  # every clone of a snapshot has it; harmless be
 GATEWAY_MAC = "52:54:00:00:00:01"
 GUEST_KERNEL_ARG = f"tartarus.net={GUEST_ADDR},{GATEWAY}"
 RECORD = "net.json"
+NIC_SUFFIX = "-nic"  # the gVisor sandbox's own namespace: <netns>-nic, holding the inner end of its veth
+GUEST_NIC = "eth0"  # that inner end: the NIC the gVisor sandbox sees
+NicKind = Literal["tap", "veth"]
 
 _host_ready = False
 
@@ -70,6 +81,7 @@ class SandboxNetwork:
     cut_off: bool = False
     nft: libnft.NftContext | None = None
     dns: DnsRelay | None = None
+    nic: NicKind = "tap"
 
     @property
     def host_link(self) -> str:
@@ -79,17 +91,29 @@ class SandboxNetwork:
     def netns_path(self) -> Path:
         return netns_path(self.netns)
 
+    @property
+    def nic_netns_path(self) -> Path:
+        """The namespace a gVisor sandbox runs in (`nic="veth"` only): its NIC and nothing else."""
+        if self.nic != "veth":
+            raise SandboxFailed(f"network {self.netns} has a TAP for a VMM, not a namespace for gVisor")
+        return netns_path(self.netns + NIC_SUFFIX)
+
     @classmethod
-    def create(cls, workdir: Path, name: str | None = None) -> SandboxNetwork:
-        """Namespace + TAP + uplink with the `none` policy. Removes what it made if any step fails."""
+    def create(cls, workdir: Path, name: str | None = None, *, nic: NicKind = "tap") -> SandboxNetwork:
+        """Namespace + NIC + uplink with the `none` policy. The NIC is a TAP for a VMM to open, or a
+        veth pair whose inner end waits in a namespace of its own for a gVisor sandbox (`reset_nic`).
+        Removes what it made if any step fails."""
         ensure_host()
         netns = NETNS_PREFIX + (name or secrets.token_hex(6))
         record = workdir / RECORD
         write_private(record, json.dumps({"netns": netns, "slot": None}))
         _register_owner(netns, workdir)
         run(["ip", "netns", "add", netns])
-        network = cls(netns, -1)
+        network = cls(netns, -1, nic=nic)
         try:
+            if nic == "veth":
+                _register_owner(netns + NIC_SUFFIX, workdir)
+                run(["ip", "netns", "add", netns + NIC_SUFFIX])
             network.slot = claim_slot(netns)
             write_private(record, json.dumps({"netns": netns, "slot": network.slot}))
             host_addr, ns_addr = uplink_addresses(network.slot)
@@ -102,7 +126,7 @@ class SandboxNetwork:
             run(
                 ["ip", "-n", netns, "-batch", "-"],
                 stdin=f"link set lo up\n"
-                f"tuntap add dev {nft.TAP} mode tap\n"
+                f"{_nic(netns, nic)}\n"
                 f"link set {nft.TAP} address {GATEWAY_MAC}\n"
                 f"addr add {GATEWAY}/30 dev {nft.TAP}\n"
                 f"link set {nft.TAP} up\n"
@@ -113,10 +137,21 @@ class SandboxNetwork:
             libnft.write_sysctl(network.netns_path, "net.ipv4.ip_forward", "1")
             network.nft = libnft.NftContext(network.netns_path)
             network.nft.run(nft.namespace_ruleset(NONE))
+            if nic == "veth":
+                network.reset_nic()
         except BaseException:
             network.destroy()
             raise
         return network
+
+    def reset_nic(self) -> None:
+        """Give the gVisor NIC its address and default route (again): runsc takes both off the host's
+        interface when its netstack adopts it, so every `runsc create` in this namespace needs them."""
+        run(
+            ["ip", "-n", self.nic_netns_path.name, "-batch", "-"],
+            stdin=f"link set lo up\naddr replace {GUEST_ADDR} dev {GUEST_NIC}\nlink set {GUEST_NIC} up\n"
+            f"route replace default via {GATEWAY}\n",
+        )
 
     @classmethod
     def existing(cls, workdir: Path, policy: PinnedPolicy, *, cut_off: bool) -> SandboxNetwork:
@@ -126,7 +161,8 @@ class SandboxNetwork:
         if slot is None or not netns_path(netns).exists():
             raise SandboxFailed(f"the network namespace of {workdir.name} is gone")
         ensure_host()
-        network = cls(netns, slot, policy, cut_off)
+        nic: NicKind = "veth" if netns_path(netns + NIC_SUFFIX).exists() else "tap"
+        network = cls(netns, slot, policy, cut_off, nic=nic)
         network.nft = libnft.NftContext(network.netns_path)
         return network
 
@@ -188,11 +224,20 @@ class SandboxNetwork:
         return int(out.split("packets", 1)[1].split()[0]) if "packets" in out else 0
 
     def destroy(self) -> None:
-        """Remove the uplink (both veth ends), the namespace (TAP and its nft table with it), the slot."""
+        """Remove the uplink (both veth ends), the namespace (NIC and its nft table with it), the NIC's
+        namespace if it has one, the slot."""
         if self.nft is not None:
             self.nft.close()  # its socket would keep the namespace alive
             self.nft = None
         _remove(self.netns, self.slot)
+
+
+def _nic(netns: str, kind: NicKind) -> str:
+    """The `ip` command that makes the NIC's outer end, `tap0`, in the sandbox's namespace."""
+    if kind == "tap":
+        return f"tuntap add dev {nft.TAP} mode tap"
+    inner = netns + NIC_SUFFIX
+    return f"link add {nft.TAP} type veth peer name {GUEST_NIC} address {GUEST_MAC} netns {inner}"
 
 
 def _register_owner(netns: str, workdir: Path) -> None:
@@ -240,15 +285,17 @@ def _remove(netns: str, slot: int | None) -> None:
         if link_exists(link):
             with contextlib.suppress(Exception):
                 run(["ip", "link", "del", link])
-    if netns_path(netns).exists():
-        try:
-            run(["ip", "netns", "del", netns])
-        except Exception:
-            log.exception("could not delete network namespace %s", netns)
+    for name in (netns, netns + NIC_SUFFIX):
+        if netns_path(name).exists():
+            try:
+                run(["ip", "netns", "del", name])
+            except Exception:
+                log.exception("could not delete network namespace %s", name)
     if slot is not None and slot >= 0:
         release_slot(slot, netns)
-    with contextlib.suppress(OSError):
-        (OWNERS_DIR / netns).unlink()
+    for name in (netns, netns + NIC_SUFFIX):
+        with contextlib.suppress(OSError):
+            (OWNERS_DIR / name).unlink()
 
 
 def _read_record(workdir: Path) -> tuple[str, int | None] | None:

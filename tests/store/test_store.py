@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,24 @@ def test_text_with_nul_is_refused_alike_on_both_stores(database_url: str) -> Non
         assert store.list_keys() == []  # nothing half-written
     finally:
         store.close()
+
+
+def test_stores_opened_at_once_create_the_same_tenant_without_conflict(database_url: str) -> None:
+    """Three agents starting together on a fresh shared store each ensure the `local` tenant (their admin
+    keys'); none may fail on the others' insert."""
+    Store.open(database_url).close()  # migrated once, as the first agent would
+    stores = [Store.open(database_url) for _ in range(6)]
+    barrier = threading.Barrier(len(stores))
+
+    def ensure(store: Store) -> str:
+        barrier.wait()
+        return store.ensure_tenant("local").name
+
+    try:
+        with ThreadPoolExecutor(len(stores)) as pool:
+            for _ in range(5):
+                assert list(pool.map(ensure, stores)) == ["local"] * len(stores)
+                stores[0].db.execute("DELETE FROM tenants WHERE name = ?", ("local",))
+    finally:
+        for store in stores:
+            store.close()

@@ -45,6 +45,7 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.renewals = 0
+        self.failures = 0  # renewals that did not reach the database or failed there (metrics)
 
     def join(self, running: Iterable[str] = ()) -> Registration:
         """Register (a new epoch) and start renewing in the background."""
@@ -101,6 +102,7 @@ class LeaseKeeper:
             except (ClusterUnavailable, psycopg.Error) as e:
                 # Keep trying: the lease may still be valid; holds() turns False at the local deadline.
                 log.warning("lease renewal for %s failed: %s", lease.node, e)
+                self.failures += 1
                 if self._conn is not None:
                     self._conn.close()
                     self._conn = None

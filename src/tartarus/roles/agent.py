@@ -40,6 +40,7 @@ from tartarus.daemon.server import GRACE_S
 from tartarus.daemon.table import Change, SandboxRecord
 from tartarus.errors import AuthError, NotFound, TartarusError
 from tartarus.roles import caller
+from tartarus.roles.metrics import LeaseMetrics
 from tartarus.roles.token import AgentToken
 from tartarus.store import Tenant
 from tartarus.templates.built import list_templates
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SLOTS = 64
 ENDED: frozenset[Change] = frozenset({"destroyed", "expired"})
+METRICS = "/metrics"
 
 
 class NodeNotServing(TartarusError):
@@ -93,6 +95,7 @@ class AgentNode:
         self._manager: SandboxManager | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rejoining: asyncio.Task[None] | None = None
+        self.fenced = 0  # renewals the database refused (metrics)
 
     def serving(self) -> bool:
         return self.keeper.holds()
@@ -144,6 +147,7 @@ class AgentNode:
 
     def _fenced(self, e: Fenced) -> None:
         """From the lease thread: stop (the guard already refuses work), reconcile and register again."""
+        self.fenced += 1
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._start_rejoin)
@@ -180,13 +184,18 @@ class AgentNode:
 
 
 class AgentGuard:
-    """In front of the daemon's app: the agent token on every call but health, and a valid lease."""
+    """In front of the daemon's app: the agent token on every call but health, and a valid lease.
+    /metrics also takes an admin API key (checked against the shared store), lease or not, so Prometheus
+    scrapes agents as it scrapes `serve` and the gateways, without the agent token."""
 
-    def __init__(self, app: ASGIApp, token: AgentToken, node: AgentNode, manager: SandboxManager) -> None:
+    def __init__(
+        self, app: ASGIApp, token: AgentToken, node: AgentNode, manager: SandboxManager, control: ControlPlane
+    ) -> None:
         self.app = app
         self.token = token
         self.node = node
         self.manager = manager
+        self.control = control
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -195,24 +204,27 @@ class AgentGuard:
         if scope["type"] not in ("http", "websocket") or scope["path"] in PUBLIC_ROUTES:
             await self.app(scope, receive, send)
             return
-        if not self.token.admits(header(scope, b"authorization")):
+        authorization = header(scope, b"authorization")
+        if scope["type"] == "http" and scope["path"] == METRICS and not self.token.admits(authorization):
+            try:
+                principal, _ = await ControlPlane.authenticate(self.control, authorization)
+            except AuthError as e:
+                await error_response(e)(scope, receive, send)
+                return
+            await self.app(_as_caller(scope, caller.encode(principal)), receive, send)
+            return
+        if not self.token.admits(authorization):
             refused = AuthError("this is a cluster agent: it serves only gateways presenting the agent token")
             await error_response(refused)(scope, receive, send)
             return
-        if not self.node.serving():
+        if not self.node.serving() and scope["path"] != METRICS:
             fenced = NodeNotServing(
                 "this node's cluster lease lapsed or is not confirmed: it takes no work until it re-registers"
             )
             await error_response(fenced)(scope, receive, send)
             return
         named = header(scope, caller.CALLER_HEADER.encode()) or ""
-        headers = [
-            (k, v)
-            for k, v in scope["headers"]
-            if k.lower() not in (b"authorization", caller.CALLER_HEADER.encode())
-        ]
-        headers.append((b"authorization", f"{caller.SCHEME} {named}".encode("latin-1")))
-        await self.app({**scope, "headers": headers}, receive, send)
+        await self.app(_as_caller(scope, named), receive, send)
 
     def _lifespan(self, send: Send) -> Send:
         async def relay(message: Message) -> None:
@@ -229,6 +241,17 @@ class AgentGuard:
         return relay
 
 
+def _as_caller(scope: Scope, named: str) -> Scope:
+    """The request as the daemon's app takes it: `Authorization: Gateway <caller>`, nothing else."""
+    headers = [
+        (k, v)
+        for k, v in scope["headers"]
+        if k.lower() not in (b"authorization", caller.CALLER_HEADER.encode())
+    ]
+    headers.append((b"authorization", f"{caller.SCHEME} {named}".encode("latin-1")))
+    return {**scope, "headers": headers}
+
+
 @dataclass(frozen=True)
 class AgentOptions:
     host: str
@@ -243,7 +266,9 @@ class AgentOptions:
 def agent_app(state_dir: Path, options: AgentOptions, config: DaemonConfig | None = None) -> AgentGuard:
     app = create_app(state_dir, config, control_type=AgentControl)
     node = AgentNode(options.database_url, options.spec, lease_s=options.lease_s)
-    return AgentGuard(app, options.token, node, app.state.manager)
+    control: ControlPlane = app.state.control
+    control.metrics.registry.register(LeaseMetrics(node.keeper, lambda: node.fenced))
+    return AgentGuard(app, options.token, node, app.state.manager, control)
 
 
 def serve_agent(state_dir: Path, options: AgentOptions) -> None:

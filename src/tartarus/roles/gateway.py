@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import httpx
 import psycopg
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
@@ -47,6 +48,7 @@ from tartarus.daemon.gate import DEFAULT_BODY_LIMIT, too_large
 from tartarus.daemon.server import GRACE_S
 from tartarus.errors import InvalidArgument, NotFound, TartarusError
 from tartarus.roles import quota
+from tartarus.roles.metrics import CountRequests, GatewayMetrics, TimedPlacer
 from tartarus.roles.proxy import NodeUnreachable, Proxy, Target, agent_headers
 from tartarus.roles.token import AgentToken
 from tartarus.store import ApiKey, SandboxRow, Store, Tenant
@@ -124,7 +126,10 @@ class Gateway:
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             ),
         )
-        self.reconciler = Reconciler(options.database_url, grace_s=options.grace_s)
+        self.reconciler = Reconciler(
+            options.database_url, grace_s=options.grace_s, on_sweep=lambda s: self.metrics.swept(len(s.lost))
+        )
+        self.metrics = GatewayMetrics(self.reconciler.interval_s)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -197,6 +202,12 @@ class Gateway:
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "version": tartarus.__version__, "role": "gateway"})
 
+    async def scrape(self, request: Request) -> Response:
+        """Prometheus metrics (docs/metrics.md): admin key only, as on `serve` and the agents."""
+        (await self.authenticate(request)).require_admin()
+        text = await self._in_cluster(lambda conn: self.metrics.render(Membership(conn).nodes()))
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
     async def create(self, request: Request) -> Response:
         principal, tenant = await self._caller(request, with_tenant=True)
         body = await _read_limited(request, DEFAULT_BODY_LIMIT)
@@ -243,8 +254,10 @@ class Gateway:
                     },
                 )
             except httpx.TransportError as e:
+                self.metrics.node_refusals.labels(reservation.node).inc()
                 raise NodeRefused(f"node {reservation.node} did not answer: {e}") from e
             if response.status_code >= 500:
+                self.metrics.node_refusals.labels(reservation.node).inc()
                 raise NodeRefused(
                     f"node {reservation.node} answered {response.status_code}: {response.text[:200]}"
                 )
@@ -253,7 +266,7 @@ class Gateway:
             answers.append(response)
             return str(response.json()["id"])
 
-        placer = Placer(conn, reservation_s=self.options.reservation_s)
+        placer = TimedPlacer(conn, self.metrics, reservation_s=self.options.reservation_s)
         try:
             placer.place(demand, start)
         except AgentAnswered as e:
@@ -408,6 +421,7 @@ def gateway_app(options: GatewayOptions) -> Starlette:
 
     routes = [
         Route("/v1/health", gateway.health, methods=["GET"]),
+        Route("/metrics", gateway.scrape, methods=["GET"]),
         Route("/v1/sandboxes", gateway.create, methods=["POST"]),
         Route("/v1/sandboxes", gateway.list_sandboxes, methods=["GET"]),
         WebSocketRoute("/v1/sandboxes/{sandbox_id}/pty", gateway.terminal),
@@ -417,6 +431,7 @@ def gateway_app(options: GatewayOptions) -> Starlette:
         Route("/{rest:path}", gateway.to_any, methods=everything),
     ]
     app = Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={TartarusError: handle})
+    app.add_middleware(CountRequests, metrics=gateway.metrics)
     app.state.gateway = gateway
     return app
 

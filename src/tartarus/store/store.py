@@ -117,14 +117,16 @@ class Store:
 
     def ensure_tenant(self, name: str) -> Tenant:
         check_tenant_name(name)
+        # One statement, not a read then an insert: stores sharing a database (cluster agents starting
+        # together) may ensure the same tenant at once, and the later insert must not fail.
         with self.db.transaction():
+            self.db.execute(
+                "INSERT INTO tenants (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, time.time()),
+            )
             tenant = self.get_tenant(name)
-            if tenant is None:
-                tenant = Tenant(name, time.time())
-                self.db.execute(
-                    "INSERT INTO tenants (name, created_at) VALUES (?, ?)", (name, tenant.created_at)
-                )
-            return tenant
+        assert tenant is not None
+        return tenant
 
     def get_tenant(self, name: str) -> Tenant | None:
         row = self.db.one(f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE name = ?", (name,))

@@ -206,12 +206,13 @@ class Placer:
         self._confirm(reservation.sandbox_id, reservation.node, reservation.epoch, sandbox_id)
 
     @reports_outages
-    def confirm_wake(self, sandbox_id: str, node: str, epoch: int) -> None:
+    def confirm_wake(self, sandbox_id: str, node: str, epoch: int, detail: str = "") -> None:
         """The waking agent itself confirms, once the sandbox runs: only it knows when the guest is up,
-        and it must stop the guest if the reservation was lost meanwhile (another node may wake it)."""
-        self._confirm(check_name("sandbox id", sandbox_id), node, epoch, sandbox_id)
+        and it must stop the guest if the reservation was lost meanwhile (another node may wake it).
+        `detail` goes into the audit event (what the wake cost)."""
+        self._confirm(check_name("sandbox id", sandbox_id), node, epoch, sandbox_id, detail)
 
-    def _confirm(self, reserved_as: str, node: str, epoch: int, sandbox_id: str) -> None:
+    def _confirm(self, reserved_as: str, node: str, epoch: int, sandbox_id: str, detail: str = "") -> None:
         with self.conn.transaction():
             row = self.conn.execute(
                 """UPDATE cluster.placements p SET state = 'running', reserved_until = NULL, origin = NULL,
@@ -230,7 +231,7 @@ class Placer:
                     node=node,
                     epoch=epoch,
                     sandbox_id=sandbox_id,
-                    detail="" if sandbox_id == reserved_as else f"reserved as {reserved_as}",
+                    detail=detail if sandbox_id == reserved_as else f"reserved as {reserved_as}",
                 )
                 return
             events.record(self.conn, "confirm_refused", node=node, epoch=epoch, sandbox_id=reserved_as)

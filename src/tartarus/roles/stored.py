@@ -113,7 +113,7 @@ class WakeRequest:
 @dataclass(frozen=True)
 class Woken:
     fetch_s: float  # capture downloaded, verified and made this node's
-    restore_s: float  # woken through the start path and confirmed
+    restore_s: float  # woken through the start path
     raw_bytes: int
     fetched_bytes: int
 
@@ -246,13 +246,18 @@ class StateSync:
         manager.table.load(record)
         try:
             await manager.wake(saved.id)
-            await loop.run_in_executor(self._pool, self._in_db, _confirm, saved.id, lease, "")
+            t2 = time.perf_counter()
+            cost = (
+                f"woken from {request.capture}: fetch_ms={(t1 - t0) * 1000:.1f} "
+                f"restore_ms={(t2 - t1) * 1000:.1f} raw_bytes={stats.raw_bytes} "
+                f"fetched_bytes={stats.fetched_bytes}"
+            )
+            await loop.run_in_executor(self._pool, self._in_db, _confirm, saved.id, lease, cost)
         except BaseException:
             async with record.lock:
                 await forget(manager, record)
             raise
         await self._set_node(saved.id, None)
-        t2 = time.perf_counter()
         log.info(
             "woke sandbox %s from capture %s: fetch %.2f s, restore %.2f s",
             saved.id,
@@ -316,8 +321,8 @@ def _mark(conn: Connection, sandbox_id: str, lease: Lease, capture: str) -> None
     Placer(conn).hibernated(sandbox_id, lease.node, lease.epoch, capture)
 
 
-def _confirm(conn: Connection, sandbox_id: str, lease: Lease, _: str) -> None:
-    Placer(conn).confirm_wake(sandbox_id, lease.node, lease.epoch)
+def _confirm(conn: Connection, sandbox_id: str, lease: Lease, detail: str) -> None:
+    Placer(conn).confirm_wake(sandbox_id, lease.node, lease.epoch, detail)
 
 
 async def forget(manager: SandboxManager, record: SandboxRecord) -> None:

@@ -313,3 +313,9 @@ def test_a_stored_sandbox_has_one_waker_and_its_capture_survives_a_failed_wake(
     assert where.state == PlacementState.RUNNING and where.node == woken.node and where.capture is None
     with pytest.raises(Conflict):
         placer.wake_demand("sb")
+    with pytest.raises(Conflict):
+        placer.ended_stored("sb")  # running on a node: that node ends it
+    placer.hibernated("sb", woken.node, woken.epoch, "sb.cap2")
+    assert placer.ended_stored("sb") == "sb.cap2"
+    with pytest.raises(NotFound):
+        placer.locate("sb")

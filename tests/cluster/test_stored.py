@@ -9,6 +9,7 @@ twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -23,7 +24,8 @@ import pytest
 
 from tartarus.cluster import events
 from tartarus.cluster.db import Connection, connect
-from tartarus.cluster.model import Location, PlacementState
+from tartarus.cluster.membership import Membership
+from tartarus.cluster.model import Location, NodeState, PlacementState
 from tartarus.cluster.objects import S3Config
 from tartarus.cluster.placement import Placer
 from tartarus.sdk import Sandbox
@@ -144,12 +146,19 @@ def test_a_hibernated_sandbox_wakes_on_another_node_after_its_node_is_killed(clu
         assert {s.id: s.state for s in listed}.get(sb.id) == "hibernated"
 
         cluster.agents[home].stop(signal.SIGKILL)
+        # Past its lease and the grace period the node is lost; a sandbox in the store is not.
+        with connect(cluster.url) as conn:
+            members = Membership(conn)
+            assert wait_until(lambda: members.node(home).state == NodeState.LOST, timeout=LEASE_S + 30)
+        assert _stored(cluster, sb.id)
         t0 = time.monotonic()
         again = Sandbox.connect(sb.id, url=cluster.gateways[1].url, api_key=cluster.key)
         _intact(again)
         woke_s = time.monotonic() - t0
         where = cluster.where(sb.id)
         assert where.state == PlacementState.RUNNING and where.node == other, where
+        with connect(cluster.url) as conn:
+            wake_at = _placed(conn, sb.id)[0].at
         assert again.refresh().state == "running"
         with connect(cluster.url) as conn:
             placed = _placed(conn, sb.id)
@@ -160,8 +169,20 @@ def test_a_hibernated_sandbox_wakes_on_another_node_after_its_node_is_killed(clu
         cluster.start_agent(home)
         assert cluster.where(sb.id).node == other
         _intact(again)
+
+        # Deleted while in the store, it is not woken for that: its placement and record end.
+        again.hibernate()
+        assert wait_until(lambda: _stored(cluster, sb.id), timeout=120)
+        with httpx.Client(base_url=cluster.gateways[0].url, headers=_auth(cluster), timeout=60) as gw:
+            assert gw.delete(f"/v1/sandboxes/{sb.id}").status_code == 204
+            assert gw.get(f"/v1/sandboxes/{sb.id}").status_code == 404
+            ended = gw.get("/v1/sandboxes", params={"include_ended": "true"}).json()["sandboxes"]
+        assert {s["id"]: s["state"] for s in ended}.get(sb.id) == "destroyed"
+        with connect(cluster.url) as conn:
+            assert not [e for e in _placed(conn, sb.id) if "woken" in e.detail and e.at > wake_at]
     finally:
-        Sandbox.connect(sb.id, url=cluster.gateways[0].url, api_key=cluster.key).kill()
+        with contextlib.suppress(Exception):
+            Sandbox.connect(sb.id, url=cluster.gateways[0].url, api_key=cluster.key).kill()
 
 
 def test_drain_hibernates_into_the_store_and_the_sandbox_wakes_elsewhere(cluster: Cluster) -> None:

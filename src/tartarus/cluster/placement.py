@@ -285,6 +285,21 @@ class Placer:
         return demand, str(row[5])
 
     @reports_outages
+    def ended_stored(self, sandbox_id: str) -> str:
+        """Deleted while hibernated in the object store (no node has it): its row goes; returns its
+        capture. Conflict if a wake took it meanwhile (the delete must then go to that node)."""
+        with self.conn.transaction():
+            row = self.conn.execute(
+                "DELETE FROM cluster.placements WHERE sandbox_id = %s AND state = 'hibernated' "
+                "AND capture IS NOT NULL RETURNING node, capture",
+                (check_name("sandbox id", sandbox_id),),
+            ).fetchone()
+            if row is None:
+                raise Conflict(f"sandbox {sandbox_id} is not hibernated in the object store any more")
+            events.record(self.conn, "ended", node=row[0], sandbox_id=sandbox_id, detail=f"capture {row[1]}")
+        return str(row[1])
+
+    @reports_outages
     def ended(self, sandbox_id: str, node: str, epoch: int) -> None:
         """Deleted: the sandbox id is free and the node's capacity comes back."""
         check_name("sandbox id", sandbox_id)

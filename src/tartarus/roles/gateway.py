@@ -352,13 +352,29 @@ class Gateway:
 
     async def to_owner(self, request: Request) -> Response:
         principal, where = await self._caller_and_placement(request)
-        if (
-            where.stored
-            and request.method == "GET"
-            and request.url.path.rstrip("/").endswith(where.sandbox_id)
-        ):
+        itself = request.url.path.rstrip("/").endswith(where.sandbox_id)  # not a sub-resource
+        if where.stored and itself and request.method == "GET":
             return await self._stored_info(principal, where.sandbox_id)  # looking does not wake it
+        if where.stored and itself and request.method == "DELETE":
+            try:
+                return await self._delete_stored(principal, where.sandbox_id)
+            except Conflict as e:  # woken meanwhile: its node deletes it
+                log.info("%s; the delete goes to its node", e.message)
+            where = await self.route(where.sandbox_id)
         return await self.proxy.forward(request, await self._running(principal, where), principal)
+
+    async def _delete_stored(self, principal: Principal, sandbox_id: str) -> Response:
+        """Ended without waking it: its placement goes and its record says destroyed. (Its capture's
+        objects stay in the bucket: collecting unreferenced chunks is not built.)"""
+        await self._may_see(principal, sandbox_id)
+        capture = await self._in_cluster(lambda conn: Placer(conn).ended_stored(sandbox_id))
+        store = self._store
+        assert store is not None
+        await self._in_store(
+            functools.partial(store.update_sandbox, sandbox_id, state="destroyed", ended_at=time.time())
+        )
+        log.info("deleted sandbox %s, hibernated in the object store as %s", sandbox_id, capture)
+        return Response(status_code=204)
 
     async def _caller_and_placement(self, connection: HTTPConnection) -> tuple[Principal, Location]:
         """The key check and the routing lookup at once (two database trips in parallel); a caller

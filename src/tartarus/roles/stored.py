@@ -41,6 +41,7 @@ from pathlib import Path
 
 import psycopg
 
+from tartarus.cluster.chunks import Hole, pieces
 from tartarus.cluster.db import Connection, connect
 from tartarus.cluster.model import Lease, check_name
 from tartarus.cluster.objects import ObjectStore, S3Config
@@ -52,7 +53,7 @@ from tartarus.daemon.table import SandboxRecord
 from tartarus.errors import Conflict, InvalidArgument, TartarusError
 from tartarus.private import PRIVATE_DIR, PRIVATE_FILE, write_private
 from tartarus.roles.token import AgentToken
-from tartarus.sandbox.saved import META, SavedSandbox, pin, publish, remove_saved
+from tartarus.sandbox.saved import META, SavedSandbox, pin, pinned, publish, remove_saved
 from tartarus.sealing import EnvSeal
 from tartarus.snapshots.snapshot import find_snapshot
 from tartarus.templates.built import get_template
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 STORED_NODE = "object-store"  # the shared store's `node` of a sandbox hibernated in the object store
 INCOMING = "incoming"  # under the state dir: captures being fetched (a crash leaves them to be reaped)
+BASE = "cluster-base.sha256"  # in a capture, beside the saved sandbox's files: its snapshot's fingerprint
+_fingerprints: dict[tuple[int, int, int, int], str] = {}
 S3_ENV = ("TARTARUS_S3_ENDPOINT", "TARTARUS_S3_BUCKET", "TARTARUS_S3_ACCESS_KEY", "TARTARUS_S3_SECRET_KEY")
 
 
@@ -212,10 +215,12 @@ class StateSync:
             if path.is_symlink() or not path.is_file():
                 raise InvalidArgument(f"{path} is not a plain file: the saved sandbox cannot be uploaded")
             files.append((path.name, path))
+        base = fingerprint(pinned(self.manager.layout.pins, saved.snapshot_key).memory)
         with tempfile.TemporaryDirectory(prefix=".upload-", dir=self.manager.layout.state_dir) as tmp:
             portable = Path(tmp) / META
             write_private(portable, saved.to_json(self.transport))
-            self.state.upload(capture, [*files, (META, portable)])
+            write_private(Path(tmp) / BASE, base)
+            self.state.upload(capture, [*files, (META, portable), (BASE, Path(tmp) / BASE)])
         return capture
 
     # ---- wake -------------------------------------------------------------------------------------
@@ -258,6 +263,7 @@ class StateSync:
                 await forget(manager, record)
             raise
         await self._set_node(saved.id, None)
+        await self._as_recorded(record)
         log.info(
             "woke sandbox %s from capture %s: fetch %.2f s, restore %.2f s",
             saved.id,
@@ -281,6 +287,13 @@ class StateSync:
                 f"this node lacks snapshot {saved.snapshot_key} of template {template.name}, which sandbox "
                 f"{sandbox_id} was captured over"
             )
+        base = staging / BASE
+        if base.read_text() != fingerprint(snapshot.memory):
+            raise SnapshotMissing(
+                f"this node's snapshot {snapshot.key} of template {template.name} is another build than "
+                f"the one sandbox {sandbox_id} was captured over (same inputs, other memory): not here"
+            )
+        base.unlink()
         layout = self.manager.layout
         _, pinned = pin(snapshot, template, layout.pins)
         for path in staging.iterdir():
@@ -305,6 +318,23 @@ class StateSync:
             conn.close()
             raise
 
+    async def _as_recorded(self, record: SandboxRecord) -> None:
+        """Its owner, labels and lifetime as the shared store has them (as a restarted daemon takes them)."""
+        control = self._control
+        if control is None:
+            return
+        try:
+            row = await control.db(control.store.get_sandbox, record.id)
+        except TartarusError as e:
+            log.warning("could not read the record of sandbox %s: %s", record.id, e)
+            return
+        if row is None:
+            return
+        record.spec = dataclasses.replace(record.spec, tenant=row.tenant, labels=row.labels)
+        if row.expires_at is not None:
+            self.manager.set_ttl(record.id, max(0.0, row.expires_at - time.time()))
+            record.timeout_s = row.timeout_s
+
     async def _set_node(self, sandbox_id: str, node: str | None) -> None:
         """The shared store's record follows the sandbox (`None`: this node), so that no daemon's restart
         takes it for its own lost one."""
@@ -315,6 +345,25 @@ class StateSync:
             await control.db(control.store.update_sandbox, sandbox_id, node=node or control.node)
         except TartarusError as e:
             log.warning("could not record where sandbox %s is: %s", sandbox_id, e)
+
+
+def fingerprint(memory: Path) -> str:
+    """What identifies a snapshot's build, not only its inputs: the SHA-256 of its memory file's data
+    (holes skipped, their places hashed), computed once per file per process. A capture holds only the
+    pages its sandbox changed, so it wakes correctly only over the very same memory."""
+    st = os.stat(memory)
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    found = _fingerprints.get(key)
+    if found is None:
+        digest = hashlib.sha256()
+        with open(memory, "rb") as f:
+            for piece in pieces(f):
+                if isinstance(piece, Hole):
+                    digest.update(b"hole %d;" % piece.size)
+                else:
+                    digest.update(piece)
+        found = _fingerprints[key] = digest.hexdigest()
+    return found
 
 
 def _mark(conn: Connection, sandbox_id: str, lease: Lease, capture: str) -> None:

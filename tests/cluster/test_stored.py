@@ -227,3 +227,37 @@ def _placed(conn: Connection, sandbox_id: str) -> list[events.Event]:
 
 def _auth(cluster: Cluster) -> dict[str, str]:
     return {"Authorization": f"Bearer {cluster.key}"}
+
+
+def test_an_agent_keeps_a_wake_only_under_a_reservation_it_holds(cluster: Cluster) -> None:
+    """The agent's wake route: only with the agent token, only under its own epoch, and a wake no gateway
+    reserved for it (a gateway that gave up on a slow agent released it) is stopped again, unserved: the
+    sandbox stays in the store, and the next call wakes it properly."""
+    sb = Sandbox.create("python-ds", url=cluster.gateways[0].url, api_key=cluster.key)
+    try:
+        sb.run_code("answer = 6 * 7")
+        sb.hibernate()
+        assert wait_until(lambda: _stored(cluster, sb.id), timeout=120)
+        where = cluster.where(sb.id)
+        agent = cluster.agents[where.node]
+        with connect(cluster.url) as conn:
+            epoch = Membership(conn).node(where.node).epoch
+        body = {"sandbox_id": sb.id, "capture": where.capture, "epoch": epoch}
+        token = {"Authorization": f"Bearer {cluster.token}"}
+        assert httpx.post(f"{agent.url}/v1/cluster/wake", json=body).status_code == 401
+        stale = httpx.post(f"{agent.url}/v1/cluster/wake", json={**body, "epoch": epoch - 1}, headers=token)
+        assert stale.status_code == 409, stale.text
+        unreserved = httpx.post(f"{agent.url}/v1/cluster/wake", json=body, headers=token, timeout=120)
+        assert unreserved.status_code == 409 and unreserved.json()["error"]["code"] == "reservation_lost"
+        assert _stored(cluster, sb.id)
+        direct = {**token, "x-tartarus-caller": "test local admin"}
+        listed = httpx.get(f"{agent.url}/v1/sandboxes", headers=direct).json()["sandboxes"]
+        assert sb.id not in {s["id"] for s in listed}
+        assert {s.id: s.state for s in Sandbox.list(url=cluster.gateways[1].url, api_key=cluster.key)}[
+            sb.id
+        ] == "hibernated"
+        again = Sandbox.connect(sb.id, url=cluster.gateways[1].url, api_key=cluster.key)
+        assert again.run_code("answer").result == "42"
+    finally:
+        with contextlib.suppress(Exception):
+            Sandbox.connect(sb.id, url=cluster.gateways[0].url, api_key=cluster.key).kill()

@@ -261,6 +261,10 @@ class StateSync:
         except BaseException:
             async with record.lock:
                 await forget(manager, record)
+            if record.runtime is None and await loop.run_in_executor(
+                self._pool, self._still_stored, saved.id
+            ):
+                await self._set_node(saved.id, STORED_NODE, state="hibernated")  # the wake wrote running
             raise
         await self._set_node(saved.id, None)
         await self._as_recorded(record)
@@ -335,14 +339,23 @@ class StateSync:
             self.manager.set_ttl(record.id, max(0.0, row.expires_at - time.time()))
             record.timeout_s = row.timeout_s
 
-    async def _set_node(self, sandbox_id: str, node: str | None) -> None:
+    def _still_stored(self, sandbox_id: str) -> bool:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = connect(self.url)
+        try:
+            return Placer(conn).locate(sandbox_id).stored
+        except (TartarusError, psycopg.Error):
+            return False
+
+    async def _set_node(self, sandbox_id: str, node: str | None, **fields: str) -> None:
         """The shared store's record follows the sandbox (`None`: this node), so that no daemon's restart
         takes it for its own lost one."""
         control = self._control
         if control is None:
             return
         try:
-            await control.db(control.store.update_sandbox, sandbox_id, node=node or control.node)
+            await control.db(control.store.update_sandbox, sandbox_id, node=node or control.node, **fields)
         except TartarusError as e:
             log.warning("could not record where sandbox %s is: %s", sandbox_id, e)
 

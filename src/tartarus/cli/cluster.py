@@ -217,10 +217,13 @@ def nodes_drain(
                 err.print(f"{sandbox_id}: node {name} did not answer: {e}")
                 failed += 1
                 continue
-            if answer.status_code == 200:
-                capture = answer.json()["capture"]
-                where = f"into the object store ({capture})" if capture else f"on {name} only"
-                typer.echo(f"{sandbox_id} hibernated {where}")
+            if answer.status_code == 200 and answer.json()["capture"]:
+                typer.echo(f"{sandbox_id} hibernated into the object store ({answer.json()['capture']})")
+            elif answer.status_code == 200 and not answer.json()["object_store"]:
+                typer.echo(f"{sandbox_id} hibernated on {name} only (its agent has no object store)")
+            elif answer.status_code == 200:
+                err.print(f"{sandbox_id}: hibernated on {name}, but its upload failed (see the agent's log)")
+                failed += 1
             else:
                 err.print(f"{sandbox_id}: {answer.status_code} {answer.text[:200]}")
                 failed += 1

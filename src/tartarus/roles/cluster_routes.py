@@ -5,7 +5,8 @@
   here, under the reservation the calling gateway holds for this node (200 with the fetch and restore
   times; 503 when this node cannot, so the gateway tries another).
 - `POST /v1/cluster/hibernate/{sandbox_id}`: hibernate and wait until the capture is in the object store
-  (`tartarus nodes drain`); `capture` is null when this agent has no object store or the upload failed.
+  (`tartarus nodes drain`); `capture` is null when this agent has no object store (`object_store`
+  false) or the upload failed.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def cluster_app(manager: SandboxManager, sync: StateSync | None) -> Starlette:
         sandbox_id = request.path_params["sandbox_id"]
         if sync is None:
             await manager.hibernate(sandbox_id)
-            return JSONResponse({"id": sandbox_id, "capture": None})
-        return JSONResponse({"id": sandbox_id, "capture": await sync.hibernate(sandbox_id)})
+            return JSONResponse({"id": sandbox_id, "capture": None, "object_store": False})
+        capture = await sync.hibernate(sandbox_id)
+        return JSONResponse({"id": sandbox_id, "capture": capture, "object_store": True})
 
     async def handle(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, TartarusError)

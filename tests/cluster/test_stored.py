@@ -247,6 +247,7 @@ def test_an_agent_keeps_a_wake_only_under_a_reservation_it_holds(cluster: Cluste
         assert httpx.post(f"{agent.url}/v1/cluster/wake", json=body).status_code == 401
         stale = httpx.post(f"{agent.url}/v1/cluster/wake", json={**body, "epoch": epoch - 1}, headers=token)
         assert stale.status_code == 409, stale.text
+        assert stale.json()["error"]["code"] == "conflict"  # refused before fetching anything
         unreserved = httpx.post(f"{agent.url}/v1/cluster/wake", json=body, headers=token, timeout=120)
         assert unreserved.status_code == 409 and unreserved.json()["error"]["code"] == "reservation_lost"
         assert _stored(cluster, sb.id)

@@ -629,6 +629,42 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/cluster/test_roles.py::test_a_sandbox_of_a_killed_agent_gets_a_clear_lost_node_error",),
     ),
     Mutation(
+        "cluster.one-waker",
+        "a sandbox's wake takes its placement row only while it is hibernated: two wakes never both reserve",
+        "src/tartarus/cluster/placement.py",
+        "WHERE p.state = 'hibernated' OR (p.state = 'reserved' AND p.reserved_until <= now())",
+        "WHERE true",
+        (
+            "tests/cluster/test_placement.py::test_a_stored_sandbox_has_one_waker_and_its_capture_survives_a_failed_wake",
+        ),
+    ),
+    Mutation(
+        "cluster.stored-outlives-its-node",
+        "a lost node's sandboxes hibernated in the object store stay wakeable elsewhere",
+        "src/tartarus/cluster/reconcile.py",
+        "WHERE node = %s AND state IN ('running', 'reserved') RETURNING sandbox_id",
+        "WHERE node = %s AND state IN ('running', 'reserved', 'hibernated') RETURNING sandbox_id",
+        (
+            "tests/cluster/test_membership.py::test_a_node_lapsed_past_grace_is_lost_with_its_running_sandboxes",
+        ),
+    ),
+    Mutation(
+        "roles.wake-confirm",
+        "an agent keeps a sandbox it woke from the object store only once it confirmed the reservation",
+        "src/tartarus/roles/stored.py",
+        "            await loop.run_in_executor(self._pool, self._in_db, _confirm, saved.id, lease, cost)\n",
+        "\n",
+        ("tests/cluster/test_stored.py::test_an_agent_keeps_a_wake_only_under_a_reservation_it_holds",),
+    ),
+    Mutation(
+        "roles.wake-epoch",
+        "an agent wakes a stored sandbox only under its own epoch (the reservation's)",
+        "src/tartarus/roles/stored.py",
+        "if lease is None or lease.epoch != request.epoch:",
+        "if lease is None:",
+        ("tests/cluster/test_stored.py::test_an_agent_keeps_a_wake_only_under_a_reservation_it_holds",),
+    ),
+    Mutation(
         "cluster.chunk-integrity",
         "a downloaded chunk whose content does not match its SHA-256 is refused",
         "src/tartarus/cluster/chunks.py",

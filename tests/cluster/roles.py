@@ -24,7 +24,16 @@ def free_port() -> int:
 class Role:
     """One `tartarus <role>` process; `url` is where it serves."""
 
-    def __init__(self, root: Path, role: str, name: str, database_url: str, token: str, *args: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        role: str,
+        name: str,
+        database_url: str,
+        token: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name
@@ -36,6 +45,7 @@ class Role:
             "TARTARUS_POOL_SIZE": "0",
             "TARTARUS_DATABASE_URL": database_url,
             "TARTARUS_AGENT_TOKEN": token,
+            **(env or {}),
         }
         extra = ["--name", name] if role == "agent" else []
         self.log_path = root / f"{name}.log"

@@ -63,7 +63,7 @@ def test_a_node_lapsed_past_grace_is_lost_with_its_running_sandboxes(conn: Conne
     on_doomed = sorted(p for p in ("sb0", "sb1", "sb2") if placer.locate(p).node == "doomed")
     assert on_doomed, "the emptiest-first ranking put at least one sandbox on each node"
     hib = next(iter(on_doomed))
-    placer.hibernated(hib, "doomed", reg.lease.epoch)
+    placer.hibernated(hib, "doomed", reg.lease.epoch, "cap-1")
     running = [s for s in on_doomed if s != hib]
 
     assert sweep(conn, grace_s=0.2).lost == ()  # not yet lapsed

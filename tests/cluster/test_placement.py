@@ -233,7 +233,7 @@ def test_wake_prefers_the_origin_node_and_a_released_wake_goes_back_to_hibernate
     placer = Placer(conn)
     r = placer.reserve(demand("sleepy"))
     placer.confirm(r)
-    placer.hibernated("sleepy", r.node, r.epoch)
+    placer.hibernated("sleepy", r.node, r.epoch, "sleepy.cap")
     origin = r.node
     # Load the origin a little more than the other node; the origin bonus still wins.
     other = "b" if origin == "a" else "a"
@@ -270,3 +270,52 @@ def test_routing_sees_a_node_whose_lease_lapsed(conn: Connection) -> None:
     Placer(conn).place(demand("sb1"), lambda r: None)
     assert Placer(conn).locate("sb1").node_healthy
     assert until(lambda: not Placer(conn).locate("sb1").node_healthy, timeout=5)
+
+
+def test_a_stored_sandbox_has_one_waker_and_its_capture_survives_a_failed_wake(
+    cluster_url: str, conn: Connection
+) -> None:
+    """Hibernated into the object store, a sandbox is woken through its one placement row: of two wakes
+    reserved at once (two gateways), one conflicts; a released or expired wake keeps the capture (it is
+    still the sandbox); the waking agent's own confirm makes it run there, and only under its epoch."""
+    a, b = register(conn, "a"), register(conn, "b")
+    placer = Placer(conn, reservation_s=0.5)
+    placer.confirm(placer.reserve(demand("sb")))
+    home = placer.locate("sb").node
+    with pytest.raises(Conflict):
+        placer.wake_demand("sb")  # running: nothing to wake
+    epoch = (a if home == "a" else b).lease.epoch
+    placer.hibernated("sb", home, epoch, "sb.cap1")
+    where = placer.locate("sb")
+    assert where.stored and not where.waking and where.capture == "sb.cap1"
+    wanted, capture = placer.wake_demand("sb")
+    assert capture == "sb.cap1" and wanted.origin == home and wanted.vcpus == 1
+
+    with connect(cluster_url) as other:
+        first = placer.reserve(wanted)
+        with pytest.raises(Conflict):
+            Placer(other).reserve(wanted)  # the other gateway's wake: it waits instead
+        assert placer.locate("sb").waking
+        placer.release(first, why="refused")
+        assert placer.locate("sb").capture == "sb.cap1" and placer.locate("sb").stored
+        expired = Placer(other, reservation_s=0.2).reserve(wanted)
+        wait_db_clock_past(conn, expired.expires_at.timestamp())
+        with pytest.raises(ReservationLost):  # the agent confirming too late stops its copy
+            placer.confirm_wake("sb", expired.node, expired.epoch)
+        assert "sb" in reclaim_expired(conn)
+        assert placer.locate("sb").stored and placer.locate("sb").capture == "sb.cap1"
+
+    woken = placer.reserve(wanted)
+    with pytest.raises(ReservationLost):
+        placer.confirm_wake("sb", woken.node, woken.epoch + 1)  # a stale epoch never confirms
+    placer.confirm_wake("sb", woken.node, woken.epoch)
+    where = placer.locate("sb")
+    assert where.state == PlacementState.RUNNING and where.node == woken.node and where.capture is None
+    with pytest.raises(Conflict):
+        placer.wake_demand("sb")
+    with pytest.raises(Conflict):
+        placer.ended_stored("sb")  # running on a node: that node ends it
+    placer.hibernated("sb", woken.node, woken.epoch, "sb.cap2")
+    assert placer.ended_stored("sb") == "sb.cap2"
+    with pytest.raises(NotFound):
+        placer.locate("sb")

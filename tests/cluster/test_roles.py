@@ -311,7 +311,7 @@ def test_nodes_drain_hibernates_a_nodes_sandboxes_and_new_ones_go_elsewhere(clus
             with connect(cluster.url) as conn:
                 assert Placer(conn).locate(other.json()["id"]).node != node
             assert gw.delete(f"/v1/sandboxes/{other.json()['id']}").status_code == 204
-            # The hibernated one wakes on its node at its next call (waking elsewhere is not built).
+            # The hibernated one wakes on its node at its next call (these agents have no object store).
             events_ = _exec_events(gw, sandbox_id, "echo awake")
             assert any(e["type"] == "stdout" for _, e in events_)
         finally:

@@ -117,3 +117,24 @@ def test_memory_stays_bounded_whatever_the_file_size(objects: ObjectStore, tmp_p
             tracemalloc.stop()
     assert all(p < 16 << 20 for p in peaks), [p >> 20 for p in peaks]
     assert _sha(tmp_path / "out" / "memory.state") == _sha(src)
+
+
+def test_a_sparse_file_stays_sparse_both_ways(objects: ObjectStore, tmp_path: Path) -> None:
+    """A writable layer is gigabytes of holes around a few MiB of data: the holes are neither read nor
+    fetched, and the downloaded copy has holes where the original had them."""
+    layer = tmp_path / "layer.ext4"
+    data = [os.urandom(CHUNK), os.urandom(CHUNK // 2)]
+    with open(layer, "wb") as f:
+        f.truncate(CHUNK * 400)
+        f.seek(CHUNK * 3)
+        f.write(data[0])
+        f.seek(CHUNK * 399 + 100)
+        f.write(data[1])
+    store = StateStore(objects, chunk_size=CHUNK)
+    up = store.upload("sparse", [("layer.ext4", layer)])
+    assert up.chunks == 400 and up.uploaded == 3  # two with data, one zero chunk for all the holes
+    down = store.download("sparse", tmp_path / "out")
+    copy = tmp_path / "out" / "layer.ext4"
+    assert copy.stat().st_size == layer.stat().st_size and _sha(copy) == _sha(layer)
+    assert copy.stat().st_blocks * 512 < 4 * CHUNK  # not 100 MiB of written zeros
+    assert down.fetched_bytes < 3 * CHUNK

@@ -353,17 +353,22 @@ def cluster(
     state_samples: Annotated[int, typer.Option("--state-samples", min=1)] = 5,
     creates: Annotated[int, typer.Option("--creates", min=0, help="creates per path (0: no agent)")] = 200,
     calls: Annotated[int, typer.Option("--calls", min=1, help="exec and GET round trips per path")] = 500,
+    wakes: Annotated[
+        int, typer.Option("--wakes", min=0, help="wakes on another node from the object store (0: none)")
+    ] = 20,
+    wake_mib: Annotated[int, typer.Option("--wake-mib", min=1, help="memory the woken sandbox owns")] = 50,
     template: TemplateOpt = "python-ds",
     json_out: JsonOut = None,
 ) -> None:
     """Placement decision latency at 3 and 64 simulated nodes, concurrent placement, S3 chunk throughput;
-    with --creates, a real agent and gateway: create, exec and GET through the gateway vs direct."""
+    with --creates, a real agent and gateway: create, exec and GET through the gateway vs direct; with
+    --wakes, two agents with an object store: a sandbox owning --wake-mib MiB woken on the other node."""
     from tartarus.bench.cluster import NODE_SIZES, bench_cluster
     from tartarus.bench.machine import machine_info
 
     logging.basicConfig(level=logging.WARNING)
     started = time.time()
-    steps = samples * (len(NODE_SIZES) + 1) + state_samples + (creates + calls if creates else 0)
+    steps = samples * (len(NODE_SIZES) + 1) + state_samples + (creates + calls if creates else 0) + wakes
     with Progress(
         TextColumn("bench cluster"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     ) as bar:
@@ -377,6 +382,8 @@ def cluster(
             creates=creates,
             calls=calls,
             template=template,
+            wakes=wakes,
+            wake_mib=wake_mib,
         )
     for name, doc in result["placement"].items():
         err.print(
@@ -403,6 +410,15 @@ def cluster(
                 f"(n={doc['gateway']['samples']} each); overhead p50={over['p50_ms']:.2f} "
                 f"p99={over['p99_ms']:.2f} ms"
             )
+    moved = result.get("wake_on_another_node")
+    if moved:
+        first, fetch, restore = moved["first_call_after_hibernation"], moved["fetch"], moved["restore"]
+        err.print(
+            f"wake on another node ({moved['owned_mib']} MiB owned, fetched {moved['fetched_mib_p50']} MiB, "
+            f"n={first['samples']}): first call p50={first['p50_ms']:.0f} p99={first['p99_ms']:.0f} ms; "
+            f"fetch p50={fetch['p50_ms']:.0f} p99={fetch['p99_ms']:.0f} ms; "
+            f"restore p50={restore['p50_ms']:.0f} p99={restore['p99_ms']:.0f} ms"
+        )
     _emit({"benchmark": "cluster", **result, "machine": machine_info(), "started_at": started}, json_out)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from tartarus.bench.gateway import bench_gateway
 from tartarus.bench.services import postgres_server, s3_server
 from tartarus.bench.stats import percentile, summary_ms
+from tartarus.bench.wake_elsewhere import bench_wake_elsewhere
 from tartarus.cluster.db import Connection, connect
 from tartarus.cluster.errors import NoCapacity
 from tartarus.cluster.membership import Membership
@@ -163,14 +164,19 @@ def bench_cluster(
     creates: int = 0,
     calls: int = 0,
     template: str = "python-ds",
+    wakes: int = 0,
+    wake_mib: int = 50,
 ) -> dict[str, Any]:
-    """`creates` > 0 also runs a real agent and gateway (bench/gateway.py): the gateway's overhead."""
+    """`creates` > 0 also runs a real agent and gateway (bench/gateway.py): the gateway's overhead;
+    `wakes` > 0 two agents with an object store (bench/wake_elsewhere.py): waking on another node."""
     with postgres_server() as url, connect(url) as conn:
         migrate(conn)
         by_nodes = {f"nodes_{n}": _sequential(conn, n, samples, progress) for n in NODE_SIZES}
         concurrent = _concurrent(url, conn, concurrency, samples, progress)
         conn.execute("TRUNCATE cluster.placements, cluster.events, cluster.nodes")  # no simulated nodes
         roles = bench_gateway(url, template, creates, calls, progress) if creates else None
+        conn.execute("TRUNCATE cluster.placements, cluster.events, cluster.nodes")
+        moved = bench_wake_elsewhere(url, template, wakes, wake_mib, progress) if wakes else None
     state = _state_store(file_mib, state_samples, progress)
     headline = by_nodes[f"nodes_{NODE_SIZES[-1]}"]
     return {
@@ -179,4 +185,5 @@ def bench_cluster(
         "concurrent": concurrent,
         "state_store": state,
         **({"gateway": roles} if roles else {}),
+        **({"wake_on_another_node": moved} if moved else {}),
     }

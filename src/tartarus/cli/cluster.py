@@ -64,11 +64,14 @@ def agent(
     log_format: Annotated[str, typer.Option(help="json or text")] = "json",
     keep_sandboxes: Annotated[bool, typer.Option(help="on SIGTERM leave running sandboxes running")] = False,
 ) -> None:
-    """Run a node agent: this host's sandboxes, served only to gateways holding the agent token."""
+    """Run a node agent: this host's sandboxes, served only to gateways holding the agent token. With
+    TARTARUS_S3_ENDPOINT, _BUCKET, _ACCESS_KEY and _SECRET_KEY set, hibernations go to that object store
+    and wake on any node."""
     from tartarus.cluster.model import NodeSpec, Resources
     from tartarus.daemon import logs
     from tartarus.daemon.control import node_id
     from tartarus.roles.agent import AgentOptions, held_templates, host_capacity, serve_agent
+    from tartarus.roles.stored import s3_from_env
     from tartarus.roles.token import load_token
 
     logs.configure(log_format)
@@ -86,7 +89,7 @@ def agent(
             templates=held_templates(),
         )
         options = AgentOptions(
-            host, port, spec, _database_url(), load_token(token_file), lease, keep_sandboxes
+            host, port, spec, _database_url(), load_token(token_file), lease, keep_sandboxes, s3_from_env()
         )
         serve_agent(state, options)
     except errors.TartarusError as e:
@@ -189,8 +192,9 @@ def nodes_drain(
     name: str,
     token_file: Annotated[Path | None, typer.Option(help="file holding the agent token")] = None,
 ) -> None:
-    """No new sandboxes on the node, and hibernate those it runs (on its own disk, for now: they wake
-    on the same node; waking them elsewhere from the object store is not built yet)."""
+    """No new sandboxes on the node, and hibernate those it runs into the object store, so that their
+    next call wakes them on another node (an agent without an object store hibernates them on its own
+    disk: they wake on that node)."""
     import httpx
 
     from tartarus.roles.caller import CALLER_HEADER
@@ -208,13 +212,18 @@ def nodes_drain(
     with httpx.Client(base_url=f"http://{address}", headers=headers, timeout=300) as agent:
         for sandbox_id in running:
             try:
-                answer = agent.post(f"/v1/sandboxes/{sandbox_id}/hibernate")
+                answer = agent.post(f"/v1/cluster/hibernate/{sandbox_id}")
             except httpx.HTTPError as e:
                 err.print(f"{sandbox_id}: node {name} did not answer: {e}")
                 failed += 1
                 continue
-            if answer.status_code == 200:
-                typer.echo(f"{sandbox_id} hibernated")
+            if answer.status_code == 200 and answer.json()["capture"]:
+                typer.echo(f"{sandbox_id} hibernated into the object store ({answer.json()['capture']})")
+            elif answer.status_code == 200 and not answer.json()["object_store"]:
+                typer.echo(f"{sandbox_id} hibernated on {name} only (its agent has no object store)")
+            elif answer.status_code == 200:
+                err.print(f"{sandbox_id}: hibernated on {name}, but its upload failed (see the agent's log)")
+                failed += 1
             else:
                 err.print(f"{sandbox_id}: {answer.status_code} {answer.text[:200]}")
                 failed += 1

@@ -10,7 +10,10 @@ project already pins) at a low level: memory images are mostly zero or repetitiv
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -69,6 +72,46 @@ def split(stream: BinaryIO, size: int = CHUNK_SIZE) -> Iterator[bytes]:
         yield piece
         if len(piece) < size:
             return
+
+
+@dataclass(frozen=True)
+class Hole:
+    """`size` bytes the file does not store (a hole in a sparse file): they read as zeros."""
+
+    size: int
+
+
+def pieces(stream: BinaryIO, size: int = CHUNK_SIZE) -> Iterator[bytes | Hole]:
+    """Like `split`, but a piece lying wholly in a hole of a sparse file (a sandbox's writable layer is
+    gigabytes of which a few MiB are allocated) is a `Hole`, neither read nor hashed."""
+    if size <= 0:
+        raise InvalidArgument("the chunk size must be positive")
+    fd = stream.fileno()
+    end = os.fstat(fd).st_size
+    offset = 0
+    while offset < end:
+        n = min(size, end - offset)
+        try:
+            data_at = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data after offset; other errors: read it all
+                raise
+            data_at = end
+        if data_at >= offset + n:
+            yield Hole(n)
+        else:
+            stream.seek(offset)
+            piece = next(split(stream, n), b"")
+            if len(piece) != n:
+                raise OSError(f"the file shrank while it was read (at byte {offset + len(piece)})")
+            yield piece
+        offset += n
+
+
+@functools.cache
+def zero(size: int) -> Sealed:
+    """The chunk of `size` zero bytes (what a hole is stored as), computed once per size."""
+    return seal(bytes(size))
 
 
 def seal(raw: bytes) -> Sealed:

@@ -192,3 +192,10 @@ class Location:
     epoch: int
     state: PlacementState
     node_healthy: bool = True  # its node is up with an unexpired lease
+    capture: str | None = None  # hibernated in the object store as this capture: wakes on any node
+    waking: bool = False  # a wake from the object store holds a reservation on `node` now
+
+    @property
+    def stored(self) -> bool:
+        """Hibernated in the object store: a call must place a wake first."""
+        return self.state == PlacementState.HIBERNATED and self.capture is not None

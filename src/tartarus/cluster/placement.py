@@ -19,6 +19,7 @@ from collections.abc import Callable
 from tartarus.cluster import events
 from tartarus.cluster.db import Connection, reports_outages
 from tartarus.cluster.errors import NoCapacity, NodeRefused, ReservationLost
+from tartarus.cluster.manifest import check_capture
 from tartarus.cluster.model import Demand, Location, PlacementState, Reservation, Resources, check_name
 from tartarus.cluster.scoring import Candidate, Ranked, rank
 from tartarus.cluster.usage import USED_COLUMNS, USED_CTE, USED_JOIN
@@ -202,37 +203,41 @@ class Placer:
         epoch changed meanwhile (the caller must then stop the sandbox on that agent: the cluster no
         longer counts it there)."""
         sandbox_id = check_name("sandbox id", as_id) if as_id is not None else reservation.sandbox_id
+        self._confirm(reservation.sandbox_id, reservation.node, reservation.epoch, sandbox_id)
+
+    @reports_outages
+    def confirm_wake(self, sandbox_id: str, node: str, epoch: int, detail: str = "") -> None:
+        """The waking agent itself confirms, once the sandbox runs: only it knows when the guest is up,
+        and it must stop the guest if the reservation was lost meanwhile (another node may wake it).
+        `detail` goes into the audit event (what the wake cost)."""
+        self._confirm(check_name("sandbox id", sandbox_id), node, epoch, sandbox_id, detail)
+
+    def _confirm(self, reserved_as: str, node: str, epoch: int, sandbox_id: str, detail: str = "") -> None:
         with self.conn.transaction():
             row = self.conn.execute(
                 """UPDATE cluster.placements p SET state = 'running', reserved_until = NULL, origin = NULL,
-                       sandbox_id = %s, updated_at = now()
+                       capture = NULL, sandbox_id = %s, updated_at = now()
                    FROM cluster.nodes n
                    WHERE p.sandbox_id = %s AND p.node = %s AND p.epoch = %s AND p.state = 'reserved'
                        AND p.reserved_until > now() AND n.name = p.node AND n.epoch = p.epoch
                        AND n.state = 'up' AND n.lease_expires_at > now()
                    RETURNING p.sandbox_id""",
-                (sandbox_id, reservation.sandbox_id, reservation.node, reservation.epoch),
+                (sandbox_id, reserved_as, node, epoch),
             ).fetchone()
             if row is not None:
                 events.record(
                     self.conn,
                     "placed",
-                    node=reservation.node,
-                    epoch=reservation.epoch,
+                    node=node,
+                    epoch=epoch,
                     sandbox_id=sandbox_id,
-                    detail="" if as_id is None else f"reserved as {reservation.sandbox_id}",
+                    detail=detail if sandbox_id == reserved_as else f"reserved as {reserved_as}",
                 )
                 return
-            events.record(
-                self.conn,
-                "confirm_refused",
-                node=reservation.node,
-                epoch=reservation.epoch,
-                sandbox_id=reservation.sandbox_id,
-            )
+            events.record(self.conn, "confirm_refused", node=node, epoch=epoch, sandbox_id=reserved_as)
         raise ReservationLost(
-            f"the reservation of sandbox {reservation.sandbox_id} on node {reservation.node} "
-            f"(epoch {reservation.epoch}) expired or its node was fenced before it was confirmed"
+            f"the reservation of sandbox {reserved_as} on node {node} "
+            f"(epoch {epoch}) expired or its node was fenced before it was confirmed"
         )
 
     @reports_outages
@@ -257,9 +262,42 @@ class Placer:
             )
 
     @reports_outages
-    def hibernated(self, sandbox_id: str, node: str, epoch: int) -> None:
-        """Its state is in the object store: it holds no capacity and may wake on any node."""
-        self._move(sandbox_id, node, epoch, PlacementState.RUNNING, PlacementState.HIBERNATED)
+    def hibernated(self, sandbox_id: str, node: str, epoch: int, capture: str) -> None:
+        """Its state is in the object store as `capture`: it holds no capacity and may wake on any node
+        (`node` stays as its origin, for the placement bonus)."""
+        check_capture(capture)
+        self._move(sandbox_id, node, epoch, PlacementState.RUNNING, PlacementState.HIBERNATED, capture)
+
+    @reports_outages
+    def wake_demand(self, sandbox_id: str) -> tuple[Demand, str]:
+        """What waking a sandbox hibernated in the object store asks of a node, and its capture.
+        Conflict when it is not (or no longer) hibernated there."""
+        row = self.conn.execute(
+            "SELECT node, vcpus, memory_mib, disk_mib, template, capture, state "
+            "FROM cluster.placements WHERE sandbox_id = %s",
+            (check_name("sandbox id", sandbox_id),),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"sandbox {sandbox_id} is not placed on any node")
+        if row[6] != PlacementState.HIBERNATED or row[5] is None:
+            raise Conflict(f"sandbox {sandbox_id} is {row[6]}, not hibernated in the object store")
+        demand = Demand(sandbox_id, int(row[1]), int(row[2]), int(row[3]), str(row[4]), origin=str(row[0]))
+        return demand, str(row[5])
+
+    @reports_outages
+    def ended_stored(self, sandbox_id: str) -> str:
+        """Deleted while hibernated in the object store (no node has it): its row goes; returns its
+        capture. Conflict if a wake took it meanwhile (the delete must then go to that node)."""
+        with self.conn.transaction():
+            row = self.conn.execute(
+                "DELETE FROM cluster.placements WHERE sandbox_id = %s AND state = 'hibernated' "
+                "AND capture IS NOT NULL RETURNING node, capture",
+                (check_name("sandbox id", sandbox_id),),
+            ).fetchone()
+            if row is None:
+                raise Conflict(f"sandbox {sandbox_id} is not hibernated in the object store any more")
+            events.record(self.conn, "ended", node=row[0], sandbox_id=sandbox_id, detail=f"capture {row[1]}")
+        return str(row[1])
 
     @reports_outages
     def ended(self, sandbox_id: str, node: str, epoch: int) -> None:
@@ -275,25 +313,45 @@ class Placer:
                 raise NotFound(f"sandbox {sandbox_id} is not placed on node {node} (epoch {epoch})")
             events.record(self.conn, "ended", node=node, epoch=epoch, sandbox_id=sandbox_id)
 
-    def _move(self, sandbox_id: str, node: str, epoch: int, old: PlacementState, new: PlacementState) -> None:
+    def _move(
+        self,
+        sandbox_id: str,
+        node: str,
+        epoch: int,
+        old: PlacementState,
+        new: PlacementState,
+        capture: str | None = None,
+    ) -> None:
         with self.conn.transaction():
             moved = self.conn.execute(
-                "UPDATE cluster.placements SET state = %s, updated_at = now() "
+                "UPDATE cluster.placements SET state = %s, capture = %s, updated_at = now() "
                 "WHERE sandbox_id = %s AND node = %s AND epoch = %s AND state = %s",
-                (new.value, sandbox_id, node, epoch, old.value),
+                (new.value, capture, sandbox_id, node, epoch, old.value),
             ).rowcount
             if not moved:
                 raise Conflict(f"sandbox {sandbox_id} is not {old.value} on node {node} (epoch {epoch})")
-            events.record(self.conn, new.value, node=node, epoch=epoch, sandbox_id=sandbox_id)
+            events.record(
+                self.conn, new.value, node=node, epoch=epoch, sandbox_id=sandbox_id, detail=capture or ""
+            )
 
     @reports_outages
     def locate(self, sandbox_id: str) -> Location:
         """Where a call for this sandbox goes; NotFound if it was never placed."""
         row = self.conn.execute(
-            "SELECT p.node, n.address, p.epoch, p.state, n.state = 'up' AND n.lease_expires_at > now() "
+            "SELECT p.node, n.address, p.epoch, p.state, n.state = 'up' AND n.lease_expires_at > now(), "
+            "p.capture, p.origin IS NOT NULL AND p.state = 'reserved' AND p.reserved_until > now() "
             "FROM cluster.placements p JOIN cluster.nodes n ON n.name = p.node WHERE p.sandbox_id = %s",
             (sandbox_id,),
         ).fetchone()
         if row is None:
             raise NotFound(f"sandbox {sandbox_id} is not placed on any node")
-        return Location(sandbox_id, row[0], row[1], int(row[2]), PlacementState(row[3]), bool(row[4]))
+        return Location(
+            sandbox_id,
+            row[0],
+            row[1],
+            int(row[2]),
+            PlacementState(row[3]),
+            bool(row[4]),
+            capture=row[5],
+            waking=bool(row[6]),
+        )

@@ -66,6 +66,12 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX events_node_at ON cluster.events (node, at)",
         ],
     ),
+    (
+        2,
+        "placements.capture",
+        # A hibernated sandbox's capture in the object store: set, the sandbox wakes on any node.
+        ["ALTER TABLE cluster.placements ADD COLUMN capture TEXT"],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -2,10 +2,11 @@
 
 Upload reads one chunk at a time per worker and keeps at most `window` chunks in flight, so memory stays
 bounded by window x chunk size whatever the file size; a chunk already in the store (this capture or an
-earlier one) is not sent again. The manifest is written last. Download fetches chunks in parallel but
-writes them in order into a staging directory beside the destination, verifies every chunk's hash, and
-moves the files into place only when all are complete: a corrupt or missing chunk leaves nothing
-half-written at the destination.
+earlier one) is not sent again. A sparse file's holes are neither read nor fetched: a chunk wholly in a
+hole is the (shared) zero chunk, and a zero chunk downloads as a hole. The manifest is written last.
+Download fetches chunks in parallel but writes them in order into a staging directory beside the
+destination, verifies every chunk's hash, and moves the files into place only when all are complete: a
+corrupt or missing chunk leaves nothing half-written at the destination.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from tartarus.cluster.chunks import CHUNK_SIZE, ChunkRef, seal, split, unseal
+from tartarus.cluster.chunks import CHUNK_SIZE, ChunkRef, Hole, pieces, seal, unseal, zero
 from tartarus.cluster.manifest import FileEntry, Manifest, check_capture, manifest_key
 from tartarus.cluster.objects import ObjectStore
 from tartarus.errors import Conflict, InvalidArgument
@@ -66,10 +67,10 @@ class StateStore:
             for name, path in files:
                 chunks: list[ChunkRef] = []
                 with open(path, "rb") as f:
-                    for raw in split(f, self.chunk_size):
-                        sealed = seal(raw)
+                    for raw in pieces(f, self.chunk_size):
+                        sealed = zero(raw.size) if isinstance(raw, Hole) else seal(raw)
                         chunks.append(sealed.ref)
-                        raw_total += len(raw)
+                        raw_total += sealed.ref.size
                         refs += 1
                         if sealed.ref.digest in seen:
                             continue
@@ -112,8 +113,12 @@ class StateStore:
                 for entry in manifest.files:
                     with open(staging / entry.name, "wb") as out:
                         for blob_size, raw in _ordered(pool, self._fetch, entry.chunks, self.workers * 2):
-                            out.write(raw)
+                            if isinstance(raw, Hole):
+                                out.seek(raw.size, os.SEEK_CUR)  # left a hole: the copy stays sparse
+                            else:
+                                out.write(raw)
                             fetched += blob_size
+                        out.truncate(entry.size)
                         out.flush()
                         os.fsync(out.fileno())
             for entry in manifest.files:
@@ -124,7 +129,9 @@ class StateStore:
             manifest, sum(len(f.chunks) for f in manifest.files), sum(f.size for f in manifest.files), fetched
         )
 
-    def _fetch(self, ref: ChunkRef) -> tuple[int, bytes]:
+    def _fetch(self, ref: ChunkRef) -> tuple[int, bytes | Hole]:
+        if ref == zero(ref.size).ref:
+            return 0, Hole(ref.size)  # zeros: nothing to fetch
         blob = self.objects.get(ref.key)
         return len(blob), unseal(ref, blob)
 

@@ -27,7 +27,8 @@ from tartarus.cluster.db import Connection, connect
 from tartarus.cluster.errors import ClusterUnavailable, Fenced
 from tartarus.cluster.lease import LeaseKeeper
 from tartarus.cluster.membership import DEFAULT_LEASE_S
-from tartarus.cluster.model import NodeSpec, Resources
+from tartarus.cluster.model import NodeSpec, PlacementState, Resources
+from tartarus.cluster.objects import ObjectStore, S3Config
 from tartarus.cluster.placement import Placer
 from tartarus.cluster.schema import migrate
 from tartarus.daemon.app import create_app
@@ -40,7 +41,10 @@ from tartarus.daemon.server import GRACE_S
 from tartarus.daemon.table import Change, SandboxRecord
 from tartarus.errors import AuthError, NotFound, TartarusError
 from tartarus.roles import caller
+from tartarus.roles.cluster_routes import PREFIX as CLUSTER_PREFIX
+from tartarus.roles.cluster_routes import cluster_app
 from tartarus.roles.metrics import LeaseMetrics
+from tartarus.roles.stored import StateSync, forget
 from tartarus.roles.token import AgentToken
 from tartarus.store import Tenant
 from tartarus.templates.built import list_templates
@@ -85,10 +89,14 @@ def held_templates() -> frozenset[str]:
 
 
 class AgentNode:
-    """This host's membership: the lease, the reconciliation on (re)joining, placements ended here."""
+    """This host's membership: the lease, the reconciliation on (re)joining, placements ended here, and
+    hibernations handed to the object store (`sync`, when one is configured)."""
 
-    def __init__(self, url: str, spec: NodeSpec, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+    def __init__(
+        self, url: str, spec: NodeSpec, *, lease_s: float = DEFAULT_LEASE_S, sync: StateSync | None = None
+    ) -> None:
         self.url = url
+        self.sync = sync
         self.keeper = LeaseKeeper(url, spec, lease_s=lease_s, on_fenced=self._fenced)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-cluster")
         self._conn: Connection | None = None
@@ -100,10 +108,12 @@ class AgentNode:
     def serving(self) -> bool:
         return self.keeper.holds()
 
-    async def start(self, manager: SandboxManager) -> None:
+    async def start(self, manager: SandboxManager, control: ControlPlane) -> None:
         """Join the cluster with what the manager runs (after it took over its sandboxes)."""
         self._manager, self._loop = manager, asyncio.get_running_loop()
         await self._loop.run_in_executor(self._executor, self._migrate)
+        if self.sync is not None:
+            self.sync.attach(manager, control, lambda: self.keeper.lease)
         await self._join()
         previous = manager.table.on_change
 
@@ -111,8 +121,14 @@ class AgentNode:
             previous(record, change, why)
             if change in ENDED:
                 self._executor.submit(self._ended, record.id)
+            elif change == "hibernated" and self.sync is not None:
+                self.sync.hibernated(record)
 
         manager.table.on_change = on_change
+        if self.sync is not None:  # hibernated here before a crash or before the store was configured
+            for record in manager.list():
+                if record.state == "hibernated":
+                    self.sync.hibernated(record)
 
     async def stop(self) -> None:
         if self._rejoining is not None:
@@ -120,6 +136,8 @@ class AgentNode:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.keeper.stop)
         self._executor.shutdown(wait=True)
+        if self.sync is not None:
+            await loop.run_in_executor(None, self.sync.close)
         if self._conn is not None:
             self._conn.close()
 
@@ -142,8 +160,24 @@ class AgentNode:
             len(registration.gone),
         )
         for sandbox_id in registration.kill:
+            elsewhere = await self._loop.run_in_executor(self._executor, self._lives_elsewhere, sandbox_id)
+            record = manager.table.find(sandbox_id)
+            if elsewhere and record is not None:
+                async with record.lock:  # in the object store or on another node: only our copy goes
+                    await forget(manager, record)
+                continue
             with contextlib.suppress(NotFound):
                 await manager.destroy(sandbox_id, "the cluster gave it up while this node was fenced")
+
+    def _lives_elsewhere(self, sandbox_id: str) -> bool:
+        """Whether the cluster still has the sandbox (stored, or placed on another node): then killing our
+        copy must not end it (no `ended` placement release, no destroyed record)."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self.url)
+            return Placer(self._conn).locate(sandbox_id).state != PlacementState.LOST
+        except NotFound:
+            return False
 
     def _fenced(self, e: Fenced) -> None:
         """From the lease thread: stop (the guard already refuses work), reconcile and register again."""
@@ -196,6 +230,7 @@ class AgentGuard:
         self.node = node
         self.manager = manager
         self.control = control
+        self.cluster = cluster_app(manager, node.sync)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -223,6 +258,9 @@ class AgentGuard:
             )
             await error_response(fenced)(scope, receive, send)
             return
+        if scope["type"] == "http" and scope["path"].startswith(CLUSTER_PREFIX):
+            await self.cluster(scope, receive, send)
+            return
         named = header(scope, caller.CALLER_HEADER.encode()) or ""
         await self.app(_as_caller(scope, named), receive, send)
 
@@ -230,7 +268,7 @@ class AgentGuard:
         async def relay(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 try:
-                    await self.node.start(self.manager)
+                    await self.node.start(self.manager, self.control)
                 except TartarusError as e:
                     await send({"type": "lifespan.startup.failed", "message": e.message})
                     return
@@ -261,11 +299,17 @@ class AgentOptions:
     token: AgentToken
     lease_s: float = DEFAULT_LEASE_S
     keep_sandboxes: bool = False
+    s3: S3Config | None = None  # where hibernations go so they wake on any node; None: local disk only
 
 
 def agent_app(state_dir: Path, options: AgentOptions, config: DaemonConfig | None = None) -> AgentGuard:
     app = create_app(state_dir, config, control_type=AgentControl)
-    node = AgentNode(options.database_url, options.spec, lease_s=options.lease_s)
+    sync = None
+    if options.s3 is not None:
+        objects = ObjectStore(options.s3)
+        objects.ensure_bucket()
+        sync = StateSync(objects, options.token, options.database_url)
+    node = AgentNode(options.database_url, options.spec, lease_s=options.lease_s, sync=sync)
     control: ControlPlane = app.state.control
     control.metrics.registry.register(LeaseMetrics(node.keeper, lambda: node.fenced))
     return AgentGuard(app, options.token, node, app.state.manager, control)

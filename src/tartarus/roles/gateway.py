@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from starlette.websockets import WebSocket
 
 import tartarus
 from tartarus.cluster.db import Connection, connect
-from tartarus.cluster.errors import NodeRefused, ReservationLost
+from tartarus.cluster.errors import NoCapacity, NodeRefused, ReservationLost
 from tartarus.cluster.membership import Membership
 from tartarus.cluster.model import Demand, Location, NodeView, PlacementState, Reservation
 from tartarus.cluster.placement import DEFAULT_RESERVATION_S, Placer
@@ -44,12 +46,15 @@ from tartarus.cluster.schema import migrate
 from tartarus.daemon import quotas
 from tartarus.daemon.asgi import error_response
 from tartarus.daemon.auth import Principal, invalid_key, missing_key
+from tartarus.daemon.control import parse_labels
 from tartarus.daemon.gate import DEFAULT_BODY_LIMIT, too_large
+from tartarus.daemon.models import SandboxInfo
 from tartarus.daemon.server import GRACE_S
-from tartarus.errors import InvalidArgument, NotFound, TartarusError
+from tartarus.errors import Conflict, InvalidArgument, NotFound, TartarusError
 from tartarus.roles import quota
 from tartarus.roles.metrics import CountRequests, GatewayMetrics, TimedPlacer
 from tartarus.roles.proxy import NodeUnreachable, Proxy, Target, agent_headers
+from tartarus.roles.stored import STORED_NODE
 from tartarus.roles.token import AgentToken
 from tartarus.store import ApiKey, SandboxRow, Store, Tenant
 from tartarus.templates.built import get_template
@@ -67,6 +72,7 @@ UNPLACED = (
 )
 
 
+WAIT_S = 0.1  # between looks at a placement another gateway is waking
 # The agent's headers a create passes on: its request id (for its log) and its Server-Timing.
 PASSED_ON = frozenset({"x-request-id", "server-timing"})
 
@@ -82,6 +88,11 @@ class NodeUnavailable(TartarusError):
     """The sandbox's node has not renewed its lease: it may come back (or be declared lost)."""
 
     code = "node_unavailable"
+    status = 503
+
+
+class WakeTimedOut(TartarusError):
+    code = "wake_timed_out"
     status = 503
 
 
@@ -309,14 +320,37 @@ class Gateway:
                 return Response(answer.content, answer.status_code, media_type="application/json")
             for sandbox in answer.json()["sandboxes"]:
                 merged.setdefault(sandbox["id"], sandbox)
+        for row in await self._stored(principal, request):
+            merged.setdefault(row.id, stored_info(row))
         return JSONResponse({"sandboxes": list(merged.values())})
 
-    async def route(self, sandbox_id: str) -> Target:
-        """The agent that runs the sandbox, or a clear error when its node is not there."""
+    async def _stored(self, principal: Principal, request: Request) -> list[SandboxRow]:
+        """The caller's sandboxes hibernated in the object store (no agent has them), by its filters."""
+        store = self._store
+        assert store is not None
+        tenant = request.query_params.get("tenant") if principal.admin else principal.tenant
+        labels = parse_labels(request.query_params.getlist("label"))
+        rows = await self._in_store(
+            functools.partial(store.list_sandboxes, tenant=tenant, node=STORED_NODE, live=True)
+        )
+        return [
+            r
+            for r in rows
+            if r.state == "hibernated" and all(r.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    async def route(self, sandbox_id: str) -> Location:
+        """Where the sandbox's placement is (not yet judged: see `_target`)."""
         try:
             where: Location = await self._in_cluster(lambda conn: Placer(conn).locate(sandbox_id))
         except (NotFound, InvalidArgument) as e:
             raise NotFound(f"no sandbox {sandbox_id!r}") from e
+        return where
+
+    @staticmethod
+    def _target(where: Location) -> Target:
+        """The agent that runs the sandbox, or a clear error when its node is not there."""
+        sandbox_id = where.sandbox_id
         if where.state == PlacementState.LOST:
             raise NodeLost(
                 f"sandbox {sandbox_id} was lost with node {where.node}: the node stopped renewing its lease "
@@ -330,10 +364,32 @@ class Gateway:
         return Target(where.node, where.address)
 
     async def to_owner(self, request: Request) -> Response:
-        principal, target = await self._caller_and_owner(request)
-        return await self.proxy.forward(request, target, principal)
+        principal, where = await self._caller_and_placement(request)
+        itself = request.url.path.rstrip("/").endswith(where.sandbox_id)  # not a sub-resource
+        if where.stored and itself and request.method == "GET":
+            return await self._stored_info(principal, where.sandbox_id)  # looking does not wake it
+        if where.stored and itself and request.method == "DELETE":
+            try:
+                return await self._delete_stored(principal, where.sandbox_id)
+            except Conflict as e:  # woken meanwhile: its node deletes it
+                log.info("%s; the delete goes to its node", e.message)
+            where = await self.route(where.sandbox_id)
+        return await self.proxy.forward(request, await self._running(principal, where), principal)
 
-    async def _caller_and_owner(self, connection: HTTPConnection) -> tuple[Principal, Target]:
+    async def _delete_stored(self, principal: Principal, sandbox_id: str) -> Response:
+        """Ended without waking it: its placement goes and its record says destroyed. (Its capture's
+        objects stay in the bucket: collecting unreferenced chunks is not built.)"""
+        await self._may_see(principal, sandbox_id)
+        capture = await self._in_cluster(lambda conn: Placer(conn).ended_stored(sandbox_id))
+        store = self._store
+        assert store is not None
+        await self._in_store(
+            functools.partial(store.update_sandbox, sandbox_id, state="destroyed", ended_at=time.time())
+        )
+        log.info("deleted sandbox %s, hibernated in the object store as %s", sandbox_id, capture)
+        return Response(status_code=204)
+
+    async def _caller_and_placement(self, connection: HTTPConnection) -> tuple[Principal, Location]:
         """The key check and the routing lookup at once (two database trips in parallel); a caller
         without a valid key learns nothing of the sandbox, the key's error comes first."""
         caller, owner = await asyncio.gather(
@@ -346,6 +402,76 @@ class Gateway:
         if isinstance(owner, BaseException):
             raise owner
         return caller, owner
+
+    async def _running(self, principal: Principal, where: Location) -> Target:
+        """The agent to forward to: a sandbox hibernated in the object store (or being woken from it
+        through another gateway) is woken first, on the node placement chooses."""
+        if where.stored or where.waking:
+            await self._may_see(principal, where.sandbox_id)  # no one wakes another tenant's sandbox
+            where = await self._in_cluster(lambda conn: self._wake(conn, where.sandbox_id))
+        return self._target(where)
+
+    async def _may_see(self, principal: Principal, sandbox_id: str) -> SandboxRow:
+        store = self._store
+        assert store is not None
+        row = await self._in_store(store.get_sandbox, sandbox_id)
+        if row is None or not (principal.admin or row.tenant == principal.tenant):
+            raise NotFound(f"no sandbox {sandbox_id!r}")
+        return row
+
+    async def _stored_info(self, principal: Principal, sandbox_id: str) -> Response:
+        return JSONResponse(stored_info(await self._may_see(principal, sandbox_id)))
+
+    def _wake(self, conn: Connection, sandbox_id: str) -> Location:
+        """On a cluster thread: place a wake of a stored sandbox and have the chosen agent do it (it
+        confirms the placement itself). One placement row per sandbox, so of two gateways waking it at
+        once one reserves and the other waits for it to run; a node that cannot wake it gets the
+        reservation released (back to hibernated) and the next is tried."""
+        placer = Placer(conn, reservation_s=self.options.reservation_s)
+        deadline = time.monotonic() + self.options.reservation_s
+        refused: list[str] = []
+        while True:
+            where = placer.locate(sandbox_id)
+            if not (where.stored or where.waking) and where.state != PlacementState.RESERVED:
+                return where
+            if time.monotonic() > deadline:
+                raise WakeTimedOut(
+                    f"sandbox {sandbox_id} did not wake within {self.options.reservation_s:.0f} s"
+                )
+            if not where.stored:
+                time.sleep(WAIT_S)  # another gateway's wake holds the placement: wait for it to run
+                continue
+            try:
+                demand, capture = placer.wake_demand(sandbox_id)
+                reservation = placer.reserve(demand, exclude=frozenset(refused))
+            except Conflict:
+                continue  # another gateway reserved it first
+            except NoCapacity as e:
+                if refused:
+                    raise NoCapacity(f"{e.message}; refused by {', '.join(refused)}") from e
+                raise
+            why = self._ask_wake(reservation, capture)
+            if why is None:
+                continue  # woken: the next lookup finds it running there
+            placer.release(reservation, why=why)
+            refused.append(reservation.node)
+            if len(refused) >= placer.attempts:
+                raise NoCapacity(f"sandbox {sandbox_id} could not be woken: {why}")
+
+    def _ask_wake(self, reservation: Reservation, capture: str) -> str | None:
+        """None when the agent woke it; else why not."""
+        body = {"sandbox_id": reservation.sandbox_id, "capture": capture, "epoch": reservation.epoch}
+        try:
+            answer = self._sync.post(
+                f"http://{reservation.address}/v1/cluster/wake",
+                json=body,
+                headers={"authorization": self.options.token.header},
+            )
+        except httpx.TransportError as e:
+            return f"node {reservation.node} did not answer the wake: {e}"
+        if answer.status_code == 200:
+            return None
+        return f"node {reservation.node} answered the wake {answer.status_code}: {answer.text[:300]}"
 
     async def to_any(self, request: Request) -> Response:
         """Calls that name no sandbox (templates, keys, tenants, audit): any healthy agent answers from
@@ -367,7 +493,8 @@ class Gateway:
 
     async def terminal(self, websocket: WebSocket) -> None:
         try:
-            principal, target = await self._caller_and_owner(websocket)
+            principal, where = await self._caller_and_placement(websocket)
+            target = await self._running(principal, where)
         except TartarusError as e:
             await websocket.send_denial_response(error_response(e))
             return
@@ -409,6 +536,22 @@ def _demand(body: bytes) -> Demand:
         disk_mib=disk,
         template=name,
     )
+
+
+def stored_info(row: SandboxRow) -> dict[str, Any]:
+    """A sandbox hibernated in the object store as the API shows it, from its shared record."""
+    return SandboxInfo(
+        id=row.id,
+        template=row.template,
+        state="hibernated",
+        created_at=row.created_at,
+        vcpus=row.vcpus,
+        memory_mib=row.memory_mib,
+        tenant=row.tenant,
+        labels=row.labels,
+        timeout=row.timeout_s,
+        expires_at=row.expires_at,
+    ).model_dump()
 
 
 def gateway_app(options: GatewayOptions) -> Starlette:

@@ -234,7 +234,7 @@ class Store:
         )
 
     def update_sandbox(self, id_: str, **fields: Any) -> None:
-        allowed = {"state", "error", "timeout_s", "expires_at", "ended_at", "labels"}
+        allowed = {"state", "error", "timeout_s", "expires_at", "ended_at", "labels", "node"}
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"cannot update sandbox fields {sorted(set(fields) - allowed)}")
         if "labels" in fields:

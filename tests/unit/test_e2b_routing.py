@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from tartarus.e2b import connect
 from tartarus.e2b.app import E2BApp
+from tartarus.e2b.control import e2b_form, tartarus_key
 from tartarus.e2b.layer import Layer
 from tartarus.e2b.routing import RoutingError, Target, target
 from tartarus.e2b.tokens import SECRET_FILE, TokenMint
@@ -165,6 +167,30 @@ def test_the_control_plane_wants_a_key_and_answers_e2bs_errors(
     assert gone.status_code == 404 and gone.json() == {"code": 404, "message": "no such sandbox"}
     bad = call(app, "POST", "/v2/sandboxes", headers={"X-API-KEY": "tartarus_k"}, json={"timeout": 5})
     assert bad.status_code == 400 and "templateID" in bad.json()["message"]
+
+
+def test_control_calls_that_carry_routing_headers_reach_the_control_plane(
+    endpoint: tuple[E2BApp, StandIn, TokenMint],
+) -> None:
+    """e2b 2.26 sends `E2b-Sandbox-Id` with its connect call to the API: with its API key, on a
+    control-plane path, that is a control-plane call all the same; without a key it is envd's (401)."""
+    app, daemon, _ = endpoint
+    routed = {"E2b-Sandbox-Id": "sb-1", "E2b-Sandbox-Port": "49983"}
+    gone = call(app, "POST", "/sandboxes/sb-1/connect", headers=routed | {"X-API-KEY": "tartarus_k"}, json={})
+    assert gone.status_code == 404 and gone.json()["code"] == 404
+    assert daemon.calls == ["GET /v1/sandboxes/sb-1"]
+    keyless = call(app, "POST", "/sandboxes/sb-1/connect", headers=routed, json={})
+    assert keyless.status_code == 401 and daemon.calls == ["GET /v1/sandboxes/sb-1"]
+
+
+def test_keys_in_e2bs_form_are_the_tartarus_key_they_encode() -> None:
+    """SDKs before 2.63 refuse a key that is not `e2b_` and hex: a Tartarus key in that form is itself."""
+    key = "tartarus_" + "A-b_" * 10 + "xyz"
+    assert re.fullmatch(r"e2b_[0-9a-f]+", e2b_form(key))
+    assert tartarus_key(e2b_form(key)) == key
+    assert tartarus_key(key) == key
+    assert tartarus_key("e2b_ff00") == "e2b_ff00"  # not ASCII: no key in E2B's form, passed on as given
+    assert tartarus_key("e2b_abc") == "e2b_abc"  # odd length: likewise
 
 
 def test_listing_pages_filters_and_passes_metadata_as_labels(tmp_path: Path) -> None:

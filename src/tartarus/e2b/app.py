@@ -31,6 +31,18 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+# Control-plane paths no sandbox port is served under here (envd's are /files, /health and RPCs; the
+# interpreter's /execute and /contexts): some SDK releases (2.26) send their routing headers to the API too.
+CONTROL_PATHS = ("/sandboxes", "/v2/sandboxes")
+
+
+def _control_call(scope: Scope) -> bool:
+    path: str = scope.get("path", "")
+    return _header(scope, b"x-api-key") is not None and (
+        path in CONTROL_PATHS or path.startswith(tuple(p + "/" for p in CONTROL_PATHS))
+    )
+
+
 def _is_rpc(path: str) -> bool:
     return path.count("/") == 2 and "." in path.split("/")[1]
 
@@ -134,7 +146,7 @@ class E2BApp:
         except RoutingError as e:
             await _refusal(scope, 400, "invalid_argument", str(e))(scope, receive, send)
             return
-        if where is None:
+        if where is None or _control_call(scope):
             await self.control(scope, receive, send)
             return
         assert self.layer is not None, "served before start-up"

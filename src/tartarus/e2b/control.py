@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import urllib.parse
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -51,11 +52,30 @@ def from_upstream(e: UpstreamError) -> E2BError:
     return E2BError(status, e.message)
 
 
+E2B_FORM = re.compile(r"^e2b_(?P<hex>(?:[0-9a-f]{2})+)$")
+
+
+def e2b_form(key: str) -> str:
+    """A Tartarus key as E2B's SDKs up to 2.62 insist a key looks (`e2b_` then hex): its bytes in hex."""
+    return "e2b_" + key.encode().hex()
+
+
+def tartarus_key(key: str) -> str:
+    """The Tartarus key a caller sent, in either form (`e2b_form`'s is decoded: it is no other key)."""
+    match = E2B_FORM.match(key)
+    if match is None:
+        return key
+    try:
+        return bytes.fromhex(match["hex"]).decode("ascii")
+    except UnicodeDecodeError:
+        return key  # not a key in E2B's form: the daemon refuses it as it stands
+
+
 def api_key(x_api_key: str | None, authorization: str | None) -> str:
     if x_api_key:
-        return x_api_key
+        return tartarus_key(x_api_key)
     if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
+        return tartarus_key(authorization[7:].strip())
     raise E2BError(401, "an API key is required: set E2B_API_KEY to a Tartarus key")
 
 

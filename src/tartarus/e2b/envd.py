@@ -48,6 +48,7 @@ from tartarus.e2b.watchers import fs_event, watch_error
 
 Item = TypeVar("Item")
 _ENDED = WatchChange("ended")  # what a finished watch stream gives `anext`
+_DONE = ExecEvent("done")  # and a finished command stream
 
 CONNECT_JSON = "application/connect+json"
 SANDBOX_GONE = "The sandbox was not found"  # the SDK tells a dead sandbox by "was not found"
@@ -516,6 +517,7 @@ async def start(request: Request, body: bytes, sid: str) -> Response:
     try:
         msg = connect.decode_single(body)
         timeout = connect.timeout_s(request.headers.get("connect-timeout-ms"))
+        end = _deadline(timeout)
         user = await user_of(request, layer, sid)
         spec = start_spec(msg, user, timeout)
     except ConnectError as e:
@@ -523,7 +525,7 @@ async def start(request: Request, body: bytes, sid: str) -> Response:
     except UpstreamError as e:
         return sandbox_gone(sid) if _gone(e) else _stream_of(_ended(connect_error(e)))
     events = layer.upstream.start_process(sid, spec, stdin=bool(msg.get("stdin", False)))
-    return await _follow(request, sid, events, pty=spec.pty is not None)
+    return await _follow(request, sid, events, end, pty=spec.pty is not None)
 
 
 async def connect_process(request: Request, body: bytes, sid: str) -> Response:
@@ -531,12 +533,18 @@ async def connect_process(request: Request, body: bytes, sid: str) -> Response:
     up = layer_of(request).upstream
     try:
         pid = selected_pid(connect.decode_single(body))
+        end = _deadline(connect.timeout_s(request.headers.get("connect-timeout-ms")))
         pty = any(p.pty for p in await up.processes(sid) if p.pid == pid)
     except ConnectError as e:
         return _stream_of(_ended(e))
     except UpstreamError as e:
         return sandbox_gone(sid) if _gone(e) else _stream_of(_ended(connect_error(e)))
-    return await _follow(request, sid, up.attach(sid, pid), pty=pty)
+    return await _follow(request, sid, up.attach(sid, pid), end, pty=pty)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """When a stream must end (the event loop's clock), counted from the request's arrival."""
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
 
 
 def _interval(request: Request) -> float | None:
@@ -545,9 +553,17 @@ def _interval(request: Request) -> float | None:
 
 
 async def _follow(
-    request: Request, sid: str, events: AsyncGenerator[ExecEvent, None], *, pty: bool = False
+    request: Request,
+    sid: str,
+    events: AsyncGenerator[ExecEvent, None],
+    end: float | None,
+    *,
+    pty: bool = False,
 ) -> Response:
-    """A command's /v1 events as envd's process stream, with keepalives if the client asked."""
+    """A command's /v1 events as envd's process stream, with keepalives if the client asked, ended
+    with `deadline_exceeded` at the deadline `end` (Connect's; a client that times out its reads at the
+    same moment sees Connect's error first). Ending the stream leaves the command as it is: on Start
+    the guest kills it at the same timeout, on Connect it runs on."""
     interval = _interval(request)
     try:
         first = await anext(events)  # the command started, or the call was refused: before any 200
@@ -561,13 +577,19 @@ async def _follow(
             yield connect.envelope(process_event(first))  # type: ignore[arg-type]
             ticks = keepalive(events, interval)
             async with contextlib.aclosing(ticks):
-                async for event in ticks:
+                while True:
+                    left = None if end is None else end - asyncio.get_running_loop().time()
+                    event = await asyncio.wait_for(anext(ticks, _DONE), left)
+                    if event is _DONE:
+                        break
                     message = {"event": {"keepalive": {}}} if event is None else process_event(event, pty=pty)
                     if isinstance(message, ConnectError):
                         error = message
                         break
                     if message is not None:
                         yield connect.envelope(message)
+        except TimeoutError:
+            error = ConnectError("deadline_exceeded", "the command outlived its timeout")
         except UpstreamError as e:
             error = connect_error(e)
         except httpx.HTTPError as e:

@@ -114,6 +114,38 @@ def signed_urls(sb, path):
     }
 
 
+def fork(sb, sid):
+    """`fork()`: a running copy with the parent's files, its own id and tokens."""
+    sb.files.write(f"{DIR}/forked.txt", "from the parent")
+    (child,) = sb.fork(count=1)
+    try:
+        return {
+            "is_sandbox": isinstance(child, Sandbox),
+            "own_id": child.sandbox_id != sid,
+            "read": child.files.read(f"{DIR}/forked.txt"),
+            "run": child.commands.run(f"cat {DIR}/forked.txt; whoami").stdout,
+        }
+    finally:
+        child.kill()
+
+
+def auto_pause():
+    """`on_timeout: pause`: the sandbox is paused, not killed, once its timeout passes idle, and
+    connecting resumes it with its files."""
+    auto = Sandbox.create(lifecycle={"on_timeout": "pause"}, timeout=3)
+    try:
+        auto.files.write("/tmp/auto.txt", "kept across auto-pause")
+        end = time.monotonic() + DEADLINE
+        while Sandbox.get_info(auto.sandbox_id).state.value != "paused" and time.monotonic() < end:
+            time.sleep(0.5)
+        return {
+            "state": Sandbox.get_info(auto.sandbox_id).state.value,
+            "resumed_read": Sandbox.connect(auto.sandbox_id).files.read("/tmp/auto.txt"),
+        }
+    finally:
+        auto.kill()
+
+
 def seconds_left(info):
     return (info.end_at - datetime.now(UTC)).total_seconds()
 
@@ -216,6 +248,7 @@ def sync_files_and_processes(sb, out, core):
     follower = sb.commands.connect(cat.pid)
     sb.commands.send_stdin(cat.pid, "hello stdin\n")
     if not core:
+        sb.commands.stream_input(cat.pid, ["hello ", b"stream\n"])  # one client stream, in order
         sb.commands.close_stdin(cat.pid)  # cat reads end of file and exits
     r = follower.wait()
     out["connected"] = {"stdout": r.stdout, "exit_code": r.exit_code}
@@ -237,6 +270,9 @@ def sync_lifecycle(sb, sid, tag, out, core):
 
     sb.set_timeout(900)
     out["timeout_left"] = seconds_left(sb.get_info())
+    if not core:
+        out["auto_pause"] = auto_pause()
+        out["fork"] = attempt(lambda: fork(sb, sid))
     if not core:
         out["metrics"] = [metric_of(m) for m in sb.get_metrics()]
 
@@ -352,6 +388,10 @@ async def async_suite(tag, out):
         out["processes"] = sorted([p.pid, p.cmd, p.args] for p in await sb.commands.list())
         follower = await sb.commands.connect(cat.pid)
         await sb.commands.send_stdin(cat.pid, "hello stdin\n")
+        streamed = sb.commands.stream_input(cat.pid)  # one client stream, in order
+        await streamed.send("hello ")
+        await streamed.send(b"stream\n")
+        await streamed.close()
         await sb.commands.close_stdin(cat.pid)  # cat reads end of file and exits
         r = await follower.wait()
         out["connected"] = {"stdout": r.stdout, "exit_code": r.exit_code}

@@ -194,9 +194,10 @@ def test_running_commands_are_listed_connected_fed_closed_and_killed_by_pid(obse
             [pids["sleep"], "/bin/bash", ["-l", "-c", "sleep 300"]],
         ]
     )
-    # connect by pid, then the input sent by pid comes back through the new stream, and closing stdin
-    # ends the cat with its exit status
-    assert observed["connected"] == {"stdout": "hello stdin\n", "exit_code": 0}
+    # connect by pid, then the input sent by pid (and, but for the oldest SDK, streamed in chunks by
+    # StreamInput) comes back through the new stream, and closing stdin ends the cat with its status
+    streamed = "hello stdin\n" if observed["release"] == "oldest" else "hello stdin\nhello stream\n"
+    assert observed["connected"] == {"stdout": streamed, "exit_code": 0}
     assert observed["still_running"] is True  # disconnected from, not killed
     assert observed["kill_pid"] is True and observed["kill_unknown"] is False
     assert observed["stdin_unknown"]["raised"] == "NotFoundException"
@@ -210,6 +211,25 @@ def test_list_filters_by_metadata(observed: dict[str, Any]) -> None:
 
 def test_set_timeout_moves_the_end(observed: dict[str, Any]) -> None:
     assert 800 < observed["timeout_left"] <= 900
+
+
+def test_fork_makes_a_running_copy_with_the_parents_files(observed: dict[str, Any]) -> None:
+    full_only(observed)
+    if "-asyncio-" in observed["tag"]:
+        pytest.skip("the SDK forks alike in both flavours: checked once, in the blocking run")
+    assert observed["fork"] == {
+        "is_sandbox": True,
+        "own_id": True,
+        "read": "from the parent",
+        "run": "from the parentuser\n",
+    }
+
+
+def test_on_timeout_pause_pauses_instead_of_killing_and_connect_resumes(observed: dict[str, Any]) -> None:
+    full_only(observed)
+    if "-asyncio-" in observed["tag"]:
+        pytest.skip("the SDK sends the lifecycle alike in both flavours: checked once, in the blocking run")
+    assert observed["auto_pause"] == {"state": "paused", "resumed_read": "kept across auto-pause"}
 
 
 def test_signed_urls_open_their_file_and_nothing_else(observed: dict[str, Any]) -> None:

@@ -46,7 +46,8 @@ def test_exec_events_become_process_events() -> None:
         (UpstreamError(400, "invalid_argument", "bad path"), "invalid_argument"),
         (UpstreamError(423, "quarantined", "held"), "permission_denied"),
         (UpstreamError(502, "sandbox_failed", "VM died"), "unavailable"),
-        (UpstreamError(401, "unauthorized", "node key revoked"), "internal"),
+        (UpstreamError(401, "unauthorized", "not this daemon's token"), "unauthenticated"),
+        (UpstreamError(500, "internal", "a bug"), "internal"),
     ],
 )
 def test_daemon_refusals_become_envds_codes(error: UpstreamError, code: str) -> None:

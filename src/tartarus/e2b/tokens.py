@@ -28,8 +28,8 @@ def credential(
     found = _for(access, "data", where.sandbox_id)
     if found is not None:
         return found
-    if where.port == ENVD_PORT and access is None:
-        return signed_credential(where.sandbox_id, method, path, query)
     if where.port == INTERPRETER_PORT:
         return _for(traffic, "code", where.sandbox_id)
+    if where.port == ENVD_PORT and access is None:
+        return signed_credential(where.sandbox_id, method, path, query)
     return None

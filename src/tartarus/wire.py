@@ -6,6 +6,7 @@ neutral modules of the other: the SDK imports no server code and the server neve
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -118,3 +119,23 @@ class SandboxMetrics:
     mem_cache_bytes: int
     disk_used_bytes: int
     disk_total_bytes: int
+
+
+# ---- sandbox-scoped credentials (daemon/scoped.py checks them; the E2B endpoint presents them) ----
+
+SANDBOX_TOKEN = "tsbx"  # tsbx.{scope}.{sandbox}.{tenant}.{mac}
+SIGNED_CREDENTIAL = "tsig"
+
+
+def _b64url(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+
+def signed_file_credential(
+    sandbox_id: str, operation: str, path: str, user: str, expiration: int | None, signature: str
+) -> str:
+    """A signed file URL's parameters (E2B's: `operation` read or write, the path and user as signed,
+    the expiry if any, the `v1_` signature) as the bearer credential the daemon checks."""
+    exp = "" if expiration is None else str(expiration)
+    parts = (SIGNED_CREDENTIAL, sandbox_id, operation, _b64url(path), _b64url(user), exp, signature)
+    return ".".join(parts)

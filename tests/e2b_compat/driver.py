@@ -2,7 +2,10 @@
 UNMODIFIED `e2b` SDK against the E2B endpoint that E2B_API_URL / E2B_SANDBOX_URL name, and prints what
 it observed as one JSON object for tests/e2b_compat/test_sdk.py to assert on.
 
-    python driver.py sync|async TAG
+    python driver.py sync|async TAG [core]
+
+`core` runs the core of the scenario only (lifecycle, commands, files; no PTY, directory watch, signed
+URLs or metrics): what the oldest supported SDK is held to in CI.
 
 Each step records the SDK's value, or the name of the exception the SDK raised: the point is which of
 its own exceptions the SDK raises for Tartarus's answers.
@@ -111,11 +114,43 @@ def signed_urls(sb, path):
     }
 
 
+def fork(sb, sid):
+    """`fork()`: a running copy with the parent's files, its own id and tokens."""
+    sb.files.write(f"{DIR}/forked.txt", "from the parent")
+    (child,) = sb.fork(count=1)
+    try:
+        return {
+            "is_sandbox": isinstance(child, Sandbox),
+            "own_id": child.sandbox_id != sid,
+            "read": child.files.read(f"{DIR}/forked.txt"),
+            "run": child.commands.run(f"cat {DIR}/forked.txt; whoami").stdout,
+        }
+    finally:
+        child.kill()
+
+
+def auto_pause():
+    """`on_timeout: pause`: the sandbox is paused, not killed, once its timeout passes idle, and
+    connecting resumes it with its files."""
+    auto = Sandbox.create(lifecycle={"on_timeout": "pause"}, timeout=3)
+    try:
+        auto.files.write("/tmp/auto.txt", "kept across auto-pause")
+        end = time.monotonic() + DEADLINE
+        while Sandbox.get_info(auto.sandbox_id).state.value != "paused" and time.monotonic() < end:
+            time.sleep(0.5)
+        return {
+            "state": Sandbox.get_info(auto.sandbox_id).state.value,
+            "resumed_read": Sandbox.connect(auto.sandbox_id).files.read("/tmp/auto.txt"),
+        }
+    finally:
+        auto.kill()
+
+
 def seconds_left(info):
     return (info.end_at - datetime.now(UTC)).total_seconds()
 
 
-def sync_suite(tag, out):
+def sync_suite(tag, out, core=False):
     sb = Sandbox.create(metadata={"suite": tag}, timeout=300)
     sid = out["sandbox_id"] = sb.sandbox_id
     try:
@@ -130,105 +165,128 @@ def sync_suite(tag, out):
         out["env_cwd"] = r.stdout
         out["default_user"] = sb.commands.run('whoami; echo "$HOME"; pwd').stdout
         out["root_user"] = sb.commands.run('whoami; echo "$HOME"', user="root").stdout
-
-        term = sb.pty.create(PtySize(rows=24, cols=80))
-        chunks = (pty for _, _, pty in term if pty is not None)
-        sb.pty.send_stdin(term.pid, b"echo hi\n")
-        seen = pty_until(chunks, HI)
-        sb.pty.resize(term.pid, PtySize(rows=40, cols=132))
-        sb.pty.send_stdin(term.pid, b"stty size; whoami\n")
-        seen = pty_until(chunks, RESIZED, seen)
-        follower = sb.pty.connect(term.pid)  # takes the terminal's output over
-        sb.pty.send_stdin(term.pid, b"echo $((6*7))\n")
-        answer = pty_until((pty for _, _, pty in follower if pty is not None), ANSWER)
-        out["pty"] = {
-            "echoed": HI.search(seen) is not None,
-            "resized": RESIZED.search(seen) is not None,
-            "connected": ANSWER.search(answer) is not None,
-            "listed": term.pid in [p.pid for p in sb.commands.list()],
-            "kill": sb.pty.kill(term.pid),
-            "after_kill": attempt(lambda: follower.wait().exit_code),
-        }
-
-        sb.commands.run(f"mkdir -p {WATCHED}")
-        watch = sb.files.watch_dir(WATCHED)
-        sb.commands.run(CHANGES)
-        changes, end = [], time.monotonic() + DEADLINE
-        while len(changes) < 6 and time.monotonic() < end:
-            changes += events_of(watch.get_new_events())
-        out["watch_dir"] = changes
-        sb.files.write(f"{WATCHED}/written.txt", "via the API")
-        written, end = [], time.monotonic() + DEADLINE
-        while ["write", "written.txt"] not in written and time.monotonic() < end:
-            written += events_of(watch.get_new_events())
-        out["watch_written"] = written
-        watch.stop()
-        out["watch_stopped"] = attempt(lambda: watch.get_new_events())
-
-        f = sb.files
-        out["write"] = f.write(f"{DIR}/data.bin", BLOB).path
-        out["read_equal"] = bytes(f.read(f"{DIR}/data.bin", format="bytes")) == BLOB
-        out["signed"] = attempt(lambda: signed_urls(sb, f"{DIR}/data.bin"))
-        f.write(f"{DIR}/note.txt", "héllo\n")
-        out["text"] = f.read(f"{DIR}/note.txt")
-        out["exists"] = [f.exists(f"{DIR}/data.bin"), f.exists(f"{DIR}/missing")]
-        out["make_dir"] = [f.make_dir(f"{DIR}/sub"), f.make_dir(f"{DIR}/sub")]
-        out["list"] = sorted([e.name, e.type.value if e.type else None, e.size] for e in f.list(DIR))
-        out["rename"] = f.rename(f"{DIR}/note.txt", f"{DIR}/sub/note.txt").path
-        out["after_rename"] = [f.exists(f"{DIR}/note.txt"), f.read(f"{DIR}/sub/note.txt")]
-        f.remove(f"{DIR}/sub")
-        out["after_remove"] = f.exists(f"{DIR}/sub")
-        out["read_missing"] = attempt(lambda: f.read(f"{DIR}/missing"))
-        out["streamed_write"] = f.write(f"{DIR}/deep/streamed.bin", io.BytesIO(BLOB)).path  # octet-stream
-        out["streamed_equal"] = bytes(f.read(f"{DIR}/deep/streamed.bin", format="bytes")) == BLOB
-        many = [WriteEntry(path=f"{DIR}/many/{n}.txt", data=f"file {n}") for n in range(3)]
-        out["write_files"] = [w.path for w in f.write_files(many)]  # one multipart body, three parts
-        out["list_deep"] = sorted(e.path for e in f.list(DIR, depth=2))
-
-        handle = sb.commands.run("echo bg; sleep 1; echo done", background=True)
-        out["background_pid"] = handle.pid
-        out["background"] = handle.wait().stdout
-        out["command_timeout"] = attempt(lambda: sb.commands.run("sleep 30", timeout=2))
-        cat = sb.commands.run("cat", background=True, stdin=True)
-        sleeper = sb.commands.run("sleep 300", background=True)
-        sleeper.disconnect()  # E2B: the command is not killed
-        out["process_pids"] = {"cat": cat.pid, "sleep": sleeper.pid}
-        out["processes"] = sorted([p.pid, p.cmd, p.args] for p in sb.commands.list())
-        follower = sb.commands.connect(cat.pid)
-        sb.commands.send_stdin(cat.pid, "hello stdin\n")
-        sb.commands.close_stdin(cat.pid)  # cat reads end of file and exits
-        r = follower.wait()
-        out["connected"] = {"stdout": r.stdout, "exit_code": r.exit_code}
-        cat.disconnect()
-        out["still_running"] = sleeper.pid in [p.pid for p in sb.commands.list()]
-        out["kill_pid"] = sb.commands.kill(sleeper.pid)
-        out["kill_unknown"] = sb.commands.kill(999_999)
-        out["stdin_unknown"] = attempt(lambda: sb.commands.send_stdin(999_999, "x"))
-
-        out["listed"] = [
-            s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items()
-        ]
-        other = Sandbox.list(query=SandboxQuery(metadata={"suite": tag + "-other"})).next_items()
-        out["listed_other"] = [s.sandbox_id for s in other]
-        out["listed_metadata"] = Sandbox.get_info(sid).metadata
-
-        sb.set_timeout(900)
-        out["timeout_left"] = seconds_left(sb.get_info())
-        out["metrics"] = [metric_of(m) for m in sb.get_metrics()]
-
-        f.write(f"{DIR}/state.txt", "kept across pause")
-        out["pause"] = sb.pause()
-        out["paused_state"] = Sandbox.get_info(sid).state.value
-        out["pause_again"] = Sandbox.pause(sid)
-        resumed = Sandbox.connect(sid)
-        out["resumed_state"] = resumed.get_info().state.value
-        out["resumed_read"] = resumed.files.read(f"{DIR}/state.txt")
-        out["resumed_run"] = resumed.commands.run("cat " + f"{DIR}/state.txt").stdout
+        if not core:
+            sync_terminal_and_watch(sb, out)
+        sync_files_and_processes(sb, out, core)
+        sync_lifecycle(sb, sid, tag, out, core)
     finally:
         out["kill"] = sb.kill()
     out["kill_again"] = Sandbox.kill(sid)
     out["get_after_kill"] = attempt(lambda: Sandbox.get_info(sid))
     out["run_after_kill"] = attempt(lambda: sb.commands.run("echo late"))
+
+
+def sync_terminal_and_watch(sb, out):
+    term = sb.pty.create(PtySize(rows=24, cols=80))
+    chunks = (pty for _, _, pty in term if pty is not None)
+    sb.pty.send_stdin(term.pid, b"echo hi\n")
+    seen = pty_until(chunks, HI)
+    sb.pty.resize(term.pid, PtySize(rows=40, cols=132))
+    sb.pty.send_stdin(term.pid, b"stty size; whoami\n")
+    seen = pty_until(chunks, RESIZED, seen)
+    follower = sb.pty.connect(term.pid)  # takes the terminal's output over
+    sb.pty.send_stdin(term.pid, b"echo $((6*7))\n")
+    answer = pty_until((pty for _, _, pty in follower if pty is not None), ANSWER)
+    out["pty"] = {
+        "echoed": HI.search(seen) is not None,
+        "resized": RESIZED.search(seen) is not None,
+        "connected": ANSWER.search(answer) is not None,
+        "listed": term.pid in [p.pid for p in sb.commands.list()],
+        "kill": sb.pty.kill(term.pid),
+        "after_kill": attempt(lambda: follower.wait().exit_code),
+    }
+
+    sb.commands.run(f"mkdir -p {WATCHED}")
+    watch = sb.files.watch_dir(WATCHED)
+    sb.commands.run(CHANGES)
+    changes, end = [], time.monotonic() + DEADLINE
+    while len(changes) < 6 and time.monotonic() < end:
+        changes += events_of(watch.get_new_events())
+    out["watch_dir"] = changes
+    sb.files.write(f"{WATCHED}/written.txt", "via the API")
+    written, end = [], time.monotonic() + DEADLINE
+    while ["write", "written.txt"] not in written and time.monotonic() < end:
+        written += events_of(watch.get_new_events())
+    out["watch_written"] = written
+    watch.stop()
+    out["watch_stopped"] = attempt(lambda: watch.get_new_events())
+
+
+def sync_files_and_processes(sb, out, core):
+    f = sb.files
+    out["write"] = f.write(f"{DIR}/data.bin", BLOB).path
+    out["read_equal"] = bytes(f.read(f"{DIR}/data.bin", format="bytes")) == BLOB
+    if not core:
+        out["signed"] = attempt(lambda: signed_urls(sb, f"{DIR}/data.bin"))
+    f.write(f"{DIR}/note.txt", "héllo\n")
+    out["text"] = f.read(f"{DIR}/note.txt")
+    out["exists"] = [f.exists(f"{DIR}/data.bin"), f.exists(f"{DIR}/missing")]
+    out["make_dir"] = [f.make_dir(f"{DIR}/sub"), f.make_dir(f"{DIR}/sub")]
+    out["list"] = sorted([e.name, e.type.value if e.type else None, e.size] for e in f.list(DIR))
+    out["rename"] = f.rename(f"{DIR}/note.txt", f"{DIR}/sub/note.txt").path
+    out["after_rename"] = [f.exists(f"{DIR}/note.txt"), f.read(f"{DIR}/sub/note.txt")]
+    f.remove(f"{DIR}/sub")
+    out["after_remove"] = f.exists(f"{DIR}/sub")
+    out["read_missing"] = attempt(lambda: f.read(f"{DIR}/missing"))
+    out["streamed_write"] = f.write(f"{DIR}/deep/streamed.bin", io.BytesIO(BLOB)).path  # octet-stream
+    out["streamed_equal"] = bytes(f.read(f"{DIR}/deep/streamed.bin", format="bytes")) == BLOB
+    many = [WriteEntry(path=f"{DIR}/many/{n}.txt", data=f"file {n}") for n in range(3)]
+    out["write_files"] = [w.path for w in f.write_files(many)]  # one multipart body, three parts
+    out["list_deep"] = sorted(e.path for e in f.list(DIR, depth=2))
+
+    handle = sb.commands.run("echo bg; sleep 1; echo done", background=True)
+    out["background_pid"] = handle.pid
+    out["background"] = handle.wait().stdout
+    out["command_timeout"] = attempt(lambda: sb.commands.run("sleep 30", timeout=2))
+    # The oldest SDK has no close_stdin: its reader ends after one line instead of at end of input.
+    reader = out["reader"] = "head -n 1" if core else "cat"
+    cat = sb.commands.run(reader, background=True, stdin=True)
+    sleeper = sb.commands.run("sleep 300", background=True)
+    sleeper.disconnect()  # E2B: the command is not killed
+    out["process_pids"] = {"cat": cat.pid, "sleep": sleeper.pid}
+    out["processes"] = sorted([p.pid, p.cmd, p.args] for p in sb.commands.list())
+    follower = sb.commands.connect(cat.pid)
+    sb.commands.send_stdin(cat.pid, "hello stdin\n")
+    if not core:
+        sb.commands.stream_input(cat.pid, ["hello ", b"stream\n"])  # one client stream, in order
+        sb.commands.close_stdin(cat.pid)  # cat reads end of file and exits
+    r = follower.wait()
+    out["connected"] = {"stdout": r.stdout, "exit_code": r.exit_code}
+    cat.disconnect()
+    out["still_running"] = sleeper.pid in [p.pid for p in sb.commands.list()]
+    out["kill_pid"] = sb.commands.kill(sleeper.pid)
+    out["kill_unknown"] = sb.commands.kill(999_999)
+    out["stdin_unknown"] = attempt(lambda: sb.commands.send_stdin(999_999, "x"))
+
+
+def sync_lifecycle(sb, sid, tag, out, core):
+    f = sb.files
+    out["listed"] = [
+        s.sandbox_id for s in Sandbox.list(query=SandboxQuery(metadata={"suite": tag})).next_items()
+    ]
+    other = Sandbox.list(query=SandboxQuery(metadata={"suite": tag + "-other"})).next_items()
+    out["listed_other"] = [s.sandbox_id for s in other]
+    out["listed_metadata"] = Sandbox.get_info(sid).metadata
+
+    sb.set_timeout(900)
+    out["timeout_left"] = seconds_left(sb.get_info())
+    if not core:
+        out["auto_pause"] = auto_pause()
+        out["fork"] = attempt(lambda: fork(sb, sid))
+    if not core:
+        out["metrics"] = [metric_of(m) for m in sb.get_metrics()]
+
+    f.write(f"{DIR}/state.txt", "kept across pause")
+    paused = sb.pause()
+    # The oldest SDK's pause answers nothing, paused now or already: only the newest tells.
+    out["pause"] = True if core and paused is None else paused
+    out["paused_state"] = Sandbox.get_info(sid).state.value
+    if not core:
+        out["pause_again"] = Sandbox.pause(sid)
+    resumed = Sandbox.connect(sid)
+    out["resumed_state"] = resumed.get_info().state.value
+    out["resumed_read"] = resumed.files.read(f"{DIR}/state.txt")
+    out["resumed_run"] = resumed.commands.run("cat " + f"{DIR}/state.txt").stdout
 
 
 async def async_suite(tag, out):
@@ -322,6 +380,7 @@ async def async_suite(tag, out):
         out["background_pid"] = handle.pid
         out["background"] = (await handle.wait()).stdout
         out["command_timeout"] = await attempt_async(lambda: sb.commands.run("sleep 30", timeout=2))
+        out["reader"] = "cat"
         cat = await sb.commands.run("cat", background=True, stdin=True)
         sleeper = await sb.commands.run("sleep 300", background=True)
         await sleeper.disconnect()  # E2B: the command is not killed
@@ -329,6 +388,10 @@ async def async_suite(tag, out):
         out["processes"] = sorted([p.pid, p.cmd, p.args] for p in await sb.commands.list())
         follower = await sb.commands.connect(cat.pid)
         await sb.commands.send_stdin(cat.pid, "hello stdin\n")
+        streamed = sb.commands.stream_input(cat.pid)  # one client stream, in order
+        await streamed.send("hello ")
+        await streamed.send(b"stream\n")
+        await streamed.close()
         await sb.commands.close_stdin(cat.pid)  # cat reads end of file and exits
         r = await follower.wait()
         out["connected"] = {"stdout": r.stdout, "exit_code": r.exit_code}
@@ -364,10 +427,10 @@ async def async_suite(tag, out):
 
 
 def main():
-    mode, tag = sys.argv[1], sys.argv[2]
+    mode, tag, core = sys.argv[1], sys.argv[2], sys.argv[3:] == ["core"]
     out = {}
     try:
-        sync_suite(tag, out) if mode == "sync" else asyncio.run(async_suite(tag, out))
+        sync_suite(tag, out, core) if mode == "sync" else asyncio.run(async_suite(tag, out))
     except Exception as e:  # what was observed until then still goes out, with what stopped it
         out["crashed"] = failure(e)
     print(json.dumps(out), flush=True)

@@ -46,7 +46,8 @@ def test_exec_events_become_process_events() -> None:
         (UpstreamError(400, "invalid_argument", "bad path"), "invalid_argument"),
         (UpstreamError(423, "quarantined", "held"), "permission_denied"),
         (UpstreamError(502, "sandbox_failed", "VM died"), "unavailable"),
-        (UpstreamError(401, "unauthorized", "node key revoked"), "internal"),
+        (UpstreamError(401, "unauthorized", "not this daemon's token"), "unauthenticated"),
+        (UpstreamError(500, "internal", "a bug"), "internal"),
     ],
 )
 def test_daemon_refusals_become_envds_codes(error: UpstreamError, code: str) -> None:
@@ -127,12 +128,42 @@ def test_a_timed_out_command_ends_its_stream_cleanly_while_the_source_still_wait
 
     async def body() -> list[bytes]:
         scope = {"type": "http", "headers": [(b"keepalive-ping-interval", b"30")]}
-        response = await envd._follow(Request(scope), "sb-x", times_out())
+        response = await envd._follow(Request(scope), "sb-x", times_out(), None)
         assert isinstance(response, StreamingResponse)
         return [bytes(chunk) async for chunk in response.body_iterator]  # type: ignore[arg-type]
 
     chunks = asyncio.run(body())
     assert closed.is_set()
+    end = json.loads(chunks[-1][5:])
+    assert chunks[-1][0] == 2 and end["error"]["code"] == "deadline_exceeded"
+
+
+def test_a_stream_ends_at_its_connect_deadline_though_the_command_runs_on() -> None:
+    """Connect-Timeout-Ms is the stream's deadline, counted from the request: the stream ends with
+    deadline_exceeded then, even if the guest has not reported the command's end yet (an SDK that
+    times out its reads at the same moment must see Connect's error, not a read timeout)."""
+    closed = asyncio.Event()
+
+    async def runs_on() -> AsyncGenerator[ExecEvent, None]:
+        try:
+            yield ExecEvent("started", pid=7)
+            await asyncio.Event().wait()  # no exit event, ever
+        finally:
+            closed.set()
+
+    async def body() -> tuple[list[bytes], float]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        response = await envd._follow(
+            Request({"type": "http", "headers": []}), "sb-x", runs_on(), start + 0.2
+        )
+        assert isinstance(response, StreamingResponse)
+        chunks = [bytes(chunk) async for chunk in response.body_iterator]  # type: ignore[arg-type]
+        return chunks, loop.time() - start
+
+    chunks, took = asyncio.run(body())
+    assert closed.is_set() and 0.2 <= took < 5
+    assert json.loads(chunks[0][5:]) == {"event": {"start": {"pid": 7}}}
     end = json.loads(chunks[-1][5:])
     assert chunks[-1][0] == 2 and end["error"]["code"] == "deadline_exceeded"
 

@@ -5,16 +5,17 @@ SDK against real sandboxes is tests/e2b_compat/test_sdk.py."""
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tartarus.daemon.scoped import SandboxTokens
 from tartarus.e2b.app import E2BApp
 from tartarus.e2b.interpreter import execution_lines
 from tartarus.e2b.layer import Layer
-from tartarus.e2b.tokens import TokenMint
 from tartarus.e2b.upstream import Upstream
 from tartarus.wire import Execution, ExecutionError, Result
 from tests.unit.test_e2b_routing import call
@@ -31,6 +32,20 @@ RUN = {
     "error": None,
 }
 CONTEXT = {"id": "c0ffee", "language": "python", "cwd": "/tmp"}
+
+
+class Mint:
+    """Tokens as the daemon mints them (daemon/scoped.py) for its tenant alice's sandboxes: the stand-in
+    daemon checks none (the endpoint only matches them to the routed sandbox; the daemon verifies)."""
+
+    def __init__(self) -> None:
+        self._tokens = SandboxTokens(secrets.token_bytes(32))
+
+    def token(self, sandbox_id: str) -> str:
+        return self._tokens.mint("data", sandbox_id, "alice")
+
+    def traffic_token(self, sandbox_id: str) -> str:
+        return self._tokens.mint("code", sandbox_id, "alice")
 
 
 def test_an_execution_is_the_lines_the_sdk_parses() -> None:
@@ -90,13 +105,13 @@ class Daemon:
 
 
 @pytest.fixture
-def endpoint(tmp_path: Path) -> tuple[E2BApp, Daemon, TokenMint]:
+def endpoint(tmp_path: Path) -> tuple[E2BApp, Daemon, Mint]:
     (tmp_path / "admin.key").write_text("tartarus_node\n")
     daemon = Daemon()
-    upstream = Upstream(tmp_path, url="http://daemon", transport=httpx.MockTransport(daemon))
-    mint = TokenMint.load(tmp_path)
-    app = E2BApp(lambda: Layer(upstream, mint))
-    app.install(Layer(upstream, mint))
+    upstream = Upstream(url="http://daemon", transport=httpx.MockTransport(daemon))
+    mint = Mint()
+    app = E2BApp(lambda: Layer(upstream))
+    app.install(Layer(upstream))
     return app, daemon, mint
 
 
@@ -111,7 +126,7 @@ def routed(
     return headers
 
 
-def test_execute_forwards_the_cell_and_answers_ndjson(endpoint: tuple[E2BApp, Daemon, TokenMint]) -> None:
+def test_execute_forwards_the_cell_and_answers_ndjson(endpoint: tuple[E2BApp, Daemon, Mint]) -> None:
     app, daemon, mint = endpoint
     body = {"code": "1+1", "context_id": "c0ffee", "language": "python", "env_vars": {"A": "b"}}
     response = call(app, "POST", "/execute", headers=routed("sb-1", access=mint.token("sb-1")), json=body)
@@ -145,7 +160,7 @@ def test_execute_forwards_the_cell_and_answers_ndjson(endpoint: tuple[E2BApp, Da
     assert daemon.calls[-1] == ("POST", "/v1/sandboxes/sb-1/code", {"code": "x"})
 
 
-def test_contexts_open_to_the_traffic_token_the_sdk_sends(endpoint: tuple[E2BApp, Daemon, TokenMint]) -> None:
+def test_contexts_open_to_the_traffic_token_the_sdk_sends(endpoint: tuple[E2BApp, Daemon, Mint]) -> None:
     app, daemon, mint = endpoint
     headers = routed("sb-1", traffic=mint.traffic_token("sb-1"))
     made = call(app, "POST", "/contexts", headers=headers, json={"cwd": "/tmp", "language": "python"})
@@ -162,7 +177,7 @@ def test_contexts_open_to_the_traffic_token_the_sdk_sends(endpoint: tuple[E2BApp
     assert daemon.calls[0][2] == {"cwd": "/tmp"}
 
 
-def test_tokens_open_only_what_they_are_for(endpoint: tuple[E2BApp, Daemon, TokenMint]) -> None:
+def test_tokens_open_only_what_they_are_for(endpoint: tuple[E2BApp, Daemon, Mint]) -> None:
     app, daemon, mint = endpoint
     refused = [
         routed("sb-1"),
@@ -179,7 +194,7 @@ def test_tokens_open_only_what_they_are_for(endpoint: tuple[E2BApp, Daemon, Toke
     assert daemon.calls == []
 
 
-def test_bad_requests_are_refused_before_the_daemon(endpoint: tuple[E2BApp, Daemon, TokenMint]) -> None:
+def test_bad_requests_are_refused_before_the_daemon(endpoint: tuple[E2BApp, Daemon, Mint]) -> None:
     app, daemon, mint = endpoint
     headers = routed("sb-1", access=mint.token("sb-1"))
     cases: list[tuple[dict[str, Any], int]] = [
@@ -200,7 +215,7 @@ def test_bad_requests_are_refused_before_the_daemon(endpoint: tuple[E2BApp, Daem
     assert daemon.calls == []
 
 
-def test_a_missing_context_is_404_and_a_gone_sandbox_502(endpoint: tuple[E2BApp, Daemon, TokenMint]) -> None:
+def test_a_missing_context_is_404_and_a_gone_sandbox_502(endpoint: tuple[E2BApp, Daemon, Mint]) -> None:
     app, _, mint = endpoint
     missing = call(
         app, "POST", "/contexts/missing/restart", headers=routed("sb-1", traffic=mint.traffic_token("sb-1"))

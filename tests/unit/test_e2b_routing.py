@@ -6,18 +6,36 @@ from __future__ import annotations
 
 import asyncio
 import json
-import stat
+import re
+import secrets
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from tartarus.daemon.scoped import SandboxTokens
 from tartarus.e2b import connect
 from tartarus.e2b.app import E2BApp
+from tartarus.e2b.control import e2b_form, tartarus_key
 from tartarus.e2b.layer import Layer
 from tartarus.e2b.routing import RoutingError, Target, target
-from tartarus.e2b.tokens import SECRET_FILE, TokenMint
 from tartarus.e2b.upstream import Upstream
+
+
+class Mint:
+    """Tokens as the daemon mints them (daemon/scoped.py) for its tenant alice's sandboxes: the stand-in
+    daemon checks none (the endpoint only matches them to the routed sandbox; the daemon verifies)."""
+
+    def __init__(self) -> None:
+        self._tokens = SandboxTokens(secrets.token_bytes(32))
+
+    def token(self, sandbox_id: str) -> str:
+        return self._tokens.mint("data", sandbox_id, "alice")
+
+    def traffic_token(self, sandbox_id: str) -> str:
+        return self._tokens.mint("code", sandbox_id, "alice")
 
 
 def test_headers_route_to_a_sandbox_and_its_port() -> None:
@@ -29,22 +47,6 @@ def test_headers_route_to_a_sandbox_and_its_port() -> None:
     for sandbox, port in (("../etc", None), ("sb-1", "0"), ("sb-1", "http"), ("", None)):
         with pytest.raises(RoutingError):
             target(sandbox, port, None)
-
-
-def test_tokens_are_per_sandbox_stable_and_secret(tmp_path: Path) -> None:
-    mint = TokenMint.load(tmp_path)
-    assert stat.S_IMODE((tmp_path / SECRET_FILE).stat().st_mode) == 0o600
-    token = mint.token("sb-1")
-    assert TokenMint.load(tmp_path).token("sb-1") == token  # a restarted daemon hands out the same
-    assert mint.check("sb-1", token)
-    assert not mint.check("sb-2", token)
-    assert not mint.check("sb-1", token[:-1])
-    assert not mint.check("sb-1", None)
-    assert TokenMint.load(tmp_path / "other").token("sb-1") != token
-    traffic = mint.traffic_token("sb-1")
-    assert traffic != token and mint.check_traffic("sb-1", traffic)
-    assert not mint.check_traffic("sb-1", token) and not mint.check("sb-1", traffic)
-    assert not mint.check_traffic("sb-2", traffic)
 
 
 class StandIn:
@@ -60,13 +62,13 @@ class StandIn:
 
 
 @pytest.fixture
-def endpoint(tmp_path: Path) -> tuple[E2BApp, StandIn, TokenMint]:
+def endpoint(tmp_path: Path) -> tuple[E2BApp, StandIn, Mint]:
     (tmp_path / "admin.key").write_text("tartarus_node\n")
     daemon = StandIn()
-    upstream = Upstream(tmp_path, url="http://daemon", transport=httpx.MockTransport(daemon))
-    app = E2BApp(lambda: Layer(upstream, TokenMint.load(tmp_path)))
-    mint = TokenMint.load(tmp_path)
-    app.install(Layer(upstream, mint))
+    upstream = Upstream(url="http://daemon", transport=httpx.MockTransport(daemon))
+    app = E2BApp(lambda: Layer(upstream))
+    mint = Mint()
+    app.install(Layer(upstream))
     return app, daemon, mint
 
 
@@ -88,7 +90,7 @@ def sandbox(sid: str, token: str | None = None, port: int = 49983) -> dict[str, 
 
 
 def test_a_wrong_or_missing_token_is_401_and_reaches_nothing(
-    endpoint: tuple[E2BApp, StandIn, TokenMint],
+    endpoint: tuple[E2BApp, StandIn, Mint],
 ) -> None:
     app, daemon, mint = endpoint
     other = mint.token("sb-other")
@@ -101,7 +103,7 @@ def test_a_wrong_or_missing_token_is_401_and_reaches_nothing(
     assert daemon.calls == []
 
 
-def test_the_right_token_for_a_gone_sandbox_is_e2bs_502(endpoint: tuple[E2BApp, StandIn, TokenMint]) -> None:
+def test_the_right_token_for_a_gone_sandbox_is_e2bs_502(endpoint: tuple[E2BApp, StandIn, Mint]) -> None:
     app, daemon, mint = endpoint
     headers = sandbox("sb-1", mint.token("sb-1"))
     for method, path, kwargs in (
@@ -117,7 +119,7 @@ def test_the_right_token_for_a_gone_sandbox_is_e2bs_502(endpoint: tuple[E2BApp, 
 
 
 def test_bad_input_on_a_stream_ends_the_stream_with_an_error_not_a_500(
-    endpoint: tuple[E2BApp, StandIn, TokenMint],
+    endpoint: tuple[E2BApp, StandIn, Mint],
 ) -> None:
     app, daemon, mint = endpoint
     headers = sandbox("sb-1", mint.token("sb-1")) | {"Content-Type": "application/connect+json"}
@@ -138,13 +140,8 @@ def test_bad_input_on_a_stream_ends_the_stream_with_an_error_not_a_500(
     assert daemon.calls == []  # refused before any command could start
 
 
-def test_what_needs_new_guest_features_is_unimplemented(endpoint: tuple[E2BApp, StandIn, TokenMint]) -> None:
+def test_what_needs_new_guest_features_is_unimplemented(endpoint: tuple[E2BApp, StandIn, Mint]) -> None:
     app, daemon, mint = endpoint
-    streamed = call(
-        app, "POST", "/process.Process/StreamInput", headers=sandbox("sb-1", mint.token("sb-1")), json={}
-    )
-    assert streamed.status_code == 501
-    assert streamed.json()["code"] == "unimplemented"
     by_tag = {"process": {"tag": "web"}, "input": {"stdin": ""}}
     tagged = call(
         app, "POST", "/process.Process/SendInput", headers=sandbox("sb-1", mint.token("sb-1")), json=by_tag
@@ -155,7 +152,7 @@ def test_what_needs_new_guest_features_is_unimplemented(endpoint: tuple[E2BApp, 
 
 
 def test_the_control_plane_wants_a_key_and_answers_e2bs_errors(
-    endpoint: tuple[E2BApp, StandIn, TokenMint],
+    endpoint: tuple[E2BApp, StandIn, Mint],
 ) -> None:
     app, daemon, _ = endpoint
     missing = call(app, "GET", "/sandboxes/sb-1")
@@ -165,6 +162,30 @@ def test_the_control_plane_wants_a_key_and_answers_e2bs_errors(
     assert gone.status_code == 404 and gone.json() == {"code": 404, "message": "no such sandbox"}
     bad = call(app, "POST", "/v2/sandboxes", headers={"X-API-KEY": "tartarus_k"}, json={"timeout": 5})
     assert bad.status_code == 400 and "templateID" in bad.json()["message"]
+
+
+def test_control_calls_that_carry_routing_headers_reach_the_control_plane(
+    endpoint: tuple[E2BApp, StandIn, Mint],
+) -> None:
+    """e2b 2.26 sends `E2b-Sandbox-Id` with its connect call to the API: with its API key, on a
+    control-plane path, that is a control-plane call all the same; without a key it is envd's (401)."""
+    app, daemon, _ = endpoint
+    routed = {"E2b-Sandbox-Id": "sb-1", "E2b-Sandbox-Port": "49983"}
+    gone = call(app, "POST", "/sandboxes/sb-1/connect", headers=routed | {"X-API-KEY": "tartarus_k"}, json={})
+    assert gone.status_code == 404 and gone.json()["code"] == 404
+    assert daemon.calls == ["GET /v1/sandboxes/sb-1"]
+    keyless = call(app, "POST", "/sandboxes/sb-1/connect", headers=routed, json={})
+    assert keyless.status_code == 401 and daemon.calls == ["GET /v1/sandboxes/sb-1"]
+
+
+def test_keys_in_e2bs_form_are_the_tartarus_key_they_encode() -> None:
+    """SDKs before 2.63 refuse a key that is not `e2b_` and hex: a Tartarus key in that form is itself."""
+    key = "tartarus_" + "A-b_" * 10 + "xyz"
+    assert re.fullmatch(r"e2b_[0-9a-f]+", e2b_form(key))
+    assert tartarus_key(e2b_form(key)) == key
+    assert tartarus_key(key) == key
+    assert tartarus_key("e2b_ff00") == "e2b_ff00"  # not ASCII: no key in E2B's form, passed on as given
+    assert tartarus_key("e2b_abc") == "e2b_abc"  # odd length: likewise
 
 
 def test_listing_pages_filters_and_passes_metadata_as_labels(tmp_path: Path) -> None:
@@ -180,9 +201,9 @@ def test_listing_pages_filters_and_passes_metadata_as_labels(tmp_path: Path) -> 
         return httpx.Response(200, json={"sandboxes": boxes})
 
     (tmp_path / "admin.key").write_text("tartarus_node\n")
-    upstream = Upstream(tmp_path, url="http://daemon", transport=httpx.MockTransport(daemon))
-    app = E2BApp(lambda: Layer(upstream, TokenMint.load(tmp_path)))
-    app.install(Layer(upstream, TokenMint.load(tmp_path)))
+    upstream = Upstream(url="http://daemon", transport=httpx.MockTransport(daemon))
+    app = E2BApp(lambda: Layer(upstream))
+    app.install(Layer(upstream))
     key = {"X-API-KEY": "tartarus_k"}
     metadata = "team=ml&a%2520b=c%2526d"  # as the SDK sends it: urlencode({quote(k): quote(v)})
     first = call(app, "GET", "/v2/sandboxes", headers=key, params={"metadata": metadata, "limit": 2})
@@ -203,7 +224,7 @@ def test_listing_pages_filters_and_passes_metadata_as_labels(tmp_path: Path) -> 
 
 
 def test_process_calls_by_pid_reach_the_daemons_processes_endpoints(
-    endpoint: tuple[E2BApp, StandIn, TokenMint],
+    endpoint: tuple[E2BApp, StandIn, Mint],
 ) -> None:
     """SendInput, CloseStdin, SendSignal, List and Update become /v1 processes calls (the stand-in's
     sandbox is gone: each answers E2B's 502)."""
@@ -226,3 +247,82 @@ def test_process_calls_by_pid_reach_the_daemons_processes_endpoints(
         "GET /v1/sandboxes/sb-1/processes",
         "POST /v1/sandboxes/sb-1/processes/7/resize",
     ]
+
+
+def test_stream_input_sends_each_chunk_in_order_with_the_requests_own_credential(tmp_path: Path) -> None:
+    """StreamInput, a client stream: its envelopes arrive split anywhere across HTTP/1.1 chunks; each
+    `data` event goes to the daemon as stdin, in order, made with the sandbox's token the request
+    presented (the endpoint has no key of its own); one empty message answers the finished stream."""
+    seen: list[tuple[str, str, bytes]] = []
+
+    def daemon(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, request.headers["authorization"], request.content))
+        return httpx.Response(204)
+
+    upstream = Upstream(url="http://daemon", transport=httpx.MockTransport(daemon))
+    app = E2BApp(lambda: Layer(upstream))
+    app.install(Layer(upstream))
+    token = Mint().token("sb-1")
+    messages: list[dict[str, Any]] = [
+        {"start": {"process": {"pid": 7}}},
+        {"data": {"input": {"stdin": "aGVsbG8g"}}},  # "hello "
+        {"keepalive": {}},
+        {"data": {"input": {"stdin": "c3RyZWFtCg=="}}},  # "stream\n"
+    ]
+    frames = b"".join(connect.envelope(m) for m in messages)
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for at in range(0, len(frames), 7):  # envelopes split across chunks
+            yield frames[at : at + 7]
+
+    headers = sandbox("sb-1", token) | {"Content-Type": "application/connect+json"}
+    response = call(app, "POST", "/process.Process/StreamInput", headers=headers, content=chunked())
+    assert response.status_code == 200
+    assert connect.decode_envelopes(response.content) == [{}, {}]  # the answer, then a clean end
+    assert response.content[len(connect.envelope({}))] == connect.END_STREAM
+    assert [(p, a) for p, a, _ in seen] == [("/v1/sandboxes/sb-1/processes/7/stdin", f"Bearer {token}")] * 2
+    assert [json.loads(body)["data"] for _, _, body in seen] == ["aGVsbG8g", "c3RyZWFtCg=="]
+    no_start = connect.envelope({"data": {"input": {"stdin": "eA=="}}})
+    refused = call(app, "POST", "/process.Process/StreamInput", headers=headers, content=no_start)
+    (end,) = connect.decode_envelopes(refused.content)
+    assert end["error"]["code"] == "invalid_argument" and len(seen) == 2
+
+
+def test_create_hands_out_the_daemons_scoped_tokens_and_maps_auto_pause(tmp_path: Path) -> None:
+    """The create answer's tokens are the daemon's (minted with the caller's key); `autoPause` becomes
+    hibernation after the timeout's seconds without a call instead of a timeout that kills."""
+    seen: list[tuple[str, str, Any]] = []
+    view = {"id": "sb-1", "template": "base", "state": "running", "created_at": 1.0, "vcpus": 1}
+
+    def daemon(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        seen.append((request.url.path, request.headers["authorization"], body))
+        if request.url.path.endswith("/tokens"):
+            return httpx.Response(
+                200, json={"sandbox_id": "sb-1", "data": "tsbx.data.x", "code": "tsbx.code.x"}
+            )
+        return httpx.Response(201, json=view | {"memory_mib": 512})
+
+    upstream = Upstream(url="http://daemon", transport=httpx.MockTransport(daemon))
+    app = E2BApp(lambda: Layer(upstream))
+    app.install(Layer(upstream))
+    key = {"X-API-KEY": "tartarus_k"}
+    paused = call(
+        app,
+        "POST",
+        "/v2/sandboxes",
+        headers=key,
+        json={"templateID": "base", "timeout": 30, "autoPause": True},
+    )
+    assert paused.status_code == 201
+    assert (
+        paused.json()["envdAccessToken"] == "tsbx.data.x"
+        and paused.json()["trafficAccessToken"] == "tsbx.code.x"
+    )
+    (path, auth, spec), (tokens, tokens_auth, _) = seen
+    assert path == "/v1/sandboxes" and auth == "Bearer tartarus_k" and spec["idle_timeout_s"] == 30
+    assert "timeout" not in spec
+    assert tokens == "/v1/sandboxes/sb-1/tokens" and tokens_auth == "Bearer tartarus_k"
+    seen.clear()
+    killed = call(app, "POST", "/v2/sandboxes", headers=key, json={"templateID": "base", "timeout": 30})
+    assert killed.status_code == 201 and seen[0][2]["timeout"] == 30 and "idle_timeout_s" not in seen[0][2]

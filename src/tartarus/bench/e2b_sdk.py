@@ -1,7 +1,9 @@
-"""E2B's own SDKs, unmodified, in a venv of their own under the cache dir, keyed by their pinned
-versions (e2b-sdk-requirements.txt): their dependencies never constrain Tartarus's, and a change of pins
-builds a new venv beside the old. The conformance suite (tests/e2b_compat) and `bench e2b` drive them;
-either builds the venv on first use (it needs PyPI); `python -m tartarus.bench.e2b_sdk` builds it ahead."""
+"""E2B's own SDKs, unmodified, in venvs of their own under the cache dir, keyed by their pinned
+versions: their dependencies never constrain Tartarus's, and a change of pins builds a new venv beside
+the old. Two releases are pinned: the newest (e2b-sdk-requirements.txt) and the oldest Tartarus supports
+(e2b-sdk-oldest-requirements.txt). The conformance suite (tests/e2b_compat) and `bench e2b` drive them;
+either builds a venv on first use (it needs PyPI); `python -m tartarus.bench.e2b_sdk [newest|oldest]`
+builds one ahead."""
 
 from __future__ import annotations
 
@@ -15,11 +17,14 @@ from pathlib import Path
 from tartarus.paths import cache_dir
 
 REQUIREMENTS = Path(__file__).with_name("e2b-sdk-requirements.txt")
+RELEASES = {"newest": REQUIREMENTS, "oldest": Path(__file__).with_name("e2b-sdk-oldest-requirements.txt")}
 
 
-def sdk_python() -> Path:
-    """The venv's interpreter, building the venv first if these pins have none yet."""
-    pins = REQUIREMENTS.read_bytes()
+def sdk_python(release: str = "newest") -> Path:
+    """The interpreter of the venv holding `release`'s pins, building the venv first if they have none
+    yet."""
+    requirements = RELEASES[release]
+    pins = requirements.read_bytes()
     key = hashlib.sha256(pins + sys.version.encode()).hexdigest()[:16]
     root = cache_dir() / "e2b-sdk"
     venv = root / key
@@ -43,7 +48,7 @@ def sdk_python() -> Path:
                 "-q",
                 "--disable-pip-version-check",
                 "-r",
-                str(REQUIREMENTS),
+                str(requirements),
             ],
             check=True,
         )
@@ -52,4 +57,4 @@ def sdk_python() -> Path:
 
 
 if __name__ == "__main__":
-    print(sdk_python())
+    print(sdk_python(*sys.argv[1:2]))

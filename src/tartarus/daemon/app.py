@@ -41,6 +41,7 @@ from tartarus.daemon.routes import (
     templates,
     tenants,
     terminal,
+    tokens,
     watch,
 )
 from tartarus.daemon.routes.deps import Daemon
@@ -60,6 +61,7 @@ ROUTERS = (
     files,
     watch,
     terminal,
+    tokens,
     templates,
     images,
     tenants,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastapi.security import HTTPBearer
 
+from tartarus.daemon.scoped import SandboxScope
 from tartarus.errors import AuthError, PermissionDenied
 from tartarus.paths import LOCAL_KEY_FILE
 from tartarus.store import ApiKey, Store
@@ -31,6 +32,7 @@ class Principal:
     key_id: str
     tenant: str
     admin: bool
+    scope: SandboxScope | None = None  # a sandbox-scoped credential's (daemon/scoped.py): nothing beyond
 
     @classmethod
     def of(cls, key: ApiKey) -> Principal:

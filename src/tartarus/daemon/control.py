@@ -32,6 +32,7 @@ from tartarus.daemon.auth import Principal, bearer, ensure_local_admin_key, inva
 from tartarus.daemon.manager import SandboxManager
 from tartarus.daemon.metrics import Metrics
 from tartarus.daemon.records import StoredSandboxes
+from tartarus.daemon.scoped import SandboxTokens, looks_scoped, signed_sandbox
 from tartarus.daemon.table import SandboxRecord
 from tartarus.daemon.tenancy import TenantQuotas
 from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
@@ -209,10 +210,26 @@ class ControlPlane:
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
             raise missing_key()
+        if looks_scoped(secret):
+            return self._scoped(secret), None
         key, tenant = await self.db(self._lookup, secret)
         if key is None:
             raise invalid_key()
         return Principal.of(key), tenant
+
+    @functools.cached_property
+    def sandbox_tokens(self) -> SandboxTokens:
+        return SandboxTokens.load(self.state_dir)
+
+    def _scoped(self, secret: str) -> Principal:
+        """A sandbox-scoped credential's caller: its sandbox's tenant, confined to its scope (the gate
+        refuses anything else). A signed URL's names no tenant: its sandbox's owner is looked up."""
+        named = signed_sandbox(secret)
+        record = self.manager.table.find(named) if named is not None else None
+        verified = self.sandbox_tokens.verify(secret, record.tenant if record is not None else None)
+        if verified is None:
+            raise invalid_key()
+        return Principal(f"sandbox:{verified.scope.sandbox_id}", verified.tenant, False, verified.scope)
 
     def _lookup(self, secret: str) -> tuple[ApiKey | None, Tenant | None]:
         key = self.store.authenticate(secret)

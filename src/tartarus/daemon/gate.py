@@ -1,4 +1,5 @@
-"""The door of the API, in front of FastAPI: the caller's key first, then a bounded read of the body.
+"""The door of the API, in front of FastAPI: the caller's key first (a sandbox-scoped credential only
+within its scope: daemon/scoped.py), then a bounded read of the body.
 
 FastAPI reads and parses a JSON body before any dependency runs, so a key checked in a dependency comes
 too late: one keyless request could make the daemon hold a gigabyte before its 401. Here the key is
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tartarus.daemon.asgi import error_response, header
-from tartarus.errors import AuthError, PayloadTooLarge
+from tartarus.errors import AuthError, PayloadTooLarge, PermissionDenied
 
 if TYPE_CHECKING:
     from tartarus.daemon.control import ControlPlane
@@ -81,6 +82,14 @@ class Gate:
                 principal, tenant = await self.control.authenticate(header(scope, b"authorization"))
             except AuthError as e:
                 await error_response(e)(scope, receive, send)
+                return
+            if principal.scope is not None and not principal.scope.allows(
+                scope.get("method", "GET"), scope["path"]
+            ):
+                refused = PermissionDenied(
+                    f"this credential opens sandbox {principal.scope.sandbox_id}'s insides only"
+                )
+                await error_response(refused)(scope, receive, send)
                 return
             state = scope.setdefault("state", {})
             state["principal"], state["tenant"] = principal, tenant

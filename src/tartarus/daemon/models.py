@@ -188,6 +188,14 @@ class SandboxList(BaseModel):
     sandboxes: list[SandboxInfo]
 
 
+class SandboxTokens(BaseModel):
+    """Credentials scoped to one sandbox (`tartarus.daemon.scoped`), as `Authorization: Bearer`."""
+
+    sandbox_id: str
+    data: str = Field(description="opens the sandbox's insides (exec, processes, files, code) and its record")
+    code: str = Field(description="opens its code interpreter only")
+
+
 class TerminalSize(Strict):
     rows: int = Field(24, ge=1, le=PTY_MAX_SIZE)
     cols: int = Field(80, ge=1, le=PTY_MAX_SIZE)

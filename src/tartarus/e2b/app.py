@@ -19,8 +19,7 @@ from starlette.types import Receive, Scope, Send
 from tartarus.e2b import control, envd, interpreter
 from tartarus.e2b.layer import Layer
 from tartarus.e2b.routing import ENVD_PORT, INTERPRETER_PORT, RoutingError, Target, target
-from tartarus.e2b.signed import signed_file_request
-from tartarus.e2b.tokens import TokenMint
+from tartarus.e2b.tokens import credential
 from tartarus.e2b.upstream import UpstreamError
 
 
@@ -29,6 +28,18 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return bytes(value).decode("latin-1")
     return None
+
+
+# Control-plane paths no sandbox port is served under here (envd's are /files, /health and RPCs; the
+# interpreter's /execute and /contexts): some SDK releases (2.26) send their routing headers to the API too.
+CONTROL_PATHS = ("/sandboxes", "/v2/sandboxes")
+
+
+def _control_call(scope: Scope) -> bool:
+    path: str = scope.get("path", "")
+    return _header(scope, b"x-api-key") is not None and (
+        path in CONTROL_PATHS or path.startswith(tuple(p + "/" for p in CONTROL_PATHS))
+    )
 
 
 def _is_rpc(path: str) -> bool:
@@ -94,17 +105,16 @@ def interpreter_app() -> Starlette:
     return app
 
 
-def admitted(tokens: TokenMint, where: Target, scope: Scope) -> bool:
-    """envd opens to the sandbox's access token, or for `/files` to a URL that token signed (signed.py);
-    the code interpreter to its traffic token too, which is all E2B's SDK sends with its context calls."""
-    if tokens.check(where.sandbox_id, _header(scope, b"x-access-token")):
-        return True
-    if where.port == ENVD_PORT and signed_file_request(
-        scope["method"], scope["path"], scope.get("query_string", b""), tokens.token(where.sandbox_id)
-    ):
-        return True
-    traffic = _header(scope, b"e2b-traffic-access-token")
-    return where.port == INTERPRETER_PORT and tokens.check_traffic(where.sandbox_id, traffic)
+def presented(where: Target, scope: Scope) -> str | None:
+    """The sandbox-scoped credential the request presents (tokens.py), or None."""
+    return credential(
+        where,
+        scope["method"],
+        scope["path"],
+        scope.get("query_string", b""),
+        _header(scope, b"x-access-token"),
+        _header(scope, b"e2b-traffic-access-token"),
+    )
 
 
 class E2BApp:
@@ -134,11 +144,12 @@ class E2BApp:
         except RoutingError as e:
             await _refusal(scope, 400, "invalid_argument", str(e))(scope, receive, send)
             return
-        if where is None:
+        if where is None or _control_call(scope):
             await self.control(scope, receive, send)
             return
         assert self.layer is not None, "served before start-up"
-        if not admitted(self.layer.tokens, where, scope):
+        found = presented(where, scope)
+        if found is None:
             refusal = _refusal(
                 scope, 401, "unauthenticated", "the sandbox's access token is missing or wrong"
             )
@@ -148,7 +159,8 @@ class E2BApp:
             message = f"port {where.port} is not served by Tartarus's E2B endpoint yet"
             await _refusal(scope, 501, "unimplemented", message)(scope, receive, send)
             return
-        scope.setdefault("state", {})["e2b_sandbox"] = where.sandbox_id
+        state = scope.setdefault("state", {})
+        state["e2b_sandbox"], state["e2b_credential"] = where.sandbox_id, found
         await (self.envd if where.port == ENVD_PORT else self.interpreter)(scope, receive, send)
 
     def install(self, layer: Layer) -> None:

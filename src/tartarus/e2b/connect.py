@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,27 @@ def decode_envelopes(body: bytes, *, max_frame: int = MAX_FRAME) -> list[dict[st
         messages.append(decode_json(body[at : at + length]))
         at += length
     return messages
+
+
+async def stream_envelopes(
+    chunks: AsyncIterator[bytes], *, max_frame: int = MAX_FRAME
+) -> AsyncIterator[dict[str, Any]]:
+    """A client stream's messages as their envelopes arrive (chunks split anywhere), holding at most one
+    frame; the same refusals as `decode_envelopes`, raised when the bad frame is reached."""
+    pending = bytearray()
+    async for chunk in chunks:
+        pending += chunk
+        while len(pending) >= HEADER.size:
+            _, length = HEADER.unpack_from(pending, 0)
+            if length > max_frame:
+                raise ConnectError("resource_exhausted", f"message of {length} bytes exceeds {max_frame}")
+            if len(pending) - HEADER.size < length:
+                break
+            (message,) = decode_envelopes(bytes(pending[: HEADER.size + length]), max_frame=max_frame)
+            del pending[: HEADER.size + length]
+            yield message
+    if pending:
+        raise ConnectError("invalid_argument", "the stream ended inside an envelope")
 
 
 def decode_json(data: bytes) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import urllib.parse
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ from tartarus.e2b.layer import Layer, layer_of
 from tartarus.e2b.models import (
     ConnectSandbox,
     Error,
+    ForkSandbox,
     ListedSandbox,
     NewSandbox,
     Sandbox,
@@ -34,6 +36,7 @@ from tartarus.wire import SandboxMetrics
 E2B_STATES = {"running": "running", "hibernated": "paused"}  # the others have ended: E2B shows none
 MAX_PAGE = 1000
 FAR_END_S = 30 * 86400  # a sandbox without a timeout: reported to end this long after it started
+DEFAULT_TIMEOUT_S = 300  # E2B's, when a create names none
 
 
 class E2BError(Exception):
@@ -52,11 +55,30 @@ def from_upstream(e: UpstreamError) -> E2BError:
     return E2BError(status, e.message)
 
 
+E2B_FORM = re.compile(r"^e2b_(?P<hex>(?:[0-9a-f]{2})+)$")
+
+
+def e2b_form(key: str) -> str:
+    """A Tartarus key as E2B's SDKs up to 2.62 insist a key looks (`e2b_` then hex): its bytes in hex."""
+    return "e2b_" + key.encode().hex()
+
+
+def tartarus_key(key: str) -> str:
+    """The Tartarus key a caller sent, in either form (`e2b_form`'s is decoded: it is no other key)."""
+    match = E2B_FORM.match(key)
+    if match is None:
+        return key
+    try:
+        return bytes.fromhex(match["hex"]).decode("ascii")
+    except UnicodeDecodeError:
+        return key  # not a key in E2B's form: the daemon refuses it as it stands
+
+
 def api_key(x_api_key: str | None, authorization: str | None) -> str:
     if x_api_key:
-        return x_api_key
+        return tartarus_key(x_api_key)
     if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
+        return tartarus_key(authorization[7:].strip())
     raise E2BError(401, "an API key is required: set E2B_API_KEY to a Tartarus key")
 
 
@@ -88,12 +110,15 @@ def listed(view: SandboxView) -> dict[str, Any]:
     return listed_model(view).model_dump(by_alias=True, exclude_none=True)
 
 
-def created(layer: Layer, view: SandboxView, alias: str | None) -> dict[str, Any]:
+async def created(layer: Layer, key: str, view: SandboxView, alias: str | None) -> dict[str, Any]:
+    """The create/connect answer; its tokens are the daemon's credentials scoped to the sandbox, minted
+    with the caller's key (so only for a caller who may touch it)."""
+    tokens = await layer.upstream.tokens(key, view.id)
     return Sandbox(
         template_id=view.template,
         sandbox_id=view.id,
-        envd_access_token=layer.tokens.token(view.id),
-        traffic_access_token=layer.tokens.traffic_token(view.id),
+        envd_access_token=tokens.data,
+        traffic_access_token=tokens.code,
         alias=alias,
     ).model_dump(by_alias=True, exclude_none=True)
 
@@ -142,21 +167,23 @@ def router() -> APIRouter:
 
     async def create(request: Request, body: NewSandbox, key: str) -> JSONResponse:
         layer = layer_of(request)
-        if body.auto_pause:
-            raise E2BError(400, "autoPause is not supported by Tartarus yet (sandboxes end at their timeout)")
         template = layer.template(body.template_id)
         spec: dict[str, Any] = {
             "template": template,
             "labels": body.metadata or {},
             "env": body.env_vars or {},
         }
-        if body.timeout is not None:
+        if body.auto_pause:
+            # E2B pauses such a sandbox at its timeout instead of killing it; Tartarus hibernates one
+            # after that many seconds without a call (and wakes it on the next call, as autoResume).
+            spec["idle_timeout_s"] = body.timeout or DEFAULT_TIMEOUT_S
+        elif body.timeout is not None:
             spec["timeout"] = body.timeout
         if body.allow_internet_access is not None:
             spec["network"] = {"mode": "full" if body.allow_internet_access else "none"}
         view = await layer.upstream.create(key, spec)
         alias = body.template_id if template != body.template_id else None
-        return JSONResponse(created(layer, view, alias), 201)
+        return JSONResponse(await created(layer, key, view, alias), 201)
 
     @api.post("/v2/sandboxes", status_code=201)
     async def create_v2(
@@ -242,11 +269,11 @@ def router() -> APIRouter:
         request: Request, sandbox_id: str, x_api_key: Key = None, authorization: Authorization = None
     ) -> JSONResponse:
         layer = layer_of(request)
-        view = await layer.upstream.get(api_key(x_api_key, authorization), sandbox_id)
+        key = api_key(x_api_key, authorization)
+        view = await layer.upstream.get(key, sandbox_id)
+        tokens = await layer.upstream.tokens(key, view.id)
         detail = SandboxDetail(
-            **listed_model(view).model_dump(),
-            envd_access_token=layer.tokens.token(view.id),
-            traffic_access_token=layer.tokens.traffic_token(view.id),
+            **listed_model(view).model_dump(), envd_access_token=tokens.data, traffic_access_token=tokens.code
         )
         return JSONResponse(detail.model_dump(by_alias=True, exclude_none=True))
 
@@ -299,7 +326,7 @@ def router() -> APIRouter:
             status = 201
         if timeout is not None:
             view = await layer.upstream.set_timeout(key, sandbox_id, timeout)
-        return JSONResponse(created(layer, view, None), status)
+        return JSONResponse(await created(layer, key, view, None), status)
 
     @api.post("/v2/sandboxes/{sandbox_id}/connect")
     async def connect_v2(
@@ -320,6 +347,24 @@ def router() -> APIRouter:
         authorization: Authorization = None,
     ) -> JSONResponse:
         return await connect(request, sandbox_id, body.timeout, api_key(x_api_key, authorization))
+
+    @api.post("/sandboxes/{sandbox_id}/fork", status_code=201)
+    async def fork(
+        request: Request,
+        sandbox_id: str,
+        body: ForkSandbox,
+        x_api_key: Key = None,
+        authorization: Authorization = None,
+    ) -> JSONResponse:
+        """`count` running copies (memory, processes and files: Tartarus's fork), each with its own
+        tokens and the timeout asked for (E2B's default if none)."""
+        key = api_key(x_api_key, authorization)
+        layer = layer_of(request)
+        results = []
+        for view in await layer.upstream.fork(key, sandbox_id, body.count):
+            view = await layer.upstream.set_timeout(key, view.id, body.timeout or DEFAULT_TIMEOUT_S)
+            results.append({"sandbox": await created(layer, key, view, None)})
+        return JSONResponse(results, 201)
 
     @api.post("/sandboxes/{sandbox_id}/resume")
     async def resume(

@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from tartarus.e2b import connect
 from tartarus.e2b.connect import ConnectError
-from tartarus.e2b.layer import Layer, layer_of
+from tartarus.e2b.layer import Layer, layer_of, upstream_of
 from tartarus.e2b.upstream import (
     ExecEvent,
     ExecSpec,
@@ -48,6 +48,7 @@ from tartarus.e2b.watchers import fs_event, watch_error
 
 Item = TypeVar("Item")
 _ENDED = WatchChange("ended")  # what a finished watch stream gives `anext`
+_DONE = ExecEvent("done")  # and a finished command stream
 
 CONNECT_JSON = "application/connect+json"
 SANDBOX_GONE = "The sandbox was not found"  # the SDK tells a dead sandbox by "was not found"
@@ -55,7 +56,8 @@ UPLOAD_CHUNK = 1 << 20
 MAX_DEPTH = 16  # ListDir's depth: each level is one /v1 listing per directory
 MAX_LISTED = 10_000  # entries per ListDir answer, however deep
 PTY_MAX = 1000  # rows and columns of a terminal, as the guest agent takes them
-UNIMPLEMENTED = {"process.Process/StreamInput": "streaming input to a running process"}
+UNIMPLEMENTED: dict[str, str] = {}
+CLIENT_STREAMING = {"process.Process/StreamInput"}
 STREAMING = {"process.Process/Start", "process.Process/Connect", "filesystem.Filesystem/WatchDir"}
 _ERRNO_CODES = {
     1: "permission_denied",  # EPERM
@@ -76,6 +78,8 @@ _ERRNO_CODES = {
 }
 _UPSTREAM_CODES = {
     400: "invalid_argument",
+    401: "unauthenticated",  # the sandbox's token is not the daemon's (forged, or of another daemon)
+    403: "permission_denied",
     409: "unavailable",  # the sandbox is busy changing state (hibernating, waking)
     413: "resource_exhausted",
     423: "permission_denied",  # quarantined
@@ -115,7 +119,9 @@ def http_error(error: ConnectError) -> JSONResponse:
 
 async def user_of(request: Request, layer: Layer, sid: str) -> str | None:
     """Who an envd call runs as: the user the SDK names, else the template's E2B user."""
-    return basic_user(request.headers.get("authorization")) or await layer.default_user(sid)
+    return basic_user(request.headers.get("authorization")) or await layer.default_user(
+        upstream_of(request), sid
+    )
 
 
 def basic_user(authorization: str | None) -> str | None:
@@ -262,16 +268,47 @@ async def send_input(up: Upstream, sid: str, msg: dict[str, Any], user: str | No
     """ProcessInput is a oneof: `stdin` for a command's stdin, `pty` for a terminal's input; both are
     the same to the guest (a terminal's input is its stdin)."""
     pid = selected_pid(msg)
-    given = msg.get("input")
+    await up.send_input(sid, pid, input_bytes(msg.get("input")), close=False)
+    return {}
+
+
+def input_bytes(given: object) -> bytes:
+    """A ProcessInput's bytes (`stdin` or `pty`, base64)."""
     if not isinstance(given, dict) or len({"stdin", "pty"} & given.keys()) != 1:
         raise ConnectError("invalid_argument", "input needs exactly one of stdin and pty")
     field = "stdin" if "stdin" in given else "pty"
     try:
-        data = base64.b64decode(str(given[field]), validate=True)
+        return base64.b64decode(str(given[field]), validate=True)
     except binascii.Error as e:
         raise ConnectError("invalid_argument", f"input.{field} is not base64: {e}") from e
-    await up.send_input(sid, pid, data, close=False)
-    return {}
+
+
+async def stream_input(request: Request, sid: str) -> Response:
+    """StreamInput, a client stream (chunked over HTTP/1.1): `start` names the process, then each
+    `data` event's input goes to it as it arrives, in order (`keepalive`s are skipped); once the client
+    ends its stream the answer is one empty message, or the error that stopped it."""
+    up = upstream_of(request)
+    pid: int | None = None
+    error: ConnectError | None = None
+    try:
+        async for msg in connect.stream_envelopes(request.stream()):
+            if pid is None:
+                start = msg.get("start")
+                pid = selected_pid(start if isinstance(start, dict) else {})
+            elif isinstance(msg.get("data"), dict):
+                await up.send_input(sid, pid, input_bytes(msg["data"].get("input")), close=False)
+            elif "keepalive" not in msg:
+                raise ConnectError("invalid_argument", "a StreamInput message is start, data or keepalive")
+        if pid is None:
+            raise ConnectError("invalid_argument", "the input stream sent no start")
+    except ConnectError as e:
+        error = e
+    except UpstreamError as e:
+        if _gone(e):
+            return sandbox_gone(sid)
+        error = connect_error(e)
+    body = (connect.envelope({}) if error is None else b"") + connect.end_stream(error)
+    return Response(body, media_type=CONNECT_JSON)
 
 
 def pty_size(msg: dict[str, Any]) -> TermSize | None:
@@ -341,22 +378,30 @@ def watch_request(msg: dict[str, Any], user: str | None) -> tuple[str, bool]:
     return absolute(str(msg.get("path", "")), user), recursive
 
 
-async def create_watcher(layer: Layer, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+async def create_watcher(
+    layer: Layer, up: Upstream, sid: str, msg: dict[str, Any], user: str | None
+) -> dict[str, Any]:
     path, recursive = watch_request(msg, user)
-    watcher_id = await layer.watchers.create(sid, layer.upstream.watch(sid, path, recursive=recursive))
+    watcher_id = await layer.watchers.create(sid, up.watch(sid, path, recursive=recursive))
     return {"watcherId": watcher_id}
 
 
-async def watcher_events(layer: Layer, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+async def watcher_events(
+    layer: Layer, up: Upstream, sid: str, msg: dict[str, Any], user: str | None
+) -> dict[str, Any]:
     return {"events": layer.watchers.events(sid, str(msg.get("watcherId", "")))}
 
 
-async def remove_watcher(layer: Layer, sid: str, msg: dict[str, Any], user: str | None) -> dict[str, Any]:
+async def remove_watcher(
+    layer: Layer, up: Upstream, sid: str, msg: dict[str, Any], user: str | None
+) -> dict[str, Any]:
     await layer.watchers.remove(sid, str(msg.get("watcherId", "")))
     return {}
 
 
-WATCHERS: dict[str, Callable[[Layer, str, dict[str, Any], str | None], Awaitable[dict[str, Any]]]] = {
+WATCHERS: dict[
+    str, Callable[[Layer, Upstream, str, dict[str, Any], str | None], Awaitable[dict[str, Any]]]
+] = {
     "filesystem.Filesystem/CreateWatcher": create_watcher,
     "filesystem.Filesystem/GetWatcherEvents": watcher_events,
     "filesystem.Filesystem/RemoveWatcher": remove_watcher,
@@ -370,7 +415,7 @@ async def watch_dir(request: Request, body: bytes, sid: str) -> Response:
     try:
         path, recursive = watch_request(connect.decode_single(body), await user_of(request, layer, sid))
         deadline = connect.timeout_s(request.headers.get("connect-timeout-ms"))
-        changes = layer.upstream.watch(sid, path, recursive=recursive)
+        changes = upstream_of(request).watch(sid, path, recursive=recursive)
         first = await anext(changes)
     except ConnectError as e:
         return _stream_of(_ended(e))
@@ -516,27 +561,34 @@ async def start(request: Request, body: bytes, sid: str) -> Response:
     try:
         msg = connect.decode_single(body)
         timeout = connect.timeout_s(request.headers.get("connect-timeout-ms"))
+        end = _deadline(timeout)
         user = await user_of(request, layer, sid)
         spec = start_spec(msg, user, timeout)
     except ConnectError as e:
         return _stream_of(_ended(e))
     except UpstreamError as e:
         return sandbox_gone(sid) if _gone(e) else _stream_of(_ended(connect_error(e)))
-    events = layer.upstream.start_process(sid, spec, stdin=bool(msg.get("stdin", False)))
-    return await _follow(request, sid, events, pty=spec.pty is not None)
+    events = upstream_of(request).start_process(sid, spec, stdin=bool(msg.get("stdin", False)))
+    return await _follow(request, sid, events, end, pty=spec.pty is not None)
 
 
 async def connect_process(request: Request, body: bytes, sid: str) -> Response:
     """Follow a running command; a terminal's output stays `pty` data (the list says which it is)."""
-    up = layer_of(request).upstream
+    up = upstream_of(request)
     try:
         pid = selected_pid(connect.decode_single(body))
+        end = _deadline(connect.timeout_s(request.headers.get("connect-timeout-ms")))
         pty = any(p.pty for p in await up.processes(sid) if p.pid == pid)
     except ConnectError as e:
         return _stream_of(_ended(e))
     except UpstreamError as e:
         return sandbox_gone(sid) if _gone(e) else _stream_of(_ended(connect_error(e)))
-    return await _follow(request, sid, up.attach(sid, pid), pty=pty)
+    return await _follow(request, sid, up.attach(sid, pid), end, pty=pty)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """When a stream must end (the event loop's clock), counted from the request's arrival."""
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
 
 
 def _interval(request: Request) -> float | None:
@@ -545,9 +597,17 @@ def _interval(request: Request) -> float | None:
 
 
 async def _follow(
-    request: Request, sid: str, events: AsyncGenerator[ExecEvent, None], *, pty: bool = False
+    request: Request,
+    sid: str,
+    events: AsyncGenerator[ExecEvent, None],
+    end: float | None,
+    *,
+    pty: bool = False,
 ) -> Response:
-    """A command's /v1 events as envd's process stream, with keepalives if the client asked."""
+    """A command's /v1 events as envd's process stream, with keepalives if the client asked, ended
+    with `deadline_exceeded` at the deadline `end` (Connect's; a client that times out its reads at the
+    same moment sees Connect's error first). Ending the stream leaves the command as it is: on Start
+    the guest kills it at the same timeout, on Connect it runs on."""
     interval = _interval(request)
     try:
         first = await anext(events)  # the command started, or the call was refused: before any 200
@@ -561,13 +621,19 @@ async def _follow(
             yield connect.envelope(process_event(first))  # type: ignore[arg-type]
             ticks = keepalive(events, interval)
             async with contextlib.aclosing(ticks):
-                async for event in ticks:
+                while True:
+                    left = None if end is None else end - asyncio.get_running_loop().time()
+                    event = await asyncio.wait_for(anext(ticks, _DONE), left)
+                    if event is _DONE:
+                        break
                     message = {"event": {"keepalive": {}}} if event is None else process_event(event, pty=pty)
                     if isinstance(message, ConnectError):
                         error = message
                         break
                     if message is not None:
                         yield connect.envelope(message)
+        except TimeoutError:
+            error = ConnectError("deadline_exceeded", "the command outlived its timeout")
         except UpstreamError as e:
             error = connect_error(e)
         except httpx.HTTPError as e:
@@ -603,10 +669,12 @@ async def read_capped(request: Request, limit: int) -> bytes:
 async def rpc(request: Request) -> Response:
     name = f"{request.path_params['service']}/{request.path_params['method']}"
     sid: str = request.state.e2b_sandbox
-    streaming = name in STREAMING
+    streaming = name in STREAMING or name in CLIENT_STREAMING
     try:
-        body = await read_capped(request, connect.MAX_FRAME + connect.HEADER.size)
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        if name in CLIENT_STREAMING and content_type == CONNECT_JSON:
+            return await stream_input(request, sid)
+        body = await read_capped(request, connect.MAX_FRAME + connect.HEADER.size)
         wanted = CONNECT_JSON if streaming else "application/json"
         if name in UNIMPLEMENTED:
             raise ConnectError("unimplemented", f"{UNIMPLEMENTED[name]} is not supported by Tartarus yet")
@@ -630,9 +698,10 @@ async def rpc(request: Request) -> Response:
             basic_user(request.headers.get("authorization")) if by_pid else await user_of(request, layer, sid)
         )
         msg = connect.decode_json(body)
+        up = upstream_of(request)
         if name in WATCHERS:
-            return JSONResponse(await WATCHERS[name](layer, sid, msg, user))
-        return JSONResponse(await UNARY[name](layer.upstream, sid, msg, user))
+            return JSONResponse(await WATCHERS[name](layer, up, sid, msg, user))
+        return JSONResponse(await UNARY[name](up, sid, msg, user))
     except ConnectError as e:
         return JSONResponse(e.body(), e.http_status)
     except UpstreamError as e:
@@ -643,10 +712,10 @@ async def rpc(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    up = layer_of(request).upstream
+    up = upstream_of(request)
     sid: str = request.state.e2b_sandbox
     try:
-        view = await up.get(up.node_key(), sid)
+        view = await up.get(up.key, sid)
     except UpstreamError as e:
         if _gone(e):
             return sandbox_gone(sid)
@@ -656,10 +725,10 @@ async def health(request: Request) -> Response:
 
 async def download(request: Request) -> Response:
     layer = layer_of(request)
-    up = layer.upstream
+    up = upstream_of(request)
     sid: str = request.state.e2b_sandbox
     try:
-        user = request.query_params.get("username") or await layer.default_user(sid)
+        user = request.query_params.get("username") or await layer.default_user(up, sid)
         path = absolute(request.query_params.get("path", ""), user)
         response = await up.read_file(sid, path)
     except ConnectError as e:
@@ -697,12 +766,12 @@ async def upload(request: Request) -> Response:
     """One file as the raw body (`application/octet-stream`, envd 0.5.7) or one or more multipart
     parts named `file` whose filename is the destination path."""
     layer = layer_of(request)
-    up = layer.upstream
+    up = upstream_of(request)
     sid: str = request.state.e2b_sandbox
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     written = []
     try:
-        user = request.query_params.get("username") or await layer.default_user(sid)
+        user = request.query_params.get("username") or await layer.default_user(up, sid)
         if content_type == "multipart/form-data":
             async with request.form(max_files=1000, max_fields=0, max_part_size=1 << 20) as form:
                 files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tartarus.e2b.layer import layer_of
+from tartarus.e2b.layer import upstream_of
 from tartarus.e2b.upstream import UpstreamError
 from tartarus.wire import CodeContext, Execution, Result
 
@@ -103,14 +103,16 @@ async def _refusal(request: Request, e: UpstreamError) -> Refused:
     then says the sandbox timed out); a missing context 404 (its NotFoundException)."""
     sid: str = request.state.e2b_sandbox
     if e.status == 404:
-        up = layer_of(request).upstream
+        up = upstream_of(request)
         try:
-            await up.get(up.node_key(), sid)
+            await up.get(up.key, sid)
         except UpstreamError:
             return Refused(502, f"The sandbox was not found: {sid}")
         return Refused(404, e.message)
     if e.status in (400, 413, 422):
         return Refused(400, e.message)
+    if e.status in (401, 403):  # the token is not the daemon's, or opens no such call
+        return Refused(e.status, e.message)
     if e.status == 409:
         return Refused(503, e.message)  # busy changing state (hibernating, waking)
     return Refused(e.status if e.status >= 500 else 500, e.message)
@@ -128,7 +130,7 @@ async def execute(request: Request) -> Response:
     env = body.get("env_vars") or {}
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise Refused(400, "env_vars must be an object of strings")
-    up = layer_of(request).upstream
+    up = upstream_of(request)
     try:
         execution = await up.run_code(request.state.e2b_sandbox, code, context=context, env=env)
     except UpstreamError as e:
@@ -141,7 +143,7 @@ async def create_context(request: Request) -> Response:
     _language(body)
     cwd = _optional_text(body, "cwd")
     try:
-        made = await layer_of(request).upstream.create_context(request.state.e2b_sandbox, cwd)
+        made = await upstream_of(request).create_context(request.state.e2b_sandbox, cwd)
     except UpstreamError as e:
         raise await _refusal(request, e) from e
     return JSONResponse(context_body(made))
@@ -149,14 +151,14 @@ async def create_context(request: Request) -> Response:
 
 async def list_contexts(request: Request) -> Response:
     try:
-        listed = await layer_of(request).upstream.contexts(request.state.e2b_sandbox)
+        listed = await upstream_of(request).contexts(request.state.e2b_sandbox)
     except UpstreamError as e:
         raise await _refusal(request, e) from e
     return JSONResponse([context_body(c) for c in listed])
 
 
 async def restart_context(request: Request) -> Response:
-    up = layer_of(request).upstream
+    up = upstream_of(request)
     try:
         await up.restart_context(request.state.e2b_sandbox, _context_id(request))
     except UpstreamError as e:
@@ -165,7 +167,7 @@ async def restart_context(request: Request) -> Response:
 
 
 async def delete_context(request: Request) -> Response:
-    up = layer_of(request).upstream
+    up = upstream_of(request)
     try:
         await up.delete_context(request.state.e2b_sandbox, _context_id(request))
     except UpstreamError as e:
@@ -174,9 +176,9 @@ async def delete_context(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    up = layer_of(request).upstream
+    up = upstream_of(request)
     try:
-        await up.get(up.node_key(), request.state.e2b_sandbox)
+        await up.get(up.key, request.state.e2b_sandbox)
     except UpstreamError as e:
         raise await _refusal(request, e) from e
     return JSONResponse({"status": "ok"})

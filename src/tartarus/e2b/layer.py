@@ -1,4 +1,4 @@
-"""What the E2B routes share: the daemon's client, the token mint, and how E2B's names map onto Tartarus."""
+"""What the E2B routes share: the daemon's client, and how E2B's names map onto Tartarus."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
-from tartarus.e2b.tokens import TokenMint
 from tartarus.e2b.upstream import Upstream
 from tartarus.e2b.watchers import Watchers
 
@@ -23,7 +22,6 @@ MAX_REMEMBERED = 10_000  # sandboxes whose template is remembered (it never chan
 @dataclass
 class Layer:
     upstream: Upstream
-    tokens: TokenMint
     aliases: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
     users: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_USERS))
     watchers: Watchers = field(default_factory=Watchers)
@@ -32,11 +30,12 @@ class Layer:
     def template(self, name: str) -> str:
         return self.aliases.get(name, name)
 
-    async def default_user(self, sandbox_id: str) -> str | None:
-        """The user an envd call that names none runs as in this sandbox (None: the agent's, root)."""
+    async def default_user(self, up: Upstream, sandbox_id: str) -> str | None:
+        """The user an envd call that names none runs as in this sandbox (None: the agent's, root);
+        `up` is bound to the request's credential, which may read its sandbox's record."""
         template = self._templates.get(sandbox_id)
         if template is None:
-            template = (await self.upstream.get(self.upstream.node_key(), sandbox_id)).template
+            template = (await up.get(up.key, sandbox_id)).template
             if len(self._templates) >= MAX_REMEMBERED:
                 self._templates.clear()
             self._templates[sandbox_id] = template
@@ -47,3 +46,9 @@ def layer_of(connection: HTTPConnection) -> Layer:
     layer = connection.app.state.layer
     assert isinstance(layer, Layer)
     return layer
+
+
+def upstream_of(connection: HTTPConnection) -> Upstream:
+    """The daemon's client for a data-plane request, bound to the credential it presented (app.py)."""
+    credential: str = connection.state.e2b_credential
+    return layer_of(connection).upstream.bound(credential)

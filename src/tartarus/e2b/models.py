@@ -38,6 +38,11 @@ class ConnectSandbox(Lenient):
     timeout: int | None = Field(None, ge=1, le=2592000)
 
 
+class ForkSandbox(Lenient):
+    timeout: int | None = Field(None, ge=1, le=2592000)
+    count: int = Field(1, ge=1, le=16)  # /v1's limit (E2B's SDK allows 20)
+
+
 class SandboxTimeout(Lenient):
     timeout: int = Field(ge=0, le=2592000)
 

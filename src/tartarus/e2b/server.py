@@ -1,8 +1,9 @@
 """`tartarus serve --e2b-port P`: the E2B endpoint under uvicorn, from a thread beside the daemon.
 
 It reaches the daemon the way any client does, over the daemon's socket (its unix socket, or TCP on
-loopback), so it runs in a loop of its own and shares nothing with the daemon but the state dir's admin
-key and its own token secret.
+loopback), so it runs in a loop of its own and shares nothing with the daemon: it holds no key of its
+own (control-plane calls carry the caller's, data-plane calls the sandbox-scoped credential the request
+presented).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import uvicorn
 
 from tartarus.e2b.app import E2BApp
 from tartarus.e2b.layer import Layer
-from tartarus.e2b.tokens import TokenMint
 from tartarus.e2b.upstream import Upstream
 from tartarus.errors import TartarusError
 
@@ -37,14 +37,14 @@ class Daemon:
 
     def upstream(self) -> Upstream:
         if self.uds is not None:
-            return Upstream(self.state_dir, uds=self.uds)
+            return Upstream(uds=self.uds)
         host = LOOPBACK.get(self.host or "", self.host or "127.0.0.1")
         host = f"[{host}]" if ":" in host else host
-        return Upstream(self.state_dir, url=f"http://{host}:{self.port}")
+        return Upstream(url=f"http://{host}:{self.port}")
 
 
 def create_app(daemon: Daemon) -> E2BApp:
-    return E2BApp(lambda: Layer(upstream=daemon.upstream(), tokens=TokenMint.load(daemon.state_dir)))
+    return E2BApp(lambda: Layer(upstream=daemon.upstream()))
 
 
 @contextlib.contextmanager

@@ -1,74 +1,35 @@
-"""envd access tokens: what guards each sandbox's data plane on the E2B port.
+"""Which credential a data-plane request presents for the sandbox it is routed to: its access token
+(`X-Access-Token`), on the code interpreter's port its traffic token too (all E2B's SDK sends with its
+context calls), or for `/files` a URL signed with the access token (signed.py).
 
-A sandbox's token is HMAC-SHA256(node secret, sandbox id). Nothing per sandbox is stored, so the token
-survives a daemon restart and every `connect` hands out the same one (as E2B does); the one secret lives
-in a 0600 file of the state dir, never in a label or a log. A token opens only its own sandbox, and it
-is given only to a caller whose API key may touch that sandbox (create, connect, info).
+These are the daemon's own credentials scoped to the sandbox (daemon/scoped.py, handed out by create,
+connect and info, minted with the caller's key): this layer neither mints nor verifies them, it makes the
+request's calls with the one presented, and the daemon checks it (in constant time) on every call, so a
+fault here cannot reach another sandbox. A token is matched to the routed sandbox only by its visible
+prefix, which refuses another sandbox's token before anything is called. Tokens are never logged.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import os
-import secrets
-from pathlib import Path
-
-from tartarus.private import opener
-
-SECRET_FILE = "e2b-token.key"
-TRAFFIC = b"traffic\0"  # a sandbox id has no NUL: no id's envd token is another's traffic token
+from tartarus.e2b.routing import ENVD_PORT, INTERPRETER_PORT, Target
+from tartarus.e2b.signed import signed_credential
+from tartarus.wire import SANDBOX_TOKEN
 
 
-class TokenMint:
-    def __init__(self, secret: bytes) -> None:
-        if len(secret) < 32:
-            raise ValueError("the token secret must be at least 32 bytes")
-        self._secret = secret
-
-    @classmethod
-    def load(cls, state_dir: Path) -> TokenMint:
-        """The node's secret from `state_dir`, made (0600, atomically) on first use."""
-        path = state_dir / SECRET_FILE
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # the daemon may not have made it yet
-        try:
-            return cls(path.read_bytes())
-        except FileNotFoundError:
-            pass
-        tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}")
-        with open(tmp, "wb", opener=opener) as f:
-            f.write(secrets.token_bytes(32))
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # never replaces a secret another process wrote meanwhile
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-        return cls(path.read_bytes())
-
-    def token(self, sandbox_id: str) -> str:
-        digest = hmac.new(self._secret, sandbox_id.encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-    def traffic_token(self, sandbox_id: str) -> str:
-        """E2B's traffic access token: what the code interpreter's SDK sends on the calls that carry no
-        access token (its contexts). It opens the interpreter port only, never envd, and neither token
-        can be derived from the other."""
-        digest = hmac.new(self._secret, TRAFFIC + sandbox_id.encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-    def check(self, sandbox_id: str, presented: str | None) -> bool:
-        """Constant-time: how much of a wrong token matched leaks nothing."""
-        return _same(self.token(sandbox_id), presented)
-
-    def check_traffic(self, sandbox_id: str, presented: str | None) -> bool:
-        return _same(self.traffic_token(sandbox_id), presented)
+def _for(token: str | None, scope: str, sandbox_id: str) -> str | None:
+    prefix = f"{SANDBOX_TOKEN}.{scope}.{sandbox_id}."
+    return token if token is not None and token.startswith(prefix) else None
 
 
-def _same(expected: str, presented: str | None) -> bool:
-    if presented is None:
-        return False
-    return hmac.compare_digest(expected.encode(), presented.encode("utf-8", "replace"))
+def credential(
+    where: Target, method: str, path: str, query: bytes, access: str | None, traffic: str | None
+) -> str | None:
+    """The credential the request's calls are made with, or None: refused (401)."""
+    found = _for(access, "data", where.sandbox_id)
+    if found is not None:
+        return found
+    if where.port == INTERPRETER_PORT:
+        return _for(traffic, "code", where.sandbox_id)
+    if where.port == ENVD_PORT and access is None:
+        return signed_credential(where.sandbox_id, method, path, query)
+    return None

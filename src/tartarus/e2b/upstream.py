@@ -1,13 +1,16 @@
 """Tartarus's own REST API (/v1), as the E2B layer calls it: over the daemon's socket, with a key.
 
 The control plane calls with the caller's key (E2B's `X-API-KEY`), so the daemon authenticates, scopes
-and audits the call as the caller's. envd requests carry no API key, only the sandbox's access token:
-once that is checked (tokens.py), the call is made with the node's local admin key, for that one sandbox.
+and audits the call as the caller's. envd requests carry no API key, only the sandbox's access token,
+which is the daemon's own credential scoped to that sandbox (daemon/scoped.py, minted by `tokens`): the
+data-plane calls are made with the credential the request presented (`bound`), so the daemon, not this
+layer, decides what it opens. The layer holds no key of its own.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -17,7 +20,6 @@ from typing import Any
 
 import httpx
 
-from tartarus.paths import LOCAL_KEY_FILE
 from tartarus.wire import CodeContext, Execution, SandboxMetrics, context_of, execution_of
 
 TIMEOUT = httpx.Timeout(600, connect=10)  # a cold create under emulation takes minutes
@@ -32,6 +34,14 @@ class UpstreamError(Exception):
     code: str
     message: str
     errno: int | None = None
+
+
+@dataclass(frozen=True)
+class SandboxTokens:
+    """/v1's credentials scoped to one sandbox: E2B's access token (`data`) and traffic token (`code`)."""
+
+    data: str
+    code: str
 
 
 @dataclass(frozen=True)
@@ -201,7 +211,6 @@ class Upstream:
 
     def __init__(
         self,
-        state_dir: Path,
         *,
         url: str | None = None,
         uds: Path | None = None,
@@ -215,14 +224,23 @@ class Upstream:
         self._http = httpx.AsyncClient(
             base_url=url or "http://tartarus", transport=transport, timeout=TIMEOUT
         )
-        self._state_dir = state_dir
+        self._key: str | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    def node_key(self) -> str:
-        """The local admin key, read when used: the daemon replaces it when it finds it revoked."""
-        return (self._state_dir / LOCAL_KEY_FILE).read_text().strip()
+    def bound(self, credential: str) -> Upstream:
+        """This connection pool, making its data-plane calls with `credential` (a request's sandbox-
+        scoped one); the control-plane calls take the caller's key each."""
+        view = copy.copy(self)
+        view._key = credential
+        return view
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            raise RuntimeError("a data-plane call needs the request's credential: use bound()")
+        return self._key
 
     async def _call(
         self, key: str, method: str, path: str, *, json_body: object = None, params: object = None
@@ -241,6 +259,11 @@ class Upstream:
 
     async def create(self, key: str, body: Mapping[str, Any]) -> SandboxView:
         return SandboxView.of(await self._call(key, "POST", "/v1/sandboxes", json_body=body))
+
+    async def tokens(self, key: str, sandbox_id: str) -> SandboxTokens:
+        """The sandbox's scoped credentials, for a caller whose `key` may touch it."""
+        body = await self._call(key, "POST", f"/v1/sandboxes/{sandbox_id}/tokens")
+        return SandboxTokens(data=str(body["data"]), code=str(body["code"]))
 
     async def get(self, key: str, sandbox_id: str) -> SandboxView:
         return SandboxView.of(await self._call(key, "GET", f"/v1/sandboxes/{sandbox_id}"))
@@ -269,6 +292,10 @@ class Upstream:
         )
         return SandboxView.of(body)
 
+    async def fork(self, key: str, sandbox_id: str, count: int) -> list[SandboxView]:
+        body = await self._call(key, "POST", f"/v1/sandboxes/{sandbox_id}/fork", json_body={"count": count})
+        return [SandboxView.of(s) for s in body["sandboxes"]]
+
     async def hibernate(self, key: str, sandbox_id: str) -> SandboxView:
         return SandboxView.of(await self._call(key, "POST", f"/v1/sandboxes/{sandbox_id}/hibernate"))
 
@@ -296,12 +323,12 @@ class Upstream:
             yield event
 
     async def processes(self, sandbox_id: str) -> list[ProcessView]:
-        body = await self._call(self.node_key(), "GET", f"/v1/sandboxes/{sandbox_id}/processes")
+        body = await self._call(self.key, "GET", f"/v1/sandboxes/{sandbox_id}/processes")
         return [ProcessView.of(p) for p in body["processes"]]
 
     async def send_input(self, sandbox_id: str, pid: int, data: bytes, *, close: bool) -> None:
         await self._call(
-            self.node_key(),
+            self.key,
             "POST",
             f"/v1/sandboxes/{sandbox_id}/processes/{pid}/stdin",
             json_body={"data": base64.b64encode(data).decode(), "close": close},
@@ -309,7 +336,7 @@ class Upstream:
 
     async def signal(self, sandbox_id: str, pid: int, signum: int) -> None:
         await self._call(
-            self.node_key(),
+            self.key,
             "POST",
             f"/v1/sandboxes/{sandbox_id}/processes/{pid}/signal",
             json_body={"signal": signum},
@@ -317,7 +344,7 @@ class Upstream:
 
     async def resize(self, sandbox_id: str, pid: int, size: TermSize) -> None:
         await self._call(
-            self.node_key(),
+            self.key,
             "POST",
             f"/v1/sandboxes/{sandbox_id}/processes/{pid}/resize",
             json_body={"rows": size.rows, "cols": size.cols},
@@ -349,7 +376,7 @@ class Upstream:
             path,
             json=body,
             params=params,
-            headers={"Authorization": f"Bearer {self.node_key()}"},
+            headers={"Authorization": f"Bearer {self.key}"},
             timeout=STREAM_TIMEOUT,
         )
         response = await self._http.send(request, stream=True)
@@ -367,7 +394,7 @@ class Upstream:
             "GET",
             f"/v1/sandboxes/{sandbox_id}/files",
             params={"path": path},
-            headers={"Authorization": f"Bearer {self.node_key()}"},
+            headers={"Authorization": f"Bearer {self.key}"},
             timeout=STREAM_TIMEOUT,
         )
         response = await self._http.send(request, stream=True)
@@ -383,7 +410,7 @@ class Upstream:
             f"/v1/sandboxes/{sandbox_id}/files",
             params={"path": path},
             content=content,
-            headers={"Authorization": f"Bearer {self.node_key()}"},
+            headers={"Authorization": f"Bearer {self.key}"},
             timeout=STREAM_TIMEOUT,
         )
         await _raise_for(response)
@@ -391,19 +418,19 @@ class Upstream:
 
     async def stat(self, sandbox_id: str, path: str) -> FileView:
         body = await self._call(
-            self.node_key(), "GET", f"/v1/sandboxes/{sandbox_id}/files/stat", params={"path": path}
+            self.key, "GET", f"/v1/sandboxes/{sandbox_id}/files/stat", params={"path": path}
         )
         return FileView.of(body)
 
     async def list_dir(self, sandbox_id: str, path: str) -> list[FileView]:
         body = await self._call(
-            self.node_key(), "GET", f"/v1/sandboxes/{sandbox_id}/files/list", params={"path": path}
+            self.key, "GET", f"/v1/sandboxes/{sandbox_id}/files/list", params={"path": path}
         )
         return [FileView.of(e) for e in body["entries"]]
 
     async def mkdir(self, sandbox_id: str, path: str) -> None:
         await self._call(
-            self.node_key(),
+            self.key,
             "POST",
             f"/v1/sandboxes/{sandbox_id}/files/mkdir",
             json_body={"path": path, "parents": True},
@@ -411,7 +438,7 @@ class Upstream:
 
     async def rename(self, sandbox_id: str, path: str, new_path: str) -> None:
         await self._call(
-            self.node_key(),
+            self.key,
             "POST",
             f"/v1/sandboxes/{sandbox_id}/files/rename",
             json_body={"path": path, "new_path": new_path},
@@ -419,7 +446,7 @@ class Upstream:
 
     async def remove(self, sandbox_id: str, path: str) -> None:
         await self._call(
-            self.node_key(),
+            self.key,
             "DELETE",
             f"/v1/sandboxes/{sandbox_id}/files",
             params={"path": path, "recursive": "true"},
@@ -438,7 +465,7 @@ class Upstream:
         response = await self._http.post(
             f"/v1/sandboxes/{sandbox_id}/code",
             json=body,
-            headers={"Authorization": f"Bearer {self.node_key()}"},
+            headers={"Authorization": f"Bearer {self.key}"},
             timeout=STREAM_TIMEOUT,  # a cell may run for as long as it likes
         )
         await _raise_for(response)
@@ -447,16 +474,16 @@ class Upstream:
     async def create_context(self, sandbox_id: str, cwd: str | None) -> CodeContext:
         body = {"cwd": cwd} if cwd else {}
         path = f"/v1/sandboxes/{sandbox_id}/code/contexts"
-        return context_of(await self._call(self.node_key(), "POST", path, json_body=body))
+        return context_of(await self._call(self.key, "POST", path, json_body=body))
 
     async def contexts(self, sandbox_id: str) -> list[CodeContext]:
-        body = await self._call(self.node_key(), "GET", f"/v1/sandboxes/{sandbox_id}/code/contexts")
+        body = await self._call(self.key, "GET", f"/v1/sandboxes/{sandbox_id}/code/contexts")
         return [context_of(c) for c in body["contexts"]]
 
     async def restart_context(self, sandbox_id: str, context_id: str) -> CodeContext:
         path = f"/v1/sandboxes/{sandbox_id}/code/contexts/{context_id}/restart"
-        return context_of(await self._call(self.node_key(), "POST", path))
+        return context_of(await self._call(self.key, "POST", path))
 
     async def delete_context(self, sandbox_id: str, context_id: str) -> None:
         path = f"/v1/sandboxes/{sandbox_id}/code/contexts/{context_id}"
-        await self._call(self.node_key(), "DELETE", path)
+        await self._call(self.key, "DELETE", path)

@@ -28,6 +28,7 @@ from tartarus.bootfiles.initramfs import initramfs_path
 from tartarus.bootfiles.kernel import kernel_path
 from tartarus.errors import Conflict, InvalidArgument, SandboxFailed
 from tartarus.hibernation.capture import fsync_path
+from tartarus.hibernation.load import load
 from tartarus.limits import Limits, SandboxCgroup
 from tartarus.limits.bandwidth import Bandwidth
 from tartarus.limits.guest import set_max_processes
@@ -249,7 +250,7 @@ class Sandbox:
             if pooled:
                 vm.set_priority(nice)
                 self._attach_cgroup()  # a pooled VMM was started before this request's limits were known
-            await vm.load_state(state.path)
+            await load(vm, state.path)
             failpoints.hit("restore.loaded")
             if on_loaded is not None:
                 on_loaded()  # the last moment at which no guest has run: a wake commits here

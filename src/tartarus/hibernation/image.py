@@ -111,19 +111,19 @@ def write(dest: Path, pid: int, ram_start: int, runs: Sequence[Run], device: byt
     spans = [(ram_start + first * PAGE_SIZE, n * PAGE_SIZE) for first, n in runs]
     fd = _open_direct(dest)
     try:
-        buffer = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
-        try:
-            view = memoryview(buffer)
-            address = remote.address_of(buffer)
-            offset = pages_at
-            for batch in remote.batches(spans, CHUNK):
-                size = sum(length for _, length in batch)
-                remote.read(pid, [(address, size)], batch)
-                _pwrite_all(fd, view[:size], offset)
-                offset += size
-            view.release()
-        finally:
-            buffer.close()
+        # Page-aligned, as O_DIRECT wants. Not closed on an error (a full disk): the failed write's
+        # frame still holds a view of it, and closing would raise over the real cause; it is freed then.
+        buffer = mmap.mmap(-1, CHUNK)
+        view = memoryview(buffer)
+        address = remote.address_of(buffer)
+        offset = pages_at
+        for batch in remote.batches(spans, CHUNK):
+            size = sum(length for _, length in batch)
+            remote.read(pid, [(address, size)], batch)
+            _pwrite_all(fd, view[:size], offset)
+            offset += size
+        view.release()
+        buffer.close()
         flat = [x for run in runs for x in run]
         tail = device + struct.pack(f">{len(flat)}I", *flat)
         head = _HEADER.pack(MAGIC, VERSION, PAGE_SIZE, pages_at, pages, device_at, len(device), len(runs))

@@ -76,6 +76,8 @@ def test_owned_pages_come_back_exactly(python_ds: Template, tmp_path: Path) -> N
             new = woken.vm
             assert new is not None and new.pid is not None
             await load(new, saved.state)  # loaded, not resumed: no guest has touched it since
+            status = await new.qmp_execute("query-status")
+            assert status["status"] != "running", "the guest started before its wake could commit"
             start2, _ = ram_mapping(new.pid, base.memory)
             after = [_read(new.pid, start2 + first * PAGE_SIZE, n * PAGE_SIZE) for first, n in runs]
             assert after == before, "an owned page came back different"

@@ -707,11 +707,18 @@ class Sandbox:
         """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""
         if self.vm is not None:
             await self.vm.kill()
-        await self.destroy_network()
         cgroup, self.cgroup = self.cgroup, None
         # On a thread: the kernel refuses to remove the cgroup (EBUSY) until the dead VMM's memory is torn
         # down, which the removal waits for (tens of ms for a large guest), and the files are GBs sparse.
-        await asyncio.to_thread(_remove_leftovers, cgroup, self.workdir)
+        # The network (tens of ms of netlink) goes meanwhile: the two share nothing.
+        results = await asyncio.gather(
+            self.destroy_network(),
+            asyncio.to_thread(_remove_leftovers, cgroup, self.workdir),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
 
 def _remove_leftovers(cgroup: SandboxCgroup | None, workdir: Path) -> None:

@@ -9,10 +9,13 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 from tartarus.hibernation import image, remote
 from tartarus.hibernation.dirty import own_pages_at, ram_mapping
 from tartarus.hibernation.load import load
 from tartarus.hibernation.stream import PAGE_SIZE
+from tartarus.sandbox import capture
 from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.sandbox.saved import pinned
@@ -87,5 +90,32 @@ def test_owned_pages_come_back_exactly(python_ds: Template, tmp_path: Path) -> N
             await sandbox.destroy()
             if woken is not None:
                 await woken.destroy()
+
+    asyncio.run(main())
+
+
+def test_a_format_1_capture_still_wakes(
+    python_ds: Template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What hibernations before format 2 wrote (QEMU's filtered stream; still the path when the pin
+    has no snapshot stream) wakes with its memory."""
+    monkeypatch.setattr(capture, "snapshot_prefix", lambda _state: None)
+    snapshot = ensure_snapshot(python_ds)
+    layout = Layout(tmp_path)
+    layout.sandboxes.mkdir()
+
+    async def main() -> None:
+        sandbox = await Sandbox.restore(snapshot, python_ds, layout.sandboxes)
+        try:
+            await (await sandbox.code_interpreter()).run_code("kept = sum(range(1000))")
+            saved = await sandbox.hibernate(snapshot, layout)
+            with open(saved.state, "rb") as f:
+                assert f.read(4) == b"QEVM", "not a format-1 capture"
+            assert image.read_header(saved.state) is None
+            sandbox, _ = await Sandbox.wake(saved, layout, saved.spec)
+            answer = await (await sandbox.code_interpreter()).run_code("kept")
+            assert answer.result == "499500"
+        finally:
+            await sandbox.destroy()
 
     asyncio.run(main())

@@ -26,6 +26,9 @@ async def load(vm: MicroVM, path: Path) -> None:
     memory_file = vm.config.memory_file
     if vm.pid is None or memory_file is None:
         raise SandboxFailed(f"{path} needs a VMM whose RAM maps its template's memory")
-    start, _ = ram_mapping(vm.pid, memory_file)
-    await asyncio.to_thread(image.load_pages, path, layout, vm.pid, start)
+    try:
+        start, _ = ram_mapping(vm.pid, memory_file)
+        await asyncio.to_thread(image.load_pages, path, layout, vm.pid, start)
+    except (OSError, LookupError) as e:  # e.g. no right to ptrace the VMM: the guest never ran
+        raise SandboxFailed(f"cannot copy the saved pages of {path.parent.name} into its VMM: {e}") from e
     await vm.load_state(path, offset=layout.device_at)

@@ -216,6 +216,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         (STATE_VM,),
     ),
     Mutation(
+        "hibernation.wake-waits-for-commit",
+        "a woken guest does not run before its wake commits (a hibernation's device state says running)",
+        "src/tartarus/runtime/qemu.py",
+        'argv += ["-S", "-incoming", "defer"]',
+        'argv += ["-incoming", "defer"]',
+        ("tests/vm/test_hibernation_pages.py::test_owned_pages_come_back_exactly",),
+    ),
+    Mutation(
         "tenancy.checkpoint-get",
         "a tenant gets, restores and deletes only its own checkpoints",
         CHECKPOINTS,

@@ -5,7 +5,7 @@ interpreter) and wakes it; the wake clock runs from the wake call, with the sand
 to its interpreter answering a `run_code` that proves its memory came back (a counter it increments). As for
 cold starts, pre-started VMMs waiting for incoming state are used (refilled between rounds).
 The alternative a user would otherwise have — QEMU's own stream of every guest page, unfiltered — is
-measured in the same run for comparison.
+measured in the same run for comparison (`--baseline`).
 """
 
 from __future__ import annotations
@@ -141,9 +141,11 @@ async def bench_sleep(
             snapshot, baseline_samples, 1, dirty_mib, False, progress
         )
     result["what"] = (
-        "a restored python-ds sandbox holding dirty_mib of its own memory, hibernated (pause → QEMU stream "
-        "→ pages it does not own dropped → fsync → commit → VMM gone) and woken (new VMM, filtered stream "
-        "loaded over the pinned template memory, resumed) until run_code answers with its counter; "
-        "baseline_full_stream keeps every guest page (plain QEMU save/restore to a file)"
+        "a restored python-ds sandbox holding dirty_mib of its own memory, hibernated (pause → QEMU's "
+        "device state without RAM (saved) → the pages it owns, per its VMM's page table, copied from the "
+        "VMM to disk with O_DIRECT and one fdatasync (filtered) → commit → VMM gone) and woken (new VMM, "
+        "owned pages copied into its RAM over the pinned template memory, device state loaded, resumed) "
+        "until run_code answers with its counter; baseline_full_stream keeps every guest page (plain QEMU "
+        "save/restore to a file, through the stream filter)"
     )
     return result

@@ -290,3 +290,40 @@ def _filter_pages(
         r.pos = r.mark = pos
         stats.pages_kept += kept
         stats.pages_dropped += dropped
+
+
+def ram_prefix(stream: bytes) -> bytes:
+    """The part of a migration stream before its device state: header, configuration and RAM sections.
+
+    A template snapshot's stream holds no page of its shared RAM block, only the block list and the
+    small blocks (the BIOS ROM); followed by a sandbox's device state it is a stream a restoring VMM
+    loads, the sandbox's own pages then copied in by the host (`tartarus.hibernation.image`)."""
+    chunks = [stream]
+    r = _Source(lambda n: chunks.pop() if chunks else b"")
+    if r.take(4) != MAGIC or r.be32() != VERSION:
+        raise StreamError("not a QEMU migration stream (version 3)")
+    if r.peek() == CONFIGURATION:
+        r.u8()
+        _skip_configuration(r)
+    ram_section: int | None = None
+    blocks = _Blocks()
+    while True:
+        start = r.offset + r.pos
+        kind = r.u8()
+        if kind == SECTION_START:
+            ram_section = r.be32()
+            if r.name() != "ram":
+                raise StreamError("unsupported iterative section")
+            r.take(8)  # instance, version
+            _skip_setup(r)
+        elif kind in (SECTION_PART, SECTION_END):
+            if r.be32() != ram_section:
+                raise StreamError(f"section part at byte {start} is not the RAM section")
+            _filter_pages(r, {}, lambda _: None, FilterStats(), blocks)
+        elif kind == SECTION_FULL and ram_section is not None:
+            return stream[:start]
+        else:
+            raise StreamError(f"unexpected section type 0x{kind:02x} at byte {start} before the device state")
+        if r.u8() != SECTION_FOOTER:
+            raise StreamError("missing section footer")
+        r.be32()

@@ -184,5 +184,7 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int, tap_fd: int | 
             f"virtio-net-device,netdev=net1,mac={config.guest_mac}",
         ]
     if config.incoming:
-        argv += ["-incoming", "defer"]
+        # -S: the guest never starts by itself after the load, whatever run state the stream records (a
+        # hibernation's device state says "running"): a wake commits between its load and its resume.
+        argv += ["-S", "-incoming", "defer"]
     return argv

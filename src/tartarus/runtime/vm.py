@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
 PID_FILE = "qemu.pid"
+DEVICE_FDSET = 17  # the QMP fd set through which QEMU writes a hibernation's device state
 
 
 class _QMP(QMPClient):
@@ -400,10 +401,35 @@ class MicroVM:
         await self._give_fd(fd, "snapshot")
         await self._migrate("migrate", "fd:snapshot", "saving VM state", timeout)
 
-    async def load_state(self, path: Path, timeout: float = 60.0) -> None:
-        """Load device state into a VMM started with `incoming=True`; the VM stays paused."""
+    async def save_device_state(self) -> bytes:
+        """The paused VM's device state without its RAM: QEMU's `xen-save-devices-state` (generic, despite
+        its name), a migration stream of the device sections only, tens of KB. The VM stays paused."""
+        memfd = os.memfd_create("device-state", os.MFD_CLOEXEC)
+        try:
+            wfd = os.open(f"/proc/self/fd/{memfd}", os.O_WRONLY | os.O_CLOEXEC)  # QEMU wants write-only
+            try:
+                assert self.qmp is not None
+                self.qmp.send_fd_scm(wfd)
+                await self.qmp_execute("add-fd", {"fdset-id": DEVICE_FDSET})
+            finally:
+                os.close(wfd)
+            try:
+                await self.qmp_execute(
+                    "xen-save-devices-state", {"filename": f"/dev/fdset/{DEVICE_FDSET}", "live": False}
+                )
+            finally:
+                with contextlib.suppress(Exception):
+                    await self.qmp_execute("remove-fd", {"fdset-id": DEVICE_FDSET})
+            return os.pread(memfd, os.fstat(memfd).st_size, 0)
+        finally:
+            os.close(memfd)
+
+    async def load_state(self, path: Path, timeout: float = 60.0, *, offset: int = 0) -> None:
+        """Load device state (the stream in `path` from `offset`) into a VMM started with
+        `incoming=True`; the VM stays paused."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            os.lseek(fd, offset, os.SEEK_SET)
             await self._give_fd(fd, "snapshot")
         finally:
             os.close(fd)

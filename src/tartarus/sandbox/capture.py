@@ -31,7 +31,7 @@ from tartarus.errors import (
     SandboxFailed,
     TartarusError,
 )
-from tartarus.hibernation.capture import capture, fsync_path
+from tartarus.hibernation.capture import capture, fsync_path, snapshot_prefix
 from tartarus.private import PRIVATE_DIR
 from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.interpreter import CodeInterpreter
@@ -149,11 +149,15 @@ async def hibernate(
     moved = False
     try:
         staging.mkdir(mode=PRIVATE_DIR)
-        _, template = pin(snapshot, sandbox.template, layout.pins)
+        pinned, template = pin(snapshot, sandbox.template, layout.pins)
         failpoints.hit("hibernate.pinned")
         before = time.perf_counter() - t0
         captured = await capture(
-            vm, vm.config.memory_file, staging / "memory.state", own_pages_only=own_pages_only
+            vm,
+            vm.config.memory_file,
+            staging / "memory.state",
+            prefix=snapshot_prefix(pinned.state),
+            own_pages_only=own_pages_only,
         )
         timings["saved"] = before + captured.seconds_save  # paused, QEMU's stream written
         timings["filtered"] = time.perf_counter() - t0
@@ -263,9 +267,11 @@ async def checkpoint(
     staging = layout.checkpoints / f".{checkpoint_id}.staging"
     try:
         staging.mkdir(mode=PRIVATE_DIR)
-        _, template = pin(snapshot, sandbox.template, layout.pins)
+        pinned, template = pin(snapshot, sandbox.template, layout.pins)
         try:
-            await capture(vm, vm.config.memory_file, staging / "memory.state")
+            await capture(
+                vm, vm.config.memory_file, staging / "memory.state", prefix=snapshot_prefix(pinned.state)
+            )
             sparse_copy(sandbox.workdir / LAYER, staging / "layer.ext4")  # paused: consistent with RAM
         finally:
             if vm.running:

@@ -32,6 +32,7 @@ from tartarus.gvisor.container import GvisorContainer
 from tartarus.gvisor.leftovers import CONTAINER_DIR
 from tartarus.gvisor.warm import WarmImage, bundle_spec, sandbox_env, warm_image
 from tartarus.hibernation.capture import fsync_path
+from tartarus.hibernation.load import load
 from tartarus.limits import Limits, SandboxCgroup
 from tartarus.limits.bandwidth import Bandwidth
 from tartarus.limits.guest import set_max_processes
@@ -333,7 +334,7 @@ class Sandbox:
             if pooled:
                 vm.set_priority(nice)
                 self._attach_cgroup()  # a pooled VMM was started before this request's limits were known
-            await vm.load_state(state.path)
+            await load(vm, state.path)
             failpoints.hit("restore.loaded")
             if on_loaded is not None:
                 on_loaded()  # the last moment at which no guest has run: a wake commits here
@@ -800,13 +801,20 @@ class Sandbox:
         """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""
         if self.vm is not None:
             await self.vm.kill()
-        if self.container is not None:  # its processes, runsc state and writable layer
+        if self.container is not None:  # its processes, runsc state and writable layer, before its network
             await self.container.destroy()
-        await self.destroy_network()
         cgroup, self.cgroup = self.cgroup, None
         # On a thread: the kernel refuses to remove the cgroup (EBUSY) until the dead VMM's memory is torn
         # down, which the removal waits for (tens of ms for a large guest), and the files are GBs sparse.
-        await asyncio.to_thread(_remove_leftovers, cgroup, self.workdir)
+        # The network (tens of ms of netlink) goes meanwhile: the two share nothing.
+        results = await asyncio.gather(
+            self.destroy_network(),
+            asyncio.to_thread(_remove_leftovers, cgroup, self.workdir),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
 
 def _remove_leftovers(cgroup: SandboxCgroup | None, workdir: Path) -> None:

@@ -151,6 +151,8 @@ def pin(snapshot: Snapshot, template: Template, pins_root: Path) -> tuple[Snapsh
     path.mkdir(mode=PRIVATE_DIR, exist_ok=True)
     _link(snapshot.memory, path / "memory")
     _link(template.rootfs, path / "rootfs")
+    if snapshot.state.exists():  # its RAM sections head a capture's device state (format 2)
+        _link(snapshot.state, path / "state")
     if not (path / "snapshot.json").exists():
         snapshot.write_meta(path)
         os.chmod(path / "snapshot.json", PRIVATE_FILE)

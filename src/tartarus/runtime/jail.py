@@ -4,8 +4,9 @@ Uids come from a range (`TARTARUS_VMM_UIDS=start:count`, default far above any l
 range). A uid is claimed by an flock on `/run/tartarus/vmm-uids/<uid>` whose file QEMU inherits: the
 claim lasts exactly as long as the VMM, whichever daemon started it, and a `kill -9` of everything
 leaves no allocation to clean up. The range's first id is a group, not a VMM: the template files that
-every VMM of a template maps (root filesystem, memory file) are readable by it, and so reachable only
-through a jail's bind mounts, since the cache and state directories above them are root's alone.
+every VMM of a template maps (root filesystem, memory file) are readable by it and writable by none,
+and reachable only through a jail's bind mounts (read-only), since the cache and state directories
+above them are root's alone.
 
 The jail mirrors host paths (a tmpfs root holding bind mounts at the same paths), so QEMU's command
 line, the sandbox descriptor and a takeover see the paths they always did.
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tartarus.errors import InvalidArgument, SandboxFailed, SetupRequired
-from tartarus.runtime.qemu import VMConfig
+from tartarus.runtime import ramfile
+from tartarus.runtime.qemu import VMConfig, qemu_binary
 
 UIDS_ENV = "TARTARUS_VMM_UIDS"
 DEFAULT_UIDS = (1_500_000_000, 65_536)
@@ -140,14 +142,16 @@ class View:
 
 
 def view(config: VMConfig) -> View:
-    """The files `config`'s QEMU opens by path, and nothing else. The memory file is writable because
-    QEMU 7.2 opens a private (copy-on-write) mapping's file O_RDWR; it never writes through it."""
+    """The files `config`'s QEMU opens by path, and nothing else. A template's memory file mapped
+    privately is read-only (`tartarus.runtime.ramfile`); a snapshot build's, which it writes, is not."""
     read_only = [*map(Path, SYSTEM_DIRS), config.kernel, config.initrd, *map(Path, DEVICES)]
     writable: list[Path] = []
     for drive in config.drives:
         (read_only if drive.read_only else writable).append(drive.path)
     if config.memory_file is not None:
-        writable.append(config.memory_file)
+        (writable if config.memory_share else read_only).append(config.memory_file)
+        if needs_shim(config):
+            read_only.append(ramfile.shim_path())
     if config.console_log is not None:
         writable.append(config.console_log)
     if config.accel == "kvm":
@@ -156,9 +160,26 @@ def view(config: VMConfig) -> View:
     return View(tuple(read_only), tuple(writable), links)
 
 
+def needs_shim(config: VMConfig) -> bool:
+    """A private memory file, and a QEMU that cannot be told to open it read-only (before 8.2)."""
+    return (
+        config.memory_file is not None
+        and not config.memory_share
+        and not ramfile.native_read_only(qemu_binary())
+    )
+
+
+def environment(config: VMConfig) -> dict[str, str]:
+    """What the jailed QEMU's environment adds to the daemon's children's: the read-only RAM shim."""
+    if config.memory_file is None or not needs_shim(config):
+        return {}
+    return ramfile.shim_environment(config.memory_file)
+
+
 def prepare_files(config: VMConfig, uid: int, uids: UidRange) -> None:
     """Give the VMM `uid` what it opens: its own files (writable layer, console log) become its; the
-    template's shared files become readable (memory file: read-write, see `view`) by the shared group."""
+    template's shared files become readable by the shared group, and no VMM's to write: the root
+    filesystem and a memory file mapped privately (root's, group read-only)."""
     if config.console_log is not None:
         fd = os.open(config.console_log, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
@@ -171,16 +192,17 @@ def prepare_files(config: VMConfig, uid: int, uids: UidRange) -> None:
     if config.memory_file is not None:
         if config.memory_share:
             raise SandboxFailed("a jailed VMM maps its template's memory privately (memory_share=False)")
-        _share(config.memory_file, uids.shared_gid, 0o060)
+        _share(config.memory_file, uids.shared_gid, 0o040)
 
 
 def _share(path: Path, gid: int, bits: int) -> None:
+    """`path` the daemon's (root's), its group `gid` with exactly the group `bits`."""
     try:
         st = os.stat(path)
     except OSError as e:  # what QEMU would have said had it run: the file it needs is not there
         raise SandboxFailed(f"VMM failed to start: cannot open {path}: {e.strerror}") from e
-    if st.st_gid != gid:
-        os.chown(path, -1, gid)
+    if (st.st_uid, st.st_gid) != (os.geteuid(), gid):
+        os.chown(path, os.geteuid(), gid)
     if stat.S_IMODE(st.st_mode) & 0o070 != bits:
         os.chmod(path, (stat.S_IMODE(st.st_mode) & ~0o070) | bits)
 

@@ -227,6 +227,11 @@ class MicroVM:
             )
             fds = [qmp_vm.fileno(), agent_vm.fileno()]
             fds += [fd for fd in (netns_fd, tap_fd, claim.fd if claim else -1) if fd >= 0]
+            env = (
+                {**private.CHILD_ENV, **jail.environment(self.config)}
+                if self.config.jail
+                else private.CHILD_ENV
+            )
             self.process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -234,7 +239,7 @@ class MicroVM:
                 stderr=stderr,
                 pass_fds=fds,
                 umask=private.QEMU_UMASK,  # what QEMU makes in the sandbox's directory is private
-                env=private.CHILD_ENV,  # never the daemon's
+                env=env,  # never the daemon's
             )
         except BaseException:
             for sock in (qmp_host, agent_host):

@@ -14,6 +14,7 @@ line, the sandbox descriptor and a takeover see the paths they always did.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
@@ -33,6 +34,7 @@ JAIL_DIR = "root"  # the jail's mount point in the sandbox's directory (empty on
 # The dynamic loader's and QEMU's own files; no host configuration (/etc) is in the jail.
 SYSTEM_DIRS = ("/usr",)
 DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
+RESOLV_CONF = "/etc/resolv.conf"  # read by QEMU's user networking (libslirp) for its DNS forwarder
 _cursor = itertools.count()
 
 
@@ -152,6 +154,8 @@ def view(config: VMConfig) -> View:
         (writable if config.memory_share else read_only).append(config.memory_file)
         if needs_shim(config):
             read_only.append(ramfile.shim_path())
+    if config.user_net:  # a template build's user networking forwards DNS to the host's resolvers
+        read_only.append(Path(RESOLV_CONF))
     if config.console_log is not None:
         writable.append(config.console_log)
     if config.accel == "kvm":
@@ -179,7 +183,8 @@ def environment(config: VMConfig) -> dict[str, str]:
 def prepare_files(config: VMConfig, uid: int, uids: UidRange) -> None:
     """Give the VMM `uid` what it opens: its own files (writable layer, console log) become its; the
     template's shared files become readable by the shared group, and no VMM's to write: the root
-    filesystem and a memory file mapped privately (root's, group read-only)."""
+    filesystem and a memory file mapped privately (root's, group read-only). A snapshot build's VMM
+    writes its memory file: that one is its own until the build gives it back (`give_back`)."""
     if config.console_log is not None:
         fd = os.open(config.console_log, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
@@ -190,9 +195,33 @@ def prepare_files(config: VMConfig, uid: int, uids: UidRange) -> None:
         else:
             os.chown(drive.path, uid, uid)
     if config.memory_file is not None:
-        if config.memory_share:
-            raise SandboxFailed("a jailed VMM maps its template's memory privately (memory_share=False)")
-        _share(config.memory_file, uids.shared_gid, 0o040)
+        if config.memory_share:  # a snapshot build's: the VMM writes guest RAM into it
+            _own_memory_file(config.memory_file, config.memory_mib << 20, uid)
+        else:
+            _share(config.memory_file, uids.shared_gid, 0o040)
+
+
+def _own_memory_file(path: Path, size: int, uid: int) -> None:
+    """The file a snapshot's VM writes its RAM into, made here (the jail cannot create it) as QEMU
+    would have: sparse, of the RAM's size; the VMM's until the build gives it back."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        os.fchown(fd, uid, uid)
+    finally:
+        os.close(fd)
+
+
+def give_back(config: VMConfig) -> None:
+    """Make the files a build VM wrote (its image or layer, a snapshot's memory file) the daemon's
+    again once it has exited: its uid goes to other VMMs next, which must not own a template's files."""
+    paths = [d.path for d in config.drives if not d.read_only]
+    if config.memory_file is not None and config.memory_share:
+        paths.append(config.memory_file)
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.chown(path, os.geteuid(), os.getegid())
 
 
 def _share(path: Path, gid: int, bits: int) -> None:

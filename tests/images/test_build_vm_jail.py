@@ -7,6 +7,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,8 @@ def test_template_and_snapshot_build_vms_are_jailed_and_give_their_files_back(
         {
             "name": "jailed-build",
             "base": {"image": python_ref},
-            "steps": [f"echo {token} > /opt/token"],
+            # the host's resolvers through user networking's DNS forwarder, which reads its resolv.conf
+            "steps": [f"echo {token} > /opt/token", "getent hosts pypi.org > /opt/dns || true"],
             "interpreter": {"preload": ["json"]},
         }
     )
@@ -96,11 +98,13 @@ def test_template_and_snapshot_build_vms_are_jailed_and_give_their_files_back(
             sb = await Sandbox.restore(snapshot, template, tmp_path)
             try:
                 interpreter = await sb.code_interpreter()
-                return (await interpreter.run_code("open('/opt/token').read().strip()")).result
+                code = "open('/opt/token').read().strip(), open('/opt/dns').read().split()[:1]"
+                return (await interpreter.run_code(code)).result
             finally:
                 await sb.destroy()
 
-        assert asyncio.run(restored()) == repr(token)
+        host = subprocess.run(["getent", "hosts", "pypi.org"], capture_output=True, text=True).stdout
+        assert asyncio.run(restored()) == repr((token, host.split()[:1]))
         assert not qemu_pids(tmp_path)
     finally:
         remove_template("jailed-build")

@@ -107,6 +107,38 @@ def check_read_only_memory(pid: int) -> None:
     assert not _writable_in_jail_as(pid, status, memory)
 
 
+def check_pid_namespace(pid: int, others: list[int]) -> None:
+    """The VMM is pid 1 of a PID namespace of its own, with an IPC namespace of its own; from inside
+    it, as its uid, another VMM's pid names no process (it cannot be signalled), while the VMM itself
+    (pid 1 there) can be."""
+    status = _status(pid)
+    assert status["NSpid"].split() == [str(pid), "1"]
+    for ns in ("pid", "ipc"):  # and System V IPC and message queues of its own
+        theirs = {os.readlink(f"/proc/{p}/ns/{ns}") for p in [*others, os.getpid()]}
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") not in theirs
+    uid, gid = status["Uid"].split()[0], status["Gid"].split()[0]
+    probe = (
+        "import os, sys\n"
+        "for pid in map(int, sys.argv[1:]):\n"
+        "    try:\n        os.kill(pid, 0)\n        print('signalled')\n"
+        "    except ProcessLookupError:\n        print('no such process')\n"
+    )
+    line = [
+        "nsenter",
+        f"--target={pid}",
+        "--pid",
+        "--",
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        "--clear-groups",
+    ]
+    out = subprocess.run(
+        [*line, "/usr/bin/python3", "-c", probe, "1", *map(str, others)], capture_output=True, text=True
+    )
+    assert out.stdout.splitlines() == ["signalled"] + ["no such process"] * len(others), out.stderr
+
+
 def _started(pid: int) -> bool:
     """Past the launcher and QEMU's first steps (a pool's spare may be starting while a test looks):
     QEMU itself, its seccomp filter installed (what a VMM that never installs one never gets to)."""
@@ -157,6 +189,7 @@ def check_jailed(state: Path, secrets: tuple[Path, ...] = ()) -> dict[int, int]:
         assert _opens_as(status, [Path("/usr/bin/true")]) == [Path("/usr/bin/true")]  # the probe works
         assert _opens_as(status, forbidden) == []
         check_read_only_memory(pid)
+        check_pid_namespace(pid, [p for p in pids if p != pid])
     assert "tartarus-jail" not in Path("/proc/self/mountinfo").read_text()  # in the VMMs' namespaces only
     return uids
 

@@ -701,6 +701,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/images/test_build_vm_jail.py",),
     ),
     Mutation(
+        "vmm.namespace-output",
+        "what a sandbox namespace's own processes (an escaped VMM) send never leaves by its uplink",
+        "src/tartarus/network/nft.py",
+        '    oifname "{UPLINK}" drop\n',
+        "",
+        (
+            "tests/vm/test_vmm_confinement.py::"
+            "test_a_process_in_the_vmms_network_namespace_sends_nothing_out_of_its_uplink",
+        ),
+    ),
+    Mutation(
         "vmm.uid-claim",
         "a VMM uid that another VMM holds is never claimed",
         "src/tartarus/runtime/jail.py",

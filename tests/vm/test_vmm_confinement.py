@@ -233,6 +233,29 @@ def test_each_vmm_is_jailed_as_its_own_uid_through_wake_and_fork(daemon_url: str
     assert gone and not [u for u in gone if jail.is_claimed(u)]
 
 
+def test_a_process_in_the_vmms_network_namespace_sends_nothing_out_of_its_uplink(
+    daemon_url: str, daemon_state: Path
+) -> None:
+    """What an escaped VMM would send itself (not forwarded from the guest, so the egress policy never
+    sees it) is refused at its namespace's output: a datagram to an outside address fails with EPERM,
+    while one to its own guest leaves (so the probe can succeed)."""
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for address in sys.argv[1:]:\n"
+        "    try:\n        s.sendto(b'x', (address, 9))\n        print('sent')\n"
+        "    except PermissionError:\n        print('refused')\n"
+    )
+    with Sandbox.create("python-ds", url=daemon_url) as sb:
+        (pid,) = qemu_pids(daemon_state / "sandboxes" / sb.id)
+        uid = _status(pid)["Uid"].split()[0]
+        line = ["nsenter", f"--net=/proc/{pid}/ns/net", "setpriv", f"--reuid={uid}", f"--regid={uid}"]
+        line += ["--clear-groups", "/usr/bin/python3", "-c", probe, "203.0.113.80", "198.18.0.2"]
+        out = subprocess.run(line, capture_output=True, text=True)
+        assert out.stdout.splitlines() == ["refused", "sent"], out.stderr
+        assert sb.commands.run("echo alive").stdout == "alive\n"
+
+
 @pytest.fixture
 def served() -> Iterator[list[Served]]:
     started: list[Served] = []

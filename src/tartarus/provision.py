@@ -15,6 +15,7 @@ from tartarus.bootfiles.kernel import build_kernel
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.disks import empty_layer
 from tartarus.runtime.launcher import build_launcher
+from tartarus.runtime.ramfile import build_shim
 from tartarus.templates.build import build_template
 from tartarus.templates.spec import builtin_spec
 
@@ -26,6 +27,7 @@ def steps(templates: list[str], log: Callable[[str], None]) -> list[Step]:
         ("guest kernel (first build ~5 min)", build_kernel),
         ("guest agent initramfs", build_initramfs),
         ("VMM launcher", build_launcher),
+        ("VMM read-only RAM shim", build_shim),
         ("empty writable layer", empty_layer),
         ("accelerator probe", lambda: log(f"accelerator: {choose_accel(build_kernel())}")),
     ]

@@ -119,3 +119,67 @@ def test_a_jail_holds_only_the_paths_given_and_its_process_no_privilege(tmp_path
     assert "tartarus-jail" not in Path("/proc/self/mountinfo").read_text()
     out = _run(launch_argv(["/bin/true"], tie_to=None, identity=Identity(0, 0)))
     assert out.returncode == 126 and "usage" in out.stderr  # never "drop" to root
+
+
+def _pidns_launch(argv: list[str], **kwargs: object) -> tuple[subprocess.Popen[str], int]:
+    """Start `argv` through the launcher in a PID namespace of its own; returns the launcher and the
+    pid it reported."""
+    report, report_w = os.pipe()
+    try:
+        line = launch_argv(argv, pid_report_fd=report_w, **kwargs)  # type: ignore[arg-type]
+        launcher = subprocess.Popen(line, pass_fds=(report_w,), stdout=subprocess.PIPE, text=True)
+        os.close(report_w)
+        with os.fdopen(report, closefd=False) as f:
+            pid = int(f.read())
+    finally:
+        os.close(report)
+    return launcher, pid
+
+
+def test_a_pid_namespace_makes_the_process_pid_1_alone_and_the_starters_child() -> None:
+    """It sees itself as pid 1 with no parent, cannot signal a process outside (its pids mean nothing
+    there), and is the starter's own child: the launcher exits at once, the starter reaps the process
+    and reads its exit status."""
+    if os.geteuid() != 0:
+        pytest.skip("a PID namespace needs root to make")
+    script = (
+        "import os, sys\n"
+        "print(os.getpid(), os.getppid())\n"
+        "try:\n    os.kill(int(sys.argv[1]), 0)\nexcept ProcessLookupError:\n    print('not found')\n"
+        "sys.exit(7)\n"
+    )
+    launcher, pid = _pidns_launch(["/usr/bin/python3", "-I", "-c", script, str(os.getpid())], tie_to=None)
+    assert launcher.wait(timeout=30) == 0 and pid != launcher.pid
+    _, status = os.waitpid(pid, 0)  # ours to reap: ChildProcessError were it anyone else's
+    assert os.waitstatus_to_exitcode(status) == 7
+    assert launcher.stdout is not None and launcher.stdout.read().splitlines() == ["1 0", "not found"]
+
+
+def test_a_tied_process_in_a_pid_namespace_dies_with_its_parent(tmp_path: Path) -> None:
+    """Its parent is outside its namespace (getppid() is 0 there): the tie still holds, as pid 1 too."""
+    if os.geteuid() != 0:
+        pytest.skip("a PID namespace needs root to make")
+    pid_file = tmp_path / "pid"
+    identity = Identity(1_500_000_123, 1_500_000_123)
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys, time\n"
+            "r, w = os.pipe()\n"
+            f"argv = {launch_argv(['/bin/sleep', '600'], tie_to=0, identity=identity, pid_report_fd=0)!r}\n"
+            "argv[argv.index('--tie') + 1] = str(os.getpid())\n"
+            "argv[argv.index('--pidns') + 1] = str(w)\n"
+            "subprocess.Popen(argv, pass_fds=(w,)).wait()\n"
+            f"open({str(pid_file)!r}, 'w').write(os.read(r, 32).decode().strip())\ntime.sleep(600)\n",
+        ]
+    )
+    try:
+        assert wait_until(lambda: pid_file.exists() and pid_file.read_text() != "", 10)
+        sleeper = int(pid_file.read_text())
+        assert wait_until(lambda: b"sleep" in Path(f"/proc/{sleeper}/cmdline").read_bytes(), 10)
+        assert Path(f"/proc/{sleeper}/status").read_text().split("NSpid:")[1].split()[1] == "1"
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    assert wait_until(lambda: not _alive(sleeper), 10), "the tied process outlived its parent"

@@ -62,6 +62,83 @@ def _opens_as(status: dict[str, str], paths: list[Path]) -> list[Path]:
     return opened
 
 
+def _memory_file(pid: int) -> Path:
+    """The template memory file behind a VMM's guest RAM (a restored or woken sandbox's, a spare's)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    (backend,) = [a for a in argv if a.startswith("memory-backend-file,")]
+    (path,) = [o.removeprefix("mem-path=") for o in backend.split(",") if o.startswith("mem-path=")]
+    return Path(path)
+
+
+def _writable_in_jail_as(pid: int, status: dict[str, str], path: Path) -> bool:
+    """Whether a process of `status`'s uid, gid and groups opens `path` for writing as the VMM `pid`
+    sees it: through its root, so the jail's bind mount and the file's own mode both decide."""
+    uid, gid = status["Uid"].split()[0], status["Gid"].split()[0]
+    groups = status["Groups"].split()
+    line = ["setpriv", f"--reuid={uid}", f"--regid={gid}"]
+    line += [f"--groups={','.join(groups)}" if groups else "--clear-groups", "--"]
+    probe = "import os, sys; os.close(os.open(sys.argv[1], os.O_WRONLY))"  # no O_TRUNC: changes nothing
+    jailed = f"/proc/{pid}/root{path}"
+    return (
+        subprocess.run([*line, "/usr/bin/python3", "-c", probe, jailed], capture_output=True).returncode == 0
+    )
+
+
+def check_read_only_memory(pid: int) -> None:
+    """The VMM's template memory file: root's, no write bit for its group or others, bind-mounted
+    read-only in its jail, open in QEMU read-only behind a private mapping; and as the VMM's uid it
+    does not open for writing, while the VMM's own console log does (so the probe can succeed)."""
+    memory = _memory_file(pid)
+    st = memory.stat()
+    assert st.st_uid == 0 and st.st_mode & 0o022 == 0, oct(st.st_mode)
+    (mount,) = [
+        m.split()
+        for m in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        if m.split()[4] == str(memory)
+    ]
+    assert "ro" in mount[5].split(",")
+    fds = [fd for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}") == str(memory)]
+    flags = [int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8) for fd in fds]
+    assert flags and all(f & os.O_ACCMODE == os.O_RDONLY for f in flags)
+    maps = [m for m in Path(f"/proc/{pid}/maps").read_text().splitlines() if m.endswith(str(memory))]
+    assert maps and all(m.split()[1] == "rw-p" for m in maps)  # guest RAM: writable, private
+    status = _status(pid)
+    assert _writable_in_jail_as(pid, status, _workdir(pid) / "console.log")
+    assert not _writable_in_jail_as(pid, status, memory)
+
+
+def check_pid_namespace(pid: int, others: list[int]) -> None:
+    """The VMM is pid 1 of a PID namespace of its own, with an IPC namespace of its own; from inside
+    it, as its uid, another VMM's pid names no process (it cannot be signalled), while the VMM itself
+    (pid 1 there) can be."""
+    status = _status(pid)
+    assert status["NSpid"].split() == [str(pid), "1"]
+    for ns in ("pid", "ipc"):  # and System V IPC and message queues of its own
+        theirs = {os.readlink(f"/proc/{p}/ns/{ns}") for p in [*others, os.getpid()]}
+        assert os.readlink(f"/proc/{pid}/ns/{ns}") not in theirs
+    uid, gid = status["Uid"].split()[0], status["Gid"].split()[0]
+    probe = (
+        "import os, sys\n"
+        "for pid in map(int, sys.argv[1:]):\n"
+        "    try:\n        os.kill(pid, 0)\n        print('signalled')\n"
+        "    except ProcessLookupError:\n        print('no such process')\n"
+    )
+    line = [
+        "nsenter",
+        f"--target={pid}",
+        "--pid",
+        "--",
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        "--clear-groups",
+    ]
+    out = subprocess.run(
+        [*line, "/usr/bin/python3", "-c", probe, "1", *map(str, others)], capture_output=True, text=True
+    )
+    assert out.stdout.splitlines() == ["signalled"] + ["no such process"] * len(others), out.stderr
+
+
 def _started(pid: int) -> bool:
     """Past the launcher and QEMU's first steps (a pool's spare may be starting while a test looks):
     QEMU itself, its seccomp filter installed (what a VMM that never installs one never gets to)."""
@@ -111,6 +188,8 @@ def check_jailed(state: Path, secrets: tuple[Path, ...] = ()) -> dict[int, int]:
         status = _status(pid)
         assert _opens_as(status, [Path("/usr/bin/true")]) == [Path("/usr/bin/true")]  # the probe works
         assert _opens_as(status, forbidden) == []
+        check_read_only_memory(pid)
+        check_pid_namespace(pid, [p for p in pids if p != pid])
     assert "tartarus-jail" not in Path("/proc/self/mountinfo").read_text()  # in the VMMs' namespaces only
     return uids
 
@@ -152,6 +231,29 @@ def test_each_vmm_is_jailed_as_its_own_uid_through_wake_and_fork(daemon_url: str
             fork.kill()
     gone = set(uids.values()) - set(check_jailed(daemon_state).values())  # the spares stay
     assert gone and not [u for u in gone if jail.is_claimed(u)]
+
+
+def test_a_process_in_the_vmms_network_namespace_sends_nothing_out_of_its_uplink(
+    daemon_url: str, daemon_state: Path
+) -> None:
+    """What an escaped VMM would send itself (not forwarded from the guest, so the egress policy never
+    sees it) is refused at its namespace's output: a datagram to an outside address fails with EPERM,
+    while one to its own guest leaves (so the probe can succeed)."""
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for address in sys.argv[1:]:\n"
+        "    try:\n        s.sendto(b'x', (address, 9))\n        print('sent')\n"
+        "    except PermissionError:\n        print('refused')\n"
+    )
+    with Sandbox.create("python-ds", url=daemon_url) as sb:
+        (pid,) = qemu_pids(daemon_state / "sandboxes" / sb.id)
+        uid = _status(pid)["Uid"].split()[0]
+        line = ["nsenter", f"--net=/proc/{pid}/ns/net", "setpriv", f"--reuid={uid}", f"--regid={uid}"]
+        line += ["--clear-groups", "/usr/bin/python3", "-c", probe, "203.0.113.80", "198.18.0.2"]
+        out = subprocess.run(line, capture_output=True, text=True)
+        assert out.stdout.splitlines() == ["refused", "sent"], out.stderr
+        assert sb.commands.run("echo alive").stdout == "alive\n"
 
 
 @pytest.fixture

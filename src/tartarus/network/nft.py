@@ -47,7 +47,9 @@ def _egress(policy: PinnedPolicy) -> list[str]:
 
 
 def namespace_ruleset(policy: PinnedPolicy) -> str:
-    """The whole table of a new sandbox namespace."""
+    """The whole table of a new sandbox namespace. Its `output` chain is for what the namespace's own
+    processes send (an escaped VMM lives there): nothing out of the uplink, where the policy in
+    `forward` would never see it; the daemon's sockets in the namespace talk to the guest only."""
     denied = ", ".join(DENIED_RANGES)
     egress = "\n".join(f"    {r}" for r in _egress(policy))
     services = "\n".join(f"    {r}" for r in _services(policy))
@@ -75,6 +77,10 @@ def namespace_ruleset(policy: PinnedPolicy) -> str:
   }}
   chain egress {{
 {egress}
+  }}
+  chain output {{
+    type filter hook output priority filter; policy accept;
+    oifname "{UPLINK}" drop
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;

@@ -4,8 +4,9 @@ Uids come from a range (`TARTARUS_VMM_UIDS=start:count`, default far above any l
 range). A uid is claimed by an flock on `/run/tartarus/vmm-uids/<uid>` whose file QEMU inherits: the
 claim lasts exactly as long as the VMM, whichever daemon started it, and a `kill -9` of everything
 leaves no allocation to clean up. The range's first id is a group, not a VMM: the template files that
-every VMM of a template maps (root filesystem, memory file) are readable by it, and so reachable only
-through a jail's bind mounts, since the cache and state directories above them are root's alone.
+every VMM of a template maps (root filesystem, memory file) are readable by it and writable by none,
+and reachable only through a jail's bind mounts (read-only), since the cache and state directories
+above them are root's alone.
 
 The jail mirrors host paths (a tmpfs root holding bind mounts at the same paths), so QEMU's command
 line, the sandbox descriptor and a takeover see the paths they always did.
@@ -13,6 +14,7 @@ line, the sandbox descriptor and a takeover see the paths they always did.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tartarus.errors import InvalidArgument, SandboxFailed, SetupRequired
-from tartarus.runtime.qemu import VMConfig
+from tartarus.runtime import ramfile
+from tartarus.runtime.qemu import VMConfig, qemu_binary
 
 UIDS_ENV = "TARTARUS_VMM_UIDS"
 DEFAULT_UIDS = (1_500_000_000, 65_536)
@@ -31,6 +34,7 @@ JAIL_DIR = "root"  # the jail's mount point in the sandbox's directory (empty on
 # The dynamic loader's and QEMU's own files; no host configuration (/etc) is in the jail.
 SYSTEM_DIRS = ("/usr",)
 DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom")
+RESOLV_CONF = "/etc/resolv.conf"  # read by QEMU's user networking (libslirp) for its DNS forwarder
 _cursor = itertools.count()
 
 
@@ -140,14 +144,18 @@ class View:
 
 
 def view(config: VMConfig) -> View:
-    """The files `config`'s QEMU opens by path, and nothing else. The memory file is writable because
-    QEMU 7.2 opens a private (copy-on-write) mapping's file O_RDWR; it never writes through it."""
+    """The files `config`'s QEMU opens by path, and nothing else. A template's memory file mapped
+    privately is read-only (`tartarus.runtime.ramfile`); a snapshot build's, which it writes, is not."""
     read_only = [*map(Path, SYSTEM_DIRS), config.kernel, config.initrd, *map(Path, DEVICES)]
     writable: list[Path] = []
     for drive in config.drives:
         (read_only if drive.read_only else writable).append(drive.path)
     if config.memory_file is not None:
-        writable.append(config.memory_file)
+        (writable if config.memory_share else read_only).append(config.memory_file)
+        if needs_shim(config):
+            read_only.append(ramfile.shim_path())
+    if config.user_net:  # a template build's user networking forwards DNS to the host's resolvers
+        read_only.append(Path(RESOLV_CONF))
     if config.console_log is not None:
         writable.append(config.console_log)
     if config.accel == "kvm":
@@ -156,9 +164,27 @@ def view(config: VMConfig) -> View:
     return View(tuple(read_only), tuple(writable), links)
 
 
+def needs_shim(config: VMConfig) -> bool:
+    """A private memory file, and a QEMU that cannot be told to open it read-only (before 8.2)."""
+    return (
+        config.memory_file is not None
+        and not config.memory_share
+        and not ramfile.native_read_only(qemu_binary())
+    )
+
+
+def environment(config: VMConfig) -> dict[str, str]:
+    """What the jailed QEMU's environment adds to the daemon's children's: the read-only RAM shim."""
+    if config.memory_file is None or not needs_shim(config):
+        return {}
+    return ramfile.shim_environment(config.memory_file)
+
+
 def prepare_files(config: VMConfig, uid: int, uids: UidRange) -> None:
     """Give the VMM `uid` what it opens: its own files (writable layer, console log) become its; the
-    template's shared files become readable (memory file: read-write, see `view`) by the shared group."""
+    template's shared files become readable by the shared group, and no VMM's to write: the root
+    filesystem and a memory file mapped privately (root's, group read-only). A snapshot build's VMM
+    writes its memory file: that one is its own until the build gives it back (`give_back`)."""
     if config.console_log is not None:
         fd = os.open(config.console_log, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
@@ -169,18 +195,43 @@ def prepare_files(config: VMConfig, uid: int, uids: UidRange) -> None:
         else:
             os.chown(drive.path, uid, uid)
     if config.memory_file is not None:
-        if config.memory_share:
-            raise SandboxFailed("a jailed VMM maps its template's memory privately (memory_share=False)")
-        _share(config.memory_file, uids.shared_gid, 0o060)
+        if config.memory_share:  # a snapshot build's: the VMM writes guest RAM into it
+            _own_memory_file(config.memory_file, config.memory_mib << 20, uid)
+        else:
+            _share(config.memory_file, uids.shared_gid, 0o040)
+
+
+def _own_memory_file(path: Path, size: int, uid: int) -> None:
+    """The file a snapshot's VM writes its RAM into, made here (the jail cannot create it) as QEMU
+    would have: sparse, of the RAM's size; the VMM's until the build gives it back."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        os.fchown(fd, uid, uid)
+    finally:
+        os.close(fd)
+
+
+def give_back(config: VMConfig) -> None:
+    """Make the files a build VM wrote (its image or layer, a snapshot's memory file) the daemon's
+    again once it has exited: its uid goes to other VMMs next, which must not own a template's files."""
+    paths = [d.path for d in config.drives if not d.read_only]
+    if config.memory_file is not None and config.memory_share:
+        paths.append(config.memory_file)
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.chown(path, os.geteuid(), os.getegid())
 
 
 def _share(path: Path, gid: int, bits: int) -> None:
+    """`path` the daemon's (root's), its group `gid` with exactly the group `bits`."""
     try:
         st = os.stat(path)
     except OSError as e:  # what QEMU would have said had it run: the file it needs is not there
         raise SandboxFailed(f"VMM failed to start: cannot open {path}: {e.strerror}") from e
-    if st.st_gid != gid:
-        os.chown(path, -1, gid)
+    if (st.st_uid, st.st_gid) != (os.geteuid(), gid):
+        os.chown(path, os.geteuid(), gid)
     if stat.S_IMODE(st.st_mode) & 0o070 != bits:
         os.chmod(path, (stat.S_IMODE(st.st_mode) & ~0o070) | bits)
 

@@ -2,7 +2,7 @@
  * tartarus-launch - put a VMM in its place, then become it.
  *
  *   tartarus-launch [--tie PPID] [--setsid] [--nice N] [--netns FD]
- *                   [--cgroup PROCS_FILE]... [--tap NAME FD]
+ *                   [--cgroup PROCS_FILE]... [--tap NAME FD] [--pidns FD]
  *                   [--jail DIR [--ro PATH]... [--rw PATH]... [--link PATH]...]
  *                   [--uid UID --gid GID [--group GID]...] -- QEMU ARGV...
  *
@@ -12,12 +12,17 @@
  *
  * The jail (Firecracker's jailer, for QEMU): with --tap, the TAP is opened here
  * (QEMU gets the fd; /dev/net/tun stays out of reach).  With --jail, a mount
- * namespace of its own whose root is a tmpfs at DIR holding only the host paths
- * given, bind-mounted at the same paths (--ro read-only, --rw writable, --link a
+ * namespace (and an IPC namespace) of its own whose root is a tmpfs at DIR
+ * holding only the host paths given, bind-mounted at the same paths (--ro
+ * read-only, --rw writable, --link a
  * copy of a host symlink), so QEMU's command line needs no rewriting; the host's
  * root is then detached.  With --uid, it drops to that uid and gid with no
  * supplementary groups but those given, an empty bounding and ambient
- * capability set and no_new_privs.  The mounts live only in the VMM's namespace:
+ * capability set and no_new_privs.  With --pidns, the VMM is pid 1 of a PID
+ * namespace of its own (it sees and can signal no other process): the launcher
+ * clones it as its own parent's child (CLONE_PARENT, so the starter reaps it and
+ * reads its exit status), writes its pid (as the starter sees it) to FD, and
+ * exits.  The mounts live only in the VMM's namespace:
  * they go when it exits, whatever becomes of its starter.  It exists so that the daemon can
  * start VMMs without a Python preexec_fn: that forces a full fork() of the
  * daemon, which with the interpreter lock held stalls every request for ~10 ms
@@ -38,6 +43,7 @@
 #include <linux/if.h>
 #include <linux/if_tun.h>
 #include <sys/ioctl.h>
+#include <poll.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -65,7 +71,7 @@ static void __attribute__((noreturn)) die(const char *what, const char *arg)
 static void __attribute__((noreturn)) usage(void)
 {
 	fprintf(stderr, "usage: tartarus-launch [--tie PPID] [--setsid] [--nice N] [--netns FD] "
-			"[--cgroup PROCS_FILE]... [--tap NAME FD] [--jail DIR [--ro|--rw|--link PATH]...] "
+			"[--cgroup PROCS_FILE]... [--tap NAME FD] [--pidns FD] [--jail DIR [--ro|--rw|--link PATH]...] "
 			"[--uid UID --gid GID [--group GID]...] -- ARGV...\n");
 	exit(126);
 }
@@ -100,6 +106,28 @@ static void open_tap(const char *name, int target)
 			die("dup2", NULL);
 		close(fd);
 	}
+}
+
+/* Go on as pid 1 of a new PID namespace, a child of our own parent; the launcher itself writes that
+ * child's pid to `report` and exits.  Returns in the child only. */
+static void enter_pid_namespace(int report)
+{
+	char line[32];
+	long child = syscall(SYS_clone, CLONE_NEWPID | CLONE_PARENT, 0, 0, 0, 0);
+	if (child < 0)
+		die("clone", NULL);
+	if (child > 0) {
+		int n = snprintf(line, sizeof(line), "%ld\n", child);
+		_exit(write(report, line, (size_t)n) == n ? 0 : 126);
+	}
+	close(report);
+}
+
+/* True if the process `pidfd` refers to has exited. */
+static int exited(int pidfd)
+{
+	struct pollfd p = {.fd = pidfd, .events = POLLIN};
+	return poll(&p, 1, 0) != 0;
 }
 
 /* Make every directory above `path`. */
@@ -147,7 +175,8 @@ static void place(const char *root, const struct entry *e)
 static void enter_jail(const char *root, const struct entry *entries, int n)
 {
 	mode_t umask_ = umask(022); /* the jail's directories must be traversable by the VMM's uid */
-	if (unshare(CLONE_NEWNS) != 0)
+	/* and an IPC namespace: no System V IPC object or POSIX message queue of the host's in reach */
+	if (unshare(CLONE_NEWNS | CLONE_NEWIPC) != 0)
 		die("unshare", NULL);
 	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
 		die("making mounts private", NULL);
@@ -193,7 +222,8 @@ static void drop_privileges(long uid, long gid, const gid_t *groups, int ngroups
 
 int main(int argc, char **argv)
 {
-	long tie = -1, nice_ = 0, netns = -1, tap_fd = -1, uid = -1, gid = -1;
+	long tie = -1, nice_ = 0, netns = -1, tap_fd = -1, uid = -1, gid = -1, pidns = -1;
+	int tie_fd = -1;
 	int new_session = 0, ncg = 0, npaths = 0, ngroups = 0, i = 1;
 	const char *cgroups[MAX_CGROUPS], *tap = NULL, *jail = NULL;
 	struct entry paths[MAX_PATHS];
@@ -215,7 +245,9 @@ int main(int argc, char **argv)
 		else if (strcmp(argv[i], "--tap") == 0 && i + 2 < argc) {
 			tap = argv[++i];
 			tap_fd = number(argv[++i]);
-		} else if (strcmp(argv[i], "--jail") == 0)
+		} else if (strcmp(argv[i], "--pidns") == 0)
+			pidns = number(argv[++i]);
+		else if (strcmp(argv[i], "--jail") == 0)
 			jail = argv[++i];
 		else if (strcmp(argv[i], "--ro") == 0 && npaths < MAX_PATHS)
 			paths[npaths++] = (struct entry){RO, argv[++i]};
@@ -255,6 +287,12 @@ int main(int argc, char **argv)
 			die("joining cgroup", cgroups[c]);
 		close(fd);
 	}
+	if (pidns >= 0) {
+		/* the tie's parent is outside the namespace (getppid() is 0 there): watch it by pidfd */
+		if (tie >= 0 && (tie_fd = (int)syscall(SYS_pidfd_open, (pid_t)tie, 0)) < 0)
+			die("pidfd_open", NULL);
+		enter_pid_namespace((int)pidns);
+	}
 	if (jail)
 		enter_jail(jail, paths, npaths);
 	if (uid > 0)
@@ -263,8 +301,11 @@ int main(int argc, char **argv)
 	if (tie >= 0) {
 		if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0)
 			die("prctl", NULL);
-		if (getppid() != (pid_t)tie) /* the parent died before the tie took effect */
+		/* the parent died before the tie took effect */
+		if (tie_fd >= 0 ? exited(tie_fd) : getppid() != (pid_t)tie)
 			exit(126);
+		if (tie_fd >= 0)
+			close(tie_fd);
 	}
 	execv(argv[i + 1], &argv[i + 1]);
 	die("exec", argv[i + 1]);

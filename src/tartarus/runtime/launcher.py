@@ -1,4 +1,4 @@
-"""The VMM launcher (`launcher.c`): joins namespace and cgroups, ties or detaches, then execs QEMU.
+"""The VMM launcher (`launcher.c`): joins namespace and cgroups, ties or detaches, jails, then execs QEMU.
 
 A static helper instead of a Python `preexec_fn`, so starting a VMM is a vfork of the daemon rather
 than a full fork under the interpreter lock (which stalled every request in flight for ~10 ms).
@@ -68,12 +68,14 @@ def launch_argv(
     netns_fd: int | None = None,
     cgroup_procs: tuple[str, ...] = (),
     tap: tuple[str, int] | None = None,
+    pid_report_fd: int | None = None,
     jail: JailSpec | None = None,
     identity: Identity | None = None,
 ) -> list[str]:
     """The command line that runs `argv` confined: tied to the process `tie_to` (it dies with it) or,
     with None, in a session of its own (it outlives its starter, and a ^C to it); with `tap` (name,
-    fd) the TAP opened at that fd, in `jail`, as `identity`."""
+    fd) the TAP opened at that fd; with `pid_report_fd`, as pid 1 of a PID namespace of its own, the
+    starter's child (the launcher writes its pid to that fd and exits); in `jail`, as `identity`."""
     line = [str(launcher_path())]
     line += ["--tie", str(tie_to)] if tie_to is not None else ["--setsid"]
     if nice:
@@ -84,6 +86,8 @@ def launch_argv(
         line += ["--cgroup", procs]
     if tap is not None:
         line += ["--tap", tap[0], str(tap[1])]
+    if pid_report_fd is not None:
+        line += ["--pidns", str(pid_report_fd)]
     if jail is not None:
         line += ["--jail", str(jail.root)]
         for flag, paths in (("--ro", jail.read_only), ("--rw", jail.writable), ("--link", jail.links)):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tartarus.errors import SetupRequired
+from tartarus.runtime.ramfile import native_read_only
 
 AGENT_PORT = "org.tartarus.agent.0"
 # The guest RAM backend's id, which is also its RAM block's name in migration streams.
@@ -129,9 +130,15 @@ def command_line(config: VMConfig, *, qmp_fd: int, agent_fd: int, tap_fd: int | 
     ]
     if config.memory_file is not None:
         share = "on" if config.memory_share else "off"
+        backend = (
+            f"memory-backend-file,id={RAM_BLOCK},size={config.memory_mib}M,mem-path={config.memory_file}"
+        )
+        # A private mapping never writes its file: open it read-only where QEMU can say so (>= 8.2)
+        if not config.memory_share and native_read_only(argv[0]):
+            backend += ",readonly=on,rom=off"
         argv += [
             "-object",
-            f"memory-backend-file,id={RAM_BLOCK},size={config.memory_mib}M,mem-path={config.memory_file},share={share}",
+            f"{backend},share={share}",
             "-M",
             f"{machine},memory-backend={RAM_BLOCK}",
             "-m",

@@ -106,12 +106,15 @@ def is_our_vmm(pid: int, workdir: Path) -> bool:
 
 
 class _Adopted:
-    """A VMM an earlier daemon started: not our child, so watched and signalled through a pidfd
-    (which, unlike a pid, cannot come to mean another process). Its exit status is not ours to see."""
+    """A VMM this daemon did not spawn itself, watched and signalled through a pidfd (which, unlike a
+    pid, cannot come to mean another process): one an earlier daemon started, whose exit status is not
+    ours to see, or (`reap`) one the launcher cloned as our child into a PID namespace of its own,
+    reaped here with its status."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, reap: bool = False) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self._reap = reap
         self._fd: int | None = os.pidfd_open(pid)
         self._gone = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -120,6 +123,9 @@ class _Adopted:
     def _exited(self) -> None:
         if self._fd is not None:
             self._loop.remove_reader(self._fd)
+            if self._reap:
+                with contextlib.suppress(ChildProcessError):
+                    self.returncode = _status(os.waitid(os.P_PIDFD, self._fd, os.WEXITED | os.WNOHANG))
             os.close(self._fd)
             self._fd = None
         self._gone.set()
@@ -131,6 +137,39 @@ class _Adopted:
 
     async def wait(self) -> int | None:
         await self._gone.wait()
+        return self.returncode
+
+
+def _status(info: os.waitid_result | None) -> int | None:
+    """An exit status as asyncio gives it: the code, or minus the signal that killed the process."""
+    if info is None:
+        return None
+    killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+    return -info.si_status if killed else info.si_status
+
+
+async def _cloned_vmm(launcher: asyncio.subprocess.Process, report: int) -> _Adopted | None:
+    """The VMM the launcher cloned into a PID namespace of its own (None if the launcher failed
+    first): it writes the pid to `report` and exits at once. Waited for even if the start is
+    cancelled meanwhile, so that a VMM it did make is killed, not left running unwatched."""
+    exited = asyncio.ensure_future(launcher.wait())
+    try:
+        await asyncio.shield(exited)
+    except asyncio.CancelledError:
+        await exited
+        pid = _reported_pid(report)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # our child, killed: reaped at once
+        raise
+    pid = _reported_pid(report)
+    return _Adopted(pid, reap=True) if pid is not None else None
+
+
+def _reported_pid(report: int) -> int | None:
+    try:
+        return int(os.read(report, 32) or b"0") or None
+    except (BlockingIOError, ValueError):
         return None
 
 
@@ -170,7 +209,7 @@ class MicroVM:
     def __init__(self, config: VMConfig, workdir: Path) -> None:
         self.config = config
         self.workdir = workdir  # QEMU's sockets and pid file (its jail's mount point, if jailed)
-        self.process: asyncio.subprocess.Process | _Adopted | None = None
+        self.process: asyncio.subprocess.Process | _Adopted | None = None  # QEMU (never the launcher)
         self.qmp: QMPClient | None = None
         self.agent: AgentClient | None = None
         self.exit_message: str | None = None
@@ -197,7 +236,7 @@ class MicroVM:
         agent_vm = _listen(self.workdir / AGENT_SOCKET)
         qmp_host = agent_host = None
         stderr = open(self.workdir / "qemu.log", "ab", opener=private.opener)  # noqa: SIM115
-        netns_fd = tap_fd = -1
+        netns_fd = tap_fd = report = report_w = -1
         claim: jail.UidClaim | None = None
         try:
             # Connected before QEMU starts: the backlog holds them until it accepts.
@@ -216,6 +255,8 @@ class MicroVM:
             )
             if self.config.netns is not None:
                 netns_fd = os.open(self.config.netns, os.O_RDONLY | os.O_CLOEXEC)
+            if self.config.jail:  # the VMM alone in a PID namespace: the launcher reports its pid
+                report, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             argv = launch_argv(
                 argv,
                 tie_to=None if self.config.outlive_owner else os.getpid(),
@@ -223,27 +264,42 @@ class MicroVM:
                 netns_fd=netns_fd if netns_fd >= 0 else None,
                 cgroup_procs=tuple(str(c / "cgroup.procs") for c in self.config.cgroups),
                 tap=(self.config.tap, tap_fd) if tap_fd >= 0 and self.config.tap else None,
+                pid_report_fd=report_w if report_w >= 0 else None,
                 jail=jail_spec,
                 identity=identity,
             )
             fds = [qmp_vm.fileno(), agent_vm.fileno()]
-            fds += [fd for fd in (netns_fd, tap_fd, claim.fd if claim else -1) if fd >= 0]
-            self.process = await asyncio.create_subprocess_exec(
+            fds += [fd for fd in (netns_fd, tap_fd, claim.fd if claim else -1, report_w) if fd >= 0]
+            env = (
+                {**private.CHILD_ENV, **jail.environment(self.config)}
+                if self.config.jail
+                else private.CHILD_ENV
+            )
+            launcher = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
                 pass_fds=fds,
                 umask=private.QEMU_UMASK,  # what QEMU makes in the sandbox's directory is private
-                env=private.CHILD_ENV,  # never the daemon's
+                env=env,  # never the daemon's
             )
+            if report < 0:
+                self.process = launcher
+            else:
+                os.close(report_w)
+                report_w = -1
+                self.process = await _cloned_vmm(launcher, report)
+                if self.process is None:
+                    detail = (self.workdir / "qemu.log").read_text(errors="replace").strip()[-2000:]
+                    raise SandboxFailed(f"VMM failed to start: {detail}")
         except BaseException:
             for sock in (qmp_host, agent_host):
                 if sock is not None:
                     sock.close()
             raise
         finally:
-            for fd in (netns_fd, tap_fd):
+            for fd in (netns_fd, tap_fd, report, report_w):
                 if fd >= 0:
                     os.close(fd)
             if claim is not None:

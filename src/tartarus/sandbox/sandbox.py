@@ -630,9 +630,8 @@ class Sandbox:
         if self.cgroup is not None:
             config.cgroups = self.cgroup.paths
         config.outlive_owner = self.outlive_owner
-        # Jailed (own uid, own filesystem view) when root can make it so; a snapshot's build VM writes
-        # its memory file and keeps the host's view.
-        config.jail = os.geteuid() == 0 and not (memory_file is not None and share)
+        # Jailed (own uid, own filesystem view) when root can make it so, a snapshot's build VM too.
+        config.jail = os.geteuid() == 0
         return config
 
     async def code_interpreter(self) -> CodeInterpreter:

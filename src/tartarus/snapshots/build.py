@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tartarus.bootfiles.cache import cached
 from tartarus.errors import InvalidArgument, Timeout
+from tartarus.runtime import jail
 from tartarus.runtime.agent import START_ID
 from tartarus.runtime.disks import create_layer
 from tartarus.runtime.interpreter import CodeInterpreter
@@ -75,6 +76,8 @@ async def _boot_and_save(
         )
     finally:
         await vm.kill()  # never resume: with shared RAM a running guest would rewrite the snapshot
+        if config.jail:
+            jail.give_back(config)  # memory file and layer: the daemon's, not a VMM uid's
     snapshot.write_meta(out)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from tartarus.bootfiles.initramfs import initramfs_path
 from tartarus.bootfiles.kernel import kernel_path
 from tartarus.errors import GuestError, InvalidArgument, SandboxFailed
+from tartarus.runtime import jail
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.agent import AgentClient, Output
 from tartarus.runtime.disks import sparse_copy
@@ -42,7 +43,8 @@ BOOT_TIMEOUT_S = 60.0
 
 class BuildVM:
     """The build VM: the grown copy of the base image as its root, QEMU user networking, no sandbox
-    around it (no namespace, no cgroup, no writable layer)."""
+    around it (no namespace, no cgroup, no writable layer); its VMM jailed like a sandbox's, with the
+    host's resolver configuration for user networking's DNS."""
 
     def __init__(self, base: Template, image: Path, workdir: Path) -> None:
         self.template = base
@@ -64,6 +66,7 @@ class BuildVM:
             console_log=workdir / "console.log",
         )
         config.user_net = True
+        config.jail = os.geteuid() == 0  # unprivileged, in a view of its own, like a sandbox's VMM
         self.vm = MicroVM(config, workdir)
 
     @property
@@ -176,6 +179,8 @@ async def _run(
         await _check(sb, ["sync"])
     finally:
         await sb.vm.quit()
+        if sb.vm.config.jail:
+            jail.give_back(sb.vm.config)  # the image: the daemon's again, not a VMM uid's
 
 
 def apply_steps(base: Template, steps: list[str], out: Path, progress: Callable[[str], None]) -> Path:

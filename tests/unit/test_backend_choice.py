@@ -4,6 +4,7 @@ gVisor sandbox cannot honour yet, and policy rules that match on the backend."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -106,10 +107,12 @@ def test_what_a_gvisor_sandbox_cannot_honour_yet_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="does not enforce max_processes, disk_mib yet"):
         spec_ = SandboxSpec("python-ds", vcpus=2, max_processes=64, disk_mib=8192)
         choice.refuse_on_gvisor(TEMPLATE, spec_, _admission())
-    with pytest.raises(InvalidArgument, match="does not enforce the policy's bandwidth limits yet"):
-        shaped = Limits(vcpus=1, memory_mib=512, disk_mib=1024, max_processes=None, ttl_s=None,
-                        egress_bytes_per_s=1 << 20)  # fmt: skip
-        choice.refuse_on_gvisor(TEMPLATE, spec, Admission(Decision("admit", "a rule"), shaped, NONE))
+    shaped = Limits(vcpus=1, memory_mib=512, disk_mib=1024, max_processes=None, ttl_s=None,
+                    egress_bytes_per_s=1 << 20, ingress_bytes_per_s=1 << 20)  # fmt: skip
+    choice.refuse_on_gvisor(TEMPLATE, spec, Admission(Decision("admit", "a rule"), shaped, NONE))
+    throttled = dataclasses.replace(shaped, disk_bytes_per_s=1 << 20)
+    with pytest.raises(InvalidArgument, match="does not enforce the policy's disk bandwidth limits yet"):
+        choice.refuse_on_gvisor(TEMPLATE, spec, Admission(Decision("admit", "a rule"), throttled, NONE))
     with pytest.raises(InvalidArgument, match="idle timeout"):
         choice.refuse_on_gvisor(TEMPLATE, SandboxSpec("python-ds", idle_timeout=60), _admission())
     service = Template(name="svc", key="k", rootfs=Path("/x"), fstype="ext4", start=["nginx"])

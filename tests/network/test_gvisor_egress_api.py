@@ -131,6 +131,7 @@ def test_a_gvisor_sandboxs_memory_limit_holds(gvisor_daemon: str) -> None:
     try:
         limit = GVISOR.memory_limit_mib(Limits(1, 384, 4096, None, None)) * MIB
         assert memory_limit(sb.id) == limit  # the request's memory plus gVisor's own overhead
+        assert sb.info.memory_mib == 384  # what the API shows and quotas count is what it was given
         assert sb.commands.run("python3 -c 'b = bytearray(64 << 20); print(1)'").stdout == "1\n"
         with pytest.raises(TartarusError):
             sb.commands.run(f"python3 -c 'b = bytearray({3 * limit // MIB} << 20)'", timeout=60)

@@ -139,3 +139,41 @@ def test_a_gvisor_sandboxs_memory_limit_holds(gvisor_daemon: str) -> None:
     finally:
         sb.kill()
     assert gone(sb.id, links) == []
+
+
+def spares(state: Path, taken: set[str]) -> list[str]:
+    """Sandbox directories holding a created container that no create has taken: a pool's spares."""
+    root = state / "sandboxes"
+    return [d.name for d in root.iterdir() if d.name not in taken and (d / "gvisor" / "sandbox.pid").exists()]
+
+
+def test_a_gvisor_create_restores_into_a_created_ahead_container_with_its_own_limits_and_egress(
+    tmp_path: Path, net_host: NetHost
+) -> None:
+    require_gvisor()
+    links = uplinks()
+    p1 = net_host.ports[0]
+    uds = tmp_path / "api.sock"
+    taken: set[str] = set()
+    with daemon_thread(tmp_path, uds, DaemonConfig(pool_size=1, backend="gvisor")):
+        url = f"unix://{uds}"
+        with Sandbox.create("python-ds", url=url) as first:  # the template's pool starts with it
+            taken.add(first.id)
+            assert first.run_code("1+1").result == "2"
+        assert wait_for(lambda: len(spares(tmp_path, taken)) == 1, 60), "no spare container was made"
+        (spare,) = spares(tmp_path, taken)
+        policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [p1]}]}
+        with Sandbox.create("python-ds", url=url, network=policy, memory_mib=384) as sb:
+            taken.add(sb.id)
+            assert sb.id == spare and sb.info.timings_ms["pooled"] == 1000.0  # the spare, not a new one
+            assert sb.run_code("1+1").result == "2"
+            # The request's limits and egress, not the spare's template defaults and `none`.
+            assert memory_limit(sb.id) == GVISOR.memory_limit_mib(Limits(1, 384, 4096, None, None)) * MIB
+            assert probe(sb, [(HOST_ADDR, p1), (HOST_ADDR, net_host.ports[1])]) == {
+                (HOST_ADDR, p1): "open",
+                (HOST_ADDR, net_host.ports[1]): "TimeoutError",
+            }
+        assert leftovers(spare) == [] and f"tartarus-{spare}-nic" not in sh("ip", "netns", "list")
+        assert wait_for(lambda: len(spares(tmp_path, taken)) == 1, 60), "the pool was not refilled"
+    # The daemon's stop destroyed its spare: namespaces, uplinks, cgroups, processes.
+    assert not spares(tmp_path, set()) and sorted(uplinks() - links) == []

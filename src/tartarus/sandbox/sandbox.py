@@ -32,6 +32,7 @@ from tartarus.errors import Conflict, InvalidArgument, SandboxFailed
 from tartarus.gvisor.container import GvisorContainer
 from tartarus.gvisor.containment import GVISOR
 from tartarus.gvisor.leftovers import CONTAINER_DIR
+from tartarus.gvisor.spec import BundleSpec
 from tartarus.gvisor.warm import WarmImage, bundle_spec, sandbox_env, warm_image
 from tartarus.hibernation.capture import fsync_path
 from tartarus.limits import Limits, SandboxCgroup
@@ -202,15 +203,27 @@ class Sandbox:
 
     @classmethod
     async def start_gvisor(
-        cls, template: Template, root: Path, spec: SandboxSpec | None = None, *, limits: Limits | None = None
+        cls,
+        template: Template,
+        root: Path,
+        spec: SandboxSpec | None = None,
+        *,
+        limits: Limits | None = None,
+        prepared: Sandbox | None = None,
     ) -> Sandbox:
         """A gVisor sandbox of `template`: restored from the template's warm image (its interpreter has
         the template's modules imported), or started fresh when the template has no interpreter or
-        its image cannot be built. Its writable layer is its own, in its directory."""
-        id_ = new_sandbox_id()
-        workdir = root / id_
-        workdir.mkdir(mode=PRIVATE_DIR, parents=True)
-        sandbox = cls(id_, template, workdir, spec, limits=limits, backend="gvisor")
+        its image cannot be built. Its writable layer is its own, in its directory. `prepared` is a
+        pool's spare (`prepare_gvisor`) to restore into: only the restore is then on the clock."""
+        if prepared is None:
+            id_ = new_sandbox_id()
+            workdir = root / id_
+            workdir.mkdir(mode=PRIVATE_DIR, parents=True)
+            sandbox = cls(id_, template, workdir, spec, limits=limits, backend="gvisor")
+        else:  # a spare predates the request: its spec and limits are this one's from now on
+            sandbox = prepared
+            sandbox.spec, sandbox.limits = spec or SandboxSpec(template.name), limits
+            sandbox.created_at = time.time()
         try:
             await sandbox._start_gvisor()
         except BaseException:
@@ -218,25 +231,57 @@ class Sandbox:
             raise
         return sandbox
 
+    @classmethod
+    async def prepare_gvisor(
+        cls, template: Template, root: Path, *, limits: Limits, sandbox_id: str | None = None
+    ) -> Sandbox:
+        """A gVisor sandbox whose container runsc has created (sandbox and gofer processes up, in its
+        network and cgroups) for the template's warm image to be restored into: what a pool keeps."""
+        image = await _warm_image(template)
+        if image is None:
+            raise InvalidArgument(f"template {template.name!r} has no warm gVisor image to restore")
+        id_ = sandbox_id or new_sandbox_id()
+        workdir = root / id_
+        workdir.mkdir(mode=PRIVATE_DIR, parents=True)
+        sandbox = cls(id_, template, workdir, limits=limits, backend="gvisor")
+        try:
+            container = await sandbox._gvisor_container(image.spec)
+            await container.create()
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        return sandbox
+
+    async def _gvisor_container(self, spec: BundleSpec) -> GvisorContainer:
+        """The sandbox's container, contained as a VM is: its own network (a veth NIC, which runsc's
+        netstack adopts, behind the same rules; policy `none` until `contain`) and its cgroups (gVisor's
+        overhead on top of the guest's limits), both made before runsc starts and handed to the
+        container, which does not own them: `destroy` removes the container first, then the network,
+        then the cgroups."""
+        await self._attach_network(nic="veth")
+        self._attach_cgroup(GVISOR)
+        self.container = GvisorContainer(
+            self.id, spec, self.workdir / CONTAINER_DIR, network=self.network, cgroup=self.cgroup
+        )
+        return self.container
+
     async def _start_gvisor(self) -> None:
         t0 = time.perf_counter()
         image = await _warm_image(self.template)
-        # Contained as a VM is: its own network (a veth NIC, which runsc's netstack adopts, behind the
-        # same rules; policy `none` until `contain`) and its cgroups (gVisor's overhead on top of the
-        # guest's limits), both made before runsc starts and handed to the container, which does not
-        # own them: `destroy` removes the container first, then the network, then the cgroups.
-        await self._attach_network(nic="veth")
-        self._attach_cgroup(GVISOR)
-        spec = bundle_spec(self.template) if image is None else image.spec
-        container = self.container = GvisorContainer(
-            self.id, spec, self.workdir / CONTAINER_DIR, network=self.network, cgroup=self.cgroup
-        )
+        pooled = self.container is not None
+        if self.container is not None:  # a spare: made with the template's limits, sized to these now
+            self._attach_cgroup(GVISOR)
+            container = self.container
+        else:
+            container = await self._gvisor_container(
+                bundle_spec(self.template) if image is None else image.spec
+            )
         if image is None:
             await container.start(self.spec.boot_timeout)
             self.timings = {"agent_ready": time.perf_counter() - t0}
             return
         await container.restore(image.path, self.spec.boot_timeout)
-        self.timings = {"state_loaded": container.timings["started"]}
+        self.timings = {"state_loaded": container.timings["started"], "pooled": float(pooled)}
         agent = self.agent
         # Its clock and entropy are the host's (gVisor's own); a clone gets its own machine-id. The
         # hostname stays the image's: gVisor denies the agent sethostname.

@@ -168,9 +168,9 @@ class Pools:
         daemon whose sandboxes never run on gVisor keeps none); None if it has no warm image."""
         if self.size <= 0 or template.preload is None or template.start is not None:
             return None
-        pool = self._gvisor.get(template.name)
-        if pool is None or pool.template.key != template.key:
-            pool = self._gvisor[template.name] = GvisorPool(template, self.root, self.size, defer=defer)
+        pool = self._gvisor.get(template.key)  # by build, as VMM pools go by snapshot: closed at `close`
+        if pool is None:
+            pool = self._gvisor[template.key] = GvisorPool(template, self.root, self.size, defer=defer)
         return pool
 
     def for_image(self, saved: SavedSandbox) -> VMMPool | None:

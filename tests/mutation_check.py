@@ -728,6 +728,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/network/test_gvisor_egress_api.py::test_gvisor_egress_none_then_allow_then_the_live_cut",),
     ),
     Mutation(
+        "gvisor.spare-resized",
+        "a gVisor create that takes a pool's spare gets the request's limits, not the template's",
+        "src/tartarus/sandbox/sandbox.py",
+        "sized to these now\n            self._attach_cgroup(GVISOR)",
+        "sized to these now\n            pass",
+        (
+            "tests/network/test_gvisor_egress_api.py::"
+            "test_a_gvisor_create_restores_into_a_created_ahead_container_with_its_own_limits_and_egress",
+        ),
+    ),
+    Mutation(
         "gvisor.nic-namespace",
         "a gVisor sandbox runs in its NIC's namespace, behind the sandbox namespace's egress rules",
         "src/tartarus/network/sandbox.py",

@@ -16,6 +16,7 @@ from tartarus.daemon.server import daemon_thread
 from tartarus.errors import TartarusError
 from tartarus.gvisor.containment import GVISOR
 from tartarus.limits.spec import Limits
+from tartarus.network.netns import SLOTS_DIR
 from tartarus.policy.model import Match, Policy, Rule
 from tartarus.sdk import Sandbox
 from tests.gvisor.helpers import require_gvisor
@@ -55,32 +56,46 @@ def memory_limit(sandbox_id: str) -> int:
     return int(path.read_text())
 
 
-def gone(sandbox_id: str, links: set[str]) -> list[str]:
-    """What of the sandbox's network and cgroups is still there: its two namespaces, uplink, cgroups."""
+def uplink_of(sandbox_id: str) -> str:
+    """The root-namespace end of a running sandbox's uplink (trt<slot>), from its slot's claim."""
+    for path in SLOTS_DIR.iterdir():
+        if path.read_text().strip() == f"tartarus-{sandbox_id}":
+            return f"trt{path.name}"
+    raise AssertionError(f"sandbox {sandbox_id} holds no uplink slot")
+
+
+def gone(sandbox_id: str, uplink: str) -> list[str]:
+    """What of the sandbox's network and cgroups is still there: its two namespaces, uplink, cgroups.
+    (Its uplink's slot may be another sandbox's by now, on a host other tests share: then its link is.)"""
     found = leftovers(sandbox_id)
     if f"tartarus-{sandbox_id}-nic" in sh("ip", "netns", "list"):
         found.append("nic netns")
-    found += sorted(uplinks() - links)
+    slot = SLOTS_DIR / uplink.removeprefix("trt")
+    if uplink in uplinks() and not slot.exists():
+        found.append(uplink)
+    if slot.exists() and slot.read_text().strip() == f"tartarus-{sandbox_id}":
+        found.append(f"slot {slot.name}")
     return found
 
 
 def test_gvisor_egress_none_then_allow_then_the_live_cut(gvisor_daemon: str, net_host: NetHost) -> None:
     url = gvisor_daemon
     p1, p2 = net_host.ports
-    links = uplinks()
     seen1, seen2 = net_host.listener.connections(p1), net_host.listener.connections(p2)
     with Sandbox.create("python-ds", url=url) as sb:
         assert sb.info.backend == "gvisor" and sb.info.network == "none"
+        link = uplink_of(sb.id)
         before = refused_packets(sb.id)
         assert probe(sb, [(HOST_ADDR, p1)]) == {(HOST_ADDR, p1): "TimeoutError"}
         assert refused_packets(sb.id) > before  # dropped by the namespace's rules, as a VM's packets are
         denied = sb.id
     assert net_host.listener.connections(p1) == seen1
-    assert gone(denied, links) == []
+    assert gone(denied, link) == []
 
     policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [p1]}]}
     with Sandbox.create("python-ds", url=url, network=policy) as sb:
         assert sb.info.backend == "gvisor" and sb.info.network == "allow"
+        link = uplink_of(sb.id)
         result = probe(sb, [(HOST_ADDR, p1), (HOST_ADDR, p2), (ROOT_ADDR, p1)])
         assert result == {
             (HOST_ADDR, p1): "open",
@@ -109,7 +124,7 @@ def test_gvisor_egress_none_then_allow_then_the_live_cut(gvisor_daemon: str, net
         assert cpu_quota_us(sb.id) == 100_000
         assert probe(sb, [(HOST_ADDR, p1)]) == {(HOST_ADDR, p1): "open"}
         allowed = sb.id
-    assert gone(allowed, links) == []
+    assert gone(allowed, link) == []
 
 
 def test_a_quarantine_verdict_starts_a_gvisor_sandbox_behind_a_closed_gate(
@@ -126,9 +141,9 @@ def test_a_quarantine_verdict_starts_a_gvisor_sandbox_behind_a_closed_gate(
 
 
 def test_a_gvisor_sandboxs_memory_limit_holds(gvisor_daemon: str) -> None:
-    links = uplinks()
     sb = Sandbox.create("python-ds", url=gvisor_daemon, memory_mib=384)
     try:
+        link = uplink_of(sb.id)
         limit = GVISOR.memory_limit_mib(Limits(1, 384, 4096, None, None)) * MIB
         assert memory_limit(sb.id) == limit  # the request's memory plus gVisor's own overhead
         assert sb.info.memory_mib == 384  # what the API shows and quotas count is what it was given
@@ -138,7 +153,7 @@ def test_a_gvisor_sandboxs_memory_limit_holds(gvisor_daemon: str) -> None:
         assert wait_for(lambda: sb.refresh().state == "failed", 30)  # the OOM killer, in its cgroup
     finally:
         sb.kill()
-    assert gone(sb.id, links) == []
+    assert gone(sb.id, link) == []
 
 
 def spares(state: Path, taken: set[str]) -> list[str]:
@@ -151,7 +166,6 @@ def test_a_gvisor_create_restores_into_a_created_ahead_container_with_its_own_li
     tmp_path: Path, net_host: NetHost
 ) -> None:
     require_gvisor()
-    links = uplinks()
     p1 = net_host.ports[0]
     uds = tmp_path / "api.sock"
     taken: set[str] = set()
@@ -162,6 +176,7 @@ def test_a_gvisor_create_restores_into_a_created_ahead_container_with_its_own_li
             assert first.run_code("1+1").result == "2"
         assert wait_for(lambda: len(spares(tmp_path, taken)) == 1, 60), "no spare container was made"
         (spare,) = spares(tmp_path, taken)
+        link = uplink_of(spare)
         policy = {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [p1]}]}
         with Sandbox.create("python-ds", url=url, network=policy, memory_mib=384) as sb:
             taken.add(sb.id)
@@ -173,7 +188,9 @@ def test_a_gvisor_create_restores_into_a_created_ahead_container_with_its_own_li
                 (HOST_ADDR, p1): "open",
                 (HOST_ADDR, net_host.ports[1]): "TimeoutError",
             }
-        assert leftovers(spare) == [] and f"tartarus-{spare}-nic" not in sh("ip", "netns", "list")
+        assert gone(spare, link) == []
         assert wait_for(lambda: len(spares(tmp_path, taken)) == 1, 60), "the pool was not refilled"
-    # The daemon's stop destroyed its spare: namespaces, uplinks, cgroups, processes.
-    assert not spares(tmp_path, set()) and sorted(uplinks() - links) == []
+        (refilled,) = spares(tmp_path, taken)
+        link = uplink_of(refilled)
+    # The daemon's stop destroyed its spare: processes, namespaces, uplink, cgroups.
+    assert not spares(tmp_path, set()) and gone(refilled, link) == []

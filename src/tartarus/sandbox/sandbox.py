@@ -723,7 +723,7 @@ class Sandbox:
     ) -> QuarantineState:
         """Confine it live ("Typhon"): the network cut first (the urgent part), then CPU, memory and disk
         rates clamped, then the audit record. Its own policy stays in place behind the closed gate, for a
-        release to reopen."""
+        release to reopen. A gVisor sandbox has no disk rate to clamp (that is QEMU's): the rest holds."""
         if self.quarantined is not None:
             raise Conflict(f"sandbox {self.id} is already quarantined ({self.quarantined.reason})")
         t0 = time.perf_counter()

@@ -92,6 +92,12 @@ def test_the_sandbox_features_on_each_backend(api: Api, alice: str, param: str) 
         assert [e.name for e in sb.files.list("/root/data").entries] == ["note.txt"]
         sb.files.remove("/root/data", recursive=True)
         assert not sb.files.exists("/root/data")
+        # Usage: a VM's from its VMM process and guest kernel, a gVisor sandbox's from its cgroup too.
+        sb.run_code("_held = bytearray(96 << 20)")
+        used = sb.metrics()
+        assert used.cpu_count == 1 and 0 < used.cpu_used_pct <= 100
+        assert 96 << 20 < used.mem_used_bytes < used.mem_total_bytes <= 512 << 20
+        assert 0 < used.disk_used_bytes < used.disk_total_bytes
     finally:
         sb.kill()
     assert not workdir.exists()  # the writable layer and everything else went with it

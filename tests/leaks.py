@@ -160,6 +160,25 @@ def track_pools() -> None:
     ready.ReadyPool._warm = tracked_warm  # type: ignore[method-assign]
     ready.ReadyPool.take = tracked_take_ready  # type: ignore[method-assign]
 
+    # The created-ahead gVisor containers (`snapshots.gvisor_pool`) the same way.
+    from tartarus.snapshots import gvisor_pool
+
+    spare_gvisor, take_gvisor = gvisor_pool.GvisorPool._spare, gvisor_pool.GvisorPool.take
+
+    async def tracked_spare_gvisor(self: gvisor_pool.GvisorPool, sandbox_id: str | None = None) -> Sandbox:
+        sandbox_id = sandbox_id or new_sandbox_id()
+        pooled.add(sandbox_id)
+        return await spare_gvisor(self, sandbox_id)
+
+    def tracked_take_gvisor(self: gvisor_pool.GvisorPool) -> Sandbox | None:
+        sandbox = take_gvisor(self)
+        if sandbox is not None:
+            pooled.discard(sandbox.id)
+        return sandbox
+
+    gvisor_pool.GvisorPool._spare = tracked_spare_gvisor  # type: ignore[method-assign]
+    gvisor_pool.GvisorPool.take = tracked_take_gvisor  # type: ignore[method-assign]
+
 
 # ---- the check --------------------------------------------------------------------------------------
 

@@ -831,12 +831,31 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/unit/test_backend_choice.py",),
     ),
     Mutation(
-        "gvisor.network-refused",
-        "a gVisor create with egress it cannot enforce yet is refused, not run without it",
+        "gvisor.unenforced-refused",
+        "a gVisor create asking for a limit nothing enforces on it yet is refused, not run without it",
         "src/tartarus/sandbox/choice.py",
-        'if admission.network.mode != "none":',
-        "if False:",
+        'asked = {"max_processes": spec.max_processes, "disk_mib": spec.disk_mib}',
+        "asked: dict[str, int | None] = {}",
         ("tests/unit/test_backend_choice.py",),
+    ),
+    Mutation(
+        "gvisor.contained",
+        "a gVisor sandbox made through the daemon runs in its network and cgroups, not beside them",
+        "src/tartarus/sandbox/sandbox.py",
+        "self.id, spec, self.workdir / CONTAINER_DIR, network=self.network, cgroup=self.cgroup",
+        "self.id, spec, self.workdir / CONTAINER_DIR",
+        ("tests/network/test_gvisor_egress_api.py::test_gvisor_egress_none_then_allow_then_the_live_cut",),
+    ),
+    Mutation(
+        "gvisor.spare-resized",
+        "a gVisor create that takes a pool's spare gets the request's limits, not the template's",
+        "src/tartarus/sandbox/sandbox.py",
+        "sized to these now\n            self._attach_cgroup(GVISOR)",
+        "sized to these now\n            pass",
+        (
+            "tests/network/test_gvisor_egress_api.py::"
+            "test_a_gvisor_create_restores_into_a_created_ahead_container_with_its_own_limits_and_egress",
+        ),
     ),
     Mutation(
         "gvisor.nic-namespace",

@@ -1,7 +1,8 @@
 """The sandbox features that both backends serve, through the real API on each: a VM (the host's: kvm or
 tcg) and gVisor (runsc restoring the template's warm image). One sandbox per backend carries the feature
 checks, so the module costs two creates per backend, not a suite; the gVisor-only checks (what it
-cannot see of the host, what it refuses, its reaping after a daemon's kill -9) follow."""
+cannot see of the host, what it refuses, its reaping after a daemon's kill -9, network and cgroups
+included) follow; its egress and quarantine are tests/network/test_gvisor_egress_api.py's."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from tartarus.sdk import Sandbox
 from tests.api.conftest import Api, env, tcp_daemon
 from tests.conftest import wait_until
 from tests.gvisor.helpers import require_gvisor
+from tests.network.conftest import leftovers, sh
 from tests.served import Served
 
 pytestmark = pytest.mark.vm
@@ -90,6 +92,12 @@ def test_the_sandbox_features_on_each_backend(api: Api, alice: str, param: str) 
         assert [e.name for e in sb.files.list("/root/data").entries] == ["note.txt"]
         sb.files.remove("/root/data", recursive=True)
         assert not sb.files.exists("/root/data")
+        # Usage: a VM's from its VMM process and guest kernel, a gVisor sandbox's from its cgroup too.
+        sb.run_code("_held = bytearray(96 << 20)")
+        used = sb.metrics()
+        assert used.cpu_count == 1 and 0 < used.cpu_used_pct <= 100
+        assert 96 << 20 < used.mem_used_bytes < used.mem_total_bytes <= 512 << 20
+        assert 0 < used.disk_used_bytes < used.disk_total_bytes
     finally:
         sb.kill()
     assert not workdir.exists()  # the writable layer and everything else went with it
@@ -130,8 +138,8 @@ def test_what_gvisor_sandboxes_cannot_do_yet_is_refused_by_name(
     api: Api, alice: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     require_gvisor()
-    with pytest.raises(InvalidArgument, match="gvisor"):
-        Sandbox.create("python-ds", url=api.url, api_key=alice, backend="gvisor", network="full")
+    with pytest.raises(InvalidArgument, match="gvisor backend does not enforce disk_mib"):
+        Sandbox.create("python-ds", url=api.url, api_key=alice, backend="gvisor", disk_mib=8192)
     with pytest.raises(InvalidArgument, match="gvisor"):
         Sandbox.create("python-ds", url=api.url, api_key=alice, backend="gvisor", idle_timeout=60)
     with pytest.raises(PolicyDenied, match="VMs"):
@@ -143,8 +151,6 @@ def test_what_gvisor_sandboxes_cannot_do_yet_is_refused_by_name(
             sb.hibernate()
         with pytest.raises(Conflict, match="gvisor"):
             sb.snapshot()
-        with pytest.raises(Conflict, match="gvisor"):  # it could not be confined: said, not pretended
-            Sandbox.connect(sb.id, url=api.url, api_key=api.admin_key).quarantine("looks odd")
         assert sb.run_code("1+1").result == "2"  # refusing left it running
     monkeypatch.setattr(choice, "gvisor_support", lambda: Support(False, "runsc is not installed"))
     with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {alice}"}) as c:
@@ -162,14 +168,18 @@ def test_gvisor_sandboxes_of_a_daemon_killed_with_9_are_reaped_by_the_next(tmp_p
         first = Served(state)
     second = None
     try:
-        sb = Sandbox.create("python-ds", url=first.url, api_key=first.key)
+        sb = Sandbox.create("python-ds", url=first.url, api_key=first.key, network="full")
         assert sb.info.backend == "gvisor"
         workdir = state / "sandboxes" / sb.id
         assert pids_under(workdir / "gvisor" / "runsc")
+        assert leftovers(sb.id)  # its namespace and cgroups exist (the check below can fail)
         first.stop(signal.SIGKILL)
         second = Served(state)
         assert wait_until(lambda: not pids_under(workdir / "gvisor" / "runsc"), DEADLINE)
         assert not workdir.exists()
+        # Its network (both namespaces, the uplink) and its cgroups went with it: the container first,
+        # then the network, then the cgroups (`sandbox.reap`).
+        assert leftovers(sb.id) == [] and f"tartarus-{sb.id}-nic" not in sh("ip", "netns", "list")
         listed = {s.id: s for s in Sandbox.list(url=second.url, api_key=second.key, include_ended=True)}
         assert listed[sb.id].state == "lost"
         with Sandbox.create("python-ds", url=second.url, api_key=second.key) as again:

@@ -1,5 +1,6 @@
-"""Network bandwidth on real VMs: the policy's egress and ingress rates hold for transfers between the
-guest and a namespace this test creates, measured against what the same run reaches unthrottled.
+"""Network bandwidth on real VMs and gVisor sandboxes: the policy's egress and ingress rates hold for
+transfers between the guest and a namespace this test creates, measured against what the same run
+reaches unthrottled.
 
 Egress is timed on the receiving side (the test host's listener: first connection to last byte, host
 clock); ingress in the guest, from its first byte to the end of the stream.
@@ -18,6 +19,7 @@ from tartarus.daemon.config import DaemonConfig
 from tartarus.daemon.server import daemon_thread
 from tartarus.policy.model import BandwidthPolicy, Policy
 from tartarus.sdk import Sandbox
+from tests.gvisor.helpers import require_gvisor
 from tests.network.conftest import HOST_ADDR, NetHost, wait_for
 
 pytestmark = pytest.mark.vm
@@ -112,10 +114,18 @@ def network_policy(net_host: NetHost) -> dict[str, object]:
     return {"mode": "allow", "allow": [{"host": HOST_ADDR, "ports": [net_host.ports[1], SOURCE_PORT]}]}
 
 
+@pytest.mark.parametrize("backend", ["vm", "gvisor"])
 def test_egress_and_ingress_stay_within_the_policys_rates(
-    net_daemon: tuple[str, Path], net_host: NetHost, source: None, tmp_path: Path
+    net_daemon: tuple[str, Path], net_host: NetHost, source: None, tmp_path: Path, backend: str
 ) -> None:
-    with Sandbox.create("python-ds", url=net_daemon[0], network=network_policy(net_host)) as sb:
+    """On a VM the rates are tc's on its TAP and uplink; on gVisor on its veth's outer end and uplink."""
+    asked: str | None = None
+    if backend == "gvisor":
+        require_gvisor()
+        asked = "gvisor"
+    with Sandbox.create(
+        "python-ds", url=net_daemon[0], network=network_policy(net_host), backend=asked
+    ) as sb:
         unthrottled = Rates(egress_rate(sb, net_host, 16 * MIB), ingress_rate(sb, 16 * MIB))
     rate = int(min(unthrottled.egress, unthrottled.ingress) / 8)
     rate = min(rate, 2 * MIB)
@@ -124,6 +134,7 @@ def test_egress_and_ingress_stay_within_the_policys_rates(
     policy = Policy(bandwidth=BandwidthPolicy(egress_bytes_per_s=rate, ingress_bytes_per_s=rate // 2))
     with daemon_thread(tmp_path, tmp_path / "api.sock", DaemonConfig(pool_size=0, policy=policy)):
         url = f"unix://{tmp_path / 'api.sock'}"
-        with Sandbox.create("python-ds", url=url, network=network_policy(net_host)) as sb:
+        with Sandbox.create("python-ds", url=url, network=network_policy(net_host), backend=asked) as sb:
+            assert sb.info.backend == (asked or sb.info.backend)
             assert egress_rate(sb, net_host, int(2.5 * rate)) <= TOLERANCE * rate
             assert ingress_rate(sb, int(2.5 * rate / 2)) <= TOLERANCE * rate / 2

@@ -4,12 +4,13 @@ gVisor sandbox cannot honour yet, and policy rules that match on the backend."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from tartarus.daemon.config import DaemonConfig
-from tartarus.errors import BackendUnavailable, InvalidArgument, PolicyDenied
+from tartarus.errors import BackendUnavailable, InvalidArgument
 from tartarus.gvisor.runsc import Support
 from tartarus.limits.spec import Limits
 from tartarus.network.policy import NONE, NetworkPolicy, PinnedPolicy
@@ -98,13 +99,20 @@ def _admission(verdict: Verdict = "admit", network: PinnedPolicy = NONE) -> Admi
 def test_what_a_gvisor_sandbox_cannot_honour_yet_is_refused() -> None:
     spec = SandboxSpec("python-ds")
     choice.refuse_on_gvisor(TEMPLATE, spec, _admission())  # the plain case passes
-    with pytest.raises(PolicyDenied, match="quarantines"):
-        choice.refuse_on_gvisor(TEMPLATE, spec, _admission("quarantine"))
+    # What its network namespace and cgroups enforce now passes: a quarantine verdict, egress, vCPUs, memory.
+    choice.refuse_on_gvisor(TEMPLATE, spec, _admission("quarantine"))
     full = SandboxSpec("python-ds", network=NetworkPolicy(mode="full"))
-    with pytest.raises(InvalidArgument, match="network 'full'"):
-        choice.refuse_on_gvisor(TEMPLATE, full, _admission(network=PinnedPolicy("full")))
-    with pytest.raises(InvalidArgument, match="does not enforce vcpus, max_processes yet"):
-        choice.refuse_on_gvisor(TEMPLATE, SandboxSpec("python-ds", vcpus=2, max_processes=64), _admission())
+    choice.refuse_on_gvisor(TEMPLATE, full, _admission(network=PinnedPolicy("full")))
+    choice.refuse_on_gvisor(TEMPLATE, SandboxSpec("python-ds", vcpus=2, memory_mib=256), _admission())
+    with pytest.raises(InvalidArgument, match="does not enforce max_processes, disk_mib yet"):
+        spec_ = SandboxSpec("python-ds", vcpus=2, max_processes=64, disk_mib=8192)
+        choice.refuse_on_gvisor(TEMPLATE, spec_, _admission())
+    shaped = Limits(vcpus=1, memory_mib=512, disk_mib=1024, max_processes=None, ttl_s=None,
+                    egress_bytes_per_s=1 << 20, ingress_bytes_per_s=1 << 20)  # fmt: skip
+    choice.refuse_on_gvisor(TEMPLATE, spec, Admission(Decision("admit", "a rule"), shaped, NONE))
+    throttled = dataclasses.replace(shaped, disk_bytes_per_s=1 << 20)
+    with pytest.raises(InvalidArgument, match="does not enforce the policy's disk bandwidth limits yet"):
+        choice.refuse_on_gvisor(TEMPLATE, spec, Admission(Decision("admit", "a rule"), throttled, NONE))
     with pytest.raises(InvalidArgument, match="idle timeout"):
         choice.refuse_on_gvisor(TEMPLATE, SandboxSpec("python-ds", idle_timeout=60), _admission())
     service = Template(name="svc", key="k", rootfs=Path("/x"), fstype="ext4", start=["nginx"])

@@ -125,10 +125,11 @@ class Lifecycle:
         admission = await self.admit(template, spec, backend)
         if backend == "gvisor":
             refuse_on_gvisor(template, spec, admission)
-            runtime = await Sandbox.start_gvisor(
-                template, self.layout.sandboxes, spec, limits=admission.limits
-            )
-            await self._contain(runtime, admission)
+            with self.pools.take(self.pools.for_gvisor(template)) as prepared:
+                runtime = await Sandbox.start_gvisor(
+                    template, self.layout.sandboxes, spec, limits=admission.limits, prepared=prepared
+                )
+                await self._contain(runtime, admission)  # before the refill competes for the CPU
             return Started(runtime, None, admission)
         found = find_snapshot(template) if template.snapshotted else None
         if found is not None and compatible(found, spec):

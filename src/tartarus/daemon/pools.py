@@ -23,6 +23,7 @@ from pathlib import Path
 from tartarus.daemon.config import ReadySizes
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.sandbox.saved import SavedSandbox
+from tartarus.snapshots.gvisor_pool import GvisorPool
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.ready import ReadyPool
 from tartarus.snapshots.snapshot import Snapshot, find_snapshot
@@ -128,6 +129,7 @@ class Pools:
         self.starts = Starts()
         self._pools: dict[str, VMMPool] = {}
         self._ready: dict[str, ReadyPool] = {}
+        self._gvisor: dict[str, GvisorPool] = {}
 
     def start(self) -> None:
         """Pre-start VMMs and ready sandboxes for every template that has a snapshot (call from the
@@ -161,6 +163,16 @@ class Pools:
             return None
         return self._pool(snapshot, template)
 
+    def for_gvisor(self, template: Template) -> GvisorPool | None:
+        """The template's pool of created-ahead gVisor containers, made on its first gVisor create (a
+        daemon whose sandboxes never run on gVisor keeps none); None if it has no warm image."""
+        if self.size <= 0 or template.preload is None or template.start is not None:
+            return None
+        pool = self._gvisor.get(template.key)  # by build, as VMM pools go by snapshot: closed at `close`
+        if pool is None:
+            pool = self._gvisor[template.key] = GvisorPool(template, self.root, self.size, defer=defer)
+        return pool
+
     def for_image(self, saved: SavedSandbox) -> VMMPool | None:
         return self._pools.get(saved.snapshot_key)
 
@@ -174,7 +186,7 @@ class Pools:
         return pool
 
     @contextlib.contextmanager
-    def take(self, pool: VMMPool | None) -> Iterator[Sandbox | None]:
+    def take(self, pool: VMMPool | GvisorPool | None) -> Iterator[Sandbox | None]:
         """A pooled VMM (or None), and the pool's refill once the block (the restore) is done: spawning
         a VMM costs CPU the restore in progress needs."""
         prepared = pool.take() if pool is not None else None
@@ -200,5 +212,8 @@ class Pools:
             await ready.close()
         for pool in self._pools.values():
             await pool.close()
+        for spares in self._gvisor.values():
+            await spares.close()
         self._pools.clear()
+        self._gvisor.clear()
         self._ready.clear()

@@ -68,6 +68,8 @@ class SandboxRecord:
     @property
     def vcpus(self) -> int:
         vm = self.runtime.vm if self.runtime else None
+        if vm is None and self.runtime and self.runtime.limits:  # gVisor: its cgroup's, from its limits
+            return self.runtime.limits.vcpus
         return vm.config.vcpus if vm else self.saved.vcpus if self.saved else self.template.vcpus
 
     @property
@@ -75,6 +77,8 @@ class SandboxRecord:
         vm = self.runtime.vm if self.runtime else None
         if vm:
             return vm.config.memory_mib
+        if self.runtime and self.runtime.limits:
+            return self.runtime.limits.memory_mib
         return self.saved.memory_mib if self.saved else self.template.memory_mib
 
     def set_timeout(self, seconds: float | None) -> None:

@@ -12,7 +12,7 @@ import functools
 import logging
 
 from tartarus.bootfiles.kernel import kernel_path
-from tartarus.errors import BackendUnavailable, InvalidArgument, PolicyDenied, TartarusError
+from tartarus.errors import BackendUnavailable, InvalidArgument, TartarusError
 from tartarus.gvisor.runsc import Support, probe
 from tartarus.runtime.accel import choose_accel
 from tartarus.sandbox.backend import Backend
@@ -80,37 +80,25 @@ def choose(requested: Backend | None, template: Template, daemon: Backend | None
 
 
 def refuse_on_gvisor(template: Template, spec: SandboxSpec, admission: Admission) -> None:
-    """What a gVisor sandbox cannot honour yet is refused before it starts, never silently dropped:
-    a service template, a quarantine verdict, egress other than none, an idle timeout (it would
-    hibernate)."""
+    """What a gVisor sandbox cannot honour yet is refused before it starts, never silently dropped: a
+    service template, an idle timeout (it would hibernate), and the limits nothing enforces on it yet.
+    Its egress policy and network rates, a quarantine verdict (the gate closes before its egress rules
+    exist), its vCPUs (a CFS quota) and memory are enforced as a VM's are: by its network namespace
+    and its cgroups."""
     if template.start is not None:
         raise InvalidArgument(
             f"template {template.name!r} starts a service before its snapshot, which the gvisor backend "
             "does not do yet: use a VM backend"
         )
-    if admission.decision.quarantined:
-        raise PolicyDenied(
-            f"sandbox refused: the policy quarantines it ({admission.decision.reason}), and the gvisor "
-            "backend cannot confine a sandbox yet"
-        )
-    if admission.network.mode != "none":
-        raise InvalidArgument(
-            f"network {admission.network.mode!r} is not available on the gvisor backend yet (its "
-            "sandboxes have no network): ask for network none, or a VM backend"
-        )
     if spec.idle_timeout is not None:
         raise InvalidArgument("an idle timeout hibernates, which the gvisor backend does not do yet")
-    # What the VM path enforces on the VMM (cgroups, QEMU's throttles, the guest kernel's cap): the
-    # container's cgroup is the seam where these come (`Sandbox._start_gvisor`).
-    asked = {
-        "vcpus": spec.vcpus,
-        "memory_mib": spec.memory_mib,
-        "max_processes": spec.max_processes,
-        "disk_mib": spec.disk_mib,
-    }
+    # A VM's are enforced by the guest kernel (threads-max, which gVisor's Sentry does not have) and by
+    # QEMU (the layer's size, disk throttles); network rates are tc's on the NIC, a veth's as a TAP's.
+    asked = {"max_processes": spec.max_processes, "disk_mib": spec.disk_mib}
     unenforced = [name for name, value in asked.items() if value is not None]
-    if admission.limits.bandwidth.limited:
-        unenforced.append("the policy's bandwidth limits")
+    bandwidth = admission.limits.bandwidth
+    if bandwidth.disk_bytes_per_s is not None or bandwidth.disk_iops is not None:
+        unenforced.append("the policy's disk bandwidth limits")
     if unenforced:
         raise InvalidArgument(
             f"the gvisor backend does not enforce {', '.join(unenforced)} yet: leave them to the "

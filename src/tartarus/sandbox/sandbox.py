@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -29,17 +30,20 @@ from tartarus.bootfiles.initramfs import initramfs_path
 from tartarus.bootfiles.kernel import kernel_path
 from tartarus.errors import Conflict, InvalidArgument, SandboxFailed
 from tartarus.gvisor.container import GvisorContainer
+from tartarus.gvisor.containment import GVISOR
 from tartarus.gvisor.leftovers import CONTAINER_DIR
+from tartarus.gvisor.spec import BundleSpec
 from tartarus.gvisor.warm import WarmImage, bundle_spec, sandbox_env, warm_image
 from tartarus.hibernation.capture import fsync_path
 from tartarus.hibernation.load import load
 from tartarus.limits import Limits, SandboxCgroup
 from tartarus.limits.bandwidth import Bandwidth
+from tartarus.limits.cgroups import VMM, Overhead
 from tartarus.limits.guest import set_max_processes
 from tartarus.network import SandboxNetwork
 from tartarus.network.guest import pin_names, use_relay
 from tartarus.network.nft import TAP
-from tartarus.network.sandbox import GATEWAY, GUEST_KERNEL_ARG, GUEST_MAC
+from tartarus.network.sandbox import GATEWAY, GUEST_KERNEL_ARG, GUEST_MAC, NicKind
 from tartarus.private import PRIVATE_DIR, PRIVATE_FILE
 from tartarus.runtime.accel import choose_accel
 from tartarus.runtime.agent import AgentClient
@@ -200,15 +204,27 @@ class Sandbox:
 
     @classmethod
     async def start_gvisor(
-        cls, template: Template, root: Path, spec: SandboxSpec | None = None, *, limits: Limits | None = None
+        cls,
+        template: Template,
+        root: Path,
+        spec: SandboxSpec | None = None,
+        *,
+        limits: Limits | None = None,
+        prepared: Sandbox | None = None,
     ) -> Sandbox:
         """A gVisor sandbox of `template`: restored from the template's warm image (its interpreter has
         the template's modules imported), or started fresh when the template has no interpreter or
-        its image cannot be built. Its writable layer is its own, in its directory."""
-        id_ = new_sandbox_id()
-        workdir = root / id_
-        workdir.mkdir(mode=PRIVATE_DIR, parents=True)
-        sandbox = cls(id_, template, workdir, spec, limits=limits, backend="gvisor")
+        its image cannot be built. Its writable layer is its own, in its directory. `prepared` is a
+        pool's spare (`prepare_gvisor`) to restore into: only the restore is then on the clock."""
+        if prepared is None:
+            id_ = new_sandbox_id()
+            workdir = root / id_
+            workdir.mkdir(mode=PRIVATE_DIR, parents=True)
+            sandbox = cls(id_, template, workdir, spec, limits=limits, backend="gvisor")
+        else:  # a spare predates the request: its spec and limits are this one's from now on
+            sandbox = prepared
+            sandbox.spec, sandbox.limits = spec or SandboxSpec(template.name), limits
+            sandbox.created_at = time.time()
         try:
             await sandbox._start_gvisor()
         except BaseException:
@@ -216,22 +232,57 @@ class Sandbox:
             raise
         return sandbox
 
+    @classmethod
+    async def prepare_gvisor(
+        cls, template: Template, root: Path, *, limits: Limits, sandbox_id: str | None = None
+    ) -> Sandbox:
+        """A gVisor sandbox whose container runsc has created (sandbox and gofer processes up, in its
+        network and cgroups) for the template's warm image to be restored into: what a pool keeps."""
+        image = await _warm_image(template)
+        if image is None:
+            raise InvalidArgument(f"template {template.name!r} has no warm gVisor image to restore")
+        id_ = sandbox_id or new_sandbox_id()
+        workdir = root / id_
+        workdir.mkdir(mode=PRIVATE_DIR, parents=True)
+        sandbox = cls(id_, template, workdir, limits=limits, backend="gvisor")
+        try:
+            container = await sandbox._gvisor_container(image.spec)
+            await container.create()
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        return sandbox
+
+    async def _gvisor_container(self, spec: BundleSpec) -> GvisorContainer:
+        """The sandbox's container, contained as a VM is: its own network (a veth NIC, which runsc's
+        netstack adopts, behind the same rules; policy `none` until `contain`) and its cgroups (gVisor's
+        overhead on top of the guest's limits), both made before runsc starts and handed to the
+        container, which does not own them: `destroy` removes the container first, then the network,
+        then the cgroups."""
+        await self._attach_network(nic="veth")
+        self._attach_cgroup(GVISOR)
+        self.container = GvisorContainer(
+            self.id, spec, self.workdir / CONTAINER_DIR, network=self.network, cgroup=self.cgroup
+        )
+        return self.container
+
     async def _start_gvisor(self) -> None:
         t0 = time.perf_counter()
         image = await _warm_image(self.template)
-        # The seam for containment: the sandbox's network (`self.network`) and cgroup (`self.cgroup`)
-        # are made here and handed to the container; until then it runs with runsc's `--network=none`
-        # and admission refuses what it could not honour (`daemon.lifecycle`).
-        if image is None:
-            container = self.container = GvisorContainer(
-                self.id, bundle_spec(self.template), self.workdir / CONTAINER_DIR
+        pooled = self.container is not None
+        if self.container is not None:  # a spare: made with the template's limits, sized to these now
+            self._attach_cgroup(GVISOR)
+            container = self.container
+        else:
+            container = await self._gvisor_container(
+                bundle_spec(self.template) if image is None else image.spec
             )
+        if image is None:
             await container.start(self.spec.boot_timeout)
             self.timings = {"agent_ready": time.perf_counter() - t0}
             return
-        container = self.container = GvisorContainer(self.id, image.spec, self.workdir / CONTAINER_DIR)
         await container.restore(image.path, self.spec.boot_timeout)
-        self.timings = {"state_loaded": container.timings["started"]}
+        self.timings = {"state_loaded": container.timings["started"], "pooled": float(pooled)}
         agent = self.agent
         # Its clock and entropy are the host's (gVisor's own); a clone gets its own machine-id. The
         # hostname stays the image's: gVisor denies the agent sethostname.
@@ -557,12 +608,14 @@ class Sandbox:
         """The network a snapshot's boot gives its VM (`snapshots.build`), under its own `name`."""
         await self._attach_network(name)
 
-    async def _attach_network(self, name: str | None = None) -> None:
-        """Give the sandbox its namespace, TAP and uplink (policy `none`) before its VMM starts.
+    async def _attach_network(self, name: str | None = None, *, nic: NicKind = "tap") -> None:
+        """Give the sandbox its namespace, NIC (a TAP for a VMM, a veth for gVisor) and uplink (policy
+        `none`) before its VMM or container starts.
 
         Runs on a thread (tens of ms of iproute2 that must not stall other sandboxes' creates); if
         the caller is cancelled meanwhile, it still waits for the thread so `destroy` can undo it."""
-        task = asyncio.ensure_future(asyncio.to_thread(SandboxNetwork.create, self.workdir, name or self.id))
+        create = functools.partial(SandboxNetwork.create, self.workdir, name or self.id, nic=nic)
+        task = asyncio.ensure_future(asyncio.to_thread(create))
         try:
             self.network = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -576,15 +629,16 @@ class Sandbox:
             await network.close_services()
             await asyncio.to_thread(network.destroy)
 
-    def _attach_cgroup(self) -> None:
-        """Put the VMM (to be started, or already running) in cgroups sized by the sandbox's limits.
+    def _attach_cgroup(self, overhead: Overhead = VMM) -> None:
+        """Put the VMM (to be started, or already running) in cgroups sized by the sandbox's limits plus
+        the host side's `overhead` (a gVisor sandbox's runsc joins them itself, at `runsc create`).
         A pooled VMM is already in a group made with its template's limits: only a resize, if any."""
         if self.limits is None:
             return
         if self.cgroup is not None:
             self.cgroup.resize(self.limits)
             return
-        self.cgroup = SandboxCgroup.create(self.id, self.limits)
+        self.cgroup = SandboxCgroup.create(self.id, self.limits, overhead)
         if self.vm is not None and self.vm.pid is not None:
             self.cgroup.add(self.vm.pid)
 
@@ -669,10 +723,9 @@ class Sandbox:
     ) -> QuarantineState:
         """Confine it live ("Typhon"): the network cut first (the urgent part), then CPU, memory and disk
         rates clamped, then the audit record. Its own policy stays in place behind the closed gate, for a
-        release to reopen."""
+        release to reopen. A gVisor sandbox has no disk rate to clamp (that is QEMU's): the rest holds."""
         if self.quarantined is not None:
             raise Conflict(f"sandbox {self.id} is already quarantined ({self.quarantined.reason})")
-        self.vm_only("quarantined (destroy it instead)")  # no network to cut, no cgroup to clamp yet
         t0 = time.perf_counter()
         if self.network is not None:
             self.network.cut()

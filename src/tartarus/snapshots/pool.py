@@ -40,7 +40,6 @@ class SparePool(abc.ABC):
 
     def __init__(
         self,
-        snapshot: Snapshot,
         template: Template,
         root: Path,
         size: int,
@@ -48,7 +47,6 @@ class SparePool(abc.ABC):
         outlive_owner: bool = False,
         defer: Defer | None = None,
     ) -> None:
-        self.snapshot = snapshot
         self.template = template
         self.root = root
         self.size = size
@@ -107,6 +105,19 @@ class SparePool(abc.ABC):
 
 class VMMPool(SparePool):
     kind = "pool"
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        template: Template,
+        root: Path,
+        size: int,
+        *,
+        outlive_owner: bool = False,
+        defer: Defer | None = None,
+    ) -> None:
+        self.snapshot = snapshot
+        super().__init__(template, root, size, outlive_owner=outlive_owner, defer=defer)
 
     def take(self) -> Sandbox | None:
         """A ready VMM, or None if the pool is empty; never waits.

@@ -58,7 +58,8 @@ class ReadyPool(SparePool):
         self.hits = 0
         self.misses = 0
         self._quiet = quiet
-        super().__init__(snapshot, template, root, size, outlive_owner=outlive_owner, defer=defer)
+        self.snapshot = snapshot
+        super().__init__(template, root, size, outlive_owner=outlive_owner, defer=defer)
 
     def take(self) -> Sandbox | None:
         """A ready sandbox whose VMM still runs, or None (counted as a miss); never waits. The caller

@@ -13,7 +13,6 @@ from tartarus.store import SandboxRow
 
 def sandbox_info(record: SandboxRecord, owner: bool = True) -> SandboxInfo:
     """A sandbox as the API shows it; `owner` adds who owns it and its lifetime (tenant, labels...)."""
-    vm = record.runtime.vm if record.runtime else None
     saved = record.saved
     extra = (
         {
@@ -34,8 +33,8 @@ def sandbox_info(record: SandboxRecord, owner: bool = True) -> SandboxInfo:
         created_at=record.runtime.created_at if record.runtime else record.created_at,
         idle_timeout_s=record.idle_timeout,
         disk_bytes=saved.disk_bytes if saved else None,
-        vcpus=vm.config.vcpus if vm else saved.vcpus if saved else record.template.vcpus,
-        memory_mib=vm.config.memory_mib if vm else saved.memory_mib if saved else record.template.memory_mib,
+        vcpus=record.vcpus,
+        memory_mib=record.memory_mib,
         timings_ms={k: round(v * 1000, 3) for k, v in record.timings.items()},
         restored="state_loaded" in record.timings,
         # A hibernated sandbox is a VM's capture (gVisor ones do not hibernate yet).

@@ -168,6 +168,7 @@ TENANT_ROUTES = {
             ("POST", "/processes/{pid}/stdin"),
             ("POST", "/processes/{pid}/signal"),
             ("POST", "/processes/{pid}/resize"),
+            ("POST", "/tokens"),  # its own sandbox's scoped tokens
         )
     ),
 }

@@ -300,7 +300,7 @@ def test_the_memory_limit_holds_and_the_host_is_unaffected(python_ds: Template, 
             assert _oom_kills(c.cgroup) >= 1
             peak = _cgroup_file(c.cgroup, "memory", "memory.max_usage_in_bytes", "memory.peak")
             # cgroup v1 may record one page charged in the instant before the OOM kill (seen once in ~10
-            # runs): the limit held if the peak is within a page of it, far from the three times the limit the guest asked for.
+            # runs): the limit held if the peak is within a page of it (the guest asked for 3x the limit).
             assert int(peak.read_text()) <= limit + os.sysconf("SC_PAGE_SIZE")
 
     asyncio.run(main())

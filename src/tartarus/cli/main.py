@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from tartarus import errors
 from tartarus.paths import default_socket, state_dir
@@ -333,14 +333,19 @@ def sandbox_ls(
     if as_json:
         print(json.dumps([dataclasses.asdict(s) for s in sandboxes], indent=2))
         return
-    table = Table("ID", "TENANT", "TEMPLATE", "STATE", "BACKEND", "VCPUS", "MEMORY", "LABELS")
+    # The id is what a reader copies and acts on: never cut, however narrow the terminal.
+    table = Table(
+        Column("ID", no_wrap=True, min_width=15), "TENANT", "TEMPLATE", "STATE", "BACKEND", "VCPUS", "MEMORY",
+        "LABELS",
+    )  # fmt: skip
     for s in sandboxes:
         labels = ",".join(f"{k}={v}" for k, v in s.labels.items())
         table.add_row(
             s.id, s.tenant or "-", s.template, s.state, s.backend or "-", str(s.vcpus), f"{s.memory_mib} MiB",
             labels,
         )  # fmt: skip
-    Console().print(table)
+    # Piped into a script, a table keeps its natural width (rich would otherwise fit it to 80 columns).
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)
 
 
 def _allow_rule(text: str) -> dict[str, object]:

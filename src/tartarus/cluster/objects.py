@@ -1,4 +1,4 @@
-"""The S3-compatible object store, through boto3: put, get, exists and nothing more.
+"""The S3-compatible object store, through boto3: put, get, exists, delete and nothing more.
 
 The state store needs only whole-object operations on chunks of a few MiB, so this stays a thin typed
 wrapper; any S3 implementation (AWS, MinIO, SeaweedFS, Ceph RGW) serves it. Credentials live in the
@@ -65,6 +65,10 @@ class ObjectStore:
         response = self._call(f"get {key}", self._client.get_object, Bucket=self.config.bucket, Key=key)
         body: bytes = response["Body"].read()
         return body
+
+    def delete(self, key: str) -> None:
+        """Remove an object (S3 answers a missing one as deleted too)."""
+        self._call(f"delete {key}", self._client.delete_object, Bucket=self.config.bucket, Key=key)
 
     def exists(self, key: str) -> bool:
         try:

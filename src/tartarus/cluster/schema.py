@@ -72,6 +72,28 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         # A hibernated sandbox's capture in the object store: set, the sandbox wakes on any node.
         ["ALTER TABLE cluster.placements ADD COLUMN capture TEXT"],
     ),
+    (
+        3,
+        "checkpoints",
+        # A checkpoint whose capture is in the object store: any node may start sandboxes from it.
+        [
+            """CREATE TABLE cluster.checkpoints (
+                id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL,
+                sandbox_id TEXT NOT NULL,
+                template TEXT NOT NULL,
+                node TEXT NOT NULL,
+                capture TEXT NOT NULL,
+                vcpus INTEGER NOT NULL,
+                memory_mib BIGINT NOT NULL,
+                captured_at DOUBLE PRECISION NOT NULL,
+                disk_bytes BIGINT NOT NULL,
+                ttl_s DOUBLE PRECISION,
+                created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )""",
+            "CREATE INDEX checkpoints_tenant ON cluster.checkpoints (tenant)",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -7,10 +7,15 @@
 - `POST /v1/cluster/hibernate/{sandbox_id}`: hibernate and wait until the capture is in the object store
   (`tartarus nodes drain`); `capture` is null when this agent has no object store (`object_store`
   false) or the upload failed.
+- `POST /v1/cluster/checkpoints/{checkpoint_id}/store`: upload this node's checkpoint and record it in the
+  cluster (201 with the record; 409 no_object_store without a store).
+- `POST /v1/cluster/checkpoints/{checkpoint_id}/fetch` {capture}: have the checkpoint here, downloading it
+  unless this node has it (200 with the bytes fetched: 0 when it had it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from starlette.applications import Starlette
@@ -21,6 +26,7 @@ from starlette.routing import Route
 from tartarus.daemon.asgi import error_response
 from tartarus.daemon.manager import SandboxManager
 from tartarus.errors import Conflict, InvalidArgument, TartarusError
+from tartarus.roles.checkpoint_sync import CheckpointSync
 from tartarus.roles.stored import StateSync, WakeRequest
 
 PREFIX = "/v1/cluster/"
@@ -58,6 +64,25 @@ def cluster_app(manager: SandboxManager, sync: StateSync | None) -> Starlette:
         capture = await sync.hibernate(sandbox_id)
         return JSONResponse({"id": sandbox_id, "capture": capture, "object_store": True})
 
+    copies = CheckpointSync(sync) if sync is not None else None
+
+    def checkpoint_sync() -> CheckpointSync:
+        if copies is None:
+            raise NoObjectStore("this agent has no object store configured: checkpoints stay on one node")
+        return copies
+
+    async def store_checkpoint(request: Request) -> Response:
+        stored = await checkpoint_sync().store(request.path_params["checkpoint_id"])
+        return JSONResponse(dataclasses.asdict(stored), status_code=201)
+
+    async def fetch_checkpoint(request: Request) -> Response:
+        try:
+            capture = str(json.loads(await request.body())["capture"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidArgument(f"a checkpoint fetch needs its capture: {e}") from e
+        fetched = await checkpoint_sync().fetch(request.path_params["checkpoint_id"], capture)
+        return JSONResponse(dataclasses.asdict(fetched))
+
     async def handle(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, TartarusError)
         return error_response(exc)
@@ -65,5 +90,7 @@ def cluster_app(manager: SandboxManager, sync: StateSync | None) -> Starlette:
     routes = [
         Route(PREFIX + "wake", wake, methods=["POST"]),
         Route(PREFIX + "hibernate/{sandbox_id}", hibernate, methods=["POST"]),
+        Route(PREFIX + "checkpoints/{checkpoint_id}/store", store_checkpoint, methods=["POST"]),
+        Route(PREFIX + "checkpoints/{checkpoint_id}/fetch", fetch_checkpoint, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={TartarusError: handle})

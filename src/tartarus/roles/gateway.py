@@ -52,6 +52,7 @@ from tartarus.daemon.models import SandboxInfo
 from tartarus.daemon.server import GRACE_S
 from tartarus.errors import Conflict, InvalidArgument, NotFound, TartarusError
 from tartarus.roles import quota
+from tartarus.roles.gateway_checkpoints import CheckpointRoutes
 from tartarus.roles.metrics import CountRequests, GatewayMetrics, TimedPlacer
 from tartarus.roles.proxy import NodeUnreachable, Proxy, Target, agent_headers
 from tartarus.roles.stored import STORED_NODE
@@ -64,14 +65,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CLUSTER_THREADS = 8  # placement and routing queries at once, each on its own connection
 DEFAULT_VCPUS, DEFAULT_MEMORY_MIB = 1, 512  # a template this host has not built: the daemon's defaults
-# Placed sandboxes come from POST /v1/sandboxes only: copies made on an agent (fork, a checkpoint's
-# sandbox) would bypass placement, so the gateway refuses them until they are placed too.
-UNPLACED = (
-    ("POST", "/v1/sandboxes/{sandbox_id}/fork"),
-    ("POST", "/v1/checkpoints/{checkpoint_id}/sandboxes"),
-)
-
-
 WAIT_S = 0.1  # between looks at a placement another gateway is waking
 # The agent's headers a create passes on: its request id (for its log) and its Server-Timing.
 PASSED_ON = frozenset({"x-request-id", "server-timing"})
@@ -94,11 +87,6 @@ class NodeUnavailable(TartarusError):
 class WakeTimedOut(TartarusError):
     code = "wake_timed_out"
     status = 503
-
-
-class NotInCluster(TartarusError):
-    code = "not_supported_in_cluster"
-    status = 501
 
 
 class AgentAnswered(Exception):
@@ -475,7 +463,7 @@ class Gateway:
 
     async def to_any(self, request: Request) -> Response:
         """Calls that name no sandbox (templates, keys, tenants, audit): any healthy agent answers from
-        the shared store. (Checkpoints and images are per node: listed from one node only.)"""
+        the shared store. (Images are per node: listed from one node only.)"""
         principal = await self.authenticate(request)
         nodes: list[NodeView] = await self._in_cluster(lambda conn: Membership(conn).nodes())
         healthy = [n for n in nodes if n.healthy]
@@ -483,13 +471,6 @@ class Gateway:
             raise NodeUnreachable("no healthy node in the cluster")
         node = healthy[secrets.randbelow(len(healthy))]
         return await self.proxy.forward(request, Target(node.name, node.address), principal)
-
-    async def unplaced(self, request: Request) -> Response:
-        await self.authenticate(request)
-        raise NotInCluster(
-            "forks and sandboxes from checkpoints are not placed by the cluster yet: create sandboxes "
-            "with POST /v1/sandboxes through a gateway"
-        )
 
     async def terminal(self, websocket: WebSocket) -> None:
         try:
@@ -568,7 +549,7 @@ def gateway_app(options: GatewayOptions) -> Starlette:
         Route("/v1/sandboxes", gateway.create, methods=["POST"]),
         Route("/v1/sandboxes", gateway.list_sandboxes, methods=["GET"]),
         WebSocketRoute("/v1/sandboxes/{sandbox_id}/pty", gateway.terminal),
-        *(Route(path, gateway.unplaced, methods=[method]) for method, path in UNPLACED),
+        *CheckpointRoutes(gateway).routes(),  # checkpoints live in the cluster; forks and copies are placed
         Route("/v1/sandboxes/{sandbox_id}", gateway.to_owner, methods=everything),
         Route("/v1/sandboxes/{sandbox_id}/{rest:path}", gateway.to_owner, methods=everything),
         Route("/{rest:path}", gateway.to_any, methods=everything),

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 
@@ -59,6 +60,7 @@ from tartarus.snapshots.snapshot import find_snapshot
 from tartarus.templates.built import get_template
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STORED_NODE = "object-store"  # the shared store's `node` of a sandbox hibernated in the object store
 INCOMING = "incoming"  # under the state dir: captures being fetched (a crash leaves them to be reaped)
@@ -143,6 +145,34 @@ class StateSync:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    def lease(self) -> Lease | None:
+        return self._lease()
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        return self._pool
+
+    def upload(self, saved: SavedSandbox) -> str:
+        """Upload a saved sandbox as a new capture (on the pool); its name."""
+        return self._upload(saved)
+
+    def adopt(self, staging: Path, saved_id: str, kind: str) -> SavedSandbox:
+        return self._adopt(staging, saved_id, kind)
+
+    def in_pool(self, fn: Callable[[Connection], T]) -> asyncio.Future[T]:
+        """`fn` with this thread's database connection, on the state pool (off the event loop)."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, self._with_conn, fn)
+
+    def _with_conn(self, fn: Callable[[Connection], T]) -> T:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._local.conn = connect(self.url)
+        try:
+            return fn(conn)
+        except psycopg.Error:
+            conn.close()
+            raise
 
     @property
     def manager(self) -> SandboxManager:
@@ -277,13 +307,12 @@ class StateSync:
         )
         return Woken(t1 - t0, t2 - t1, stats.raw_bytes, stats.fetched_bytes)
 
-    def _adopt(self, staging: Path, sandbox_id: str) -> SavedSandbox:
-        """The fetched capture as a saved sandbox of this node, published into `hibernated/`."""
+    def _adopt(self, staging: Path, sandbox_id: str, kind: str = "hibernation") -> SavedSandbox:
+        """The fetched capture as a saved sandbox of this node, published into `hibernated/` (a
+        checkpoint: into `checkpoints/`, `sandbox_id` its checkpoint id)."""
         saved = SavedSandbox.load(staging, self.transport)
-        if saved.kind != "hibernation" or saved.id != sandbox_id:
-            raise InvalidArgument(
-                f"the capture holds {saved.kind} {saved.id}, not hibernated sandbox {sandbox_id}"
-            )
+        if saved.kind != kind or saved.id != sandbox_id:
+            raise InvalidArgument(f"the capture holds {saved.kind} {saved.id}, not {kind} {sandbox_id}")
         template = get_template(saved.template.name)
         snapshot = find_snapshot(template)
         if snapshot is None or snapshot.key != saved.snapshot_key:
@@ -303,9 +332,9 @@ class StateSync:
         for path in staging.iterdir():
             os.chmod(path, PRIVATE_FILE)
         here = dataclasses.replace(saved, template=dataclasses.replace(saved.template, rootfs=pinned.rootfs))
-        final = layout.hibernated / sandbox_id
+        final = (layout.hibernated if kind == "hibernation" else layout.checkpoints) / sandbox_id
         if final.exists():
-            raise Conflict(f"sandbox {sandbox_id} is already hibernated on this node")
+            raise Conflict(f"{kind} {sandbox_id} is already on this node")
         return publish(here, final, layout.seal)
 
     # ---- the databases ----------------------------------------------------------------------------

@@ -3,24 +3,33 @@
 
 A checkpoint taken through one gateway is a row of the cluster and a capture in the bucket: sandboxes start
 from it on a node that never had it (its node killed), with its Python variables and files; a fork is
-placed; a capture with a corrupt or missing chunk is a clear error and leaves nothing on any node.
+placed; a capture with a corrupt or missing chunk is a clear error and leaves nothing on any node; a node
+whose cache has no template snapshot fetches the one another node uploaded instead of building its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tartarus.cluster import checkpoints
 from tartarus.cluster.db import connect
+from tartarus.cluster.manifest import manifest_key
 from tartarus.cluster.membership import Membership
 from tartarus.cluster.objects import ObjectStore, S3Config
 from tartarus.cluster.statestore import StateStore
+from tartarus.paths import cache_dir
+from tartarus.roles.snapshot_sync import capture_of
+from tartarus.roles.stored import fingerprint
 from tartarus.sdk import Sandbox
-from tests.cluster.test_stored import Cluster, _auth, cluster  # noqa: F401  (the module's fixture)
+from tartarus.snapshots.snapshot import find_snapshot, snapshot_key
+from tartarus.templates.built import get_template
+from tests.cluster.roles import Role
+from tests.cluster.test_stored import LEASE_S, Cluster, _auth, cluster  # noqa: F401  (the module's fixture)
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.usefixtures("cluster")
@@ -126,14 +135,7 @@ def test_a_corrupt_or_missing_chunk_is_a_clear_error_and_leaves_nothing(
         assert dropped.status_code == 204, dropped.text
         with connect(cluster.url) as conn:
             capture = checkpoints.find(conn, cid, None).capture
-        objects = ObjectStore(
-            S3Config(
-                s3_config.endpoint,
-                cluster.s3["TARTARUS_S3_BUCKET"],
-                s3_config.access_key,
-                s3_config.secret_key,
-            )
-        )
+        objects = _store(cluster, s3_config)
         manifest = StateStore(objects).manifest(capture)
         # The first chunk of its memory state: device state and its own pages, shared with no other capture.
         chunk = next(f.chunks[0] for f in manifest.files if f.name == "memory.state")
@@ -168,3 +170,74 @@ def _nothing_left(c: Cluster, cid: str, placed_before: set[str]) -> None:
         assert not _local(c, name, cid)
         incoming = agent.state / "incoming"
         assert not incoming.exists() or not list(incoming.iterdir()), list(incoming.iterdir())
+
+
+def _store(c: Cluster, s3: S3Config) -> ObjectStore:
+    return ObjectStore(S3Config(s3.endpoint, c.s3["TARTARUS_S3_BUCKET"], s3.access_key, s3.secret_key))
+
+
+def test_a_node_without_the_template_snapshot_fetches_it_from_the_store(
+    cluster: Cluster,  # noqa: F811
+    s3_config: S3Config,
+    tmp_path: Path,
+) -> None:
+    template = get_template("python-ds")
+    key = snapshot_key(template)
+    original = find_snapshot(template)
+    assert original is not None
+    # The nodes of the fixture hold it (the suite's cache) and uploaded it once they joined.
+    objects = _store(cluster, s3_config)
+    assert wait_until(lambda: objects.exists(manifest_key(capture_of(key))), timeout=300)
+
+    # A third node whose cache has everything but snapshots (kernel, agent, template images: linked).
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for entry in cache_dir().iterdir():
+        if entry.name != "snapshots":
+            (cache / entry.name).symlink_to(entry)
+    (cache / "snapshots").mkdir()
+    node_c = Role(
+        cluster.root,
+        "agent",
+        "node-c",
+        cluster.url,
+        cluster.token,
+        *("--lease", str(LEASE_S), "--slots", "4"),
+        env={**cluster.s3, "TARTARUS_CACHE_DIR": str(cache)},
+    )
+    cluster.agents["node-c"] = node_c
+    others = [n for n in cluster.agents if n != "node-c"]
+    sb = Sandbox.create("python-ds", url=cluster.gateways[0].url, api_key=cluster.key)
+    made: list[str] = []
+    try:
+        fetched = cache / "snapshots" / key
+        assert (fetched / "snapshot.json").exists()
+        # The very build the others hold (a build of its own would have other memory), as a file of its own.
+        assert fingerprint(fetched / "memory") == fingerprint(original.memory)
+        assert (fetched / "memory").stat().st_ino != original.memory.stat().st_ino
+        assert f"fetched snapshot {key} of template python-ds" in node_c.log_path.read_text()
+        with connect(cluster.url) as conn:
+            assert "python-ds" in Membership(conn).node("node-c").templates
+
+        # A checkpoint taken on another node restores on node-c: only over the same snapshot build.
+        _prepare(sb)
+        with _gw(cluster, 0) as gw:
+            taken = gw.post(f"/v1/sandboxes/{sb.id}/checkpoints", json={})
+        assert taken.status_code == 201, taken.text
+        cid = taken.json()["id"]
+        for name in others:
+            assert cluster.nodes("cordon", name).returncode == 0
+        with _gw(cluster, 1) as gw:
+            started = gw.post(f"/v1/checkpoints/{cid}/sandboxes", json={})
+            assert started.status_code == 201, started.text
+            made.append(started.json()["id"])
+            assert cluster.where(made[0]).node == "node-c"
+            _intact(Sandbox.connect(made[0], url=cluster.gateways[1].url, api_key=cluster.key))
+            assert gw.delete(f"/v1/checkpoints/{cid}").status_code == 204
+    finally:
+        for name in others:
+            cluster.nodes("uncordon", name)
+        for sandbox_id in [*made, sb.id]:
+            with contextlib.suppress(Exception):
+                Sandbox.connect(sandbox_id, url=cluster.gateways[0].url, api_key=cluster.key).kill()
+        cluster.agents.pop("node-c").stop()

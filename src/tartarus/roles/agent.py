@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -43,9 +44,10 @@ from tartarus.errors import AuthError, NotFound, TartarusError
 from tartarus.roles import caller
 from tartarus.roles.cluster_routes import PREFIX as CLUSTER_PREFIX
 from tartarus.roles.cluster_routes import cluster_app
-from tartarus.roles.metrics import LeaseMetrics
+from tartarus.roles.metrics import LeaseMetrics, TransferMetrics
 from tartarus.roles.stored import StateSync, forget
 from tartarus.roles.token import AgentToken
+from tartarus.snapshots.snapshot import find_snapshot
 from tartarus.store import Tenant
 from tartarus.templates.built import list_templates
 
@@ -84,8 +86,9 @@ def host_capacity(state_dir: Path, slots: int = DEFAULT_SLOTS) -> Resources:
 
 
 def held_templates() -> frozenset[str]:
-    """The templates built on this host (a placement bonus: no snapshot to fetch or build)."""
-    return frozenset(t.name for t in list_templates())
+    """The templates this host can restore from a local snapshot (a placement bonus: nothing to fetch);
+    a template without a snapshot to take counts once built."""
+    return frozenset(t.name for t in list_templates() if not t.snapshotted or find_snapshot(t) is not None)
 
 
 class AgentNode:
@@ -103,6 +106,7 @@ class AgentNode:
         self._manager: SandboxManager | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rejoining: asyncio.Task[None] | None = None
+        self._uploading: asyncio.Future[list[str]] | None = None
         self.fenced = 0  # renewals the database refused (metrics)
 
     def serving(self) -> bool:
@@ -114,7 +118,13 @@ class AgentNode:
         await self._loop.run_in_executor(self._executor, self._migrate)
         if self.sync is not None:
             self.sync.attach(manager, control, lambda: self.keeper.lease)
+            # Snapshots this node lacks come from the store before it registers, so it announces them.
+            got = await self._loop.run_in_executor(None, self.sync.snapshots.fetch_missing)
+            spec = self.keeper.spec
+            self.keeper.spec = dataclasses.replace(spec, templates=spec.templates | frozenset(got))
         await self._join()
+        if self.sync is not None:  # and those it holds the store lacks go up, in the background
+            self._uploading = self._loop.run_in_executor(self.sync.pool, self.sync.snapshots.upload_held)
         previous = manager.table.on_change
 
         def on_change(record: SandboxRecord, change: Change, why: str | None) -> None:
@@ -312,6 +322,11 @@ def agent_app(state_dir: Path, options: AgentOptions, config: DaemonConfig | Non
     node = AgentNode(options.database_url, options.spec, lease_s=options.lease_s, sync=sync)
     control: ControlPlane = app.state.control
     control.metrics.registry.register(LeaseMetrics(node.keeper, lambda: node.fenced))
+    if sync is not None:
+        moved = sync.transferred
+        control.metrics.registry.register(
+            TransferMetrics(lambda: dict(moved.sent), lambda: dict(moved.fetched))
+        )
     return AgentGuard(app, options.token, node, app.state.manager, control)
 
 

@@ -86,4 +86,5 @@ class CheckpointSync:
             await loop.run_in_executor(sync.pool, sync.adopt, staging, checkpoint_id, "checkpoint")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        sync.transferred.add_fetched("checkpoint", stats.fetched_bytes)
         return Fetched(checkpoint_id, stats.fetched_bytes, stats.raw_bytes)

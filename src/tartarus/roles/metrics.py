@@ -232,3 +232,22 @@ class LeaseMetrics(Collector):
             "This node's registration epoch (its fencing token)",
             value=0 if lease is None else lease.epoch,
         )
+
+
+class TransferMetrics(Collector):
+    """Bytes an agent moved to and from the object store (compressed, as sent or fetched), by what they
+    were: hibernation, checkpoint, snapshot."""
+
+    def __init__(self, sent: Callable[[], dict[str, int]], fetched: Callable[[], dict[str, int]]) -> None:
+        self._sent = sent
+        self._fetched = fetched
+
+    def collect(self) -> Iterable[Metric]:
+        for name, doc, values in (
+            ("tartarus_node_store_sent_bytes", "Bytes uploaded to the object store", self._sent()),
+            ("tartarus_node_store_fetched_bytes", "Bytes downloaded from the object store", self._fetched()),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind, n in sorted(values.items()):
+                family.add_metric([kind], n)
+            yield family

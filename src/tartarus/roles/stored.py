@@ -53,10 +53,10 @@ from tartarus.daemon.manager import SandboxManager
 from tartarus.daemon.table import SandboxRecord
 from tartarus.errors import Conflict, InvalidArgument, TartarusError
 from tartarus.private import PRIVATE_DIR, PRIVATE_FILE, write_private
+from tartarus.roles.snapshot_sync import SnapshotSync, Transferred
 from tartarus.roles.token import AgentToken
 from tartarus.sandbox.saved import META, SavedSandbox, pin, pinned, publish, remove_saved
 from tartarus.sealing import EnvSeal
-from tartarus.snapshots.snapshot import find_snapshot
 from tartarus.templates.built import get_template
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,8 @@ class StateSync:
 
     def __init__(self, objects: ObjectStore, token: AgentToken, database_url: str) -> None:
         self.state = StateStore(objects)
+        self.transferred = Transferred({}, {})
+        self.snapshots = SnapshotSync(self.state, self.transferred)
         self.transport = transport_seal(token)
         self.url = database_url
         self.uploads: dict[str, asyncio.Task[str | None]] = {}
@@ -250,7 +252,8 @@ class StateSync:
             portable = Path(tmp) / META
             write_private(portable, saved.to_json(self.transport))
             write_private(Path(tmp) / BASE, base)
-            self.state.upload(capture, [*files, (META, portable), (BASE, Path(tmp) / BASE)])
+            stats = self.state.upload(capture, [*files, (META, portable), (BASE, Path(tmp) / BASE)])
+        self.transferred.add_sent(saved.kind, stats.sent_bytes)
         return capture
 
     # ---- wake -------------------------------------------------------------------------------------
@@ -274,6 +277,7 @@ class StateSync:
             saved = await loop.run_in_executor(self._pool, self._adopt, staging, request.sandbox_id)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self.transferred.add_fetched("hibernation", stats.fetched_bytes)
         t1 = time.perf_counter()
         record = SandboxRecord(
             saved.id, saved.template, saved.spec, None, "hibernated", saved=saved, created_at=saved.created_at
@@ -314,7 +318,7 @@ class StateSync:
         if saved.kind != kind or saved.id != sandbox_id:
             raise InvalidArgument(f"the capture holds {saved.kind} {saved.id}, not {kind} {sandbox_id}")
         template = get_template(saved.template.name)
-        snapshot = find_snapshot(template)
+        snapshot = self.snapshots.fetch(template)  # this node's, else the store's: never built here
         if snapshot is None or snapshot.key != saved.snapshot_key:
             raise SnapshotMissing(
                 f"this node lacks snapshot {saved.snapshot_key} of template {template.name}, which sandbox "

@@ -657,6 +657,36 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "cluster.checkpoint-tenant",
+        "a tenant finds only its own checkpoints in the cluster",
+        "src/tartarus/cluster/checkpoints.py",
+        'cluster.checkpoints WHERE id = %s AND (%s::text IS NULL OR tenant = %s)",',
+        'cluster.checkpoints WHERE id = %s AND (%s::text IS NULL OR tenant = %s OR true)",',
+        (
+            "tests/cluster/test_checkpoint_records.py::test_a_tenant_sees_and_deletes_only_its_own_checkpoints",
+        ),
+    ),
+    Mutation(
+        "roles.checkpoint-capture-fault",
+        "a checkpoint whose capture fails its checks is answered as such, not taken for a node's failure",
+        "src/tartarus/roles/gateway_checkpoints.py",
+        "                    raise Answered(fetched)\n",
+        "                    raise NodeRefused(fetched.text)\n",
+        (
+            "tests/cluster/test_stored_checkpoints.py::test_a_corrupt_or_missing_chunk_is_a_clear_error_and_leaves_nothing",
+        ),
+    ),
+    Mutation(
+        "roles.snapshot-fetch",
+        "an agent without a template's snapshot fetches the one in the object store before it registers",
+        "src/tartarus/roles/agent.py",
+        "got = await self._loop.run_in_executor(None, self.sync.snapshots.fetch_missing)",
+        "got: list[str] = []",
+        (
+            "tests/cluster/test_stored_checkpoints.py::test_a_node_without_the_template_snapshot_fetches_it_from_the_store",
+        ),
+    ),
+    Mutation(
         "roles.wake-confirm",
         "an agent keeps a sandbox it woke from the object store only once it confirmed the reservation",
         "src/tartarus/roles/stored.py",

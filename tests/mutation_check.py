@@ -687,6 +687,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        "cluster.collect-named",
+        "collecting the object store keeps the captures a stored sandbox or a checkpoint still names",
+        "src/tartarus/cluster/collect.py",
+        "if capture in live or capture.startswith(SNAPSHOTS) or not old(at):",
+        "if capture.startswith(SNAPSHOTS) or not old(at):",
+        ("tests/cluster/test_collect.py::test_unnamed_captures_and_their_own_chunks_are_collected",),
+    ),
+    Mutation(
         "roles.wake-confirm",
         "an agent keeps a sandbox it woke from the object store only once it confirmed the reservation",
         "src/tartarus/roles/stored.py",

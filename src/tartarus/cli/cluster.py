@@ -230,3 +230,30 @@ def nodes_drain(
     typer.echo(f"{name} draining: {len(running) - failed} of {len(running)} sandboxes hibernated")
     if failed:
         raise typer.Exit(1)
+
+
+@nodes_app.command("collect")
+def nodes_collect(
+    grace: Annotated[
+        float, typer.Option(help="seconds: only what is older goes (at least 2 x 12 h when uploads may run)")
+    ] = 24 * 3600.0,
+) -> None:
+    """Delete from the object store (TARTARUS_S3_*) the captures no stored sandbox or checkpoint names
+    any more and the chunks only they used; template snapshots stay."""
+    from tartarus.cluster.collect import collect
+    from tartarus.cluster.db import connect
+    from tartarus.cluster.objects import ObjectStore
+    from tartarus.roles.stored import s3_from_env
+
+    try:
+        s3 = s3_from_env()
+        if s3 is None:
+            raise errors.InvalidArgument("collecting needs the object store: set TARTARUS_S3_*")
+        with connect(_database_url()) as conn:
+            done = collect(conn, ObjectStore(s3), grace_s=grace)
+    except errors.TartarusError as e:
+        raise _fail(e) from e
+    typer.echo(
+        f"deleted {len(done.captures)} captures and {done.chunks} chunks; "
+        f"kept {done.kept_captures} captures and {done.kept_chunks} chunks"
+    )

@@ -1,4 +1,4 @@
-"""The S3-compatible object store, through boto3: put, get, exists, delete and nothing more.
+"""The S3-compatible object store, through boto3: put, get, exists, delete, list and nothing more.
 
 The state store needs only whole-object operations on chunks of a few MiB, so this stays a thin typed
 wrapper; any S3 implementation (AWS, MinIO, SeaweedFS, Ceph RGW) serves it. Credentials live in the
@@ -7,7 +7,9 @@ config object with `repr=False` so they never reach a log line.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import boto3
@@ -69,6 +71,27 @@ class ObjectStore:
     def delete(self, key: str) -> None:
         """Remove an object (S3 answers a missing one as deleted too)."""
         self._call(f"delete {key}", self._client.delete_object, Bucket=self.config.bucket, Key=key)
+
+    def modified(self, key: str) -> datetime | None:
+        """When the object was last written (the store's clock), or None when there is none."""
+        try:
+            head = self._call(f"check {key}", self._client.head_object, Bucket=self.config.bucket, Key=key)
+        except ObjectMissing:
+            return None
+        at: datetime = head["LastModified"]
+        return at
+
+    def listing(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """Every object under `prefix`: its key and when it was last written."""
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.config.bucket, Prefix=prefix
+        )
+        try:
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield str(item["Key"]), item["LastModified"]
+        except (ClientError, BotoCoreError) as e:
+            raise self._unavailable(f"list {prefix}", e) from e
 
     def exists(self, key: str) -> bool:
         try:

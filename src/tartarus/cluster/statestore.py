@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,6 +28,7 @@ from tartarus.cluster.objects import ObjectStore
 from tartarus.errors import Conflict, InvalidArgument
 
 T = TypeVar("T")
+REFRESH_S = 12 * 3600.0  # a deduplicated chunk older than this is written again (see _put_new)
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,18 @@ class DownloadStats:
 
 
 class StateStore:
-    def __init__(self, objects: ObjectStore, *, chunk_size: int = CHUNK_SIZE, workers: int = 4) -> None:
-        if chunk_size <= 0 or workers < 1:
-            raise InvalidArgument("chunk size and workers must be positive")
+    def __init__(
+        self,
+        objects: ObjectStore,
+        *,
+        chunk_size: int = CHUNK_SIZE,
+        workers: int = 4,
+        refresh_s: float = REFRESH_S,
+    ) -> None:
+        if chunk_size <= 0 or workers < 1 or refresh_s <= 0:
+            raise InvalidArgument("chunk size, workers and the refresh time must be positive")
         self.objects = objects
+        self.refresh_s = refresh_s
         self.chunk_size = chunk_size
         self.workers = workers
 
@@ -90,8 +100,12 @@ class StateStore:
         return UploadStats(manifest, refs, uploaded, raw_total, sent)
 
     def _put_new(self, ref: ChunkRef, blob: bytes) -> int:
-        """Send a chunk unless the store has it; the bytes sent (0 when deduplicated)."""
-        if self.objects.exists(ref.key):
+        """Send a chunk unless the store has it, written less than `refresh_s` ago; the bytes sent (0
+        when deduplicated). An older one is written again: collection (`cluster.collect`) deletes only
+        chunks no manifest names that are older than its grace period (at least twice `refresh_s`), so
+        one this upload counts on cannot go before its manifest is written."""
+        at = self.objects.modified(ref.key)
+        if at is not None and (datetime.now(UTC) - at).total_seconds() < self.refresh_s:
             return 0
         self.objects.put(ref.key, blob)
         return len(blob)

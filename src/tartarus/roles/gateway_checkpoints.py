@@ -233,10 +233,13 @@ class CheckpointRoutes:
             raise Answered(taken)
         cid = str(taken.json()["id"])
         try:
-            stored = await client.post(
-                f"{url}/v1/cluster/checkpoints/{cid}/store",
-                headers={"authorization": self.g.options.token.header},
-            )
+            try:
+                stored = await client.post(
+                    f"{url}/v1/cluster/checkpoints/{cid}/store",
+                    headers={"authorization": self.g.options.token.header},
+                )
+            except httpx.TransportError as e:
+                raise self.g.proxy._unreachable(target, e) from e
             if stored.status_code != 201:
                 raise Answered(stored)
             return StoredCheckpoint(**stored.json())

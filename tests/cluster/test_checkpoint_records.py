@@ -1,5 +1,5 @@
 """The cluster's checkpoint rows on the suite's real PostgreSQL: a tenant sees only its own, an id is
-recorded once, and a delete is the end of it."""
+recorded once, a delete is the end of it, and a TTL counts from the last use."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import pytest
 from tartarus.cluster import checkpoints
 from tartarus.cluster.checkpoints import StoredCheckpoint
 from tartarus.cluster.db import Connection
+from tartarus.cluster.reconciler import Reconciler
 from tartarus.errors import Conflict, InvalidArgument, NotFound
+from tests.cluster.helpers import db_now, wait_db_clock_past
 
 
-def _cp(cid: str, tenant: str, captured_at: float = 1.0) -> StoredCheckpoint:
+def _cp(cid: str, tenant: str, captured_at: float = 1.0, ttl_s: float | None = None) -> StoredCheckpoint:
     return StoredCheckpoint(
         id=cid,
         tenant=tenant,
@@ -23,7 +25,7 @@ def _cp(cid: str, tenant: str, captured_at: float = 1.0) -> StoredCheckpoint:
         memory_mib=512,
         captured_at=captured_at,
         disk_bytes=4096,
-        ttl_s=None,
+        ttl_s=ttl_s,
     )
 
 
@@ -50,3 +52,22 @@ def test_a_checkpoint_is_recorded_once_and_names_are_checked(conn: Connection) -
     assert checkpoints.find(conn, "ck-1", None).tenant == "alpha"
     with pytest.raises(InvalidArgument):
         _cp("../etc", "alpha")
+
+
+def test_a_checkpoint_expires_its_ttl_after_its_last_use(cluster_url: str, conn: Connection) -> None:
+    checkpoints.record(conn, _cp("ck-short", "alpha", ttl_s=1.0))
+    checkpoints.record(conn, _cp("ck-forever", "alpha"))
+    start = db_now(conn)
+    wait_db_clock_past(conn, start + 0.6)
+    checkpoints.used(conn, "ck-short")  # a sandbox started from it: its TTL counts from now
+    used_by = db_now(conn)
+    wait_db_clock_past(conn, start + 1.05)
+    assert checkpoints.expire(conn) == []  # over 1 s since recorded, but about 0.45 since its last use
+    wait_db_clock_past(conn, used_by + 1.05)
+    # The reconciler's pass deletes it; one without a TTL stays.
+    reconciler = Reconciler(cluster_url)
+    try:
+        assert reconciler.step() is not None
+    finally:
+        reconciler.stop()
+    assert [c.id for c in checkpoints.listed(conn, None)] == ["ck-forever"]

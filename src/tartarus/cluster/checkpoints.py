@@ -3,7 +3,9 @@
 On a single host a checkpoint is a directory of its daemon. In a cluster it must outlive its node and serve
 copies on any node, so the row (not any node's directory) is the checkpoint: who owns it, the node that
 took it (a placement bonus: it holds the files already), its capture and what the API shows of it. A node
-that restores it fetches the capture into its own checkpoints directory first.
+that restores it fetches the capture into its own checkpoints directory first. As on a single host, a
+checkpoint with a TTL is deleted that long after its last use (`used`), on the database's clock, by the
+reconciler (`expire`); each node's copy expires on its own.
 """
 
 from __future__ import annotations
@@ -121,3 +123,22 @@ def remove(conn: Connection, checkpoint_id: str, tenant: str | None) -> StoredCh
         cp = _row(row)
         events.record(conn, "checkpoint_deleted", node=cp.node, sandbox_id=cp.sandbox_id, detail=cp.id)
     return cp
+
+
+@reports_outages
+def used(conn: Connection, checkpoint_id: str) -> None:
+    """A sandbox started from it: its TTL counts from now."""
+    conn.execute("UPDATE cluster.checkpoints SET used_at = now() WHERE id = %s", (checkpoint_id,))
+
+
+@reports_outages
+def expire(conn: Connection) -> list[str]:
+    """Delete the checkpoints unused for longer than their TTL; their ids."""
+    with conn.transaction():
+        rows = conn.execute(
+            "DELETE FROM cluster.checkpoints "
+            "WHERE ttl_s IS NOT NULL AND used_at + make_interval(secs => ttl_s) < now() RETURNING id, node"
+        ).fetchall()
+        for cid, node in rows:
+            events.record(conn, "checkpoint_expired", node=str(node), detail=str(cid))
+    return sorted(str(r[0]) for r in rows)

@@ -1,7 +1,8 @@
 """The gateway's reconciler loop: campaign for the election, and sweep only while holding it.
 
 Every gateway runs one; the advisory lock makes exactly one of them active, and when that gateway dies
-its session ends, the lock is released, and another's next campaign wins. `holding()` is asked before
+its session ends, the lock is released, and another's next campaign wins. A pass also deletes the
+checkpoints past their TTL. `holding()` is asked before
 each pass (not remembered) so a holder whose session was cut does not sweep on a stale belief. The sweep
 itself is safe to repeat, so the short overlap a takeover can cause does no harm.
 """
@@ -14,6 +15,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from tartarus.cluster import checkpoints
 from tartarus.cluster.db import Connection, connect
 from tartarus.cluster.election import Election
 from tartarus.cluster.errors import ClusterUnavailable
@@ -64,6 +66,9 @@ class Reconciler:
         if self._conn is None or self._conn.closed:
             self._conn = connect(self.url)
         result = sweep(self._conn, grace_s=self.grace_s)
+        expired = checkpoints.expire(self._conn)
+        if expired:
+            log.info("reconciler: checkpoints past their TTL deleted: %s", expired)
         self.passes += 1
         if result.lost or result.reclaimed:
             log.warning(

@@ -89,7 +89,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 captured_at DOUBLE PRECISION NOT NULL,
                 disk_bytes BIGINT NOT NULL,
                 ttl_s DOUBLE PRECISION,
-                created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                used_at TIMESTAMPTZ NOT NULL DEFAULT now()
             )""",
             "CREATE INDEX checkpoints_tenant ON cluster.checkpoints (tenant)",
         ],

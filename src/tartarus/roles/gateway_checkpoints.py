@@ -171,6 +171,8 @@ class CheckpointRoutes:
         body = await request.body() or b"{}"
         limits = quota.limits_of(tenant)
         answer = await self.g._in_cluster(lambda conn: self._admit_copy(conn, cp, body, principal, limits))
+        if answer.status_code == 201:
+            await self.g._in_cluster(lambda conn: checkpoints.used(conn, cp.id))
         return relayed(answer)
 
     async def fork(self, request: Request) -> Response:

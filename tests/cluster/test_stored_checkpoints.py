@@ -218,6 +218,7 @@ def test_a_node_without_the_template_snapshot_fetches_it_from_the_store(
         assert f"fetched snapshot {key} of template python-ds" in node_c.log_path.read_text()
         with connect(cluster.url) as conn:
             assert "python-ds" in Membership(conn).node("node-c").templates
+        assert _fetched_bytes(node_c, cluster, "snapshot") > 0
 
         # A checkpoint taken on another node restores on node-c: only over the same snapshot build.
         _prepare(sb)
@@ -234,6 +235,7 @@ def test_a_node_without_the_template_snapshot_fetches_it_from_the_store(
             assert cluster.where(made[0]).node == "node-c"
             _intact(Sandbox.connect(made[0], url=cluster.gateways[1].url, api_key=cluster.key))
             assert gw.delete(f"/v1/checkpoints/{cid}").status_code == 204
+        assert _fetched_bytes(node_c, cluster, "checkpoint") > 0
     finally:
         for name in others:
             cluster.nodes("uncordon", name)
@@ -241,3 +243,11 @@ def test_a_node_without_the_template_snapshot_fetches_it_from_the_store(
             with contextlib.suppress(Exception):
                 Sandbox.connect(sandbox_id, url=cluster.gateways[0].url, api_key=cluster.key).kill()
         cluster.agents.pop("node-c").stop()
+
+
+def _fetched_bytes(agent: Role, c: Cluster, kind: str) -> float:
+    """The agent's own count of bytes it fetched from the store, from its /metrics (admin key)."""
+    text = httpx.get(f"{agent.url}/metrics", headers=_auth(c), timeout=30).text
+    line = f'tartarus_node_store_fetched_bytes_total{{kind="{kind}"}} '
+    found = [row for row in text.splitlines() if row.startswith(line)]
+    return float(found[0][len(line) :]) if found else 0.0

@@ -8,7 +8,15 @@ import pytest
 
 from tartarus.bootfiles.initramfs import cpio_archive
 from tartarus.runtime.disks import sparse_copy
-from tartarus.runtime.qemu import TCG_CPU, Drive, VMConfig, boot_files, command_line, kernel_cmdline
+from tartarus.runtime.qemu import (
+    TCG_CPU,
+    Drive,
+    VMConfig,
+    boot_files,
+    command_line,
+    huge_pages,
+    kernel_cmdline,
+)
 
 
 def test_cpio_is_newc_with_init_and_trailer() -> None:
@@ -67,6 +75,10 @@ def test_only_a_booting_vm_is_given_a_kernel_to_keep() -> None:
     assert not {"-kernel", "-initrd", "-append", "/k", "/i"} & set(restore)
     assert restore[-3:] == ["-S", "-incoming", "defer"]
     assert [a for a in boot if a not in restore] == boot_files(_config("tcg"))
+
+
+def test_only_tcg_goes_without_transparent_huge_pages() -> None:
+    assert not huge_pages(_config("tcg")) and huge_pages(_config("kvm"))
 
 
 def test_unknown_accelerator_refused() -> None:

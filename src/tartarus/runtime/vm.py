@@ -27,7 +27,14 @@ from tartarus.errors import SandboxFailed, Timeout
 from tartarus.runtime import jail
 from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.launcher import Identity, JailSpec, launch_argv
-from tartarus.runtime.qemu import AGENT_PORT, VMConfig, command_line, disk_node, file_node
+from tartarus.runtime.qemu import (
+    AGENT_PORT,
+    VMConfig,
+    command_line,
+    disk_node,
+    file_node,
+    huge_pages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +268,7 @@ class MicroVM:
                 argv,
                 tie_to=None if self.config.outlive_owner else os.getpid(),
                 nice=nice,
+                huge_pages=huge_pages(self.config),
                 netns_fd=netns_fd if netns_fd >= 0 else None,
                 cgroup_procs=tuple(str(c / "cgroup.procs") for c in self.config.cgroups),
                 tap=(self.config.tap, tap_fd) if tap_fd >= 0 and self.config.tap else None,

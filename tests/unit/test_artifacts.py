@@ -14,6 +14,7 @@ from tartarus.runtime.qemu import (
     VMConfig,
     boot_files,
     command_line,
+    environment,
     huge_pages,
     kernel_cmdline,
 )
@@ -79,6 +80,12 @@ def test_only_a_booting_vm_is_given_a_kernel_to_keep() -> None:
 
 def test_only_tcg_goes_without_transparent_huge_pages() -> None:
     assert not huge_pages(_config("tcg")) and huge_pages(_config("kvm"))
+
+
+def test_only_single_threaded_tcg_keeps_to_one_malloc_arena() -> None:
+    assert environment(_config("tcg")) == {"MALLOC_ARENA_MAX": "1"}
+    assert environment(_config("kvm")) == {}
+    assert environment(VMConfig(**{**_config("tcg").__dict__, "vcpus": 2})) == {}
 
 
 def test_unknown_accelerator_refused() -> None:

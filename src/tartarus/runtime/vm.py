@@ -32,6 +32,7 @@ from tartarus.runtime.qemu import (
     VMConfig,
     command_line,
     disk_node,
+    environment,
     file_node,
     huge_pages,
 )
@@ -278,11 +279,9 @@ class MicroVM:
             )
             fds = [qmp_vm.fileno(), agent_vm.fileno()]
             fds += [fd for fd in (netns_fd, tap_fd, claim.fd if claim else -1, report_w) if fd >= 0]
-            env = (
-                {**private.CHILD_ENV, **jail.environment(self.config)}
-                if self.config.jail
-                else private.CHILD_ENV
-            )
+            env = {**private.CHILD_ENV, **environment(self.config)}
+            if self.config.jail:
+                env.update(jail.environment(self.config))
             launcher = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,

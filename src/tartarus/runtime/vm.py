@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
@@ -99,8 +100,25 @@ def _connect(path: Path) -> socket.socket:
     except BaseException:
         sock.close()
         raise
+    sock = socket.socket(fileno=above_select(sock.detach()))
     sock.setblocking(False)
     return sock
+
+
+# libnftables waits on its netlink socket with select(), and glibc aborts the whole process on a
+# descriptor >= FD_SETSIZE: with ~250 sandboxes' handles filling the low numbers, the next sandbox's
+# nftables context killed the daemon. A VMM's long-lived handles live above it instead.
+FD_SETSIZE = 1024
+
+
+def above_select(fd: int) -> int:
+    """`fd` moved to a number >= FD_SETSIZE (the original closed), where the fd limit allows it."""
+    try:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, FD_SETSIZE)
+    except OSError:  # a soft limit of FD_SETSIZE or less: no number up there to have
+        return fd
+    os.close(fd)
+    return high
 
 
 def is_our_vmm(pid: int, workdir: Path) -> bool:
@@ -123,7 +141,7 @@ class _Adopted:
         self.pid = pid
         self.returncode: int | None = None
         self._reap = reap
-        self._fd: int | None = os.pidfd_open(pid)
+        self._fd: int | None = above_select(os.pidfd_open(pid))
         self._gone = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._fd, self._exited)

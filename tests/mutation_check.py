@@ -911,6 +911,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "steps: list[str] = []",
         (f"{GVISOR_CONTAINMENT}test_the_memory_limit_holds_and_the_host_is_unaffected",),
     ),
+    Mutation(
+        "memory.restore-without-kernel",
+        "a VMM waiting for incoming state is given no kernel to hold in its heap",
+        "src/tartarus/runtime/qemu.py",
+        "    if config.incoming:\n        return []\n",
+        "",
+        ("tests/unit/test_artifacts.py::test_only_a_booting_vm_is_given_a_kernel_to_keep",),
+    ),
+    Mutation(
+        "memory.tcg-without-thp",
+        "a TCG VMM runs without transparent huge pages",
+        "src/tartarus/runtime/qemu.py",
+        'return config.accel != "tcg"',
+        "return True",
+        ("tests/unit/test_artifacts.py::test_only_tcg_goes_without_transparent_huge_pages",),
+    ),
 )
 
 

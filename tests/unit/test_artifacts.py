@@ -8,7 +8,16 @@ import pytest
 
 from tartarus.bootfiles.initramfs import cpio_archive
 from tartarus.runtime.disks import sparse_copy
-from tartarus.runtime.qemu import TCG_CPU, Drive, VMConfig, command_line, kernel_cmdline
+from tartarus.runtime.qemu import (
+    TCG_CPU,
+    Drive,
+    VMConfig,
+    boot_files,
+    command_line,
+    environment,
+    huge_pages,
+    kernel_cmdline,
+)
 
 
 def test_cpio_is_newc_with_init_and_trailer() -> None:
@@ -56,6 +65,27 @@ def test_command_line_differs_only_in_accelerator() -> None:
     assert diff == {"tcg,thread=single,tb-size=128", TCG_CPU, "kvm", "host"}
     assert "-no-reboot" in tcg and "socket,id=agent,fd=4,server=on,wait=off" in tcg
     assert any("read-only=on" in a and "/base" in a for a in tcg)
+
+
+def test_only_a_booting_vm_is_given_a_kernel_to_keep() -> None:
+    """A restore (incoming state) never boots: no kernel, initramfs or command line for QEMU to hold."""
+    boot = command_line(_config("tcg"), qmp_fd=3, agent_fd=4)
+    assert boot[boot.index("-kernel") + 1] == "/k" and boot[boot.index("-initrd") + 1] == "/i"
+    assert boot[boot.index("-append") + 1].endswith("tartarus.hostname=x")
+    restore = command_line(VMConfig(**{**_config("tcg").__dict__, "incoming": True}), qmp_fd=3, agent_fd=4)
+    assert not {"-kernel", "-initrd", "-append", "/k", "/i"} & set(restore)
+    assert restore[-3:] == ["-S", "-incoming", "defer"]
+    assert [a for a in boot if a not in restore] == boot_files(_config("tcg"))
+
+
+def test_only_tcg_goes_without_transparent_huge_pages() -> None:
+    assert not huge_pages(_config("tcg")) and huge_pages(_config("kvm"))
+
+
+def test_only_single_threaded_tcg_keeps_to_one_malloc_arena() -> None:
+    assert environment(_config("tcg")) == {"MALLOC_ARENA_MAX": "1"}
+    assert environment(_config("kvm")) == {}
+    assert environment(VMConfig(**{**_config("tcg").__dict__, "vcpus": 2})) == {}
 
 
 def test_unknown_accelerator_refused() -> None:

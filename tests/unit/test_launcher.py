@@ -30,6 +30,14 @@ def test_nice_session_and_cgroup_file_then_exec(tmp_path: Path) -> None:
     assert procs.read_text() == "0"
 
 
+def test_no_thp_turns_transparent_huge_pages_off_in_what_it_execs() -> None:
+    script = "print([ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('THP_enabled:')])"
+    for huge, expected in ((True, "['1']"), (False, "['0']")):
+        out = _run(launch_argv([sys.executable, "-c", script], tie_to=None, huge_pages=huge))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == expected
+
+
 @pytest.mark.parametrize("unprivileged", [False, True], ids=["as-is", "dropped-uid"])
 def test_a_tied_process_dies_with_its_parent(tmp_path: Path, unprivileged: bool) -> None:
     """Also after dropping its uid (a change of credentials clears the tie, so it is made last)."""

@@ -73,6 +73,8 @@ def test_a_jail_holds_its_vm_files_writable_only_where_qemu_writes(monkeypatch: 
         )
         assert not [p for p in (*seen.read_only, *seen.writable) if p.is_relative_to("/etc")]
     assert Path("/dev/kvm") in jail.view(VMConfig(**{**config.__dict__, "accel": "kvm"})).writable
+    restore = jail.view(VMConfig(**{**config.__dict__, "incoming": True}))
+    assert not {Path("/c/kernel"), Path("/c/initrd")} & set(restore.read_only)  # it never boots
     build = jail.view(VMConfig(**{**config.__dict__, "memory_share": True}))
     assert Path("/c/memory") in build.writable and shim not in build.read_only
     assert jail.environment(VMConfig(**{**config.__dict__, "memory_share": True})) == {}

@@ -52,7 +52,9 @@ def test_bench_all_smoke(tmp_path: Path) -> None:
     assert docs["cold-start"]["warm"]["hit_rate"] == 1.0  # the pool is full before each create
     assert 0 < docs["cold-start"]["burst"]["hit_rate"] < 1  # a burst outruns a pool of 2
     density = docs["density"]
-    assert len(density["curve"]) == density["samples"] == 2 and density["pss_mib_per_sandbox"] > 0
+    assert len(density["curve"]) == density["sandboxes"] == 2 and density["pss_mib_per_sandbox"] > 0
+    assert density["create_run_code_loaded"]["samples"] == density["create_run_code_empty"]["samples"] == 2
+    assert density["breakdown_mib_per_sandbox"]["guest_ram"]["pss"] > 0
     rates = docs["throughput"]["by_concurrency"]
     assert set(rates) == {"1", "2", "4"} and all(r["sandboxes_per_s"] > 0 for r in rates.values())
     quarantine = docs["quarantine"]

@@ -310,10 +310,10 @@ def _image_convert(cold: int, warm: int, fstype: str) -> dict[str, Any]:
     return doc
 
 
-def _density(template: str, max_sandboxes: int) -> Runner:
+def _density(template: str, max_sandboxes: int, samples: int) -> Runner:
     from tartarus.bench.density import bench_density
 
-    return lambda p: asyncio.run(bench_density(template, max_sandboxes, p))
+    return lambda p: asyncio.run(bench_density(template, max_sandboxes, p, samples))
 
 
 def _throughput(template: str, seconds: float) -> Runner:
@@ -327,12 +327,15 @@ LEVELS = [1, 2, 4]
 
 @bench_app.command()
 def density(
-    max_sandboxes: Annotated[int, typer.Option("--max", min=1, max=512)] = 32,
+    max_sandboxes: Annotated[int, typer.Option("--max", min=1, max=2000)] = 32,
+    samples: Annotated[int, typer.Option("--samples", "-n", min=1, help="creates, empty and loaded")] = 40,
     template: TemplateOpt = "python-ds",
     json_out: JsonOut = None,
 ) -> None:
-    """Idle sandboxes this machine holds: host memory (PSS) and idle CPU per sandbox, as a curve."""
-    _run("density", max_sandboxes, json_out, _density(template, max_sandboxes))
+    """Idle sandboxes this machine holds: host memory (PSS, broken down) and idle CPU per sandbox, and a
+    new sandbox's create -> run_code with them held against the empty machine's."""
+    steps = max_sandboxes + 2 * samples
+    _run("density", steps, json_out, _density(template, max_sandboxes, samples))
 
 
 @bench_app.command()
@@ -451,7 +454,7 @@ def all_(
         {**sleep, **sleep["sequential"]["hibernate"], "benchmark": "hibernate"},
         _measure("boot", few(1, 30), lambda p: run_bench("boot", template, few(1, 30), p)),
         _measure("exec", few(5, 200), lambda p: run_bench("exec", template, few(5, 200), p)),
-        _measure("density", few(2, 32), _density(template, few(2, 32))),
+        _measure("density", few(2, 500) + 2 * few(2, 40), _density(template, few(2, 500), few(2, 40))),
         _measure("throughput", len(LEVELS), _throughput(template, few(2, 20))),
         _measure(
             "quarantine",

@@ -146,7 +146,9 @@ class View:
 def view(config: VMConfig) -> View:
     """The files `config`'s QEMU opens by path, and nothing else. A template's memory file mapped
     privately is read-only (`tartarus.runtime.ramfile`); a snapshot build's, which it writes, is not."""
-    read_only = [*map(Path, SYSTEM_DIRS), config.kernel, config.initrd, *map(Path, DEVICES)]
+    read_only = [*map(Path, SYSTEM_DIRS), *map(Path, DEVICES)]
+    if not config.incoming:  # only a booting VM opens them (`qemu.boot_files`)
+        read_only += [config.kernel, config.initrd]
     writable: list[Path] = []
     for drive in config.drives:
         (read_only if drive.read_only else writable).append(drive.path)

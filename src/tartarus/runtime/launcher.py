@@ -65,6 +65,7 @@ def launch_argv(
     *,
     tie_to: int | None,
     nice: int = 0,
+    huge_pages: bool = True,
     netns_fd: int | None = None,
     cgroup_procs: tuple[str, ...] = (),
     tap: tuple[str, int] | None = None,
@@ -75,11 +76,14 @@ def launch_argv(
     """The command line that runs `argv` confined: tied to the process `tie_to` (it dies with it) or,
     with None, in a session of its own (it outlives its starter, and a ^C to it); with `tap` (name,
     fd) the TAP opened at that fd; with `pid_report_fd`, as pid 1 of a PID namespace of its own, the
-    starter's child (the launcher writes its pid to that fd and exits); in `jail`, as `identity`."""
+    starter's child (the launcher writes its pid to that fd and exits); in `jail`, as `identity`;
+    without `huge_pages`, with transparent huge pages off."""
     line = [str(launcher_path())]
     line += ["--tie", str(tie_to)] if tie_to is not None else ["--setsid"]
     if nice:
         line += ["--nice", str(nice)]
+    if not huge_pages:
+        line.append("--no-thp")
     if netns_fd is not None:
         line += ["--netns", str(netns_fd)]
     for procs in cgroup_procs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import signal
@@ -27,7 +28,15 @@ from tartarus.errors import SandboxFailed, Timeout
 from tartarus.runtime import jail
 from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.launcher import Identity, JailSpec, launch_argv
-from tartarus.runtime.qemu import AGENT_PORT, VMConfig, command_line, disk_node, file_node
+from tartarus.runtime.qemu import (
+    AGENT_PORT,
+    VMConfig,
+    command_line,
+    disk_node,
+    environment,
+    file_node,
+    huge_pages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +100,25 @@ def _connect(path: Path) -> socket.socket:
     except BaseException:
         sock.close()
         raise
+    sock = socket.socket(fileno=above_select(sock.detach()))
     sock.setblocking(False)
     return sock
+
+
+# libnftables waits on its netlink socket with select(), and glibc aborts the whole process on a
+# descriptor >= FD_SETSIZE: with ~250 sandboxes' handles filling the low numbers, the next sandbox's
+# nftables context killed the daemon. A VMM's long-lived handles live above it instead.
+FD_SETSIZE = 1024
+
+
+def above_select(fd: int) -> int:
+    """`fd` moved to a number >= FD_SETSIZE (the original closed), where the fd limit allows it."""
+    try:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, FD_SETSIZE)
+    except OSError:  # a soft limit of FD_SETSIZE or less: no number up there to have
+        return fd
+    os.close(fd)
+    return high
 
 
 def is_our_vmm(pid: int, workdir: Path) -> bool:
@@ -115,7 +141,7 @@ class _Adopted:
         self.pid = pid
         self.returncode: int | None = None
         self._reap = reap
-        self._fd: int | None = os.pidfd_open(pid)
+        self._fd: int | None = above_select(os.pidfd_open(pid))
         self._gone = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._fd, self._exited)
@@ -261,6 +287,7 @@ class MicroVM:
                 argv,
                 tie_to=None if self.config.outlive_owner else os.getpid(),
                 nice=nice,
+                huge_pages=huge_pages(self.config),
                 netns_fd=netns_fd if netns_fd >= 0 else None,
                 cgroup_procs=tuple(str(c / "cgroup.procs") for c in self.config.cgroups),
                 tap=(self.config.tap, tap_fd) if tap_fd >= 0 and self.config.tap else None,
@@ -270,11 +297,9 @@ class MicroVM:
             )
             fds = [qmp_vm.fileno(), agent_vm.fileno()]
             fds += [fd for fd in (netns_fd, tap_fd, claim.fd if claim else -1, report_w) if fd >= 0]
-            env = (
-                {**private.CHILD_ENV, **jail.environment(self.config)}
-                if self.config.jail
-                else private.CHILD_ENV
-            )
+            env = {**private.CHILD_ENV, **environment(self.config)}
+            if self.config.jail:
+                env.update(jail.environment(self.config))
             launcher = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,

@@ -47,6 +47,10 @@ rules:
     match: {labels: {risk: high}}
     verdict: quarantine
     reason: risky workloads run on quarantine capacity
+  - name: no-forbidden
+    match: {labels: {risk: forbidden}}
+    verdict: reject
+    reason: forbidden workloads run nowhere
 quarantine: {cpu_fraction: 1.0}
 """
 
@@ -557,7 +561,8 @@ def test_the_reconciler_moves_to_another_gateway_when_its_gateway_is_killed(clus
 def test_a_quarantine_verdict_lands_only_on_quarantine_capacity(cluster: Cluster) -> None:
     """The policy quarantines `risk=high`: the gateway places such a create on the quarantine-labelled
     node (never the others), where it runs confined; an ordinary create never lands there. With no
-    schedulable quarantine node, the create is refused with an error saying why."""
+    schedulable quarantine node, the create is refused with an error saying why; a rejected one is
+    refused by the gateway before anything is reserved."""
     risky = {"template": "python-ds", "labels": {"risk": "high"}}
     with cluster.client(0) as gw1, cluster.client(1) as gw2:
         made: list[str] = []
@@ -589,3 +594,13 @@ def test_a_quarantine_verdict_lands_only_on_quarantine_capacity(cluster: Cluster
             assert "labelled quarantine" in error["message"]
         finally:
             assert _nodes_cli(cluster, "uncordon", QUARANTINE_NODE).returncode == 0
+
+        with connect(cluster.url) as conn:
+            last = events.recent(conn, limit=1)
+            forbidden = gw1.post(
+                "/v1/sandboxes", json={"template": "python-ds", "labels": {"risk": "forbidden"}}
+            )
+            assert forbidden.status_code == 403, forbidden.text
+            assert forbidden.json()["error"]["code"] == "policy_denied"
+            assert "forbidden workloads run nowhere" in forbidden.json()["error"]["message"]
+            assert events.recent(conn, limit=1) == last, "a rejected create reserved nothing"

@@ -1,12 +1,12 @@
 """What sandboxes leave on the host, for the leak check every test gets (tests/conftest.py).
 
 Read from /proc, /run and /sys directly, so a check costs a few milliseconds: QEMU and gVisor processes,
-network namespaces `tartarus-*`, uplinks `trt*`, tartarus cgroups (v1 controllers or v2), and the sandbox
-directories of the in-process daemons the fixtures run. Only what lives under the session's base
-temporary directory counts (other processes' sandboxes on the host are not this suite's). Each trace
-names the sandbox it belongs to where it can, so that VMMs a pool pre-starts in the background (a test
-took one; the refill runs after it) are not counted as the test's leak: pools are watched
-(`track_pools`) to know their sandboxes.
+network namespaces `tartarus-*` (and `ttn-*`, the cluster tests' agents' own), uplinks `trt*`, tartarus
+cgroups (v1 controllers or v2), and the sandbox directories of the in-process daemons the fixtures run.
+Only what lives under the session's base temporary directory counts (other processes' sandboxes on the
+host are not this suite's). Each trace names the sandbox it belongs to where it can, so that VMMs a pool
+pre-starts in the background (a test took one; the refill runs after it) are not counted as the test's
+leak: pools are watched (`track_pools`) to know their sandboxes.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tartarus.network.netns import NETNS_DIR, NETNS_PREFIX, OWNERS_DIR, SLOTS_DI
 from tartarus.network.nft import HOST_PREFIX
 
 SANDBOX_ID = re.compile(r"sb-[0-9a-f]{12}")
+TEST_NETNS_PREFIX = "ttn-"  # the namespaces the cluster tests run agents in (tests/cluster/roles.py)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ def network_traces(base: str) -> set[Trace]:
     for netns in _listdir(NETNS_DIR):
         if netns.startswith(NETNS_PREFIX) and not _foreign(netns, base):
             out.add(Trace("netns", netns, _sandbox_in(netns)))
+        elif netns.startswith(TEST_NETNS_PREFIX):
+            out.add(Trace("netns", netns, None))
     for link in _listdir(Path("/sys/class/net")):
         if link.startswith(HOST_PREFIX) and link[len(HOST_PREFIX) :].isdigit():
             netns = _read(SLOTS_DIR / link[len(HOST_PREFIX) :]).strip()

@@ -629,6 +629,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/cluster/test_roles.py::test_a_tenant_quota_holds_over_the_whole_cluster",),
     ),
     Mutation(
+        "roles.quarantine-placement",
+        "a sandbox the policy quarantines is placed only on quarantine-labelled nodes",
+        "src/tartarus/roles/gateway.py",
+        'demand = _demand(data, quarantine=verdict == "quarantine")',
+        "demand = _demand(data)",
+        ("tests/cluster/test_roles.py::test_a_quarantine_verdict_lands_only_on_quarantine_capacity",),
+    ),
+    Mutation(
+        "cluster.partition-fencing",
+        "a partitioned agent's lease renewals fail within a renewal interval, not hang on the cut connection",
+        "src/tartarus/cluster/lease.py",
+        "self._conn = connect(self.url, timeout_s=interval, unacked_s=interval)",
+        "self._conn = connect(self.url, timeout_s=interval)",
+        ("tests/cluster/test_roles.py::test_a_partitioned_node_is_given_up_and_fenced_when_it_heals",),
+    ),
+    Mutation(
         "roles.node-lost",
         "a call for a sandbox whose node was lost is answered node_lost, naming the node",
         "src/tartarus/roles/gateway.py",

@@ -1,5 +1,6 @@
-"""Fixtures for the cluster tests: a fresh `cluster` schema on the suite's real PostgreSQL per test, and a
-real S3 store (SeaweedFS on loopback) for the session."""
+"""Fixtures for the cluster tests: a fresh `cluster` schema on the suite's real PostgreSQL per test; for the
+session, the cluster's own network (a test bridge: `roles.ClusterNet`), a PostgreSQL server and a real S3
+store (SeaweedFS) listening on its host address, where agents in their network namespaces reach them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tartarus.bench.services import s3_server
 from tartarus.cluster.db import Connection, connect
 from tartarus.cluster.objects import ObjectStore, S3Config
 from tartarus.cluster.schema import migrate
+from tests.cluster.roles import ClusterNet
 
 
 @pytest.fixture
@@ -32,8 +34,26 @@ def conn(cluster_url: str) -> Iterator[Connection]:
 
 
 @pytest.fixture(scope="session")
-def s3_config() -> Iterator[S3Config]:
-    with s3_server() as config:
+def cluster_net() -> Iterator[ClusterNet]:
+    net = ClusterNet()
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.fixture(scope="session")
+def cluster_server_url(cluster_net: ClusterNet) -> Iterator[str]:
+    """A PostgreSQL server on the cluster network's host address (password auth from that network)."""
+    from tests.pg import postgres_server
+
+    with postgres_server(listen=cluster_net.host, network=str(cluster_net.subnet)) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3_config(cluster_net: ClusterNet) -> Iterator[S3Config]:
+    with s3_server(host=cluster_net.host) as config:
         yield config
 
 

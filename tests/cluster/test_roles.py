@@ -1,9 +1,12 @@
-"""The cluster roles with real parts: PostgreSQL, two `tartarus agent` processes (own state dirs, loopback
-ports: not in network namespaces) and two `tartarus gateway` processes; the VM tests boot real sandboxes.
+"""The cluster roles with real parts: PostgreSQL and three `tartarus agent` processes, each in a network
+namespace of its own (own address and state dir; `roles.ClusterNet`), one of them quarantine capacity,
+and two `tartarus gateway` processes on loopback; the VM tests boot real sandboxes.
 
 A sandbox created through one gateway is served through the other: streamed exec, files of a few MiB
-both ways, the terminal WebSocket; agents refuse anything without the agent token; a killed agent's
-sandbox gets a clear answer naming its node (503 while the lease may come back, 410 node_lost after).
+both ways, the terminal WebSocket, an exposed port; agents refuse anything without the agent token; a
+killed agent's sandbox gets a clear answer naming its node (503 while the lease may come back, 410
+node_lost after); a node cut off by nftables is given up and fenced when it heals; the reconciler moves
+when its gateway is killed; a quarantine verdict lands on quarantine capacity only.
 """
 
 from __future__ import annotations
@@ -17,24 +20,39 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect as ws_connect
 
 from tartarus.cluster import events
 from tartarus.cluster.db import connect
 from tartarus.cluster.membership import Membership
-from tartarus.cluster.model import NodeSpec, Resources
+from tartarus.cluster.model import NodeSpec, NodeState, PlacementState, Resources
 from tartarus.cluster.placement import Placer
-from tests.cluster.roles import Role, free_port
-from tests.conftest import wait_until
+from tests.cluster.roles import ClusterNet, Node, Role, free_port
+from tests.conftest import qemu_pids, wait_until
 from tests.served import TARTARUS
 
 LEASE_S = 3.0
 GRACE_S = 2.0
+QUARANTINE_NODE = "node-q"
+# The same policy for gateways (which place by its verdicts) and agents (which confine by them).
+POLICY = """
+rules:
+  - name: risky-to-quarantine
+    match: {labels: {risk: high}}
+    verdict: quarantine
+    reason: risky workloads run on quarantine capacity
+  - name: no-forbidden
+    match: {labels: {risk: forbidden}}
+    verdict: reject
+    reason: forbidden workloads run nowhere
+quarantine: {cpu_fraction: 1.0}
+"""
 
 
 @dataclass
@@ -42,35 +60,62 @@ class Cluster:
     root: Path
     url: str
     token: str
+    net: ClusterNet
     agents: list[Role]
     gateways: list[Role]
     key: str  # an admin API key (the first agent's local one, in the shared store)
+    nodes: dict[str, Node] = field(default_factory=dict)
 
     def client(self, gateway: int) -> httpx.Client:
         return httpx.Client(
             base_url=self.gateways[gateway].url, headers={"Authorization": f"Bearer {self.key}"}, timeout=120
         )
 
-    def start_agent(self, name: str) -> Role:
-        return Role(self.root, "agent", name, self.url, self.token, "--lease", str(LEASE_S), "--slots", "4")
+    @property
+    def env(self) -> dict[str, str]:
+        return {"TARTARUS_POLICY": str(self.root / "policy.yaml")}
+
+    def start_agent(self, name: str, *, wait: bool = True) -> Role:
+        """The agent `name` in its namespace (made on its first start, kept for a restart)."""
+        if name not in self.nodes:
+            self.nodes[name] = self.net.node(name)
+        labels = ("--label", "quarantine") if name == QUARANTINE_NODE else ()
+        args = ("--lease", str(LEASE_S), "--slots", "4", *labels)
+        node = self.nodes[name]
+        return Role(self.root, "agent", name, self.url, self.token, *args, env=self.env, node=node, wait=wait)
+
+    def start_gateway(self, name: str, *, wait: bool = True) -> Role:
+        args = ("--grace", str(GRACE_S))
+        return Role(self.root, "gateway", name, self.url, self.token, *args, env=self.env, wait=wait)
+
+    def agent(self, name: str) -> Role:
+        return next(a for a in self.agents if a.name == name)
 
 
 @pytest.fixture(scope="module")
-def cluster(postgres_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    cluster_server_url: str, cluster_net: ClusterNet, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     from tests.pg import fresh_database
 
-    url = fresh_database(postgres_server_url, "roles_" + secrets.token_hex(4))
+    url = fresh_database(cluster_server_url, "roles_" + secrets.token_hex(4))
     root = tmp_path_factory.mktemp("cluster")
+    (root / "policy.yaml").write_text(POLICY)
     token = secrets.token_hex(32)
-    c = Cluster(root, url, token, [], [], "")
+    c = Cluster(root, url, token, cluster_net, [], [], "")
     try:
-        c.agents = [c.start_agent("node-a"), c.start_agent("node-b")]
+        c.agents = [c.start_agent("node-a")]  # first alone: it makes the schemas and the admin key
+        c.agents += [c.start_agent(name, wait=False) for name in ("node-b", QUARANTINE_NODE)]
+        c.gateways = [c.start_gateway(f"gw-{i}", wait=False) for i in (1, 2)]
+        for role in [*c.agents, *c.gateways]:
+            role.wait_up()
         c.key = (c.agents[0].state / "admin.key").read_text().strip()
-        c.gateways = [Role(root, "gateway", f"gw-{i}", url, token, "--grace", str(GRACE_S)) for i in (1, 2)]
         yield c
     finally:
         for role in [*c.gateways, *c.agents]:
             role.stop()
+        for node in c.nodes.values():
+            cluster_net.remove(node)
 
 
 def test_an_agent_serves_only_gateways(cluster: Cluster) -> None:
@@ -99,8 +144,13 @@ def test_an_agent_serves_only_gateways(cluster: Cluster) -> None:
         assert cluster.token not in log.read_text()
     with connect(cluster.url) as conn:
         nodes = {n.name: n for n in Membership(conn).nodes()}
-    assert set(nodes) == {"node-a", "node-b"} and all(n.healthy for n in nodes.values())
+    assert set(nodes) == {"node-a", "node-b", QUARANTINE_NODE} and all(n.healthy for n in nodes.values())
     assert all("python-ds" in n.templates for n in nodes.values())
+    assert [n for n in nodes if "quarantine" in nodes[n].labels] == [QUARANTINE_NODE]
+    # Each agent serves on its own namespace's address, not on the host's loopback.
+    assert {nodes[a.name].address for a in cluster.agents} == {
+        f"{n.address}:8701" for n in cluster.nodes.values()
+    }
 
 
 def _exec_events(gw: httpx.Client, sandbox_id: str, script: str) -> list[tuple[float, dict[str, object]]]:
@@ -387,3 +437,170 @@ def test_a_sandbox_of_a_killed_agent_gets_a_clear_lost_node_error(cluster: Clust
         )
         assert listed.status_code == 200 and listed.json()["sandboxes"] == []
         assert gw2.get(f"/v1/sandboxes/{sandbox_id}").status_code == 410
+
+
+def _vmms(agent: Role, sandbox_id: str) -> set[int]:
+    """The VMM processes of `sandbox_id` among the agent's (its state dir is in their command lines)."""
+    return {
+        p for p in qemu_pids(agent.state) if sandbox_id.encode() in Path(f"/proc/{p}/cmdline").read_bytes()
+    }
+
+
+def _listed_by_agent(cluster: Cluster, agent: Role) -> list[str]:
+    """The agent's own list, asked directly (the agent token; as an admin: every tenant's)."""
+    direct = {"Authorization": f"Bearer {cluster.token}", "x-tartarus-caller": "test local admin"}
+    answer = httpx.get(f"{agent.url}/v1/sandboxes", headers=direct, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return [s["id"] for s in answer.json()["sandboxes"]]
+
+
+def test_a_partitioned_node_is_given_up_and_fenced_when_it_heals(cluster: Cluster) -> None:
+    """nftables in the node's namespace drop all its traffic: its lease lapses, the cluster declares it
+    lost and its running sandbox `lost` (410 through either gateway) while the VM still runs there, cut
+    off. Healed, the agent hears it was fenced, kills that sandbox and registers under a new epoch: the
+    sandbox never answers again, through either gateway or on the agent itself."""
+    with cluster.client(0) as gw1, cluster.client(1) as gw2:
+        created = gw1.post("/v1/sandboxes", json={"template": "python-ds"})
+        assert created.status_code == 201, created.text
+        sandbox_id = created.json()["id"]
+        with connect(cluster.url) as conn:
+            node = Placer(conn).locate(sandbox_id).node
+            epoch = Membership(conn).node(node).epoch
+        agent = cluster.agent(node)
+        assert agent.node is not None
+        vmm = _vmms(agent, sandbox_id)
+        assert len(vmm) == 1
+        assert gw2.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"argv": ["true"]}).status_code == 200
+
+        agent.node.partition()
+        try:
+            with pytest.raises(httpx.TransportError):  # the gateways cannot reach it either
+                httpx.get(f"{agent.url}/v1/health", timeout=2)
+
+            # Until its lease lapses a call would wait for the agent (the proxy's connect timeout);
+            # after, the gateways answer at once: 503 while it may come back, then 410.
+            with connect(cluster.url) as conn:
+                membership = Membership(conn)
+                assert wait_until(lambda: not membership.node(node).healthy, timeout=LEASE_S + 10)
+
+            def lost() -> bool:
+                started = time.monotonic()
+                answer = gw2.get(f"/v1/sandboxes/{sandbox_id}", timeout=10)
+                assert time.monotonic() - started < 5, "a call for a lapsed node's sandbox must not hang"
+                assert answer.status_code in (410, 503) and node in answer.json()["error"]["message"]
+                return answer.status_code == 410
+
+            assert wait_until(lost, timeout=GRACE_S + 30)
+            with connect(cluster.url) as conn:
+                assert Placer(conn).locate(sandbox_id).state == PlacementState.LOST
+                assert Membership(conn).node(node).state == NodeState.LOST
+            for gw in (gw1, gw2):
+                refused = gw.post(f"/v1/sandboxes/{sandbox_id}/exec", json={"argv": ["true"]})
+                assert refused.status_code == 410 and refused.json()["error"]["code"] == "node_lost"
+            assert vmm <= qemu_pids(), "cut off, the agent cannot know yet: its VM runs on"
+        finally:
+            agent.node.heal()
+
+        # Healed: fenced at its next renewal, it kills what the cluster gave up on and joins again.
+        assert wait_until(lambda: not vmm & qemu_pids(), timeout=90), "the given-up sandbox still runs"
+        with connect(cluster.url) as conn:
+            membership = Membership(conn)
+            assert wait_until(lambda: membership.node(node).healthy, timeout=30)
+            assert membership.node(node).epoch > epoch
+            assert any(e.kind == "fenced" for e in events.recent(conn, node=node))
+        assert sandbox_id not in _listed_by_agent(cluster, agent)
+        # Cut off, its renewals failed (none hung on the dead connection until TCP gave up).
+        assert _scrape(agent, cluster.key)["tartarus_node_lease_renewal_failures_total"] >= 1
+        for gw in (gw1, gw2):
+            assert gw.get(f"/v1/sandboxes/{sandbox_id}").status_code == 410
+            assert sandbox_id not in {s["id"] for s in gw.get("/v1/sandboxes").json()["sandboxes"]}
+
+
+def _scrape(gateway: Role, key: str) -> dict[str, float]:
+    """A role's unlabelled samples by name (its /metrics, with an admin key)."""
+    text = httpx.get(f"{gateway.url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def test_the_reconciler_moves_to_another_gateway_when_its_gateway_is_killed(cluster: Cluster) -> None:
+    """One gateway sweeps; `kill -9` it and the other takes the advisory lock over and does the work:
+    a node whose lease lapses afterwards is declared lost by the survivor."""
+
+    def leaders() -> list[int]:
+        return [
+            i
+            for i, g in enumerate(cluster.gateways)
+            if _scrape(g, cluster.key)["tartarus_gateway_reconciler_leader"]
+        ]
+
+    assert wait_until(lambda: len(leaders()) == 1, timeout=30)
+    (leader,) = leaders()
+    survivor = cluster.gateways[1 - leader]
+    passes = _scrape(survivor, cluster.key)["tartarus_gateway_reconciler_passes_total"]
+    lost = _scrape(survivor, cluster.key)["tartarus_cluster_nodes_lost_total"]
+    ghost = NodeSpec(
+        "node-gone", f"{cluster.net.host}:1", Resources(1, 512, 0, 1), labels=frozenset({"ghost"})
+    )
+    assert cluster.gateways[leader].stop(signal.SIGKILL) == -signal.SIGKILL
+    try:
+        with connect(cluster.url) as conn:
+            Membership(conn, lease_s=1).register(ghost)  # it never renews
+            membership = Membership(conn)
+            assert wait_until(lambda: membership.node("node-gone").state == NodeState.LOST, timeout=30)
+            assert any(e.kind == "node_lost" for e in events.recent(conn, node="node-gone"))
+        after = _scrape(survivor, cluster.key)
+        assert after["tartarus_cluster_nodes_lost_total"] == lost + 1
+        assert after["tartarus_gateway_reconciler_passes_total"] > passes
+        assert after["tartarus_gateway_reconciler_leader"] == 1
+    finally:
+        with connect(cluster.url) as conn:
+            conn.execute("DELETE FROM cluster.nodes WHERE name = 'node-gone'")
+        cluster.gateways[leader] = cluster.start_gateway(cluster.gateways[leader].name)
+
+
+def test_a_quarantine_verdict_lands_only_on_quarantine_capacity(cluster: Cluster) -> None:
+    """The policy quarantines `risk=high`: the gateway places such a create on the quarantine-labelled
+    node (never the others), where it runs confined; an ordinary create never lands there. With no
+    schedulable quarantine node, the create is refused with an error saying why; a rejected one is
+    refused by the gateway before anything is reserved."""
+    risky = {"template": "python-ds", "labels": {"risk": "high"}}
+    with cluster.client(0) as gw1, cluster.client(1) as gw2:
+        made: list[str] = []
+        try:
+            for gw in (gw1, gw2):
+                created = gw.post("/v1/sandboxes", json=risky)
+                assert created.status_code == 201, created.text
+                made.append(created.json()["id"])
+            ordinary = gw1.post("/v1/sandboxes", json={"template": "python-ds"})
+            assert ordinary.status_code == 201, ordinary.text
+            made.append(ordinary.json()["id"])
+            with connect(cluster.url) as conn:
+                placed = [Placer(conn).locate(i).node for i in made]
+            assert placed[:2] == [QUARANTINE_NODE] * 2 and placed[2] != QUARANTINE_NODE
+            info = gw2.get(f"/v1/sandboxes/{made[0]}").json()
+            assert info["quarantined"] is True and "risky workloads" in info["quarantine_reason"]
+            assert gw2.get(f"/v1/sandboxes/{made[2]}").json()["quarantined"] is False
+        finally:
+            for sandbox_id in made:
+                assert gw1.delete(f"/v1/sandboxes/{sandbox_id}").status_code == 204
+
+        assert _nodes_cli(cluster, "cordon", QUARANTINE_NODE).returncode == 0
+        try:
+            refused = gw2.post("/v1/sandboxes", json=risky)
+            assert refused.status_code == 503, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "no_capacity"
+            assert "risky workloads run on quarantine capacity" in error["message"]
+            assert "labelled quarantine" in error["message"]
+        finally:
+            assert _nodes_cli(cluster, "uncordon", QUARANTINE_NODE).returncode == 0
+
+        with connect(cluster.url) as conn:
+            last = events.recent(conn, limit=1)
+            forbidden = gw1.post(
+                "/v1/sandboxes", json={"template": "python-ds", "labels": {"risk": "forbidden"}}
+            )
+            assert forbidden.status_code == 403, forbidden.text
+            assert forbidden.json()["error"]["code"] == "policy_denied"
+            assert "forbidden workloads run nowhere" in forbidden.json()["error"]["message"]
+            assert events.recent(conn, limit=1) == last, "a rejected create reserved nothing"

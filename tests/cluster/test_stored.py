@@ -1,6 +1,6 @@
-"""Hibernated sandboxes in the object store, with real parts: the suite's PostgreSQL, SeaweedFS on loopback,
-two `tartarus agent` processes configured with the store (own state dirs, loopback ports) and two
-`tartarus gateway` processes; real VMs.
+"""Hibernated sandboxes in the object store, with real parts: PostgreSQL and SeaweedFS on the cluster
+network's host address, two `tartarus agent` processes configured with the store, each in a network
+namespace of its own (`roles.ClusterNet`), and two `tartarus gateway` processes; real VMs.
 
 A sandbox hibernated on its node wakes on the other one once that node is gone (`kill -9`) or drained,
 with its Python variables, files and background processes, through either gateway, and is never woken
@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -29,7 +29,7 @@ from tartarus.cluster.model import Location, NodeState, PlacementState
 from tartarus.cluster.objects import S3Config
 from tartarus.cluster.placement import Placer
 from tartarus.sdk import Sandbox
-from tests.cluster.roles import Role
+from tests.cluster.roles import ClusterNet, Node, Role
 from tests.conftest import wait_until
 from tests.served import TARTARUS
 
@@ -48,8 +48,13 @@ class Cluster:
     agents: dict[str, Role]
     gateways: list[Role]
     key: str
+    net: ClusterNet
+    namespaces: dict[str, Node] = field(default_factory=dict)
 
     def start_agent(self, name: str) -> Role:
+        """The agent `name` in its namespace (made on its first start, kept for a restart)."""
+        if name not in self.namespaces:
+            self.namespaces[name] = self.net.node(name)
         role = Role(
             self.root,
             "agent",
@@ -61,6 +66,7 @@ class Cluster:
             "--slots",
             "4",
             env=self.s3,
+            node=self.namespaces[name],
         )
         self.agents[name] = role
         return role
@@ -78,11 +84,14 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(
-    postgres_server_url: str, s3_config: S3Config, tmp_path_factory: pytest.TempPathFactory
+    cluster_server_url: str,
+    cluster_net: ClusterNet,
+    s3_config: S3Config,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Cluster]:
     from tests.pg import fresh_database
 
-    url = fresh_database(postgres_server_url, "stored_" + secrets.token_hex(4))
+    url = fresh_database(cluster_server_url, "stored_" + secrets.token_hex(4))
     root = tmp_path_factory.mktemp("stored")
     token = secrets.token_hex(32)
     s3 = {
@@ -91,7 +100,7 @@ def cluster(
         "TARTARUS_S3_ACCESS_KEY": s3_config.access_key,
         "TARTARUS_S3_SECRET_KEY": s3_config.secret_key,
     }
-    c = Cluster(root, url, token, s3, {}, [], "")
+    c = Cluster(root, url, token, s3, {}, [], "", cluster_net)
     try:
         c.start_agent("node-a")
         c.start_agent("node-b")
@@ -101,6 +110,8 @@ def cluster(
     finally:
         for role in [*c.gateways, *c.agents.values()]:
             role.stop()
+        for node in c.namespaces.values():
+            cluster_net.remove(node)
         for log in root.glob("*.log"):
             assert token not in log.read_text() and s3_config.secret_key not in log.read_text()
 

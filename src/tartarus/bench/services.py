@@ -67,13 +67,13 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held open together so none repeats)."""
+def _free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free ports on `host` (held open together so none repeats)."""
     socks = []
     try:
         for _ in range(n):
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -94,8 +94,11 @@ def weed_binary() -> Path:
 
 
 @contextlib.contextmanager
-def s3_server(bucket: str = "tartarus-state", timeout_s: float = 60) -> Iterator[S3Config]:
-    """SeaweedFS (master, volume, filer, S3 gateway in one process) on loopback; yields its S3Config."""
+def s3_server(
+    bucket: str = "tartarus-state", timeout_s: float = 60, host: str = "127.0.0.1"
+) -> Iterator[S3Config]:
+    """SeaweedFS (master, volume, filer, S3 gateway in one process) on `host` only (loopback, or a test
+    network's address that agents in network namespaces reach); yields its S3Config."""
     root = Path(tempfile.mkdtemp(prefix="tartarus-s3-"))
     access, secret = "tartarus", secrets.token_hex(16)
     (root / "s3.json").write_text(
@@ -112,13 +115,13 @@ def s3_server(bucket: str = "tartarus-state", timeout_s: float = 60) -> Iterator
         )
     )
     (root / "data").mkdir()
-    ports = _free_ports(8)
+    ports = _free_ports(8, host)
     argv = [
         str(weed_binary()),
         "server",
         f"-dir={root / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
+        f"-ip={host}",
+        f"-ip.bind={host}",
         f"-master.port={ports[0]}",
         f"-master.port.grpc={ports[1]}",
         f"-volume.port={ports[2]}",
@@ -138,7 +141,7 @@ def s3_server(bucket: str = "tartarus-state", timeout_s: float = 60) -> Iterator
     ]
     with open(root / "log", "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports[6]}"
+    endpoint = f"http://{host}:{ports[6]}"
     try:
         _wait_s3(proc, endpoint, timeout_s, root / "log")
         yield S3Config(endpoint=endpoint, bucket=bucket, access_key=access, secret_key=secret)

@@ -7,6 +7,7 @@ store of keys and tenants; agents and gateways share the agent token (TARTARUS_A
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -103,14 +104,20 @@ def gateway(
     grace: Annotated[float, typer.Option(help="seconds past a lapsed lease before a node is lost")] = 30.0,
     log_format: Annotated[str, typer.Option(help="json or text")] = "json",
 ) -> None:
-    """Run a gateway: the public API (keys, tenants), placement, and proxying to the agents."""
+    """Run a gateway: the public API (keys, tenants), placement, and proxying to the agents. With
+    TARTARUS_POLICY set (the agents' policy file), a create its rules quarantine goes only to nodes
+    labelled quarantine, and one they reject is refused here."""
     from tartarus.daemon import logs
+    from tartarus.policy import load_policy
     from tartarus.roles.gateway import GatewayOptions, serve_gateway
     from tartarus.roles.token import load_token
 
     logs.configure(log_format)
     try:
-        serve_gateway(GatewayOptions(host, port, _database_url(), load_token(token_file), grace_s=grace))
+        options = GatewayOptions(host, port, _database_url(), load_token(token_file), grace_s=grace)
+        if policy := os.environ.get("TARTARUS_POLICY"):  # the rules' verdicts place quarantined sandboxes
+            options = dataclasses.replace(options, policy=load_policy(Path(policy)))
+        serve_gateway(options)
     except errors.TartarusError as e:
         raise _fail(e) from e
 

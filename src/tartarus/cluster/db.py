@@ -19,14 +19,19 @@ from tartarus.store.database import redact
 Connection = psycopg.Connection[tuple[Any, ...]]
 
 
-def connect(url: str, *, timeout_s: float = 10) -> Connection:
-    """An autocommit connection; callers group statements with `conn.transaction()`."""
+def connect(url: str, *, timeout_s: float = 10, unacked_s: float | None = None) -> Connection:
+    """An autocommit connection; callers group statements with `conn.transaction()`. `unacked_s`: a
+    query whose bytes the server has not acknowledged for that long fails (TCP_USER_TIMEOUT), rather than
+    waiting for TCP's retransmissions to give up (minutes) on a connection a partition cut."""
     if not url.startswith(("postgresql:", "postgres:")):
         raise InvalidArgument(
             f"the cluster database must be PostgreSQL (postgresql://...), not {redact(url)}"
         )
     try:
-        return psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s)))
+        options: dict[str, Any] = (
+            {} if unacked_s is None else {"tcp_user_timeout": max(1, int(unacked_s * 1000))}
+        )
+        return psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s)), **options)
     except psycopg.Error as e:
         raise ClusterUnavailable(f"cannot reach the cluster database {redact(url)}: {e}") from e
 

@@ -82,7 +82,10 @@ class LeaseKeeper:
 
     def _connection(self) -> Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.url, timeout_s=max(1.0, self.lease_s / 3))
+            # A renewal stuck on a cut connection fails within a renewal interval, so the keeper
+            # reconnects and hears it was fenced as soon as the network heals.
+            interval = max(1.0, self.lease_s / 3)
+            self._conn = connect(self.url, timeout_s=interval, unacked_s=interval)
         return self._conn
 
     def _run(self) -> None:

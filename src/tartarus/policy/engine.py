@@ -83,15 +83,7 @@ class PolicyEngine:
             return Decision(
                 "reject", f"network mode {req.network!r} is not allowed here (allowed: {allowed})"
             )
-        verdict: Verdict = "admit"
-        reason = "no rule matched"
-        rule_name = None
-        for compiled in self._rules:
-            if compiled.matches(req):
-                verdict = compiled.rule.verdict
-                reason = compiled.rule.reason or f"rule {compiled.rule.name!r}"
-                rule_name = compiled.rule.name
-                break
+        verdict, reason, rule_name = self.verdict(req)
         if verdict == "reject":
             return Decision("reject", reason, rule_name)
         nodes = self._quarantine if verdict == "quarantine" else self._general
@@ -100,3 +92,12 @@ class PolicyEngine:
             return Decision("reject", f"{reason}; and no {label} capacity is configured", rule_name)
         local = self.policy.placement.local
         return Decision(verdict, reason, rule_name, local if local in nodes else nodes[0])
+
+    def verdict(self, req: AdmissionRequest) -> tuple[Verdict, str, str | None]:
+        """The first matching rule's verdict, its reason and name (admit when none matches), without the
+        placement section: a cluster's gateway places by node labels instead."""
+        for compiled in self._rules:
+            if compiled.matches(req):
+                rule = compiled.rule
+                return rule.verdict, rule.reason or f"rule {rule.name!r}", rule.name
+        return "admit", "no rule matched", None

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
@@ -38,7 +38,7 @@ import tartarus
 from tartarus.cluster.db import Connection, connect
 from tartarus.cluster.errors import NoCapacity, NodeRefused, ReservationLost
 from tartarus.cluster.membership import Membership
-from tartarus.cluster.model import Demand, Location, NodeView, PlacementState, Reservation
+from tartarus.cluster.model import QUARANTINE, Demand, Location, NodeView, PlacementState, Reservation
 from tartarus.cluster.placement import DEFAULT_RESERVATION_S, Placer
 from tartarus.cluster.reconcile import DEFAULT_GRACE_S
 from tartarus.cluster.reconciler import Reconciler
@@ -50,7 +50,9 @@ from tartarus.daemon.control import parse_labels
 from tartarus.daemon.gate import DEFAULT_BODY_LIMIT, too_large
 from tartarus.daemon.models import SandboxInfo
 from tartarus.daemon.server import GRACE_S
-from tartarus.errors import Conflict, InvalidArgument, NotFound, TartarusError
+from tartarus.errors import Conflict, InvalidArgument, NotFound, PolicyDenied, TartarusError
+from tartarus.policy import AdmissionRequest, Policy, PolicyEngine, Verdict
+from tartarus.policy.admission import template_image
 from tartarus.roles import quota
 from tartarus.roles.gateway_checkpoints import CheckpointRoutes
 from tartarus.roles.metrics import CountRequests, GatewayMetrics, TimedPlacer
@@ -106,11 +108,13 @@ class GatewayOptions:
     reservation_s: float = 4 * DEFAULT_RESERVATION_S  # a cold boot under emulation takes tens of seconds
     grace_s: float = DEFAULT_GRACE_S
     reconcile: bool = True
+    policy: Policy = field(default_factory=Policy)  # its rules' verdicts: quarantine places by label
 
 
 class Gateway:
     def __init__(self, options: GatewayOptions) -> None:
         self.options = options
+        self.policy = PolicyEngine(options.policy)
         self._store: Store | None = None
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="gateway-store")
         self._cluster_threads = ThreadPoolExecutor(CLUSTER_THREADS, thread_name_prefix="gateway-cluster")
@@ -210,9 +214,19 @@ class Gateway:
     async def create(self, request: Request) -> Response:
         principal, tenant = await self._caller(request, with_tenant=True)
         body = await _read_limited(request, DEFAULT_BODY_LIMIT)
-        demand = _demand(body)
+        data = _create_body(body)
+        verdict, reason = _verdict(self.policy, principal.tenant, data)
+        demand = _demand(data, quarantine=verdict == "quarantine")
         limits = quota.limits_of(tenant)
-        answer = await self._in_cluster(lambda conn: self._admit(conn, demand, body, principal, limits))
+        try:
+            answer = await self._in_cluster(lambda conn: self._admit(conn, demand, body, principal, limits))
+        except NoCapacity as e:
+            if not demand.quarantine:
+                raise
+            raise NoCapacity(
+                f"the policy quarantines this sandbox ({reason}): only nodes labelled {QUARANTINE} may run "
+                f"it, and {e.message}"
+            ) from e
         kept = {k: v for k, v in answer.headers.items() if k in PASSED_ON}
         return Response(answer.content, answer.status_code, headers=kept, media_type="application/json")
 
@@ -491,14 +505,44 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _demand(body: bytes) -> Demand:
-    """What the create asks of a node: its resources (the template's when not given) and template."""
+def _create_body(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except ValueError as e:
         raise InvalidArgument(f"the body is not JSON: {e}") from e
     if not isinstance(data, dict) or not isinstance(data.get("template"), str):
         raise InvalidArgument("template: a template name is required")
+    return data
+
+
+def _verdict(policy: PolicyEngine, tenant: str, data: dict[str, Any]) -> tuple[Verdict, str]:
+    """The policy's verdict on a create, before it is placed (a quarantine verdict goes to quarantine
+    capacity only); the agent admits it again under the same policy, confinement included. A rule on
+    `backend` matches here only when the create names one (otherwise the agent chooses it)."""
+    if not policy.policy.rules:
+        return "admit", "no rule matched"
+    name = str(data["template"])
+    network, labels, backend = data.get("network"), data.get("labels"), data.get("backend")
+    image = None
+    if any(rule.match.image is not None for rule in policy.policy.rules):
+        with contextlib.suppress(TartarusError):
+            image = template_image(name, get_template(name).key)
+    request = AdmissionRequest(
+        tenant,
+        name,
+        str(network.get("mode", "none")) if isinstance(network, dict) else "none",
+        image,
+        labels if isinstance(labels, dict) else {},
+        backend if isinstance(backend, str) else None,
+    )
+    verdict, reason, _ = policy.verdict(request)
+    if verdict == "reject":
+        raise PolicyDenied(f"sandbox refused by policy: {reason}")
+    return verdict, reason
+
+
+def _demand(data: dict[str, Any], *, quarantine: bool = False) -> Demand:
+    """What the create asks of a node: its resources (the template's when not given) and template."""
     name: str = data["template"]
     vcpus, memory = data.get("vcpus"), data.get("memory_mib")
     if vcpus is None or memory is None:
@@ -516,6 +560,7 @@ def _demand(body: bytes) -> Demand:
         memory_mib=memory,
         disk_mib=disk,
         template=name,
+        quarantine=quarantine,
     )
 
 

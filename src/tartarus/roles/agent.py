@@ -322,11 +322,14 @@ def agent_app(state_dir: Path, options: AgentOptions, config: DaemonConfig | Non
     node = AgentNode(options.database_url, options.spec, lease_s=options.lease_s, sync=sync)
     control: ControlPlane = app.state.control
     control.metrics.registry.register(LeaseMetrics(node.keeper, lambda: node.fenced))
-    if sync is not None:
-        moved = sync.transferred
-        control.metrics.registry.register(
-            TransferMetrics(lambda: dict(moved.sent), lambda: dict(moved.fetched))
+    # Exported without a store too (no samples), so one dashboard serves every agent.
+    moved = None if sync is None else sync.transferred
+    control.metrics.registry.register(
+        TransferMetrics(
+            lambda: {} if moved is None else dict(moved.sent),
+            lambda: {} if moved is None else dict(moved.fetched),
         )
+    )
     return AgentGuard(app, options.token, node, app.state.manager, control)
 
 

@@ -202,3 +202,50 @@ def test_stores_opened_at_once_create_the_same_tenant_without_conflict(database_
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_key_and_its_tenant_come_in_one_lookup(database_url: str) -> None:
+    store = Store.open(database_url)
+    try:
+        key, secret = store.create_key("acme")
+        store.set_quota("acme", max_sandboxes=3, max_vcpus=None, max_memory_mib=None)
+        found, tenant = store.caller(secret)
+        assert found == key and tenant is not None
+        assert (tenant.name, tenant.max_sandboxes, tenant.max_vcpus) == ("acme", 3, None)
+        assert store.caller("tartarus_" + "A" * 43) == (None, None)
+        assert store.caller("not-a-key") == (None, None)
+        store.revoke_key(key.id)
+        assert store.caller(secret) == (None, None)
+    finally:
+        store.close()
+
+
+def test_the_read_only_sqlite_reader_sees_a_revocation_made_elsewhere_at_once(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'tartarus.db'}"
+    store = Store.open(url)
+    reader = store.reader()
+    other = Store.open(url)  # another process's connection (`tartarus keys revoke`)
+    try:
+        assert reader is not None
+        key, secret = store.create_key("acme")
+        assert reader.caller(secret)[0] == key
+        other.revoke_key(key.id)
+        assert reader.caller(secret) == (None, None)  # nothing cached: the next check refuses it
+        with pytest.raises(Exception, match="readonly"):
+            reader.db.execute("DELETE FROM api_keys")
+        assert store.get_key(key.id) is not None
+    finally:
+        for s in (reader, other, store):
+            if s is not None:
+                s.close()
+
+
+def test_postgresql_stores_have_no_event_loop_reader(database_url: str) -> None:
+    store = Store.open(database_url)
+    reader = store.reader()
+    try:
+        assert (reader is None) == database_url.startswith("postgresql")
+    finally:
+        if reader is not None:
+            reader.close()
+        store.close()

@@ -25,13 +25,20 @@ class DatabaseError(TartarusError):
     status = 503
 
 
+class DatabaseBusy(DatabaseError):
+    """A read-only SQLite connection found the database locked (WAL recovery, an exclusive lock):
+    rare, and the caller retries on the store's own connection."""
+
+
 class Database:
-    """A connection plus its dialect; `transaction()` groups statements atomically."""
+    """A connection plus its dialect; `transaction()` groups statements atomically. `read_only`: a
+    second SQLite connection that only reads (see `Store.reader`)."""
 
     dialect: str
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = url
+        self.read_only = read_only
         self._depth = 0
         scheme = urlsplit(url).scheme
         if scheme == "sqlite":
@@ -52,6 +59,13 @@ class Database:
                 path.touch(mode=0o600, exist_ok=True)
                 path.chmod(0o600)
                 # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+                if self.read_only:
+                    # Used on an event loop: a WAL reader never waits for the writer, and in the rare
+                    # case it would (recovery), it gives up at once rather than stall the loop.
+                    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+                    conn.execute("PRAGMA query_only=ON")
+                    self._conn = conn
+                    return
                 conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
                 conn.execute("PRAGMA journal_mode=WAL")
                 # NORMAL in WAL mode: a commit survives the process being killed (-9), only a power loss
@@ -81,6 +95,10 @@ class Database:
             raise InvalidArgument("text containing NUL (\\x00) characters cannot be stored")
         try:
             return self._conn.execute(self._sql(sql), tuple(params))
+        except sqlite3.OperationalError as e:
+            if self.read_only:
+                raise DatabaseBusy(f"the database is busy: {e}") from e
+            raise
         except Exception as e:
             if not self._lost(e) or self._depth:
                 raise

@@ -71,6 +71,12 @@ _SANDBOX_COLUMNS = (
 )
 _KEY_COLUMNS = "id, tenant, role, description, created_at, revoked_at"
 _TENANT_COLUMNS = "name, created_at, max_sandboxes, max_vcpus, max_memory_mib, max_checkpoints"
+_KEY_FIELDS = _KEY_COLUMNS.split(", ")
+_CALLER = (
+    f"SELECT {', '.join('k.' + c for c in _KEY_FIELDS)}, "
+    f"{', '.join('t.' + c for c in _TENANT_COLUMNS.split(', '))} "
+    "FROM api_keys k LEFT JOIN tenants t ON t.name = k.tenant WHERE k.key_hash = ? AND k.revoked_at IS NULL"
+)
 
 
 def _sandbox(row: Row) -> SandboxRow:
@@ -105,6 +111,15 @@ class Store:
             db.close()
             raise
         return cls(db)
+
+    def reader(self) -> Store | None:
+        """A second, read-only store on the same SQLite file, for key checks made on the event loop
+        itself: a WAL reader never waits for the writer, so a request's key check needs no hop to the
+        store's thread, and it still sees every committed revocation (this daemon's or `tartarus keys`'s)
+        at once, with nothing cached. None for PostgreSQL: a network round trip stays off the loop."""
+        if self.db.dialect != "sqlite":
+            return None
+        return Store(Database(self.db.url, read_only=True))
 
     def close(self) -> None:
         self.db.close()
@@ -190,6 +205,16 @@ class Store:
             (keys.digest(secret),),
         )
         return ApiKey(*row) if row else None
+
+    def caller(self, secret: str) -> tuple[ApiKey | None, Tenant | None]:
+        """`authenticate` and the key's tenant (for its quota) in one statement."""
+        if not keys.well_formed(secret):
+            return None, None
+        row = self.db.one(_CALLER, (keys.digest(secret),))
+        if row is None:
+            return None, None
+        n = len(_KEY_FIELDS)
+        return ApiKey(*row[:n]), Tenant(*row[n:]) if row[n] is not None else None
 
     def get_key(self, key_id: str) -> ApiKey | None:
         row = self.db.one(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))

@@ -1,6 +1,6 @@
 """The audit trail's group commit loses nothing answered: a daemon killed with -9 right after its 2xx
 answers has every one of those calls' lines in `audit.log` (written before the answer, fsynced after),
-and the next daemon serves on with the same trail."""
+and the next daemon serves on with the same trail, each call's row readable by the next call."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def test_kill_9_after_the_answers_loses_no_audit_line(tmp_path: Path, daemons: l
     with httpx.Client(base_url=second.url, headers={"Authorization": f"Bearer {second.key}"}) as c:
         for sandbox_id in created.values():
             assert c.delete(f"/v1/sandboxes/{sandbox_id}").status_code == 204
+            # Its row (queued on the store's thread after the answer) is there for the next call.
+            (entry,) = c.get("/v1/audit", params={"limit": 1}).json()["entries"]
+            assert (entry["action"], entry["target"]) == ("DELETE /v1/sandboxes/{sandbox_id}", sandbox_id)
     second.stop(signal.SIGTERM)
     assert not qemu_pids(state / "sandboxes")
     after = [json.loads(line) for line in (state / "audit.log").read_text().splitlines()]

@@ -101,6 +101,7 @@ class ControlPlane:
         self._store: Store | None = None
         self._reader: Store | None = None  # key checks on the event loop (SQLite only: `Store.reader`)
         self._audit_log: audit.AuditLog | None = None
+        self._audit_rows: set[asyncio.Future[None]] = set()  # queued on the store's thread, in order
         self._executor: ThreadPoolExecutor | None = None
         self._audit_executor: ThreadPoolExecutor | None = None
         self._streams: Counter[str] = Counter()  # open streaming calls per tenant
@@ -182,10 +183,14 @@ class ControlPlane:
 
     async def db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a store call on the store's thread."""
+        return await self._queue(fn, *args, **kwargs)
+
+    def _queue(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
+        """A store call queued on the store's thread now (calls run in the order they are queued)."""
         if self._executor is None:
             raise TartarusError("the control plane's store is not open")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        return loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     async def ping(self) -> None:
         """Readiness: the store answers a trivial query on its own thread (so a wedged thread shows)."""
@@ -345,7 +350,10 @@ class ControlPlane:
         return await self.stored.set_timeout(sandbox_id, timeout)
 
     async def flush(self) -> None:
+        """Wait for the store writes queued so far: the table's changes and audit rows."""
         await self.stored.flush()
+        while self._audit_rows:
+            await asyncio.gather(*self._audit_rows, return_exceptions=True)
 
     async def create(self, request: Request, spec: SandboxSpec) -> SandboxRecord:
         """Admit a create against the tenant's quota, run it, and store the new sandbox."""
@@ -386,11 +394,13 @@ class ControlPlane:
         synced: bool = True,
         **detail: Any,
     ) -> None:
-        """Append to the audit log file and the audit table, both before returning.
+        """Append to the audit log file and the audit table.
 
         The file's line is written (in the page cache: it survives the daemon being killed) before
-        this returns, and fsynced by the log's group commit; `synced` also waits for that fsync (it
-        then survives a crash of the host too). The table's row is written on the store's thread."""
+        this returns, and fsynced by the log's group commit. `synced` also waits for that fsync (it
+        then survives a crash of the host too) and for the table's row; without it the row is queued
+        on the store's thread, ahead of any later store call of this daemon, and `flush` (which ends
+        every state-changing request, after its answer) waits for it."""
         fields = {
             "tenant": tenant,
             "actor": actor,
@@ -402,7 +412,7 @@ class ControlPlane:
         if self._audit_log is None:
             raise TartarusError("the control plane's store is not open")
         line = self._audit_log.append(action, **present, **detail)
-        row = self.db(
+        row = self._queue(
             self.store.add_audit,
             action,
             ts=time.time(),
@@ -415,5 +425,11 @@ class ControlPlane:
         )
         if synced:
             await asyncio.gather(self._audit_log.synced(line), row)
-        else:
-            await row
+            return
+        self._audit_rows.add(row)
+        row.add_done_callback(self._row_written)
+
+    def _row_written(self, row: asyncio.Future[None]) -> None:
+        self._audit_rows.discard(row)
+        if not row.cancelled() and row.exception() is not None:
+            log.error("could not store an audit row: %s", row.exception())

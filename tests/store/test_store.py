@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tartarus.errors import InvalidArgument, NotFound
-from tartarus.store import DatabaseError, SandboxRow, Store, migrations
+from tartarus.store import DatabaseBusy, DatabaseError, SandboxRow, Store, migrations
 from tartarus.store.database import Database
 from tartarus.store.migrations import LATEST, migrate
 
@@ -220,32 +220,39 @@ def test_a_key_and_its_tenant_come_in_one_lookup(database_url: str) -> None:
         store.close()
 
 
-def test_the_read_only_sqlite_reader_sees_a_revocation_made_elsewhere_at_once(tmp_path: Path) -> None:
+def test_the_event_loop_store_sees_revocations_at_once_and_never_waits_for_a_lock(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path / 'tartarus.db'}"
     store = Store.open(url)
-    reader = store.reader()
+    fast = store.on_loop()
     other = Store.open(url)  # another process's connection (`tartarus keys revoke`)
     try:
-        assert reader is not None
+        assert fast is not None
         key, secret = store.create_key("acme")
-        assert reader.caller(secret)[0] == key
+        assert fast.caller(secret)[0] == key
         other.revoke_key(key.id)
-        assert reader.caller(secret) == (None, None)  # nothing cached: the next check refuses it
-        with pytest.raises(Exception, match="readonly"):
-            reader.db.execute("DELETE FROM api_keys")
-        assert store.get_key(key.id) is not None
+        assert fast.caller(secret) == (None, None)  # nothing cached: the next check refuses it
+        fast.insert_sandbox(_row("sb-fast"))
+        assert store.get_sandbox("sb-fast") is not None  # committed for every other connection
+        with other.db.transaction():  # another connection holds the write lock
+            other.db.execute("UPDATE tenants SET max_sandboxes = 1 WHERE name = 'acme'")
+            started = time.monotonic()
+            with pytest.raises(DatabaseBusy):
+                fast.insert_sandbox(_row("sb-busy"))
+            assert time.monotonic() - started < 1  # at once, not after the store's 30 s busy wait
+            assert fast.caller("tartarus_" + "A" * 43) == (None, None)  # reads never wait
+        assert store.get_sandbox("sb-busy") is None
     finally:
-        for s in (reader, other, store):
+        for s in (fast, other, store):
             if s is not None:
                 s.close()
 
 
-def test_postgresql_stores_have_no_event_loop_reader(database_url: str) -> None:
+def test_postgresql_stores_have_no_event_loop_store(database_url: str) -> None:
     store = Store.open(database_url)
-    reader = store.reader()
+    fast = store.on_loop()
     try:
-        assert (reader is None) == database_url.startswith("postgresql")
+        assert (fast is None) == database_url.startswith("postgresql")
     finally:
-        if reader is not None:
-            reader.close()
+        if fast is not None:
+            fast.close()
         store.close()

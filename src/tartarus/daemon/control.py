@@ -4,7 +4,7 @@ Who owns which sandbox is in the manager's table (`daemon.table`), which tells t
 change as it happens; this layer keeps the store in step. Every database write runs on one worker
 thread (the store's connection is single-threaded) and audit-file fsyncs on the audit log's own (a
 group commit), so the event loop never waits on a database write or an fsync. Key checks on SQLite
-read on the loop itself, over a read-only connection (a WAL reader never waits for the writer).
+and a new sandbox's row run on the loop itself, over a connection that never waits (`Store.on_loop`).
 """
 
 from __future__ import annotations
@@ -99,13 +99,15 @@ class ControlPlane:
         )
         self.node = ""
         self._store: Store | None = None
-        self._reader: Store | None = None  # key checks on the event loop (SQLite only: `Store.reader`)
+        self._on_loop: Store | None = None  # key checks and new rows on the loop (`Store.on_loop`)
         self._audit_log: audit.AuditLog | None = None
         self._audit_rows: set[asyncio.Future[None]] = set()  # queued on the store's thread, in order
         self._executor: ThreadPoolExecutor | None = None
         self._audit_executor: ThreadPoolExecutor | None = None
         self._streams: Counter[str] = Counter()  # open streaming calls per tenant
-        self.stored = StoredSandboxes(manager, self.metrics, self.db, lambda: self.store, lambda: self.node)
+        self.stored = StoredSandboxes(
+            manager, self.metrics, self.db, lambda: self.store, lambda: self.node, lambda: self._on_loop
+        )
         self.quotas = TenantQuotas(
             manager, self.metrics, lambda tenant: self.db(self.store.get_tenant, tenant)
         )
@@ -129,7 +131,7 @@ class ControlPlane:
         """
         self.node = node_id(self.state_dir)
         self._store = open_store(self.state_dir)
-        self._reader = self._store.reader()
+        self._on_loop = self._store.on_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-store")
         self._audit_log = audit.AuditLog(self.state_dir)
         ensure_local_admin_key(self.state_dir, self.store, self.node)
@@ -171,9 +173,9 @@ class ControlPlane:
                 await self.flush()
             await self.db(self.store.close)
             self._store = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        if self._on_loop is not None:
+            self._on_loop.close()
+            self._on_loop = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -233,10 +235,10 @@ class ControlPlane:
 
     async def _caller(self, secret: str) -> tuple[ApiKey | None, Tenant | None]:
         """The key's record and its tenant: read on the event loop itself where the store allows it
-        (`Store.reader`), else on the store's thread."""
-        if self._reader is not None:
+        (`Store.on_loop`), else on the store's thread."""
+        if self._on_loop is not None:
             with contextlib.suppress(DatabaseBusy):
-                return self._reader.caller(secret)
+                return self._on_loop.caller(secret)
         return await self.db(self.store.caller, secret)
 
     @functools.cached_property

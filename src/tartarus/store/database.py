@@ -26,19 +26,19 @@ class DatabaseError(TartarusError):
 
 
 class DatabaseBusy(DatabaseError):
-    """A read-only SQLite connection found the database locked (WAL recovery, an exclusive lock):
-    rare, and the caller retries on the store's own connection."""
+    """A connection made for the event loop found the database locked (another connection writing,
+    WAL recovery): it never waits, and the caller retries on the store's own thread."""
 
 
 class Database:
-    """A connection plus its dialect; `transaction()` groups statements atomically. `read_only`: a
-    second SQLite connection that only reads (see `Store.reader`)."""
+    """A connection plus its dialect; `transaction()` groups statements atomically. `on_loop`: a
+    second SQLite connection for single statements made on the event loop (see `Store.on_loop`)."""
 
     dialect: str
 
-    def __init__(self, url: str, *, read_only: bool = False) -> None:
+    def __init__(self, url: str, *, on_loop: bool = False) -> None:
         self.url = url
-        self.read_only = read_only
+        self.on_loop = on_loop
         self._depth = 0
         scheme = urlsplit(url).scheme
         if scheme == "sqlite":
@@ -59,15 +59,15 @@ class Database:
                 path.touch(mode=0o600, exist_ok=True)
                 path.chmod(0o600)
                 # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-                if self.read_only:
-                    # Used on an event loop: a WAL reader never waits for the writer, and in the rare
-                    # case it would (recovery), it gives up at once rather than stall the loop.
-                    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
-                    conn.execute("PRAGMA query_only=ON")
-                    self._conn = conn
-                    return
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-                conn.execute("PRAGMA journal_mode=WAL")
+                # On the event loop: never wait for a lock (DatabaseBusy at once: a WAL reader never
+                # needs to, a writer only when another connection writes) and never checkpoint (the
+                # checkpoint's fsyncs happen on the store's own connection, on its thread).
+                timeout = 0 if self.on_loop else 30
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout)
+                if self.on_loop:
+                    conn.execute("PRAGMA wal_autocheckpoint=0")
+                else:
+                    conn.execute("PRAGMA journal_mode=WAL")
                 # NORMAL in WAL mode: a commit survives the process being killed (-9), only a power loss
                 # can drop the last transactions; FULL would add an fsync to every API call.
                 conn.execute("PRAGMA synchronous=NORMAL")
@@ -96,7 +96,7 @@ class Database:
         try:
             return self._conn.execute(self._sql(sql), tuple(params))
         except sqlite3.OperationalError as e:
-            if self.read_only:
+            if self.on_loop:
                 raise DatabaseBusy(f"the database is busy: {e}") from e
             raise
         except Exception as e:

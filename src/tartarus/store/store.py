@@ -112,14 +112,16 @@ class Store:
             raise
         return cls(db)
 
-    def reader(self) -> Store | None:
-        """A second, read-only store on the same SQLite file, for key checks made on the event loop
-        itself: a WAL reader never waits for the writer, so a request's key check needs no hop to the
-        store's thread, and it still sees every committed revocation (this daemon's or `tartarus keys`'s)
-        at once, with nothing cached. None for PostgreSQL: a network round trip stays off the loop."""
+    def on_loop(self) -> Store | None:
+        """A second store on the same SQLite file, for the key check and the new sandbox's row that
+        every create makes, run on the event loop itself: a WAL reader never waits, an insert is one
+        append to the WAL (synchronous=NORMAL: no fsync), so neither needs a hop to the store's thread;
+        nothing is cached, so a revocation (this daemon's or `tartarus keys`'s) refuses the key at the
+        next call. A statement that would wait for a lock raises DatabaseBusy at once instead. None for
+        PostgreSQL: a network round trip stays off the loop."""
         if self.db.dialect != "sqlite":
             return None
-        return Store(Database(self.db.url, read_only=True))
+        return Store(Database(self.db.url, on_loop=True))
 
     def close(self) -> None:
         self.db.close()

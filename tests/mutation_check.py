@@ -429,6 +429,24 @@ MUTATIONS: tuple[Mutation, ...] = (
         (HARDENING + "test_anonymous_requests_leave_no_audit_trail",),
     ),
     Mutation(
+        "audit.verdicts-synced",
+        "keys, tenants, tokens and verdicts are fsynced before they are answered",
+        "src/tartarus/daemon/requests.py",
+        "return route.endswith(VERDICTS) or not route.startswith(SANDBOX_WORK)",
+        "return not route.startswith(SANDBOX_WORK)",
+        (
+            "tests/unit/test_control_units.py::test_credentials_tenancy_and_verdicts_are_fsynced_before_they_are_answered",
+        ),
+    ),
+    Mutation(
+        "audit.group-commit-waits",
+        "a caller waiting for its audit line's fsync is told only once that fsync is done",
+        "src/tartarus/audit.py",
+        "            if self._synced >= line:\n",
+        "            if True:\n",
+        ("tests/unit/test_control_units.py::test_audit_lines_are_written_at_once_and_fsynced_in_groups",),
+    ),
+    Mutation(
         "errors.no-exception-text",
         "a 500 does not echo exception text (host paths) to the caller",
         API,

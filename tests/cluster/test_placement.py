@@ -159,6 +159,21 @@ def test_a_confirm_after_the_node_was_fenced_is_refused(conn: Connection) -> Non
         placer.confirm(r)
 
 
+def test_a_confirm_and_its_event_are_one_and_a_refused_one_is_recorded(conn: Connection) -> None:
+    register(conn, "a")
+    placer = Placer(conn)
+    placer.confirm(placer.reserve(demand("pending-1")), as_id="sb-given")
+    assert placer.locate("sb-given").state == PlacementState.RUNNING
+    placed = events.recent(conn, node="a")[0]
+    assert (placed.kind, placed.sandbox_id, placed.detail) == ("placed", "sb-given", "reserved as pending-1")
+    late = placer.reserve(demand("sb-late"))
+    register(conn, "a")  # fenced before it confirmed: neither the placement nor a `placed` event
+    with pytest.raises(ReservationLost):
+        placer.confirm(late)
+    assert events.recent(conn, node="a")[0].kind == "confirm_refused"
+    assert not [e for e in events.recent(conn, node="a") if e.kind == "placed" and e.sandbox_id == "sb-late"]
+
+
 def test_postgres_restart_mid_placement_leaks_no_reservation(
     cluster_url: str, postgres_server_url: str
 ) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tartarus.errors import InvalidArgument, NotFound
-from tartarus.store import DatabaseError, SandboxRow, Store, migrations
+from tartarus.store import DatabaseBusy, DatabaseError, SandboxRow, Store, migrations
 from tartarus.store.database import Database
 from tartarus.store.migrations import LATEST, migrate
 
@@ -202,3 +202,57 @@ def test_stores_opened_at_once_create_the_same_tenant_without_conflict(database_
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_key_and_its_tenant_come_in_one_lookup(database_url: str) -> None:
+    store = Store.open(database_url)
+    try:
+        key, secret = store.create_key("acme")
+        store.set_quota("acme", max_sandboxes=3, max_vcpus=None, max_memory_mib=None)
+        found, tenant = store.caller(secret)
+        assert found == key and tenant is not None
+        assert (tenant.name, tenant.max_sandboxes, tenant.max_vcpus) == ("acme", 3, None)
+        assert store.caller("tartarus_" + "A" * 43) == (None, None)
+        assert store.caller("not-a-key") == (None, None)
+        store.revoke_key(key.id)
+        assert store.caller(secret) == (None, None)
+    finally:
+        store.close()
+
+
+def test_the_event_loop_store_sees_revocations_at_once_and_never_waits_for_a_lock(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'tartarus.db'}"
+    store = Store.open(url)
+    fast = store.on_loop()
+    other = Store.open(url)  # another process's connection (`tartarus keys revoke`)
+    try:
+        assert fast is not None
+        key, secret = store.create_key("acme")
+        assert fast.caller(secret)[0] == key
+        other.revoke_key(key.id)
+        assert fast.caller(secret) == (None, None)  # nothing cached: the next check refuses it
+        fast.insert_sandbox(_row("sb-fast"))
+        assert store.get_sandbox("sb-fast") is not None  # committed for every other connection
+        with other.db.transaction():  # another connection holds the write lock
+            other.db.execute("UPDATE tenants SET max_sandboxes = 1 WHERE name = 'acme'")
+            started = time.monotonic()
+            with pytest.raises(DatabaseBusy):
+                fast.insert_sandbox(_row("sb-busy"))
+            assert time.monotonic() - started < 1  # at once, not after the store's 30 s busy wait
+            assert fast.caller("tartarus_" + "A" * 43) == (None, None)  # reads never wait
+        assert store.get_sandbox("sb-busy") is None
+    finally:
+        for s in (fast, other, store):
+            if s is not None:
+                s.close()
+
+
+def test_postgresql_stores_have_no_event_loop_store(database_url: str) -> None:
+    store = Store.open(database_url)
+    fast = store.on_loop()
+    try:
+        assert (fast is None) == database_url.startswith("postgresql")
+    finally:
+        if fast is not None:
+            fast.close()
+        store.close()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +18,7 @@ from tartarus.daemon.auth import Principal
 from tartarus.daemon.control import MAX_TENANT_STREAMS, ControlPlane
 from tartarus.daemon.logs import JsonFormatter, new_request_id, request_id
 from tartarus.daemon.manager import SandboxManager
+from tartarus.daemon.requests import synced_before_answer
 from tartarus.errors import QuotaExceeded
 
 
@@ -96,3 +100,80 @@ def test_streams_per_tenant_are_limited_until_released(tmp_path: Path) -> None:
     control.open_stream(alice)  # type: ignore[arg-type]
     with pytest.raises(QuotaExceeded):
         control.open_stream(alice)  # type: ignore[arg-type]
+
+
+def test_audit_lines_are_written_at_once_and_fsynced_in_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines appended while an fsync runs share the next one; `synced` waits for the fsync covering its
+    line, and a line is in the file (it survives the daemon being killed) before `append` returns."""
+    flushing, release = threading.Event(), threading.Event()
+    flushes = 0
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        nonlocal flushes
+        flushes += 1
+        flushing.set()
+        assert release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def scenario() -> None:
+        log = audit.AuditLog(tmp_path)
+        first = log.append("sandbox.create", target="sb-0")
+        assert json.loads((tmp_path / "audit.log").read_text())["target"] == "sb-0"
+        assert flushing.wait(10)  # the first line's fsync is under way (and held)
+        lines = [log.append("sandbox.create", target=f"sb-{i}") for i in range(1, 6)]
+        waiter = asyncio.ensure_future(log.synced(lines[-1]))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # the fsync under way does not cover lines written after it began
+        release.set()
+        await asyncio.wait_for(asyncio.gather(log.synced(first), waiter), 10)
+        await asyncio.to_thread(log.close)
+
+    asyncio.run(scenario())
+    assert flushes == 2  # six lines, two fsyncs: the five written during the first shared the second
+    lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [e["target"] for e in lines] == [f"sb-{i}" for i in range(6)]
+
+
+def test_audit_log_close_fsyncs_what_is_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    log = audit.AuditLog(tmp_path)
+    log.append("tenant.quota", tenant="a")
+    log.close()
+    assert synced  # nothing written is left unflushed at close
+    with pytest.raises(RuntimeError, match="closed"):
+        log.append("tenant.quota", tenant="a")
+
+
+@pytest.mark.parametrize(
+    ("route", "synced"),
+    [
+        ("/v1/sandboxes", False),
+        ("/v1/sandboxes/{sandbox_id}", False),
+        ("/v1/sandboxes/{sandbox_id}/exec", False),
+        ("/v1/checkpoints/{checkpoint_id}/sandboxes", False),
+        ("/v1/sandboxes/{sandbox_id}/quarantine", True),
+        ("/v1/sandboxes/{sandbox_id}/release", True),
+        ("/v1/sandboxes/{sandbox_id}/tokens", True),
+        ("/v1/keys", True),
+        ("/v1/keys/{key_id}", True),
+        ("/v1/tenants/{tenant}/quota", True),
+        ("/v1/images", True),
+        ("/v1/gc", True),
+    ],
+)
+def test_credentials_tenancy_and_verdicts_are_fsynced_before_they_are_answered(
+    route: str, synced: bool
+) -> None:
+    assert synced_before_answer(route) is synced

@@ -69,6 +69,19 @@ _RESERVE = """WITH used AS (
         SELECT 'reserved', node, epoch, sandbox_id, %(detail)s FROM ins)
     SELECT reserved_until, wake FROM ins"""
 
+_CONFIRM = """WITH confirmed AS (
+        UPDATE cluster.placements p SET state = 'running', reserved_until = NULL, origin = NULL,
+            capture = NULL, sandbox_id = %(id)s, updated_at = now()
+        FROM cluster.nodes n
+        WHERE p.sandbox_id = %(reserved_as)s AND p.node = %(node)s AND p.epoch = %(epoch)s
+            AND p.state = 'reserved' AND p.reserved_until > now() AND n.name = p.node AND n.epoch = p.epoch
+            AND n.state = 'up' AND n.lease_expires_at > now()
+        RETURNING p.sandbox_id),
+    ev AS (
+        INSERT INTO cluster.events (kind, node, epoch, sandbox_id, detail)
+        SELECT 'placed', %(node)s, %(epoch)s, sandbox_id, %(detail)s FROM confirmed)
+    SELECT sandbox_id FROM confirmed"""
+
 _TAKEN = """SELECT state, node FROM cluster.placements WHERE sandbox_id = %s
     AND NOT (state = 'hibernated' OR (state = 'reserved' AND reserved_until <= now()))"""
 
@@ -161,7 +174,9 @@ class Placer:
         """One transaction on one node: "locked" (skipped), "full"/"gone", or the reservation."""
         node = choice.candidate
         lock = _LOCK_NODE if wait else _LOCK_NODE + " SKIP LOCKED"
-        with self.conn.transaction():
+        # Pipelined: BEGIN travels with the lock and COMMIT goes without a wait of its own (three round
+        # trips, not four); each statement still waits for the one before it to answer.
+        with self.conn.pipeline(), self.conn.transaction():
             if self.conn.execute(lock, (node.name, node.epoch)).fetchone() is None:
                 return "gone" if wait else "locked"
             placed = self.conn.execute(
@@ -213,28 +228,20 @@ class Placer:
         self._confirm(check_name("sandbox id", sandbox_id), node, epoch, sandbox_id, detail)
 
     def _confirm(self, reserved_as: str, node: str, epoch: int, sandbox_id: str, detail: str = "") -> None:
-        with self.conn.transaction():
-            row = self.conn.execute(
-                """UPDATE cluster.placements p SET state = 'running', reserved_until = NULL, origin = NULL,
-                       capture = NULL, sandbox_id = %s, updated_at = now()
-                   FROM cluster.nodes n
-                   WHERE p.sandbox_id = %s AND p.node = %s AND p.epoch = %s AND p.state = 'reserved'
-                       AND p.reserved_until > now() AND n.name = p.node AND n.epoch = p.epoch
-                       AND n.state = 'up' AND n.lease_expires_at > now()
-                   RETURNING p.sandbox_id""",
-                (sandbox_id, reserved_as, node, epoch),
-            ).fetchone()
-            if row is not None:
-                events.record(
-                    self.conn,
-                    "placed",
-                    node=node,
-                    epoch=epoch,
-                    sandbox_id=sandbox_id,
-                    detail=detail if sandbox_id == reserved_as else f"reserved as {reserved_as}",
-                )
-                return
-            events.record(self.conn, "confirm_refused", node=node, epoch=epoch, sandbox_id=reserved_as)
+        # One statement (one round trip, atomic on its own): the placement runs, and its event.
+        row = self.conn.execute(
+            _CONFIRM,
+            {
+                "id": sandbox_id,
+                "reserved_as": reserved_as,
+                "node": node,
+                "epoch": epoch,
+                "detail": detail if sandbox_id == reserved_as else f"reserved as {reserved_as}",
+            },
+        ).fetchone()
+        if row is not None:
+            return
+        events.record(self.conn, "confirm_refused", node=node, epoch=epoch, sandbox_id=reserved_as)
         raise ReservationLost(
             f"the reservation of sandbox {reserved_as} on node {node} "
             f"(epoch {epoch}) expired or its node was fenced before it was confirmed"

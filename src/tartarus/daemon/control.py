@@ -1,9 +1,10 @@
 """The control plane around the sandbox manager: who may call, quotas, durable records and the audit trail.
 
 Who owns which sandbox is in the manager's table (`daemon.table`), which tells this layer of every
-change as it happens; this layer keeps the store in step. Every database call runs on one worker
-thread (the store's connection is single-threaded) and audit-file flushes on another, so the event loop
-never waits on a database or an fsync.
+change as it happens; this layer keeps the store in step. Every database write runs on one worker
+thread (the store's connection is single-threaded) and audit-file fsyncs on the audit log's own (a
+group commit), so the event loop never waits on a database write or an fsync. Key checks on SQLite
+and a new sandbox's row run on the loop itself, over a connection that never waits (`Store.on_loop`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tartarus.daemon.tenancy import TenantQuotas
 from tartarus.errors import InvalidArgument, NotFound, QuotaExceeded, TartarusError
 from tartarus.private import write_private
 from tartarus.sandbox.spec import SandboxSpec
-from tartarus.store import ApiKey, SandboxRow, Store, Tenant, open_store
+from tartarus.store import ApiKey, DatabaseBusy, SandboxRow, Store, Tenant, open_store
 from tartarus.templates.built import get_template
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,15 @@ class ControlPlane:
         )
         self.node = ""
         self._store: Store | None = None
+        self._on_loop: Store | None = None  # key checks and new rows on the loop (`Store.on_loop`)
+        self._audit_log: audit.AuditLog | None = None
+        self._audit_rows: set[asyncio.Future[None]] = set()  # queued on the store's thread, in order
         self._executor: ThreadPoolExecutor | None = None
         self._audit_executor: ThreadPoolExecutor | None = None
         self._streams: Counter[str] = Counter()  # open streaming calls per tenant
-        self.stored = StoredSandboxes(manager, self.metrics, self.db, lambda: self.store, lambda: self.node)
+        self.stored = StoredSandboxes(
+            manager, self.metrics, self.db, lambda: self.store, lambda: self.node, lambda: self._on_loop
+        )
         self.quotas = TenantQuotas(
             manager, self.metrics, lambda tenant: self.db(self.store.get_tenant, tenant)
         )
@@ -125,8 +131,9 @@ class ControlPlane:
         """
         self.node = node_id(self.state_dir)
         self._store = open_store(self.state_dir)
+        self._on_loop = self._store.on_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-store")
-        self._audit_executor = ThreadPoolExecutor(1, thread_name_prefix="tartarus-audit")
+        self._audit_log = audit.AuditLog(self.state_dir)
         ensure_local_admin_key(self.state_dir, self.store, self.node)
         live = {r.id for r in self.manager.list()}
         # What the manager found again (hibernated sandboxes survive a restart) keeps its owner and
@@ -166,17 +173,26 @@ class ControlPlane:
                 await self.flush()
             await self.db(self.store.close)
             self._store = None
-        for executor in (self._executor, self._audit_executor):
-            if executor is not None:
-                executor.shutdown(wait=True)
-        self._executor = self._audit_executor = None
+        if self._on_loop is not None:
+            self._on_loop.close()
+            self._on_loop = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._audit_log is not None:
+            await asyncio.to_thread(self._audit_log.close)  # its last lines fsynced
+            self._audit_log = None
 
     async def db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a store call on the store's thread."""
+        return await self._queue(fn, *args, **kwargs)
+
+    def _queue(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
+        """A store call queued on the store's thread now (calls run in the order they are queued)."""
         if self._executor is None:
             raise TartarusError("the control plane's store is not open")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        return loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     async def ping(self) -> None:
         """Readiness: the store answers a trivial query on its own thread (so a wedged thread shows)."""
@@ -212,10 +228,18 @@ class ControlPlane:
             raise missing_key()
         if looks_scoped(secret):
             return self._scoped(secret), None
-        key, tenant = await self.db(self._lookup, secret)
+        key, tenant = await self._caller(secret)
         if key is None:
             raise invalid_key()
         return Principal.of(key), tenant
+
+    async def _caller(self, secret: str) -> tuple[ApiKey | None, Tenant | None]:
+        """The key's record and its tenant: read on the event loop itself where the store allows it
+        (`Store.on_loop`), else on the store's thread."""
+        if self._on_loop is not None:
+            with contextlib.suppress(DatabaseBusy):
+                return self._on_loop.caller(secret)
+        return await self.db(self.store.caller, secret)
 
     @functools.cached_property
     def sandbox_tokens(self) -> SandboxTokens:
@@ -230,10 +254,6 @@ class ControlPlane:
         if verified is None:
             raise invalid_key()
         return Principal(f"sandbox:{verified.scope.sandbox_id}", verified.tenant, False, verified.scope)
-
-    def _lookup(self, secret: str) -> tuple[ApiKey | None, Tenant | None]:
-        key = self.store.authenticate(secret)
-        return key, self.store.get_tenant(key.tenant) if key else None
 
     @staticmethod
     def require_admin(request: Request) -> None:
@@ -332,7 +352,10 @@ class ControlPlane:
         return await self.stored.set_timeout(sandbox_id, timeout)
 
     async def flush(self) -> None:
+        """Wait for the store writes queued so far: the table's changes and audit rows."""
         await self.stored.flush()
+        while self._audit_rows:
+            await asyncio.gather(*self._audit_rows, return_exceptions=True)
 
     async def create(self, request: Request, spec: SandboxSpec) -> SandboxRecord:
         """Admit a create against the tenant's quota, run it, and store the new sandbox."""
@@ -370,12 +393,16 @@ class ControlPlane:
         target: str | None = None,
         status: int | None = None,
         request_id: str | None = None,
+        synced: bool = True,
         **detail: Any,
     ) -> None:
-        """Append to the audit log file (fsynced) and the audit table, both before returning.
+        """Append to the audit log file and the audit table.
 
-        The file's fsync runs on its own thread (one, so lines keep their order), so key lookups on the
-        store's thread never queue behind a slow disk flush."""
+        The file's line is written (in the page cache: it survives the daemon being killed) before
+        this returns, and fsynced by the log's group commit. `synced` also waits for that fsync (it
+        then survives a crash of the host too) and for the table's row; without it the row is queued
+        on the store's thread, ahead of any later store call of this daemon, and `flush` (which ends
+        every state-changing request, after its answer) waits for it."""
         fields = {
             "tenant": tenant,
             "actor": actor,
@@ -384,21 +411,27 @@ class ControlPlane:
             "request_id": request_id,
         }
         present = {k: v for k, v in fields.items() if v is not None}
-        if self._audit_executor is None:
+        if self._audit_log is None:
             raise TartarusError("the control plane's store is not open")
-        loop = asyncio.get_running_loop()
-        to_file = functools.partial(audit.record, self.state_dir, action, **present, **detail)
-        await asyncio.gather(
-            loop.run_in_executor(self._audit_executor, to_file),
-            self.db(
-                self.store.add_audit,
-                action,
-                ts=time.time(),
-                tenant=tenant,
-                actor=actor,
-                target=target,
-                status=status,
-                request_id=request_id,
-                detail=detail,
-            ),
+        line = self._audit_log.append(action, **present, **detail)
+        row = self._queue(
+            self.store.add_audit,
+            action,
+            ts=time.time(),
+            tenant=tenant,
+            actor=actor,
+            target=target,
+            status=status,
+            request_id=request_id,
+            detail=detail,
         )
+        if synced:
+            await asyncio.gather(self._audit_log.synced(line), row)
+            return
+        self._audit_rows.add(row)
+        row.add_done_callback(self._row_written)
+
+    def _row_written(self, row: asyncio.Future[None]) -> None:
+        self._audit_rows.discard(row)
+        if not row.cancelled() and row.exception() is not None:
+            log.error("could not store an audit row: %s", row.exception())

@@ -16,7 +16,7 @@ from tartarus.daemon.metrics import Metrics
 from tartarus.daemon.table import Change, SandboxRecord
 from tartarus.errors import TartarusError
 from tartarus.limits.spec import capped_timeout
-from tartarus.store import SandboxRow, Store
+from tartarus.store import DatabaseBusy, SandboxRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,14 @@ class StoredSandboxes:
         db: Db,
         store: Callable[[], Store],
         node: Callable[[], str],
+        on_loop: Callable[[], Store | None] = lambda: None,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
         self.db = db
         self.store = store
         self.node = node
+        self.on_loop = on_loop  # `Store.on_loop`: a new row written on the loop, no thread hop
         self._writes: set[asyncio.Task[None]] = set()  # store updates of the table's changes, in order
 
     def open(self) -> bool:
@@ -58,12 +60,22 @@ class StoredSandboxes:
         records = list(records)
         try:
             for record in records:
-                await self.db(self.store().insert_sandbox, record.row(self.node()))
+                await self._insert(record.row(self.node()))
         except BaseException:
             for record in records:
                 with contextlib.suppress(Exception):
                     await self.manager.destroy(record.id)
             raise
+
+    async def _insert(self, row: SandboxRow) -> None:
+        """On the loop when the store allows it (it never waits for a lock: busy, it goes to the store's
+        thread), so a create's answer does not wait for a thread to be scheduled."""
+        fast = self.on_loop()
+        if fast is not None:
+            with contextlib.suppress(DatabaseBusy):
+                fast.insert_sandbox(row)
+                return
+        await self.db(self.store().insert_sandbox, row)
 
     async def set_timeout(self, sandbox_id: str, timeout: float | None) -> SandboxRow:
         """Destroy the sandbox `timeout` seconds from now, within the policy's `max_ttl_s` as a create's

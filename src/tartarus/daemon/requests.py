@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("tartarus.access")
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+# A sandbox's own work (create, exec, files, hibernate, delete...) is answered once its audit line is
+# written (it survives the daemon being killed) and fsynced by the group commit right after: its other
+# records (the store, SQLite WAL with synchronous=NORMAL) survive a crash of the daemon but not of the
+# host either. Credentials, tenancy and verdicts (keys, tenants and quotas, sandbox tokens, quarantine
+# and release, images, gc) wait for their fsync before answering.
+SANDBOX_WORK = ("/v1/sandboxes", "/v1/checkpoints")
+VERDICTS = ("/quarantine", "/release", "/tokens")
 WEBSOCKET = "WEBSOCKET"  # the "method" of a WebSocket session in logs, metrics and the audit trail
 EXEC_ROUTE = "/v1/sandboxes/{sandbox_id}/exec"
 
@@ -141,10 +148,11 @@ class RequestMiddleware:
         if principal is None:
             return
         state: dict[str, Any] = scope.get("state", {})
-        route = getattr(scope.get("route"), "path", scope.get("path", ""))
+        route = str(getattr(scope.get("route"), "path", scope.get("path", "")))
         target = state.get("audit_target") or scope.get("path_params", {}).get("sandbox_id")
         await self.control.record(
             f"{method} {route}",
+            synced=synced_before_answer(route),
             tenant=principal.tenant,
             actor=principal.key_id,
             target=target,
@@ -152,6 +160,11 @@ class RequestMiddleware:
             request_id=rid,
             **state.get("audit_detail", {}),
         )
+
+
+def synced_before_answer(route: str) -> bool:
+    """Whether a call's audit line must be fsynced before it is answered (see SANDBOX_WORK)."""
+    return route.endswith(VERDICTS) or not route.startswith(SANDBOX_WORK)
 
 
 def _principal(scope: Scope) -> Principal | None:

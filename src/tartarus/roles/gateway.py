@@ -59,7 +59,7 @@ from tartarus.roles.metrics import CountRequests, GatewayMetrics, TimedPlacer
 from tartarus.roles.proxy import NodeUnreachable, Proxy, Target, agent_headers
 from tartarus.roles.stored import STORED_NODE
 from tartarus.roles.token import AgentToken
-from tartarus.store import ApiKey, SandboxRow, Store, Tenant
+from tartarus.store import SandboxRow, Store, Tenant
 from tartarus.templates.built import get_template
 
 log = logging.getLogger(__name__)
@@ -191,14 +191,10 @@ class Gateway:
         store = self._store
         assert store is not None
 
-        def lookup() -> tuple[ApiKey | None, Tenant | None]:
-            key = store.authenticate(secret)
-            return key, store.get_tenant(key.tenant) if key is not None and with_tenant else None
-
-        key, tenant = await self._in_store(lookup)
+        key, tenant = await self._in_store(store.caller, secret)  # one statement: key and tenant
         if key is None:
             raise invalid_key()
-        return Principal.of(key), tenant
+        return Principal.of(key), tenant if with_tenant else None
 
     # ---- routes ---------------------------------------------------------------------------------
 

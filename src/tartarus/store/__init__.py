@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tartarus.store.database import Database, DatabaseError
+from tartarus.store.database import Database, DatabaseBusy, DatabaseError
 from tartarus.store.store import ApiKey, SandboxRow, Store, Tenant, default_url
 
 
@@ -21,6 +21,7 @@ def open_store(state_dir: Path) -> Store:
 __all__ = [
     "ApiKey",
     "Database",
+    "DatabaseBusy",
     "DatabaseError",
     "SandboxRow",
     "Store",

@@ -25,13 +25,20 @@ class DatabaseError(TartarusError):
     status = 503
 
 
+class DatabaseBusy(DatabaseError):
+    """A connection made for the event loop found the database locked (another connection writing,
+    WAL recovery): it never waits, and the caller retries on the store's own thread."""
+
+
 class Database:
-    """A connection plus its dialect; `transaction()` groups statements atomically."""
+    """A connection plus its dialect; `transaction()` groups statements atomically. `on_loop`: a
+    second SQLite connection for single statements made on the event loop (see `Store.on_loop`)."""
 
     dialect: str
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, on_loop: bool = False) -> None:
         self.url = url
+        self.on_loop = on_loop
         self._depth = 0
         scheme = urlsplit(url).scheme
         if scheme == "sqlite":
@@ -52,8 +59,15 @@ class Database:
                 path.touch(mode=0o600, exist_ok=True)
                 path.chmod(0o600)
                 # isolation_level=None: we issue BEGIN/COMMIT ourselves.
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-                conn.execute("PRAGMA journal_mode=WAL")
+                # On the event loop: never wait for a lock (DatabaseBusy at once: a WAL reader never
+                # needs to, a writer only when another connection writes) and never checkpoint (the
+                # checkpoint's fsyncs happen on the store's own connection, on its thread).
+                timeout = 0 if self.on_loop else 30
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout)
+                if self.on_loop:
+                    conn.execute("PRAGMA wal_autocheckpoint=0")
+                else:
+                    conn.execute("PRAGMA journal_mode=WAL")
                 # NORMAL in WAL mode: a commit survives the process being killed (-9), only a power loss
                 # can drop the last transactions; FULL would add an fsync to every API call.
                 conn.execute("PRAGMA synchronous=NORMAL")
@@ -81,6 +95,10 @@ class Database:
             raise InvalidArgument("text containing NUL (\\x00) characters cannot be stored")
         try:
             return self._conn.execute(self._sql(sql), tuple(params))
+        except sqlite3.OperationalError as e:
+            if self.on_loop:
+                raise DatabaseBusy(f"the database is busy: {e}") from e
+            raise
         except Exception as e:
             if not self._lost(e) or self._depth:
                 raise

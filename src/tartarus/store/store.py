@@ -71,6 +71,12 @@ _SANDBOX_COLUMNS = (
 )
 _KEY_COLUMNS = "id, tenant, role, description, created_at, revoked_at"
 _TENANT_COLUMNS = "name, created_at, max_sandboxes, max_vcpus, max_memory_mib, max_checkpoints"
+_KEY_FIELDS = _KEY_COLUMNS.split(", ")
+_CALLER = (
+    f"SELECT {', '.join('k.' + c for c in _KEY_FIELDS)}, "
+    f"{', '.join('t.' + c for c in _TENANT_COLUMNS.split(', '))} "
+    "FROM api_keys k LEFT JOIN tenants t ON t.name = k.tenant WHERE k.key_hash = ? AND k.revoked_at IS NULL"
+)
 
 
 def _sandbox(row: Row) -> SandboxRow:
@@ -105,6 +111,17 @@ class Store:
             db.close()
             raise
         return cls(db)
+
+    def on_loop(self) -> Store | None:
+        """A second store on the same SQLite file, for the key check and the new sandbox's row that
+        every create makes, run on the event loop itself: a WAL reader never waits, an insert is one
+        append to the WAL (synchronous=NORMAL: no fsync), so neither needs a hop to the store's thread;
+        nothing is cached, so a revocation (this daemon's or `tartarus keys`'s) refuses the key at the
+        next call. A statement that would wait for a lock raises DatabaseBusy at once instead. None for
+        PostgreSQL: a network round trip stays off the loop."""
+        if self.db.dialect != "sqlite":
+            return None
+        return Store(Database(self.db.url, on_loop=True))
 
     def close(self) -> None:
         self.db.close()
@@ -190,6 +207,16 @@ class Store:
             (keys.digest(secret),),
         )
         return ApiKey(*row) if row else None
+
+    def caller(self, secret: str) -> tuple[ApiKey | None, Tenant | None]:
+        """`authenticate` and the key's tenant (for its quota) in one statement."""
+        if not keys.well_formed(secret):
+            return None, None
+        row = self.db.one(_CALLER, (keys.digest(secret),))
+        if row is None:
+            return None, None
+        n = len(_KEY_FIELDS)
+        return ApiKey(*row[:n]), Tenant(*row[n:]) if row[n] is not None else None
 
     def get_key(self, key_id: str) -> ApiKey | None:
         row = self.db.one(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,))

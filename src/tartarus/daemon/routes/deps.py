@@ -48,19 +48,27 @@ def daemon(connection: HTTPConnection) -> Daemon:
     return found
 
 
-def manager(connection: HTTPConnection) -> SandboxManager:
+# The dependencies are coroutines: FastAPI runs a plain `def` dependency on a worker thread, a hop
+# per dependency per request (on a loaded host, milliseconds) for what is an attribute lookup.
+
+
+async def daemon_parts(connection: HTTPConnection) -> Daemon:
+    return daemon(connection)
+
+
+async def manager(connection: HTTPConnection) -> SandboxManager:
     return daemon(connection).manager
 
 
-def control(connection: HTTPConnection) -> ControlPlane:
+async def control(connection: HTTPConnection) -> ControlPlane:
     return daemon(connection).control
 
 
-def principal(request: Request) -> Principal:
+async def principal(request: Request) -> Principal:
     return principal_of(request)
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """`dependencies=[Depends(require_admin)]` makes a route admin-only (403 for a tenant key)."""
     principal_of(request).require_admin()
 

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from tartarus.daemon.models import ErrorBody
-from tartarus.daemon.routes.deps import AdminOnly, Caller, Control, Daemon, daemon
+from tartarus.daemon.routes.deps import AdminOnly, Caller, Control, Daemon, daemon_parts
 from tartarus.errors import (
     Conflict,
     InvalidArgument,
@@ -119,7 +119,7 @@ def api_error(e: ImageError) -> TartarusError:
 
 
 router = APIRouter(tags=["images"])
-Parts = Annotated[Daemon, Depends(daemon)]
+Parts = Annotated[Daemon, Depends(daemon_parts)]
 
 
 def _pull(body: PullImage, reference: str, store: ImageCache) -> tuple[ImageBuild, bool]:

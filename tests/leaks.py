@@ -147,21 +147,21 @@ def track_pools() -> None:
     pool.VMMPool.take = tracked_take  # type: ignore[method-assign]
 
     # The ready pools' sandboxes (`snapshots.ready`) the same way.
-    warm, take_ready = ready.ReadyPool._warm, ready.ReadyPool.take
+    warm, take_ready = ready.ReadyPool._warm, ready.WarmPool.take
 
     async def tracked_warm(self: ready.ReadyPool, sandbox_id: str | None = None) -> Sandbox:
         sandbox_id = sandbox_id or new_sandbox_id()
         pooled.add(sandbox_id)
         return await warm(self, sandbox_id)
 
-    def tracked_take_ready(self: ready.ReadyPool) -> Sandbox | None:
+    def tracked_take_ready(self: ready.WarmPool) -> Sandbox | None:
         sandbox = take_ready(self)
         if sandbox is not None:
             pooled.discard(sandbox.id)
         return sandbox
 
     ready.ReadyPool._warm = tracked_warm  # type: ignore[method-assign]
-    ready.ReadyPool.take = tracked_take_ready  # type: ignore[method-assign]
+    ready.WarmPool.take = tracked_take_ready  # type: ignore[method-assign]
 
     # The created-ahead gVisor containers (`snapshots.gvisor_pool`) the same way.
     from tartarus.snapshots import gvisor_pool
@@ -179,6 +179,16 @@ def track_pools() -> None:
             pooled.discard(sandbox.id)
         return sandbox
 
+    warm_gvisor = gvisor_pool.GvisorReadyPool._warm
+
+    async def tracked_warm_gvisor(
+        self: gvisor_pool.GvisorReadyPool, sandbox_id: str | None = None
+    ) -> Sandbox:
+        sandbox_id = sandbox_id or new_sandbox_id()
+        pooled.add(sandbox_id)
+        return await warm_gvisor(self, sandbox_id)
+
+    gvisor_pool.GvisorReadyPool._warm = tracked_warm_gvisor  # type: ignore[method-assign]
     gvisor_pool.GvisorPool._spare = tracked_spare_gvisor  # type: ignore[method-assign]
     gvisor_pool.GvisorPool.take = tracked_take_gvisor  # type: ignore[method-assign]
 

@@ -274,7 +274,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         "src/tartarus/snapshots/ready.py",
         "            if sandbox.alive:\n",
         "            if True:\n",
-        ("tests/vm/test_ready_pool.py::test_a_ready_sandbox_whose_vmm_died_is_not_handed_out",),
+        (
+            "tests/vm/test_ready_pool.py::test_a_ready_sandbox_whose_vmm_died_is_not_handed_out",
+            "tests/gvisor/test_ready_pool.py::test_a_pooled_gvisor_sandbox_whose_container_died_is_not_handed_out",
+        ),
     ),
     Mutation(
         "ready.quarantine",
@@ -282,7 +285,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         "src/tartarus/daemon/lifecycle.py",
         "        if admission.decision.quarantined:\n            pool.decline()\n            return None\n",
         "",
-        ("tests/network/test_ready_pool_network.py::test_a_quarantined_create_never_gets_a_ready_sandbox",),
+        (
+            "tests/network/test_ready_pool_network.py::test_a_quarantined_create_never_gets_a_ready_sandbox",
+            "tests/network/test_gvisor_ready_network.py::test_a_quarantined_gvisor_create_never_gets_a_ready_sandbox",
+        ),
     ),
     Mutation(
         "quarantine.cut",

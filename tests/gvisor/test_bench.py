@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from tartarus.bench.coldstart import GVISOR_PHASES, WarmLoads, bench_cold_start
 from tartarus.bench.compute import WORKLOADS, bench_compute
 from tartarus.bench.gvisor_start import PHASES, bench_gvisor_start
 from tests.gvisor.helpers import require_gvisor
@@ -38,3 +39,17 @@ def test_gvisor_start_times_each_phase_in_order_fresh_and_restored() -> None:
     for result in (doc, doc["created_ahead"], doc["fresh"]):
         p50 = [result["phases_cumulative"][p]["p50_ms"] for p in PHASES]
         assert p50 == sorted(p50) and p50[0] > 0
+
+
+def test_cold_start_per_backend_reports_gvisor_cold_and_warm_apart() -> None:
+    steps: list[int] = []
+    warm = WarmLoads(samples=2, ready=1, rate=4.0, steady_samples=2, burst=2, bursts=1)
+    doc = asyncio.run(bench_cold_start("python-ds", 2, 1, 0, steps.append, warm, ("gvisor",)))
+    gvisor = doc["backends"]["gvisor"]
+    assert set(doc["backends"]) == {"gvisor"} and gvisor["backend"] == "gvisor"
+    assert gvisor["samples"] == gvisor["cold_unpooled"]["samples"] == 2 and gvisor["pooled_fraction"] == 1
+    assert gvisor["cold_unpooled"]["pooled_fraction"] == 0
+    p50 = [gvisor["phases_cumulative"][p]["p50_ms"] for p in (*GVISOR_PHASES, "run_code")]
+    assert p50[1:] == sorted(p50[1:]) and p50[-1] > 0  # a pooled create's spans grow from runsc create on
+    assert gvisor["warm"]["samples"] == 2 and gvisor["warm"]["hit_rate"] == 1.0
+    assert sum(steps) == 2 * 2 + warm.steps

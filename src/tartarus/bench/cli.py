@@ -19,6 +19,7 @@ from tartarus.bench.runtime import run_bench
 
 if TYPE_CHECKING:
     from tartarus.bench.coldstart import WarmLoads
+    from tartarus.sandbox.backend import Backend
 
 bench_app = typer.Typer(
     help="Benchmarks: several runs, true percentiles, JSON results.", no_args_is_help=True
@@ -67,6 +68,17 @@ def _measure(name: str, steps: int | None, runner: Runner) -> dict[str, Any]:
             f"{name}: n={doc['samples']} p50={doc['p50_ms']:.1f} ms p99={doc['p99_ms']:.1f} ms "
             f"max={doc['max_ms']:.1f} ms (accel {accel})"
         )
+    _print_loads(doc)
+    for each, part in (backends or {}).items():  # cold-start per backend
+        if isinstance(part, dict) and isinstance(part.get("p50_ms"), float):
+            err.print(
+                f"{each}: cold n={part['samples']} p50={part['p50_ms']:.1f} ms p99={part['p99_ms']:.1f} ms"
+            )
+            _print_loads(part)
+    return doc
+
+
+def _print_loads(doc: dict[str, Any]) -> None:
     for part in ("warm", "steady", "burst", "api_warm"):  # cold-start's ready-pool loads
         if isinstance(doc.get(part), dict):
             d = doc[part]
@@ -74,7 +86,6 @@ def _measure(name: str, steps: int | None, runner: Runner) -> dict[str, Any]:
                 f"  {part}: n={d['samples']} p50={d['p50_ms']:.1f} ms p99={d['p99_ms']:.1f} ms "
                 f"hit rate {d['hit_rate']:.1%}"
             )
-    return doc
 
 
 def _run(name: str, steps: int | None, json_path: Path | None, runner: Runner) -> None:
@@ -111,23 +122,39 @@ def cold_start(
     burst: Annotated[int, typer.Option(help="creates arriving at once", min=1)] = 10,
     bursts: Annotated[int, typer.Option(help="bursts", min=1)] = 5,
     template: TemplateOpt = "python-ds",
+    backend: Annotated[
+        str | None,
+        typer.Option(help="backends to measure in one run, comma-separated (gvisor,tcg); default: the VM's"),
+    ] = None,
     json_out: JsonOut = None,
 ) -> None:
     """Create → run_code('1+1') answered: restoring the template snapshot (cold: sequential and
-    concurrent) and served by a ready sandbox (warm: sequential, steady arrivals, bursts)."""
+    concurrent) and served by a ready sandbox (warm: sequential, steady arrivals, bursts), per backend
+    with --backend."""
     from tartarus.bench.coldstart import WarmLoads
+    from tartarus.sandbox.backend import parse_backend
 
+    backends = tuple(parse_backend(b.strip(), "--backend") for b in (backend or "").split(",") if b.strip())
     warm = WarmLoads(warm_samples, ready, rate, steady_samples, burst, bursts)
-    steps = samples * (2 if concurrency > 1 else 1) + warm.steps
-    _run("cold-start", steps, json_out, _cold_start(template, samples, concurrency, api_samples, warm))
+    vm_steps = samples * (2 if concurrency > 1 else 1) + warm.steps
+    steps = sum(2 * samples + warm.steps if b == "gvisor" else vm_steps for b in backends) or vm_steps
+    runner = _cold_start(template, samples, concurrency, api_samples, warm, backends)
+    _run("cold-start", steps, json_out, runner)
 
 
 def _cold_start(
-    template: str, samples: int, concurrency: int, api_samples: int, warm: WarmLoads | None = None
+    template: str,
+    samples: int,
+    concurrency: int,
+    api_samples: int,
+    warm: WarmLoads | None = None,
+    backends: tuple[Backend, ...] = (),
 ) -> Runner:
     from tartarus.bench.coldstart import bench_cold_start
 
-    return lambda p: asyncio.run(bench_cold_start(template, samples, concurrency, api_samples, p, warm))
+    return lambda p: asyncio.run(
+        bench_cold_start(template, samples, concurrency, api_samples, p, warm, backends)
+    )
 
 
 DirtyOpt = Annotated[int, typer.Option("--dirty-mib", help="memory the sandbox owns (MiB)", min=0)]

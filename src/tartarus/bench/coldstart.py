@@ -5,6 +5,11 @@
 waiting for their incoming state are fair and used (the pool is refilled between rounds, as a daemon at a
 sustainable create rate would have it). Also reported: per-phase breakdown, the same path through the
 REST API, and host memory (PSS) per idle sandbox.
+
+Per backend (`backends`): the gVisor counterparts are a restore of the template's warm image into a
+container `runsc create` made ahead (`snapshots.gvisor_pool`; `cold`), the same into a container made
+in the call (`cold_unpooled`), and a create served by the gVisor ready pool (`warm`); with its own
+phases (where a gVisor create's time goes).
 """
 
 from __future__ import annotations
@@ -19,9 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from tartarus.bench.stats import summary_ms
 from tartarus.bench.warmstart import bench_warm_start
+from tartarus.limits.spec import template_limits
+from tartarus.sandbox.backend import Backend
+from tartarus.sandbox.choice import check_available, vm_backend
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.build import ensure_snapshot
-from tartarus.snapshots.pool import VMMPool
+from tartarus.snapshots.gvisor_pool import GvisorPool
+from tartarus.snapshots.pool import SparePool, VMMPool
 from tartarus.snapshots.snapshot import Snapshot
 from tartarus.templates.built import Template, get_template
 
@@ -29,10 +38,13 @@ if TYPE_CHECKING:
     from tartarus.sdk import AsyncClient
 
 PHASES = ("vmm_ready", "state_loaded", "guest_resumed", "first_answer")
+# A gVisor create's spans (`Sandbox._start_gvisor`): its network and cgroups, `runsc create`, the
+# restore (memory and kernel state loaded), the restored agent's answer, its configure, the env.
+GVISOR_PHASES = ("contained", "runsc_created", "state_loaded", "agent_ready", "configured", "first_answer")
 IDLE_SANDBOXES = 8
 
 
-async def wait_full(pool: VMMPool, timeout: float = 120.0) -> None:
+async def wait_full(pool: SparePool, timeout: float = 120.0) -> None:
     async with asyncio.timeout(timeout):
         while len(pool) < pool.size:
             await asyncio.sleep(0.01)
@@ -173,7 +185,116 @@ class WarmLoads:
         return self.samples + self.steady_samples + self.burst * self.bursts if self.samples else 0
 
 
+async def _gvisor_one(template: Template, root: Path, pool: GvisorPool | None) -> dict[str, float]:
+    t0 = time.perf_counter()
+    prepared = pool.take() if pool is not None else None
+    limits = template_limits(template)
+    sandbox = await Sandbox.start_gvisor(template, root, limits=limits, prepared=prepared)
+    try:
+        answer = await (await sandbox.code_interpreter()).run_code("1+1")
+        total = time.perf_counter() - t0
+        if answer.result != "2":
+            raise RuntimeError(f"run_code('1+1') answered {answer}")
+        return {**sandbox.timings, "run_code": total}
+    finally:
+        await sandbox.destroy()
+
+
+async def _gvisor_cold(
+    template: Template, samples: int, pooled: bool, progress: Callable[[int], None]
+) -> dict[str, Any]:
+    """Sequential gVisor creates → run_code('1+1'), restored into a created-ahead container (`pooled`,
+    the pool full again before each) or into one made in the call."""
+    with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
+        root = Path(tmp)
+        pool = GvisorPool(template, root, size=1) if pooled else None
+        runs: list[dict[str, float]] = []
+        try:
+            for _ in range(samples):
+                if pool is not None:
+                    await wait_full(pool)
+                runs.append(await _gvisor_one(template, root, pool))
+                if pool is not None:
+                    pool.refill()
+                progress(1)
+        finally:
+            if pool is not None:
+                await pool.close()
+    phases = (*GVISOR_PHASES, "run_code")
+    return {
+        **summary_ms([r["run_code"] for r in runs]),
+        "pooled_fraction": sum(r["pooled"] for r in runs) / len(runs),
+        "phases_cumulative": {p: summary_ms([r[p] for r in runs]) for p in phases},
+    }
+
+
+async def _gvisor_cold_start(
+    template_name: str, samples: int, progress: Callable[[int], None], warm: WarmLoads | None
+) -> dict[str, Any]:
+    template = get_template(template_name)
+    cold = await _gvisor_cold(template, samples, True, progress)
+    result: dict[str, Any] = {
+        **cold,
+        "backend": "gvisor",
+        "cold": {k: v for k, v in cold.items() if k != "phases_cumulative"},
+    }
+    result["cold_unpooled"] = await _gvisor_cold(template, samples, False, progress)
+    if warm is not None and warm.samples:
+        result.update(await _warm(template_name, warm, progress, "gvisor"))
+    result["what"] = (
+        "cold: restore of the template's warm gVisor image into a container runsc created ahead (pool "
+        "refilled between samples) until run_code('1+1') answers; cold_unpooled: the same into a "
+        "container made in the call (network, cgroups, runsc create); phases are cumulative from the "
+        "create call. warm: SandboxManager.create served by a ready gVisor sandbox (restored and warmed "
+        "before the call)"
+    )
+    return result
+
+
+async def _warm(
+    template_name: str, warm: WarmLoads, progress: Callable[[int], None], backend: Backend | None = None
+) -> dict[str, Any]:
+    return await bench_warm_start(
+        template_name,
+        warm.samples,
+        ready=warm.ready,
+        rate=warm.rate,
+        steady_samples=warm.steady_samples,
+        burst=warm.burst,
+        bursts=warm.bursts,
+        progress=progress,
+        backend=backend,
+    )
+
+
 async def bench_cold_start(
+    template_name: str,
+    samples: int,
+    concurrency: int,
+    api_samples: int,
+    progress: Callable[[int], None],
+    warm: WarmLoads | None = None,
+    backends: tuple[Backend, ...] = (),
+) -> dict[str, Any]:
+    """The host's VM backend alone (no `backends`), as it always was; else each backend of `backends`
+    in turn, in one run, each under `backends[<name>]` with its cold and warm figures."""
+    if not backends:
+        return await _vm_cold_start(template_name, samples, concurrency, api_samples, progress, warm)
+    for backend in backends:
+        check_available(backend)
+    found: dict[str, Any] = {}
+    for backend in backends:
+        if backend == "gvisor":
+            found[backend] = await _gvisor_cold_start(template_name, samples, progress, warm)
+        else:
+            found[backend] = await _vm_cold_start(
+                template_name, samples, concurrency, api_samples, progress, warm
+            )
+            found[backend]["backend"] = vm_backend()
+    return {"template": template_name, "samples": samples, "backends": found}
+
+
+async def _vm_cold_start(
     template_name: str,
     samples: int,
     concurrency: int,
@@ -187,18 +308,7 @@ async def bench_cold_start(
     result: dict[str, Any] = {**sequential, "template": template_name, "snapshot": snapshot.key}
     result["cold"] = {k: v for k, v in sequential.items() if k != "phases_cumulative"}
     if warm is not None and warm.samples:
-        result.update(
-            await bench_warm_start(
-                template_name,
-                warm.samples,
-                ready=warm.ready,
-                rate=warm.rate,
-                steady_samples=warm.steady_samples,
-                burst=warm.burst,
-                bursts=warm.bursts,
-                progress=progress,
-            )
-        )
+        result.update(await _warm(template_name, warm, progress))
     if concurrency > 1:
         result["concurrent"] = await _rounds(snapshot, template, samples, concurrency, progress)
     result["memory"] = await _idle_memory(snapshot, template)

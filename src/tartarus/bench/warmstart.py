@@ -21,6 +21,7 @@ from typing import Any
 from tartarus.bench.stats import summary_ms
 from tartarus.daemon.config import DaemonConfig, ReadySizes
 from tartarus.daemon.manager import SandboxManager
+from tartarus.sandbox.backend import Backend
 from tartarus.sandbox.spec import SandboxSpec
 
 
@@ -120,10 +121,13 @@ async def bench_warm_start(
     burst: int,
     bursts: int,
     progress: Callable[[int], None],
+    backend: Backend | None = None,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tartarus-bench-") as tmp:
-        # A miss restores into a pre-started VMM, as the daemon's would.
-        config = DaemonConfig(pool_size=1, ready_pool=ReadySizes(per_template={template: ready}))
+        # A miss restores into a pre-started VMM (or created-ahead gVisor container), as the daemon's
+        # would; `backend` is the daemon's default (None: the host's VM one).
+        sizes = ReadySizes(per_template={template: ready})
+        config = DaemonConfig(pool_size=1, ready_pool=sizes, backend=backend)
         manager = SandboxManager(Path(tmp), config)
         manager.open()
         manager.start_pools()

@@ -33,6 +33,7 @@ from tartarus.sandbox.quarantine import Confinement
 from tartarus.sandbox.sandbox import Sandbox, compatible
 from tartarus.sandbox.saved import META, SavedSandbox, list_saved, remove_saved
 from tartarus.sandbox.spec import Admission, SandboxSpec
+from tartarus.snapshots.ready import WarmPool
 from tartarus.snapshots.snapshot import Snapshot, find_snapshot
 from tartarus.templates.built import Template, get_template
 
@@ -125,6 +126,9 @@ class Lifecycle:
         admission = await self.admit(template, spec, backend)
         if backend == "gvisor":
             refuse_on_gvisor(template, spec, admission)
+            bound = await self._from_ready(self.pools.ready_for_gvisor(template), spec, admission)
+            if bound is not None:
+                return Started(bound, None, admission)
             with self.pools.take(self.pools.for_gvisor(template)) as prepared:
                 runtime = await Sandbox.start_gvisor(
                     template, self.layout.sandboxes, spec, limits=admission.limits, prepared=prepared
@@ -133,7 +137,7 @@ class Lifecycle:
             return Started(runtime, None, admission)
         found = find_snapshot(template) if template.snapshotted else None
         if found is not None and compatible(found, spec):
-            bound = await self._from_ready(template, spec, admission)
+            bound = await self._from_ready(self.pools.ready_for(template), spec, admission)
             if bound is not None:
                 return Started(bound, found, admission)
             with self.pools.take(self.pools.for_template(template)) as prepared:
@@ -161,12 +165,12 @@ class Lifecycle:
         return Started(runtime, None, admission)
 
     async def _from_ready(
-        self, template: Template, spec: SandboxSpec, admission: Admission
+        self, pool: WarmPool | None, spec: SandboxSpec, admission: Admission
     ) -> Sandbox | None:
-        """A ready sandbox of the template bound to this request and contained, or None (the caller
-        restores). A quarantined create never takes one: it is restored behind a gate closed before
-        its guest runs (a ready one has been running, on the `none` policy, since before)."""
-        pool = self.pools.ready_for(template)
+        """A ready sandbox of the template (from its VM or gVisor ready `pool`) bound to this request and
+        contained, or None (the caller restores). A quarantined create never takes one: it is restored
+        behind a gate closed before its guest runs (a ready one has been running, on the `none` policy,
+        since before)."""
         if pool is None:
             return None
         if admission.decision.quarantined:

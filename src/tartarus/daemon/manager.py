@@ -50,6 +50,7 @@ class SandboxManager:
             self.config.pool_size,
             outlive_owner=self.config.live_restore,
             ready=self.config.ready_pool,
+            gvisor=self.config.backend == "gvisor",
         )
         self.lifecycle = Lifecycle(state_dir, self.config, self.policy, self.table, self.pools, self.ports)
         self.recovery = Recovery(state_dir, self.config, self.table, self.ports, self.policy)

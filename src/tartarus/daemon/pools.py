@@ -23,9 +23,9 @@ from pathlib import Path
 from tartarus.daemon.config import ReadySizes
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.sandbox.saved import SavedSandbox
-from tartarus.snapshots.gvisor_pool import GvisorPool
+from tartarus.snapshots.gvisor_pool import GvisorPool, GvisorReadyPool
 from tartarus.snapshots.pool import VMMPool
-from tartarus.snapshots.ready import ReadyPool
+from tartarus.snapshots.ready import ReadyPool, WarmPool
 from tartarus.snapshots.snapshot import Snapshot, find_snapshot
 from tartarus.templates.built import Template, list_templates
 
@@ -120,9 +120,16 @@ class Starts:
 
 class Pools:
     def __init__(
-        self, root: Path, size: int, *, outlive_owner: bool, ready: ReadySizes | None = None
+        self,
+        root: Path,
+        size: int,
+        *,
+        outlive_owner: bool,
+        ready: ReadySizes | None = None,
+        gvisor: bool = False,
     ) -> None:
         self.root = root
+        self.gvisor = gvisor  # the daemon's default backend is gvisor: its ready sandboxes are too
         self.size = size
         self.outlive_owner = outlive_owner
         self.ready_sizes = ready or ReadySizes()
@@ -130,13 +137,17 @@ class Pools:
         self._pools: dict[str, VMMPool] = {}
         self._ready: dict[str, ReadyPool] = {}
         self._gvisor: dict[str, GvisorPool] = {}
+        self._gvisor_ready: dict[str, GvisorReadyPool] = {}
 
     def start(self) -> None:
-        """Pre-start VMMs and ready sandboxes for every template that has a snapshot (call from the
-        event loop)."""
+        """Pre-start VMMs and ready sandboxes for every template that has a snapshot (gVisor ones when
+        that is the daemon's default backend; call from the event loop)."""
         for template in list_templates():
             self.for_template(template)
-            self.ready_for(template)
+            if self.gvisor:
+                self.ready_for_gvisor(template)
+            else:
+                self.ready_for(template)
 
     def ready_for(self, template: Template) -> ReadyPool | None:
         """The template's ready pool (made on first use), or None if it has none."""
@@ -155,6 +166,18 @@ class Pools:
                     quiet=self.starts.quiet,
                 )
                 self._ready[template.name] = pool
+        return pool
+
+    def ready_for_gvisor(self, template: Template) -> GvisorReadyPool | None:
+        """The template's ready gVisor sandboxes (restored, warmed, waiting), made on its first gVisor
+        create, sized as its VM ready pool is; None without a warm image or a size."""
+        size = self.ready_sizes.of(template.name)
+        if size <= 0 or template.preload is None or template.start is not None:
+            return None
+        pool = self._gvisor_ready.get(template.key)
+        if pool is None:
+            pool = GvisorReadyPool(template, self.root, size, defer=defer, quiet=self.starts.quiet)
+            self._gvisor_ready[template.key] = pool
         return pool
 
     def for_template(self, template: Template) -> VMMPool | None:
@@ -202,7 +225,7 @@ class Pools:
 
     @property
     def ready_stats(self) -> ReadyStats:
-        pools = self._ready.values()
+        pools: list[WarmPool] = [*self._ready.values(), *self._gvisor_ready.values()]
         return ReadyStats(
             sum(len(p) for p in pools), sum(p.hits for p in pools), sum(p.misses for p in pools)
         )
@@ -212,8 +235,9 @@ class Pools:
             await ready.close()
         for pool in self._pools.values():
             await pool.close()
-        for spares in self._gvisor.values():
+        for spares in [*self._gvisor.values(), *self._gvisor_ready.values()]:
             await spares.close()
+        self._gvisor_ready.clear()
         self._pools.clear()
         self._gvisor.clear()
         self._ready.clear()

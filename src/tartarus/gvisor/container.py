@@ -226,10 +226,13 @@ class GvisorContainer:
         try:
             pid_file = self.paths.workdir / "sandbox.pid"
             try:
+                t0 = time.perf_counter()
                 if self.network is not None:
                     await asyncio.to_thread(self.network.reset_nic)
+                self.timings["nic_reset"] = time.perf_counter() - t0
                 create = ["create", f"--bundle={self.paths.bundle}", f"--pid-file={pid_file}", self.id]
                 await self._run(*create, stdin=guest.fileno())
+                self.timings["runsc_created"] = time.perf_counter() - t0
             finally:
                 guest.close()
             self.pid = int(pid_file.read_text())
@@ -244,8 +247,10 @@ class GvisorContainer:
         t0 = time.perf_counter()
         await self.create()
         try:
+            t1 = time.perf_counter()
             await self._run(*run)
             self.timings["started"] = time.perf_counter() - t0
+            self.timings["restored" if image is not None else "runsc_started"] = time.perf_counter() - t1
             host, self._channel = self._channel, None
             assert host is not None
             host.setblocking(False)

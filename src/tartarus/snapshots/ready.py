@@ -13,6 +13,7 @@ ready sandbox holds memory while it waits, so a refill is skipped while the host
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,12 +42,14 @@ def memory_allows(guest_mib: int, meminfo: Path = MEMINFO) -> bool:
     return available - guest_mib * 1024 >= total * MEMORY_RESERVE
 
 
-class ReadyPool(SparePool):
+class WarmPool(SparePool):
+    """Ready sandboxes of either backend: counted hits and misses, refills only while no create runs
+    and memory allows; a subclass says how one is made warm (`_make`) and what memory it may use."""
+
     kind = "ready"
 
     def __init__(
         self,
-        snapshot: Snapshot,
         template: Template,
         root: Path,
         size: int,
@@ -58,8 +61,12 @@ class ReadyPool(SparePool):
         self.hits = 0
         self.misses = 0
         self._quiet = quiet
-        self.snapshot = snapshot
         super().__init__(template, root, size, outlive_owner=outlive_owner, defer=defer)
+
+    @property
+    @abc.abstractmethod
+    def guest_mib(self) -> int:
+        """Memory one ready sandbox may come to use (what a refill must leave room for)."""
 
     def take(self) -> Sandbox | None:
         """A ready sandbox whose VMM still runs, or None (counted as a miss); never waits. The caller
@@ -81,10 +88,30 @@ class ReadyPool(SparePool):
     async def _may_grow(self) -> bool:
         if self._quiet is not None:
             await self._quiet()
-        if not memory_allows(self.snapshot.memory_mib):
+        if not memory_allows(self.guest_mib):
             log.warning("ready pool of %s stays at %d: host memory is short", self.template.name, len(self))
             return False
         return True
+
+
+class ReadyPool(WarmPool):
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        template: Template,
+        root: Path,
+        size: int,
+        *,
+        outlive_owner: bool = False,
+        defer: Defer | None = None,
+        quiet: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.snapshot = snapshot
+        super().__init__(template, root, size, outlive_owner=outlive_owner, defer=defer, quiet=quiet)
+
+    @property
+    def guest_mib(self) -> int:
+        return self.snapshot.memory_mib
 
     async def _make(self) -> Sandbox:
         return await self._warm()
@@ -104,15 +131,22 @@ class ReadyPool(SparePool):
         sandbox = await Sandbox.restore(
             self.snapshot, self.template, self.root, None, prepared, limits=limits, nice=SPARE_NICE
         )
-        try:
-            if self.template.preload is not None:
-                answer = await (await sandbox.code_interpreter()).run_code("1+1")
-                if answer.result != "2":
-                    raise RuntimeError(f"warm-up run_code('1+1') answered {answer}")
-            process = await sandbox.agent.exec(["true"])
-            async for _ in process.events():
-                pass
-        except BaseException:
-            await sandbox.destroy()
-            raise
+        await warm_up(sandbox)
         return sandbox
+
+
+async def warm_up(sandbox: Sandbox) -> None:
+    """Run the sandbox's interpreter and command path once (the first calls after a restore are slow:
+    code translated or memory faulted in on first touch), so a create does not pay for them. Destroys
+    it on failure."""
+    try:
+        if sandbox.template.preload is not None:
+            answer = await (await sandbox.code_interpreter()).run_code("1+1")
+            if answer.result != "2":
+                raise RuntimeError(f"warm-up run_code('1+1') answered {answer}")
+        process = await sandbox.agent.exec(["true"])
+        async for _ in process.events():
+            pass
+    except BaseException:
+        await sandbox.destroy()
+        raise

@@ -267,19 +267,22 @@ class GvisorContainer:
             await self.destroy()
             raise
 
-    async def checkpoint(self, image: Path, *, compress: bool = False) -> None:
-        """Save the whole sandbox (memory, processes, the writable layer) into the directory `image`;
-        the container stops, as runsc does by default. Take it while no request is in flight: bytes on
-        the old channel are not part of the image. Uncompressed by default: restores are faster, the
-        image about three times larger."""
+    async def checkpoint(self, image: Path, *, compress: bool = False, leave_running: bool = False) -> None:
+        """Save the whole sandbox (memory, processes, the writable layer: runsc's overlay is in the
+        image) into the directory `image`; the container stops, as runsc does by default, or runs on
+        with its channel (`leave_running`: a hibernation stops it only once its image is committed).
+        Take it while no request is in flight: bytes on the old channel are not part of the image.
+        Uncompressed by default: restores are faster, the image about three times larger."""
         image.mkdir(mode=0o700, exist_ok=True)
         compression = "flate-best-speed" if compress else "none"
+        leave = ["--leave-running"] if leave_running else []
         await self._run(
-            "checkpoint", f"--compression={compression}", f"--image-path={image}", self.id,
+            "checkpoint", *leave, f"--compression={compression}", f"--image-path={image}", self.id,
             timeout=CHECKPOINT_TIMEOUT_S,
         )  # fmt: skip
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._exited.wait(), GONE_TIMEOUT_S)
+        if not leave_running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), GONE_TIMEOUT_S)
 
     async def _watch_exit(self, pid: int) -> None:
         """Set `_exited` when the sandbox process ends (it is not our child: runsc create forked it)."""

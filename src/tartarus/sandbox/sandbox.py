@@ -51,7 +51,7 @@ from tartarus.runtime.disks import create_layer, sparse_copy
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.qemu import Drive, VMConfig, disk_node
 from tartarus.runtime.vm import MicroVM
-from tartarus.sandbox import capture, descriptor
+from tartarus.sandbox import capture, descriptor, gvisor_capture
 from tartarus.sandbox.backend import Backend, Engine
 from tartarus.sandbox.capture import LAYER, RESUMED
 from tartarus.sandbox.descriptor import Described
@@ -161,11 +161,6 @@ class Sandbox:
         if not engine.running:
             raise SandboxFailed(f"sandbox {self.id} has stopped: {self.exit_message}")
         return engine.agent
-
-    def vm_only(self, what: str) -> None:
-        """Refuse what only a VM sandbox does yet (hibernation, checkpoints), naming the backend."""
-        if self.backend == "gvisor":
-            raise Conflict(f"sandbox {self.id} runs on the gvisor backend, which cannot be {what} yet")
 
     # ---- starting -------------------------------------------------------------------------------
 
@@ -460,7 +455,7 @@ class Sandbox:
         limits: Limits | None = None,
         outlive_owner: bool = False,
         prepared: Sandbox | None = None,
-    ) -> tuple[Sandbox, Snapshot]:
+    ) -> tuple[Sandbox, Snapshot | None]:
         """The hibernated sandbox `saved` running again, the same sandbox (id, names, files)."""
         return await cls._from_saved(saved, layout, spec, limits, outlive_owner, prepared, wake=True)
 
@@ -474,7 +469,7 @@ class Sandbox:
         limits: Limits | None = None,
         outlive_owner: bool = False,
         prepared: Sandbox | None = None,
-    ) -> tuple[Sandbox, Snapshot]:
+    ) -> tuple[Sandbox, Snapshot | None]:
         """A new sandbox from the checkpoint `saved`: its memory, processes and files, its own identity."""
         return await cls._from_saved(saved, layout, spec, limits, outlive_owner, prepared, wake=False)
 
@@ -489,10 +484,20 @@ class Sandbox:
         prepared: Sandbox | None,
         *,
         wake: bool,
-    ) -> tuple[Sandbox, Snapshot]:
+    ) -> tuple[Sandbox, Snapshot | None]:
         """A running sandbox from `saved`, with the (pinned) snapshot under it, which a later capture
         of it needs. `prepared` is a pooled VMM of the same snapshot, waiting for incoming state; without
-        one, a VMM is started. A wake commits as `tartarus.sandbox.capture` describes."""
+        one, a VMM is started. A wake commits as `tartarus.sandbox.capture` describes; a gVisor
+        capture's (no snapshot under it) as `tartarus.sandbox.gvisor_capture` does."""
+        if saved.bundle is not None:
+            gvisor_capture.check_saved(saved)
+            spec = dataclasses.replace(spec, env={**saved.env, **spec.env})
+            id_ = saved.id if wake else new_sandbox_id()
+            workdir = gvisor_capture.prepare_workdir(layout, id_, wake)
+            sandbox = cls(id_, saved.template, workdir, spec, limits=limits, outlive_owner=outlive_owner,
+                          backend="gvisor")  # fmt: skip
+            await gvisor_capture.start_saved(sandbox, saved, layout, wake=wake)
+            return sandbox, None
         try:
             snapshot = pinned(layout.pins, saved.snapshot_key)
         except FileNotFoundError:
@@ -784,7 +789,8 @@ class Sandbox:
         exposed: Any = None,
     ) -> SavedSandbox:
         """Capture to `<state>/hibernated/<id>` and stop (`capture.hibernate`: its commit point)."""
-        self.vm_only("hibernated")
+        if self.container is not None:
+            return await gvisor_capture.hibernate(self, layout, quota_bytes, timings=timings, exposed=exposed)
         return await capture.hibernate(
             self,
             snapshot,
@@ -804,7 +810,8 @@ class Sandbox:
         quota_bytes: int | None = None,
     ) -> SavedSandbox:
         """Capture to `<state>/checkpoints/<id>` and run on (`capture.checkpoint`)."""
-        self.vm_only("checkpointed")
+        if self.container is not None:
+            return await gvisor_capture.checkpoint(self, layout, checkpoint_id, ttl_s, quota_bytes)
         return await capture.checkpoint(self, snapshot, layout, checkpoint_id, ttl_s, quota_bytes)
 
     # ---- handing over ---------------------------------------------------------------------------

@@ -129,8 +129,9 @@ class Lifecycle:
             refuse_on_gvisor(template, spec, admission)
             with self.pools.take(self.pools.for_gvisor(template)) as prepared:
                 runtime = await Sandbox.start_gvisor(
-                    template, self.layout.sandboxes, spec, limits=admission.limits, prepared=prepared
-                )
+                    template, self.layout.sandboxes, spec, limits=admission.limits, prepared=prepared,
+                    outlive_owner=self.config.live_restore,
+                )  # fmt: skip
                 await self._contain(runtime, admission)  # before the refill competes for the CPU
             return Started(runtime, None, admission)
         found = find_snapshot(template) if template.snapshotted else None

@@ -206,6 +206,7 @@ class Sandbox:
         *,
         limits: Limits | None = None,
         prepared: Sandbox | None = None,
+        outlive_owner: bool = False,
     ) -> Sandbox:
         """A gVisor sandbox of `template`: restored from the template's warm image (its interpreter has
         the template's modules imported), or started fresh when the template has no interpreter or
@@ -220,6 +221,9 @@ class Sandbox:
             sandbox = prepared
             sandbox.spec, sandbox.limits = spec or SandboxSpec(template.name), limits
             sandbox.created_at = time.time()
+        sandbox.outlive_owner = outlive_owner
+        if sandbox.container is not None:
+            sandbox.container.keep_channel = outlive_owner
         try:
             await sandbox._start_gvisor()
         except BaseException:
@@ -259,6 +263,7 @@ class Sandbox:
         self.container = GvisorContainer(
             self.id, spec, self.workdir / CONTAINER_DIR, network=self.network, cgroup=self.cgroup
         )
+        self.container.keep_channel = self.outlive_owner  # taken over by the next daemon (`attach`)
         return self.container
 
     async def _start_gvisor(self) -> None:
@@ -818,8 +823,6 @@ class Sandbox:
 
     def describe(self, seal: EnvSeal, *, snapshot: Path | None = None, exposed: Any = None) -> None:
         """Write this running sandbox down for the next daemon (`tartarus.sandbox.descriptor`)."""
-        if self.container is not None:  # its agent's channel is this daemon's socket: it ends with it
-            raise SandboxFailed(f"sandbox {self.id} runs on gvisor: it cannot outlive its daemon")
         descriptor.write(self, seal, snapshot=snapshot, exposed=exposed)
 
     @classmethod
@@ -827,7 +830,10 @@ class Sandbox:
         """Take over the sandbox a previous daemon described (`tartarus.sandbox.descriptor`). On failure
         the caller reaps `workdir` (VMM, namespace, cgroup, files); what this process had opened for it
         (relay, connections) is closed here."""
-        sandbox = cls(found.id, template, workdir, found.spec, limits=found.limits, outlive_owner=True)
+        backend: Backend | None = "gvisor" if found.gvisor is not None else None
+        sandbox = cls(
+            found.id, template, workdir, found.spec, limits=found.limits, outlive_owner=True, backend=backend
+        )
         try:
             sandbox.created_at = found.created_at
             if found.network is not None:
@@ -836,13 +842,18 @@ class Sandbox:
             if found.cgroup:
                 sandbox.cgroup = SandboxCgroup.existing(found.cgroup, found.limits)
             sandbox.quarantined = found.quarantine
-            sandbox.vm = await MicroVM.attach(
-                found.vm_config, workdir, found.vmm_pid, drive_nodes=found.drive_nodes
-            )
-            if found.interpreter_pid is not None:
-                sandbox.interpreter = CodeInterpreter.reattach(
-                    sandbox.vm.agent_client(), found.interpreter_pid
+            if found.gvisor is not None:
+                sandbox.container = await GvisorContainer.attach(
+                    found.id, found.gvisor, workdir / CONTAINER_DIR, network=sandbox.network,
+                    cgroup=sandbox.cgroup,
+                )  # fmt: skip
+            else:
+                assert found.vm_config is not None
+                sandbox.vm = await MicroVM.attach(
+                    found.vm_config, workdir, found.vmm_pid, drive_nodes=found.drive_nodes
                 )
+            if found.interpreter_pid is not None:
+                sandbox.interpreter = CodeInterpreter.reattach(sandbox.agent, found.interpreter_pid)
         except BaseException:
             await sandbox.detach()
             raise
@@ -855,6 +866,8 @@ class Sandbox:
             await self.network.release()
         if self.vm is not None:
             await self.vm.detach()
+        if self.container is not None:
+            await self.container.detach()
 
     async def destroy(self) -> None:
         """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""

@@ -34,10 +34,10 @@ def daemons() -> Iterator[list[Served]]:
         d.stop(signal.SIGKILL)
 
 
-def serve(state: Path, daemons: list[Served], failpoints: str = "") -> Served:
+def serve(state: Path, daemons: list[Served], *args: str, failpoints: str = "") -> Served:
     """A `tartarus serve` whose sandboxes run on gVisor."""
     with env(TARTARUS_BACKEND="gvisor"):
-        daemon = Served(state, failpoints=failpoints)
+        daemon = Served(state, *args, failpoints=failpoints)
     daemons.append(daemon)
     return daemon
 
@@ -134,3 +134,21 @@ def test_a_daemon_killed_mid_hibernation_or_wake_leaves_it_whole(
     again.kill()
     assert host_traces(state / "sandboxes" / sb.id) == [] and leftovers(sb.id) == []
     assert not (state / "hibernated" / sb.id).exists()
+
+
+def test_a_clean_stop_with_keep_sandboxes_hands_them_to_the_next_daemon(
+    tmp_path: Path, daemons: list[Served]
+) -> None:
+    state = tmp_path / "state"
+    first = serve(state, daemons, "--keep-sandboxes")
+    sb = Sandbox.create("python-ds", url=first.url, api_key=first.key)
+    sb.run_code("kept = [1, 2, 3]")
+    processes = container(state, sb.id)
+    first.stop(signal.SIGTERM)
+    assert container(state, sb.id) == processes
+    second = serve(state, daemons)
+    again = Sandbox.connect(sb.id, url=second.url, api_key=second.key)
+    assert again.info.state == "running"
+    assert again.run_code("kept").result == "[1, 2, 3]"
+    second.stop(signal.SIGTERM)  # without the flag: its sandboxes end with it
+    assert host_traces(state / "sandboxes" / sb.id) == [] and leftovers(sb.id) == []

@@ -69,13 +69,18 @@ def qemu_traces(base: str) -> set[Trace]:
     return out
 
 
+# argv[0] of gVisor's host processes: runsc's sandbox and gofer, and the keeper of a container's channel.
+RUNSC_ARGV0 = ("runsc-", "tartarus-channel:")
+
+
 def runsc_traces(base: str) -> set[Trace]:
-    """gVisor's host processes (sandbox, gofer: argv[0] `runsc-…`) of a container under `base`."""
+    """gVisor's host processes (sandbox, gofer: argv[0] `runsc-…`; the channel keeper) of a container
+    under `base`."""
     out = set()
     for pid in _listdir(Path("/proc")):
         if pid.isdigit():
             cmdline = _read(Path(f"/proc/{pid}/cmdline"))
-            if cmdline.startswith("runsc-") and base in cmdline:
+            if cmdline.startswith(RUNSC_ARGV0) and base in cmdline:
                 out.add(Trace("runsc", pid, _sandbox_in(cmdline)))
     return out
 
@@ -235,7 +240,7 @@ def reap(leaked: set[Trace], daemon_urls: Iterable[str]) -> None:
                 reap_workdir(Path(workdir.group(1)))
         elif trace.kind == "runsc":
             with contextlib.suppress(ProcessLookupError):
-                if _read(Path(f"/proc/{trace.name}/cmdline")).startswith("runsc-"):
+                if _read(Path(f"/proc/{trace.name}/cmdline")).startswith(RUNSC_ARGV0):
                     os.kill(int(trace.name), 9)
         elif trace.kind == "sandbox-dir":
             reap_workdir(Path(trace.name))

@@ -967,6 +967,32 @@ MUTATIONS: tuple[Mutation, ...] = (
         "return True",
         ("tests/unit/test_artifacts.py::test_only_tcg_goes_without_transparent_huge_pages",),
     ),
+    Mutation(
+        "gvisor.capture-leaves-running",
+        "a gVisor hibernation that fails before its commit point leaves the same container running",
+        "src/tartarus/sandbox/gvisor_capture.py",
+        "await sandbox.container.checkpoint(staging / GVISOR_IMAGE, leave_running=True)",
+        "await sandbox.container.checkpoint(staging / GVISOR_IMAGE, leave_running=False)",
+        (
+            "tests/gvisor/test_hibernation.py::test_a_hibernation_that_fails_before_its_commit_leaves_it_running",
+        ),
+    ),
+    Mutation(
+        "gvisor.wake-puts-back",
+        "a gVisor wake that fails after its commit point puts the saved sandbox back",
+        "src/tartarus/sandbox/gvisor_capture.py",
+        "        if committed:  # the image is as it was captured",
+        "        if False:  # the image is as it was captured",
+        ("tests/gvisor/test_hibernation.py::test_a_wake_that_fails_leaves_it_hibernated",),
+    ),
+    Mutation(
+        "gvisor.channel-keeper",
+        "a served daemon's gVisor sandbox keeps its agent's channel open after the daemon dies",
+        "src/tartarus/gvisor/container.py",
+        "            if self.keep_channel:\n                self._keep(host)",
+        "            if False:\n                self._keep(host)",
+        ("tests/gvisor/test_takeover.py::test_kill_9_then_restart_takes_over_running_gvisor_sandboxes",),
+    ),
 )
 
 

@@ -1,8 +1,9 @@
 """The sandbox features that both backends serve, through the real API on each: a VM (the host's: kvm or
 tcg) and gVisor (runsc restoring the template's warm image). One sandbox per backend carries the feature
 checks, so the module costs two creates per backend, not a suite; the gVisor-only checks (what it
-cannot see of the host, what it refuses, its reaping after a daemon's kill -9, network and cgroups
-included) follow; its egress and quarantine are tests/network/test_gvisor_egress_api.py's."""
+cannot see of the host, what it refuses) follow; its egress and quarantine are
+tests/network/test_gvisor_egress_api.py's, its takeover after a daemon's kill -9 (or its reaping, network
+and cgroups included) tests/gvisor/test_takeover.py's."""
 
 from __future__ import annotations
 
@@ -18,17 +19,15 @@ import pytest
 
 from tartarus.daemon.app import create_app
 from tartarus.daemon.config import DaemonConfig
-from tartarus.errors import BackendUnavailable, Conflict, InvalidArgument, PolicyDenied
+from tartarus.errors import BackendUnavailable, InvalidArgument, PolicyDenied
 from tartarus.gvisor.container import pids_under
 from tartarus.gvisor.runsc import Support
 from tartarus.policy.model import Match, Policy, Rule
 from tartarus.sandbox import choice
 from tartarus.sdk import Sandbox
-from tests.api.conftest import Api, env, tcp_daemon
+from tests.api.conftest import Api, tcp_daemon
 from tests.conftest import wait_until
 from tests.gvisor.helpers import require_gvisor
-from tests.network.conftest import leftovers, sh
-from tests.served import Served
 
 pytestmark = pytest.mark.vm
 
@@ -140,54 +139,15 @@ def test_what_gvisor_sandboxes_cannot_do_yet_is_refused_by_name(
     require_gvisor()
     with pytest.raises(InvalidArgument, match="gvisor backend does not enforce disk_mib"):
         Sandbox.create("python-ds", url=api.url, api_key=alice, backend="gvisor", disk_mib=8192)
-    with pytest.raises(InvalidArgument, match="gvisor"):
-        Sandbox.create("python-ds", url=api.url, api_key=alice, backend="gvisor", idle_timeout=60)
     with pytest.raises(PolicyDenied, match="VMs"):
         Sandbox.create("python-ds", url=api.url, api_key=api.new_key("vm-only-bob"), backend="gvisor")
     with pytest.raises(InvalidArgument):
         Sandbox.create("python-ds", url=api.url, api_key=alice, backend="firecracker")
-    with Sandbox.create("python-ds", url=api.url, api_key=alice, backend="gvisor") as sb:
-        with pytest.raises(Conflict, match="gvisor"):
-            sb.hibernate()
-        with pytest.raises(Conflict, match="gvisor"):
-            sb.snapshot()
-        assert sb.run_code("1+1").result == "2"  # refusing left it running
     monkeypatch.setattr(choice, "gvisor_support", lambda: Support(False, "runsc is not installed"))
     with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {alice}"}) as c:
         answer = c.post("/v1/sandboxes", json={"template": "python-ds", "backend": "gvisor"})
     assert answer.status_code == 503 and "runsc is not installed" in answer.text
     assert answer.json()["error"]["code"] == BackendUnavailable.code
-
-
-def test_gvisor_sandboxes_of_a_daemon_killed_with_9_are_reaped_by_the_next(tmp_path: Path) -> None:
-    """Its agent's channel was the dead daemon's socket, so the sandbox cannot be taken over: the next
-    daemon reaps its processes and files and records it lost. TARTARUS_BACKEND makes gvisor the default."""
-    require_gvisor()
-    state = tmp_path / "state"
-    with env(TARTARUS_BACKEND="gvisor"):
-        first = Served(state)
-    second = None
-    try:
-        sb = Sandbox.create("python-ds", url=first.url, api_key=first.key, network="full")
-        assert sb.info.backend == "gvisor"
-        workdir = state / "sandboxes" / sb.id
-        assert pids_under(workdir / "gvisor" / "runsc")
-        assert leftovers(sb.id)  # its namespace and cgroups exist (the check below can fail)
-        first.stop(signal.SIGKILL)
-        second = Served(state)
-        assert wait_until(lambda: not pids_under(workdir / "gvisor" / "runsc"), DEADLINE)
-        assert not workdir.exists()
-        # Its network (both namespaces, the uplink) and its cgroups went with it: the container first,
-        # then the network, then the cgroups (`sandbox.reap`).
-        assert leftovers(sb.id) == [] and f"tartarus-{sb.id}-nic" not in sh("ip", "netns", "list")
-        listed = {s.id: s for s in Sandbox.list(url=second.url, api_key=second.key, include_ended=True)}
-        assert listed[sb.id].state == "lost"
-        with Sandbox.create("python-ds", url=second.url, api_key=second.key) as again:
-            assert again.info.backend == choice.vm_backend()  # this daemon was started without it
-    finally:
-        first.stop(signal.SIGKILL)
-        if second is not None:
-            second.stop(signal.SIGTERM)
 
 
 def test_a_gvisor_sandbox_whose_runsc_dies_is_failed_with_why(api: Api, alice: str) -> None:

@@ -5,14 +5,27 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from tartarus.gvisor.container import GvisorContainer
+from tartarus.gvisor.spec import BundleSpec
 from tartarus.limits.spec import Limits
 from tartarus.network import NetworkPolicy
 from tartarus.network.policy import PinnedPolicy, PinnedRule
 from tartarus.runtime.qemu import Drive, VMConfig
-from tartarus.sandbox.descriptor import _load_config, _load_limits, _load_policy
+from tartarus.sandbox.descriptor import (
+    _load_config,
+    _load_limits,
+    _load_policy,
+    parse,
+    read,
+    still_runs,
+    vmm_pid,
+    write,
+)
 from tartarus.sandbox.spec import SandboxSpec
+from tartarus.sealing import EnvSeal
 
 
 def _through_json(data: Any) -> Any:
@@ -65,3 +78,23 @@ def test_pinned_policy_round_trips() -> None:
         "allow", (PinnedRule("203.0.113.2/32", (80, 443), "tcp"),), (("example.test", "203.0.113.2"),)
     )
     assert _load_policy(_through_json(dataclasses.asdict(policy))) == policy
+
+
+def test_a_gvisor_sandbox_is_described_by_its_runsc_pid_and_container_spec(tmp_path: Path) -> None:
+    """What the next daemon reads to take a gVisor sandbox over (its channel is its keeper's)."""
+    bundle = BundleSpec(Path("/trees/k/rootfs"), Path("/cache/agent"), "python-ds", {"A": "1"}, "/root")
+    box = GvisorContainer("sb-1", bundle, tmp_path / "gvisor")
+    box.pid = 4321
+    sandbox = SimpleNamespace(
+        id="sb-1", workdir=tmp_path, created_at=1.0, spec=SandboxSpec("python-ds", env={"K": "v"}),
+        limits=None, vm=None, container=box, interpreter=None, network=None, cgroup=None,
+        quarantined=None, template=SimpleNamespace(name="python-ds"),
+    )  # fmt: skip
+    seal = EnvSeal.for_state_dir(tmp_path)
+    write(sandbox, seal)  # the fields `write` reads, nothing else
+    data = read(tmp_path, seal)
+    assert data is not None and vmm_pid(data) == 4321
+    found = parse(data)
+    assert found.gvisor == bundle and found.vm_config is None and found.vmm_pid == 4321
+    assert found.spec.env == {"K": "v"}
+    assert not still_runs(data, tmp_path)  # no runsc of that container runs

@@ -3,6 +3,7 @@ and the key file is private and kept."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tartarus.gvisor.spec import BundleSpec
 from tartarus.private import write_private
 from tartarus.sandbox import descriptor
 from tartarus.sandbox.saved import META, SavedSandbox, list_saved
@@ -87,6 +89,15 @@ def test_an_image_record_is_sealed_and_reads_back(tmp_path: Path) -> None:
     saved.path.mkdir(parents=True)
     write_private(saved.path / META, saved.to_json(seal))
     assert b"tok-123-secret" not in (saved.path / META).read_bytes()
+    assert list_saved(tmp_path / "hibernated", seal) == [saved]
+
+
+def test_a_gvisor_capture_record_reads_back_with_its_container_spec(tmp_path: Path) -> None:
+    seal = EnvSeal.for_state_dir(tmp_path)
+    bundle = BundleSpec(Path("/trees/k/rootfs"), Path("/cache/agent"), "python-ds", {"A": "1"}, "/root")
+    saved = dataclasses.replace(_saved(tmp_path / "hibernated" / "sb-1", ENV), bundle=bundle)
+    saved.path.mkdir(parents=True)
+    write_private(saved.path / META, saved.to_json(seal))
     assert list_saved(tmp_path / "hibernated", seal) == [saved]
 
 

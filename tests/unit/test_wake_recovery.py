@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tartarus.sandbox import capture
 from tartarus.sandbox.layout import Layout
-from tartarus.sandbox.saved import META
+from tartarus.sandbox.saved import GVISOR_IMAGE, META
 
 
 def _waking(layout: Layout, sandbox_id: str, *files: str) -> Path:
@@ -51,3 +51,16 @@ def test_other_directories_are_left_to_the_reaper(tmp_path: Path) -> None:
     (layout.sandboxes / "sb-5").mkdir(parents=True)
     assert capture.recover_wakes(layout) == ([], [])
     assert (layout.sandboxes / "sb-5").exists()
+
+
+def test_a_gvisor_wake_cut_short_goes_back_to_hibernation_whole(tmp_path: Path) -> None:
+    """A runsc image is never written by the sandbox restored from it: whatever step the daemon died
+    at, the waking directory is still the sandbox. Without its image it is not."""
+    layout = Layout(tmp_path)
+    waking = _waking(layout, "sb-6", META)
+    (waking / GVISOR_IMAGE).mkdir()
+    (waking / GVISOR_IMAGE / "pages.img").write_text("pages")
+    _waking(layout, "sb-7", META)
+    assert capture.recover_wakes(layout) == (["sb-6"], ["sb-7"])
+    assert (layout.hibernated / "sb-6" / GVISOR_IMAGE / "pages.img").read_text() == "pages"
+    assert not list(layout.sandboxes.iterdir())

@@ -162,17 +162,40 @@ Concurrency = Annotated[int, typer.Option("--concurrency", "-c", min=1, max=16)]
 Baseline = Annotated[int, typer.Option(help="cycles with the unfiltered QEMU stream (0: skip)", min=0)]
 
 
+SleepBackends = Annotated[
+    list[str] | None,
+    typer.Option("--backend", help="vm (the host's: kvm or tcg) and/or gvisor; repeat for both in one run"),
+]
+
+
 def _sleep(
-    primary: str, samples: int, concurrency: int, dirty_mib: int, baseline: int, template: str
+    primary: str,
+    samples: int,
+    concurrency: int,
+    dirty_mib: int,
+    baseline: int,
+    template: str,
+    backends: list[str] | None = None,
 ) -> Runner:
-    """Hibernate/wake cycles; `primary` ("wake" or "hibernate") is the headline figure."""
+    """Hibernate/wake cycles; `primary` ("wake" or "hibernate") is the headline figure (the first
+    backend's)."""
     from tartarus.bench.hibernation import bench_sleep
 
+    which = tuple(backends or ["vm"])
+
     def run(progress: Callable[[int], None]) -> dict[str, Any]:
-        result = asyncio.run(bench_sleep(template, samples, concurrency, dirty_mib, baseline, progress))
+        result = asyncio.run(
+            bench_sleep(template, samples, concurrency, dirty_mib, baseline, progress, which)
+        )
         return {**result["sequential"][primary], **result}
 
     return run
+
+
+def _sleep_steps(samples: int, concurrency: int, baseline: int, backends: list[str] | None) -> int:
+    which = backends or ["vm"]
+    per = samples * (2 if concurrency > 1 else 1)
+    return per * len(which) + (baseline if "vm" in which else 0)
 
 
 @bench_app.command()
@@ -182,11 +205,13 @@ def wake(
     dirty_mib: DirtyOpt = 50,
     baseline: Baseline = 20,
     template: TemplateOpt = "python-ds",
+    backend: SleepBackends = None,
     json_out: JsonOut = None,
 ) -> None:
     """Wake call (no process held) → run_code answered with the sandbox's memory intact."""
-    steps = samples * (2 if concurrency > 1 else 1) + baseline
-    _run("wake", steps, json_out, _sleep("wake", samples, concurrency, dirty_mib, baseline, template))
+    steps = _sleep_steps(samples, concurrency, baseline, backend)
+    runner = _sleep("wake", samples, concurrency, dirty_mib, baseline, template, backend)
+    _run("wake", steps, json_out, runner)
 
 
 @bench_app.command()
@@ -196,13 +221,13 @@ def hibernate(
     dirty_mib: DirtyOpt = 50,
     baseline: Baseline = 20,
     template: TemplateOpt = "python-ds",
+    backend: SleepBackends = None,
     json_out: JsonOut = None,
 ) -> None:
     """Hibernate call → the sandbox on disk and its VMM process gone; bytes written per hibernation."""
-    steps = samples * (2 if concurrency > 1 else 1) + baseline
-    _run(
-        "hibernate", steps, json_out, _sleep("hibernate", samples, concurrency, dirty_mib, baseline, template)
-    )
+    steps = _sleep_steps(samples, concurrency, baseline, backend)
+    runner = _sleep("hibernate", samples, concurrency, dirty_mib, baseline, template, backend)
+    _run("hibernate", steps, json_out, runner)
 
 
 def _quarantine(template: str, admission_samples: int, samples: int, live_samples: int) -> Runner:

@@ -108,9 +108,11 @@ class Lifecycle:
             saved = source.saved
             # The capture's shape, not the template's: it was restored, so the two agree.
             asked = dataclasses.replace(spec, vcpus=saved.vcpus, memory_mib=saved.memory_mib)
-            admission = await self.admit(saved.template, asked, vm_backend())  # captures are VMs
+            backend = "gvisor" if saved.bundle is not None else vm_backend()
+            admission = await self.admit(saved.template, asked, backend)
             start = Sandbox.wake if source.wake else Sandbox.copy
-            with self.pools.take(self.pools.for_image(saved)) as prepared:
+            pool = self.pools.for_image(saved) if saved.bundle is None else None
+            with self.pools.take(pool) as prepared:
                 runtime, snapshot = await start(
                     saved,
                     self.layout,
@@ -131,8 +133,9 @@ class Lifecycle:
                 return Started(bound, None, admission)
             with self.pools.take(self.pools.for_gvisor(template)) as prepared:
                 runtime = await Sandbox.start_gvisor(
-                    template, self.layout.sandboxes, spec, limits=admission.limits, prepared=prepared
-                )
+                    template, self.layout.sandboxes, spec, limits=admission.limits, prepared=prepared,
+                    outlive_owner=self.config.live_restore,
+                )  # fmt: skip
                 await self._contain(runtime, admission)  # before the refill competes for the CPU
             return Started(runtime, None, admission)
         found = find_snapshot(template) if template.snapshotted else None
@@ -302,7 +305,6 @@ class Lifecycle:
             if record.busy:
                 raise Conflict(f"sandbox {id_} has calls in progress; hibernate it when they finish")
             not_quarantined(record.runtime, "hibernated")
-            record.runtime.vm_only("hibernated")
             self.ports.cut(id_)  # connections through exposed ports end; the next one wakes it
             t0 = time.perf_counter()
             try:
@@ -318,8 +320,8 @@ class Lifecycle:
                 if (committed / META).exists():  # failed after its commit point: roll forward
                     saved = SavedSandbox.load(committed, self.layout.seal)
                 else:
-                    vm = record.runtime.vm
-                    if vm is None or not vm.running:
+                    engine = record.runtime.engine
+                    if engine is None or not engine.running:
                         self.table.failed(record)
                     raise
             record.runtime, record.saved, record.state = None, saved, "hibernated"
@@ -335,7 +337,6 @@ class Lifecycle:
         async with self.use(id_) as runtime:
             record = self.table.get(id_)
             not_quarantined(runtime, "checkpointed or forked")
-            runtime.vm_only("checkpointed or forked")
             cid = "ck-" + secrets.token_hex(6)
             return await runtime.checkpoint(
                 record.snapshot, self.layout, cid, ttl, self.config.hibernate_quota_bytes

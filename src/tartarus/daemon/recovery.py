@@ -21,7 +21,6 @@ from tartarus.errors import Conflict
 from tartarus.network.sandbox import reap_orphans
 from tartarus.policy import PolicyEngine
 from tartarus.private import make_private
-from tartarus.runtime.vm import is_our_vmm
 from tartarus.sandbox import capture, descriptor
 from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.reap import reap_leftovers, reap_workdir
@@ -157,8 +156,6 @@ class Recovery:
         is not the caller's failure: the sandbox runs on, and a daemon that crashes would reap it."""
         if not self.config.live_restore or record.runtime is None or record.state != "running":
             return
-        if record.runtime.backend == "gvisor":  # it ends with this daemon (its channel is ours): reaped
-            return
         try:
             self._describe(record)
         except OSError as e:
@@ -179,8 +176,6 @@ class Recovery:
         for record in self.table.list():
             if record.state != "running" or record.runtime is None or record.lock.locked():
                 continue  # one mid-operation is destroyed: it cannot be described consistently
-            if record.runtime.backend == "gvisor":
-                continue  # its agent's channel is this daemon's socket: it is destroyed with the daemon
             try:
                 self._describe(record)
                 await record.runtime.detach()
@@ -194,10 +189,10 @@ class Recovery:
 
 
 def _still_running(data: dict[str, Any], workdir: Path, hibernated: set[str]) -> bool:
-    """The described sandbox's VMM runs, and its hibernation (if any) did not commit. A damaged
-    descriptor counts as none: the directory is reaped."""
+    """The described sandbox's VMM (or runsc sandbox) runs, and its hibernation (if any) did not
+    commit. A damaged descriptor counts as none: the directory is reaped."""
     try:
-        return data["id"] not in hibernated and is_our_vmm(descriptor.vmm_pid(data), workdir)
+        return data["id"] not in hibernated and descriptor.still_runs(data, workdir)
     except (KeyError, TypeError, ValueError):
         return False
 

@@ -11,6 +11,12 @@ holds on the host lives in its work directory, which `destroy` removes:
     workdir/console.log          the container's stdout and stderr (the agent's own log lines)
     workdir/sandbox.pid          runsc's sandbox process (`runsc create --pid-file`)
     workdir/logs/                runsc's log per command (create, boot, gofer, ...): why a start failed
+    workdir/channel.json         the channel keeper's pid and fd (only for a sandbox that outlives its daemon)
+
+A container that outlives its daemon (`keep_channel`) has a keeper: a `sleep` in a session of its own
+that holds a copy of the host's end of the channel, so the agent never sees it close when the daemon
+dies, and from which the next daemon takes that end with `pidfd_getfd` (`attach`). The runsc sandbox
+and gofer are in their own session already (runsc starts them so): no terminal hang-up reaches them.
 
 Contained like a VM sandbox when given the sandbox's network (made with `nic="veth"`) and cgroup, which
 the caller owns and removes after `destroy`: runsc runs in the network's NIC namespace behind its
@@ -21,11 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +58,8 @@ COMMAND_TIMEOUT_S = 30.0
 GONE_TIMEOUT_S = 5.0
 CHECKPOINT_TIMEOUT_S = 120.0
 CONSOLE = "console.log"
+CHANNEL = "channel.json"
+SYS_PIDFD_GETFD = 438  # the same number on every architecture Linux has added it to
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,15 @@ class Layout:
     @property
     def logs(self) -> Path:
         return self.workdir / "logs"
+
+    @property
+    def channel(self) -> Path:
+        return self.workdir / CHANNEL
+
+    @property
+    def keeper_name(self) -> str:
+        """The channel keeper's argv[0]: names the container it belongs to, as runsc's `--root` does."""
+        return f"tartarus-channel:{self.state}"
 
 
 def console_tail(path: Path, lines: int = 20) -> str:
@@ -110,8 +130,9 @@ def _parent(pid: str) -> int | None:
 def pids_under(state: Path) -> list[int]:
     """Host processes of this container: runsc's sandbox and gofer, which carry `--root=<state>` in
     their command line (no other container shares that directory), and their descendants (the
-    platform's stub processes, whose command line is empty)."""
+    platform's stub processes, whose command line is empty), and the channel keeper (`keeper_name`)."""
     marker = f"--root={state}".encode()
+    keeper = Layout(state.parent).keeper_name.encode()
     found: set[int] = set()
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -120,7 +141,7 @@ def pids_under(state: Path) -> list[int]:
                 argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if marker in argv:
+            if marker in argv or argv[0] == keeper:
                 found.add(int(entry))
             parent = _parent(entry)
             if parent is not None:
@@ -159,6 +180,8 @@ class GvisorContainer:
         self._watch: asyncio.Task[None] | None = None
         self._channel: socket.socket | None = None  # the host's end, until an AgentClient owns it
         self.on_exit: Callable[[], None] | None = None  # told once the sandbox process has ended
+        self.keep_channel = False  # outlives its daemon: a keeper holds the channel (module docstring)
+        self._keeper: subprocess.Popen[bytes] | None = None
 
     def _runsc(self, *args: str) -> list[str]:
         layer = f"--overlay2=root:dir={self.paths.layer}"
@@ -253,6 +276,8 @@ class GvisorContainer:
             self.timings["restored" if image is not None else "runsc_started"] = time.perf_counter() - t1
             host, self._channel = self._channel, None
             assert host is not None
+            if self.keep_channel:
+                self._keep(host)
             host.setblocking(False)
             reader, writer = await asyncio.open_unix_connection(sock=host, limit=1 << 21)
             self.agent = AgentClient(reader, writer, eof_reason=self._eof_reason)
@@ -272,19 +297,88 @@ class GvisorContainer:
             await self.destroy()
             raise
 
-    async def checkpoint(self, image: Path, *, compress: bool = False) -> None:
-        """Save the whole sandbox (memory, processes, the writable layer) into the directory `image`;
-        the container stops, as runsc does by default. Take it while no request is in flight: bytes on
-        the old channel are not part of the image. Uncompressed by default: restores are faster, the
-        image about three times larger."""
+    async def checkpoint(self, image: Path, *, compress: bool = False, leave_running: bool = False) -> None:
+        """Save the whole sandbox (memory, processes, the writable layer: runsc's overlay is in the
+        image) into the directory `image`; the container stops, as runsc does by default, or runs on
+        with its channel (`leave_running`: a hibernation stops it only once its image is committed).
+        Take it while no request is in flight: bytes on the old channel are not part of the image.
+        Uncompressed by default: restores are faster, the image about three times larger."""
         image.mkdir(mode=0o700, exist_ok=True)
         compression = "flate-best-speed" if compress else "none"
+        leave = ["--leave-running"] if leave_running else []
         await self._run(
-            "checkpoint", f"--compression={compression}", f"--image-path={image}", self.id,
+            "checkpoint", *leave, f"--compression={compression}", f"--image-path={image}", self.id,
             timeout=CHECKPOINT_TIMEOUT_S,
         )  # fmt: skip
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._exited.wait(), GONE_TIMEOUT_S)
+        if not leave_running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), GONE_TIMEOUT_S)
+
+    def _keep(self, host: socket.socket) -> None:
+        """Start the channel keeper (module docstring) with a copy of `host`, in the container's
+        cgroups, and write down where the next daemon finds it."""
+        keeper = subprocess.Popen(
+            [self.paths.keeper_name, "infinity"], executable=shutil.which("sleep") or "/bin/sleep",
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(host.fileno(),), start_new_session=True, cwd=self.paths.workdir, env=private.CHILD_ENV,
+        )  # fmt: skip
+        self._keeper = keeper
+        if self.cgroup is not None:
+            self.cgroup.add(keeper.pid)
+        record = {"pid": keeper.pid, "fd": host.fileno(), "sandbox_pid": self.pid}
+        private.write_private(self.paths.channel, json.dumps(record))
+
+    @classmethod
+    async def attach(
+        cls,
+        id_: str,
+        spec: BundleSpec,
+        workdir: Path,
+        *,
+        network: SandboxNetwork | None = None,
+        cgroup: SandboxCgroup | None = None,
+        timeout: float = 10.0,
+    ) -> GvisorContainer:
+        """Take over the container an earlier daemon started in `workdir` and left running: its agent's
+        channel is taken from the keeper, and resynchronised (`AgentClient.resync`: what the dead daemon
+        left half-read is skipped). Raises `SandboxFailed` if it cannot be; the caller reaps."""
+        box = cls(id_, spec, workdir, network=network, cgroup=cgroup)
+        box.keep_channel = True
+        try:
+            record = json.loads(box.paths.channel.read_text())
+            keeper, fd, pid = int(record["pid"]), int(record["fd"]), int(record["sandbox_pid"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SandboxFailed(f"gvisor container {id_} has no channel keeper to take over: {e}") from None
+        ours = pids_under(box.paths.state)
+        if pid not in ours or keeper not in ours:
+            raise SandboxFailed(
+                f"gvisor container {id_} no longer runs (its sandbox or channel keeper is gone)"
+            )
+        host = socket.socket(fileno=_take_fd(keeper, fd))
+        box.pid = pid
+        box._watch = asyncio.create_task(box._watch_exit(pid), name=f"gvisor-watch-{id_}")
+        try:
+            host.setblocking(False)
+            reader, writer = await asyncio.open_unix_connection(sock=host, limit=1 << 21)
+            box.agent = AgentClient(reader, writer, eof_reason=box._eof_reason, resync=True)
+            await box.agent.resync(timeout)
+        except BaseException:
+            host.close()
+            await box.detach()
+            raise
+        return box
+
+    async def detach(self) -> None:
+        """Let go of a container that runs on for the next daemon: close this process's end of the
+        channel (the keeper holds another) and stop watching; its processes and files stay."""
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent = None
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
 
     async def _watch_exit(self, pid: int) -> None:
         """Set `_exited` when the sandbox process ends (it is not our child: runsc create forked it)."""
@@ -343,6 +437,9 @@ class GvisorContainer:
         try:
             await reap(self.paths.workdir)
         finally:
+            if self._keeper is not None:  # killed with the container's processes: collect it
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._keeper.wait(GONE_TIMEOUT_S)
             if self._watch is not None:
                 self._watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -358,6 +455,21 @@ async def reap(workdir: Path) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     if left or workdir.exists():
         raise TartarusError(f"gvisor container {workdir.name}: could not remove all of it (pids {left})")
+
+
+def _take_fd(pid: int, fd: int) -> int:
+    """A copy of the open file `fd` of process `pid` (`pidfd_getfd`: root, or ptrace rights over it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        got = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if got < 0:
+            errno = ctypes.get_errno()
+            raise SandboxFailed(f"cannot take the channel from its keeper {pid}: {os.strerror(errno)}")
+        os.set_inheritable(got, False)
+        return int(got)
+    finally:
+        os.close(pidfd)
 
 
 async def _readable(fd: int) -> None:

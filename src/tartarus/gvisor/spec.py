@@ -55,6 +55,20 @@ class BundleSpec:
             if not key or "=" in key or "\0" in key + value:
                 raise InvalidArgument(f"bad environment variable {key!r}")
 
+    def to_json(self) -> dict[str, Any]:
+        """As written down beside a capture or a running sandbox: a restore needs this very spec."""
+        return {
+            "rootfs": str(self.rootfs), "agent": str(self.agent), "hostname": self.hostname,
+            "env": dict(self.env), "workdir": self.workdir,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BundleSpec:
+        env = {str(k): str(v) for k, v in dict(data["env"]).items()}
+        return cls(
+            Path(data["rootfs"]), Path(data["agent"]), str(data["hostname"]), env, str(data["workdir"])
+        )
+
 
 def agent_command() -> list[str]:
     """The container's process: a shell (PID 1) running the agent on the channel of its stdin."""

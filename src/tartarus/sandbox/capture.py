@@ -37,7 +37,7 @@ from tartarus.runtime.disks import sparse_copy
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.vm import MicroVM
 from tartarus.sandbox.layout import Layout
-from tartarus.sandbox.saved import META, SavedSandbox, allocated_bytes, pin, publish
+from tartarus.sandbox.saved import GVISOR_IMAGE, META, SavedSandbox, allocated_bytes, pin, publish
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.snapshots.snapshot import Snapshot
 from tartarus.templates.built import Template
@@ -216,9 +216,10 @@ def recover_wakes(layout: Layout) -> tuple[list[str], list[str]]:
     """What a daemon that died mid-wake, after its commit point, left: `.<id>.waking` directories.
     Returns the ids put back to hibernation and the ids lost.
 
-    One not marked `resumed` is still the whole sandbox (its guest never ran; the VMM that loaded it is
-    reaped with the other leftovers), so it goes back to `hibernated/`: deleting it, as reaping the
-    sandboxes directory would, destroyed a sandbox nothing had touched. One marked `resumed` had its
+    One not marked `resumed` (a gVisor one never is: its image is never written) is still the whole
+    sandbox (its guest never ran; the VMM that loaded it is reaped with the other leftovers), so it
+    goes back to `hibernated/`: deleting it, as reaping the sandboxes directory would, destroyed a
+    sandbox nothing had touched. One marked `resumed` had its
     memory only in that VMM, which cannot be taken over (it was never described), so it is lost."""
     restored: list[str] = []
     lost: list[str] = []
@@ -226,7 +227,8 @@ def recover_wakes(layout: Layout) -> tuple[list[str], list[str]]:
         return restored, lost
     for waking in sorted(layout.sandboxes.glob(".*.waking")):
         sandbox_id = waking.name[1 : -len(".waking")]
-        whole = all((waking / name).exists() for name in (META, "memory.state", "layer.ext4"))
+        vm_files = all((waking / name).exists() for name in ("memory.state", "layer.ext4"))
+        whole = (waking / META).exists() and (vm_files or (waking / GVISOR_IMAGE).is_dir())
         target = layout.hibernated / sandbox_id
         if whole and not (waking / RESUMED).exists() and not target.exists():
             target.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)

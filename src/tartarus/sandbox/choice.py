@@ -81,7 +81,8 @@ def choose(requested: Backend | None, template: Template, daemon: Backend | None
 
 def refuse_on_gvisor(template: Template, spec: SandboxSpec, admission: Admission) -> None:
     """What a gVisor sandbox cannot honour yet is refused before it starts, never silently dropped: a
-    service template, an idle timeout (it would hibernate), and the limits nothing enforces on it yet.
+    service template and the limits nothing enforces on it yet (an idle timeout hibernates it, through
+    `runsc checkpoint`, as a VM's does).
     Its egress policy and network rates, a quarantine verdict (the gate closes before its egress rules
     exist), its vCPUs (a CFS quota) and memory are enforced as a VM's are: by its network namespace
     and its cgroups."""
@@ -90,8 +91,6 @@ def refuse_on_gvisor(template: Template, spec: SandboxSpec, admission: Admission
             f"template {template.name!r} starts a service before its snapshot, which the gvisor backend "
             "does not do yet: use a VM backend"
         )
-    if spec.idle_timeout is not None:
-        raise InvalidArgument("an idle timeout hibernates, which the gvisor backend does not do yet")
     # A VM's are enforced by the guest kernel (threads-max, which gVisor's Sentry does not have) and by
     # QEMU (the layer's size, disk throttles); network rates are tc's on the NIC, a veth's as a TAP's.
     asked = {"max_processes": spec.max_processes, "disk_mib": spec.disk_mib}

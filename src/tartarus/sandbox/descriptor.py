@@ -3,7 +3,9 @@
 A daemon's VMMs outlive it (`VMConfig.outlive_owner`). What the next daemon needs to
 reconnect is what only the dead daemon knew: the VM's shape and pid, the network namespace and its
 egress policy, the cgroup, the quarantine, the warm interpreter's pid, the sandbox's spec and limits,
-and what the daemon keeps beside them (the snapshot under it, its exposed ports). Written atomically
+and what the daemon keeps beside them (the snapshot under it, its exposed ports). A gVisor sandbox is
+described by its runsc sandbox's pid and its container spec (`gvisor` instead of `vm`); its agent's
+channel is found through its keeper (`tartarus.gvisor.container`). Written atomically
 whenever one of those changes; a directory without a descriptor is a VMM no sandbox owned yet (a pooled
 one, a create in progress) and is reaped. Version 1 (`options` and `record`) still loads.
 """
@@ -20,6 +22,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tartarus.errors import SandboxFailed
+from tartarus.gvisor.container import GvisorContainer, pids_under
+from tartarus.gvisor.leftovers import CONTAINER_DIR
+from tartarus.gvisor.spec import BundleSpec
 from tartarus.limits.cgroups import SandboxCgroup
 from tartarus.limits.spec import Limits
 from tartarus.network.policy import PinnedPolicy, PinnedRule
@@ -27,7 +32,7 @@ from tartarus.network.sandbox import SandboxNetwork
 from tartarus.private import write_private
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.qemu import Drive, VMConfig
-from tartarus.runtime.vm import MicroVM
+from tartarus.runtime.vm import MicroVM, is_our_vmm
 from tartarus.sandbox.quarantine import QuarantineState
 from tartarus.sandbox.spec import SandboxSpec
 from tartarus.sealing import EnvSeal, SealError
@@ -50,6 +55,7 @@ class Describable(Protocol):
     spec: SandboxSpec
     limits: Limits | None
     vm: MicroVM | None
+    container: GvisorContainer | None
     interpreter: CodeInterpreter | None
     network: SandboxNetwork | None
     cgroup: SandboxCgroup | None
@@ -66,8 +72,8 @@ class Described:
     created_at: float
     spec: SandboxSpec
     limits: Limits | None
-    vmm_pid: int
-    vm_config: VMConfig
+    vmm_pid: int  # a gVisor sandbox's: runsc's sandbox process
+    vm_config: VMConfig | None  # None: a gVisor sandbox, whose container spec is `gvisor`
     drive_nodes: dict[int, str]
     interpreter_pid: int | None
     network: PinnedPolicy | None
@@ -76,14 +82,25 @@ class Described:
     quarantine: QuarantineState | None
     snapshot: Path | None  # the template snapshot it was restored from (None: booted)
     exposed: Any  # the daemon's record of its exposed ports (`daemon.ports`)
+    gvisor: BundleSpec | None = None
 
 
 def write(sandbox: Describable, seal: EnvSeal, *, snapshot: Path | None = None, exposed: Any = None) -> None:
     """Describe `sandbox` (running) in its directory. Its env is sealed (`tartarus.sealing`): the
     descriptor is on disk as long as the sandbox runs."""
-    vm = sandbox.vm
-    if vm is None or vm.pid is None:
-        raise SandboxFailed(f"sandbox {sandbox.id} has no VMM to describe")
+    vm, container = sandbox.vm, sandbox.container
+    if container is not None and container.pid is not None:
+        engine: dict[str, Any] = {"gvisor": {"pid": container.pid, "spec": container.spec.to_json()}}
+    elif vm is not None and vm.pid is not None:
+        engine = {
+            "vm": {
+                "pid": vm.pid,
+                "config": dataclasses.asdict(vm.config),
+                "drive_nodes": {str(k): v for k, v in vm.drive_nodes.items()},
+            }
+        }
+    else:
+        raise SandboxFailed(f"sandbox {sandbox.id} has no VMM or container to describe")
     network = sandbox.network
     data = {
         "version": VERSION,
@@ -92,11 +109,7 @@ def write(sandbox: Describable, seal: EnvSeal, *, snapshot: Path | None = None, 
         "created_at": sandbox.created_at,
         "spec": {**sandbox.spec.to_json(), "env": seal.seal(dict(sandbox.spec.env), sandbox.id)},
         "limits": dataclasses.asdict(sandbox.limits) if sandbox.limits else None,
-        "vm": {
-            "pid": vm.pid,
-            "config": dataclasses.asdict(vm.config),
-            "drive_nodes": {str(k): v for k, v in vm.drive_nodes.items()},
-        },
+        **engine,
         "interpreter_pid": sandbox.interpreter.pid if sandbox.interpreter else None,
         "network": None
         if network is None
@@ -133,7 +146,16 @@ def read(workdir: Path, seal: EnvSeal) -> dict[str, Any] | None:
 
 
 def vmm_pid(data: Mapping[str, Any]) -> int:
-    return int(data["vm"]["pid"])
+    return int((data.get("gvisor") or data["vm"])["pid"])
+
+
+def still_runs(data: Mapping[str, Any], workdir: Path) -> bool:
+    """The described VMM (QEMU referencing `workdir`) or runsc sandbox (of `workdir`'s container) runs.
+    Raises KeyError, TypeError or ValueError if the descriptor is damaged."""
+    pid = vmm_pid(data)
+    if data.get("gvisor") is not None:
+        return pid in pids_under(workdir / CONTAINER_DIR / "runsc")
+    return is_our_vmm(pid, workdir)
 
 
 def parse(data: Mapping[str, Any]) -> Described:
@@ -150,7 +172,8 @@ def parse(data: Mapping[str, Any]) -> Described:
         snapshot, exposed = data.get("snapshot"), data.get("exposed")
     net = data.get("network")
     q = data.get("quarantine")
-    vm_data = data["vm"]
+    gvisor = data.get("gvisor")
+    vm_data = data["vm"] if gvisor is None else None
     return Described(
         id=str(data["id"]),
         template=template,
@@ -158,8 +181,8 @@ def parse(data: Mapping[str, Any]) -> Described:
         spec=spec,
         limits=limits,
         vmm_pid=vmm_pid(data),
-        vm_config=_load_config(vm_data["config"]),
-        drive_nodes={int(k): str(v) for k, v in vm_data.get("drive_nodes", {}).items()},
+        vm_config=_load_config(vm_data["config"]) if vm_data is not None else None,
+        drive_nodes={int(k): str(v) for k, v in (vm_data or {}).get("drive_nodes", {}).items()},
         interpreter_pid=int(data["interpreter_pid"]) if data.get("interpreter_pid") is not None else None,
         network=_load_policy(net["policy"]) if net is not None else None,
         cut_off=bool(net["cut_off"]) if net is not None else False,
@@ -171,6 +194,7 @@ def parse(data: Mapping[str, Any]) -> Described:
         else None,
         snapshot=Path(snapshot) if snapshot else None,
         exposed=exposed,
+        gvisor=BundleSpec.from_json(gvisor["spec"]) if gvisor is not None else None,
     )
 
 

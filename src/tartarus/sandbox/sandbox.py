@@ -52,7 +52,7 @@ from tartarus.runtime.disks import create_layer, sparse_copy
 from tartarus.runtime.interpreter import CodeInterpreter
 from tartarus.runtime.qemu import Drive, VMConfig, disk_node
 from tartarus.runtime.vm import MicroVM
-from tartarus.sandbox import capture, descriptor
+from tartarus.sandbox import capture, descriptor, gvisor_capture
 from tartarus.sandbox.backend import Backend, Engine
 from tartarus.sandbox.capture import LAYER, RESUMED
 from tartarus.sandbox.descriptor import Described
@@ -163,11 +163,6 @@ class Sandbox:
             raise SandboxFailed(f"sandbox {self.id} has stopped: {self.exit_message}")
         return engine.agent
 
-    def vm_only(self, what: str) -> None:
-        """Refuse what only a VM sandbox does yet (hibernation, checkpoints), naming the backend."""
-        if self.backend == "gvisor":
-            raise Conflict(f"sandbox {self.id} runs on the gvisor backend, which cannot be {what} yet")
-
     # ---- starting -------------------------------------------------------------------------------
 
     @classmethod
@@ -212,6 +207,7 @@ class Sandbox:
         *,
         limits: Limits | None = None,
         prepared: Sandbox | None = None,
+        outlive_owner: bool = False,
     ) -> Sandbox:
         """A gVisor sandbox of `template`: restored from the template's warm image (its interpreter has
         the template's modules imported), or started fresh when the template has no interpreter or
@@ -226,6 +222,9 @@ class Sandbox:
             sandbox = prepared
             sandbox.spec, sandbox.limits = spec or SandboxSpec(template.name), limits
             sandbox.created_at = time.time()
+        sandbox.outlive_owner = outlive_owner
+        if sandbox.container is not None:
+            sandbox.container.keep_channel = outlive_owner
         try:
             await sandbox._start_gvisor()
         except BaseException:
@@ -265,6 +264,7 @@ class Sandbox:
         self.container = GvisorContainer(
             self.id, spec, self.workdir / CONTAINER_DIR, network=self.network, cgroup=self.cgroup
         )
+        self.container.keep_channel = self.outlive_owner  # taken over by the next daemon (`attach`)
         return self.container
 
     async def _start_gvisor(self) -> None:
@@ -470,7 +470,7 @@ class Sandbox:
         limits: Limits | None = None,
         outlive_owner: bool = False,
         prepared: Sandbox | None = None,
-    ) -> tuple[Sandbox, Snapshot]:
+    ) -> tuple[Sandbox, Snapshot | None]:
         """The hibernated sandbox `saved` running again, the same sandbox (id, names, files)."""
         return await cls._from_saved(saved, layout, spec, limits, outlive_owner, prepared, wake=True)
 
@@ -484,7 +484,7 @@ class Sandbox:
         limits: Limits | None = None,
         outlive_owner: bool = False,
         prepared: Sandbox | None = None,
-    ) -> tuple[Sandbox, Snapshot]:
+    ) -> tuple[Sandbox, Snapshot | None]:
         """A new sandbox from the checkpoint `saved`: its memory, processes and files, its own identity."""
         return await cls._from_saved(saved, layout, spec, limits, outlive_owner, prepared, wake=False)
 
@@ -499,10 +499,20 @@ class Sandbox:
         prepared: Sandbox | None,
         *,
         wake: bool,
-    ) -> tuple[Sandbox, Snapshot]:
+    ) -> tuple[Sandbox, Snapshot | None]:
         """A running sandbox from `saved`, with the (pinned) snapshot under it, which a later capture
         of it needs. `prepared` is a pooled VMM of the same snapshot, waiting for incoming state; without
-        one, a VMM is started. A wake commits as `tartarus.sandbox.capture` describes."""
+        one, a VMM is started. A wake commits as `tartarus.sandbox.capture` describes; a gVisor
+        capture's (no snapshot under it) as `tartarus.sandbox.gvisor_capture` does."""
+        if saved.bundle is not None:
+            gvisor_capture.check_saved(saved)
+            spec = dataclasses.replace(spec, env={**saved.env, **spec.env})
+            id_ = saved.id if wake else new_sandbox_id()
+            workdir = gvisor_capture.prepare_workdir(layout, id_, wake)
+            sandbox = cls(id_, saved.template, workdir, spec, limits=limits, outlive_owner=outlive_owner,
+                          backend="gvisor")  # fmt: skip
+            await gvisor_capture.start_saved(sandbox, saved, layout, wake=wake)
+            return sandbox, None
         try:
             snapshot = pinned(layout.pins, saved.snapshot_key)
         except FileNotFoundError:
@@ -794,7 +804,8 @@ class Sandbox:
         exposed: Any = None,
     ) -> SavedSandbox:
         """Capture to `<state>/hibernated/<id>` and stop (`capture.hibernate`: its commit point)."""
-        self.vm_only("hibernated")
+        if self.container is not None:
+            return await gvisor_capture.hibernate(self, layout, quota_bytes, timings=timings, exposed=exposed)
         return await capture.hibernate(
             self,
             snapshot,
@@ -814,15 +825,14 @@ class Sandbox:
         quota_bytes: int | None = None,
     ) -> SavedSandbox:
         """Capture to `<state>/checkpoints/<id>` and run on (`capture.checkpoint`)."""
-        self.vm_only("checkpointed")
+        if self.container is not None:
+            return await gvisor_capture.checkpoint(self, layout, checkpoint_id, ttl_s, quota_bytes)
         return await capture.checkpoint(self, snapshot, layout, checkpoint_id, ttl_s, quota_bytes)
 
     # ---- handing over ---------------------------------------------------------------------------
 
     def describe(self, seal: EnvSeal, *, snapshot: Path | None = None, exposed: Any = None) -> None:
         """Write this running sandbox down for the next daemon (`tartarus.sandbox.descriptor`)."""
-        if self.container is not None:  # its agent's channel is this daemon's socket: it ends with it
-            raise SandboxFailed(f"sandbox {self.id} runs on gvisor: it cannot outlive its daemon")
         descriptor.write(self, seal, snapshot=snapshot, exposed=exposed)
 
     @classmethod
@@ -830,7 +840,10 @@ class Sandbox:
         """Take over the sandbox a previous daemon described (`tartarus.sandbox.descriptor`). On failure
         the caller reaps `workdir` (VMM, namespace, cgroup, files); what this process had opened for it
         (relay, connections) is closed here."""
-        sandbox = cls(found.id, template, workdir, found.spec, limits=found.limits, outlive_owner=True)
+        backend: Backend | None = "gvisor" if found.gvisor is not None else None
+        sandbox = cls(
+            found.id, template, workdir, found.spec, limits=found.limits, outlive_owner=True, backend=backend
+        )
         try:
             sandbox.created_at = found.created_at
             if found.network is not None:
@@ -839,13 +852,18 @@ class Sandbox:
             if found.cgroup:
                 sandbox.cgroup = SandboxCgroup.existing(found.cgroup, found.limits)
             sandbox.quarantined = found.quarantine
-            sandbox.vm = await MicroVM.attach(
-                found.vm_config, workdir, found.vmm_pid, drive_nodes=found.drive_nodes
-            )
-            if found.interpreter_pid is not None:
-                sandbox.interpreter = CodeInterpreter.reattach(
-                    sandbox.vm.agent_client(), found.interpreter_pid
+            if found.gvisor is not None:
+                sandbox.container = await GvisorContainer.attach(
+                    found.id, found.gvisor, workdir / CONTAINER_DIR, network=sandbox.network,
+                    cgroup=sandbox.cgroup,
+                )  # fmt: skip
+            else:
+                assert found.vm_config is not None
+                sandbox.vm = await MicroVM.attach(
+                    found.vm_config, workdir, found.vmm_pid, drive_nodes=found.drive_nodes
                 )
+            if found.interpreter_pid is not None:
+                sandbox.interpreter = CodeInterpreter.reattach(sandbox.agent, found.interpreter_pid)
         except BaseException:
             await sandbox.detach()
             raise
@@ -858,6 +876,8 @@ class Sandbox:
             await self.network.release()
         if self.vm is not None:
             await self.vm.detach()
+        if self.container is not None:
+            await self.container.detach()
 
     async def destroy(self) -> None:
         """Kill the VM and wipe everything the sandbox wrote ("Lethe"). Idempotent."""

@@ -1,9 +1,10 @@
 """Captured sandboxes on disk: hibernated sandboxes and checkpoints share one format.
 
 `<dir>/image.json` (what it is and what it was captured from), `<dir>/memory.state` (device state plus
-the guest pages the sandbox wrote) and `<dir>/layer.ext4` (its writable layer). A saved sandbox is written
-in a staging directory and published by one rename after everything in it is fsynced, so a crash leaves
-either no saved sandbox or a whole one.
+the guest pages the sandbox wrote) and `<dir>/layer.ext4` (its writable layer); a gVisor sandbox's is
+`<dir>/gvisor/`, runsc's checkpoint image (memory, processes and its writable overlay in one). A saved
+sandbox is written in a staging directory and published by one rename after everything in it is
+fsynced, so a crash leaves either no saved sandbox or a whole one.
 
 A saved sandbox is only meaningful over the template snapshot it was captured from, so it *pins* that
 snapshot: hard links to its memory file and root filesystem under `<state>/pins/<snapshot key>/`. The
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tartarus.gvisor.spec import BundleSpec
 from tartarus.hibernation.capture import fsync_path
 from tartarus.private import PRIVATE_DIR, PRIVATE_FILE, write_private
 from tartarus.runtime.disks import sparse_copy
@@ -31,6 +33,7 @@ from tartarus.snapshots.snapshot import Snapshot
 from tartarus.templates.built import Template
 
 META = "image.json"  # its name predates "saved sandbox"; kept so that earlier captures load
+GVISOR_IMAGE = "gvisor"  # a gVisor capture's runsc image directory
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,12 @@ class SavedSandbox:
     layer_bytes: int  # allocated, not apparent: what the layer really costs on disk
     ttl_s: float | None = None  # checkpoints: deleted by gc this long after their last use
     exposed: Any = None  # the daemon's record of its exposed ports (`daemon.ports`), listened on again
+    bundle: BundleSpec | None = None  # a gVisor capture: the container spec its image restores with
+
+    @property
+    def image(self) -> Path:
+        """A gVisor capture's runsc image."""
+        return self.path / GVISOR_IMAGE
 
     @property
     def state(self) -> Path:
@@ -71,6 +80,7 @@ class SavedSandbox:
     def to_json(self, seal: EnvSeal) -> str:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}
         data["template"] = json.loads(self.template.to_json())
+        data["bundle"] = self.bundle.to_json() if self.bundle is not None else None
         data["spec"] = {**self.spec.to_json(), "env": seal.seal(dict(self.env), self.sandbox_id)}
         return json.dumps(data, indent=2)
 
@@ -79,6 +89,8 @@ class SavedSandbox:
         data: dict[str, Any] = json.loads((path / META).read_text())
         tdata = data.pop("template")
         tdata["rootfs"] = Path(tdata["rootfs"])
+        bundle = data.pop("bundle", None)
+        data["bundle"] = BundleSpec.from_json(bundle) if bundle is not None else None
         if "spec" in data:
             spec = data.pop("spec")
             env = seal.open(spec["env"], data["sandbox_id"])
@@ -92,6 +104,8 @@ class SavedSandbox:
 
 
 def allocated_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(allocated_bytes(child) for child in path.iterdir())
     return os.stat(path).st_blocks * 512
 
 
@@ -102,8 +116,12 @@ def publish(saved: SavedSandbox, final: Path, seal: EnvSeal) -> SavedSandbox:
     write_private(tmp, saved.to_json(seal))
     fsync_path(tmp)
     tmp.rename(staging / META)
-    for name in ("memory.state", "layer.ext4"):
-        fsync_path(staging / name)
+    if saved.bundle is None:
+        files = [staging / "memory.state", staging / "layer.ext4"]
+    else:
+        files = [*saved.image.iterdir(), saved.image]
+    for path in files:
+        fsync_path(path)
     fsync_path(staging)
     final.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     staging.rename(final)

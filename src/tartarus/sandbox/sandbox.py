@@ -34,6 +34,7 @@ from tartarus.gvisor.containment import GVISOR
 from tartarus.gvisor.leftovers import CONTAINER_DIR
 from tartarus.gvisor.spec import BundleSpec
 from tartarus.gvisor.warm import WarmImage, bundle_spec, sandbox_env, warm_image
+from tartarus.hibernation import image, lazy
 from tartarus.hibernation.capture import fsync_path
 from tartarus.hibernation.load import load
 from tartarus.limits import Limits, SandboxCgroup
@@ -85,6 +86,7 @@ class GuestState:
     path: Path
     interpreter_pid: int | None
     new_identity: bool = True  # a clone gets its own hostname and machine-id; a woken sandbox keeps its
+    mapped: bool = False  # its pages are in the memory file the VMM maps (a lazy wake): not copied in
 
 
 def compatible(snapshot: Snapshot, spec: SandboxSpec) -> bool:
@@ -305,10 +307,12 @@ class Sandbox:
         sandbox_id: str | None = None,
         layer_source: Path | None = None,
         layer: Path | None = None,
+        memory: Callable[[Path], Path] | None = None,
     ) -> Sandbox:
         """A VMM waiting for incoming state (what a pool keeps ready; `restore` brings it to life). Its
         writable layer is a sparse copy of `layer_source` (default: the snapshot's), or the existing
-        file `layer` used in place (a hibernated sandbox's)."""
+        file `layer` used in place (a hibernated sandbox's). Its RAM maps the snapshot's memory file,
+        or the one `memory` makes in the working directory (a lazy wake's)."""
         id_ = sandbox_id or new_sandbox_id()
         sandbox = cls(id_, template, root / id_, limits=limits, outlive_owner=outlive_owner)
         sandbox.workdir.mkdir(mode=PRIVATE_DIR, parents=True)
@@ -317,9 +321,12 @@ class Sandbox:
             if layer is None:
                 layer = sandbox.workdir / LAYER
                 await _copy_off_loop(layer_source or snapshot.layer, layer)
+            memory_file = snapshot.memory
+            if memory is not None:
+                memory_file = await asyncio.to_thread(memory, sandbox.workdir)
             await sandbox._attach_network()
             sandbox._attach_cgroup()
-            config = sandbox.vm_config(layer=layer, memory_file=snapshot.memory, share=False)
+            config = sandbox.vm_config(layer=layer, memory_file=memory_file, share=False)
             config.incoming = True
             sandbox.vm = MicroVM(config, sandbox.workdir)
             await sandbox.vm.start(nice=nice)
@@ -385,7 +392,7 @@ class Sandbox:
             if pooled:
                 vm.set_priority(nice)
                 self._attach_cgroup()  # a pooled VMM was started before this request's limits were known
-            await load(vm, state.path)
+            await load(vm, state.path, mapped=state.mapped)
             failpoints.hit("restore.loaded")
             if on_loaded is not None:
                 on_loaded()  # the last moment at which no guest has run: a wake commits here
@@ -525,6 +532,7 @@ class Sandbox:
                 fsync_path(waking)
 
         t0 = time.perf_counter()
+        memory = None if prepared is not None else _lazy_memory(saved, layout, snapshot)
         if prepared is None:
             prepared = await cls.prepare(
                 snapshot,
@@ -535,6 +543,7 @@ class Sandbox:
                 sandbox_id=sandbox_id,
                 layer=saved.layer if wake else None,
                 layer_source=None if wake else saved.layer,
+                memory=memory,
             )
         else:
             try:
@@ -543,7 +552,8 @@ class Sandbox:
                 await prepared.destroy()
                 raise
         vmm_ready = time.perf_counter() - t0
-        state = GuestState(saved.state, saved.interpreter_pid, new_identity=not wake)
+        mapped = memory is not None
+        state = GuestState(saved.state, saved.interpreter_pid, new_identity=not wake, mapped=mapped)
         sandbox = prepared
         try:
             t1 = time.perf_counter()
@@ -867,6 +877,26 @@ class Sandbox:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+
+def _lazy_memory(saved: SavedSandbox, layout: Layout, snapshot: Snapshot) -> Callable[[Path], Path] | None:
+    """What makes a waking VMM's memory file (`tartarus.hibernation.lazy`), or None where a lazy wake is
+    impossible (no reflinks on the state directory's filesystem, a format-1 image): the pages are then
+    copied in before the guest runs."""
+    try:
+        found = image.read_header(saved.state)
+    except (OSError, image.ImageError):
+        return None  # the load says why
+    if found is None or not lazy.available(layout.state_dir, found):
+        return None
+    layout_image = found
+
+    def memory(workdir: Path) -> Path:
+        dest = workdir / lazy.MEMORY
+        lazy.build(snapshot.memory, saved.state, layout_image, dest)
+        return dest
+
+    return memory
 
 
 def _remove_leftovers(cgroup: SandboxCgroup | None, workdir: Path) -> None:

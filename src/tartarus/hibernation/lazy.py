@@ -1,0 +1,95 @@
+"""Lazy wake: a saved sandbox's memory as one file its VMM maps, so pages load when the guest touches them.
+
+Where the state directory's filesystem has reflinks (`reflink.supported`), a wake does not copy the
+sandbox's own pages into its VMM before the guest may run (`image.load_pages`). It makes
+`<workdir>/memory.ram`: the pinned template's memory file cloned, the image's own pages cloned over it
+at their offsets, data shared with both, written nowhere; the VMM maps that file privately instead of
+the template's, exactly as a cold start maps the template's, and loads the device state only. The
+guest then faults its pages in from the page cache (read ahead in the background, `prefetch`).
+
+A VMM mapping such a file owns more than its anonymous pages: the pages cloned from the image are
+file pages it never wrote, yet differ from the template. They are listed beside the file
+(`memory.ram.own`, the image's runs), and a capture adds them to the ones the page table shows
+(`with_base`), so that its image is again relative to the template and loads anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+from tartarus.hibernation import reflink
+from tartarus.hibernation.image import Image, Run
+from tartarus.hibernation.stream import PAGE_SIZE
+from tartarus.private import write_private
+
+MEMORY = "memory.ram"  # in a sandbox's working directory
+OWN_SUFFIX = ".own"
+
+
+def own_list(memory_file: Path) -> Path:
+    return memory_file.with_name(memory_file.name + OWN_SUFFIX)
+
+
+def available(state_dir: Path, image: Image | None) -> bool:
+    """A lazy wake of `image` is possible: a format-2 image on a filesystem with reflinks."""
+    return image is not None and reflink.supported(state_dir)
+
+
+def build(template_memory: Path, state: Path, image: Image, dest: Path) -> None:
+    """`dest`: the template's memory with `image`'s pages (in the file `state`) over it, all cloned;
+    beside it, the list of those pages. Both on the filesystem of `template_memory` and `state`."""
+    reflink.clone_file(template_memory, dest)
+    try:
+        with open(state, "rb") as src, open(dest, "r+b") as out:
+            reflink.clone_ranges(src.fileno(), out.fileno(), _ranges(image))
+        write_runs(own_list(dest), image.runs)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+def _ranges(image: Image) -> list[tuple[int, int, int]]:
+    """(offset in the image, length, offset in guest RAM) of each run of pages."""
+    ranges, at = [], image.pages_at
+    for first, n in image.runs:
+        ranges.append((at, n * PAGE_SIZE, first * PAGE_SIZE))
+        at += n * PAGE_SIZE
+    return ranges
+
+
+def write_runs(path: Path, runs: Sequence[Run]) -> None:
+    flat = [x for run in runs for x in run]
+    write_private(path, struct.pack(f">{len(flat)}I", *flat))
+
+
+def read_runs(path: Path) -> list[Run]:
+    raw = path.read_bytes()
+    flat = struct.unpack(f">{len(raw) // 4}I", raw)
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+def with_base(own: bytes, memory_file: Path) -> bytes:
+    """`own` (one byte per page, 1 = owned, from the page table) plus the pages `memory_file` holds
+    over the template, if it is a lazy wake's file; as it is for a template's memory file."""
+    listed = own_list(memory_file)
+    if not listed.exists():
+        return own
+    base = bytearray(len(own))
+    for first, n in read_runs(listed):
+        base[first : first + n] = b"\x01" * n
+    return (int.from_bytes(own, "big") | int.from_bytes(base, "big")).to_bytes(len(own), "big")
+
+
+def prefetch(memory_file: Path) -> None:
+    """Ask the kernel to read the sandbox's own pages into the page cache (asynchronously): the guest
+    is likely to touch them soon, and a fault then finds them there."""
+    listed = own_list(memory_file)
+    fd = os.open(memory_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for first, n in read_runs(listed):
+            os.posix_fadvise(fd, first * PAGE_SIZE, n * PAGE_SIZE, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)

@@ -43,22 +43,41 @@ def _vmm(state: Path, sandbox_id: str) -> int:
     return pid
 
 
-def test_wake_maps_the_saved_pages_where_reflinks_exist(xfs: Path) -> None:
+def _woken_vmm(state: Path) -> tuple[int, Path]:
+    """The VMM that runs a guest (a spare's owns no page yet) and the memory file it maps."""
+    found = []
+    for pid in qemu_pids(state / "sandboxes"):
+        for memory in (state / "sandboxes").glob(f"*/{lazy.MEMORY}"):
+            try:
+                ram_mapping(pid, memory)
+            except LookupError:
+                continue
+            found.append((sum(own_pages(pid, memory)), pid, memory))
+    assert found, "no VMM maps a per-sandbox memory file"
+    _, pid, memory = max(found)
+    return pid, memory
+
+
+@pytest.mark.parametrize("spares", [0, 1])
+def test_wake_maps_the_saved_pages_where_reflinks_exist(xfs: Path, spares: int) -> None:
+    """Without spares each wake starts a VMM on a file made for it; with them (after the first wake,
+    which makes the pool) the sandbox's pages and layer are cloned into a spare's own files."""
     state, sock = xfs / "state", xfs / "api.sock"
-    with daemon_thread(state, sock, DaemonConfig(pool_size=0)):  # no spare VMM: it maps the template
+    in_spare = 0
+    with daemon_thread(state, sock, DaemonConfig(pool_size=spares)):
         sb = Sandbox.create("python-ds", url=f"unix://{sock}")
         try:
             _give_state(sb)
             sb.run_code(BALLAST)
             assert reflink.supported(state)
-            for cycle in range(2):  # the second captures a lazily woken VMM: its file's pages count too
+            for cycle in range(3):  # later ones capture a lazily woken VMM: its file's pages count too
                 assert sb.hibernate().state == "hibernated"
                 saved = image.read_header(state / "hibernated" / sb.id / "memory.state")
                 assert saved is not None and saved.pages > (32 << 20) // 4096, f"cycle {cycle}: pages lost"
                 _check_state(sb)  # wakes it
-                memory = state / "sandboxes" / sb.id / lazy.MEMORY
-                pid = _vmm(state, sb.id)
-                _, length = ram_mapping(pid, memory)  # its RAM is the per-sandbox file
+                pid, memory = _woken_vmm(state)
+                in_spare += memory.parent.name != sb.id
+                _, length = ram_mapping(pid, memory)
                 assert length == 512 << 20
                 anonymous = sum(own_pages(pid, memory))
                 assert anonymous < saved.pages // 2, (
@@ -67,7 +86,8 @@ def test_wake_maps_the_saved_pages_where_reflinks_exist(xfs: Path) -> None:
                 assert sb.run_code(SAME).result == "True", f"cycle {cycle}: the ballast changed"
         finally:
             sb.kill()
-        assert not any((state / "sandboxes").iterdir())
+        assert not [p for p in (state / "sandboxes").iterdir() if not p.name.startswith("sb-")] or spares
+    assert (in_spare > 0) == (spares > 0), f"{in_spare} wakes took a spare"
 
 
 def test_wake_copies_the_pages_in_on_ext4(tmp_path: Path) -> None:

@@ -19,8 +19,10 @@ from typing import Any
 
 from tartarus.bench.coldstart import wait_full
 from tartarus.bench.stats import summary_ms
+from tartarus.hibernation import reflink
 from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.sandbox import Sandbox
+from tartarus.sandbox.saved import pin
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.snapshot import Snapshot
@@ -103,7 +105,11 @@ async def _rounds(
         layout = Layout(Path(tmp))
         layout.sandboxes.mkdir()
         cyclers = await asyncio.gather(*(_start(snapshot, layout, dirty_mib) for _ in range(concurrency)))
-        pool = VMMPool(snapshot, get_template(snapshot.template), layout.sandboxes, size=concurrency)
+        # On a filesystem with reflinks, wakes take spares mapping a clone of the pinned memory (lazy).
+        lazy = reflink.supported(layout.sandboxes)
+        template = get_template(snapshot.template)
+        memory_from = pin(snapshot, template, layout.pins)[0].memory if lazy else None
+        pool = VMMPool(snapshot, template, layout.sandboxes, size=concurrency, memory_from=memory_from)
         cycles: list[dict[str, Any]] = []
         try:
             while len(cycles) < samples:

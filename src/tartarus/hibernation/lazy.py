@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tartarus.hibernation import reflink
+from tartarus.hibernation import reflink, remote
+from tartarus.hibernation.dirty import own_pages_at, ram_mapping
 from tartarus.hibernation.image import Image, Run
 from tartarus.hibernation.stream import PAGE_SIZE
 from tartarus.private import write_private
@@ -49,6 +50,36 @@ def build(template_memory: Path, state: Path, image: Image, dest: Path) -> None:
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
+
+
+def template_clone(template_memory: Path) -> Callable[[Path], Path]:
+    """What makes a spare VMM's memory file (`Sandbox.prepare`): the template's, cloned into its working
+    directory, for a wake to clone a sandbox's pages into (`fill`) before its guest runs."""
+
+    def make(workdir: Path) -> Path:
+        dest = workdir / MEMORY
+        reflink.clone_file(template_memory, dest)
+        return dest
+
+    return make
+
+
+def fill(memory_file: Path, state: Path, image: Image, pid: int) -> None:
+    """`image`'s pages cloned into `memory_file`, the template's clone that the VMM `pid` (whose guest
+    has not run) maps privately: it sees them as it faults them in. A page the VMM wrote while it
+    started holds a copy of its own, which no change to the file reaches: those are copied in."""
+    with open(state, "rb") as src, open(memory_file, "r+b") as out:
+        reflink.clone_ranges(src.fileno(), out.fileno(), _ranges(image))
+        start, length = ram_mapping(pid, memory_file)
+        own = own_pages_at(pid, start, length)
+        at = image.pages_at
+        for first, n in image.runs:
+            if any(own[first : first + n]):
+                data = bytearray(os.pread(src.fileno(), n * PAGE_SIZE, at))
+                span = (start + first * PAGE_SIZE, n * PAGE_SIZE)
+                remote.write(pid, [(remote.address_of(data), len(data))], [span])
+            at += n * PAGE_SIZE
+    write_runs(own_list(memory_file), image.runs)
 
 
 def _ranges(image: Image) -> list[tuple[int, int, int]]:

@@ -34,7 +34,7 @@ from tartarus.gvisor.containment import GVISOR
 from tartarus.gvisor.leftovers import CONTAINER_DIR
 from tartarus.gvisor.spec import BundleSpec
 from tartarus.gvisor.warm import WarmImage, bundle_spec, sandbox_env, warm_image
-from tartarus.hibernation import image, lazy
+from tartarus.hibernation import image, lazy, reflink
 from tartarus.hibernation.capture import fsync_path
 from tartarus.hibernation.load import load
 from tartarus.limits import Limits, SandboxCgroup
@@ -532,7 +532,12 @@ class Sandbox:
                 fsync_path(waking)
 
         t0 = time.perf_counter()
-        memory = None if prepared is not None else _lazy_memory(saved, layout, snapshot)
+        found = _format_2(saved)
+        memory = (
+            None if prepared is not None or found is None else _lazy_memory(saved, layout, snapshot, found)
+        )
+        mapped = memory is not None
+        layer_in_place = False
         if prepared is None:
             prepared = await cls.prepare(
                 snapshot,
@@ -547,12 +552,12 @@ class Sandbox:
             )
         else:
             try:
-                await prepared._take_layer(saved, wake)
+                layer_in_place = await prepared._take_layer(saved, wake)
+                mapped = await prepared._take_memory(saved, found)
             except BaseException:
                 await prepared.destroy()
                 raise
         vmm_ready = time.perf_counter() - t0
-        mapped = memory is not None
         state = GuestState(saved.state, saved.interpreter_pid, new_identity=not wake, mapped=mapped)
         sandbox = prepared
         try:
@@ -573,15 +578,21 @@ class Sandbox:
         sandbox.timings["vmm_ready"] = vmm_ready
         if wake:
             sandbox.created_at = saved.created_at
-            sandbox._relocate_layer(waking / "layer.ext4")
+            if not layer_in_place:
+                sandbox._relocate_layer(waking / "layer.ext4")
             shutil.rmtree(waking, ignore_errors=True)
         return sandbox, snapshot
 
-    async def _take_layer(self, saved: SavedSandbox, wake: bool) -> None:
+    async def _take_layer(self, saved: SavedSandbox, wake: bool) -> bool:
         """Give this pooled VMM (waiting with a fresh layer of its own) the saved layer: the hibernated
-        sandbox's own file for a wake, a copy of the checkpoint's for a copy."""
+        sandbox's own file for a wake, a copy of the checkpoint's for a copy. Where reflinks exist, its
+        own layer file is made to share the saved one's data instead, which no QEMU command has to
+        follow (True: the layer stays where it is)."""
         assert self.vm is not None
         fresh = self.workdir / LAYER
+        if reflink.supported(self.workdir) and fresh.stat().st_size == saved.layer.stat().st_size:
+            await asyncio.to_thread(reflink.clone_into, saved.layer, fresh)
+            return True
         if wake:
             layer = saved.layer
         else:
@@ -591,6 +602,17 @@ class Sandbox:
         fresh.unlink()
         if not wake:
             self._relocate_layer(layer)
+        return False
+
+    async def _take_memory(self, saved: SavedSandbox, found: image.Image | None) -> bool:
+        """Clone the saved pages into this pooled VMM's memory file if it has one of its own (a lazy
+        spare, `lazy.template_clone`): True, and the wake loads the device state only."""
+        vm = self.vm
+        assert vm is not None and vm.config.memory_file is not None
+        if found is None or vm.pid is None or vm.config.memory_file.name != lazy.MEMORY:
+            return False
+        await asyncio.to_thread(lazy.fill, vm.config.memory_file, saved.state, found, vm.pid)
+        return True
 
     def _relocate_layer(self, path: Path) -> None:
         """Move the layer QEMU has open (at `path`) to its place in the working directory."""
@@ -879,21 +901,27 @@ class Sandbox:
                 raise result
 
 
-def _lazy_memory(saved: SavedSandbox, layout: Layout, snapshot: Snapshot) -> Callable[[Path], Path] | None:
-    """What makes a waking VMM's memory file (`tartarus.hibernation.lazy`), or None where a lazy wake is
-    impossible (no reflinks on the state directory's filesystem, a format-1 image): the pages are then
-    copied in before the guest runs."""
+def _format_2(saved: SavedSandbox) -> image.Image | None:
+    """The saved sandbox's image layout, if it is format 2 (None for format 1, or if unreadable: the
+    load says why)."""
     try:
-        found = image.read_header(saved.state)
+        return image.read_header(saved.state)
     except (OSError, image.ImageError):
-        return None  # the load says why
-    if found is None or not lazy.available(layout.state_dir, found):
         return None
-    layout_image = found
+
+
+def _lazy_memory(
+    saved: SavedSandbox, layout: Layout, snapshot: Snapshot, found: image.Image
+) -> Callable[[Path], Path] | None:
+    """What makes a waking VMM's memory file (`tartarus.hibernation.lazy`), or None where a lazy wake is
+    impossible (no reflinks on the state directory's filesystem): the pages are then copied in before
+    the guest runs."""
+    if not lazy.available(layout.state_dir, found):
+        return None
 
     def memory(workdir: Path) -> Path:
         dest = workdir / lazy.MEMORY
-        lazy.build(snapshot.memory, saved.state, layout_image, dest)
+        lazy.build(snapshot.memory, saved.state, found, dest)
         return dest
 
     return memory

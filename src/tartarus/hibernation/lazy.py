@@ -5,7 +5,7 @@ sandbox's own pages into its VMM before the guest may run (`image.load_pages`). 
 `<workdir>/memory.ram`: the pinned template's memory file cloned, the image's own pages cloned over it
 at their offsets, data shared with both, written nowhere; the VMM maps that file privately instead of
 the template's, exactly as a cold start maps the template's, and loads the device state only. The
-guest then faults its pages in from the page cache (read ahead in the background, `prefetch`).
+guest then faults its pages in when it touches them.
 
 A VMM mapping such a file owns more than its anonymous pages: the pages cloned from the image are
 file pages it never wrote, yet differ from the template. They are listed beside the file
@@ -112,15 +112,3 @@ def with_base(own: bytes, memory_file: Path) -> bytes:
     for first, n in read_runs(listed):
         base[first : first + n] = b"\x01" * n
     return (int.from_bytes(own, "big") | int.from_bytes(base, "big")).to_bytes(len(own), "big")
-
-
-def prefetch(memory_file: Path) -> None:
-    """Ask the kernel to read the sandbox's own pages into the page cache (asynchronously): the guest
-    is likely to touch them soon, and a fault then finds them there."""
-    listed = own_list(memory_file)
-    fd = os.open(memory_file, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        for first, n in read_runs(listed):
-            os.posix_fadvise(fd, first * PAGE_SIZE, n * PAGE_SIZE, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)

@@ -135,7 +135,8 @@ with daemon_thread(Path({str(state)!r}), Path({str(sock)!r}), config):
     assert {pool_size is None!r} or wait_until(pooled, 120), "the pool never filled"
     if {pool_size is not None!r} and {hibernate_first!r} and reflink.supported(Path({str(tmp_path)!r})):
         # the wake takes a spare of the lazy pool the hibernation made (its VMMs map a memory.ram)
-        spares = lambda: [m for m in Path({str(state)!r}).glob("sandboxes/*/memory.ram") if (m.parent / "qemu.pid").exists()]
+        files = lambda: Path({str(state)!r}).glob("sandboxes/*/memory.ram")
+        spares = lambda: [m for m in files() if (m.parent / "qemu.pid").exists()]
         assert wait_until(lambda: len(spares()) >= config.pool_size, 120), "the lazy pool never filled"
     print(sb.id, flush=True)
     failpoints.arm({step!r}, "exit")

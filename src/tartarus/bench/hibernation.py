@@ -22,9 +22,11 @@ from typing import Any
 from tartarus.bench.coldstart import wait_full
 from tartarus.bench.stats import summary_ms
 from tartarus.bootfiles.kernel import kernel_path
+from tartarus.hibernation import reflink
 from tartarus.runtime.accel import choose_accel
 from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.sandbox import Sandbox
+from tartarus.sandbox.saved import pin
 from tartarus.snapshots.build import ensure_snapshot
 from tartarus.snapshots.pool import VMMPool
 from tartarus.snapshots.snapshot import Snapshot
@@ -117,7 +119,11 @@ async def _rounds(
         cyclers = await asyncio.gather(*starts)
         pool = None
         if snapshot is not None:
-            pool = VMMPool(snapshot, get_template(snapshot.template), layout.sandboxes, size=concurrency)
+            # On a filesystem with reflinks, wakes take spares mapping a clone of the pinned memory (lazy).
+            vm_template = get_template(snapshot.template)
+            lazy = reflink.supported(layout.sandboxes)
+            memory_from = pin(snapshot, vm_template, layout.pins)[0].memory if lazy else None
+            pool = VMMPool(snapshot, vm_template, layout.sandboxes, size=concurrency, memory_from=memory_from)
         cycles: list[dict[str, Any]] = []
         try:
             while len(cycles) < samples:

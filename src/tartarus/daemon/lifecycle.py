@@ -328,6 +328,7 @@ class Lifecycle:
             self.table.changed(record, "hibernated")
             self.observe("hibernate", time.perf_counter() - t0)
             log.info("hibernated %s (%d bytes on disk)", id_, saved.disk_bytes)
+            self.pools.for_image(saved)  # its wake's spares (lazy ones are made on first use) fill now
             return record
 
     async def checkpoint(self, id_: str, ttl: float | None = None) -> SavedSandbox:

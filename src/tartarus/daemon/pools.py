@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tartarus.daemon.config import ReadySizes
+from tartarus.hibernation import reflink
+from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.sandbox.saved import SavedSandbox
 from tartarus.snapshots.gvisor_pool import GvisorPool, GvisorReadyPool
@@ -197,7 +199,26 @@ class Pools:
         return pool
 
     def for_image(self, saved: SavedSandbox) -> VMMPool | None:
-        return self._pools.get(saved.snapshot_key)
+        """Its template's pool; where the state directory has reflinks, a pool of lazy-wake spares of
+        the same snapshot instead (made on its first wake), each mapping a clone of the pinned memory."""
+        base = self._pools.get(saved.snapshot_key)
+        if base is None or not reflink.supported(self.root):
+            return base
+        key = f"{saved.snapshot_key}/lazy"
+        pool = self._pools.get(key)
+        if pool is None:
+            pins = Layout(self.root.parent).pins
+            pool = VMMPool(
+                base.snapshot,
+                base.template,
+                self.root,
+                self.size,
+                outlive_owner=self.outlive_owner,
+                defer=defer,
+                memory_from=pins / saved.snapshot_key / "memory",
+            )
+            self._pools[key] = pool
+        return pool
 
     def _pool(self, snapshot: Snapshot, template: Template) -> VMMPool:
         pool = self._pools.get(snapshot.key)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tartarus.hibernation import image
+from tartarus.hibernation import image, lazy
 from tartarus.hibernation.dirty import own_pages, own_pages_at, ram_mapping
 from tartarus.hibernation.stream import PAGE_SIZE, FilterStats, PageMaps, StreamError, filter_ram, ram_prefix
 from tartarus.private import opener
@@ -119,7 +119,7 @@ async def _capture_direct(vm: MicroVM, memory_file: Path, dest: Path, prefix: by
     await vm.pause()
     assert vm.pid is not None
     start, length = ram_mapping(vm.pid, memory_file)
-    runs = image.runs_of(own_pages_at(vm.pid, start, length))
+    runs = image.runs_of(lazy.with_base(own_pages_at(vm.pid, start, length), memory_file))
     device = await vm.save_device_state()
     if device[:8] != prefix[:8]:
         raise StreamError("QEMU's device state is not a migration stream of the snapshot's version")
@@ -146,7 +146,7 @@ async def _capture_stream(
     try:
         assert vm.pid is not None
         if own_pages_only:  # (False: the plain QEMU stream, which the benchmarks compare against)
-            keep[RAM_BLOCK] = own_pages(vm.pid, memory_file)
+            keep[RAM_BLOCK] = lazy.with_base(own_pages(vm.pid, memory_file), memory_file)
     except (OSError, LookupError) as e:
         log.warning("keeping every guest page: cannot read the VMM's page table: %s", e)
     rfd, wfd = os.pipe2(os.O_CLOEXEC)

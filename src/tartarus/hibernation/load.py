@@ -12,16 +12,23 @@ from tartarus.hibernation.dirty import ram_mapping
 from tartarus.runtime.vm import MicroVM
 
 
-async def load(vm: MicroVM, path: Path) -> None:
+async def load(vm: MicroVM, path: Path, *, mapped: bool = False) -> None:
     """A QEMU stream (a snapshot, a format-1 capture) is QEMU's to load. A format-2 capture's pages are
     copied into the VMM's RAM first (devices read guest memory as they load: virtio rings), then
-    QEMU loads the device state. The guest stays paused."""
+    QEMU loads the device state; or, `mapped`, they are in the memory file the VMM maps already (a
+    lazy wake, `tartarus.hibernation.lazy`), and only the device state is loaded. The guest stays
+    paused."""
     try:
         layout = image.read_header(path)
     except image.ImageError as e:
         raise SandboxFailed(str(e)) from None
     if layout is None:
+        if mapped:
+            raise SandboxFailed(f"{path} is a QEMU stream: its pages cannot be in a memory file")
         await vm.load_state(path)
+        return
+    if mapped:
+        await vm.load_state(path, offset=layout.device_at)
         return
     memory_file = vm.config.memory_file
     if vm.pid is None or memory_file is None:

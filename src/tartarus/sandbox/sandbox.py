@@ -35,6 +35,7 @@ from tartarus.gvisor.containment import GVISOR
 from tartarus.gvisor.leftovers import CONTAINER_DIR
 from tartarus.gvisor.spec import BundleSpec
 from tartarus.gvisor.warm import WarmImage, bundle_spec, sandbox_env, warm_image
+from tartarus.hibernation import image, lazy, reflink
 from tartarus.hibernation.capture import fsync_path
 from tartarus.hibernation.load import load
 from tartarus.limits import Limits, SandboxCgroup
@@ -86,6 +87,7 @@ class GuestState:
     path: Path
     interpreter_pid: int | None
     new_identity: bool = True  # a clone gets its own hostname and machine-id; a woken sandbox keeps its
+    mapped: bool = False  # its pages are in the memory file the VMM maps (a lazy wake): not copied in
 
 
 def compatible(snapshot: Snapshot, spec: SandboxSpec) -> bool:
@@ -313,10 +315,12 @@ class Sandbox:
         sandbox_id: str | None = None,
         layer_source: Path | None = None,
         layer: Path | None = None,
+        memory: Callable[[Path], Path] | None = None,
     ) -> Sandbox:
         """A VMM waiting for incoming state (what a pool keeps ready; `restore` brings it to life). Its
         writable layer is a sparse copy of `layer_source` (default: the snapshot's), or the existing
-        file `layer` used in place (a hibernated sandbox's)."""
+        file `layer` used in place (a hibernated sandbox's). Its RAM maps the snapshot's memory file,
+        or the one `memory` makes in the working directory (a lazy wake's)."""
         id_ = sandbox_id or new_sandbox_id()
         sandbox = cls(id_, template, root / id_, limits=limits, outlive_owner=outlive_owner)
         sandbox.workdir.mkdir(mode=PRIVATE_DIR, parents=True)
@@ -325,9 +329,12 @@ class Sandbox:
             if layer is None:
                 layer = sandbox.workdir / LAYER
                 await _copy_off_loop(layer_source or snapshot.layer, layer)
+            memory_file = snapshot.memory
+            if memory is not None:
+                memory_file = await asyncio.to_thread(memory, sandbox.workdir)
             await sandbox._attach_network()
             sandbox._attach_cgroup()
-            config = sandbox.vm_config(layer=layer, memory_file=snapshot.memory, share=False)
+            config = sandbox.vm_config(layer=layer, memory_file=memory_file, share=False)
             config.incoming = True
             sandbox.vm = MicroVM(config, sandbox.workdir)
             await sandbox.vm.start(nice=nice)
@@ -393,7 +400,7 @@ class Sandbox:
             if pooled:
                 vm.set_priority(nice)
                 self._attach_cgroup()  # a pooled VMM was started before this request's limits were known
-            await load(vm, state.path)
+            await load(vm, state.path, mapped=state.mapped)
             failpoints.hit("restore.loaded")
             if on_loaded is not None:
                 on_loaded()  # the last moment at which no guest has run: a wake commits here
@@ -545,6 +552,12 @@ class Sandbox:
                 fsync_path(waking)
 
         t0 = time.perf_counter()
+        found = _format_2(saved)
+        memory = (
+            None if prepared is not None or found is None else _lazy_memory(saved, layout, snapshot, found)
+        )
+        mapped = memory is not None
+        layer_in_place = False
         if prepared is None:
             prepared = await cls.prepare(
                 snapshot,
@@ -555,15 +568,17 @@ class Sandbox:
                 sandbox_id=sandbox_id,
                 layer=saved.layer if wake else None,
                 layer_source=None if wake else saved.layer,
+                memory=memory,
             )
         else:
             try:
-                await prepared._take_layer(saved, wake)
+                layer_in_place = await prepared._take_layer(saved, wake)
+                mapped = await prepared._take_memory(saved, found)
             except BaseException:
                 await prepared.destroy()
                 raise
         vmm_ready = time.perf_counter() - t0
-        state = GuestState(saved.state, saved.interpreter_pid, new_identity=not wake)
+        state = GuestState(saved.state, saved.interpreter_pid, new_identity=not wake, mapped=mapped)
         sandbox = prepared
         try:
             t1 = time.perf_counter()
@@ -583,15 +598,21 @@ class Sandbox:
         sandbox.timings["vmm_ready"] = vmm_ready
         if wake:
             sandbox.created_at = saved.created_at
-            sandbox._relocate_layer(waking / "layer.ext4")
+            if not layer_in_place:
+                sandbox._relocate_layer(waking / "layer.ext4")
             shutil.rmtree(waking, ignore_errors=True)
         return sandbox, snapshot
 
-    async def _take_layer(self, saved: SavedSandbox, wake: bool) -> None:
+    async def _take_layer(self, saved: SavedSandbox, wake: bool) -> bool:
         """Give this pooled VMM (waiting with a fresh layer of its own) the saved layer: the hibernated
-        sandbox's own file for a wake, a copy of the checkpoint's for a copy."""
+        sandbox's own file for a wake, a copy of the checkpoint's for a copy. Where reflinks exist, its
+        own layer file is made to share the saved one's data instead, which no QEMU command has to
+        follow (True: the layer stays where it is)."""
         assert self.vm is not None
         fresh = self.workdir / LAYER
+        if reflink.supported(self.workdir) and fresh.stat().st_size == saved.layer.stat().st_size:
+            await asyncio.to_thread(reflink.clone_into, saved.layer, fresh)
+            return True
         if wake:
             layer = saved.layer
         else:
@@ -601,6 +622,17 @@ class Sandbox:
         fresh.unlink()
         if not wake:
             self._relocate_layer(layer)
+        return False
+
+    async def _take_memory(self, saved: SavedSandbox, found: image.Image | None) -> bool:
+        """Clone the saved pages into this pooled VMM's memory file if it has one of its own (a lazy
+        spare, `lazy.template_clone`): True, and the wake loads the device state only."""
+        vm = self.vm
+        assert vm is not None and vm.config.memory_file is not None
+        if found is None or vm.pid is None or vm.config.memory_file.name != lazy.MEMORY:
+            return False
+        await asyncio.to_thread(lazy.fill, vm.config.memory_file, saved.state, found, vm.pid)
+        return True
 
     def _relocate_layer(self, path: Path) -> None:
         """Move the layer QEMU has open (at `path`) to its place in the working directory."""
@@ -909,6 +941,32 @@ def _running(pid: int) -> bool:
         return not select.select([fd], [], [], 0)[0]
     finally:
         os.close(fd)
+
+
+def _format_2(saved: SavedSandbox) -> image.Image | None:
+    """The saved sandbox's image layout, if it is format 2 (None for format 1, or if unreadable: the
+    load says why)."""
+    try:
+        return image.read_header(saved.state)
+    except (OSError, image.ImageError):
+        return None
+
+
+def _lazy_memory(
+    saved: SavedSandbox, layout: Layout, snapshot: Snapshot, found: image.Image
+) -> Callable[[Path], Path] | None:
+    """What makes a waking VMM's memory file (`tartarus.hibernation.lazy`), or None where a lazy wake is
+    impossible (no reflinks on the state directory's filesystem): the pages are then copied in before
+    the guest runs."""
+    if not lazy.available(layout.state_dir, found):
+        return None
+
+    def memory(workdir: Path) -> Path:
+        dest = workdir / lazy.MEMORY
+        lazy.build(snapshot.memory, saved.state, found, dest)
+        return dest
+
+    return memory
 
 
 def _remove_leftovers(cgroup: SandboxCgroup | None, workdir: Path) -> None:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from tartarus.hibernation import lazy
 from tartarus.limits.spec import template_limits
 from tartarus.sandbox.sandbox import Sandbox
 from tartarus.snapshots.snapshot import Snapshot
@@ -104,6 +105,10 @@ class SparePool(abc.ABC):
 
 
 class VMMPool(SparePool):
+    """Spare VMMs mapping the snapshot's memory file, or (for lazy wakes on a filesystem with
+    reflinks) each a clone of `memory_from` of its own (the snapshot's memory pinned in the state
+    directory), into which a wake clones a sandbox's pages."""
+
     kind = "pool"
 
     def __init__(
@@ -115,8 +120,10 @@ class VMMPool(SparePool):
         *,
         outlive_owner: bool = False,
         defer: Defer | None = None,
+        memory_from: Path | None = None,
     ) -> None:
         self.snapshot = snapshot
+        self.memory_from = memory_from
         super().__init__(template, root, size, outlive_owner=outlive_owner, defer=defer)
 
     def take(self) -> Sandbox | None:
@@ -145,4 +152,5 @@ class VMMPool(SparePool):
             outlive_owner=self.outlive_owner,
             nice=SPARE_NICE,
             sandbox_id=sandbox_id,
+            memory=lazy.template_clone(self.memory_from) if self.memory_from else None,
         )

@@ -710,8 +710,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "roles.checkpoint-capture-fault",
         "a checkpoint whose capture fails its checks is answered as such, not taken for a node's failure",
         "src/tartarus/roles/gateway_checkpoints.py",
-        "                    raise Answered(fetched)\n",
-        "                    raise NodeRefused(fetched.text)\n",
+        "                raise Answered(fetched)\n",
+        "                raise NodeRefused(fetched.text)\n",
         (
             "tests/cluster/test_stored_checkpoints.py::test_a_corrupt_or_missing_chunk_is_a_clear_error_and_leaves_nothing",
         ),

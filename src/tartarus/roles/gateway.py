@@ -56,7 +56,7 @@ from tartarus.policy.admission import template_image
 from tartarus.roles import quota
 from tartarus.roles.gateway_checkpoints import CheckpointRoutes
 from tartarus.roles.metrics import CountRequests, GatewayMetrics, TimedPlacer
-from tartarus.roles.proxy import NodeUnreachable, Proxy, Target, agent_headers
+from tartarus.roles.proxy import AgentCall, Answered, NodeUnreachable, Proxy, Target, agent_headers
 from tartarus.roles.stored import STORED_NODE
 from tartarus.roles.token import AgentToken
 from tartarus.store import SandboxRow, Store, Tenant
@@ -89,14 +89,6 @@ class NodeUnavailable(TartarusError):
 class WakeTimedOut(TartarusError):
     code = "wake_timed_out"
     status = 503
-
-
-class AgentAnswered(Exception):
-    """The agent answered a create with a client error (bad template, quota): passed on as it is."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        super().__init__(response.status_code)
-        self.response = response
 
 
 @dataclass(frozen=True)
@@ -215,7 +207,8 @@ class Gateway:
         demand = _demand(data, quarantine=verdict == "quarantine")
         limits = quota.limits_of(tenant)
         try:
-            answer = await self._in_cluster(lambda conn: self._admit(conn, demand, body, principal, limits))
+            call = self._create_call(body, principal)
+            answer = await self._in_cluster(lambda conn: self._admit(conn, demand, call, principal, limits))
         except NoCapacity as e:
             if not demand.quarantine:
                 raise
@@ -230,13 +223,13 @@ class Gateway:
         self,
         conn: Connection,
         demand: Demand,
-        body: bytes,
+        call: AgentCall,
         principal: Principal,
         limits: quotas.Limits | None,
     ) -> httpx.Response:
-        """On a cluster thread: the tenant's quota over the whole cluster, then the placement."""
+        """On a cluster thread: the tenant's quota over the whole cluster, then the placement (`_place`)."""
         if limits is None:
-            return self._place(conn, demand, body, principal)
+            return self._place(conn, demand, call, principal)
         store = self._store
         assert store is not None
 
@@ -246,22 +239,19 @@ class Gateway:
             ).result()
 
         with quota.admitted(conn, principal.tenant, limits, demand, live):
-            return self._place(conn, demand, body, principal)
+            return self._place(conn, demand, call, principal)
 
-    def _place(self, conn: Connection, demand: Demand, body: bytes, principal: Principal) -> httpx.Response:
-        """On a cluster thread: reserve, call the agent, confirm under the id the agent gave."""
+    def _place(
+        self, conn: Connection, demand: Demand, call: AgentCall, principal: Principal
+    ) -> httpx.Response:
+        """On a cluster thread: reserve, `call` the reserved node's agent (a create, a copy of a checkpoint),
+        confirm under the id it gave. A node that does not answer or fails (5xx) is released and another
+        tried; a client error (`Answered`) is the request's answer."""
         answers: list[httpx.Response] = []
 
         def start(reservation: Reservation) -> str:
             try:
-                response = self._sync.post(
-                    f"http://{reservation.address}/v1/sandboxes",
-                    content=body,
-                    headers={
-                        **agent_headers(self.options.token, principal),
-                        "content-type": "application/json",
-                    },
-                )
+                response = call(reservation)
             except httpx.TransportError as e:
                 self.metrics.node_refusals.labels(reservation.node).inc()
                 raise NodeRefused(f"node {reservation.node} did not answer: {e}") from e
@@ -271,14 +261,14 @@ class Gateway:
                     f"node {reservation.node} answered {response.status_code}: {response.text[:200]}"
                 )
             if response.status_code != 201:
-                raise AgentAnswered(response)
+                raise Answered(response)
             answers.append(response)
             return str(response.json()["id"])
 
         placer = TimedPlacer(conn, self.metrics, reservation_s=self.options.reservation_s)
         try:
             placer.place(demand, start)
-        except AgentAnswered as e:
+        except Answered as e:
             return e.response
         except ReservationLost:
             # The node was fenced (or the reservation expired) while it created the sandbox: the cluster
@@ -287,6 +277,16 @@ class Gateway:
                 self._destroy_unplaced(answer, principal)
             raise
         return answers[-1]
+
+    def _create_call(self, body: bytes, principal: Principal) -> AgentCall:
+        def call(reservation: Reservation) -> httpx.Response:
+            return self._sync.post(
+                f"http://{reservation.address}/v1/sandboxes",
+                content=body,
+                headers={**agent_headers(self.options.token, principal), "content-type": "application/json"},
+            )
+
+        return call
 
     def _destroy_unplaced(self, answer: httpx.Response, principal: Principal) -> None:
         host = answer.request.url.netloc.decode()

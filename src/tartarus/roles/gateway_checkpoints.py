@@ -34,7 +34,7 @@ from starlette.routing import BaseRoute, Route
 from tartarus.cluster import checkpoints
 from tartarus.cluster.checkpoints import StoredCheckpoint
 from tartarus.cluster.db import Connection
-from tartarus.cluster.errors import NodeRefused, ReservationLost
+from tartarus.cluster.errors import NodeRefused
 from tartarus.cluster.membership import Membership
 from tartarus.cluster.model import Demand, Location, Reservation
 from tartarus.daemon import quotas
@@ -42,10 +42,10 @@ from tartarus.daemon.auth import Principal
 from tartarus.daemon.models import CheckpointInfo, ForkRequest
 from tartarus.errors import InvalidArgument, TartarusError
 from tartarus.roles import quota
-from tartarus.roles.metrics import GatewayMetrics, TimedPlacer
-from tartarus.roles.proxy import Proxy, Target, agent_headers
+from tartarus.roles.metrics import GatewayMetrics
+from tartarus.roles.proxy import AgentCall, Answered, Proxy, Target, agent_headers
 from tartarus.roles.token import AgentToken
-from tartarus.store import SandboxRow, Store, Tenant
+from tartarus.store import Store, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,14 @@ class Gateway(Protocol):
     async def _running(self, principal: Principal, where: Location) -> Target: ...
     async def _in_cluster(self, fn: Callable[[Connection], T]) -> T: ...
     def _destroy_unplaced(self, answer: httpx.Response, principal: Principal) -> None: ...
-
-
-class Answered(Exception):
-    """An agent's answer that ends the request as it is (a client error, a capture that fails its checks)."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        super().__init__(response.status_code)
-        self.response = response
+    def _admit(
+        self,
+        conn: Connection,
+        demand: Demand,
+        call: AgentCall,
+        principal: Principal,
+        limits: quotas.Limits | None,
+    ) -> httpx.Response: ...
 
 
 def relayed(answer: httpx.Response) -> Response:
@@ -283,7 +283,8 @@ class CheckpointRoutes:
         principal: Principal,
         limits: quotas.Limits | None,
     ) -> httpx.Response:
-        """On a cluster thread: the tenant's quota over the cluster, then the copy's placement."""
+        """On a cluster thread: placed as a create is (`Gateway._admit`), with the origin node's bonus; the
+        chosen agent fetches the checkpoint first if it lacks it."""
         demand = Demand(
             sandbox_id="pending-" + secrets.token_hex(6),
             vcpus=cp.vcpus,
@@ -292,65 +293,25 @@ class CheckpointRoutes:
             template=cp.template,
             origin=cp.node,  # the bonus of the node that has the checkpoint's files already
         )
-        if limits is None:
-            return self._place_copy(conn, demand, cp, body, principal)
-        store = self.g._store
-        assert store is not None
-
-        def live() -> list[SandboxRow]:
-            return self.g._store_thread.submit(
-                store.list_sandboxes, tenant=principal.tenant, live=True
-            ).result()
-
-        with quota.admitted(conn, principal.tenant, limits, demand, live):
-            return self._place_copy(conn, demand, cp, body, principal)
-
-    def _place_copy(
-        self, conn: Connection, demand: Demand, cp: StoredCheckpoint, body: bytes, principal: Principal
-    ) -> httpx.Response:
         g = self.g
-        answers: list[httpx.Response] = []
 
-        def start(reservation: Reservation) -> str:
+        def copy(reservation: Reservation) -> httpx.Response:
             url = f"http://{reservation.address}"
-            try:
-                fetched = g._sync.post(
-                    f"{url}/v1/cluster/checkpoints/{cp.id}/fetch",
-                    json={"capture": cp.capture},
-                    headers={"authorization": g.options.token.header},
-                )
-                if fetched.status_code != 200:
-                    if fetched.status_code >= 500 and _code(fetched) not in CAPTURE_FAULTS:
-                        raise NodeRefused(
-                            f"node {reservation.node} could not fetch checkpoint {cp.id}: "
-                            f"{fetched.text[:200]}"
-                        )
-                    raise Answered(fetched)
-                response = g._sync.post(
-                    f"{url}/v1/checkpoints/{cp.id}/sandboxes",
-                    content=body,
-                    headers={**agent_headers(g.options.token, principal), **JSON},
-                )
-            except httpx.TransportError as e:
-                g.metrics.node_refusals.labels(reservation.node).inc()
-                raise NodeRefused(f"node {reservation.node} did not answer: {e}") from e
-            if response.status_code >= 500:
-                g.metrics.node_refusals.labels(reservation.node).inc()
-                raise NodeRefused(
-                    f"node {reservation.node} answered {response.status_code}: {response.text[:200]}"
-                )
-            if response.status_code != 201:
-                raise Answered(response)
-            answers.append(response)
-            return str(response.json()["id"])
+            fetched = g._sync.post(
+                f"{url}/v1/cluster/checkpoints/{cp.id}/fetch",
+                json={"capture": cp.capture},
+                headers={"authorization": g.options.token.header},
+            )
+            if fetched.status_code != 200:
+                if fetched.status_code >= 500 and _code(fetched) not in CAPTURE_FAULTS:
+                    raise NodeRefused(
+                        f"node {reservation.node} could not fetch checkpoint {cp.id}: {fetched.text[:200]}"
+                    )
+                raise Answered(fetched)
+            return g._sync.post(
+                f"{url}/v1/checkpoints/{cp.id}/sandboxes",
+                content=body,
+                headers={**agent_headers(g.options.token, principal), **JSON},
+            )
 
-        placer = TimedPlacer(conn, g.metrics, reservation_s=g.options.reservation_s)
-        try:
-            placer.place(demand, start)
-        except Answered as e:
-            return e.response
-        except ReservationLost:
-            for answer in answers:
-                g._destroy_unplaced(answer, principal)
-            raise
-        return answers[-1]
+        return g._admit(conn, demand, copy, principal, limits)

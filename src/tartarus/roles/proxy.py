@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from tartarus.cluster.model import Reservation
 from tartarus.daemon.asgi import error_response
 from tartarus.daemon.auth import Principal
 from tartarus.errors import TartarusError
@@ -59,6 +60,19 @@ class NodeUnreachable(TartarusError):
 
     code = "node_unreachable"
     status = 503
+
+
+class Answered(Exception):
+    """An agent's answer that ends the gateway's request as it is (a client error, a capture that fails
+    its checks): passed on, never retried on another node."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+# One call to a reserved node's agent that makes a sandbox there (a create, a copy of a checkpoint).
+AgentCall = Callable[[Reservation], httpx.Response]
 
 
 @dataclass(frozen=True)

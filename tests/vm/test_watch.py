@@ -12,6 +12,7 @@ import pytest
 
 from tartarus.errors import GuestError
 from tartarus.sdk import AsyncSandbox, Sandbox, Watcher, WatchEvent
+from tests.conftest import wait_until
 
 
 def _first(watcher: Watcher, n: int) -> list[WatchEvent]:
@@ -39,6 +40,16 @@ def test_the_guests_changes_arrive_in_order_typed_and_named(sandbox: Sandbox) ->
     ]
 
 
+def _opens(sandbox: Sandbox, path: str) -> bool:
+    """Whether a watch can be opened now (False while every slot is taken)."""
+    try:
+        sandbox.files.watch(path).close()
+    except GuestError as e:
+        assert e.errno == errno.EMFILE, e
+        return False
+    return True
+
+
 def test_a_recursive_watch_sees_below_and_closing_frees_the_slot(sandbox: Sandbox) -> None:
     sandbox.commands.run(["mkdir", "-p", "/tmp/deep/old"])
     watchers = [sandbox.files.watch("/tmp/deep") for _ in range(15)]  # the agent allows 16 at once
@@ -51,7 +62,9 @@ def test_a_recursive_watch_sees_below_and_closing_frees_the_slot(sandbox: Sandbo
     assert got == [("create", "old/c", False), ("write", "old/c", False), ("create", "new", True)]
     for w in watchers:
         w.close()
-    sandbox.files.watch("/tmp/deep").close()  # the slots came back
+    # The slots come back once the daemon has seen each stream end and cancelled its watch in the guest:
+    # after `close` returns, not before it.
+    assert wait_until(lambda: _opens(sandbox, "/tmp/deep"), 10), "closed watches never freed their slots"
     with pytest.raises(GuestError) as refused:
         sandbox.files.watch("/etc/passwd")
     assert refused.value.errno == errno.ENOTDIR

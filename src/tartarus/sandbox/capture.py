@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from tartarus import failpoints
 from tartarus.errors import (
@@ -177,16 +177,21 @@ async def hibernate(
         if vm.running:
             with contextlib.suppress(Exception):
                 await vm.resume()
-        failure = _failure(error, layout, sandbox.id, "hibernate")
-        if failure is error:
-            raise
-        raise failure from error
+        raise_undone(error, layout, sandbox.id, "hibernate")
     try:
         failpoints.hit("hibernate.committed")
     finally:  # committed: whatever happens now, the saved sandbox is the sandbox
         await sandbox.destroy()
     timings["vmm_gone"] = time.perf_counter() - t0
     return saved
+
+
+def raise_undone(error: BaseException, layout: Layout, sandbox_id: str, verb: str) -> NoReturn:
+    """Raise what a capture that was undone raises (`_failure`), from `error` when it is another."""
+    failure = _failure(error, layout, sandbox_id, verb)
+    if failure is error:
+        raise error
+    raise failure from error
 
 
 def _failure(error: BaseException, layout: Layout, sandbox_id: str, verb: str) -> BaseException:
@@ -283,7 +288,4 @@ async def checkpoint(
         return publish(saved, layout.checkpoints / checkpoint_id, layout.seal)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        failure = _failure(error, layout, sandbox.id, "checkpoint")
-        if failure is error:
-            raise
-        raise failure from error
+        raise_undone(error, layout, sandbox.id, "checkpoint")

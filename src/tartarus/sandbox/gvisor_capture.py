@@ -34,7 +34,7 @@ from tartarus.hibernation.capture import fsync_path
 from tartarus.private import PRIVATE_DIR
 from tartarus.runtime.agent import AgentClient
 from tartarus.runtime.interpreter import CodeInterpreter
-from tartarus.sandbox.capture import _check_quota, _failure
+from tartarus.sandbox.capture import _check_quota, raise_undone
 from tartarus.sandbox.layout import Layout
 from tartarus.sandbox.reap import reap_workdir
 from tartarus.sandbox.saved import GVISOR_IMAGE, SavedSandbox, allocated_bytes, publish
@@ -125,10 +125,7 @@ async def hibernate(
         timings["committed"] = time.perf_counter() - t0
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        failure = _failure(error, layout, sandbox.id, "hibernate")
-        if failure is error:
-            raise
-        raise failure from error
+        raise_undone(error, layout, sandbox.id, "hibernate")
     try:
         failpoints.hit("hibernate.committed")
     finally:  # committed: whatever happens now, the saved sandbox is the sandbox
@@ -153,10 +150,7 @@ async def checkpoint(
         return publish(saved, layout.checkpoints / checkpoint_id, layout.seal)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        failure = _failure(error, layout, sandbox.id, "checkpoint")
-        if failure is error:
-            raise
-        raise failure from error
+        raise_undone(error, layout, sandbox.id, "checkpoint")
 
 
 def check_saved(saved: SavedSandbox) -> BundleSpec:
